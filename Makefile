@@ -1,0 +1,45 @@
+# ferry — build, test and benchmark targets. Run as root (ptrace, clone3 set_tid).
+GO      ?= go
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+export CGO_ENABLED := 0
+
+.PHONY: all build deps test test-unit bench proto lint demo e2e fuzz clean
+
+all: build
+
+## deps: install what builds and tests need (Debian packages, Go modules)
+deps:
+	@bash scripts/deps.sh
+
+## build: bin/ferry and bin/migrate (static, no cgo)
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ferry ./cmd/ferry
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/migrate ./cmd/migrate
+
+## test: unit tests, the core dump/restore tests and a short fuzz pass (as root)
+test: deps build
+	$(GO) test -count=1 -timeout 25m ./...
+
+## bench: dump/restore benchmarks; JSON results in bench/results.json
+bench: deps build
+	@bash scripts/bench.sh
+
+## proto: regenerate images/pb from images/*.proto
+proto:
+	protoc --go_out=. --go_opt=module=github.com/ferrycr/ferry images/*.proto
+
+## lint: formatting, vet, and the project's own rules
+lint:
+	@bash scripts/lint.sh
+
+## demo: start a workload, checkpoint it, restore it, show that it continued
+demo: deps build
+	@bash scripts/demo.sh
+
+## fuzz: run every fuzz target for a while
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzReader -fuzztime 60s ./images/
+
+clean:
+	rm -rf bin

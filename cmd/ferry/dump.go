@@ -1,0 +1,123 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ferrycr/ferry/dumpcore"
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+func init() { register(newDumpCmd) }
+
+func newDumpCmd() *cobra.Command {
+	var (
+		c            common
+		pid          int
+		leaveRunning bool
+		leaveStopped bool
+		shellJob     bool
+		timeout      int
+		pidfile      string
+		displayStats bool
+		ghostLimit   string
+	)
+	cmd := &cobra.Command{
+		Use:   "dump -t PID -D DIR [options]",
+		Short: "checkpoint a running process into an image directory",
+		Long: `Freeze the process PID with all its threads, write its complete state to
+the image directory, then kill it (the default), leave it running (-R) or
+leave it stopped (-s).
+
+The images hold memory (zero pages left out), registers with the full
+FPU/SSE/AVX state, signal handlers, masks and pending signals, timers,
+credentials, resource limits, open files with their offsets, pipes with
+their queued data, and the process's address-space layout. "ferry restore"
+recreates the very same process from them; "ferry show" prints them.
+
+If anything fails before the images are complete, the process is released
+exactly as it was and keeps running. stats-dump is always written to the
+work directory.`,
+		Example: `  # checkpoint PID 1234 into ./ckpt and stop it
+  ferry dump -t 1234 -D ckpt
+
+  # snapshot without stopping the service, with a log at debug level
+  ferry dump -t 1234 -D ckpt -R -v4 -o dump.log
+
+  # a job started from an interactive shell
+  ferry dump -t 1234 -D ckpt --shell-job`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if pid <= 0 {
+				return errors.New("dump: -t/--tree PID is required")
+			}
+			if leaveRunning && leaveStopped {
+				return errors.New("dump: --leave-running and --leave-stopped exclude each other")
+			}
+			gl := int64(dumpcore.DefaultGhostLimit)
+			if ghostLimit != "" {
+				v, err := parseSize(ghostLimit)
+				if err != nil {
+					return fmt.Errorf("--ghost-limit: %w", err)
+				}
+				gl = v
+			}
+			if c.workDir != "" {
+				if err := os.MkdirAll(c.workDir, 0o755); err != nil {
+					return fmt.Errorf("work directory: %w", err)
+				}
+			}
+			log, err := c.logger()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			res, err := dumpcore.Dump(cmd.Context(), dumpcore.Options{
+				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
+				LeaveStopped: leaveStopped, ShellJob: shellJob,
+				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
+				Version: version, Logger: log,
+			})
+			if err != nil {
+				log.Error("dumping failed", "pid", pid, "err", err)
+				return fmt.Errorf("dumping %d failed: %w", pid, err)
+			}
+			if err := writePidfile(pidfile, pid); err != nil {
+				return err
+			}
+			if displayStats {
+				printDumpStats(cmd, res.Stats)
+			}
+			log.Info("dumping finished successfully", "pid", pid)
+			return nil
+		},
+	}
+	fs := cmd.Flags()
+	c.addFlags(fs)
+	fs.IntVarP(&pid, "tree", "t", 0, "checkpoint the process PID with all its threads")
+	fs.BoolVarP(&leaveRunning, "leave-running", "R", false, "leave the process running after the dump")
+	fs.BoolVarP(&leaveStopped, "leave-stopped", "s", false, "leave the process stopped (SIGSTOP) after the dump")
+	fs.BoolVarP(&shellJob, "shell-job", "j", false, "allow a process that is a job of a shell (foreign session, terminal stdio)")
+	fs.IntVar(&timeout, "timeout", 10, "seconds to wait for the process to freeze")
+	fs.StringVar(&pidfile, "pidfile", "", "write the dumped PID to FILE")
+	fs.BoolVar(&displayStats, "display-stats", false, "print dump statistics when done")
+	fs.StringVar(&ghostLimit, "ghost-limit", "1M", "largest deleted file carried in the images (bytes; K, M, G suffixes)")
+	return cmd
+}
+
+func printDumpStats(cmd *cobra.Command, s *pb.DumpStats) {
+	w := cmd.OutOrStdout()
+	fmt.Fprintf(w, "Displaying dump stats:\n")
+	fmt.Fprintf(w, "Freezing time: %d us\n", s.FreezingTimeUs)
+	fmt.Fprintf(w, "Frozen time: %d us\n", s.FrozenTimeUs)
+	fmt.Fprintf(w, "Memory dump time: %d us\n", s.MemdumpTimeUs)
+	fmt.Fprintf(w, "Memory write time: %d us\n", s.MemwriteTimeUs)
+	fmt.Fprintf(w, "Memory pages scanned: %d (0x%x)\n", s.PagesScanned, s.PagesScanned)
+	fmt.Fprintf(w, "Memory pages skipped from parent: %d (0x%x)\n", s.PagesSkippedParent, s.PagesSkippedParent)
+	fmt.Fprintf(w, "Memory pages written: %d (0x%x)\n", s.PagesWritten, s.PagesWritten)
+	fmt.Fprintf(w, "Zero memory pages: %d (0x%x)\n", s.PagesZero, s.PagesZero)
+}

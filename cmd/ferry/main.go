@@ -1,0 +1,43 @@
+// Command ferry checkpoints and restores running Linux process trees.
+//
+// The command line follows criu(8): the same command names, options, exit
+// codes and messages, so scripts written for criu carry over. Each
+// subcommand lives in its own file; this file only builds the root.
+package main
+
+import (
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// version is set by the Makefile with -ldflags.
+var version = "dev"
+
+// subcommands are registered by each subcommand's file in init.
+var subcommands []func() *cobra.Command
+
+func register(f func() *cobra.Command) { subcommands = append(subcommands, f) }
+
+func newRoot() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "ferry",
+		Short: "checkpoint, restore and live-migrate running Linux processes",
+		Long: `ferry freezes a running process tree, writes its complete state (memory,
+registers, files, signals, timers, threads) as images, and recreates the very
+same processes later or on another host.
+
+Its vocabulary is criu(8)'s: dump, pre-dump, restore, check, show.`,
+		Version:       version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	for _, f := range subcommands {
+		root.AddCommand(f())
+	}
+	return root
+}
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}

@@ -1,0 +1,118 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/restorecore"
+)
+
+func init() { register(newRestoreCmd) }
+
+func newRestoreCmd() *cobra.Command {
+	var (
+		c            common
+		detached     bool
+		leaveStopped bool
+		shellJob     bool
+		pidfile      string
+		displayStats bool
+	)
+	cmd := &cobra.Command{
+		Use:   "restore -D DIR [options]",
+		Short: "recreate a checkpointed process from an image directory",
+		Long: `Recreate the process saved in the image directory: the same PID and thread
+IDs, the same memory at the same addresses, the same registers, open files,
+signal state and timers. The process continues at the instruction where it
+was frozen.
+
+Everything is validated before anything is created: a PID or thread ID in
+use, a file missing or changed since the dump, an image of a newer format,
+a different vDSO or missing CPU features each stop the restore with a
+one-line error and exit status 1, leaving nothing behind.
+
+Without -d, ferry waits for the restored process and exits with its exit
+status (128+N if a signal N killed it). With -d it exits as soon as the
+process runs; the process is then re-parented to init.`,
+		Example: `  # restore and wait for the process to finish
+  ferry restore -D ckpt
+
+  # restore in the background and record its PID
+  ferry restore -D ckpt -d --pidfile restored.pid`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			log, err := c.logger()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			if !detached {
+				// The restored root is our child: keep its SIGCHLD default
+				// so wait4 sees it, and do not let ^C kill ferry first.
+				signal.Ignore(syscall.SIGINT, syscall.SIGQUIT)
+			}
+			res, err := restorecore.Restore(cmd.Context(), restorecore.Options{
+				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
+			})
+			if err != nil {
+				log.Error("restoring failed", "err", err)
+				return fmt.Errorf("restoring failed: %w", err)
+			}
+			if err := writePidfile(pidfile, res.Root); err != nil {
+				return err
+			}
+			if displayStats {
+				printRestoreStats(cmd, res.Stats)
+			}
+			log.Info("restore finished successfully", "pid", res.Root)
+			if detached {
+				return nil
+			}
+			var ws unix.WaitStatus
+			for {
+				_, err := unix.Wait4(res.Root, &ws, 0, nil)
+				if err == unix.EINTR {
+					continue
+				}
+				if err != nil {
+					return fmt.Errorf("wait for restored process %d: %w", res.Root, os.NewSyscallError("wait4", err))
+				}
+				break
+			}
+			switch {
+			case ws.Exited():
+				if ws.ExitStatus() != 0 {
+					return &exitError{code: ws.ExitStatus()}
+				}
+				return nil
+			case ws.Signaled():
+				return &exitError{code: 128 + int(ws.Signal())}
+			}
+			return nil
+		},
+	}
+	fs := cmd.Flags()
+	c.addFlags(fs)
+	fs.BoolVarP(&detached, "restore-detached", "d", false, "detach from the restored process once it runs")
+	fs.BoolVarP(&leaveStopped, "leave-stopped", "s", false, "leave the restored process stopped (SIGSTOP)")
+	fs.BoolVarP(&shellJob, "shell-job", "j", false, "restore a shell job: terminals become ferry's own")
+	fs.StringVar(&pidfile, "pidfile", "", "write the restored root's PID to FILE")
+	fs.BoolVar(&displayStats, "display-stats", false, "print restore statistics when done")
+	return cmd
+}
+
+func printRestoreStats(cmd *cobra.Command, s *pb.RestoreStats) {
+	w := cmd.OutOrStdout()
+	fmt.Fprintf(w, "Displaying restore stats:\n")
+	fmt.Fprintf(w, "Pages restored: %d (0x%x)\n", s.PagesRestored, s.PagesRestored)
+	fmt.Fprintf(w, "Validation time: %d us\n", s.ValidateTimeUs)
+	fmt.Fprintf(w, "Forking time: %d us\n", s.ForkingTimeUs)
+	fmt.Fprintf(w, "Memory fill time: %d us\n", s.MemfillTimeUs)
+	fmt.Fprintf(w, "Total restore time: %d us\n", s.TotalTimeUs)
+}

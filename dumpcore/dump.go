@@ -1,0 +1,240 @@
+package dumpcore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/internal/ptrace"
+)
+
+// Options control a dump; the field comments name the criu option.
+type Options struct {
+	Pid          int           // -t/--tree
+	ImagesDir    string        // -D/--images-dir
+	LeaveRunning bool          // -R/--leave-running
+	LeaveStopped bool          // -s/--leave-stopped
+	ShellJob     bool          // -j/--shell-job
+	Timeout      time.Duration // --timeout (default 10 s)
+	GhostLimit   int64         // --ghost-limit (default 1 MiB)
+	Version      string        // written to the inventory
+	Logger       *slog.Logger
+}
+
+// Result describes a finished dump.
+type Result struct {
+	Stats *pb.DumpStats
+}
+
+// DefaultGhostLimit is criu's default for --ghost-limit.
+const DefaultGhostLimit = 1 << 20
+
+// Dump checkpoints the process opts.Pid (with all its threads) into
+// opts.ImagesDir.
+func Dump(ctx context.Context, opts Options) (*Result, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Timeout == 0 {
+		opts.Timeout = 10 * time.Second
+	}
+	if opts.GhostLimit == 0 {
+		opts.GhostLimit = DefaultGhostLimit
+	}
+	if opts.Pid <= 0 {
+		return nil, fmt.Errorf("invalid pid %d", opts.Pid)
+	}
+	if _, err := os.Stat(proc.Path(opts.Pid, "stat")); err != nil {
+		return nil, fmt.Errorf("process %d: %w", opts.Pid, ErrNoProcess)
+	}
+	if opts.Pid == os.Getpid() {
+		return nil, fmt.Errorf("cannot dump ferry itself (pid %d)", opts.Pid)
+	}
+	st, err := os.Stat(opts.ImagesDir)
+	if err != nil {
+		return nil, fmt.Errorf("images directory: %w", err)
+	}
+	if !st.IsDir() {
+		return nil, fmt.Errorf("images directory %s: not a directory", opts.ImagesDir)
+	}
+
+	d := &dumper{opts: opts, log: opts.Logger, stats: &pb.DumpStats{}}
+	var res *Result
+	// The whole dump runs on one locked OS thread: the tracer.
+	tr := ptrace.NewThread()
+	defer tr.Close()
+	err = tr.Do(func() error {
+		var err error
+		res, err = d.run(ctx)
+		return err
+	})
+	return res, err
+}
+
+type dumper struct {
+	opts  Options
+	log   *slog.Logger
+	stats *pb.DumpStats
+
+	threads []*frozenThread
+	// saved holds each thread's registers as frozen (before any fix-up).
+	saved  map[int]ptrace.Regs
+	masks  map[int]uint64
+	vmas   []proc.Vma
+	gadget uint64
+	// Per-thread state only the thread itself can report (collectRemote).
+	tidAddr  map[int]uint64
+	altStack map[int]*pb.SigAltStack
+}
+
+func (d *dumper) run(ctx context.Context) (*Result, error) {
+	start := time.Now()
+	pid := d.opts.Pid
+	log := d.log
+
+	threads, err := freeze(pid, start.Add(d.opts.Timeout))
+	if err != nil {
+		return nil, err
+	}
+	frozenAt := time.Now()
+	d.threads = threads
+	d.stats.FreezingTimeUs = uint64(frozenAt.Sub(start).Microseconds())
+	log.Info("tree frozen", "pid", pid, "threads", len(threads), "took", frozenAt.Sub(start))
+
+	committed := false
+	defer func() {
+		if !committed {
+			d.resume(false)
+		}
+	}()
+
+	if err := d.prepare(); err != nil {
+		return nil, err
+	}
+	img, err := d.collect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.write(img); err != nil {
+		return nil, err
+	}
+
+	// Images are complete: now the tree may be killed.
+	committed = true
+	switch {
+	case d.opts.LeaveRunning || d.opts.LeaveStopped:
+		d.resume(d.opts.LeaveStopped)
+	default:
+		d.kill()
+	}
+	end := time.Now()
+	d.stats.FrozenTimeUs = uint64(end.Sub(frozenAt).Microseconds())
+	d.stats.TotalTimeUs = uint64(end.Sub(start).Microseconds())
+	if err := images.WriteAll(d.opts.ImagesDir, "stats-dump", images.KindStats, &pb.Stats{Dump: d.stats}); err != nil {
+		return nil, err
+	}
+	log.Info("dump finished", "pid", pid, "frozen", end.Sub(frozenAt), "total", end.Sub(start))
+	return &Result{Stats: d.stats}, nil
+}
+
+// prepare blocks every signal of every thread (so remote syscalls are never
+// interrupted and pending signals stay queued) and saves registers.
+func (d *dumper) prepare() error {
+	d.saved = map[int]ptrace.Regs{}
+	d.masks = map[int]uint64{}
+	for _, t := range d.threads {
+		r, err := ptrace.GetRegs(t.tid)
+		if err != nil {
+			return fmt.Errorf("thread %d: %w", t.tid, err)
+		}
+		m, err := ptrace.GetSigmask(t.tid)
+		if err != nil {
+			return fmt.Errorf("thread %d: %w", t.tid, err)
+		}
+		d.saved[t.tid] = r
+		d.masks[t.tid] = m
+		if err := ptrace.SetSigmask(t.tid, ^uint64(0)); err != nil {
+			return fmt.Errorf("thread %d: %w", t.tid, err)
+		}
+	}
+	vmas, err := proc.ReadMaps(d.opts.Pid)
+	if err != nil {
+		return err
+	}
+	d.gadget, err = findSyscallGadget(d.opts.Pid, vmas)
+	return err
+}
+
+// kill ends the dumped tree and waits until its threads are gone, so that
+// a restore right after the dump finds the PIDs free (a zombie keeps its
+// PID until its parent reaps it; that wait is bounded).
+func (d *dumper) kill() {
+	unix.Kill(d.opts.Pid, unix.SIGKILL)
+	// The leader's exit is reported only after every other thread's, so
+	// wait for the others first.
+	for i := len(d.threads) - 1; i >= 0; i-- {
+		for {
+			st, err := ptrace.Wait(d.threads[i].tid)
+			if err != nil || st.Exited() {
+				break
+			}
+		}
+	}
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
+		if _, err := os.Stat(proc.Path(d.opts.Pid, "stat")); err != nil {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	d.log.Warn("dumped process is a zombie its parent has not reaped; its PID stays in use until then", "pid", d.opts.Pid)
+}
+
+// resume puts every thread back as it was frozen and detaches: the
+// workload continues (or stays stopped).
+func (d *dumper) resume(stopped bool) {
+	if stopped {
+		unix.Kill(d.opts.Pid, unix.SIGSTOP)
+	}
+	for _, t := range d.threads {
+		if r, ok := d.saved[t.tid]; ok {
+			// Our remote syscalls left the thread at a syscall-exit stop,
+			// where the kernel no longer applies syscall restart: do it.
+			restartFixup(&r, true)
+			ptrace.SetRegs(t.tid, &r)
+		}
+		if m, ok := d.masks[t.tid]; ok {
+			ptrace.SetSigmask(t.tid, m)
+		}
+	}
+	for _, t := range d.threads {
+		sig := 0
+		if t.groupStopped && !stopped {
+			sig = 0
+		}
+		if err := ptrace.Detach(t.tid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
+			d.log.Warn("detach failed", "tid", t.tid, "err", err)
+		}
+	}
+	if !stopped {
+		for _, t := range d.threads {
+			if t.groupStopped {
+				// It was stopped before we came: keep it so.
+				unix.Tgkill(d.opts.Pid, t.tid, unix.SIGSTOP)
+				break
+			}
+		}
+	}
+}
+
+func (d *dumper) task(tid int) *compel.Task {
+	return &compel.Task{Tid: tid, Regs: d.saved[tid], Gadget: d.gadget}
+}

@@ -1,0 +1,304 @@
+package dumpcore
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
+)
+
+// fileTable assigns ids to files: one entry per open file description
+// (shared by every fd that refers to it) and one per path object (cwd,
+// root, exe, mapped files).
+type fileTable struct {
+	ghostLimit int64
+	entries    []*pb.FileEntry
+	ghosts     []*pb.GhostFile
+	byPath     map[string]uint32 // path objects by kind+dev+ino
+}
+
+func newFileTable(ghostLimit int64) *fileTable {
+	return &fileTable{ghostLimit: ghostLimit, byPath: map[string]uint32{}}
+}
+
+func (ft *fileTable) add(e *pb.FileEntry) uint32 {
+	e.Id = uint32(len(ft.entries) + 1)
+	ft.entries = append(ft.entries, e)
+	return e.Id
+}
+
+func statEntry(e *pb.FileEntry, st *unix.Stat_t) {
+	e.Mode = st.Mode
+	e.Size = st.Size
+	e.MtimeNs = st.Mtim.Nano()
+	e.Dev = st.Dev
+	e.Ino = st.Ino
+	e.Rdev = st.Rdev
+	e.Uid = st.Uid
+	e.Gid = st.Gid
+}
+
+const deletedSuffix = " (deleted)"
+
+// addPath records /proc/PID/<link> (cwd, root, exe) as a path object.
+func (ft *fileTable) addPath(pid int, link, typ string) (uint32, error) {
+	lp := proc.Path(pid, link)
+	target, err := os.Readlink(lp)
+	if err != nil {
+		return 0, err
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(lp, &st); err != nil {
+		return 0, fmt.Errorf("stat %s: %w", lp, err)
+	}
+	if strings.HasSuffix(target, deletedSuffix) {
+		if _, err := os.Stat(target); err != nil {
+			return 0, fmt.Errorf("%s of %d is a deleted file %s: %w", link, pid, target, ErrUnsupported)
+		}
+	}
+	key := fmt.Sprintf("%s:%d:%d", typ, st.Dev, st.Ino)
+	if id, ok := ft.byPath[key]; ok {
+		return id, nil
+	}
+	e := &pb.FileEntry{Type: typ, Path: target}
+	statEntry(e, &st)
+	id := ft.add(e)
+	ft.byPath[key] = id
+	return id, nil
+}
+
+// addMapped records the file behind a file mapping.
+func (ft *fileTable) addMapped(pid int, v *proc.Vma) (uint32, error) {
+	lp := fmt.Sprintf("/proc/%d/map_files/%x-%x", pid, v.Start, v.End)
+	var st unix.Stat_t
+	if err := unix.Stat(lp, &st); err != nil {
+		return 0, fmt.Errorf("stat mapped file %s: %w", v.Name, err)
+	}
+	key := fmt.Sprintf("reg:%d:%d", st.Dev, st.Ino)
+	if id, ok := ft.byPath[key]; ok {
+		return id, nil
+	}
+	e := &pb.FileEntry{Type: "reg", Path: v.Name, Flags: unix.O_RDONLY}
+	if v.Perms[3] == 's' && v.Perms[1] == 'w' {
+		e.Flags = unix.O_RDWR
+	}
+	statEntry(e, &st)
+	id := ft.add(e)
+	ft.byPath[key] = id
+	return id, nil
+}
+
+// collectFds records every open fd of pid.
+func (ft *fileTable) collectFds(pid int, shellJob bool) (*pb.FdTable, error) {
+	dir := proc.Path(pid, "fd")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var fds []int
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err == nil {
+			fds = append(fds, n)
+		}
+	}
+	sort.Ints(fds)
+	table := &pb.FdTable{Pid: int32(pid)}
+	// Open file descriptions already seen, to find fds sharing one.
+	type ofd struct {
+		fd int
+		id uint32
+	}
+	var seen []ofd
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+
+	for _, fd := range fds {
+		info, err := proc.ReadFdInfo(pid, fd)
+		if err != nil {
+			return nil, err
+		}
+		cloexec := info.Flags&unix.O_CLOEXEC != 0
+		// Same open file description as an earlier fd?
+		var id uint32
+		for _, s := range seen {
+			if same, err := kcmpFile(pid, s.fd, fd); err != nil {
+				return nil, err
+			} else if same {
+				id = s.id
+				break
+			}
+		}
+		if id == 0 {
+			e, err := ft.describeFd(pid, pidfd, fd, info, shellJob)
+			if err != nil {
+				return nil, fmt.Errorf("fd %d of %d: %w", fd, pid, err)
+			}
+			id = ft.add(e)
+			seen = append(seen, ofd{fd: fd, id: id})
+		}
+		table.Fds = append(table.Fds, &pb.FdEntry{Fd: int32(fd), FileId: id, Cloexec: cloexec})
+	}
+	return table, nil
+}
+
+func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob bool) (*pb.FileEntry, error) {
+	lp := proc.Path(pid, "fd/"+strconv.Itoa(fd))
+	target, err := os.Readlink(lp)
+	if err != nil {
+		return nil, err
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(lp, &st); err != nil {
+		return nil, fmt.Errorf("stat %s: %w", target, err)
+	}
+	e := &pb.FileEntry{Path: target, Flags: info.Flags &^ unix.O_CLOEXEC, Pos: info.Pos, MntId: int32(info.MntID)}
+	statEntry(e, &st)
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		e.Type = "reg"
+		if strings.HasSuffix(target, deletedSuffix) {
+			if _, err := os.Lstat(target); errors.Is(err, os.ErrNotExist) || st.Nlink == 0 {
+				e.Path = strings.TrimSuffix(target, deletedSuffix)
+				if err := ft.addGhost(e, lp, &st); err != nil {
+					return nil, err
+				}
+			}
+		}
+	case unix.S_IFDIR:
+		e.Type = "dir"
+	case unix.S_IFCHR:
+		e.Type = "chr"
+		if isTTY(st.Rdev) {
+			if !shellJob {
+				return nil, fmt.Errorf("terminal %s: %w (use --shell-job to dump a job attached to a terminal)", target, ErrUnsupported)
+			}
+			e.ShellJobTty = true
+		}
+	case unix.S_IFIFO:
+		if !strings.HasPrefix(target, "pipe:") {
+			return nil, fmt.Errorf("FIFO %s: %w", target, ErrUnsupported)
+		}
+		e.Type = "pipe"
+		if err := dumpPipe(e, pidfd, fd); err != nil {
+			return nil, err
+		}
+	default:
+		switch target {
+		case "anon_inode:[eventfd]":
+			e.Type = "eventfd"
+			cnt, err := strconv.ParseUint(info.Extra["eventfd-count"], 16, 64)
+			if err != nil {
+				return nil, fmt.Errorf("eventfd count %q: %w", info.Extra["eventfd-count"], err)
+			}
+			e.EventfdCount = cnt
+			e.EventfdSemaphore = info.Extra["eventfd-semaphore"] == "1"
+		case "anon_inode:[eventpoll]":
+			e.Type = "epoll"
+			name := proc.Path(pid, "fdinfo/"+strconv.Itoa(fd))
+			raw, err := os.ReadFile(name)
+			if err != nil {
+				return nil, err
+			}
+			tgts, err := proc.ParseEpollTargets(name, raw)
+			if err != nil {
+				return nil, err
+			}
+			for _, t := range tgts {
+				e.Epoll = append(e.Epoll, &pb.EpollTarget{Tfd: int32(t.Tfd), Events: t.Events, Data: t.Data})
+			}
+		default:
+			return nil, fmt.Errorf("%s: %w (file type %#o)", target, ErrUnsupported, st.Mode&unix.S_IFMT)
+		}
+	}
+	return e, nil
+}
+
+// isTTY reports whether a char device is a terminal (pts, tty, console).
+func isTTY(rdev uint64) bool {
+	maj := unix.Major(rdev)
+	return maj == 136 || maj == 4 || maj == 5
+}
+
+func (ft *fileTable) addGhost(e *pb.FileEntry, lp string, st *unix.Stat_t) error {
+	if st.Size > ft.ghostLimit {
+		return fmt.Errorf("deleted file %s is %d bytes, more than --ghost-limit %d: %w", e.Path, st.Size, ft.ghostLimit, ErrUnsupported)
+	}
+	f, err := os.Open(lp)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	data := make([]byte, st.Size)
+	if _, err := io.ReadFull(f, data); err != nil {
+		return fmt.Errorf("read deleted file %s: %w", e.Path, err)
+	}
+	e.Ghost = true
+	ft.ghosts = append(ft.ghosts, &pb.GhostFile{Id: uint32(len(ft.entries) + 1), Mode: st.Mode, Size: st.Size,
+		Uid: st.Uid, Gid: st.Gid, MtimeNs: st.Mtim.Nano(), Data: data})
+	return nil
+}
+
+// dumpPipe records a pipe's capacity and queued bytes without consuming
+// them: tee(2) from a duplicate of the target's fd into a private pipe.
+func dumpPipe(e *pb.FileEntry, pidfd, fd int) error {
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return os.NewSyscallError("pidfd_getfd", err)
+	}
+	defer unix.Close(dup)
+	size, err := unix.FcntlInt(uintptr(dup), unix.F_GETPIPE_SZ, 0)
+	if err != nil {
+		return os.NewSyscallError("fcntl(F_GETPIPE_SZ)", err)
+	}
+	e.PipeSize = int32(size)
+	if e.Flags&unix.O_ACCMODE != unix.O_RDONLY {
+		return nil // the data is recorded with the read end
+	}
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return err
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, size); err != nil {
+		return os.NewSyscallError("fcntl(F_SETPIPE_SZ)", err)
+	}
+	n, err := unix.Tee(dup, p[1], size, unix.SPLICE_F_NONBLOCK)
+	if err != nil && !errors.Is(err, unix.EAGAIN) {
+		return os.NewSyscallError("tee", err)
+	}
+	if n > 0 {
+		data := make([]byte, n)
+		for got := 0; got < int(n); {
+			m, err := unix.Read(p[0], data[got:])
+			if err != nil {
+				return os.NewSyscallError("read pipe copy", err)
+			}
+			got += m
+		}
+		e.PipeData = data
+	}
+	return nil
+}
+
+// kcmpFile reports whether fds a and b of pid are one open file description.
+func kcmpFile(pid, a, b int) (bool, error) {
+	const kcmpFile = 0
+	r, _, errno := unix.Syscall6(unix.SYS_KCMP, uintptr(pid), uintptr(pid), kcmpFile, uintptr(a), uintptr(b), 0)
+	if errno != 0 {
+		return false, os.NewSyscallError("kcmp", errno)
+	}
+	return r == 0, nil
+}

@@ -1,0 +1,303 @@
+package dumpcore
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/proc"
+)
+
+const pageSize = 4096
+
+// VMA kinds as stored in images (pb.Vma.Kind).
+const (
+	KindAnon        = "anon"
+	KindHeap        = "heap"
+	KindStack       = "stack"
+	KindSharedAnon  = "shared-anon"
+	KindFilePrivate = "file-private"
+	KindFileShared  = "file-shared"
+	KindVdso        = "vdso"
+	KindVvar        = "vvar"
+	KindVvarVclock  = "vvar_vclock"
+	KindVsyscall    = "vsyscall"
+)
+
+// pagemap bits (Documentation/admin-guide/mm/pagemap.rst).
+const (
+	pmPresent    = 1 << 63
+	pmSwapped    = 1 << 62
+	pmFileShared = 1 << 61
+)
+
+func classify(v *proc.Vma) (string, error) {
+	switch v.Name {
+	case "[vdso]":
+		return KindVdso, nil
+	case "[vvar]":
+		return KindVvar, nil
+	case "[vvar_vclock]":
+		return KindVvarVclock, nil
+	case "[vsyscall]":
+		return KindVsyscall, nil
+	case "[heap]":
+		return KindHeap, nil
+	case "[stack]":
+		return KindStack, nil
+	}
+	shared := v.Perms[3] == 's'
+	if shared {
+		if v.Inode == 0 || strings.HasPrefix(v.Name, "/dev/zero") || strings.HasPrefix(v.Name, "/SYSV") {
+			return KindSharedAnon, nil
+		}
+		if strings.HasSuffix(v.Name, " (deleted)") {
+			return "", fmt.Errorf("shared mapping of deleted file %s at %#x: %w", v.Name, v.Start, ErrUnsupported)
+		}
+		return KindFileShared, nil
+	}
+	if v.Inode != 0 && strings.HasPrefix(v.Name, "/") {
+		if strings.HasSuffix(v.Name, " (deleted)") {
+			return "", fmt.Errorf("mapping of deleted file %s at %#x: %w", v.Name, v.Start, ErrUnsupported)
+		}
+		return KindFilePrivate, nil
+	}
+	if strings.HasPrefix(v.Name, "[") && !strings.HasPrefix(v.Name, "[anon:") && !strings.HasPrefix(v.Name, "[stack:") {
+		return "", fmt.Errorf("special mapping %s at %#x: %w", v.Name, v.Start, ErrUnsupported)
+	}
+	return KindAnon, nil
+}
+
+func protOf(perms string) uint32 {
+	var p uint32
+	if perms[0] == 'r' {
+		p |= unix.PROT_READ
+	}
+	if perms[1] == 'w' {
+		p |= unix.PROT_WRITE
+	}
+	if perms[2] == 'x' {
+		p |= unix.PROT_EXEC
+	}
+	return p
+}
+
+func (d *dumper) collectVmas(img *imageSet) error {
+	vmas, err := proc.ReadSmaps(d.opts.Pid)
+	if err != nil {
+		return err
+	}
+	d.vmas = vmas
+	for i := range vmas {
+		v := &vmas[i]
+		kind, err := classify(v)
+		if err != nil {
+			return err
+		}
+		pv := &pb.Vma{Start: v.Start, End: v.End, Pgoff: v.Pgoff, Prot: protOf(v.Perms),
+			VmFlags: v.VmFlags, Kind: kind, Name: v.Name}
+		switch kind {
+		case KindSharedAnon:
+			pv.Flags = unix.MAP_SHARED | unix.MAP_ANONYMOUS
+		case KindFileShared:
+			pv.Flags = unix.MAP_SHARED
+		case KindFilePrivate:
+			pv.Flags = unix.MAP_PRIVATE
+		default:
+			pv.Flags = unix.MAP_PRIVATE | unix.MAP_ANONYMOUS
+		}
+		if v.Has("gd") {
+			pv.Flags |= unix.MAP_GROWSDOWN
+		}
+		if v.Has("nr") {
+			pv.Flags |= unix.MAP_NORESERVE
+		}
+		if kind == KindFilePrivate || kind == KindFileShared {
+			id, err := img.files.addMapped(d.opts.Pid, v)
+			if err != nil {
+				return err
+			}
+			pv.FileId = id
+		}
+		img.mm.Vmas = append(img.mm.Vmas, pv)
+	}
+	return nil
+}
+
+// dumpable reports whether a VMA kind has pages in the image, and whether
+// all-zero pages of it may be left out.
+func dumpable(kind string) (pages, skipZero bool) {
+	switch kind {
+	case KindAnon, KindHeap, KindStack, KindSharedAnon:
+		return true, true
+	case KindFilePrivate:
+		return true, false
+	}
+	return false, false
+}
+
+var zeroPage = make([]byte, pageSize)
+
+// pageDumper streams a process's pages to pages-<pid>.img.
+type pageDumper struct {
+	pid     int
+	pm      *os.File // /proc/PID/pagemap
+	mem     *os.File // /proc/PID/mem, for pages process_vm_readv cannot read
+	out     *images.PageWriter
+	buf     []byte
+	entries []*pb.PagemapEntry
+	stats   *pb.DumpStats
+}
+
+const readChunk = 16 << 20 // bytes of memory per batch
+
+func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
+	pid := d.opts.Pid
+	start := time.Now()
+	pm, err := os.Open(proc.Path(pid, "pagemap"))
+	if err != nil {
+		return err
+	}
+	defer pm.Close()
+	mem, err := os.Open(proc.Path(pid, "mem"))
+	if err != nil {
+		return err
+	}
+	defer mem.Close()
+	out, err := images.CreatePages(d.opts.ImagesDir, fmt.Sprintf("pages-%d.img", pid))
+	if err != nil {
+		return err
+	}
+	pd := &pageDumper{pid: pid, pm: pm, mem: mem, out: out, buf: make([]byte, readChunk), stats: d.stats}
+	for _, v := range img.mm.Vmas {
+		if err := ctx.Err(); err != nil {
+			out.Close()
+			return err
+		}
+		pages, skipZero := dumpable(v.Kind)
+		if !pages {
+			continue
+		}
+		if err := pd.vma(v, skipZero); err != nil {
+			out.Close()
+			return err
+		}
+	}
+	if err := out.Close(); err != nil {
+		return err
+	}
+	img.pagemap = pd.entries
+	d.stats.MemdumpTimeUs = uint64(time.Since(start).Microseconds())
+	return nil
+}
+
+func (pd *pageDumper) vma(v *pb.Vma, skipZero bool) error {
+	npages := (v.End - v.Start) / pageSize
+	const pmBatch = readChunk / pageSize
+	pmBuf := make([]byte, 8*pmBatch)
+	fileBacked := v.Kind == KindFilePrivate
+	readable := v.Prot&unix.PROT_READ != 0
+	for first := uint64(0); first < npages; first += pmBatch {
+		n := min(pmBatch, npages-first)
+		addr := v.Start + first*pageSize
+		b := pmBuf[:8*n]
+		if _, err := pd.pm.ReadAt(b, int64(addr/pageSize*8)); err != nil {
+			return fmt.Errorf("read pagemap of %d at %#x: %w", pd.pid, addr, err)
+		}
+		// Select pages and build read segments of contiguous runs.
+		var segs []compel.Segment
+		var vaddrs []uint64 // per selected page
+		off := 0
+		for i := uint64(0); i < n; i++ {
+			e := binary.LittleEndian.Uint64(b[8*i:])
+			want := e&pmSwapped != 0 || e&pmPresent != 0 && (!fileBacked || e&pmFileShared == 0)
+			pd.stats.PagesScanned++
+			if !want {
+				continue
+			}
+			va := addr + i*pageSize
+			if l := len(segs); l > 0 && segs[l-1].Addr+uint64(len(segs[l-1].Local)) == va {
+				segs[l-1].Local = pd.buf[off-len(segs[l-1].Local) : off+pageSize]
+			} else {
+				segs = append(segs, compel.Segment{Addr: va, Local: pd.buf[off : off+pageSize]})
+			}
+			vaddrs = append(vaddrs, va)
+			off += pageSize
+		}
+		if len(vaddrs) == 0 {
+			continue
+		}
+		if err := pd.read(segs, readable); err != nil {
+			return err
+		}
+		if err := pd.emit(vaddrs, skipZero); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (pd *pageDumper) read(segs []compel.Segment, readable bool) error {
+	if readable {
+		if err := compel.ReadMem(pd.pid, segs); err == nil {
+			return nil
+		}
+	}
+	// Unreadable VMAs (PROT_NONE with data): /proc/PID/mem reads with force.
+	for _, s := range segs {
+		if _, err := pd.mem.ReadAt(s.Local, int64(s.Addr)); err != nil {
+			return fmt.Errorf("read memory of %d at %#x: %w", pd.pid, s.Addr, err)
+		}
+	}
+	return nil
+}
+
+// emit writes the selected pages (buf holds them back to back, in vaddrs
+// order), leaving out zero pages when allowed, and records pagemap entries.
+func (pd *pageDumper) emit(vaddrs []uint64, skipZero bool) error {
+	runStart := -1 // index into vaddrs of the pending write run
+	flush := func(end int) error {
+		if runStart < 0 {
+			return nil
+		}
+		data := pd.buf[runStart*pageSize : end*pageSize]
+		if _, err := pd.out.Write(data); err != nil {
+			return err
+		}
+		pd.stats.BytesWritten += uint64(len(data))
+		runStart = -1
+		return nil
+	}
+	for i, va := range vaddrs {
+		page := pd.buf[i*pageSize : (i+1)*pageSize]
+		if skipZero && bytes.Equal(page, zeroPage) {
+			pd.stats.PagesZero++
+			if err := flush(i); err != nil {
+				return err
+			}
+			continue
+		}
+		if runStart < 0 {
+			runStart = i
+		}
+		pd.stats.PagesWritten++
+		if l := len(pd.entries); l > 0 {
+			last := pd.entries[l-1]
+			if last.Vaddr+uint64(last.NrPages)*pageSize == va {
+				last.NrPages++
+				continue
+			}
+		}
+		pd.entries = append(pd.entries, &pb.PagemapEntry{Vaddr: va, NrPages: 1})
+	}
+	return flush(len(vaddrs))
+}

@@ -1,0 +1,119 @@
+package images
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// PageWriter writes a pages file: header, padding, raw page data.
+type PageWriter struct {
+	f   *os.File
+	off int64
+}
+
+// CreatePages creates dir/name as a pages file.
+func CreatePages(dir, name string) (*PageWriter, error) {
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	hdr := make([]byte, PageDataOffset)
+	copy(hdr, encodeHeader(KindPages))
+	if _, err := f.Write(hdr); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &PageWriter{f: f}, nil
+}
+
+// Write appends page data (unbuffered: callers write large runs).
+func (w *PageWriter) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	w.off += int64(n)
+	return n, err
+}
+
+// Offset is the number of data bytes written so far.
+func (w *PageWriter) Offset() int64 { return w.off }
+
+// Close closes the file.
+func (w *PageWriter) Close() error { return w.f.Close() }
+
+// PageReader reads a pages file.
+type PageReader struct {
+	path string
+	f    *os.File
+	size int64
+	m    []byte
+}
+
+// OpenPages opens dir/name and checks its header.
+func OpenPages(dir, name string) (*PageReader, error) {
+	path := filepath.Join(dir, name)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	hb := make([]byte, headerSize)
+	n, _ := f.ReadAt(hb, 0)
+	h, err := ParseHeader(path, hb[:n])
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if h.Kind != KindPages {
+		f.Close()
+		return nil, formatErr(path, 8, ErrKind, "holds %s, want pages", h.Kind)
+	}
+	if st.Size() < PageDataOffset {
+		f.Close()
+		return nil, formatErr(path, st.Size(), ErrTruncated, "pages header needs %d bytes", PageDataOffset)
+	}
+	return &PageReader{path: path, f: f, size: st.Size() - PageDataOffset}, nil
+}
+
+// Size is the number of data bytes.
+func (r *PageReader) Size() int64 { return r.size }
+
+// ReadAt reads data bytes at off (relative to the data start).
+func (r *PageReader) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off+int64(len(p)) > r.size {
+		return 0, formatErr(r.path, PageDataOffset+off, ErrTruncated, "read of %d bytes past the end of page data (%d bytes)", len(p), r.size)
+	}
+	return r.f.ReadAt(p, PageDataOffset+off)
+}
+
+// Bytes maps the data read-only; valid until Close.
+func (r *PageReader) Bytes() ([]byte, error) {
+	if r.size == 0 {
+		return nil, nil
+	}
+	if r.m == nil {
+		m, err := unix.Mmap(int(r.f.Fd()), 0, int(r.size+PageDataOffset), unix.PROT_READ, unix.MAP_SHARED)
+		if err != nil {
+			return nil, fmt.Errorf("mmap %s: %w", r.path, err)
+		}
+		r.m = m
+	}
+	return r.m[PageDataOffset:], nil
+}
+
+// Path is the file's path.
+func (r *PageReader) Path() string { return r.path }
+
+// Close unmaps and closes.
+func (r *PageReader) Close() error {
+	if r.m != nil {
+		unix.Munmap(r.m)
+		r.m = nil
+	}
+	return r.f.Close()
+}

@@ -1,0 +1,591 @@
+package restorecore
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/internal/ptrace"
+)
+
+// Trampoline region: one code page with "syscall; int3", then scratch
+// memory for syscall arguments, with a small stack at its top.
+const (
+	trampSize   = 256 << 10
+	scratchOff  = 4096
+	scratchSize = trampSize - scratchOff - 16<<10
+)
+
+var trampCode = []byte{0x0f, 0x05, 0xcc} // syscall; int3
+
+// builder restores one process.
+type builder struct {
+	r   *restorer
+	p   *procImage
+	pid int
+
+	main    *compel.Task
+	threads []*compel.Task // main first
+	tramp   uint64
+
+	// objFds maps a files.img id to the fd holding it in the target while
+	// fds are being placed.
+	objFds map[uint32]int
+}
+
+func (b *builder) tids() []int {
+	out := make([]int, len(b.threads))
+	for i, t := range b.threads {
+		out[i] = t.Tid
+	}
+	return out
+}
+
+func (b *builder) scratch() uint64 { return b.tramp + scratchOff }
+
+// put writes data into the scratch area at off and returns its address.
+func (b *builder) put(off uint64, data []byte) (uint64, error) {
+	if off+uint64(len(data)) > scratchSize {
+		return 0, fmt.Errorf("scratch overflow (%d bytes at %d)", len(data), off)
+	}
+	addr := b.scratch() + off
+	return addr, compel.WriteMem(b.pid, []compel.Segment{{Addr: addr, Local: data}})
+}
+
+func (b *builder) putString(off uint64, s string) (uint64, error) {
+	return b.put(off, append([]byte(s), 0))
+}
+
+func (b *builder) sys(nr uintptr, args ...uint64) (uint64, error) {
+	return b.main.Syscall(nr, args...)
+}
+
+func (b *builder) build(ctx context.Context) error {
+	regs, err := ptrace.GetRegs(b.pid)
+	if err != nil {
+		return err
+	}
+	b.main = &compel.Task{Tid: b.pid, Regs: regs, Gadget: seedGadget, Int3: true}
+	b.threads = []*compel.Task{b.main}
+	steps := []struct {
+		name string
+		f    func() error
+	}{
+		{"trampoline", b.setupTrampoline},
+		{"vdso", b.moveVdso},
+		{"memory", b.restoreMemory},
+		{"mm", b.restoreMm},
+		{"rlimits", b.restoreRlimits},
+		{"files", b.restoreFiles},
+		{"task", b.restoreTask},
+		{"signals", b.restoreSigactions},
+		{"timers", b.restoreTimers},
+		{"threads", b.restoreThreads},
+		{"pending signals", b.restorePending},
+		{"creds", b.restoreCreds},
+	}
+	for _, s := range steps {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		t0 := time.Now()
+		if err := s.f(); err != nil {
+			return fmt.Errorf("restore %d: %s: %w", b.pid, s.name, err)
+		}
+		b.r.log.Debug("restore step", "pid", b.pid, "step", s.name, "took", time.Since(t0))
+	}
+	return b.finish()
+}
+
+type span struct{ start, end uint64 }
+
+func findGap(occupied []span, size uint64) (uint64, error) {
+	sort.Slice(occupied, func(i, j int) bool { return occupied[i].start < occupied[j].start })
+	cand := uint64(1 << 32)
+	for _, o := range occupied {
+		if o.end <= cand {
+			continue
+		}
+		if o.start >= cand+size {
+			break
+		}
+		cand = (o.end + 0xfff) &^ 0xfff
+	}
+	if cand+size > 0x7fff_ffff_0000 {
+		return 0, fmt.Errorf("no free address range of %d bytes", size)
+	}
+	return cand, nil
+}
+
+func (b *builder) occupied() ([]span, error) {
+	var occ []span
+	for _, v := range b.p.mm.Vmas {
+		occ = append(occ, span{v.Start, v.End})
+	}
+	cur, err := proc.ReadMaps(b.pid)
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range cur {
+		occ = append(occ, span{v.Start, v.End})
+	}
+	if b.tramp != 0 {
+		occ = append(occ, span{b.tramp, b.tramp + trampSize})
+	}
+	return occ, nil
+}
+
+// setupTrampoline maps ferry's trampoline where no dumped VMA lives and
+// unmaps everything the seed left, except the kernel's special mappings.
+func (b *builder) setupTrampoline() error {
+	occ, err := b.occupied()
+	if err != nil {
+		return err
+	}
+	t, err := findGap(occ, trampSize)
+	if err != nil {
+		return err
+	}
+	got, err := b.sys(unix.SYS_MMAP, t, trampSize, unix.PROT_READ|unix.PROT_WRITE|unix.PROT_EXEC,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uint64(0), 0)
+	if err != nil {
+		return err
+	}
+	if got != t {
+		return fmt.Errorf("trampoline mapped at %#x, want %#x", got, t)
+	}
+	if err := compel.WriteMem(b.pid, []compel.Segment{{Addr: t, Local: trampCode}}); err != nil {
+		return err
+	}
+	b.tramp = t
+	b.main.Gadget = t
+	b.main.Stack = t + trampSize - 64
+	cur, err := proc.ReadMaps(b.pid)
+	if err != nil {
+		return err
+	}
+	for _, v := range cur {
+		if v.Start == t || isSpecial(v.Name) {
+			continue
+		}
+		if _, err := b.sys(unix.SYS_MUNMAP, v.Start, v.Size()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func isSpecial(name string) bool {
+	switch name {
+	case "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]":
+		return true
+	}
+	return false
+}
+
+// moveVdso moves [vvar], [vvar_vclock] and [vdso] to their dumped
+// addresses, one mremap each, through a free region so moves never overlap.
+func (b *builder) moveVdso() error {
+	want := map[string]uint64{}
+	for _, v := range b.p.mm.Vmas {
+		switch v.Kind {
+		case "vdso", "vvar", "vvar_vclock":
+			want[v.Name] = v.Start
+		}
+	}
+	cur, err := proc.ReadMaps(b.pid)
+	if err != nil {
+		return err
+	}
+	var specials []proc.Vma
+	same := true
+	var total uint64
+	for _, v := range cur {
+		if v.Name == "[vdso]" || v.Name == "[vvar]" || v.Name == "[vvar_vclock]" {
+			if _, ok := want[v.Name]; !ok {
+				return fmt.Errorf("the image has no %s", v.Name)
+			}
+			specials = append(specials, v)
+			total += v.Size()
+			if want[v.Name] != v.Start {
+				same = false
+			}
+		}
+	}
+	if same {
+		return nil
+	}
+	occ, err := b.occupied()
+	if err != nil {
+		return err
+	}
+	tmp, err := findGap(occ, total)
+	if err != nil {
+		return err
+	}
+	moves := func(dst func(v proc.Vma, i int) uint64, src func(v proc.Vma, i int) uint64) error {
+		for i, v := range specials {
+			to := dst(v, i)
+			if _, err := b.sys(unix.SYS_MREMAP, src(v, i), v.Size(), v.Size(),
+				unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, to); err != nil {
+				return fmt.Errorf("move %s to %#x: %w", v.Name, to, err)
+			}
+		}
+		return nil
+	}
+	offs := make([]uint64, len(specials))
+	var o uint64
+	for i, v := range specials {
+		offs[i] = o
+		o += v.Size()
+	}
+	if err := moves(func(v proc.Vma, i int) uint64 { return tmp + offs[i] },
+		func(v proc.Vma, i int) uint64 { return v.Start }); err != nil {
+		return err
+	}
+	return moves(func(v proc.Vma, i int) uint64 { return want[v.Name] },
+		func(v proc.Vma, i int) uint64 { return tmp + offs[i] })
+}
+
+// madvise advice for smaps VmFlags that must be recreated.
+var vmFlagAdvice = map[string]uint64{
+	"dd": unix.MADV_DONTDUMP,
+	"dc": unix.MADV_DONTFORK,
+	"wf": unix.MADV_WIPEONFORK,
+	"hg": unix.MADV_HUGEPAGE,
+	"nh": unix.MADV_NOHUGEPAGE,
+	"mg": unix.MADV_MERGEABLE,
+}
+
+func (b *builder) restoreMemory() error {
+	t0 := time.Now()
+	vmas := b.p.mm.Vmas
+	// Which VMAs receive pages: they are mapped writable while filling.
+	hasPages := make([]bool, len(vmas))
+	j := 0
+	for _, e := range b.p.pagemap {
+		end := e.Vaddr + uint64(e.NrPages)*pageSize
+		for j < len(vmas) && vmas[j].End <= e.Vaddr {
+			j++
+		}
+		for k := j; k < len(vmas) && vmas[k].Start < end; k++ {
+			hasPages[k] = true
+		}
+	}
+	fileFds := map[uint32]uint64{}
+	defer func() {
+		for _, fd := range fileFds {
+			b.sys(unix.SYS_CLOSE, fd)
+		}
+	}()
+	for i, v := range vmas {
+		switch v.Kind {
+		case "vdso", "vvar", "vvar_vclock", "vsyscall":
+			continue
+		}
+		prot := uint64(v.Prot)
+		if hasPages[i] {
+			prot |= unix.PROT_READ | unix.PROT_WRITE
+		}
+		flags := uint64(v.Flags) | unix.MAP_FIXED
+		fd := ^uint64(0)
+		off := uint64(0)
+		if v.Kind == "file-private" || v.Kind == "file-shared" {
+			f, ok := b.r.is.files[v.FileId]
+			if !ok {
+				return fmt.Errorf("VMA %#x: file id %d not in files.img", v.Start, v.FileId)
+			}
+			if _, ok := fileFds[v.FileId]; !ok {
+				path, err := b.putString(0, f.Path)
+				if err != nil {
+					return err
+				}
+				fd, err := b.sys(unix.SYS_OPENAT, atFdcwd, path, uint64(f.Flags|unix.O_CLOEXEC), 0)
+				if err != nil {
+					return fmt.Errorf("open %s: %w", f.Path, err)
+				}
+				fileFds[v.FileId] = fd
+			}
+			fd = fileFds[v.FileId]
+			off = v.Pgoff
+		}
+		got, err := b.sys(unix.SYS_MMAP, v.Start, v.End-v.Start, prot, flags, fd, off)
+		if err != nil {
+			return fmt.Errorf("map %#x-%#x (%s %s): %w", v.Start, v.End, v.Kind, v.Name, err)
+		}
+		if got != v.Start {
+			return fmt.Errorf("map %#x-%#x landed at %#x", v.Start, v.End, got)
+		}
+		for _, f := range v.VmFlags {
+			if adv, ok := vmFlagAdvice[f]; ok {
+				if _, err := b.sys(unix.SYS_MADVISE, v.Start, v.End-v.Start, adv); err != nil {
+					b.r.log.Warn("madvise failed", "vma", fmt.Sprintf("%#x", v.Start), "flag", f, "err", err)
+				}
+			}
+		}
+		if strings.HasPrefix(v.Name, "[anon:") {
+			name, err := b.putString(0, strings.TrimSuffix(strings.TrimPrefix(v.Name, "[anon:"), "]"))
+			if err == nil {
+				b.sys(unix.SYS_PRCTL, unix.PR_SET_VMA, unix.PR_SET_VMA_ANON_NAME, v.Start, v.End-v.Start, name)
+			}
+		}
+	}
+	if err := b.fillPages(); err != nil {
+		return err
+	}
+	for i, v := range vmas {
+		if hasPages[i] && v.Prot != v.Prot|unix.PROT_READ|unix.PROT_WRITE {
+			if _, err := b.sys(unix.SYS_MPROTECT, v.Start, v.End-v.Start, uint64(v.Prot)); err != nil {
+				return fmt.Errorf("mprotect %#x: %w", v.Start, err)
+			}
+		}
+	}
+	b.r.stats.MemfillTimeUs += uint64(time.Since(t0).Microseconds())
+	return nil
+}
+
+func (b *builder) restoreMm() error {
+	mm := b.p.mm
+	exe, ok := b.r.is.files[mm.ExeFileId]
+	if !ok {
+		return fmt.Errorf("executable (file id %d) not in files.img", mm.ExeFileId)
+	}
+	path, err := b.putString(0, exe.Path)
+	if err != nil {
+		return err
+	}
+	exeFd, err := b.sys(unix.SYS_OPENAT, atFdcwd, path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open executable %s: %w", exe.Path, err)
+	}
+	defer b.sys(unix.SYS_CLOSE, exeFd)
+	auxv := make([]byte, 8*len(mm.Auxv))
+	for i, v := range mm.Auxv {
+		binary.LittleEndian.PutUint64(auxv[8*i:], v)
+	}
+	auxvAddr, err := b.put(4096, auxv)
+	if err != nil {
+		return err
+	}
+	// struct prctl_mm_map (include/uapi/linux/prctl.h).
+	m := make([]byte, 104)
+	le := binary.LittleEndian
+	for i, v := range []uint64{mm.StartCode, mm.EndCode, mm.StartData, mm.EndData, mm.StartBrk, mm.Brk,
+		mm.StartStack, mm.ArgStart, mm.ArgEnd, mm.EnvStart, mm.EnvEnd, auxvAddr} {
+		le.PutUint64(m[8*i:], v)
+	}
+	le.PutUint32(m[96:], uint32(len(auxv)))
+	le.PutUint32(m[100:], uint32(exeFd))
+	mAddr, err := b.put(1024, m)
+	if err != nil {
+		return err
+	}
+	if _, err := b.sys(unix.SYS_PRCTL, unix.PR_SET_MM, unix.PR_SET_MM_MAP, mAddr, uint64(len(m)), 0); err != nil {
+		return fmt.Errorf("prctl(PR_SET_MM_MAP): %w", err)
+	}
+	return nil
+}
+
+func (b *builder) restoreRlimits() error {
+	for _, l := range b.p.core.Rlimits {
+		buf := make([]byte, 16)
+		binary.LittleEndian.PutUint64(buf, l.Cur)
+		binary.LittleEndian.PutUint64(buf[8:], l.Max)
+		a, err := b.put(0, buf)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_PRLIMIT64, 0, uint64(l.Resource), a, 0); err != nil {
+			// Raising a hard limit needs CAP_SYS_RESOURCE; keep ours then.
+			b.r.log.Warn("cannot restore rlimit", "resource", l.Resource, "cur", l.Cur, "max", l.Max, "err", err)
+		}
+	}
+	return nil
+}
+
+func (b *builder) restoreTask() error {
+	c := b.p.core
+	if _, err := b.sys(unix.SYS_UMASK, uint64(c.Umask)); err != nil {
+		return err
+	}
+	if cwd, ok := b.r.is.files[c.CwdId]; ok {
+		if root, ok := b.r.is.files[c.RootId]; ok && root.Path != "/" {
+			a, err := b.putString(0, root.Path)
+			if err != nil {
+				return err
+			}
+			if _, err := b.sys(unix.SYS_CHROOT, a); err != nil {
+				return fmt.Errorf("chroot %s: %w", root.Path, err)
+			}
+		}
+		a, err := b.putString(0, cwd.Path)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_CHDIR, a); err != nil {
+			return fmt.Errorf("chdir %s: %w", cwd.Path, err)
+		}
+	}
+	if _, err := b.sys(unix.SYS_PERSONALITY, uint64(c.Personality)); err != nil {
+		return err
+	}
+	pt := b.p.pstree
+	switch {
+	case pt.Sid == pt.Pid:
+		if _, err := b.sys(unix.SYS_SETSID); err != nil {
+			return err
+		}
+	case pt.Pgid == pt.Pid:
+		if _, err := b.sys(unix.SYS_SETPGID, 0, 0); err != nil {
+			return err
+		}
+	}
+	if c.Dumpable != 1 {
+		b.sys(unix.SYS_PRCTL, unix.PR_SET_DUMPABLE, uint64(c.Dumpable))
+	}
+	if c.ThpDisabled {
+		b.sys(unix.SYS_PRCTL, unix.PR_SET_THP_DISABLE, 1, 0, 0, 0)
+	}
+	if c.ChildSubreaper != 0 {
+		b.sys(unix.SYS_PRCTL, unix.PR_SET_CHILD_SUBREAPER, 1)
+	}
+	if c.TimerslackNs != 0 {
+		b.sys(unix.SYS_PRCTL, unix.PR_SET_TIMERSLACK, c.TimerslackNs)
+	}
+	return nil
+}
+
+func (b *builder) restoreSigactions() error {
+	// The seed inherited ferry's ignored signals (SIG_IGN survives exec);
+	// the image lists only non-default dispositions, so reset the rest.
+	st, err := proc.ReadStatus(b.pid)
+	if err != nil {
+		return err
+	}
+	inImage := uint64(0)
+	for _, sa := range b.p.core.Sigactions {
+		inImage |= 1 << (sa.Sig - 1)
+	}
+	dfl := make([]byte, 32)
+	for sig := 1; sig <= 64; sig++ {
+		bit := uint64(1) << (sig - 1)
+		if st.SigIgn&bit == 0 || inImage&bit != 0 {
+			continue
+		}
+		a, err := b.put(0, dfl)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_RT_SIGACTION, uint64(sig), a, 0, 8); err != nil {
+			return fmt.Errorf("reset signal %d: %w", sig, err)
+		}
+	}
+	for _, sa := range b.p.core.Sigactions {
+		buf := make([]byte, 32)
+		le := binary.LittleEndian
+		le.PutUint64(buf[0:], sa.Handler)
+		le.PutUint64(buf[8:], sa.Flags)
+		le.PutUint64(buf[16:], sa.Restorer)
+		le.PutUint64(buf[24:], sa.Mask)
+		a, err := b.put(0, buf)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_RT_SIGACTION, uint64(sa.Sig), a, 0, 8); err != nil {
+			return fmt.Errorf("signal %d: %w", sa.Sig, err)
+		}
+	}
+	return nil
+}
+
+// PR_TIMER_CREATE_RESTORE_IDS (include/uapi/linux/prctl.h, Linux 6.17):
+// while on, timer_create takes the id to create from *created_timer_id.
+const (
+	prTimerCreateRestoreIDs = 77
+	prTimerRestoreIDsOff    = 0
+	prTimerRestoreIDsOn     = 1
+)
+
+func (b *builder) restoreTimers() error {
+	le := binary.LittleEndian
+	for _, it := range b.p.core.Itimers {
+		buf := make([]byte, 32)
+		le.PutUint64(buf[0:], uint64(it.IntervalUs/1e6))
+		le.PutUint64(buf[8:], uint64(it.IntervalUs%1e6))
+		le.PutUint64(buf[16:], uint64(it.ValueUs/1e6))
+		le.PutUint64(buf[24:], uint64(it.ValueUs%1e6))
+		a, err := b.put(0, buf)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_SETITIMER, uint64(it.Which), a, 0); err != nil {
+			return fmt.Errorf("itimer %d: %w", it.Which, err)
+		}
+	}
+	if len(b.p.core.PosixTimers) == 0 {
+		return nil
+	}
+	byID := append([]*pb.PosixTimer(nil), b.p.core.PosixTimers...)
+	sort.Slice(byID, func(i, j int) bool { return byID[i].Id < byID[j].Id })
+	_, idErr := b.sys(unix.SYS_PRCTL, prTimerCreateRestoreIDs, prTimerRestoreIDsOn)
+	for _, t := range byID {
+		// struct sigevent: sigev_value, sigev_signo, sigev_notify, _tid.
+		sev := make([]byte, 64)
+		le.PutUint64(sev[0:], t.SigevValue)
+		le.PutUint32(sev[8:], uint32(t.Signo))
+		le.PutUint32(sev[12:], uint32(t.Notify))
+		le.PutUint32(sev[16:], uint32(t.NotifyTid))
+		sevAddr, err := b.put(0, sev)
+		if err != nil {
+			return err
+		}
+		idBuf := make([]byte, 4)
+		le.PutUint32(idBuf, uint32(t.Id))
+		idAddr, err := b.put(128, idBuf)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_TIMER_CREATE, uint64(t.ClockId), sevAddr, idAddr); err != nil {
+			return fmt.Errorf("POSIX timer %d: %w", t.Id, err)
+		}
+		got := make([]byte, 4)
+		if err := compel.ReadMem(b.pid, []compel.Segment{{Addr: idAddr, Local: got}}); err != nil {
+			return err
+		}
+		if int32(le.Uint32(got)) != t.Id {
+			if idErr != nil {
+				return fmt.Errorf("POSIX timer %d was created as %d and this kernel cannot choose timer ids (prctl PR_TIMER_CREATE_RESTORE_IDS: %v)", t.Id, int32(le.Uint32(got)), idErr)
+			}
+			return fmt.Errorf("POSIX timer %d was created as %d", t.Id, int32(le.Uint32(got)))
+		}
+	}
+	if idErr == nil {
+		b.sys(unix.SYS_PRCTL, prTimerCreateRestoreIDs, prTimerRestoreIDsOff)
+	}
+	for _, t := range byID {
+		if t.ValueNs == 0 {
+			continue
+		}
+		its := make([]byte, 32)
+		le.PutUint64(its[0:], uint64(t.IntervalNs/1e9))
+		le.PutUint64(its[8:], uint64(t.IntervalNs%1e9))
+		le.PutUint64(its[16:], uint64(t.ValueNs/1e9))
+		le.PutUint64(its[24:], uint64(t.ValueNs%1e9))
+		a, err := b.put(0, its)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_TIMER_SETTIME, uint64(t.Id), 0, a, 0); err != nil {
+			return fmt.Errorf("POSIX timer %d: %w", t.Id, err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,276 @@
+package restorecore
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+// restoreFiles opens every file object inside the target (remote openat,
+// pipe2), parks each on a high fd, dup3s it to every number that referred
+// to it, then closes the parked copies.
+func (b *builder) restoreFiles() error {
+	if _, err := b.sys(unix.SYS_CLOSE_RANGE, 0, ^uint64(0)>>32, 0); err != nil {
+		return err
+	}
+	fds := append([]*pb.FdEntry(nil), b.p.fds.Fds...)
+	sort.Slice(fds, func(i, j int) bool { return fds[i].Fd < fds[j].Fd })
+	if len(fds) == 0 {
+		return nil
+	}
+	base := uint64(fds[len(fds)-1].Fd) + 1
+	b.objFds = map[uint32]int{}
+	pipes := map[uint64][2]int{} // pipe inode -> parked read, write fds
+	var ghosts []string
+	defer func() {
+		for _, g := range ghosts {
+			os.Remove(g)
+		}
+	}()
+	park := func(fd uint64) (int, error) {
+		nfd, err := b.sys(unix.SYS_FCNTL, fd, unix.F_DUPFD_CLOEXEC, base)
+		if err != nil {
+			return 0, fmt.Errorf("park fd %d above %d: %w", fd, base, err)
+		}
+		b.sys(unix.SYS_CLOSE, fd)
+		return int(nfd), nil
+	}
+	for _, e := range fds {
+		if _, ok := b.objFds[e.FileId]; ok {
+			continue
+		}
+		f, ok := b.r.is.files[e.FileId]
+		if !ok {
+			return fmt.Errorf("fd %d: file id %d not in files.img", e.Fd, e.FileId)
+		}
+		var fd int
+		var err error
+		switch f.Type {
+		case "pipe":
+			ends, ok := pipes[f.Ino]
+			if !ok {
+				ends, err = b.newPipe(f, park)
+				if err != nil {
+					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				}
+				pipes[f.Ino] = ends
+			}
+			if f.Flags&unix.O_ACCMODE == unix.O_RDONLY {
+				fd = ends[0]
+			} else {
+				fd = ends[1]
+			}
+			if f.Flags&unix.O_NONBLOCK != 0 {
+				if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+					return err
+				}
+			}
+		case "eventfd":
+			if fd, err = b.newEventfd(f, park); err != nil {
+				return fmt.Errorf("fd %d (eventfd): %w", e.Fd, err)
+			}
+		case "epoll":
+			raw, err := b.sys(unix.SYS_EPOLL_CREATE1, unix.EPOLL_CLOEXEC)
+			if err != nil {
+				return fmt.Errorf("fd %d (epoll): %w", e.Fd, err)
+			}
+			if fd, err = park(raw); err != nil {
+				return err
+			}
+		default:
+			path := f.Path
+			if f.ShellJobTty {
+				n := min(int(e.Fd), 2)
+				path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), n)
+			}
+			if f.Ghost {
+				path, err = b.makeGhost(f)
+				if err != nil {
+					return fmt.Errorf("fd %d: %w", e.Fd, err)
+				}
+				ghosts = append(ghosts, path)
+			}
+			raw, err := b.openIn(path, f)
+			if err != nil {
+				return fmt.Errorf("fd %d: %w", e.Fd, err)
+			}
+			if fd, err = park(raw); err != nil {
+				return err
+			}
+		}
+		b.objFds[e.FileId] = fd
+	}
+	for _, e := range fds {
+		flags := uint64(0)
+		if e.Cloexec {
+			flags = unix.O_CLOEXEC
+		}
+		if _, err := b.sys(unix.SYS_DUP3, uint64(b.objFds[e.FileId]), uint64(e.Fd), flags); err != nil {
+			return fmt.Errorf("fd %d: %w", e.Fd, err)
+		}
+	}
+	// epoll registrations name target fds by number: add them now that
+	// every fd sits at its number.
+	done := map[uint32]bool{}
+	for _, e := range fds {
+		f := b.r.is.files[e.FileId]
+		if f.Type != "epoll" || done[e.FileId] {
+			continue
+		}
+		done[e.FileId] = true
+		for _, t := range f.Epoll {
+			// struct epoll_event is packed on x86_64: u32 events, u64 data.
+			ev := make([]byte, 12)
+			binary.LittleEndian.PutUint32(ev, t.Events)
+			binary.LittleEndian.PutUint64(ev[4:], t.Data)
+			a, err := b.put(0, ev)
+			if err != nil {
+				return err
+			}
+			if _, err := b.sys(unix.SYS_EPOLL_CTL, uint64(e.Fd), unix.EPOLL_CTL_ADD, uint64(t.Tfd), a); err != nil {
+				return fmt.Errorf("epoll fd %d: add fd %d: %w", e.Fd, t.Tfd, err)
+			}
+		}
+	}
+	parked := map[int]bool{}
+	for _, fd := range b.objFds {
+		parked[fd] = true
+	}
+	for _, ends := range pipes {
+		parked[ends[0]], parked[ends[1]] = true, true
+	}
+	for fd := range parked {
+		if _, err := b.sys(unix.SYS_CLOSE, uint64(fd)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// newEventfd creates an eventfd with the dumped counter and flags.
+func (b *builder) newEventfd(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	flags := uint64(unix.EFD_CLOEXEC)
+	if f.EventfdSemaphore {
+		flags |= unix.EFD_SEMAPHORE
+	}
+	if f.Flags&unix.O_NONBLOCK != 0 {
+		flags |= unix.EFD_NONBLOCK
+	}
+	raw, err := b.sys(unix.SYS_EVENTFD2, 0, flags)
+	if err != nil {
+		return 0, err
+	}
+	if f.EventfdCount > 0 {
+		cnt := make([]byte, 8)
+		binary.LittleEndian.PutUint64(cnt, f.EventfdCount)
+		a, err := b.put(0, cnt)
+		if err != nil {
+			return 0, err
+		}
+		if _, err := b.sys(unix.SYS_WRITE, raw, a, 8); err != nil {
+			return 0, fmt.Errorf("set counter %d: %w", f.EventfdCount, err)
+		}
+	}
+	return park(raw)
+}
+
+// openIn opens path inside the target with the dumped flags and offset.
+func (b *builder) openIn(path string, f *pb.FileEntry) (uint64, error) {
+	a, err := b.putString(0, path)
+	if err != nil {
+		return 0, err
+	}
+	flags := uint64(f.Flags&^(unix.O_CREAT|unix.O_EXCL|unix.O_TRUNC|unix.O_NOCTTY)) | unix.O_CLOEXEC
+	fd, err := b.sys(unix.SYS_OPENAT, atFdcwd, a, flags, 0)
+	if err != nil {
+		return 0, fmt.Errorf("open %s: %w", path, err)
+	}
+	if f.Type == "reg" && f.Pos != 0 {
+		if _, err := b.sys(unix.SYS_LSEEK, fd, uint64(f.Pos), 0); err != nil {
+			b.sys(unix.SYS_CLOSE, fd)
+			return 0, fmt.Errorf("seek %s to %d: %w", path, f.Pos, err)
+		}
+	}
+	return fd, nil
+}
+
+// newPipe creates a pipe in the target with the dumped capacity and queued
+// bytes; it returns the parked read and write ends.
+func (b *builder) newPipe(f *pb.FileEntry, park func(uint64) (int, error)) ([2]int, error) {
+	var ends [2]int
+	if _, err := b.sys(unix.SYS_PIPE2, b.scratch(), 0); err != nil {
+		return ends, err
+	}
+	raw := make([]byte, 8)
+	if err := readMem(b.pid, b.scratch(), raw); err != nil {
+		return ends, err
+	}
+	r, w := binary.LittleEndian.Uint32(raw), binary.LittleEndian.Uint32(raw[4:])
+	var err error
+	if ends[0], err = park(uint64(r)); err != nil {
+		return ends, err
+	}
+	if ends[1], err = park(uint64(w)); err != nil {
+		return ends, err
+	}
+	if f.PipeSize > 0 {
+		if _, err := b.sys(unix.SYS_FCNTL, uint64(ends[1]), unix.F_SETPIPE_SZ, uint64(f.PipeSize)); err != nil {
+			return ends, fmt.Errorf("pipe size %d: %w", f.PipeSize, err)
+		}
+	}
+	data := f.PipeData
+	// The queued bytes may have been recorded with the other end's entry.
+	for _, o := range b.r.is.files {
+		if o.Type == "pipe" && o.Ino == f.Ino && len(o.PipeData) > 0 {
+			data = o.PipeData
+		}
+	}
+	if len(data) > 0 {
+		wf, err := os.OpenFile(fmt.Sprintf("/proc/%d/fd/%d", b.pid, ends[1]), os.O_WRONLY, 0)
+		if err != nil {
+			return ends, err
+		}
+		_, err = wf.Write(data)
+		wf.Close()
+		if err != nil {
+			return ends, fmt.Errorf("refill pipe: %w", err)
+		}
+	}
+	return ends, nil
+}
+
+// makeGhost recreates a deleted file's contents in a temporary file beside
+// its old path (or in the temp dir); the caller removes it once the target
+// holds it open.
+func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
+	g, ok := b.r.is.ghosts[f.Id]
+	if !ok {
+		return "", fmt.Errorf("deleted file %s: ghost-%d.img missing", f.Path, f.Id)
+	}
+	// At its old path if that is free, so /proc/PID/fd shows the same
+	// name; else beside it, else in the temp dir.
+	tf, err := os.OpenFile(f.Path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		tf, err = os.CreateTemp(filepath.Dir(f.Path), ".ferry-ghost-*")
+	}
+	if err != nil {
+		tf, err = os.CreateTemp("", ".ferry-ghost-*")
+		if err != nil {
+			return "", err
+		}
+	}
+	defer tf.Close()
+	if _, err := tf.Write(g.Data); err != nil {
+		os.Remove(tf.Name())
+		return "", err
+	}
+	tf.Chmod(os.FileMode(g.Mode & 0o7777))
+	tf.Chown(int(g.Uid), int(g.Gid))
+	return tf.Name(), nil
+}

@@ -1,0 +1,295 @@
+package restorecore
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/internal/ptrace"
+)
+
+// imageSet is a loaded, validated image directory.
+type imageSet struct {
+	dir    string
+	inv    *pb.Inventory
+	procs  []*procImage
+	files  map[uint32]*pb.FileEntry
+	ghosts map[uint32]*pb.GhostFile
+}
+
+type procImage struct {
+	pstree  *pb.PstreeEntry
+	core    *pb.TaskCore
+	mm      *pb.MmCore
+	fds     *pb.FdTable
+	pagemap []*pb.PagemapEntry
+	pagesID uint32
+}
+
+func load(dir string) (*imageSet, error) {
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("images directory: %w", err)
+	}
+	if !st.IsDir() {
+		return nil, fmt.Errorf("images directory %s: not a directory", dir)
+	}
+	is := &imageSet{dir: dir, inv: &pb.Inventory{}, files: map[uint32]*pb.FileEntry{}, ghosts: map[uint32]*pb.GhostFile{}}
+	if err := images.ReadOne(dir, "inventory.img", images.KindInventory, is.inv); err != nil {
+		return nil, err
+	}
+	r, err := images.Open(dir, "pstree.img", images.KindPstree)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		e := &pb.PstreeEntry{}
+		if err := r.Next(e); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			r.Close()
+			return nil, err
+		}
+		is.procs = append(is.procs, &procImage{pstree: e})
+	}
+	r.Close()
+	if len(is.procs) == 0 {
+		return nil, fmt.Errorf("%s: no process in the image", filepath.Join(dir, "pstree.img"))
+	}
+	if len(is.procs) > 1 {
+		return nil, fmt.Errorf("%s: %d processes; this ferry restores one process with its threads", filepath.Join(dir, "pstree.img"), len(is.procs))
+	}
+	for _, p := range is.procs {
+		pid := p.pstree.Pid
+		p.core = &pb.TaskCore{}
+		if err := images.ReadOne(dir, fmt.Sprintf("core-%d.img", pid), images.KindCore, p.core); err != nil {
+			return nil, err
+		}
+		p.mm = &pb.MmCore{}
+		if err := images.ReadOne(dir, fmt.Sprintf("mm-%d.img", pid), images.KindMm, p.mm); err != nil {
+			return nil, err
+		}
+		p.fds = &pb.FdTable{}
+		if err := images.ReadOne(dir, fmt.Sprintf("fdinfo-%d.img", pid), images.KindFdinfo, p.fds); err != nil {
+			return nil, err
+		}
+		if err := loadPagemap(dir, p); err != nil {
+			return nil, err
+		}
+		if len(p.core.Threads) == 0 || p.core.Threads[0].Tid != pid {
+			return nil, fmt.Errorf("%s: main thread %d missing: %w", filepath.Join(dir, fmt.Sprintf("core-%d.img", pid)), pid, images.ErrCorrupt)
+		}
+	}
+	fr, err := images.Open(dir, "files.img", images.KindFiles)
+	if err != nil {
+		return nil, err
+	}
+	defer fr.Close()
+	for {
+		e := &pb.FileEntry{}
+		if err := fr.Next(e); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return nil, err
+		}
+		is.files[e.Id] = e
+		if e.Ghost {
+			g := &pb.GhostFile{}
+			if err := images.ReadOne(dir, fmt.Sprintf("ghost-%d.img", e.Id), images.KindGhost, g); err != nil {
+				return nil, err
+			}
+			is.ghosts[e.Id] = g
+		}
+	}
+	return is, nil
+}
+
+func loadPagemap(dir string, p *procImage) error {
+	name := fmt.Sprintf("pagemap-%d.img", p.pstree.Pid)
+	r, err := images.Open(dir, name, images.KindPagemap)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	head := &pb.PagemapHead{}
+	if err := r.Next(head); err != nil {
+		if errors.Is(err, io.EOF) {
+			return fmt.Errorf("%s: missing head: %w", filepath.Join(dir, name), images.ErrTruncated)
+		}
+		return err
+	}
+	if head.Compression != "" {
+		return fmt.Errorf("%s: page compression %q is not supported by this ferry: %w", filepath.Join(dir, name), head.Compression, images.ErrVersion)
+	}
+	p.pagesID = head.PagesId
+	var prevEnd uint64
+	for {
+		e := &pb.PagemapEntry{}
+		if err := r.Next(e); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return err
+		}
+		if e.Vaddr%pageSize != 0 || e.NrPages == 0 || e.Vaddr < prevEnd || e.InParent {
+			return fmt.Errorf("%s: bad pagemap entry %#x+%d: %w", filepath.Join(dir, name), e.Vaddr, e.NrPages, images.ErrCorrupt)
+		}
+		prevEnd = e.Vaddr + uint64(e.NrPages)*pageSize
+		p.pagemap = append(p.pagemap, e)
+	}
+	return nil
+}
+
+const pageSize = 4096
+
+func refuse(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", ErrValidation, fmt.Sprintf(format, a...))
+}
+
+// validate checks everything that can be checked before touching anything.
+func (is *imageSet) validate(localXstate []byte) error {
+	inv := is.inv
+	if inv.PageSize != 0 && inv.PageSize != pageSize {
+		return refuse("image page size %d differs from this machine's %d", inv.PageSize, pageSize)
+	}
+	// PIDs and TIDs free.
+	for _, p := range is.procs {
+		for _, t := range p.core.Threads {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", t.Tid)); err == nil {
+				what := "TID"
+				if t.Tid == p.pstree.Pid {
+					what = "PID"
+				}
+				return refuse("%s %d is in use", what, t.Tid)
+			}
+		}
+	}
+	// Files present and unchanged.
+	for _, f := range is.files {
+		if err := validateFile(f); err != nil {
+			return err
+		}
+	}
+	// vDSO layout and contents.
+	if err := validateVdso(inv); err != nil {
+		return err
+	}
+	// CPU: every xstate component the image uses must exist here, with the
+	// same buffer size.
+	if len(localXstate) > 0 && inv.XstateSize != 0 {
+		lf, _ := xstateFeatures(localXstate)
+		if inv.Xfeatures&^lf != 0 {
+			return refuse("the image uses CPU state components %#x this CPU lacks (image %#x, here %#x)", inv.Xfeatures&^lf, inv.Xfeatures, lf)
+		}
+		if int(inv.XstateSize) != len(localXstate) {
+			return refuse("xstate size %d in the image, %d on this CPU", inv.XstateSize, len(localXstate))
+		}
+	}
+	return nil
+}
+
+func validateFile(f *pb.FileEntry) error {
+	if f.ShellJobTty || f.Ghost {
+		return nil
+	}
+	switch f.Type {
+	case "pipe", "eventfd", "epoll":
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(f.Path, &st); err != nil {
+		return refuse("file %s: %v", f.Path, err)
+	}
+	switch f.Type {
+	case "reg":
+		if st.Mode&unix.S_IFMT != unix.S_IFREG {
+			return refuse("file %s is no longer a regular file", f.Path)
+		}
+		if st.Size != f.Size {
+			return refuse("file %s changed since the dump: size %d, was %d", f.Path, st.Size, f.Size)
+		}
+	case "dir":
+		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			return refuse("%s is no longer a directory", f.Path)
+		}
+	case "chr":
+		if st.Mode&unix.S_IFMT != unix.S_IFCHR || st.Rdev != f.Rdev {
+			return refuse("device %s changed since the dump", f.Path)
+		}
+	}
+	return nil
+}
+
+func validateVdso(inv *pb.Inventory) error {
+	vmas, err := proc.ReadMaps(os.Getpid())
+	if err != nil {
+		return err
+	}
+	var here []*pb.SpecialVma
+	var text []byte
+	for _, v := range vmas {
+		switch v.Name {
+		case "[vvar]", "[vvar_vclock]", "[vdso]":
+			here = append(here, &pb.SpecialVma{Name: v.Name, Size: v.Size()})
+		}
+		if v.Name == "[vdso]" {
+			text = make([]byte, v.Size())
+			if err := readSelf(v.Start, text); err != nil {
+				return err
+			}
+		}
+	}
+	if len(inv.VdsoLayout) != len(here) {
+		return refuse("vDSO layout differs from the dumping kernel (%s here, %s in the image)", layoutString(here), layoutString(inv.VdsoLayout))
+	}
+	for i := range here {
+		if here[i].Name != inv.VdsoLayout[i].Name || here[i].Size != inv.VdsoLayout[i].Size {
+			return refuse("vDSO layout differs from the dumping kernel (%s here, %s in the image)", layoutString(here), layoutString(inv.VdsoLayout))
+		}
+	}
+	if len(inv.VdsoSha256) > 0 {
+		h := sha256.Sum256(text)
+		if !bytes.Equal(h[:], inv.VdsoSha256) {
+			return refuse("the vDSO of this kernel (%s) differs from the dumping kernel's (%s)", kernelRelease(), inv.KernelRelease)
+		}
+	}
+	return nil
+}
+
+func layoutString(l []*pb.SpecialVma) string {
+	var b bytes.Buffer
+	for i, v := range l {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		fmt.Fprintf(&b, "%s:%d", v.Name, v.Size)
+	}
+	return b.String()
+}
+
+func kernelRelease() string {
+	var uts unix.Utsname
+	unix.Uname(&uts)
+	return unix.ByteSliceToString(uts.Release[:])
+}
+
+// xstateFeatures reads XCR0 and the xstate size from the software-reserved
+// bytes of an NT_X86_XSTATE buffer (struct _fpx_sw_bytes, offset 464).
+func xstateFeatures(xs []byte) (uint64, uint32) {
+	if len(xs) < 488 {
+		return 0, 0
+	}
+	return leU64(xs[472:]), leU32(xs[468:])
+}
+
+// localXstate reads an xstate buffer of a traced task to learn this CPU's
+// layout. Preconditions: tid is stopped and traced by this thread.
+func localXstate(tid int) ([]byte, error) { return ptrace.GetXstate(tid) }

@@ -1,0 +1,252 @@
+package restorecore
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/ptrace"
+)
+
+// Options control a restore; the field comments name the criu option.
+type Options struct {
+	ImagesDir    string // -D/--images-dir
+	LeaveStopped bool   // -s/--leave-stopped
+	ShellJob     bool   // -j/--shell-job
+	Logger       *slog.Logger
+}
+
+// Result describes a restored tree, running (or stopped with -s) and
+// detached from ferry. Root is a child of the calling process.
+type Result struct {
+	Root  int
+	Tids  []int
+	Stats *pb.RestoreStats
+}
+
+// Restore recreates the image set in opts.ImagesDir.
+func Restore(ctx context.Context, opts Options) (*Result, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	start := time.Now()
+	is, err := load(opts.ImagesDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := is.validate(nil); err != nil {
+		return nil, err
+	}
+	validated := time.Now()
+	r := &restorer{opts: opts, log: opts.Logger, is: is, stats: &pb.RestoreStats{}}
+	r.stats.ValidateTimeUs = uint64(validated.Sub(start).Microseconds())
+	tr := ptrace.NewThread()
+	defer tr.Close()
+	var res *Result
+	err = tr.Do(func() error {
+		var err error
+		res, err = r.run(ctx)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.stats.TotalTimeUs = uint64(time.Since(start).Microseconds())
+	res.Stats = r.stats
+	if err := images.WriteAll(opts.ImagesDir, "stats-restore", images.KindStats, &pb.Stats{Restore: r.stats}); err != nil {
+		opts.Logger.Warn("could not write stats-restore", "err", err)
+	}
+	return res, nil
+}
+
+type restorer struct {
+	opts  Options
+	log   *slog.Logger
+	is    *imageSet
+	stats *pb.RestoreStats
+
+	seed *exec.Cmd
+	// created lists every task this restore made, for cleanup.
+	created []int
+	// cleanup runs in reverse order on failure.
+	cleanup []func()
+	// affinity is the tracer's CPU mask before pinning.
+	affinity unix.CPUSet
+}
+
+func (r *restorer) run(ctx context.Context) (res *Result, err error) {
+	defer func() {
+		if err != nil {
+			for i := len(r.created) - 1; i >= 0; i-- {
+				unix.Kill(r.created[i], unix.SIGKILL)
+			}
+			for _, pid := range r.created {
+				ptrace.Wait(pid)
+			}
+		}
+		for i := len(r.cleanup) - 1; i >= 0; i-- {
+			r.cleanup[i]()
+		}
+	}()
+	r.pin()
+
+	forkStart := time.Now()
+	seed, err := startSeed()
+	if err != nil {
+		return nil, err
+	}
+	r.seed = seed
+	r.cleanup = append(r.cleanup, func() {
+		seed.Process.Kill()
+		seed.Wait()
+	})
+	if err := ptrace.Seize(seed.Process.Pid, ptrace.OptsRestore); err != nil {
+		return nil, fmt.Errorf("seize seed: %w", err)
+	}
+	if err := ptrace.Interrupt(seed.Process.Pid); err != nil {
+		return nil, fmt.Errorf("interrupt seed: %w", err)
+	}
+	if err := waitStopped(seed.Process.Pid); err != nil {
+		return nil, fmt.Errorf("seed: %w", err)
+	}
+	// The CPU check needs a traced task of this machine: the seed.
+	xs, err := localXstate(seed.Process.Pid)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.is.validate(xs); err != nil {
+		return nil, err
+	}
+	if err := ptrace.SetSigmask(seed.Process.Pid, ^uint64(0)); err != nil {
+		return nil, err
+	}
+	regs, err := ptrace.GetRegs(seed.Process.Pid)
+	if err != nil {
+		return nil, err
+	}
+	seedTask := &compel.Task{Tid: seed.Process.Pid, Regs: regs, Gadget: seedGadget, Int3: true}
+
+	p := r.is.procs[0]
+	root, err := r.cloneRoot(seedTask, int(p.pstree.Pid))
+	if err != nil {
+		return nil, err
+	}
+	r.stats.ForkingTimeUs = uint64(time.Since(forkStart).Microseconds())
+
+	b := &builder{r: r, p: p, pid: root}
+	if err := b.build(ctx); err != nil {
+		return nil, err
+	}
+	return &Result{Root: root, Tids: b.tids()}, nil
+}
+
+// pin keeps the tracer thread on one CPU; the seed and everything cloned
+// from it inherit that CPU, so remote syscalls do not cross CPUs.
+func (r *restorer) pin() {
+	if err := unix.SchedGetaffinity(0, &r.affinity); err != nil {
+		return
+	}
+	var c uint32
+	getcpu(&c)
+	var one unix.CPUSet
+	one.Set(int(c))
+	unix.SchedSetaffinity(0, &one)
+	r.cleanup = append(r.cleanup, func() { unix.SchedSetaffinity(0, &r.affinity) })
+}
+
+func waitStopped(tid int) error {
+	for {
+		st, err := ptrace.Wait(tid)
+		if err != nil {
+			return err
+		}
+		if st.Exited() {
+			return fmt.Errorf("%v", st)
+		}
+		if st.Event() == ptrace.EventStop || st.Sig() == int(unix.SIGSTOP) || st.Sig() == int(unix.SIGTRAP) {
+			return nil
+		}
+		// Any other signal-delivery stop: suppress it and keep waiting.
+		if err := ptrace.Cont(tid, 0); err != nil {
+			return err
+		}
+	}
+}
+
+// clone3 flags and struct clone_args (include/uapi/linux/sched.h).
+const (
+	cloneArgsSize = 88
+	threadFlags   = unix.CLONE_VM | unix.CLONE_FS | unix.CLONE_FILES | unix.CLONE_SIGHAND |
+		unix.CLONE_THREAD | unix.CLONE_SYSVSEM
+)
+
+// cloneArgs encodes struct clone_args with set_tid pointing at setTidAddr.
+func cloneArgs(flags uint64, setTidAddr uint64) []byte {
+	b := make([]byte, cloneArgsSize+8)
+	binary.LittleEndian.PutUint64(b[0:], flags)
+	binary.LittleEndian.PutUint64(b[64:], setTidAddr)
+	binary.LittleEndian.PutUint64(b[72:], 1)
+	return b
+}
+
+// remoteClone runs clone3(set_tid=[want]) in t, using scratch memory at
+// argAddr, and returns the new task stopped and traced.
+func remoteClone(t *compel.Task, argAddr uint64, flags uint64, want int) (int, error) {
+	args := cloneArgs(flags, argAddr+cloneArgsSize)
+	binary.LittleEndian.PutUint32(args[cloneArgsSize:], uint32(want))
+	if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: argAddr, Local: args}}); err != nil {
+		return 0, err
+	}
+	newTid := 0
+	t.OnEvent = func(_, ev int, msg uint) {
+		if ev == ptrace.EventClone || ev == ptrace.EventFork || ev == ptrace.EventVfork {
+			newTid = int(msg)
+		}
+	}
+	defer func() { t.OnEvent = nil }()
+	got, err := t.Syscall(unix.SYS_CLONE3, argAddr, cloneArgsSize)
+	if err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return 0, fmt.Errorf("%w: PID %d is in use", ErrValidation, want)
+		}
+		return 0, err
+	}
+	if int(got) != want {
+		return 0, fmt.Errorf("clone3 returned %d, want %d", got, want)
+	}
+	if newTid != 0 && newTid != want {
+		return 0, fmt.Errorf("clone event for %d, want %d", newTid, want)
+	}
+	if err := waitStopped(want); err != nil {
+		return 0, fmt.Errorf("new task %d: %w", want, err)
+	}
+	return want, nil
+}
+
+func (r *restorer) cloneRoot(seed *compel.Task, pid int) (int, error) {
+	// Scratch for clone_args on the seed's stack page, below its rsp.
+	argAddr := (seed.Regs.Rsp - 4096) &^ 15
+	got, err := remoteClone(seed, argAddr, unix.CLONE_PARENT, pid)
+	if err != nil {
+		return 0, err
+	}
+	r.created = append(r.created, got)
+	return got, nil
+}
+
+func leU64(b []byte) uint64 { return binary.LittleEndian.Uint64(b) }
+func leU32(b []byte) uint32 { return binary.LittleEndian.Uint32(b) }
+
+func readSelf(addr uint64, buf []byte) error {
+	return compel.ReadMem(os.Getpid(), []compel.Segment{{Addr: addr, Local: buf}})
+}

@@ -1,0 +1,255 @@
+package restorecore
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/ptrace"
+)
+
+// sigaltstack flags (include/uapi/linux/signal.h).
+const (
+	ssOnStack = 1
+	ssDisable = 2
+)
+
+func readMem(pid int, addr uint64, buf []byte) error {
+	return compel.ReadMem(pid, []compel.Segment{{Addr: addr, Local: buf}})
+}
+
+func (b *builder) restoreThreads() error {
+	core := b.p.core
+	for _, tc := range core.Threads[1:] {
+		tid, err := remoteClone(b.main, b.scratch(), threadFlags, int(tc.Tid))
+		if err != nil {
+			return fmt.Errorf("thread %d: %w", tc.Tid, err)
+		}
+		regs, err := ptrace.GetRegs(tid)
+		if err != nil {
+			return err
+		}
+		b.threads = append(b.threads, &compel.Task{Tid: tid, Regs: regs, Gadget: b.tramp, Int3: true, Stack: b.main.Stack})
+	}
+	for i, tc := range core.Threads {
+		if err := b.threadState(b.threads[i], tc); err != nil {
+			return fmt.Errorf("thread %d: %w", tc.Tid, err)
+		}
+	}
+	return nil
+}
+
+// threadState restores what belongs to one thread, by remote syscalls in
+// that thread.
+func (b *builder) threadState(t *compel.Task, tc *pb.ThreadCore) error {
+	if _, err := t.Syscall(unix.SYS_SET_TID_ADDRESS, tc.ClearChildTid); err != nil {
+		return err
+	}
+	if tc.RobustList != 0 {
+		if _, err := t.Syscall(unix.SYS_SET_ROBUST_LIST, tc.RobustList, tc.RobustListLen); err != nil {
+			return err
+		}
+	}
+	if rs := tc.Rseq; rs != nil && rs.Ptr != 0 {
+		if _, err := t.Syscall(unix.SYS_RSEQ, rs.Ptr, uint64(rs.Len), 0, uint64(rs.Signature)); err != nil {
+			return fmt.Errorf("rseq at %#x: %w", rs.Ptr, err)
+		}
+	}
+	if ss := tc.Sigaltstack; ss != nil && ss.Flags&ssDisable == 0 {
+		buf := make([]byte, 24)
+		binary.LittleEndian.PutUint64(buf[0:], ss.Sp)
+		binary.LittleEndian.PutUint32(buf[8:], uint32(ss.Flags)&^ssOnStack)
+		binary.LittleEndian.PutUint64(buf[16:], ss.Size)
+		a, err := b.put(256*uint64(len(b.threads)%64), buf)
+		if err != nil {
+			return err
+		}
+		if _, err := t.Syscall(unix.SYS_SIGALTSTACK, a, 0); err != nil {
+			return fmt.Errorf("sigaltstack %#x+%d: %w", ss.Sp, ss.Size, err)
+		}
+	}
+	if tc.Comm != "" {
+		a, err := b.putString(0, tc.Comm)
+		if err != nil {
+			return err
+		}
+		if _, err := t.Syscall(unix.SYS_PRCTL, unix.PR_SET_NAME, a); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// restorePending queues the dumped pending signals again, with their
+// siginfo, while every signal is still blocked.
+func (b *builder) restorePending() error {
+	pid := uint64(b.pid)
+	for _, tc := range b.p.core.Threads {
+		for _, si := range tc.Pending {
+			a, err := b.put(0, si.Raw)
+			if err != nil {
+				return err
+			}
+			if _, err := b.sys(unix.SYS_RT_TGSIGQUEUEINFO, pid, uint64(tc.Tid), uint64(si.Signo), a); err != nil {
+				return fmt.Errorf("queue signal %d to %d: %w", si.Signo, tc.Tid, err)
+			}
+		}
+	}
+	for _, si := range b.p.core.SharedPending {
+		a, err := b.put(0, si.Raw)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_RT_SIGQUEUEINFO, pid, uint64(si.Signo), a); err != nil {
+			return fmt.Errorf("queue signal %d: %w", si.Signo, err)
+		}
+	}
+	return nil
+}
+
+// restoreCreds sets each thread's credentials (they are per thread in the
+// kernel). It runs last: dropping root would forbid the steps before it.
+func (b *builder) restoreCreds() error {
+	c := b.p.core.Creds
+	if c == nil {
+		return nil
+	}
+	root := c.Uid == 0 && c.Euid == 0 && c.Suid == 0 && c.Fsuid == 0 &&
+		c.Gid == 0 && c.Egid == 0 && c.Sgid == 0 && c.Fsgid == 0
+	for _, t := range b.threads {
+		if len(c.Groups) > 0 || !root {
+			buf := make([]byte, 4*len(c.Groups)+4)
+			for i, g := range c.Groups {
+				binary.LittleEndian.PutUint32(buf[4*i:], g)
+			}
+			a, err := b.put(0, buf)
+			if err != nil {
+				return err
+			}
+			if _, err := t.Syscall(unix.SYS_SETGROUPS, uint64(len(c.Groups)), a); err != nil {
+				return fmt.Errorf("setgroups: %w", err)
+			}
+		}
+		if root {
+			continue
+		}
+		if _, err := t.Syscall(unix.SYS_PRCTL, unix.PR_SET_KEEPCAPS, 1); err != nil {
+			return err
+		}
+		if _, err := t.Syscall(unix.SYS_SETRESGID, uint64(c.Gid), uint64(c.Egid), uint64(c.Sgid)); err != nil {
+			return fmt.Errorf("setresgid: %w", err)
+		}
+		if _, err := t.Syscall(unix.SYS_SETRESUID, uint64(c.Uid), uint64(c.Euid), uint64(c.Suid)); err != nil {
+			return fmt.Errorf("setresuid: %w", err)
+		}
+		t.Syscall(unix.SYS_SETFSGID, uint64(c.Fsgid))
+		t.Syscall(unix.SYS_SETFSUID, uint64(c.Fsuid))
+		// capset v3: header {version, pid}, two data {effective, permitted, inheritable}.
+		buf := make([]byte, 8+24)
+		le := binary.LittleEndian
+		le.PutUint32(buf[0:], unix.LINUX_CAPABILITY_VERSION_3)
+		for i, v := range [][3]uint64{{c.CapEff, c.CapPrm, c.CapInh}} {
+			_ = i
+			le.PutUint32(buf[8:], uint32(v[0]))
+			le.PutUint32(buf[12:], uint32(v[1]))
+			le.PutUint32(buf[16:], uint32(v[2]))
+			le.PutUint32(buf[20:], uint32(v[0]>>32))
+			le.PutUint32(buf[24:], uint32(v[1]>>32))
+			le.PutUint32(buf[28:], uint32(v[2]>>32))
+		}
+		a, err := b.put(0, buf)
+		if err != nil {
+			return err
+		}
+		if _, err := t.Syscall(unix.SYS_CAPSET, a, a+8); err != nil {
+			return fmt.Errorf("capset: %w", err)
+		}
+		t.Syscall(unix.SYS_PRCTL, unix.PR_SET_KEEPCAPS, 0)
+	}
+	if c.NoNewPrivs {
+		for _, t := range b.threads {
+			t.Syscall(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+		}
+	}
+	return nil
+}
+
+func pbToRegs(g *pb.GpRegs) ptrace.Regs {
+	return ptrace.Regs{
+		R15: g.R15, R14: g.R14, R13: g.R13, R12: g.R12, Rbp: g.Rbp, Rbx: g.Rbx,
+		R11: g.R11, R10: g.R10, R9: g.R9, R8: g.R8, Rax: g.Rax, Rcx: g.Rcx,
+		Rdx: g.Rdx, Rsi: g.Rsi, Rdi: g.Rdi, Orig_rax: g.OrigRax, Rip: g.Rip,
+		Cs: g.Cs, Eflags: g.Eflags, Rsp: g.Rsp, Ss: g.Ss, Fs_base: g.FsBase,
+		Gs_base: g.GsBase, Ds: g.Ds, Es: g.Es, Fs: g.Fs, Gs: g.Gs,
+	}
+}
+
+// finish loads the final registers, xstate and signal masks, has the main
+// thread unmap the trampoline under PTRACE_SYSCALL (its final registers are
+// loaded at the syscall-exit stop), and detaches every thread.
+func (b *builder) finish() error {
+	core := b.p.core
+	for _, t := range b.threads {
+		unix.SchedSetaffinity(t.Tid, &b.r.affinity)
+	}
+	load := func(t *compel.Task, tc *pb.ThreadCore) error {
+		regs := pbToRegs(tc.Regs)
+		regs.Orig_rax = ^uint64(0)
+		if err := ptrace.SetRegs(t.Tid, &regs); err != nil {
+			return err
+		}
+		if err := ptrace.SetXstate(t.Tid, tc.Xstate); err != nil {
+			return err
+		}
+		return ptrace.SetSigmask(t.Tid, tc.Sigmask)
+	}
+	for i, t := range b.threads[1:] {
+		if err := load(t, core.Threads[i+1]); err != nil {
+			return fmt.Errorf("thread %d: %w", t.Tid, err)
+		}
+	}
+	// Main thread: munmap(trampoline) and stop at its exit.
+	r := b.main.Regs
+	r.Rip = b.tramp
+	r.Rax = unix.SYS_MUNMAP
+	r.Orig_rax = ^uint64(0)
+	r.Rdi, r.Rsi = b.tramp, trampSize
+	if err := ptrace.SetRegs(b.pid, &r); err != nil {
+		return err
+	}
+	for stops := 0; stops < 2; {
+		if err := ptrace.Syscall(b.pid, 0); err != nil {
+			return err
+		}
+		st, err := ptrace.Wait(b.pid)
+		if err != nil {
+			return err
+		}
+		if st.Exited() {
+			return fmt.Errorf("main thread: %v", st)
+		}
+		if st.SyscallStop() {
+			stops++
+		}
+	}
+	if out, err := ptrace.GetRegs(b.pid); err != nil {
+		return err
+	} else if out.Rax != 0 {
+		return fmt.Errorf("unmap trampoline: %w", unix.Errno(-int64(out.Rax)))
+	}
+	if err := load(b.main, core.Threads[0]); err != nil {
+		return fmt.Errorf("thread %d: %w", b.pid, err)
+	}
+	if b.r.opts.LeaveStopped || core.State == "stopped" {
+		unix.Kill(b.pid, unix.SIGSTOP)
+	}
+	for _, t := range b.threads {
+		if err := ptrace.Detach(t.Tid, 0); err != nil {
+			return fmt.Errorf("detach %d: %w", t.Tid, err)
+		}
+	}
+	return nil
+}
