@@ -1,0 +1,462 @@
+package main
+
+// Core dump/restore tests. They run ferry's command line in-process (as a
+// user types it) against workloads that verify their own memory, threads
+// and files and report a token that lives only in their memory: a process
+// that was re-run instead of restored has another token and counters that
+// start from zero, and fails every test here.
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/internal/testutil"
+)
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("dump/restore tests need root (ptrace of any task, clone3 set_tid)")
+	}
+}
+
+// ferry runs one command line and returns its exit status and output.
+func ferry(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	var out bytes.Buffer
+	code := runIO(args, &out, &out)
+	t.Logf("ferry %s -> %d\n%s", strings.Join(args, " "), code, out.String())
+	return code, out.String()
+}
+
+func mustFerry(t *testing.T, args ...string) string {
+	t.Helper()
+	code, out := ferry(t, args...)
+	if code != 0 {
+		t.Fatalf("ferry %s: exit %d\n%s", strings.Join(args, " "), code, out)
+	}
+	return out
+}
+
+func tids(t *testing.T, pid int) []string {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range ents {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+// dumpRestore dumps w (killing it), restores it detached, and returns the
+// restored workload, checking it has the same PID and thread IDs.
+func dumpRestore(t *testing.T, w *testutil.Workload, dumpArgs ...string) *testutil.Workload {
+	t.Helper()
+	before := tids(t, w.Pid)
+	img := t.TempDir()
+	mustFerry(t, append([]string{"dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-v4", "-o", "dump.log"}, dumpArgs...)...)
+	w.Reap(t)
+	if testutil.PidAlive(w.Pid) {
+		t.Fatalf("process %d still runs after dump", w.Pid)
+	}
+	pidfile := filepath.Join(t.TempDir(), "pid")
+	mustFerry(t, "restore", "-D", img, "-d", "--pidfile", pidfile, "-v4", "-o", "restore.log")
+	b, err := os.ReadFile(pidfile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := strconv.Atoi(strings.TrimSpace(string(b))); got != w.Pid {
+		t.Fatalf("restored PID %d, want %d", got, w.Pid)
+	}
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	if after := tids(t, w.Pid); strings.Join(after, ",") != strings.Join(before, ",") {
+		t.Fatalf("thread IDs %v after restore, %v before", after, before)
+	}
+	return r
+}
+
+func checkContinued(t *testing.T, before, after testutil.Report) {
+	t.Helper()
+	if after.Status != "ok" {
+		t.Fatalf("workload reports failure after restore: %v", after)
+	}
+	if after.Pid != before.Pid {
+		t.Fatalf("pid %d after restore, %d before", after.Pid, before.Pid)
+	}
+	if after.Token != before.Token {
+		t.Fatalf("token %s after restore, %s before: the program was re-run, not restored", after.Token, before.Token)
+	}
+	if after.Counter <= before.Counter {
+		t.Fatalf("counter %d after restore, %d before: it did not continue", after.Counter, before.Counter)
+	}
+}
+
+func TestDumpRestoreMemory(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "64")
+	time.Sleep(100 * time.Millisecond)
+	before := w.Report(t)
+	r := dumpRestore(t, w)
+	after := r.Report(t)
+	checkContinued(t, before, after)
+}
+
+func TestDumpRestoreThreadsSyscallsSIMD(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	out := filepath.Join(t.TempDir(), "lines")
+	w := testutil.Start(t, "-r", bin, "-m", "16", "-t", "4", "-p", "-n", "-s", "-f", out)
+	time.Sleep(200 * time.Millisecond)
+	// One byte through the pipe first: the reader thread is then blocked
+	// in read() again when the dump comes.
+	w.Signal(unix.SIGUSR2)
+	time.Sleep(50 * time.Millisecond)
+	before := w.Report(t)
+	if before.Int("piperead") != 1 {
+		t.Fatalf("piperead before dump: %v", before)
+	}
+	r := dumpRestore(t, w)
+	time.Sleep(200 * time.Millisecond)
+	r.Signal(unix.SIGUSR2)
+	time.Sleep(50 * time.Millisecond)
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	for i := 0; i < 4; i++ {
+		k := fmt.Sprintf("thread%d", i)
+		if after.Int(k) <= before.Int(k) {
+			t.Errorf("%s: %d after restore, %d before", k, after.Int(k), before.Int(k))
+		}
+	}
+	if after.Int("piperead") != 2 {
+		t.Errorf("the thread blocked in read() did not get the byte written after restore: %v", after)
+	}
+	if after.Int("wakeups") <= before.Int("wakeups") {
+		t.Errorf("the nanosleep thread did not continue: %v -> %v", before.Int("wakeups"), after.Int("wakeups"))
+	}
+	if after.Int("lines") <= before.Int("lines") {
+		t.Errorf("lines: %d -> %d", before.Int("lines"), after.Int("lines"))
+	}
+}
+
+func TestDumpRestorePython(t *testing.T) {
+	needRoot(t)
+	out := filepath.Join(t.TempDir(), "numbered")
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "lines.py")
+	w := testutil.Start(t, "", "python3", script, out)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	r := dumpRestore(t, w)
+	time.Sleep(300 * time.Millisecond)
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	r.Kill()
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+	for i, l := range lines {
+		f := strings.Fields(l)
+		if len(f) != 2 || f[0] != strconv.Itoa(i+1) || f[1] != before.Token {
+			t.Fatalf("line %d of %s is %q: numbering has a gap, a restart or a foreign token", i+1, out, l)
+		}
+	}
+	if int64(len(lines)) < after.Counter {
+		t.Fatalf("%d lines in the file, the process wrote %d", len(lines), after.Counter)
+	}
+}
+
+func TestDumpRestoreGo(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildGo(t, "gowork")
+	w := testutil.Start(t, "", bin)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	if len(tids(t, w.Pid)) < 4 {
+		t.Fatalf("Go workload has only %d threads", len(tids(t, w.Pid)))
+	}
+	r := dumpRestore(t, w)
+	time.Sleep(300 * time.Millisecond)
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	if after.Int("pongs") <= before.Int("pongs") {
+		t.Errorf("goroutine ping-pong stopped: %d -> %d", before.Int("pongs"), after.Int("pongs"))
+	}
+}
+
+func procState(t *testing.T, pid int) byte {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return b[i+2]
+}
+
+func TestLeaveRunningThenRestore(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "8", "-t", "2")
+	img := t.TempDir()
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-R")
+	mid := w.Report(t)
+	checkContinued(t, before, mid)
+	// The PID is taken: restore must refuse and leave the original alone.
+	code, out := ferry(t, "restore", "-D", img, "-d")
+	if code != 1 || !strings.Contains(out, fmt.Sprintf("PID %d is in use", w.Pid)) {
+		t.Fatalf("restore over a live PID: exit %d, %q", code, out)
+	}
+	checkContinued(t, mid, w.Report(t))
+	// Once the original is gone, the snapshot restores.
+	w.Kill()
+	mustFerry(t, "restore", "-D", img, "-d")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	after := r.Report(t)
+	if after.Status != "ok" || after.Token != before.Token || after.Counter < mid.Counter-1000000 {
+		t.Fatalf("restored snapshot: %v", after)
+	}
+}
+
+func TestLeaveStopped(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "8", "-t", "1")
+	img := t.TempDir()
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-s")
+	if s := procState(t, w.Pid); s != 'T' {
+		t.Fatalf("state %c after dump -s, want T (stopped)", s)
+	}
+	w.Signal(unix.SIGCONT)
+	checkContinued(t, before, w.Report(t))
+	w.Kill()
+	w.Reap(t)
+	mustFerry(t, "restore", "-D", img, "-d", "-s")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	deadline := time.Now().Add(5 * time.Second)
+	for procState(t, w.Pid) != 'T' && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if s := procState(t, w.Pid); s != 'T' {
+		t.Fatalf("state %c after restore -s, want T", s)
+	}
+	r.Signal(unix.SIGCONT)
+	checkContinued(t, before, r.Report(t))
+}
+
+func TestRestoreWaitsAndReturnsExitCode(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "4", "-x", "7")
+	img := t.TempDir()
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	done := make(chan int, 1)
+	go func() {
+		code, _ := ferry(t, "restore", "-D", img)
+		done <- code
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for !testutil.PidAlive(w.Pid) && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	checkContinued(t, before, r.Report(t))
+	r.Signal(unix.SIGINT)
+	select {
+	case code := <-done:
+		if code != 7 {
+			t.Fatalf("restore exited %d, want the workload's 7", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("restore did not return after the workload exited")
+	}
+}
+
+func TestShow(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "4")
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-R")
+	out := mustFerry(t, "show", img)
+	for _, want := range []string{"inventory.img", fmt.Sprintf("core-%d.img", w.Pid), `"vmas"`, `"xstate"`, "stats-dump"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("show output lacks %s", want)
+		}
+	}
+	out = mustFerry(t, "show", filepath.Join(img, "pstree.img"))
+	if !strings.Contains(out, fmt.Sprintf(`"pid": %d`, w.Pid)) {
+		t.Errorf("show pstree: %s", out)
+	}
+}
+
+// Negative paths: each gives a clear one-line error, exit status 1, and
+// leaves no process behind; a failed dump leaves its target running.
+
+func TestDumpNoSuchProcess(t *testing.T) {
+	needRoot(t)
+	code, out := ferry(t, "dump", "-t", "999999999", "-D", t.TempDir())
+	if code != 1 || !strings.Contains(out, "no such process") {
+		t.Fatalf("exit %d, %q", code, out)
+	}
+}
+
+func TestRestoreMissingDir(t *testing.T) {
+	needRoot(t)
+	code, out := ferry(t, "restore", "-D", "/nonexistent/ferry-images", "-d")
+	if code != 1 || !strings.Contains(out, "/nonexistent/ferry-images") {
+		t.Fatalf("exit %d, %q", code, out)
+	}
+}
+
+func TestFailedDumpLeavesTaskRunning(t *testing.T) {
+	needRoot(t)
+	// A socket is beyond what this dump supports: the dump fails after the
+	// freeze, and the task must come back exactly as it was.
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sk := os.NewFile(uintptr(fds[0]), "sk")
+	defer sk.Close()
+	defer unix.Close(fds[1])
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.StartWith(t, []*os.File{sk}, "-r", bin, "-m", "8", "-t", "2", "-p", "-n")
+	time.Sleep(100 * time.Millisecond)
+	before := w.Report(t)
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
+	if code != 1 || !strings.Contains(out, "socket") {
+		t.Fatalf("dump with a socket: exit %d, %q", code, out)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if s := procState(t, w.Pid); s == 'T' || s == 't' {
+		t.Fatalf("task left in state %c", s)
+	}
+	st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", w.Pid))
+	if !bytes.Contains(st, []byte("TracerPid:\t0\n")) {
+		t.Fatalf("task still traced:\n%s", st)
+	}
+	after := w.Report(t)
+	checkContinued(t, before, after)
+	w.Signal(unix.SIGUSR2)
+	time.Sleep(50 * time.Millisecond)
+	if r := w.Report(t); r.Int("piperead") != before.Int("piperead")+1 || r.Int("wakeups") <= before.Int("wakeups") {
+		t.Fatalf("threads in syscalls did not resume properly: %v -> %v", before, r)
+	}
+}
+
+// dumpKilled dumps a small workload and returns its image dir and PID,
+// with the process gone.
+func dumpKilled(t *testing.T, args ...string) (string, *testutil.Workload) {
+	t.Helper()
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, append([]string{"-m", "4"}, args...)...)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	return img, w
+}
+
+func expectRefused(t *testing.T, img string, pid int, want ...string) {
+	t.Helper()
+	code, out := ferry(t, "restore", "-D", img, "-d")
+	if code != 1 {
+		t.Fatalf("restore exit %d, want 1: %s", code, out)
+	}
+	for _, s := range want {
+		if !strings.Contains(out, s) {
+			t.Errorf("error %q lacks %q", out, s)
+		}
+	}
+	if n := strings.Count(strings.TrimSpace(out), "\n"); n > 0 {
+		t.Errorf("error is %d lines, want one: %q", n+1, out)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if testutil.PidAlive(pid) {
+		unix.Kill(pid, unix.SIGKILL)
+		t.Fatalf("a failed restore left PID %d behind", pid)
+	}
+}
+
+func TestRestoreTruncatedImage(t *testing.T) {
+	needRoot(t)
+	img, w := dumpKilled(t)
+	core := filepath.Join(img, fmt.Sprintf("core-%d.img", w.Pid))
+	st, _ := os.Stat(core)
+	if err := os.Truncate(core, st.Size()/2); err != nil {
+		t.Fatal(err)
+	}
+	expectRefused(t, img, w.Pid, core, "offset", "truncated")
+}
+
+func TestRestoreBitFlippedImage(t *testing.T) {
+	needRoot(t)
+	img, w := dumpKilled(t)
+	mm := filepath.Join(img, fmt.Sprintf("mm-%d.img", w.Pid))
+	b, _ := os.ReadFile(mm)
+	b[len(b)/2] ^= 0x04
+	os.WriteFile(mm, b, 0o600)
+	expectRefused(t, img, w.Pid, mm, "offset", "corrupt")
+}
+
+func TestRestoreFutureVersion(t *testing.T) {
+	needRoot(t)
+	img, w := dumpKilled(t)
+	inv := filepath.Join(img, "inventory.img")
+	b, _ := os.ReadFile(inv)
+	b[12] = 9 // major version
+	os.WriteFile(inv, b, 0o600)
+	expectRefused(t, img, w.Pid, inv, "format version 9.0")
+}
+
+func TestRestoreChangedFile(t *testing.T) {
+	needRoot(t)
+	out := filepath.Join(t.TempDir(), "lines")
+	img, w := dumpKilled(t, "-f", out)
+	f, err := os.OpenFile(out, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("someone else wrote here\n")
+	f.Close()
+	expectRefused(t, img, w.Pid, out, "changed since the dump")
+}
+
+func TestRestoreSnapshotTwice(t *testing.T) {
+	// The same images restore again after the first restored copy is gone:
+	// restore does not consume or alter them.
+	needRoot(t)
+	img, w := dumpKilled(t)
+	for i := 0; i < 2; i++ {
+		mustFerry(t, "restore", "-D", img, "-d")
+		r := testutil.Attach(t, w.Pid, w.ReportPath)
+		if rep := r.Report(t); rep.Status != "ok" {
+			t.Fatalf("round %d: %v", i, rep)
+		}
+		r.Kill()
+	}
+}
+
+func TestMain(m *testing.M) {
+	// Tests restore processes as children of this test binary; their exit
+	// must not be swallowed by anything but wait4 by PID.
+	syscall.Umask(0o022)
+	os.Exit(m.Run())
+}

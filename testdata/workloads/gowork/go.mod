@@ -1,0 +1,3 @@
+module ferrytest/gowork
+
+go 1.22

@@ -1,0 +1,344 @@
+/*
+ * memcheck: a workload that verifies itself across checkpoint/restore.
+ *
+ * It draws a random token at start and keeps it only in memory, fills
+ * -m MiB with a pattern derived from the token, keeps counters in every
+ * thread, and on SIGUSR1 verifies everything and writes a report
+ * (key=value lines, atomically renamed into place). A process that was
+ * re-run instead of restored has a different token and counters that
+ * start again from zero: tests compare both.
+ *
+ *   -m MIB   memory to fill (default 16)
+ *   -t N     worker threads with their own counters and TLS
+ *   -p       a thread blocked in read() on a pipe; SIGUSR2 makes the main
+ *            loop write one byte into it
+ *   -n       a thread looping in nanosleep(50 ms)
+ *   -s       live SSE/AVX register values across the dump, checked each loop
+ *   -f FILE  numbered lines written to FILE (no O_APPEND), offset checked
+ *   -x CODE  exit with CODE on SIGINT
+ *   -r PATH  report path (required)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <immintrin.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096
+#define MAXT 64
+
+static volatile sig_atomic_t want_report, want_pipe, want_exit;
+static uint64_t token;
+static unsigned char *mem;
+static size_t mem_size;
+static char *report_path;
+static int exit_code = -1;
+
+static volatile long counters[MAXT];
+static __thread long tls_counter;
+static __thread long tls_id;
+static volatile int thread_fail;
+static char thread_fail_reason[128];
+
+static int pipefd[2] = {-1, -1};
+static volatile long piperead;
+static volatile long wakeups;
+static int nthreads, use_pipe, use_sleep, use_simd;
+
+static int out_fd = -1;
+static long lines;
+static off_t out_off;
+
+static char fail_reason[256];
+
+static uint64_t xorshift(uint64_t *s)
+{
+	uint64_t x = *s;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	return *s = x;
+}
+
+/* Page kinds: every 7th page untouched (zero, never written), every 11th
+ * page written with zeros, the rest patterned. */
+static int page_kind(size_t page)
+{
+	if (page % 7 == 3)
+		return 0;
+	if (page % 11 == 5)
+		return 1;
+	return 2;
+}
+
+static void fill_page(size_t page)
+{
+	uint64_t *p = (uint64_t *)(mem + page * PAGE);
+	uint64_t s = token ^ (page * 0x9e3779b97f4a7c15ULL) ^ 1;
+	for (size_t i = 0; i < PAGE / 8; i++)
+		p[i] = xorshift(&s);
+}
+
+static int check_page(size_t page)
+{
+	const uint64_t *p = (const uint64_t *)(mem + page * PAGE);
+	if (page_kind(page) != 2) {
+		for (size_t i = 0; i < PAGE / 8; i++)
+			if (p[i])
+				return 0;
+		return 1;
+	}
+	uint64_t s = token ^ (page * 0x9e3779b97f4a7c15ULL) ^ 1;
+	for (size_t i = 0; i < PAGE / 8; i++)
+		if (p[i] != xorshift(&s))
+			return 0;
+	return 1;
+}
+
+static void on_signal(int sig)
+{
+	if (sig == SIGUSR1)
+		want_report = 1;
+	else if (sig == SIGUSR2)
+		want_pipe = 1;
+	else if (sig == SIGINT)
+		want_exit = 1;
+	else if (sig == SIGTERM)
+		_exit(0);
+}
+
+static void *worker(void *arg)
+{
+	long id = (long)arg;
+	volatile uint64_t canary[8];
+	for (int i = 0; i < 8; i++)
+		canary[i] = token ^ (uint64_t)(id * 8 + i);
+	tls_id = id;
+	for (;;) {
+		tls_counter++;
+		counters[id] = tls_counter;
+		if (tls_id != id || counters[id] != tls_counter) {
+			snprintf(thread_fail_reason, sizeof thread_fail_reason, "thread %ld: TLS mismatch", id);
+			thread_fail = 1;
+		}
+		for (int i = 0; i < 8; i++)
+			if (canary[i] != (token ^ (uint64_t)(id * 8 + i))) {
+				snprintf(thread_fail_reason, sizeof thread_fail_reason, "thread %ld: stack canary", id);
+				thread_fail = 1;
+			}
+		usleep(1000);
+	}
+	return NULL;
+}
+
+static void *pipe_reader(void *arg)
+{
+	(void)arg;
+	char c;
+	for (;;) {
+		ssize_t n = read(pipefd[0], &c, 1);
+		if (n == 1)
+			piperead++;
+		else if (n < 0 && errno != EINTR) {
+			snprintf(thread_fail_reason, sizeof thread_fail_reason, "pipe read: %s", strerror(errno));
+			thread_fail = 1;
+			return NULL;
+		}
+	}
+	return NULL;
+}
+
+static void *sleeper(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		struct timespec ts = {0, 50 * 1000 * 1000};
+		while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+			;
+		wakeups++;
+	}
+	return NULL;
+}
+
+static int verify(void)
+{
+	size_t pages = mem_size / PAGE;
+	for (size_t i = 0; i < pages; i++)
+		if (!check_page(i)) {
+			snprintf(fail_reason, sizeof fail_reason, "memory page %zu differs", i);
+			return 0;
+		}
+	if (thread_fail) {
+		snprintf(fail_reason, sizeof fail_reason, "%s", thread_fail_reason);
+		return 0;
+	}
+	if (out_fd >= 0) {
+		off_t cur = lseek(out_fd, 0, SEEK_CUR);
+		if (cur != out_off) {
+			snprintf(fail_reason, sizeof fail_reason, "file offset %lld, expected %lld",
+				 (long long)cur, (long long)out_off);
+			return 0;
+		}
+	}
+	return 1;
+}
+
+static void write_report(long counter, long seq, int ok)
+{
+	char tmp[4096];
+	snprintf(tmp, sizeof tmp, "%s.tmp", report_path);
+	FILE *f = fopen(tmp, "w");
+	if (!f)
+		return;
+	fprintf(f, "status=%s\n", ok ? "ok" : "fail");
+	if (!ok)
+		fprintf(f, "reason=%s\n", fail_reason);
+	fprintf(f, "pid=%d\n", getpid());
+	fprintf(f, "token=%016llx\n", (unsigned long long)token);
+	fprintf(f, "counter=%ld\n", counter);
+	for (int i = 0; i < nthreads; i++)
+		fprintf(f, "thread%d=%ld\n", i, counters[i]);
+	if (use_sleep)
+		fprintf(f, "wakeups=%ld\n", wakeups);
+	if (use_pipe)
+		fprintf(f, "piperead=%ld\n", piperead);
+	if (out_fd >= 0)
+		fprintf(f, "lines=%ld\n", lines);
+	fprintf(f, "seq=%ld\n", seq);
+	fclose(f);
+	rename(tmp, report_path);
+}
+
+int main(int argc, char **argv)
+{
+	long mib = 16;
+	const char *outfile = NULL;
+	int opt;
+	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:")) != -1) {
+		switch (opt) {
+		case 'm': mib = atol(optarg); break;
+		case 't': nthreads = atoi(optarg); break;
+		case 'p': use_pipe = 1; break;
+		case 'n': use_sleep = 1; break;
+		case 's': use_simd = 1; break;
+		case 'f': outfile = optarg; break;
+		case 'x': exit_code = atoi(optarg); break;
+		case 'r': report_path = optarg; break;
+		default:
+			fprintf(stderr, "usage: memcheck -r REPORT [-m MIB] [-t N] [-p] [-n] [-s] [-f FILE] [-x CODE]\n");
+			return 2;
+		}
+	}
+	if (!report_path || nthreads < 0 || nthreads > MAXT) {
+		fprintf(stderr, "memcheck: -r REPORT is required, -t at most %d\n", MAXT);
+		return 2;
+	}
+	if (getrandom(&token, sizeof token, 0) != sizeof token) {
+		perror("getrandom");
+		return 1;
+	}
+	mem_size = (size_t)mib << 20;
+	mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED) {
+		perror("mmap");
+		return 1;
+	}
+	for (size_t i = 0; i < mem_size / PAGE; i++) {
+		if (page_kind(i) == 1)
+			memset(mem + i * PAGE, 0, PAGE);
+		else if (page_kind(i) == 2)
+			fill_page(i);
+	}
+	if (outfile) {
+		out_fd = open(outfile, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		if (out_fd < 0) {
+			perror(outfile);
+			return 1;
+		}
+	}
+
+	struct sigaction sa = {0};
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGUSR1, &sa, NULL);
+	sigaction(SIGUSR2, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	if (exit_code >= 0)
+		sigaction(SIGINT, &sa, NULL);
+
+	pthread_t t;
+	for (long i = 0; i < nthreads; i++)
+		pthread_create(&t, NULL, worker, (void *)i);
+	if (use_pipe) {
+		if (pipe(pipefd) < 0) {
+			perror("pipe");
+			return 1;
+		}
+		pthread_create(&t, NULL, pipe_reader, NULL);
+	}
+	if (use_sleep)
+		pthread_create(&t, NULL, sleeper, NULL);
+
+	int simd_ok = use_simd && __builtin_cpu_supports("avx2");
+	__m256i acc = _mm256_set1_epi32(3);
+	__m128i acc2 = _mm_set1_epi32(11);
+	const __m256i one = _mm256_set1_epi32(1);
+	long counter = 0, seq = 0;
+	int simd_fail = 0;
+
+	write_report(counter, ++seq, verify());
+	for (;;) {
+		counter++;
+		if (simd_ok) {
+			/* Keep values in vector registers across iterations: the
+			 * asm barrier forces them to live in registers, and each
+			 * iteration checks the running pattern. */
+			__asm__ volatile("" : "+x"(acc), "+x"(acc2));
+			acc = _mm256_add_epi32(acc, one);
+			acc2 = _mm_add_epi32(acc2, _mm_set1_epi32(2));
+			int v[8], w[4];
+			_mm256_storeu_si256((__m256i *)v, acc);
+			_mm_storeu_si128((__m128i *)w, acc2);
+			for (int k = 0; k < 8; k++)
+				if (v[k] != (int)(3 + counter))
+					simd_fail = 1;
+			for (int k = 0; k < 4; k++)
+				if (w[k] != (int)(11 + 2 * counter))
+					simd_fail = 1;
+		}
+		if (out_fd >= 0) {
+			char line[64];
+			int n = snprintf(line, sizeof line, "%ld %016llx\n", lines + 1, (unsigned long long)token);
+			if (write(out_fd, line, n) == n) {
+				lines++;
+				out_off += n;
+			}
+		}
+		if (want_pipe) {
+			want_pipe = 0;
+			if (write(pipefd[1], "x", 1) != 1)
+				simd_fail |= 0;
+		}
+		if (want_report) {
+			want_report = 0;
+			int ok = verify();
+			if (ok && simd_fail) {
+				snprintf(fail_reason, sizeof fail_reason, "SIMD register state corrupted");
+				ok = 0;
+			}
+			write_report(counter, ++seq, ok);
+		}
+		if (want_exit)
+			return exit_code;
+		usleep(1000);
+	}
+}
