@@ -95,6 +95,12 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	}
 	img.core = core
 
+	phase := time.Now()
+	lap := func(name string) {
+		d.log.Debug("dump phase", "phase", name, "took", time.Since(phase))
+		phase = time.Now()
+	}
+	lap("proc")
 	// Remote syscalls in the main thread, with a scratch page.
 	main := d.task(pid)
 	sc, err := mapScratch(main, pid)
@@ -109,6 +115,7 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 		return nil, err
 	}
 	img.mm = mm
+	lap("remote")
 
 	// Threads: registers and per-thread state.
 	for _, t := range d.threads {
@@ -140,13 +147,16 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	}
 	core.RootId = root
 
+	lap("threads")
 	// Memory.
 	if err := d.collectVmas(img); err != nil {
 		return nil, err
 	}
+	lap("vmas")
 	if err := d.dumpPages(ctx, img); err != nil {
 		return nil, err
 	}
+	lap("pages")
 
 	// Files.
 	fds, err := img.files.collectFds(pid, d.opts.ShellJob)
@@ -154,12 +164,14 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 		return nil, err
 	}
 	img.fds = fds
+	lap("files")
 
 	inv, err := d.inventory(img)
 	if err != nil {
 		return nil, err
 	}
 	img.inv = inv
+	lap("inventory")
 	return img, nil
 }
 

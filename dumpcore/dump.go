@@ -130,6 +130,7 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 
 	// Images are complete: now the tree may be killed.
 	committed = true
+	released := time.Now()
 	switch {
 	case d.opts.LeaveRunning || d.opts.LeaveStopped:
 		d.resume(d.opts.LeaveStopped)
@@ -137,7 +138,7 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 		d.kill()
 	}
 	end := time.Now()
-	d.stats.FrozenTimeUs = uint64(end.Sub(frozenAt).Microseconds())
+	d.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
 	d.stats.TotalTimeUs = uint64(end.Sub(start).Microseconds())
 	if err := images.WriteAll(d.opts.ImagesDir, "stats-dump", images.KindStats, &pb.Stats{Dump: d.stats}); err != nil {
 		return nil, err
@@ -174,9 +175,9 @@ func (d *dumper) prepare() error {
 	return err
 }
 
-// kill ends the dumped tree and waits until its threads are gone, so that
-// a restore right after the dump finds the PIDs free (a zombie keeps its
-// PID until its parent reaps it; that wait is bounded).
+// kill ends the dumped tree and waits until its threads are dead. The
+// PID itself is free once the parent reaps the zombie, which is the
+// parent's business (criu behaves the same).
 func (d *dumper) kill() {
 	unix.Kill(d.opts.Pid, unix.SIGKILL)
 	// The leader's exit is reported only after every other thread's, so
@@ -189,13 +190,6 @@ func (d *dumper) kill() {
 			}
 		}
 	}
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
-		if _, err := os.Stat(proc.Path(d.opts.Pid, "stat")); err != nil {
-			return
-		}
-		time.Sleep(time.Millisecond)
-	}
-	d.log.Warn("dumped process is a zombie its parent has not reaped; its PID stays in use until then", "pid", d.opts.Pid)
 }
 
 // resume puts every thread back as it was frozen and detaches: the

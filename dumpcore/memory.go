@@ -147,18 +147,35 @@ func dumpable(kind string) (pages, skipZero bool) {
 
 var zeroPage = make([]byte, pageSize)
 
-// pageDumper streams a process's pages to pages-<pid>.img.
+// pageDumper streams a process's pages to pages-<pid>.img. Reading the
+// target and writing the image overlap: the reader fills one buffer while
+// the writer writes the previous one.
 type pageDumper struct {
 	pid     int
 	pm      *os.File // /proc/PID/pagemap
 	mem     *os.File // /proc/PID/mem, for pages process_vm_readv cannot read
 	out     *images.PageWriter
-	buf     []byte
 	entries []*pb.PagemapEntry
 	stats   *pb.DumpStats
+
+	free    chan []byte
+	batches chan batch
+	// readTime and writeTime split the memory dump between reading the
+	// target and writing the image.
+	readTime, writeTime time.Duration
 }
 
-const readChunk = 16 << 20 // bytes of memory per batch
+// batch is a buffer of selected pages, back to back, with their addresses.
+type batch struct {
+	buf      []byte
+	vaddrs   []uint64
+	skipZero bool
+}
+
+const (
+	readChunk = 2 << 20 // bytes per batch: small enough to stay in cache
+	nBuffers  = 3
+)
 
 func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 	pid := d.opts.Pid
@@ -177,30 +194,63 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 	if err != nil {
 		return err
 	}
-	pd := &pageDumper{pid: pid, pm: pm, mem: mem, out: out, buf: make([]byte, readChunk), stats: d.stats}
-	for _, v := range img.mm.Vmas {
-		if err := ctx.Err(); err != nil {
-			out.Close()
-			return err
-		}
-		pages, skipZero := dumpable(v.Kind)
-		if !pages {
-			continue
-		}
-		if err := pd.vma(v, skipZero); err != nil {
-			out.Close()
-			return err
-		}
+	pd := &pageDumper{pid: pid, pm: pm, mem: mem, out: out, stats: d.stats,
+		free: make(chan []byte, nBuffers), batches: make(chan batch, nBuffers)}
+	for i := 0; i < nBuffers; i++ {
+		pd.free <- make([]byte, readChunk)
 	}
-	if err := out.Close(); err != nil {
+	werr := make(chan error, 1)
+	go func() { werr <- pd.writer() }()
+
+	rerr := func() error {
+		defer close(pd.batches)
+		for _, v := range img.mm.Vmas {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			pages, skipZero := dumpable(v.Kind)
+			if !pages {
+				continue
+			}
+			if err := pd.vma(v, skipZero, werr); err != nil {
+				return err
+			}
+		}
+		return nil
+	}()
+	err = <-werr
+	if rerr != nil {
+		err = rerr
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return err
 	}
 	img.pagemap = pd.entries
 	d.stats.MemdumpTimeUs = uint64(time.Since(start).Microseconds())
+	d.stats.MemwriteTimeUs = uint64(pd.writeTime.Microseconds())
+	d.log.Info("memory dumped", "read", pd.readTime, "write", pd.writeTime, "total", time.Since(start))
 	return nil
 }
 
-func (pd *pageDumper) vma(v *pb.Vma, skipZero bool) error {
+// writer writes batches in order and returns their buffers. After an error
+// it keeps draining so the reader never blocks.
+func (pd *pageDumper) writer() error {
+	var err error
+	for b := range pd.batches {
+		if err == nil {
+			t0 := time.Now()
+			err = pd.emit(b)
+			pd.writeTime += time.Since(t0)
+		}
+		pd.free <- b.buf
+	}
+	return err
+}
+
+func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
 	npages := (v.End - v.Start) / pageSize
 	const pmBatch = readChunk / pageSize
 	pmBuf := make([]byte, 8*pmBatch)
@@ -212,6 +262,16 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool) error {
 		b := pmBuf[:8*n]
 		if _, err := pd.pm.ReadAt(b, int64(addr/pageSize*8)); err != nil {
 			return fmt.Errorf("read pagemap of %d at %#x: %w", pd.pid, addr, err)
+		}
+		var buf []byte
+		select {
+		case buf = <-pd.free:
+		case err := <-werr:
+			werr <- err // leave it for dumpPages
+			if err == nil {
+				err = fmt.Errorf("page writer stopped early")
+			}
+			return err
 		}
 		// Select pages and build read segments of contiguous runs.
 		var segs []compel.Segment
@@ -226,22 +286,24 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool) error {
 			}
 			va := addr + i*pageSize
 			if l := len(segs); l > 0 && segs[l-1].Addr+uint64(len(segs[l-1].Local)) == va {
-				segs[l-1].Local = pd.buf[off-len(segs[l-1].Local) : off+pageSize]
+				segs[l-1].Local = buf[off-len(segs[l-1].Local) : off+pageSize]
 			} else {
-				segs = append(segs, compel.Segment{Addr: va, Local: pd.buf[off : off+pageSize]})
+				segs = append(segs, compel.Segment{Addr: va, Local: buf[off : off+pageSize]})
 			}
 			vaddrs = append(vaddrs, va)
 			off += pageSize
 		}
 		if len(vaddrs) == 0 {
+			pd.free <- buf
 			continue
 		}
+		t0 := time.Now()
 		if err := pd.read(segs, readable); err != nil {
+			pd.free <- buf
 			return err
 		}
-		if err := pd.emit(vaddrs, skipZero); err != nil {
-			return err
-		}
+		pd.readTime += time.Since(t0)
+		pd.batches <- batch{buf: buf, vaddrs: vaddrs, skipZero: skipZero}
 	}
 	return nil
 }
@@ -261,29 +323,22 @@ func (pd *pageDumper) read(segs []compel.Segment, readable bool) error {
 	return nil
 }
 
-// emit writes the selected pages (buf holds them back to back, in vaddrs
-// order), leaving out zero pages when allowed, and records pagemap entries.
-func (pd *pageDumper) emit(vaddrs []uint64, skipZero bool) error {
-	runStart := -1 // index into vaddrs of the pending write run
-	flush := func(end int) error {
-		if runStart < 0 {
-			return nil
+// emit writes a batch's pages, leaving out zero pages when allowed, and
+// records pagemap entries.
+func (pd *pageDumper) emit(b batch) error {
+	var bufs [][]byte
+	runStart := -1 // index into b.vaddrs of the pending run
+	flush := func(end int) {
+		if runStart >= 0 {
+			bufs = append(bufs, b.buf[runStart*pageSize:end*pageSize])
+			runStart = -1
 		}
-		data := pd.buf[runStart*pageSize : end*pageSize]
-		if _, err := pd.out.Write(data); err != nil {
-			return err
-		}
-		pd.stats.BytesWritten += uint64(len(data))
-		runStart = -1
-		return nil
 	}
-	for i, va := range vaddrs {
-		page := pd.buf[i*pageSize : (i+1)*pageSize]
-		if skipZero && bytes.Equal(page, zeroPage) {
+	for i, va := range b.vaddrs {
+		page := b.buf[i*pageSize : (i+1)*pageSize]
+		if b.skipZero && bytes.Equal(page, zeroPage) {
 			pd.stats.PagesZero++
-			if err := flush(i); err != nil {
-				return err
-			}
+			flush(i)
 			continue
 		}
 		if runStart < 0 {
@@ -299,5 +354,8 @@ func (pd *pageDumper) emit(vaddrs []uint64, skipZero bool) error {
 		}
 		pd.entries = append(pd.entries, &pb.PagemapEntry{Vaddr: va, NrPages: 1})
 	}
-	return flush(len(vaddrs))
+	flush(len(b.vaddrs))
+	n, err := pd.out.WriteVec(bufs)
+	pd.stats.BytesWritten += uint64(n)
+	return err
 }

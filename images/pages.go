@@ -36,6 +36,54 @@ func (w *PageWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// WriteVec appends the buffers in order with as few writev(2) calls as
+// the kernel's iovec limit allows.
+func (w *PageWriter) WriteVec(bufs [][]byte) (int64, error) {
+	var total int64
+	for len(bufs) > 0 {
+		n := min(len(bufs), 1024)
+		want := 0
+		for _, b := range bufs[:n] {
+			want += len(b)
+		}
+		got, err := writev(int(w.f.Fd()), bufs[:n])
+		total += int64(got)
+		w.off += int64(got)
+		if err != nil {
+			return total, fmt.Errorf("write %s: %w", w.f.Name(), err)
+		}
+		if got != want {
+			// Short write: finish the rest plainly.
+			rest := make([]byte, 0, want-got)
+			skip := got
+			for _, b := range bufs[:n] {
+				if skip >= len(b) {
+					skip -= len(b)
+					continue
+				}
+				rest = append(rest, b[skip:]...)
+				skip = 0
+			}
+			m, err := w.Write(rest)
+			total += int64(m)
+			if err != nil {
+				return total, err
+			}
+		}
+		bufs = bufs[n:]
+	}
+	return total, nil
+}
+
+func writev(fd int, bufs [][]byte) (int, error) {
+	for {
+		n, err := unix.Writev(fd, bufs)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
 // Offset is the number of data bytes written so far.
 func (w *PageWriter) Offset() int64 { return w.off }
 

@@ -1,0 +1,251 @@
+// Command bench measures ferry's dump and restore against the physical
+// limit of this machine: the time a plain write loop takes to write the
+// same number of bytes to the same filesystem. Baseline and ferry runs are
+// interleaved and repeated, and medians reported, because first touch of
+// fresh memory varies a lot between runs on this VM.
+//
+//	go run ./bench -ferry bin/ferry -sizes 64,1024,4096 -out bench/results.json
+//
+// With -criu PATH (or criu on PATH) it measures criu side by side.
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+type result struct {
+	Tool           string  `json:"tool"`
+	SizeMiB        int     `json:"size_mib"`
+	Runs           int     `json:"runs"`
+	ImageBytes     int64   `json:"image_bytes"`
+	BaselineMs     float64 `json:"baseline_write_ms"`
+	DumpWallMs     float64 `json:"dump_wall_ms"`
+	DumpFrozenMs   float64 `json:"dump_frozen_ms"`
+	DumpMBps       float64 `json:"dump_throughput_mb_s"`
+	RestoreWallMs  float64 `json:"restore_wall_ms"`
+	RestoreMBps    float64 `json:"restore_throughput_mb_s"`
+	DumpRatio      float64 `json:"dump_vs_baseline"`
+	RestoreRatio   float64 `json:"restore_vs_baseline"`
+	Target         float64 `json:"target_ratio"`
+	DumpMeets      bool    `json:"dump_meets_target"`
+	RestoreMeets   bool    `json:"restore_meets_target"`
+}
+
+func main() {
+	ferry := flag.String("ferry", "bin/ferry", "ferry binary")
+	criu := flag.String("criu", "", "criu binary to measure side by side (default: criu on PATH, if any)")
+	sizes := flag.String("sizes", "64,1024,4096", "workload sizes in MiB")
+	runs := flag.Int("runs", 3, "repetitions per size")
+	dir := flag.String("dir", "/dev/shm/ferry-bench", "working directory (tmpfs)")
+	out := flag.String("out", "bench/results.json", "JSON results")
+	flag.Parse()
+	if *criu == "" {
+		if p, err := exec.LookPath("criu"); err == nil {
+			*criu = p
+		}
+	}
+	if err := os.MkdirAll(*dir, 0o755); err != nil {
+		fail(err)
+	}
+	defer os.RemoveAll(*dir)
+	wl := filepath.Join(*dir, "memcheck")
+	if b, err := exec.Command("gcc", "-O2", "-pthread", "-mavx2", "-o", wl, "testdata/workloads/memcheck.c").CombinedOutput(); err != nil {
+		fail(fmt.Errorf("gcc: %v\n%s", err, b))
+	}
+	var results []result
+	for _, s := range strings.Split(*sizes, ",") {
+		mib, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil {
+			fail(err)
+		}
+		tools := []string{*ferry}
+		if *criu != "" {
+			tools = append(tools, *criu)
+		}
+		for _, tool := range tools {
+			r, err := measure(tool, wl, *dir, mib, *runs)
+			if err != nil {
+				fail(fmt.Errorf("%s at %d MiB: %w", filepath.Base(tool), mib, err))
+			}
+			fmt.Printf("%-6s %5d MiB: image %6.0f MB  baseline %7.1f ms | dump %7.1f ms (frozen %7.1f, %.2fx) | restore %7.1f ms (%.2fx)\n",
+				r.Tool, r.SizeMiB, float64(r.ImageBytes)/1e6, r.BaselineMs, r.DumpWallMs, r.DumpFrozenMs, r.DumpRatio, r.RestoreWallMs, r.RestoreRatio)
+			results = append(results, r)
+		}
+	}
+	b, _ := json.MarshalIndent(results, "", "  ")
+	if err := os.MkdirAll(filepath.Dir(*out), 0o755); err != nil {
+		fail(err)
+	}
+	if err := os.WriteFile(*out, append(b, '\n'), 0o644); err != nil {
+		fail(err)
+	}
+	fmt.Println("results:", *out)
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "bench:", err)
+	os.Exit(1)
+}
+
+func median(v []float64) float64 {
+	sort.Float64s(v)
+	return v[len(v)/2]
+}
+
+func measure(tool, wl, dir string, mib, runs int) (result, error) {
+	r := result{Tool: filepath.Base(tool), SizeMiB: mib, Runs: runs, Target: 1.3}
+	var base, dump, frozen, restore []float64
+	for i := 0; i < runs; i++ {
+		img := filepath.Join(dir, "img")
+		os.RemoveAll(img)
+		if err := os.MkdirAll(img, 0o755); err != nil {
+			return r, err
+		}
+		report := filepath.Join(dir, "report")
+		os.Remove(report)
+		cmd := exec.Command(wl, "-m", strconv.Itoa(mib), "-r", report)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		if err := cmd.Start(); err != nil {
+			return r, err
+		}
+		pid := cmd.Process.Pid
+		kill := func() { unix.Kill(pid, unix.SIGKILL); cmd.Wait() }
+		if err := waitFile(report, 60*time.Second); err != nil {
+			kill()
+			return r, err
+		}
+		// Baseline first, in the state the dump meets: the workload's memory
+		// taken, the image's pages to be allocated fresh. (After the dump,
+		// the killed workload's freed memory makes writes look faster.)
+		est := int64(mib) << 20
+		if r.ImageBytes > 0 {
+			est = r.ImageBytes
+		}
+		bt, err := writeLoop(filepath.Join(dir, "baseline"), est)
+		if err != nil {
+			kill()
+			return r, err
+		}
+		base = append(base, bt)
+		t0 := time.Now()
+		if b, err := exec.Command(tool, "dump", "-t", strconv.Itoa(pid), "-D", img).CombinedOutput(); err != nil {
+			kill()
+			return r, fmt.Errorf("dump: %v\n%s", err, b)
+		}
+		dump = append(dump, ms(time.Since(t0)))
+		cmd.Wait() // reap: the PID must be free for restore
+		size := dirSize(img)
+		r.ImageBytes = size
+		frozen = append(frozen, frozenMs(img, dump[len(dump)-1]))
+		t0 = time.Now()
+		if b, err := exec.Command(tool, "restore", "-D", img, "-d").CombinedOutput(); err != nil {
+			return r, fmt.Errorf("restore: %v\n%s", err, b)
+		}
+		restore = append(restore, ms(time.Since(t0)))
+		os.Remove(report)
+		unix.Kill(pid, unix.SIGUSR1)
+		if err := waitFile(report, 60*time.Second); err != nil {
+			unix.Kill(pid, unix.SIGKILL)
+			return r, fmt.Errorf("restored workload did not report: %w", err)
+		}
+		b, _ := os.ReadFile(report)
+		unix.Kill(pid, unix.SIGKILL)
+		waitGone(pid)
+		if !strings.Contains(string(b), "status=ok") {
+			return r, fmt.Errorf("restored workload failed its check:\n%s", b)
+		}
+	}
+	r.BaselineMs, r.DumpWallMs, r.DumpFrozenMs, r.RestoreWallMs = median(base), median(dump), median(frozen), median(restore)
+	mb := float64(r.ImageBytes) / 1e6
+	r.DumpMBps = mb / (r.DumpWallMs / 1000)
+	r.RestoreMBps = mb / (r.RestoreWallMs / 1000)
+	r.DumpRatio = r.DumpWallMs / r.BaselineMs
+	r.RestoreRatio = r.RestoreWallMs / r.BaselineMs
+	r.DumpMeets = r.DumpRatio <= r.Target
+	r.RestoreMeets = r.RestoreRatio <= r.Target
+	return r, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// frozenMs reads ferry's stats-dump; for other tools it falls back to the
+// wall time.
+func frozenMs(img string, wall float64) float64 {
+	var st pb.Stats
+	if err := images.ReadOne(img, "stats-dump", images.KindStats, &st); err == nil && st.Dump != nil {
+		return float64(st.Dump.FrozenTimeUs) / 1000
+	}
+	return wall
+}
+
+func dirSize(dir string) int64 {
+	var n int64
+	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n
+}
+
+// writeLoop writes size bytes to a new file with 16 MiB writes: the
+// physical limit a dump to this filesystem cannot beat.
+func writeLoop(path string, size int64) (float64, error) {
+	buf := make([]byte, 16<<20)
+	for i := range buf {
+		buf[i] = byte(i*7 + 1)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return 0, err
+	}
+	t0 := time.Now()
+	for left := size; left > 0; {
+		n := min(left, int64(len(buf)))
+		if _, err := f.Write(buf[:n]); err != nil {
+			f.Close()
+			return 0, err
+		}
+		left -= n
+	}
+	d := time.Since(t0)
+	f.Close()
+	os.Remove(path)
+	return ms(d), nil
+}
+
+func waitFile(path string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(path); err == nil && strings.Contains(string(b), "seq=") {
+			return nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return fmt.Errorf("no report at %s after %v", path, timeout)
+}
+
+func waitGone(pid int) {
+	for i := 0; i < 2000; i++ {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
