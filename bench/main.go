@@ -29,21 +29,21 @@ import (
 )
 
 type result struct {
-	Tool           string  `json:"tool"`
-	SizeMiB        int     `json:"size_mib"`
-	Runs           int     `json:"runs"`
-	ImageBytes     int64   `json:"image_bytes"`
-	BaselineMs     float64 `json:"baseline_write_ms"`
-	DumpWallMs     float64 `json:"dump_wall_ms"`
-	DumpFrozenMs   float64 `json:"dump_frozen_ms"`
-	DumpMBps       float64 `json:"dump_throughput_mb_s"`
-	RestoreWallMs  float64 `json:"restore_wall_ms"`
-	RestoreMBps    float64 `json:"restore_throughput_mb_s"`
-	DumpRatio      float64 `json:"dump_vs_baseline"`
-	RestoreRatio   float64 `json:"restore_vs_baseline"`
-	Target         float64 `json:"target_ratio"`
-	DumpMeets      bool    `json:"dump_meets_target"`
-	RestoreMeets   bool    `json:"restore_meets_target"`
+	Tool          string  `json:"tool"`
+	SizeMiB       int     `json:"size_mib"`
+	Runs          int     `json:"runs"`
+	ImageBytes    int64   `json:"image_bytes"`
+	BaselineMs    float64 `json:"baseline_write_ms"`
+	DumpWallMs    float64 `json:"dump_wall_ms"`
+	DumpFrozenMs  float64 `json:"dump_frozen_ms"`
+	DumpMBps      float64 `json:"dump_throughput_mb_s"`
+	RestoreWallMs float64 `json:"restore_wall_ms"`
+	RestoreMBps   float64 `json:"restore_throughput_mb_s"`
+	DumpRatio     float64 `json:"dump_vs_baseline"`
+	RestoreRatio  float64 `json:"restore_vs_baseline"`
+	Target        float64 `json:"target_ratio"`
+	DumpMeets     bool    `json:"dump_meets_target"`
+	RestoreMeets  bool    `json:"restore_meets_target"`
 }
 
 func main() {

@@ -460,3 +460,17 @@ func TestMain(m *testing.M) {
 	syscall.Umask(0o022)
 	os.Exit(m.Run())
 }
+
+func TestCheck(t *testing.T) {
+	needRoot(t)
+	if code, out := ferry(t, "check"); code != 0 || !strings.Contains(out, "Looks good.") {
+		t.Fatalf("check: exit %d, %q", code, out)
+	}
+	code, out := ferry(t, "check", "--all", "--json")
+	if code != 0 || !strings.Contains(out, `"name": "clone3-set-tid"`) {
+		t.Fatalf("check --all --json: exit %d, %q", code, out)
+	}
+	if code, out := ferry(t, "check", "--feature", "no-such-feature"); code != 1 || !strings.Contains(out, "unknown kernel feature") {
+		t.Fatalf("unknown feature: exit %d, %q", code, out)
+	}
+}
