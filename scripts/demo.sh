@@ -27,7 +27,7 @@ report() { # ask for a report and wait until its seq changes
 }
 
 say "building the workload (testdata/workloads/memcheck.c)"
-gcc -O2 -pthread -Wall -o "$work/memcheck" testdata/workloads/memcheck.c
+gcc -O2 -pthread -mavx2 -Wall -o "$work/memcheck" testdata/workloads/memcheck.c
 
 say "starting it: 64 MiB of patterned memory, 2 worker threads"
 setsid "$work/memcheck" -m 64 -t 2 -r "$work/report" </dev/null >"$work/log" 2>&1 &
