@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -472,5 +473,70 @@ func TestCheck(t *testing.T) {
 	}
 	if code, out := ferry(t, "check", "--feature", "no-such-feature"); code != 1 || !strings.Contains(out, "unknown kernel feature") {
 		t.Fatalf("unknown feature: exit %d, %q", code, out)
+	}
+}
+
+// openPty returns the master and slave of a new pseudo-terminal.
+func openPty(t *testing.T) (*os.File, *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(); s.Close() })
+	return m, s
+}
+
+func TestShellJob(t *testing.T) {
+	needRoot(t)
+	_, slave := openPty(t)
+	bin := testutil.BuildC(t, "memcheck")
+	report := filepath.Join(t.TempDir(), "report")
+	// A job of a shell: in our session and process group, stdio on a
+	// terminal.
+	cmd := exec.Command(bin, "-m", "4", "-t", "1", "-r", report)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w := testutil.Attach(t, cmd.Process.Pid, report)
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(report); err == nil {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	before := w.Report(t)
+	img := t.TempDir()
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	if code != 1 || !strings.Contains(out, "--shell-job") {
+		t.Fatalf("dump of a shell job without -j: exit %d, %q", code, out)
+	}
+	checkContinued(t, before, w.Report(t))
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-j")
+	w.Reap(t)
+	mustFerry(t, "restore", "-D", img, "-d", "-j")
+	r := testutil.Attach(t, w.Pid, report)
+	checkContinued(t, before, r.Report(t))
+	// Its terminal, one open file description behind fds 0-2, is now
+	// ferry's own standard input.
+	want, _ := os.Readlink("/proc/self/fd/0")
+	for fd := 0; fd <= 2; fd++ {
+		got, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", w.Pid, fd))
+		if got != want {
+			t.Errorf("fd %d of the restored job is %q, want ferry's %q", fd, got, want)
+		}
 	}
 }
