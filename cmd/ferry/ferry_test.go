@@ -540,3 +540,73 @@ func TestShellJob(t *testing.T) {
 		}
 	}
 }
+
+// readMaps returns /proc/PID/maps with the inode numbers of shared
+// anonymous memory blanked: restore recreates that memory as a new object.
+func readMaps(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(b), "\n")
+	for i, l := range lines {
+		f := strings.Fields(l)
+		if len(f) >= 6 && f[5] == "/dev/zero" {
+			f[4] = "SHMEM"
+		}
+		lines[i] = strings.Join(f, " ")
+	}
+	return strings.Join(lines, "\n")
+}
+
+func TestDumpRestoreMappingsGhostTimers(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "4", "-t", "2", "-M", "-g", t.TempDir(), "-T")
+	time.Sleep(100 * time.Millisecond)
+	before := w.Report(t)
+	if before.Int("rtpending") != 1 || before.Int("alarms") == 0 || before.Int("ticks") == 0 {
+		t.Fatalf("workload setup: %v", before)
+	}
+	mapsBefore := readMaps(t, w.Pid)
+	r := dumpRestore(t, w)
+	if got := readMaps(t, w.Pid); got != mapsBefore {
+		t.Errorf("/proc/PID/maps differs after restore:\nbefore:\n%s\nafter:\n%s", mapsBefore, got)
+	}
+	time.Sleep(100 * time.Millisecond)
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	if after.Int("alarms") <= before.Int("alarms") || after.Int("ticks") <= before.Int("ticks") {
+		t.Errorf("timers stopped: alarms %d -> %d, POSIX timer ticks %d -> %d",
+			before.Int("alarms"), after.Int("alarms"), before.Int("ticks"), after.Int("ticks"))
+	}
+	if after.Fields["timerid"] != before.Fields["timerid"] {
+		t.Errorf("POSIX timer id %s after restore, %s before", after.Fields["timerid"], before.Fields["timerid"])
+	}
+	if after.Int("rtpending") != 1 || after.Int("rtsigs") != 0 {
+		t.Fatalf("the blocked queued signals were not pending after restore: %v", after)
+	}
+	r.Signal(unix.SIGUSR2) // unblocks them
+	time.Sleep(50 * time.Millisecond)
+	got := r.Report(t)
+	if got.Int("rtsigs") != 2 || got.Int("rtsum") != 1234 {
+		t.Fatalf("queued signals or their values lost: %d delivered, values sum %d (want 2, 1234)", got.Int("rtsigs"), got.Int("rtsum"))
+	}
+}
+
+func TestGhostLimit(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "4", "-g", t.TempDir(), "-G", "2048")
+	before := w.Report(t)
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
+	if code != 1 || !strings.Contains(out, "--ghost-limit") {
+		t.Fatalf("a 2 MiB deleted file under the default 1 MiB limit: exit %d, %q", code, out)
+	}
+	checkContinued(t, before, w.Report(t))
+	r := dumpRestore(t, w, "--ghost-limit", "4M")
+	if after := r.Report(t); after.Status != "ok" || after.Token != before.Token {
+		t.Fatalf("after restore: %v", after)
+	}
+}

@@ -16,6 +16,13 @@
  *   -s       live SSE/AVX register values across the dump, checked each loop
  *   -f FILE  numbered lines written to FILE (no O_APPEND), offset checked
  *   -x CODE  exit with CODE on SIGINT
+ *   -M       extra mappings: shared anonymous, a private file mapping
+ *            with copy-on-write pages, read-only and PROT_NONE pages
+ *            holding data
+ *   -g DIR   a file in DIR, written, kept open and unlinked (a ghost)
+ *   -G KIB   size of that file (default 64)
+ *   -T       timers and signals: ITIMER_REAL, a POSIX timer, a blocked
+ *            real-time signal queued twice with values, a sigaltstack
  *   -r PATH  report path (required)
  */
 #define _GNU_SOURCE
@@ -30,6 +37,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -59,6 +67,160 @@ static long lines;
 static off_t out_off;
 
 static char fail_reason[256];
+
+static uint64_t xorshift(uint64_t *s);
+
+/* -M */
+static unsigned char *shared_anon, *cow_map, *ro_map, *none_map;
+static size_t cow_len;
+/* -g */
+static int ghost_fd = -1;
+static long ghost_kib = 64;
+/* -T */
+static volatile long alarms, ticks, rtsigs, rtsum;
+static timer_t posix_timer;
+static char altstack[64 * 1024];
+
+static void on_timer(int sig, siginfo_t *si, void *uc)
+{
+	(void)uc;
+	if (sig == SIGALRM)
+		alarms++;
+	else if (sig == SIGRTMIN + 1)
+		ticks++;
+	else if (sig == SIGRTMIN) {
+		rtsigs++;
+		rtsum += si->si_value.sival_int;
+	}
+}
+
+static int setup_maps(const char *self)
+{
+	shared_anon = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	ro_map = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	none_map = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	int fd = open(self, O_RDONLY);
+	if (fd < 0 || shared_anon == MAP_FAILED || ro_map == MAP_FAILED || none_map == MAP_FAILED)
+		return -1;
+	cow_len = 4 * PAGE;
+	cow_map = mmap(NULL, cow_len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+	close(fd);
+	if (cow_map == MAP_FAILED)
+		return -1;
+	uint64_t s = token ^ 0x5151;
+	for (size_t i = 0; i < (1 << 20) / 8; i++)
+		((uint64_t *)shared_anon)[i] = xorshift(&s);
+	/* Pages 1 and 3 of the file mapping become copy-on-write copies. */
+	memset(cow_map + PAGE, 0xa5, 16);
+	memcpy(cow_map + 3 * PAGE, &token, sizeof token);
+	memcpy(ro_map, &token, sizeof token);
+	memcpy(none_map + PAGE, &token, sizeof token);
+	if (mprotect(ro_map, 2 * PAGE, PROT_READ) || mprotect(none_map, 2 * PAGE, PROT_NONE))
+		return -1;
+	return 0;
+}
+
+static int check_maps(void)
+{
+	uint64_t s = token ^ 0x5151;
+	for (size_t i = 0; i < (1 << 20) / 8; i++)
+		if (((uint64_t *)shared_anon)[i] != xorshift(&s)) {
+			snprintf(fail_reason, sizeof fail_reason, "shared anonymous mapping differs at word %zu", i);
+			return 0;
+		}
+	unsigned char want[16];
+	memset(want, 0xa5, 16);
+	if (memcmp(cow_map + PAGE, want, 16) || memcmp(cow_map + 3 * PAGE, &token, sizeof token) ||
+	    memcmp(cow_map, "\x7f" "ELF", 4)) {
+		snprintf(fail_reason, sizeof fail_reason, "private file mapping differs");
+		return 0;
+	}
+	if (memcmp(ro_map, &token, sizeof token)) {
+		snprintf(fail_reason, sizeof fail_reason, "read-only mapping differs");
+		return 0;
+	}
+	/* Reading PROT_NONE memory would fault: open it up, check, close. */
+	mprotect(none_map, 2 * PAGE, PROT_READ);
+	int ok = !memcmp(none_map + PAGE, &token, sizeof token);
+	mprotect(none_map, 2 * PAGE, PROT_NONE);
+	if (!ok)
+		snprintf(fail_reason, sizeof fail_reason, "PROT_NONE mapping differs");
+	return ok;
+}
+
+static int setup_ghost(const char *dir)
+{
+	char path[4096];
+	snprintf(path, sizeof path, "%s/ghost-XXXXXX", dir);
+	ghost_fd = mkstemp(path);
+	if (ghost_fd < 0)
+		return -1;
+	uint64_t s = token ^ 0x6767;
+	for (long i = 0; i < ghost_kib * 1024 / 8; i++) {
+		uint64_t v = xorshift(&s);
+		if (write(ghost_fd, &v, 8) != 8)
+			return -1;
+	}
+	lseek(ghost_fd, 12345, SEEK_SET);
+	return unlink(path);
+}
+
+static int check_ghost(void)
+{
+	if (lseek(ghost_fd, 0, SEEK_CUR) != 12345) {
+		snprintf(fail_reason, sizeof fail_reason, "deleted file offset moved");
+		return 0;
+	}
+	uint64_t s = token ^ 0x6767, v;
+	for (long i = 0; i < ghost_kib * 1024 / 8; i++)
+		if (pread(ghost_fd, &v, 8, i * 8) != 8 || v != xorshift(&s)) {
+			snprintf(fail_reason, sizeof fail_reason, "deleted file contents differ at %ld", i * 8);
+			return 0;
+		}
+	return 1;
+}
+
+static int setup_timers(void)
+{
+	stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack};
+	struct sigaction sa = {0};
+	sa.sa_sigaction = on_timer;
+	sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	if (sigaltstack(&ss, NULL) || sigaction(SIGALRM, &sa, NULL) || sigaction(SIGRTMIN, &sa, NULL) ||
+	    sigaction(SIGRTMIN + 1, &sa, NULL))
+		return -1;
+	struct itimerval it = {{0, 20000}, {0, 20000}};
+	setitimer(ITIMER_REAL, &it, NULL);
+	struct sigevent sev = {0};
+	sev.sigev_notify = SIGEV_SIGNAL;
+	sev.sigev_signo = SIGRTMIN + 1;
+	if (timer_create(CLOCK_MONOTONIC, &sev, &posix_timer))
+		return -1;
+	struct itimerspec its = {{0, 10000000}, {0, 10000000}};
+	timer_settime(posix_timer, 0, &its, NULL);
+	/* Two queued instances of a blocked RT signal, with their values:
+	 * pending across the dump, delivered on SIGUSR2 after restore. */
+	sigset_t m;
+	sigemptyset(&m);
+	sigaddset(&m, SIGRTMIN);
+	sigprocmask(SIG_BLOCK, &m, NULL);
+	union sigval v1 = {.sival_int = 1000}, v2 = {.sival_int = 234};
+	sigqueue(getpid(), SIGRTMIN, v1);
+	sigqueue(getpid(), SIGRTMIN, v2);
+	return 0;
+}
+
+static int check_timers(void)
+{
+	stack_t cur;
+	sigaltstack(NULL, &cur);
+	if (cur.ss_sp != altstack || cur.ss_size != sizeof altstack) {
+		snprintf(fail_reason, sizeof fail_reason, "sigaltstack lost");
+		return 0;
+	}
+	return 1;
+}
 
 static uint64_t xorshift(uint64_t *s)
 {
@@ -169,8 +331,16 @@ static void *sleeper(void *arg)
 	return NULL;
 }
 
+static int maps_on, timers_on;
+
 static int verify(void)
 {
+	if (maps_on && !check_maps())
+		return 0;
+	if (ghost_fd >= 0 && !check_ghost())
+		return 0;
+	if (timers_on && !check_timers())
+		return 0;
 	size_t pages = mem_size / PAGE;
 	for (size_t i = 0; i < pages; i++)
 		if (!check_page(i)) {
@@ -213,6 +383,13 @@ static void write_report(long counter, long seq, int ok)
 		fprintf(f, "piperead=%ld\n", piperead);
 	if (out_fd >= 0)
 		fprintf(f, "lines=%ld\n", lines);
+	if (timers_on) {
+		sigset_t pend;
+		sigpending(&pend);
+		fprintf(f, "alarms=%ld\nticks=%ld\nrtsigs=%ld\nrtsum=%ld\nrtpending=%d\n", alarms, ticks, rtsigs, rtsum,
+			sigismember(&pend, SIGRTMIN));
+		fprintf(f, "timerid=%ld\n", (long)(intptr_t)posix_timer);
+	}
 	fprintf(f, "seq=%ld\n", seq);
 	fclose(f);
 	rename(tmp, report_path);
@@ -223,7 +400,9 @@ int main(int argc, char **argv)
 	long mib = 16;
 	const char *outfile = NULL;
 	int opt;
-	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:")) != -1) {
+	const char *ghost_dir = NULL;
+	int use_maps = 0, use_timers = 0;
+	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:T")) != -1) {
 		switch (opt) {
 		case 'm': mib = atol(optarg); break;
 		case 't': nthreads = atoi(optarg); break;
@@ -233,8 +412,12 @@ int main(int argc, char **argv)
 		case 'f': outfile = optarg; break;
 		case 'x': exit_code = atoi(optarg); break;
 		case 'r': report_path = optarg; break;
+		case 'M': use_maps = 1; break;
+		case 'g': ghost_dir = optarg; break;
+		case 'G': ghost_kib = atol(optarg); break;
+		case 'T': use_timers = 1; break;
 		default:
-			fprintf(stderr, "usage: memcheck -r REPORT [-m MIB] [-t N] [-p] [-n] [-s] [-f FILE] [-x CODE]\n");
+			fprintf(stderr, "usage: memcheck -r REPORT [-m MIB] [-t N] [-p] [-n] [-s] [-f FILE] [-x CODE] [-M] [-g DIR [-G KIB]] [-T]\n");
 			return 2;
 		}
 	}
@@ -265,6 +448,21 @@ int main(int argc, char **argv)
 			return 1;
 		}
 	}
+
+	if (use_maps && setup_maps(argv[0])) {
+		perror("mappings");
+		return 1;
+	}
+	if (ghost_dir && setup_ghost(ghost_dir)) {
+		perror("ghost file");
+		return 1;
+	}
+	if (use_timers && setup_timers()) {
+		perror("timers");
+		return 1;
+	}
+	maps_on = use_maps;
+	timers_on = use_timers;
 
 	struct sigaction sa = {0};
 	sa.sa_handler = on_signal;
@@ -325,8 +523,14 @@ int main(int argc, char **argv)
 		}
 		if (want_pipe) {
 			want_pipe = 0;
-			if (write(pipefd[1], "x", 1) != 1)
+			if (use_pipe && write(pipefd[1], "x", 1) != 1)
 				simd_fail |= 0;
+			if (use_timers) {
+				sigset_t m;
+				sigemptyset(&m);
+				sigaddset(&m, SIGRTMIN);
+				sigprocmask(SIG_UNBLOCK, &m, NULL);
+			}
 		}
 		if (want_report) {
 			want_report = 0;
