@@ -2,7 +2,11 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
@@ -11,6 +15,46 @@ import (
 
 func init() { register(newCheckCmd) }
 
+const checkLong = `Check that the running kernel has what ferry needs, as criu check does.
+
+Every feature is probed by using it, never by comparing version numbers: a
+throwaway child process (a 129-byte program run from a memfd) is seized,
+interrupted, inspected and killed; a userfaultfd write-protects a page of
+ferry's own memory; PAGEMAP_SCAN reads pages ferry just wrote. Probes leave
+nothing behind: their children are killed and reaped, their fds closed,
+their mappings unmapped. The Linux release shown for a feature is the first
+that has it; it only explains a failure.
+
+Without options, only the features that every dump and restore needs are
+probed. If all are present, "Looks good." is printed. Otherwise each missing
+feature is printed on a line of its own (its name, what it is, the Linux
+release that has it and why the probe failed) and the exit status is 1.
+
+--all probes every feature and prints them all as a table (FEATURE, STATUS,
+LINUX, USE, DETAIL), STATUS being "ok", "missing" (the kernel lacks it) or
+"failed" (the probe could not tell, e.g. for lack of permission), USE
+"required", "optional" or "info". The dirty-tracker row names the dirty-page
+tracker pre-dump would use. If only optional features
+are missing, the verdict is "Looks good, but optional features listed
+above are missing: ..." and the exit status is still 0 (criu check --all exits non-zero
+here): ferry runs, and only dumps or restores that need the missing
+features will fail.
+
+--feature NAME probes one feature: "NAME is supported" and exit status 0,
+or an error and exit status 1. --feature list prints the feature names.
+
+--json prints the selected results as a JSON array of objects with the
+fields name, ok, required, min_kernel, detail and (when not ok) error;
+with --feature list, the features as name, required, min_kernel and
+description. The exit status is the same as without --json.
+
+FEATURES
+%s
+EXIT STATUS
+  0  every probed feature is present (with --all: every required one)
+  1  a required feature, or the one given with --feature, is missing or
+     could not be probed; or the command line is wrong`
+
 func newCheckCmd() *cobra.Command {
 	var (
 		all     bool
@@ -18,110 +62,240 @@ func newCheckCmd() *cobra.Command {
 		asJSON  bool
 	)
 	cmd := &cobra.Command{
-		Use:   "check [--all] [--feature NAME|list] [--json]",
-		Short: "check that the kernel has what ferry needs",
-		Long: `Probe the kernel mechanisms ferry uses, each for real (a short-lived child
-process serves the ptrace probes), and report.
-
-Without options only the features every dump and restore needs are probed:
-"Looks good." and exit status 0 when all are present; otherwise one line per
-missing feature naming it and the Linux version that has it, and exit
-status 1.
-
---all also probes the optional features (lazy pages, dirty tracking for
-pre-dump, POSIX timer ids): missing ones are listed, and the exit status
-stays 0 as long as the required ones are there. The dirty tracker pre-dump
-would use is named.
-
---feature NAME probes one feature (exit 1 if missing); --feature list lists
-the names. --json prints the results as a JSON array.`,
-		Example: `  ferry check
-  ferry check --all
-  ferry check --feature uffd-wp-async
-  ferry check --all --json | jq '.[] | select(.ok == false)'`,
+		Use:   "check [--all | --feature NAME|list] [--json]",
+		Short: "check that the kernel supports checkpoint/restore",
+		Long:  fmt.Sprintf(checkLong, featureHelp(kernel.New().All())),
+		Example: `  ferry check                            # what every dump and restore needs
+  ferry check --all                      # every feature, as a table
+  ferry check --feature uffd-wp-async    # one feature
+  ferry check --feature list             # the feature names
+  ferry check --all --json | jq -r '.[] | select(.ok | not) | .name'`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			out := cmd.OutOrStdout()
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			p := kernel.Default()
-			if feature == "list" {
-				for _, f := range kernel.Features() {
-					req := "optional"
-					if f.Required {
-						req = "required"
-					}
-					fmt.Fprintf(out, "%-20s %-8s Linux %-6s %s\n", f.Name, req, f.MinKernel, f.Description)
-				}
-				return nil
+			out := cmd.OutOrStdout()
+			switch {
+			case feature == "list":
+				return checkList(out, p, asJSON)
+			case feature != "":
+				return checkOne(out, p, feature, asJSON)
 			}
-			if feature != "" {
-				if err := p.Check(feature); err != nil {
-					return err
-				}
-				fmt.Fprintf(out, "%s is supported\n", feature)
-				return nil
-			}
-			var results []kernel.Result
-			for _, r := range p.All() {
-				if r.Required || all {
-					results = append(results, r)
+			var names []string
+			for _, f := range p.All() {
+				if all || f.Required {
+					names = append(names, f.Name)
 				}
 			}
-			if asJSON {
-				type row struct {
-					Name      string `json:"name"`
-					OK        bool   `json:"ok"`
-					Required  bool   `json:"required"`
-					MinKernel string `json:"min_kernel"`
-					Detail    string `json:"detail,omitempty"`
-				}
-				var rows []row
-				for _, r := range results {
-					rw := row{Name: r.Name, OK: r.OK(), Required: r.Required, MinKernel: r.MinKernel}
-					if r.Err != nil {
-						rw.Detail = r.Err.Error()
-					}
-					rows = append(rows, rw)
-				}
-				b, _ := json.MarshalIndent(rows, "", "  ")
-				fmt.Fprintln(out, string(b))
-			}
-			var reqMissing, optMissing int
-			for _, r := range results {
-				if r.OK() {
-					continue
-				}
-				if r.Required {
-					reqMissing++
-					if !asJSON {
-						fmt.Fprintf(cmd.ErrOrStderr(), "Error: %v\n", r.Err)
-					}
-				} else {
-					optMissing++
-					if !asJSON {
-						fmt.Fprintf(out, "Warn: %v\n", r.Err)
-					}
-				}
-			}
-			if reqMissing > 0 {
-				return &exitError{code: 1}
-			}
-			if asJSON {
-				return nil
-			}
-			if all {
-				fmt.Fprintf(out, "Dirty tracking for pre-dump: %s\n", p.DirtyTracker())
-			}
-			if optMissing > 0 {
-				fmt.Fprintln(out, "Looks good, but optional features listed above are missing: dumps or restores that need them will fail.")
-				return nil
-			}
-			fmt.Fprintln(out, "Looks good.")
-			return nil
+			return checkMany(out, p, p.Results(names...), all, asJSON)
 		},
 	}
 	fs := cmd.Flags()
-	fs.BoolVar(&all, "all", false, "also probe optional features")
-	fs.StringVar(&feature, "feature", "", "probe one feature NAME, or 'list' the names")
-	fs.BoolVar(&asJSON, "json", false, "print results as JSON")
+	fs.BoolVar(&all, "all", false, "probe every feature, optional ones too, and print them all")
+	fs.StringVar(&feature, "feature", "", "probe only feature `NAME`; \"list\" prints the names")
+	fs.BoolVar(&asJSON, "json", false, "print the results as a JSON array")
+	cmd.MarkFlagsMutuallyExclusive("all", "feature")
 	return cmd
+}
+
+// featureHelp lists the features for the help text.
+func featureHelp(fs []kernel.Feature) string {
+	var b strings.Builder
+	for _, f := range fs {
+		fmt.Fprintf(&b, "  %s (%s)\n      %s\n", f.Name, featureUse(f), f.Description)
+	}
+	return b.String()
+}
+
+func featureUse(f kernel.Feature) string {
+	if f.MinKernel == "" {
+		return use(f)
+	}
+	return use(f) + ", Linux " + f.MinKernel
+}
+
+// use says whether a feature is required, optional, or only informs (a
+// choice or a description, not tied to a kernel release).
+func use(f kernel.Feature) string {
+	switch {
+	case f.Required:
+		return "required"
+	case f.MinKernel == "":
+		return "info"
+	}
+	return "optional"
+}
+
+func checkList(out io.Writer, p *kernel.Probes, asJSON bool) error {
+	if !asJSON {
+		for _, n := range p.Names() {
+			fmt.Fprintln(out, n)
+		}
+		return nil
+	}
+	type row struct {
+		Name        string `json:"name"`
+		Required    bool   `json:"required"`
+		MinKernel   string `json:"min_kernel"`
+		Description string `json:"description"`
+	}
+	rows := []row{}
+	for _, f := range p.All() {
+		rows = append(rows, row{f.Name, f.Required, f.MinKernel, f.Description})
+	}
+	return writeJSON(out, rows)
+}
+
+func checkOne(out io.Writer, p *kernel.Probes, name string, asJSON bool) error {
+	r := p.Result(name)
+	if errors.Is(r.Err, kernel.ErrUnknownFeature) {
+		return r.Err
+	}
+	if asJSON {
+		if err := writeJSON(out, []checkRow{newCheckRow(r)}); err != nil {
+			return err
+		}
+		if !r.OK {
+			return &exitError{code: 1}
+		}
+		return nil
+	}
+	if !r.OK {
+		return r.Err
+	}
+	if r.Detail != "" {
+		fmt.Fprintf(out, "%s is supported (%s)\n", name, r.Detail)
+	} else {
+		fmt.Fprintf(out, "%s is supported\n", name)
+	}
+	return nil
+}
+
+func checkMany(out io.Writer, p *kernel.Probes, results []kernel.Result, all, asJSON bool) error {
+	var reqBad, optBad int
+	for _, r := range results {
+		switch {
+		case r.OK:
+		case r.Required:
+			reqBad++
+		default:
+			optBad++
+		}
+	}
+	switch {
+	case asJSON:
+		rows := make([]checkRow, len(results))
+		for i, r := range results {
+			rows[i] = newCheckRow(r)
+		}
+		if err := writeJSON(out, rows); err != nil {
+			return err
+		}
+		if reqBad > 0 {
+			return &exitError{code: 1}
+		}
+		return nil
+	case all:
+		fmt.Fprintf(out, "Linux %s\n", p.Kernel())
+		tw := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
+		fmt.Fprintln(tw, "FEATURE\tSTATUS\tLINUX\tUSE\tDETAIL")
+		for _, r := range results {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Name, status(r), dash(r.MinKernel), use(r.Feature), dash(detail(r)))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	default:
+		for _, r := range results {
+			if !r.OK {
+				fmt.Fprintln(out, missingLine(r, p.Kernel()))
+			}
+		}
+	}
+	switch {
+	case reqBad > 0:
+		return fmt.Errorf("%d of the features every dump and restore needs %s missing or could not be probed",
+			reqBad, plural(reqBad, "is", "are"))
+	case optBad > 0:
+		fmt.Fprintln(out, "Looks good, but optional features listed above are missing:\n"+
+			"dumps or restores that need them will fail.")
+	default:
+		fmt.Fprintln(out, "Looks good.")
+	}
+	return nil
+}
+
+// checkRow is one feature in --json output.
+type checkRow struct {
+	Name      string `json:"name"`
+	OK        bool   `json:"ok"`
+	Required  bool   `json:"required"`
+	MinKernel string `json:"min_kernel"`
+	Detail    string `json:"detail"`
+	Error     string `json:"error,omitempty"`
+}
+
+func newCheckRow(r kernel.Result) checkRow {
+	row := checkRow{Name: r.Name, OK: r.OK, Required: r.Required, MinKernel: r.MinKernel, Detail: detail(r)}
+	if r.Err != nil {
+		row.Error = r.Err.Error()
+	}
+	return row
+}
+
+func writeJSON(out io.Writer, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(out, string(b))
+	return err
+}
+
+func status(r kernel.Result) string {
+	switch {
+	case r.OK:
+		return "ok"
+	case errors.Is(r.Err, kernel.ErrNotSupported):
+		return "missing"
+	}
+	return "failed"
+}
+
+// detail is what the probe saw: its detail when OK, else the reason it
+// failed (without the FeatureError preamble, which the other fields carry).
+func detail(r kernel.Result) string {
+	if r.OK {
+		return r.Detail
+	}
+	var fe *kernel.FeatureError
+	if errors.As(r.Err, &fe) {
+		return fe.Err.Error()
+	}
+	return r.Err.Error()
+}
+
+// missingLine describes a feature that is not OK on one line.
+func missingLine(r kernel.Result, running string) string {
+	if status(r) == "failed" {
+		return fmt.Sprintf("%s (%s): could not be probed: %s", r.Name, r.Description, detail(r))
+	}
+	if r.MinKernel == "" {
+		return fmt.Sprintf("%s (%s): not available: %s", r.Name, r.Description, detail(r))
+	}
+	return fmt.Sprintf("%s (%s): not available, needs Linux %s (running %s): %s",
+		r.Name, r.Description, r.MinKernel, running, detail(r))
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
 }

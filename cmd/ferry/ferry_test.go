@@ -19,7 +19,10 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
 
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
@@ -608,5 +611,78 @@ func TestGhostLimit(t *testing.T) {
 	r := dumpRestore(t, w, "--ghost-limit", "4M")
 	if after := r.Report(t); after.Status != "ok" || after.Token != before.Token {
 		t.Fatalf("after restore: %v", after)
+	}
+}
+
+// rewrite replaces the single record of an image file after edit.
+func rewrite[M proto.Message](t *testing.T, dir, name string, kind images.Kind, m M, edit func(M)) {
+	t.Helper()
+	if err := images.ReadOne(dir, name, kind, m); err != nil {
+		t.Fatal(err)
+	}
+	edit(m)
+	if err := images.WriteAll(dir, name, kind, m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRestoreOtherVdso(t *testing.T) {
+	needRoot(t)
+	img, w := dumpKilled(t)
+	rewrite(t, img, "inventory.img", images.KindInventory, &pb.Inventory{}, func(inv *pb.Inventory) {
+		inv.VdsoSha256[0] ^= 1
+		inv.KernelRelease = "4.0.0-other"
+	})
+	expectRefused(t, img, w.Pid, "vDSO", "4.0.0-other")
+	rewrite(t, img, "inventory.img", images.KindInventory, &pb.Inventory{}, func(inv *pb.Inventory) {
+		inv.VdsoLayout[0].Size *= 2
+	})
+	expectRefused(t, img, w.Pid, "vDSO layout")
+}
+
+func TestRestoreMissingCPUFeatures(t *testing.T) {
+	needRoot(t)
+	img, w := dumpKilled(t)
+	rewrite(t, img, "inventory.img", images.KindInventory, &pb.Inventory{}, func(inv *pb.Inventory) {
+		inv.Xfeatures |= 1 << 62
+	})
+	expectRefused(t, img, w.Pid, "CPU state components", "0x4000000000000000")
+}
+
+func TestRestoreFailingMidwayLeavesNothing(t *testing.T) {
+	// Valid-looking images whose pages point outside every mapping pass
+	// validation and fail while the process is being built: the half-built
+	// process must be gone when restore returns.
+	needRoot(t)
+	img, w := dumpKilled(t)
+	name := fmt.Sprintf("pagemap-%d.img", w.Pid)
+	r, err := images.Open(img, name, images.KindPagemap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	head := &pb.PagemapHead{}
+	r.Next(head)
+	var entries []proto.Message
+	entries = append(entries, head)
+	for {
+		e := &pb.PagemapEntry{}
+		if err := r.Next(e); err != nil {
+			break
+		}
+		entries = append(entries, e)
+	}
+	r.Close()
+	last := entries[len(entries)-1].(*pb.PagemapEntry)
+	last.Vaddr = 0x10000000000 // no VMA there
+	if err := images.WriteAll(img, name, images.KindPagemap, entries...); err != nil {
+		t.Fatal(err)
+	}
+	code, out := ferry(t, "restore", "-D", img, "-d")
+	if code != 1 || !strings.Contains(out, "restoring failed") {
+		t.Fatalf("exit %d, %q", code, out)
+	}
+	if testutil.PidAlive(w.Pid) {
+		unix.Kill(w.Pid, unix.SIGKILL)
+		t.Fatalf("a restore that failed midway left PID %d running", w.Pid)
 	}
 }

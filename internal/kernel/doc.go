@@ -24,6 +24,9 @@
 //     reused).
 //   - Probe children are started and traced from one locked OS thread
 //     (internal/ptrace.Thread); ptrace requests come only from that thread.
+//   - The one lasting effect of a probe: "soft-dirty" writes 4 to
+//     /proc/self/clear_refs, which clears the soft-dirty bits of ferry's own
+//     memory (where the kernel has them). Nothing in ferry reads them.
 //   - A probe may depend on other features through (*Probes).Check; the
 //     dependency graph has no cycles ("dirty-tracker" is the only user).
 //
