@@ -686,3 +686,60 @@ func TestRestoreFailingMidwayLeavesNothing(t *testing.T) {
 		t.Fatalf("a restore that failed midway left PID %d running", w.Pid)
 	}
 }
+
+func TestDumpRestoreNonRoot(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	dir, err := os.MkdirTemp("", "ferry-nobody-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	report := filepath.Join(dir, "report")
+	cmd := exec.Command(bin, "-m", "4", "-t", "2", "-r", report)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{65534, 100}}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w := testutil.Attach(t, cmd.Process.Pid, report)
+	for i := 0; i < 1000; i++ {
+		if _, err := os.Stat(report); err == nil {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	before := w.Report(t)
+	statusBefore := credLines(t, w.Pid)
+	r := dumpRestore(t, w)
+	checkContinued(t, before, r.Report(t))
+	if got := credLines(t, w.Pid); got != statusBefore {
+		t.Fatalf("credentials after restore:\n%s\nbefore:\n%s", got, statusBefore)
+	}
+	for _, tid := range tids(t, w.Pid) {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", w.Pid, tid))
+		if !strings.Contains(string(b), "Uid:\t65534\t65534\t65534\t65534") {
+			t.Errorf("thread %s is not running as nobody", tid)
+		}
+	}
+}
+
+// credLines returns the credential lines of /proc/PID/status.
+func credLines(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		for _, k := range []string{"Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:"} {
+			if strings.HasPrefix(l, k) {
+				out = append(out, l)
+			}
+		}
+	}
+	return strings.Join(out, "\n")
+}

@@ -47,6 +47,10 @@ func cacheDir(t testing.TB) string {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Workloads may run as another user.
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
 		buildDir = d
 	}
 	return buildDir
