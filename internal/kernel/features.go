@@ -12,6 +12,7 @@ import (
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/uffd"
 )
 
 // features returns the feature table in report order: what every dump and
@@ -353,32 +354,13 @@ func probeTimerIDs(*Probes) (string, error) {
 
 // --- userfaultfd and dirty tracking, on ferry's own memory ---
 
-// openUffd creates a userfaultfd. Without CAP_SYS_PTRACE and with
-// vm.unprivileged_userfaultfd=0 only user-mode faults may be handled, which
-// is all ferry needs.
-func openUffd() (int, error) {
-	fd, err := userfaultfd(unix.O_CLOEXEC | unix.O_NONBLOCK)
-	if errors.Is(err, unix.EPERM) {
-		fd, err = userfaultfd(unix.O_CLOEXEC | unix.O_NONBLOCK | uffdUserModeOnly)
-	}
-	if err != nil {
-		return -1, absentOn(err, unix.ENOSYS)
-	}
-	return fd, nil
-}
-
 func probeUserfaultfd(*Probes) (string, error) {
-	fd, err := openUffd()
-	if err != nil {
-		return "", err
-	}
-	defer unix.Close(fd)
 	// Asking for no feature returns every feature the kernel has.
-	api, err := uffdAPIHandshake(fd, 0)
+	f, err := uffd.Supported()
 	if err != nil {
-		return "", err
+		return "", absentOn(err, unix.ENOSYS)
 	}
-	return fmt.Sprintf("features %#x", api.Features), nil
+	return fmt.Sprintf("features %#x", f), nil
 }
 
 // pageMem maps n private anonymous pages and writes to each of the given
@@ -418,19 +400,14 @@ func openPagemap() (int, error) {
 }
 
 func probeUffdWPAsync(*Probes) (string, error) {
-	fd, err := openUffd()
+	u, err := uffd.Open(uffd.FeatureWPAsync)
 	if err != nil {
-		return "", err
+		if errors.Is(err, uffd.ErrNotSupported) {
+			return "", absentf("UFFDIO_API refused UFFD_FEATURE_WP_ASYNC: %v", err)
+		}
+		return "", absentOn(err, unix.ENOSYS)
 	}
-	defer unix.Close(fd) // closing unregisters the range
-	api, err := uffdAPIHandshake(fd, uffdFeatureWPAsync)
-	if err != nil {
-		// Features the kernel does not know make UFFDIO_API fail with EINVAL.
-		return "", absentOn(err, unix.EINVAL)
-	}
-	if api.Features&uffdFeatureWPAsync == 0 {
-		return "", absentf("UFFDIO_API did not enable UFFD_FEATURE_WP_ASYNC (features %#x)", api.Features)
-	}
+	defer u.Close() // closing unregisters the range
 	ps := uint64(unix.Getpagesize())
 	mem, err := pageMem(2, 0, 1)
 	if err != nil {
@@ -438,10 +415,10 @@ func probeUffdWPAsync(*Probes) (string, error) {
 	}
 	defer unix.Munmap(mem)
 	addr := addrOf(mem)
-	if _, err := uffdRegister(fd, addr, 2*ps, uffdioRegisterModeWP); err != nil {
+	if _, err := u.Register(addr, 2*ps, uffd.RegisterWP); err != nil {
 		return "", err
 	}
-	if err := uffdWriteprotect(fd, addr, 2*ps, uffdioWriteprotectModeWP); err != nil {
+	if err := u.WriteProtect(addr, 2*ps, true); err != nil {
 		return "", err
 	}
 	pm, err := openPagemap()
@@ -479,23 +456,20 @@ func probePagemapScan(*Probes) (string, error) {
 		return "", err
 	}
 	defer unix.Munmap(mem)
-	pm, err := openPagemap()
+	sc, err := uffd.OpenScanner(0)
 	if err != nil {
 		return "", err
 	}
-	defer unix.Close(pm)
+	defer sc.Close()
 	addr := addrOf(mem)
-	arg := pmScanArg{Start: addr, End: addr + 4*ps, CategoryMask: pageIsPresent, ReturnMask: pageIsPresent}
-	vec := make([]pageRegion, 4)
-	n, err := pagemapScan(pm, &arg, vec)
+	rs, err := sc.Scan(addr, addr+4*ps, uffd.Query{Mask: uffd.PagePresent, ReturnMask: uffd.PagePresent})
 	if err != nil {
 		// pagemap has no ioctls before 6.7.
 		return "", absentOn(err, unix.ENOTTY)
 	}
-	want := []pageRegion{{addr, addr + ps, pageIsPresent}, {addr + 2*ps, addr + 3*ps, pageIsPresent}}
-	if n != len(want) || vec[0] != want[0] || vec[1] != want[1] || arg.WalkEnd != arg.End {
-		return "", fmt.Errorf("PAGEMAP_SCAN of 4 pages with pages 0 and 2 written: %d regions %x, walk_end %#x; want %x, %#x",
-			n, vec[:n], arg.WalkEnd, want, arg.End)
+	want := []uffd.Region{{Start: addr, End: addr + ps, Categories: uffd.PagePresent}, {Start: addr + 2*ps, End: addr + 3*ps, Categories: uffd.PagePresent}}
+	if len(rs) != len(want) || rs[0] != want[0] || rs[1] != want[1] {
+		return "", fmt.Errorf("PAGEMAP_SCAN of 4 pages with pages 0 and 2 written: %x; want %x", rs, want)
 	}
 	return "", nil
 }
