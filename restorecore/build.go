@@ -173,7 +173,7 @@ func (b *builder) setupTrampoline() error {
 		return err
 	}
 	for _, v := range cur {
-		if v.Start == t || isSpecial(v.Name) {
+		if v.Start == t || proc.IsSpecialMapping(v.Name) {
 			continue
 		}
 		if _, err := b.sys(unix.SYS_MUNMAP, v.Start, v.Size()); err != nil {
@@ -181,14 +181,6 @@ func (b *builder) setupTrampoline() error {
 		}
 	}
 	return nil
-}
-
-func isSpecial(name string) bool {
-	switch name {
-	case "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]":
-		return true
-	}
-	return false
 }
 
 // moveVdso moves [vvar], [vvar_vclock] and [vdso] to their dumped

@@ -590,3 +590,13 @@ func ParseEpollTargets(file string, b []byte) ([]EpollTarget, error) {
 	}
 	return out, nil
 }
+
+// IsSpecialMapping reports the kernel's special mappings: [vdso], [vvar],
+// [vvar_vclock] and [vsyscall].
+func IsSpecialMapping(name string) bool {
+	switch name {
+	case "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]":
+		return true
+	}
+	return false
+}

@@ -21,6 +21,9 @@
  *            holding data
  *   -g DIR   a file in DIR, written, kept open and unlinked (a ghost)
  *   -G KIB   size of that file (default 64)
+ *   -W       on SIGUSR2, rewrite pages 100-109 of the -m buffer with the
+ *            same pattern (writes that change nothing: a dirty tracker
+ *            must still see them)
  *   -T       timers and signals: ITIMER_REAL, a POSIX timer, a blocked
  *            real-time signal queued twice with values, a sigaltstack
  *   -r PATH  report path (required)
@@ -401,8 +404,8 @@ int main(int argc, char **argv)
 	const char *outfile = NULL;
 	int opt;
 	const char *ghost_dir = NULL;
-	int use_maps = 0, use_timers = 0;
-	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:T")) != -1) {
+	int use_maps = 0, use_timers = 0, use_rewrite = 0;
+	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TW")) != -1) {
 		switch (opt) {
 		case 'm': mib = atol(optarg); break;
 		case 't': nthreads = atoi(optarg); break;
@@ -416,6 +419,7 @@ int main(int argc, char **argv)
 		case 'g': ghost_dir = optarg; break;
 		case 'G': ghost_kib = atol(optarg); break;
 		case 'T': use_timers = 1; break;
+		case 'W': use_rewrite = 1; break;
 		default:
 			fprintf(stderr, "usage: memcheck -r REPORT [-m MIB] [-t N] [-p] [-n] [-s] [-f FILE] [-x CODE] [-M] [-g DIR [-G KIB]] [-T]\n");
 			return 2;
@@ -525,6 +529,13 @@ int main(int argc, char **argv)
 			want_pipe = 0;
 			if (use_pipe && write(pipefd[1], "x", 1) != 1)
 				simd_fail |= 0;
+			if (use_rewrite && mem_size >= 110 * PAGE) {
+				for (size_t pg = 100; pg < 110; pg++)
+					if (page_kind(pg) == 2)
+						fill_page(pg);
+					else
+						memset(mem + pg * PAGE, 0, PAGE);
+			}
 			if (use_timers) {
 				sigset_t m;
 				sigemptyset(&m);
