@@ -159,7 +159,11 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	lap("pages")
 
 	// Files.
-	fds, err := img.files.collectFds(pid, d.opts.ShellJob)
+	skip := -1
+	if d.tracker != nil {
+		skip = d.tracker.parked
+	}
+	fds, err := img.files.collectFds(pid, d.opts.ShellJob, skip)
 	if err != nil {
 		return nil, err
 	}
@@ -369,7 +373,14 @@ func (d *dumper) inventory(img *imageSet) (*pb.Inventory, error) {
 		CreatedUnixNs: time.Now().UnixNano(),
 		PageSize:      uint64(os.Getpagesize()),
 	}
-	if len(img.core.Threads) > 0 {
+	if d.parent != nil && d.dirty != nil {
+		inv.ParentDir = d.parent.dir
+	}
+	if t := d.tracker; t != nil && t.parked > 0 && (d.opts.PreDump || d.opts.TrackMem && (d.opts.LeaveRunning || d.opts.LeaveStopped)) {
+		inv.TrackerFd, inv.TrackerIno = int32(t.parked), t.parkedIno
+	}
+	inv.PreDump = d.opts.PreDump
+	if img.core != nil && len(img.core.Threads) > 0 {
 		xf, _ := XstateFeatures(img.core.Threads[0].Xstate)
 		inv.Xfeatures = xf
 		inv.XstateSize = uint32(len(img.core.Threads[0].Xstate))
@@ -427,7 +438,13 @@ func (d *dumper) write(img *imageSet) error {
 			return err
 		}
 	}
-	pw, err := images.Create(dir, fmt.Sprintf("pagemap-%d.img", pid), images.KindPagemap)
+	return d.writePagemap(img)
+}
+
+// writePagemap writes pagemap-PID.img.
+func (d *dumper) writePagemap(img *imageSet) error {
+	pid := d.opts.Pid
+	pw, err := images.Create(d.opts.ImagesDir, fmt.Sprintf("pagemap-%d.img", pid), images.KindPagemap)
 	if err != nil {
 		return err
 	}

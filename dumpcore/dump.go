@@ -26,8 +26,17 @@ type Options struct {
 	ShellJob     bool          // -j/--shell-job
 	Timeout      time.Duration // --timeout (default 10 s)
 	GhostLimit   int64         // --ghost-limit (default 1 MiB)
-	Version      string        // written to the inventory
-	Logger       *slog.Logger
+	// PrevImagesDir (--prev-images-dir), relative to ImagesDir unless
+	// absolute: store only pages written since that image set.
+	PrevImagesDir string
+	// TrackMem (--track-mem) leaves the dirty tracker in the process for
+	// a later incremental dump (with -R).
+	TrackMem bool
+	// PreDump (ferry pre-dump): save memory only, copied while the
+	// process runs, and leave the tracker in it.
+	PreDump bool
+	Version string // written to the inventory
+	Logger  *slog.Logger
 }
 
 // Result describes a finished dump.
@@ -94,6 +103,13 @@ type dumper struct {
 	// Per-thread state only the thread itself can report (collectRemote).
 	tidAddr  map[int]uint64
 	altStack map[int]*pb.SigAltStack
+
+	// Incremental dumps (incremental.go).
+	tracker *Tracker
+	parent  *parentImages
+	// dirty holds the pages written since the parent round; nil means
+	// every page is copied and nothing refers to the parent.
+	dirty *regionSet
 }
 
 func (d *dumper) run(ctx context.Context) (*Result, error) {
@@ -120,6 +136,16 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 	if err := d.prepare(); err != nil {
 		return nil, err
 	}
+	if err := d.setupTracking(); err != nil {
+		return nil, err
+	}
+	if d.tracker != nil {
+		defer d.tracker.Close()
+	}
+	if d.opts.PreDump {
+		committed = true
+		return d.preDump(ctx, start, frozenAt)
+	}
 	img, err := d.collect(ctx)
 	if err != nil {
 		return nil, err
@@ -133,6 +159,16 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 	released := time.Now()
 	switch {
 	case d.opts.LeaveRunning || d.opts.LeaveStopped:
+		if t := d.tracker; t != nil && t.parked > 0 && !d.opts.TrackMem {
+			// Nobody will come back for it: take it out of the process.
+			d.task(pid).Syscall(unix.SYS_CLOSE, uint64(t.parked))
+		}
+		for _, fd := range img.files.staleTrackers {
+			if d.tracker == nil || fd != d.tracker.parked {
+				d.log.Info("removing a dirty tracker an earlier pre-dump left in the process", "fd", fd)
+				d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd))
+			}
+		}
 		d.resume(d.opts.LeaveStopped)
 	default:
 		d.kill()

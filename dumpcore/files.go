@@ -19,10 +19,13 @@ import (
 // (shared by every fd that refers to it) and one per path object (cwd,
 // root, exe, mapped files).
 type fileTable struct {
-	ghostLimit int64
-	entries    []*pb.FileEntry
-	ghosts     []*pb.GhostFile
-	byPath     map[string]uint32 // path objects by kind+dev+ino
+	// staleTrackers are userfaultfds ferry left in the process (pre-dump)
+	// that this dump found without their image set: not the program's.
+	staleTrackers []int
+	ghostLimit    int64
+	entries       []*pb.FileEntry
+	ghosts        []*pb.GhostFile
+	byPath        map[string]uint32 // path objects by kind+dev+ino
 }
 
 func newFileTable(ghostLimit int64) *fileTable {
@@ -97,7 +100,8 @@ func (ft *fileTable) addMapped(pid int, v *proc.Vma) (uint32, error) {
 }
 
 // collectFds records every open fd of pid.
-func (ft *fileTable) collectFds(pid int, shellJob bool) (*pb.FdTable, error) {
+// skip names an fd that is ferry's own (the parked dirty tracker).
+func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, error) {
 	dir := proc.Path(pid, "fd")
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -106,7 +110,7 @@ func (ft *fileTable) collectFds(pid int, shellJob bool) (*pb.FdTable, error) {
 	var fds []int
 	for _, e := range ents {
 		n, err := strconv.Atoi(e.Name())
-		if err == nil {
+		if err == nil && n != skip {
 			fds = append(fds, n)
 		}
 	}
@@ -141,6 +145,10 @@ func (ft *fileTable) collectFds(pid int, shellJob bool) (*pb.FdTable, error) {
 			}
 		}
 		if id == 0 {
+			if isFerryTracker(pid, fd, info) {
+				ft.staleTrackers = append(ft.staleTrackers, fd)
+				continue
+			}
 			e, err := ft.describeFd(pid, pidfd, fd, info, shellJob)
 			if err != nil {
 				return nil, fmt.Errorf("fd %d of %d: %w", fd, pid, err)
@@ -223,6 +231,23 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		}
 	}
 	return e, nil
+}
+
+// isFerryTracker recognises a dirty tracker an earlier pre-dump parked in
+// the process: a userfaultfd whose API handshake asked for exactly
+// ferry's tracking features (fdinfo "API: aa:FEATURES:IOCTLS").
+func isFerryTracker(pid, fd int, info proc.FdInfo) bool {
+	target, err := os.Readlink(proc.Path(pid, "fd/"+strconv.Itoa(fd)))
+	if err != nil || target != "anon_inode:[userfaultfd]" {
+		return false
+	}
+	f := strings.Split(info.Extra["API"], ":")
+	if len(f) != 3 {
+		return false
+	}
+	features, err := strconv.ParseUint(f[1], 16, 64)
+	const initialized = 1 << 31 // kernel-internal UFFD_FEATURE_INITIALIZED
+	return err == nil && features&^initialized == trackFeatures
 }
 
 // isTTY reports whether a char device is a terminal (pts, tty, console).

@@ -160,17 +160,37 @@ type pageDumper struct {
 
 	free    chan []byte
 	batches chan batch
+	// Incremental rounds: a page not in dirty but in parent is recorded
+	// as in_parent instead of copied; nil parent copies everything.
+	dirty, parent *regionSet
+	// tolerant: the process runs (pre-dump), so pages may vanish under
+	// the copy; such pages are left out rather than failing the round.
+	tolerant bool
 	// readTime and writeTime split the memory dump between reading the
 	// target and writing the image.
 	readTime, writeTime time.Duration
 }
 
-// batch is a buffer of selected pages, back to back, with their addresses.
+// batch is a buffer of selected pages, back to back, with what to do for
+// each page in address order.
 type batch struct {
 	buf      []byte
-	vaddrs   []uint64
+	items    []item
 	skipZero bool
 }
+
+// item is one page of a batch: its data is the next page of buf, or it is
+// unchanged since the parent image, or it could not be read (skipped).
+type item struct {
+	va   uint64
+	kind uint8
+}
+
+const (
+	itemData uint8 = iota
+	itemParent
+	itemSkip // data page whose read failed while the process ran
+)
 
 const (
 	readChunk = 2 << 20 // bytes per batch: small enough to stay in cache
@@ -195,7 +215,11 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		return err
 	}
 	pd := &pageDumper{pid: pid, pm: pm, mem: mem, out: out, stats: d.stats,
-		free: make(chan []byte, nBuffers), batches: make(chan batch, nBuffers)}
+		free: make(chan []byte, nBuffers), batches: make(chan batch, nBuffers),
+		dirty: d.dirty, tolerant: d.opts.PreDump}
+	if d.parent != nil && d.dirty != nil {
+		pd.parent = d.parent.pages
+	}
 	for i := 0; i < nBuffers; i++ {
 		pd.free <- make([]byte, readChunk)
 	}
@@ -273,9 +297,11 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
 			}
 			return err
 		}
-		// Select pages and build read segments of contiguous runs.
+		// Select pages and build read segments of contiguous runs. A VMA
+		// the tracker does not cover ("uw" missing) counts as all dirty.
+		tracked := pd.parent != nil && hasFlag(v.VmFlags, "uw")
 		var segs []compel.Segment
-		var vaddrs []uint64 // per selected page
+		var items []item
 		off := 0
 		for i := uint64(0); i < n; i++ {
 			e := binary.LittleEndian.Uint64(b[8*i:])
@@ -285,76 +311,120 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
 				continue
 			}
 			va := addr + i*pageSize
+			if tracked && !pd.dirty.has(va) && pd.parent.has(va) {
+				items = append(items, item{va, itemParent})
+				continue
+			}
 			if l := len(segs); l > 0 && segs[l-1].Addr+uint64(len(segs[l-1].Local)) == va {
 				segs[l-1].Local = buf[off-len(segs[l-1].Local) : off+pageSize]
 			} else {
 				segs = append(segs, compel.Segment{Addr: va, Local: buf[off : off+pageSize]})
 			}
-			vaddrs = append(vaddrs, va)
+			items = append(items, item{va, itemData})
 			off += pageSize
 		}
-		if len(vaddrs) == 0 {
+		if len(items) == 0 {
 			pd.free <- buf
 			continue
 		}
 		t0 := time.Now()
-		if err := pd.read(segs, readable); err != nil {
+		failed, err := pd.read(segs, readable)
+		if err != nil {
 			pd.free <- buf
 			return err
 		}
+		for i := range items {
+			if items[i].kind == itemData && failed.has(items[i].va) {
+				items[i].kind = itemSkip
+			}
+		}
 		pd.readTime += time.Since(t0)
-		pd.batches <- batch{buf: buf, vaddrs: vaddrs, skipZero: skipZero}
+		pd.batches <- batch{buf: buf, items: items, skipZero: skipZero}
 	}
 	return nil
 }
 
-func (pd *pageDumper) read(segs []compel.Segment, readable bool) error {
+func hasFlag(flags []string, f string) bool {
+	for _, x := range flags {
+		if x == f {
+			return true
+		}
+	}
+	return false
+}
+
+// read fills the segments; while the process runs (tolerant) segments
+// that cannot be read any more are returned as failed instead.
+func (pd *pageDumper) read(segs []compel.Segment, readable bool) (failed *regionSet, err error) {
 	if readable {
 		if err := compel.ReadMem(pd.pid, segs); err == nil {
-			return nil
+			return nil, nil
 		}
 	}
-	// Unreadable VMAs (PROT_NONE with data): /proc/PID/mem reads with force.
+	// Unreadable VMAs (PROT_NONE with data): /proc/PID/mem reads with
+	// force. It also isolates the segments that fail.
 	for _, s := range segs {
 		if _, err := pd.mem.ReadAt(s.Local, int64(s.Addr)); err != nil {
-			return fmt.Errorf("read memory of %d at %#x: %w", pd.pid, s.Addr, err)
+			if !pd.tolerant {
+				return nil, fmt.Errorf("read memory of %d at %#x: %w", pd.pid, s.Addr, err)
+			}
+			if failed == nil {
+				failed = &regionSet{}
+			}
+			failed.spans = append(failed.spans, span{s.Addr, s.Addr + uint64(len(s.Local))})
 		}
 	}
-	return nil
+	return failed, nil
 }
 
 // emit writes a batch's pages, leaving out zero pages when allowed, and
 // records pagemap entries.
 func (pd *pageDumper) emit(b batch) error {
 	var bufs [][]byte
-	runStart := -1 // index into b.vaddrs of the pending run
+	runStart := -1 // buffer page index of the pending write run
 	flush := func(end int) {
 		if runStart >= 0 {
 			bufs = append(bufs, b.buf[runStart*pageSize:end*pageSize])
 			runStart = -1
 		}
 	}
-	for i, va := range b.vaddrs {
-		page := b.buf[i*pageSize : (i+1)*pageSize]
+	record := func(va uint64, parent bool) {
+		if l := len(pd.entries); l > 0 {
+			last := pd.entries[l-1]
+			if last.InParent == parent && last.Vaddr+uint64(last.NrPages)*pageSize == va {
+				last.NrPages++
+				return
+			}
+		}
+		pd.entries = append(pd.entries, &pb.PagemapEntry{Vaddr: va, NrPages: 1, InParent: parent})
+	}
+	bi := 0 // next page of the buffer
+	for _, it := range b.items {
+		switch it.kind {
+		case itemParent:
+			pd.stats.PagesSkippedParent++
+			record(it.va, true)
+			continue
+		case itemSkip:
+			flush(bi)
+			bi++
+			continue
+		}
+		page := b.buf[bi*pageSize : (bi+1)*pageSize]
 		if b.skipZero && bytes.Equal(page, zeroPage) {
 			pd.stats.PagesZero++
-			flush(i)
+			flush(bi)
+			bi++
 			continue
 		}
 		if runStart < 0 {
-			runStart = i
+			runStart = bi
 		}
+		bi++
 		pd.stats.PagesWritten++
-		if l := len(pd.entries); l > 0 {
-			last := pd.entries[l-1]
-			if last.Vaddr+uint64(last.NrPages)*pageSize == va {
-				last.NrPages++
-				continue
-			}
-		}
-		pd.entries = append(pd.entries, &pb.PagemapEntry{Vaddr: va, NrPages: 1})
+		record(it.va, false)
 	}
-	flush(len(b.vaddrs))
+	flush(bi)
 	n, err := pd.out.WriteVec(bufs)
 	pd.stats.BytesWritten += uint64(n)
 	return err

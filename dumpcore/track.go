@@ -35,6 +35,10 @@ type Tracker struct {
 	sc       *uffd.Scanner
 	features uint64
 	log      *slog.Logger
+	// parked is the fd number of the tracker's copy kept inside the
+	// target (0: none), parkedIno its inode.
+	parked    int
+	parkedIno uint64
 }
 
 // Wanted userfaultfd features: asynchronous WP, and markers on unpopulated
@@ -66,7 +70,7 @@ func StartTracking(pid int, log *slog.Logger) (*Tracker, error) {
 		if err := d.prepare(); err != nil {
 			return err
 		}
-		fd, features, err = injectUffd(d, pid)
+		fd, features, _, err = injectUffd(d, pid, false)
 		return err
 	})
 	if err != nil {
@@ -90,13 +94,15 @@ func StartTracking(pid int, log *slog.Logger) (*Tracker, error) {
 }
 
 // injectUffd creates a userfaultfd inside the frozen target, performs the
-// API handshake there, and moves the fd to ferry.
+// API handshake there, and duplicates it to ferry. With park, the target
+// keeps it at a high fd number (returned) so that tracking outlives this
+// ferry process; otherwise the target's copy is closed.
 // Preconditions: d's threads are frozen and prepared, on the tracer thread.
-func injectUffd(d *dumper, pid int) (int, uint64, error) {
+func injectUffd(d *dumper, pid int, park bool) (fd int, features uint64, parked int, err error) {
 	main := d.task(pid)
 	sc, err := mapScratch(main, pid)
 	if err != nil {
-		return -1, 0, err
+		return -1, 0, 0, err
 	}
 	defer sc.unmap(main)
 	rfd, err := main.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK)
@@ -105,35 +111,43 @@ func injectUffd(d *dumper, pid int) (int, uint64, error) {
 		rfd, err = main.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK|uffd.UserModeOnly)
 	}
 	if err != nil {
-		return -1, 0, fmt.Errorf("%w: %v", ErrNoTracker, err)
+		return -1, 0, 0, fmt.Errorf("%w: %v", ErrNoTracker, err)
 	}
 	defer main.Syscall(unix.SYS_CLOSE, rfd)
+	src := rfd
+	if park {
+		pfd, err := main.Syscall(unix.SYS_FCNTL, rfd, unix.F_DUPFD_CLOEXEC, parkedFdHint(pid))
+		if err != nil {
+			return -1, 0, 0, fmt.Errorf("park the tracker in %d: %w", pid, err)
+		}
+		src, parked = pfd, int(pfd)
+	}
 	api := make([]byte, 24)
 	binary.LittleEndian.PutUint64(api[0:], uffd.API)
 	binary.LittleEndian.PutUint64(api[8:], trackFeatures)
 	if err := sc.write(0, api); err != nil {
-		return -1, 0, err
+		return -1, 0, 0, err
 	}
 	const uffdioAPI = 0xC018AA3F
 	if _, err := main.Syscall(unix.SYS_IOCTL, rfd, uffdioAPI, sc.addr); err != nil {
-		return -1, 0, fmt.Errorf("%w: UFFDIO_API in the target: %v", ErrNoTracker, err)
+		return -1, 0, 0, fmt.Errorf("%w: UFFDIO_API in the target: %v", ErrNoTracker, err)
 	}
 	out, err := sc.read(0, 24)
 	if err != nil {
-		return -1, 0, err
+		return -1, 0, 0, err
 	}
-	features := binary.LittleEndian.Uint64(out[8:])
+	features = binary.LittleEndian.Uint64(out[8:])
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
-		return -1, 0, os.NewSyscallError("pidfd_open", err)
+		return -1, 0, 0, os.NewSyscallError("pidfd_open", err)
 	}
 	defer unix.Close(pidfd)
-	fd, err := unix.PidfdGetfd(pidfd, int(rfd), 0)
+	fd, err = unix.PidfdGetfd(pidfd, int(src), 0)
 	if err != nil {
-		return -1, 0, os.NewSyscallError("pidfd_getfd", err)
+		return -1, 0, 0, os.NewSyscallError("pidfd_getfd", err)
 	}
 	unix.CloseOnExec(fd)
-	return fd, features, nil
+	return fd, features, parked, nil
 }
 
 // trackable reports whether a VMA's writes must be tracked: writable,

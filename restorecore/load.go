@@ -139,7 +139,7 @@ func loadPagemap(dir string, p *procImage) error {
 		} else if err != nil {
 			return err
 		}
-		if e.Vaddr%pageSize != 0 || e.NrPages == 0 || e.Vaddr < prevEnd || e.InParent {
+		if e.Vaddr%pageSize != 0 || e.NrPages == 0 || e.Vaddr < prevEnd {
 			return fmt.Errorf("%s: bad pagemap entry %#x+%d: %w", filepath.Join(dir, name), e.Vaddr, e.NrPages, images.ErrCorrupt)
 		}
 		prevEnd = e.Vaddr + uint64(e.NrPages)*pageSize

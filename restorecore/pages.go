@@ -1,51 +1,33 @@
 package restorecore
 
 import (
-	"fmt"
 	"runtime"
 
 	"golang.org/x/sync/errgroup"
 
-	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/internal/compel"
 )
 
 // atFdcwd is AT_FDCWD (-100) as a syscall argument register.
 const atFdcwd = ^uint64(99)
 
-// fillPages copies the process's pages from the mmapped page file into its
-// memory with process_vm_writev, in large batches.
+// fillPages copies the process's pages, resolved through the image chain
+// and mmapped, into its memory with process_vm_writev.
 func (b *builder) fillPages() error {
-	if len(b.p.pagemap) == 0 {
-		return nil
-	}
-	name := fmt.Sprintf("pages-%d.img", b.p.pagesID)
-	pr, err := images.OpenPages(b.r.is.dir, name)
+	var c pageChain
+	defer c.close()
+	runs, err := c.resolve(b.r.is.dir, b.p.pstree.Pid, 0)
 	if err != nil {
 		return err
 	}
-	defer pr.Close()
-	data, err := pr.Bytes()
-	if err != nil {
-		return err
-	}
-	var off uint64
 	var segs []compel.Segment
-	for _, e := range b.p.pagemap {
-		n := uint64(e.NrPages) * pageSize
-		if off+n > uint64(len(data)) {
-			return fmt.Errorf("%s/%s: pagemap wants %d bytes at offset %d, file has %d: %w",
-				b.r.is.dir, name, n, off, len(data), images.ErrTruncated)
-		}
-		segs = append(segs, compel.Segment{Addr: e.Vaddr, Local: data[off : off+n]})
-		off += n
-		b.r.stats.PagesRestored += uint64(e.NrPages)
+	var total uint64
+	for _, r := range runs {
+		segs = append(segs, compel.Segment{Addr: r.vaddr, Local: r.data})
+		total += uint64(len(r.data))
 	}
-	if uint64(len(data)) != off {
-		return fmt.Errorf("%s/%s: %d bytes of page data, pagemap accounts for %d: %w",
-			b.r.is.dir, name, len(data), off, images.ErrCorrupt)
-	}
-	return fillParallel(b.pid, segs, off)
+	b.r.stats.PagesRestored += total / pageSize
+	return fillParallel(b.pid, segs, total)
 }
 
 // fillParallel writes segs with one writer per CPU: the cost of filling

@@ -25,6 +25,8 @@ func newDumpCmd() *cobra.Command {
 		pidfile      string
 		displayStats bool
 		ghostLimit   string
+		prevDir      string
+		trackMem     bool
 	)
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
@@ -49,7 +51,11 @@ work directory.`,
   ferry dump -t 1234 -D ckpt -R -v4 -o dump.log
 
   # a job started from an interactive shell
-  ferry dump -t 1234 -D ckpt --shell-job`,
+  ferry dump -t 1234 -D ckpt --shell-job
+
+  # iterative: copy memory while the service runs, then a short final dump
+  ferry pre-dump -t 1234 -D ckpt/1
+  ferry dump -t 1234 -D ckpt/2 --prev-images-dir ../1`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if pid <= 0 {
@@ -80,6 +86,7 @@ work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
+				PrevImagesDir: prevDir, TrackMem: trackMem,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -106,6 +113,8 @@ work directory.`,
 	fs.StringVar(&pidfile, "pidfile", "", "write the dumped PID to FILE")
 	fs.BoolVar(&displayStats, "display-stats", false, "print dump statistics when done")
 	fs.StringVar(&ghostLimit, "ghost-limit", "1M", "largest deleted file carried in the images (bytes; K, M, G suffixes)")
+	fs.StringVar(&prevDir, "prev-images-dir", "", "store only pages written since the (pre-)dump in DIR (relative to -D)")
+	fs.BoolVar(&trackMem, "track-mem", false, "with -R: leave the dirty tracker in the process for a later incremental dump")
 	return cmd
 }
 

@@ -743,3 +743,124 @@ func credLines(t *testing.T, pid int) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+func dumpStats(t *testing.T, dir string) *pb.DumpStats {
+	t.Helper()
+	var st pb.Stats
+	if err := images.ReadOne(dir, "stats-dump", images.KindStats, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Dump
+}
+
+func TestPreDumpChain(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "64", "-t", "2", "-p", "-n", "-W")
+	root := t.TempDir()
+	d1, d2, d3 := filepath.Join(root, "1"), filepath.Join(root, "2"), filepath.Join(root, "3")
+	for _, d := range []string{d1, d2, d3} {
+		os.Mkdir(d, 0o755)
+	}
+	before := w.Report(t)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
+	// The process runs on, with the tracker parked inside it.
+	checkContinued(t, before, w.Report(t))
+	var inv pb.Inventory
+	if err := images.ReadOne(d1, "inventory.img", images.KindInventory, &inv); err != nil {
+		t.Fatal(err)
+	}
+	if !inv.PreDump || inv.TrackerFd <= 0 {
+		t.Fatalf("pre-dump inventory: %v", &inv)
+	}
+	if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", w.Pid, inv.TrackerFd)); l != "anon_inode:[userfaultfd]" {
+		t.Fatalf("fd %d of the process is %q, want the parked tracker", inv.TrackerFd, l)
+	}
+	s1 := dumpStats(t, d1)
+	w.Signal(unix.SIGUSR2) // rewrites 10 buffer pages, writes the pipe
+	time.Sleep(100 * time.Millisecond)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d2, "--prev-images-dir", "../1")
+	s2 := dumpStats(t, d2)
+	if s2.PagesWritten >= s1.PagesWritten/10 || s2.PagesWritten < 10 || s2.PagesSkippedParent < s1.PagesWritten/2 {
+		t.Fatalf("second round wrote %d pages (first %d), %d from the parent: not incremental",
+			s2.PagesWritten, s1.PagesWritten, s2.PagesSkippedParent)
+	}
+	mid := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d3, "--prev-images-dir", "../2")
+	w.Reap(t)
+	s3 := dumpStats(t, d3)
+	if s3.PagesWritten >= s1.PagesWritten/10 {
+		t.Fatalf("final dump wrote %d pages of %d", s3.PagesWritten, s1.PagesWritten)
+	}
+	t.Logf("pages written per round: %d, %d, %d; final dump frozen %d us", s1.PagesWritten, s2.PagesWritten, s3.PagesWritten, s3.FrozenTimeUs)
+	mustFerry(t, "restore", "-D", d3, "-d")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	after := r.Report(t)
+	checkContinued(t, mid, after)
+	if after.Int("piperead") != mid.Int("piperead") {
+		t.Fatalf("piperead %d, was %d", after.Int("piperead"), mid.Int("piperead"))
+	}
+	// The tracker is not part of the restored process.
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", w.Pid))
+	for _, e := range ents {
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", w.Pid, e.Name())); l == "anon_inode:[userfaultfd]" {
+			t.Fatalf("restored process has a userfaultfd at fd %s", e.Name())
+		}
+	}
+}
+
+func TestPreDumpTrackerLost(t *testing.T) {
+	// If the parked tracker is gone, the next round copies everything and
+	// the result still restores.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "16")
+	root := t.TempDir()
+	d1, d2 := filepath.Join(root, "1"), filepath.Join(root, "2")
+	os.Mkdir(d1, 0o755)
+	os.Mkdir(d2, 0o755)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
+	var inv pb.Inventory
+	if err := images.ReadOne(d1, "inventory.img", images.KindInventory, &inv); err != nil {
+		t.Fatal(err)
+	}
+	// An incremental dump -R without --track-mem uses the tracker and then
+	// takes it out of the process.
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "--prev-images-dir", d1, "-R")
+	if _, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", w.Pid, inv.TrackerFd)); err == nil {
+		t.Fatalf("the tracker is still at fd %d after dump -R", inv.TrackerFd)
+	}
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d2, "--prev-images-dir", "../1")
+	w.Reap(t)
+	if s := dumpStats(t, d2); s.PagesSkippedParent != 0 {
+		t.Fatalf("%d pages taken from the parent without a tracker", s.PagesSkippedParent)
+	}
+	mustFerry(t, "restore", "-D", d2, "-d")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	checkContinued(t, before, r.Report(t))
+}
+
+func TestPlainDumpAfterPreDump(t *testing.T) {
+	// A plain dump of a pre-dumped process ignores ferry's parked tracker
+	// (and removes it from a process left running).
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "8")
+	d1 := t.TempDir()
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
+	var inv pb.Inventory
+	if err := images.ReadOne(d1, "inventory.img", images.KindInventory, &inv); err != nil {
+		t.Fatal(err)
+	}
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "-R")
+	if _, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", w.Pid, inv.TrackerFd)); err == nil {
+		t.Fatalf("the stale tracker is still at fd %d", inv.TrackerFd)
+	}
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	mustFerry(t, "restore", "-D", img, "-d")
+	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
+}

@@ -50,7 +50,14 @@ type Inventory struct {
 	// this directory), empty for a full dump.
 	ParentDir string `protobuf:"bytes,11,opt,name=parent_dir,json=parentDir,proto3" json:"parent_dir,omitempty"`
 	// Hash of the vDSO text, to tell two kernels with equal layouts apart.
-	VdsoSha256    []byte `protobuf:"bytes,12,opt,name=vdso_sha256,json=vdsoSha256,proto3" json:"vdso_sha256,omitempty"`
+	VdsoSha256 []byte `protobuf:"bytes,12,opt,name=vdso_sha256,json=vdsoSha256,proto3" json:"vdso_sha256,omitempty"`
+	// Set by pre-dump: the image set holds memory only (pagemap and pages).
+	PreDump bool `protobuf:"varint,13,opt,name=pre_dump,json=preDump,proto3" json:"pre_dump,omitempty"`
+	// The dirty tracker (a userfaultfd in write-protect async mode) that
+	// ferry left inside the dumped process for the next round: its fd number
+	// there and its inode, to recognise it. 0 when none was left.
+	TrackerFd     int32  `protobuf:"varint,14,opt,name=tracker_fd,json=trackerFd,proto3" json:"tracker_fd,omitempty"`
+	TrackerIno    uint64 `protobuf:"varint,15,opt,name=tracker_ino,json=trackerIno,proto3" json:"tracker_ino,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -167,6 +174,27 @@ func (x *Inventory) GetVdsoSha256() []byte {
 		return x.VdsoSha256
 	}
 	return nil
+}
+
+func (x *Inventory) GetPreDump() bool {
+	if x != nil {
+		return x.PreDump
+	}
+	return false
+}
+
+func (x *Inventory) GetTrackerFd() int32 {
+	if x != nil {
+		return x.TrackerFd
+	}
+	return 0
+}
+
+func (x *Inventory) GetTrackerIno() uint64 {
+	if x != nil {
+		return x.TrackerIno
+	}
+	return 0
 }
 
 type SpecialVma struct {
@@ -2691,7 +2719,7 @@ var File_images_ferry_proto protoreflect.FileDescriptor
 
 const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\x12images/ferry.proto\x12\fferry.images\"\xb7\x03\n" +
+	"\x12images/ferry.proto\x12\fferry.images\"\x92\x04\n" +
 	"\tInventory\x12!\n" +
 	"\fformat_major\x18\x01 \x01(\rR\vformatMajor\x12!\n" +
 	"\fformat_minor\x18\x02 \x01(\rR\vformatMinor\x12#\n" +
@@ -2709,7 +2737,12 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
 	"parent_dir\x18\v \x01(\tR\tparentDir\x12\x1f\n" +
 	"\vvdso_sha256\x18\f \x01(\fR\n" +
-	"vdsoSha256\"4\n" +
+	"vdsoSha256\x12\x19\n" +
+	"\bpre_dump\x18\r \x01(\bR\apreDump\x12\x1d\n" +
+	"\n" +
+	"tracker_fd\x18\x0e \x01(\x05R\ttrackerFd\x12\x1f\n" +
+	"\vtracker_ino\x18\x0f \x01(\x04R\n" +
+	"trackerIno\"4\n" +
 	"\n" +
 	"SpecialVma\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +

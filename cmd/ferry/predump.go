@@ -1,0 +1,81 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ferrycr/ferry/dumpcore"
+)
+
+func init() { register(newPreDumpCmd) }
+
+func newPreDumpCmd() *cobra.Command {
+	var (
+		c            common
+		pid          int
+		timeout      int
+		prevDir      string
+		mode         string
+		displayStats bool
+	)
+	cmd := &cobra.Command{
+		Use:   "pre-dump -t PID -D DIR [--prev-images-dir DIR] [options]",
+		Short: "copy a running process's memory ahead of the final dump",
+		Long: `Save the memory of process PID while it keeps running, so that a later
+"ferry dump --prev-images-dir" (or another pre-dump) only has to copy the
+pages written since. The process is frozen only long enough to list its
+memory and arm dirty tracking; the pages are copied after it resumes.
+
+Dirty tracking uses a userfaultfd in asynchronous write-protect mode with
+the PAGEMAP_SCAN ioctl (Linux 6.7+; "ferry check --all" names the tracker).
+The first pre-dump leaves that userfaultfd open inside the process, at a
+high fd number recorded in the images; each later round takes it back, and
+the final dump removes it. If the process closes it, the next round copies
+all memory again. Without userfaultfd every round copies everything.
+
+A pre-dump image directory holds memory only: restore from the final dump
+directory, which refers to its parents through --prev-images-dir.`,
+		Example: `  ferry pre-dump -t 1234 -D ckpt/1
+  ferry pre-dump -t 1234 -D ckpt/2 --prev-images-dir ../1
+  ferry dump     -t 1234 -D ckpt/3 --prev-images-dir ../2
+  ferry restore  -D ckpt/3`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if pid <= 0 {
+				return errors.New("pre-dump: -t/--tree PID is required")
+			}
+			if mode != "read" && mode != "splice" {
+				return fmt.Errorf("--pre-dump-mode %q: want read or splice", mode)
+			}
+			log, err := c.logger()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			res, err := dumpcore.Dump(cmd.Context(), dumpcore.Options{
+				Pid: pid, ImagesDir: c.imagesDir, PreDump: true, PrevImagesDir: prevDir,
+				Timeout: time.Duration(timeout) * time.Second, Version: version, Logger: log,
+			})
+			if err != nil {
+				log.Error("pre-dump failed", "pid", pid, "err", err)
+				return fmt.Errorf("pre-dump of %d failed: %w", pid, err)
+			}
+			if displayStats {
+				printDumpStats(cmd, res.Stats)
+			}
+			return nil
+		},
+	}
+	fs := cmd.Flags()
+	c.addFlags(fs)
+	fs.IntVarP(&pid, "tree", "t", 0, "the process to pre-dump")
+	fs.IntVar(&timeout, "timeout", 10, "seconds to wait for the process to freeze")
+	fs.StringVar(&prevDir, "prev-images-dir", "", "the previous pre-dump, relative to -D: store only pages written since")
+	fs.StringVar(&mode, "pre-dump-mode", "read", "how pages are copied: read (process_vm_readv); splice is accepted and reads too")
+	fs.Bool("track-mem", true, "accepted for criu compatibility: pre-dump always tracks memory")
+	fs.BoolVar(&displayStats, "display-stats", false, "print statistics when done")
+	return cmd
+}

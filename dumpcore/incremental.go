@@ -1,0 +1,265 @@
+package dumpcore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/uffd"
+)
+
+// regionSet answers "is this page in the set" for sorted, disjoint spans.
+type regionSet struct{ spans []span }
+
+type span struct{ start, end uint64 }
+
+func newRegionSet(rs []uffd.Region) *regionSet {
+	s := &regionSet{}
+	for _, r := range rs {
+		s.spans = append(s.spans, span{r.Start, r.End})
+	}
+	s.normalize()
+	return s
+}
+
+func (s *regionSet) normalize() {
+	sort.Slice(s.spans, func(i, j int) bool { return s.spans[i].start < s.spans[j].start })
+	var out []span
+	for _, sp := range s.spans {
+		if l := len(out); l > 0 && sp.start <= out[l-1].end {
+			out[l-1].end = max(out[l-1].end, sp.end)
+			continue
+		}
+		out = append(out, sp)
+	}
+	s.spans = out
+}
+
+func (s *regionSet) has(va uint64) bool {
+	if s == nil {
+		return false
+	}
+	i := sort.Search(len(s.spans), func(i int) bool { return s.spans[i].end > va })
+	return i < len(s.spans) && s.spans[i].start <= va
+}
+
+func (s *regionSet) pages() uint64 {
+	if s == nil {
+		return 0
+	}
+	var n uint64
+	for _, sp := range s.spans {
+		n += (sp.end - sp.start) / pageSize
+	}
+	return n
+}
+
+// parentImages is what a dump needs from --prev-images-dir.
+type parentImages struct {
+	dir   string // as given, relative to the images dir or absolute
+	inv   *pb.Inventory
+	pages *regionSet // every page the parent chain holds for the process
+}
+
+// loadParent reads the parent image set of an incremental dump.
+func loadParent(imagesDir, prev string, pid int) (*parentImages, error) {
+	path := prev
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(imagesDir, prev)
+	}
+	p := &parentImages{dir: prev, inv: &pb.Inventory{}}
+	if err := images.ReadOne(path, "inventory.img", images.KindInventory, p.inv); err != nil {
+		return nil, fmt.Errorf("--prev-images-dir: %w", err)
+	}
+	if int(p.inv.RootPid) != pid {
+		return nil, fmt.Errorf("--prev-images-dir %s holds process %d, not %d", prev, p.inv.RootPid, pid)
+	}
+	r, err := images.Open(path, fmt.Sprintf("pagemap-%d.img", pid), images.KindPagemap)
+	if err != nil {
+		return nil, fmt.Errorf("--prev-images-dir: %w", err)
+	}
+	defer r.Close()
+	if err := r.Next(&pb.PagemapHead{}); err != nil {
+		return nil, fmt.Errorf("--prev-images-dir: %w", err)
+	}
+	p.pages = &regionSet{}
+	for {
+		e := &pb.PagemapEntry{}
+		if err := r.Next(e); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return nil, fmt.Errorf("--prev-images-dir: %w", err)
+		}
+		p.pages.spans = append(p.pages.spans, span{e.Vaddr, e.Vaddr + uint64(e.NrPages)*pageSize})
+	}
+	p.pages.normalize()
+	return p, nil
+}
+
+// takeParkedTracker takes back the userfaultfd an earlier round left at
+// fd in the target, if it is still there and still the same file.
+func takeParkedTracker(pid, fd int, ino uint64) (*uffd.FD, error) {
+	if fd <= 0 {
+		return nil, nil
+	}
+	link := proc.Path(pid, "fd/"+strconv.Itoa(fd))
+	target, err := os.Readlink(link)
+	if err != nil || target != "anon_inode:[userfaultfd]" {
+		return nil, nil // closed or replaced by the program
+	}
+	info, err := proc.ReadFdInfo(pid, fd)
+	if err != nil || info.Ino != ino {
+		return nil, nil
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("pidfd_getfd", err)
+	}
+	unix.CloseOnExec(dup)
+	return uffd.AdoptNoHandshake(dup, trackFeatures), nil
+}
+
+// nofileSoft returns the soft RLIMIT_NOFILE of pid.
+func nofileSoft(pid int) uint64 {
+	lims, err := proc.ReadLimits(pid)
+	if err == nil {
+		for _, l := range lims {
+			if l.Resource == unix.RLIMIT_NOFILE {
+				return l.Cur
+			}
+		}
+	}
+	return 1024
+}
+
+// parkedFdHint is where the tracker is parked in the target: high, below
+// the soft fd limit, out of the way of the program's own fds.
+func parkedFdHint(pid int) uint64 {
+	soft := min(nofileSoft(pid), 1<<20)
+	if soft > 64 {
+		return soft - 32
+	}
+	return soft / 2
+}
+
+func isUffdLink(target string) bool { return strings.HasPrefix(target, "anon_inode:[userfaultfd]") }
+
+// setupTracking runs while the tree is frozen. With a parent image set it
+// takes back the tracker the parent round parked in the process and scans
+// what was written since (re-arming it); for pre-dump and --track-mem
+// without a usable parent tracker it injects and parks a new one, arming
+// every VMA, and the round copies everything.
+func (d *dumper) setupTracking() error {
+	pid := d.opts.Pid
+	if d.opts.PrevImagesDir != "" {
+		p, err := loadParent(d.opts.ImagesDir, d.opts.PrevImagesDir, pid)
+		if err != nil {
+			return err
+		}
+		d.parent = p
+		u, err := takeParkedTracker(pid, int(p.inv.TrackerFd), p.inv.TrackerIno)
+		if err != nil {
+			return err
+		}
+		if u != nil {
+			t := &Tracker{pid: pid, u: u, features: trackFeatures, log: d.log, parked: int(p.inv.TrackerFd), parkedIno: p.inv.TrackerIno}
+			if t.sc, err = uffd.OpenScanner(pid); err != nil {
+				u.Close()
+				return err
+			}
+			d.tracker = t
+			written, fresh, err := t.Dirty()
+			if err != nil {
+				return err
+			}
+			d.dirty = newRegionSet(append(written, fresh...))
+			d.log.Info("incremental round", "parent", p.dir, "written pages", d.dirty.pages())
+			return nil
+		}
+		d.log.Warn("the dirty tracker of the previous round is gone (the process closed it?); copying all memory",
+			"parent", p.dir)
+	}
+	if !d.opts.PreDump && !d.opts.TrackMem {
+		return nil
+	}
+	fd, features, parked, err := injectUffd(d, pid, true)
+	if err != nil {
+		if errors.Is(err, ErrNoTracker) {
+			d.log.Warn("no dirty tracking for this process; later rounds copy all memory", "err", err)
+			return nil
+		}
+		return err
+	}
+	t := &Tracker{pid: pid, u: uffd.AdoptNoHandshake(fd, features), features: features, log: d.log, parked: parked}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		t.u.Close()
+		return os.NewSyscallError("fstat", err)
+	}
+	t.parkedIno = st.Ino
+	if t.sc, err = uffd.OpenScanner(pid); err != nil {
+		t.u.Close()
+		return err
+	}
+	d.tracker = t
+	vmas, err := proc.ReadSmaps(pid)
+	if err != nil {
+		return err
+	}
+	_, err = t.armNew(vmas)
+	return err
+}
+
+// preDump saves the process's memory for a later incremental dump: the
+// VMAs are read while frozen, then the process resumes and its pages are
+// copied while it runs (pages written meanwhile are caught by the next
+// round's scan).
+func (d *dumper) preDump(ctx context.Context, start, frozenAt time.Time) (*Result, error) {
+	pid := d.opts.Pid
+	img := &imageSet{files: newFileTable(d.opts.GhostLimit), mm: &pb.MmCore{Pid: int32(pid)}}
+	err := d.collectVmas(img)
+	d.resume(false)
+	released := time.Now()
+	if err != nil {
+		return nil, err
+	}
+	d.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
+	if err := d.dumpPages(ctx, img); err != nil {
+		return nil, err
+	}
+	inv, err := d.inventory(img)
+	if err != nil {
+		return nil, err
+	}
+	dir := d.opts.ImagesDir
+	if err := images.WriteAll(dir, "inventory.img", images.KindInventory, inv); err != nil {
+		return nil, err
+	}
+	if err := d.writePagemap(img); err != nil {
+		return nil, err
+	}
+	d.stats.TotalTimeUs = uint64(time.Since(start).Microseconds())
+	if err := images.WriteAll(dir, "stats-dump", images.KindStats, &pb.Stats{Dump: d.stats}); err != nil {
+		return nil, err
+	}
+	d.log.Info("pre-dump finished", "pid", pid, "frozen", released.Sub(frozenAt), "pages written", d.stats.PagesWritten,
+		"pages in parent", d.stats.PagesSkippedParent)
+	return &Result{Stats: d.stats}, nil
+}
