@@ -24,9 +24,16 @@ type imageSet struct {
 	procs  []*procImage
 	files  map[uint32]*pb.FileEntry
 	ghosts map[uint32]*pb.GhostFile
+	chain  pageChain
 }
 
+// close unmaps the page files.
+func (is *imageSet) close() { is.chain.close() }
+
 type procImage struct {
+	// runs is the page data of the process, resolved through the parent
+	// image chain at load time (mapped until imageSet.close).
+	runs    []pageRun
 	pstree  *pb.PstreeEntry
 	core    *pb.TaskCore
 	mm      *pb.MmCore
@@ -35,7 +42,7 @@ type procImage struct {
 	pagesID uint32
 }
 
-func load(dir string) (*imageSet, error) {
+func load(dir string) (_ *imageSet, err error) {
 	st, err := os.Stat(dir)
 	if err != nil {
 		return nil, fmt.Errorf("images directory: %w", err)
@@ -44,6 +51,11 @@ func load(dir string) (*imageSet, error) {
 		return nil, fmt.Errorf("images directory %s: not a directory", dir)
 	}
 	is := &imageSet{dir: dir, inv: &pb.Inventory{}, files: map[uint32]*pb.FileEntry{}, ghosts: map[uint32]*pb.GhostFile{}}
+	defer func() {
+		if err != nil {
+			is.close()
+		}
+	}()
 	if err := images.ReadOne(dir, "inventory.img", images.KindInventory, is.inv); err != nil {
 		return nil, err
 	}
@@ -85,6 +97,11 @@ func load(dir string) (*imageSet, error) {
 		if err := loadPagemap(dir, p); err != nil {
 			return nil, err
 		}
+		runs, err := is.chain.resolve(dir, pid, 0)
+		if err != nil {
+			return nil, err
+		}
+		p.runs = runs
 		if len(p.core.Threads) == 0 || p.core.Threads[0].Tid != pid {
 			return nil, fmt.Errorf("%s: main thread %d missing: %w", filepath.Join(dir, fmt.Sprintf("core-%d.img", pid)), pid, images.ErrCorrupt)
 		}

@@ -11,18 +11,12 @@ import (
 // atFdcwd is AT_FDCWD (-100) as a syscall argument register.
 const atFdcwd = ^uint64(99)
 
-// fillPages copies the process's pages, resolved through the image chain
-// and mmapped, into its memory with process_vm_writev.
+// fillPages copies the process's pages (resolved through the image chain
+// at load time, mmapped) into its memory with process_vm_writev.
 func (b *builder) fillPages() error {
-	var c pageChain
-	defer c.close()
-	runs, err := c.resolve(b.r.is.dir, b.p.pstree.Pid, 0)
-	if err != nil {
-		return err
-	}
 	var segs []compel.Segment
 	var total uint64
-	for _, r := range runs {
+	for _, r := range b.p.runs {
 		segs = append(segs, compel.Segment{Addr: r.vaddr, Local: r.data})
 		total += uint64(len(r.data))
 	}

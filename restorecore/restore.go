@@ -44,6 +44,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer is.close()
 	if err := is.validate(nil); err != nil {
 		return nil, err
 	}

@@ -864,3 +864,56 @@ func TestPlainDumpAfterPreDump(t *testing.T) {
 	mustFerry(t, "restore", "-D", img, "-d")
 	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
 }
+
+func TestRestoreMissingParentRefusedUpFront(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "8")
+	root := t.TempDir()
+	d1, d2 := filepath.Join(root, "1"), filepath.Join(root, "2")
+	os.Mkdir(d1, 0o755)
+	os.Mkdir(d2, 0o755)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d2, "--prev-images-dir", "../1")
+	w.Reap(t)
+	if err := os.RemoveAll(d1); err != nil {
+		t.Fatal(err)
+	}
+	code, out := ferry(t, "restore", "-D", d2, "-d")
+	if code != 1 || !strings.Contains(out, "parent images") || !strings.Contains(out, d1) {
+		t.Fatalf("exit %d, %q", code, out)
+	}
+	if strings.Contains(out, "restore "+strconv.Itoa(w.Pid)+":") {
+		t.Fatalf("the missing parent was found only while building the process: %q", out)
+	}
+	if testutil.PidAlive(w.Pid) {
+		t.Fatalf("PID %d left behind", w.Pid)
+	}
+}
+
+func TestDumpTrackMemSnapshots(t *testing.T) {
+	// dump -R --track-mem: periodic snapshots, each storing only what
+	// changed since the previous one.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "32", "-W")
+	root := t.TempDir()
+	d1, d2 := filepath.Join(root, "1"), filepath.Join(root, "2")
+	os.Mkdir(d1, 0o755)
+	os.Mkdir(d2, 0o755)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d1, "-R", "--track-mem")
+	w.Signal(unix.SIGUSR2)
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d2, "--prev-images-dir", "../1", "-R", "--track-mem")
+	s1, s2 := dumpStats(t, d1), dumpStats(t, d2)
+	if s2.PagesWritten*10 > s1.PagesWritten || s2.PagesSkippedParent == 0 {
+		t.Fatalf("second snapshot wrote %d pages (first %d), %d from the parent", s2.PagesWritten, s1.PagesWritten, s2.PagesSkippedParent)
+	}
+	checkContinued(t, before, w.Report(t))
+	w.Kill()
+	mustFerry(t, "restore", "-D", d2, "-d")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	if rep := r.Report(t); rep.Status != "ok" || rep.Token != before.Token {
+		t.Fatalf("restored snapshot: %v", rep)
+	}
+}
