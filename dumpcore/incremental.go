@@ -55,6 +55,27 @@ func (s *regionSet) has(va uint64) bool {
 	return i < len(s.spans) && s.spans[i].start <= va
 }
 
+// next returns the first span ending after va (ok false if none).
+func (s *regionSet) next(va uint64) (span, bool) {
+	if s == nil {
+		return span{}, false
+	}
+	i := sort.Search(len(s.spans), func(i int) bool { return s.spans[i].end > va })
+	if i == len(s.spans) {
+		return span{}, false
+	}
+	return s.spans[i], true
+}
+
+// within returns the parts of the set inside [start, end).
+func (s *regionSet) within(start, end uint64) []span {
+	var out []span
+	for sp, ok := s.next(start); ok && sp.start < end; sp, ok = s.next(sp.end) {
+		out = append(out, span{max(sp.start, start), min(sp.end, end)})
+	}
+	return out
+}
+
 func (s *regionSet) pages() uint64 {
 	if s == nil {
 		return 0

@@ -184,6 +184,7 @@ type batch struct {
 type item struct {
 	va   uint64
 	kind uint8
+	n    uint64 // pages, for itemParent runs (data and skip items are 1)
 }
 
 const (
@@ -269,20 +270,59 @@ func (pd *pageDumper) writer() error {
 			err = pd.emit(b)
 			pd.writeTime += time.Since(t0)
 		}
-		pd.free <- b.buf
+		if b.buf != nil {
+			pd.free <- b.buf
+		}
 	}
 	return err
 }
 
+// vma dumps one VMA. In an incremental round, a VMA the tracker covers is
+// handled by spans: pages outside the dirty set that the parent holds are
+// recorded as parent runs without touching them, and only the dirty spans
+// are walked page by page. The cost of a round then follows what was
+// written, not the size of memory.
 func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
-	npages := (v.End - v.Start) / pageSize
+	if pd.parent == nil || !hasFlag(v.VmFlags, "uw") {
+		return pd.pages(v, v.Start, v.End, skipZero, werr)
+	}
+	cur := v.Start
+	for cur < v.End {
+		ds, ok := pd.dirty.next(cur)
+		if !ok || ds.start >= v.End {
+			ds = span{v.End, v.End}
+		}
+		if ds.start > cur {
+			var items []item
+			for _, p := range pd.parent.within(cur, ds.start) {
+				items = append(items, item{va: p.start, kind: itemParent, n: (p.end - p.start) / pageSize})
+			}
+			if len(items) > 0 {
+				pd.batches <- batch{items: items}
+			}
+		}
+		if ds.start >= v.End {
+			break
+		}
+		a, b := max(ds.start, cur), min(ds.end, v.End)
+		if err := pd.pages(v, a, b, skipZero, werr); err != nil {
+			return err
+		}
+		cur = b
+	}
+	return nil
+}
+
+// pages dumps [from, to) of VMA v page by page, as the pagemap shows it.
+func (pd *pageDumper) pages(v *pb.Vma, from, to uint64, skipZero bool, werr chan error) error {
+	npages := (to - from) / pageSize
 	const pmBatch = readChunk / pageSize
 	pmBuf := make([]byte, 8*pmBatch)
 	fileBacked := v.Kind == KindFilePrivate
 	readable := v.Prot&unix.PROT_READ != 0
 	for first := uint64(0); first < npages; first += pmBatch {
 		n := min(pmBatch, npages-first)
-		addr := v.Start + first*pageSize
+		addr := from + first*pageSize
 		b := pmBuf[:8*n]
 		if _, err := pd.pm.ReadAt(b, int64(addr/pageSize*8)); err != nil {
 			return fmt.Errorf("read pagemap of %d at %#x: %w", pd.pid, addr, err)
@@ -312,7 +352,7 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
 			}
 			va := addr + i*pageSize
 			if tracked && !pd.dirty.has(va) && pd.parent.has(va) {
-				items = append(items, item{va, itemParent})
+				items = append(items, item{va: va, kind: itemParent, n: 1})
 				continue
 			}
 			if l := len(segs); l > 0 && segs[l-1].Addr+uint64(len(segs[l-1].Local)) == va {
@@ -320,7 +360,7 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
 			} else {
 				segs = append(segs, compel.Segment{Addr: va, Local: buf[off : off+pageSize]})
 			}
-			items = append(items, item{va, itemData})
+			items = append(items, item{va: va, kind: itemData})
 			off += pageSize
 		}
 		if len(items) == 0 {
@@ -388,22 +428,26 @@ func (pd *pageDumper) emit(b batch) error {
 			runStart = -1
 		}
 	}
-	record := func(va uint64, parent bool) {
+	record := func(va uint64, n uint64, parent bool) {
 		if l := len(pd.entries); l > 0 {
 			last := pd.entries[l-1]
-			if last.InParent == parent && last.Vaddr+uint64(last.NrPages)*pageSize == va {
-				last.NrPages++
+			if last.InParent == parent && last.Vaddr+uint64(last.NrPages)*pageSize == va && uint64(last.NrPages)+n < 1<<31 {
+				last.NrPages += uint32(n)
 				return
 			}
 		}
-		pd.entries = append(pd.entries, &pb.PagemapEntry{Vaddr: va, NrPages: 1, InParent: parent})
+		for n > 0 { // entries count pages in 32 bits
+			c := min(n, 1<<30)
+			pd.entries = append(pd.entries, &pb.PagemapEntry{Vaddr: va, NrPages: uint32(c), InParent: parent})
+			va, n = va+c*pageSize, n-c
+		}
 	}
 	bi := 0 // next page of the buffer
 	for _, it := range b.items {
 		switch it.kind {
 		case itemParent:
-			pd.stats.PagesSkippedParent++
-			record(it.va, true)
+			pd.stats.PagesSkippedParent += it.n
+			record(it.va, it.n, true)
 			continue
 		case itemSkip:
 			flush(bi)
@@ -422,7 +466,7 @@ func (pd *pageDumper) emit(b batch) error {
 		}
 		bi++
 		pd.stats.PagesWritten++
-		record(it.va, false)
+		record(it.va, 1, false)
 	}
 	flush(bi)
 	n, err := pd.out.WriteVec(bufs)
