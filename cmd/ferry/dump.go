@@ -24,6 +24,7 @@ func newDumpCmd() *cobra.Command {
 		timeout      int
 		pidfile      string
 		displayStats bool
+		dedup        bool
 		ghostLimit   string
 		prevDir      string
 		trackMem     bool
@@ -93,6 +94,9 @@ work directory.`,
 				log.Error("dumping failed", "pid", pid, "err", err)
 				return fmt.Errorf("dumping %d failed: %w", pid, err)
 			}
+			if err := autoDedup(cmd, dedup, c.imagesDir); err != nil {
+				return err
+			}
 			if err := writePidfile(pidfile, pid); err != nil {
 				return err
 			}
@@ -111,6 +115,7 @@ work directory.`,
 	fs.BoolVarP(&shellJob, "shell-job", "j", false, "allow a process that is a job of a shell (foreign session, terminal stdio)")
 	fs.IntVar(&timeout, "timeout", 10, "seconds to wait for the process to freeze")
 	fs.StringVar(&pidfile, "pidfile", "", "write the dumped PID to FILE")
+	fs.BoolVar(&dedup, "auto-dedup", false, "free parent page data this round stores again (see ferry dedup)")
 	fs.BoolVar(&displayStats, "display-stats", false, "print dump statistics when done")
 	fs.StringVar(&ghostLimit, "ghost-limit", "1M", "largest deleted file carried in the images (bytes; K, M, G suffixes)")
 	fs.StringVar(&prevDir, "prev-images-dir", "", "store only pages written since the (pre-)dump in DIR (relative to -D)")

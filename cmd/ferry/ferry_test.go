@@ -917,3 +917,39 @@ func TestDumpTrackMemSnapshots(t *testing.T) {
 		t.Fatalf("restored snapshot: %v", rep)
 	}
 }
+
+func allocated(t *testing.T, path string) int64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+func TestDedup(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "16", "-W")
+	root := t.TempDir()
+	d1, d2 := filepath.Join(root, "1"), filepath.Join(root, "2")
+	os.Mkdir(d1, 0o755)
+	os.Mkdir(d2, 0o755)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
+	w.Signal(unix.SIGUSR2) // rewrites 10 pages of the buffer
+	before := w.Report(t)
+	pages1 := filepath.Join(d1, fmt.Sprintf("pages-%d.img", w.Pid))
+	size1 := allocated(t, pages1)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d2, "--prev-images-dir", "../1", "--auto-dedup")
+	w.Reap(t)
+	freed := size1 - allocated(t, pages1)
+	if freed < 10*4096 {
+		t.Fatalf("--auto-dedup freed %d bytes of the parent's pages, want at least the 10 rewritten pages", freed)
+	}
+	out := mustFerry(t, "dedup", "-D", d2)
+	if !strings.Contains(out, "freed") {
+		t.Fatalf("dedup: %q", out)
+	}
+	mustFerry(t, "restore", "-D", d2, "-d")
+	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
+}

@@ -20,6 +20,7 @@ func newPreDumpCmd() *cobra.Command {
 		prevDir      string
 		mode         string
 		displayStats bool
+		dedup        bool
 	)
 	cmd := &cobra.Command{
 		Use:   "pre-dump -t PID -D DIR [--prev-images-dir DIR] [options]",
@@ -63,6 +64,9 @@ directory, which refers to its parents through --prev-images-dir.`,
 				log.Error("pre-dump failed", "pid", pid, "err", err)
 				return fmt.Errorf("pre-dump of %d failed: %w", pid, err)
 			}
+			if err := autoDedup(cmd, dedup, c.imagesDir); err != nil {
+				return err
+			}
 			if displayStats {
 				printDumpStats(cmd, res.Stats)
 			}
@@ -76,6 +80,7 @@ directory, which refers to its parents through --prev-images-dir.`,
 	fs.StringVar(&prevDir, "prev-images-dir", "", "the previous pre-dump, relative to -D: store only pages written since")
 	fs.StringVar(&mode, "pre-dump-mode", "read", "how pages are copied: read (process_vm_readv); splice is accepted and reads too")
 	fs.Bool("track-mem", true, "accepted for criu compatibility: pre-dump always tracks memory")
+	fs.BoolVar(&dedup, "auto-dedup", false, "free parent page data this round stores again (see ferry dedup)")
 	fs.BoolVar(&displayStats, "display-stats", false, "print statistics when done")
 	return cmd
 }
