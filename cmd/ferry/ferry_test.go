@@ -757,11 +757,8 @@ func TestPreDumpChain(t *testing.T) {
 	needRoot(t)
 	bin := testutil.BuildC(t, "memcheck")
 	w := testutil.Start(t, "-r", bin, "-m", "64", "-t", "2", "-p", "-n", "-W")
-	root := t.TempDir()
-	d1, d2, d3 := filepath.Join(root, "1"), filepath.Join(root, "2"), filepath.Join(root, "3")
-	for _, d := range []string{d1, d2, d3} {
-		os.Mkdir(d, 0o755)
-	}
+	dirs := chainDirs(t, 3)
+	d1, d2, d3 := dirs[0], dirs[1], dirs[2]
 	before := w.Report(t)
 	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
 	// The process runs on, with the tracker parked inside it.
@@ -815,10 +812,8 @@ func TestPreDumpTrackerLost(t *testing.T) {
 	needRoot(t)
 	bin := testutil.BuildC(t, "memcheck")
 	w := testutil.Start(t, "-r", bin, "-m", "16")
-	root := t.TempDir()
-	d1, d2 := filepath.Join(root, "1"), filepath.Join(root, "2")
-	os.Mkdir(d1, 0o755)
-	os.Mkdir(d2, 0o755)
+	dirs := chainDirs(t, 2)
+	d1, d2 := dirs[0], dirs[1]
 	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
 	var inv pb.Inventory
 	if err := images.ReadOne(d1, "inventory.img", images.KindInventory, &inv); err != nil {
@@ -869,10 +864,8 @@ func TestRestoreMissingParentRefusedUpFront(t *testing.T) {
 	needRoot(t)
 	bin := testutil.BuildC(t, "memcheck")
 	w := testutil.Start(t, "-r", bin, "-m", "8")
-	root := t.TempDir()
-	d1, d2 := filepath.Join(root, "1"), filepath.Join(root, "2")
-	os.Mkdir(d1, 0o755)
-	os.Mkdir(d2, 0o755)
+	dirs := chainDirs(t, 2)
+	d1, d2 := dirs[0], dirs[1]
 	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
 	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d2, "--prev-images-dir", "../1")
 	w.Reap(t)
@@ -897,10 +890,8 @@ func TestDumpTrackMemSnapshots(t *testing.T) {
 	needRoot(t)
 	bin := testutil.BuildC(t, "memcheck")
 	w := testutil.Start(t, "-r", bin, "-m", "32", "-W")
-	root := t.TempDir()
-	d1, d2 := filepath.Join(root, "1"), filepath.Join(root, "2")
-	os.Mkdir(d1, 0o755)
-	os.Mkdir(d2, 0o755)
+	dirs := chainDirs(t, 2)
+	d1, d2 := dirs[0], dirs[1]
 	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d1, "-R", "--track-mem")
 	w.Signal(unix.SIGUSR2)
 	before := w.Report(t)
@@ -931,10 +922,8 @@ func TestDedup(t *testing.T) {
 	needRoot(t)
 	bin := testutil.BuildC(t, "memcheck")
 	w := testutil.Start(t, "-r", bin, "-m", "16", "-W")
-	root := t.TempDir()
-	d1, d2 := filepath.Join(root, "1"), filepath.Join(root, "2")
-	os.Mkdir(d1, 0o755)
-	os.Mkdir(d2, 0o755)
+	dirs := chainDirs(t, 2)
+	d1, d2 := dirs[0], dirs[1]
 	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
 	w.Signal(unix.SIGUSR2) // rewrites 10 pages of the buffer
 	before := w.Report(t)
@@ -952,4 +941,20 @@ func TestDedup(t *testing.T) {
 	}
 	mustFerry(t, "restore", "-D", d2, "-d")
 	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
+}
+
+// chainDirs makes sibling image directories 1..n for an incremental chain
+// (each round refers to the previous one as ../N).
+func chainDirs(t *testing.T, n int) []string {
+	t.Helper()
+	root := t.TempDir()
+	var out []string
+	for i := 1; i <= n; i++ {
+		d := filepath.Join(root, strconv.Itoa(i))
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, d)
+	}
+	return out
 }
