@@ -24,6 +24,11 @@
  *   -W       on SIGUSR2, rewrite pages 100-109 of the -m buffer with the
  *            same pattern (writes that change nothing: a dirty tracker
  *            must still see them)
+ *   -C       churn: a second buffer of -m MiB is rewritten page by page in
+ *            passes; every page holds the pass number it was last written
+ *            in, and at the end of each pass all must hold the same one.
+ *            A snapshot taken at one instant passes this check after a
+ *            restore; one mixing pages of different instants fails it.
  *   -T       timers and signals: ITIMER_REAL, a POSIX timer, a blocked
  *            real-time signal queued twice with values, a sigaltstack
  *   -r PATH  report path (required)
@@ -70,6 +75,38 @@ static long lines;
 static off_t out_off;
 
 static char fail_reason[256];
+
+/* -C */
+static uint64_t *churn;
+static size_t churn_pages, churn_next;
+static uint64_t churn_gen = 1, churn_passes;
+static int churn_fail;
+
+/* churn_step rewrites a few pages; at the end of a pass it checks them all. */
+static void churn_step(void)
+{
+	for (int k = 0; k < 64; k++) {
+		uint64_t *pg = churn + churn_next * (4096 / 8);
+		for (int w = 0; w < 4096 / 8; w += 64)
+			pg[w] = churn_gen ^ token;
+		if (++churn_next < churn_pages)
+			continue;
+		for (size_t i = 0; i < churn_pages; i++) {
+			uint64_t *q = churn + i * (4096 / 8);
+			for (int w = 0; w < 4096 / 8; w += 64)
+				if (q[w] != (churn_gen ^ token) && !churn_fail) {
+					churn_fail = 1;
+					snprintf(fail_reason, sizeof fail_reason,
+						 "churn page %zu holds pass %llu, pass %llu just ended", i,
+						 (unsigned long long)(q[w] ^ token), (unsigned long long)churn_gen);
+				}
+		}
+		churn_next = 0;
+		churn_gen++;
+		churn_passes++;
+		return;
+	}
+}
 
 static uint64_t xorshift(uint64_t *s);
 
@@ -334,11 +371,13 @@ static void *sleeper(void *arg)
 	return NULL;
 }
 
-static int maps_on, timers_on;
+static int maps_on, timers_on, churn_on;
 
 static int verify(void)
 {
 	if (maps_on && !check_maps())
+		return 0;
+	if (churn_on && churn_fail)
 		return 0;
 	if (ghost_fd >= 0 && !check_ghost())
 		return 0;
@@ -386,6 +425,8 @@ static void write_report(long counter, long seq, int ok)
 		fprintf(f, "piperead=%ld\n", piperead);
 	if (out_fd >= 0)
 		fprintf(f, "lines=%ld\n", lines);
+	if (churn_on)
+		fprintf(f, "passes=%llu\n", (unsigned long long)churn_passes);
 	if (timers_on) {
 		sigset_t pend;
 		sigpending(&pend);
@@ -404,8 +445,8 @@ int main(int argc, char **argv)
 	const char *outfile = NULL;
 	int opt;
 	const char *ghost_dir = NULL;
-	int use_maps = 0, use_timers = 0, use_rewrite = 0;
-	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TW")) != -1) {
+	int use_maps = 0, use_timers = 0, use_rewrite = 0, use_churn = 0;
+	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWC")) != -1) {
 		switch (opt) {
 		case 'm': mib = atol(optarg); break;
 		case 't': nthreads = atoi(optarg); break;
@@ -420,6 +461,7 @@ int main(int argc, char **argv)
 		case 'G': ghost_kib = atol(optarg); break;
 		case 'T': use_timers = 1; break;
 		case 'W': use_rewrite = 1; break;
+		case 'C': use_churn = 1; break;
 		default:
 			fprintf(stderr, "usage: memcheck -r REPORT [-m MIB] [-t N] [-p] [-n] [-s] [-f FILE] [-x CODE] [-M] [-g DIR [-G KIB]] [-T]\n");
 			return 2;
@@ -453,6 +495,19 @@ int main(int argc, char **argv)
 		}
 	}
 
+	if (use_churn) {
+		churn_pages = mem_size / PAGE;
+		churn = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (churn == MAP_FAILED) {
+			perror("mmap churn");
+			return 1;
+		}
+		for (size_t i = 0; i < churn_pages; i++)
+			for (int w = 0; w < 4096 / 8; w += 64)
+				churn[i * (4096 / 8) + w] = churn_gen ^ token;
+		churn_gen++;
+	}
+	churn_on = use_churn;
 	if (use_maps && setup_maps(argv[0])) {
 		perror("mappings");
 		return 1;
@@ -554,6 +609,9 @@ int main(int argc, char **argv)
 		}
 		if (want_exit)
 			return exit_code;
-		usleep(1000);
+		if (churn_on)
+			churn_step();
+		else
+			usleep(1000);
 	}
 }
