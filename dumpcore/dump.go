@@ -77,6 +77,14 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 	}
 
 	d := &dumper{opts: opts, log: opts.Logger, stats: &pb.DumpStats{}}
+	if opts.PrevImagesDir != "" {
+		// Read the parent before freezing anything.
+		p, err := loadParent(opts.ImagesDir, opts.PrevImagesDir, opts.Pid)
+		if err != nil {
+			return nil, err
+		}
+		d.parent = p
+	}
 	var res *Result
 	// The whole dump runs on one locked OS thread: the tracer.
 	tr := ptrace.NewThread()
@@ -133,12 +141,16 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 		}
 	}()
 
+	t0 := time.Now()
 	if err := d.prepare(); err != nil {
 		return nil, err
 	}
+	log.Debug("prepared", "took", time.Since(t0))
+	t0 = time.Now()
 	if err := d.setupTracking(); err != nil {
 		return nil, err
 	}
+	log.Debug("tracking set up", "took", time.Since(t0))
 	if d.tracker != nil {
 		defer d.tracker.Close()
 	}

@@ -189,12 +189,7 @@ func isUffdLink(target string) bool { return strings.HasPrefix(target, "anon_ino
 // every VMA, and the round copies everything.
 func (d *dumper) setupTracking() error {
 	pid := d.opts.Pid
-	if d.opts.PrevImagesDir != "" {
-		p, err := loadParent(d.opts.ImagesDir, d.opts.PrevImagesDir, pid)
-		if err != nil {
-			return err
-		}
-		d.parent = p
+	if p := d.parent; p != nil {
 		u, err := takeParkedTracker(pid, int(p.inv.TrackerFd), p.inv.TrackerIno)
 		if err != nil {
 			return err
@@ -206,10 +201,12 @@ func (d *dumper) setupTracking() error {
 				return err
 			}
 			d.tracker = t
+			t0 := time.Now()
 			written, fresh, err := t.Dirty()
 			if err != nil {
 				return err
 			}
+			d.log.Debug("dirty scan", "took", time.Since(t0))
 			d.dirty = newRegionSet(append(written, fresh...))
 			d.log.Info("incremental round", "parent", p.dir, "written pages", d.dirty.pages())
 			return nil

@@ -159,9 +159,9 @@ func trackable(v *proc.Vma) bool {
 	return true
 }
 
-// armNew registers and write-protects every trackable VMA of vmas that
-// the kernel does not show as registered ("uw" in smaps) and returns them:
-// everything in them counts as written.
+// armNew registers and write-protects every trackable VMA of vmas not yet
+// registered (from smaps: no "uw" flag; from Dirty: the scan said so) and
+// returns them: everything in them counts as written.
 func (t *Tracker) armNew(vmas []proc.Vma) ([]uffd.Region, error) {
 	var fresh []uffd.Region
 	for i := range vmas {
@@ -185,26 +185,33 @@ func (t *Tracker) armNew(vmas []proc.Vma) ([]uffd.Region, error) {
 // Dirty returns the pages written since the previous call (or since
 // StartTracking), and re-arms them. fresh lists VMAs that appeared since
 // (mmap, mremap, a split that lost the registration): all of their pages
-// count as written. The scan is driven by smaps, the kernel's own record
-// of which VMAs are registered, so VMAs that grew (brk) or were split
-// (mprotect) are still scanned whole.
+// count as written. VMAs come from /proc/PID/maps (smaps would walk every
+// page table for its counters); whether one is registered is answered by
+// the scan itself, which fails with EPERM on an unregistered VMA under
+// PM_SCAN_CHECK_WPASYNC. VMAs that grew (brk) or were split (mprotect)
+// keep their registration and are scanned whole.
 func (t *Tracker) Dirty() (written, fresh []uffd.Region, err error) {
-	vmas, err := proc.ReadSmaps(t.pid)
+	vmas, err := proc.ReadMaps(t.pid)
 	if err != nil {
 		return nil, nil, err
 	}
+	var unarmed []proc.Vma
 	for i := range vmas {
 		v := &vmas[i]
-		if !trackable(v) || !v.Has("uw") {
+		if !trackable(v) {
 			continue
 		}
 		rs, err := t.sc.Scan(v.Start, v.End, uffd.Written)
+		if errors.Is(err, unix.EPERM) && len(rs) == 0 {
+			unarmed = append(unarmed, *v)
+			continue
+		}
 		if err != nil {
 			return nil, nil, err
 		}
 		written = append(written, rs...)
 	}
-	fresh, err = t.armNew(vmas)
+	fresh, err = t.armNew(unarmed)
 	return written, fresh, err
 }
 
