@@ -82,6 +82,7 @@ func (b *builder) build(ctx context.Context) error {
 		{"trampoline", b.setupTrampoline},
 		{"vdso", b.moveVdso},
 		{"memory", b.restoreMemory},
+		{"lazy pages", b.setupLazy},
 		{"mm", b.restoreMm},
 		{"rlimits", b.restoreRlimits},
 		{"files", b.restoreFiles},
@@ -284,7 +285,7 @@ func (b *builder) restoreMemory() error {
 			continue
 		}
 		prot := uint64(v.Prot)
-		if hasPages[i] {
+		if hasPages[i] && !b.lazy(v) {
 			prot |= unix.PROT_READ | unix.PROT_WRITE
 		}
 		flags := uint64(v.Flags) | unix.MAP_FIXED
@@ -334,7 +335,7 @@ func (b *builder) restoreMemory() error {
 		return err
 	}
 	for i, v := range vmas {
-		if hasPages[i] && v.Prot != v.Prot|unix.PROT_READ|unix.PROT_WRITE {
+		if hasPages[i] && !b.lazy(v) && v.Prot != v.Prot|unix.PROT_READ|unix.PROT_WRITE {
 			if _, err := b.sys(unix.SYS_MPROTECT, v.Start, v.End-v.Start, uint64(v.Prot)); err != nil {
 				return fmt.Errorf("mprotect %#x: %w", v.Start, err)
 			}

@@ -24,16 +24,16 @@ type imageSet struct {
 	procs  []*procImage
 	files  map[uint32]*pb.FileEntry
 	ghosts map[uint32]*pb.GhostFile
-	chain  pageChain
+	chain  images.PageChain
 }
 
 // close unmaps the page files.
-func (is *imageSet) close() { is.chain.close() }
+func (is *imageSet) close() { is.chain.Close() }
 
 type procImage struct {
 	// runs is the page data of the process, resolved through the parent
 	// image chain at load time (mapped until imageSet.close).
-	runs    []pageRun
+	runs    []images.PageRun
 	pstree  *pb.PstreeEntry
 	core    *pb.TaskCore
 	mm      *pb.MmCore
@@ -97,7 +97,7 @@ func load(dir string) (_ *imageSet, err error) {
 		if err := loadPagemap(dir, p); err != nil {
 			return nil, err
 		}
-		runs, err := is.chain.resolve(dir, pid, 0)
+		runs, err := is.chain.Resolve(dir, pid)
 		if err != nil {
 			return nil, err
 		}

@@ -17,8 +17,10 @@ func (b *builder) fillPages() error {
 	var segs []compel.Segment
 	var total uint64
 	for _, r := range b.p.runs {
-		segs = append(segs, compel.Segment{Addr: r.vaddr, Local: r.data})
-		total += uint64(len(r.data))
+		for _, part := range b.eagerParts(r) {
+			segs = append(segs, compel.Segment{Addr: part.Vaddr, Local: part.Data})
+			total += uint64(len(part.Data))
+		}
 	}
 	b.r.stats.PagesRestored += total / pageSize
 	return fillParallel(b.pid, segs, total)

@@ -23,7 +23,11 @@ type Options struct {
 	ImagesDir    string // -D/--images-dir
 	LeaveStopped bool   // -s/--leave-stopped
 	ShellJob     bool   // -j/--shell-job
-	Logger       *slog.Logger
+	// LazyPages (--lazy-pages): leave private anonymous memory to the
+	// lazy-pages daemon listening at LazySocket.
+	LazyPages  bool
+	LazySocket string
+	Logger     *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and
@@ -47,6 +51,11 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	defer is.close()
 	if err := is.validate(nil); err != nil {
 		return nil, err
+	}
+	if opts.LazyPages {
+		if st, err := os.Stat(opts.LazySocket); err != nil || st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%w: no lazy-pages daemon listening at %s (start ferry lazy-pages first)", ErrValidation, opts.LazySocket)
+		}
 	}
 	validated := time.Now()
 	r := &restorer{opts: opts, log: opts.Logger, is: is, stats: &pb.RestoreStats{}}

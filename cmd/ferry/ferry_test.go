@@ -988,3 +988,55 @@ func TestPreDumpChainUnderChurn(t *testing.T) {
 		t.Fatalf("churn passes %d -> %d", before.Int("passes"), after.Int("passes"))
 	}
 }
+
+func TestLazyRestore(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "64", "-t", "2", "-p", "-n", "-T")
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	// Without a daemon, a lazy restore is refused before anything starts.
+	if code, out := ferry(t, "restore", "-D", img, "-d", "--lazy-pages"); code != 1 || !strings.Contains(out, "no lazy-pages daemon") {
+		t.Fatalf("lazy restore without a daemon: exit %d, %q", code, out)
+	}
+	r, wp, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	status, err := unix.Dup(int(wp.Fd())) // the daemon closes its status fd
+	if err != nil {
+		t.Fatal(err)
+	}
+	wp.Close()
+	done := make(chan int, 1)
+	go func() {
+		code, _ := ferry(t, "lazy-pages", "-D", img, "--status-fd", strconv.Itoa(status), "-v4", "-o", "lazy.log")
+		done <- code
+	}()
+	r.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b := make([]byte, 1)
+	if n, err := r.Read(b); n != 1 || b[0] != 0 {
+		t.Fatalf("status fd: %d %v %v", n, b, err)
+	}
+	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
+	rw := testutil.Attach(t, w.Pid, w.ReportPath)
+	after := rw.Report(t) // verifies all its memory, faulting pages in
+	checkContinued(t, before, after)
+	rw.Signal(unix.SIGUSR2)
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("lazy-pages exited %d", code)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("lazy-pages did not finish delivering")
+	}
+	// SIGUSR2 wrote to the pipe and unblocked the two queued RT signals.
+	if rep := rw.Report(t); rep.Status != "ok" || rep.Int("piperead") != before.Int("piperead")+1 ||
+		rep.Int("rtsigs") != 2 || rep.Int("rtsum") != 1234 {
+		t.Fatalf("after post-copy: %v", rep)
+	}
+}

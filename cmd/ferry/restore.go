@@ -4,12 +4,14 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/restorecore"
 )
 
@@ -23,6 +25,7 @@ func newRestoreCmd() *cobra.Command {
 		shellJob     bool
 		pidfile      string
 		displayStats bool
+		lazy         bool
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -59,6 +62,7 @@ process runs; the process is then re-parented to init.`,
 			}
 			res, err := restorecore.Restore(cmd.Context(), restorecore.Options{
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
+				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -104,6 +108,7 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolVarP(&shellJob, "shell-job", "j", false, "restore a shell job: terminals become ferry's own")
 	fs.StringVar(&pidfile, "pidfile", "", "write the restored root's PID to FILE")
 	fs.BoolVar(&displayStats, "display-stats", false, "print restore statistics when done")
+	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages (post-copy)")
 	return cmd
 }
 

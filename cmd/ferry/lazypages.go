@@ -1,0 +1,73 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ferrycr/ferry/lazypages"
+)
+
+func init() { register(newLazyPagesCmd) }
+
+func newLazyPagesCmd() *cobra.Command {
+	var (
+		c        common
+		statusFd int
+	)
+	cmd := &cobra.Command{
+		Use:   "lazy-pages -D DIR [-W DIR] [--status-fd FD]",
+		Short: "serve a restored process's memory on demand (post-copy)",
+		Long: `Run the post-copy daemon for a "ferry restore --lazy-pages" of the same
+images. It listens on lazy-pages.socket in the work directory (-W, default
+the images directory); the restore hands it the userfaultfd of the process
+it recreated, with the process's private anonymous memory left empty, and
+resumes the process at once. The daemon then copies each page the process
+touches (64 KiB around the fault), copies everything else in the
+background, and exits when every page is delivered. Pages the process
+discards meanwhile (madvise, munmap) are not brought back; pages moved by
+mremap follow their mapping.
+
+--status-fd FD writes one zero byte to FD once the socket listens, as
+criu does, so a script can start the restore without polling.
+
+Not supported yet: a process that forks while pages are still pending, and
+pages served from a remote page server.`,
+		Example: `  ferry lazy-pages -D ckpt --status-fd 3 3>ready &
+  ferry restore -D ckpt --lazy-pages -d`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			log, err := c.logger()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			opts := lazypages.Options{
+				ImagesDir: c.imagesDir,
+				Socket:    filepath.Join(c.workDirOrImages(), lazypages.SocketName),
+				Logger:    log,
+			}
+			if statusFd >= 0 {
+				opts.Ready = func() { writeStatus(statusFd) }
+			}
+			st, err := lazypages.Serve(cmd.Context(), opts)
+			if err != nil {
+				return err
+			}
+			log.Info("lazy-pages finished", "faults", st.Faults, "pages", st.PagesCopied, "took", st.Duration)
+			return nil
+		},
+	}
+	c.addFlags(cmd.Flags())
+	cmd.Flags().IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD when ready")
+	return cmd
+}
+
+// writeStatus writes criu's readiness byte to fd and closes it.
+func writeStatus(fd int) {
+	f := os.NewFile(uintptr(fd), fmt.Sprintf("status-fd %d", fd))
+	f.Write([]byte{0})
+	f.Close()
+}

@@ -1,0 +1,151 @@
+package images
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"sort"
+
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+// PageRun is page data ready to copy: pages [Vaddr, Vaddr+len(Data)).
+type PageRun struct {
+	Vaddr uint64
+	Data  []byte
+}
+
+// maxChain bounds the parent chain of an incremental image set.
+const maxChain = 64
+
+// PageChain resolves the memory of a process in an image directory into
+// runs of page data, following in_parent entries through the parent image
+// sets (--prev-images-dir). It keeps the page files mapped until Close.
+type PageChain struct {
+	closers []io.Closer
+}
+
+// Close unmaps the page files.
+func (c *PageChain) Close() {
+	for _, cl := range c.closers {
+		cl.Close()
+	}
+}
+
+// Resolve returns the runs of dir's pagemap for pid, sorted by address.
+func (c *PageChain) Resolve(dir string, pid int32) ([]PageRun, error) {
+	return c.resolve(dir, pid, 0)
+}
+
+func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error) {
+	if depth > maxChain {
+		return nil, fmt.Errorf("%s: parent image chain longer than %d", dir, maxChain)
+	}
+	name := fmt.Sprintf("pagemap-%d.img", pid)
+	r, err := Open(dir, name, KindPagemap)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	head := &pb.PagemapHead{}
+	if err := r.Next(head); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("%s: missing head: %w", filepath.Join(dir, name), ErrTruncated)
+		}
+		return nil, err
+	}
+	if head.Compression != "" {
+		return nil, fmt.Errorf("%s: page compression %q is not supported by this ferry: %w", filepath.Join(dir, name), head.Compression, ErrVersion)
+	}
+	var entries []*pb.PagemapEntry
+	var prevEnd uint64
+	needParent := false
+	for {
+		e := &pb.PagemapEntry{}
+		if err := r.Next(e); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return nil, err
+		}
+		if e.Vaddr%4096 != 0 || e.NrPages == 0 || e.Vaddr < prevEnd {
+			return nil, fmt.Errorf("%s: bad pagemap entry %#x+%d at offset %d: %w", filepath.Join(dir, name), e.Vaddr, e.NrPages, r.Offset(), ErrCorrupt)
+		}
+		prevEnd = e.Vaddr + uint64(e.NrPages)*4096
+		needParent = needParent || e.InParent
+		entries = append(entries, e)
+	}
+	var data []byte
+	pagesName := fmt.Sprintf("pages-%d.img", head.PagesId)
+	pr, err := OpenPages(dir, pagesName)
+	if err != nil {
+		return nil, err
+	}
+	c.closers = append(c.closers, pr)
+	if data, err = pr.Bytes(); err != nil {
+		return nil, err
+	}
+	var parent []PageRun
+	if needParent {
+		inv := &pb.Inventory{}
+		if err := ReadOne(dir, "inventory.img", KindInventory, inv); err != nil {
+			return nil, err
+		}
+		if inv.ParentDir == "" {
+			return nil, fmt.Errorf("%s has pages in a parent image but names no parent directory: %w", filepath.Join(dir, name), ErrCorrupt)
+		}
+		pdir := inv.ParentDir
+		if !filepath.IsAbs(pdir) {
+			pdir = filepath.Join(dir, pdir)
+		}
+		if parent, err = c.resolve(pdir, pid, depth+1); err != nil {
+			return nil, fmt.Errorf("parent images of %s: %w", dir, err)
+		}
+	}
+	var out []PageRun
+	var off uint64
+	for _, e := range entries {
+		n := uint64(e.NrPages) * 4096
+		if !e.InParent {
+			if off+n > uint64(len(data)) {
+				return nil, fmt.Errorf("%s: pagemap wants %d bytes at offset %d, file has %d: %w",
+					filepath.Join(dir, pagesName), n, off, len(data), ErrTruncated)
+			}
+			out = append(out, PageRun{Vaddr: e.Vaddr, Data: data[off : off+n]})
+			off += n
+			continue
+		}
+		runs, err := cut(parent, e.Vaddr, e.Vaddr+n)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
+		}
+		out = append(out, runs...)
+	}
+	if off != uint64(len(data)) {
+		return nil, fmt.Errorf("%s: %d bytes of page data, pagemap accounts for %d: %w",
+			filepath.Join(dir, pagesName), len(data), off, ErrCorrupt)
+	}
+	return out, nil
+}
+
+// cut returns the parts of runs covering [start, end), which must be
+// covered completely.
+func cut(runs []PageRun, start, end uint64) ([]PageRun, error) {
+	i := sort.Search(len(runs), func(i int) bool { return runs[i].Vaddr+uint64(len(runs[i].Data)) > start })
+	var out []PageRun
+	at := start
+	for ; i < len(runs) && at < end; i++ {
+		r := runs[i]
+		if r.Vaddr > at {
+			break
+		}
+		s := at - r.Vaddr
+		e := min(uint64(len(r.Data)), end-r.Vaddr)
+		out = append(out, PageRun{Vaddr: at, Data: r.Data[s:e]})
+		at = r.Vaddr + e
+	}
+	if at < end {
+		return nil, fmt.Errorf("page %#x is marked in the parent image, which does not have it: %w", at, ErrCorrupt)
+	}
+	return out, nil
+}
