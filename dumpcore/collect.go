@@ -441,14 +441,33 @@ func (d *dumper) write(img *imageSet) error {
 	return d.writePagemap(img)
 }
 
-// writePagemap writes pagemap-PID.img.
+// writePagemap writes pagemap-PID.img, locally and, with a page server,
+// there too.
 func (d *dumper) writePagemap(img *imageSet) error {
-	pid := d.opts.Pid
-	pw, err := images.Create(d.opts.ImagesDir, fmt.Sprintf("pagemap-%d.img", pid), images.KindPagemap)
+	name := fmt.Sprintf("pagemap-%d.img", d.opts.Pid)
+	w, err := images.Create(d.opts.ImagesDir, name, images.KindPagemap)
 	if err != nil {
 		return err
 	}
-	if err := pw.Write(&pb.PagemapHead{PagesId: uint32(pid)}); err != nil {
+	if err := d.writePagemapTo(w, img); err != nil {
+		return err
+	}
+	if d.opts.PageSink == nil {
+		return nil
+	}
+	wc, err := d.opts.PageSink.Create(name)
+	if err != nil {
+		return fmt.Errorf("page server: %w", err)
+	}
+	rw, err := images.NewWriter(wc, images.KindPagemap)
+	if err != nil {
+		return err
+	}
+	return d.writePagemapTo(rw, img)
+}
+
+func (d *dumper) writePagemapTo(pw *images.Writer, img *imageSet) error {
+	if err := pw.Write(&pb.PagemapHead{PagesId: uint32(d.opts.Pid)}); err != nil {
 		pw.Close()
 		return err
 	}

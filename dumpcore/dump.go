@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"time"
@@ -35,8 +36,21 @@ type Options struct {
 	// PreDump (ferry pre-dump): save memory only, copied while the
 	// process runs, and leave the tracker in it.
 	PreDump bool
-	Version string // written to the inventory
-	Logger  *slog.Logger
+	// PageSink (--page-server), when set, receives the pages and pagemap
+	// files instead of the images directory (the pagemap is also kept
+	// locally, for the next incremental round).
+	PageSink PageSink
+	Version  string // written to the inventory
+	Logger   *slog.Logger
+}
+
+// PageSink receives image files elsewhere (a page server session).
+// Finish must return only once the files are safely stored: the dump
+// calls it before its commit point (killing the process).
+type PageSink interface {
+	Create(name string) (io.WriteCloser, error)
+	Finish() error
+	Abort()
 }
 
 // Result describes a finished dump.
@@ -165,6 +179,9 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 	if err := d.write(img); err != nil {
 		return nil, err
 	}
+	if err := d.finishSink(); err != nil {
+		return nil, err
+	}
 
 	// Images are complete: now the tree may be killed.
 	committed = true
@@ -223,6 +240,17 @@ func (d *dumper) prepare() error {
 	return err
 }
 
+// finishSink waits for the page server to have stored everything.
+func (d *dumper) finishSink() error {
+	if d.opts.PageSink == nil {
+		return nil
+	}
+	if err := d.opts.PageSink.Finish(); err != nil {
+		return fmt.Errorf("the page server did not store the pages: %w", err)
+	}
+	return nil
+}
+
 // kill ends the dumped tree and waits until its threads are dead. The
 // PID itself is free once the parent reaps the zombie, which is the
 // parent's business (criu behaves the same).
@@ -265,6 +293,9 @@ func (d *dumper) resume(stopped bool) {
 		if err := ptrace.Detach(t.tid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
 			d.log.Warn("detach failed", "tid", t.tid, "err", err)
 		}
+	}
+	if stopped && !proc.WaitState(d.opts.Pid, "Tt", 2*time.Second) {
+		d.log.Warn("the process did not reach the stopped state", "pid", d.opts.Pid)
 	}
 	if !stopped {
 		for _, t := range d.threads {

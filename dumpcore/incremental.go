@@ -273,6 +273,9 @@ func (d *dumper) preDump(ctx context.Context, start, frozenAt time.Time) (*Resul
 	if err := d.writePagemap(img); err != nil {
 		return nil, err
 	}
+	if err := d.finishSink(); err != nil {
+		return nil, err
+	}
 	d.stats.TotalTimeUs = uint64(time.Since(start).Microseconds())
 	if err := images.WriteAll(dir, "stats-dump", images.KindStats, &pb.Stats{Dump: d.stats}); err != nil {
 		return nil, err

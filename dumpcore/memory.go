@@ -211,7 +211,7 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		return err
 	}
 	defer mem.Close()
-	out, err := images.CreatePages(d.opts.ImagesDir, fmt.Sprintf("pages-%d.img", pid))
+	out, err := d.createPages(fmt.Sprintf("pages-%d.img", pid))
 	if err != nil {
 		return err
 	}
@@ -258,6 +258,18 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 	d.stats.MemwriteTimeUs = uint64(pd.writeTime.Microseconds())
 	d.log.Info("memory dumped", "read", pd.readTime, "write", pd.writeTime, "total", time.Since(start))
 	return nil
+}
+
+// createPages opens the pages file locally or on the page server.
+func (d *dumper) createPages(name string) (*images.PageWriter, error) {
+	if d.opts.PageSink == nil {
+		return images.CreatePages(d.opts.ImagesDir, name)
+	}
+	wc, err := d.opts.PageSink.Create(name)
+	if err != nil {
+		return nil, fmt.Errorf("page server: %w", err)
+	}
+	return images.NewPageStream(wc)
 }
 
 // writer writes batches in order and returns their buffers. After an error

@@ -103,9 +103,19 @@ func ParseHeader(path string, b []byte) (Header, error) {
 
 // Writer appends records to an image file.
 type Writer struct {
-	f   *os.File
+	f   io.WriteCloser
 	w   *bufio.Writer
 	hdr [recordHead]byte
+}
+
+// NewWriter writes an image of kind to wc (e.g. a page server's remote
+// file); Close closes wc.
+func NewWriter(wc io.WriteCloser, kind Kind) (*Writer, error) {
+	w := &Writer{f: wc, w: bufio.NewWriterSize(wc, 64<<10)}
+	if _, err := w.w.Write(encodeHeader(kind)); err != nil {
+		return nil, err
+	}
+	return w, nil
 }
 
 // Create creates (or truncates) dir/name as an image of kind.

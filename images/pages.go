@@ -2,6 +2,7 @@ package images
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -10,8 +11,20 @@ import (
 
 // PageWriter writes a pages file: header, padding, raw page data.
 type PageWriter struct {
-	f   *os.File
+	f   *os.File       // local file (writev), or nil
+	w   io.WriteCloser // any sink otherwise
 	off int64
+}
+
+// NewPageStream writes a pages file to wc (e.g. a page server's remote
+// file); Close closes wc.
+func NewPageStream(wc io.WriteCloser) (*PageWriter, error) {
+	hdr := make([]byte, PageDataOffset)
+	copy(hdr, encodeHeader(KindPages))
+	if _, err := wc.Write(hdr); err != nil {
+		return nil, err
+	}
+	return &PageWriter{w: wc}, nil
 }
 
 // CreatePages creates dir/name as a pages file.
@@ -31,7 +44,13 @@ func CreatePages(dir, name string) (*PageWriter, error) {
 
 // Write appends page data (unbuffered: callers write large runs).
 func (w *PageWriter) Write(p []byte) (int, error) {
-	n, err := w.f.Write(p)
+	var n int
+	var err error
+	if w.f != nil {
+		n, err = w.f.Write(p)
+	} else {
+		n, err = w.w.Write(p)
+	}
 	w.off += int64(n)
 	return n, err
 }
@@ -40,6 +59,16 @@ func (w *PageWriter) Write(p []byte) (int, error) {
 // the kernel's iovec limit allows.
 func (w *PageWriter) WriteVec(bufs [][]byte) (int64, error) {
 	var total int64
+	if w.f == nil {
+		for _, b := range bufs {
+			n, err := w.Write(b)
+			total += int64(n)
+			if err != nil {
+				return total, err
+			}
+		}
+		return total, nil
+	}
 	for len(bufs) > 0 {
 		n := min(len(bufs), 1024)
 		want := 0
@@ -88,7 +117,12 @@ func writev(fd int, bufs [][]byte) (int, error) {
 func (w *PageWriter) Offset() int64 { return w.off }
 
 // Close closes the file.
-func (w *PageWriter) Close() error { return w.f.Close() }
+func (w *PageWriter) Close() error {
+	if w.f != nil {
+		return w.f.Close()
+	}
+	return w.w.Close()
+}
 
 // PageReader reads a pages file.
 type PageReader struct {

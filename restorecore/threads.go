@@ -3,11 +3,13 @@ package restorecore
 import (
 	"encoding/binary"
 	"fmt"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
 )
 
@@ -250,6 +252,10 @@ func (b *builder) finish() error {
 		if err := ptrace.Detach(t.Tid, 0); err != nil {
 			return fmt.Errorf("detach %d: %w", t.Tid, err)
 		}
+	}
+	if b.r.opts.LeaveStopped || core.State == "stopped" {
+		// Return only once it is stopped, not while SIGSTOP is pending.
+		proc.WaitState(b.pid, "Tt", 2*time.Second)
 	}
 	return nil
 }

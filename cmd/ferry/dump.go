@@ -25,6 +25,7 @@ func newDumpCmd() *cobra.Command {
 		pidfile      string
 		displayStats bool
 		dedup        bool
+		ps           psFlags
 		ghostLimit   string
 		prevDir      string
 		trackMem     bool
@@ -83,8 +84,14 @@ work directory.`,
 				return err
 			}
 			defer c.close()
+			sink, release, err := ps.sink(cmd)
+			if err != nil {
+				return err
+			}
+			defer release()
 			res, err := dumpcore.Dump(cmd.Context(), dumpcore.Options{
-				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
+				PageSink: sink,
+				Pid:      pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
 				PrevImagesDir: prevDir, TrackMem: trackMem,
@@ -109,6 +116,7 @@ work directory.`,
 	}
 	fs := cmd.Flags()
 	c.addFlags(fs)
+	ps.addFlags(fs, true)
 	fs.IntVarP(&pid, "tree", "t", 0, "checkpoint the process PID with all its threads")
 	fs.BoolVarP(&leaveRunning, "leave-running", "R", false, "leave the process running after the dump")
 	fs.BoolVarP(&leaveStopped, "leave-stopped", "s", false, "leave the process stopped (SIGSTOP) after the dump")

@@ -9,6 +9,7 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,6 +25,7 @@ import (
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/testutil"
+	"github.com/ferrycr/ferry/transport"
 )
 
 func needRoot(t *testing.T) {
@@ -1001,26 +1003,7 @@ func TestLazyRestore(t *testing.T) {
 	if code, out := ferry(t, "restore", "-D", img, "-d", "--lazy-pages"); code != 1 || !strings.Contains(out, "no lazy-pages daemon") {
 		t.Fatalf("lazy restore without a daemon: exit %d, %q", code, out)
 	}
-	r, wp, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	status, err := unix.Dup(int(wp.Fd())) // the daemon closes its status fd
-	if err != nil {
-		t.Fatal(err)
-	}
-	wp.Close()
-	done := make(chan int, 1)
-	go func() {
-		code, _ := ferry(t, "lazy-pages", "-D", img, "--status-fd", strconv.Itoa(status), "-v4", "-o", "lazy.log")
-		done <- code
-	}()
-	r.SetReadDeadline(time.Now().Add(10 * time.Second))
-	b := make([]byte, 1)
-	if n, err := r.Read(b); n != 1 || b[0] != 0 {
-		t.Fatalf("status fd: %d %v %v", n, b, err)
-	}
+	done := startDaemon(t, "lazy-pages", "-D", img, "-v4", "-o", "lazy.log")
 	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
 	rw := testutil.Attach(t, w.Pid, w.ReportPath)
 	after := rw.Report(t) // verifies all its memory, faulting pages in
@@ -1039,4 +1022,117 @@ func TestLazyRestore(t *testing.T) {
 		rep.Int("rtsigs") != 2 || rep.Int("rtsum") != 1234 {
 		t.Fatalf("after post-copy: %v", rep)
 	}
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	return port
+}
+
+// startDaemon runs a ferry daemon command (page-server, lazy-pages)
+// in-process with --status-fd and waits for its readiness byte; the
+// returned channel yields its exit status.
+func startDaemon(t *testing.T, args ...string) chan int {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	status, err := unix.Dup(int(w.Fd())) // the daemon closes its status fd
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	done := make(chan int, 1)
+	go func() {
+		code, _ := ferry(t, append(args, "--status-fd", strconv.Itoa(status))...)
+		done <- code
+	}()
+	r.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b := make([]byte, 1)
+	if n, _ := r.Read(b); n != 1 || b[0] != 0 {
+		t.Fatalf("%s did not report ready", args[0])
+	}
+	return done
+}
+
+func startPageServer(t *testing.T, dir, port string) chan int {
+	return startDaemon(t, "page-server", "-D", dir, "--address", "127.0.0.1", "--port", port)
+}
+
+func TestPageServerDump(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "32", "-t", "2")
+	srv, img := t.TempDir(), t.TempDir()
+	port := freePort(t)
+	done := startPageServer(t, srv, port)
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--page-server", "--address", "127.0.0.1", "--port", port, "--compress")
+	w.Reap(t)
+	if code := <-done; code != 0 {
+		t.Fatalf("page-server exited %d", code)
+	}
+	if _, err := os.Stat(filepath.Join(img, fmt.Sprintf("pages-%d.img", w.Pid))); err == nil {
+		t.Fatal("pages were written locally despite --page-server")
+	}
+	// The page server holds pages and pagemap; the rest comes from -D.
+	ents, _ := os.ReadDir(img)
+	for _, e := range ents {
+		if _, err := os.Stat(filepath.Join(srv, e.Name())); err == nil {
+			continue
+		}
+		b, _ := os.ReadFile(filepath.Join(img, e.Name()))
+		os.WriteFile(filepath.Join(srv, e.Name()), b, 0o600)
+	}
+	mustFerry(t, "restore", "-D", srv, "-d")
+	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
+}
+
+func TestDumpWithDeadPageServerKeepsTask(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "8")
+	before := w.Report(t)
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "--page-server", "--address", "127.0.0.1", "--port", freePort(t))
+	if code != 1 || !strings.Contains(out, "page server") {
+		t.Fatalf("exit %d, %q", code, out)
+	}
+	checkContinued(t, before, w.Report(t))
+}
+
+func TestPageServerDyingMidDumpKeepsTask(t *testing.T) {
+	needRoot(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		s, err := transport.Server(c)
+		if err == nil {
+			s.ReadFrame(nil) // one frame, then the "server" dies
+		}
+		c.Close()
+	}()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "32", "-t", "2")
+	before := w.Report(t)
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "--page-server", "--address", "127.0.0.1", "--port", port)
+	if code != 1 {
+		t.Fatalf("dump to a dying page server: exit %d, %q", code, out)
+	}
+	checkContinued(t, before, w.Report(t))
 }

@@ -21,6 +21,7 @@ func newPreDumpCmd() *cobra.Command {
 		mode         string
 		displayStats bool
 		dedup        bool
+		ps           psFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "pre-dump -t PID -D DIR [--prev-images-dir DIR] [options]",
@@ -56,8 +57,14 @@ directory, which refers to its parents through --prev-images-dir.`,
 				return err
 			}
 			defer c.close()
+			sink, release, err := ps.sink(cmd)
+			if err != nil {
+				return err
+			}
+			defer release()
 			res, err := dumpcore.Dump(cmd.Context(), dumpcore.Options{
-				Pid: pid, ImagesDir: c.imagesDir, PreDump: true, PrevImagesDir: prevDir,
+				PageSink: sink,
+				Pid:      pid, ImagesDir: c.imagesDir, PreDump: true, PrevImagesDir: prevDir,
 				Timeout: time.Duration(timeout) * time.Second, Version: version, Logger: log,
 			})
 			if err != nil {
@@ -75,6 +82,7 @@ directory, which refers to its parents through --prev-images-dir.`,
 	}
 	fs := cmd.Flags()
 	c.addFlags(fs)
+	ps.addFlags(fs, true)
 	fs.IntVarP(&pid, "tree", "t", 0, "the process to pre-dump")
 	fs.IntVar(&timeout, "timeout", 10, "seconds to wait for the process to freeze")
 	fs.StringVar(&prevDir, "prev-images-dir", "", "the previous pre-dump, relative to -D: store only pages written since")

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // ErrParse is wrapped by every parse error.
@@ -599,4 +600,19 @@ func IsSpecialMapping(name string) bool {
 		return true
 	}
 	return false
+}
+
+// WaitState polls until pid's /proc state is one of states or timeout
+// passes; it reports whether it got there.
+func WaitState(pid int, states string, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for {
+		if st, err := ReadStat(pid); err == nil && strings.IndexByte(states, st.State) >= 0 {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
 }

@@ -1,0 +1,268 @@
+package transport
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// TLS configures mutual TLS; zero value: plain TCP.
+type TLS struct {
+	Enabled bool
+	CACert  string // --tls-cacert: trusted CA (PEM)
+	CRL     string // --tls-cacrl: revoked certificates (PEM or DER)
+	Cert    string // --tls-cert
+	Key     string // --tls-key
+}
+
+// ErrRevoked reports a peer certificate on the CRL.
+var ErrRevoked = errors.New("peer certificate is revoked")
+
+func (t TLS) base() (*tls.Config, *x509.CertPool, error) {
+	if t.CACert == "" || t.Cert == "" || t.Key == "" {
+		return nil, nil, errors.New("TLS needs --tls-cacert, --tls-cert and --tls-key")
+	}
+	pem, err := os.ReadFile(t.CACert)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--tls-cacert: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, nil, fmt.Errorf("--tls-cacert %s: no certificate", t.CACert)
+	}
+	cert, err := tls.LoadX509KeyPair(t.Cert, t.Key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+	if t.CRL != "" {
+		b, err := os.ReadFile(t.CRL)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--tls-cacrl: %w", err)
+		}
+		crl, err := parseCRL(b)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--tls-cacrl %s: %w", t.CRL, err)
+		}
+		cfg.VerifyPeerCertificate = func(_ [][]byte, chains [][]*x509.Certificate) error {
+			for _, chain := range chains {
+				for _, c := range chain {
+					for _, r := range crl.RevokedCertificateEntries {
+						if r.SerialNumber.Cmp(c.SerialNumber) == 0 {
+							return fmt.Errorf("%w: serial %s (%s)", ErrRevoked, c.SerialNumber, c.Subject)
+						}
+					}
+				}
+			}
+			return nil
+		}
+	}
+	return cfg, pool, nil
+}
+
+func parseCRL(b []byte) (*x509.RevocationList, error) {
+	if blk, _ := pemDecode(b); blk != nil {
+		b = blk
+	}
+	return x509.ParseRevocationList(b)
+}
+
+// Listen listens on addr (host:port), with TLS if enabled.
+func Listen(addr string, t TLS) (net.Listener, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	if !t.Enabled {
+		return l, nil
+	}
+	cfg, pool, err := t.base()
+	if err != nil {
+		l.Close()
+		return nil, err
+	}
+	cfg.ClientCAs = pool
+	cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	return tls.NewListener(l, cfg), nil
+}
+
+// Dial connects to addr, with TLS if enabled (the server name is checked
+// against the certificate).
+func Dial(ctx context.Context, addr string, t TLS) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	if !t.Enabled {
+		return c, nil
+	}
+	cfg, pool, err := t.base()
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	cfg.RootCAs = pool
+	host, _, _ := net.SplitHostPort(addr)
+	cfg.ServerName = host
+	tc := tls.Client(c, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("TLS handshake with %s: %w", addr, err)
+	}
+	return tc, nil
+}
+
+const (
+	helloMagic = "FERRYTP1"
+	// Version of the stream protocol; bumped only by appending.
+	Version  = 1
+	FlagZstd = 1 << 0
+	// MaxFrame bounds one frame's payload.
+	MaxFrame = 16 << 20
+)
+
+// Stream is a framed, possibly compressed, connection.
+type Stream struct {
+	conn net.Conn
+	w    io.Writer
+	bw   *bufio.Writer
+	enc  *zstd.Encoder
+	r    io.Reader
+	dec  *zstd.Decoder
+	// Zstd reports that the stream is compressed.
+	Zstd bool
+}
+
+func hello(flags uint16) []byte {
+	b := make([]byte, len(helloMagic)+4)
+	copy(b, helloMagic)
+	binary.LittleEndian.PutUint16(b[8:], Version)
+	binary.LittleEndian.PutUint16(b[10:], flags)
+	return b
+}
+
+func readHello(c net.Conn) (uint16, error) {
+	b := make([]byte, len(helloMagic)+4)
+	if _, err := io.ReadFull(c, b); err != nil {
+		return 0, fmt.Errorf("read hello: %w", err)
+	}
+	if string(b[:8]) != helloMagic {
+		return 0, fmt.Errorf("peer is not a ferry page stream (hello %q)", b[:8])
+	}
+	if v := binary.LittleEndian.Uint16(b[8:]); v != Version {
+		return 0, fmt.Errorf("peer speaks stream version %d, this ferry %d", v, Version)
+	}
+	return binary.LittleEndian.Uint16(b[10:]), nil
+}
+
+// Client performs the client side of the hello; compression is used when
+// asked for and offered by the server.
+func Client(c net.Conn, wantZstd bool) (*Stream, error) {
+	var flags uint16
+	if wantZstd {
+		flags = FlagZstd
+	}
+	if _, err := c.Write(hello(flags)); err != nil {
+		return nil, fmt.Errorf("send hello: %w", err)
+	}
+	peer, err := readHello(c)
+	if err != nil {
+		return nil, err
+	}
+	return newStream(c, flags&peer&FlagZstd != 0)
+}
+
+// Server performs the server side of the hello, offering compression.
+func Server(c net.Conn) (*Stream, error) {
+	peer, err := readHello(c)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Write(hello(FlagZstd)); err != nil {
+		return nil, fmt.Errorf("send hello: %w", err)
+	}
+	return newStream(c, peer&FlagZstd != 0)
+}
+
+func newStream(c net.Conn, z bool) (*Stream, error) {
+	s := &Stream{conn: c, Zstd: z, bw: bufio.NewWriterSize(c, 1<<20), r: bufio.NewReaderSize(c, 1<<20)}
+	s.w = s.bw
+	if z {
+		enc, err := zstd.NewWriter(s.bw, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+		if err != nil {
+			return nil, err
+		}
+		dec, err := zstd.NewReader(s.r, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, err
+		}
+		s.enc, s.dec, s.w, s.r = enc, dec, enc, dec
+	}
+	return s, nil
+}
+
+// WriteFrame sends one frame.
+func (s *Stream) WriteFrame(typ uint8, payload []byte) error {
+	if len(payload) > MaxFrame {
+		return fmt.Errorf("frame of %d bytes exceeds %d", len(payload), MaxFrame)
+	}
+	var h [5]byte
+	h[0] = typ
+	binary.LittleEndian.PutUint32(h[1:], uint32(len(payload)))
+	if _, err := s.w.Write(h[:]); err != nil {
+		return err
+	}
+	_, err := s.w.Write(payload)
+	return err
+}
+
+// Flush pushes buffered frames to the peer.
+func (s *Stream) Flush() error {
+	if s.enc != nil {
+		if err := s.enc.Flush(); err != nil {
+			return err
+		}
+	}
+	return s.bw.Flush()
+}
+
+// ReadFrame receives one frame; buf is reused when large enough.
+func (s *Stream) ReadFrame(buf []byte) (uint8, []byte, error) {
+	var h [5]byte
+	if _, err := io.ReadFull(s.r, h[:]); err != nil {
+		return 0, nil, err
+	}
+	n := binary.LittleEndian.Uint32(h[1:])
+	if n > MaxFrame {
+		return 0, nil, fmt.Errorf("frame of %d bytes exceeds %d (corrupt stream)", n, MaxFrame)
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(s.r, buf); err != nil {
+		return 0, nil, fmt.Errorf("frame cut short: %w", err)
+	}
+	return h[0], buf, nil
+}
+
+// Close closes the stream and its connection.
+func (s *Stream) Close() error {
+	if s.enc != nil {
+		s.enc.Close()
+	}
+	if s.dec != nil {
+		s.dec.Close()
+	}
+	return s.conn.Close()
+}
