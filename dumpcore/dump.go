@@ -36,6 +36,11 @@ type Options struct {
 	// PreDump (ferry pre-dump): save memory only, copied while the
 	// process runs, and leave the tracker in it.
 	PreDump bool
+	// LazyServe (dump --lazy-pages), when set, is called with the images
+	// written but no page data: it serves the frozen process's pages
+	// (read) to a lazy-pages daemon and returns once that is done. On
+	// success the process is killed; on error it is resumed.
+	LazyServe func(read func(pid int, vaddr uint64, buf []byte) error) error
 	// PageSink (--page-server), when set, receives the pages and pagemap
 	// files instead of the images directory (the pagemap is also kept
 	// locally, for the next incremental round).
@@ -181,6 +186,17 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 	}
 	if err := d.finishSink(); err != nil {
 		return nil, err
+	}
+	if d.opts.LazyServe != nil {
+		read := func(pid int, vaddr uint64, buf []byte) error {
+			if pid != d.opts.Pid {
+				return fmt.Errorf("process %d is not in this dump", pid)
+			}
+			return compel.ReadMem(pid, []compel.Segment{{Addr: vaddr, Local: buf}})
+		}
+		if err := d.opts.LazyServe(read); err != nil {
+			return nil, fmt.Errorf("serving pages to the lazy-pages daemon: %w (the process is resumed)", err)
+		}
 	}
 
 	// Images are complete: now the tree may be killed.

@@ -166,6 +166,9 @@ type pageDumper struct {
 	// tolerant: the process runs (pre-dump), so pages may vanish under
 	// the copy; such pages are left out rather than failing the round.
 	tolerant bool
+	// noData (dump --lazy-pages): list the pages in the pagemap without
+	// copying them; a lazy-pages daemon fetches them from the process.
+	noData bool
 	// readTime and writeTime split the memory dump between reading the
 	// target and writing the image.
 	readTime, writeTime time.Duration
@@ -177,6 +180,8 @@ type batch struct {
 	buf      []byte
 	items    []item
 	skipZero bool
+	// listOnly: record the pages in the pagemap, no data (--lazy-pages).
+	listOnly bool
 }
 
 // item is one page of a batch: its data is the next page of buf, or it is
@@ -217,7 +222,7 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 	}
 	pd := &pageDumper{pid: pid, pm: pm, mem: mem, out: out, stats: d.stats,
 		free: make(chan []byte, nBuffers), batches: make(chan batch, nBuffers),
-		dirty: d.dirty, tolerant: d.opts.PreDump}
+		dirty: d.dirty, tolerant: d.opts.PreDump, noData: d.opts.LazyServe != nil}
 	if d.parent != nil && d.dirty != nil {
 		pd.parent = d.parent.pages
 	}
@@ -379,6 +384,11 @@ func (pd *pageDumper) pages(v *pb.Vma, from, to uint64, skipZero bool, werr chan
 			pd.free <- buf
 			continue
 		}
+		if pd.noData {
+			pd.free <- buf
+			pd.batches <- batch{items: items, listOnly: true}
+			continue
+		}
 		t0 := time.Now()
 		failed, err := pd.read(segs, readable)
 		if err != nil {
@@ -453,6 +463,19 @@ func (pd *pageDumper) emit(b batch) error {
 			pd.entries = append(pd.entries, &pb.PagemapEntry{Vaddr: va, NrPages: uint32(c), InParent: parent})
 			va, n = va+c*pageSize, n-c
 		}
+	}
+	if b.listOnly { // pagemap only (dump --lazy-pages)
+		for _, it := range b.items {
+			switch it.kind {
+			case itemData:
+				record(it.va, 1, false)
+				pd.stats.PagesWritten++
+			case itemParent:
+				pd.stats.PagesSkippedParent += it.n
+				record(it.va, it.n, true)
+			}
+		}
+		return nil
 	}
 	bi := 0 // next page of the buffer
 	for _, it := range b.items {

@@ -149,3 +149,27 @@ func cut(runs []PageRun, start, end uint64) ([]PageRun, error) {
 	}
 	return out, nil
 }
+
+// PagemapRanges returns every page range the pagemap of pid in dir
+// describes (stored there or in a parent), without reading page data: the
+// pages the process had at the dump.
+func PagemapRanges(dir string, pid int32) ([][2]uint64, error) {
+	r, err := Open(dir, fmt.Sprintf("pagemap-%d.img", pid), KindPagemap)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	if err := r.Next(&pb.PagemapHead{}); err != nil {
+		return nil, err
+	}
+	var out [][2]uint64
+	for {
+		e := &pb.PagemapEntry{}
+		if err := r.Next(e); errors.Is(err, io.EOF) {
+			return out, nil
+		} else if err != nil {
+			return nil, err
+		}
+		out = append(out, [2]uint64{e.Vaddr, e.Vaddr + uint64(e.NrPages)*4096})
+	}
+}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/uffd"
 )
 
@@ -30,6 +31,9 @@ const Features = uffd.FeatureEventRemap | uffd.FeatureEventRemove | uffd.Feature
 type Options struct {
 	ImagesDir string
 	Socket    string
+	// Remote, when set, supplies the page data (a page server in lazy
+	// mode); the images directory still gives the pagemap and VMAs.
+	Remote Source
 	// Ready is called once the socket listens (--status-fd).
 	Ready  func()
 	Logger *slog.Logger
@@ -59,38 +63,64 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		opts.Ready()
 	}
 	go func() { <-ctx.Done(); l.Close() }()
-	conn, err := l.AcceptUnix()
-	if err != nil {
-		return nil, fmt.Errorf("lazy-pages: accept: %w", err)
+	var conn *net.UnixConn
+	var pid, fd int
+	for {
+		conn, err = l.AcceptUnix()
+		if err != nil {
+			return nil, fmt.Errorf("lazy-pages: accept: %w", err)
+		}
+		var fill bool
+		pid, fd, fill, err = recvHandover(conn, opts, log)
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		if !fill {
+			break
+		}
+		conn.Close()
 	}
 	defer conn.Close()
-	pid, fd, err := recvHandover(conn)
-	if err != nil {
-		return nil, err
-	}
 	u := uffd.AdoptNoHandshake(fd, Features)
 	defer u.Close()
-	var chain images.PageChain
-	defer chain.Close()
-	runs, err := chain.Resolve(opts.ImagesDir, int32(pid))
-	if err != nil {
-		conn.Write([]byte(err.Error()))
-		return nil, err
+	// The pages the process had: from the resolved images, or (with a
+	// remote source) from the pagemap alone.
+	var src Source
+	var ranges [][2]uint64
+	if opts.Remote != nil {
+		src = opts.Remote
+		if ranges, err = images.PagemapRanges(opts.ImagesDir, int32(pid)); err != nil {
+			conn.Write([]byte(err.Error()))
+			return nil, err
+		}
+	} else {
+		var chain images.PageChain
+		defer chain.Close()
+		runs, err := chain.Resolve(opts.ImagesDir, int32(pid))
+		if err != nil {
+			conn.Write([]byte(err.Error()))
+			return nil, err
+		}
+		for _, r := range runs {
+			ranges = append(ranges, [2]uint64{r.Vaddr, r.Vaddr + uint64(len(r.Data))})
+		}
+		src = localSource{runs}
 	}
 	mm := &pb.MmCore{}
 	if err := images.ReadOne(opts.ImagesDir, fmt.Sprintf("mm-%d.img", pid), images.KindMm, mm); err != nil {
 		conn.Write([]byte(err.Error()))
 		return nil, err
 	}
-	s := &server{u: u, pid: pid, runs: runs, log: log}
+	s := &server{u: u, pid: pid, src: src, log: log, buf: make([]byte, prefetchChunk)}
 	// Pending: the image's pages inside lazy VMAs, split at VMA bounds
 	// (UFFDIO_COPY must stay within one VMA).
 	for _, v := range mm.Vmas {
 		if !Lazy(v) {
 			continue
 		}
-		for _, r := range runs {
-			a, b := max(v.Start, r.Vaddr), min(v.End, r.Vaddr+uint64(len(r.Data)))
+		for _, r := range ranges {
+			a, b := max(v.Start, r[0]), min(v.End, r[1])
 			if a < b {
 				s.pend.spans = append(s.pend.spans, pendSpan{a, b, a})
 			}
@@ -112,21 +142,11 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 type server struct {
 	u     *uffd.FD
 	pid   int
-	runs  []images.PageRun
+	src   Source
+	buf   []byte
 	pend  pending
 	log   *slog.Logger
 	stats Stats
-}
-
-// data returns the image bytes for pages [src, src+n), clipped to one run.
-func (s *server) data(src, n uint64) []byte {
-	i := sort.Search(len(s.runs), func(i int) bool { return s.runs[i].Vaddr+uint64(len(s.runs[i].Data)) > src })
-	if i == len(s.runs) || s.runs[i].Vaddr > src {
-		return nil
-	}
-	r := s.runs[i]
-	off := src - r.Vaddr
-	return r.Data[off:min(uint64(len(r.Data)), off+n)]
 }
 
 const (
@@ -137,9 +157,9 @@ const (
 // deliver copies up to n bytes of pending span sp starting at va.
 func (s *server) deliver(sp pendSpan, va, n uint64) error {
 	n = min(n, sp.end-va)
-	src := s.data(sp.src+(va-sp.start), n)
-	if len(src) == 0 {
-		return fmt.Errorf("no image data for pending page %#x", va)
+	src := s.buf[:n]
+	if err := s.src.Read(s.pid, sp.src+(va-sp.start), src); err != nil {
+		return fmt.Errorf("pages %#x+%d: %w", va, n, err)
 	}
 	done, err := s.u.Copy(va, src, false)
 	switch {
@@ -279,23 +299,98 @@ func Handover(socket string, pid, fd int) error {
 	return nil
 }
 
-func recvHandover(c *net.UnixConn) (pid, fd int, err error) {
-	buf := make([]byte, len(magic)+4)
+// recvHandover reads a restore's message: a fill request (answered here)
+// or the handover of a userfaultfd.
+func recvHandover(c *net.UnixConn, opts Options, log *slog.Logger) (pid, fd int, fill bool, err error) {
+	buf := make([]byte, 64<<10)
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 	if err != nil {
-		return 0, -1, fmt.Errorf("lazy-pages: read handover: %w", err)
+		return 0, -1, false, fmt.Errorf("lazy-pages: read handover: %w", err)
 	}
-	if n != len(buf) || string(buf[:len(magic)]) != magic {
-		return 0, -1, fmt.Errorf("lazy-pages: bad handover message")
+	if n >= len(fillMagic)+4 && string(buf[:len(fillMagic)]) == fillMagic {
+		err := serveFill(c, buf[:n], opts)
+		if err != nil {
+			log.Error("lazy-pages: fill request failed", "err", err)
+			c.Write([]byte(err.Error()))
+			return 0, -1, true, nil
+		}
+		c.Write([]byte{0})
+		return 0, -1, true, nil
+	}
+	if n != len(magic)+4 || string(buf[:len(magic)]) != magic {
+		return 0, -1, false, fmt.Errorf("lazy-pages: bad handover message")
 	}
 	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 	if err != nil || len(msgs) != 1 {
-		return 0, -1, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
+		return 0, -1, false, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
 	}
 	fds, err := unix.ParseUnixRights(&msgs[0])
 	if err != nil || len(fds) != 1 {
-		return 0, -1, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
+		return 0, -1, false, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
 	}
-	return int(binary.LittleEndian.Uint32(buf[len(magic):])), fds[0], nil
+	return int(binary.LittleEndian.Uint32(buf[len(magic):])), fds[0], false, nil
+}
+
+const fillMagic = "FERRYLZF"
+
+// serveFill writes pages the restore needs filled eagerly (mappings
+// userfaultfd cannot serve) into the process: pid u32, then (vaddr u64,
+// len u64) pairs.
+func serveFill(c *net.UnixConn, msg []byte, opts Options) error {
+	if opts.Remote == nil {
+		return errors.New("fill requests need --page-server (local pages are read by the restore itself)")
+	}
+	pid := int(binary.LittleEndian.Uint32(msg[len(fillMagic):]))
+	body := msg[len(fillMagic)+4:]
+	buf := make([]byte, prefetchChunk)
+	for ; len(body) >= 16; body = body[16:] {
+		va, n := binary.LittleEndian.Uint64(body), binary.LittleEndian.Uint64(body[8:])
+		for off := uint64(0); off < n; off += prefetchChunk {
+			part := buf[:min(prefetchChunk, n-off)]
+			if err := opts.Remote.Read(pid, va+off, part); err != nil {
+				return err
+			}
+			if err := compel.WriteMem(pid, []compel.Segment{{Addr: va + off, Local: part}}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Fill asks the daemon at socket to write the given page ranges of pid
+// (from its page source) into the process, and waits until it has.
+func Fill(socket string, pid int, ranges [][2]uint64) error {
+	if len(ranges) == 0 {
+		return nil
+	}
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
+	}
+	defer c.Close()
+	msg := make([]byte, len(fillMagic)+4, len(fillMagic)+4+16*len(ranges))
+	copy(msg, fillMagic)
+	binary.LittleEndian.PutUint32(msg[len(fillMagic):], uint32(pid))
+	for _, r := range ranges {
+		msg = binary.LittleEndian.AppendUint64(msg, r[0])
+		msg = binary.LittleEndian.AppendUint64(msg, r[1]-r[0])
+	}
+	if len(msg) > 64<<10 {
+		return fmt.Errorf("fill request of %d ranges is too large", len(ranges))
+	}
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Minute))
+	ack := make([]byte, 512)
+	n, err := c.Read(ack)
+	if err != nil {
+		return fmt.Errorf("lazy-pages daemon: %w", err)
+	}
+	if n != 1 || ack[0] != 0 {
+		return fmt.Errorf("lazy-pages daemon: %s", ack[:n])
+	}
+	return nil
 }

@@ -66,6 +66,35 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	}
 }
 
+// Accept waits for one client that passes TLS and the hello and returns
+// its stream (refused peers are logged and skipped).
+func Accept(ctx context.Context, l net.Listener, log *slog.Logger) (*transport.Stream, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	go func() { <-ctx.Done(); l.Close() }()
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			return nil, fmt.Errorf("page-server: accept: %w", err)
+		}
+		if tc, ok := conn.(interface{ Handshake() error }); ok {
+			if err := tc.Handshake(); err != nil {
+				log.Warn("page-server: refused a connection", "peer", conn.RemoteAddr().String(), "err", fmt.Errorf("TLS: %w", err))
+				conn.Close()
+				continue
+			}
+		}
+		s, err := transport.Server(conn)
+		if err != nil {
+			log.Warn("page-server: refused a connection", "peer", conn.RemoteAddr().String(), "err", err)
+			conn.Close()
+			continue
+		}
+		return s, nil
+	}
+}
+
 type handshakeError struct{ err error }
 
 func (e *handshakeError) Error() string { return e.err.Error() }

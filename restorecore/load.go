@@ -31,6 +31,10 @@ type imageSet struct {
 func (is *imageSet) close() { is.chain.Close() }
 
 type procImage struct {
+	// remotePages: the page data is not in the images directory (lazy
+	// restore from a page server); ranges lists the pages instead.
+	remotePages bool
+	ranges      [][2]uint64
 	// runs is the page data of the process, resolved through the parent
 	// image chain at load time (mapped until imageSet.close).
 	runs    []images.PageRun
@@ -42,7 +46,7 @@ type procImage struct {
 	pagesID uint32
 }
 
-func load(dir string) (_ *imageSet, err error) {
+func load(dir string, lazy bool) (_ *imageSet, err error) {
 	st, err := os.Stat(dir)
 	if err != nil {
 		return nil, fmt.Errorf("images directory: %w", err)
@@ -98,7 +102,14 @@ func load(dir string) (_ *imageSet, err error) {
 			return nil, err
 		}
 		runs, err := is.chain.Resolve(dir, pid)
-		if err != nil {
+		if err != nil && lazy && errors.Is(err, os.ErrNotExist) {
+			// No page data here: a lazy restore gets it from the daemon's
+			// page server.
+			if p.ranges, err = images.PagemapRanges(dir, pid); err != nil {
+				return nil, err
+			}
+			p.remotePages = true
+		} else if err != nil {
 			return nil, err
 		}
 		p.runs = runs

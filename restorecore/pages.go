@@ -6,6 +6,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/lazypages"
 )
 
 // atFdcwd is AT_FDCWD (-100) as a syscall argument register.
@@ -14,6 +15,19 @@ const atFdcwd = ^uint64(99)
 // fillPages copies the process's pages (resolved through the image chain
 // at load time, mmapped) into its memory with process_vm_writev.
 func (b *builder) fillPages() error {
+	if b.p.remotePages {
+		// The daemon fetches them from its page server and writes them.
+		var eager [][2]uint64
+		for _, r := range b.p.ranges {
+			for _, v := range b.p.mm.Vmas {
+				a, e := max(v.Start, r[0]), min(v.End, r[1])
+				if a < e && !b.lazy(v) {
+					eager = append(eager, [2]uint64{a, e})
+				}
+			}
+		}
+		return lazypages.Fill(b.r.opts.LazySocket, b.pid, eager)
+	}
 	var segs []compel.Segment
 	var total uint64
 	for _, r := range b.p.runs {

@@ -44,7 +44,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	start := time.Now()
-	is, err := load(opts.ImagesDir)
+	is, err := load(opts.ImagesDir, opts.LazyPages)
 	if err != nil {
 		return nil, err
 	}

@@ -26,6 +26,8 @@ func newDumpCmd() *cobra.Command {
 		displayStats bool
 		dedup        bool
 		ps           psFlags
+		lazy         bool
+		statusFd     int
 		ghostLimit   string
 		prevDir      string
 		trackMem     bool
@@ -89,9 +91,15 @@ work directory.`,
 				return err
 			}
 			defer release()
+			var lazyServe func(func(int, uint64, []byte) error) error
+			if lazy {
+				if lazyServe, err = ps.lazyServe(cmd, statusFd); err != nil {
+					return err
+				}
+			}
 			res, err := dumpcore.Dump(cmd.Context(), dumpcore.Options{
-				PageSink: sink,
-				Pid:      pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
+				PageSink: sink, LazyServe: lazyServe,
+				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
 				PrevImagesDir: prevDir, TrackMem: trackMem,
@@ -127,6 +135,8 @@ work directory.`,
 	fs.BoolVar(&displayStats, "display-stats", false, "print dump statistics when done")
 	fs.StringVar(&ghostLimit, "ghost-limit", "1M", "largest deleted file carried in the images (bytes; K, M, G suffixes)")
 	fs.StringVar(&prevDir, "prev-images-dir", "", "store only pages written since the (pre-)dump in DIR (relative to -D)")
+	fs.BoolVar(&lazy, "lazy-pages", false, "write no pages: keep the process frozen and serve its memory on --address:--port to a lazy-pages daemon, then kill it")
+	fs.IntVar(&statusFd, "status-fd", -1, "with --lazy-pages: write a zero byte to FD once the pages can be requested")
 	fs.BoolVar(&trackMem, "track-mem", false, "with -R: leave the dirty tracker in the process for a later incremental dump")
 	return cmd
 }

@@ -8,6 +8,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -25,6 +26,7 @@ import (
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/testutil"
+	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/transport"
 )
 
@@ -1133,6 +1135,109 @@ func TestPageServerDyingMidDumpKeepsTask(t *testing.T) {
 	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "--page-server", "--address", "127.0.0.1", "--port", port)
 	if code != 1 {
 		t.Fatalf("dump to a dying page server: exit %d, %q", code, out)
+	}
+	checkContinued(t, before, w.Report(t))
+}
+
+func TestLazyRestoreFromPageServer(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "32", "-t", "2", "-p")
+	before := w.Report(t)
+	img, tgt := t.TempDir(), t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	// The target gets every image but the page data.
+	ents, _ := os.ReadDir(img)
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), "pages-") {
+			b, _ := os.ReadFile(filepath.Join(img, e.Name()))
+			os.WriteFile(filepath.Join(tgt, e.Name()), b, 0o600)
+		}
+	}
+	port := freePort(t)
+	psDone := startDaemon(t, "page-server", "--lazy-pages", "-D", img, "--address", "127.0.0.1", "--port", port)
+	lzDone := startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port, "--compress")
+	mustFerry(t, "restore", "-D", tgt, "-d", "--lazy-pages")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	checkContinued(t, before, r.Report(t))
+	for name, ch := range map[string]chan int{"lazy-pages": lzDone, "page-server": psDone} {
+		select {
+		case code := <-ch:
+			if code != 0 {
+				t.Fatalf("%s exited %d", name, code)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%s did not finish", name)
+		}
+	}
+	r.Signal(unix.SIGUSR2)
+	if rep := r.Report(t); rep.Int("piperead") != before.Int("piperead")+1 {
+		t.Fatalf("after post-copy: %v", rep)
+	}
+}
+
+func lazyClient(t *testing.T, port string) *lazypages.RemoteSource {
+	t.Helper()
+	c, err := transport.Dial(context.Background(), net.JoinHostPort("127.0.0.1", port), transport.TLS{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := transport.Client(c, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lazypages.NewRemoteSource(s)
+}
+
+func TestDumpLazyPagesServesFrozenMemory(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "16")
+	img, port := t.TempDir(), freePort(t)
+	done := startDaemon(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--lazy-pages", "--address", "127.0.0.1", "--port", port)
+	// While it serves, the process is frozen: what it sends is what is in
+	// memory, page for page.
+	ranges, err := images.PagemapRanges(img, int32(w.Pid))
+	if err != nil || len(ranges) == 0 {
+		t.Fatalf("pagemap: %v %v", ranges, err)
+	}
+	src := lazyClient(t, port)
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", w.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	got, want := make([]byte, 4096), make([]byte, 4096)
+	for _, r := range ranges[:min(len(ranges), 20)] {
+		if err := src.Read(w.Pid, r[0], got); err != nil {
+			t.Fatal(err)
+		}
+		mem.ReadAt(want, int64(r[0]))
+		if !bytes.Equal(got, want) {
+			t.Fatalf("page %#x differs from the process's memory", r[0])
+		}
+	}
+	src.Close() // the daemon is done: the source may go
+	if code := <-done; code != 0 {
+		t.Fatalf("dump --lazy-pages exited %d", code)
+	}
+	w.Reap(t)
+}
+
+func TestDumpLazyPagesDaemonGoneResumes(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "8", "-t", "1")
+	before := w.Report(t)
+	port := freePort(t)
+	done := startDaemon(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "--lazy-pages", "--address", "127.0.0.1", "--port", port)
+	src := lazyClient(t, port)
+	// The daemon goes away without saying it is done: post-copy failed
+	// before commit, so the source must run on.
+	src.Abort()
+	if code := <-done; code != 1 {
+		t.Fatalf("dump --lazy-pages exited %d, want 1", code)
 	}
 	checkContinued(t, before, w.Report(t))
 }

@@ -16,6 +16,7 @@ func newLazyPagesCmd() *cobra.Command {
 	var (
 		c        common
 		statusFd int
+		ps       psFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "lazy-pages -D DIR [-W DIR] [--status-fd FD]",
@@ -33,8 +34,12 @@ mremap follow their mapping.
 --status-fd FD writes one zero byte to FD once the socket listens, as
 criu does, so a script can start the restore without polling.
 
-Not supported yet: a process that forks while pages are still pending, and
-pages served from a remote page server.`,
+With --page-server --address A --port P the pages come from a page server
+in lazy mode ("ferry page-server --lazy-pages" with the dump, or the source
+itself with "ferry dump --lazy-pages"); the images directory then needs
+everything but the pages files. --tls and --compress apply.
+
+Not supported yet: a process that forks while pages are still pending.`,
 		Example: `  ferry lazy-pages -D ckpt --status-fd 3 3>ready &
   ferry restore -D ckpt --lazy-pages -d`,
 		Args: cobra.NoArgs,
@@ -52,6 +57,14 @@ pages served from a remote page server.`,
 			if statusFd >= 0 {
 				opts.Ready = func() { writeStatus(statusFd) }
 			}
+			remote, err := ps.remoteSource(cmd)
+			if err != nil {
+				return err
+			}
+			if remote != nil {
+				opts.Remote = remote
+				defer remote.Close()
+			}
 			st, err := lazypages.Serve(cmd.Context(), opts)
 			if err != nil {
 				return err
@@ -61,6 +74,7 @@ pages served from a remote page server.`,
 		},
 	}
 	c.addFlags(cmd.Flags())
+	ps.addFlags(cmd.Flags(), true)
 	cmd.Flags().IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD when ready")
 	return cmd
 }

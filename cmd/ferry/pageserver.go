@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/ferrycr/ferry/dumpcore"
+	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/pageserver"
 	"github.com/ferrycr/ferry/transport"
 )
@@ -63,6 +64,52 @@ func (p *psFlags) connect(cmd *cobra.Command) (*pageserver.Client, error) {
 	return pageserver.Connect(cmd.Context(), a, p.tls, p.compress)
 }
 
+// lazyServe returns dump --lazy-pages' server: listen on --address:--port
+// and serve the frozen process's pages to one lazy-pages daemon.
+func (p *psFlags) lazyServe(cmd *cobra.Command, statusFd int) (func(func(int, uint64, []byte) error) error, error) {
+	a, err := p.addr()
+	if err != nil {
+		return nil, fmt.Errorf("--lazy-pages: %w", err)
+	}
+	return func(read func(int, uint64, []byte) error) error {
+		l, err := transport.Listen(a, p.tls)
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		if statusFd >= 0 {
+			writeStatus(statusFd)
+		}
+		s, err := pageserver.Accept(cmd.Context(), l, nil)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		return lazypages.ServePages(s, read)
+	}, nil
+}
+
+// remoteSource connects lazy-pages --page-server to its page server.
+func (p *psFlags) remoteSource(cmd *cobra.Command) (*lazypages.RemoteSource, error) {
+	if !p.use {
+		return nil, nil
+	}
+	a, err := p.addr()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := transport.Dial(cmd.Context(), a, p.tls)
+	if err != nil {
+		return nil, fmt.Errorf("page server %s: %w", a, err)
+	}
+	s, err := transport.Client(conn, p.compress)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("page server %s: %w", a, err)
+	}
+	return lazypages.NewRemoteSource(s), nil
+}
+
 // sink opens the page-server session as a dump's PageSink (nil without
 // --page-server); release drops the session if the dump did not finish it.
 func (p *psFlags) sink(cmd *cobra.Command) (dumpcore.PageSink, func(), error) {
@@ -82,6 +129,7 @@ func newPageServerCmd() *cobra.Command {
 		statusFd int
 		daemon   bool
 		pidfile  string
+		lazy     bool
 	)
 	cmd := &cobra.Command{
 		Use:   "page-server -D DIR --port P [--address A] [options]",
@@ -96,6 +144,10 @@ the peer's certificate must chain to --tls-cacert and not be listed in
 --tls-cacrl; a peer that fails is refused and logged, and the server keeps
 waiting. Compression (zstd) is used when the client asks for it
 (--compress).
+
+--lazy-pages turns it around: it serves the pages of the dump in DIR to a
+remote "ferry lazy-pages --page-server", in whatever order the restored
+process needs them, until that daemon is done.
 
 --status-fd FD writes a zero byte to FD once listening; --daemon detaches
 into the background after that (--pidfile records its PID).`,
@@ -127,6 +179,18 @@ into the background after that (--pidfile records its PID).`,
 			if statusFd >= 0 {
 				writeStatus(statusFd)
 			}
+			if lazy {
+				// Serve the pages of a local dump to a remote lazy-pages
+				// daemon, in whatever order it asks.
+				s, err := pageserver.Accept(cmd.Context(), l, log)
+				if err != nil {
+					return err
+				}
+				defer s.Close()
+				read, closeImages := lazypages.ImageReader(c.imagesDir)
+				defer closeImages()
+				return lazypages.ServePages(s, read)
+			}
 			_, err = pageserver.Serve(cmd.Context(), pageserver.Options{Dir: c.imagesDir, Listener: l, Logger: log})
 			return err
 		},
@@ -136,6 +200,7 @@ into the background after that (--pidfile records its PID).`,
 	ps.addFlags(fs, false)
 	fs.IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD when listening")
 	fs.BoolVar(&daemon, "daemon", false, "run in the background once listening")
+	fs.BoolVar(&lazy, "lazy-pages", false, "serve the pages of the dump in -D to a remote lazy-pages daemon")
 	fs.StringVar(&pidfile, "pidfile", "", "write the server's PID to FILE")
 	return cmd
 }
