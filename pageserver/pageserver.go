@@ -178,9 +178,10 @@ type Client struct {
 	done bool
 }
 
-// Connect opens a session with the page server at addr.
-func Connect(ctx context.Context, addr string, t transport.TLS, zstd bool) (*Client, error) {
-	conn, err := transport.Dial(ctx, addr, t)
+// Connect opens a session with the page server at addr over network
+// ("tcp" or "quic").
+func Connect(ctx context.Context, network, addr string, t transport.TLS, zstd bool) (*Client, error) {
+	conn, err := transport.DialOn(ctx, network, addr, t)
 	if err != nil {
 		return nil, fmt.Errorf("page server %s: %w", addr, err)
 	}

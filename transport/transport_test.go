@@ -2,82 +2,13 @@ package transport
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"math/big"
-	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ferrycr/ferry/internal/testutil"
 )
-
-type ca struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newCA(t *testing.T, name string) *ca {
-	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, _ := x509.ParseCertificate(der)
-	return &ca{cert: c, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// issue writes a certificate and key for name (also valid for 127.0.0.1)
-// and returns their paths.
-func (c *ca) issue(t *testing.T, dir, name string, serial int64) (string, string) {
-	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, _ := x509.MarshalECPrivateKey(key)
-	cp, kp := filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
-	os.WriteFile(cp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
-	os.WriteFile(kp, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
-	return cp, kp
-}
-
-func (c *ca) write(t *testing.T, dir, name string) string {
-	p := filepath.Join(dir, name)
-	os.WriteFile(p, c.pem, 0o600)
-	return p
-}
-
-func (c *ca) crl(t *testing.T, dir string, serials ...int64) string {
-	var revoked []x509.RevocationListEntry
-	for _, s := range serials {
-		revoked = append(revoked, x509.RevocationListEntry{SerialNumber: big.NewInt(s), RevocationTime: time.Now()})
-	}
-	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{Number: big.NewInt(1),
-		ThisUpdate: time.Now(), NextUpdate: time.Now().Add(time.Hour), RevokedCertificateEntries: revoked}, c.cert, c.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, "crl.pem")
-	os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o600)
-	return p
-}
 
 // roundTrip runs one hello + frame exchange; it returns the client's and
 // the server's errors.
@@ -143,13 +74,13 @@ func TestPlainAndZstd(t *testing.T) {
 
 func TestMutualTLS(t *testing.T) {
 	dir := t.TempDir()
-	good, other := newCA(t, "ferry-ca"), newCA(t, "other-ca")
-	sc, sk := good.issue(t, dir, "server", 10)
-	cc, ck := good.issue(t, dir, "client", 11)
-	rc, rk := good.issue(t, dir, "revoked", 12)
-	xc, xk := other.issue(t, dir, "stranger", 13)
-	caPath := good.write(t, dir, "ca.pem")
-	crl := good.crl(t, dir, 12)
+	good, other := testutil.NewCA(t, "ferry-ca"), testutil.NewCA(t, "other-ca")
+	sc, sk := good.Issue(t, dir, "server", 10)
+	cc, ck := good.Issue(t, dir, "client", 11)
+	rc, rk := good.Issue(t, dir, "revoked", 12)
+	xc, xk := other.Issue(t, dir, "stranger", 13)
+	caPath := good.Write(t, dir, "ca.pem")
+	crl := good.CRL(t, dir, 12)
 	srv := TLS{Enabled: true, CACert: caPath, CRL: crl, Cert: sc, Key: sk}
 
 	if ce, se := roundTrip(t, srv, TLS{Enabled: true, CACert: caPath, Cert: cc, Key: ck}, true); ce != nil || se != nil {
@@ -166,9 +97,89 @@ func TestMutualTLS(t *testing.T) {
 		t.Fatalf("revoked client: server error %v", se)
 	}
 	// A client that does not trust the server's CA refuses the server.
-	otherPath := other.write(t, dir, "other.pem")
+	otherPath := other.Write(t, dir, "other.pem")
 	ce, _ := roundTrip(t, srv, TLS{Enabled: true, CACert: otherPath, Cert: cc, Key: ck}, false)
 	if ce == nil || !strings.Contains(ce.Error(), "TLS handshake") {
 		t.Fatalf("server from an untrusted CA: client error %v", ce)
+	}
+}
+
+func TestQUIC(t *testing.T) {
+	dir := t.TempDir()
+	good, other := testutil.NewCA(t, "ferry-ca"), testutil.NewCA(t, "other-ca")
+	sc, sk := good.Issue(t, dir, "server", 20)
+	cc, ck := good.Issue(t, dir, "client", 21)
+	xc, xk := other.Issue(t, dir, "stranger", 22)
+	caPath := good.Write(t, dir, "ca.pem")
+	srv := TLS{Enabled: true, CACert: caPath, Cert: sc, Key: sk}
+
+	if _, err := ListenOn(QUIC, "127.0.0.1:0", TLS{}, nil); !errors.Is(err, ErrQUICNeedsTLS) {
+		t.Fatalf("quic without TLS: %v", err)
+	}
+	rejected := make(chan error, 4)
+	l, err := ListenOn(QUIC, "127.0.0.1:0", srv, func(err error) { rejected <- err })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	served := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			served <- err
+			return
+		}
+		s, err := Server(c)
+		if err == nil {
+			var p []byte
+			_, p, err = s.ReadFrame(nil)
+			if err == nil {
+				err = s.WriteFrame(2, append([]byte("echo:"), p...))
+				s.Flush()
+			}
+			s.Close()
+		}
+		served <- err
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// A client from another CA is refused, and the server hears about it.
+	// (In TLS 1.3 the client finishes its handshake before the server has
+	// checked the client's certificate: the refusal shows at first use.)
+	if xcn, err := DialOn(ctx, QUIC, l.Addr().String(), TLS{Enabled: true, CACert: caPath, Cert: xc, Key: xk}); err == nil {
+		xcn.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := Client(xcn, false); err == nil {
+			t.Fatal("foreign client got through the hello over QUIC")
+		}
+		xcn.Close()
+	}
+	select {
+	case err := <-rejected:
+		if !strings.Contains(err.Error(), "stranger") {
+			t.Fatalf("rejection does not name the peer: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("refused QUIC peer not reported")
+	}
+	c, err := DialOn(ctx, QUIC, l.Addr().String(), TLS{Enabled: true, CACert: caPath, Cert: cc, Key: ck})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := Client(c, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !s.Zstd {
+		t.Error("zstd not negotiated")
+	}
+	s.WriteFrame(1, []byte("pages"))
+	s.Flush()
+	typ, p, err := s.ReadFrame(nil)
+	if err != nil || typ != 2 || string(p) != "echo:pages" {
+		t.Fatalf("reply %d %q %v", typ, p, err)
+	}
+	s.Close()
+	if err := <-served; err != nil {
+		t.Fatal(err)
 	}
 }

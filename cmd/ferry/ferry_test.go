@@ -1241,3 +1241,39 @@ func TestDumpLazyPagesDaemonGoneResumes(t *testing.T) {
 	}
 	checkContinued(t, before, w.Report(t))
 }
+
+func TestPageServerQUICWithTLS(t *testing.T) {
+	needRoot(t)
+	pki := t.TempDir()
+	ca := testutil.NewCA(t, "ferry-test-ca")
+	caPath := ca.Write(t, pki, "ca.pem")
+	sc, sk := ca.Issue(t, pki, "target", 2)
+	cc, ck := ca.Issue(t, pki, "source", 3)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "16", "-t", "2")
+	srv, img := t.TempDir(), t.TempDir()
+	port := freePort(t)
+	done := startDaemon(t, "page-server", "-D", srv, "--address", "127.0.0.1", "--port", port,
+		"--transport", "quic", "--tls", "--tls-cacert", caPath, "--tls-cert", sc, "--tls-key", sk)
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--page-server", "--address", "127.0.0.1", "--port", port,
+		"--transport", "quic", "--tls", "--tls-cacert", caPath, "--tls-cert", cc, "--tls-key", ck, "--compress")
+	w.Reap(t)
+	if code := <-done; code != 0 {
+		t.Fatalf("page-server exited %d", code)
+	}
+	ents, _ := os.ReadDir(img)
+	for _, e := range ents {
+		if _, err := os.Stat(filepath.Join(srv, e.Name())); err != nil {
+			b, _ := os.ReadFile(filepath.Join(img, e.Name()))
+			os.WriteFile(filepath.Join(srv, e.Name()), b, 0o600)
+		}
+	}
+	mustFerry(t, "restore", "-D", srv, "-d")
+	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
+	// Without TLS, QUIC is refused with a clear error.
+	code, out := ferry(t, "page-server", "-D", srv, "--port", port, "--transport", "quic")
+	if code != 1 || !strings.Contains(out, "needs --tls") {
+		t.Fatalf("quic without tls: exit %d, %q", code, out)
+	}
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -22,6 +23,7 @@ import (
 // dump and pre-dump.
 type psFlags struct {
 	use      bool
+	network  string
 	address  string
 	port     int
 	compress bool
@@ -34,6 +36,7 @@ func (p *psFlags) addFlags(fs *pflag.FlagSet, client bool) {
 		fs.BoolVar(&p.compress, "compress", false, "zstd-compress pages on the wire (if the server agrees)")
 	}
 	fs.StringVar(&p.address, "address", "", "page server address")
+	fs.StringVar(&p.network, "transport", "tcp", "page stream transport: tcp, or quic (needs --tls)")
 	fs.IntVar(&p.port, "port", 0, "page server port")
 	fs.BoolVar(&p.tls.Enabled, "tls", false, "mutually authenticated TLS (needs --tls-cacert, --tls-cert, --tls-key)")
 	fs.StringVar(&p.tls.CACert, "tls-cacert", "", "CA certificate the peer's certificate must chain to (PEM)")
@@ -61,7 +64,7 @@ func (p *psFlags) connect(cmd *cobra.Command) (*pageserver.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return pageserver.Connect(cmd.Context(), a, p.tls, p.compress)
+	return pageserver.Connect(cmd.Context(), p.network, a, p.tls, p.compress)
 }
 
 // lazyServe returns dump --lazy-pages' server: listen on --address:--port
@@ -72,7 +75,7 @@ func (p *psFlags) lazyServe(cmd *cobra.Command, statusFd int) (func(func(int, ui
 		return nil, fmt.Errorf("--lazy-pages: %w", err)
 	}
 	return func(read func(int, uint64, []byte) error) error {
-		l, err := transport.Listen(a, p.tls)
+		l, err := p.listen(a, nil)
 		if err != nil {
 			return err
 		}
@@ -98,7 +101,7 @@ func (p *psFlags) remoteSource(cmd *cobra.Command) (*lazypages.RemoteSource, err
 	if err != nil {
 		return nil, err
 	}
-	conn, err := transport.Dial(cmd.Context(), a, p.tls)
+	conn, err := transport.DialOn(cmd.Context(), p.network, a, p.tls)
 	if err != nil {
 		return nil, fmt.Errorf("page server %s: %w", a, err)
 	}
@@ -108,6 +111,15 @@ func (p *psFlags) remoteSource(cmd *cobra.Command) (*lazypages.RemoteSource, err
 		return nil, fmt.Errorf("page server %s: %w", a, err)
 	}
 	return lazypages.NewRemoteSource(s), nil
+}
+
+// listen opens the page-stream listener, logging refused QUIC peers.
+func (p *psFlags) listen(addr string, log *slog.Logger) (net.Listener, error) {
+	return transport.ListenOn(p.network, addr, p.tls, func(err error) {
+		if log != nil {
+			log.Warn("page-server: refused a connection", "err", err)
+		}
+	})
 }
 
 // sink opens the page-server session as a dump's PageSink (nil without
@@ -139,7 +151,8 @@ func newPageServerCmd() *cobra.Command {
 DIR, exactly as the dump would have written them locally; then exit.
 Copy the dump's other image files next to them to restore.
 
-With --tls both sides authenticate: each presents --tls-cert/--tls-key and
+--transport quic carries the stream over QUIC (UDP) instead of TCP; QUIC
+always encrypts, so it needs --tls. With --tls both sides authenticate: each presents --tls-cert/--tls-key and
 the peer's certificate must chain to --tls-cacert and not be listed in
 --tls-cacrl; a peer that fails is refused and logged, and the server keeps
 waiting. Compression (zstd) is used when the client asks for it
@@ -167,7 +180,7 @@ into the background after that (--pidfile records its PID).`,
 				return err
 			}
 			defer c.close()
-			l, err := transport.Listen(a, ps.tls)
+			l, err := ps.listen(a, log)
 			if err != nil {
 				return fmt.Errorf("page-server: %w", err)
 			}
