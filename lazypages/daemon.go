@@ -25,7 +25,7 @@ const SocketName = "lazy-pages.socket"
 const magic = "FERRYLZ1"
 
 // Features a restore asks for on the userfaultfd it hands over.
-const Features = uffd.FeatureEventRemap | uffd.FeatureEventRemove | uffd.FeatureEventUnmap
+const Features = uffd.FeatureEventRemap | uffd.FeatureEventRemove | uffd.FeatureEventUnmap | uffd.FeatureEventFork
 
 // Options configure the daemon.
 type Options struct {
@@ -112,7 +112,8 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		conn.Write([]byte(err.Error()))
 		return nil, err
 	}
-	s := &server{u: u, pid: pid, src: src, log: log, buf: make([]byte, prefetchChunk)}
+	main := &client{u: u, name: fmt.Sprintf("process %d", pid)}
+	s := &server{clients: []*client{main}, pid: pid, src: src, log: log, buf: make([]byte, prefetchChunk)}
 	// Pending: the image's pages inside lazy VMAs, split at VMA bounds
 	// (UFFDIO_COPY must stay within one VMA).
 	for _, v := range mm.Vmas {
@@ -122,15 +123,15 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		for _, r := range ranges {
 			a, b := max(v.Start, r[0]), min(v.End, r[1])
 			if a < b {
-				s.pend.spans = append(s.pend.spans, pendSpan{a, b, a})
+				main.pend.spans = append(main.pend.spans, pendSpan{a, b, a})
 			}
 		}
 	}
-	sort.Slice(s.pend.spans, func(i, j int) bool { return s.pend.spans[i].start < s.pend.spans[j].start })
+	sort.Slice(main.pend.spans, func(i, j int) bool { return main.pend.spans[i].start < main.pend.spans[j].start })
 	if _, err := conn.Write([]byte{0}); err != nil {
 		return nil, err
 	}
-	log.Info("serving lazy pages", "pid", pid, "pages", s.pend.pages())
+	log.Info("serving lazy pages", "pid", pid, "pages", main.pend.pages())
 	start := time.Now()
 	err = s.loop(ctx)
 	s.stats.Duration = time.Since(start)
@@ -139,14 +140,24 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	return &s.stats, err
 }
 
+// client is one address space being served: the restored process, or a
+// child it forked during post-copy (same pages missing, own userfaultfd).
+type client struct {
+	u    *uffd.FD
+	pend pending
+	name string
+	// retry holds faults that could not be served yet (EAGAIN while the
+	// address space was changing); they are served again each round.
+	retry []uffd.Msg
+}
+
 type server struct {
-	u     *uffd.FD
-	pid   int
-	src   Source
-	buf   []byte
-	pend  pending
-	log   *slog.Logger
-	stats Stats
+	clients []*client
+	pid     int // the restored process: page data is addressed by it
+	src     Source
+	buf     []byte
+	log     *slog.Logger
+	stats   Stats
 }
 
 const (
@@ -154,107 +165,177 @@ const (
 	prefetchChunk = 1 << 20
 )
 
-// deliver copies up to n bytes of pending span sp starting at va.
-func (s *server) deliver(sp pendSpan, va, n uint64) error {
+// deliver copies up to n bytes of pending span sp of c starting at va.
+func (s *server) deliver(c *client, sp pendSpan, va, n uint64) error {
 	n = min(n, sp.end-va)
 	src := s.buf[:n]
 	if err := s.src.Read(s.pid, sp.src+(va-sp.start), src); err != nil {
 		return fmt.Errorf("pages %#x+%d: %w", va, n, err)
 	}
-	done, err := s.u.Copy(va, src, false)
+	done, err := c.u.Copy(va, src, false)
 	switch {
+	case errors.Is(err, unix.EAGAIN):
+		// The address space is changing (fork, mremap in progress) until
+		// its event is read: keep what was not copied pending.
+		c.pend.remove(va, va+uint64(done))
+		s.stats.PagesCopied += uint64(done) / pageSize
+		return errAgain
 	case err == nil:
 	case errors.Is(err, uffd.ErrExist):
 		// Some page is there already (a racing fault or event): copy the
 		// rest page by page.
 		for off := uint64(done) &^ (pageSize - 1); off < uint64(len(src)); off += pageSize {
-			if _, err := s.u.Copy(va+off, src[off:off+pageSize], false); err != nil && !errors.Is(err, uffd.ErrExist) {
+			if _, err := c.u.Copy(va+off, src[off:off+pageSize], false); err != nil && !errors.Is(err, uffd.ErrExist) {
 				return err
 			}
 		}
 	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ESRCH):
-		// The range is gone (unmapped meanwhile): an event will follow.
+		// The range or the whole address space is gone (unmapped, or the
+		// process exited): an event follows, or the client is dropped.
 	default:
 		return err
 	}
-	s.pend.remove(va, va+uint64(len(src)))
+	c.pend.remove(va, va+uint64(len(src)))
 	s.stats.PagesCopied += uint64(len(src)) / pageSize
 	return nil
 }
 
-func (s *server) fault(m uffd.Msg) error {
+// errAgain: retry after reading the pending events.
+var errAgain = errors.New("address space changing")
+
+func (s *server) fault(c *client, m uffd.Msg) error {
 	s.stats.Faults++
 	p := m.Address &^ (pageSize - 1)
-	if sp, ok := s.pend.find(p); ok {
-		if err := s.deliver(sp, p, faultChunk); err != nil {
+	if sp, ok := c.pend.find(p); ok {
+		if err := s.deliver(c, sp, p, faultChunk); errors.Is(err, errAgain) {
+			c.retry = append(c.retry, m)
+			return nil
+		} else if err != nil {
 			return err
 		}
 		// Whatever happened to the range, the faulting thread must not
 		// stay asleep: wake it (it faults again if the page is missing).
-		if err := s.u.Wake(p, pageSize); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := c.u.Wake(p, pageSize); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ESRCH) {
 			return err
 		}
 		return nil
 	}
 	// Not in the images (never dumped, or discarded since): zero.
-	err := s.u.ZeroPage(p, pageSize)
+	err := c.u.ZeroPage(p, pageSize)
+	if errors.Is(err, unix.EAGAIN) {
+		c.retry = append(c.retry, m)
+		return nil
+	}
 	if errors.Is(err, uffd.ErrExist) {
-		return s.u.Wake(p, pageSize)
+		return c.u.Wake(p, pageSize)
 	}
 	if err == nil {
 		s.stats.PagesZero++
 	}
-	if errors.Is(err, unix.ENOENT) {
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
 		return nil
 	}
 	return err
 }
 
+func (s *server) pendingPages() uint64 {
+	var n uint64
+	for _, c := range s.clients {
+		n += c.pend.pages()
+	}
+	return n
+}
+
+// handle processes one message of client c.
+func (s *server) handle(c *client, m uffd.Msg) error {
+	switch m.Event {
+	case uffd.EventPagefault:
+		return s.fault(c, m)
+	case uffd.EventRemove, uffd.EventUnmap:
+		before := c.pend.pages()
+		c.pend.remove(m.Start, m.End)
+		s.stats.PagesDropped += before - c.pend.pages()
+	case uffd.EventRemap:
+		c.pend.move(m.From, m.To, m.Len)
+	case uffd.EventFork:
+		// The child's memory is the parent's: the same pages are missing.
+		child := &client{u: uffd.AdoptNoHandshake(m.ChildFd, Features),
+			pend: pending{spans: append([]pendSpan(nil), c.pend.spans...)},
+			name: "child of " + c.name}
+		s.clients = append(s.clients, child)
+		s.log.Info("serving a child forked during post-copy", "parent", c.name, "pages", child.pend.pages())
+	}
+	return nil
+}
+
 func (s *server) loop(ctx context.Context) error {
 	buf := make([]byte, 64*uffd.MsgSize)
-	pfd := []unix.PollFd{{Fd: int32(s.u.Fd()), Events: unix.POLLIN}}
-	for !s.pend.empty() {
+	defer func() {
+		for _, c := range s.clients[1:] {
+			c.u.Close()
+		}
+	}()
+	for s.pendingPages() > 0 {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		timeout := 0 // prefetch when idle
-		n, err := unix.Poll(pfd, timeout)
-		if err != nil && !errors.Is(err, unix.EINTR) {
+		n := len(s.clients)
+		pfd := make([]unix.PollFd, n)
+		for i, c := range s.clients[:n] {
+			pfd[i] = unix.PollFd{Fd: int32(c.u.Fd()), Events: unix.POLLIN}
+		}
+		if _, err := unix.Poll(pfd, 0); err != nil && !errors.Is(err, unix.EINTR) {
 			return os.NewSyscallError("poll", err)
 		}
-		if n > 0 && pfd[0].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
-			return fmt.Errorf("process %d: userfaultfd closed", s.pid)
-		}
-		msgs, err := s.u.ReadMsgs(buf)
-		if err != nil {
-			return err
-		}
-		for _, m := range msgs {
-			switch m.Event {
-			case uffd.EventPagefault:
-				err = s.fault(m)
-			case uffd.EventRemove, uffd.EventUnmap:
-				before := s.pend.pages()
-				s.pend.remove(m.Start, m.End)
-				s.stats.PagesDropped += before - s.pend.pages()
-			case uffd.EventRemap:
-				s.pend.move(m.From, m.To, m.Len)
-			case uffd.EventFork:
-				unix.Close(m.ChildFd)
-				err = fmt.Errorf("process %d forked during post-copy: not supported yet", s.pid)
+		got := 0
+		for i, c := range s.clients[:n] {
+			if pfd[i].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
+				continue
 			}
+			retry := c.retry
+			c.retry = nil
+			for _, m := range retry {
+				s.stats.Faults--
+				if err := s.fault(c, m); err != nil {
+					return fmt.Errorf("%s: %w", c.name, err)
+				}
+			}
+			got += len(retry)
+			msgs, err := c.u.ReadMsgs(buf)
 			if err != nil {
-				return err
+				return fmt.Errorf("%s: %w", c.name, err)
 			}
-		}
-		if len(msgs) == 0 && !s.pend.empty() {
-			sp := s.pend.spans[0]
-			if err := s.deliver(sp, sp.start, prefetchChunk); err != nil {
-				return err
+			got += len(msgs)
+			for _, m := range msgs {
+				if err := s.handle(c, m); err != nil {
+					return fmt.Errorf("%s: %w", c.name, err)
+				}
 			}
 		}
 		if unix.Kill(s.pid, 0) != nil {
 			return fmt.Errorf("process %d exited during post-copy", s.pid)
+		}
+		// Children whose address space is gone are done.
+		live := s.clients[:1]
+		for i, c := range s.clients[1:] {
+			if i+1 < n && pfd[i+1].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
+				s.log.Debug("client gone", "client", c.name, "revents", pfd[i+1].Revents, "pending", c.pend.pages())
+				c.u.Close()
+				continue
+			}
+			live = append(live, c)
+		}
+		s.clients = live
+		if got == 0 {
+			for _, c := range s.clients {
+				if !c.pend.empty() {
+					sp := c.pend.spans[0]
+					if err := s.deliver(c, sp, sp.start, prefetchChunk); err != nil && !errors.Is(err, errAgain) {
+						return fmt.Errorf("%s: %w", c.name, err)
+					}
+					break
+				}
+			}
 		}
 	}
 	return nil

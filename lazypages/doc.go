@@ -11,10 +11,7 @@
 //	    idle        -> UFFDIO_COPY of the next 1 MiB still pending
 //	    REMOVE/UNMAP-> forget those pages (never resurrect discarded data)
 //	    REMAP       -> pending pages move with the mapping
+//	    FORK        -> serve the child too (its own uffd, same pages pending)
 //	  exit when nothing is pending (closing the uffd unregisters: pages never
 //	  dumped are zero-filled by the kernel as usual)
-//
-// Not handled yet: fork() by the restored process during post-copy (the
-// child's unfilled pages would read as zero), pages from a remote page
-// server.
 package lazypages

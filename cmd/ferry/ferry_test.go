@@ -1277,3 +1277,46 @@ func TestPageServerQUICWithTLS(t *testing.T) {
 		t.Fatalf("quic without tls: exit %d, %q", code, out)
 	}
 }
+
+func TestLazyRestoreForkDuringPostCopy(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "32", "-t", "1", "-K")
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	done := startDaemon(t, "lazy-pages", "-D", img, "-v4", "-o", "lazy.log")
+	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	// Fork at once, while nearly every page is still pending: the child
+	// verifies all of its (copy-on-write) memory.
+	r.Signal(unix.SIGUSR2)
+	child := w.ReportPath + ".child"
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(child); err == nil && len(b) > 0 {
+			if !strings.HasPrefix(string(b), "child=ok") {
+				t.Fatalf("child forked during post-copy: %s", b)
+			}
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := os.Stat(child); err != nil {
+		t.Fatal("the forked child never reported")
+	}
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("lazy-pages exited %d", code)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("lazy-pages did not finish")
+	}
+	checkContinued(t, before, r.Report(t))
+	log, _ := os.ReadFile(filepath.Join(img, "lazy.log"))
+	if !strings.Contains(string(log), "forked during post-copy") {
+		t.Fatalf("the fork happened after post-copy ended; the test proves nothing:\n%s", log)
+	}
+}

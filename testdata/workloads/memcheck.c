@@ -24,6 +24,9 @@
  *   -W       on SIGUSR2, rewrite pages 100-109 of the -m buffer with the
  *            same pattern (writes that change nothing: a dirty tracker
  *            must still see them)
+ *   -K       on SIGUSR2, fork a child that verifies all memory, writes
+ *            "child=ok" or "child=fail: reason" to REPORT_PATH.child and
+ *            exits (copy-on-write memory must hold what the parent had)
  *   -C       churn: a second buffer of -m MiB is rewritten page by page in
  *            passes; every page holds the pass number it was last written
  *            in, and at the end of each pass all must hold the same one.
@@ -46,6 +49,7 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -445,8 +449,8 @@ int main(int argc, char **argv)
 	const char *outfile = NULL;
 	int opt;
 	const char *ghost_dir = NULL;
-	int use_maps = 0, use_timers = 0, use_rewrite = 0, use_churn = 0;
-	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWC")) != -1) {
+	int use_maps = 0, use_timers = 0, use_rewrite = 0, use_churn = 0, use_fork = 0;
+	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWCK")) != -1) {
 		switch (opt) {
 		case 'm': mib = atol(optarg); break;
 		case 't': nthreads = atoi(optarg); break;
@@ -462,6 +466,7 @@ int main(int argc, char **argv)
 		case 'T': use_timers = 1; break;
 		case 'W': use_rewrite = 1; break;
 		case 'C': use_churn = 1; break;
+		case 'K': use_fork = 1; break;
 		default:
 			fprintf(stderr, "usage: memcheck -r REPORT [-m MIB] [-t N] [-p] [-n] [-s] [-f FILE] [-x CODE] [-M] [-g DIR [-G KIB]] [-T]\n");
 			return 2;
@@ -584,6 +589,24 @@ int main(int argc, char **argv)
 			want_pipe = 0;
 			if (use_pipe && write(pipefd[1], "x", 1) != 1)
 				simd_fail |= 0;
+			if (use_fork) {
+				pid_t child = fork();
+				if (child == 0) {
+					char path[4096];
+					snprintf(path, sizeof path, "%s.child", report_path);
+					FILE *cf = fopen(path, "w");
+					if (cf) {
+						if (verify())
+							fprintf(cf, "child=ok\n");
+						else
+							fprintf(cf, "child=fail: %s\n", fail_reason);
+						fclose(cf);
+					}
+					_exit(0);
+				}
+				if (child > 0)
+					waitpid(child, NULL, 0);
+			}
 			if (use_rewrite && mem_size >= 110 * PAGE) {
 				for (size_t pg = 100; pg < 110; pg++)
 					if (page_kind(pg) == 2)
