@@ -173,3 +173,42 @@ func PagemapRanges(dir string, pid int32) ([][2]uint64, error) {
 		out = append(out, [2]uint64{e.Vaddr, e.Vaddr + uint64(e.NrPages)*4096})
 	}
 }
+
+// PagemapSplit returns, for pid's pagemap in dir, the ranges stored by
+// this image set itself (own) and those it takes from its parents
+// (inherited), and the parent directory (resolved against dir).
+func PagemapSplit(dir string, pid int32) (own, inherited [][2]uint64, parent string, err error) {
+	r, err := Open(dir, fmt.Sprintf("pagemap-%d.img", pid), KindPagemap)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	defer r.Close()
+	if err := r.Next(&pb.PagemapHead{}); err != nil {
+		return nil, nil, "", err
+	}
+	for {
+		e := &pb.PagemapEntry{}
+		if err := r.Next(e); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return nil, nil, "", err
+		}
+		rg := [2]uint64{e.Vaddr, e.Vaddr + uint64(e.NrPages)*4096}
+		if e.InParent {
+			inherited = append(inherited, rg)
+		} else {
+			own = append(own, rg)
+		}
+	}
+	if len(inherited) > 0 {
+		inv := &pb.Inventory{}
+		if err := ReadOne(dir, "inventory.img", KindInventory, inv); err != nil {
+			return nil, nil, "", err
+		}
+		parent = inv.ParentDir
+		if parent != "" && !filepath.IsAbs(parent) {
+			parent = filepath.Join(dir, parent)
+		}
+	}
+	return own, inherited, parent, nil
+}

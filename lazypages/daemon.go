@@ -42,7 +42,10 @@ type Options struct {
 // Stats describe a finished post-copy.
 type Stats struct {
 	Faults, PagesCopied, PagesZero, PagesDropped uint64
-	Duration                                     time.Duration
+	// With a page server: pages read from it, and from local parent
+	// images (sent by earlier rounds, not sent again).
+	RemotePages, LocalPages uint64
+	Duration                time.Duration
 }
 
 // Serve waits for one restore to hand over a process and serves its
@@ -88,9 +91,12 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	// remote source) from the pagemap alone.
 	var src Source
 	var ranges [][2]uint64
+	var chainCloser images.PageChain
+	defer chainCloser.Close()
+	var stats Stats
 	if opts.Remote != nil {
-		src = opts.Remote
-		if ranges, err = images.PagemapRanges(opts.ImagesDir, int32(pid)); err != nil {
+		src, ranges, err = mixed(opts, pid, &stats, &chainCloser)
+		if err != nil {
 			conn.Write([]byte(err.Error()))
 			return nil, err
 		}
@@ -113,7 +119,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		return nil, err
 	}
 	main := &client{u: u, name: fmt.Sprintf("process %d", pid)}
-	s := &server{clients: []*client{main}, pid: pid, src: src, log: log, buf: make([]byte, prefetchChunk)}
+	s := &server{clients: []*client{main}, pid: pid, src: src, log: log, buf: make([]byte, prefetchChunk), stats: stats}
 	// Pending: the image's pages inside lazy VMAs, split at VMA bounds
 	// (UFFDIO_COPY must stay within one VMA).
 	for _, v := range mm.Vmas {
@@ -135,8 +141,12 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	start := time.Now()
 	err = s.loop(ctx)
 	s.stats.Duration = time.Since(start)
+	if ms, ok := src.(*mixedSource); ok {
+		s.stats.RemotePages, s.stats.LocalPages = ms.stats.RemotePages, ms.stats.LocalPages
+	}
 	log.Info("lazy pages done", "pid", pid, "faults", s.stats.Faults, "copied", s.stats.PagesCopied,
-		"zero", s.stats.PagesZero, "dropped", s.stats.PagesDropped, "took", s.stats.Duration)
+		"zero", s.stats.PagesZero, "dropped", s.stats.PagesDropped, "remote", s.stats.RemotePages,
+		"local", s.stats.LocalPages, "took", s.stats.Duration)
 	return &s.stats, err
 }
 
@@ -339,6 +349,28 @@ func (s *server) loop(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// mixed builds the source of a remote post-copy: pages this image set
+// stores itself come from the page server, pages it inherits come from
+// the parent images on this host when they are here.
+func mixed(opts Options, pid int, stats *Stats, chain *images.PageChain) (Source, [][2]uint64, error) {
+	own, inherited, parent, err := images.PagemapSplit(opts.ImagesDir, int32(pid))
+	if err != nil {
+		return nil, nil, err
+	}
+	ranges := append(append([][2]uint64(nil), own...), inherited...)
+	sort.Slice(ranges, func(i, j int) bool { return ranges[i][0] < ranges[j][0] })
+	if len(inherited) == 0 || parent == "" {
+		return opts.Remote, ranges, nil
+	}
+	runs, err := chain.Resolve(parent, int32(pid))
+	if err != nil {
+		// The earlier rounds' pages are not on this host: fetch everything.
+		return opts.Remote, ranges, nil
+	}
+	ms := &mixedSource{local: localSource{runs}, remote: opts.Remote, own: own, stats: stats}
+	return ms, ranges, nil
 }
 
 // Lazy reports whether a VMA's pages are served by the daemon: private

@@ -22,10 +22,13 @@ type localSource struct{ runs []images.PageRun }
 func (l localSource) Read(_ int, vaddr uint64, buf []byte) error {
 	runs := l.runs
 	i := sort.Search(len(runs), func(i int) bool { return runs[i].Vaddr+uint64(len(runs[i].Data)) > vaddr })
-	if i == len(runs) || runs[i].Vaddr > vaddr || runs[i].Vaddr+uint64(len(runs[i].Data)) < vaddr+uint64(len(buf)) {
-		return fmt.Errorf("no image data for %#x+%d", vaddr, len(buf))
+	for done := 0; done < len(buf); i++ {
+		va := vaddr + uint64(done)
+		if i == len(runs) || runs[i].Vaddr > va {
+			return fmt.Errorf("no image data for %#x", va)
+		}
+		done += copy(buf[done:], runs[i].Data[va-runs[i].Vaddr:])
 	}
-	copy(buf, runs[i].Data[vaddr-runs[i].Vaddr:])
 	return nil
 }
 
@@ -158,4 +161,43 @@ func ImageReader(dir string) (read func(pid int, vaddr uint64, buf []byte) error
 			c.Close()
 		}
 	}
+}
+
+// mixedSource serves the pages a target already holds from earlier rounds
+// (the parent image chain, local) from disk, and only the rest from the
+// remote page server: pages sent by pre-dump rounds are not sent again.
+type mixedSource struct {
+	local  localSource
+	remote Source
+	own    [][2]uint64 // ranges only the remote has, sorted
+	stats  *Stats
+}
+
+func (m *mixedSource) isOwn(va uint64) bool {
+	i := sort.Search(len(m.own), func(i int) bool { return m.own[i][1] > va })
+	return i < len(m.own) && m.own[i][0] <= va
+}
+
+func (m *mixedSource) Read(pid int, vaddr uint64, buf []byte) error {
+	// Split buf into runs of the same origin.
+	for start := 0; start < len(buf); {
+		own := m.isOwn(vaddr + uint64(start))
+		end := start + pageSize
+		for end < len(buf) && m.isOwn(vaddr+uint64(end)) == own {
+			end += pageSize
+		}
+		var err error
+		if own {
+			err = m.remote.Read(pid, vaddr+uint64(start), buf[start:end])
+			m.stats.RemotePages += uint64(end-start) / pageSize
+		} else {
+			err = m.local.Read(pid, vaddr+uint64(start), buf[start:end])
+			m.stats.LocalPages += uint64(end-start) / pageSize
+		}
+		if err != nil {
+			return err
+		}
+		start = end
+	}
+	return nil
 }

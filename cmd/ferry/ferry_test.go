@@ -1320,3 +1320,58 @@ func TestLazyRestoreForkDuringPostCopy(t *testing.T) {
 		t.Fatalf("the fork happened after post-copy ended; the test proves nothing:\n%s", log)
 	}
 }
+
+func TestLazyHybridSendsOnlyNewPages(t *testing.T) {
+	// Hybrid migration's memory path on one host: a pre-dump round's pages
+	// are already on the target (dirs[0]); the final round (dirs[1]) is
+	// served lazily by a page server, and the target (dirs[2], images
+	// without page data, parent ../1) takes only the final round's own
+	// pages from it.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "32", "-t", "2", "-W")
+	dirs := chainDirs(t, 3)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[0])
+	w.Signal(unix.SIGUSR2) // rewrite 10 pages
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[1], "--prev-images-dir", "../1")
+	w.Reap(t)
+	ents, _ := os.ReadDir(dirs[1])
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), "pages-") {
+			b, _ := os.ReadFile(filepath.Join(dirs[1], e.Name()))
+			os.WriteFile(filepath.Join(dirs[2], e.Name()), b, 0o600)
+		}
+	}
+	port := freePort(t)
+	psDone := startDaemon(t, "page-server", "--lazy-pages", "-D", dirs[1], "--address", "127.0.0.1", "--port", port)
+	lzDone := startDaemon(t, "lazy-pages", "-D", dirs[2], "--page-server", "--address", "127.0.0.1", "--port", port, "-v3", "-o", "lazy.log")
+	mustFerry(t, "restore", "-D", dirs[2], "-d", "--lazy-pages")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	checkContinued(t, before, r.Report(t))
+	for _, ch := range []chan int{lzDone, psDone} {
+		select {
+		case code := <-ch:
+			if code != 0 {
+				t.Fatalf("daemon exited %d", code)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("daemon did not finish")
+		}
+	}
+	log, _ := os.ReadFile(filepath.Join(dirs[2], "lazy.log"))
+	own := dumpStats(t, dirs[1]).PagesWritten
+	var remote, local uint64
+	for _, f := range strings.Fields(string(log)) {
+		if v, ok := strings.CutPrefix(f, "remote="); ok {
+			remote, _ = strconv.ParseUint(v, 10, 64)
+		}
+		if v, ok := strings.CutPrefix(f, "local="); ok {
+			local, _ = strconv.ParseUint(v, 10, 64)
+		}
+	}
+	if remote > own || local == 0 {
+		t.Fatalf("post-copy fetched %d pages remotely (the final round stored %d) and %d locally:\n%s", remote, own, local, log)
+	}
+	t.Logf("final round stored %d pages; post-copy fetched %d remotely, %d from the pre-dump on disk", own, remote, local)
+}
