@@ -137,6 +137,9 @@ type dumper struct {
 	// dirty holds the pages written since the parent round; nil means
 	// every page is copied and nothing refers to the parent.
 	dirty *regionSet
+	// armAfterResume: a new tracker is armed once the process runs again
+	// (pre-dump), not while it is frozen.
+	armAfterResume bool
 }
 
 func (d *dumper) run(ctx context.Context) (*Result, error) {

@@ -170,14 +170,33 @@ func nofileSoft(pid int) uint64 {
 	return 1024
 }
 
-// parkedFdHint is where the tracker is parked in the target: high, below
-// the soft fd limit, out of the way of the program's own fds.
+// parkedFdHint is where the tracker is parked in the target: near the top
+// of the fd table the process already has (the kernel sizes it to a power
+// of two, at least 64), out of the way of its low fds. Growing the table
+// instead would cost the freeze an RCU grace period (~10 ms here) in a
+// multi-threaded process, and a soft limit of a million fds would make the
+// table megabytes large.
 func parkedFdHint(pid int) uint64 {
-	soft := min(nofileSoft(pid), 1<<20)
-	if soft > 64 {
-		return soft - 32
+	var highest uint64
+	if ents, err := os.ReadDir(proc.Path(pid, "fd")); err == nil {
+		for _, e := range ents {
+			if n, err := strconv.ParseUint(e.Name(), 10, 32); err == nil && n > highest {
+				highest = n
+			}
+		}
 	}
-	return soft / 2
+	size := uint64(64)
+	for size <= highest {
+		size *= 2
+	}
+	hint := size - 8
+	if hint <= highest {
+		hint = highest + 1 // F_DUPFD picks the lowest free fd from here
+	}
+	if soft := nofileSoft(pid); hint >= soft {
+		hint = soft / 2
+	}
+	return hint
 }
 
 func isUffdLink(target string) bool { return strings.HasPrefix(target, "anon_inode:[userfaultfd]") }
@@ -237,6 +256,12 @@ func (d *dumper) setupTracking() error {
 		return err
 	}
 	d.tracker = t
+	if d.opts.PreDump {
+		// Arm after the process resumes: write-protecting costs ~20 ms
+		// per GiB, and pages written before arming are copied after it.
+		d.armAfterResume = true
+		return nil
+	}
 	vmas, err := proc.ReadSmaps(pid)
 	if err != nil {
 		return err
@@ -252,13 +277,22 @@ func (d *dumper) setupTracking() error {
 func (d *dumper) preDump(ctx context.Context, start, frozenAt time.Time) (*Result, error) {
 	pid := d.opts.Pid
 	img := &imageSet{files: newFileTable(d.opts.GhostLimit), mm: &pb.MmCore{Pid: int32(pid)}}
-	err := d.collectVmas(img)
+	// Only the tracker needed the freeze (taken, scanned and re-armed, or
+	// injected): the process runs again before its VMAs are read (smaps
+	// walks page tables), armed and copied. A VMA that appears meanwhile
+	// is copied now if seen, and reported fresh by the next round anyway.
 	d.resume(false)
 	released := time.Now()
-	if err != nil {
+	d.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
+	if err := d.collectVmas(img); err != nil {
 		return nil, err
 	}
-	d.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
+	if d.armAfterResume {
+		// Before copying: what is written from now on is tracked.
+		if _, err := d.tracker.armNew(d.vmas); err != nil {
+			return nil, err
+		}
+	}
 	if err := d.dumpPages(ctx, img); err != nil {
 		return nil, err
 	}
