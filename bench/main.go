@@ -55,7 +55,12 @@ func main() {
 	runs := flag.Int("runs", 3, "repetitions per size")
 	dir := flag.String("dir", "/dev/shm/ferry-bench", "working directory (tmpfs)")
 	out := flag.String("out", "bench/results.json", "JSON results")
+	suites := flag.String("suites", "core,predump,lazy,stream", "which measurements: core (dump/restore), predump, lazy, stream (page server)")
 	flag.Parse()
+	want := map[string]bool{}
+	for _, s := range strings.Split(*suites, ",") {
+		want[strings.TrimSpace(s)] = true
+	}
 	if err := os.MkdirAll(*dir, 0o755); err != nil {
 		fail(err)
 	}
@@ -64,8 +69,12 @@ func main() {
 	if b, err := exec.Command("gcc", "-O2", "-pthread", "-mavx2", "-o", wl, "testdata/workloads/memcheck.c").CombinedOutput(); err != nil {
 		fail(fmt.Errorf("gcc: %v\n%s", err, b))
 	}
+	all := map[string]any{}
 	var results []result
 	for _, s := range strings.Split(*sizes, ",") {
+		if !want["core"] {
+			break
+		}
 		mib, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil {
 			fail(err)
@@ -84,7 +93,48 @@ func main() {
 			results = append(results, r)
 		}
 	}
-	b, _ := json.MarshalIndent(results, "", "  ")
+	all["dump_restore"] = results
+	var sizeList []int
+	for _, s := range strings.Split(*sizes, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(s)); err == nil && n >= 1024 {
+			sizeList = append(sizeList, n)
+		}
+	}
+	if want["predump"] {
+		var pre []preDumpResult
+		for _, mib := range sizeList {
+			r, err := benchPreDump(*ferry, wl, *dir, mib)
+			if err != nil {
+				fail(fmt.Errorf("pre-dump at %d MiB: %w", mib, err))
+			}
+			fmt.Printf("pre-dump %5d MiB: rounds frozen %v ms (pages %v), final dump frozen %.1f ms\n", mib, r.RoundsFrozen, r.RoundsPages, r.FinalFrozen)
+			pre = append(pre, r)
+		}
+		all["pre_dump"] = pre
+	}
+	if want["lazy"] {
+		var lz []lazyResult
+		for _, mib := range sizeList {
+			r, err := benchLazy(*ferry, wl, *dir, mib)
+			if err != nil {
+				fail(fmt.Errorf("lazy at %d MiB: %w", mib, err))
+			}
+			fmt.Printf("lazy     %5d MiB: running after %.1f ms, all pages after %.1f ms (eager restore %.1f ms)\n", mib, r.ToRunningMs, r.ToAllPagesMs, r.EagerRestoreMs)
+			lz = append(lz, r)
+		}
+		all["lazy_restore"] = lz
+	}
+	if want["stream"] {
+		st, err := benchStream(*dir, 1<<30)
+		if err != nil {
+			fail(fmt.Errorf("page-server stream: %w", err))
+		}
+		for _, r := range st {
+			fmt.Printf("stream 1 GiB: %-22s %8.1f ms %8.0f MB/s (%.2fx plain)\n", r.Mode, r.Ms, r.MBps, r.VsPlain)
+		}
+		all["page_server_stream"] = st
+	}
+	b, _ := json.MarshalIndent(all, "", "  ")
 	if err := os.MkdirAll(filepath.Dir(*out), 0o755); err != nil {
 		fail(err)
 	}

@@ -134,6 +134,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		}
 	}
 	sort.Slice(main.pend.spans, func(i, j int) bool { return main.pend.spans[i].start < main.pend.spans[j].start })
+	main.pend = newPending(main.pend.spans)
 	if _, err := conn.Write([]byte{0}); err != nil {
 		return nil, err
 	}
@@ -270,7 +271,7 @@ func (s *server) handle(c *client, m uffd.Msg) error {
 	case uffd.EventFork:
 		// The child's memory is the parent's: the same pages are missing.
 		child := &client{u: uffd.AdoptNoHandshake(m.ChildFd, Features),
-			pend: pending{spans: append([]pendSpan(nil), c.pend.spans...)},
+			pend: c.pend.clone(),
 			name: "child of " + c.name}
 		s.clients = append(s.clients, child)
 		s.log.Info("serving a child forked during post-copy", "parent", c.name, "pages", child.pend.pages())
@@ -338,8 +339,7 @@ func (s *server) loop(ctx context.Context) error {
 		s.clients = live
 		if got == 0 {
 			for _, c := range s.clients {
-				if !c.pend.empty() {
-					sp := c.pend.spans[0]
+				if sp, ok := c.pend.first(); ok {
 					if err := s.deliver(c, sp, sp.start, prefetchChunk); err != nil && !errors.Is(err, errAgain) {
 						return fmt.Errorf("%s: %w", c.name, err)
 					}

@@ -2,22 +2,58 @@ package lazypages
 
 import "sort"
 
+const pageSize = 4096
+
 // pendSpan is a range of pages not yet delivered: [start, end) in the
 // process now, whose data is at src in the images (src differs from start
-// only after an mremap moved the pages).
+// only after an mremap moved the pages). A delivered span collapses to
+// [end, end) in place, which keeps the slice sorted.
 type pendSpan struct {
 	start, end, src uint64
 }
 
-// pending is the sorted set of pages still to deliver.
-type pending struct{ spans []pendSpan }
+// pending is the sorted set of pages still to deliver. Removals update
+// spans in place (a split inserts one span), the page count is kept
+// running, and head skips the collapsed spans at the front: delivering
+// in address order costs O(1) per chunk, not O(spans).
+type pending struct {
+	spans []pendSpan
+	head  int
+	n     uint64 // pages pending
+}
 
-func (p *pending) empty() bool { return len(p.spans) == 0 }
+func newPending(spans []pendSpan) pending {
+	p := pending{spans: spans}
+	for _, s := range spans {
+		p.n += (s.end - s.start) / pageSize
+	}
+	return p
+}
+
+func (p *pending) empty() bool { return p.n == 0 }
+
+func (p *pending) pages() uint64 { return p.n }
+
+// first returns the lowest pending span.
+func (p *pending) first() (pendSpan, bool) {
+	for p.head < len(p.spans) && p.spans[p.head].start == p.spans[p.head].end {
+		p.head++
+	}
+	if p.head == len(p.spans) {
+		return pendSpan{}, false
+	}
+	return p.spans[p.head], true
+}
+
+// index returns the first span ending after va.
+func (p *pending) index(va uint64) int {
+	return sort.Search(len(p.spans), func(i int) bool { return p.spans[i].end > va })
+}
 
 // find returns the span containing va.
 func (p *pending) find(va uint64) (pendSpan, bool) {
-	i := sort.Search(len(p.spans), func(i int) bool { return p.spans[i].end > va })
-	if i < len(p.spans) && p.spans[i].start <= va {
+	i := p.index(va)
+	if i < len(p.spans) && p.spans[i].start <= va && va < p.spans[i].end {
 		return p.spans[i], true
 	}
 	return pendSpan{}, false
@@ -25,26 +61,36 @@ func (p *pending) find(va uint64) (pendSpan, bool) {
 
 // remove takes [a, b) out of the set.
 func (p *pending) remove(a, b uint64) {
-	var out []pendSpan
-	for _, s := range p.spans {
-		if s.end <= a || s.start >= b {
-			out = append(out, s)
+	for i := p.index(a); i < len(p.spans) && p.spans[i].start < b; i++ {
+		s := p.spans[i]
+		lo, hi := max(s.start, a), min(s.end, b)
+		if lo >= hi {
 			continue
 		}
-		if s.start < a {
-			out = append(out, pendSpan{s.start, a, s.src})
-		}
-		if s.end > b {
-			out = append(out, pendSpan{b, s.end, s.src + (b - s.start)})
+		p.n -= (hi - lo) / pageSize
+		switch {
+		case lo == s.start && hi == s.end:
+			p.spans[i] = pendSpan{s.end, s.end, s.src}
+		case lo == s.start:
+			p.spans[i] = pendSpan{hi, s.end, s.src + (hi - s.start)}
+		case hi == s.end:
+			p.spans[i] = pendSpan{s.start, lo, s.src}
+		default: // split
+			tail := pendSpan{hi, s.end, s.src + (hi - s.start)}
+			p.spans[i].end = lo
+			p.spans = append(p.spans, pendSpan{})
+			copy(p.spans[i+2:], p.spans[i+1:])
+			p.spans[i+1] = tail
+			i++
 		}
 	}
-	p.spans = out
 }
 
 // move relocates the pending pages of [from, from+n) to [to, to+n).
 func (p *pending) move(from, to, n uint64) {
 	var moved []pendSpan
-	for _, s := range p.spans {
+	for i := p.index(from); i < len(p.spans) && p.spans[i].start < from+n; i++ {
+		s := p.spans[i]
 		a, b := max(s.start, from), min(s.end, from+n)
 		if a < b {
 			moved = append(moved, pendSpan{a - from + to, b - from + to, s.src + (a - s.start)})
@@ -52,16 +98,24 @@ func (p *pending) move(from, to, n uint64) {
 	}
 	p.remove(from, from+n)
 	p.remove(to, to+n)
-	p.spans = append(p.spans, moved...)
-	sort.Slice(p.spans, func(i, j int) bool { return p.spans[i].start < p.spans[j].start })
-}
-
-func (p *pending) pages() uint64 {
-	var n uint64
+	var live []pendSpan
 	for _, s := range p.spans {
-		n += (s.end - s.start) / pageSize
+		if s.start < s.end {
+			live = append(live, s)
+		}
 	}
-	return n
+	live = append(live, moved...)
+	sort.Slice(live, func(i, j int) bool { return live[i].start < live[j].start })
+	*p = newPending(live)
 }
 
-const pageSize = 4096
+// clone copies the set (a child forked during post-copy).
+func (p *pending) clone() pending {
+	var live []pendSpan
+	for _, s := range p.spans[p.head:] {
+		if s.start < s.end {
+			live = append(live, s)
+		}
+	}
+	return newPending(live)
+}

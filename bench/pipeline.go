@@ -1,0 +1,264 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/pageserver"
+	"github.com/ferrycr/ferry/transport"
+)
+
+// preDumpResult: frozen time of each pre-dump round (issue target: ≤ 10 ms,
+// flat in size).
+type preDumpResult struct {
+	SizeMiB      int       `json:"size_mib"`
+	RoundsFrozen []float64 `json:"rounds_frozen_ms"`
+	RoundsPages  []uint64  `json:"rounds_pages_written"`
+	FinalFrozen  float64   `json:"final_dump_frozen_ms"`
+	TargetMs     float64   `json:"target_ms"`
+}
+
+type lazyResult struct {
+	SizeMiB        int     `json:"size_mib"`
+	ToRunningMs    float64 `json:"restore_to_running_ms"`
+	ToAllPagesMs   float64 `json:"to_all_pages_ms"`
+	EagerRestoreMs float64 `json:"eager_restore_ms"`
+}
+
+type streamResult struct {
+	Bytes   int64   `json:"bytes"`
+	Mode    string  `json:"mode"`
+	Ms      float64 `json:"ms"`
+	MBps    float64 `json:"mb_s"`
+	VsPlain float64 `json:"vs_plain_tcp"`
+}
+
+func startWorkload(wl, dir string, mib int, extra ...string) (*exec.Cmd, string, error) {
+	report := filepath.Join(dir, "report")
+	os.Remove(report)
+	cmd := exec.Command(wl, append([]string{"-m", strconv.Itoa(mib), "-r", report}, extra...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, "", err
+	}
+	return cmd, report, waitFile(report, 60*time.Second)
+}
+
+func frozen(img string) (float64, uint64) {
+	var st pb.Stats
+	if err := images.ReadOne(img, "stats-dump", images.KindStats, &st); err != nil || st.Dump == nil {
+		return -1, 0
+	}
+	return float64(st.Dump.FrozenTimeUs) / 1000, st.Dump.PagesWritten
+}
+
+func benchPreDump(ferry, wl, dir string, mib int) (preDumpResult, error) {
+	r := preDumpResult{SizeMiB: mib, TargetMs: 10}
+	cmd, _, err := startWorkload(wl, dir, mib, "-t", "2")
+	if err != nil {
+		return r, err
+	}
+	pid := cmd.Process.Pid
+	defer func() { unix.Kill(pid, unix.SIGKILL); cmd.Wait() }()
+	root := filepath.Join(dir, "chain")
+	os.RemoveAll(root)
+	for i := 1; i <= 4; i++ {
+		d := filepath.Join(root, strconv.Itoa(i))
+		os.MkdirAll(d, 0o755)
+		args := []string{"pre-dump", "-t", strconv.Itoa(pid), "-D", d}
+		if i == 4 {
+			args[0] = "dump"
+		}
+		if i > 1 {
+			args = append(args, "--prev-images-dir", "../"+strconv.Itoa(i-1))
+		}
+		if b, err := exec.Command(ferry, args...).CombinedOutput(); err != nil {
+			return r, fmt.Errorf("%v: %v\n%s", args, err, b)
+		}
+		f, pages := frozen(d)
+		if i == 4 {
+			r.FinalFrozen = f
+		} else {
+			r.RoundsFrozen = append(r.RoundsFrozen, f)
+			r.RoundsPages = append(r.RoundsPages, pages)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	os.RemoveAll(root)
+	return r, nil
+}
+
+func benchLazy(ferry, wl, dir string, mib int) (lazyResult, error) {
+	r := lazyResult{SizeMiB: mib}
+	cmd, report, err := startWorkload(wl, dir, mib, "-t", "2")
+	if err != nil {
+		return r, err
+	}
+	pid := cmd.Process.Pid
+	img := filepath.Join(dir, "lazyimg")
+	os.RemoveAll(img)
+	os.MkdirAll(img, 0o755)
+	if b, err := exec.Command(ferry, "dump", "-t", strconv.Itoa(pid), "-D", img).CombinedOutput(); err != nil {
+		unix.Kill(pid, unix.SIGKILL)
+		cmd.Wait()
+		return r, fmt.Errorf("dump: %v\n%s", err, b)
+	}
+	cmd.Wait()
+	defer os.RemoveAll(img)
+	// Eager restore, for reference.
+	t0 := time.Now()
+	if b, err := exec.Command(ferry, "restore", "-D", img, "-d").CombinedOutput(); err != nil {
+		return r, fmt.Errorf("restore: %v\n%s", err, b)
+	}
+	r.EagerRestoreMs = ms(time.Since(t0))
+	unix.Kill(pid, unix.SIGKILL)
+	waitGone(pid)
+	// Lazy: daemon first, then the restore; time to running, then to the
+	// daemon having delivered everything.
+	ready := filepath.Join(dir, "lazy.ready")
+	os.Remove(ready)
+	rf, _ := os.Create(ready)
+	daemon := exec.Command(ferry, "lazy-pages", "-D", img, "--status-fd", "3")
+	daemon.ExtraFiles = []*os.File{rf}
+	if err := daemon.Start(); err != nil {
+		return r, err
+	}
+	rf.Close()
+	for i := 0; i < 2000; i++ {
+		if st, _ := os.Stat(ready); st != nil && st.Size() > 0 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t0 = time.Now()
+	if b, err := exec.Command(ferry, "restore", "-D", img, "-d", "--lazy-pages").CombinedOutput(); err != nil {
+		daemon.Process.Kill()
+		daemon.Wait()
+		return r, fmt.Errorf("lazy restore: %v\n%s", err, b)
+	}
+	r.ToRunningMs = ms(time.Since(t0))
+	err = daemon.Wait()
+	r.ToAllPagesMs = ms(time.Since(t0))
+	os.Remove(report)
+	unix.Kill(pid, unix.SIGUSR1)
+	werr := waitFile(report, 60*time.Second)
+	b, _ := os.ReadFile(report)
+	unix.Kill(pid, unix.SIGKILL)
+	waitGone(pid)
+	if err != nil {
+		return r, fmt.Errorf("lazy-pages: %v", err)
+	}
+	if werr != nil || !strings.Contains(string(b), "status=ok") {
+		return r, fmt.Errorf("lazily restored workload failed its check: %v\n%s", werr, b)
+	}
+	return r, nil
+}
+
+// benchStream sends size bytes through a page-server session on loopback
+// (TCP, with and without zstd) and through a plain TCP copy.
+func benchStream(dir string, size int64) ([]streamResult, error) {
+	buf := make([]byte, 4<<20)
+	x := uint64(88172645463325252)
+	for i := 0; i+8 <= len(buf); i += 8 { // incompressible, like real pages
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		for k := 0; k < 8; k++ {
+			buf[i+k] = byte(x >> (8 * k))
+		}
+	}
+	plain := func() (float64, error) {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		defer l.Close()
+		done := make(chan error, 1)
+		go func() {
+			c, err := l.Accept()
+			if err == nil {
+				_, err = io.Copy(io.Discard, c)
+				c.Close()
+			}
+			done <- err
+		}()
+		t0 := time.Now()
+		c, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			return 0, err
+		}
+		for sent := int64(0); sent < size; sent += int64(len(buf)) {
+			if _, err := c.Write(buf); err != nil {
+				return 0, err
+			}
+		}
+		c.Close()
+		err = <-done
+		return ms(time.Since(t0)), err
+	}
+	ps := func(zstd bool) (float64, error) {
+		out := filepath.Join(dir, "ps-out")
+		os.RemoveAll(out)
+		os.MkdirAll(out, 0o755)
+		defer os.RemoveAll(out)
+		l, err := transport.Listen("127.0.0.1:0", transport.TLS{})
+		if err != nil {
+			return 0, err
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := pageserver.Serve(context.Background(), pageserver.Options{Dir: out, Listener: l})
+			done <- err
+		}()
+		t0 := time.Now()
+		c, err := pageserver.Connect(context.Background(), transport.TCP, l.Addr().String(), transport.TLS{}, zstd)
+		if err != nil {
+			return 0, err
+		}
+		w, err := c.Create("pages-1.img")
+		if err != nil {
+			return 0, err
+		}
+		for sent := int64(0); sent < size; sent += int64(len(buf)) {
+			if _, err := w.Write(buf); err != nil {
+				return 0, err
+			}
+		}
+		w.Close()
+		if err := c.Finish(); err != nil {
+			return 0, err
+		}
+		err = <-done
+		return ms(time.Since(t0)), err
+	}
+	base, err := plain()
+	if err != nil {
+		return nil, err
+	}
+	res := []streamResult{{Bytes: size, Mode: "plain tcp copy", Ms: base, MBps: float64(size) / 1e6 / (base / 1000), VsPlain: 1}}
+	for _, z := range []bool{false, true} {
+		t, err := ps(z)
+		if err != nil {
+			return nil, err
+		}
+		mode := "page-server tcp"
+		if z {
+			mode += "+zstd"
+		}
+		res = append(res, streamResult{Bytes: size, Mode: mode, Ms: t, MBps: float64(size) / 1e6 / (t / 1000), VsPlain: t / base})
+	}
+	return res, nil
+}
