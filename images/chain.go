@@ -42,7 +42,7 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 	if depth > maxChain {
 		return nil, fmt.Errorf("%s: parent image chain longer than %d", dir, maxChain)
 	}
-	name := fmt.Sprintf("pagemap-%d.img", pid)
+	name := PagemapName(pid)
 	r, err := Open(dir, name, KindPagemap)
 	if err != nil {
 		return nil, err
@@ -76,7 +76,7 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 		entries = append(entries, e)
 	}
 	var data []byte
-	pagesName := fmt.Sprintf("pages-%d.img", head.PagesId)
+	pagesName := PagesName(head.PagesId)
 	pr, err := OpenPages(dir, pagesName)
 	if err != nil {
 		return nil, err
@@ -88,7 +88,7 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 	var parent []PageRun
 	if needParent {
 		inv := &pb.Inventory{}
-		if err := ReadOne(dir, "inventory.img", KindInventory, inv); err != nil {
+		if err := ReadOne(dir, InventoryName, KindInventory, inv); err != nil {
 			return nil, err
 		}
 		if inv.ParentDir == "" {
@@ -154,7 +154,7 @@ func cut(runs []PageRun, start, end uint64) ([]PageRun, error) {
 // describes (stored there or in a parent), without reading page data: the
 // pages the process had at the dump.
 func PagemapRanges(dir string, pid int32) ([][2]uint64, error) {
-	r, err := Open(dir, fmt.Sprintf("pagemap-%d.img", pid), KindPagemap)
+	r, err := Open(dir, PagemapName(pid), KindPagemap)
 	if err != nil {
 		return nil, err
 	}
@@ -178,7 +178,7 @@ func PagemapRanges(dir string, pid int32) ([][2]uint64, error) {
 // this image set itself (own) and those it takes from its parents
 // (inherited), and the parent directory (resolved against dir).
 func PagemapSplit(dir string, pid int32) (own, inherited [][2]uint64, parent string, err error) {
-	r, err := Open(dir, fmt.Sprintf("pagemap-%d.img", pid), KindPagemap)
+	r, err := Open(dir, PagemapName(pid), KindPagemap)
 	if err != nil {
 		return nil, nil, "", err
 	}
@@ -202,7 +202,7 @@ func PagemapSplit(dir string, pid int32) (own, inherited [][2]uint64, parent str
 	}
 	if len(inherited) > 0 {
 		inv := &pb.Inventory{}
-		if err := ReadOne(dir, "inventory.img", KindInventory, inv); err != nil {
+		if err := ReadOne(dir, InventoryName, KindInventory, inv); err != nil {
 			return nil, nil, "", err
 		}
 		parent = inv.ParentDir

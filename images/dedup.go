@@ -45,7 +45,7 @@ func pagemapRuns(dir, name string) (runs []dataRun, pages string, err error) {
 			off += uint64(e.NrPages) * 4096
 		}
 	}
-	return runs, fmt.Sprintf("pages-%d.img", head.PagesId), nil
+	return runs, PagesName(head.PagesId), nil
 }
 
 // Dedup frees, in every ancestor of the image set in dir (its
@@ -79,7 +79,7 @@ func Dedup(dir string) (int64, error) {
 
 func parentDir(dir string) (string, error) {
 	inv := &pb.Inventory{}
-	if err := ReadOne(dir, "inventory.img", KindInventory, inv); err != nil {
+	if err := ReadOne(dir, InventoryName, KindInventory, inv); err != nil {
 		return "", err
 	}
 	if inv.ParentDir == "" || filepath.IsAbs(inv.ParentDir) {

@@ -13,7 +13,8 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// Format version written by this ferry.
+// Format version written by this ferry. A reader accepts every minor
+// version of its major version: minor versions only append fields.
 const (
 	FormatMajor = 1
 	FormatMinor = 0
@@ -23,40 +24,50 @@ const (
 const Magic = "FERRYIMG"
 
 const (
-	headerSize = 16
-	recordHead = 8
-	// MaxRecord bounds one record; larger lengths are corruption.
+	headerSize = 16 // magic, kind, major, minor
+	recordHead = 8  // length, crc32c
+	// MaxRecord bounds the payload of one record; a larger length is
+	// corruption, refused before anything is allocated.
 	MaxRecord = 256 << 20
 	// PageDataOffset is where page data starts in a pages file.
 	PageDataOffset = 4096
+	// pageSize is the unit the pages file counts in.
+	pageSize = 4096
+	// bufSize is the buffer of record readers and writers.
+	bufSize = 64 << 10
+	// readChunk bounds each allocation step while reading a payload, so a
+	// length that lies about a short file costs at most this much.
+	readChunk = 1 << 20
 )
 
 // Kind tells what an image file holds.
 type Kind uint32
 
-// Image kinds. Values are part of the format: append only.
+// Image kinds. The values are part of the format: append only.
 const (
-	KindInventory Kind = 1 + iota
-	KindPstree
-	KindCore
-	KindMm
-	KindPagemap
-	KindPages
-	KindFiles
-	KindFdinfo
-	KindStats
-	KindGhost
+	KindInventory Kind = 1 + iota // inventory.img: Inventory
+	KindPstree                    // pstree.img: PstreeEntry per process
+	KindCore                      // core-PID.img: TaskCore
+	KindMm                        // mm-PID.img: MmCore
+	KindPagemap                   // pagemap-PID.img: PagemapHead, then PagemapEntry records
+	KindPages                     // pages-ID.img: raw page data, no records
+	KindFiles                     // files.img: FileEntry per open file
+	KindFdinfo                    // fdinfo-PID.img: FdTable
+	KindStats                     // stats-dump, stats-restore: Stats
+	KindGhost                     // ghost-ID.img: GhostFile
 )
 
-var kindNames = map[Kind]string{
+var kindNames = [...]string{
 	KindInventory: "inventory", KindPstree: "pstree", KindCore: "core", KindMm: "mm",
 	KindPagemap: "pagemap", KindPages: "pages", KindFiles: "files", KindFdinfo: "fdinfo",
 	KindStats: "stats", KindGhost: "ghost",
 }
 
+func (k Kind) valid() bool { return k > 0 && int64(k) < int64(len(kindNames)) }
+
 func (k Kind) String() string {
-	if n, ok := kindNames[k]; ok {
-		return n
+	if k.valid() {
+		return kindNames[k]
 	}
 	return fmt.Sprintf("kind(%d)", uint32(k))
 }
@@ -78,68 +89,93 @@ func encodeHeader(k Kind) []byte {
 	return b
 }
 
-// ParseHeader validates the 16 header bytes of the file at path.
+// ParseHeader validates the header bytes b of the file at path (which
+// only names it in errors): the magic, a major version this ferry reads
+// and a known kind. b may be shorter than a header, as a short file is.
 func ParseHeader(path string, b []byte) (Header, error) {
 	if len(b) < headerSize {
-		return Header{}, formatErr(path, int64(len(b)), ErrTruncated, "header needs %d bytes, file has %d", headerSize, len(b))
+		return Header{}, formatErr(path, int64(len(b)), ErrTruncated,
+			"header needs %d bytes, file has %d", headerSize, len(b))
 	}
 	if string(b[:8]) != Magic {
-		return Header{}, formatErr(path, 0, ErrBadMagic, "magic %q", b[:8])
+		return Header{}, formatErr(path, 0, ErrBadMagic, "magic %q, want %q", b[:8], Magic)
 	}
 	h := Header{
 		Kind:  Kind(binary.LittleEndian.Uint32(b[8:])),
 		Major: binary.LittleEndian.Uint16(b[12:]),
 		Minor: binary.LittleEndian.Uint16(b[14:]),
 	}
-	if h.Major != FormatMajor {
+	// The version comes before the kind: a newer ferry may have kinds
+	// this one has never heard of.
+	switch {
+	case h.Major > FormatMajor:
 		return h, formatErr(path, 12, ErrVersion,
-			"format version %d.%d; this ferry reads %d.x: use a ferry of the version that wrote it", h.Major, h.Minor, FormatMajor)
+			"format version %d.%d is newer than this ferry supports (%d.x); upgrade ferry", h.Major, h.Minor, FormatMajor)
+	case h.Major < FormatMajor:
+		return h, formatErr(path, 12, ErrVersion,
+			"format version %d.%d is older than this ferry supports (%d.x)", h.Major, h.Minor, FormatMajor)
 	}
-	if _, ok := kindNames[h.Kind]; !ok {
+	if !h.Kind.valid() {
 		return h, formatErr(path, 8, ErrKind, "unknown kind %d", uint32(h.Kind))
 	}
 	return h, nil
 }
 
-// Writer appends records to an image file.
+// readHeader reads and parses the header at the start of r.
+func readHeader(path string, r io.Reader) (Header, error) {
+	var b [headerSize]byte
+	n, err := io.ReadFull(r, b[:])
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+		return Header{}, readErr(path, int64(n), err)
+	}
+	return ParseHeader(path, b[:n])
+}
+
+// Writer appends records to an image file. It buffers; Close flushes.
 type Writer struct {
-	f   io.WriteCloser
-	w   *bufio.Writer
-	hdr [recordHead]byte
+	path string
+	wc   io.WriteCloser
+	w    *bufio.Writer
+	hdr  [recordHead]byte
 }
 
 // NewWriter writes an image of kind to wc (e.g. a page server's remote
 // file); Close closes wc.
 func NewWriter(wc io.WriteCloser, kind Kind) (*Writer, error) {
-	w := &Writer{f: wc, w: bufio.NewWriterSize(wc, 64<<10)}
+	return newWriter("", wc, kind)
+}
+
+func newWriter(path string, wc io.WriteCloser, kind Kind) (*Writer, error) {
+	w := &Writer{path: path, wc: wc, w: bufio.NewWriterSize(wc, bufSize)}
 	if _, err := w.w.Write(encodeHeader(kind)); err != nil {
 		return nil, err
 	}
 	return w, nil
 }
 
-// Create creates (or truncates) dir/name as an image of kind.
+// Create creates dir/name, truncating it if it exists, as an image of kind.
 func Create(dir, name string, kind Kind) (*Writer, error) {
-	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	path := filepath.Join(dir, name)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	w := &Writer{f: f, w: bufio.NewWriterSize(f, 64<<10)}
-	if _, err := w.w.Write(encodeHeader(kind)); err != nil {
+	w, err := newWriter(path, f, kind)
+	if err != nil {
 		f.Close()
 		return nil, err
 	}
 	return w, nil
 }
 
-// Write appends one record.
+// Write appends m as one record.
 func (w *Writer) Write(m proto.Message) error {
 	b, err := proto.Marshal(m)
 	if err != nil {
-		return fmt.Errorf("encode %T: %w", m, err)
+		return fmt.Errorf("images: %s: encode %T: %w", w.path, m, err)
 	}
 	if len(b) > MaxRecord {
-		return fmt.Errorf("record of %d bytes exceeds the %d-byte limit", len(b), MaxRecord)
+		return fmt.Errorf("images: %s: %T record of %d bytes exceeds the %d-byte limit", w.path, m, len(b), MaxRecord)
 	}
 	binary.LittleEndian.PutUint32(w.hdr[0:], uint32(len(b)))
 	binary.LittleEndian.PutUint32(w.hdr[4:], crc32.Checksum(b, crcTable))
@@ -150,16 +186,16 @@ func (w *Writer) Write(m proto.Message) error {
 	return err
 }
 
-// Close flushes and closes the file.
+// Close flushes the buffered records and closes the file.
 func (w *Writer) Close() error {
 	err := w.w.Flush()
-	if cerr := w.f.Close(); err == nil {
+	if cerr := w.wc.Close(); err == nil {
 		err = cerr
 	}
 	return err
 }
 
-// WriteAll writes msgs as the records of a new image file.
+// WriteAll writes msgs as the records of a new image file dir/name.
 func WriteAll(dir, name string, kind Kind, msgs ...proto.Message) error {
 	w, err := Create(dir, name, kind)
 	if err != nil {
@@ -174,16 +210,20 @@ func WriteAll(dir, name string, kind Kind, msgs ...proto.Message) error {
 	return w.Close()
 }
 
-// Reader reads the records of an image file.
+// Reader reads the records of an image file. After the first error other
+// than io.EOF, every Next returns that error again.
 type Reader struct {
-	path   string
-	c      io.Closer
-	r      *bufio.Reader
-	off    int64
 	Header Header
+
+	path string
+	c    io.Closer // the file Open opened, or nil
+	r    *bufio.Reader
+	off  int64 // of the next record
+	err  error // sticky
 }
 
-// Open opens dir/name and checks it is an image of kind.
+// Open opens dir/name and checks that it is an image of kind, of a
+// format version this ferry reads.
 func Open(dir, name string, kind Kind) (*Reader, error) {
 	path := filepath.Join(dir, name)
 	f, err := os.Open(path)
@@ -199,16 +239,11 @@ func Open(dir, name string, kind Kind) (*Reader, error) {
 	return r, nil
 }
 
-// NewReader reads an image from r; path names it in errors. kind 0
-// accepts any record kind.
+// NewReader reads a record image from rd; path names it in errors. A kind
+// of 0 accepts any kind that has records.
 func NewReader(path string, rd io.Reader, kind Kind) (*Reader, error) {
-	r := &Reader{path: path, r: bufio.NewReaderSize(rd, 64<<10)}
-	hb := make([]byte, headerSize)
-	n, err := io.ReadFull(r.r, hb)
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-		return nil, err
-	}
-	h, err := ParseHeader(path, hb[:n])
+	r := &Reader{path: path, r: bufio.NewReaderSize(rd, bufSize)}
+	h, err := readHeader(path, r.r)
 	if err != nil {
 		return nil, err
 	}
@@ -223,54 +258,74 @@ func NewReader(path string, rd io.Reader, kind Kind) (*Reader, error) {
 	return r, nil
 }
 
-// Next decodes the next record into m; io.EOF at a clean end.
+// Next decodes the next record into m. It returns io.EOF at a clean end
+// of the file, and a *FormatError for a record cut short, one whose
+// checksum or length is wrong, or one that does not decode as m.
 func (r *Reader) Next(m proto.Message) error {
-	var hdr [recordHead]byte
-	n, err := io.ReadFull(r.r, hdr[:])
-	if errors.Is(err, io.EOF) {
-		return io.EOF
+	if r.err != nil {
+		return r.err
 	}
+	payload, err := r.record()
 	if err != nil {
-		if errors.Is(err, io.ErrUnexpectedEOF) {
-			return formatErr(r.path, r.off+int64(n), ErrTruncated, "record header cut short")
+		if !errors.Is(err, io.EOF) {
+			r.err = err
 		}
 		return err
+	}
+	if err := proto.Unmarshal(payload, m); err != nil {
+		r.err = formatErr(r.path, r.off, ErrCorrupt, "undecodable %s record: %v", m.ProtoReflect().Descriptor().Name(), err)
+		return r.err
+	}
+	r.off += recordHead + int64(len(payload))
+	return nil
+}
+
+// record reads and checks the next record's payload; r.off stays at its
+// start.
+func (r *Reader) record() ([]byte, error) {
+	var hdr [recordHead]byte
+	n, err := io.ReadFull(r.r, hdr[:])
+	switch {
+	case errors.Is(err, io.EOF):
+		return nil, io.EOF
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return nil, formatErr(r.path, r.off+int64(n), ErrTruncated, "record header cut short")
+	case err != nil:
+		return nil, readErr(r.path, r.off+int64(n), err)
 	}
 	size := binary.LittleEndian.Uint32(hdr[0:])
 	sum := binary.LittleEndian.Uint32(hdr[4:])
 	if size > MaxRecord {
-		return formatErr(r.path, r.off, ErrCorrupt, "record length %d exceeds %d", size, MaxRecord)
+		return nil, formatErr(r.path, r.off, ErrCorrupt, "record length %d exceeds the %d-byte limit", size, MaxRecord)
 	}
-	// Read in bounded steps so a corrupt length cannot make us allocate
-	// far more than the file holds.
-	payload := make([]byte, 0, min(int(size), 1<<20))
+	// Grow in bounded steps: a length that lies about a short file costs
+	// at most one readChunk more than the file holds.
+	payload := make([]byte, 0, min(int(size), readChunk))
 	for len(payload) < int(size) {
-		chunk := min(int(size)-len(payload), 1<<20)
 		start := len(payload)
-		payload = append(payload, make([]byte, chunk)...)
+		payload = append(payload, make([]byte, min(int(size)-start, readChunk))...)
 		got, err := io.ReadFull(r.r, payload[start:])
-		if err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-				return formatErr(r.path, r.off+recordHead+int64(start+got), ErrTruncated,
-					"record of %d bytes at offset %d cut short", size, r.off)
-			}
-			return err
+		at := r.off + recordHead + int64(start+got)
+		switch {
+		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+			return nil, formatErr(r.path, at, ErrTruncated, "record of %d bytes at offset %d cut short", size, r.off)
+		case err != nil:
+			return nil, readErr(r.path, at, err)
 		}
 	}
 	if crc32.Checksum(payload, crcTable) != sum {
-		return formatErr(r.path, r.off, ErrCorrupt, "record checksum mismatch")
+		return nil, formatErr(r.path, r.off, ErrCorrupt, "record checksum mismatch")
 	}
-	if err := proto.Unmarshal(payload, m); err != nil {
-		return formatErr(r.path, r.off, ErrCorrupt, "undecodable %T record: %v", m, err)
-	}
-	r.off += recordHead + int64(size)
-	return nil
+	return payload, nil
 }
 
 // Offset is the byte offset of the next record.
 func (r *Reader) Offset() int64 { return r.off }
 
-// Close closes the file.
+// Path is the file's path, as errors name it.
+func (r *Reader) Path() string { return r.path }
+
+// Close closes the file Open opened; for a NewReader it does nothing.
 func (r *Reader) Close() error {
 	if r.c != nil {
 		return r.c.Close()
@@ -278,7 +333,8 @@ func (r *Reader) Close() error {
 	return nil
 }
 
-// ReadOne reads a file that must hold exactly one record.
+// ReadOne reads dir/name, an image of kind that must hold exactly one
+// record, into m.
 func ReadOne(dir, name string, kind Kind, m proto.Message) error {
 	r, err := Open(dir, name, kind)
 	if err != nil {
@@ -287,13 +343,15 @@ func ReadOne(dir, name string, kind Kind, m proto.Message) error {
 	defer r.Close()
 	if err := r.Next(m); err != nil {
 		if errors.Is(err, io.EOF) {
-			return formatErr(r.path, r.off, ErrTruncated, "no record")
+			return formatErr(r.path, r.off, ErrTruncated, "no record, want one")
 		}
 		return err
 	}
-	var extra emptyMsg
-	if err := r.Next(&extra); !errors.Is(err, io.EOF) {
-		return formatErr(r.path, r.off, ErrCorrupt, "more than one record")
+	switch _, err := r.record(); {
+	case errors.Is(err, io.EOF):
+		return nil
+	case err != nil:
+		return err
 	}
-	return nil
+	return formatErr(r.path, r.off, ErrCorrupt, "more than one record, want one")
 }

@@ -9,7 +9,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// PageWriter writes a pages file: header, padding, raw page data.
+// PageWriter writes a pages file: header, padding, raw page data. It does
+// not buffer: each Write goes straight to the file, so callers hand it
+// large runs of pages.
 type PageWriter struct {
 	f   *os.File       // local file (writev), or nil
 	w   io.WriteCloser // any sink otherwise
@@ -19,23 +21,28 @@ type PageWriter struct {
 // NewPageStream writes a pages file to wc (e.g. a page server's remote
 // file); Close closes wc.
 func NewPageStream(wc io.WriteCloser) (*PageWriter, error) {
-	hdr := make([]byte, PageDataOffset)
-	copy(hdr, encodeHeader(KindPages))
-	if _, err := wc.Write(hdr); err != nil {
+	if _, err := wc.Write(pagesHeader()); err != nil {
 		return nil, err
 	}
 	return &PageWriter{w: wc}, nil
 }
 
-// CreatePages creates dir/name as a pages file.
+// pagesHeader is everything before the page data: the header and its
+// zero padding.
+func pagesHeader() []byte {
+	b := make([]byte, PageDataOffset)
+	copy(b, encodeHeader(KindPages))
+	return b
+}
+
+// CreatePages creates dir/name, truncating it if it exists, as a pages
+// file.
 func CreatePages(dir, name string) (*PageWriter, error) {
 	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	hdr := make([]byte, PageDataOffset)
-	copy(hdr, encodeHeader(KindPages))
-	if _, err := f.Write(hdr); err != nil {
+	if _, err := f.Write(pagesHeader()); err != nil {
 		f.Close()
 		return nil, err
 	}
@@ -113,7 +120,8 @@ func writev(fd int, bufs [][]byte) (int, error) {
 	}
 }
 
-// Offset is the number of data bytes written so far.
+// Offset is the number of data bytes written so far: the data offset
+// the next Write lands at.
 func (w *PageWriter) Offset() int64 { return w.off }
 
 // Close closes the file.
@@ -132,32 +140,37 @@ type PageReader struct {
 	m    []byte
 }
 
-// OpenPages opens dir/name and checks its header.
+// OpenPages opens dir/name and checks that it is a pages file of a
+// format version this ferry reads.
 func OpenPages(dir, name string) (*PageReader, error) {
 	path := filepath.Join(dir, name)
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
-	st, err := f.Stat()
+	r, err := newPageReader(path, f)
 	if err != nil {
 		f.Close()
 		return nil, err
 	}
-	hb := make([]byte, headerSize)
-	n, _ := f.ReadAt(hb, 0)
-	h, err := ParseHeader(path, hb[:n])
+	return r, nil
+}
+
+// newPageReader checks the pages file f, wherever its file offset is.
+func newPageReader(path string, f *os.File) (*PageReader, error) {
+	h, err := readHeader(path, io.NewSectionReader(f, 0, headerSize))
 	if err != nil {
-		f.Close()
 		return nil, err
 	}
 	if h.Kind != KindPages {
-		f.Close()
 		return nil, formatErr(path, 8, ErrKind, "holds %s, want pages", h.Kind)
 	}
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
 	if st.Size() < PageDataOffset {
-		f.Close()
-		return nil, formatErr(path, st.Size(), ErrTruncated, "pages header needs %d bytes", PageDataOffset)
+		return nil, formatErr(path, st.Size(), ErrTruncated, "pages header needs %d bytes, file has %d", PageDataOffset, st.Size())
 	}
 	return &PageReader{path: path, f: f, size: st.Size() - PageDataOffset}, nil
 }
@@ -165,15 +178,25 @@ func OpenPages(dir, name string) (*PageReader, error) {
 // Size is the number of data bytes.
 func (r *PageReader) Size() int64 { return r.size }
 
-// ReadAt reads data bytes at off (relative to the data start).
+// ReadAt reads len(p) data bytes at off, counted from the start of the
+// page data. A read that does not fit in the page data fails whole with
+// ErrTruncated.
 func (r *PageReader) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 || off+int64(len(p)) > r.size {
-		return 0, formatErr(r.path, PageDataOffset+off, ErrTruncated, "read of %d bytes past the end of page data (%d bytes)", len(p), r.size)
+	if off < 0 || off > r.size || int64(len(p)) > r.size-off {
+		return 0, formatErr(r.path, PageDataOffset+r.size, ErrTruncated,
+			"read of %d bytes at data offset %d past the end of page data (%d bytes)", len(p), off, r.size)
 	}
-	return r.f.ReadAt(p, PageDataOffset+off)
+	n, err := r.f.ReadAt(p, PageDataOffset+off)
+	if err != nil {
+		// The file shrank under us, or the disk failed.
+		return n, readErr(r.path, PageDataOffset+off+int64(n), err)
+	}
+	return n, nil
 }
 
-// Bytes maps the data read-only; valid until Close.
+// Bytes maps the page data read-only and shared, so that page data need
+// not be copied through a buffer. The slice is valid until Close, and nil
+// for a file without data. Callers must not write to it (it faults).
 func (r *PageReader) Bytes() ([]byte, error) {
 	if r.size == 0 {
 		return nil, nil
@@ -181,7 +204,7 @@ func (r *PageReader) Bytes() ([]byte, error) {
 	if r.m == nil {
 		m, err := unix.Mmap(int(r.f.Fd()), 0, int(r.size+PageDataOffset), unix.PROT_READ, unix.MAP_SHARED)
 		if err != nil {
-			return nil, fmt.Errorf("mmap %s: %w", r.path, err)
+			return nil, fmt.Errorf("images: %s: %w", r.path, os.NewSyscallError("mmap", err))
 		}
 		r.m = m
 	}

@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -16,7 +15,8 @@ import (
 	"github.com/ferrycr/ferry/images/pb"
 )
 
-// newRecord returns an empty message for the i-th record of a kind.
+// newRecord returns an empty message for record i (from 0) of an image of
+// kind k, or nil for a kind without records.
 func newRecord(k Kind, i int) proto.Message {
 	switch k {
 	case KindInventory:
@@ -44,66 +44,96 @@ func newRecord(k Kind, i int) proto.Message {
 	return nil
 }
 
-// Decoded is the JSON form of one image file.
+// Decoded is one image file ready to print. Its JSON form is
+//
+//	{"magic": "FERRYIMG", "kind": "core", "version": "1.0", "entries": [...]}
+//
+// for a record file, each entry a record in the protobuf JSON mapping
+// with the field names of ferry.proto, and
+//
+//	{"magic": "FERRYIMG", "kind": "pages", "version": "1.0", "size": N, "pages": N/4096}
+//
+// for a pages file, whose data is not printed.
 type Decoded struct {
-	Magic   string            `json:"magic"`
-	Kind    string            `json:"kind"`
-	Version string            `json:"version"`
-	Entries []json.RawMessage `json:"entries,omitempty"`
-	// Pages files:
-	Size  int64 `json:"size,omitempty"`
-	Pages int64 `json:"pages,omitempty"`
+	Header  Header
+	Entries []json.RawMessage // record files
+	Size    int64             // pages files: bytes of page data
 }
 
-var jsonOpts = protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: false}
+func (d *Decoded) MarshalJSON() ([]byte, error) {
+	type head struct {
+		Magic   string `json:"magic"`
+		Kind    string `json:"kind"`
+		Version string `json:"version"`
+	}
+	h := head{Magic, d.Header.Kind.String(), fmt.Sprintf("%d.%d", d.Header.Major, d.Header.Minor)}
+	if d.Header.Kind == KindPages {
+		return json.Marshal(struct {
+			head
+			Size  int64 `json:"size"`
+			Pages int64 `json:"pages"`
+		}{h, d.Size, d.Size / pageSize})
+	}
+	entries := d.Entries
+	if entries == nil {
+		entries = []json.RawMessage{}
+	}
+	return json.Marshal(struct {
+		head
+		Entries []json.RawMessage `json:"entries"`
+	}{h, entries})
+}
 
-// Decode reads any image file into its JSON form.
+var jsonOpts = protojson.MarshalOptions{UseProtoNames: true}
+
+// Decode reads the image file at path, of any kind, into its JSON form.
 func Decode(path string) (*Decoded, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	hb := make([]byte, headerSize)
-	n, _ := io.ReadFull(f, hb)
-	h, err := ParseHeader(path, hb[:n])
+	h, err := readHeader(path, f)
 	if err != nil {
 		return nil, err
 	}
-	d := &Decoded{Magic: Magic, Kind: h.Kind.String(), Version: fmt.Sprintf("%d.%d", h.Major, h.Minor)}
 	if h.Kind == KindPages {
-		pr, err := OpenPages(filepath.Dir(path), filepath.Base(path))
+		pr, err := newPageReader(path, f)
 		if err != nil {
 			return nil, err
 		}
-		defer pr.Close()
-		d.Size, d.Pages = pr.Size(), pr.Size()/4096
-		return d, nil
+		return &Decoded{Header: h, Size: pr.Size()}, nil
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return nil, err
 	}
-	r, err := NewReader(path, f, 0)
+	return decodeRecords(path, f)
+}
+
+// decodeRecords decodes a record image read from rd.
+func decodeRecords(path string, rd io.Reader) (*Decoded, error) {
+	r, err := NewReader(path, rd, 0)
 	if err != nil {
 		return nil, err
 	}
+	d := &Decoded{Header: r.Header}
 	for i := 0; ; i++ {
-		m := newRecord(h.Kind, i)
+		m := newRecord(r.Header.Kind, i)
 		if err := r.Next(m); errors.Is(err, io.EOF) {
-			break
+			return d, nil
 		} else if err != nil {
 			return nil, err
 		}
 		b, err := jsonOpts.Marshal(m)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("images: %s: record %d to JSON: %w", path, i, err)
 		}
 		d.Entries = append(d.Entries, b)
 	}
-	return d, nil
 }
 
-// Show writes any image file as indented JSON.
+// Show writes the image file at path, of any kind, as indented JSON (see
+// Decoded for the shape).
 func Show(w io.Writer, path string) error {
 	d, err := Decode(path)
 	if err != nil {
@@ -112,33 +142,38 @@ func Show(w io.Writer, path string) error {
 	return writeJSON(w, d)
 }
 
-// ShowDir writes every image of dir as one JSON object keyed by file name.
+// isImageName tells whether a directory entry's name is an image file's:
+// *.img, stats-dump and stats-restore.
+func isImageName(name string) bool {
+	return strings.HasSuffix(name, ".img") || strings.HasPrefix(name, "stats-")
+}
+
+// ShowDir writes every image file of dir (*.img and stats-*) as one JSON
+// object keyed by file name, in name order. If any file fails to decode,
+// nothing is written and the error names it.
 func ShowDir(w io.Writer, dir string) error {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return err
 	}
-	out := map[string]*Decoded{}
-	var names []string
+	out := map[string]*Decoded{} // encoding/json sorts the keys
 	for _, e := range ents {
-		n := e.Name()
-		if e.IsDir() || !(strings.HasSuffix(n, ".img") || strings.HasPrefix(n, "stats-")) {
+		if e.IsDir() || !isImageName(e.Name()) {
 			continue
 		}
-		d, err := Decode(filepath.Join(dir, n))
+		d, err := Decode(filepath.Join(dir, e.Name()))
 		if err != nil {
 			return err
 		}
-		out[n] = d
-		names = append(names, n)
+		out[e.Name()] = d
 	}
-	if len(names) == 0 {
-		return fmt.Errorf("%s: no image files", dir)
+	if len(out) == 0 {
+		return fmt.Errorf("images: %s: no image files (*.img, stats-*)", dir)
 	}
-	sort.Strings(names)
 	return writeJSON(w, out)
 }
 
+// writeJSON writes v indented by four spaces, as crit does.
 func writeJSON(w io.Writer, v any) error {
 	b, err := json.MarshalIndent(v, "", "    ")
 	if err != nil {
