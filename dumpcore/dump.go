@@ -184,6 +184,19 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	if (d.opts.LeaveRunning || d.opts.LeaveStopped) && d.opts.LazyServe == nil {
+		// Everything is read: the process goes on while the images are
+		// written. A failure from here on fails the dump, not the process.
+		committed = true
+		d.release(img, frozenAt)
+		if err := d.write(img); err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
+		if err := d.finishSink(); err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
+		return d.finish(start)
+	}
 	if err := d.write(img); err != nil {
 		return nil, err
 	}
@@ -204,30 +217,38 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 
 	// Images are complete: now the tree may be killed.
 	committed = true
-	released := time.Now()
-	switch {
-	case d.opts.LeaveRunning || d.opts.LeaveStopped:
-		if t := d.tracker; t != nil && t.parked > 0 && !d.opts.TrackMem {
-			// Nobody will come back for it: take it out of the process.
-			d.task(pid).Syscall(unix.SYS_CLOSE, uint64(t.parked))
-		}
-		for _, fd := range img.files.staleTrackers {
-			if d.tracker == nil || fd != d.tracker.parked {
-				d.log.Info("removing a dirty tracker an earlier pre-dump left in the process", "fd", fd)
-				d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd))
-			}
-		}
-		d.resume(d.opts.LeaveStopped)
-	default:
-		d.kill()
+	d.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
+	d.kill()
+	return d.finish(start)
+}
+
+// release lets a process that is left running (or stopped) go: trackers
+// nobody will come back for are taken out of it, and it resumes.
+func (d *dumper) release(img *imageSet, frozenAt time.Time) {
+	pid := d.opts.Pid
+	if t := d.tracker; t != nil && t.parked > 0 && !d.opts.TrackMem {
+		d.task(pid).Syscall(unix.SYS_CLOSE, uint64(t.parked))
 	}
-	end := time.Now()
-	d.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
-	d.stats.TotalTimeUs = uint64(end.Sub(start).Microseconds())
+	for _, fd := range img.files.staleTrackers {
+		if d.tracker == nil || fd != d.tracker.parked {
+			d.log.Info("removing a dirty tracker an earlier pre-dump left in the process", "fd", fd)
+			d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd))
+		}
+	}
+	t0 := time.Now()
+	d.resume(d.opts.LeaveStopped)
+	d.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
+	d.log.Debug("resumed", "took", time.Since(t0))
+}
+
+// finish writes the dump's statistics.
+func (d *dumper) finish(start time.Time) (*Result, error) {
+	d.stats.TotalTimeUs = uint64(time.Since(start).Microseconds())
 	if err := images.WriteAll(d.opts.ImagesDir, "stats-dump", images.KindStats, &pb.Stats{Dump: d.stats}); err != nil {
 		return nil, err
 	}
-	log.Info("dump finished", "pid", pid, "frozen", end.Sub(frozenAt), "total", end.Sub(start))
+	d.log.Info("dump finished", "pid", d.opts.Pid, "frozen", time.Duration(d.stats.FrozenTimeUs)*time.Microsecond,
+		"total", time.Since(start))
 	return &Result{Stats: d.stats}, nil
 }
 

@@ -67,11 +67,24 @@ func (s *regionSet) next(va uint64) (span, bool) {
 	return s.spans[i], true
 }
 
-// within returns the parts of the set inside [start, end).
+// within returns the parts of the set inside [start, end). The result
+// shares the set's storage except for its clipped ends: an incremental
+// round calls it for every gap between dirty spans, over parent sets of
+// hundreds of thousands of spans.
 func (s *regionSet) within(start, end uint64) []span {
-	var out []span
-	for sp, ok := s.next(start); ok && sp.start < end; sp, ok = s.next(sp.end) {
-		out = append(out, span{max(sp.start, start), min(sp.end, end)})
+	if s == nil || start >= end {
+		return nil
+	}
+	i := sort.Search(len(s.spans), func(i int) bool { return s.spans[i].end > start })
+	j := i + sort.Search(len(s.spans)-i, func(k int) bool { return s.spans[i+k].start >= end })
+	if i >= j {
+		return nil
+	}
+	out := s.spans[i:j:j]
+	if out[0].start < start || out[len(out)-1].end > end {
+		out = append([]span(nil), out...)
+		out[0].start = max(out[0].start, start)
+		out[len(out)-1].end = min(out[len(out)-1].end, end)
 	}
 	return out
 }
@@ -199,6 +212,31 @@ func parkedFdHint(pid int) uint64 {
 	return hint
 }
 
+// closeStaleTrackers closes, inside the frozen process, the userfaultfds
+// earlier ferry rounds parked in it.
+func (d *dumper) closeStaleTrackers() error {
+	pid := d.opts.Pid
+	ents, err := os.ReadDir(proc.Path(pid, "fd"))
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		info, err := proc.ReadFdInfo(pid, fd)
+		if err != nil || !isFerryTracker(pid, fd, info) {
+			continue
+		}
+		d.log.Info("removing a dirty tracker an earlier round left in the process", "fd", fd)
+		if _, err := d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd)); err != nil {
+			return fmt.Errorf("closing the stale dirty tracker at fd %d of %d: %w", fd, pid, err)
+		}
+	}
+	return nil
+}
+
 func isUffdLink(target string) bool { return strings.HasPrefix(target, "anon_inode:[userfaultfd]") }
 
 // setupTracking runs while the tree is frozen. With a parent image set it
@@ -235,6 +273,12 @@ func (d *dumper) setupTracking() error {
 	}
 	if !d.opts.PreDump && !d.opts.TrackMem {
 		return nil
+	}
+	// Trackers earlier rounds left behind still hold the registrations of
+	// every VMA: a new tracker could register none of them, and closing
+	// the old one later would leave the process untracked.
+	if err := d.closeStaleTrackers(); err != nil {
+		return err
 	}
 	fd, features, parked, err := injectUffd(d, pid, true)
 	if err != nil {

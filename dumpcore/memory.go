@@ -156,6 +156,7 @@ type pageDumper struct {
 	mem     *os.File // /proc/PID/mem, for pages process_vm_readv cannot read
 	out     *images.PageWriter
 	entries []*pb.PagemapEntry
+	slab    []pb.PagemapEntry // preallocated entries
 	stats   *pb.DumpStats
 
 	free    chan []byte
@@ -310,11 +311,11 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
 			ds = span{v.End, v.End}
 		}
 		if ds.start > cur {
-			var items []item
-			for _, p := range pd.parent.within(cur, ds.start) {
-				items = append(items, item{va: p.start, kind: itemParent, n: (p.end - p.start) / pageSize})
-			}
-			if len(items) > 0 {
+			if in := pd.parent.within(cur, ds.start); len(in) > 0 {
+				items := make([]item, len(in))
+				for i, p := range in {
+					items[i] = item{va: p.start, kind: itemParent, n: (p.end - p.start) / pageSize}
+				}
 				pd.batches <- batch{items: items}
 			}
 		}
@@ -460,7 +461,15 @@ func (pd *pageDumper) emit(b batch) error {
 		}
 		for n > 0 { // entries count pages in 32 bits
 			c := min(n, 1<<30)
-			pd.entries = append(pd.entries, &pb.PagemapEntry{Vaddr: va, NrPages: uint32(c), InParent: parent})
+			if len(pd.slab) == 0 {
+				// Entries come in the hundreds of thousands for fragmented
+				// memory: allocate them in blocks.
+				pd.slab = make([]pb.PagemapEntry, 4096)
+			}
+			e := &pd.slab[0]
+			pd.slab = pd.slab[1:]
+			e.Vaddr, e.NrPages, e.InParent = va, uint32(c), parent
+			pd.entries = append(pd.entries, e)
 			va, n = va+c*pageSize, n-c
 		}
 	}

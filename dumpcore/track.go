@@ -209,7 +209,13 @@ func (t *Tracker) Dirty() (written, fresh []uffd.Region, err error) {
 		if err != nil {
 			return nil, nil, err
 		}
+		if n := uffd.Pages(rs); n > 0 {
+			t.log.Debug("written", "vma", fmt.Sprintf("%#x-%#x", v.Start, v.End), "pages", n)
+		}
 		written = append(written, rs...)
+	}
+	for _, v := range unarmed {
+		t.log.Debug("VMA not armed: all of it counts as written", "vma", fmt.Sprintf("%#x-%#x", v.Start, v.End), "name", v.Name)
 	}
 	fresh, err = t.armNew(unarmed)
 	return written, fresh, err

@@ -760,7 +760,7 @@ func dumpStats(t *testing.T, dir string) *pb.DumpStats {
 func TestPreDumpChain(t *testing.T) {
 	needRoot(t)
 	bin := testutil.BuildC(t, "memcheck")
-	w := testutil.Start(t, "-r", bin, "-m", "64", "-t", "2", "-p", "-n", "-W")
+	w := testutil.Start(t, "-r", bin, "-m", "64", "-t", "2", "-p", "-n", "-W", "-Z")
 	dirs := chainDirs(t, 3)
 	d1, d2, d3 := dirs[0], dirs[1], dirs[2]
 	before := w.Report(t)
@@ -778,7 +778,9 @@ func TestPreDumpChain(t *testing.T) {
 		t.Fatalf("fd %d of the process is %q, want the parked tracker", inv.TrackerFd, l)
 	}
 	s1 := dumpStats(t, d1)
-	w.Signal(unix.SIGUSR2) // rewrites 10 buffer pages, writes the pipe
+	// Rewrites 10 buffer pages, drops 10 others (MADV_DONTNEED: they must
+	// come back as zeros, not as the parent's copy), writes the pipe.
+	w.Signal(unix.SIGUSR2)
 	time.Sleep(100 * time.Millisecond)
 	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d2, "--prev-images-dir", "../1")
 	s2 := dumpStats(t, d2)
@@ -838,6 +840,38 @@ func TestPreDumpTrackerLost(t *testing.T) {
 	mustFerry(t, "restore", "-D", d2, "-d")
 	r := testutil.Attach(t, w.Pid, w.ReportPath)
 	checkContinued(t, before, r.Report(t))
+}
+
+func TestFreshPreDumpReplacesStaleTracker(t *testing.T) {
+	// A pre-dump without a parent, in a process an earlier pre-dump left
+	// its tracker in, replaces that tracker: otherwise the old one keeps
+	// every VMA registered, the new one gets none, and once the old one is
+	// removed nothing is tracked any more.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "32")
+	dirs := chainDirs(t, 3)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[0])
+	trackers := 0
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", w.Pid))
+	for _, e := range ents {
+		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", w.Pid, e.Name())); l == "anon_inode:[userfaultfd]" {
+			trackers++
+		}
+	}
+	if trackers != 1 {
+		t.Fatalf("%d userfaultfds in the process after two pre-dumps, want 1", trackers)
+	}
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[1], "--prev-images-dir", "../1", "-R", "--track-mem")
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[2], "--prev-images-dir", "../2")
+	w.Reap(t)
+	if s1, s3 := dumpStats(t, dirs[0]), dumpStats(t, dirs[2]); s3.PagesWritten >= s1.PagesWritten/10 {
+		t.Fatalf("last round wrote %d pages of %d: tracking was lost", s3.PagesWritten, s1.PagesWritten)
+	}
+	mustFerry(t, "restore", "-D", dirs[2], "-d")
+	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
 }
 
 func TestPlainDumpAfterPreDump(t *testing.T) {

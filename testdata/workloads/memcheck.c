@@ -24,6 +24,8 @@
  *   -W       on SIGUSR2, rewrite pages 100-109 of the -m buffer with the
  *            same pattern (writes that change nothing: a dirty tracker
  *            must still see them)
+ *   -Z       on SIGUSR2, drop pages 200-209 of the -m buffer with
+ *            madvise(MADV_DONTNEED): from then on they must read as zero
  *   -K       on SIGUSR2, fork a child that verifies all memory, writes
  *            "child=ok" or "child=fail: reason" to REPORT_PATH.child and
  *            exits (copy-on-write memory must hold what the parent had)
@@ -294,10 +296,12 @@ static void fill_page(size_t page)
 		p[i] = xorshift(&s);
 }
 
+static int zapped; /* -Z: pages 200-209 were dropped */
+
 static int check_page(size_t page)
 {
 	const uint64_t *p = (const uint64_t *)(mem + page * PAGE);
-	if (page_kind(page) != 2) {
+	if (page_kind(page) != 2 || (zapped && page >= 200 && page < 210)) {
 		for (size_t i = 0; i < PAGE / 8; i++)
 			if (p[i])
 				return 0;
@@ -449,8 +453,8 @@ int main(int argc, char **argv)
 	const char *outfile = NULL;
 	int opt;
 	const char *ghost_dir = NULL;
-	int use_maps = 0, use_timers = 0, use_rewrite = 0, use_churn = 0, use_fork = 0;
-	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWCK")) != -1) {
+	int use_maps = 0, use_timers = 0, use_rewrite = 0, use_zap = 0, use_churn = 0, use_fork = 0;
+	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWZCK")) != -1) {
 		switch (opt) {
 		case 'm': mib = atol(optarg); break;
 		case 't': nthreads = atoi(optarg); break;
@@ -465,6 +469,7 @@ int main(int argc, char **argv)
 		case 'G': ghost_kib = atol(optarg); break;
 		case 'T': use_timers = 1; break;
 		case 'W': use_rewrite = 1; break;
+		case 'Z': use_zap = 1; break;
 		case 'C': use_churn = 1; break;
 		case 'K': use_fork = 1; break;
 		default:
@@ -613,6 +618,10 @@ int main(int argc, char **argv)
 						fill_page(pg);
 					else
 						memset(mem + pg * PAGE, 0, PAGE);
+			}
+			if (use_zap && mem_size >= 210 * PAGE) {
+				madvise(mem + 200 * PAGE, 10 * PAGE, MADV_DONTNEED);
+				zapped = 1;
 			}
 			if (use_timers) {
 				sigset_t m;
