@@ -28,6 +28,10 @@ type imageSet struct {
 	files   *fileTable
 	fds     *pb.FdTable
 	pagemap []*pb.PagemapEntry
+	// gaps and parentPages: parent runs still to be merged into pagemap
+	// (withParentRuns).
+	gaps        []span
+	parentPages *regionSet
 }
 
 func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
@@ -444,6 +448,8 @@ func (d *dumper) write(img *imageSet) error {
 // writePagemap writes pagemap-PID.img, locally and, with a page server,
 // there too.
 func (d *dumper) writePagemap(img *imageSet) error {
+	img.pagemap = withParentRuns(img.pagemap, img.gaps, img.parentPages, d.stats)
+	img.gaps = nil
 	name := fmt.Sprintf("pagemap-%d.img", d.opts.Pid)
 	w, err := images.Create(d.opts.ImagesDir, name, images.KindPagemap)
 	if err != nil {

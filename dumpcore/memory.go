@@ -157,6 +157,9 @@ type pageDumper struct {
 	out     *images.PageWriter
 	entries []*pb.PagemapEntry
 	slab    []pb.PagemapEntry // preallocated entries
+	// gaps are the stretches of tracked VMAs outside the dirty set: what
+	// the parent holds there goes into the pagemap as parent runs.
+	gaps []span
 	stats   *pb.DumpStats
 
 	free    chan []byte
@@ -260,6 +263,7 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		return err
 	}
 	img.pagemap = pd.entries
+	img.gaps, img.parentPages = pd.gaps, pd.parent
 	d.stats.MemdumpTimeUs = uint64(time.Since(start).Microseconds())
 	d.stats.MemwriteTimeUs = uint64(pd.writeTime.Microseconds())
 	d.log.Info("memory dumped", "read", pd.readTime, "write", pd.writeTime, "total", time.Since(start))
@@ -311,13 +315,11 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
 			ds = span{v.End, v.End}
 		}
 		if ds.start > cur {
-			if in := pd.parent.within(cur, ds.start); len(in) > 0 {
-				items := make([]item, len(in))
-				for i, p := range in {
-					items[i] = item{va: p.start, kind: itemParent, n: (p.end - p.start) / pageSize}
-				}
-				pd.batches <- batch{items: items}
-			}
+			// The parent's pages here are recorded when the pagemap is
+			// written: with a fragmented parent that is hundreds of
+			// thousands of entries, which need not be built while the
+			// process is frozen.
+			pd.gaps = append(pd.gaps, span{cur, ds.start})
 		}
 		if ds.start >= v.End {
 			break
@@ -516,4 +518,48 @@ func (pd *pageDumper) emit(b batch) error {
 	n, err := pd.out.WriteVec(bufs)
 	pd.stats.BytesWritten += uint64(n)
 	return err
+}
+
+// withParentRuns merges the parent's pages inside gaps into entries (both
+// in address order) as in_parent runs, and counts them.
+func withParentRuns(entries []*pb.PagemapEntry, gaps []span, parent *regionSet, stats *pb.DumpStats) []*pb.PagemapEntry {
+	if len(gaps) == 0 {
+		return entries
+	}
+	var runs []span
+	for _, g := range gaps {
+		runs = append(runs, parent.within(g.start, g.end)...)
+	}
+	slab := make([]pb.PagemapEntry, len(runs))
+	out := make([]*pb.PagemapEntry, 0, len(entries)+len(runs))
+	add := func(e *pb.PagemapEntry) {
+		if l := len(out); l > 0 {
+			last := out[l-1]
+			if last.InParent && e.InParent && last.Vaddr+uint64(last.NrPages)*pageSize == e.Vaddr &&
+				uint64(last.NrPages)+uint64(e.NrPages) < 1<<31 {
+				last.NrPages += e.NrPages
+				return
+			}
+		}
+		out = append(out, e)
+	}
+	i := 0
+	for k, r := range runs {
+		for i < len(entries) && entries[i].Vaddr < r.start {
+			add(entries[i])
+			i++
+		}
+		for va, n := r.start, (r.end-r.start)/pageSize; n > 0; {
+			c := min(n, 1<<30) // entries count pages in 32 bits
+			e := &slab[k]
+			if c < n { // only for runs of 4 TiB and more
+				e = &pb.PagemapEntry{}
+			}
+			e.Vaddr, e.NrPages, e.InParent = va, uint32(c), true
+			add(e)
+			stats.PagesSkippedParent += c
+			va, n = va+c*pageSize, n-c
+		}
+	}
+	return append(out, entries[i:]...)
 }

@@ -1,0 +1,36 @@
+package dumpcore
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+func TestWithParentRuns(t *testing.T) {
+	const p = pageSize
+	parent := &regionSet{spans: []span{{0, 4 * p}, {6 * p, 10 * p}, {12 * p, 20 * p}}}
+	// Dirty data at pages 2 and 15; gaps around them; page 21 from an
+	// untracked VMA.
+	entries := []*pb.PagemapEntry{{Vaddr: 2 * p, NrPages: 1}, {Vaddr: 15 * p, NrPages: 1}, {Vaddr: 21 * p, NrPages: 1}}
+	gaps := []span{{0, 2 * p}, {3 * p, 15 * p}, {16 * p, 20 * p}}
+	stats := &pb.DumpStats{}
+	got := withParentRuns(entries, gaps, parent, stats)
+	want := "0+2P 2+1 3+1P 6+4P 12+3P 15+1 16+4P 21+1"
+	s := ""
+	for i, e := range got {
+		if i > 0 {
+			s += " "
+		}
+		s += fmt.Sprintf("%d+%d", e.Vaddr/p, e.NrPages)
+		if e.InParent {
+			s += "P"
+		}
+	}
+	if s != want {
+		t.Fatalf("got  %s\nwant %s", s, want)
+	}
+	if stats.PagesSkippedParent != 2+1+4+3+4 {
+		t.Fatalf("%d pages counted from the parent", stats.PagesSkippedParent)
+	}
+}
