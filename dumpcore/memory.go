@@ -159,8 +159,8 @@ type pageDumper struct {
 	slab    []pb.PagemapEntry // preallocated entries
 	// gaps are the stretches of tracked VMAs outside the dirty set: what
 	// the parent holds there goes into the pagemap as parent runs.
-	gaps []span
-	stats   *pb.DumpStats
+	gaps  []span
+	stats *pb.DumpStats
 
 	free    chan []byte
 	batches chan batch
