@@ -55,7 +55,7 @@ func main() {
 	runs := flag.Int("runs", 3, "repetitions per size")
 	dir := flag.String("dir", "/dev/shm/ferry-bench", "working directory (tmpfs)")
 	out := flag.String("out", "bench/results.json", "JSON results")
-	suites := flag.String("suites", "core,predump,lazy,stream", "which measurements: core (dump/restore), predump, lazy, stream (page server)")
+	suites := flag.String("suites", "core,predump,background,lazy,stream", "which measurements: core (dump/restore), predump, background (snapshot), lazy, stream (page server)")
 	flag.Parse()
 	want := map[string]bool{}
 	for _, s := range strings.Split(*suites, ",") {
@@ -111,6 +111,19 @@ func main() {
 			pre = append(pre, r)
 		}
 		all["pre_dump"] = pre
+	}
+	if want["background"] {
+		var bg []backgroundResult
+		for _, mib := range sizeList {
+			r, err := benchBackground(*ferry, wl, *dir, mib)
+			if err != nil {
+				fail(fmt.Errorf("background snapshot at %d MiB: %w", mib, err))
+			}
+			fmt.Printf("background %5d MiB, %d MiB/s dirty: frozen %.1f ms of %.0f ms (final round %d pages); plain dump -R frozen %.1f ms\n",
+				mib, r.DirtyMiBs, r.FrozenMs, r.TotalMs, r.FinalPages, r.PlainFrozenMs)
+			bg = append(bg, r)
+		}
+		all["background_snapshot"] = bg
 	}
 	if want["lazy"] {
 		var lz []lazyResult

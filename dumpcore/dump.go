@@ -45,8 +45,22 @@ type Options struct {
 	// files instead of the images directory (the pagemap is also kept
 	// locally, for the next incremental round).
 	PageSink PageSink
-	Version  string // written to the inventory
-	Logger   *slog.Logger
+	// FlagsBeforeFreeze (with LeaveRunning; background snapshots): the
+	// VMAs' flags come from smaps read just before the freeze, since smaps
+	// walks every page table (~10 ms per GiB); while frozen only the
+	// layout is read (maps), and a VMA whose layout changed meanwhile
+	// makes the dump read smaps after all. After the resume smaps is read
+	// again: if a VMA whose flags came from before the freeze no longer
+	// shows the same layout and flags, its flags at the freeze instant are
+	// not certain, and Result.FlagsMoved says so. The images are complete
+	// either way; with FlagsMoved they are fit only as a parent round.
+	FlagsBeforeFreeze bool
+	// Frozen, when set, is called once the process is frozen and before
+	// any of its state is read (tests observe the frozen process with it;
+	// for a background snapshot, at the final freeze).
+	Frozen  func()
+	Version string // written to the inventory
+	Logger  *slog.Logger
 }
 
 // PageSink receives image files elsewhere (a page server session).
@@ -61,6 +75,8 @@ type PageSink interface {
 // Result describes a finished dump.
 type Result struct {
 	Stats *pb.DumpStats
+	// FlagsMoved: see Options.FlagsBeforeFreeze.
+	FlagsMoved bool
 }
 
 // DefaultGhostLimit is criu's default for --ghost-limit.
@@ -104,6 +120,20 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 		}
 		d.parent = p
 	}
+	if opts.FlagsBeforeFreeze {
+		// Last before the freeze, so that little can change in between.
+		if !opts.LeaveRunning || opts.LeaveStopped || opts.PreDump || opts.LazyServe != nil {
+			return nil, errors.New("VMA flags read before the freeze need a dump that leaves the process running")
+		}
+		vmas, err := proc.ReadSmaps(opts.Pid)
+		if err != nil {
+			return nil, err
+		}
+		d.early = map[vmaKey][]string{}
+		for _, v := range vmas {
+			d.early[keyOf(&v)] = v.VmFlags
+		}
+	}
 	var res *Result
 	// The whole dump runs on one locked OS thread: the tracer.
 	tr := ptrace.NewThread()
@@ -140,6 +170,10 @@ type dumper struct {
 	// armAfterResume: a new tracker is armed once the process runs again
 	// (pre-dump), not while it is frozen.
 	armAfterResume bool
+	// early holds VMA flags read before the freeze (FlagsBeforeFreeze);
+	// usedEarly the VMAs whose flags were taken from it.
+	early     map[vmaKey][]string
+	usedEarly []vmaKey
 }
 
 func (d *dumper) run(ctx context.Context) (*Result, error) {
@@ -153,6 +187,9 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 	}
 	frozenAt := time.Now()
 	d.threads = threads
+	if d.opts.Frozen != nil {
+		d.opts.Frozen()
+	}
 	d.stats.FreezingTimeUs = uint64(frozenAt.Sub(start).Microseconds())
 	log.Info("tree frozen", "pid", pid, "threads", len(threads), "took", frozenAt.Sub(start))
 
@@ -188,14 +225,24 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 		// Everything is read: the process goes on while the images are
 		// written. A failure from here on fails the dump, not the process.
 		committed = true
-		d.release(img, frozenAt)
+		if err := d.release(img, frozenAt); err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
+		moved, err := d.flagsMoved()
+		if err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
 		if err := d.write(img); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
 		if err := d.finishSink(); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
-		return d.finish(start)
+		res, err := d.finish(start)
+		if res != nil {
+			res.FlagsMoved = moved
+		}
+		return res, err
 	}
 	if err := d.write(img); err != nil {
 		return nil, err
@@ -224,21 +271,34 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 
 // release lets a process that is left running (or stopped) go: trackers
 // nobody will come back for are taken out of it, and it resumes.
-func (d *dumper) release(img *imageSet, frozenAt time.Time) {
+//
+// Closing a tracker inside the process would drop its write protection
+// from every page while the process is frozen (~20 ms per GiB): a running
+// process gets its trackers removed after it resumes (removeTrackers).
+func (d *dumper) release(img *imageSet, frozenAt time.Time) error {
 	pid := d.opts.Pid
+	var drop []int
 	if t := d.tracker; t != nil && t.parked > 0 && !d.opts.TrackMem {
-		d.task(pid).Syscall(unix.SYS_CLOSE, uint64(t.parked))
+		drop = append(drop, t.parked)
 	}
 	for _, fd := range img.files.staleTrackers {
 		if d.tracker == nil || fd != d.tracker.parked {
-			d.log.Info("removing a dirty tracker an earlier pre-dump left in the process", "fd", fd)
-			d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd))
+			d.log.Info("removing a dirty tracker an earlier round left in the process", "fd", fd)
+			drop = append(drop, fd)
 		}
 	}
-	t0 := time.Now()
+	if d.opts.LeaveStopped {
+		for _, fd := range drop {
+			d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd))
+		}
+		drop = nil
+	}
 	d.resume(d.opts.LeaveStopped)
 	d.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
-	d.log.Debug("resumed", "took", time.Since(t0))
+	if len(drop) > 0 {
+		return removeTrackers(d.opts, d.log, drop)
+	}
+	return nil
 }
 
 // finish writes the dump's statistics.

@@ -212,14 +212,16 @@ func parkedFdHint(pid int) uint64 {
 	return hint
 }
 
-// closeStaleTrackers closes, inside the frozen process, the userfaultfds
-// earlier ferry rounds parked in it.
-func (d *dumper) closeStaleTrackers() error {
+// adoptStaleTracker takes over a dirty tracker an earlier ferry round
+// parked in the frozen process (nil if there is none); any further ones
+// are closed.
+func (d *dumper) adoptStaleTracker() (*Tracker, error) {
 	pid := d.opts.Pid
 	ents, err := os.ReadDir(proc.Path(pid, "fd"))
 	if err != nil {
-		return err
+		return nil, err
 	}
+	var t *Tracker
 	for _, e := range ents {
 		fd, err := strconv.Atoi(e.Name())
 		if err != nil {
@@ -229,12 +231,25 @@ func (d *dumper) closeStaleTrackers() error {
 		if err != nil || !isFerryTracker(pid, fd, info) {
 			continue
 		}
-		d.log.Info("removing a dirty tracker an earlier round left in the process", "fd", fd)
-		if _, err := d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd)); err != nil {
-			return fmt.Errorf("closing the stale dirty tracker at fd %d of %d: %w", fd, pid, err)
+		if t != nil {
+			d.log.Info("removing a dirty tracker an earlier round left in the process", "fd", fd)
+			if _, err := d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd)); err != nil {
+				return nil, fmt.Errorf("closing the stale dirty tracker at fd %d of %d: %w", fd, pid, err)
+			}
+			continue
+		}
+		u, err := takeParkedTracker(pid, fd, info.Ino)
+		if err != nil || u == nil {
+			return nil, err
+		}
+		d.log.Info("adopting the dirty tracker an earlier round left in the process", "fd", fd)
+		t = &Tracker{pid: pid, u: u, features: trackFeatures, log: d.log, parked: fd, parkedIno: info.Ino}
+		if t.sc, err = uffd.OpenScanner(pid); err != nil {
+			u.Close()
+			return nil, err
 		}
 	}
-	return nil
+	return t, nil
 }
 
 func isUffdLink(target string) bool { return strings.HasPrefix(target, "anon_inode:[userfaultfd]") }
@@ -274,10 +289,21 @@ func (d *dumper) setupTracking() error {
 	if !d.opts.PreDump && !d.opts.TrackMem {
 		return nil
 	}
-	// Trackers earlier rounds left behind still hold the registrations of
-	// every VMA: a new tracker could register none of them, and closing
-	// the old one later would leave the process untracked.
-	if err := d.closeStaleTrackers(); err != nil {
+	// A tracker an earlier round left behind still holds the registration
+	// of every VMA: a new one could register none of them. It is adopted
+	// instead (closing it would unprotect every page while frozen). Its
+	// protection tells nothing this round can use, so everything is
+	// copied, but a scan re-arms it.
+	if t, err := d.adoptStaleTracker(); err != nil || t != nil {
+		if err != nil {
+			return err
+		}
+		d.tracker = t
+		if d.opts.PreDump {
+			d.armAfterResume = true
+			return nil
+		}
+		_, _, err := t.Dirty()
 		return err
 	}
 	fd, features, parked, err := injectUffd(d, pid, true)
@@ -332,8 +358,10 @@ func (d *dumper) preDump(ctx context.Context, start, frozenAt time.Time) (*Resul
 		return nil, err
 	}
 	if d.armAfterResume {
-		// Before copying: what is written from now on is tracked.
-		if _, err := d.tracker.armNew(d.vmas); err != nil {
+		// Before copying: what is written from now on is tracked. (A new
+		// tracker registers every VMA; an adopted one re-protects what
+		// was written and registers VMAs that are new.)
+		if _, _, err := d.tracker.Dirty(); err != nil {
 			return nil, err
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -92,7 +93,7 @@ func protOf(perms string) uint32 {
 }
 
 func (d *dumper) collectVmas(img *imageSet) error {
-	vmas, err := proc.ReadSmaps(d.opts.Pid)
+	vmas, err := d.readVmas()
 	if err != nil {
 		return err
 	}
@@ -131,6 +132,68 @@ func (d *dumper) collectVmas(img *imageSet) error {
 		img.mm.Vmas = append(img.mm.Vmas, pv)
 	}
 	return nil
+}
+
+// vmaKey identifies a VMA's layout: what maps shows of it.
+type vmaKey struct {
+	start, end, pgoff, inode uint64
+	perms, dev, name         string
+}
+
+func keyOf(v *proc.Vma) vmaKey {
+	return vmaKey{v.Start, v.End, v.Pgoff, v.Inode, v.Perms, v.Dev, v.Name}
+}
+
+// readVmas reads the VMAs with their flags: from smaps, or, with flags
+// read before the freeze, from maps when every VMA still has the layout
+// it had then.
+func (d *dumper) readVmas() ([]proc.Vma, error) {
+	pid := d.opts.Pid
+	if d.early == nil {
+		return proc.ReadSmaps(pid)
+	}
+	vmas, err := proc.ReadMaps(pid)
+	if err != nil {
+		return nil, err
+	}
+	used := make([]vmaKey, 0, len(vmas))
+	for i := range vmas {
+		k := keyOf(&vmas[i])
+		flags, ok := d.early[k]
+		if !ok {
+			d.log.Debug("a VMA changed before the freeze: reading smaps", "vma", fmt.Sprintf("%#x-%#x", k.start, k.end))
+			return proc.ReadSmaps(pid)
+		}
+		vmas[i].VmFlags = flags
+		used = append(used, k)
+	}
+	d.usedEarly = used
+	return vmas, nil
+}
+
+// flagsMoved reads smaps after the resume and reports whether a VMA whose
+// flags were read before the freeze now shows another layout or flags.
+func (d *dumper) flagsMoved() (bool, error) {
+	if len(d.usedEarly) == 0 {
+		return false, nil
+	}
+	vmas, err := proc.ReadSmaps(d.opts.Pid)
+	if err != nil {
+		return false, err
+	}
+	after := make(map[vmaKey][]string, len(vmas))
+	for i := range vmas {
+		after[keyOf(&vmas[i])] = vmas[i].VmFlags
+	}
+	for _, k := range d.usedEarly {
+		f, ok := after[k]
+		if !ok || !slices.Equal(f, d.early[k]) {
+			d.log.Info("a VMA changed around the freeze: its flags at the freeze are not certain",
+				"vma", fmt.Sprintf("%#x-%#x", k.start, k.end))
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // dumpable reports whether a VMA kind has pages in the image, and whether

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -61,17 +62,11 @@ func StartTracking(pid int, log *slog.Logger) (*Tracker, error) {
 	tr := ptrace.NewThread()
 	defer tr.Close()
 	err := tr.Do(func() error {
-		threads, err := freeze(pid, time.Now().Add(d.opts.Timeout))
-		if err != nil {
+		return whileStopped(d, func() error {
+			var err error
+			fd, features, _, err = injectUffd(d, pid, false)
 			return err
-		}
-		d.threads = threads
-		defer d.resume(false)
-		if err := d.prepare(); err != nil {
-			return err
-		}
-		fd, features, _, err = injectUffd(d, pid, false)
-		return err
+		})
 	})
 	if err != nil {
 		return nil, err
@@ -91,6 +86,87 @@ func StartTracking(pid int, log *slog.Logger) (*Tracker, error) {
 		return nil, err
 	}
 	return t, nil
+}
+
+// whileStopped freezes d's process, runs fn with its threads prepared for
+// remote syscalls, and resumes it. It runs on a tracer thread.
+func whileStopped(d *dumper, fn func() error) error {
+	threads, err := freeze(d.opts.Pid, time.Now().Add(d.opts.Timeout))
+	if err != nil {
+		return err
+	}
+	d.threads = threads
+	defer d.resume(false)
+	if err := d.prepare(); err != nil {
+		return err
+	}
+	return fn()
+}
+
+// disarmChunk is how much of a VMA one UFFDIO_UNREGISTER drops: the call
+// clears write protection from every page under the process's mmap lock
+// (about 20 ms per GiB), so it goes in steps that stall a running process
+// only briefly.
+const disarmChunk = 64 << 20
+
+// disarm drops every registration u holds in pid's VMAs, in steps, while
+// the process runs; closing an emptied userfaultfd is then instant.
+func disarm(pid int, u *uffd.FD, log *slog.Logger) error {
+	vmas, err := proc.ReadMaps(pid)
+	if err != nil {
+		return err
+	}
+	for i := range vmas {
+		v := &vmas[i]
+		if !trackable(v) {
+			continue
+		}
+		for a := v.Start; a < v.End; a += disarmChunk {
+			if err := u.Unregister(a, min(disarmChunk, v.End-a)); err != nil {
+				// Not ours (the program's own userfaultfd), or gone.
+				log.Debug("unregister", "at", fmt.Sprintf("%#x", a), "err", err)
+				break
+			}
+		}
+	}
+	return nil
+}
+
+// removeTrackers takes ferry's dirty trackers at fds out of the running
+// process: their registrations are dropped while it runs (disarm), then a
+// stop of about a millisecond closes the fds. It runs on a tracer thread.
+func removeTrackers(opts Options, log *slog.Logger, fds []int) error {
+	pid := opts.Pid
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	for _, fd := range fds {
+		dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+		if err != nil {
+			return fmt.Errorf("dirty tracker at fd %d of %d: %w", fd, pid, os.NewSyscallError("pidfd_getfd", err))
+		}
+		u := uffd.AdoptNoHandshake(dup, trackFeatures)
+		err = disarm(pid, u, log)
+		u.Close()
+		if err != nil {
+			return err
+		}
+	}
+	d := &dumper{opts: opts, log: log}
+	return whileStopped(d, func() error {
+		for _, fd := range fds {
+			if l, _ := os.Readlink(proc.Path(pid, "fd/"+strconv.Itoa(fd))); !isUffdLink(l) {
+				continue // closed by the program meanwhile
+			}
+			log.Debug("removing a dirty tracker", "pid", pid, "fd", fd)
+			if _, err := d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd)); err != nil {
+				return fmt.Errorf("closing the dirty tracker at fd %d of %d: %w", fd, pid, err)
+			}
+		}
+		return nil
+	})
 }
 
 // injectUffd creates a userfaultfd inside the frozen target, performs the

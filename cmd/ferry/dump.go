@@ -31,6 +31,7 @@ func newDumpCmd() *cobra.Command {
 		ghostLimit   string
 		prevDir      string
 		trackMem     bool
+		background   bool
 	)
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
@@ -57,6 +58,9 @@ work directory.`,
   # a job started from an interactive shell
   ferry dump -t 1234 -D ckpt --shell-job
 
+  # a consistent snapshot of a running service, frozen for milliseconds
+  ferry dump -t 1234 -D snap --background
+
   # iterative: copy memory while the service runs, then a short final dump
   ferry pre-dump -t 1234 -D ckpt/1
   ferry dump -t 1234 -D ckpt/2 --prev-images-dir ../1`,
@@ -67,6 +71,14 @@ work directory.`,
 			}
 			if leaveRunning && leaveStopped {
 				return errors.New("dump: --leave-running and --leave-stopped exclude each other")
+			}
+			dump := dumpcore.Dump
+			if background {
+				if leaveStopped || lazy || ps.use {
+					return errors.New("dump: --background leaves the process running and writes local images: not with -s, --lazy-pages or --page-server")
+				}
+				leaveRunning = true
+				dump = dumpcore.Background
 			}
 			gl := int64(dumpcore.DefaultGhostLimit)
 			if ghostLimit != "" {
@@ -97,7 +109,7 @@ work directory.`,
 					return err
 				}
 			}
-			res, err := dumpcore.Dump(cmd.Context(), dumpcore.Options{
+			res, err := dump(cmd.Context(), dumpcore.Options{
 				PageSink: sink, LazyServe: lazyServe,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
@@ -138,6 +150,7 @@ work directory.`,
 	fs.BoolVar(&lazy, "lazy-pages", false, "write no pages: keep the process frozen and serve its memory on --address:--port to a lazy-pages daemon, then kill it")
 	fs.IntVar(&statusFd, "status-fd", -1, "with --lazy-pages: write a zero byte to FD once the pages can be requested")
 	fs.BoolVar(&trackMem, "track-mem", false, "with -R: leave the dirty tracker in the process for a later incremental dump")
+	fs.BoolVar(&background, "background", false, "background snapshot (implies -R): copy memory while the process runs, then freeze it only to copy what it wrote meanwhile and its other state; the images show it as it was at that freeze")
 	return cmd
 }
 

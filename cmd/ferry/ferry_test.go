@@ -842,9 +842,9 @@ func TestPreDumpTrackerLost(t *testing.T) {
 	checkContinued(t, before, r.Report(t))
 }
 
-func TestFreshPreDumpReplacesStaleTracker(t *testing.T) {
+func TestFreshPreDumpTakesOverStaleTracker(t *testing.T) {
 	// A pre-dump without a parent, in a process an earlier pre-dump left
-	// its tracker in, replaces that tracker: otherwise the old one keeps
+	// its tracker in, takes that tracker over: otherwise the old one keeps
 	// every VMA registered, the new one gets none, and once the old one is
 	// removed nothing is tracked any more.
 	needRoot(t)

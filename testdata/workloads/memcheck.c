@@ -34,6 +34,8 @@
  *            in, and at the end of each pass all must hold the same one.
  *            A snapshot taken at one instant passes this check after a
  *            restore; one mixing pages of different instants fails it.
+ *   -c MIBS  with -C, rewrite at most MIBS MiB per second, over a 64 MiB
+ *            churn buffer (without -c: as fast as it can, over -m MiB)
  *   -T       timers and signals: ITIMER_REAL, a POSIX timer, a blocked
  *            real-time signal queued twice with values, a sigaltstack
  *   -r PATH  report path (required)
@@ -87,11 +89,28 @@ static uint64_t *churn;
 static size_t churn_pages, churn_next;
 static uint64_t churn_gen = 1, churn_passes;
 static int churn_fail;
+static long churn_rate; /* -c: MiB/s, 0 = unlimited */
+static uint64_t churn_written;
+static struct timespec churn_start;
+
+static double since(const struct timespec *t0)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (t.tv_sec - t0->tv_sec) + (t.tv_nsec - t0->tv_nsec) / 1e9;
+}
 
 /* churn_step rewrites a few pages; at the end of a pass it checks them all. */
 static void churn_step(void)
 {
+	if (churn_rate) {
+		if (churn_written * 4096.0 > churn_rate * 1048576.0 * since(&churn_start)) {
+			usleep(1000);
+			return;
+		}
+	}
 	for (int k = 0; k < 64; k++) {
+		churn_written++;
 		uint64_t *pg = churn + churn_next * (4096 / 8);
 		for (int w = 0; w < 4096 / 8; w += 64)
 			pg[w] = churn_gen ^ token;
@@ -427,6 +446,8 @@ static void write_report(long counter, long seq, int ok)
 	fprintf(f, "counter=%ld\n", counter);
 	for (int i = 0; i < nthreads; i++)
 		fprintf(f, "thread%d=%ld\n", i, counters[i]);
+	/* Where the thread counters live: tests read them from outside. */
+	fprintf(f, "counters_at=%lx\n", (unsigned long)(uintptr_t)counters);
 	if (use_sleep)
 		fprintf(f, "wakeups=%ld\n", wakeups);
 	if (use_pipe)
@@ -454,7 +475,7 @@ int main(int argc, char **argv)
 	int opt;
 	const char *ghost_dir = NULL;
 	int use_maps = 0, use_timers = 0, use_rewrite = 0, use_zap = 0, use_churn = 0, use_fork = 0;
-	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWZCK")) != -1) {
+	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWZCc:K")) != -1) {
 		switch (opt) {
 		case 'm': mib = atol(optarg); break;
 		case 't': nthreads = atoi(optarg); break;
@@ -471,6 +492,7 @@ int main(int argc, char **argv)
 		case 'W': use_rewrite = 1; break;
 		case 'Z': use_zap = 1; break;
 		case 'C': use_churn = 1; break;
+		case 'c': churn_rate = atol(optarg); break;
 		case 'K': use_fork = 1; break;
 		default:
 			fprintf(stderr, "usage: memcheck -r REPORT [-m MIB] [-t N] [-p] [-n] [-s] [-f FILE] [-x CODE] [-M] [-g DIR [-G KIB]] [-T]\n");
@@ -506,8 +528,9 @@ int main(int argc, char **argv)
 	}
 
 	if (use_churn) {
-		churn_pages = mem_size / PAGE;
-		churn = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		size_t churn_size = churn_rate ? 64 << 20 : mem_size;
+		churn_pages = churn_size / PAGE;
+		churn = mmap(NULL, churn_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 		if (churn == MAP_FAILED) {
 			perror("mmap churn");
 			return 1;
@@ -516,6 +539,7 @@ int main(int argc, char **argv)
 			for (int w = 0; w < 4096 / 8; w += 64)
 				churn[i * (4096 / 8) + w] = churn_gen ^ token;
 		churn_gen++;
+		clock_gettime(CLOCK_MONOTONIC, &churn_start);
 	}
 	churn_on = use_churn;
 	if (use_maps && setup_maps(argv[0])) {
