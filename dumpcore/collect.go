@@ -473,15 +473,5 @@ func (d *dumper) writePagemap(img *imageSet) error {
 }
 
 func (d *dumper) writePagemapTo(pw *images.Writer, img *imageSet) error {
-	if err := pw.Write(&pb.PagemapHead{PagesId: uint32(d.opts.Pid)}); err != nil {
-		pw.Close()
-		return err
-	}
-	for _, e := range img.pagemap {
-		if err := pw.Write(e); err != nil {
-			pw.Close()
-			return err
-		}
-	}
-	return pw.Close()
+	return images.WritePagemap(pw, &pb.PagemapHead{PagesId: uint32(d.opts.Pid)}, img.pagemap)
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -120,23 +119,13 @@ func loadParent(imagesDir, prev string, pid int) (*parentImages, error) {
 	if int(p.inv.RootPid) != pid {
 		return nil, fmt.Errorf("--prev-images-dir %s holds process %d, not %d", prev, p.inv.RootPid, pid)
 	}
-	r, err := images.Open(path, fmt.Sprintf("pagemap-%d.img", pid), images.KindPagemap)
+	_, entries, err := images.ReadPagemap(path, int32(pid))
 	if err != nil {
 		return nil, fmt.Errorf("--prev-images-dir: %w", err)
 	}
-	defer r.Close()
-	if err := r.Next(&pb.PagemapHead{}); err != nil {
-		return nil, fmt.Errorf("--prev-images-dir: %w", err)
-	}
-	p.pages = &regionSet{}
-	for {
-		e := &pb.PagemapEntry{}
-		if err := r.Next(e); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			return nil, fmt.Errorf("--prev-images-dir: %w", err)
-		}
-		p.pages.spans = append(p.pages.spans, span{e.Vaddr, e.Vaddr + uint64(e.NrPages)*pageSize})
+	p.pages = &regionSet{spans: make([]span, len(entries))}
+	for i, e := range entries {
+		p.pages.spans[i] = span{e.Vaddr, e.Vaddr + uint64(e.NrPages)*pageSize}
 	}
 	p.pages.normalize()
 	return p, nil

@@ -1,7 +1,6 @@
 package images
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"path/filepath"
@@ -43,37 +42,16 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 		return nil, fmt.Errorf("%s: parent image chain longer than %d", dir, maxChain)
 	}
 	name := PagemapName(pid)
-	r, err := Open(dir, name, KindPagemap)
+	head, entries, err := ReadPagemap(dir, pid)
 	if err != nil {
-		return nil, err
-	}
-	defer r.Close()
-	head := &pb.PagemapHead{}
-	if err := r.Next(head); err != nil {
-		if errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("%s: missing head: %w", filepath.Join(dir, name), ErrTruncated)
-		}
 		return nil, err
 	}
 	if head.Compression != "" {
 		return nil, fmt.Errorf("%s: page compression %q is not supported by this ferry: %w", filepath.Join(dir, name), head.Compression, ErrVersion)
 	}
-	var entries []*pb.PagemapEntry
-	var prevEnd uint64
 	needParent := false
-	for {
-		e := &pb.PagemapEntry{}
-		if err := r.Next(e); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			return nil, err
-		}
-		if e.Vaddr%4096 != 0 || e.NrPages == 0 || e.Vaddr < prevEnd {
-			return nil, fmt.Errorf("%s: bad pagemap entry %#x+%d at offset %d: %w", filepath.Join(dir, name), e.Vaddr, e.NrPages, r.Offset(), ErrCorrupt)
-		}
-		prevEnd = e.Vaddr + uint64(e.NrPages)*4096
+	for _, e := range entries {
 		needParent = needParent || e.InParent
-		entries = append(entries, e)
 	}
 	var data []byte
 	pagesName := PagesName(head.PagesId)
@@ -154,45 +132,26 @@ func cut(runs []PageRun, start, end uint64) ([]PageRun, error) {
 // describes (stored there or in a parent), without reading page data: the
 // pages the process had at the dump.
 func PagemapRanges(dir string, pid int32) ([][2]uint64, error) {
-	r, err := Open(dir, PagemapName(pid), KindPagemap)
+	_, entries, err := ReadPagemap(dir, pid)
 	if err != nil {
 		return nil, err
 	}
-	defer r.Close()
-	if err := r.Next(&pb.PagemapHead{}); err != nil {
-		return nil, err
+	out := make([][2]uint64, len(entries))
+	for i, e := range entries {
+		out[i] = [2]uint64{e.Vaddr, e.Vaddr + uint64(e.NrPages)*4096}
 	}
-	var out [][2]uint64
-	for {
-		e := &pb.PagemapEntry{}
-		if err := r.Next(e); errors.Is(err, io.EOF) {
-			return out, nil
-		} else if err != nil {
-			return nil, err
-		}
-		out = append(out, [2]uint64{e.Vaddr, e.Vaddr + uint64(e.NrPages)*4096})
-	}
+	return out, nil
 }
 
 // PagemapSplit returns, for pid's pagemap in dir, the ranges stored by
 // this image set itself (own) and those it takes from its parents
 // (inherited), and the parent directory (resolved against dir).
 func PagemapSplit(dir string, pid int32) (own, inherited [][2]uint64, parent string, err error) {
-	r, err := Open(dir, PagemapName(pid), KindPagemap)
+	_, entries, err := ReadPagemap(dir, pid)
 	if err != nil {
 		return nil, nil, "", err
 	}
-	defer r.Close()
-	if err := r.Next(&pb.PagemapHead{}); err != nil {
-		return nil, nil, "", err
-	}
-	for {
-		e := &pb.PagemapEntry{}
-		if err := r.Next(e); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			return nil, nil, "", err
-		}
+	for _, e := range entries {
 		rg := [2]uint64{e.Vaddr, e.Vaddr + uint64(e.NrPages)*4096}
 		if e.InParent {
 			inherited = append(inherited, rg)

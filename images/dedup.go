@@ -1,9 +1,7 @@
 package images
 
 import (
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -23,23 +21,12 @@ type dataRun struct {
 // pagemapRuns reads a pagemap file: the runs stored in its own pages file
 // (with their offsets) and the pages-file name.
 func pagemapRuns(dir, name string) (runs []dataRun, pages string, err error) {
-	r, err := Open(dir, name, KindPagemap)
+	head, entries, err := readPagemapFile(dir, name)
 	if err != nil {
 		return nil, "", err
 	}
-	defer r.Close()
-	head := &pb.PagemapHead{}
-	if err := r.Next(head); err != nil {
-		return nil, "", err
-	}
 	var off uint64
-	for {
-		e := &pb.PagemapEntry{}
-		if err := r.Next(e); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			return nil, "", err
-		}
+	for _, e := range entries {
 		if !e.InParent {
 			runs = append(runs, dataRun{vaddr: e.Vaddr, n: uint64(e.NrPages), off: off})
 			off += uint64(e.NrPages) * 4096

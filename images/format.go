@@ -16,7 +16,7 @@ import (
 // Format version written by this ferry. A reader accepts every minor
 // version of its major version: minor versions only append fields.
 const (
-	FormatMajor = 1
+	FormatMajor = 2 // 2: pagemap entries in PagemapBatch records
 	FormatMinor = 0
 )
 
@@ -49,7 +49,7 @@ const (
 	KindPstree                    // pstree.img: PstreeEntry per process
 	KindCore                      // core-PID.img: TaskCore
 	KindMm                        // mm-PID.img: MmCore
-	KindPagemap                   // pagemap-PID.img: PagemapHead, then PagemapEntry records
+	KindPagemap                   // pagemap-PID.img: PagemapHead, then PagemapBatch records
 	KindPages                     // pages-ID.img: raw page data, no records
 	KindFiles                     // files.img: FileEntry per open file
 	KindFdinfo                    // fdinfo-PID.img: FdTable

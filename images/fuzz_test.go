@@ -86,6 +86,15 @@ func FuzzReader(f *testing.F) {
 				t.Fatalf("offset %d past the end of %d bytes", r.Offset(), len(data))
 			}
 		}
+		if r.Header.Kind == KindPagemap {
+			pr, err := NewReader("fuzz", bytes.NewReader(data), 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := readPagemap(pr); err != nil {
+				checkReadErr(t, err, len(data))
+			}
+		}
 		// Show decodes the same way, and what it decodes prints.
 		d, err := decodeRecords("fuzz", bytes.NewReader(data))
 		if err != nil {

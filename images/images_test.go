@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -64,8 +65,7 @@ var sample = []struct {
 	}}},
 	{PagemapName(42), KindPagemap, []proto.Message{
 		&pb.PagemapHead{PagesId: 42},
-		&pb.PagemapEntry{Vaddr: 0x400000, NrPages: 1},
-		&pb.PagemapEntry{Vaddr: 0x600000, NrPages: 16, InParent: true},
+		&pb.PagemapBatch{Vaddr: []uint64{0x400000, 0x600000}, NrPages: []uint32{1, 16}, Flags: []uint32{0, 1}},
 	}},
 	{FilesName, KindFiles, []proto.Message{
 		&pb.FileEntry{Id: 1, Type: "reg", Path: "/tmp/log", Flags: 1, Pos: 77},
@@ -365,9 +365,9 @@ func TestHeaderErrors(t *testing.T) {
 		}
 	}
 
-	edit(func(b []byte) { binary.LittleEndian.PutUint16(b[12:], 2) })
+	edit(func(b []byte) { binary.LittleEndian.PutUint16(b[12:], FormatMajor+1) })
 	_, err := Open(dir, name, KindCore)
-	check("future major", err, ErrVersion, 12, "format version 2.0 is newer than this ferry supports (1.x); upgrade ferry")
+	check("future major", err, ErrVersion, 12, fmt.Sprintf("format version %d.0 is newer than this ferry supports (%d.x); upgrade ferry", FormatMajor+1, FormatMajor))
 	_, err = Decode(path)
 	check("future major, show", err, ErrVersion, 12, "upgrade ferry")
 
@@ -574,7 +574,7 @@ func TestShow(t *testing.T) {
 	want := `{
     "magic": "FERRYIMG",
     "kind": "pstree",
-    "version": "1.0",
+    "version": "2.0",
     "entries": [
         {
             "pid": 5,
@@ -629,7 +629,11 @@ func TestShowDir(t *testing.T) {
 	}
 	for _, s := range sample {
 		f := got[s.name]
-		if f.Magic != Magic || f.Kind != s.kind.String() || f.Version != "1.0" || len(f.Entries) != len(s.msgs) || f.Size != nil {
+		entries := len(s.msgs)
+		if s.kind == KindPagemap {
+			entries = 3 // the head, and the batch shown as its two entries
+		}
+		if f.Magic != Magic || f.Kind != s.kind.String() || f.Version != "2.0" || len(f.Entries) != entries || f.Size != nil {
 			t.Errorf("%s: %+v", s.name, f)
 		}
 	}

@@ -36,7 +36,7 @@ func CoreName[T ID](pid T) string { return numbered("core", pid) }
 func MmName[T ID](pid T) string { return numbered("mm", pid) }
 
 // PagemapName is pagemap-<pid>.img, KindPagemap: a PagemapHead record,
-// then PagemapEntry records.
+// then PagemapBatch records (ReadPagemap, WritePagemap).
 func PagemapName[T ID](pid T) string { return numbered("pagemap", pid) }
 
 // PagesName is pages-<id>.img, KindPages: raw page data, no records.

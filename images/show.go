@@ -31,7 +31,7 @@ func newRecord(k Kind, i int) proto.Message {
 		if i == 0 {
 			return &pb.PagemapHead{}
 		}
-		return &pb.PagemapEntry{}
+		return &pb.PagemapBatch{}
 	case KindFiles:
 		return &pb.FileEntry{}
 	case KindFdinfo:
@@ -124,11 +124,23 @@ func decodeRecords(path string, rd io.Reader) (*Decoded, error) {
 		} else if err != nil {
 			return nil, err
 		}
-		b, err := jsonOpts.Marshal(m)
-		if err != nil {
-			return nil, fmt.Errorf("images: %s: record %d to JSON: %w", path, i, err)
+		// Pagemap batches are shown as the entries they hold.
+		msgs := []proto.Message{m}
+		if b, ok := m.(*pb.PagemapBatch); ok {
+			msgs = msgs[:0]
+			for k := range b.Vaddr {
+				if k < len(b.NrPages) && k < len(b.Flags) {
+					msgs = append(msgs, &pb.PagemapEntry{Vaddr: b.Vaddr[k], NrPages: b.NrPages[k], InParent: b.Flags[k]&flagInParent != 0})
+				}
+			}
 		}
-		d.Entries = append(d.Entries, b)
+		for _, m := range msgs {
+			b, err := jsonOpts.Marshal(m)
+			if err != nil {
+				return nil, fmt.Errorf("images: %s: record %d to JSON: %w", path, i, err)
+			}
+			d.Entries = append(d.Entries, b)
+		}
 	}
 }
 

@@ -85,6 +85,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		conn.Close()
 	}
 	defer conn.Close()
+	t0 := time.Now()
 	u := uffd.AdoptNoHandshake(fd, Features)
 	defer u.Close()
 	// The pages the process had: from the resolved images, or (with a
@@ -113,6 +114,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		}
 		src = localSource{runs}
 	}
+	log.Debug("page runs resolved", "runs", len(ranges), "took", time.Since(t0))
 	mm := &pb.MmCore{}
 	if err := images.ReadOne(opts.ImagesDir, fmt.Sprintf("mm-%d.img", pid), images.KindMm, mm); err != nil {
 		conn.Write([]byte(err.Error()))
@@ -135,6 +137,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	}
 	sort.Slice(main.pend.spans, func(i, j int) bool { return main.pend.spans[i].start < main.pend.spans[j].start })
 	main.pend = newPending(main.pend.spans)
+	log.Debug("pending pages indexed", "took", time.Since(t0))
 	if _, err := conn.Write([]byte{0}); err != nil {
 		return nil, err
 	}

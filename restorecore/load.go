@@ -142,37 +142,16 @@ func load(dir string, lazy bool) (_ *imageSet, err error) {
 }
 
 func loadPagemap(dir string, p *procImage) error {
-	name := fmt.Sprintf("pagemap-%d.img", p.pstree.Pid)
-	r, err := images.Open(dir, name, images.KindPagemap)
+	head, entries, err := images.ReadPagemap(dir, p.pstree.Pid)
 	if err != nil {
 		return err
 	}
-	defer r.Close()
-	head := &pb.PagemapHead{}
-	if err := r.Next(head); err != nil {
-		if errors.Is(err, io.EOF) {
-			return fmt.Errorf("%s: missing head: %w", filepath.Join(dir, name), images.ErrTruncated)
-		}
-		return err
-	}
 	if head.Compression != "" {
-		return fmt.Errorf("%s: page compression %q is not supported by this ferry: %w", filepath.Join(dir, name), head.Compression, images.ErrVersion)
+		return fmt.Errorf("%s: page compression %q is not supported by this ferry: %w",
+			filepath.Join(dir, images.PagemapName(p.pstree.Pid)), head.Compression, images.ErrVersion)
 	}
 	p.pagesID = head.PagesId
-	var prevEnd uint64
-	for {
-		e := &pb.PagemapEntry{}
-		if err := r.Next(e); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			return err
-		}
-		if e.Vaddr%pageSize != 0 || e.NrPages == 0 || e.Vaddr < prevEnd {
-			return fmt.Errorf("%s: bad pagemap entry %#x+%d: %w", filepath.Join(dir, name), e.Vaddr, e.NrPages, images.ErrCorrupt)
-		}
-		prevEnd = e.Vaddr + uint64(e.NrPages)*pageSize
-		p.pagemap = append(p.pagemap, e)
-	}
+	p.pagemap = entries
 	return nil
 }
 

@@ -659,26 +659,16 @@ func TestRestoreFailingMidwayLeavesNothing(t *testing.T) {
 	// process must be gone when restore returns.
 	needRoot(t)
 	img, w := dumpKilled(t)
-	name := fmt.Sprintf("pagemap-%d.img", w.Pid)
-	r, err := images.Open(img, name, images.KindPagemap)
+	head, entries, err := images.ReadPagemap(img, int32(w.Pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	head := &pb.PagemapHead{}
-	r.Next(head)
-	var entries []proto.Message
-	entries = append(entries, head)
-	for {
-		e := &pb.PagemapEntry{}
-		if err := r.Next(e); err != nil {
-			break
-		}
-		entries = append(entries, e)
+	entries[len(entries)-1].Vaddr = 0x10000000000 // no VMA there
+	pw, err := images.Create(img, images.PagemapName(w.Pid), images.KindPagemap)
+	if err != nil {
+		t.Fatal(err)
 	}
-	r.Close()
-	last := entries[len(entries)-1].(*pb.PagemapEntry)
-	last.Vaddr = 0x10000000000 // no VMA there
-	if err := images.WriteAll(img, name, images.KindPagemap, entries...); err != nil {
+	if err := images.WritePagemap(pw, head, entries); err != nil {
 		t.Fatal(err)
 	}
 	code, out := ferry(t, "restore", "-D", img, "-d")
