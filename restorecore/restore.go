@@ -15,6 +15,7 @@ import (
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
 )
 
@@ -97,11 +98,27 @@ type restorer struct {
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	defer func() {
 		if err != nil {
+			// Threads first: a traced leader's exit is reported only once
+			// every other thread of its group has been reaped.
+			var order []int
 			for i := len(r.created) - 1; i >= 0; i-- {
-				unix.Kill(r.created[i], unix.SIGKILL)
+				pid := r.created[i]
+				tids, _ := proc.Tids(pid)
+				for _, tid := range tids {
+					if tid != pid {
+						order = append(order, tid)
+					}
+				}
+				order = append(order, pid)
+				unix.Kill(pid, unix.SIGKILL)
 			}
-			for _, pid := range r.created {
-				ptrace.Wait(pid)
+			for _, tid := range order {
+				for {
+					st, err := ptrace.Wait(tid)
+					if err != nil || st.Exited() {
+						break
+					}
+				}
 			}
 		}
 		for i := len(r.cleanup) - 1; i >= 0; i-- {

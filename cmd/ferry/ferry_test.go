@@ -681,6 +681,31 @@ func TestRestoreFailingMidwayLeavesNothing(t *testing.T) {
 	}
 }
 
+func TestRestoreFailingAfterThreadsLeavesNothing(t *testing.T) {
+	// A failure once the threads exist (here: a pending signal the kernel
+	// refuses): the whole thread group is killed and reaped, threads
+	// before their leader, and the restore returns.
+	needRoot(t)
+	img, w := dumpKilled(t, "-t", "3")
+	core := &pb.TaskCore{}
+	name := images.CoreName(w.Pid)
+	if err := images.ReadOne(img, name, images.KindCore, core); err != nil {
+		t.Fatal(err)
+	}
+	core.SharedPending = append(core.SharedPending, &pb.SigInfo{Signo: 99, Raw: make([]byte, 128)})
+	if err := images.WriteAll(img, name, images.KindCore, core); err != nil {
+		t.Fatal(err)
+	}
+	code, out := ferry(t, "restore", "-D", img, "-d")
+	if code != 1 || !strings.Contains(out, "queue signal 99") {
+		t.Fatalf("exit %d, %q", code, out)
+	}
+	if testutil.PidAlive(w.Pid) {
+		unix.Kill(w.Pid, unix.SIGKILL)
+		t.Fatalf("a restore that failed after creating threads left PID %d running", w.Pid)
+	}
+}
+
 func TestDumpRestoreNonRoot(t *testing.T) {
 	needRoot(t)
 	bin := testutil.BuildC(t, "memcheck")
