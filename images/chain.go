@@ -80,7 +80,7 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 			return nil, fmt.Errorf("parent images of %s: %w", dir, err)
 		}
 	}
-	var out []PageRun
+	out := make([]PageRun, 0, len(entries))
 	var off uint64
 	for _, e := range entries {
 		n := uint64(e.NrPages) * 4096

@@ -55,6 +55,19 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	// Index the root process's pages before saying ready: a fragmented
+	// 4 GiB process has ~200,000 runs, and the restore waits for the
+	// handover to be taken before it lets the process run.
+	var ready *prepared
+	var pst pb.PstreeEntry
+	if err := images.ReadOne(opts.ImagesDir, images.PstreeName, images.KindPstree, &pst); err == nil {
+		p, err := prepare(opts, int(pst.Pid), log)
+		if err != nil {
+			return nil, err
+		}
+		defer p.chain.Close()
+		ready = p
+	}
 	os.Remove(opts.Socket)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: opts.Socket, Net: "unix"})
 	if err != nil {
@@ -85,59 +98,18 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		conn.Close()
 	}
 	defer conn.Close()
-	t0 := time.Now()
 	u := uffd.AdoptNoHandshake(fd, Features)
 	defer u.Close()
-	// The pages the process had: from the resolved images, or (with a
-	// remote source) from the pagemap alone.
-	var src Source
-	var ranges [][2]uint64
-	var chainCloser images.PageChain
-	defer chainCloser.Close()
-	var stats Stats
-	if opts.Remote != nil {
-		src, ranges, err = mixed(opts, pid, &stats, &chainCloser)
-		if err != nil {
+	p := ready
+	if p == nil || p.pid != pid {
+		if p, err = prepare(opts, pid, log); err != nil {
 			conn.Write([]byte(err.Error()))
 			return nil, err
 		}
-	} else {
-		var chain images.PageChain
-		defer chain.Close()
-		runs, err := chain.Resolve(opts.ImagesDir, int32(pid))
-		if err != nil {
-			conn.Write([]byte(err.Error()))
-			return nil, err
-		}
-		for _, r := range runs {
-			ranges = append(ranges, [2]uint64{r.Vaddr, r.Vaddr + uint64(len(r.Data))})
-		}
-		src = localSource{runs}
+		defer p.chain.Close()
 	}
-	log.Debug("page runs resolved", "runs", len(ranges), "took", time.Since(t0))
-	mm := &pb.MmCore{}
-	if err := images.ReadOne(opts.ImagesDir, fmt.Sprintf("mm-%d.img", pid), images.KindMm, mm); err != nil {
-		conn.Write([]byte(err.Error()))
-		return nil, err
-	}
-	main := &client{u: u, name: fmt.Sprintf("process %d", pid)}
-	s := &server{clients: []*client{main}, pid: pid, src: src, log: log, buf: make([]byte, prefetchChunk), stats: stats}
-	// Pending: the image's pages inside lazy VMAs, split at VMA bounds
-	// (UFFDIO_COPY must stay within one VMA).
-	for _, v := range mm.Vmas {
-		if !Lazy(v) {
-			continue
-		}
-		for _, r := range ranges {
-			a, b := max(v.Start, r[0]), min(v.End, r[1])
-			if a < b {
-				main.pend.spans = append(main.pend.spans, pendSpan{a, b, a})
-			}
-		}
-	}
-	sort.Slice(main.pend.spans, func(i, j int) bool { return main.pend.spans[i].start < main.pend.spans[j].start })
-	main.pend = newPending(main.pend.spans)
-	log.Debug("pending pages indexed", "took", time.Since(t0))
+	main := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend}
+	s := &server{clients: []*client{main}, pid: pid, src: p.src, log: log, buf: make([]byte, prefetchChunk), stats: p.stats}
 	if _, err := conn.Write([]byte{0}); err != nil {
 		return nil, err
 	}
@@ -145,13 +117,84 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	start := time.Now()
 	err = s.loop(ctx)
 	s.stats.Duration = time.Since(start)
-	if ms, ok := src.(*mixedSource); ok {
+	if ms, ok := p.src.(*mixedSource); ok {
 		s.stats.RemotePages, s.stats.LocalPages = ms.stats.RemotePages, ms.stats.LocalPages
 	}
 	log.Info("lazy pages done", "pid", pid, "faults", s.stats.Faults, "copied", s.stats.PagesCopied,
 		"zero", s.stats.PagesZero, "dropped", s.stats.PagesDropped, "remote", s.stats.RemotePages,
 		"local", s.stats.LocalPages, "took", s.stats.Duration)
 	return &s.stats, err
+}
+
+// prepared is what serving process pid needs from the images: where its
+// pages come from and which are still to deliver.
+type prepared struct {
+	pid   int
+	src   Source
+	pend  pending
+	stats Stats
+	chain images.PageChain // open page files, closed when done
+}
+
+func prepare(opts Options, pid int, log *slog.Logger) (*prepared, error) {
+	t0 := time.Now()
+	p := &prepared{pid: pid}
+	// The pages the process had: from the resolved images, or (with a
+	// remote source) from the pagemap alone.
+	var ranges [][2]uint64
+	if opts.Remote != nil {
+		var err error
+		p.src, ranges, err = mixed(opts, pid, &p.stats, &p.chain)
+		if err != nil {
+			p.chain.Close()
+			return nil, err
+		}
+	} else {
+		runs, err := p.chain.Resolve(opts.ImagesDir, int32(pid))
+		if err != nil {
+			p.chain.Close()
+			return nil, err
+		}
+		ranges = make([][2]uint64, len(runs))
+		for i, r := range runs {
+			ranges[i] = [2]uint64{r.Vaddr, r.Vaddr + uint64(len(r.Data))}
+		}
+		p.src = localSource{runs}
+	}
+	mm := &pb.MmCore{}
+	if err := images.ReadOne(opts.ImagesDir, images.MmName(pid), images.KindMm, mm); err != nil {
+		p.chain.Close()
+		return nil, err
+	}
+	p.pend = newPending(lazySpans(mm.Vmas, ranges))
+	log.Debug("pages indexed", "pid", pid, "runs", len(ranges), "pages", p.pend.pages(), "took", time.Since(t0))
+	return p, nil
+}
+
+// lazySpans intersects the page ranges (in address order, disjoint) with
+// the lazy VMAs, splitting ranges at VMA bounds: UFFDIO_COPY must stay
+// within one VMA.
+func lazySpans(vmas []*pb.Vma, ranges [][2]uint64) []pendSpan {
+	vs := make([]*pb.Vma, 0, len(vmas))
+	for _, v := range vmas {
+		if Lazy(v) {
+			vs = append(vs, v)
+		}
+	}
+	sort.Slice(vs, func(i, j int) bool { return vs[i].Start < vs[j].Start })
+	var out []pendSpan
+	i := 0
+	for _, v := range vs {
+		for i < len(ranges) && ranges[i][1] <= v.Start {
+			i++
+		}
+		for k := i; k < len(ranges) && ranges[k][0] < v.End; k++ {
+			if a, b := max(v.Start, ranges[k][0]), min(v.End, ranges[k][1]); a < b {
+				out = append(out, pendSpan{a, b, a})
+			}
+		}
+	}
+	return out
 }
 
 // client is one address space being served: the restored process, or a

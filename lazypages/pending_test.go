@@ -1,6 +1,10 @@
 package lazypages
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/ferrycr/ferry/images/pb"
+)
 
 func TestPendingOps(t *testing.T) {
 	pp := newPending([]pendSpan{{0x1000, 0x5000, 0x1000}, {0x8000, 0x9000, 0x8000}})
@@ -23,5 +27,26 @@ func TestPendingOps(t *testing.T) {
 	}
 	if p.pages() != 1+2 {
 		t.Fatalf("pages %d", p.pages())
+	}
+}
+
+func TestLazySpans(t *testing.T) {
+	const p = 4096
+	vmas := []*pb.Vma{
+		{Start: 20 * p, End: 30 * p, Kind: "anon"},
+		{Start: 0, End: 10 * p, Kind: "heap"},
+		{Start: 10 * p, End: 20 * p, Kind: "file"},           // not lazy
+		{Start: 40 * p, End: 50 * p, Kind: "anon", Flags: 1}, // MAP_SHARED
+	}
+	ranges := [][2]uint64{{2 * p, 4 * p}, {8 * p, 25 * p}, {28 * p, 45 * p}}
+	got := lazySpans(vmas, ranges)
+	want := []pendSpan{{2 * p, 4 * p, 2 * p}, {8 * p, 10 * p, 8 * p}, {20 * p, 25 * p, 20 * p}, {28 * p, 30 * p, 28 * p}}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("got %v, want %v", got, want)
+		}
 	}
 }

@@ -76,6 +76,9 @@ func Accept(ctx context.Context, l net.Listener, log *slog.Logger) (*transport.S
 	for {
 		conn, err := l.Accept()
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("page-server: interrupted while waiting for a client: %w", ctx.Err())
+			}
 			return nil, fmt.Errorf("page-server: accept: %w", err)
 		}
 		if tc, ok := conn.(interface{ Handshake() error }); ok {

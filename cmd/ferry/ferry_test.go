@@ -1291,6 +1291,38 @@ func TestDumpLazyPagesDaemonGoneResumes(t *testing.T) {
 	checkContinued(t, before, w.Report(t))
 }
 
+func TestInterruptedDumpReleasesTheProcess(t *testing.T) {
+	// SIGINT/SIGTERM cancel ferry's context (run): a dump holding the
+	// process frozen (here, waiting for a lazy-pages daemon) puts it back
+	// as it was, its signal mask included, and fails.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "8", "-t", "1")
+	before := w.Report(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	var out bytes.Buffer
+	go func() {
+		done <- runContext(ctx, []string{"dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "--lazy-pages",
+			"--address", "127.0.0.1", "--port", freePort(t)}, &out, &out)
+	}()
+	if !waitFor(5*time.Second, func() bool {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", w.Pid))
+		return strings.Contains(string(b), "(tracing stop)")
+	}) {
+		t.Fatal("the dump never froze the process")
+	}
+	cancel()
+	if code := <-done; code != 1 || !strings.Contains(out.String(), "interrupted") {
+		t.Fatalf("interrupted dump exited %d:\n%s", code, out.String())
+	}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", w.Pid))
+	if !strings.Contains(string(b), "SigBlk:\t0000000000000000") || !strings.Contains(string(b), "TracerPid:\t0") {
+		t.Fatalf("process not released as it was:\n%s", b)
+	}
+	checkContinued(t, before, w.Report(t))
+}
+
 func TestPageServerQUICWithTLS(t *testing.T) {
 	needRoot(t)
 	pki := t.TempDir()
@@ -1423,4 +1455,14 @@ func TestLazyHybridSendsOnlyNewPages(t *testing.T) {
 		t.Fatalf("post-copy fetched %d pages remotely (the final round stored %d) and %d locally:\n%s", remote, own, local, log)
 	}
 	t.Logf("final round stored %d pages; post-copy fetched %d remotely, %d from the pre-dump on disk", own, remote, local)
+}
+
+// waitFor polls cond every millisecond until it holds or timeout passes.
+func waitFor(timeout time.Duration, cond func() bool) bool {
+	for end := time.Now().Add(timeout); time.Now().Before(end); time.Sleep(time.Millisecond) {
+		if cond() {
+			return true
+		}
+	}
+	return cond()
 }
