@@ -35,8 +35,12 @@ type Options struct {
 	// mode); the images directory still gives the pagemap and VMAs.
 	Remote Source
 	// Ready is called once the socket listens (--status-fd).
-	Ready  func()
-	Logger *slog.Logger
+	Ready func()
+	// PrefetchRate limits the background delivery of pages nobody has
+	// asked for yet, in bytes per second (0: as fast as possible); faults
+	// are always served at once.
+	PrefetchRate int64
+	Logger       *slog.Logger
 }
 
 // Stats describe a finished post-copy.
@@ -109,7 +113,8 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		defer p.chain.Close()
 	}
 	main := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend}
-	s := &server{clients: []*client{main}, pid: pid, src: p.src, log: log, buf: make([]byte, prefetchChunk), stats: p.stats}
+	s := &server{clients: []*client{main}, pid: pid, src: p.src, log: log, buf: make([]byte, prefetchChunk), stats: p.stats,
+		rate: opts.PrefetchRate}
 	if _, err := conn.Write([]byte{0}); err != nil {
 		return nil, err
 	}
@@ -215,6 +220,9 @@ type server struct {
 	buf     []byte
 	log     *slog.Logger
 	stats   Stats
+	// rate limits background prefetch (bytes per second; 0: none).
+	rate       int64
+	prefetched int64
 }
 
 const (
@@ -254,6 +262,33 @@ func (s *server) deliver(c *client, sp pendSpan, va, n uint64) error {
 	}
 	c.pend.remove(va, va+uint64(len(src)))
 	s.stats.PagesCopied += uint64(len(src)) / pageSize
+	return nil
+}
+
+// prefetch delivers up to prefetchChunk bytes nobody asked for yet, from
+// the lowest pending spans (memory with holes has spans of a few pages).
+func (s *server) prefetch() error {
+	budget := uint64(prefetchChunk)
+	for _, c := range s.clients {
+		for budget > 0 {
+			sp, ok := c.pend.first()
+			if !ok {
+				break
+			}
+			n := min(budget, sp.end-sp.start)
+			if err := s.deliver(c, sp, sp.start, n); err != nil {
+				if errors.Is(err, errAgain) {
+					return nil // read the events first
+				}
+				return fmt.Errorf("%s: %w", c.name, err)
+			}
+			budget -= n
+			s.prefetched += int64(n)
+		}
+		if budget == 0 {
+			break
+		}
+	}
 	return nil
 }
 
@@ -332,6 +367,8 @@ func (s *server) loop(ctx context.Context) error {
 			c.u.Close()
 		}
 	}()
+	start := time.Now()
+	wait := 0 // poll timeout (ms): nonzero while prefetch is ahead of --prefetch-rate
 	for s.pendingPages() > 0 {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -341,7 +378,7 @@ func (s *server) loop(ctx context.Context) error {
 		for i, c := range s.clients[:n] {
 			pfd[i] = unix.PollFd{Fd: int32(c.u.Fd()), Events: unix.POLLIN}
 		}
-		if _, err := unix.Poll(pfd, 0); err != nil && !errors.Is(err, unix.EINTR) {
+		if _, err := unix.Poll(pfd, wait); err != nil && !errors.Is(err, unix.EINTR) {
 			return os.NewSyscallError("poll", err)
 		}
 		got := 0
@@ -383,15 +420,16 @@ func (s *server) loop(ctx context.Context) error {
 			live = append(live, c)
 		}
 		s.clients = live
-		if got == 0 {
-			for _, c := range s.clients {
-				if sp, ok := c.pend.first(); ok {
-					if err := s.deliver(c, sp, sp.start, prefetchChunk); err != nil && !errors.Is(err, errAgain) {
-						return fmt.Errorf("%s: %w", c.name, err)
-					}
-					break
-				}
-			}
+		wait = 0
+		if got > 0 {
+			continue
+		}
+		if s.rate > 0 && float64(s.prefetched) > float64(s.rate)*time.Since(start).Seconds() {
+			wait = 5 // ahead of --prefetch-rate
+			continue
+		}
+		if err := s.prefetch(); err != nil {
+			return err
 		}
 	}
 	return nil

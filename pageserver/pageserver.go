@@ -196,6 +196,21 @@ func Connect(ctx context.Context, network, addr string, t transport.TLS, zstd bo
 	return &Client{s: s}, nil
 }
 
+// ConnectConn opens a session over conn, already connected to a page
+// server (criu's --ps-socket).
+func ConnectConn(ctx context.Context, conn net.Conn, t transport.TLS, zstd bool) (*Client, error) {
+	c, err := transport.DialConn(ctx, conn, t)
+	if err != nil {
+		return nil, fmt.Errorf("page server on --ps-socket: %w", err)
+	}
+	s, err := transport.Client(c, zstd)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("page server on --ps-socket: %w", err)
+	}
+	return &Client{s: s}, nil
+}
+
 // Create starts a file; write its bytes and Close it before the next.
 func (c *Client) Create(name string) (io.WriteCloser, error) {
 	if err := c.s.WriteFrame(frameOpen, []byte(name)); err != nil {

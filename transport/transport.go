@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -82,6 +83,16 @@ func Listen(addr string, t TLS) (net.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
+	return serverTLS(l, t)
+}
+
+// ListenConn is a listener whose only connection is c, already connected
+// (criu's --ps-socket), with TLS if enabled.
+func ListenConn(c net.Conn, t TLS) (net.Listener, error) {
+	return serverTLS(&oneConn{c: c}, t)
+}
+
+func serverTLS(l net.Listener, t TLS) (net.Listener, error) {
 	if !t.Enabled {
 		return l, nil
 	}
@@ -103,6 +114,17 @@ func Dial(ctx context.Context, addr string, t TLS) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	return clientTLS(ctx, c, t)
+}
+
+// DialConn runs the client side over c, already connected (criu's
+// --ps-socket), with TLS if enabled (the peer's address is checked
+// against its certificate).
+func DialConn(ctx context.Context, c net.Conn, t TLS) (net.Conn, error) {
+	return clientTLS(ctx, c, t)
+}
+
+func clientTLS(ctx context.Context, c net.Conn, t TLS) (net.Conn, error) {
 	if !t.Enabled {
 		return c, nil
 	}
@@ -112,14 +134,45 @@ func Dial(ctx context.Context, addr string, t TLS) (net.Conn, error) {
 		return nil, err
 	}
 	cfg.RootCAs = pool
-	host, _, _ := net.SplitHostPort(addr)
-	cfg.ServerName = host
+	addr := c.RemoteAddr().String()
+	cfg.ServerName, _, _ = net.SplitHostPort(addr)
 	tc := tls.Client(c, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("TLS handshake with %s: %w", addr, err)
 	}
 	return tc, nil
+}
+
+// ErrConnUsed: the one connection of a ListenConn listener was taken
+// (and refused, if Accept is called again).
+var ErrConnUsed = errors.New("the connection given with --ps-socket was used and refused")
+
+// oneConn is a listener that hands out one connection.
+type oneConn struct {
+	mu sync.Mutex
+	c  net.Conn
+}
+
+func (o *oneConn) Accept() (net.Conn, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if c := o.c; c != nil {
+		o.c = nil
+		return c, nil
+	}
+	return nil, ErrConnUsed
+}
+
+func (o *oneConn) Close() error { return nil }
+
+func (o *oneConn) Addr() net.Addr {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.c != nil {
+		return o.c.LocalAddr()
+	}
+	return &net.TCPAddr{}
 }
 
 const (

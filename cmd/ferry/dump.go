@@ -74,7 +74,7 @@ work directory.`,
 			}
 			dump := dumpcore.Dump
 			if background {
-				if leaveStopped || lazy || ps.use {
+				if leaveStopped || lazy || ps.use || ps.socketFd >= 0 {
 					return errors.New("dump: --background leaves the process running and writes local images: not with -s, --lazy-pages or --page-server")
 				}
 				leaveRunning = true
@@ -98,16 +98,24 @@ work directory.`,
 				return err
 			}
 			defer c.close()
-			sink, release, err := ps.sink(cmd)
-			if err != nil {
-				return err
-			}
-			defer release()
+			var sink dumpcore.PageSink
 			var lazyServe func(func(int, uint64, []byte) error) error
 			if lazy {
+				// The pages are served, not sent: --ps-socket or
+				// --address/--port name where.
+				if ps.use {
+					return errors.New("dump: --lazy-pages serves the pages itself: not with --page-server")
+				}
 				if lazyServe, err = ps.lazyServe(cmd, statusFd); err != nil {
 					return err
 				}
+			} else {
+				s, release, err := ps.sink(cmd)
+				if err != nil {
+					return err
+				}
+				defer release()
+				sink = s
 			}
 			res, err := dump(cmd.Context(), dumpcore.Options{
 				PageSink: sink, LazyServe: lazyServe,

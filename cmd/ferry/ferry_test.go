@@ -1134,17 +1134,53 @@ func TestPageServerDump(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(img, fmt.Sprintf("pages-%d.img", w.Pid))); err == nil {
 		t.Fatal("pages were written locally despite --page-server")
 	}
-	// The page server holds pages and pagemap; the rest comes from -D.
-	ents, _ := os.ReadDir(img)
-	for _, e := range ents {
-		if _, err := os.Stat(filepath.Join(srv, e.Name())); err == nil {
-			continue
-		}
-		b, _ := os.ReadFile(filepath.Join(img, e.Name()))
-		os.WriteFile(filepath.Join(srv, e.Name()), b, 0o600)
-	}
+	completeFrom(srv, img)
 	mustFerry(t, "restore", "-D", srv, "-d")
 	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
+}
+
+// completeFrom copies into dst the files of src it lacks: a page server
+// holds pages and pagemap, the dump's -D the rest.
+func completeFrom(dst, src string) {
+	ents, _ := os.ReadDir(src)
+	for _, e := range ents {
+		if _, err := os.Stat(filepath.Join(dst, e.Name())); err == nil {
+			continue
+		}
+		b, _ := os.ReadFile(filepath.Join(src, e.Name()))
+		os.WriteFile(filepath.Join(dst, e.Name()), b, 0o600)
+	}
+}
+
+func TestPageServerOnInheritedSocket(t *testing.T) {
+	// --ps-socket: both ends use a connection somebody else set up.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "16")
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each ferry command takes its end over and closes it, as the binary
+	// does with an inherited descriptor.
+	srv, img := t.TempDir(), t.TempDir()
+	done := make(chan int, 1)
+	go func() {
+		code, _ := ferry(t, "page-server", "-D", srv, "--ps-socket", strconv.Itoa(fds[0]))
+		done <- code
+	}()
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--ps-socket", strconv.Itoa(fds[1]))
+	w.Reap(t)
+	if code := <-done; code != 0 {
+		t.Fatalf("page-server exited %d", code)
+	}
+	completeFrom(srv, img)
+	mustFerry(t, "restore", "-D", srv, "-d")
+	checkContinued(t, before, testutil.Attach(t, w.Pid, w.ReportPath).Report(t))
+	if code, out := ferry(t, "page-server", "-D", srv, "--ps-socket", "999"); code != 1 || !strings.Contains(out, "--ps-socket 999") {
+		t.Fatalf("a closed --ps-socket: exit %d\n%s", code, out)
+	}
 }
 
 func TestDumpWithDeadPageServerKeepsTask(t *testing.T) {
@@ -1367,7 +1403,9 @@ func TestLazyRestoreForkDuringPostCopy(t *testing.T) {
 	img := t.TempDir()
 	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
 	w.Reap(t)
-	done := startDaemon(t, "lazy-pages", "-D", img, "-v4", "-o", "lazy.log")
+	// A slow background copy (32 MiB at 16 MiB/s) keeps post-copy going
+	// while the process forks.
+	done := startDaemon(t, "lazy-pages", "-D", img, "-v4", "-o", "lazy.log", "--prefetch-rate", "16M")
 	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
 	r := testutil.Attach(t, w.Pid, w.ReportPath)
 	// Fork at once, while nearly every page is still pending: the child

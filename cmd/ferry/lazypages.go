@@ -17,6 +17,7 @@ func newLazyPagesCmd() *cobra.Command {
 		c        common
 		statusFd int
 		ps       psFlags
+		rate     string
 	)
 	cmd := &cobra.Command{
 		Use:   "lazy-pages -D DIR [-W DIR] [--status-fd FD]",
@@ -39,7 +40,11 @@ in lazy mode ("ferry page-server --lazy-pages" with the dump, or the source
 itself with "ferry dump --lazy-pages"); the images directory then needs
 everything but the pages files. --tls and --compress apply.
 
-Not supported yet: a process that forks while pages are still pending.`,
+A process that forks during post-copy is served too: the child's missing
+pages come from the same images.
+
+--prefetch-rate limits the background copy (e.g. 100M: 100 MiB/s) to
+spare a shared link; pages the process touches are always served at once.`,
 		Example: `  ferry lazy-pages -D ckpt --status-fd 3 3>ready &
   ferry restore -D ckpt --lazy-pages -d`,
 		Args: cobra.NoArgs,
@@ -56,6 +61,13 @@ Not supported yet: a process that forks while pages are still pending.`,
 			}
 			if statusFd >= 0 {
 				opts.Ready = func() { writeStatus(statusFd) }
+			}
+			if rate != "" {
+				v, err := parseSize(rate)
+				if err != nil || v <= 0 {
+					return fmt.Errorf("--prefetch-rate %q: want bytes per second, e.g. 100M", rate)
+				}
+				opts.PrefetchRate = v
 			}
 			remote, err := ps.remoteSource(cmd)
 			if err != nil {
@@ -76,6 +88,7 @@ Not supported yet: a process that forks while pages are still pending.`,
 	c.addFlags(cmd.Flags())
 	ps.addFlags(cmd.Flags(), true)
 	cmd.Flags().IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD when ready")
+	cmd.Flags().StringVar(&rate, "prefetch-rate", "", "limit the background copy to this many bytes per second (K, M, G suffixes)")
 	return cmd
 }
 

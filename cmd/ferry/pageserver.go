@@ -23,6 +23,7 @@ import (
 // dump and pre-dump.
 type psFlags struct {
 	use      bool
+	socketFd int // --ps-socket: an inherited, connected socket
 	network  string
 	address  string
 	port     int
@@ -35,6 +36,11 @@ func (p *psFlags) addFlags(fs *pflag.FlagSet, client bool) {
 		fs.BoolVar(&p.use, "page-server", false, "send pages to the page server at --address:--port instead of -D")
 		fs.BoolVar(&p.compress, "compress", false, "zstd-compress pages on the wire (if the server agrees)")
 	}
+	psHelp := "serve the client connected on the inherited socket FD instead of listening on --address:--port"
+	if client {
+		psHelp = "talk to the page server over the connected, inherited socket FD (implies --page-server)"
+	}
+	fs.IntVar(&p.socketFd, "ps-socket", -1, psHelp)
 	fs.StringVar(&p.address, "address", "", "page server address")
 	fs.StringVar(&p.network, "transport", "tcp", "page stream transport: tcp, or quic (needs --tls)")
 	fs.IntVar(&p.port, "port", 0, "page server port")
@@ -54,8 +60,15 @@ func (p *psFlags) addr() (string, error) {
 
 // connect opens a page-server session for a dump (nil without --page-server).
 func (p *psFlags) connect(cmd *cobra.Command) (*pageserver.Client, error) {
-	if !p.use {
+	if !p.use && p.socketFd < 0 {
 		return nil, nil
+	}
+	if p.socketFd >= 0 {
+		conn, err := p.inherited()
+		if err != nil {
+			return nil, err
+		}
+		return pageserver.ConnectConn(cmd.Context(), conn, p.tls, p.compress)
 	}
 	if p.address == "" {
 		return nil, errors.New("--page-server needs --address")
@@ -67,15 +80,50 @@ func (p *psFlags) connect(cmd *cobra.Command) (*pageserver.Client, error) {
 	return pageserver.Connect(cmd.Context(), p.network, a, p.tls, p.compress)
 }
 
+// inherited returns the --ps-socket connection.
+func (p *psFlags) inherited() (net.Conn, error) {
+	if p.network != "" && p.network != transport.TCP {
+		return nil, fmt.Errorf("--ps-socket: a connected stream socket; not with --transport %s", p.network)
+	}
+	f := os.NewFile(uintptr(p.socketFd), "ps-socket")
+	if f == nil {
+		return nil, fmt.Errorf("--ps-socket %d: not an open file descriptor", p.socketFd)
+	}
+	defer f.Close()
+	conn, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("--ps-socket %d: %w", p.socketFd, err)
+	}
+	return conn, nil
+}
+
+// serverListener is where a page server takes its client from: the
+// --ps-socket connection, or --address:--port.
+func (p *psFlags) serverListener(log *slog.Logger) (net.Listener, error) {
+	if p.socketFd >= 0 {
+		conn, err := p.inherited()
+		if err != nil {
+			return nil, err
+		}
+		return transport.ListenConn(conn, p.tls)
+	}
+	a, err := p.addr()
+	if err != nil {
+		return nil, err
+	}
+	return p.listen(a, log)
+}
+
 // lazyServe returns dump --lazy-pages' server: listen on --address:--port
 // and serve the frozen process's pages to one lazy-pages daemon.
 func (p *psFlags) lazyServe(cmd *cobra.Command, statusFd int) (func(func(int, uint64, []byte) error) error, error) {
-	a, err := p.addr()
-	if err != nil {
-		return nil, fmt.Errorf("--lazy-pages: %w", err)
+	if p.socketFd < 0 {
+		if _, err := p.addr(); err != nil {
+			return nil, fmt.Errorf("--lazy-pages: %w", err)
+		}
 	}
 	return func(read func(int, uint64, []byte) error) error {
-		l, err := p.listen(a, nil)
+		l, err := p.serverListener(nil)
 		if err != nil {
 			return err
 		}
@@ -168,9 +216,12 @@ into the background after that (--pidfile records its PID).`,
   ferry dump -t 1234 -D ckpt --page-server --address target --port 27000`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			a, err := ps.addr()
-			if err != nil {
-				return err
+			if ps.socketFd < 0 {
+				if _, err := ps.addr(); err != nil {
+					return err
+				}
+			} else if daemon {
+				return errors.New("page-server: --daemon cannot pass the --ps-socket connection on; run it in the background yourself")
 			}
 			if daemon {
 				return daemonize(statusFd, pidfile)
@@ -180,7 +231,7 @@ into the background after that (--pidfile records its PID).`,
 				return err
 			}
 			defer c.close()
-			l, err := ps.listen(a, log)
+			l, err := ps.serverListener(log)
 			if err != nil {
 				return fmt.Errorf("page-server: %w", err)
 			}
