@@ -349,6 +349,8 @@ func (s *server) handle(c *client, m uffd.Msg) error {
 		s.stats.PagesDropped += before - c.pend.pages()
 	case uffd.EventRemap:
 		c.pend.move(m.From, m.To, m.Len)
+		s.log.Info("a mapping moved during post-copy", "client", c.name, "from", fmt.Sprintf("%#x", m.From),
+			"to", fmt.Sprintf("%#x", m.To), "bytes", m.Len)
 	case uffd.EventFork:
 		// The child's memory is the parent's: the same pages are missing.
 		child := &client{u: uffd.AdoptNoHandshake(m.ChildFd, Features),

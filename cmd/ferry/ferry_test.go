@@ -1440,6 +1440,67 @@ func TestLazyRestoreForkDuringPostCopy(t *testing.T) {
 	}
 }
 
+func TestLazyRestoreMremapMunmapDuringPostCopy(t *testing.T) {
+	// While its pages are still pending, the process moves half of its
+	// buffer (mremap) and unmaps 1 MiB of the other half: the moved pages
+	// must arrive at their new address, the unmapped ones never.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "32", "-V")
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	done := startDaemon(t, "lazy-pages", "-D", img, "-v4", "-o", "lazy.log", "--prefetch-rate", "16M")
+	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	r.Signal(unix.SIGUSR2)
+	after := r.Report(t) // verifies every page still mapped, moved ones at their new place
+	checkContinued(t, before, after)
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("lazy-pages exited %d", code)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("lazy-pages did not finish")
+	}
+	checkContinued(t, before, r.Report(t))
+	log, _ := os.ReadFile(filepath.Join(img, "lazy.log"))
+	if !strings.Contains(string(log), "a mapping moved during post-copy") || strings.Contains(string(log), "dropped=0 ") {
+		t.Fatalf("no mremap or munmap seen during post-copy; the test proves nothing:\n%s", log)
+	}
+}
+
+func TestLazyRestore1GiB(t *testing.T) {
+	// A 1 GiB process restored lazily verifies all of its memory. Images
+	// go to tmpfs when there is one: this is about post-copy, not disks.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "1024", "-t", "2")
+	before := w.Report(t)
+	img := t.TempDir()
+	if d, err := os.MkdirTemp("/dev/shm", "ferry-lazy-"); err == nil {
+		img = d
+		defer os.RemoveAll(d)
+	}
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	done := startDaemon(t, "lazy-pages", "-D", img)
+	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("lazy-pages exited %d", code)
+		}
+	case <-time.After(120 * time.Second):
+		t.Fatal("lazy-pages did not finish")
+	}
+	checkContinued(t, before, r.Report(t))
+}
+
 func TestLazyHybridSendsOnlyNewPages(t *testing.T) {
 	// Hybrid migration's memory path on one host: a pre-dump round's pages
 	// are already on the target (dirs[0]); the final round (dirs[1]) is

@@ -26,6 +26,10 @@
  *            must still see them)
  *   -Z       on SIGUSR2, drop pages 200-209 of the -m buffer with
  *            madvise(MADV_DONTNEED): from then on they must read as zero
+ *   -V       on SIGUSR2, move the upper half of the -m buffer elsewhere with
+ *            mremap and unmap 1 MiB of the lower half; from then on the
+ *            moved pages are checked at their new address and the unmapped
+ *            ones are not checked (memory being served lazily must follow)
  *   -K       on SIGUSR2, fork a child that verifies all memory, writes
  *            "child=ok" or "child=fail: reason" to REPORT_PATH.child and
  *            exits (copy-on-write memory must hold what the parent had)
@@ -317,9 +321,25 @@ static void fill_page(size_t page)
 
 static int zapped; /* -Z: pages 200-209 were dropped */
 
+/* -V: after the move, pages from moved_from on live at moved_to; pages
+ * [hole_from, hole_to) are unmapped. */
+static unsigned char *moved_to;
+static size_t moved_from, hole_from, hole_to;
+
+static unsigned char *page_addr(size_t page)
+{
+	if (moved_to && page >= moved_from)
+		return moved_to + (page - moved_from) * PAGE;
+	if (page >= hole_from && page < hole_to)
+		return NULL;
+	return mem + page * PAGE;
+}
+
 static int check_page(size_t page)
 {
-	const uint64_t *p = (const uint64_t *)(mem + page * PAGE);
+	const uint64_t *p = (const uint64_t *)page_addr(page);
+	if (!p)
+		return 1;
 	if (page_kind(page) != 2 || (zapped && page >= 200 && page < 210)) {
 		for (size_t i = 0; i < PAGE / 8; i++)
 			if (p[i])
@@ -474,8 +494,8 @@ int main(int argc, char **argv)
 	const char *outfile = NULL;
 	int opt;
 	const char *ghost_dir = NULL;
-	int use_maps = 0, use_timers = 0, use_rewrite = 0, use_zap = 0, use_churn = 0, use_fork = 0;
-	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWZCc:K")) != -1) {
+	int use_maps = 0, use_timers = 0, use_rewrite = 0, use_zap = 0, use_move = 0, use_churn = 0, use_fork = 0;
+	while ((opt = getopt(argc, argv, "m:t:pnsf:x:r:Mg:G:TWZVCc:K")) != -1) {
 		switch (opt) {
 		case 'm': mib = atol(optarg); break;
 		case 't': nthreads = atoi(optarg); break;
@@ -491,6 +511,7 @@ int main(int argc, char **argv)
 		case 'T': use_timers = 1; break;
 		case 'W': use_rewrite = 1; break;
 		case 'Z': use_zap = 1; break;
+		case 'V': use_move = 1; break;
 		case 'C': use_churn = 1; break;
 		case 'c': churn_rate = atol(optarg); break;
 		case 'K': use_fork = 1; break;
@@ -642,6 +663,22 @@ int main(int argc, char **argv)
 						fill_page(pg);
 					else
 						memset(mem + pg * PAGE, 0, PAGE);
+			}
+			if (use_move && !moved_to && mem_size >= (4 << 20)) {
+				size_t pages = mem_size / PAGE, half = pages / 2;
+				/* A spot the kernel picks, then the move onto it. */
+				void *res = mmap(NULL, (pages - half) * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+				unsigned char *to = MAP_FAILED;
+				if (res != MAP_FAILED)
+					to = mremap(mem + half * PAGE, (pages - half) * PAGE, (pages - half) * PAGE,
+						    MREMAP_MAYMOVE | MREMAP_FIXED, res);
+				if (to != MAP_FAILED) {
+					moved_to = to;
+					moved_from = half;
+					hole_from = half / 4;
+					hole_to = hole_from + (1 << 20) / PAGE;
+					munmap(mem + hole_from * PAGE, (hole_to - hole_from) * PAGE);
+				}
 			}
 			if (use_zap && mem_size >= 210 * PAGE) {
 				madvise(mem + 200 * PAGE, 10 * PAGE, MADV_DONTNEED);
