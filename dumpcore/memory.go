@@ -16,6 +16,7 @@ import (
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/uffd"
 )
 
 const pageSize = 4096
@@ -236,6 +237,8 @@ type pageDumper struct {
 	// noData (dump --lazy-pages): list the pages in the pagemap without
 	// copying them; a lazy-pages daemon fetches them from the process.
 	noData bool
+	// sc lists them when the kernel has PAGEMAP_SCAN (nil: read pagemap).
+	sc *uffd.Scanner
 	// readTime and writeTime split the memory dump between reading the
 	// target and writing the image.
 	readTime, writeTime time.Duration
@@ -292,6 +295,16 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		dirty: d.dirty, tolerant: d.opts.PreDump, noData: d.opts.LazyServe != nil}
 	if d.parent != nil && d.dirty != nil {
 		pd.parent = d.parent.pages
+	}
+	if pd.noData && pd.parent == nil {
+		if sc, err := uffd.OpenScanner(pid); err == nil {
+			if _, err := sc.Scan(0, pageSize, uffd.Query{AnyOf: uffd.PagePresent, ReturnMask: uffd.PagePresent}); err == nil {
+				pd.sc = sc
+				defer sc.Close()
+			} else {
+				sc.Close() // no PAGEMAP_SCAN (before 6.7): read pagemap
+			}
+		}
 	}
 	for i := 0; i < nBuffers; i++ {
 		pd.free <- make([]byte, readChunk)
@@ -368,6 +381,9 @@ func (pd *pageDumper) writer() error {
 // are walked page by page. The cost of a round then follows what was
 // written, not the size of memory.
 func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
+	if pd.noData && pd.sc != nil {
+		return pd.listPresent(v)
+	}
 	if pd.parent == nil || !hasFlag(v.VmFlags, "uw") {
 		return pd.pages(v, v.Start, v.End, skipZero, werr)
 	}
@@ -393,6 +409,31 @@ func (pd *pageDumper) vma(v *pb.Vma, skipZero bool, werr chan error) error {
 		}
 		cur = b
 	}
+	return nil
+}
+
+// listPresent records the pages of v that the image lists (present or
+// swapped; in a private file mapping, only its anonymous copies) without
+// their data, from PAGEMAP_SCAN: runs instead of a pagemap read of every
+// page (a 4 GiB process has a million).
+func (pd *pageDumper) listPresent(v *pb.Vma) error {
+	q := uffd.Query{AnyOf: uffd.PagePresent | uffd.PageSwapped, ReturnMask: uffd.PagePresent | uffd.PageSwapped}
+	if v.Kind == KindFilePrivate {
+		q.Inverted, q.Mask = uffd.PageFile, uffd.PageFile // not a page of the file
+	}
+	rs, err := pd.sc.Scan(v.Start, v.End, q)
+	if err != nil {
+		return fmt.Errorf("listing the pages of %d at %#x-%#x: %w", pd.pid, v.Start, v.End, err)
+	}
+	if len(rs) == 0 {
+		return nil
+	}
+	items := make([]item, len(rs))
+	for i, r := range rs {
+		items[i] = item{va: r.Start, kind: itemData, n: (r.End - r.Start) / pageSize}
+		pd.stats.PagesScanned += items[i].n
+	}
+	pd.batches <- batch{items: items, listOnly: true}
 	return nil
 }
 
@@ -542,8 +583,9 @@ func (pd *pageDumper) emit(b batch) error {
 		for _, it := range b.items {
 			switch it.kind {
 			case itemData:
-				record(it.va, 1, false)
-				pd.stats.PagesWritten++
+				n := max(it.n, 1)
+				record(it.va, n, false)
+				pd.stats.PagesWritten += n
 			case itemParent:
 				pd.stats.PagesSkippedParent += it.n
 				record(it.va, it.n, true)

@@ -8,6 +8,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/binary"
 	"context"
 	"fmt"
 	"net"
@@ -1286,6 +1287,38 @@ func TestDumpLazyPagesServesFrozenMemory(t *testing.T) {
 	ranges, err := images.PagemapRanges(img, int32(w.Pid))
 	if err != nil || len(ranges) == 0 {
 		t.Fatalf("pagemap: %v %v", ranges, err)
+	}
+	// The listing (PAGEMAP_SCAN runs) holds exactly the present pages of
+	// the anonymous mappings, as /proc/PID/pagemap shows them page by page.
+	var mm pb.MmCore
+	if err := images.ReadOne(img, images.MmName(w.Pid), images.KindMm, &mm); err != nil {
+		t.Fatal(err)
+	}
+	pm, err := os.Open(fmt.Sprintf("/proc/%d/pagemap", w.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pm.Close()
+	for _, v := range mm.Vmas {
+		if v.Kind != "anon" && v.Kind != "heap" && v.Kind != "stack" {
+			continue
+		}
+		var present, listed uint64
+		e := make([]byte, 8*((v.End-v.Start)/4096))
+		pm.ReadAt(e, int64(v.Start/4096*8))
+		for i := 0; i < len(e); i += 8 {
+			if binary.LittleEndian.Uint64(e[i:])&(3<<62) != 0 {
+				present++
+			}
+		}
+		for _, r := range ranges {
+			if a, b := max(r[0], v.Start), min(r[1], v.End); a < b {
+				listed += (b - a) / 4096
+			}
+		}
+		if present != listed {
+			t.Fatalf("VMA %#x-%#x: %d pages present, %d listed", v.Start, v.End, present, listed)
+		}
 	}
 	src := lazyClient(t, port)
 	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", w.Pid))
