@@ -39,7 +39,13 @@ the final dump removes it. If the process closes it, the next round copies
 all memory again. Without userfaultfd every round copies everything.
 
 A pre-dump image directory holds memory only: restore from the final dump
-directory, which refers to its parents through --prev-images-dir.`,
+directory, which refers to its parents through --prev-images-dir.
+
+--pre-dump-mode: ferry always copies the way criu's "read" mode does, with
+process_vm_readv while the process runs. criu's "splice" mode pins the pages
+into pipes while the process is frozen, which would make the freeze grow
+with memory; "splice" is accepted so that criu command lines work, and
+copies the same way (the log says so).`,
 		Example: `  ferry pre-dump -t 1234 -D ckpt/1
   ferry pre-dump -t 1234 -D ckpt/2 --prev-images-dir ../1
   ferry dump     -t 1234 -D ckpt/3 --prev-images-dir ../2
@@ -57,6 +63,9 @@ directory, which refers to its parents through --prev-images-dir.`,
 				return err
 			}
 			defer c.close()
+			if mode == "splice" {
+				log.Info("--pre-dump-mode splice: copying with process_vm_readv while the process runs (read mode), which keeps the freeze short")
+			}
 			sink, release, err := ps.sink(cmd)
 			if err != nil {
 				return err
