@@ -473,5 +473,9 @@ func (d *dumper) writePagemap(img *imageSet) error {
 }
 
 func (d *dumper) writePagemapTo(pw *images.Writer, img *imageSet) error {
-	return images.WritePagemap(pw, &pb.PagemapHead{PagesId: uint32(d.opts.Pid)}, img.pagemap)
+	head := &pb.PagemapHead{PagesId: uint32(d.opts.Pid)}
+	if d.opts.Compress && d.opts.PageSink == nil {
+		head.Compression = images.Zstd
+	}
+	return images.WritePagemap(pw, head, img.pagemap)
 }

@@ -45,6 +45,9 @@ type Options struct {
 	// files instead of the images directory (the pagemap is also kept
 	// locally, for the next incremental round).
 	PageSink PageSink
+	// Compress (--compress without --page-server) writes the pages file
+	// as one zstd stream.
+	Compress bool
 	// FlagsBeforeFreeze (with LeaveRunning; background snapshots): the
 	// VMAs' flags come from smaps read just before the freeze, since smaps
 	// walks every page table (~10 ms per GiB); while frozen only the

@@ -349,6 +349,9 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 // createPages opens the pages file locally or on the page server.
 func (d *dumper) createPages(name string) (*images.PageWriter, error) {
 	if d.opts.PageSink == nil {
+		if d.opts.Compress {
+			return images.CreatePagesZstd(d.opts.ImagesDir, name)
+		}
 		return images.CreatePages(d.opts.ImagesDir, name)
 	}
 	wc, err := d.opts.PageSink.Create(name)

@@ -46,12 +46,16 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 	if err != nil {
 		return nil, err
 	}
-	if head.Compression != "" {
+	if head.Compression != "" && head.Compression != Zstd {
 		return nil, fmt.Errorf("%s: page compression %q is not supported by this ferry: %w", filepath.Join(dir, name), head.Compression, ErrVersion)
 	}
 	needParent := false
+	var own int64 // bytes of page data this image set stores
 	for _, e := range entries {
 		needParent = needParent || e.InParent
+		if !e.InParent {
+			own += int64(e.NrPages) * 4096
+		}
 	}
 	var data []byte
 	pagesName := PagesName(head.PagesId)
@@ -60,7 +64,12 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 		return nil, err
 	}
 	c.closers = append(c.closers, pr)
-	if data, err = pr.Bytes(); err != nil {
+	if head.Compression == Zstd {
+		data, err = pr.Decompressed(own)
+	} else {
+		data, err = pr.Bytes()
+	}
+	if err != nil {
 		return nil, err
 	}
 	var parent []PageRun

@@ -19,11 +19,11 @@ type dataRun struct {
 }
 
 // pagemapRuns reads a pagemap file: the runs stored in its own pages file
-// (with their offsets) and the pages-file name.
-func pagemapRuns(dir, name string) (runs []dataRun, pages string, err error) {
+// (with their offsets), the pages-file name, and whether it is compressed.
+func pagemapRuns(dir, name string) (runs []dataRun, pages string, compressed bool, err error) {
 	head, entries, err := readPagemapFile(dir, name)
 	if err != nil {
-		return nil, "", err
+		return nil, "", false, err
 	}
 	var off uint64
 	for _, e := range entries {
@@ -32,7 +32,7 @@ func pagemapRuns(dir, name string) (runs []dataRun, pages string, err error) {
 			off += uint64(e.NrPages) * 4096
 		}
 	}
-	return runs, PagesName(head.PagesId), nil
+	return runs, PagesName(head.PagesId), head.Compression != "", nil
 }
 
 // Dedup frees, in every ancestor of the image set in dir (its
@@ -51,7 +51,7 @@ func Dedup(dir string) (int64, error) {
 		if !strings.HasPrefix(name, "pagemap-") || !strings.HasSuffix(name, ".img") {
 			continue
 		}
-		own, _, err := pagemapRuns(dir, name)
+		own, _, _, err := pagemapRuns(dir, name)
 		if err != nil {
 			return freed, err
 		}
@@ -86,9 +86,14 @@ func dedupAncestors(dir, pagemap string, stored []dataRun, depth int) (int64, er
 	if _, err := os.Stat(filepath.Join(pdir, pagemap)); err != nil {
 		return 0, nil // the chain ends here for this process
 	}
-	runs, pages, err := pagemapRuns(pdir, pagemap)
+	runs, pages, compressed, err := pagemapRuns(pdir, pagemap)
 	if err != nil {
 		return 0, err
+	}
+	if compressed {
+		// A zstd stream has no page-aligned holes to punch: keep it, and
+		// go on with the ancestors behind it.
+		return dedupAncestors(pdir, pagemap, stored, depth+1)
 	}
 	f, err := os.OpenFile(filepath.Join(pdir, pages), os.O_RDWR, 0)
 	if err != nil {

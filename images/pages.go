@@ -1,11 +1,13 @@
 package images
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 
+	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 )
 
@@ -16,6 +18,30 @@ type PageWriter struct {
 	f   *os.File       // local file (writev), or nil
 	w   io.WriteCloser // any sink otherwise
 	off int64
+	// z compresses the page data into f (CreatePagesZstd); off counts
+	// the data before compression.
+	z *zstd.Encoder
+}
+
+// Zstd is the PagemapHead.Compression of a pages file whose data is one
+// zstd stream.
+const Zstd = "zstd"
+
+// CreatePagesZstd creates dir/name as a pages file whose data is
+// compressed with zstd (the pagemap must say Compression: Zstd).
+func CreatePagesZstd(dir, name string) (*PageWriter, error) {
+	w, err := CreatePages(dir, name)
+	if err != nil {
+		return nil, err
+	}
+	// The fastest level: memory dumps are large, and what compresses at
+	// all (zeroed or repetitive memory) compresses well at any level.
+	w.z, err = zstd.NewWriter(w.f, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(2))
+	if err != nil {
+		w.f.Close()
+		return nil, err
+	}
+	return w, nil
 }
 
 // NewPageStream writes a pages file to wc (e.g. a page server's remote
@@ -53,7 +79,9 @@ func CreatePages(dir, name string) (*PageWriter, error) {
 func (w *PageWriter) Write(p []byte) (int, error) {
 	var n int
 	var err error
-	if w.f != nil {
+	if w.z != nil {
+		n, err = w.z.Write(p)
+	} else if w.f != nil {
 		n, err = w.f.Write(p)
 	} else {
 		n, err = w.w.Write(p)
@@ -66,7 +94,7 @@ func (w *PageWriter) Write(p []byte) (int, error) {
 // the kernel's iovec limit allows.
 func (w *PageWriter) WriteVec(bufs [][]byte) (int64, error) {
 	var total int64
-	if w.f == nil {
+	if w.f == nil || w.z != nil {
 		for _, b := range bufs {
 			n, err := w.Write(b)
 			total += int64(n)
@@ -124,8 +152,14 @@ func writev(fd int, bufs [][]byte) (int, error) {
 // the next Write lands at.
 func (w *PageWriter) Offset() int64 { return w.off }
 
-// Close closes the file.
+// Close ends the compressed stream, if any, and closes the file.
 func (w *PageWriter) Close() error {
+	if w.z != nil {
+		if err := w.z.Close(); err != nil {
+			w.f.Close()
+			return fmt.Errorf("write %s: %w", w.f.Name(), err)
+		}
+	}
 	if w.f != nil {
 		return w.f.Close()
 	}
@@ -137,7 +171,8 @@ type PageReader struct {
 	path string
 	f    *os.File
 	size int64
-	m    []byte
+	m    []byte // the mapped file (Bytes), or decompressed data (anon)
+	anon bool
 }
 
 // OpenPages opens dir/name and checks that it is a pages file of a
@@ -201,6 +236,9 @@ func (r *PageReader) Bytes() ([]byte, error) {
 	if r.size == 0 {
 		return nil, nil
 	}
+	if r.anon {
+		return nil, fmt.Errorf("images: %s: compressed pages have no raw bytes", r.path)
+	}
 	if r.m == nil {
 		m, err := unix.Mmap(int(r.f.Fd()), 0, int(r.size+PageDataOffset), unix.PROT_READ, unix.MAP_SHARED)
 		if err != nil {
@@ -211,6 +249,44 @@ func (r *PageReader) Bytes() ([]byte, error) {
 	return r.m[PageDataOffset:], nil
 }
 
+// Decompressed decodes the zstd stream of a compressed pages file into
+// memory, which must come to exactly size bytes (what the pagemap
+// accounts for). The slice is valid until Close.
+func (r *PageReader) Decompressed(size int64) ([]byte, error) {
+	if r.m != nil {
+		return nil, fmt.Errorf("images: %s: decompressed twice", r.path)
+	}
+	if size == 0 {
+		return nil, nil
+	}
+	m, err := unix.Mmap(-1, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return nil, fmt.Errorf("images: %s: %d bytes to decompress into: %w", r.path, size, os.NewSyscallError("mmap", err))
+	}
+	r.m, r.anon = m, true
+	d, err := zstd.NewReader(io.NewSectionReader(r.f, PageDataOffset, r.size), zstd.WithDecoderConcurrency(2))
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	n, err := io.ReadFull(d, m)
+	switch {
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		return nil, formatErr(r.path, PageDataOffset, ErrTruncated, "compressed pages hold %d bytes, the pagemap accounts for %d", n, size)
+	case err != nil:
+		return nil, formatErr(r.path, PageDataOffset, ErrCorrupt, "compressed pages: %v", err)
+	}
+	// Reading on to the end also checks the stream's checksum.
+	var extra [1]byte
+	switch k, err := d.Read(extra[:]); {
+	case k > 0:
+		return nil, formatErr(r.path, PageDataOffset, ErrCorrupt, "compressed pages hold more than the %d bytes the pagemap accounts for", size)
+	case err != nil && !errors.Is(err, io.EOF):
+		return nil, formatErr(r.path, PageDataOffset, ErrCorrupt, "compressed pages: %v", err)
+	}
+	return m, nil
+}
+
 // Path is the file's path.
 func (r *PageReader) Path() string { return r.path }
 
@@ -218,7 +294,7 @@ func (r *PageReader) Path() string { return r.path }
 func (r *PageReader) Close() error {
 	if r.m != nil {
 		unix.Munmap(r.m)
-		r.m = nil
+		r.m, r.anon = nil, false
 	}
 	return r.f.Close()
 }

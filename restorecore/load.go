@@ -146,7 +146,7 @@ func loadPagemap(dir string, p *procImage) error {
 	if err != nil {
 		return err
 	}
-	if head.Compression != "" {
+	if head.Compression != "" && head.Compression != images.Zstd {
 		return fmt.Errorf("%s: page compression %q is not supported by this ferry: %w",
 			filepath.Join(dir, images.PagemapName(p.pstree.Pid)), head.Compression, images.ErrVersion)
 	}

@@ -122,7 +122,7 @@ work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, TrackMem: trackMem,
+				PrevImagesDir: prevDir, Compress: ps.compress, TrackMem: trackMem,
 				Version: version, Logger: log,
 			})
 			if err != nil {

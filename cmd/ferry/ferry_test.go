@@ -1598,3 +1598,62 @@ func waitFor(timeout time.Duration, cond func() bool) bool {
 	}
 	return cond()
 }
+
+func TestCompressedImages(t *testing.T) {
+	// --compress without a page server: pages-*.img is one zstd stream.
+	// A chain mixes a compressed pre-dump with a plain final dump; the
+	// memory (a churn buffer of repeated words) shrinks on disk.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "16", "-C")
+	dirs := chainDirs(t, 2)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[0], "--compress")
+	head, _, err := images.ReadPagemap(dirs[0], int32(w.Pid))
+	if err != nil || head.Compression != images.Zstd {
+		t.Fatalf("pagemap head %v, %v", head, err)
+	}
+	st, err := os.Stat(filepath.Join(dirs[0], images.PagesName(w.Pid)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if raw := int64(dumpStats(t, dirs[0]).PagesWritten) * 4096; st.Size() > raw/2 {
+		t.Fatalf("compressed pages file %d bytes for %d bytes of pages", st.Size(), raw)
+	}
+	before := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[1], "--prev-images-dir", "../1")
+	w.Reap(t)
+	if n, err := images.Dedup(dirs[1]); err != nil || n != 0 {
+		t.Fatalf("dedup over a compressed parent freed %d: %v", n, err)
+	}
+	mustFerry(t, "restore", "-D", dirs[1], "-d")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	checkContinued(t, before, r.Report(t))
+	r.Kill()
+
+	// Lazily, from a compressed dump; then a corrupted stream is refused
+	// with the file named.
+	w = testutil.Start(t, "-r", bin, "-m", "16", "-C")
+	img := t.TempDir()
+	before = w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--compress")
+	w.Reap(t)
+	pages := filepath.Join(img, images.PagesName(w.Pid))
+	good, _ := os.ReadFile(pages)
+	done := startDaemon(t, "lazy-pages", "-D", img)
+	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
+	r = testutil.Attach(t, w.Pid, w.ReportPath)
+	if code := <-done; code != 0 {
+		t.Fatalf("lazy-pages exited %d", code)
+	}
+	checkContinued(t, before, r.Report(t))
+	r.Kill()
+	bad := bytes.Clone(good)
+	bad[len(bad)/2] ^= 0xff
+	os.WriteFile(pages, bad, 0o600)
+	if code, out := ferry(t, "restore", "-D", img, "-d"); code != 1 || !strings.Contains(out, images.PagesName(w.Pid)) {
+		if code == 0 {
+			testutil.Attach(t, w.Pid, w.ReportPath).Kill()
+		}
+		t.Fatalf("corrupted compressed pages: exit %d\n%s", code, out)
+	}
+}

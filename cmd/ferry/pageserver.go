@@ -34,7 +34,7 @@ type psFlags struct {
 func (p *psFlags) addFlags(fs *pflag.FlagSet, client bool) {
 	if client {
 		fs.BoolVar(&p.use, "page-server", false, "send pages to the page server at --address:--port instead of -D")
-		fs.BoolVar(&p.compress, "compress", false, "zstd-compress pages on the wire (if the server agrees)")
+		fs.BoolVar(&p.compress, "compress", false, "zstd-compress pages: on the wire with --page-server (if the server agrees), else in pages-*.img")
 	}
 	psHelp := "serve the client connected on the inherited socket FD instead of listening on --address:--port"
 	if client {

@@ -73,7 +73,7 @@ copies the same way (the log says so).`,
 			defer release()
 			res, err := dumpcore.Dump(cmd.Context(), dumpcore.Options{
 				PageSink: sink,
-				Pid:      pid, ImagesDir: c.imagesDir, PreDump: true, PrevImagesDir: prevDir,
+				Pid:      pid, ImagesDir: c.imagesDir, PreDump: true, PrevImagesDir: prevDir, Compress: ps.compress,
 				Timeout: time.Duration(timeout) * time.Second, Version: version, Logger: log,
 			})
 			if err != nil {
