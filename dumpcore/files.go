@@ -194,6 +194,16 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			}
 			e.ShellJobTty = true
 		}
+	case unix.S_IFSOCK:
+		dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+		if err != nil {
+			return nil, os.NewSyscallError("pidfd_getfd", err)
+		}
+		err = dumpSocket(e, dup)
+		unix.Close(dup)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", target, err)
+		}
 	case unix.S_IFIFO:
 		if !strings.HasPrefix(target, "pipe:") {
 			return nil, fmt.Errorf("FIFO %s: %w", target, ErrUnsupported)

@@ -75,6 +75,10 @@ func (b *builder) restoreFiles() error {
 			if fd, err = b.newEventfd(f, park); err != nil {
 				return fmt.Errorf("fd %d (eventfd): %w", e.Fd, err)
 			}
+		case "inet":
+			if fd, err = b.newInetSocket(f, park); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+			}
 		case "epoll":
 			raw, err := b.sys(unix.SYS_EPOLL_CREATE1, unix.EPOLL_CLOEXEC)
 			if err != nil {

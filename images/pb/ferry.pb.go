@@ -1892,7 +1892,9 @@ type FileEntry struct {
 	EventfdSemaphore bool   `protobuf:"varint,20,opt,name=eventfd_semaphore,json=eventfdSemaphore,proto3" json:"eventfd_semaphore,omitempty"`
 	// epoll: registrations, keyed by the target fd numbers of this process
 	// (fdinfo "tfd:"), re-added once every fd sits at its number.
-	Epoll         []*EpollTarget `protobuf:"bytes,21,rep,name=epoll,proto3" json:"epoll,omitempty"`
+	Epoll []*EpollTarget `protobuf:"bytes,21,rep,name=epoll,proto3" json:"epoll,omitempty"`
+	// Sockets of type "inet" (AF_INET, AF_INET6).
+	Inet          *InetSocket `protobuf:"bytes,22,opt,name=inet,proto3" json:"inet,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2074,6 +2076,178 @@ func (x *FileEntry) GetEpoll() []*EpollTarget {
 	return nil
 }
 
+func (x *FileEntry) GetInet() *InetSocket {
+	if x != nil {
+		return x.Inet
+	}
+	return nil
+}
+
+// InetSocket is a TCP listener or an unconnected, or connected UDP,
+// socket: what socket(2), setsockopt(2), bind(2), connect(2) and
+// listen(2) need to make it again.
+type InetSocket struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Family    int32                  `protobuf:"varint,1,opt,name=family,proto3" json:"family,omitempty"`
+	Type      int32                  `protobuf:"varint,2,opt,name=type,proto3" json:"type,omitempty"` // SOCK_STREAM, SOCK_DGRAM
+	Protocol  int32                  `protobuf:"varint,3,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	Addr      []byte                 `protobuf:"bytes,4,opt,name=addr,proto3" json:"addr,omitempty"` // struct sockaddr from getsockname (port 0: unbound)
+	Peer      []byte                 `protobuf:"bytes,5,opt,name=peer,proto3" json:"peer,omitempty"` // struct sockaddr from getpeername (connected UDP)
+	Listening bool                   `protobuf:"varint,6,opt,name=listening,proto3" json:"listening,omitempty"`
+	Backlog   int32                  `protobuf:"varint,7,opt,name=backlog,proto3" json:"backlog,omitempty"`
+	// Options whose value differs from a fresh socket's, replayed with
+	// setsockopt before bind (SO_REUSEADDR after listen).
+	Opts          []*SockOpt `protobuf:"bytes,8,rep,name=opts,proto3" json:"opts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InetSocket) Reset() {
+	*x = InetSocket{}
+	mi := &file_images_ferry_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InetSocket) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InetSocket) ProtoMessage() {}
+
+func (x *InetSocket) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
+func (*InetSocket) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *InetSocket) GetFamily() int32 {
+	if x != nil {
+		return x.Family
+	}
+	return 0
+}
+
+func (x *InetSocket) GetType() int32 {
+	if x != nil {
+		return x.Type
+	}
+	return 0
+}
+
+func (x *InetSocket) GetProtocol() int32 {
+	if x != nil {
+		return x.Protocol
+	}
+	return 0
+}
+
+func (x *InetSocket) GetAddr() []byte {
+	if x != nil {
+		return x.Addr
+	}
+	return nil
+}
+
+func (x *InetSocket) GetPeer() []byte {
+	if x != nil {
+		return x.Peer
+	}
+	return nil
+}
+
+func (x *InetSocket) GetListening() bool {
+	if x != nil {
+		return x.Listening
+	}
+	return false
+}
+
+func (x *InetSocket) GetBacklog() int32 {
+	if x != nil {
+		return x.Backlog
+	}
+	return 0
+}
+
+func (x *InetSocket) GetOpts() []*SockOpt {
+	if x != nil {
+		return x.Opts
+	}
+	return nil
+}
+
+type SockOpt struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Level         int32                  `protobuf:"varint,1,opt,name=level,proto3" json:"level,omitempty"`
+	Name          int32                  `protobuf:"varint,2,opt,name=name,proto3" json:"name,omitempty"`
+	Value         []byte                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SockOpt) Reset() {
+	*x = SockOpt{}
+	mi := &file_images_ferry_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SockOpt) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SockOpt) ProtoMessage() {}
+
+func (x *SockOpt) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
+func (*SockOpt) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *SockOpt) GetLevel() int32 {
+	if x != nil {
+		return x.Level
+	}
+	return 0
+}
+
+func (x *SockOpt) GetName() int32 {
+	if x != nil {
+		return x.Name
+	}
+	return 0
+}
+
+func (x *SockOpt) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
 type EpollTarget struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Tfd           int32                  `protobuf:"varint,1,opt,name=tfd,proto3" json:"tfd,omitempty"`
@@ -2085,7 +2259,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2097,7 +2271,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2110,7 +2284,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -2145,7 +2319,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2157,7 +2331,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2170,7 +2344,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -2204,7 +2378,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2216,7 +2390,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2229,7 +2403,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -2260,7 +2434,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2272,7 +2446,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2285,7 +2459,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -2315,7 +2489,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2327,7 +2501,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2340,7 +2514,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -2380,7 +2554,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2392,7 +2566,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2405,7 +2579,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -2444,7 +2618,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2456,7 +2630,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2469,7 +2643,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -2539,7 +2713,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2551,7 +2725,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2564,7 +2738,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -2651,7 +2825,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2663,7 +2837,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2676,7 +2850,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -2731,7 +2905,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2743,7 +2917,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2756,7 +2930,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -2978,7 +3152,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\x98\x04\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xc6\x04\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -3001,7 +3175,22 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\rshell_job_tty\x18\x12 \x01(\bR\vshellJobTty\x12#\n" +
 	"\reventfd_count\x18\x13 \x01(\x04R\feventfdCount\x12+\n" +
 	"\x11eventfd_semaphore\x18\x14 \x01(\bR\x10eventfdSemaphore\x12/\n" +
-	"\x05epoll\x18\x15 \x03(\v2\x19.ferry.images.EpollTargetR\x05epoll\"K\n" +
+	"\x05epoll\x18\x15 \x03(\v2\x19.ferry.images.EpollTargetR\x05epoll\x12,\n" +
+	"\x04inet\x18\x16 \x01(\v2\x18.ferry.images.InetSocketR\x04inet\"\xdf\x01\n" +
+	"\n" +
+	"InetSocket\x12\x16\n" +
+	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\x05R\x04type\x12\x1a\n" +
+	"\bprotocol\x18\x03 \x01(\x05R\bprotocol\x12\x12\n" +
+	"\x04addr\x18\x04 \x01(\fR\x04addr\x12\x12\n" +
+	"\x04peer\x18\x05 \x01(\fR\x04peer\x12\x1c\n" +
+	"\tlistening\x18\x06 \x01(\bR\tlistening\x12\x18\n" +
+	"\abacklog\x18\a \x01(\x05R\abacklog\x12)\n" +
+	"\x04opts\x18\b \x03(\v2\x15.ferry.images.SockOptR\x04opts\"I\n" +
+	"\aSockOpt\x12\x14\n" +
+	"\x05level\x18\x01 \x01(\x05R\x05level\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\x05R\x04name\x12\x14\n" +
+	"\x05value\x18\x03 \x01(\fR\x05value\"K\n" +
 	"\vEpollTarget\x12\x10\n" +
 	"\x03tfd\x18\x01 \x01(\x05R\x03tfd\x12\x16\n" +
 	"\x06events\x18\x02 \x01(\rR\x06events\x12\x12\n" +
@@ -3068,7 +3257,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -3087,16 +3276,18 @@ var file_images_ferry_proto_goTypes = []any{
 	(*Vma)(nil),          // 14: ferry.images.Vma
 	(*MmCore)(nil),       // 15: ferry.images.MmCore
 	(*FileEntry)(nil),    // 16: ferry.images.FileEntry
-	(*EpollTarget)(nil),  // 17: ferry.images.EpollTarget
-	(*FdEntry)(nil),      // 18: ferry.images.FdEntry
-	(*FdTable)(nil),      // 19: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 20: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 21: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 22: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 23: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 24: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 25: ferry.images.RestoreStats
-	(*Stats)(nil),        // 26: ferry.images.Stats
+	(*InetSocket)(nil),   // 17: ferry.images.InetSocket
+	(*SockOpt)(nil),      // 18: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 19: ferry.images.EpollTarget
+	(*FdEntry)(nil),      // 20: ferry.images.FdEntry
+	(*FdTable)(nil),      // 21: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 22: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 23: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 24: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 25: ferry.images.GhostFile
+	(*DumpStats)(nil),    // 26: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 27: ferry.images.RestoreStats
+	(*Stats)(nil),        // 28: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -3112,15 +3303,17 @@ var file_images_ferry_proto_depIdxs = []int32{
 	8,  // 10: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	12, // 11: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
 	14, // 12: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	17, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	18, // 14: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	24, // 15: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	25, // 16: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	19, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	17, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	18, // 15: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	20, // 16: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	26, // 17: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	27, // 18: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -3134,7 +3327,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/internal/testutil"
+)
+
+// ask connects to addr over network and returns the line the server sends
+// ("TOKEN COUNT").
+func ask(t *testing.T, network, addr string) string {
+	t.Helper()
+	c, err := net.DialTimeout(network, addr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("%s %s: %v", network, addr, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if network == "udp" {
+		if _, err := c.Write([]byte("hi")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		t.Fatalf("%s %s: %v", network, addr, err)
+	}
+	return strings.TrimSpace(line)
+}
+
+func TestDumpRestoreInetSockets(t *testing.T) {
+	// Listening TCP sockets (IPv4, and IPv6 taking v4-mapped clients) and a
+	// bound UDP socket, with options set: after restore the same process
+	// (same token) answers on the same ports, and checks its options.
+	needRoot(t)
+	bin := testutil.BuildC(t, "netserve")
+	w := testutil.Start(t, "-r", bin)
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("before the dump: %v", before)
+	}
+	port := func(r testutil.Report, k string) string { return strconv.Itoa(int(r.Int(k))) }
+	v4 := net.JoinHostPort("127.0.0.1", port(before, "tcp4"))
+	mapped := net.JoinHostPort("127.0.0.1", port(before, "tcp6"))
+	v6 := net.JoinHostPort("::1", port(before, "tcp6"))
+	udp := net.JoinHostPort("127.0.0.1", port(before, "udp"))
+	for _, a := range [][2]string{{"tcp", v4}, {"tcp", mapped}, {"tcp", v6}, {"udp", udp}} {
+		if got := ask(t, a[0], a[1]); !strings.HasPrefix(got, before.Token+" ") {
+			t.Fatalf("%s %s answered %q before the dump, token %s", a[0], a[1], got, before.Token)
+		}
+	}
+	r := dumpRestore(t, w)
+	after := r.Report(t)
+	if after.Status != "ok" || after.Token != before.Token {
+		t.Fatalf("after restore: %v", after)
+	}
+	for _, a := range [][2]string{{"tcp", v4}, {"tcp", mapped}, {"tcp", v6}, {"udp", udp}} {
+		got := ask(t, a[0], a[1])
+		f := strings.Fields(got)
+		if len(f) != 2 || f[0] != before.Token {
+			t.Fatalf("%s %s answered %q after restore; the token was %s", a[0], a[1], got, before.Token)
+		}
+		if n, _ := strconv.Atoi(f[1]); n <= 4 {
+			t.Fatalf("%s %s: connection number %d after restore, more than 4 were served before", a[0], a[1], n)
+		}
+	}
+	if r := r.Report(t); r.Status != "ok" {
+		t.Fatalf("after serving: %v", r)
+	}
+}
+
+func TestDumpRestorePythonHTTPServer(t *testing.T) {
+	// A real server from Debian: python3 -m http.server, checkpointed while
+	// it listens, serves again after restore. The page it serves holds a
+	// token, and the restored process must be the same one (same PID, and
+	// its log file continues).
+	needRoot(t)
+	dir := t.TempDir()
+	token := strconv.FormatInt(time.Now().UnixNano(), 36)
+	if err := os.WriteFile(filepath.Join(dir, "index.html"), []byte(token), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logPath := filepath.Join(t.TempDir(), "http.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command("python3", "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", dir)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	defer func() { unix.Kill(pid, unix.SIGKILL); testutil.WaitGone(pid, 5*time.Second) }()
+	var port string
+	if !waitFor(10*time.Second, func() bool {
+		b, _ := os.ReadFile(logPath)
+		if m := regexp.MustCompile(`port (\d+)`).FindSubmatch(b); m != nil {
+			port = string(m[1])
+			return true
+		}
+		return false
+	}) {
+		t.Fatal("http.server did not say its port")
+	}
+	get := func() string {
+		t.Helper()
+		c := http.Client{Timeout: 5 * time.Second}
+		resp, err := c.Get("http://127.0.0.1:" + port + "/index.html")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET: %s", resp.Status)
+		}
+		return string(b)
+	}
+	if got := get(); got != token {
+		t.Fatalf("served %q before the dump", got)
+	}
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img)
+	cmd.Wait()
+	mustFerry(t, "restore", "-D", img, "-d")
+	if !testutil.PidAlive(pid) {
+		t.Fatalf("no process %d after restore", pid)
+	}
+	if got := get(); got != token {
+		t.Fatalf("served %q after restore", got)
+	}
+	b, _ := os.ReadFile(logPath)
+	if n := strings.Count(string(b), `"GET /index.html`); n != 2 {
+		t.Fatalf("the log shows %d requests, want 2 (one before the dump, one after):\n%s", n, b)
+	}
+}
+
+func TestDumpRefusesEstablishedTCP(t *testing.T) {
+	// An established connection is not dumped yet: the dump fails naming
+	// it, and the process runs on untouched.
+	needRoot(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	cmd := exec.Command("python3", "-c", "import socket,time; s=socket.create_connection(('127.0.0.1',"+port+")); time.sleep(60)")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(cmd.Process.Pid), "-D", t.TempDir())
+	if code != 1 || !strings.Contains(out, "TCP connection 127.0.0.1:") || !strings.Contains(out, "-> 127.0.0.1:"+port) {
+		t.Fatalf("dump of an established connection: exit %d\n%s", code, out)
+	}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+	if !strings.Contains(string(b), "TracerPid:\t0") || !strings.Contains(string(b), "SigBlk:\t0000000000000000") {
+		t.Fatalf("the process was not left as it was:\n%s", b)
+	}
+}
