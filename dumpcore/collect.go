@@ -37,6 +37,8 @@ type imageSet struct {
 func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	pid := d.opts.Pid
 	img := &imageSet{files: newFileTable(d.opts.GhostLimit)}
+	img.files.tcpEstablished = d.opts.TCPEstablished
+	d.files = img.files
 
 	stat, err := proc.ReadStat(pid)
 	if err != nil {

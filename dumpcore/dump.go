@@ -48,6 +48,9 @@ type Options struct {
 	// Compress (--compress without --page-server) writes the pages file
 	// as one zstd stream.
 	Compress bool
+	// TCPEstablished (--tcp-established) dumps established TCP
+	// connections through TCP_REPAIR; otherwise one fails the dump.
+	TCPEstablished bool
 	// FlagsBeforeFreeze (with LeaveRunning; background snapshots): the
 	// VMAs' flags come from smaps read just before the freeze, since smaps
 	// walks every page table (~10 ms per GiB); while frozen only the
@@ -177,6 +180,9 @@ type dumper struct {
 	// usedEarly the VMAs whose flags were taken from it.
 	early     map[vmaKey][]string
 	usedEarly []vmaKey
+	// files is the file table being collected (its repaired TCP
+	// connections must leave repair mode if the process goes on).
+	files *fileTable
 }
 
 func (d *dumper) run(ctx context.Context) (*Result, error) {
@@ -269,6 +275,14 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 	committed = true
 	d.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
 	d.kill()
+	if d.files != nil {
+		// Still in repair mode: the connections vanish without a packet
+		// (the restored process takes them over).
+		for _, fd := range d.files.repaired {
+			unix.Close(fd)
+		}
+		d.files.repaired = nil
+	}
 	return d.finish(start)
 }
 
@@ -374,6 +388,10 @@ func (d *dumper) kill() {
 // resume puts every thread back as it was frozen and detaches: the
 // workload continues (or stays stopped).
 func (d *dumper) resume(stopped bool) {
+	if d.files != nil {
+		unrepair(d.files.repaired)
+		d.files.repaired = nil
+	}
 	if stopped {
 		unix.Kill(d.opts.Pid, unix.SIGSTOP)
 	}

@@ -22,10 +22,15 @@ type fileTable struct {
 	// staleTrackers are userfaultfds ferry left in the process (pre-dump)
 	// that this dump found without their image set: not the program's.
 	staleTrackers []int
-	ghostLimit    int64
-	entries       []*pb.FileEntry
-	ghosts        []*pb.GhostFile
-	byPath        map[string]uint32 // path objects by kind+dev+ino
+	// tcpEstablished (--tcp-established): established TCP connections are
+	// dumped; repaired holds ferry's duplicates of those now in repair
+	// mode, to be closed (after a kill: silently) or taken out of it.
+	tcpEstablished bool
+	repaired       []int
+	ghostLimit     int64
+	entries        []*pb.FileEntry
+	ghosts         []*pb.GhostFile
+	byPath         map[string]uint32 // path objects by kind+dev+ino
 }
 
 func newFileTable(ghostLimit int64) *fileTable {
@@ -199,8 +204,10 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		if err != nil {
 			return nil, os.NewSyscallError("pidfd_getfd", err)
 		}
-		err = dumpSocket(e, dup)
-		unix.Close(dup)
+		keep, err := ft.dumpSocket(e, dup)
+		if !keep {
+			unix.Close(dup)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", target, err)
 		}

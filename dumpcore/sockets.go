@@ -74,31 +74,48 @@ const (
 )
 
 // dumpSocket describes the socket at fd of the target (dup is ferry's
-// duplicate of it).
-func dumpSocket(e *pb.FileEntry, dup int) error {
+// duplicate of it). With ft.tcpEstablished, an established TCP connection
+// is put in repair mode and read; ft.repaired then keeps dup open (the
+// caller must not close it).
+func (ft *fileTable) dumpSocket(e *pb.FileEntry, dup int) (keep bool, err error) {
+	s, err := ft.describeSocket(dup)
+	if err != nil {
+		return false, err
+	}
+	e.Type, e.Inet = "inet", s
+	e.Path = fmt.Sprintf("%s %s", protoName(int(s.Type), int(s.Protocol)), sockaddrString(s.Addr))
+	if s.Tcp != nil {
+		e.Path += " -> " + sockaddrString(s.Peer)
+		ft.repaired = append(ft.repaired, dup)
+		return true, nil
+	}
+	return false, nil
+}
+
+func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 	family, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_DOMAIN)
 	if err != nil {
-		return os.NewSyscallError("getsockopt SO_DOMAIN", err)
+		return nil, os.NewSyscallError("getsockopt SO_DOMAIN", err)
 	}
 	if family != unix.AF_INET && family != unix.AF_INET6 {
-		return fmt.Errorf("socket of family %d: %w", family, ErrUnsupported)
+		return nil, fmt.Errorf("socket of family %d: %w", family, ErrUnsupported)
 	}
 	typ, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_TYPE)
 	if err != nil {
-		return os.NewSyscallError("getsockopt SO_TYPE", err)
+		return nil, os.NewSyscallError("getsockopt SO_TYPE", err)
 	}
 	proto, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_PROTOCOL)
 	if err != nil {
-		return os.NewSyscallError("getsockopt SO_PROTOCOL", err)
+		return nil, os.NewSyscallError("getsockopt SO_PROTOCOL", err)
 	}
 	s := &pb.InetSocket{Family: int32(family), Type: int32(typ), Protocol: int32(proto)}
 	if s.Addr, err = rawName(dup, unix.SYS_GETSOCKNAME); err != nil {
-		return err
+		return nil, err
 	}
 	if typ == unix.SOCK_STREAM && proto == unix.IPPROTO_TCP {
 		info, err := unix.GetsockoptTCPInfo(dup, unix.IPPROTO_TCP, unix.TCP_INFO)
 		if err != nil {
-			return os.NewSyscallError("getsockopt TCP_INFO", err)
+			return nil, os.NewSyscallError("getsockopt TCP_INFO", err)
 		}
 		switch info.State {
 		case tcpListen:
@@ -106,21 +123,30 @@ func dumpSocket(e *pb.FileEntry, dup int) error {
 			// and the connections waiting to be accepted in tcpi_unacked.
 			s.Listening, s.Backlog = true, int32(info.Sacked)
 			if info.Unacked > 0 {
-				return fmt.Errorf("TCP listener %s with %d connections waiting to be accepted: %w",
+				return nil, fmt.Errorf("TCP listener %s with %d connections waiting to be accepted: %w",
 					sockaddrString(s.Addr), info.Unacked, ErrUnsupported)
 			}
 		case tcpClose:
 		default:
 			peer, _ := rawName(dup, unix.SYS_GETPEERNAME)
-			return fmt.Errorf("TCP connection %s -> %s (state %d): %w (established connections need --tcp-established, not there yet)",
-				sockaddrString(s.Addr), sockaddrString(peer), info.State, ErrUnsupported)
+			what := fmt.Sprintf("TCP connection %s -> %s", sockaddrString(s.Addr), sockaddrString(peer))
+			switch {
+			case !ft.tcpEstablished:
+				return nil, fmt.Errorf("%s: %w (dump established connections with --tcp-established)", what, ErrUnsupported)
+			case info.State != tcpEstablished:
+				return nil, fmt.Errorf("%s in state %s: %w (only established connections so far)", what, tcpStateName(info.State), ErrUnsupported)
+			}
+			s.Peer = peer
+			if s.Tcp, err = repairRead(dup, info); err != nil {
+				return nil, fmt.Errorf("%s: %w", what, err)
+			}
 		}
 	} else if typ == unix.SOCK_DGRAM {
 		if peer, err := rawName(dup, unix.SYS_GETPEERNAME); err == nil {
 			s.Peer = peer
 		}
 	} else {
-		return fmt.Errorf("inet socket of type %d, protocol %d: %w", typ, proto, ErrUnsupported)
+		return nil, fmt.Errorf("inet socket of type %d, protocol %d: %w", typ, proto, ErrUnsupported)
 	}
 	opts := append([]sockOpt(nil), socketOpts...)
 	if family == unix.AF_INET {
@@ -132,11 +158,117 @@ func dumpSocket(e *pb.FileEntry, dup int) error {
 		opts = append(opts, tcpOpts...)
 	}
 	if s.Opts, err = changedOpts(dup, family, typ, proto, opts); err != nil {
-		return err
+		return nil, err
 	}
-	e.Type, e.Inet = "inet", s
-	e.Path = fmt.Sprintf("%s %s", protoName(typ, proto), sockaddrString(s.Addr))
-	return nil
+	return s, nil
+}
+
+// TCP repair (include/uapi/linux/tcp.h, sockios.h).
+const (
+	tcpRepair       = 19
+	tcpRepairQueue  = 20
+	tcpQueueSeq     = 21
+	tcpRepairWindow = 29
+	tcpTimestamp    = 24
+	tcpRecvQueue    = 1
+	tcpSendQueue    = 2
+	siocInq         = 0x541b // FIONREAD
+	siocOutq        = 0x5411 // TIOCOUTQ
+	siocOutqNsd     = 0x894b
+)
+
+// repairRead puts an established connection in repair mode (it sends
+// nothing from then on: killing the process closes it silently) and reads
+// what rebuilding it takes: sequence numbers, both queues, options,
+// window, timestamp, buffer sizes.
+func repairRead(fd int, info *unix.TCPInfo) (*pb.TcpStream, error) {
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, tcpRepair, 1); err != nil {
+		return nil, os.NewSyscallError("setsockopt TCP_REPAIR", err)
+	}
+	t := &pb.TcpStream{Options: uint32(info.Options)}
+	// tcpi_snd_wscale and tcpi_rcv_wscale are the two nibbles of the byte
+	// after tcpi_options, which x/sys's TCPInfo leaves as padding.
+	raw, err := rawOpt(fd, sockOpt{unix.IPPROTO_TCP, unix.TCP_INFO, unix.SizeofTCPInfo})
+	if err != nil || len(raw) < 7 {
+		return nil, fmt.Errorf("getsockopt TCP_INFO: %v", err)
+	}
+	t.SndWscale, t.RcvWscale = uint32(raw[6]&0xf), uint32(raw[6]>>4)
+	queue := func(q int, ioc uint) (uint32, []byte, error) {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, tcpRepairQueue, q); err != nil {
+			return 0, nil, os.NewSyscallError("setsockopt TCP_REPAIR_QUEUE", err)
+		}
+		seq, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, tcpQueueSeq)
+		if err != nil {
+			return 0, nil, os.NewSyscallError("getsockopt TCP_QUEUE_SEQ", err)
+		}
+		n, err := unix.IoctlGetInt(fd, ioc)
+		if err != nil {
+			return 0, nil, os.NewSyscallError("ioctl (queue length)", err)
+		}
+		if n == 0 {
+			return uint32(seq), nil, nil
+		}
+		b := make([]byte, n)
+		got, _, err := unix.Recvfrom(fd, b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		if err != nil {
+			return 0, nil, os.NewSyscallError("recv (peek queue)", err)
+		}
+		if got != n {
+			return 0, nil, fmt.Errorf("queue holds %d bytes, %d could be read", n, got)
+		}
+		return uint32(seq), b, nil
+	}
+	if t.RecvSeq, t.RecvQueue, err = queue(tcpRecvQueue, siocInq); err != nil {
+		return nil, err
+	}
+	if t.SendSeq, t.SendQueue, err = queue(tcpSendQueue, siocOutq); err != nil {
+		return nil, err
+	}
+	unsent, err := unix.IoctlGetInt(fd, siocOutqNsd)
+	if err != nil {
+		return nil, os.NewSyscallError("ioctl SIOCOUTQNSD", err)
+	}
+	t.Unsent = uint32(unsent)
+	mss, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG)
+	if err != nil {
+		return nil, os.NewSyscallError("getsockopt TCP_MAXSEG", err)
+	}
+	t.Mss = uint32(mss)
+	if ts, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, tcpTimestamp); err == nil {
+		t.Timestamp = uint32(ts)
+	}
+	if t.Window, err = rawOpt(fd, sockOpt{unix.IPPROTO_TCP, tcpRepairWindow, 20}); err != nil {
+		return nil, os.NewSyscallError("getsockopt TCP_REPAIR_WINDOW", err)
+	}
+	for _, b := range []struct {
+		name int
+		v    *int32
+	}{{unix.SO_SNDBUF, &t.Sndbuf}, {unix.SO_RCVBUF, &t.Rcvbuf}} {
+		v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, b.name)
+		if err != nil {
+			return nil, os.NewSyscallError("getsockopt", err)
+		}
+		*b.v = int32(v)
+	}
+	return t, nil
+}
+
+func tcpStateName(st uint8) string {
+	names := map[uint8]string{1: "established", 2: "syn-sent", 3: "syn-recv", 4: "fin-wait1", 5: "fin-wait2",
+		6: "time-wait", 7: "close", 8: "close-wait", 9: "last-ack", 10: "listen", 11: "closing"}
+	if n, ok := names[st]; ok {
+		return n
+	}
+	return fmt.Sprintf("%d", st)
+}
+
+// unrepair takes connections out of repair mode (the dump failed or the
+// process goes on): each sends a window probe and carries on.
+func unrepair(fds []int) {
+	for _, fd := range fds {
+		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, tcpRepair, 0)
+		unix.Close(fd)
+	}
 }
 
 // changedOpts returns the options of socket fd that differ from those of

@@ -1,11 +1,13 @@
 package restorecore
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
 )
 
 // Scratch offsets for socket calls: an option value, then a sockaddr.
@@ -22,6 +24,9 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 	s := f.Inet
 	if s == nil {
 		return 0, fmt.Errorf("socket without its description")
+	}
+	if s.Tcp != nil {
+		return b.newTCPStream(f, park)
 	}
 	typ := uint64(s.Type) | unix.SOCK_CLOEXEC
 	if f.Flags&unix.O_NONBLOCK != 0 {
@@ -92,4 +97,176 @@ func (b *builder) setsockopt(fd, level, name int, v []byte) error {
 // report port 0).
 func bound(addr []byte) bool {
 	return len(addr) >= 4 && (addr[2] != 0 || addr[3] != 0)
+}
+
+// TCP repair (include/uapi/linux/tcp.h).
+const (
+	tcpRepair        = 19
+	tcpRepairQueue   = 20
+	tcpQueueSeq      = 21
+	tcpRepairOptions = 22
+	tcpTimestamp     = 24
+	tcpRepairWindow  = 29
+	tcpRecvQueue     = 1
+	tcpSendQueue     = 2
+
+	tcpiOptTimestamps = 1
+	tcpiOptSack       = 2
+	tcpiOptWscale     = 4
+	tcpoptMss         = 2
+	tcpoptWindow      = 3
+	tcpoptSackPerm    = 4
+	tcpoptTimestamp   = 8
+)
+
+// newTCPStream rebuilds an established connection in repair mode, where
+// nothing is sent: sequence numbers, bind and connect (no handshake),
+// options, the receive queue, the part of the send queue the peer may
+// already have, window and timestamp; then it leaves repair mode (one
+// window probe) and writes the part never sent as ordinary data.
+func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	s, t := f.Inet, f.Inet.Tcp
+	raw, err := b.sys(unix.SYS_SOCKET, uint64(s.Family), unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return 0, fmt.Errorf("socket: %w", err)
+	}
+	fd, err := park(raw)
+	if err != nil {
+		return 0, err
+	}
+	setInt := func(level, name int, v uint32) error {
+		return b.setsockopt(fd, level, name, binary.LittleEndian.AppendUint32(nil, v))
+	}
+	// In repair mode the socket may bind next to a listener on its port.
+	if err := setInt(unix.IPPROTO_TCP, tcpRepair, 1); err != nil {
+		return 0, err
+	}
+	for _, o := range s.Opts {
+		if o.Level == unix.SOL_SOCKET && o.Name == unix.SO_REUSEADDR {
+			continue // it would end the forced reuse repair mode grants
+		}
+		if err := b.setsockopt(fd, int(o.Level), int(o.Name), o.Value); err != nil {
+			return 0, err
+		}
+	}
+	b.r.log.Debug("repairing a TCP connection", "fd", fd, "conn", f.Path, "opts", len(s.Opts),
+		"recv queue", len(t.RecvQueue), "send queue", len(t.SendQueue), "unsent", t.Unsent)
+	// The queues must fit as they did (the kernel doubles what is set).
+	if err := setInt(unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, uint32(t.Sndbuf/2)); err != nil {
+		return 0, err
+	}
+	if err := setInt(unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, uint32(t.Rcvbuf/2)); err != nil {
+		return 0, err
+	}
+	for _, q := range []struct {
+		queue int
+		seq   uint32
+	}{{tcpRecvQueue, t.RecvSeq - uint32(len(t.RecvQueue))}, {tcpSendQueue, t.SendSeq - uint32(len(t.SendQueue))}} {
+		if err := setInt(unix.IPPROTO_TCP, tcpRepairQueue, uint32(q.queue)); err != nil {
+			return 0, err
+		}
+		if err := setInt(unix.IPPROTO_TCP, tcpQueueSeq, q.seq); err != nil {
+			return 0, err
+		}
+	}
+	for _, c := range []struct {
+		nr   uintptr
+		addr []byte
+	}{{unix.SYS_BIND, s.Addr}, {unix.SYS_CONNECT, s.Peer}} {
+		a, err := b.put(scratchAddr, c.addr)
+		if err != nil {
+			return 0, err
+		}
+		if _, err := b.sys(c.nr, uint64(fd), a, uint64(len(c.addr))); err != nil {
+			return 0, fmt.Errorf("%s: %w", map[uintptr]string{unix.SYS_BIND: "bind", unix.SYS_CONNECT: "connect"}[c.nr], err)
+		}
+	}
+	opts := binary.LittleEndian.AppendUint32(nil, tcpoptMss)
+	opts = binary.LittleEndian.AppendUint32(opts, t.Mss)
+	if t.Options&tcpiOptWscale != 0 {
+		opts = binary.LittleEndian.AppendUint32(opts, tcpoptWindow)
+		opts = binary.LittleEndian.AppendUint32(opts, t.SndWscale|t.RcvWscale<<16)
+	}
+	if t.Options&tcpiOptSack != 0 {
+		opts = binary.LittleEndian.AppendUint32(opts, tcpoptSackPerm)
+		opts = binary.LittleEndian.AppendUint32(opts, 0)
+	}
+	if t.Options&tcpiOptTimestamps != 0 {
+		opts = binary.LittleEndian.AppendUint32(opts, tcpoptTimestamp)
+		opts = binary.LittleEndian.AppendUint32(opts, 0)
+	}
+	if err := b.setsockopt(fd, unix.IPPROTO_TCP, tcpRepairOptions, opts); err != nil {
+		return 0, err
+	}
+	if t.Options&tcpiOptTimestamps != 0 {
+		if err := setInt(unix.IPPROTO_TCP, tcpTimestamp, t.Timestamp); err != nil {
+			return 0, err
+		}
+	}
+	sent := t.SendQueue[:len(t.SendQueue)-int(t.Unsent)]
+	unsent := t.SendQueue[len(sent):]
+	if err := setInt(unix.IPPROTO_TCP, tcpRepairQueue, tcpRecvQueue); err != nil {
+		return 0, err
+	}
+	if err := b.sendAll(fd, t.RecvQueue); err != nil {
+		return 0, fmt.Errorf("receive queue: %w", err)
+	}
+	if err := setInt(unix.IPPROTO_TCP, tcpRepairQueue, tcpSendQueue); err != nil {
+		return 0, err
+	}
+	if err := b.sendAll(fd, sent); err != nil {
+		return 0, fmt.Errorf("send queue: %w", err)
+	}
+	if len(t.Window) > 0 {
+		if err := b.setsockopt(fd, unix.IPPROTO_TCP, tcpRepairWindow, t.Window); err != nil {
+			return 0, err
+		}
+	}
+	if err := setInt(unix.IPPROTO_TCP, tcpRepair, 0); err != nil {
+		return 0, err
+	}
+	for _, o := range s.Opts { // leaving repair mode reset it
+		if o.Level == unix.SOL_SOCKET && o.Name == unix.SO_REUSEADDR {
+			if err := b.setsockopt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, o.Value); err != nil {
+				return 0, err
+			}
+		}
+	}
+	if err := b.sendAll(fd, unsent); err != nil {
+		return 0, fmt.Errorf("unsent data: %w", err)
+	}
+	if f.Flags&unix.O_NONBLOCK != 0 {
+		if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+			return 0, err
+		}
+	}
+	return fd, nil
+}
+
+// sendAll writes data to socket fd of the process from a temporary
+// mapping in it (queues can be megabytes).
+func (b *builder) sendAll(fd int, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	size := (uint64(len(data)) + 4095) &^ 4095
+	buf, err := b.sys(unix.SYS_MMAP, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS, ^uint64(0), 0)
+	if err != nil {
+		return fmt.Errorf("mmap: %w", err)
+	}
+	defer b.sys(unix.SYS_MUNMAP, buf, size)
+	if err := compel.WriteMem(b.pid, []compel.Segment{{Addr: buf, Local: data}}); err != nil {
+		return err
+	}
+	for off := uint64(0); off < uint64(len(data)); {
+		n, err := b.sys(unix.SYS_SENDTO, uint64(fd), buf+off, uint64(len(data))-off, 0, 0, 0)
+		if err != nil {
+			return fmt.Errorf("send %d bytes at %d: %w", len(data), off, err)
+		}
+		if n == 0 {
+			return fmt.Errorf("send %d bytes at %d: nothing taken", len(data), off)
+		}
+		off += n
+	}
+	return nil
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -18,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/dumpcore"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
@@ -122,7 +124,7 @@ func TestDumpRestorePythonHTTPServer(t *testing.T) {
 	}
 	get := func() string {
 		t.Helper()
-		c := http.Client{Timeout: 5 * time.Second}
+		c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 		resp, err := c.Get("http://127.0.0.1:" + port + "/index.html")
 		if err != nil {
 			t.Fatal(err)
@@ -136,6 +138,20 @@ func TestDumpRestorePythonHTTPServer(t *testing.T) {
 	}
 	if got := get(); got != token {
 		t.Fatalf("served %q before the dump", got)
+	}
+	// The server closes a connection after answering (HTTP/1.0); wait until
+	// only its listener is left.
+	if !waitFor(5*time.Second, func() bool {
+		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		n := 0
+		for _, e := range ents {
+			if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); strings.HasPrefix(l, "socket:") {
+				n++
+			}
+		}
+		return n == 1
+	}) {
+		t.Fatal("the server kept its connection open")
 	}
 	img := t.TempDir()
 	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img)
@@ -181,5 +197,101 @@ func TestDumpRefusesEstablishedTCP(t *testing.T) {
 	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
 	if !strings.Contains(string(b), "TracerPid:\t0") || !strings.Contains(string(b), "SigBlk:\t0000000000000000") {
 		t.Fatalf("the process was not left as it was:\n%s", b)
+	}
+}
+
+func TestDumpRestoreTCPEstablished(t *testing.T) {
+	// Two clients hold connections to a server across dump and restore
+	// (--tcp-established): one has a line in the server's receive queue
+	// (sent while the server was frozen), the other has 4 MiB on its way
+	// (in the server's send queue, in flight, and in the server's memory).
+	// The same connections carry on: the restored server answers the
+	// queued line, the 4 MiB arrive intact, and new lines are answered.
+	needRoot(t)
+	bin := testutil.BuildC(t, "tcpecho")
+	w := testutil.Start(t, "-r", bin)
+	before := w.Report(t)
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(int(before.Int("port"))))
+	dial := func() (net.Conn, *bufio.Reader) {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		return c, bufio.NewReader(c)
+	}
+	expect := func(r *bufio.Reader, want string) {
+		t.Helper()
+		got, err := r.ReadString('\n')
+		if err != nil || strings.TrimSpace(got) != want {
+			t.Fatalf("got %q (%v), want %q", got, err, want)
+		}
+	}
+	c1, r1 := dial()
+	c2, r2 := dial()
+	fmt.Fprintf(c1, "a\n")
+	expect(r1, before.Token+" 1 a")
+	fmt.Fprintf(c2, "big\n")
+	time.Sleep(100 * time.Millisecond) // let the send queue fill
+
+	img := t.TempDir()
+	_, err := dumpcore.Dump(context.Background(), dumpcore.Options{
+		Pid: w.Pid, ImagesDir: img, TCPEstablished: true,
+		Frozen: func() {
+			fmt.Fprintf(c1, "b\n") // lands in the frozen server's receive queue
+			time.Sleep(50 * time.Millisecond)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Reap(t)
+	mustFerry(t, "restore", "-D", img, "-d")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+
+	expect(r1, before.Token+" 2 b")
+	expect(r2, before.Token+" big")
+	tok, _ := strconv.ParseUint(before.Token, 16, 64)
+	big := make([]byte, 4<<20)
+	if _, err := io.ReadFull(r2, big); err != nil {
+		t.Fatalf("reading the 4 MiB after restore: %v", err)
+	}
+	s := tok
+	for i := range big {
+		s ^= s << 13
+		s ^= s >> 7
+		s ^= s << 17
+		if big[i] != byte(s) {
+			t.Fatalf("byte %d of the 4 MiB differs after restore", i)
+		}
+	}
+	fmt.Fprintf(c1, "c\n")
+	expect(r1, before.Token+" 3 c")
+	fmt.Fprintf(c2, "d\n")
+	expect(r2, before.Token+" 2 d")
+}
+
+func TestDumpLeaveRunningTCPEstablished(t *testing.T) {
+	// dump -R --tcp-established takes the connections out of repair mode
+	// again: the process goes on serving them.
+	needRoot(t)
+	bin := testutil.BuildC(t, "tcpecho")
+	w := testutil.Start(t, "-r", bin)
+	before := w.Report(t)
+	c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(before.Int("port")))), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(c)
+	fmt.Fprintf(c, "a\n")
+	r.ReadString('\n')
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "-R", "--tcp-established")
+	fmt.Fprintf(c, "b\n")
+	if got, err := r.ReadString('\n'); err != nil || strings.TrimSpace(got) != before.Token+" 2 b" {
+		t.Fatalf("after dump -R: %q, %v", got, err)
 	}
 }

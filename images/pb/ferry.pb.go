@@ -2097,7 +2097,10 @@ type InetSocket struct {
 	Backlog   int32                  `protobuf:"varint,7,opt,name=backlog,proto3" json:"backlog,omitempty"`
 	// Options whose value differs from a fresh socket's, replayed with
 	// setsockopt before bind (SO_REUSEADDR after listen).
-	Opts          []*SockOpt `protobuf:"bytes,8,rep,name=opts,proto3" json:"opts,omitempty"`
+	Opts []*SockOpt `protobuf:"bytes,8,rep,name=opts,proto3" json:"opts,omitempty"`
+	// An established TCP connection (dump --tcp-established), read in
+	// repair mode.
+	Tcp           *TcpStream `protobuf:"bytes,9,opt,name=tcp,proto3" json:"tcp,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2188,6 +2191,154 @@ func (x *InetSocket) GetOpts() []*SockOpt {
 	return nil
 }
 
+func (x *InetSocket) GetTcp() *TcpStream {
+	if x != nil {
+		return x.Tcp
+	}
+	return nil
+}
+
+// TcpStream is the state TCP_REPAIR lets a connection be rebuilt from.
+type TcpStream struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SendSeq       uint32                 `protobuf:"varint,1,opt,name=send_seq,json=sendSeq,proto3" json:"send_seq,omitempty"`      // TCP_QUEUE_SEQ of the send queue: next byte written
+	RecvSeq       uint32                 `protobuf:"varint,2,opt,name=recv_seq,json=recvSeq,proto3" json:"recv_seq,omitempty"`      // of the receive queue: next byte expected
+	SendQueue     []byte                 `protobuf:"bytes,3,opt,name=send_queue,json=sendQueue,proto3" json:"send_queue,omitempty"` // written, not yet acknowledged (the tail not even sent)
+	RecvQueue     []byte                 `protobuf:"bytes,4,opt,name=recv_queue,json=recvQueue,proto3" json:"recv_queue,omitempty"` // received, not yet read by the program
+	Unsent        uint32                 `protobuf:"varint,5,opt,name=unsent,proto3" json:"unsent,omitempty"`                       // bytes at the end of send_queue never sent
+	Mss           uint32                 `protobuf:"varint,6,opt,name=mss,proto3" json:"mss,omitempty"`
+	Options       uint32                 `protobuf:"varint,7,opt,name=options,proto3" json:"options,omitempty"` // tcpi_options: TCPI_OPT_TIMESTAMPS, _SACK, _WSCALE
+	SndWscale     uint32                 `protobuf:"varint,8,opt,name=snd_wscale,json=sndWscale,proto3" json:"snd_wscale,omitempty"`
+	RcvWscale     uint32                 `protobuf:"varint,9,opt,name=rcv_wscale,json=rcvWscale,proto3" json:"rcv_wscale,omitempty"`
+	Timestamp     uint32                 `protobuf:"varint,10,opt,name=timestamp,proto3" json:"timestamp,omitempty"` // TCP_TIMESTAMP
+	Window        []byte                 `protobuf:"bytes,11,opt,name=window,proto3" json:"window,omitempty"`        // struct tcp_repair_window
+	Sndbuf        int32                  `protobuf:"varint,12,opt,name=sndbuf,proto3" json:"sndbuf,omitempty"`       // SO_SNDBUF, SO_RCVBUF: the queues must fit again
+	Rcvbuf        int32                  `protobuf:"varint,13,opt,name=rcvbuf,proto3" json:"rcvbuf,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TcpStream) Reset() {
+	*x = TcpStream{}
+	mi := &file_images_ferry_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TcpStream) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TcpStream) ProtoMessage() {}
+
+func (x *TcpStream) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
+func (*TcpStream) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *TcpStream) GetSendSeq() uint32 {
+	if x != nil {
+		return x.SendSeq
+	}
+	return 0
+}
+
+func (x *TcpStream) GetRecvSeq() uint32 {
+	if x != nil {
+		return x.RecvSeq
+	}
+	return 0
+}
+
+func (x *TcpStream) GetSendQueue() []byte {
+	if x != nil {
+		return x.SendQueue
+	}
+	return nil
+}
+
+func (x *TcpStream) GetRecvQueue() []byte {
+	if x != nil {
+		return x.RecvQueue
+	}
+	return nil
+}
+
+func (x *TcpStream) GetUnsent() uint32 {
+	if x != nil {
+		return x.Unsent
+	}
+	return 0
+}
+
+func (x *TcpStream) GetMss() uint32 {
+	if x != nil {
+		return x.Mss
+	}
+	return 0
+}
+
+func (x *TcpStream) GetOptions() uint32 {
+	if x != nil {
+		return x.Options
+	}
+	return 0
+}
+
+func (x *TcpStream) GetSndWscale() uint32 {
+	if x != nil {
+		return x.SndWscale
+	}
+	return 0
+}
+
+func (x *TcpStream) GetRcvWscale() uint32 {
+	if x != nil {
+		return x.RcvWscale
+	}
+	return 0
+}
+
+func (x *TcpStream) GetTimestamp() uint32 {
+	if x != nil {
+		return x.Timestamp
+	}
+	return 0
+}
+
+func (x *TcpStream) GetWindow() []byte {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
+func (x *TcpStream) GetSndbuf() int32 {
+	if x != nil {
+		return x.Sndbuf
+	}
+	return 0
+}
+
+func (x *TcpStream) GetRcvbuf() int32 {
+	if x != nil {
+		return x.Rcvbuf
+	}
+	return 0
+}
+
 type SockOpt struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Level         int32                  `protobuf:"varint,1,opt,name=level,proto3" json:"level,omitempty"`
@@ -2199,7 +2350,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2211,7 +2362,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2224,7 +2375,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -2259,7 +2410,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2271,7 +2422,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2284,7 +2435,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -2319,7 +2470,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2331,7 +2482,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2344,7 +2495,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -2378,7 +2529,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2390,7 +2541,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2403,7 +2554,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -2434,7 +2585,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2446,7 +2597,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2459,7 +2610,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -2489,7 +2640,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2501,7 +2652,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2514,7 +2665,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -2554,7 +2705,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2566,7 +2717,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2579,7 +2730,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -2618,7 +2769,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2630,7 +2781,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2643,7 +2794,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -2713,7 +2864,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2725,7 +2876,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2738,7 +2889,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -2825,7 +2976,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2837,7 +2988,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2850,7 +3001,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -2905,7 +3056,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2917,7 +3068,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2930,7 +3081,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -3176,7 +3327,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\reventfd_count\x18\x13 \x01(\x04R\feventfdCount\x12+\n" +
 	"\x11eventfd_semaphore\x18\x14 \x01(\bR\x10eventfdSemaphore\x12/\n" +
 	"\x05epoll\x18\x15 \x03(\v2\x19.ferry.images.EpollTargetR\x05epoll\x12,\n" +
-	"\x04inet\x18\x16 \x01(\v2\x18.ferry.images.InetSocketR\x04inet\"\xdf\x01\n" +
+	"\x04inet\x18\x16 \x01(\v2\x18.ferry.images.InetSocketR\x04inet\"\x8a\x02\n" +
 	"\n" +
 	"InetSocket\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
@@ -3186,7 +3337,27 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04peer\x18\x05 \x01(\fR\x04peer\x12\x1c\n" +
 	"\tlistening\x18\x06 \x01(\bR\tlistening\x12\x18\n" +
 	"\abacklog\x18\a \x01(\x05R\abacklog\x12)\n" +
-	"\x04opts\x18\b \x03(\v2\x15.ferry.images.SockOptR\x04opts\"I\n" +
+	"\x04opts\x18\b \x03(\v2\x15.ferry.images.SockOptR\x04opts\x12)\n" +
+	"\x03tcp\x18\t \x01(\v2\x17.ferry.images.TcpStreamR\x03tcp\"\xe7\x02\n" +
+	"\tTcpStream\x12\x19\n" +
+	"\bsend_seq\x18\x01 \x01(\rR\asendSeq\x12\x19\n" +
+	"\brecv_seq\x18\x02 \x01(\rR\arecvSeq\x12\x1d\n" +
+	"\n" +
+	"send_queue\x18\x03 \x01(\fR\tsendQueue\x12\x1d\n" +
+	"\n" +
+	"recv_queue\x18\x04 \x01(\fR\trecvQueue\x12\x16\n" +
+	"\x06unsent\x18\x05 \x01(\rR\x06unsent\x12\x10\n" +
+	"\x03mss\x18\x06 \x01(\rR\x03mss\x12\x18\n" +
+	"\aoptions\x18\a \x01(\rR\aoptions\x12\x1d\n" +
+	"\n" +
+	"snd_wscale\x18\b \x01(\rR\tsndWscale\x12\x1d\n" +
+	"\n" +
+	"rcv_wscale\x18\t \x01(\rR\trcvWscale\x12\x1c\n" +
+	"\ttimestamp\x18\n" +
+	" \x01(\rR\ttimestamp\x12\x16\n" +
+	"\x06window\x18\v \x01(\fR\x06window\x12\x16\n" +
+	"\x06sndbuf\x18\f \x01(\x05R\x06sndbuf\x12\x16\n" +
+	"\x06rcvbuf\x18\r \x01(\x05R\x06rcvbuf\"I\n" +
 	"\aSockOpt\x12\x14\n" +
 	"\x05level\x18\x01 \x01(\x05R\x05level\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\x05R\x04name\x12\x14\n" +
@@ -3257,7 +3428,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -3277,17 +3448,18 @@ var file_images_ferry_proto_goTypes = []any{
 	(*MmCore)(nil),       // 15: ferry.images.MmCore
 	(*FileEntry)(nil),    // 16: ferry.images.FileEntry
 	(*InetSocket)(nil),   // 17: ferry.images.InetSocket
-	(*SockOpt)(nil),      // 18: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 19: ferry.images.EpollTarget
-	(*FdEntry)(nil),      // 20: ferry.images.FdEntry
-	(*FdTable)(nil),      // 21: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 22: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 23: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 24: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 25: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 26: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 27: ferry.images.RestoreStats
-	(*Stats)(nil),        // 28: ferry.images.Stats
+	(*TcpStream)(nil),    // 18: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 19: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 20: ferry.images.EpollTarget
+	(*FdEntry)(nil),      // 21: ferry.images.FdEntry
+	(*FdTable)(nil),      // 22: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 23: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 24: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 25: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 26: ferry.images.GhostFile
+	(*DumpStats)(nil),    // 27: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 28: ferry.images.RestoreStats
+	(*Stats)(nil),        // 29: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -3303,17 +3475,18 @@ var file_images_ferry_proto_depIdxs = []int32{
 	8,  // 10: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	12, // 11: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
 	14, // 12: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	19, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	20, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
 	17, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	18, // 15: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	20, // 16: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	26, // 17: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	27, // 18: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	19, // 15: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	18, // 16: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	21, // 17: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	27, // 18: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	28, // 19: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -3327,7 +3500,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
