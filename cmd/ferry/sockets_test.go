@@ -295,3 +295,90 @@ func TestDumpLeaveRunningTCPEstablished(t *testing.T) {
 		t.Fatalf("after dump -R: %q, %v", got, err)
 	}
 }
+
+// resp sends one inline command to redis on c and returns the reply's
+// first line (and, for a bulk string, the line after it).
+func resp(t *testing.T, c net.Conn, r *bufio.Reader, cmd string) string {
+	t.Helper()
+	if _, err := fmt.Fprintf(c, "%s\r\n", cmd); err != nil {
+		t.Fatalf("%s: %v", cmd, err)
+	}
+	line, err := r.ReadString('\n')
+	if err != nil {
+		t.Fatalf("%s: %v", cmd, err)
+	}
+	line = strings.TrimSpace(line)
+	if strings.HasPrefix(line, "$") && line != "$-1" {
+		next, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("%s: %v", cmd, err)
+		}
+		line += " " + strings.TrimSpace(next)
+	}
+	return line
+}
+
+func TestDumpRestoreRedisWithClient(t *testing.T) {
+	// redis-server from Debian with a million keys, and a client whose
+	// connection stays open across dump and restore (--tcp-established):
+	// the same connection answers afterwards, with the same keys.
+	needRoot(t)
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Skip("redis-server is not installed (make deps installs it)")
+	}
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	l.Close()
+	dir := t.TempDir()
+	cmd := exec.Command("redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--enable-debug-command", "local", "--dir", dir, "--logfile", filepath.Join(dir, "redis.log"))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	defer func() { unix.Kill(pid, unix.SIGKILL); testutil.WaitGone(pid, 5*time.Second) }()
+	var c net.Conn
+	if !waitFor(10*time.Second, func() bool {
+		var err error
+		c, err = net.Dial("tcp", "127.0.0.1:"+port)
+		return err == nil
+	}) {
+		t.Fatal("redis-server does not accept connections")
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	r := bufio.NewReader(c)
+	if got := resp(t, c, r, "DEBUG POPULATE 1000000"); got != "+OK" {
+		t.Fatalf("DEBUG POPULATE: %s", got)
+	}
+	if got := resp(t, c, r, "SET held-open "+port); got != "+OK" {
+		t.Fatalf("SET: %s", got)
+	}
+	img := t.TempDir()
+	if d, err := os.MkdirTemp("/dev/shm", "ferry-redis-"); err == nil {
+		img = d
+		defer os.RemoveAll(d)
+	}
+	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--tcp-established")
+	cmd.Wait()
+	mustFerry(t, "restore", "-D", img, "-d")
+	for _, q := range [][2]string{
+		{"GET held-open", "$" + strconv.Itoa(len(port)) + " " + port},
+		{"DBSIZE", ":1000001"},
+		{"GET key:987654", "$12 value:987654"},
+		{"INCR after-restore", ":1"},
+	} {
+		if got := resp(t, c, r, q[0]); got != q[1] {
+			t.Fatalf("%s on the connection held across the restore: %q, want %q", q[0], got, q[1])
+		}
+	}
+	c2, err := net.Dial("tcp", "127.0.0.1:"+port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if got := resp(t, c2, bufio.NewReader(c2), "GET after-restore"); got != "$1 1" {
+		t.Fatalf("a new connection: %q", got)
+	}
+}
