@@ -16,6 +16,7 @@ import (
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/netlock"
 )
 
 // Options control a dump; the field comments name the criu option.
@@ -51,6 +52,10 @@ type Options struct {
 	// TCPEstablished (--tcp-established) dumps established TCP
 	// connections through TCP_REPAIR; otherwise one fails the dump.
 	TCPEstablished bool
+	// NetworkLock (--network-lock): "nftables" (the default; "iptables"
+	// is taken to mean it too) drops the peers' packets of the dumped
+	// connections from the dump until the restore; "skip" does not.
+	NetworkLock string
 	// FlagsBeforeFreeze (with LeaveRunning; background snapshots): the
 	// VMAs' flags come from smaps read just before the freeze, since smaps
 	// walks every page table (~10 ms per GiB); while frozen only the
@@ -183,6 +188,9 @@ type dumper struct {
 	// files is the file table being collected (its repaired TCP
 	// connections must leave repair mode if the process goes on).
 	files *fileTable
+	// locked names the network lock this dump added (removed again if
+	// the process goes on).
+	locked string
 }
 
 func (d *dumper) run(ctx context.Context) (*Result, error) {
@@ -228,6 +236,9 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 	}
 	img, err := d.collect(ctx)
 	if err != nil {
+		return nil, err
+	}
+	if err := d.lockNetwork(img); err != nil {
 		return nil, err
 	}
 	if (d.opts.LeaveRunning || d.opts.LeaveStopped) && d.opts.LazyServe == nil {
@@ -391,6 +402,12 @@ func (d *dumper) resume(stopped bool) {
 	if d.files != nil {
 		unrepair(d.files.repaired)
 		d.files.repaired = nil
+	}
+	if d.locked != "" {
+		if err := netlock.Unlock(d.opts.Pid, d.locked); err != nil {
+			d.log.Warn("removing the network lock", "table", d.locked, "err", err)
+		}
+		d.locked = ""
 	}
 	if stopped {
 		unix.Kill(d.opts.Pid, unix.SIGSTOP)

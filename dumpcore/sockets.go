@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/netlock"
 )
 
 // sockOpt names a socket option ferry carries across a checkpoint.
@@ -345,4 +346,52 @@ func sockaddrString(b []byte) string {
 		}
 	}
 	return "?"
+}
+
+// lockNetwork drops the peers' packets of the connections this dump put in
+// repair mode (see package netlock), and names the lock in the inventory
+// for the restore to remove.
+func (d *dumper) lockNetwork(img *imageSet) error {
+	if len(d.files.repaired) == 0 || d.opts.LeaveRunning || d.opts.LeaveStopped {
+		return nil // the process keeps its connections
+	}
+	switch d.opts.NetworkLock {
+	case "skip":
+		d.log.Info("--network-lock skip: the peers of the dumped connections may see resets until the restore")
+		return nil
+	case "", "nftables", "iptables":
+	default:
+		return fmt.Errorf("--network-lock %q: want nftables, iptables or skip", d.opts.NetworkLock)
+	}
+	var conns []netlock.Conn
+	for _, f := range img.files.entries {
+		if f.Inet == nil || f.Inet.Tcp == nil {
+			continue
+		}
+		local, err1 := addrPort(f.Inet.Addr)
+		peer, err2 := addrPort(f.Inet.Peer)
+		if err1 != nil || err2 != nil {
+			return fmt.Errorf("network lock: connection %s: bad address", f.Path)
+		}
+		conns = append(conns, netlock.Conn{Local: local, Peer: peer})
+	}
+	name := netlock.TableName(d.opts.Pid)
+	if err := netlock.Lock(d.opts.Pid, name, conns); err != nil {
+		return err
+	}
+	d.locked = name
+	img.inv.NetworkLock = name
+	d.log.Info("network locked", "table", name, "connections", len(conns))
+	return nil
+}
+
+// addrPort parses a raw inet sockaddr.
+func addrPort(b []byte) (netip.AddrPort, error) {
+	if len(b) >= 8 && binary.LittleEndian.Uint16(b) == unix.AF_INET {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), binary.BigEndian.Uint16(b[2:])), nil
+	}
+	if len(b) >= 24 && binary.LittleEndian.Uint16(b) == unix.AF_INET6 {
+		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), binary.BigEndian.Uint16(b[2:])), nil
+	}
+	return netip.AddrPort{}, fmt.Errorf("not an inet address")
 }

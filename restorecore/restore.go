@@ -17,6 +17,7 @@ import (
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/netlock"
 )
 
 // Options control a restore; the field comments name the criu option.
@@ -69,6 +70,19 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		res, err = r.run(ctx)
 		return err
 	})
+	if name := is.inv.NetworkLock; name != "" {
+		// The connections have their sockets again (or, the restore having
+		// failed, are lost): let the peers' packets through.
+		ns := 0
+		if res != nil {
+			ns = res.Root
+		}
+		if uerr := netlock.Unlock(ns, name); uerr != nil {
+			opts.Logger.Warn("removing the network lock", "table", name, "err", uerr)
+		} else {
+			opts.Logger.Info("network unlocked", "table", name)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -33,6 +33,7 @@ func newDumpCmd() *cobra.Command {
 		trackMem     bool
 		background   bool
 		tcpEst       bool
+		netLock      string
 	)
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
@@ -123,7 +124,7 @@ work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, TrackMem: trackMem,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, TrackMem: trackMem,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -159,6 +160,7 @@ work directory.`,
 	fs.BoolVar(&lazy, "lazy-pages", false, "write no pages: keep the process frozen and serve its memory on --address:--port to a lazy-pages daemon, then kill it")
 	fs.IntVar(&statusFd, "status-fd", -1, "with --lazy-pages: write a zero byte to FD once the pages can be requested")
 	fs.BoolVar(&trackMem, "track-mem", false, "with -R: leave the dirty tracker in the process for a later incremental dump")
+	fs.StringVar(&netLock, "network-lock", "nftables", "with --tcp-established: keep the peers' packets out until the restore: nftables (iptables means the same here) or skip")
 	fs.BoolVar(&tcpEst, "tcp-established", false, "dump established TCP connections (TCP_REPAIR); the restored process takes them over without the peer noticing")
 	fs.BoolVar(&background, "background", false, "background snapshot (implies -R): copy memory while the process runs, then freeze it only to copy what it wrote meanwhile and its other state; the images show it as it was at that freeze")
 	return cmd

@@ -109,6 +109,8 @@ process runs; the process is then re-parented to init.`,
 	fs.StringVar(&pidfile, "pidfile", "", "write the restored root's PID to FILE")
 	fs.BoolVar(&displayStats, "display-stats", false, "print restore statistics when done")
 	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages (post-copy)")
+	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")
+	fs.String("network-lock", "nftables", "accepted for criu compatibility: the lock the images name is removed once the restore is done")
 	return cmd
 }
 

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/dumpcore"
@@ -380,5 +381,59 @@ func TestDumpRestoreRedisWithClient(t *testing.T) {
 	defer c2.Close()
 	if got := resp(t, c2, bufio.NewReader(c2), "GET after-restore"); got != "$1 1" {
 		t.Fatalf("a new connection: %q", got)
+	}
+}
+
+func TestNetworkLockKeepsPeersOut(t *testing.T) {
+	// A client writes while its server is between dump and restore. With
+	// the network lock its packets are dropped, retransmitted, and
+	// answered by the restored server; with --network-lock skip the host
+	// answers them with a reset (so the lock is what saves the connection).
+	needRoot(t)
+	bin := testutil.BuildC(t, "tcpecho")
+	for _, lock := range []string{"nftables", "skip"} {
+		w := testutil.Start(t, "-r", bin)
+		before := w.Report(t)
+		c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(before.Int("port")))), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := bufio.NewReader(c)
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		fmt.Fprintf(c, "a\n")
+		r.ReadString('\n')
+		img := t.TempDir()
+		mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--tcp-established", "--network-lock", lock)
+		w.Reap(t)
+		fmt.Fprintf(c, "gap\n") // nobody has the connection now
+		time.Sleep(100 * time.Millisecond)
+		mustFerry(t, "restore", "-D", img, "-d")
+		rw := testutil.Attach(t, w.Pid, w.ReportPath)
+		got, err := r.ReadString('\n')
+		switch lock {
+		case "nftables":
+			if err != nil || strings.TrimSpace(got) != before.Token+" 2 gap" {
+				t.Fatalf("with the lock: %q, %v", got, err)
+			}
+			nft, err := nftables.New()
+			if err != nil {
+				t.Fatal(err)
+			}
+			tables, err := nft.ListTables()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, tb := range tables {
+				if strings.HasPrefix(tb.Name, "ferry-lock") {
+					t.Fatalf("the lock %s is still there after the restore", tb.Name)
+				}
+			}
+		case "skip":
+			if err == nil {
+				t.Fatalf("without the lock the connection survived the gap (%q): the test proves nothing", got)
+			}
+		}
+		c.Close()
+		rw.Kill()
 	}
 }

@@ -56,8 +56,12 @@ type Inventory struct {
 	// The dirty tracker (a userfaultfd in write-protect async mode) that
 	// ferry left inside the dumped process for the next round: its fd number
 	// there and its inode, to recognise it. 0 when none was left.
-	TrackerFd     int32  `protobuf:"varint,14,opt,name=tracker_fd,json=trackerFd,proto3" json:"tracker_fd,omitempty"`
-	TrackerIno    uint64 `protobuf:"varint,15,opt,name=tracker_ino,json=trackerIno,proto3" json:"tracker_ino,omitempty"`
+	TrackerFd  int32  `protobuf:"varint,14,opt,name=tracker_fd,json=trackerFd,proto3" json:"tracker_fd,omitempty"`
+	TrackerIno uint64 `protobuf:"varint,15,opt,name=tracker_ino,json=trackerIno,proto3" json:"tracker_ino,omitempty"`
+	// The nftables table (inet family, in the process's network namespace)
+	// that drops the peers' packets of the dumped TCP connections until the
+	// restore removes it; empty when nothing was locked.
+	NetworkLock   string `protobuf:"bytes,16,opt,name=network_lock,json=networkLock,proto3" json:"network_lock,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -195,6 +199,13 @@ func (x *Inventory) GetTrackerIno() uint64 {
 		return x.TrackerIno
 	}
 	return 0
+}
+
+func (x *Inventory) GetNetworkLock() string {
+	if x != nil {
+		return x.NetworkLock
+	}
+	return ""
 }
 
 type SpecialVma struct {
@@ -3102,7 +3113,7 @@ var File_images_ferry_proto protoreflect.FileDescriptor
 
 const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\x12images/ferry.proto\x12\fferry.images\"\x92\x04\n" +
+	"\x12images/ferry.proto\x12\fferry.images\"\xb5\x04\n" +
 	"\tInventory\x12!\n" +
 	"\fformat_major\x18\x01 \x01(\rR\vformatMajor\x12!\n" +
 	"\fformat_minor\x18\x02 \x01(\rR\vformatMinor\x12#\n" +
@@ -3125,7 +3136,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
 	"tracker_fd\x18\x0e \x01(\x05R\ttrackerFd\x12\x1f\n" +
 	"\vtracker_ino\x18\x0f \x01(\x04R\n" +
-	"trackerIno\"4\n" +
+	"trackerIno\x12!\n" +
+	"\fnetwork_lock\x18\x10 \x01(\tR\vnetworkLock\"4\n" +
 	"\n" +
 	"SpecialVma\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
