@@ -66,6 +66,11 @@ type Options struct {
 	// not certain, and Result.FlagsMoved says so. The images are complete
 	// either way; with FlagsMoved they are fit only as a parent round.
 	FlagsBeforeFreeze bool
+	// Action, when set, runs criu's action-script stages: "network-lock"
+	// and "network-unlock" around the network lock, "post-dump" once the
+	// images are complete (before the commit: an error fails the dump and
+	// resumes the process).
+	Action func(stage string) error
 	// Frozen, when set, is called once the process is frozen and before
 	// any of its state is read (tests observe the frozen process with it;
 	// for a background snapshot, at the final freeze).
@@ -258,6 +263,9 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 		if err := d.finishSink(); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
+		if err := d.action("post-dump"); err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
 		res, err := d.finish(start)
 		if res != nil {
 			res.FlagsMoved = moved
@@ -268,6 +276,9 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	if err := d.finishSink(); err != nil {
+		return nil, err
+	}
+	if err := d.action("post-dump"); err != nil {
 		return nil, err
 	}
 	if d.opts.LazyServe != nil {
@@ -295,6 +306,14 @@ func (d *dumper) run(ctx context.Context) (*Result, error) {
 		d.files.repaired = nil
 	}
 	return d.finish(start)
+}
+
+// action runs stage of the action scripts, if any.
+func (d *dumper) action(stage string) error {
+	if d.opts.Action == nil {
+		return nil
+	}
+	return d.opts.Action(stage)
 }
 
 // release lets a process that is left running (or stopped) go: trackers
@@ -408,6 +427,9 @@ func (d *dumper) resume(stopped bool) {
 			d.log.Warn("removing the network lock", "table", d.locked, "err", err)
 		}
 		d.locked = ""
+		if err := d.action("network-unlock"); err != nil {
+			d.log.Warn("network-unlock", "err", err)
+		}
 	}
 	if stopped {
 		unix.Kill(d.opts.Pid, unix.SIGSTOP)

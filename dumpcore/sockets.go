@@ -382,7 +382,7 @@ func (d *dumper) lockNetwork(img *imageSet) error {
 	d.locked = name
 	img.inv.NetworkLock = name
 	d.log.Info("network locked", "table", name, "connections", len(conns))
-	return nil
+	return d.action("network-lock")
 }
 
 // addrPort parses a raw inet sockaddr.

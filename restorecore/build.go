@@ -103,6 +103,11 @@ func (b *builder) build(ctx context.Context) error {
 		}
 		b.r.log.Debug("restore step", "pid", b.pid, "step", s.name, "took", time.Since(t0))
 	}
+	for _, stage := range []string{"post-restore", "pre-resume"} {
+		if err := b.r.action(stage, b.pid); err != nil {
+			return err
+		}
+	}
 	return b.finish()
 }
 

@@ -29,7 +29,12 @@ type Options struct {
 	// lazy-pages daemon listening at LazySocket.
 	LazyPages  bool
 	LazySocket string
-	Logger     *slog.Logger
+	// Action, when set, runs criu's action-script stages with the root's
+	// PID: "setup-namespaces" and "post-setup-namespaces" once the root
+	// exists, "post-restore" and "pre-resume" before it runs (an error
+	// fails the restore), "network-unlock" after the network lock goes.
+	Action func(stage string, pid int) error
+	Logger *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and
@@ -71,6 +76,13 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		return err
 	})
 	if name := is.inv.NetworkLock; name != "" {
+		defer func() {
+			if opts.Action != nil {
+				if err := opts.Action("network-unlock", 0); err != nil {
+					opts.Logger.Warn("network-unlock", "err", err)
+				}
+			}
+		}()
 		// The connections have their sockets again (or, the restore having
 		// failed, are lost): let the peers' packets through.
 		ns := 0
@@ -184,11 +196,24 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	r.stats.ForkingTimeUs = uint64(time.Since(forkStart).Microseconds())
 
+	for _, stage := range []string{"setup-namespaces", "post-setup-namespaces"} {
+		if err := r.action(stage, root); err != nil {
+			return nil, err
+		}
+	}
 	b := &builder{r: r, p: p, pid: root}
 	if err := b.build(ctx); err != nil {
 		return nil, err
 	}
 	return &Result{Root: root, Tids: b.tids()}, nil
+}
+
+// action runs stage of the action scripts, if any.
+func (r *restorer) action(stage string, pid int) error {
+	if r.opts.Action == nil {
+		return nil
+	}
+	return r.opts.Action(stage, pid)
 }
 
 // pin keeps the tracer thread on one CPU; the seed and everything cloned

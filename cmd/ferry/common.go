@@ -20,12 +20,14 @@ type common struct {
 	logFile   string
 	verbosity int
 	logOut    io.Closer
+	scripts   []string // --action-script
 }
 
 func (c *common) addFlags(fs *pflag.FlagSet) {
 	fs.StringVarP(&c.imagesDir, "images-dir", "D", ".", "directory of the image files")
 	fs.StringVarP(&c.workDir, "work-dir", "W", "", "directory for logs and stats (default: the images directory)")
 	fs.StringVarP(&c.logFile, "log-file", "o", "", "write the log to FILE, relative to the work directory (default: standard error)")
+	fs.StringArrayVar(&c.scripts, "action-script", nil, "run SCRIPT at each stage, with CRTOOLS_SCRIPT_ACTION naming it (repeatable; see criu(8))")
 	fs.CountVarP(&c.verbosity, "verbosity", "v", "more log output: -v, -vv, ... or -vN with N from 0 (errors) to 4 (debug); default 2 (warnings)")
 }
 
@@ -122,4 +124,9 @@ func writePidfile(path string, pid int) error {
 		return nil
 	}
 	return os.WriteFile(path, []byte(strconv.Itoa(pid)+"\n"), 0o644)
+}
+
+// actions returns the --action-script runner for this command.
+func (c *common) actions() *actionScripts {
+	return &actionScripts{scripts: c.scripts, dir: c.imagesDir}
 }

@@ -119,7 +119,12 @@ work directory.`,
 				defer release()
 				sink = s
 			}
+			acts := c.actions()
+			if err := acts.run("pre-dump", 0); err != nil {
+				return fmt.Errorf("dump: %w", err)
+			}
 			res, err := dump(cmd.Context(), dumpcore.Options{
+				Action:   acts.dumpHook(),
 				PageSink: sink, LazyServe: lazyServe,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,

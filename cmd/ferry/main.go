@@ -32,6 +32,8 @@ Its vocabulary is criu(8)'s: dump, pre-dump, restore, check, show.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
+	root.PersistentFlags().String("config", "", "read options from FILE too (criu's syntax; see README)")
+	root.PersistentFlags().Bool("no-default-config", false, "do not read the default configuration files")
 	for _, f := range subcommands {
 		root.AddCommand(f())
 	}

@@ -71,7 +71,12 @@ copies the same way (the log says so).`,
 				return err
 			}
 			defer release()
+			acts := c.actions()
+			if err := acts.run("pre-dump", 0); err != nil {
+				return fmt.Errorf("pre-dump: %w", err)
+			}
 			res, err := dumpcore.Dump(cmd.Context(), dumpcore.Options{
+				Action:   acts.dumpHook(),
 				PageSink: sink,
 				Pid:      pid, ImagesDir: c.imagesDir, PreDump: true, PrevImagesDir: prevDir, Compress: ps.compress,
 				Timeout: time.Duration(timeout) * time.Second, Version: version, Logger: log,

@@ -60,13 +60,21 @@ process runs; the process is then re-parented to init.`,
 				// so wait4 sees it, and do not let ^C kill ferry first.
 				signal.Ignore(syscall.SIGINT, syscall.SIGQUIT)
 			}
+			acts := c.actions()
+			if err := acts.run("pre-restore", 0); err != nil {
+				return fmt.Errorf("restoring failed: %w", err)
+			}
 			res, err := restorecore.Restore(cmd.Context(), restorecore.Options{
+				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
 				return fmt.Errorf("restoring failed: %w", err)
+			}
+			if err := acts.run("post-resume", res.Root); err != nil {
+				log.Warn("post-resume", "err", err) // the process runs: too late to undo
 			}
 			if err := writePidfile(pidfile, res.Root); err != nil {
 				return err
