@@ -163,7 +163,29 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 		}
 		table.Fds = append(table.Fds, &pb.FdEntry{Fd: int32(fd), FileId: id, Cloexec: cloexec})
 	}
+	if err := ft.checkUnixPeers(table); err != nil {
+		return nil, err
+	}
 	return table, nil
+}
+
+// checkUnixPeers refuses connected unix sockets whose other end is not in
+// the dump (ferry cannot rebuild a connection to a stranger yet).
+func (ft *fileTable) checkUnixPeers(table *pb.FdTable) error {
+	byIno := map[uint64]bool{}
+	for _, f := range ft.entries {
+		if f.Unix != nil {
+			byIno[f.Ino] = true
+		}
+	}
+	for _, fd := range table.Fds {
+		f := ft.entries[fd.FileId-1]
+		if f.Unix != nil && f.Unix.PeerIno != 0 && !byIno[f.Unix.PeerIno] {
+			return fmt.Errorf("fd %d of %d: unix socket connected to socket:[%d] outside the process: %w (--ext-unix-sk is not there yet)",
+				fd.Fd, table.Pid, f.Unix.PeerIno, ErrUnsupported)
+		}
+	}
+	return nil
 }
 
 func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob bool) (*pb.FileEntry, error) {
@@ -204,7 +226,7 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		if err != nil {
 			return nil, os.NewSyscallError("pidfd_getfd", err)
 		}
-		keep, err := ft.dumpSocket(e, dup)
+		keep, err := ft.dumpSocket(e, pid, dup)
 		if !keep {
 			unix.Close(dup)
 		}

@@ -78,7 +78,15 @@ const (
 // duplicate of it). With ft.tcpEstablished, an established TCP connection
 // is put in repair mode and read; ft.repaired then keeps dup open (the
 // caller must not close it).
-func (ft *fileTable) dumpSocket(e *pb.FileEntry, dup int) (keep bool, err error) {
+func (ft *fileTable) dumpSocket(e *pb.FileEntry, pid, dup int) (keep bool, err error) {
+	if family, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_DOMAIN); err == nil && family == unix.AF_UNIX {
+		u, err := describeUnix(pid, dup, e.Ino)
+		if err != nil {
+			return false, err
+		}
+		e.Type, e.Unix, e.Path = "unix", u, "unix:"+unixName(u.Name)
+		return false, nil
+	}
 	s, err := ft.describeSocket(dup)
 	if err != nil {
 		return false, err

@@ -75,6 +75,30 @@ func (b *builder) restoreFiles() error {
 			if fd, err = b.newEventfd(f, park); err != nil {
 				return fmt.Errorf("fd %d (eventfd): %w", e.Fd, err)
 			}
+		case "unix":
+			if f.Unix == nil {
+				return fmt.Errorf("fd %d: unix socket without its description", e.Fd)
+			}
+			if f.Unix.PeerIno == 0 {
+				if fd, err = b.newUnixListener(f, park); err != nil {
+					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				}
+				break
+			}
+			var peer *pb.FileEntry
+			for _, o := range b.r.is.files {
+				if o.Unix != nil && o.Ino == f.Unix.PeerIno {
+					peer = o
+				}
+			}
+			if peer == nil {
+				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, errNoPeer)
+			}
+			var pfd int
+			if fd, pfd, err = b.newUnixPair(f, peer, park); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+			}
+			b.objFds[peer.Id] = pfd
 		case "inet":
 			if fd, err = b.newInetSocket(f, park); err != nil {
 				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)

@@ -208,7 +208,7 @@ func validateFile(f *pb.FileEntry) error {
 		return nil
 	}
 	switch f.Type {
-	case "pipe", "eventfd", "epoll", "inet":
+	case "pipe", "eventfd", "epoll", "inet", "unix":
 		return nil
 	}
 	var st unix.Stat_t

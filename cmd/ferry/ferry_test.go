@@ -337,15 +337,14 @@ func TestRestoreMissingDir(t *testing.T) {
 
 func TestFailedDumpLeavesTaskRunning(t *testing.T) {
 	needRoot(t)
-	// A socket is beyond what this dump supports: the dump fails after the
-	// freeze, and the task must come back exactly as it was.
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	// A netlink socket is beyond what this dump supports: the dump fails
+	// after the freeze, and the task must come back exactly as it was.
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}
-	sk := os.NewFile(uintptr(fds[0]), "sk")
+	sk := os.NewFile(uintptr(fd), "netlink")
 	defer sk.Close()
-	defer unix.Close(fds[1])
 	bin := testutil.BuildC(t, "memcheck")
 	w := testutil.StartWith(t, []*os.File{sk}, "-r", bin, "-m", "8", "-t", "2", "-p", "-n")
 	time.Sleep(100 * time.Millisecond)

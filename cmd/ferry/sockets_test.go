@@ -437,3 +437,66 @@ func TestNetworkLockKeepsPeersOut(t *testing.T) {
 		rw.Kill()
 	}
 }
+
+func TestDumpRestoreUnixSockets(t *testing.T) {
+	// Stream, datagram and seqpacket socketpairs with data queued (byte
+	// for byte and message for message), and listeners on a path and an
+	// abstract name: after restore the queues hold what they held and the
+	// listeners answer with the process's token.
+	needRoot(t)
+	bin := testutil.BuildC(t, "unixsock")
+	path := filepath.Join(t.TempDir(), "server.sock")
+	w := testutil.Start(t, "-r", bin, "-l", path)
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("before the dump: %v", before)
+	}
+	abstract := "@ferry-unixsock-" + strconv.Itoa(w.Pid)
+	for _, a := range []string{path, abstract} {
+		if got := ask(t, "unix", a); !strings.HasPrefix(got, before.Token+" ") {
+			t.Fatalf("%s answered %q", a, got)
+		}
+	}
+	r := dumpRestore(t, w)
+	r.Signal(unix.SIGUSR2) // check the queues
+	time.Sleep(50 * time.Millisecond)
+	after := r.Report(t)
+	if after.Status != "ok" || after.Fields["queues"] != "ok" || after.Token != before.Token {
+		t.Fatalf("after restore: %v", after)
+	}
+	for _, a := range []string{path, abstract} {
+		if got := ask(t, "unix", a); !strings.HasPrefix(got, before.Token+" ") {
+			t.Fatalf("%s answered %q after restore", a, got)
+		}
+	}
+}
+
+func TestDumpRefusesExternalUnixPeer(t *testing.T) {
+	// A unix connection to a process outside the dump is refused, named,
+	// and the process runs on.
+	needRoot(t)
+	path := filepath.Join(t.TempDir(), "outside.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	cmd := exec.Command("python3", "-c", "import socket,time; s=socket.socket(socket.AF_UNIX); s.connect('"+path+"'); time.sleep(60)")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(cmd.Process.Pid), "-D", t.TempDir())
+	if code != 1 || !strings.Contains(out, "unix socket connected to socket:[") || !strings.Contains(out, "outside the process") {
+		t.Fatalf("dump with an external unix peer: exit %d\n%s", code, out)
+	}
+	if !testutil.PidAlive(cmd.Process.Pid) {
+		t.Fatal("the process is gone")
+	}
+}

@@ -1905,7 +1905,9 @@ type FileEntry struct {
 	// (fdinfo "tfd:"), re-added once every fd sits at its number.
 	Epoll []*EpollTarget `protobuf:"bytes,21,rep,name=epoll,proto3" json:"epoll,omitempty"`
 	// Sockets of type "inet" (AF_INET, AF_INET6).
-	Inet          *InetSocket `protobuf:"bytes,22,opt,name=inet,proto3" json:"inet,omitempty"`
+	Inet *InetSocket `protobuf:"bytes,22,opt,name=inet,proto3" json:"inet,omitempty"`
+	// Sockets of type "unix".
+	Unix          *UnixSocket `protobuf:"bytes,23,opt,name=unix,proto3" json:"unix,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2094,6 +2096,126 @@ func (x *FileEntry) GetInet() *InetSocket {
 	return nil
 }
 
+func (x *FileEntry) GetUnix() *UnixSocket {
+	if x != nil {
+		return x.Unix
+	}
+	return nil
+}
+
+// UnixSocket is an AF_UNIX socket: a listener bound to a name, a
+// standalone socket, or one end of a connected pair whose other end is in
+// the dump too (peer_ino names it).
+type UnixSocket struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Type      int32                  `protobuf:"varint,1,opt,name=type,proto3" json:"type,omitempty"` // SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
+	Name      []byte                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`  // sun_path as bound ("\0..." abstract), empty if unbound
+	Listening bool                   `protobuf:"varint,3,opt,name=listening,proto3" json:"listening,omitempty"`
+	Backlog   int32                  `protobuf:"varint,4,opt,name=backlog,proto3" json:"backlog,omitempty"`
+	PeerIno   uint64                 `protobuf:"varint,5,opt,name=peer_ino,json=peerIno,proto3" json:"peer_ino,omitempty"`
+	// What this end has received and not read yet: one element for a
+	// stream, one per message otherwise, oldest first.
+	Queue         [][]byte `protobuf:"bytes,6,rep,name=queue,proto3" json:"queue,omitempty"`
+	Shutdown      int32    `protobuf:"varint,7,opt,name=shutdown,proto3" json:"shutdown,omitempty"` // UNIX_DIAG_SHUTDOWN: 1 no more reads, 2 no more writes
+	Sndbuf        int32    `protobuf:"varint,8,opt,name=sndbuf,proto3" json:"sndbuf,omitempty"`     // SO_SNDBUF, SO_RCVBUF as the kernel reports them
+	Rcvbuf        int32    `protobuf:"varint,9,opt,name=rcvbuf,proto3" json:"rcvbuf,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnixSocket) Reset() {
+	*x = UnixSocket{}
+	mi := &file_images_ferry_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnixSocket) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnixSocket) ProtoMessage() {}
+
+func (x *UnixSocket) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
+func (*UnixSocket) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *UnixSocket) GetType() int32 {
+	if x != nil {
+		return x.Type
+	}
+	return 0
+}
+
+func (x *UnixSocket) GetName() []byte {
+	if x != nil {
+		return x.Name
+	}
+	return nil
+}
+
+func (x *UnixSocket) GetListening() bool {
+	if x != nil {
+		return x.Listening
+	}
+	return false
+}
+
+func (x *UnixSocket) GetBacklog() int32 {
+	if x != nil {
+		return x.Backlog
+	}
+	return 0
+}
+
+func (x *UnixSocket) GetPeerIno() uint64 {
+	if x != nil {
+		return x.PeerIno
+	}
+	return 0
+}
+
+func (x *UnixSocket) GetQueue() [][]byte {
+	if x != nil {
+		return x.Queue
+	}
+	return nil
+}
+
+func (x *UnixSocket) GetShutdown() int32 {
+	if x != nil {
+		return x.Shutdown
+	}
+	return 0
+}
+
+func (x *UnixSocket) GetSndbuf() int32 {
+	if x != nil {
+		return x.Sndbuf
+	}
+	return 0
+}
+
+func (x *UnixSocket) GetRcvbuf() int32 {
+	if x != nil {
+		return x.Rcvbuf
+	}
+	return 0
+}
+
 // InetSocket is a TCP listener or an unconnected, or connected UDP,
 // socket: what socket(2), setsockopt(2), bind(2), connect(2) and
 // listen(2) need to make it again.
@@ -2118,7 +2240,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2130,7 +2252,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2143,7 +2265,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -2231,7 +2353,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2243,7 +2365,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2256,7 +2378,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -2361,7 +2483,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2373,7 +2495,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2386,7 +2508,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -2421,7 +2543,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2433,7 +2555,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2446,7 +2568,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -2481,7 +2603,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2493,7 +2615,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2506,7 +2628,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -2540,7 +2662,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2552,7 +2674,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2565,7 +2687,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -2596,7 +2718,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2608,7 +2730,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2621,7 +2743,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -2651,7 +2773,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2663,7 +2785,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2676,7 +2798,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -2716,7 +2838,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2728,7 +2850,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2741,7 +2863,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -2780,7 +2902,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2792,7 +2914,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2805,7 +2927,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -2875,7 +2997,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2887,7 +3009,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2900,7 +3022,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -2987,7 +3109,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2999,7 +3121,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3012,7 +3134,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -3067,7 +3189,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3079,7 +3201,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3092,7 +3214,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -3315,7 +3437,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xc6\x04\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xf4\x04\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -3339,7 +3461,19 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\reventfd_count\x18\x13 \x01(\x04R\feventfdCount\x12+\n" +
 	"\x11eventfd_semaphore\x18\x14 \x01(\bR\x10eventfdSemaphore\x12/\n" +
 	"\x05epoll\x18\x15 \x03(\v2\x19.ferry.images.EpollTargetR\x05epoll\x12,\n" +
-	"\x04inet\x18\x16 \x01(\v2\x18.ferry.images.InetSocketR\x04inet\"\x8a\x02\n" +
+	"\x04inet\x18\x16 \x01(\v2\x18.ferry.images.InetSocketR\x04inet\x12,\n" +
+	"\x04unix\x18\x17 \x01(\v2\x18.ferry.images.UnixSocketR\x04unix\"\xe9\x01\n" +
+	"\n" +
+	"UnixSocket\x12\x12\n" +
+	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\fR\x04name\x12\x1c\n" +
+	"\tlistening\x18\x03 \x01(\bR\tlistening\x12\x18\n" +
+	"\abacklog\x18\x04 \x01(\x05R\abacklog\x12\x19\n" +
+	"\bpeer_ino\x18\x05 \x01(\x04R\apeerIno\x12\x14\n" +
+	"\x05queue\x18\x06 \x03(\fR\x05queue\x12\x1a\n" +
+	"\bshutdown\x18\a \x01(\x05R\bshutdown\x12\x16\n" +
+	"\x06sndbuf\x18\b \x01(\x05R\x06sndbuf\x12\x16\n" +
+	"\x06rcvbuf\x18\t \x01(\x05R\x06rcvbuf\"\x8a\x02\n" +
 	"\n" +
 	"InetSocket\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
@@ -3440,7 +3574,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -3459,19 +3593,20 @@ var file_images_ferry_proto_goTypes = []any{
 	(*Vma)(nil),          // 14: ferry.images.Vma
 	(*MmCore)(nil),       // 15: ferry.images.MmCore
 	(*FileEntry)(nil),    // 16: ferry.images.FileEntry
-	(*InetSocket)(nil),   // 17: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 18: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 19: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 20: ferry.images.EpollTarget
-	(*FdEntry)(nil),      // 21: ferry.images.FdEntry
-	(*FdTable)(nil),      // 22: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 23: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 24: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 25: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 26: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 27: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 28: ferry.images.RestoreStats
-	(*Stats)(nil),        // 29: ferry.images.Stats
+	(*UnixSocket)(nil),   // 17: ferry.images.UnixSocket
+	(*InetSocket)(nil),   // 18: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 19: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 20: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 21: ferry.images.EpollTarget
+	(*FdEntry)(nil),      // 22: ferry.images.FdEntry
+	(*FdTable)(nil),      // 23: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 24: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 25: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 26: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 27: ferry.images.GhostFile
+	(*DumpStats)(nil),    // 28: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 29: ferry.images.RestoreStats
+	(*Stats)(nil),        // 30: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -3487,18 +3622,19 @@ var file_images_ferry_proto_depIdxs = []int32{
 	8,  // 10: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	12, // 11: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
 	14, // 12: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	20, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	17, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	19, // 15: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	18, // 16: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	21, // 17: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	27, // 18: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	28, // 19: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	21, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	18, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	17, // 15: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	20, // 16: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	19, // 17: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	22, // 18: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	28, // 19: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	29, // 20: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	21, // [21:21] is the sub-list for method output_type
+	21, // [21:21] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -3512,7 +3648,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   30,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,203 @@
+package dumpcore
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+// sock_diag for AF_UNIX (include/uapi/linux/sock_diag.h, unix_diag.h).
+const (
+	sockDiagByFamily = 20
+	udiagShowName    = 1 << 0
+	udiagShowPeer    = 1 << 2
+	udiagShowRQLen   = 1 << 4
+	udiagShowShut    = 1 << 6
+	unixDiagName     = 0
+	unixDiagPeer     = 2
+	unixDiagRQLen    = 4
+	unixDiagShutdown = 6
+	unixListen       = 10 // TCP_LISTEN, as unix sockets report it
+)
+
+// unixDiag is what sock_diag tells about one unix socket.
+type unixDiag struct {
+	state          uint8
+	name           []byte
+	peer           uint32
+	rqueue, wqueue uint32 // listener: pending connections, backlog
+	shutdown       uint8
+}
+
+// diagUnix asks sock_diag, in the network namespace of pid, about the unix
+// socket with inode ino.
+func diagUnix(pid int, ino uint64) (*unixDiag, error) {
+	ns, err := os.Open(netNsPath(pid))
+	if err != nil {
+		return nil, err
+	}
+	defer ns.Close()
+	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{NetNS: int(ns.Fd())})
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag: %w", err)
+	}
+	defer c.Close()
+	// struct unix_diag_req: family, protocol, pad, states, ino, show, cookie.
+	req := make([]byte, 24)
+	req[0] = unix.AF_UNIX
+	binary.LittleEndian.PutUint32(req[4:], ^uint32(0))
+	binary.LittleEndian.PutUint32(req[8:], uint32(ino))
+	binary.LittleEndian.PutUint32(req[12:], udiagShowName|udiagShowPeer|udiagShowRQLen|udiagShowShut)
+	binary.LittleEndian.PutUint32(req[16:], ^uint32(0)) // no cookie
+	binary.LittleEndian.PutUint32(req[20:], ^uint32(0))
+	msgs, err := c.Execute(netlink.Message{Header: netlink.Header{Type: sockDiagByFamily, Flags: netlink.Request}, Data: req})
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag of unix socket %d: %w", ino, err)
+	}
+	if len(msgs) != 1 || len(msgs[0].Data) < 16 {
+		return nil, fmt.Errorf("sock_diag of unix socket %d: %d answers", ino, len(msgs))
+	}
+	// struct unix_diag_msg: family, type, state, pad, ino, cookie; then
+	// attributes.
+	d := &unixDiag{state: msgs[0].Data[2]}
+	ad, err := netlink.NewAttributeDecoder(msgs[0].Data[16:])
+	if err != nil {
+		return nil, err
+	}
+	for ad.Next() {
+		switch ad.Type() {
+		case unixDiagName:
+			d.name = append([]byte(nil), ad.Bytes()...)
+			if len(d.name) > 0 && d.name[0] != 0 {
+				d.name = bytes.TrimRight(d.name, "\x00") // a path: the kernel keeps its NUL
+			}
+		case unixDiagPeer:
+			d.peer = ad.Uint32()
+		case unixDiagRQLen:
+			if b := ad.Bytes(); len(b) >= 8 {
+				d.rqueue, d.wqueue = binary.LittleEndian.Uint32(b), binary.LittleEndian.Uint32(b[4:])
+			}
+		case unixDiagShutdown:
+			d.shutdown = ad.Uint8()
+		}
+	}
+	return d, ad.Err()
+}
+
+func netNsPath(pid int) string { return "/proc/" + strconv.Itoa(pid) + "/ns/net" }
+
+// describeUnix describes the unix socket with inode ino of process pid
+// (dup is ferry's duplicate of it). A connected socket's peer must be in
+// the dump too; that is checked once every fd is known (checkUnixPeers).
+func describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket, error) {
+	typ, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return nil, os.NewSyscallError("getsockopt SO_TYPE", err)
+	}
+	d, err := diagUnix(pid, ino)
+	if err != nil {
+		return nil, err
+	}
+	s := &pb.UnixSocket{Type: int32(typ), Name: d.name, PeerIno: uint64(d.peer), Shutdown: int32(d.shutdown)}
+	for _, b := range []struct {
+		name int
+		v    *int32
+	}{{unix.SO_SNDBUF, &s.Sndbuf}, {unix.SO_RCVBUF, &s.Rcvbuf}} {
+		v, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, b.name)
+		if err != nil {
+			return nil, os.NewSyscallError("getsockopt", err)
+		}
+		*b.v = int32(v)
+	}
+	name := unixName(d.name)
+	switch {
+	case d.state == unixListen:
+		s.Listening, s.Backlog = true, int32(d.wqueue)
+		if d.rqueue > 0 {
+			return nil, fmt.Errorf("unix listener %s with %d connections waiting to be accepted: %w", name, d.rqueue, ErrUnsupported)
+		}
+		return s, nil
+	case d.peer != 0 && len(d.name) > 0:
+		return nil, fmt.Errorf("connected unix socket bound to %s: %w (only unnamed pairs so far)", name, ErrUnsupported)
+	}
+	if s.Queue, err = peekQueue(dup, typ); err != nil {
+		return nil, fmt.Errorf("unix socket %s: %w", name, err)
+	}
+	return s, nil
+}
+
+// peekQueue reads what socket fd has received without consuming it: the
+// whole byte stream, or every message (walking with SO_PEEK_OFF, which is
+// put back afterwards). Messages carrying descriptors are refused.
+func peekQueue(fd, typ int) ([][]byte, error) {
+	n, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+	if err != nil {
+		return nil, os.NewSyscallError("ioctl SIOCINQ", err)
+	}
+	if typ == unix.SOCK_STREAM {
+		if n == 0 {
+			return nil, nil
+		}
+		b, err := peekOne(fd, n)
+		return [][]byte{b}, err
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
+		return nil, os.NewSyscallError("setsockopt SO_PEEK_OFF", err)
+	}
+	defer unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, -1)
+	var out [][]byte
+	for {
+		b, err := peekOne(fd, 1<<20)
+		if errors.Is(err, unix.EAGAIN) {
+			return out, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, b)
+	}
+}
+
+func peekOne(fd, max int) ([]byte, error) {
+	b := make([]byte, max)
+	oob := make([]byte, unix.CmsgSpace(4*64))
+	n, oobn, flags, _, err := unix.Recvmsg(fd, b, oob, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	if err != nil {
+		return nil, err
+	}
+	if oobn > 0 {
+		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+			for _, m := range msgs {
+				if fds, err := unix.ParseUnixRights(&m); err == nil {
+					for _, f := range fds {
+						unix.Close(f)
+					}
+					return nil, fmt.Errorf("descriptors in flight (SCM_RIGHTS): %w", ErrUnsupported)
+				}
+			}
+		}
+	}
+	if flags&unix.MSG_TRUNC != 0 {
+		return nil, fmt.Errorf("a message larger than %d bytes: %w", max, ErrUnsupported)
+	}
+	return b[:n], nil
+}
+
+// unixName prints a sun_path for messages.
+func unixName(b []byte) string {
+	switch {
+	case len(b) == 0:
+		return "(unnamed)"
+	case b[0] == 0:
+		return "@" + string(b[1:])
+	}
+	return string(b)
+}

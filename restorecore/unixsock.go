@@ -1,0 +1,172 @@
+package restorecore
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+// newUnixListener binds a listening unix socket to its name again: a
+// socket file the dumped process left at the path is removed first.
+func (b *builder) newUnixListener(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	s := f.Unix
+	raw, err := b.sys(unix.SYS_SOCKET, unix.AF_UNIX, uint64(s.Type)|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("socket: %w", err)
+	}
+	fd, err := park(raw)
+	if err != nil {
+		return 0, err
+	}
+	if len(s.Name) > 0 {
+		if s.Name[0] != 0 {
+			var st unix.Stat_t
+			if err := unix.Lstat(string(s.Name), &st); err == nil {
+				if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+					return 0, fmt.Errorf("%s exists and is not a socket", s.Name)
+				}
+				if err := os.Remove(string(s.Name)); err != nil {
+					return 0, err
+				}
+			}
+		}
+		addr := binary.LittleEndian.AppendUint16(nil, unix.AF_UNIX)
+		addr = append(addr, s.Name...)
+		a, err := b.put(scratchAddr, addr)
+		if err != nil {
+			return 0, err
+		}
+		if _, err := b.sys(unix.SYS_BIND, uint64(fd), a, uint64(len(addr))); err != nil {
+			return 0, fmt.Errorf("bind %s: %w", f.Path, err)
+		}
+	}
+	if s.Listening {
+		if _, err := b.sys(unix.SYS_LISTEN, uint64(fd), uint64(s.Backlog)); err != nil {
+			return 0, fmt.Errorf("listen %s: %w", f.Path, err)
+		}
+	}
+	return fd, b.setFlags(fd, f)
+}
+
+// newUnixPair makes a connected pair for f and its peer p, and refills
+// what each had received by sending it from the other end.
+func (b *builder) newUnixPair(f, p *pb.FileEntry, park func(uint64) (int, error)) (int, int, error) {
+	if _, err := b.sys(unix.SYS_SOCKETPAIR, unix.AF_UNIX, uint64(f.Unix.Type)|unix.SOCK_CLOEXEC, 0, b.scratch()); err != nil {
+		return 0, 0, fmt.Errorf("socketpair: %w", err)
+	}
+	raw := make([]byte, 8)
+	if err := readMem(b.pid, b.scratch(), raw); err != nil {
+		return 0, 0, err
+	}
+	fa, err := park(uint64(binary.LittleEndian.Uint32(raw)))
+	if err != nil {
+		return 0, 0, err
+	}
+	fb, err := park(uint64(binary.LittleEndian.Uint32(raw[4:])))
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, side := range []struct {
+		recv *pb.FileEntry
+		from int
+	}{{f, fb}, {p, fa}} {
+		if err := b.refill(side.from, side.recv.Unix.Queue); err != nil {
+			return 0, 0, fmt.Errorf("%s: refilling its queue: %w", side.recv.Path, err)
+		}
+	}
+	for _, e := range []struct {
+		f  *pb.FileEntry
+		fd int
+	}{{f, fa}, {p, fb}} {
+		if err := b.unixBuffers(e.fd, e.f.Unix); err != nil {
+			return 0, 0, err
+		}
+		if err := b.setFlags(e.fd, e.f); err != nil {
+			return 0, 0, err
+		}
+	}
+	return fa, fb, nil
+}
+
+// refill sends msgs, in order, on the process's socket fd (from ferry,
+// through a duplicate), making its buffer room for them first.
+func (b *builder) refill(fd int, msgs [][]byte) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	dup, err := b.localFd(fd)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(dup)
+	total := 0
+	for _, m := range msgs {
+		total += len(m)
+	}
+	if err := unix.SetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 2*total+(64<<10)); err != nil {
+		return os.NewSyscallError("setsockopt SO_SNDBUFFORCE", err)
+	}
+	for _, m := range msgs {
+		for off := 0; off < len(m) || len(m) == 0; {
+			n, err := unix.SendmsgN(dup, m[off:], nil, nil, unix.MSG_DONTWAIT)
+			if err != nil {
+				return os.NewSyscallError("send", err)
+			}
+			off += n
+			if len(m) == 0 {
+				break
+			}
+		}
+	}
+	return nil
+}
+
+// unixBuffers puts the dumped buffer sizes back (the kernel doubles what
+// is set, and reported the doubled value).
+func (b *builder) unixBuffers(fd int, s *pb.UnixSocket) error {
+	dup, err := b.localFd(fd)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(dup)
+	for _, o := range []struct{ name, v int }{{unix.SO_SNDBUFFORCE, int(s.Sndbuf)}, {unix.SO_RCVBUFFORCE, int(s.Rcvbuf)}} {
+		if o.v > 0 {
+			if err := unix.SetsockoptInt(dup, unix.SOL_SOCKET, o.name, o.v/2); err != nil {
+				return os.NewSyscallError("setsockopt", err)
+			}
+		}
+	}
+	return nil
+}
+
+// localFd duplicates the process's fd into ferry.
+func (b *builder) localFd(fd int) (int, error) {
+	pidfd, err := unix.PidfdOpen(b.pid, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("pidfd_getfd", err)
+	}
+	return dup, nil
+}
+
+// setFlags applies the file status flags (O_NONBLOCK) of f to fd.
+func (b *builder) setFlags(fd int, f *pb.FileEntry) error {
+	if f.Flags&unix.O_NONBLOCK == 0 {
+		return nil
+	}
+	if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+		return fmt.Errorf("fcntl O_NONBLOCK: %w", err)
+	}
+	return nil
+}
+
+var errNoPeer = errors.New("the other end of this unix socket is not in the images")
