@@ -18,6 +18,7 @@ import (
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/pageserver"
+	"github.com/ferrycr/ferry/pki"
 	"github.com/ferrycr/ferry/transport"
 )
 
@@ -289,12 +290,38 @@ func benchStream(dir string, size int64) ([]streamResult, error) {
 		err = <-done
 		return ms(time.Since(t0)), err
 	}
-	ps := func(zstd bool) (float64, error) {
+	// Certificates for the TLS and QUIC sessions.
+	certDir := filepath.Join(dir, "certs")
+	os.MkdirAll(certDir, 0o700)
+	defer os.RemoveAll(certDir)
+	ca, err := pki.NewCA("bench CA", time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	caPath := filepath.Join(certDir, "ca.crt")
+	if err := ca.WriteCert(caPath); err != nil {
+		return nil, err
+	}
+	srvCert, srvKey, err := ca.Issue(certDir, "server", 2, time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	cliCert, cliKey, err := ca.Issue(certDir, "client", 3, time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	srvTLS := transport.TLS{Enabled: true, CACert: caPath, Cert: srvCert, Key: srvKey}
+	cliTLS := transport.TLS{Enabled: true, CACert: caPath, Cert: cliCert, Key: cliKey}
+	ps := func(network string, secure, zstd bool) (float64, error) {
 		out := filepath.Join(dir, "ps-out")
 		os.RemoveAll(out)
 		os.MkdirAll(out, 0o755)
 		defer os.RemoveAll(out)
-		l, err := transport.Listen("127.0.0.1:0", transport.TLS{})
+		st, ct := transport.TLS{}, transport.TLS{}
+		if secure {
+			st, ct = srvTLS, cliTLS
+		}
+		l, err := transport.ListenOn(network, "127.0.0.1:0", st, nil)
 		if err != nil {
 			return 0, err
 		}
@@ -304,7 +331,7 @@ func benchStream(dir string, size int64) ([]streamResult, error) {
 			done <- err
 		}()
 		t0 := time.Now()
-		c, err := pageserver.Connect(context.Background(), transport.TCP, l.Addr().String(), transport.TLS{}, zstd)
+		c, err := pageserver.Connect(context.Background(), network, l.Addr().String(), ct, zstd)
 		if err != nil {
 			return 0, err
 		}
@@ -329,16 +356,21 @@ func benchStream(dir string, size int64) ([]streamResult, error) {
 		return nil, err
 	}
 	res := []streamResult{{Bytes: size, Mode: "plain tcp copy", Ms: base, MBps: float64(size) / 1e6 / (base / 1000), VsPlain: 1}}
-	for _, z := range []bool{false, true} {
-		t, err := ps(z)
-		if err != nil {
-			return nil, err
+	for _, m := range []struct {
+		name, network string
+		secure        bool
+	}{{"tcp", transport.TCP, false}, {"tls", transport.TCP, true}, {"quic", "quic", true}} {
+		for _, z := range []bool{false, true} {
+			t, err := ps(m.network, m.secure, z)
+			if err != nil {
+				return nil, fmt.Errorf("page-server %s: %w", m.name, err)
+			}
+			mode := "page-server " + m.name
+			if z {
+				mode += "+zstd"
+			}
+			res = append(res, streamResult{Bytes: size, Mode: mode, Ms: t, MBps: float64(size) / 1e6 / (t / 1000), VsPlain: t / base})
 		}
-		mode := "page-server tcp"
-		if z {
-			mode += "+zstd"
-		}
-		res = append(res, streamResult{Bytes: size, Mode: mode, Ms: t, MBps: float64(size) / 1e6 / (t / 1000), VsPlain: t / base})
 	}
 	return res, nil
 }

@@ -1,81 +1,53 @@
 package testutil
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/ferrycr/ferry/pki"
 )
 
-// CA is a throwaway certificate authority for TLS tests.
-type CA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
+// CA is a throwaway certificate authority for TLS tests (see package pki).
+type CA struct{ ca *pki.CA }
 
 // NewCA creates a CA named name.
 func NewCA(t testing.TB, name string) *CA {
 	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	ca, err := pki.NewCA(name, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, _ := x509.ParseCertificate(der)
-	return &CA{cert: c, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
+	return &CA{ca}
 }
 
-// (valid for 127.0.0.1, for both server and client auth); it returns their paths.
-// Issue writes a certificate and key for name into dir.
+// Issue writes a certificate and key for name into dir (valid for
+// 127.0.0.1, for both server and client auth); it returns their paths.
 func (c *CA) Issue(t testing.TB, dir, name string, serial int64) (string, string) {
 	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
+	cert, key, err := c.ca.Issue(dir, name, serial, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	kb, _ := x509.MarshalECPrivateKey(key)
-	cp, kp := filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
-	os.WriteFile(cp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
-	os.WriteFile(kp, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
-	return cp, kp
+	return cert, key
 }
 
 // Write stores the CA certificate as dir/name and returns its path.
 func (c *CA) Write(t testing.TB, dir, name string) string {
+	t.Helper()
 	p := filepath.Join(dir, name)
-	os.WriteFile(p, c.pem, 0o600)
+	if err := c.ca.WriteCert(p); err != nil {
+		t.Fatal(err)
+	}
 	return p
 }
 
 // CRL writes a revocation list of serials signed by the CA.
 func (c *CA) CRL(t testing.TB, dir string, serials ...int64) string {
-	var revoked []x509.RevocationListEntry
-	for _, s := range serials {
-		revoked = append(revoked, x509.RevocationListEntry{SerialNumber: big.NewInt(s), RevocationTime: time.Now()})
-	}
-	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{Number: big.NewInt(1),
-		ThisUpdate: time.Now(), NextUpdate: time.Now().Add(time.Hour), RevokedCertificateEntries: revoked}, c.cert, c.key)
-	if err != nil {
+	t.Helper()
+	p := filepath.Join(dir, "crl.pem")
+	if err := c.ca.CRL(p, serials...); err != nil {
 		t.Fatal(err)
 	}
-	p := filepath.Join(dir, "crl.pem")
-	os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o600)
 	return p
 }
