@@ -169,6 +169,7 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	if d.tracker != nil {
 		skip = d.tracker.parked
 	}
+	img.files.cttyNr, img.files.cttyFg = stat.TtyNr, stat.Tpgid
 	fds, err := img.files.collectFds(pid, d.opts.ShellJob, skip)
 	if err != nil {
 		return nil, err

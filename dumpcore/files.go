@@ -27,10 +27,13 @@ type fileTable struct {
 	// mode, to be closed (after a kill: silently) or taken out of it.
 	tcpEstablished bool
 	repaired       []int
-	ghostLimit     int64
-	entries        []*pb.FileEntry
-	ghosts         []*pb.GhostFile
-	byPath         map[string]uint32 // path objects by kind+dev+ino
+	// cttyNr is the process's controlling terminal (stat tty_nr), 0: none.
+	cttyNr     uint64
+	cttyFg     int // its foreground process group (stat tpgid)
+	ghostLimit int64
+	entries    []*pb.FileEntry
+	ghosts     []*pb.GhostFile
+	byPath     map[string]uint32 // path objects by kind+dev+ino
 }
 
 func newFileTable(ghostLimit int64) *fileTable {
@@ -166,6 +169,9 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 	if err := ft.checkUnixPeers(table); err != nil {
 		return nil, err
 	}
+	if err := ft.checkTtys(table, shellJob); err != nil {
+		return nil, err
+	}
 	return table, nil
 }
 
@@ -215,7 +221,17 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		e.Type = "dir"
 	case unix.S_IFCHR:
 		e.Type = "chr"
-		if isTTY(st.Rdev) {
+		if isPtmx(st.Rdev) || isPts(st.Rdev) {
+			dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+			if err != nil {
+				return nil, os.NewSyscallError("pidfd_getfd", err)
+			}
+			err = ft.describeTty(e, st.Rdev, dup, info)
+			unix.Close(dup)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", target, err)
+			}
+		} else if isTTY(st.Rdev) {
 			if !shellJob {
 				return nil, fmt.Errorf("terminal %s: %w (use --shell-job to dump a job attached to a terminal)", target, ErrUnsupported)
 			}

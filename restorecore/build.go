@@ -31,6 +31,8 @@ type builder struct {
 	r   *restorer
 	p   *procImage
 	pid int
+	// ctty is set while files are restored, taken once the session exists.
+	ctty *ctty
 
 	main    *compel.Task
 	threads []*compel.Task // main first
@@ -439,6 +441,9 @@ func (b *builder) restoreTask() error {
 	switch {
 	case pt.Sid == pt.Pid:
 		if _, err := b.sys(unix.SYS_SETSID); err != nil {
+			return err
+		}
+		if err := b.takeCtty(); err != nil {
 			return err
 		}
 	case pt.Pgid == pt.Pid:

@@ -41,6 +41,10 @@ func (b *builder) restoreFiles() error {
 		b.sys(unix.SYS_CLOSE, fd)
 		return int(nfd), nil
 	}
+	// Pty masters first: their slaves cannot be opened before them.
+	sort.SliceStable(fds, func(i, j int) bool {
+		return b.r.is.files[fds[i].FileId].GetType() == "ptmx" && b.r.is.files[fds[j].FileId].GetType() != "ptmx"
+	})
 	for _, e := range fds {
 		if _, ok := b.objFds[e.FileId]; ok {
 			continue
@@ -74,6 +78,21 @@ func (b *builder) restoreFiles() error {
 		case "eventfd":
 			if fd, err = b.newEventfd(f, park); err != nil {
 				return fmt.Errorf("fd %d (eventfd): %w", e.Fd, err)
+			}
+		case "ptmx", "pts":
+			if f.Tty == nil {
+				return fmt.Errorf("fd %d: terminal without its description", e.Fd)
+			}
+			if f.Type == "ptmx" {
+				fd, err = b.openPtmx(f, park)
+			} else {
+				fd, err = b.openPts(f, park)
+			}
+			if err != nil {
+				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+			}
+			if f.Tty.Ctty {
+				b.ctty = &ctty{fd: int(e.Fd), fgPgrp: f.Tty.FgPgrp}
 			}
 		case "unix":
 			if f.Unix == nil {

@@ -208,7 +208,7 @@ func validateFile(f *pb.FileEntry) error {
 		return nil
 	}
 	switch f.Type {
-	case "pipe", "eventfd", "epoll", "inet", "unix":
+	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts":
 		return nil
 	}
 	var st unix.Stat_t

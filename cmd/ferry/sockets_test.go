@@ -500,3 +500,23 @@ func TestDumpRefusesExternalUnixPeer(t *testing.T) {
 		t.Fatal("the process is gone")
 	}
 }
+
+func TestDumpRestorePty(t *testing.T) {
+	// Two pty pairs inside the process, one its controlling terminal, with
+	// termios, window size and packet mode set: after restore the process
+	// finds the same /dev/pts/N, settings and controlling terminal, and
+	// bytes flow both ways.
+	needRoot(t)
+	bin := testutil.BuildC(t, "ptycheck")
+	w := testutil.Start(t, "-r", bin)
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("before the dump: %v", before)
+	}
+	r := dumpRestore(t, w)
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	if after.Int("pty") != before.Int("pty") {
+		t.Fatalf("pty %d after restore, %d before", after.Int("pty"), before.Int("pty"))
+	}
+}

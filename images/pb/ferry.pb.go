@@ -1907,7 +1907,10 @@ type FileEntry struct {
 	// Sockets of type "inet" (AF_INET, AF_INET6).
 	Inet *InetSocket `protobuf:"bytes,22,opt,name=inet,proto3" json:"inet,omitempty"`
 	// Sockets of type "unix".
-	Unix          *UnixSocket `protobuf:"bytes,23,opt,name=unix,proto3" json:"unix,omitempty"`
+	Unix *UnixSocket `protobuf:"bytes,23,opt,name=unix,proto3" json:"unix,omitempty"`
+	// Pseudo-terminals: "ptmx" (a master) and "pts" (a slave whose master
+	// is in the dump).
+	Tty           *Tty `protobuf:"bytes,24,opt,name=tty,proto3" json:"tty,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2103,6 +2106,98 @@ func (x *FileEntry) GetUnix() *UnixSocket {
 	return nil
 }
 
+func (x *FileEntry) GetTty() *Tty {
+	if x != nil {
+		return x.Tty
+	}
+	return nil
+}
+
+// Tty is one side of a pty pair. Data queued in the terminal is not kept.
+type Tty struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`                 // N of /dev/pts/N
+	Termios       []byte                 `protobuf:"bytes,2,opt,name=termios,proto3" json:"termios,omitempty"`              // struct termios2 of the slave (TCGETS2)
+	Winsize       []byte                 `protobuf:"bytes,3,opt,name=winsize,proto3" json:"winsize,omitempty"`              // struct winsize
+	Packet        bool                   `protobuf:"varint,4,opt,name=packet,proto3" json:"packet,omitempty"`               // master in packet mode (TIOCPKT)
+	Ctty          bool                   `protobuf:"varint,5,opt,name=ctty,proto3" json:"ctty,omitempty"`                   // slave: the process's controlling terminal
+	FgPgrp        int32                  `protobuf:"varint,6,opt,name=fg_pgrp,json=fgPgrp,proto3" json:"fg_pgrp,omitempty"` // slave that is the controlling terminal: its foreground group
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tty) Reset() {
+	*x = Tty{}
+	mi := &file_images_ferry_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tty) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tty) ProtoMessage() {}
+
+func (x *Tty) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tty.ProtoReflect.Descriptor instead.
+func (*Tty) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *Tty) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Tty) GetTermios() []byte {
+	if x != nil {
+		return x.Termios
+	}
+	return nil
+}
+
+func (x *Tty) GetWinsize() []byte {
+	if x != nil {
+		return x.Winsize
+	}
+	return nil
+}
+
+func (x *Tty) GetPacket() bool {
+	if x != nil {
+		return x.Packet
+	}
+	return false
+}
+
+func (x *Tty) GetCtty() bool {
+	if x != nil {
+		return x.Ctty
+	}
+	return false
+}
+
+func (x *Tty) GetFgPgrp() int32 {
+	if x != nil {
+		return x.FgPgrp
+	}
+	return 0
+}
+
 // UnixSocket is an AF_UNIX socket: a listener bound to a name, a
 // standalone socket, or one end of a connected pair whose other end is in
 // the dump too (peer_ino names it).
@@ -2125,7 +2220,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2137,7 +2232,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2150,7 +2245,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -2240,7 +2335,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2252,7 +2347,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2265,7 +2360,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -2353,7 +2448,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2365,7 +2460,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2378,7 +2473,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -2483,7 +2578,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2495,7 +2590,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2508,7 +2603,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -2543,7 +2638,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2555,7 +2650,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2568,7 +2663,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -2603,7 +2698,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2615,7 +2710,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2628,7 +2723,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -2662,7 +2757,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2674,7 +2769,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2687,7 +2782,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -2718,7 +2813,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2730,7 +2825,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2743,7 +2838,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -2773,7 +2868,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2785,7 +2880,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2798,7 +2893,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -2838,7 +2933,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2850,7 +2945,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2863,7 +2958,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -2902,7 +2997,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2914,7 +3009,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2927,7 +3022,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -2997,7 +3092,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3009,7 +3104,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3022,7 +3117,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -3109,7 +3204,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3121,7 +3216,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3134,7 +3229,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -3189,7 +3284,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3201,7 +3296,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3214,7 +3309,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -3437,7 +3532,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xf4\x04\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\x99\x05\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -3462,7 +3557,15 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x11eventfd_semaphore\x18\x14 \x01(\bR\x10eventfdSemaphore\x12/\n" +
 	"\x05epoll\x18\x15 \x03(\v2\x19.ferry.images.EpollTargetR\x05epoll\x12,\n" +
 	"\x04inet\x18\x16 \x01(\v2\x18.ferry.images.InetSocketR\x04inet\x12,\n" +
-	"\x04unix\x18\x17 \x01(\v2\x18.ferry.images.UnixSocketR\x04unix\"\xe9\x01\n" +
+	"\x04unix\x18\x17 \x01(\v2\x18.ferry.images.UnixSocketR\x04unix\x12#\n" +
+	"\x03tty\x18\x18 \x01(\v2\x11.ferry.images.TtyR\x03tty\"\x94\x01\n" +
+	"\x03Tty\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x18\n" +
+	"\atermios\x18\x02 \x01(\fR\atermios\x12\x18\n" +
+	"\awinsize\x18\x03 \x01(\fR\awinsize\x12\x16\n" +
+	"\x06packet\x18\x04 \x01(\bR\x06packet\x12\x12\n" +
+	"\x04ctty\x18\x05 \x01(\bR\x04ctty\x12\x17\n" +
+	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\xe9\x01\n" +
 	"\n" +
 	"UnixSocket\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
@@ -3574,7 +3677,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -3593,20 +3696,21 @@ var file_images_ferry_proto_goTypes = []any{
 	(*Vma)(nil),          // 14: ferry.images.Vma
 	(*MmCore)(nil),       // 15: ferry.images.MmCore
 	(*FileEntry)(nil),    // 16: ferry.images.FileEntry
-	(*UnixSocket)(nil),   // 17: ferry.images.UnixSocket
-	(*InetSocket)(nil),   // 18: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 19: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 20: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 21: ferry.images.EpollTarget
-	(*FdEntry)(nil),      // 22: ferry.images.FdEntry
-	(*FdTable)(nil),      // 23: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 24: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 25: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 26: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 27: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 28: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 29: ferry.images.RestoreStats
-	(*Stats)(nil),        // 30: ferry.images.Stats
+	(*Tty)(nil),          // 17: ferry.images.Tty
+	(*UnixSocket)(nil),   // 18: ferry.images.UnixSocket
+	(*InetSocket)(nil),   // 19: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 20: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 21: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 22: ferry.images.EpollTarget
+	(*FdEntry)(nil),      // 23: ferry.images.FdEntry
+	(*FdTable)(nil),      // 24: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 25: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 26: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 27: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 28: ferry.images.GhostFile
+	(*DumpStats)(nil),    // 29: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 30: ferry.images.RestoreStats
+	(*Stats)(nil),        // 31: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -3622,19 +3726,20 @@ var file_images_ferry_proto_depIdxs = []int32{
 	8,  // 10: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	12, // 11: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
 	14, // 12: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	21, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	18, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	17, // 15: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	20, // 16: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	19, // 17: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	22, // 18: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	28, // 19: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	29, // 20: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	21, // [21:21] is the sub-list for method output_type
-	21, // [21:21] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	22, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	19, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	18, // 15: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	17, // 16: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	21, // 17: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	20, // 18: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	23, // 19: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	29, // 20: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	30, // 21: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	22, // [22:22] is the sub-list for method output_type
+	22, // [22:22] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -3648,7 +3753,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -165,6 +165,8 @@ func parseMapsLine(line string) (Vma, error) {
 // Stat holds the /proc/PID/stat fields ferry uses.
 type Stat struct {
 	Pid, Ppid, Pgid, Sid int
+	TtyNr                uint64 // controlling terminal (device number), 0 if none
+	Tpgid                int    // its foreground process group
 	Comm                 string
 	State                byte
 	Flags                uint64
@@ -225,6 +227,8 @@ func ParseStat(file string, b []byte) (Stat, error) {
 	s.Ppid = snum(4)
 	s.Pgid = snum(5)
 	s.Sid = snum(6)
+	s.TtyNr = num(7)
+	s.Tpgid = snum(8)
 	s.Flags = num(9)
 	s.StartCode = num(26)
 	s.EndCode = num(27)

@@ -1,0 +1,109 @@
+package dumpcore
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
+)
+
+// Unix98 ptys: the master multiplexer /dev/ptmx (5, 2) and slaves
+// /dev/pts/N on majors 136-143.
+const (
+	ptmxMajor, ptmxMinor = 5, 2
+	ptsMajorFirst        = 136
+	ptsMajorLast         = 143
+	tcgets2              = 0x802c542a
+	tiocgpkt             = 0x80045438
+	tiocgptpeer          = 0x5441
+)
+
+func isPtmx(rdev uint64) bool { return unix.Major(rdev) == ptmxMajor && unix.Minor(rdev) == ptmxMinor }
+
+func isPts(rdev uint64) bool {
+	m := unix.Major(rdev)
+	return m >= ptsMajorFirst && m <= ptsMajorLast
+}
+
+func ptsIndex(rdev uint64) int32 {
+	return int32((unix.Major(rdev)-ptsMajorFirst)*256 + unix.Minor(rdev))
+}
+
+// describeTty records a pty master or slave (dup is ferry's duplicate of
+// the target's fd): its index, and the slave's termios and window size.
+func (ft *fileTable) describeTty(e *pb.FileEntry, rdev uint64, dup int, info proc.FdInfo) error {
+	t := &pb.Tty{}
+	slave := dup
+	if isPtmx(rdev) {
+		n, err := strconv.Atoi(info.Extra["tty-index"])
+		if err != nil {
+			return fmt.Errorf("pty master without tty-index in fdinfo: %w", ErrUnsupported)
+		}
+		t.Index = int32(n)
+		pkt, err := unix.IoctlGetInt(dup, tiocgpkt)
+		if err != nil {
+			return os.NewSyscallError("ioctl TIOCGPKT", err)
+		}
+		t.Packet = pkt != 0
+		// The settings live on the slave side: open it from the master.
+		s, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(dup), tiocgptpeer, uintptr(unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC))
+		if errno != 0 {
+			return os.NewSyscallError("ioctl TIOCGPTPEER", errno)
+		}
+		slave = int(s)
+		defer unix.Close(slave)
+		e.Type = "ptmx"
+	} else {
+		t.Index = ptsIndex(rdev)
+		t.Ctty = ft.cttyNr != 0 && rdev == ft.cttyNr
+		if t.Ctty {
+			// TIOCGPGRP answers only a member of the terminal's session.
+			t.FgPgrp = int32(ft.cttyFg)
+		}
+		e.Type = "pts"
+	}
+	t.Termios = make([]byte, 44) // struct termios2
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(slave), tcgets2, uintptr(unsafePointer(t.Termios))); errno != 0 {
+		return os.NewSyscallError("ioctl TCGETS2", errno)
+	}
+	ws, err := unix.IoctlGetWinsize(slave, unix.TIOCGWINSZ)
+	if err != nil {
+		return os.NewSyscallError("ioctl TIOCGWINSZ", err)
+	}
+	t.Winsize = []byte{byte(ws.Row), byte(ws.Row >> 8), byte(ws.Col), byte(ws.Col >> 8),
+		byte(ws.Xpixel), byte(ws.Xpixel >> 8), byte(ws.Ypixel), byte(ws.Ypixel >> 8)}
+	e.Tty = t
+	return nil
+}
+
+// checkTtys pairs every pty slave with its master in the dump. A slave
+// whose master is elsewhere is the terminal of a shell job: with
+// --shell-job the restored process gets ferry's own instead; otherwise the
+// dump is refused.
+func (ft *fileTable) checkTtys(table *pb.FdTable, shellJob bool) error {
+	masters := map[int32]bool{}
+	for _, f := range ft.entries {
+		if f.Type == "ptmx" {
+			masters[f.Tty.Index] = true
+		}
+	}
+	for _, fd := range table.Fds {
+		f := ft.entries[fd.FileId-1]
+		if f.Type != "pts" || masters[f.Tty.Index] {
+			continue
+		}
+		if !shellJob {
+			return fmt.Errorf("fd %d of %d: terminal %s: %w (its master is outside the process; use --shell-job to dump a job attached to a terminal)",
+				fd.Fd, table.Pid, f.Path, ErrUnsupported)
+		}
+		f.Type, f.ShellJobTty, f.Tty = "chr", true, nil
+	}
+	return nil
+}
+
+func unsafePointer(b []byte) unsafe.Pointer { return unsafe.Pointer(&b[0]) }

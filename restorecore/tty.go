@@ -1,0 +1,126 @@
+package restorecore
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+const (
+	tcsets2    = 0x402c542b
+	tiocsptlck = 0x40045431
+	tiocpkt    = 0x5420
+)
+
+// ctty is the terminal to make the process's controlling terminal once it
+// leads its session again.
+type ctty struct {
+	fd     int
+	fgPgrp int32
+}
+
+// openPtmx opens /dev/ptmx inside the process until the kernel hands out
+// the dumped index (it gives the lowest free one), so that the slave is
+// /dev/pts/N again; the masters opened on the way are closed.
+func (b *builder) openPtmx(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	want := f.Tty.Index
+	var extra []uint64
+	defer func() {
+		for _, fd := range extra {
+			b.sys(unix.SYS_CLOSE, fd)
+		}
+	}()
+	for {
+		raw, err := b.openIn("/dev/ptmx", f)
+		if err != nil {
+			return 0, err
+		}
+		if _, err := b.sys(unix.SYS_IOCTL, raw, unix.TIOCGPTN, b.scratch()); err != nil {
+			b.sys(unix.SYS_CLOSE, raw)
+			return 0, fmt.Errorf("TIOCGPTN: %w", err)
+		}
+		v := make([]byte, 4)
+		if err := readMem(b.pid, b.scratch(), v); err != nil {
+			return 0, err
+		}
+		got := int32(binary.LittleEndian.Uint32(v))
+		if got == want {
+			fd, err := park(raw)
+			if err != nil {
+				return 0, err
+			}
+			if err := b.ioctlInt(fd, tiocsptlck, 0); err != nil {
+				return 0, fmt.Errorf("unlock pty %d: %w", want, err)
+			}
+			if f.Tty.Packet {
+				if err := b.ioctlInt(fd, tiocpkt, 1); err != nil {
+					return 0, fmt.Errorf("packet mode: %w", err)
+				}
+			}
+			return fd, nil
+		}
+		extra = append(extra, raw)
+		if got > want || len(extra) > 1024 {
+			return 0, fmt.Errorf("/dev/pts/%d is taken on this host (the kernel handed out %d)", want, got)
+		}
+	}
+}
+
+// openPts opens the slave /dev/pts/N and puts its settings back.
+func (b *builder) openPts(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	raw, err := b.openIn(fmt.Sprintf("/dev/pts/%d", f.Tty.Index), f)
+	if err != nil {
+		return 0, err
+	}
+	fd, err := park(raw)
+	if err != nil {
+		return 0, err
+	}
+	for _, s := range []struct {
+		req  uint64
+		data []byte
+	}{{tcsets2, f.Tty.Termios}, {unix.TIOCSWINSZ, f.Tty.Winsize}} {
+		if len(s.data) == 0 {
+			continue
+		}
+		a, err := b.put(scratchOptVal, s.data)
+		if err != nil {
+			return 0, err
+		}
+		if _, err := b.sys(unix.SYS_IOCTL, uint64(fd), s.req, a); err != nil {
+			return 0, fmt.Errorf("terminal settings of %s: %w", f.Path, err)
+		}
+	}
+	return fd, nil
+}
+
+// ioctlInt runs an ioctl whose argument points to an int.
+func (b *builder) ioctlInt(fd int, req uint64, v int32) error {
+	a, err := b.put(scratchOptVal, binary.LittleEndian.AppendUint32(nil, uint32(v)))
+	if err != nil {
+		return err
+	}
+	_, err = b.sys(unix.SYS_IOCTL, uint64(fd), req, a)
+	return err
+}
+
+// takeCtty makes the remembered terminal the controlling terminal of the
+// process (which leads its session by now) with its foreground group.
+func (b *builder) takeCtty() error {
+	c := b.ctty
+	if c == nil {
+		return nil
+	}
+	if _, err := b.sys(unix.SYS_IOCTL, uint64(c.fd), unix.TIOCSCTTY, 0); err != nil {
+		return fmt.Errorf("controlling terminal (fd %d): %w", c.fd, err)
+	}
+	if c.fgPgrp > 0 {
+		if err := b.ioctlInt(c.fd, unix.TIOCSPGRP, c.fgPgrp); err != nil {
+			return fmt.Errorf("foreground group %d: %w", c.fgPgrp, err)
+		}
+	}
+	return nil
+}
