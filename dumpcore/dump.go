@@ -52,6 +52,10 @@ type Options struct {
 	// TCPEstablished (--tcp-established) dumps established TCP
 	// connections through TCP_REPAIR; otherwise one fails the dump.
 	TCPEstablished bool
+	// ExtUnixSk (--ext-unix-sk): nil forbids unix sockets connected to
+	// processes outside the dump; empty allows any; else the peer inodes
+	// allowed.
+	ExtUnixSk []uint64
 	// NetworkLock (--network-lock): "nftables" (the default; "iptables"
 	// is taken to mean it too) drops the peers' packets of the dumped
 	// connections from the dump until the restore; "skip" does not.

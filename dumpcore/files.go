@@ -27,6 +27,9 @@ type fileTable struct {
 	// mode, to be closed (after a kill: silently) or taken out of it.
 	tcpEstablished bool
 	repaired       []int
+	// extUnix: --ext-unix-sk (nil: not given; empty: any peer; else the
+	// peers' inodes it names).
+	extUnix []uint64
 	// cttyNr is the process's controlling terminal (stat tty_nr), 0: none.
 	cttyNr     uint64
 	cttyFg     int // its foreground process group (stat tpgid)
@@ -175,8 +178,10 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 	return table, nil
 }
 
-// checkUnixPeers refuses connected unix sockets whose other end is not in
-// the dump (ferry cannot rebuild a connection to a stranger yet).
+// checkUnixPeers deals with connected unix sockets whose other end is not
+// in the dump: with --ext-unix-sk a datagram socket connected to a bound
+// socket (syslog's /dev/log, say) is connected to that name again on
+// restore; anything else is refused.
 func (ft *fileTable) checkUnixPeers(table *pb.FdTable) error {
 	byIno := map[uint64]bool{}
 	for _, f := range ft.entries {
@@ -186,12 +191,47 @@ func (ft *fileTable) checkUnixPeers(table *pb.FdTable) error {
 	}
 	for _, fd := range table.Fds {
 		f := ft.entries[fd.FileId-1]
-		if f.Unix != nil && f.Unix.PeerIno != 0 && !byIno[f.Unix.PeerIno] {
-			return fmt.Errorf("fd %d of %d: unix socket connected to socket:[%d] outside the process: %w (--ext-unix-sk is not there yet)",
-				fd.Fd, table.Pid, f.Unix.PeerIno, ErrUnsupported)
+		u := f.Unix
+		if u == nil || u.PeerIno == 0 || byIno[u.PeerIno] || len(u.ExternalPeer) > 0 {
+			continue
 		}
+		what := fmt.Sprintf("fd %d of %d: unix socket connected to socket:[%d] outside the process", fd.Fd, table.Pid, u.PeerIno)
+		if !ft.extUnixSk(u.PeerIno) {
+			return fmt.Errorf("%s: %w (--ext-unix-sk reconnects datagram sockets to the peer's name)", what, ErrUnsupported)
+		}
+		if u.Type != unix.SOCK_DGRAM {
+			return fmt.Errorf("%s: %w (a stream connection to another process cannot be made again)", what, ErrUnsupported)
+		}
+		d, err := diagUnix(int(table.Pid), u.PeerIno)
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if len(d.name) == 0 {
+			return fmt.Errorf("%s: %w (the peer has no name to connect to)", what, ErrUnsupported)
+		}
+		if len(u.Queue) > 0 {
+			return fmt.Errorf("%s: %w (%d messages queued from it would be lost)", what, ErrUnsupported, len(u.Queue))
+		}
+		u.ExternalPeer, u.PeerIno = d.name, 0
+		f.Path = "unix:-> " + unixName(d.name)
 	}
 	return nil
+}
+
+// extUnixSk tells whether --ext-unix-sk allows the external peer ino.
+func (ft *fileTable) extUnixSk(ino uint64) bool {
+	if ft.extUnix == nil {
+		return false
+	}
+	if len(ft.extUnix) == 0 {
+		return true
+	}
+	for _, i := range ft.extUnix {
+		if i == ino {
+			return true
+		}
+	}
+	return false
 }
 
 func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob bool) (*pb.FileEntry, error) {

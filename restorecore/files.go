@@ -99,7 +99,7 @@ func (b *builder) restoreFiles() error {
 				return fmt.Errorf("fd %d: unix socket without its description", e.Fd)
 			}
 			if f.Unix.PeerIno == 0 {
-				if fd, err = b.newUnixListener(f, park); err != nil {
+				if fd, err = b.newUnixSocket(f, park); err != nil {
 					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 				}
 				break

@@ -11,9 +11,11 @@ import (
 	"github.com/ferrycr/ferry/images/pb"
 )
 
-// newUnixListener binds a listening unix socket to its name again: a
-// socket file the dumped process left at the path is removed first.
-func (b *builder) newUnixListener(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+// newUnixSocket makes a unix socket that is not one end of a pair in the
+// dump: bound to its name again (a socket file the dumped process left at
+// the path is removed first), listening, or connected to an external peer
+// by name (--ext-unix-sk).
+func (b *builder) newUnixSocket(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
 	s := f.Unix
 	raw, err := b.sys(unix.SYS_SOCKET, unix.AF_UNIX, uint64(s.Type)|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -48,6 +50,17 @@ func (b *builder) newUnixListener(f *pb.FileEntry, park func(uint64) (int, error
 	if s.Listening {
 		if _, err := b.sys(unix.SYS_LISTEN, uint64(fd), uint64(s.Backlog)); err != nil {
 			return 0, fmt.Errorf("listen %s: %w", f.Path, err)
+		}
+	}
+	if len(s.ExternalPeer) > 0 {
+		addr := binary.LittleEndian.AppendUint16(nil, unix.AF_UNIX)
+		addr = append(addr, s.ExternalPeer...)
+		a, err := b.put(scratchAddr, addr)
+		if err != nil {
+			return 0, err
+		}
+		if _, err := b.sys(unix.SYS_CONNECT, uint64(fd), a, uint64(len(addr))); err != nil {
+			return 0, fmt.Errorf("connect %s: %w", f.Path, err)
 		}
 	}
 	return fd, b.setFlags(fd, f)

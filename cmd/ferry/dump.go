@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -34,6 +36,7 @@ func newDumpCmd() *cobra.Command {
 		background   bool
 		tcpEst       bool
 		netLock      string
+		extUnix      string
 	)
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
@@ -73,6 +76,19 @@ work directory.`,
 			}
 			if leaveRunning && leaveStopped {
 				return errors.New("dump: --leave-running and --leave-stopped exclude each other")
+			}
+			var extUnixSk []uint64
+			if cmd.Flags().Changed("ext-unix-sk") {
+				extUnixSk = []uint64{}
+				if extUnix != "all" {
+					for _, f := range strings.Split(extUnix, ",") {
+						ino, err := strconv.ParseUint(strings.TrimSpace(f), 10, 64)
+						if err != nil {
+							return fmt.Errorf("--ext-unix-sk %q: want socket inodes, comma separated", extUnix)
+						}
+						extUnixSk = append(extUnixSk, ino)
+					}
+				}
 			}
 			dump := dumpcore.Dump
 			if background {
@@ -129,7 +145,7 @@ work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, TrackMem: trackMem,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, TrackMem: trackMem,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -166,6 +182,8 @@ work directory.`,
 	fs.IntVar(&statusFd, "status-fd", -1, "with --lazy-pages: write a zero byte to FD once the pages can be requested")
 	fs.BoolVar(&trackMem, "track-mem", false, "with -R: leave the dirty tracker in the process for a later incremental dump")
 	fs.StringVar(&netLock, "network-lock", "nftables", "with --tcp-established: keep the peers' packets out until the restore: nftables (iptables means the same here) or skip")
+	fs.StringVar(&extUnix, "ext-unix-sk", "", "allow unix datagram sockets connected to processes outside the dump (all, or the peers' inodes, comma separated); they are connected to the peer's name again on restore")
+	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
 	fs.BoolVar(&tcpEst, "tcp-established", false, "dump established TCP connections (TCP_REPAIR); the restored process takes them over without the peer noticing")
 	fs.BoolVar(&background, "background", false, "background snapshot (implies -R): copy memory while the process runs, then freeze it only to copy what it wrote meanwhile and its other state; the images show it as it was at that freeze")
 	return cmd

@@ -520,3 +520,62 @@ func TestDumpRestorePty(t *testing.T) {
 		t.Fatalf("pty %d after restore, %d before", after.Int("pty"), before.Int("pty"))
 	}
 }
+
+func TestDumpRestoreExternalUnixDgram(t *testing.T) {
+	// --ext-unix-sk: a datagram socket connected to a socket of another
+	// process (a syslog-like collector here) is connected to that name
+	// again; the restored sender's datagrams reach the collector.
+	needRoot(t)
+	path := filepath.Join(t.TempDir(), "log.sock")
+	coll, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer coll.Close()
+	script := `import os, socket, time
+tok = os.urandom(8).hex()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect("` + path + `")
+n = 0
+while True:
+    n += 1
+    s.send(("%s %d" % (tok, n)).encode())
+    time.sleep(0.02)
+`
+	cmd := exec.Command("python3", "-c", script)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	defer func() { unix.Kill(pid, unix.SIGKILL); testutil.WaitGone(pid, 5*time.Second) }()
+	read := func() (string, int) {
+		t.Helper()
+		buf := make([]byte, 128)
+		coll.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := coll.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := strings.Fields(string(buf[:n]))
+		c, _ := strconv.Atoi(f[1])
+		return f[0], c
+	}
+	tok, before := read()
+	if code, out := ferry(t, "dump", "-t", strconv.Itoa(pid), "-D", t.TempDir()); code != 1 || !strings.Contains(out, "--ext-unix-sk") {
+		t.Fatalf("dump without --ext-unix-sk: exit %d\n%s", code, out)
+	}
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--ext-unix-sk")
+	cmd.Wait()
+	for drained := false; !drained; { // what was sent before the dump
+		coll.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		_, err := coll.Read(make([]byte, 128))
+		drained = err != nil
+	}
+	mustFerry(t, "restore", "-D", img, "-d")
+	got, after := read()
+	if got != tok || after <= before {
+		t.Fatalf("after restore: %s %d, before: %s %d", got, after, tok, before)
+	}
+}

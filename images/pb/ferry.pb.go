@@ -2210,10 +2210,13 @@ type UnixSocket struct {
 	PeerIno   uint64                 `protobuf:"varint,5,opt,name=peer_ino,json=peerIno,proto3" json:"peer_ino,omitempty"`
 	// What this end has received and not read yet: one element for a
 	// stream, one per message otherwise, oldest first.
-	Queue         [][]byte `protobuf:"bytes,6,rep,name=queue,proto3" json:"queue,omitempty"`
-	Shutdown      int32    `protobuf:"varint,7,opt,name=shutdown,proto3" json:"shutdown,omitempty"` // UNIX_DIAG_SHUTDOWN: 1 no more reads, 2 no more writes
-	Sndbuf        int32    `protobuf:"varint,8,opt,name=sndbuf,proto3" json:"sndbuf,omitempty"`     // SO_SNDBUF, SO_RCVBUF as the kernel reports them
-	Rcvbuf        int32    `protobuf:"varint,9,opt,name=rcvbuf,proto3" json:"rcvbuf,omitempty"`
+	Queue    [][]byte `protobuf:"bytes,6,rep,name=queue,proto3" json:"queue,omitempty"`
+	Shutdown int32    `protobuf:"varint,7,opt,name=shutdown,proto3" json:"shutdown,omitempty"` // UNIX_DIAG_SHUTDOWN: 1 no more reads, 2 no more writes
+	Sndbuf   int32    `protobuf:"varint,8,opt,name=sndbuf,proto3" json:"sndbuf,omitempty"`     // SO_SNDBUF, SO_RCVBUF as the kernel reports them
+	Rcvbuf   int32    `protobuf:"varint,9,opt,name=rcvbuf,proto3" json:"rcvbuf,omitempty"`
+	// A datagram socket connected to a socket outside the dump
+	// (--ext-unix-sk): the name it is connected to again.
+	ExternalPeer  []byte `protobuf:"bytes,10,opt,name=external_peer,json=externalPeer,proto3" json:"external_peer,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2309,6 +2312,13 @@ func (x *UnixSocket) GetRcvbuf() int32 {
 		return x.Rcvbuf
 	}
 	return 0
+}
+
+func (x *UnixSocket) GetExternalPeer() []byte {
+	if x != nil {
+		return x.ExternalPeer
+	}
+	return nil
 }
 
 // InetSocket is a TCP listener or an unconnected, or connected UDP,
@@ -3565,7 +3575,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\awinsize\x18\x03 \x01(\fR\awinsize\x12\x16\n" +
 	"\x06packet\x18\x04 \x01(\bR\x06packet\x12\x12\n" +
 	"\x04ctty\x18\x05 \x01(\bR\x04ctty\x12\x17\n" +
-	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\xe9\x01\n" +
+	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\x8e\x02\n" +
 	"\n" +
 	"UnixSocket\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
@@ -3576,7 +3586,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x05queue\x18\x06 \x03(\fR\x05queue\x12\x1a\n" +
 	"\bshutdown\x18\a \x01(\x05R\bshutdown\x12\x16\n" +
 	"\x06sndbuf\x18\b \x01(\x05R\x06sndbuf\x12\x16\n" +
-	"\x06rcvbuf\x18\t \x01(\x05R\x06rcvbuf\"\x8a\x02\n" +
+	"\x06rcvbuf\x18\t \x01(\x05R\x06rcvbuf\x12#\n" +
+	"\rexternal_peer\x18\n" +
+	" \x01(\fR\fexternalPeer\"\x8a\x02\n" +
 	"\n" +
 	"InetSocket\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
