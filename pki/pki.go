@@ -144,3 +144,16 @@ func (c *CA) CRL(path string, serials ...int64) error {
 	}
 	return os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o644)
 }
+
+// ReadCert reads a PEM certificate.
+func ReadCert(path string) (*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, fmt.Errorf("pki: %s is not PEM", path)
+	}
+	return x509.ParseCertificate(blk.Bytes)
+}

@@ -1656,3 +1656,38 @@ func TestCompressedImages(t *testing.T) {
 		t.Fatalf("corrupted compressed pages: exit %d\n%s", code, out)
 	}
 }
+
+func TestCertsForPageServer(t *testing.T) {
+	// ferry certs makes a CA and node certificates a TLS page server and
+	// its client accept; a revoked node is refused.
+	needRoot(t)
+	dir := filepath.Join(t.TempDir(), "pki")
+	mustFerry(t, "certs", "init", "--dir", dir)
+	if code, out := ferry(t, "certs", "init", "--dir", dir); code != 1 || !strings.Contains(out, "already holds a CA") {
+		t.Fatalf("second init: exit %d\n%s", code, out)
+	}
+	for _, n := range []string{"server", "client", "intruder"} {
+		mustFerry(t, "certs", "issue", "--dir", dir, n, "--host", "127.0.0.1")
+	}
+	if st, err := os.Stat(filepath.Join(dir, "ca.key")); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("ca.key: %v %v", st, err)
+	}
+	mustFerry(t, "certs", "revoke", "--dir", dir, "intruder")
+	tlsArgs := func(node string) []string {
+		return []string{"--tls", "--tls-cacert", filepath.Join(dir, "ca.crt"), "--tls-cacrl", filepath.Join(dir, "crl.pem"),
+			"--tls-cert", filepath.Join(dir, node+".crt"), "--tls-key", filepath.Join(dir, node+".key")}
+	}
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "8")
+	srv, port := t.TempDir(), freePort(t)
+	done := startDaemon(t, append([]string{"page-server", "-D", srv, "--address", "127.0.0.1", "--port", port}, tlsArgs("server")...)...)
+	args := append([]string{"dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "-R", "--page-server", "--address", "127.0.0.1", "--port", port}, tlsArgs("intruder")...)
+	if code, _ := ferry(t, args...); code != 1 {
+		t.Fatalf("a revoked certificate was accepted")
+	}
+	args = append([]string{"dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "-R", "--page-server", "--address", "127.0.0.1", "--port", port}, tlsArgs("client")...)
+	mustFerry(t, args...)
+	if code := <-done; code != 0 {
+		t.Fatalf("page-server exited %d", code)
+	}
+}
