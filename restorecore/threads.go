@@ -89,13 +89,16 @@ func (b *builder) threadState(t *compel.Task, tc *pb.ThreadCore) error {
 // siginfo, while every signal is still blocked.
 func (b *builder) restorePending() error {
 	pid := uint64(b.pid)
-	for _, tc := range b.p.core.Threads {
+	for i, tc := range b.p.core.Threads {
 		for _, si := range tc.Pending {
 			a, err := b.put(0, si.Raw)
 			if err != nil {
 				return err
 			}
-			if _, err := b.sys(unix.SYS_RT_TGSIGQUEUEINFO, pid, uint64(tc.Tid), uint64(si.Signo), a); err != nil {
+			// The thread queues it to itself: only then may the siginfo
+			// say it came from tgkill (SI_TKILL), as the Go runtime's
+			// preemption signals do, or from the kernel.
+			if _, err := b.threads[i].Syscall(unix.SYS_RT_TGSIGQUEUEINFO, pid, uint64(tc.Tid), uint64(si.Signo), a); err != nil {
 				return fmt.Errorf("queue signal %d to %d: %w", si.Signo, tc.Tid, err)
 			}
 		}

@@ -591,6 +591,9 @@ func TestDumpRestoreMappingsGhostTimers(t *testing.T) {
 	if after.Fields["timerid"] != before.Fields["timerid"] {
 		t.Errorf("POSIX timer id %s after restore, %s before", after.Fields["timerid"], before.Fields["timerid"])
 	}
+	if after.Int("urgpending") != 1 {
+		t.Fatalf("the SIGURG pending on worker 0 (SI_TKILL) is gone: %v", after)
+	}
 	if after.Int("rtpending") != 1 || after.Int("rtsigs") != 0 {
 		t.Fatalf("the blocked queued signals were not pending after restore: %v", after)
 	}

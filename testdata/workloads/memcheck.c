@@ -41,7 +41,9 @@
  *   -c MIBS  with -C, rewrite at most MIBS MiB per second, over a 64 MiB
  *            churn buffer (without -c: as fast as it can, over -m MiB)
  *   -T       timers and signals: ITIMER_REAL, a POSIX timer, a blocked
- *            real-time signal queued twice with values, a sigaltstack
+ *            real-time signal queued twice with values, a sigaltstack, and
+ *            (with -t) SIGURG sent by tgkill to worker 0, which blocks it
+ *            (a thread-directed signal whose siginfo says SI_TKILL)
  *   -r PATH  report path (required)
  */
 #define _GNU_SOURCE
@@ -365,14 +367,30 @@ static void on_signal(int sig)
 		_exit(0);
 }
 
+static volatile int urg_pending = -1; /* -T: worker 0 sees its SIGURG pending */
+static volatile pid_t worker0_tid;
+static int timers_wanted;
+
 static void *worker(void *arg)
 {
 	long id = (long)arg;
 	volatile uint64_t canary[8];
+	if (id == 0 && timers_wanted) {
+		sigset_t m;
+		sigemptyset(&m);
+		sigaddset(&m, SIGURG);
+		pthread_sigmask(SIG_BLOCK, &m, NULL);
+		worker0_tid = gettid();
+	}
 	for (int i = 0; i < 8; i++)
 		canary[i] = token ^ (uint64_t)(id * 8 + i);
 	tls_id = id;
 	for (;;) {
+		if (id == 0 && timers_wanted) {
+			sigset_t p;
+			sigpending(&p);
+			urg_pending = sigismember(&p, SIGURG);
+		}
 		tls_counter++;
 		counters[id] = tls_counter;
 		if (tls_id != id || counters[id] != tls_counter) {
@@ -481,6 +499,7 @@ static void write_report(long counter, long seq, int ok)
 		sigpending(&pend);
 		fprintf(f, "alarms=%ld\nticks=%ld\nrtsigs=%ld\nrtsum=%ld\nrtpending=%d\n", alarms, ticks, rtsigs, rtsum,
 			sigismember(&pend, SIGRTMIN));
+		fprintf(f, "urgpending=%d\n", urg_pending);
 		fprintf(f, "timerid=%ld\n", (long)(intptr_t)posix_timer);
 	}
 	fprintf(f, "seq=%ld\n", seq);
@@ -588,8 +607,14 @@ int main(int argc, char **argv)
 		sigaction(SIGINT, &sa, NULL);
 
 	pthread_t t;
+	timers_wanted = use_timers;
 	for (long i = 0; i < nthreads; i++)
 		pthread_create(&t, NULL, worker, (void *)i);
+	if (use_timers && nthreads > 0) {
+		while (!worker0_tid)
+			usleep(1000);
+		tgkill(getpid(), worker0_tid, SIGURG);
+	}
 	if (use_pipe) {
 		if (pipe(pipefd) < 0) {
 			perror("pipe");
