@@ -33,7 +33,7 @@ proto:
 lint:
 	@bash scripts/lint.sh
 
-## demo: start a workload, checkpoint it, restore it, show that it continued
+## demo: two local hosts (network namespaces); a workload moved from one to the other
 demo: deps build
 	@bash scripts/demo.sh
 
