@@ -2,6 +2,7 @@ package dumpcore
 
 import (
 	"bytes"
+	"errors"
 	"encoding/binary"
 	"fmt"
 	"net/netip"
@@ -70,6 +71,8 @@ var (
 // tcpListen and tcpClose are TCP states (tcpi_state).
 const (
 	tcpEstablished = 1
+	tcpFinWait1    = 4
+	tcpFinWait2    = 5
 	tcpClose       = 7
 	tcpListen      = 10
 )
@@ -142,8 +145,9 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 			switch {
 			case !ft.tcpEstablished:
 				return nil, fmt.Errorf("%s: %w (dump established connections with --tcp-established)", what, ErrUnsupported)
-			case info.State != tcpEstablished:
-				return nil, fmt.Errorf("%s in state %s: %w (only established connections so far)", what, tcpStateName(info.State), ErrUnsupported)
+			case info.State != tcpEstablished && info.State != tcpFinWait1 && info.State != tcpFinWait2:
+				return nil, fmt.Errorf("%s in state %s: %w (established connections, and those that shut down writing, so far)",
+					what, tcpStateName(info.State), ErrUnsupported)
 			}
 			s.Peer = peer
 			if s.Tcp, err = repairRead(dup, info); err != nil {
@@ -194,7 +198,8 @@ func repairRead(fd int, info *unix.TCPInfo) (*pb.TcpStream, error) {
 	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, tcpRepair, 1); err != nil {
 		return nil, os.NewSyscallError("setsockopt TCP_REPAIR", err)
 	}
-	t := &pb.TcpStream{Options: uint32(info.Options)}
+	t := &pb.TcpStream{Options: uint32(info.Options), State: int32(info.State)}
+	finSent := info.State == tcpFinWait1 // its FIN counts in the send queue's length
 	// tcpi_snd_wscale and tcpi_rcv_wscale are the two nibbles of the byte
 	// after tcpi_options, which x/sys's TCPInfo leaves as padding.
 	raw, err := rawOpt(fd, sockOpt{unix.IPPROTO_TCP, unix.TCP_INFO, unix.SizeofTCPInfo})
@@ -219,13 +224,16 @@ func repairRead(fd int, info *unix.TCPInfo) (*pb.TcpStream, error) {
 		}
 		b := make([]byte, n)
 		got, _, err := unix.Recvfrom(fd, b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		if errors.Is(err, unix.EAGAIN) && q == tcpSendQueue && finSent && n == 1 {
+			return uint32(seq), nil, nil // only the FIN
+		}
 		if err != nil {
 			return 0, nil, os.NewSyscallError("recv (peek queue)", err)
 		}
-		if got != n {
+		if got != n && !(q == tcpSendQueue && finSent && got == n-1) {
 			return 0, nil, fmt.Errorf("queue holds %d bytes, %d could be read", n, got)
 		}
-		return uint32(seq), b, nil
+		return uint32(seq), b[:got], nil
 	}
 	if t.RecvSeq, t.RecvQueue, err = queue(tcpRecvQueue, siocInq); err != nil {
 		return nil, err
@@ -237,7 +245,7 @@ func repairRead(fd int, info *unix.TCPInfo) (*pb.TcpStream, error) {
 	if err != nil {
 		return nil, os.NewSyscallError("ioctl SIOCOUTQNSD", err)
 	}
-	t.Unsent = uint32(unsent)
+	t.Unsent = uint32(min(unsent, len(t.SendQueue)))
 	mss, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG)
 	if err != nil {
 		return nil, os.NewSyscallError("getsockopt TCP_MAXSEG", err)

@@ -109,6 +109,8 @@ const (
 	tcpRepairWindow  = 29
 	tcpRecvQueue     = 1
 	tcpSendQueue     = 2
+	tcpFinWait1      = 4
+	tcpFinWait2      = 5
 
 	tcpiOptTimestamps = 1
 	tcpiOptSack       = 2
@@ -126,6 +128,13 @@ const (
 // window probe) and writes the part never sent as ordinary data.
 func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
 	s, t := f.Inet, f.Inet.Tcp
+	// A connection that shut down writing has its FIN after its data, one
+	// sequence number (fin-wait1: maybe unacknowledged; fin-wait2: acked).
+	shut := t.State == tcpFinWait1 || t.State == tcpFinWait2
+	fin := uint32(0)
+	if shut {
+		fin = 1
+	}
 	raw, err := b.sys(unix.SYS_SOCKET, uint64(s.Family), unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
 		return 0, fmt.Errorf("socket: %w", err)
@@ -161,7 +170,7 @@ func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) 
 	for _, q := range []struct {
 		queue int
 		seq   uint32
-	}{{tcpRecvQueue, t.RecvSeq - uint32(len(t.RecvQueue))}, {tcpSendQueue, t.SendSeq - uint32(len(t.SendQueue))}} {
+	}{{tcpRecvQueue, t.RecvSeq - uint32(len(t.RecvQueue))}, {tcpSendQueue, t.SendSeq - uint32(len(t.SendQueue)) - fin}} {
 		if err := setInt(unix.IPPROTO_TCP, tcpRepairQueue, uint32(q.queue)); err != nil {
 			return 0, err
 		}
@@ -205,6 +214,10 @@ func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) 
 	}
 	sent := t.SendQueue[:len(t.SendQueue)-int(t.Unsent)]
 	unsent := t.SendQueue[len(sent):]
+	if shut {
+		// Nothing can be written after the FIN: all of it goes in now.
+		sent, unsent = t.SendQueue, nil
+	}
 	if err := setInt(unix.IPPROTO_TCP, tcpRepairQueue, tcpRecvQueue); err != nil {
 		return 0, err
 	}
@@ -216,6 +229,11 @@ func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) 
 	}
 	if err := b.sendAll(fd, sent); err != nil {
 		return 0, fmt.Errorf("send queue: %w", err)
+	}
+	if shut {
+		if _, err := b.sys(unix.SYS_SHUTDOWN, uint64(fd), unix.SHUT_WR); err != nil {
+			return 0, fmt.Errorf("shutdown: %w", err)
+		}
 	}
 	if len(t.Window) > 0 {
 		if err := b.setsockopt(fd, unix.IPPROTO_TCP, tcpRepairWindow, t.Window); err != nil {

@@ -579,3 +579,36 @@ while True:
 		t.Fatalf("after restore: %s %d, before: %s %d", got, after, tok, before)
 	}
 }
+
+func TestDumpRestoreTCPHalfClosed(t *testing.T) {
+	// The server shut its connection down for writing (fin-wait2; the
+	// client has read the end of the stream): after dump and restore
+	// the server still receives what the client sends.
+	needRoot(t)
+	bin := testutil.BuildC(t, "tcpecho")
+	w := testutil.Start(t, "-r", bin)
+	before := w.Report(t)
+	c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(before.Int("port")))), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	r := bufio.NewReader(c)
+	fmt.Fprintf(c, "a\nhalf\n")
+	r.ReadString('\n')
+	if _, err := r.ReadString('\n'); err != io.EOF {
+		t.Fatalf("after half: %v, want the end of the stream", err)
+	}
+	time.Sleep(50 * time.Millisecond) // the FIN acknowledged: fin-wait2
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--tcp-established")
+	w.Reap(t)
+	mustFerry(t, "restore", "-D", img, "-d")
+	rw := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer rw.Kill()
+	fmt.Fprintf(c, "after\n")
+	if !waitFor(5*time.Second, func() bool { return rw.Report(t).Int("halfread") == 1 }) {
+		t.Fatalf("the restored server did not receive the line sent after the restore: %v", rw.Report(t))
+	}
+}

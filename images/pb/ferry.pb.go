@@ -2438,20 +2438,23 @@ func (x *InetSocket) GetTcp() *TcpStream {
 
 // TcpStream is the state TCP_REPAIR lets a connection be rebuilt from.
 type TcpStream struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	SendSeq       uint32                 `protobuf:"varint,1,opt,name=send_seq,json=sendSeq,proto3" json:"send_seq,omitempty"`      // TCP_QUEUE_SEQ of the send queue: next byte written
-	RecvSeq       uint32                 `protobuf:"varint,2,opt,name=recv_seq,json=recvSeq,proto3" json:"recv_seq,omitempty"`      // of the receive queue: next byte expected
-	SendQueue     []byte                 `protobuf:"bytes,3,opt,name=send_queue,json=sendQueue,proto3" json:"send_queue,omitempty"` // written, not yet acknowledged (the tail not even sent)
-	RecvQueue     []byte                 `protobuf:"bytes,4,opt,name=recv_queue,json=recvQueue,proto3" json:"recv_queue,omitempty"` // received, not yet read by the program
-	Unsent        uint32                 `protobuf:"varint,5,opt,name=unsent,proto3" json:"unsent,omitempty"`                       // bytes at the end of send_queue never sent
-	Mss           uint32                 `protobuf:"varint,6,opt,name=mss,proto3" json:"mss,omitempty"`
-	Options       uint32                 `protobuf:"varint,7,opt,name=options,proto3" json:"options,omitempty"` // tcpi_options: TCPI_OPT_TIMESTAMPS, _SACK, _WSCALE
-	SndWscale     uint32                 `protobuf:"varint,8,opt,name=snd_wscale,json=sndWscale,proto3" json:"snd_wscale,omitempty"`
-	RcvWscale     uint32                 `protobuf:"varint,9,opt,name=rcv_wscale,json=rcvWscale,proto3" json:"rcv_wscale,omitempty"`
-	Timestamp     uint32                 `protobuf:"varint,10,opt,name=timestamp,proto3" json:"timestamp,omitempty"` // TCP_TIMESTAMP
-	Window        []byte                 `protobuf:"bytes,11,opt,name=window,proto3" json:"window,omitempty"`        // struct tcp_repair_window
-	Sndbuf        int32                  `protobuf:"varint,12,opt,name=sndbuf,proto3" json:"sndbuf,omitempty"`       // SO_SNDBUF, SO_RCVBUF: the queues must fit again
-	Rcvbuf        int32                  `protobuf:"varint,13,opt,name=rcvbuf,proto3" json:"rcvbuf,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SendSeq   uint32                 `protobuf:"varint,1,opt,name=send_seq,json=sendSeq,proto3" json:"send_seq,omitempty"`      // TCP_QUEUE_SEQ of the send queue: next byte written
+	RecvSeq   uint32                 `protobuf:"varint,2,opt,name=recv_seq,json=recvSeq,proto3" json:"recv_seq,omitempty"`      // of the receive queue: next byte expected
+	SendQueue []byte                 `protobuf:"bytes,3,opt,name=send_queue,json=sendQueue,proto3" json:"send_queue,omitempty"` // written, not yet acknowledged (the tail not even sent)
+	RecvQueue []byte                 `protobuf:"bytes,4,opt,name=recv_queue,json=recvQueue,proto3" json:"recv_queue,omitempty"` // received, not yet read by the program
+	Unsent    uint32                 `protobuf:"varint,5,opt,name=unsent,proto3" json:"unsent,omitempty"`                       // bytes at the end of send_queue never sent
+	Mss       uint32                 `protobuf:"varint,6,opt,name=mss,proto3" json:"mss,omitempty"`
+	Options   uint32                 `protobuf:"varint,7,opt,name=options,proto3" json:"options,omitempty"` // tcpi_options: TCPI_OPT_TIMESTAMPS, _SACK, _WSCALE
+	SndWscale uint32                 `protobuf:"varint,8,opt,name=snd_wscale,json=sndWscale,proto3" json:"snd_wscale,omitempty"`
+	RcvWscale uint32                 `protobuf:"varint,9,opt,name=rcv_wscale,json=rcvWscale,proto3" json:"rcv_wscale,omitempty"`
+	Timestamp uint32                 `protobuf:"varint,10,opt,name=timestamp,proto3" json:"timestamp,omitempty"` // TCP_TIMESTAMP
+	Window    []byte                 `protobuf:"bytes,11,opt,name=window,proto3" json:"window,omitempty"`        // struct tcp_repair_window
+	Sndbuf    int32                  `protobuf:"varint,12,opt,name=sndbuf,proto3" json:"sndbuf,omitempty"`       // SO_SNDBUF, SO_RCVBUF: the queues must fit again
+	Rcvbuf    int32                  `protobuf:"varint,13,opt,name=rcvbuf,proto3" json:"rcvbuf,omitempty"`
+	// 1 established; 4 fin-wait1, 5 fin-wait2: this end has shut down
+	// writing (its FIN follows send_queue and counts in send_seq).
+	State         int32 `protobuf:"varint,14,opt,name=state,proto3" json:"state,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2573,6 +2576,13 @@ func (x *TcpStream) GetSndbuf() int32 {
 func (x *TcpStream) GetRcvbuf() int32 {
 	if x != nil {
 		return x.Rcvbuf
+	}
+	return 0
+}
+
+func (x *TcpStream) GetState() int32 {
+	if x != nil {
+		return x.State
 	}
 	return 0
 }
@@ -3599,7 +3609,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\tlistening\x18\x06 \x01(\bR\tlistening\x12\x18\n" +
 	"\abacklog\x18\a \x01(\x05R\abacklog\x12)\n" +
 	"\x04opts\x18\b \x03(\v2\x15.ferry.images.SockOptR\x04opts\x12)\n" +
-	"\x03tcp\x18\t \x01(\v2\x17.ferry.images.TcpStreamR\x03tcp\"\xe7\x02\n" +
+	"\x03tcp\x18\t \x01(\v2\x17.ferry.images.TcpStreamR\x03tcp\"\xfd\x02\n" +
 	"\tTcpStream\x12\x19\n" +
 	"\bsend_seq\x18\x01 \x01(\rR\asendSeq\x12\x19\n" +
 	"\brecv_seq\x18\x02 \x01(\rR\arecvSeq\x12\x1d\n" +
@@ -3618,7 +3628,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	" \x01(\rR\ttimestamp\x12\x16\n" +
 	"\x06window\x18\v \x01(\fR\x06window\x12\x16\n" +
 	"\x06sndbuf\x18\f \x01(\x05R\x06sndbuf\x12\x16\n" +
-	"\x06rcvbuf\x18\r \x01(\x05R\x06rcvbuf\"I\n" +
+	"\x06rcvbuf\x18\r \x01(\x05R\x06rcvbuf\x12\x14\n" +
+	"\x05state\x18\x0e \x01(\x05R\x05state\"I\n" +
 	"\aSockOpt\x12\x14\n" +
 	"\x05level\x18\x01 \x01(\x05R\x05level\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\x05R\x04name\x12\x14\n" +

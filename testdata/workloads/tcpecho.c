@@ -7,6 +7,9 @@
  * that connection. The line "big" makes it send 4 MiB of a pattern
  * derived from the token ("TOKEN big" first): far more than the client
  * reads at once, so a checkpoint finds data in the socket's send queue.
+ * The line "half" shuts the connection down for writing (the client sees
+ * the end of the stream; the server goes to FIN_WAIT2) and makes it count
+ * the lines it still receives ("halfread" in the report).
  * Nonblocking, one poll loop. On SIGUSR1 it writes a report (key=value
  * lines, renamed into place) with the port and the number of connections.
  *
@@ -39,9 +42,11 @@ struct conn {
 	size_t inlen;
 	unsigned char *out; /* pending output */
 	size_t outlen, outoff;
+	int half; /* shut down for writing */
 };
 
 static uint64_t token;
+static long halfread;
 static struct conn conns[MAXC];
 static int nconn;
 
@@ -69,6 +74,16 @@ static void line(struct conn *c, const char *l)
 {
 	char buf[4200];
 	c->lines++;
+	if (c->half) {
+		halfread++;
+		return;
+	}
+	if (strcmp(l, "half") == 0) {
+		flush(c);
+		shutdown(c->fd, SHUT_WR);
+		c->half = 1;
+		return;
+	}
 	if (strcmp(l, "big") == 0) {
 		int n = snprintf(buf, sizeof buf, "%016llx big\n", (unsigned long long)token);
 		queue(c, buf, n);
@@ -110,8 +125,8 @@ int main(int argc, char **argv)
 			snprintf(tmp, sizeof tmp, "%s.tmp", rp);
 			FILE *f = fopen(tmp, "w");
 			if (f) {
-				fprintf(f, "status=ok\npid=%d\ntoken=%016llx\ncounter=%d\nport=%d\nseq=%ld\n", getpid(),
-					(unsigned long long)token, nconn, ntohs(a.sin_port), ++seq);
+				fprintf(f, "status=ok\npid=%d\ntoken=%016llx\ncounter=%d\nport=%d\nhalfread=%ld\nseq=%ld\n", getpid(),
+					(unsigned long long)token, nconn, ntohs(a.sin_port), halfread, ++seq);
 				fclose(f);
 				rename(tmp, rp);
 			}
