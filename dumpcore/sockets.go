@@ -2,8 +2,8 @@ package dumpcore
 
 import (
 	"bytes"
-	"errors"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
