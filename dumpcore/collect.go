@@ -39,6 +39,8 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	img := &imageSet{files: newFileTable(d.opts.GhostLimit)}
 	img.files.tcpEstablished = d.opts.TCPEstablished
 	img.files.extUnix = d.opts.ExtUnixSk
+	img.files.fileLocks = d.opts.FileLocks
+	img.files.tcpClose = d.opts.TCPClose
 	d.files = img.files
 
 	stat, err := proc.ReadStat(pid)
@@ -88,6 +90,12 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	if b, err := os.ReadFile(proc.Path(pid, "oom_score_adj")); err == nil {
 		v, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 		core.OomScoreAdj = int32(v)
+	}
+	core.Loginuid = ^uint32(0)
+	if b, err := os.ReadFile(proc.Path(pid, "loginuid")); err == nil {
+		if v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 32); err == nil {
+			core.Loginuid = uint32(v)
+		}
 	}
 	if b, err := os.ReadFile(proc.Path(pid, "timerslack_ns")); err == nil {
 		v, _ := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)

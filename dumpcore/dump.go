@@ -52,6 +52,12 @@ type Options struct {
 	// TCPEstablished (--tcp-established) dumps established TCP
 	// connections through TCP_REPAIR; otherwise one fails the dump.
 	TCPEstablished bool
+	// TCPClose (--tcp-close): established connections are not dumped;
+	// the restored process finds closed sockets in their place.
+	TCPClose bool
+	// FileLocks (--file-locks) dumps the file locks the process holds;
+	// otherwise a lock fails the dump.
+	FileLocks bool
 	// ExtUnixSk (--ext-unix-sk): nil forbids unix sockets connected to
 	// processes outside the dump; empty allows any; else the peer inodes
 	// allowed.

@@ -26,10 +26,16 @@ type fileTable struct {
 	// dumped; repaired holds ferry's duplicates of those now in repair
 	// mode, to be closed (after a kill: silently) or taken out of it.
 	tcpEstablished bool
+	tcpClose       bool // --tcp-close: established connections come back closed
 	repaired       []int
 	// extUnix: --ext-unix-sk (nil: not given; empty: any peer; else the
 	// peers' inodes it names).
 	extUnix []uint64
+	// fileLocks (--file-locks): locks are dumped; otherwise one fails the
+	// dump. lockSeen keeps each lock once (a POSIX lock shows on every fd
+	// of its file, a flock or OFD lock on every fd of its description).
+	fileLocks bool
+	lockSeen  map[string]bool
 	// cttyNr is the process's controlling terminal (stat tty_nr), 0: none.
 	cttyNr     uint64
 	cttyFg     int // its foreground process group (stat tpgid)
@@ -167,7 +173,11 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 			id = ft.add(e)
 			seen = append(seen, ofd{fd: fd, id: id})
 		}
-		table.Fds = append(table.Fds, &pb.FdEntry{Fd: int32(fd), FileId: id, Cloexec: cloexec})
+		fe := &pb.FdEntry{Fd: int32(fd), FileId: id, Cloexec: cloexec}
+		if err := ft.addLocks(fe, info); err != nil {
+			return nil, fmt.Errorf("fd %d of %d: %w", fd, pid, err)
+		}
+		table.Fds = append(table.Fds, fe)
 	}
 	if err := ft.checkUnixPeers(table); err != nil {
 		return nil, err
@@ -421,4 +431,57 @@ func kcmpFile(pid, a, b int) (bool, error) {
 		return false, os.NewSyscallError("kcmp", errno)
 	}
 	return r == 0, nil
+}
+
+// addLocks records the locks fdinfo shows for fe (see fileTable.lockSeen).
+func (ft *fileTable) addLocks(fe *pb.FdEntry, info proc.FdInfo) error {
+	for _, line := range info.Locks {
+		// "N: KIND ADVISORY MODE PID MAJ:MIN:INO START END"; "N: -> ..."
+		// lines are requests waiting for the lock, not locks.
+		f := strings.Fields(line)
+		if len(f) < 8 || f[1] == "->" {
+			continue
+		}
+		kind, mode, dev, start, end := f[1], f[3], f[5], f[6], f[7]
+		var k string
+		switch kind {
+		case "POSIX":
+			k = "posix"
+		case "FLOCK":
+			k = "flock"
+		case "OFDLCK":
+			k = "ofd"
+		default:
+			return fmt.Errorf("%s lock on %s: %w", strings.ToLower(kind), dev, ErrUnsupported)
+		}
+		if !ft.fileLocks {
+			return fmt.Errorf("holds a %s lock: %w (dump file locks with --file-locks)", k, ErrUnsupported)
+		}
+		owner := fmt.Sprint(fe.FileId)
+		if k == "posix" {
+			owner = dev // the process's, on the file
+		}
+		key := strings.Join([]string{k, owner, mode, start, end}, " ")
+		if ft.lockSeen[key] {
+			continue
+		}
+		if ft.lockSeen == nil {
+			ft.lockSeen = map[string]bool{}
+		}
+		ft.lockSeen[key] = true
+		l := &pb.FileLock{Kind: k, Write: mode == "WRITE"}
+		var err error
+		if l.Start, err = strconv.ParseInt(start, 10, 64); err != nil {
+			return fmt.Errorf("lock %q: %w", line, err)
+		}
+		if end != "EOF" {
+			e, err := strconv.ParseInt(end, 10, 64)
+			if err != nil {
+				return fmt.Errorf("lock %q: %w", line, err)
+			}
+			l.Len = e - l.Start + 1
+		}
+		fe.Locks = append(fe.Locks, l)
+	}
+	return nil
 }

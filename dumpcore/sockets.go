@@ -142,6 +142,11 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 		default:
 			peer, _ := rawName(dup, unix.SYS_GETPEERNAME)
 			what := fmt.Sprintf("TCP connection %s -> %s", sockaddrString(s.Addr), sockaddrString(peer))
+			if ft.tcpClose {
+				// --tcp-close: restored as a closed socket, bound nowhere.
+				s.Addr = nil
+				break
+			}
 			switch {
 			case !ft.tcpEstablished:
 				return nil, fmt.Errorf("%s: %w (dump established connections with --tcp-established)", what, ErrUnsupported)

@@ -26,6 +26,7 @@ const (
 	unixDiagRQLen    = 4
 	unixDiagShutdown = 6
 	unixListen       = 10 // TCP_LISTEN, as unix sockets report it
+	unixEstablished  = 1
 )
 
 // unixDiag is what sock_diag tells about one unix socket.
@@ -127,6 +128,10 @@ func describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket, error) {
 		return s, nil
 	case d.peer != 0 && len(d.name) > 0:
 		return nil, fmt.Errorf("connected unix socket bound to %s: %w (only unnamed pairs so far)", name, ErrUnsupported)
+	case d.peer == 0 && d.state == unixEstablished:
+		// Its peer has closed (an accepted connection whose client left,
+		// say): what it still has to read must stay readable.
+		s.PeerClosed = true
 	}
 	if s.Queue, err = peekQueue(dup, typ); err != nil {
 		return nil, fmt.Errorf("unix socket %s: %w", name, err)

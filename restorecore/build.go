@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -460,6 +462,16 @@ func (b *builder) restoreTask() error {
 	if c.ChildSubreaper != 0 {
 		b.sys(unix.SYS_PRCTL, unix.PR_SET_CHILD_SUBREAPER, 1)
 	}
+	// Written from ferry's side, like /proc/PID/oom_score_adj itself. Lowering
+	// it needs CAP_SYS_RESOURCE, which root lacks on some hosts: say so.
+	if c.OomScoreAdj != 0 {
+		if err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", b.pid), []byte(strconv.Itoa(int(c.OomScoreAdj))), 0); err != nil {
+			b.r.log.Warn("cannot restore oom_score_adj", "value", c.OomScoreAdj, "err", err)
+		}
+	}
+	if err := b.restoreLoginuid(c.Loginuid); err != nil {
+		b.r.log.Warn("cannot restore loginuid", "value", c.Loginuid, "err", err)
+	}
 	if c.TimerslackNs != 0 {
 		b.sys(unix.SYS_PRCTL, unix.PR_SET_TIMERSLACK, c.TimerslackNs)
 	}
@@ -591,4 +603,29 @@ func (b *builder) restoreTimers() error {
 		}
 	}
 	return nil
+}
+
+// restoreLoginuid writes the dumped loginuid, from inside the process:
+// only a task itself may write its /proc/self/loginuid.
+func (b *builder) restoreLoginuid(v uint32) error {
+	cur, err := os.ReadFile(fmt.Sprintf("/proc/%d/loginuid", b.pid))
+	want := strconv.FormatUint(uint64(v), 10)
+	if err != nil || strings.TrimSpace(string(cur)) == want {
+		return nil
+	}
+	path, err := b.putString(0, "/proc/self/loginuid")
+	if err != nil {
+		return err
+	}
+	fd, err := b.sys(unix.SYS_OPENAT, atFdcwd, path, unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer b.sys(unix.SYS_CLOSE, fd)
+	val, err := b.put(256, []byte(want))
+	if err != nil {
+		return err
+	}
+	_, err = b.sys(unix.SYS_WRITE, fd, val, uint64(len(want)))
+	return err
 }

@@ -98,6 +98,12 @@ func (b *builder) restoreFiles() error {
 			if f.Unix == nil {
 				return fmt.Errorf("fd %d: unix socket without its description", e.Fd)
 			}
+			if f.Unix.PeerClosed {
+				if fd, err = b.newUnixOrphan(f, park); err != nil {
+					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				}
+				break
+			}
 			if f.Unix.PeerIno == 0 {
 				if fd, err = b.newUnixSocket(f, park); err != nil {
 					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
@@ -195,6 +201,15 @@ func (b *builder) restoreFiles() error {
 	for fd := range parked {
 		if _, err := b.sys(unix.SYS_CLOSE, uint64(fd)); err != nil {
 			return err
+		}
+	}
+	// Locks last: closing any fd of a file drops the POSIX locks the
+	// process holds on it, so the parked copies must be gone first.
+	for _, e := range fds {
+		for _, l := range e.Locks {
+			if err := b.takeLock(int(e.Fd), l); err != nil {
+				return fmt.Errorf("fd %d: %s lock: %w", e.Fd, l.Kind, err)
+			}
 		}
 	}
 	return nil
@@ -320,4 +335,36 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 	tf.Chmod(os.FileMode(g.Mode & 0o7777))
 	tf.Chown(int(g.Uid), int(g.Gid))
 	return tf.Name(), nil
+}
+
+// takeLock takes a dumped file lock again, inside the process (POSIX locks
+// belong to the process that takes them).
+func (b *builder) takeLock(fd int, l *pb.FileLock) error {
+	if l.Kind == "flock" {
+		op := uint64(unix.LOCK_SH | unix.LOCK_NB)
+		if l.Write {
+			op = unix.LOCK_EX | unix.LOCK_NB
+		}
+		_, err := b.sys(unix.SYS_FLOCK, uint64(fd), op)
+		return err
+	}
+	// struct flock: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad).
+	fl := make([]byte, 32)
+	typ := uint16(unix.F_RDLCK)
+	if l.Write {
+		typ = unix.F_WRLCK
+	}
+	binary.LittleEndian.PutUint16(fl[0:], typ)
+	binary.LittleEndian.PutUint64(fl[8:], uint64(l.Start))
+	binary.LittleEndian.PutUint64(fl[16:], uint64(l.Len))
+	a, err := b.put(scratchOptVal, fl)
+	if err != nil {
+		return err
+	}
+	cmd := uint64(unix.F_SETLK)
+	if l.Kind == "ofd" {
+		cmd = unix.F_OFD_SETLK
+	}
+	_, err = b.sys(unix.SYS_FCNTL, uint64(fd), cmd, a)
+	return err
 }

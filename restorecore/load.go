@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -162,6 +163,33 @@ func refuse(format string, a ...any) error {
 }
 
 // validate checks everything that can be checked before touching anything.
+// zombieGrace is how long a restore waits for a zombie holding a PID it
+// needs to be reaped: the process a dump just killed is one until its
+// parent (often a slow init) collects it.
+const zombieGrace = 3 * time.Second
+
+// tidInUse reports whether tid exists; a zombie is waited for (up to
+// zombieGrace) before it counts.
+func tidInUse(tid int) (busy, zombie bool) {
+	deadline := time.Now().Add(zombieGrace)
+	for {
+		st, err := proc.ReadStat(tid)
+		if err != nil {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", tid)); err != nil {
+				return false, false
+			}
+			return true, false
+		}
+		if st.State != 'Z' && st.State != 'X' {
+			return true, false
+		}
+		if time.Now().After(deadline) {
+			return true, true
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func (is *imageSet) validate(localXstate []byte) error {
 	inv := is.inv
 	if inv.PageSize != 0 && inv.PageSize != pageSize {
@@ -170,10 +198,13 @@ func (is *imageSet) validate(localXstate []byte) error {
 	// PIDs and TIDs free.
 	for _, p := range is.procs {
 		for _, t := range p.core.Threads {
-			if _, err := os.Stat(fmt.Sprintf("/proc/%d", t.Tid)); err == nil {
+			if busy, zombie := tidInUse(int(t.Tid)); busy {
 				what := "TID"
 				if t.Tid == p.pstree.Pid {
 					what = "PID"
+				}
+				if zombie {
+					return refuse("%s %d is in use (by a zombie its parent has not reaped)", what, t.Tid)
 				}
 				return refuse("%s %d is in use", what, t.Tid)
 			}

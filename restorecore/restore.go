@@ -56,6 +56,28 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		return nil, err
 	}
 	defer is.close()
+	// The network lock the dump left goes in every outcome: the sockets are
+	// back, or (the restore having failed) the connections are lost anyway
+	// and the peers had better learn it.
+	var res *Result
+	if name := is.inv.NetworkLock; name != "" {
+		defer func() {
+			ns := 0
+			if res != nil {
+				ns = res.Root
+			}
+			if uerr := netlock.Unlock(ns, name); uerr != nil {
+				opts.Logger.Warn("removing the network lock", "table", name, "err", uerr)
+			} else {
+				opts.Logger.Info("network unlocked", "table", name)
+			}
+			if opts.Action != nil {
+				if err := opts.Action("network-unlock", 0); err != nil {
+					opts.Logger.Warn("network-unlock", "err", err)
+				}
+			}
+		}()
+	}
 	if err := is.validate(nil); err != nil {
 		return nil, err
 	}
@@ -69,32 +91,11 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	r.stats.ValidateTimeUs = uint64(validated.Sub(start).Microseconds())
 	tr := ptrace.NewThread()
 	defer tr.Close()
-	var res *Result
 	err = tr.Do(func() error {
 		var err error
 		res, err = r.run(ctx)
 		return err
 	})
-	if name := is.inv.NetworkLock; name != "" {
-		defer func() {
-			if opts.Action != nil {
-				if err := opts.Action("network-unlock", 0); err != nil {
-					opts.Logger.Warn("network-unlock", "err", err)
-				}
-			}
-		}()
-		// The connections have their sockets again (or, the restore having
-		// failed, are lost): let the peers' packets through.
-		ns := 0
-		if res != nil {
-			ns = res.Root
-		}
-		if uerr := netlock.Unlock(ns, name); uerr != nil {
-			opts.Logger.Warn("removing the network lock", "table", name, "err", uerr)
-		} else {
-			opts.Logger.Info("network unlocked", "table", name)
-		}
-	}
 	if err != nil {
 		return nil, err
 	}

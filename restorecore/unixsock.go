@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -44,6 +45,9 @@ func (b *builder) newUnixSocket(f *pb.FileEntry, park func(uint64) (int, error))
 			return 0, err
 		}
 		if _, err := b.sys(unix.SYS_BIND, uint64(fd), a, uint64(len(addr))); err != nil {
+			if errors.Is(err, unix.EADDRINUSE) {
+				return 0, fmt.Errorf("bind %s: %w%s", f.Path, err, unixHolder(s.Name))
+			}
 			return 0, fmt.Errorf("bind %s: %w", f.Path, err)
 		}
 	}
@@ -104,6 +108,33 @@ func (b *builder) newUnixPair(f, p *pb.FileEntry, park func(uint64) (int, error)
 		}
 	}
 	return fa, fb, nil
+}
+
+// newUnixOrphan makes a connected socket whose peer has closed: one end of
+// a new pair, its queue refilled from the other end, which is then closed.
+func (b *builder) newUnixOrphan(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	if _, err := b.sys(unix.SYS_SOCKETPAIR, unix.AF_UNIX, uint64(f.Unix.Type)|unix.SOCK_CLOEXEC, 0, b.scratch()); err != nil {
+		return 0, fmt.Errorf("socketpair: %w", err)
+	}
+	raw := make([]byte, 8)
+	if err := readMem(b.pid, b.scratch(), raw); err != nil {
+		return 0, err
+	}
+	other := uint64(binary.LittleEndian.Uint32(raw[4:]))
+	fd, err := park(uint64(binary.LittleEndian.Uint32(raw)))
+	if err != nil {
+		return 0, err
+	}
+	if err := b.refill(int(other), f.Unix.Queue); err != nil {
+		return 0, err
+	}
+	if _, err := b.sys(unix.SYS_CLOSE, other); err != nil {
+		return 0, err
+	}
+	if err := b.unixBuffers(fd, f.Unix); err != nil {
+		return 0, err
+	}
+	return fd, b.setFlags(fd, f)
 }
 
 // refill sends msgs, in order, on the process's socket fd (from ferry,
@@ -183,3 +214,43 @@ func (b *builder) setFlags(fd int, f *pb.FileEntry) error {
 }
 
 var errNoPeer = errors.New("the other end of this unix socket is not in the images")
+
+// unixHolder names the processes holding a socket bound to name, for an
+// error message (empty if it cannot tell).
+func unixHolder(name []byte) string {
+	want := string(name)
+	if len(name) > 0 && name[0] == 0 {
+		want = "@" + string(name[1:])
+	}
+	b, err := os.ReadFile("/proc/net/unix")
+	if err != nil {
+		return ""
+	}
+	var inodes []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 8 && f[7] == want {
+			inodes = append(inodes, "socket:["+f[6]+"]")
+		}
+	}
+	var who []string
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		fds, err := os.ReadDir("/proc/" + p.Name() + "/fd")
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			l, _ := os.Readlink("/proc/" + p.Name() + "/fd/" + fd.Name())
+			for _, in := range inodes {
+				if l == in {
+					who = append(who, p.Name())
+				}
+			}
+		}
+	}
+	if len(who) == 0 {
+		return fmt.Sprintf(" (%d sockets bound to it, no process holds one)", len(inodes))
+	}
+	return " (held by process " + strings.Join(who, ", ") + ")"
+}

@@ -37,6 +37,8 @@ func newDumpCmd() *cobra.Command {
 		tcpEst       bool
 		netLock      string
 		extUnix      string
+		fileLocks    bool
+		tcpClose     bool
 	)
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
@@ -145,7 +147,7 @@ work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, TrackMem: trackMem,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, TrackMem: trackMem,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -182,6 +184,12 @@ work directory.`,
 	fs.IntVar(&statusFd, "status-fd", -1, "with --lazy-pages: write a zero byte to FD once the pages can be requested")
 	fs.BoolVar(&trackMem, "track-mem", false, "with -R: leave the dirty tracker in the process for a later incremental dump")
 	fs.StringVar(&netLock, "network-lock", "nftables", "with --tcp-established: keep the peers' packets out until the restore: nftables (iptables means the same here) or skip")
+	fs.BoolVarP(&fileLocks, "file-locks", "l", false, "dump the file locks the process holds (POSIX, flock, OFD); without it a lock fails the dump")
+	fs.BoolVar(&tcpClose, "tcp-close", false, "do not dump established TCP connections: the restored process finds them closed")
+	fs.Bool("link-remap", false, "accepted for criu compatibility: deleted files are always carried as ghost files (up to --ghost-limit)")
+	fs.Bool("ghost-fiemap", false, "accepted for criu compatibility")
+	fs.Bool("no-ghost-fiemap", false, "accepted for criu compatibility")
+	fs.Bool("skip-in-flight", false, "accepted for criu compatibility: connections not yet accepted are refused anyway")
 	fs.StringVar(&extUnix, "ext-unix-sk", "", "allow unix datagram sockets connected to processes outside the dump (all, or the peers' inodes, comma separated); they are connected to the peer's name again on restore")
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
 	fs.BoolVar(&tcpEst, "tcp-established", false, "dump established TCP connections (TCP_REPAIR); the restored process takes them over without the peer noticing")

@@ -1694,3 +1694,45 @@ func TestCertsForPageServer(t *testing.T) {
 		t.Fatalf("page-server exited %d", code)
 	}
 }
+
+func TestDumpRestoreFileLocks(t *testing.T) {
+	// POSIX, flock and OFD locks come back (--file-locks): another process
+	// still cannot take conflicting ones after the restore. Without
+	// --file-locks the dump refuses, naming the lock.
+	needRoot(t)
+	dir := t.TempDir()
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "locks.py")
+	w := testutil.Start(t, "", "python3", script, dir)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	if code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir()); code != 1 || !strings.Contains(out, "--file-locks") {
+		t.Fatalf("dump of a process holding locks without --file-locks: exit %d\n%s", code, out)
+	}
+	r := dumpRestore(t, w, "--file-locks")
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	conflicts := func() []string {
+		var held []string
+		f, _ := os.OpenFile(filepath.Join(dir, "posix"), os.O_RDWR, 0)
+		defer f.Close()
+		lk := unix.Flock_t{Type: unix.F_WRLCK, Start: 12, Len: 1}
+		if err := unix.FcntlFlock(f.Fd(), unix.F_SETLK, &lk); err != nil {
+			held = append(held, "posix")
+		}
+		g, _ := os.OpenFile(filepath.Join(dir, "flock"), os.O_RDWR, 0)
+		defer g.Close()
+		if err := unix.Flock(int(g.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			held = append(held, "flock")
+		}
+		h, _ := os.OpenFile(filepath.Join(dir, "ofd"), os.O_RDWR, 0)
+		defer h.Close()
+		lk = unix.Flock_t{Type: unix.F_WRLCK}
+		if err := unix.FcntlFlock(h.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+			held = append(held, "ofd")
+		}
+		return held
+	}
+	if got := conflicts(); strings.Join(got, ",") != "posix,flock,ofd" {
+		t.Fatalf("locks held after restore: %v, want posix, flock and ofd", got)
+	}
+}

@@ -118,6 +118,13 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolVar(&displayStats, "display-stats", false, "print restore statistics when done")
 	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages (post-copy)")
 	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")
+	const compat = "accepted for criu compatibility: the restore does what the images say"
+	for _, name := range []string{"tcp-close", "link-remap", "ghost-fiemap", "no-ghost-fiemap", "skip-in-flight"} {
+		fs.Bool(name, false, compat)
+	}
+	fs.BoolP("file-locks", "l", false, compat)
+	fs.String("ext-unix-sk", "", compat)
+	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
 	fs.String("network-lock", "nftables", "accepted for criu compatibility: the lock the images name is removed once the restore is done")
 	return cmd
 }

@@ -424,7 +424,7 @@ func TestNetworkLockKeepsPeersOut(t *testing.T) {
 				t.Fatal(err)
 			}
 			for _, tb := range tables {
-				if strings.HasPrefix(tb.Name, "ferry-lock") {
+				if tb.Name == "ferry-lock-"+strconv.Itoa(w.Pid) {
 					t.Fatalf("the lock %s is still there after the restore", tb.Name)
 				}
 			}

@@ -1423,8 +1423,10 @@ type TaskCore struct {
 	ThpDisabled    bool   `protobuf:"varint,17,opt,name=thp_disabled,json=thpDisabled,proto3" json:"thp_disabled,omitempty"`
 	ChildSubreaper int32  `protobuf:"varint,18,opt,name=child_subreaper,json=childSubreaper,proto3" json:"child_subreaper,omitempty"`
 	// Task state at dump: "running" or "stopped" (group-stopped by SIGSTOP).
-	State         string `protobuf:"bytes,19,opt,name=state,proto3" json:"state,omitempty"`
-	TimerslackNs  uint64 `protobuf:"varint,20,opt,name=timerslack_ns,json=timerslackNs,proto3" json:"timerslack_ns,omitempty"`
+	State        string `protobuf:"bytes,19,opt,name=state,proto3" json:"state,omitempty"`
+	TimerslackNs uint64 `protobuf:"varint,20,opt,name=timerslack_ns,json=timerslackNs,proto3" json:"timerslack_ns,omitempty"`
+	// /proc/PID/loginuid (4294967295: unset).
+	Loginuid      uint32 `protobuf:"varint,21,opt,name=loginuid,proto3" json:"loginuid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1595,6 +1597,13 @@ func (x *TaskCore) GetState() string {
 func (x *TaskCore) GetTimerslackNs() uint64 {
 	if x != nil {
 		return x.TimerslackNs
+	}
+	return 0
+}
+
+func (x *TaskCore) GetLoginuid() uint32 {
+	if x != nil {
+		return x.Loginuid
 	}
 	return 0
 }
@@ -2216,7 +2225,11 @@ type UnixSocket struct {
 	Rcvbuf   int32    `protobuf:"varint,9,opt,name=rcvbuf,proto3" json:"rcvbuf,omitempty"`
 	// A datagram socket connected to a socket outside the dump
 	// (--ext-unix-sk): the name it is connected to again.
-	ExternalPeer  []byte `protobuf:"bytes,10,opt,name=external_peer,json=externalPeer,proto3" json:"external_peer,omitempty"`
+	ExternalPeer []byte `protobuf:"bytes,10,opt,name=external_peer,json=externalPeer,proto3" json:"external_peer,omitempty"`
+	// A connected socket whose peer has closed: made as a pair whose other
+	// end is closed once the queue is refilled (the name it shows, inherited
+	// from a listener, is not bound again).
+	PeerClosed    bool `protobuf:"varint,11,opt,name=peer_closed,json=peerClosed,proto3" json:"peer_closed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2319,6 +2332,13 @@ func (x *UnixSocket) GetExternalPeer() []byte {
 		return x.ExternalPeer
 	}
 	return nil
+}
+
+func (x *UnixSocket) GetPeerClosed() bool {
+	if x != nil {
+		return x.PeerClosed
+	}
+	return false
 }
 
 // InetSocket is a TCP listener or an unconnected, or connected UDP,
@@ -2707,18 +2727,89 @@ func (x *EpollTarget) GetData() uint64 {
 	return 0
 }
 
-type FdEntry struct {
+// FileLock is a lock the process held (dump --file-locks).
+type FileLock struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Fd            int32                  `protobuf:"varint,1,opt,name=fd,proto3" json:"fd,omitempty"`
-	FileId        uint32                 `protobuf:"varint,2,opt,name=file_id,json=fileId,proto3" json:"file_id,omitempty"`
-	Cloexec       bool                   `protobuf:"varint,3,opt,name=cloexec,proto3" json:"cloexec,omitempty"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`    // "posix", "flock", "ofd"
+	Write         bool                   `protobuf:"varint,2,opt,name=write,proto3" json:"write,omitempty"` // exclusive (otherwise shared)
+	Start         int64                  `protobuf:"varint,3,opt,name=start,proto3" json:"start,omitempty"`
+	Len           int64                  `protobuf:"varint,4,opt,name=len,proto3" json:"len,omitempty"` // 0: to the end of the file
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FileLock) Reset() {
+	*x = FileLock{}
+	mi := &file_images_ferry_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FileLock) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FileLock) ProtoMessage() {}
+
+func (x *FileLock) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
+func (*FileLock) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *FileLock) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *FileLock) GetWrite() bool {
+	if x != nil {
+		return x.Write
+	}
+	return false
+}
+
+func (x *FileLock) GetStart() int64 {
+	if x != nil {
+		return x.Start
+	}
+	return 0
+}
+
+func (x *FileLock) GetLen() int64 {
+	if x != nil {
+		return x.Len
+	}
+	return 0
+}
+
+type FdEntry struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Fd      int32                  `protobuf:"varint,1,opt,name=fd,proto3" json:"fd,omitempty"`
+	FileId  uint32                 `protobuf:"varint,2,opt,name=file_id,json=fileId,proto3" json:"file_id,omitempty"`
+	Cloexec bool                   `protobuf:"varint,3,opt,name=cloexec,proto3" json:"cloexec,omitempty"`
+	// Locks to take again through this fd once the files are in place.
+	Locks         []*FileLock `protobuf:"bytes,4,rep,name=locks,proto3" json:"locks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2730,7 +2821,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2743,7 +2834,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -2767,6 +2858,13 @@ func (x *FdEntry) GetCloexec() bool {
 	return false
 }
 
+func (x *FdEntry) GetLocks() []*FileLock {
+	if x != nil {
+		return x.Locks
+	}
+	return nil
+}
+
 type FdTable struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pid           int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
@@ -2777,7 +2875,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2789,7 +2887,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2802,7 +2900,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -2833,7 +2931,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2845,7 +2943,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2858,7 +2956,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -2888,7 +2986,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2900,7 +2998,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2913,7 +3011,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -2953,7 +3051,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2965,7 +3063,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2978,7 +3076,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -3017,7 +3115,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3029,7 +3127,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3042,7 +3140,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -3112,7 +3210,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3124,7 +3222,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3137,7 +3235,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -3224,7 +3322,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3236,7 +3334,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3249,7 +3347,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -3304,7 +3402,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3316,7 +3414,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3329,7 +3427,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -3495,7 +3593,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04comm\x18\f \x01(\tR\x04comm\x12$\n" +
 	"\x0epdeath_sig_set\x18\r \x01(\bR\fpdeathSigSet\x12\x1d\n" +
 	"\n" +
-	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xf3\x05\n" +
+	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\x8f\x06\n" +
 	"\bTaskCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12 \n" +
@@ -3520,7 +3618,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\fthp_disabled\x18\x11 \x01(\bR\vthpDisabled\x12'\n" +
 	"\x0fchild_subreaper\x18\x12 \x01(\x05R\x0echildSubreaper\x12\x14\n" +
 	"\x05state\x18\x13 \x01(\tR\x05state\x12#\n" +
-	"\rtimerslack_ns\x18\x14 \x01(\x04R\ftimerslackNs\"\xdd\x01\n" +
+	"\rtimerslack_ns\x18\x14 \x01(\x04R\ftimerslackNs\x12\x1a\n" +
+	"\bloginuid\x18\x15 \x01(\rR\bloginuid\"\xdd\x01\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
@@ -3585,7 +3684,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\awinsize\x18\x03 \x01(\fR\awinsize\x12\x16\n" +
 	"\x06packet\x18\x04 \x01(\bR\x06packet\x12\x12\n" +
 	"\x04ctty\x18\x05 \x01(\bR\x04ctty\x12\x17\n" +
-	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\x8e\x02\n" +
+	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\xaf\x02\n" +
 	"\n" +
 	"UnixSocket\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
@@ -3598,7 +3697,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x06sndbuf\x18\b \x01(\x05R\x06sndbuf\x12\x16\n" +
 	"\x06rcvbuf\x18\t \x01(\x05R\x06rcvbuf\x12#\n" +
 	"\rexternal_peer\x18\n" +
-	" \x01(\fR\fexternalPeer\"\x8a\x02\n" +
+	" \x01(\fR\fexternalPeer\x12\x1f\n" +
+	"\vpeer_closed\x18\v \x01(\bR\n" +
+	"peerClosed\"\x8a\x02\n" +
 	"\n" +
 	"InetSocket\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
@@ -3637,11 +3738,17 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\vEpollTarget\x12\x10\n" +
 	"\x03tfd\x18\x01 \x01(\x05R\x03tfd\x12\x16\n" +
 	"\x06events\x18\x02 \x01(\rR\x06events\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\x04R\x04data\"L\n" +
+	"\x04data\x18\x03 \x01(\x04R\x04data\"\\\n" +
+	"\bFileLock\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x14\n" +
+	"\x05write\x18\x02 \x01(\bR\x05write\x12\x14\n" +
+	"\x05start\x18\x03 \x01(\x03R\x05start\x12\x10\n" +
+	"\x03len\x18\x04 \x01(\x03R\x03len\"z\n" +
 	"\aFdEntry\x12\x0e\n" +
 	"\x02fd\x18\x01 \x01(\x05R\x02fd\x12\x17\n" +
 	"\afile_id\x18\x02 \x01(\rR\x06fileId\x12\x18\n" +
-	"\acloexec\x18\x03 \x01(\bR\acloexec\"D\n" +
+	"\acloexec\x18\x03 \x01(\bR\acloexec\x12,\n" +
+	"\x05locks\x18\x04 \x03(\v2\x16.ferry.images.FileLockR\x05locks\"D\n" +
 	"\aFdTable\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12'\n" +
 	"\x03fds\x18\x02 \x03(\v2\x15.ferry.images.FdEntryR\x03fds\"J\n" +
@@ -3700,7 +3807,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -3725,15 +3832,16 @@ var file_images_ferry_proto_goTypes = []any{
 	(*TcpStream)(nil),    // 20: ferry.images.TcpStream
 	(*SockOpt)(nil),      // 21: ferry.images.SockOpt
 	(*EpollTarget)(nil),  // 22: ferry.images.EpollTarget
-	(*FdEntry)(nil),      // 23: ferry.images.FdEntry
-	(*FdTable)(nil),      // 24: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 25: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 26: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 27: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 28: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 29: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 30: ferry.images.RestoreStats
-	(*Stats)(nil),        // 31: ferry.images.Stats
+	(*FileLock)(nil),     // 23: ferry.images.FileLock
+	(*FdEntry)(nil),      // 24: ferry.images.FdEntry
+	(*FdTable)(nil),      // 25: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 26: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 27: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 28: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 29: ferry.images.GhostFile
+	(*DumpStats)(nil),    // 30: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 31: ferry.images.RestoreStats
+	(*Stats)(nil),        // 32: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -3755,14 +3863,15 @@ var file_images_ferry_proto_depIdxs = []int32{
 	17, // 16: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
 	21, // 17: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
 	20, // 18: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	23, // 19: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	29, // 20: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	30, // 21: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	22, // [22:22] is the sub-list for method output_type
-	22, // [22:22] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	23, // 19: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	24, // 20: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	30, // 21: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	31, // 22: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	23, // [23:23] is the sub-list for method output_type
+	23, // [23:23] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -3776,7 +3885,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   32,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

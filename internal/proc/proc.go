@@ -435,6 +435,7 @@ type FdInfo struct {
 	MntID int
 	Ino   uint64
 	Extra map[string]string
+	Locks []string // "lock:" lines: "N: POSIX  ADVISORY  WRITE PID DEV:INO START END"
 }
 
 // ReadFdInfo reads /proc/PID/fdinfo/FD.
@@ -468,6 +469,8 @@ func ParseFdInfo(file string, b []byte) (FdInfo, error) {
 			fi.MntID, err = strconv.Atoi(v)
 		case "ino":
 			fi.Ino, err = strconv.ParseUint(v, 10, 64)
+		case "lock":
+			fi.Locks = append(fi.Locks, v)
 		default:
 			fi.Extra[k] = v
 		}
