@@ -51,6 +51,9 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	if err != nil {
 		return nil, err
 	}
+	if kids := children(pid); len(kids) > 0 {
+		return nil, fmt.Errorf("process %d has children (%v): %w (process trees are not dumped yet)", pid, kids, ErrUnsupported)
+	}
 	if !d.opts.ShellJob {
 		if stat.Sid != pid {
 			return nil, fmt.Errorf("process %d is not a session leader (session %d); use --shell-job (-j) to dump a job of a shell",
@@ -490,4 +493,22 @@ func (d *dumper) writePagemapTo(pw *images.Writer, img *imageSet) error {
 		head.Compression = images.Zstd
 	}
 	return images.WritePagemap(pw, head, img.pagemap)
+}
+
+// children lists the child processes of every thread of pid.
+func children(pid int) []int {
+	var out []int
+	tids, _ := proc.Tids(pid)
+	for _, tid := range tids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, tid))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
 }
