@@ -27,6 +27,7 @@ func (b *builder) restoreFiles() error {
 	base := uint64(fds[len(fds)-1].Fd) + 1
 	b.objFds = map[uint32]int{}
 	pipes := map[uint64][2]int{} // pipe inode -> parked read, write fds
+	pipeEndTaken := map[[2]uint64]bool{}
 	var ghosts []string
 	defer func() {
 		for _, g := range ghosts {
@@ -65,11 +66,25 @@ func (b *builder) restoreFiles() error {
 				}
 				pipes[f.Ino] = ends
 			}
+			end := 1
 			if f.Flags&unix.O_ACCMODE == unix.O_RDONLY {
-				fd = ends[0]
-			} else {
-				fd = ends[1]
+				end = 0
 			}
+			fd = ends[end]
+			key := [2]uint64{f.Ino, uint64(end)}
+			if pipeEndTaken[key] {
+				// Another description of the same end (opened through
+				// /proc/PID/fd, say): its own flags.
+				raw, err := b.openIn(fmt.Sprintf("/proc/self/fd/%d", fd), f)
+				if err != nil {
+					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				}
+				if fd, err = park(raw); err != nil {
+					return err
+				}
+				break
+			}
+			pipeEndTaken[key] = true
 			if f.Flags&unix.O_NONBLOCK != 0 {
 				if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETFL, unix.O_NONBLOCK); err != nil {
 					return err

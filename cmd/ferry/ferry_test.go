@@ -1776,3 +1776,41 @@ func children(pid int) []int {
 	}
 	return out
 }
+
+func TestDumpRestorePipeDescriptions(t *testing.T) {
+	// Two open file descriptions of one pipe end (the second opened
+	// through /proc/self/fd) keep their own flags: O_NONBLOCK on one
+	// must not appear on the other.
+	needRoot(t)
+	script := `import os, fcntl, signal, sys, time
+r, w = os.pipe()
+w2 = os.open("/proc/self/fd/%d" % w, os.O_WRONLY)
+fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+os.write(w, b"one")
+os.write(w2, b"two")
+tok = os.urandom(8).hex()
+want = [True]
+def usr1(*a): want[0] = True
+signal.signal(signal.SIGUSR1, usr1)
+seq = 0
+while True:
+    if want[0]:
+        want[0] = False
+        seq += 1
+        nb = lambda fd: bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+        ok = nb(w) and not nb(w2) and os.fstat(w).st_ino == os.fstat(w2).st_ino
+        open(sys.argv[1] + ".tmp", "w").write("status=%s\npid=%d\ntoken=%s\ncounter=%d\nseq=%d\n" % ("ok" if ok else "fail", os.getpid(), tok, seq, seq))
+        os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(0.01)
+`
+	w := testutil.Start(t, "", "python3", "-c", script)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("before: %v", before)
+	}
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	after := r.Report(t)
+	checkContinued(t, before, after)
+}
