@@ -2,6 +2,7 @@ package restorecore
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -201,7 +202,13 @@ func (b *builder) restoreFiles() error {
 			if err != nil {
 				return err
 			}
-			if _, err := b.sys(unix.SYS_EPOLL_CTL, uint64(e.Fd), unix.EPOLL_CTL_ADD, uint64(t.Tfd), a); err != nil {
+			if _, err := b.sys(unix.SYS_EPOLL_CTL, uint64(e.Fd), unix.EPOLL_CTL_ADD, uint64(t.Tfd), a); errors.Is(err, unix.EEXIST) {
+				// Registered twice under one number (two files that
+				// held it in turn): only the one at the number now can
+				// be registered again.
+				b.r.log.Warn("epoll target registered twice under one fd number; keeping one", "epoll", e.Fd, "fd", t.Tfd)
+				continue
+			} else if err != nil {
 				return fmt.Errorf("epoll fd %d: add fd %d: %w", e.Fd, t.Tfd, err)
 			}
 		}

@@ -53,6 +53,31 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 	if err := b.setsockopt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, []byte{1, 0, 0, 0}); err != nil {
 		return 0, err
 	}
+	// Binding must work as it did, whatever the socket's final options:
+	// freebind lets it take an address that is not (or no longer) local,
+	// and a TCP socket that is not listening binds in repair mode, which
+	// may share a port with a listener (a closed connection's socket).
+	freebind, freebindVal := unix.IP_FREEBIND, []byte{0, 0, 0, 0}
+	level := unix.SOL_IP
+	if s.Family == unix.AF_INET6 {
+		freebind, level = unix.IPV6_FREEBIND, unix.SOL_IPV6
+	}
+	for _, o := range s.Opts {
+		if int(o.Level) == level && int(o.Name) == freebind {
+			freebindVal = o.Value
+		}
+	}
+	repair := s.Protocol == unix.IPPROTO_TCP && !s.Listening && bound(s.Addr)
+	if bound(s.Addr) {
+		if err := b.setsockopt(fd, level, freebind, []byte{1, 0, 0, 0}); err != nil {
+			return 0, err
+		}
+	}
+	if repair {
+		if err := b.setsockopt(fd, unix.IPPROTO_TCP, tcpRepair, []byte{1, 0, 0, 0}); err != nil {
+			return 0, err
+		}
+	}
 	if bound(s.Addr) {
 		a, err := b.put(scratchAddr, s.Addr)
 		if err != nil {
@@ -60,6 +85,16 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 		}
 		if _, err := b.sys(unix.SYS_BIND, uint64(fd), a, uint64(len(s.Addr))); err != nil {
 			return 0, fmt.Errorf("bind %s: %w", f.Path, err)
+		}
+	}
+	if repair {
+		if err := b.setsockopt(fd, unix.IPPROTO_TCP, tcpRepair, []byte{0, 0, 0, 0}); err != nil {
+			return 0, err
+		}
+	}
+	if bound(s.Addr) {
+		if err := b.setsockopt(fd, level, freebind, freebindVal); err != nil {
+			return 0, err
 		}
 	}
 	if len(s.Peer) > 0 {
