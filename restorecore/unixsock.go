@@ -100,6 +100,9 @@ func (b *builder) newUnixPair(f, p *pb.FileEntry, park func(uint64) (int, error)
 		f  *pb.FileEntry
 		fd int
 	}{{f, fa}, {p, fb}} {
+		if err := b.unixShutdown(e.fd, e.f.Unix.Shutdown); err != nil {
+			return 0, 0, err
+		}
 		if err := b.unixBuffers(e.fd, e.f.Unix); err != nil {
 			return 0, 0, err
 		}
@@ -166,6 +169,26 @@ func (b *builder) refill(fd int, msgs [][]byte) error {
 				break
 			}
 		}
+	}
+	return nil
+}
+
+// unixShutdown shuts an end down again as sock_diag reported it (bit 0:
+// no more receiving, bit 1: no more sending), once its queue is refilled.
+func (b *builder) unixShutdown(fd int, how int32) error {
+	var op uint64
+	switch how & 3 {
+	case 0:
+		return nil
+	case 1:
+		op = unix.SHUT_RD
+	case 2:
+		op = unix.SHUT_WR
+	case 3:
+		op = unix.SHUT_RDWR
+	}
+	if _, err := b.sys(unix.SYS_SHUTDOWN, uint64(fd), op); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
 	}
 	return nil
 }

@@ -7,6 +7,8 @@
  *     the token) and "back" the other way;
  *   - a datagram socketpair with three datagrams of 1, 100 and 3000 bytes
  *     queued, and a seqpacket socketpair with two records queued;
+ *   - a stream socketpair one end of which shut down writing after "last"
+ *     (the other end reads "last", then the end of the stream);
  *   - a listening stream socket bound to PATH (-l) and one bound to an
  *     abstract name ("\0ferry-unixsock-PID"), each answering "TOKEN N\n"
  *     to whoever connects, nonblocking in one poll loop.
@@ -44,7 +46,7 @@ static void on_sig(int sig)
 }
 
 static uint64_t token;
-static int st[2], dg[2], sp[2], lpath, labs_;
+static int st[2], dg[2], sp[2], sh[2], lpath, labs_;
 static char fail[256];
 static const char *queues = "unchecked";
 
@@ -98,6 +100,19 @@ static void check(void)
 			return;
 		}
 	}
+	n = recv(sh[1], buf, sizeof buf, MSG_DONTWAIT);
+	if (n != 4 || memcmp(buf, "last", 4)) {
+		snprintf(fail, sizeof fail, "shut-down pair: %zd bytes before the end", n);
+		return;
+	}
+	if ((n = recv(sh[1], buf, sizeof buf, MSG_DONTWAIT)) != 0) {
+		snprintf(fail, sizeof fail, "shut-down pair: no end of stream (%zd)", n);
+		return;
+	}
+	if (send(sh[0], "x", 1, MSG_DONTWAIT) != -1 || errno != EPIPE) {
+		snprintf(fail, sizeof fail, "shut-down pair: could still send");
+		return;
+	}
 	queues = "ok";
 }
 
@@ -126,7 +141,9 @@ int main(int argc, char **argv)
 	signal(SIGUSR2, on_sig);
 	signal(SIGPIPE, SIG_IGN);
 	if (socketpair(AF_UNIX, SOCK_STREAM, 0, st) || socketpair(AF_UNIX, SOCK_DGRAM, 0, dg) ||
-	    socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sp))
+	    socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sp) || socketpair(AF_UNIX, SOCK_STREAM, 0, sh))
+		return 1;
+	if (send(sh[0], "last", 4, 0) != 4 || shutdown(sh[0], SHUT_WR))
 		return 1;
 	int big = BULK * 2;
 	setsockopt(st[0], SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
