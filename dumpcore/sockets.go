@@ -178,7 +178,31 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 	if s.Opts, err = changedOpts(dup, family, typ, proto, opts); err != nil {
 		return nil, err
 	}
+	if s.Filter, err = socketFilter(dup); err != nil {
+		return nil, err
+	}
+	if len(s.Filter) > 0 {
+		locked, _ := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_LOCK_FILTER)
+		s.FilterLocked = locked != 0
+	}
 	return s, nil
+}
+
+// socketFilter reads a socket's classic BPF filter (SO_GET_FILTER: first
+// its length in instructions, then the instructions, 8 bytes each).
+func socketFilter(fd int) ([]byte, error) {
+	var n uint32
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, 0, uintptr(unsafe.Pointer(&n)), 0)
+	if e != 0 || n == 0 {
+		return nil, nil // no filter
+	}
+	b := make([]byte, 8*n)
+	l := n
+	if _, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER,
+		uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)), 0); e != 0 {
+		return nil, os.NewSyscallError("getsockopt SO_GET_FILTER", e)
+	}
+	return b[:8*l], nil
 }
 
 // TCP repair (include/uapi/linux/tcp.h, sockios.h).

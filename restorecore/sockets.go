@@ -114,7 +114,30 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 	if err := b.setsockopt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, reuse); err != nil {
 		return 0, err
 	}
+	if err := b.attachFilter(fd, s.Filter, s.FilterLocked); err != nil {
+		return 0, err
+	}
 	return fd, nil
+}
+
+// attachFilter puts a classic BPF socket filter back (SO_ATTACH_FILTER
+// takes a struct sock_fprog: length, then a pointer to the instructions).
+func (b *builder) attachFilter(fd int, prog []byte, locked bool) error {
+	if len(prog) == 0 {
+		return nil
+	}
+	insns, err := b.put(scratchAddr, prog)
+	if err != nil {
+		return err
+	}
+	fprog := binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, uint64(len(prog)/8)), insns)
+	if err := b.setsockopt(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, fprog); err != nil {
+		return fmt.Errorf("socket filter: %w", err)
+	}
+	if locked {
+		return b.setsockopt(fd, unix.SOL_SOCKET, unix.SO_LOCK_FILTER, []byte{1, 0, 0, 0})
+	}
+	return nil
 }
 
 func (b *builder) setsockopt(fd, level, name int, v []byte) error {

@@ -2358,7 +2358,11 @@ type InetSocket struct {
 	Opts []*SockOpt `protobuf:"bytes,8,rep,name=opts,proto3" json:"opts,omitempty"`
 	// An established TCP connection (dump --tcp-established), read in
 	// repair mode.
-	Tcp           *TcpStream `protobuf:"bytes,9,opt,name=tcp,proto3" json:"tcp,omitempty"`
+	Tcp *TcpStream `protobuf:"bytes,9,opt,name=tcp,proto3" json:"tcp,omitempty"`
+	// A classic BPF socket filter (SO_ATTACH_FILTER): its struct sock_filter
+	// array, and whether it was locked (SO_LOCK_FILTER).
+	Filter        []byte `protobuf:"bytes,10,opt,name=filter,proto3" json:"filter,omitempty"`
+	FilterLocked  bool   `protobuf:"varint,11,opt,name=filter_locked,json=filterLocked,proto3" json:"filter_locked,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2454,6 +2458,20 @@ func (x *InetSocket) GetTcp() *TcpStream {
 		return x.Tcp
 	}
 	return nil
+}
+
+func (x *InetSocket) GetFilter() []byte {
+	if x != nil {
+		return x.Filter
+	}
+	return nil
+}
+
+func (x *InetSocket) GetFilterLocked() bool {
+	if x != nil {
+		return x.FilterLocked
+	}
+	return false
 }
 
 // TcpStream is the state TCP_REPAIR lets a connection be rebuilt from.
@@ -3699,7 +3717,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\rexternal_peer\x18\n" +
 	" \x01(\fR\fexternalPeer\x12\x1f\n" +
 	"\vpeer_closed\x18\v \x01(\bR\n" +
-	"peerClosed\"\x8a\x02\n" +
+	"peerClosed\"\xc7\x02\n" +
 	"\n" +
 	"InetSocket\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
@@ -3710,7 +3728,10 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\tlistening\x18\x06 \x01(\bR\tlistening\x12\x18\n" +
 	"\abacklog\x18\a \x01(\x05R\abacklog\x12)\n" +
 	"\x04opts\x18\b \x03(\v2\x15.ferry.images.SockOptR\x04opts\x12)\n" +
-	"\x03tcp\x18\t \x01(\v2\x17.ferry.images.TcpStreamR\x03tcp\"\xfd\x02\n" +
+	"\x03tcp\x18\t \x01(\v2\x17.ferry.images.TcpStreamR\x03tcp\x12\x16\n" +
+	"\x06filter\x18\n" +
+	" \x01(\fR\x06filter\x12#\n" +
+	"\rfilter_locked\x18\v \x01(\bR\ffilterLocked\"\xfd\x02\n" +
 	"\tTcpStream\x12\x19\n" +
 	"\bsend_seq\x18\x01 \x01(\rR\asendSeq\x12\x19\n" +
 	"\brecv_seq\x18\x02 \x01(\rR\arecvSeq\x12\x1d\n" +

@@ -8,7 +8,8 @@
  *     {1, 7}, TCP_NODELAY, TCP_KEEPIDLE 77 and a backlog of 17, nonblocking;
  *   - a TCP listener on :: (IPv6, v4-mapped addresses allowed) with
  *     SO_REUSEPORT and a backlog of 5;
- *   - a UDP socket bound to 127.0.0.1 with SO_PRIORITY 5 and SO_RCVTIMEO.
+ *   - a UDP socket bound to 127.0.0.1 with SO_PRIORITY 5, SO_RCVTIMEO and
+ *     a two-instruction classic BPF filter that accepts everything.
  * Each accepted connection gets "TOKEN COUNTER\n" and is closed; each UDP
  * datagram is answered with the same line. On SIGUSR1 it checks every
  * option and address against what it set and writes a report (key=value
@@ -21,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <linux/filter.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
@@ -87,6 +89,11 @@ static void check(void)
 	l = sizeof tv;
 	must(getsockopt(udp, SOL_SOCKET, SO_RCVTIMEO, &tv, &l) == 0 && tv.tv_sec == 3 && tv.tv_usec == 0, "udp SO_RCVTIMEO");
 	must(opt(udp, SOL_SOCKET, SO_TYPE) == SOCK_DGRAM, "udp type");
+	struct sock_filter f[4];
+	socklen_t fl = 0;
+	must(getsockopt(udp, SOL_SOCKET, SO_ATTACH_FILTER, NULL, &fl) == 0 && fl == 2, "udp filter length");
+	fl = 4;
+	must(getsockopt(udp, SOL_SOCKET, SO_ATTACH_FILTER, f, &fl) == 0 && f[1].k == 0xffff, "udp filter program");
 }
 
 static void report(const char *path, long seq)
@@ -148,6 +155,9 @@ int main(int argc, char **argv)
 	setsockopt(udp, SOL_SOCKET, SO_PRIORITY, &v, sizeof v);
 	struct timeval tv = {3, 0}; /* whole seconds: the kernel keeps jiffies */
 	setsockopt(udp, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	struct sock_filter prog[] = {{BPF_LD | BPF_W | BPF_LEN, 0, 0, 0}, {BPF_RET | BPF_K, 0, 0, 0xffff}};
+	struct sock_fprog fp = {2, prog};
+	setsockopt(udp, SOL_SOCKET, SO_ATTACH_FILTER, &fp, sizeof fp);
 	if (bind(udp, (struct sockaddr *)&a4, sizeof a4) < 0) {
 		perror("udp");
 		return 1;
