@@ -317,6 +317,20 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			}
 			e.EventfdCount = cnt
 			e.EventfdSemaphore = info.Extra["eventfd-semaphore"] == "1"
+		case "anon_inode:[signalfd]":
+			e.Type = "signalfd"
+			m, err := strconv.ParseUint(info.Extra["sigmask"], 16, 64)
+			if err != nil {
+				return nil, fmt.Errorf("signalfd sigmask %q: %w", info.Extra["sigmask"], err)
+			}
+			e.SignalfdMask = m
+		case "anon_inode:[timerfd]":
+			e.Type = "timerfd"
+			tf, err := parseTimerfd(info)
+			if err != nil {
+				return nil, err
+			}
+			e.Timerfd = tf
 		case "anon_inode:[eventpoll]":
 			e.Type = "epoll"
 			name := proc.Path(pid, "fdinfo/"+strconv.Itoa(fd))
@@ -484,4 +498,28 @@ func (ft *fileTable) addLocks(fe *pb.FdEntry, info proc.FdInfo) error {
 		fe.Locks = append(fe.Locks, l)
 	}
 	return nil
+}
+
+// parseTimerfd reads a timerfd's fdinfo: "clockid: 1", "ticks: 0",
+// "settime flags: 00", "it_value: (9, 998671303)", "it_interval: (1, 0)".
+func parseTimerfd(info proc.FdInfo) (*pb.Timerfd, error) {
+	t := &pb.Timerfd{}
+	clock, err1 := strconv.Atoi(info.Extra["clockid"])
+	ticks, err2 := strconv.ParseUint(info.Extra["ticks"], 10, 64)
+	flags, err3 := strconv.ParseInt(info.Extra["settime flags"], 8, 32)
+	if err := errors.Join(err1, err2, err3); err != nil {
+		return nil, fmt.Errorf("timerfd fdinfo: %w", err)
+	}
+	t.Clockid, t.Ticks, t.SettimeFlags = int32(clock), ticks, int32(flags)
+	for _, f := range []struct {
+		key string
+		v   *int64
+	}{{"it_value", &t.ValueNs}, {"it_interval", &t.IntervalNs}} {
+		var sec, nsec int64
+		if _, err := fmt.Sscanf(info.Extra[f.key], "(%d, %d)", &sec, &nsec); err != nil {
+			return nil, fmt.Errorf("timerfd %s %q: %w", f.key, info.Extra[f.key], err)
+		}
+		*f.v = sec*1e9 + nsec
+	}
+	return t, nil
 }

@@ -144,6 +144,10 @@ func (b *builder) restoreFiles() error {
 			if fd, err = b.newInetSocket(f, park); err != nil {
 				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 			}
+		case "signalfd", "timerfd":
+			if fd, err = b.newEventFile(f, park); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Type, err)
+			}
 		case "epoll":
 			raw, err := b.sys(unix.SYS_EPOLL_CREATE1, unix.EPOLL_CLOEXEC)
 			if err != nil {
@@ -389,4 +393,63 @@ func (b *builder) takeLock(fd int, l *pb.FileLock) error {
 	}
 	_, err = b.sys(unix.SYS_FCNTL, uint64(fd), cmd, a)
 	return err
+}
+
+// newEventFile makes a signalfd (same mask) or a timerfd (same clock, armed
+// for what was left of it, with its unread expirations) inside the process.
+func (b *builder) newEventFile(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	nonblock := uint64(0)
+	if f.Flags&unix.O_NONBLOCK != 0 {
+		nonblock = unix.O_NONBLOCK
+	}
+	if f.Type == "signalfd" {
+		m, err := b.put(scratchOptVal, binary.LittleEndian.AppendUint64(nil, f.SignalfdMask))
+		if err != nil {
+			return 0, err
+		}
+		raw, err := b.sys(unix.SYS_SIGNALFD4, ^uint64(0), m, 8, unix.SFD_CLOEXEC|nonblock)
+		if err != nil {
+			return 0, err
+		}
+		return park(raw)
+	}
+	t := f.Timerfd
+	if t == nil {
+		return 0, fmt.Errorf("timerfd without its description")
+	}
+	raw, err := b.sys(unix.SYS_TIMERFD_CREATE, uint64(t.Clockid), unix.TFD_CLOEXEC|nonblock)
+	if err != nil {
+		return 0, err
+	}
+	fd, err := park(raw)
+	if err != nil {
+		return 0, err
+	}
+	if t.ValueNs > 0 || t.IntervalNs > 0 {
+		// struct itimerspec: interval, then value; relative to now.
+		its := make([]byte, 32)
+		binary.LittleEndian.PutUint64(its[0:], uint64(t.IntervalNs/1e9))
+		binary.LittleEndian.PutUint64(its[8:], uint64(t.IntervalNs%1e9))
+		v := max(t.ValueNs, 1)
+		binary.LittleEndian.PutUint64(its[16:], uint64(v/1e9))
+		binary.LittleEndian.PutUint64(its[24:], uint64(v%1e9))
+		a, err := b.put(scratchOptVal, its)
+		if err != nil {
+			return 0, err
+		}
+		if _, err := b.sys(unix.SYS_TIMERFD_SETTIME, uint64(fd), 0, a, 0); err != nil {
+			return 0, fmt.Errorf("timerfd_settime: %w", err)
+		}
+	}
+	if t.Ticks > 0 {
+		const tfdIocSetTicks = 0x40085400
+		a, err := b.put(scratchOptVal, binary.LittleEndian.AppendUint64(nil, t.Ticks))
+		if err != nil {
+			return 0, err
+		}
+		if _, err := b.sys(unix.SYS_IOCTL, uint64(fd), tfdIocSetTicks, a); err != nil {
+			return 0, fmt.Errorf("%d unread expirations (TFD_IOC_SET_TICKS): %w", t.Ticks, err)
+		}
+	}
+	return fd, nil
 }

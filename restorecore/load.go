@@ -239,7 +239,7 @@ func validateFile(f *pb.FileEntry) error {
 		return nil
 	}
 	switch f.Type {
-	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts":
+	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts", "signalfd", "timerfd":
 		return nil
 	}
 	var st unix.Stat_t

@@ -1814,3 +1814,21 @@ while True:
 	after := r.Report(t)
 	checkContinued(t, before, after)
 }
+
+func TestDumpRestoreSignalfdTimerfd(t *testing.T) {
+	// A signalfd and two timerfds (periodic; one-shot due in 600 s): after
+	// restore a raised signal arrives through the signalfd, the periodic
+	// timer keeps expiring (its count goes on), the one-shot one is still
+	// armed for about what was left.
+	needRoot(t)
+	bin := testutil.BuildC(t, "evfds")
+	w := testutil.Start(t, "-r", bin)
+	time.Sleep(200 * time.Millisecond)
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("before: %v", before)
+	}
+	r := dumpRestore(t, w)
+	time.Sleep(200 * time.Millisecond)
+	checkContinued(t, before, r.Report(t))
+}

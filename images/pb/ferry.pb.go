@@ -1919,7 +1919,11 @@ type FileEntry struct {
 	Unix *UnixSocket `protobuf:"bytes,23,opt,name=unix,proto3" json:"unix,omitempty"`
 	// Pseudo-terminals: "ptmx" (a master) and "pts" (a slave whose master
 	// is in the dump).
-	Tty           *Tty `protobuf:"bytes,24,opt,name=tty,proto3" json:"tty,omitempty"`
+	Tty *Tty `protobuf:"bytes,24,opt,name=tty,proto3" json:"tty,omitempty"`
+	// "signalfd": the signals it reads.
+	SignalfdMask uint64 `protobuf:"varint,25,opt,name=signalfd_mask,json=signalfdMask,proto3" json:"signalfd_mask,omitempty"`
+	// "timerfd".
+	Timerfd       *Timerfd `protobuf:"bytes,26,opt,name=timerfd,proto3" json:"timerfd,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2122,6 +2126,97 @@ func (x *FileEntry) GetTty() *Tty {
 	return nil
 }
 
+func (x *FileEntry) GetSignalfdMask() uint64 {
+	if x != nil {
+		return x.SignalfdMask
+	}
+	return 0
+}
+
+func (x *FileEntry) GetTimerfd() *Timerfd {
+	if x != nil {
+		return x.Timerfd
+	}
+	return nil
+}
+
+// Timerfd is a timerfd's clock and what was left of its timer at dump.
+type Timerfd struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Clockid       int32                  `protobuf:"varint,1,opt,name=clockid,proto3" json:"clockid,omitempty"`
+	Ticks         uint64                 `protobuf:"varint,2,opt,name=ticks,proto3" json:"ticks,omitempty"` // expirations not read yet
+	SettimeFlags  int32                  `protobuf:"varint,3,opt,name=settime_flags,json=settimeFlags,proto3" json:"settime_flags,omitempty"`
+	ValueNs       int64                  `protobuf:"varint,4,opt,name=value_ns,json=valueNs,proto3" json:"value_ns,omitempty"` // time to the next expiration (0: disarmed)
+	IntervalNs    int64                  `protobuf:"varint,5,opt,name=interval_ns,json=intervalNs,proto3" json:"interval_ns,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Timerfd) Reset() {
+	*x = Timerfd{}
+	mi := &file_images_ferry_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Timerfd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Timerfd) ProtoMessage() {}
+
+func (x *Timerfd) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
+func (*Timerfd) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *Timerfd) GetClockid() int32 {
+	if x != nil {
+		return x.Clockid
+	}
+	return 0
+}
+
+func (x *Timerfd) GetTicks() uint64 {
+	if x != nil {
+		return x.Ticks
+	}
+	return 0
+}
+
+func (x *Timerfd) GetSettimeFlags() int32 {
+	if x != nil {
+		return x.SettimeFlags
+	}
+	return 0
+}
+
+func (x *Timerfd) GetValueNs() int64 {
+	if x != nil {
+		return x.ValueNs
+	}
+	return 0
+}
+
+func (x *Timerfd) GetIntervalNs() int64 {
+	if x != nil {
+		return x.IntervalNs
+	}
+	return 0
+}
+
 // Tty is one side of a pty pair. Data queued in the terminal is not kept.
 type Tty struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2137,7 +2232,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2149,7 +2244,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2162,7 +2257,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -2236,7 +2331,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2248,7 +2343,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2261,7 +2356,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -2369,7 +2464,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2381,7 +2476,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2394,7 +2489,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -2499,7 +2594,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2511,7 +2606,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2524,7 +2619,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -2636,7 +2731,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2648,7 +2743,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2661,7 +2756,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -2696,7 +2791,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2708,7 +2803,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2721,7 +2816,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -2758,7 +2853,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2770,7 +2865,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2783,7 +2878,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *FileLock) GetKind() string {
@@ -2827,7 +2922,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2839,7 +2934,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2852,7 +2947,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -2893,7 +2988,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2905,7 +3000,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2918,7 +3013,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -2949,7 +3044,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2961,7 +3056,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2974,7 +3069,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -3004,7 +3099,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3016,7 +3111,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3029,7 +3124,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -3069,7 +3164,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3081,7 +3176,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3094,7 +3189,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -3133,7 +3228,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3145,7 +3240,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3158,7 +3253,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -3228,7 +3323,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3240,7 +3335,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3253,7 +3348,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -3340,7 +3435,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3352,7 +3447,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3365,7 +3460,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -3420,7 +3515,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3432,7 +3527,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3445,7 +3540,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -3669,7 +3764,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\x99\x05\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xef\x05\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -3695,7 +3790,16 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x05epoll\x18\x15 \x03(\v2\x19.ferry.images.EpollTargetR\x05epoll\x12,\n" +
 	"\x04inet\x18\x16 \x01(\v2\x18.ferry.images.InetSocketR\x04inet\x12,\n" +
 	"\x04unix\x18\x17 \x01(\v2\x18.ferry.images.UnixSocketR\x04unix\x12#\n" +
-	"\x03tty\x18\x18 \x01(\v2\x11.ferry.images.TtyR\x03tty\"\x94\x01\n" +
+	"\x03tty\x18\x18 \x01(\v2\x11.ferry.images.TtyR\x03tty\x12#\n" +
+	"\rsignalfd_mask\x18\x19 \x01(\x04R\fsignalfdMask\x12/\n" +
+	"\atimerfd\x18\x1a \x01(\v2\x15.ferry.images.TimerfdR\atimerfd\"\x9a\x01\n" +
+	"\aTimerfd\x12\x18\n" +
+	"\aclockid\x18\x01 \x01(\x05R\aclockid\x12\x14\n" +
+	"\x05ticks\x18\x02 \x01(\x04R\x05ticks\x12#\n" +
+	"\rsettime_flags\x18\x03 \x01(\x05R\fsettimeFlags\x12\x19\n" +
+	"\bvalue_ns\x18\x04 \x01(\x03R\avalueNs\x12\x1f\n" +
+	"\vinterval_ns\x18\x05 \x01(\x03R\n" +
+	"intervalNs\"\x94\x01\n" +
 	"\x03Tty\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x18\n" +
 	"\atermios\x18\x02 \x01(\fR\atermios\x12\x18\n" +
@@ -3828,7 +3932,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -3847,22 +3951,23 @@ var file_images_ferry_proto_goTypes = []any{
 	(*Vma)(nil),          // 14: ferry.images.Vma
 	(*MmCore)(nil),       // 15: ferry.images.MmCore
 	(*FileEntry)(nil),    // 16: ferry.images.FileEntry
-	(*Tty)(nil),          // 17: ferry.images.Tty
-	(*UnixSocket)(nil),   // 18: ferry.images.UnixSocket
-	(*InetSocket)(nil),   // 19: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 20: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 21: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 22: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 23: ferry.images.FileLock
-	(*FdEntry)(nil),      // 24: ferry.images.FdEntry
-	(*FdTable)(nil),      // 25: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 26: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 27: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 28: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 29: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 30: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 31: ferry.images.RestoreStats
-	(*Stats)(nil),        // 32: ferry.images.Stats
+	(*Timerfd)(nil),      // 17: ferry.images.Timerfd
+	(*Tty)(nil),          // 18: ferry.images.Tty
+	(*UnixSocket)(nil),   // 19: ferry.images.UnixSocket
+	(*InetSocket)(nil),   // 20: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 21: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 22: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 23: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 24: ferry.images.FileLock
+	(*FdEntry)(nil),      // 25: ferry.images.FdEntry
+	(*FdTable)(nil),      // 26: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 27: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 28: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 29: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 30: ferry.images.GhostFile
+	(*DumpStats)(nil),    // 31: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 32: ferry.images.RestoreStats
+	(*Stats)(nil),        // 33: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -3878,21 +3983,22 @@ var file_images_ferry_proto_depIdxs = []int32{
 	8,  // 10: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	12, // 11: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
 	14, // 12: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	22, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	19, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	18, // 15: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	17, // 16: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	21, // 17: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	20, // 18: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	23, // 19: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	24, // 20: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	30, // 21: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	31, // 22: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	23, // [23:23] is the sub-list for method output_type
-	23, // [23:23] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	23, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	20, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	19, // 15: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	18, // 16: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	17, // 17: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	22, // 18: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	21, // 19: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	24, // 20: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	25, // 21: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	31, // 22: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	32, // 23: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	24, // [24:24] is the sub-list for method output_type
+	24, // [24:24] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -3906,7 +4012,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   33,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
