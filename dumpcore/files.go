@@ -301,7 +301,10 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		}
 	case unix.S_IFIFO:
 		if !strings.HasPrefix(target, "pipe:") {
-			return nil, fmt.Errorf("FIFO %s: %w", target, ErrUnsupported)
+			if err := dumpFifo(e, pid, fd, target); err != nil {
+				return nil, err
+			}
+			break
 		}
 		e.Type = "pipe"
 		if err := dumpPipe(e, pidfd, fd); err != nil {
@@ -410,31 +413,60 @@ func dumpPipe(e *pb.FileEntry, pidfd, fd int) error {
 	if e.Flags&unix.O_ACCMODE != unix.O_RDONLY {
 		return nil // the data is recorded with the read end
 	}
+	e.PipeData, err = peekPipe(dup, size)
+	return err
+}
+
+// dumpFifo records a named pipe: capacity and queued bytes, read (without
+// consuming them) through a read description of its own, so that a
+// process holding only the write end is covered too.
+func dumpFifo(e *pb.FileEntry, pid, fd int, target string) error {
+	e.Type = "fifo"
+	if p, ok := strings.CutSuffix(target, deletedSuffix); ok {
+		e.Path, e.FifoDeleted = p, true
+	}
+	r, err := os.OpenFile(proc.Path(pid, "fd/"+strconv.Itoa(fd)), os.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return fmt.Errorf("FIFO %s: %w", target, err)
+	}
+	defer r.Close()
+	size, err := unix.FcntlInt(r.Fd(), unix.F_GETPIPE_SZ, 0)
+	if err != nil {
+		return os.NewSyscallError("fcntl(F_GETPIPE_SZ)", err)
+	}
+	e.PipeSize = int32(size)
+	e.PipeData, err = peekPipe(int(r.Fd()), size)
+	return err
+}
+
+// peekPipe returns what pipe fd holds, without consuming it (tee(2) into a
+// private pipe of the same capacity).
+func peekPipe(fd, size int) ([]byte, error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
-		return err
+		return nil, err
 	}
 	defer unix.Close(p[0])
 	defer unix.Close(p[1])
 	if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, size); err != nil {
-		return os.NewSyscallError("fcntl(F_SETPIPE_SZ)", err)
+		return nil, os.NewSyscallError("fcntl(F_SETPIPE_SZ)", err)
 	}
-	n, err := unix.Tee(dup, p[1], size, unix.SPLICE_F_NONBLOCK)
+	n, err := unix.Tee(fd, p[1], size, unix.SPLICE_F_NONBLOCK)
 	if err != nil && !errors.Is(err, unix.EAGAIN) {
-		return os.NewSyscallError("tee", err)
+		return nil, os.NewSyscallError("tee", err)
 	}
-	if n > 0 {
-		data := make([]byte, n)
-		for got := 0; got < int(n); {
-			m, err := unix.Read(p[0], data[got:])
-			if err != nil {
-				return os.NewSyscallError("read pipe copy", err)
-			}
-			got += m
+	if n <= 0 {
+		return nil, nil
+	}
+	data := make([]byte, n)
+	for got := 0; got < int(n); {
+		m, err := unix.Read(p[0], data[got:])
+		if err != nil {
+			return nil, os.NewSyscallError("read pipe copy", err)
 		}
-		e.PipeData = data
+		got += m
 	}
-	return nil
+	return data, nil
 }
 
 // kcmpFile reports whether fds a and b of pid are one open file description.

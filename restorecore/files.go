@@ -29,6 +29,7 @@ func (b *builder) restoreFiles() error {
 	b.objFds = map[uint32]int{}
 	pipes := map[uint64][2]int{} // pipe inode -> parked read, write fds
 	pipeEndTaken := map[[2]uint64]bool{}
+	fifos := map[uint64]int{} // FIFO inode -> parked read-write helper fd
 	var ghosts []string
 	defer func() {
 		for _, g := range ghosts {
@@ -144,6 +145,24 @@ func (b *builder) restoreFiles() error {
 			if fd, err = b.newInetSocket(f, park); err != nil {
 				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 			}
+		case "fifo":
+			helper, ok := fifos[f.Ino]
+			if !ok {
+				if helper, err = b.openFifo(f, park, &ghosts); err != nil {
+					return fmt.Errorf("fd %d (FIFO %s): %w", e.Fd, f.Path, err)
+				}
+				fifos[f.Ino] = helper
+			}
+			// Each description with its own flags, through the helper:
+			// opening the FIFO for reading or writing alone would wait for
+			// the other side.
+			raw, err := b.openIn(fmt.Sprintf("/proc/self/fd/%d", helper), f)
+			if err != nil {
+				return fmt.Errorf("fd %d (FIFO %s): %w", e.Fd, f.Path, err)
+			}
+			if fd, err = park(raw); err != nil {
+				return err
+			}
 		case "signalfd", "timerfd":
 			if fd, err = b.newEventFile(f, park); err != nil {
 				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Type, err)
@@ -223,6 +242,9 @@ func (b *builder) restoreFiles() error {
 	}
 	for _, ends := range pipes {
 		parked[ends[0]], parked[ends[1]] = true, true
+	}
+	for _, h := range fifos {
+		parked[h] = true
 	}
 	for fd := range parked {
 		if _, err := b.sys(unix.SYS_CLOSE, uint64(fd)); err != nil {
@@ -449,6 +471,52 @@ func (b *builder) newEventFile(f *pb.FileEntry, park func(uint64) (int, error)) 
 		}
 		if _, err := b.sys(unix.SYS_IOCTL, uint64(fd), tfdIocSetTicks, a); err != nil {
 			return 0, fmt.Errorf("%d unread expirations (TFD_IOC_SET_TICKS): %w", t.Ticks, err)
+		}
+	}
+	return fd, nil
+}
+
+// openFifo opens a named pipe read-write inside the process (which never
+// waits for a peer), sets its capacity and refills what it held; its fds
+// are then opened through this helper. A FIFO whose path was unlinked is
+// made again under a temporary name, removed once it is open.
+func (b *builder) openFifo(f *pb.FileEntry, park func(uint64) (int, error), ghosts *[]string) (int, error) {
+	path := f.Path
+	if f.FifoDeleted {
+		path = fmt.Sprintf("%s.ferry-%d", f.Path, b.pid)
+		if err := unix.Mkfifo(path, f.Mode&0o7777); err != nil {
+			return 0, fmt.Errorf("mkfifo: %w", err)
+		}
+		*ghosts = append(*ghosts, path)
+	}
+	raw, err := b.openIn(path, &pb.FileEntry{Type: "fifo", Flags: unix.O_RDWR | unix.O_NONBLOCK})
+	if err != nil {
+		return 0, err
+	}
+	fd, err := park(raw)
+	if err != nil {
+		return 0, err
+	}
+	if f.PipeSize > 0 {
+		if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETPIPE_SZ, uint64(f.PipeSize)); err != nil {
+			return 0, fmt.Errorf("capacity %d: %w", f.PipeSize, err)
+		}
+	}
+	data := f.PipeData
+	for _, o := range b.r.is.files {
+		if o.Type == "fifo" && o.Ino == f.Ino && len(o.PipeData) > 0 {
+			data = o.PipeData
+		}
+	}
+	if len(data) > 0 {
+		w, err := os.OpenFile(fmt.Sprintf("/proc/%d/fd/%d", b.pid, fd), os.O_WRONLY, 0)
+		if err != nil {
+			return 0, err
+		}
+		_, err = w.Write(data)
+		w.Close()
+		if err != nil {
+			return 0, fmt.Errorf("refill: %w", err)
 		}
 	}
 	return fd, nil

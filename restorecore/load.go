@@ -241,6 +241,14 @@ func validateFile(f *pb.FileEntry) error {
 	switch f.Type {
 	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts", "signalfd", "timerfd":
 		return nil
+	case "fifo":
+		if f.FifoDeleted {
+			return nil
+		}
+		if st, err := os.Stat(f.Path); err != nil || st.Mode()&os.ModeNamedPipe == 0 {
+			return refuse("FIFO %s is missing or not a FIFO", f.Path)
+		}
+		return nil
 	}
 	var st unix.Stat_t
 	if err := unix.Stat(f.Path, &st); err != nil {

@@ -1832,3 +1832,59 @@ func TestDumpRestoreSignalfdTimerfd(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	checkContinued(t, before, r.Report(t))
 }
+
+func TestDumpRestoreFifos(t *testing.T) {
+	// A named pipe with a read end (nonblocking) and a write end and bytes
+	// queued, and an unlinked one with only its write end open: after
+	// restore the reader gets the queued bytes, flags are as they were,
+	// and the unlinked one is still a FIFO with its bytes.
+	needRoot(t)
+	dir := t.TempDir()
+	script := `import os, fcntl, signal, sys, time
+d = sys.argv[1]
+p, q = os.path.join(d, "named"), os.path.join(d, "gone")
+os.mkfifo(p); os.mkfifo(q)
+r = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+w = os.open(p, os.O_WRONLY)
+os.write(w, b"queued")
+qr = os.open(q, os.O_RDONLY | os.O_NONBLOCK)
+qw = os.open(q, os.O_WRONLY)
+os.write(qw, b"in the gone one")
+os.close(qr)
+os.unlink(q)
+tok = os.urandom(8).hex()
+want = [True]
+def usr1(*a): want[0] = True
+signal.signal(signal.SIGUSR1, usr1)
+seq, checked = 0, ""
+while True:
+    if want[0]:
+        want[0] = False
+        seq += 1
+        if seq == 3:
+            ok = os.read(r, 100) == b"queued" and fcntl.fcntl(r, fcntl.F_GETFL) & os.O_NONBLOCK and fcntl.fcntl(w, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+            r2 = os.open("/proc/self/fd/%d" % qw, os.O_RDONLY | os.O_NONBLOCK)
+            ok = ok and os.read(r2, 100) == b"in the gone one"
+            checked = "fifos=%s\n" % ("ok" if ok else "fail")
+        open(sys.argv[2] + ".tmp", "w").write("status=ok\npid=%d\ntoken=%s\ncounter=%d\nseq=%d\n%s" % (os.getpid(), tok, seq, seq, checked))
+        os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+    time.sleep(0.01)
+`
+	w := testutil.Start(t, "", "python3", "-c", script, dir)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	after := r.Report(t) // the third report checks the FIFOs
+	checkContinued(t, before, after)
+	if after.Fields["fifos"] != "ok" {
+		t.Fatalf("FIFOs after restore: %v", after)
+	}
+	if st, err := os.Stat(filepath.Join(dir, "named")); err != nil || st.Mode()&os.ModeNamedPipe == 0 {
+		t.Fatalf("the named FIFO: %v %v", st, err)
+	}
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 1 {
+		t.Fatalf("%d entries in the FIFO directory, want only the named one (the gone one's stand-in must be unlinked)", len(ents))
+	}
+}
