@@ -79,16 +79,20 @@ func (ft *fileTable) addPath(pid int, link, typ string) (uint32, error) {
 	if err := unix.Stat(lp, &st); err != nil {
 		return 0, fmt.Errorf("stat %s: %w", lp, err)
 	}
+	deleted := false
 	if strings.HasSuffix(target, deletedSuffix) {
 		if _, err := os.Stat(target); err != nil {
-			return 0, fmt.Errorf("%s of %d is a deleted file %s: %w", link, pid, target, ErrUnsupported)
+			if typ != "dir" || link != "cwd" {
+				return 0, fmt.Errorf("%s of %d is a deleted file %s: %w", link, pid, target, ErrUnsupported)
+			}
+			target, deleted = strings.TrimSuffix(target, deletedSuffix), true
 		}
 	}
 	key := fmt.Sprintf("%s:%d:%d", typ, st.Dev, st.Ino)
 	if id, ok := ft.byPath[key]; ok {
 		return id, nil
 	}
-	e := &pb.FileEntry{Type: typ, Path: target}
+	e := &pb.FileEntry{Type: typ, Path: target, DirDeleted: deleted}
 	statEntry(e, &st)
 	id := ft.add(e)
 	ft.byPath[key] = id
@@ -111,6 +115,13 @@ func (ft *fileTable) addMapped(pid int, v *proc.Vma) (uint32, error) {
 		e.Flags = unix.O_RDWR
 	}
 	statEntry(e, &st)
+	if name, ok := strings.CutSuffix(v.Name, deletedSuffix); ok && st.Nlink == 0 {
+		// Unlinked: its contents travel in the images (up to --ghost-limit).
+		e.Path = name
+		if err := ft.addGhost(e, lp, &st); err != nil {
+			return 0, fmt.Errorf("mapping at %#x: %w", v.Start, err)
+		}
+	}
 	id := ft.add(e)
 	ft.byPath[key] = id
 	return id, nil

@@ -62,15 +62,9 @@ func classify(v *proc.Vma) (string, error) {
 		if v.Inode == 0 || strings.HasPrefix(v.Name, "/dev/zero") || strings.HasPrefix(v.Name, "/SYSV") {
 			return KindSharedAnon, nil
 		}
-		if strings.HasSuffix(v.Name, " (deleted)") {
-			return "", fmt.Errorf("shared mapping of deleted file %s at %#x: %w", v.Name, v.Start, ErrUnsupported)
-		}
-		return KindFileShared, nil
+		return KindFileShared, nil // a deleted file is carried as a ghost
 	}
 	if v.Inode != 0 && strings.HasPrefix(v.Name, "/") {
-		if strings.HasSuffix(v.Name, " (deleted)") {
-			return "", fmt.Errorf("mapping of deleted file %s at %#x: %w", v.Name, v.Start, ErrUnsupported)
-		}
 		return KindFilePrivate, nil
 	}
 	if strings.HasPrefix(v.Name, "[") && !strings.HasPrefix(v.Name, "[anon:") && !strings.HasPrefix(v.Name, "[stack:") {

@@ -35,6 +35,9 @@ type builder struct {
 	pid int
 	// ctty is set while files are restored, taken once the session exists.
 	ctty *ctty
+	// ghosts are the stand-ins of deleted files (by file id), removed once
+	// the process holds them.
+	ghosts map[uint32]string
 
 	main    *compel.Task
 	threads []*compel.Task // main first
@@ -97,6 +100,7 @@ func (b *builder) build(ctx context.Context) error {
 		{"pending signals", b.restorePending},
 		{"creds", b.restoreCreds},
 	}
+	defer b.removeGhosts()
 	for _, s := range steps {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -113,6 +117,29 @@ func (b *builder) build(ctx context.Context) error {
 		}
 	}
 	return b.finish()
+}
+
+// ghostPath returns the stand-in for deleted file f, made on first use.
+func (b *builder) ghostPath(f *pb.FileEntry) (string, error) {
+	if p, ok := b.ghosts[f.Id]; ok {
+		return p, nil
+	}
+	p, err := b.makeGhost(f)
+	if err != nil {
+		return "", err
+	}
+	if b.ghosts == nil {
+		b.ghosts = map[uint32]string{}
+	}
+	b.ghosts[f.Id] = p
+	return p, nil
+}
+
+// removeGhosts removes the stand-ins (the process holds what it needs).
+func (b *builder) removeGhosts() {
+	for _, p := range b.ghosts {
+		os.Remove(p)
+	}
 }
 
 type span struct{ start, end uint64 }
@@ -306,7 +333,14 @@ func (b *builder) restoreMemory() error {
 				return fmt.Errorf("VMA %#x: file id %d not in files.img", v.Start, v.FileId)
 			}
 			if _, ok := fileFds[v.FileId]; !ok {
-				path, err := b.putString(0, f.Path)
+				p := f.Path
+				if f.Ghost {
+					var err error
+					if p, err = b.ghostPath(f); err != nil {
+						return err
+					}
+				}
+				path, err := b.putString(0, p)
 				if err != nil {
 					return err
 				}
@@ -428,7 +462,17 @@ func (b *builder) restoreTask() error {
 				return fmt.Errorf("chroot %s: %w", root.Path, err)
 			}
 		}
-		a, err := b.putString(0, cwd.Path)
+		path := cwd.Path
+		if cwd.DirDeleted {
+			// A removed working directory: a stand-in, entered, then
+			// removed again.
+			path = fmt.Sprintf("%s.ferry-%d", cwd.Path, b.pid)
+			if err := os.Mkdir(path, os.FileMode(cwd.Mode&0o7777)); err != nil {
+				return fmt.Errorf("removed working directory %s: %w", cwd.Path, err)
+			}
+			defer os.Remove(path)
+		}
+		a, err := b.putString(0, path)
 		if err != nil {
 			return err
 		}

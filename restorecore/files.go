@@ -182,7 +182,7 @@ func (b *builder) restoreFiles() error {
 				path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), n)
 			}
 			if f.Ghost {
-				path, err = b.makeGhost(f)
+				path, err = b.ghostPath(f)
 				if err != nil {
 					return fmt.Errorf("fd %d: %w", e.Fd, err)
 				}

@@ -241,6 +241,13 @@ func validateFile(f *pb.FileEntry) error {
 	switch f.Type {
 	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts", "signalfd", "timerfd":
 		return nil
+	case "dir":
+		if f.DirDeleted {
+			if _, err := os.Stat(filepath.Dir(f.Path)); err != nil {
+				return refuse("removed working directory %s: its parent is gone too", f.Path)
+			}
+			return nil
+		}
 	case "fifo":
 		if f.FifoDeleted {
 			return nil

@@ -1888,3 +1888,84 @@ while True:
 		t.Fatalf("%d entries in the FIFO directory, want only the named one (the gone one's stand-in must be unlinked)", len(ents))
 	}
 }
+
+func TestDumpRestoreRemovedCwd(t *testing.T) {
+	// A process whose working directory was removed: after restore its cwd
+	// is again a removed directory, and nothing is left on disk.
+	needRoot(t)
+	parent := t.TempDir()
+	script := `import os, signal, sys, time
+d = os.path.join(sys.argv[1], "gone")
+os.mkdir(d); os.chdir(d); os.rmdir(d)
+tok = os.urandom(8).hex()
+want = [True]
+def usr1(*a): want[0] = True
+signal.signal(signal.SIGUSR1, usr1)
+seq = 0
+while True:
+    if want[0]:
+        want[0] = False
+        seq += 1
+        cwd = os.readlink("/proc/self/cwd")
+        ok = cwd.endswith("(deleted)") and not os.path.exists(d)
+        open(sys.argv[2] + ".tmp", "w").write("status=%s\npid=%d\ntoken=%s\ncounter=%d\nseq=%d\n" % ("ok" if ok else "fail", os.getpid(), tok, seq, seq))
+        os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+    time.sleep(0.01)
+`
+	w := testutil.Start(t, "", "python3", "-c", script, parent)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	if ents, _ := os.ReadDir(parent); len(ents) != 0 {
+		t.Fatalf("left on disk: %v", ents)
+	}
+}
+
+func TestDumpRestoreDeletedMappings(t *testing.T) {
+	// Private and shared mappings of files unlinked after mmap: their
+	// contents come back from the images, and nothing is left on disk.
+	needRoot(t)
+	dir := t.TempDir()
+	script := `import os, mmap, signal, sys, time
+d = sys.argv[1]
+tok = os.urandom(8).hex()
+maps = []
+for name, flags in (("private", mmap.MAP_PRIVATE), ("shared", mmap.MAP_SHARED)):
+    p = os.path.join(d, name)
+    with open(p, "wb") as f:
+        f.write((name + tok).encode() * 512)
+    fd = os.open(p, os.O_RDWR)
+    m = mmap.mmap(fd, 0, flags=flags)
+    os.close(fd)
+    os.unlink(p)
+    maps.append((name, m))
+maps[0][1][0:7] = b"changed"  # a private copy-on-write page
+want = [True]
+def usr1(*a): want[0] = True
+signal.signal(signal.SIGUSR1, usr1)
+seq = 0
+while True:
+    if want[0]:
+        want[0] = False
+        seq += 1
+        ok = maps[0][1][0:7] == b"changed" and maps[0][1][4096:4096+7] == (("private" + tok) * 512).encode()[4096:4096+7]
+        ok = ok and maps[1][1][:6+16] == ("shared" + tok).encode()
+        open(sys.argv[2] + ".tmp", "w").write("status=%s\npid=%d\ntoken=%s\ncounter=%d\nseq=%d\n" % ("ok" if ok else "fail", os.getpid(), tok, seq, seq))
+        os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+    time.sleep(0.01)
+`
+	w := testutil.Start(t, "", "python3", "-c", script, dir)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("before: %v", before)
+	}
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("left on disk: %v", ents)
+	}
+}

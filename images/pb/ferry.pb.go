@@ -1925,7 +1925,9 @@ type FileEntry struct {
 	// "timerfd".
 	Timerfd *Timerfd `protobuf:"bytes,26,opt,name=timerfd,proto3" json:"timerfd,omitempty"`
 	// "fifo" whose path was unlinked: made again under a temporary name.
-	FifoDeleted   bool `protobuf:"varint,27,opt,name=fifo_deleted,json=fifoDeleted,proto3" json:"fifo_deleted,omitempty"`
+	FifoDeleted bool `protobuf:"varint,27,opt,name=fifo_deleted,json=fifoDeleted,proto3" json:"fifo_deleted,omitempty"`
+	// "dir" (a cwd) that was removed: made again, entered, and removed.
+	DirDeleted    bool `protobuf:"varint,28,opt,name=dir_deleted,json=dirDeleted,proto3" json:"dir_deleted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2145,6 +2147,13 @@ func (x *FileEntry) GetTimerfd() *Timerfd {
 func (x *FileEntry) GetFifoDeleted() bool {
 	if x != nil {
 		return x.FifoDeleted
+	}
+	return false
+}
+
+func (x *FileEntry) GetDirDeleted() bool {
+	if x != nil {
+		return x.DirDeleted
 	}
 	return false
 }
@@ -3773,7 +3782,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\x92\x06\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xb3\x06\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -3802,7 +3811,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x03tty\x18\x18 \x01(\v2\x11.ferry.images.TtyR\x03tty\x12#\n" +
 	"\rsignalfd_mask\x18\x19 \x01(\x04R\fsignalfdMask\x12/\n" +
 	"\atimerfd\x18\x1a \x01(\v2\x15.ferry.images.TimerfdR\atimerfd\x12!\n" +
-	"\ffifo_deleted\x18\x1b \x01(\bR\vfifoDeleted\"\x9a\x01\n" +
+	"\ffifo_deleted\x18\x1b \x01(\bR\vfifoDeleted\x12\x1f\n" +
+	"\vdir_deleted\x18\x1c \x01(\bR\n" +
+	"dirDeleted\"\x9a\x01\n" +
 	"\aTimerfd\x12\x18\n" +
 	"\aclockid\x18\x01 \x01(\x05R\aclockid\x12\x14\n" +
 	"\x05ticks\x18\x02 \x01(\x04R\x05ticks\x12#\n" +
