@@ -331,6 +331,10 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			}
 			e.EventfdCount = cnt
 			e.EventfdSemaphore = info.Extra["eventfd-semaphore"] == "1"
+		case "anon_inode:inotify":
+			if err := dumpInotify(e, pid, info); err != nil {
+				return nil, err
+			}
 		case "anon_inode:[signalfd]":
 			e.Type = "signalfd"
 			m, err := strconv.ParseUint(info.Extra["sigmask"], 16, 64)

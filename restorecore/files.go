@@ -163,6 +163,10 @@ func (b *builder) restoreFiles() error {
 			if fd, err = park(raw); err != nil {
 				return err
 			}
+		case "inotify":
+			if fd, err = b.newInotify(f, park); err != nil {
+				return fmt.Errorf("fd %d (inotify): %w", e.Fd, err)
+			}
 		case "signalfd", "timerfd":
 			if fd, err = b.newEventFile(f, park); err != nil {
 				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Type, err)
@@ -517,6 +521,76 @@ func (b *builder) openFifo(f *pb.FileEntry, park func(uint64) (int, error), ghos
 		w.Close()
 		if err != nil {
 			return 0, fmt.Errorf("refill: %w", err)
+		}
+	}
+	return fd, nil
+}
+
+// newInotify makes an inotify fd with the same watches under the same
+// watch descriptors. The kernel hands out descriptors one after the other,
+// so a gap is filled with a watch on a scratch file, removed afterwards.
+func (b *builder) newInotify(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	flags := uint64(unix.IN_CLOEXEC)
+	if f.Flags&unix.O_NONBLOCK != 0 {
+		flags |= unix.IN_NONBLOCK
+	}
+	raw, err := b.sys(unix.SYS_INOTIFY_INIT1, flags)
+	if err != nil {
+		return 0, err
+	}
+	fd, err := park(raw)
+	if err != nil {
+		return 0, err
+	}
+	scratch, err := os.MkdirTemp("", "ferry-inotify-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(scratch)
+	add := func(path string, mask uint32) (int32, error) {
+		a, err := b.putString(0, path)
+		if err != nil {
+			return 0, err
+		}
+		wd, err := b.sys(unix.SYS_INOTIFY_ADD_WATCH, uint64(fd), a, uint64(mask))
+		return int32(wd), err
+	}
+	var fillers []int32
+	next := int32(1) // a new group hands out 1, 2, ... in turn
+	for _, w := range f.Inotify {
+		for next < w.Wd {
+			p := fmt.Sprintf("%s/%d", scratch, len(fillers))
+			if err := os.WriteFile(p, nil, 0o600); err != nil {
+				return 0, err
+			}
+			fw, err := add(p, unix.IN_ACCESS)
+			if err != nil {
+				return 0, fmt.Errorf("scratch watch: %w", err)
+			}
+			fillers = append(fillers, fw)
+			next = fw + 1
+		}
+		wd, err := add(w.Path, w.Mask)
+		if err != nil {
+			return 0, fmt.Errorf("watch %s: %w", w.Path, err)
+		}
+		if wd != w.Wd {
+			return 0, fmt.Errorf("watch %s got descriptor %d, want %d", w.Path, wd, w.Wd)
+		}
+		next = wd + 1
+	}
+	for _, fw := range fillers {
+		b.sys(unix.SYS_INOTIFY_RM_WATCH, uint64(fd), uint64(fw))
+	}
+	if len(fillers) > 0 {
+		// Removing a watch queues an IN_IGNORED event: read them away.
+		dup, err := b.localFd(fd)
+		if err != nil {
+			return 0, err
+		}
+		defer unix.Close(dup)
+		if n, err := unix.IoctlGetInt(dup, unix.SIOCINQ); err == nil && n > 0 {
+			unix.Read(dup, make([]byte, n))
 		}
 	}
 	return fd, nil

@@ -1969,3 +1969,60 @@ while True:
 		t.Fatalf("left on disk: %v", ents)
 	}
 }
+
+func TestDumpRestoreInotify(t *testing.T) {
+	// An inotify fd with watches 1 and 3 (2 was removed): after restore, a
+	// file created in each watched directory is reported under the same
+	// watch descriptor.
+	needRoot(t)
+	dir := t.TempDir()
+	script := `import ctypes, os, select, signal, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+d = sys.argv[1]
+for n in ("a", "b", "c"):
+    os.mkdir(os.path.join(d, n))
+fd = libc.inotify_init1(os.O_NONBLOCK)
+wa = libc.inotify_add_watch(fd, os.path.join(d, "a").encode(), 0x100)
+wb = libc.inotify_add_watch(fd, os.path.join(d, "b").encode(), 0x100)
+wc = libc.inotify_add_watch(fd, os.path.join(d, "c").encode(), 0x100)
+libc.inotify_rm_watch(fd, wb)
+time.sleep(0.05)
+try:
+    os.read(fd, 4096)  # the IN_IGNORED of the removed watch
+except BlockingIOError:
+    pass
+tok = os.urandom(8).hex()
+want = [True]
+def usr1(*a): want[0] = True
+signal.signal(signal.SIGUSR1, usr1)
+seq, result = 0, ""
+while True:
+    if want[0]:
+        want[0] = False
+        seq += 1
+        if seq == 3:
+            open(os.path.join(d, "a", "x"), "w").close()
+            open(os.path.join(d, "c", "y"), "w").close()
+            time.sleep(0.05)
+            buf = os.read(fd, 4096)
+            wds = []
+            while buf:
+                wd, mask, cookie, ln = struct.unpack("iIII", buf[:16])
+                wds.append(wd)
+                buf = buf[16 + ln:]
+            result = "wds=%s\n" % ",".join(map(str, wds))
+        open(sys.argv[2] + ".tmp", "w").write("status=ok\npid=%d\ntoken=%s\ncounter=%d\nseq=%d\n%s" % (os.getpid(), tok, seq, seq, result))
+        os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+    time.sleep(0.01)
+`
+	w := testutil.Start(t, "", "python3", "-c", script, dir)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	after := r.Report(t) // the third report creates the files and reads the events
+	checkContinued(t, before, after)
+	if after.Fields["wds"] != "1,3" {
+		t.Fatalf("events came with watch descriptors %q, want 1,3", after.Fields["wds"])
+	}
+}

@@ -1927,7 +1927,9 @@ type FileEntry struct {
 	// "fifo" whose path was unlinked: made again under a temporary name.
 	FifoDeleted bool `protobuf:"varint,27,opt,name=fifo_deleted,json=fifoDeleted,proto3" json:"fifo_deleted,omitempty"`
 	// "dir" (a cwd) that was removed: made again, entered, and removed.
-	DirDeleted    bool `protobuf:"varint,28,opt,name=dir_deleted,json=dirDeleted,proto3" json:"dir_deleted,omitempty"`
+	DirDeleted bool `protobuf:"varint,28,opt,name=dir_deleted,json=dirDeleted,proto3" json:"dir_deleted,omitempty"`
+	// "inotify": its watches, in wd order.
+	Inotify       []*InotifyWatch `protobuf:"bytes,29,rep,name=inotify,proto3" json:"inotify,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2158,6 +2160,75 @@ func (x *FileEntry) GetDirDeleted() bool {
 	return false
 }
 
+func (x *FileEntry) GetInotify() []*InotifyWatch {
+	if x != nil {
+		return x.Inotify
+	}
+	return nil
+}
+
+// InotifyWatch is one watch of an inotify fd: what it watches (found from
+// its file handle at dump), with what mask, under what watch descriptor.
+type InotifyWatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Wd            int32                  `protobuf:"varint,1,opt,name=wd,proto3" json:"wd,omitempty"`
+	Mask          uint32                 `protobuf:"varint,2,opt,name=mask,proto3" json:"mask,omitempty"`
+	Path          string                 `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InotifyWatch) Reset() {
+	*x = InotifyWatch{}
+	mi := &file_images_ferry_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InotifyWatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InotifyWatch) ProtoMessage() {}
+
+func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
+func (*InotifyWatch) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *InotifyWatch) GetWd() int32 {
+	if x != nil {
+		return x.Wd
+	}
+	return 0
+}
+
+func (x *InotifyWatch) GetMask() uint32 {
+	if x != nil {
+		return x.Mask
+	}
+	return 0
+}
+
+func (x *InotifyWatch) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
 // Timerfd is a timerfd's clock and what was left of its timer at dump.
 type Timerfd struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2172,7 +2243,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2184,7 +2255,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2197,7 +2268,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -2250,7 +2321,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2262,7 +2333,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2275,7 +2346,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -2349,7 +2420,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2361,7 +2432,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2374,7 +2445,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -2482,7 +2553,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2494,7 +2565,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2507,7 +2578,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -2612,7 +2683,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2624,7 +2695,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2637,7 +2708,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -2749,7 +2820,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2761,7 +2832,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2774,7 +2845,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -2809,7 +2880,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2821,7 +2892,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2834,7 +2905,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -2871,7 +2942,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2883,7 +2954,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2896,7 +2967,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *FileLock) GetKind() string {
@@ -2940,7 +3011,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2952,7 +3023,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2965,7 +3036,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -3006,7 +3077,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3018,7 +3089,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3031,7 +3102,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -3062,7 +3133,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3074,7 +3145,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3087,7 +3158,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -3117,7 +3188,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3129,7 +3200,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3142,7 +3213,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -3182,7 +3253,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3194,7 +3265,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3207,7 +3278,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -3246,7 +3317,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3258,7 +3329,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3271,7 +3342,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -3341,7 +3412,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3353,7 +3424,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3366,7 +3437,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -3453,7 +3524,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3465,7 +3536,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3478,7 +3549,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -3533,7 +3604,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3545,7 +3616,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3558,7 +3629,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -3782,7 +3853,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xb3\x06\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xe9\x06\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -3813,7 +3884,12 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\atimerfd\x18\x1a \x01(\v2\x15.ferry.images.TimerfdR\atimerfd\x12!\n" +
 	"\ffifo_deleted\x18\x1b \x01(\bR\vfifoDeleted\x12\x1f\n" +
 	"\vdir_deleted\x18\x1c \x01(\bR\n" +
-	"dirDeleted\"\x9a\x01\n" +
+	"dirDeleted\x124\n" +
+	"\ainotify\x18\x1d \x03(\v2\x1a.ferry.images.InotifyWatchR\ainotify\"F\n" +
+	"\fInotifyWatch\x12\x0e\n" +
+	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
+	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
+	"\x04path\x18\x03 \x01(\tR\x04path\"\x9a\x01\n" +
 	"\aTimerfd\x12\x18\n" +
 	"\aclockid\x18\x01 \x01(\x05R\aclockid\x12\x14\n" +
 	"\x05ticks\x18\x02 \x01(\x04R\x05ticks\x12#\n" +
@@ -3953,7 +4029,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -3972,23 +4048,24 @@ var file_images_ferry_proto_goTypes = []any{
 	(*Vma)(nil),          // 14: ferry.images.Vma
 	(*MmCore)(nil),       // 15: ferry.images.MmCore
 	(*FileEntry)(nil),    // 16: ferry.images.FileEntry
-	(*Timerfd)(nil),      // 17: ferry.images.Timerfd
-	(*Tty)(nil),          // 18: ferry.images.Tty
-	(*UnixSocket)(nil),   // 19: ferry.images.UnixSocket
-	(*InetSocket)(nil),   // 20: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 21: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 22: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 23: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 24: ferry.images.FileLock
-	(*FdEntry)(nil),      // 25: ferry.images.FdEntry
-	(*FdTable)(nil),      // 26: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 27: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 28: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 29: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 30: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 31: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 32: ferry.images.RestoreStats
-	(*Stats)(nil),        // 33: ferry.images.Stats
+	(*InotifyWatch)(nil), // 17: ferry.images.InotifyWatch
+	(*Timerfd)(nil),      // 18: ferry.images.Timerfd
+	(*Tty)(nil),          // 19: ferry.images.Tty
+	(*UnixSocket)(nil),   // 20: ferry.images.UnixSocket
+	(*InetSocket)(nil),   // 21: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 22: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 23: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 24: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 25: ferry.images.FileLock
+	(*FdEntry)(nil),      // 26: ferry.images.FdEntry
+	(*FdTable)(nil),      // 27: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 28: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 29: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 30: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 31: ferry.images.GhostFile
+	(*DumpStats)(nil),    // 32: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 33: ferry.images.RestoreStats
+	(*Stats)(nil),        // 34: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -4004,22 +4081,23 @@ var file_images_ferry_proto_depIdxs = []int32{
 	8,  // 10: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	12, // 11: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
 	14, // 12: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	23, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	20, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	19, // 15: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	18, // 16: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	17, // 17: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	22, // 18: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	21, // 19: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	24, // 20: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	25, // 21: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	31, // 22: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	32, // 23: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	24, // [24:24] is the sub-list for method output_type
-	24, // [24:24] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	24, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	21, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	20, // 15: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	19, // 16: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	18, // 17: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	17, // 18: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	23, // 19: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	22, // 20: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	25, // 21: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	26, // 22: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	32, // 23: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	33, // 24: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -4033,7 +4111,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   34,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

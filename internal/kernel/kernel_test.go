@@ -124,7 +124,12 @@ func TestNoLeaks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	New().Results()
+	// Three rounds: a leak shows up three times; the Go runtime may add a
+	// small mapping or two of its own meanwhile (new threads under load).
+	const rounds = 3
+	for range rounds {
+		New().Results()
+	}
 	if after := fdCount(t); after != fds {
 		t.Errorf("probes leaked fds: %d before, %d after", fds, after)
 	}
@@ -148,8 +153,8 @@ func TestNoLeaks(t *testing.T) {
 		return n
 	}
 	for _, pages := range []uint64{1, 2, 4} {
-		if b, a := count(maps, pages*ps), count(after, pages*ps); a > b {
-			t.Errorf("%d more anonymous %d-page mappings after probing", a-b, pages)
+		if b, a := count(maps, pages*ps), count(after, pages*ps); a-b >= rounds {
+			t.Errorf("%d more anonymous %d-page mappings after %d rounds of probing", a-b, pages, rounds)
 		}
 	}
 }

@@ -436,6 +436,9 @@ type FdInfo struct {
 	Ino   uint64
 	Extra map[string]string
 	Locks []string // "lock:" lines: "N: POSIX  ADVISORY  WRITE PID DEV:INO START END"
+	// Inotify holds the "inotify wd:N ino:... sdev:... mask:... f_handle:..."
+	// lines of an inotify fd, without the leading "inotify ".
+	Inotify []string
 }
 
 // ReadFdInfo reads /proc/PID/fdinfo/FD.
@@ -452,6 +455,10 @@ func ReadFdInfo(pid, fd int) (FdInfo, error) {
 func ParseFdInfo(file string, b []byte) (FdInfo, error) {
 	fi := FdInfo{Extra: map[string]string{}}
 	for ln, line := range strings.Split(string(b), "\n") {
+		if w, ok := strings.CutPrefix(line, "inotify "); ok {
+			fi.Inotify = append(fi.Inotify, w)
+			continue
+		}
 		k, v, ok := strings.Cut(line, ":")
 		if !ok {
 			continue
