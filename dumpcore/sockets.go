@@ -83,7 +83,7 @@ const (
 // caller must not close it).
 func (ft *fileTable) dumpSocket(e *pb.FileEntry, pid, dup int) (keep bool, err error) {
 	if family, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_DOMAIN); err == nil && family == unix.AF_UNIX {
-		u, err := describeUnix(pid, dup, e.Ino)
+		u, err := ft.describeUnix(pid, dup, e.Ino)
 		if err != nil {
 			return false, err
 		}

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
 )
 
 // sock_diag for AF_UNIX (include/uapi/linux/sock_diag.h, unix_diag.h).
@@ -98,7 +99,7 @@ func netNsPath(pid int) string { return "/proc/" + strconv.Itoa(pid) + "/ns/net"
 // describeUnix describes the unix socket with inode ino of process pid
 // (dup is ferry's duplicate of it). A connected socket's peer must be in
 // the dump too; that is checked once every fd is known (checkUnixPeers).
-func describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket, error) {
+func (ft *fileTable) describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket, error) {
 	typ, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_TYPE)
 	if err != nil {
 		return nil, os.NewSyscallError("getsockopt SO_TYPE", err)
@@ -133,67 +134,130 @@ func describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket, error) {
 		// say): what it still has to read must stay readable.
 		s.PeerClosed = true
 	}
-	if s.Queue, err = peekQueue(dup, typ); err != nil {
+	var rights [][]int
+	s.Queue, rights, err = peekQueue(dup, typ)
+	defer func() {
+		for _, fds := range rights {
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+		}
+	}()
+	if err != nil {
 		return nil, fmt.Errorf("unix socket %s: %w", name, err)
+	}
+	for i, fds := range rights {
+		if len(fds) == 0 {
+			continue
+		}
+		in := &pb.InFlight{Msg: int32(i)}
+		for _, fd := range fds {
+			id, err := ft.inFlight(fd)
+			if err != nil {
+				return nil, fmt.Errorf("unix socket %s: a descriptor in flight: %w", name, err)
+			}
+			in.FileIds = append(in.FileIds, id)
+		}
+		s.InFlight = append(s.InFlight, in)
 	}
 	return s, nil
 }
 
-// peekQueue reads what socket fd has received without consuming it: the
-// whole byte stream, or every message (walking with SO_PEEK_OFF, which is
-// put back afterwards). Messages carrying descriptors are refused.
-func peekQueue(fd, typ int) ([][]byte, error) {
+// inFlight describes a file received (peeked) from a socket's queue into
+// ferry as fd: regular files, pipes, FIFOs, eventfds.
+func (ft *fileTable) inFlight(fd int) (uint32, error) {
+	self := os.Getpid()
+	info, err := proc.ReadFdInfo(self, fd)
+	if err != nil {
+		return 0, err
+	}
+	pidfd, err := unix.PidfdOpen(self, 0)
+	if err != nil {
+		return 0, os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, err
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+		return 0, fmt.Errorf("a socket: %w", ErrUnsupported)
+	}
+	e, err := ft.describeFd(self, pidfd, fd, info, false)
+	if err != nil {
+		return 0, err
+	}
+	switch e.Type {
+	case "reg", "pipe", "fifo", "eventfd":
+	default:
+		return 0, fmt.Errorf("a %s: %w", e.Type, ErrUnsupported)
+	}
+	return ft.add(e), nil
+}
+
+// peekQueue reads what socket fd has received without consuming it,
+// message by message, walking with SO_PEEK_OFF, which is put back
+// afterwards. A stream comes in the pieces a reader would get: a piece
+// that carries descriptors also holds the bytes queued before it (the
+// kernel joins them when peeking, and no peek shows where they part). The descriptors a message carries are received into
+// ferry (rights[i] for queue[i]); the caller closes them.
+func peekQueue(fd, typ int) (queue [][]byte, rights [][]int, err error) {
 	n, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
 	if err != nil {
-		return nil, os.NewSyscallError("ioctl SIOCINQ", err)
+		return nil, nil, os.NewSyscallError("ioctl SIOCINQ", err)
 	}
-	if typ == unix.SOCK_STREAM {
-		if n == 0 {
-			return nil, nil
-		}
-		b, err := peekOne(fd, n)
-		return [][]byte{b}, err
+	if typ == unix.SOCK_STREAM && n == 0 {
+		return nil, nil, nil
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
-		return nil, os.NewSyscallError("setsockopt SO_PEEK_OFF", err)
+		return nil, nil, os.NewSyscallError("setsockopt SO_PEEK_OFF", err)
 	}
 	defer unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, -1)
-	var out [][]byte
+	max := 1 << 20
+	if typ == unix.SOCK_STREAM {
+		max = n
+	}
 	for {
-		b, err := peekOne(fd, 1<<20)
+		b, fds, err := peekOne(fd, max)
 		if errors.Is(err, unix.EAGAIN) {
-			return out, nil
+			return queue, rights, nil
 		}
 		if err != nil {
-			return nil, err
+			return queue, append(rights, fds), err
 		}
-		out = append(out, b)
+		queue, rights = append(queue, b), append(rights, fds)
+		if typ == unix.SOCK_STREAM {
+			if n -= len(b); n <= 0 {
+				return queue, rights, nil
+			}
+		}
 	}
 }
 
-func peekOne(fd, max int) ([]byte, error) {
+func peekOne(fd, max int) ([]byte, []int, error) {
 	b := make([]byte, max)
-	oob := make([]byte, unix.CmsgSpace(4*64))
-	n, oobn, flags, _, err := unix.Recvmsg(fd, b, oob, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	oob := make([]byte, unix.CmsgSpace(4*253))
+	n, oobn, flags, _, err := unix.Recvmsg(fd, b, oob, unix.MSG_PEEK|unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	var fds []int
 	if oobn > 0 {
 		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
 			for _, m := range msgs {
-				if fds, err := unix.ParseUnixRights(&m); err == nil {
-					for _, f := range fds {
-						unix.Close(f)
-					}
-					return nil, fmt.Errorf("descriptors in flight (SCM_RIGHTS): %w", ErrUnsupported)
+				if got, err := unix.ParseUnixRights(&m); err == nil {
+					fds = append(fds, got...)
 				}
 			}
 		}
 	}
-	if flags&unix.MSG_TRUNC != 0 {
-		return nil, fmt.Errorf("a message larger than %d bytes: %w", max, ErrUnsupported)
+	if flags&unix.MSG_CTRUNC != 0 {
+		return nil, fds, fmt.Errorf("more descriptors in flight than ferry takes at once: %w", ErrUnsupported)
 	}
-	return b[:n], nil
+	if flags&unix.MSG_TRUNC != 0 {
+		return nil, fds, fmt.Errorf("a message larger than %d bytes: %w", max, ErrUnsupported)
+	}
+	return b[:n], fds, nil
 }
 
 // unixName prints a sun_path for messages.

@@ -48,14 +48,30 @@ func (b *builder) restoreFiles() error {
 	sort.SliceStable(fds, func(i, j int) bool {
 		return b.r.is.files[fds[i].FileId].GetType() == "ptmx" && b.r.is.files[fds[j].FileId].GetType() != "ptmx"
 	})
-	for _, e := range fds {
-		if _, ok := b.objFds[e.FileId]; ok {
-			continue
+	// create makes the object of file f inside the process and returns
+	// its parked fd; e is the fd entry it is made for (Fd -1: a file in
+	// flight in a unix socket's queue).
+	var create func(e *pb.FdEntry, f *pb.FileEntry) (int, error)
+	// Files in flight in unix sockets' queues: made like the others, sent
+	// with their message, and their fds here closed with the parked ones.
+	var inFlightFds []int
+	inFlight := func(ids []uint32) ([]int, error) {
+		var out []int
+		for _, id := range ids {
+			f, ok := b.r.is.files[id]
+			if !ok {
+				return nil, fmt.Errorf("file id %d not in files.img", id)
+			}
+			fd, err := create(&pb.FdEntry{Fd: -1, FileId: id}, f)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, fd)
+			inFlightFds = append(inFlightFds, fd)
 		}
-		f, ok := b.r.is.files[e.FileId]
-		if !ok {
-			return fmt.Errorf("fd %d: file id %d not in files.img", e.Fd, e.FileId)
-		}
+		return out, nil
+	}
+	create = func(e *pb.FdEntry, f *pb.FileEntry) (int, error) {
 		var fd int
 		var err error
 		switch f.Type {
@@ -64,7 +80,7 @@ func (b *builder) restoreFiles() error {
 			if !ok {
 				ends, err = b.newPipe(f, park)
 				if err != nil {
-					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 				}
 				pipes[f.Ino] = ends
 			}
@@ -79,26 +95,26 @@ func (b *builder) restoreFiles() error {
 				// /proc/PID/fd, say): its own flags.
 				raw, err := b.openIn(fmt.Sprintf("/proc/self/fd/%d", fd), f)
 				if err != nil {
-					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 				}
 				if fd, err = park(raw); err != nil {
-					return err
+					return 0, err
 				}
 				break
 			}
 			pipeEndTaken[key] = true
 			if f.Flags&unix.O_NONBLOCK != 0 {
 				if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETFL, unix.O_NONBLOCK); err != nil {
-					return err
+					return 0, err
 				}
 			}
 		case "eventfd":
 			if fd, err = b.newEventfd(f, park); err != nil {
-				return fmt.Errorf("fd %d (eventfd): %w", e.Fd, err)
+				return 0, fmt.Errorf("fd %d (eventfd): %w", e.Fd, err)
 			}
 		case "ptmx", "pts":
 			if f.Tty == nil {
-				return fmt.Errorf("fd %d: terminal without its description", e.Fd)
+				return 0, fmt.Errorf("fd %d: terminal without its description", e.Fd)
 			}
 			if f.Type == "ptmx" {
 				fd, err = b.openPtmx(f, park)
@@ -106,24 +122,24 @@ func (b *builder) restoreFiles() error {
 				fd, err = b.openPts(f, park)
 			}
 			if err != nil {
-				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 			}
 			if f.Tty.Ctty {
 				b.ctty = &ctty{fd: int(e.Fd), fgPgrp: f.Tty.FgPgrp}
 			}
 		case "unix":
 			if f.Unix == nil {
-				return fmt.Errorf("fd %d: unix socket without its description", e.Fd)
+				return 0, fmt.Errorf("fd %d: unix socket without its description", e.Fd)
 			}
 			if f.Unix.PeerClosed {
-				if fd, err = b.newUnixOrphan(f, park); err != nil {
-					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				if fd, err = b.newUnixOrphan(f, park, inFlight); err != nil {
+					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 				}
 				break
 			}
 			if f.Unix.PeerIno == 0 {
 				if fd, err = b.newUnixSocket(f, park); err != nil {
-					return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 				}
 				break
 			}
@@ -134,22 +150,22 @@ func (b *builder) restoreFiles() error {
 				}
 			}
 			if peer == nil {
-				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, errNoPeer)
+				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, errNoPeer)
 			}
 			var pfd int
-			if fd, pfd, err = b.newUnixPair(f, peer, park); err != nil {
-				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+			if fd, pfd, err = b.newUnixPair(f, peer, park, inFlight); err != nil {
+				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 			}
 			b.objFds[peer.Id] = pfd
 		case "inet":
 			if fd, err = b.newInetSocket(f, park); err != nil {
-				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 			}
 		case "fifo":
 			helper, ok := fifos[f.Ino]
 			if !ok {
 				if helper, err = b.openFifo(f, park, &ghosts); err != nil {
-					return fmt.Errorf("fd %d (FIFO %s): %w", e.Fd, f.Path, err)
+					return 0, fmt.Errorf("fd %d (FIFO %s): %w", e.Fd, f.Path, err)
 				}
 				fifos[f.Ino] = helper
 			}
@@ -158,26 +174,26 @@ func (b *builder) restoreFiles() error {
 			// the other side.
 			raw, err := b.openIn(fmt.Sprintf("/proc/self/fd/%d", helper), f)
 			if err != nil {
-				return fmt.Errorf("fd %d (FIFO %s): %w", e.Fd, f.Path, err)
+				return 0, fmt.Errorf("fd %d (FIFO %s): %w", e.Fd, f.Path, err)
 			}
 			if fd, err = park(raw); err != nil {
-				return err
+				return 0, err
 			}
 		case "inotify":
 			if fd, err = b.newInotify(f, park); err != nil {
-				return fmt.Errorf("fd %d (inotify): %w", e.Fd, err)
+				return 0, fmt.Errorf("fd %d (inotify): %w", e.Fd, err)
 			}
 		case "signalfd", "timerfd":
 			if fd, err = b.newEventFile(f, park); err != nil {
-				return fmt.Errorf("fd %d (%s): %w", e.Fd, f.Type, err)
+				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Type, err)
 			}
 		case "epoll":
 			raw, err := b.sys(unix.SYS_EPOLL_CREATE1, unix.EPOLL_CLOEXEC)
 			if err != nil {
-				return fmt.Errorf("fd %d (epoll): %w", e.Fd, err)
+				return 0, fmt.Errorf("fd %d (epoll): %w", e.Fd, err)
 			}
 			if fd, err = park(raw); err != nil {
-				return err
+				return 0, err
 			}
 		default:
 			path := f.Path
@@ -188,17 +204,31 @@ func (b *builder) restoreFiles() error {
 			if f.Ghost {
 				path, err = b.ghostPath(f)
 				if err != nil {
-					return fmt.Errorf("fd %d: %w", e.Fd, err)
+					return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
 				}
 				ghosts = append(ghosts, path)
 			}
 			raw, err := b.openIn(path, f)
 			if err != nil {
-				return fmt.Errorf("fd %d: %w", e.Fd, err)
+				return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
 			}
 			if fd, err = park(raw); err != nil {
-				return err
+				return 0, err
 			}
+		}
+		return fd, nil
+	}
+	for _, e := range fds {
+		if _, ok := b.objFds[e.FileId]; ok {
+			continue
+		}
+		f, ok := b.r.is.files[e.FileId]
+		if !ok {
+			return fmt.Errorf("fd %d: file id %d not in files.img", e.Fd, e.FileId)
+		}
+		fd, err := create(e, f)
+		if err != nil {
+			return err
 		}
 		b.objFds[e.FileId] = fd
 	}
@@ -249,6 +279,9 @@ func (b *builder) restoreFiles() error {
 	}
 	for _, h := range fifos {
 		parked[h] = true
+	}
+	for _, fd := range inFlightFds {
+		parked[fd] = true
 	}
 	for fd := range parked {
 		if _, err := b.sys(unix.SYS_CLOSE, uint64(fd)); err != nil {

@@ -72,7 +72,7 @@ func (b *builder) newUnixSocket(f *pb.FileEntry, park func(uint64) (int, error))
 
 // newUnixPair makes a connected pair for f and its peer p, and refills
 // what each had received by sending it from the other end.
-func (b *builder) newUnixPair(f, p *pb.FileEntry, park func(uint64) (int, error)) (int, int, error) {
+func (b *builder) newUnixPair(f, p *pb.FileEntry, park func(uint64) (int, error), inFlight rightsFunc) (int, int, error) {
 	if _, err := b.sys(unix.SYS_SOCKETPAIR, unix.AF_UNIX, uint64(f.Unix.Type)|unix.SOCK_CLOEXEC, 0, b.scratch()); err != nil {
 		return 0, 0, fmt.Errorf("socketpair: %w", err)
 	}
@@ -92,7 +92,7 @@ func (b *builder) newUnixPair(f, p *pb.FileEntry, park func(uint64) (int, error)
 		recv *pb.FileEntry
 		from int
 	}{{f, fb}, {p, fa}} {
-		if err := b.refill(side.from, side.recv.Unix.Queue); err != nil {
+		if err := b.refill(side.from, side.recv.Unix, inFlight); err != nil {
 			return 0, 0, fmt.Errorf("%s: refilling its queue: %w", side.recv.Path, err)
 		}
 	}
@@ -115,7 +115,7 @@ func (b *builder) newUnixPair(f, p *pb.FileEntry, park func(uint64) (int, error)
 
 // newUnixOrphan makes a connected socket whose peer has closed: one end of
 // a new pair, its queue refilled from the other end, which is then closed.
-func (b *builder) newUnixOrphan(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+func (b *builder) newUnixOrphan(f *pb.FileEntry, park func(uint64) (int, error), inFlight rightsFunc) (int, error) {
 	if _, err := b.sys(unix.SYS_SOCKETPAIR, unix.AF_UNIX, uint64(f.Unix.Type)|unix.SOCK_CLOEXEC, 0, b.scratch()); err != nil {
 		return 0, fmt.Errorf("socketpair: %w", err)
 	}
@@ -128,7 +128,7 @@ func (b *builder) newUnixOrphan(f *pb.FileEntry, park func(uint64) (int, error))
 	if err != nil {
 		return 0, err
 	}
-	if err := b.refill(int(other), f.Unix.Queue); err != nil {
+	if err := b.refill(int(other), f.Unix, inFlight); err != nil {
 		return 0, err
 	}
 	if _, err := b.sys(unix.SYS_CLOSE, other); err != nil {
@@ -140,11 +140,21 @@ func (b *builder) newUnixOrphan(f *pb.FileEntry, park func(uint64) (int, error))
 	return fd, b.setFlags(fd, f)
 }
 
-// refill sends msgs, in order, on the process's socket fd (from ferry,
-// through a duplicate), making its buffer room for them first.
-func (b *builder) refill(fd int, msgs [][]byte) error {
+// rightsFunc makes the files in flight with a message (by files.img id)
+// inside the process and returns their fds there.
+type rightsFunc func(ids []uint32) ([]int, error)
+
+// refill sends what u had received, in order, on the process's socket fd
+// (from ferry, through a duplicate): each message with the descriptors it
+// carried, made first inside the process. The buffer is made room for.
+func (b *builder) refill(fd int, u *pb.UnixSocket, inFlight rightsFunc) error {
+	msgs := u.Queue
 	if len(msgs) == 0 {
 		return nil
+	}
+	rights := map[int][]uint32{}
+	for _, in := range u.InFlight {
+		rights[int(in.Msg)] = in.FileIds
 	}
 	dup, err := b.localFd(fd)
 	if err != nil {
@@ -158,12 +168,30 @@ func (b *builder) refill(fd int, msgs [][]byte) error {
 	if err := unix.SetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 2*total+(64<<10)); err != nil {
 		return os.NewSyscallError("setsockopt SO_SNDBUFFORCE", err)
 	}
-	for _, m := range msgs {
+	for i, m := range msgs {
+		var oob []byte
+		if ids := rights[i]; len(ids) > 0 {
+			fds, err := inFlight(ids)
+			if err != nil {
+				return fmt.Errorf("files in flight: %w", err)
+			}
+			local := make([]int, 0, len(fds))
+			for _, f := range fds {
+				l, err := b.localFd(f)
+				if err != nil {
+					return err
+				}
+				local = append(local, l)
+				defer unix.Close(l)
+			}
+			oob = unix.UnixRights(local...)
+		}
 		for off := 0; off < len(m) || len(m) == 0; {
-			n, err := unix.SendmsgN(dup, m[off:], nil, nil, unix.MSG_DONTWAIT)
+			n, err := unix.SendmsgN(dup, m[off:], oob, nil, unix.MSG_DONTWAIT)
 			if err != nil {
 				return os.NewSyscallError("send", err)
 			}
+			oob = nil // the descriptors go with the first part
 			off += n
 			if len(m) == 0 {
 				break

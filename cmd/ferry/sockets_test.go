@@ -612,3 +612,66 @@ func TestDumpRestoreTCPHalfClosed(t *testing.T) {
 		t.Fatalf("the restored server did not receive the line sent after the restore: %v", rw.Report(t))
 	}
 }
+
+func TestDumpRestoreDescriptorsInFlight(t *testing.T) {
+	// Descriptors in flight (SCM_RIGHTS) over a datagram and a stream
+	// socketpair: a pipe's read end (closed in the process: only the queue
+	// holds it) and a regular file. After restore the receiver gets them
+	// with their messages, and they work.
+	needRoot(t)
+	dir := t.TempDir()
+	script := `import array, os, signal, socket, sys, time
+d = sys.argv[1]
+dg = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+st = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+r, w = os.pipe()
+os.write(w, b"through the pipe")
+p = os.path.join(d, "file")
+open(p, "w").write("in the file")
+f = os.open(p, os.O_RDONLY)
+dg[0].sendmsg([b"first"])
+dg[0].sendmsg([b"with a pipe"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+st[0].sendall(b"before ")
+st[0].sendmsg([b"with a file"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f]))])
+st[0].sendall(b" after")
+os.close(r); os.close(f)
+tok = os.urandom(8).hex()
+want = [True]
+def usr1(*a): want[0] = True
+signal.signal(signal.SIGUSR1, usr1)
+seq, result = 0, ""
+def recv(sk, n):
+    msg, anc, _, _ = sk.recvmsg(n, socket.CMSG_SPACE(16))
+    fds = []
+    for lvl, typ, data in anc:
+        fds += list(array.array("i", data[:len(data) - len(data) % 4]))
+    return msg, fds
+while True:
+    if want[0]:
+        want[0] = False
+        seq += 1
+        if seq == 3:
+            m1, f1 = recv(dg[1], 100)
+            m2, f2 = recv(dg[1], 100)
+            s, g = b"", []
+            while len(s) < 24:
+                b, fds = recv(st[1], 100)
+                s, g = s + b, g + fds
+            ok = m1 == b"first" and not f1 and m2 == b"with a pipe" and len(f2) == 1 and os.read(f2[0], 100) == b"through the pipe"
+            ok = ok and s == b"before with a file after" and len(g) == 1 and os.read(g[0], 100) == b"in the file"
+            result = "inflight=%s\n" % ("ok" if ok else "fail %r" % ([m1, f1, m2, f2, s, g],))
+        open(sys.argv[2] + ".tmp", "w").write("status=ok\npid=%d\ntoken=%s\ncounter=%d\nseq=%d\n%s" % (os.getpid(), tok, seq, seq, result))
+        os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+    time.sleep(0.01)
+`
+	w := testutil.Start(t, "", "python3", "-c", script, dir)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	if after.Fields["inflight"] != "ok" {
+		t.Fatalf("descriptors in flight after restore: %q", after.Fields["inflight"])
+	}
+}

@@ -2413,7 +2413,10 @@ type UnixSocket struct {
 	// A connected socket whose peer has closed: made as a pair whose other
 	// end is closed once the queue is refilled (the name it shows, inherited
 	// from a listener, is not bound again).
-	PeerClosed    bool `protobuf:"varint,11,opt,name=peer_closed,json=peerClosed,proto3" json:"peer_closed,omitempty"`
+	PeerClosed bool `protobuf:"varint,11,opt,name=peer_closed,json=peerClosed,proto3" json:"peer_closed,omitempty"`
+	// Descriptors in flight (SCM_RIGHTS): which message of queue carries
+	// which files (files.img ids, files not necessarily open in the process).
+	InFlight      []*InFlight `protobuf:"bytes,12,rep,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2525,6 +2528,65 @@ func (x *UnixSocket) GetPeerClosed() bool {
 	return false
 }
 
+func (x *UnixSocket) GetInFlight() []*InFlight {
+	if x != nil {
+		return x.InFlight
+	}
+	return nil
+}
+
+type InFlight struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Msg           int32                  `protobuf:"varint,1,opt,name=msg,proto3" json:"msg,omitempty"`
+	FileIds       []uint32               `protobuf:"varint,2,rep,packed,name=file_ids,json=fileIds,proto3" json:"file_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InFlight) Reset() {
+	*x = InFlight{}
+	mi := &file_images_ferry_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InFlight) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InFlight) ProtoMessage() {}
+
+func (x *InFlight) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
+func (*InFlight) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *InFlight) GetMsg() int32 {
+	if x != nil {
+		return x.Msg
+	}
+	return 0
+}
+
+func (x *InFlight) GetFileIds() []uint32 {
+	if x != nil {
+		return x.FileIds
+	}
+	return nil
+}
+
 // InetSocket is a TCP listener or an unconnected, or connected UDP,
 // socket: what socket(2), setsockopt(2), bind(2), connect(2) and
 // listen(2) need to make it again.
@@ -2553,7 +2615,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2565,7 +2627,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2578,7 +2640,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -2683,7 +2745,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2695,7 +2757,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2708,7 +2770,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -2820,7 +2882,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2832,7 +2894,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2845,7 +2907,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -2880,7 +2942,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2892,7 +2954,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2905,7 +2967,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -2942,7 +3004,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2954,7 +3016,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2967,7 +3029,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *FileLock) GetKind() string {
@@ -3011,7 +3073,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3023,7 +3085,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3036,7 +3098,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -3077,7 +3139,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3089,7 +3151,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3102,7 +3164,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -3133,7 +3195,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3145,7 +3207,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3158,7 +3220,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -3188,7 +3250,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3200,7 +3262,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3213,7 +3275,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -3253,7 +3315,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3265,7 +3327,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3278,7 +3340,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -3317,7 +3379,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3329,7 +3391,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3342,7 +3404,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -3412,7 +3474,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3424,7 +3486,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3437,7 +3499,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -3524,7 +3586,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3536,7 +3598,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3549,7 +3611,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -3604,7 +3666,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3616,7 +3678,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3629,7 +3691,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -3903,7 +3965,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\awinsize\x18\x03 \x01(\fR\awinsize\x12\x16\n" +
 	"\x06packet\x18\x04 \x01(\bR\x06packet\x12\x12\n" +
 	"\x04ctty\x18\x05 \x01(\bR\x04ctty\x12\x17\n" +
-	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\xaf\x02\n" +
+	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\xe4\x02\n" +
 	"\n" +
 	"UnixSocket\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
@@ -3918,7 +3980,11 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\rexternal_peer\x18\n" +
 	" \x01(\fR\fexternalPeer\x12\x1f\n" +
 	"\vpeer_closed\x18\v \x01(\bR\n" +
-	"peerClosed\"\xc7\x02\n" +
+	"peerClosed\x123\n" +
+	"\tin_flight\x18\f \x03(\v2\x16.ferry.images.InFlightR\binFlight\"7\n" +
+	"\bInFlight\x12\x10\n" +
+	"\x03msg\x18\x01 \x01(\x05R\x03msg\x12\x19\n" +
+	"\bfile_ids\x18\x02 \x03(\rR\afileIds\"\xc7\x02\n" +
 	"\n" +
 	"InetSocket\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
@@ -4029,7 +4095,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -4052,20 +4118,21 @@ var file_images_ferry_proto_goTypes = []any{
 	(*Timerfd)(nil),      // 18: ferry.images.Timerfd
 	(*Tty)(nil),          // 19: ferry.images.Tty
 	(*UnixSocket)(nil),   // 20: ferry.images.UnixSocket
-	(*InetSocket)(nil),   // 21: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 22: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 23: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 24: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 25: ferry.images.FileLock
-	(*FdEntry)(nil),      // 26: ferry.images.FdEntry
-	(*FdTable)(nil),      // 27: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 28: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 29: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 30: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 31: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 32: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 33: ferry.images.RestoreStats
-	(*Stats)(nil),        // 34: ferry.images.Stats
+	(*InFlight)(nil),     // 21: ferry.images.InFlight
+	(*InetSocket)(nil),   // 22: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 23: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 24: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 25: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 26: ferry.images.FileLock
+	(*FdEntry)(nil),      // 27: ferry.images.FdEntry
+	(*FdTable)(nil),      // 28: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 29: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 30: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 31: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 32: ferry.images.GhostFile
+	(*DumpStats)(nil),    // 33: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 34: ferry.images.RestoreStats
+	(*Stats)(nil),        // 35: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -4081,23 +4148,24 @@ var file_images_ferry_proto_depIdxs = []int32{
 	8,  // 10: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	12, // 11: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
 	14, // 12: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	24, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	21, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	25, // 13: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	22, // 14: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
 	20, // 15: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
 	19, // 16: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
 	18, // 17: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
 	17, // 18: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	23, // 19: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	22, // 20: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	25, // 21: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	26, // 22: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	32, // 23: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	33, // 24: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	25, // [25:25] is the sub-list for method output_type
-	25, // [25:25] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	21, // 19: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	24, // 20: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	23, // 21: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	26, // 22: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	27, // 23: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	33, // 24: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	34, // 25: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	26, // [26:26] is the sub-list for method output_type
+	26, // [26:26] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -4111,7 +4179,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   35,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
