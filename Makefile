@@ -25,9 +25,10 @@ test: deps build
 bench: deps build
 	@bash scripts/bench.sh
 
-## proto: regenerate images/pb from images/*.proto
+## proto: regenerate images/pb and agent/api/v1 from their .proto files (needs protoc-gen-go and protoc-gen-go-grpc)
 proto:
 	protoc --go_out=. --go_opt=module=github.com/ferrycr/ferry images/*.proto
+	protoc --go_out=. --go_opt=module=github.com/ferrycr/ferry --go-grpc_out=. --go-grpc_opt=module=github.com/ferrycr/ferry agent/api/v1/*.proto
 
 ## lint: formatting, vet, and the project's own rules
 lint:

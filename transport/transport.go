@@ -319,3 +319,31 @@ func (s *Stream) Close() error {
 	}
 	return s.conn.Close()
 }
+
+// ServerConfig is the TLS configuration of a server that requires and
+// verifies client certificates (agents' gRPC).
+func (t TLS) ServerConfig() (*tls.Config, error) {
+	cfg, pool, err := t.base()
+	if err != nil {
+		return nil, err
+	}
+	cfg.ClientCAs = pool
+	cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	return cfg, nil
+}
+
+// ClientConfig is the TLS configuration of a client of the server at
+// addr (host:port); the host is checked against its certificate.
+func (t TLS) ClientConfig(addr string) (*tls.Config, error) {
+	cfg, pool, err := t.base()
+	if err != nil {
+		return nil, err
+	}
+	cfg.RootCAs = pool
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("address %q: %w", addr, err)
+	}
+	cfg.ServerName = host
+	return cfg, nil
+}

@@ -1,16 +1,11 @@
 // Command migrate moves a running process from one host to another:
-// migrate --from hostA --to hostB PID.
 //
-// The cluster agents and coordinator it drives are not built yet; until
-// then it says so and exits with status 2.
+//	migrate --from hostA --to hostB PID
+//
+// It drives the ferry agents of both hosts (see "migrate --help"); "ferry
+// migrate" is the same command.
 package main
 
-import (
-	"fmt"
-	"os"
-)
+import "github.com/ferrycr/ferry/internal/migratecmd"
 
-func main() {
-	fmt.Fprintln(os.Stderr, "migrate: live migration is not available in this build yet; use 'ferry dump' and 'ferry restore'")
-	os.Exit(2)
-}
+func main() { migratecmd.Main() }

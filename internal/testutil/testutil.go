@@ -285,3 +285,23 @@ func WaitGone(pid int, timeout time.Duration) error {
 	}
 	return fmt.Errorf("process %d still running after %v", pid, timeout)
 }
+
+// BuildCmd builds the project's command ./cmd/NAME once per test binary
+// and returns the executable's path.
+func BuildCmd(t testing.TB, name string) string {
+	t.Helper()
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if p, ok := built["cmd:"+name]; ok {
+		return p
+	}
+	out := filepath.Join(cacheDir(t), "cmd-"+name)
+	cmd := exec.Command("go", "build", "-o", out, "./cmd/"+name)
+	cmd.Dir = RepoRoot(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/%s: %v\n%s", name, err, b)
+	}
+	built["cmd:"+name] = out
+	return out
+}

@@ -1,0 +1,400 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
+	"github.com/ferrycr/ferry/internal/proc"
+)
+
+// A migration's states, as Status reports them.
+const (
+	StateUnknown    = "unknown"
+	StatePreparing  = "preparing"   // target: session open, rounds arriving
+	StateRunning    = "running"     // source: pre-copy rounds, the tree runs
+	StateFrozen     = "frozen"      // source: final round done, tree held by SIGSTOP
+	StateRestored   = "restored"    // target: tree restored and running, not committed
+	StateCommitted  = "committed"   // done: the tree lives on the target
+	StateRolledBack = "rolled-back" // undone: the tree lives on the source
+)
+
+const (
+	roleSource = "source"
+	roleTarget = "target"
+)
+
+// record is what the state directory keeps of a migration.
+type record struct {
+	ID         string    `json:"id"`
+	Role       string    `json:"role"`
+	State      string    `json:"state"`
+	Pid        int       `json:"pid,omitempty"`  // source: the tree's root
+	Peer       string    `json:"peer,omitempty"` // the other side's agent
+	LeaseUntil time.Time `json:"lease_until"`
+	LeaseMs    uint32    `json:"lease_ms"` // the coordinator's lease
+	// Procs: the source's frozen tree, or the target's restored one,
+	// each named by PID and start time so that a reused PID is never
+	// signalled.
+	Procs   []procRef `json:"procs,omitempty"`
+	Updated time.Time `json:"updated"`
+}
+
+type procRef struct {
+	Pid   int    `json:"pid"`
+	Start uint64 `json:"start"`
+}
+
+func refOf(pid int) (procRef, error) {
+	st, err := proc.ReadStat(pid)
+	if err != nil {
+		return procRef{}, err
+	}
+	return procRef{Pid: pid, Start: st.StartTime}, nil
+}
+
+// signal sends sig to each process that is still the one recorded.
+func signal(refs []procRef, sig unix.Signal) {
+	for _, r := range refs {
+		if st, err := proc.ReadStat(r.Pid); err == nil && st.StartTime == r.Start {
+			unix.Kill(r.Pid, sig)
+		}
+	}
+}
+
+func terminal(state string) bool { return state == StateCommitted || state == StateRolledBack }
+
+// migration is one migration on this agent: its record and, on a target,
+// the page-server session receiving its rounds.
+type migration struct {
+	// op serializes the long operations on a migration (rounds, restore,
+	// commit, the lease's resolution).
+	op sync.Mutex
+
+	rec record // guarded by Agent.mu
+
+	session *session // target: the page server
+}
+
+func (m *migration) stopSession() {
+	if m.session != nil {
+		m.session.stop()
+	}
+}
+
+func (a *Agent) recordPath(id string) string {
+	return filepath.Join(a.cfg.StateDir, "migrations", id+".json")
+}
+
+func (a *Agent) imagesDir(id string) string {
+	return filepath.Join(a.cfg.StateDir, "images", id)
+}
+
+// save writes m's record (atomically). Call with a.mu held.
+func (a *Agent) save(m *migration) error {
+	m.rec.Updated = time.Now()
+	b, err := json.MarshalIndent(&m.rec, "", "  ")
+	if err != nil {
+		return err
+	}
+	p := a.recordPath(m.rec.ID)
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
+		return err
+	}
+	f, err := os.Open(tmp)
+	if err == nil {
+		f.Sync()
+		f.Close()
+	}
+	return os.Rename(tmp, p)
+}
+
+// setState records a new state (and logs it).
+func (a *Agent) setState(m *migration, state string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	old := m.rec.State
+	m.rec.State = state
+	if err := a.save(m); err != nil {
+		return fmt.Errorf("recording migration %s as %s: %w", m.rec.ID, state, err)
+	}
+	a.log.Info("migration: state", "id", m.rec.ID, "role", m.rec.Role, "from", old, "to", state)
+	return nil
+}
+
+// load reads the records left in the state directory. Those not finished
+// get a fresh lease: their coordinator may still be there; if not, the
+// watcher resolves them when it runs out.
+func (a *Agent) load() error {
+	dir := filepath.Join(a.cfg.StateDir, "migrations")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("agent: state directory: %w", err)
+	}
+	for _, e := range ents {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+		m := &migration{}
+		if err := json.Unmarshal(b, &m.rec); err != nil || m.rec.ID == "" {
+			a.log.Warn("agent: ignoring an unreadable migration record", "file", p, "err", err)
+			continue
+		}
+		if !terminal(m.rec.State) {
+			m.rec.LeaseUntil = time.Now().Add(a.lease(m.rec.LeaseMs))
+			a.log.Info("agent: found a migration in flight", "id", m.rec.ID, "role", m.rec.Role, "state", m.rec.State)
+		}
+		a.migs[m.rec.ID] = m
+	}
+	return nil
+}
+
+// get returns the migration id, or a NotFound error.
+func (a *Agent) get(id string) (*migration, error) {
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m, ok := a.migs[id]
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "no migration %s on this node", id)
+	}
+	return m, nil
+}
+
+// renew extends m's lease to at least d from now (d 0: its own lease).
+func (a *Agent) renew(m *migration, d time.Duration) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if d == 0 {
+		d = a.lease(m.rec.LeaseMs)
+	}
+	if t := time.Now().Add(d); t.After(m.rec.LeaseUntil) {
+		m.rec.LeaseUntil = t
+	}
+}
+
+func (a *Agent) statusOf(m *migration) *agentv1.MigrationStatus {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return &agentv1.MigrationStatus{Id: m.rec.ID, State: m.rec.State}
+}
+
+// Status reports what this side knows of a migration.
+func (a *Agent) Status(ctx context.Context, req *agentv1.MigrationRef) (*agentv1.MigrationStatus, error) {
+	m, err := a.get(req.Id)
+	if status.Code(err) == codes.NotFound {
+		return &agentv1.MigrationStatus{Id: req.Id, State: StateUnknown}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return a.statusOf(m), nil
+}
+
+// Renew extends the lease of a migration.
+func (a *Agent) Renew(ctx context.Context, req *agentv1.RenewRequest) (*agentv1.MigrationStatus, error) {
+	m, err := a.get(req.Id)
+	if err != nil {
+		return nil, err
+	}
+	a.renew(m, a.lease(req.LeaseMs))
+	return a.statusOf(m), nil
+}
+
+// Finish ends a migration on this side.
+func (a *Agent) Finish(ctx context.Context, req *agentv1.FinishRequest) (*agentv1.MigrationStatus, error) {
+	m, err := a.get(req.Id)
+	if status.Code(err) == codes.NotFound && !req.Commit {
+		// Nothing here to undo.
+		return &agentv1.MigrationStatus{Id: req.Id, State: StateUnknown}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	m.op.Lock()
+	defer m.op.Unlock()
+	if req.Commit {
+		if err := a.commit(m); err != nil {
+			return nil, err
+		}
+	} else if err := a.rollback(m); err != nil {
+		return nil, err
+	}
+	return a.statusOf(m), nil
+}
+
+// commit ends m as done on this side. Call with m.op held.
+func (a *Agent) commit(m *migration) error {
+	a.mu.Lock()
+	rec := m.rec
+	a.mu.Unlock()
+	switch {
+	case rec.State == StateCommitted:
+		return nil
+	case rec.State == StateRolledBack:
+		return status.Errorf(codes.FailedPrecondition, "migration %s was rolled back on this node", rec.ID)
+	case rec.Role == roleTarget && rec.State != StateRestored:
+		return status.Errorf(codes.FailedPrecondition, "migration %s: nothing restored to commit (state %s)", rec.ID, rec.State)
+	case rec.Role == roleSource && rec.State != StateFrozen:
+		return status.Errorf(codes.FailedPrecondition, "migration %s: the source tree is not frozen (state %s)", rec.ID, rec.State)
+	}
+	if rec.Role == roleTarget && a.cfg.Fault == "commit" {
+		return status.Errorf(codes.Internal, "migration %s: commit failed (fault injected with --fault commit)", rec.ID)
+	}
+	if err := a.setState(m, StateCommitted); err != nil {
+		return status.Error(codes.Internal, err.Error())
+	}
+	if rec.Role == roleSource {
+		// The tree lives on the target now.
+		signal(rec.Procs, unix.SIGKILL)
+	}
+	m.stopSession()
+	a.dropImages(rec.ID)
+	return nil
+}
+
+// rollback ends m as undone on this side: a target's restored tree is
+// killed, a source's frozen tree resumes. Call with m.op held.
+func (a *Agent) rollback(m *migration) error {
+	a.mu.Lock()
+	rec := m.rec
+	a.mu.Unlock()
+	switch rec.State {
+	case StateRolledBack:
+		return nil
+	case StateCommitted:
+		return status.Errorf(codes.FailedPrecondition, "migration %s is committed on this node", rec.ID)
+	}
+	if err := a.setState(m, StateRolledBack); err != nil {
+		return status.Error(codes.Internal, err.Error())
+	}
+	switch rec.Role {
+	case roleTarget:
+		signal(rec.Procs, unix.SIGKILL)
+	case roleSource:
+		if rec.State == StateFrozen {
+			signal(rec.Procs, unix.SIGCONT)
+		}
+	}
+	m.stopSession()
+	a.dropImages(rec.ID)
+	return nil
+}
+
+func (a *Agent) dropImages(id string) {
+	if err := os.RemoveAll(a.imagesDir(id)); err != nil {
+		a.log.Warn("migration: removing its images", "id", id, "err", err)
+	}
+}
+
+// watch resolves, every half second, the migrations whose lease ran out.
+func (a *Agent) watch(ctx context.Context) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		var due []*migration
+		a.mu.Lock()
+		for _, m := range a.migs {
+			if !terminal(m.rec.State) && now.After(m.rec.LeaseUntil) {
+				due = append(due, m)
+			}
+		}
+		a.mu.Unlock()
+		for _, m := range due {
+			if !m.op.TryLock() {
+				continue // an operation is under way; it renews the lease
+			}
+			a.expire(ctx, m)
+			m.op.Unlock()
+		}
+	}
+}
+
+// expire resolves m, whose coordinator has not been heard from for its
+// lease. A target rolls back: nothing was committed. A source asks the
+// target first, and keeps a frozen tree frozen while it cannot.
+func (a *Agent) expire(ctx context.Context, m *migration) {
+	a.mu.Lock()
+	rec := m.rec
+	a.mu.Unlock()
+	log := a.log.With("id", rec.ID, "role", rec.Role, "state", rec.State)
+	if rec.Role == roleTarget || rec.State != StateFrozen {
+		log.Warn("migration: lease ran out; rolling back")
+		if err := a.rollback(m); err != nil {
+			log.Error("migration: rollback", "err", err)
+		}
+		return
+	}
+	decided, err := a.askTarget(ctx, rec)
+	if err != nil {
+		// Resuming now could make the workload run twice; retry.
+		a.renew(m, 5*time.Second)
+		log.Error("migration: lease ran out and the target cannot say what was decided; the source tree stays frozen", "target", rec.Peer, "err", err)
+		return
+	}
+	log.Warn("migration: lease ran out; the target says", "outcome", decided)
+	if decided == StateCommitted {
+		err = a.commit(m)
+	} else {
+		err = a.rollback(m)
+	}
+	if err != nil {
+		log.Error("migration: resolving", "err", err)
+	}
+}
+
+// askTarget learns the outcome of a migration whose source is frozen:
+// "committed", or "rolled-back" once the target has undone its side.
+func (a *Agent) askTarget(ctx context.Context, rec record) (string, error) {
+	if rec.Peer == "" {
+		return "", errors.New("no target recorded")
+	}
+	c, err := a.peer(rec.Peer)
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	st, err := c.Status(ctx, &agentv1.MigrationRef{Id: rec.ID})
+	if err != nil {
+		return "", err
+	}
+	if st.State == StateCommitted {
+		return StateCommitted, nil
+	}
+	// Not committed: make sure it never will be.
+	st, err = c.Finish(ctx, &agentv1.FinishRequest{Id: rec.ID})
+	if err != nil {
+		if status.Code(err) == codes.FailedPrecondition {
+			// Committed meanwhile.
+			return StateCommitted, nil
+		}
+		return "", err
+	}
+	return StateRolledBack, nil
+}

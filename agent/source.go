@@ -1,0 +1,272 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
+	"github.com/ferrycr/ferry/dumpcore"
+	"github.com/ferrycr/ferry/internal/kernel"
+	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/pageserver"
+)
+
+// Info describes this node.
+func (a *Agent) Info(ctx context.Context, _ *agentv1.InfoRequest) (*agentv1.NodeInfo, error) {
+	return a.node(), nil
+}
+
+func (a *Agent) node() *agentv1.NodeInfo {
+	k := kernel.Default()
+	n := &agentv1.NodeInfo{
+		Name:         a.cfg.Name,
+		Version:      a.cfg.Version,
+		Kernel:       k.Kernel(),
+		CpuFlags:     cpuFlags(),
+		MemAvailable: memAvailable(),
+		Load1:        load1(),
+		DirtyTracker: string(k.DirtyTracker()),
+		LazyPages:    k.Check("userfaultfd") == nil,
+		GrpcAddress:  a.Addr(),
+	}
+	a.mu.Lock()
+	for _, m := range a.migs {
+		if !terminal(m.rec.State) {
+			n.Migrations++
+		}
+	}
+	a.mu.Unlock()
+	return n
+}
+
+// Inspect describes the tree that is to move.
+func (a *Agent) Inspect(ctx context.Context, req *agentv1.InspectRequest) (*agentv1.InspectReply, error) {
+	pid := int(req.Pid)
+	st, err := proc.ReadStat(pid)
+	if err != nil || pid <= 0 {
+		return nil, status.Errorf(codes.NotFound, "no process %d on %s", req.Pid, a.cfg.Name)
+	}
+	tids, err := proc.Tids(pid)
+	if err != nil {
+		return nil, status.Errorf(codes.NotFound, "process %d: %v", pid, err)
+	}
+	if kids := children(pid, tids); len(kids) > 0 {
+		return nil, status.Errorf(codes.FailedPrecondition, "process %d has children (%v): process trees cannot move yet", pid, kids)
+	}
+	r := &agentv1.InspectReply{Command: st.Comm, Node: a.node()}
+	for _, t := range tids {
+		r.Pids = append(r.Pids, int32(t))
+	}
+	if b, err := os.ReadFile(proc.Path(pid, "statm")); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 1 {
+			n, _ := strconv.ParseUint(f[1], 10, 64)
+			r.Rss = n * uint64(os.Getpagesize())
+		}
+	}
+	return r, nil
+}
+
+func children(pid int, tids []int) []int {
+	var out []int
+	for _, t := range tids {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, t))
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// Round runs one pre-copy round, or the final dump, of a migration's
+// source, streaming its pages to the target's page-server session.
+func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.RoundReply, error) {
+	if err := checkID(req.Id); err != nil {
+		return nil, err
+	}
+	if req.Round < 1 {
+		return nil, status.Errorf(codes.InvalidArgument, "round %d: rounds count from 1", req.Round)
+	}
+	lease := a.lease(req.LeaseMs)
+	a.mu.Lock()
+	m, ok := a.migs[req.Id]
+	if !ok {
+		m = &migration{rec: record{ID: req.Id, Role: roleSource, State: StateRunning, Pid: int(req.Pid), Peer: req.TargetAddress, LeaseMs: req.LeaseMs}}
+		m.rec.LeaseUntil = time.Now().Add(lease)
+		if err := a.save(m); err != nil {
+			a.mu.Unlock()
+			return nil, status.Errorf(codes.Internal, "recording migration %s: %v", req.Id, err)
+		}
+		a.migs[req.Id] = m
+	}
+	a.mu.Unlock()
+	m.op.Lock()
+	defer m.op.Unlock()
+	a.renew(m, lease)
+	defer a.renew(m, lease)
+
+	a.mu.Lock()
+	rec := m.rec
+	a.mu.Unlock()
+	if rec.Role != roleSource || rec.State != StateRunning || rec.Pid != int(req.Pid) {
+		return nil, status.Errorf(codes.FailedPrecondition, "migration %s: no round for pid %d now (%s here, state %s)", req.Id, req.Pid, rec.Role, rec.State)
+	}
+	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	start := time.Now()
+	client, err := pageserver.Connect(ctx, "tcp", req.PageAddress, a.tls, true)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "round %d: %v", req.Round, err)
+	}
+	sink := &recordingSink{PageSink: client, sent: map[string]bool{}}
+	defer client.Abort()
+	opts := dumpcore.Options{
+		Pid:            int(req.Pid),
+		ImagesDir:      dir,
+		PreDump:        !req.Final,
+		LeaveStopped:   req.Final,
+		PageSink:       sink,
+		TCPEstablished: req.TcpEstablished,
+		Version:        a.cfg.Version,
+		Logger:         a.log.With("migration", req.Id, "round", req.Round),
+	}
+	if req.Round > 1 {
+		opts.PrevImagesDir = "../" + strconv.Itoa(int(req.Round)-1)
+	}
+	var frozenAt time.Time
+	if req.Final {
+		opts.Frozen = func() { frozenAt = time.Now() }
+	}
+	res, err := dumpcore.Dump(ctx, opts)
+	if err != nil && req.Final {
+		// A final dump that failed after its commit point (writing or
+		// sending images) leaves the tree stopped as asked: resume it.
+		if st, e := proc.ReadStat(int(req.Pid)); e == nil && st.State == 'T' {
+			unix.Kill(int(req.Pid), unix.SIGCONT)
+		}
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Aborted, "round %d of pid %d: %v", req.Round, req.Pid, err)
+	}
+	if req.Final {
+		// The tree is stopped by SIGSTOP and detached: a freeze that
+		// outlives this agent. Record it before anything else.
+		var refs []procRef
+		tids, _ := proc.Tids(int(req.Pid))
+		for _, t := range tids {
+			if r, err := refOf(t); err == nil {
+				refs = append(refs, r)
+			}
+		}
+		if len(refs) == 0 {
+			return nil, status.Errorf(codes.Aborted, "round %d: process %d vanished after its final dump", req.Round, req.Pid)
+		}
+		a.mu.Lock()
+		m.rec.Procs = refs
+		a.mu.Unlock()
+		if err := a.setState(m, StateFrozen); err != nil {
+			unix.Kill(int(req.Pid), unix.SIGCONT)
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+	}
+	files, err := readImages(dir, sink.sent)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	st := res.Stats
+	reply := &agentv1.RoundReply{
+		PagesWritten: st.PagesWritten,
+		PagesSkipped: st.PagesSkippedParent,
+		Bytes:        st.PagesWritten * uint64(os.Getpagesize()),
+		DurationUs:   uint64(time.Since(start).Microseconds()),
+		FrozenUs:     st.FrozenTimeUs,
+		Files:        files,
+	}
+	if req.Final && !frozenAt.IsZero() {
+		reply.FrozenUntilReplyUs = uint64(time.Since(frozenAt).Microseconds())
+	}
+	return reply, nil
+}
+
+// recordingSink remembers the files it sent, which the reply leaves out.
+type recordingSink struct {
+	dumpcore.PageSink
+	sent map[string]bool
+}
+
+func (r *recordingSink) Create(name string) (io.WriteCloser, error) {
+	r.sent[name] = true
+	return r.PageSink.Create(name)
+}
+
+// readImages returns the files of dir not in skip.
+func readImages(dir string, skip map[string]bool) (map[string][]byte, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]byte{}
+	for _, e := range ents {
+		if !e.Type().IsRegular() || skip[e.Name()] {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return nil, err
+		}
+		out[e.Name()] = b
+	}
+	return out, nil
+}
+
+// cpuFlags returns the first processor's flags from /proc/cpuinfo.
+func cpuFlags() []string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return nil
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "flags" {
+			return strings.Fields(v)
+		}
+	}
+	return nil
+}
+
+func memAvailable() uint64 {
+	b, _ := os.ReadFile("/proc/meminfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "MemAvailable:"); ok {
+			f := strings.Fields(v)
+			if len(f) > 0 {
+				n, _ := strconv.ParseUint(f[0], 10, 64)
+				return n << 10
+			}
+		}
+	}
+	return 0
+}
+
+func load1() float64 {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := bytes.Fields(b)
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(string(f[0]), 64)
+	return v
+}

@@ -1,0 +1,276 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
+	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/pageserver"
+	"github.com/ferrycr/ferry/restorecore"
+	"github.com/ferrycr/ferry/transport"
+)
+
+// Prepare checks that this node can take the tree and opens the
+// migration's page-server session.
+func (a *Agent) Prepare(ctx context.Context, req *agentv1.PrepareRequest) (*agentv1.PrepareReply, error) {
+	if err := checkID(req.Id); err != nil {
+		return nil, err
+	}
+	if err := a.preflight(req); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	if _, ok := a.migs[req.Id]; ok {
+		a.mu.Unlock()
+		return nil, status.Errorf(codes.AlreadyExists, "migration %s already exists on %s", req.Id, a.cfg.Name)
+	}
+	m := &migration{rec: record{ID: req.Id, Role: roleTarget, State: StatePreparing, Peer: req.SourceAddress,
+		LeaseUntil: time.Now().Add(a.lease(req.LeaseMs)), LeaseMs: req.LeaseMs}}
+	a.migs[req.Id] = m
+	err := a.save(m)
+	a.mu.Unlock()
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "recording migration %s: %v", req.Id, err)
+	}
+	m.op.Lock()
+	defer m.op.Unlock()
+	s, err := a.openSession(req.Id)
+	if err != nil {
+		a.rollback(m)
+		return nil, status.Errorf(codes.Internal, "migration %s: page server: %v", req.Id, err)
+	}
+	a.mu.Lock()
+	m.session = s
+	a.mu.Unlock()
+	return &agentv1.PrepareReply{PageAddress: s.addr}, nil
+}
+
+// preflight refuses a migration this node cannot take, naming why.
+func (a *Agent) preflight(req *agentv1.PrepareRequest) error {
+	for _, pid := range req.Pids {
+		if st, err := proc.ReadStat(int(pid)); err == nil {
+			return status.Errorf(codes.FailedPrecondition, "PID %d is taken on %s (by %s): the tree needs its PIDs", pid, a.cfg.Name, st.Comm)
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err == nil {
+			return status.Errorf(codes.FailedPrecondition, "PID %d is taken on %s: the tree needs its PIDs", pid, a.cfg.Name)
+		}
+	}
+	if avail := memAvailable(); avail > 0 && req.Rss > avail {
+		return status.Errorf(codes.ResourceExhausted, "the tree needs %d MiB of memory and %s has %d MiB available", req.Rss>>20, a.cfg.Name, avail>>20)
+	}
+	if missing := missingCPUFlags(req.CpuFlags, cpuFlags()); len(missing) > 0 {
+		return status.Errorf(codes.FailedPrecondition, "%s's CPU lacks instruction-set features the source has: %s", a.cfg.Name, strings.Join(missing, " "))
+	}
+	return nil
+}
+
+// isaPrefixes name the CPU flags a program can use without the kernel
+// knowing (instruction-set extensions): a tree that may have used one
+// cannot move to a CPU without it.
+var isaPrefixes = []string{"sse", "ssse3", "avx", "fma", "f16c", "bmi", "adx", "aes", "pclmulqdq", "vaes", "vpclmulqdq",
+	"sha_ni", "gfni", "popcnt", "movbe", "rdrand", "rdseed", "lzcnt", "abm", "amx", "xsave", "clflushopt", "clwb", "erms", "fsrm"}
+
+func missingCPUFlags(src, dst []string) []string {
+	have := map[string]bool{}
+	for _, f := range dst {
+		have[f] = true
+	}
+	var missing []string
+	for _, f := range src {
+		if have[f] {
+			continue
+		}
+		for _, p := range isaPrefixes {
+			if strings.HasPrefix(f, p) {
+				missing = append(missing, f)
+				break
+			}
+		}
+	}
+	return missing
+}
+
+// session is a target's page server: the k-th stream it accepts is
+// round k, stored in images/ID/k.
+type session struct {
+	addr   string
+	cancel context.CancelFunc
+	done   chan struct{}
+	once   sync.Once
+}
+
+func (s *session) stop() {
+	s.once.Do(func() {
+		s.cancel()
+		<-s.done
+	})
+}
+
+func (a *Agent) openSession(id string) (*session, error) {
+	l, err := transport.Listen(net.JoinHostPort(a.cfg.PageHost, "0"), a.tls)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &session{addr: l.Addr().String(), cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		defer l.Close()
+		for round := 1; ctx.Err() == nil; round++ {
+			dir := filepath.Join(a.imagesDir(id), strconv.Itoa(round))
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				a.log.Error("migration: page server", "id", id, "err", err)
+				return
+			}
+			if _, err := pageserver.Serve(ctx, pageserver.Options{Dir: dir, Listener: l, Logger: a.log.With("migration", id, "round", round)}); err != nil {
+				if ctx.Err() == nil {
+					a.log.Error("migration: page server", "id", id, "round", round, "err", err)
+				}
+				return
+			}
+		}
+	}()
+	return s, nil
+}
+
+// preparing returns the target migration id, still receiving its rounds,
+// with its op lock held and its lease renewed; otherwise an error saying
+// that there is, in that case, what (e.g. "nothing to restore").
+func (a *Agent) preparing(id, what string) (*migration, error) {
+	m, err := a.get(id)
+	if err != nil {
+		return nil, err
+	}
+	m.op.Lock()
+	if st := a.statusOf(m).State; st != StatePreparing {
+		m.op.Unlock()
+		return nil, status.Errorf(codes.FailedPrecondition, "migration %s is %s here: %s", id, st, what)
+	}
+	a.renew(m, 0)
+	return m, nil
+}
+
+// PutFiles stores a round's small images in the session.
+func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*agentv1.PutFilesReply, error) {
+	m, err := a.preparing(req.Id, "no more images")
+	if err != nil {
+		return nil, err
+	}
+	defer m.op.Unlock()
+	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
+	if req.Round < 1 {
+		return nil, status.Errorf(codes.InvalidArgument, "round %d: rounds count from 1", req.Round)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	for name, b := range req.Files {
+		if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
+			return nil, status.Errorf(codes.InvalidArgument, "image file name %q", name)
+		}
+		p := filepath.Join(dir, name)
+		if _, err := os.Stat(p); err == nil {
+			continue // the page stream brought it
+		}
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+	}
+	return &agentv1.PutFilesReply{}, nil
+}
+
+// Restore restores a migration's final round. The tree runs, but the
+// migration is not committed: until Commit, a rollback kills it.
+func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agentv1.RestoreReply, error) {
+	m, err := a.preparing(req.Id, "nothing to restore")
+	if err != nil {
+		return nil, err
+	}
+	defer m.op.Unlock()
+	defer a.renew(m, 0)
+	if a.cfg.Fault == "slow-restore" {
+		select {
+		case <-time.After(2 * time.Second):
+		case <-ctx.Done():
+		}
+	}
+	if a.cfg.Fault == "restore" {
+		return nil, status.Errorf(codes.Internal, "migration %s: restore failed (fault injected with --fault restore)", req.Id)
+	}
+	// Every stream has arrived (the source waits for each to be stored).
+	a.mu.Lock()
+	s := m.session
+	a.mu.Unlock()
+	if s != nil {
+		s.stop()
+	}
+	start := time.Now()
+	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
+	res, err := restorecore.Restore(ctx, restorecore.Options{ImagesDir: dir, Logger: a.log.With("migration", req.Id)})
+	if err != nil {
+		return nil, status.Errorf(codes.Aborted, "migration %s: restore: %v", req.Id, err)
+	}
+	go reap(res.Root)
+	refs := []procRef{}
+	for _, t := range append([]int{res.Root}, res.Tids...) {
+		if r, err := refOf(t); err == nil {
+			refs = append(refs, r)
+		}
+	}
+	a.mu.Lock()
+	m.rec.Procs = refs
+	a.mu.Unlock()
+	if err := a.setState(m, StateRestored); err != nil {
+		signal(refs, unix.SIGKILL)
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if a.cfg.Fault == "after-restore" {
+		return nil, status.Errorf(codes.Internal, "migration %s: failing with the tree restored (fault injected with --fault after-restore)", req.Id)
+	}
+	return &agentv1.RestoreReply{Root: int32(res.Root), DurationUs: uint64(time.Since(start).Microseconds())}, nil
+}
+
+// reap collects the restored root, the agent's child, when it exits.
+func reap(pid int) {
+	var ws unix.WaitStatus
+	for {
+		if _, err := unix.Wait4(pid, &ws, 0, nil); err != unix.EINTR {
+			return
+		}
+	}
+}
+
+// Commit records the migration as done: the target's record is the
+// authority on the outcome.
+func (a *Agent) Commit(ctx context.Context, req *agentv1.MigrationRef) (*agentv1.MigrationStatus, error) {
+	m, err := a.get(req.Id)
+	if err != nil {
+		return nil, err
+	}
+	m.op.Lock()
+	defer m.op.Unlock()
+	if r := a.statusOf(m); r.State == StateRestored {
+		a.mu.Lock()
+		role := m.rec.Role
+		a.mu.Unlock()
+		if role != roleTarget {
+			return nil, status.Errorf(codes.FailedPrecondition, "migration %s: commit is the target's to record", req.Id)
+		}
+	}
+	if err := a.commit(m); err != nil {
+		return nil, err
+	}
+	return a.statusOf(m), nil
+}

@@ -1,0 +1,405 @@
+// Package coordinator drives a live migration between two agents as an
+// explicit state machine:
+//
+//	preflight -> pre-copy rounds -> final round (source frozen) -> restore
+//	          -> commit (target records it; source tree killed)
+//
+// Any failure before the commit rolls back: the target's copy is killed,
+// then the source resumes. The source is resumed only once the target has
+// confirmed that it rolled back, so the workload never runs on two hosts;
+// when the target cannot be reached, the source stays frozen and the
+// agents resolve the migration themselves when its lease runs out (the
+// outcome is then "unresolved").
+package coordinator
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+
+	"github.com/ferrycr/ferry/agent"
+	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
+	"github.com/ferrycr/ferry/transport"
+)
+
+// Options describe a migration.
+type Options struct {
+	Pid      int
+	From, To string // the agents' gRPC addresses (host:port)
+	// Mode: "precopy" (pre-copy rounds, then a final round with what is
+	// left). "postcopy" and "hybrid" are refused for now.
+	Mode string
+	// MaxDowntime is the downtime budget the pre-copy rounds converge to
+	// (default 100 ms).
+	MaxDowntime time.Duration
+	// MaxRounds bounds the pre-copy rounds before the final one
+	// (default 8).
+	MaxRounds int
+	// Lease: how long each agent waits without hearing from this
+	// coordinator before it resolves the migration alone (default 30 s).
+	Lease          time.Duration
+	TCPEstablished bool
+	TLS            transport.TLS
+	ID             string // default: random
+	// Progress, when set, receives every event as it happens.
+	Progress func(Event)
+	Logger   *slog.Logger
+}
+
+// Event is one step of a migration, for progress displays and JSON lines.
+type Event struct {
+	Event   string  `json:"event"` // preflight, round, final, restored, committed, rolled-back, unresolved, refused
+	ID      string  `json:"id"`
+	Round   int     `json:"round,omitempty"`
+	Pages   uint64  `json:"pages,omitempty"`
+	Bytes   uint64  `json:"bytes,omitempty"`
+	Seconds float64 `json:"seconds,omitempty"`
+	// Rate: bytes per second the round's pages went at.
+	Rate float64 `json:"rate,omitempty"`
+	// DirtyRate: bytes per second the workload wrote, measured over the
+	// previous round.
+	DirtyRate float64 `json:"dirty_rate,omitempty"`
+	// PredictedDowntimeMs: what a final round would cost now.
+	PredictedDowntimeMs float64 `json:"predicted_downtime_ms,omitempty"`
+	FrozenMs            float64 `json:"frozen_ms,omitempty"`
+	Pid                 int     `json:"pid,omitempty"`
+	Message             string  `json:"message,omitempty"`
+}
+
+// Outcomes.
+const (
+	Committed  = "committed"   // the tree runs on the target; the source is gone
+	RolledBack = "rolled-back" // the tree runs on the source, as before
+	Unresolved = "unresolved"  // the agents decide when the lease runs out; the source stays frozen meanwhile
+	Refused    = "refused"     // preflight said no; nothing was touched
+)
+
+// Result describes a finished migration (also a failed one).
+type Result struct {
+	ID          string  `json:"id"`
+	Outcome     string  `json:"outcome"`
+	Pid         int     `json:"pid"`
+	From        string  `json:"from"`
+	To          string  `json:"to"`
+	RestoredPid int     `json:"restored_pid,omitempty"`
+	Rounds      int     `json:"rounds"`
+	Bytes       uint64  `json:"bytes"`
+	DowntimeMs  float64 `json:"downtime_ms,omitempty"`
+	FrozenMs    float64 `json:"frozen_ms,omitempty"` // the source's final freeze, up to its reply
+	TotalMs     float64 `json:"total_ms"`
+	Error       string  `json:"error,omitempty"`
+}
+
+// Error is a failed migration and what became of it.
+type Error struct {
+	Outcome string
+	Err     error
+}
+
+func (e *Error) Error() string { return e.Err.Error() }
+func (e *Error) Unwrap() error { return e.Err }
+
+type run struct {
+	opts     Options
+	log      *slog.Logger
+	src, dst agentv1.AgentClient
+	res      *Result
+	start    time.Time
+	frozen   bool // the source's final round succeeded: its tree is held
+}
+
+// Migrate moves the tree opts.Pid from the agent opts.From to opts.To.
+// The Result is filled in every outcome; the error, when not nil, is an
+// *Error naming the outcome.
+func Migrate(ctx context.Context, opts Options) (*Result, error) {
+	if opts.Mode == "" {
+		opts.Mode = "precopy"
+	}
+	if opts.MaxDowntime <= 0 {
+		opts.MaxDowntime = 100 * time.Millisecond
+	}
+	if opts.MaxRounds <= 0 {
+		opts.MaxRounds = 8
+	}
+	if opts.Lease <= 0 {
+		opts.Lease = 30 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.ID == "" {
+		var b [6]byte
+		rand.Read(b[:])
+		opts.ID = time.Now().UTC().Format("20060102-150405-") + hex.EncodeToString(b[:])
+	}
+	r := &run{opts: opts, log: opts.Logger.With("migration", opts.ID), start: time.Now(),
+		res: &Result{ID: opts.ID, Pid: opts.Pid, From: opts.From, To: opts.To}}
+	err := r.migrate(ctx)
+	r.res.TotalMs = ms(time.Since(r.start))
+	if err != nil {
+		var e *Error
+		if !errors.As(err, &e) {
+			e = &Error{Outcome: RolledBack, Err: err}
+			err = e
+		}
+		r.res.Outcome = e.Outcome
+		r.res.Error = e.Err.Error()
+		r.event(Event{Event: e.Outcome, Message: e.Err.Error()})
+		return r.res, err
+	}
+	r.res.Outcome = Committed
+	r.event(Event{Event: Committed, Pid: r.res.RestoredPid, Seconds: r.res.TotalMs / 1000, Bytes: r.res.Bytes, Round: r.res.Rounds})
+	return r.res, nil
+}
+
+func (r *run) event(e Event) {
+	e.ID = r.opts.ID
+	r.log.Info("migration: "+e.Event, "round", e.Round, "pages", e.Pages, "bytes", e.Bytes, "message", e.Message)
+	if r.opts.Progress != nil {
+		r.opts.Progress(e)
+	}
+}
+
+func (r *run) migrate(ctx context.Context) error {
+	o := r.opts
+	if o.Mode != "precopy" {
+		return &Error{Refused, fmt.Errorf("--mode %s: not available yet (only precopy)", o.Mode)}
+	}
+	if o.Pid <= 0 {
+		return &Error{Refused, fmt.Errorf("invalid pid %d", o.Pid)}
+	}
+	var conns []*grpc.ClientConn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for _, addr := range []string{o.From, o.To} {
+		c, err := agent.Dial(addr, o.TLS)
+		if err != nil {
+			return &Error{Refused, fmt.Errorf("agent %s: %w", addr, err)}
+		}
+		conns = append(conns, c)
+	}
+	r.src, r.dst = agentv1.NewAgentClient(conns[0]), agentv1.NewAgentClient(conns[1])
+
+	// Preflight: nothing is touched until both sides agree.
+	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	ins, err := r.src.Inspect(cctx, &agentv1.InspectRequest{Pid: int32(o.Pid)})
+	cancel()
+	if err != nil {
+		return &Error{Refused, fmt.Errorf("source %s: %s", o.From, reason(err))}
+	}
+	cctx, cancel = context.WithTimeout(ctx, 15*time.Second)
+	dstNode, err := r.dst.Info(cctx, &agentv1.InfoRequest{})
+	cancel()
+	if err != nil {
+		return &Error{Refused, fmt.Errorf("target %s: %s", o.To, reason(err))}
+	}
+	leaseMs := uint32(o.Lease / time.Millisecond)
+	cctx, cancel = context.WithTimeout(ctx, 15*time.Second)
+	prep, err := r.dst.Prepare(cctx, &agentv1.PrepareRequest{Id: o.ID, Pids: ins.Pids, Rss: ins.Rss,
+		CpuFlags: ins.Node.GetCpuFlags(), Kernel: ins.Node.GetKernel(), LeaseMs: leaseMs, SourceAddress: o.From})
+	cancel()
+	if err != nil {
+		return &Error{Refused, fmt.Errorf("target %s refuses: %s", o.To, reason(err))}
+	}
+	r.event(Event{Event: "preflight", Pid: o.Pid, Bytes: ins.Rss,
+		Message: fmt.Sprintf("%s (pid %d, %d threads, %s resident) from %s (kernel %s) to %s (kernel %s, %s available)",
+			ins.Command, o.Pid, len(ins.Pids), size(ins.Rss), ins.Node.GetName(), ins.Node.GetKernel(),
+			dstNode.Name, dstNode.Kernel, size(dstNode.MemAvailable))})
+
+	// From here on every failure is rolled back. The lease is renewed on
+	// both sides while the migration is under way.
+	lctx, stopLease := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); r.renew(lctx, leaseMs) }()
+	defer func() { stopLease(); wg.Wait() }()
+
+	if err := r.rounds(ctx, prep.PageAddress, leaseMs); err != nil {
+		return r.rollback(err)
+	}
+	return r.commit(ctx)
+}
+
+// rounds runs the pre-copy rounds until they converge, then the final
+// round and the restore.
+func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error {
+	o := r.opts
+	round := func(k int, final bool) (*agentv1.RoundReply, error) {
+		rep, err := r.src.Round(ctx, &agentv1.RoundRequest{Id: o.ID, Pid: int32(o.Pid), Round: int32(k), Final: final,
+			PageAddress: pageAddr, LeaseMs: leaseMs, TargetAddress: o.To, TcpEstablished: o.TCPEstablished})
+		if err != nil {
+			return nil, fmt.Errorf("round %d on %s: %s", k, o.From, reason(err))
+		}
+		if final {
+			r.frozen = true
+		}
+		r.res.Rounds = k
+		r.res.Bytes += rep.Bytes
+		if _, err := r.dst.PutFiles(ctx, &agentv1.PutFilesRequest{Id: o.ID, Round: int32(k), Files: rep.Files}); err != nil {
+			return nil, fmt.Errorf("round %d: images to %s: %s", k, o.To, reason(err))
+		}
+		return rep, nil
+	}
+	var prev *agentv1.RoundReply
+	k := 1
+	for ; k <= o.MaxRounds; k++ {
+		rep, err := round(k, false)
+		if err != nil {
+			return err
+		}
+		d := time.Duration(rep.DurationUs) * time.Microsecond
+		e := Event{Event: "round", Round: k, Pages: rep.PagesWritten, Bytes: rep.Bytes, Seconds: d.Seconds(), FrozenMs: float64(rep.FrozenUs) / 1000}
+		if d > 0 && rep.Bytes > 0 {
+			e.Rate = float64(rep.Bytes) / d.Seconds()
+		}
+		stop, why := false, ""
+		if prev != nil {
+			// What this round sent was written during the previous one.
+			pd := time.Duration(prev.DurationUs) * time.Microsecond
+			e.DirtyRate = float64(rep.Bytes) / pd.Seconds()
+			rate := e.Rate
+			if rate == 0 && prev.DurationUs > 0 {
+				rate = float64(prev.Bytes) / pd.Seconds()
+			}
+			// A final round now: what gets dirty while this round ran,
+			// sent at this rate, plus the fixed cost of a freeze.
+			predicted := 2 * time.Duration(rep.FrozenUs) * time.Microsecond
+			if rate > 0 {
+				predicted += time.Duration(e.DirtyRate * d.Seconds() / rate * float64(time.Second))
+			}
+			e.PredictedDowntimeMs = ms(predicted)
+			switch {
+			case predicted <= o.MaxDowntime:
+				stop, why = true, "converged"
+			case float64(rep.Bytes) > 0.9*float64(prev.Bytes):
+				stop, why = true, "not converging (the workload writes as fast as the rounds send)"
+			}
+		} else if d <= o.MaxDowntime/2 {
+			stop, why = true, "small enough"
+		}
+		if k == o.MaxRounds && !stop {
+			stop, why = true, fmt.Sprintf("round limit (%d)", o.MaxRounds)
+		}
+		if stop {
+			e.Message = why
+		}
+		r.event(e)
+		prev = rep
+		if stop {
+			break
+		}
+	}
+	if k > o.MaxRounds {
+		k = o.MaxRounds
+	}
+	final := k + 1
+	rep, err := round(final, true)
+	if err != nil {
+		return err
+	}
+	replied := time.Now()
+	frozen := time.Duration(rep.FrozenUntilReplyUs) * time.Microsecond
+	r.res.FrozenMs = ms(frozen)
+	r.event(Event{Event: "final", Round: final, Pages: rep.PagesWritten, Bytes: rep.Bytes, FrozenMs: ms(frozen),
+		Message: "source frozen; restoring on the target"})
+	rr, err := r.dst.Restore(ctx, &agentv1.RestoreRequest{Id: o.ID, Round: int32(final)})
+	if err != nil {
+		return fmt.Errorf("restore on %s: %s", o.To, reason(err))
+	}
+	r.res.RestoredPid = int(rr.Root)
+	r.res.DowntimeMs = ms(frozen + time.Since(replied))
+	r.event(Event{Event: "restored", Pid: int(rr.Root), Seconds: float64(rr.DurationUs) / 1e6})
+	return nil
+}
+
+// commit makes the target record the migration as done, then has the
+// source kill its frozen tree.
+func (r *run) commit(ctx context.Context) error {
+	o := r.opts
+	if _, err := r.dst.Commit(ctx, &agentv1.MigrationRef{Id: o.ID}); err != nil {
+		// Did the target record it? Only the target knows.
+		st, serr := r.dst.Status(ctx, &agentv1.MigrationRef{Id: o.ID})
+		switch {
+		case serr != nil:
+			return &Error{Unresolved, fmt.Errorf("commit on %s: %s; its outcome is unknown: the source stays frozen until the agents settle it", o.To, reason(err))}
+		case st.State != agent.StateCommitted:
+			return r.rollback(fmt.Errorf("commit on %s: %s", o.To, reason(err)))
+		}
+	}
+	if _, err := r.src.Finish(ctx, &agentv1.FinishRequest{Id: o.ID, Commit: true}); err != nil {
+		// Committed all the same; the source agent kills the frozen tree
+		// when the lease runs out and the target tells it.
+		r.log.Warn("migration committed, but the source did not confirm removing its tree", "err", reason(err))
+	}
+	return nil
+}
+
+// rollback undoes a migration that failed with err: the target's copy
+// first, then the source resumes.
+func (r *run) rollback(err error) error {
+	o := r.opts
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	r.log.Warn("migration failed; rolling back", "err", err)
+	if _, derr := r.dst.Finish(ctx, &agentv1.FinishRequest{Id: o.ID}); derr != nil {
+		if r.frozen {
+			return &Error{Unresolved, fmt.Errorf("%w; rolling back: target %s: %s (the source stays frozen until the agents settle it)", err, o.To, reason(derr))}
+		}
+		r.log.Warn("rollback on the target", "err", reason(derr))
+	}
+	if _, serr := r.src.Finish(ctx, &agentv1.FinishRequest{Id: o.ID}); serr != nil {
+		if r.frozen {
+			return &Error{Unresolved, fmt.Errorf("%w; rolling back: source %s: %s (its agent resumes the tree when the lease runs out)", err, o.From, reason(serr))}
+		}
+	}
+	return &Error{RolledBack, err}
+}
+
+// renew keeps both leases alive until ctx ends.
+func (r *run) renew(ctx context.Context, leaseMs uint32) {
+	t := time.NewTicker(r.opts.Lease / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, c := range []agentv1.AgentClient{r.src, r.dst} {
+			cctx, cancel := context.WithTimeout(ctx, r.opts.Lease/3)
+			c.Renew(cctx, &agentv1.RenewRequest{Id: r.opts.ID, LeaseMs: leaseMs})
+			cancel()
+		}
+	}
+}
+
+// reason is a gRPC error's message without the status decoration.
+func reason(err error) string {
+	if s, ok := status.FromError(err); ok {
+		return s.Message()
+	}
+	return err.Error()
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func size(b uint64) string {
+	switch {
+	case b >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(b)/(1<<30))
+	case b >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
+	}
+	return fmt.Sprintf("%d KiB", b>>10)
+}

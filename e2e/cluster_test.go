@@ -1,0 +1,306 @@
+// Package e2e runs multi-host tests: each host is a network namespace
+// (joined to the other by a veth pair) with its own ferry agent; the
+// target's agent also runs in a PID and mount namespace of its own, so a
+// migrated process gets its PID back while the source's still exists.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ferrycr/ferry/internal/testutil"
+)
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("e2e tests need root (network and PID namespaces, ptrace)")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("e2e tests need ip(8) (iproute2)")
+	}
+}
+
+// host is one simulated host.
+type host struct {
+	name  string // also its certificate's name
+	netns string
+	ip    string
+	state string // the agent's --state-dir
+	log   string
+	agent *exec.Cmd // ferry agent (A) or the unshare holding it (B)
+}
+
+// cluster is two hosts and the certificates of their agents and of the
+// operator.
+type cluster struct {
+	t      *testing.T
+	ferry  string
+	mig    string
+	pki    string
+	a, b   *host
+	pidnsB string // host B's PID namespace (/proc/PID/ns/pid link)
+}
+
+var seq atomic.Int32
+
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// newCluster makes hosts A (10.78.0.1) and B (10.78.0.2) and starts their
+// agents; agentArgsB are extra options of B's agent.
+func newCluster(t *testing.T, agentArgsB ...string) *cluster {
+	t.Helper()
+	needRoot(t)
+	n := seq.Add(1)
+	dir := t.TempDir()
+	c := &cluster{t: t, ferry: testutil.BuildCmd(t, "ferry"), mig: testutil.BuildCmd(t, "migrate"), pki: filepath.Join(dir, "pki")}
+	tag := fmt.Sprintf("%d-%d", os.Getpid(), n)
+	c.a = &host{name: "host-a", netns: "ferry-e2e-a-" + tag, ip: "10.78.0.1", state: filepath.Join(dir, "a"), log: filepath.Join(dir, "a.log")}
+	c.b = &host{name: "host-b", netns: "ferry-e2e-b-" + tag, ip: "10.78.0.2", state: filepath.Join(dir, "b"), log: filepath.Join(dir, "b.log")}
+	for _, h := range []*host{c.a, c.b} {
+		run(t, "ip", "netns", "add", h.netns)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", h.netns).Run() })
+		run(t, "ip", "-n", h.netns, "link", "set", "lo", "up")
+	}
+	va, vb := "fea"+tag, "feb"+tag
+	if len(va) > 15 {
+		va, vb = va[:15], vb[:15]
+	}
+	run(t, "ip", "link", "add", va, "netns", c.a.netns, "type", "veth", "peer", "name", vb, "netns", c.b.netns)
+	run(t, "ip", "-n", c.a.netns, "addr", "add", c.a.ip+"/24", "dev", va)
+	run(t, "ip", "-n", c.b.netns, "addr", "add", c.b.ip+"/24", "dev", vb)
+	run(t, "ip", "-n", c.a.netns, "link", "set", va, "up")
+	run(t, "ip", "-n", c.b.netns, "link", "set", vb, "up")
+
+	run(t, c.ferry, "certs", "init", "--dir", c.pki)
+	run(t, c.ferry, "certs", "issue", "--dir", c.pki, c.a.name, "--host", c.a.ip)
+	run(t, c.ferry, "certs", "issue", "--dir", c.pki, c.b.name, "--host", c.b.ip)
+	run(t, c.ferry, "certs", "issue", "--dir", c.pki, "operator")
+
+	c.startAgent(c.a, nil, nil)
+	c.startAgent(c.b, []string{"unshare", "--pid", "--fork", "--mount-proc", "--kill-child"}, agentArgsB)
+	c.pidnsB = c.agentPidns(c.b)
+	return c
+}
+
+func (c *cluster) tls(name string) []string {
+	return []string{"--tls-cacert", filepath.Join(c.pki, "ca.crt"),
+		"--tls-cert", filepath.Join(c.pki, name+".crt"), "--tls-key", filepath.Join(c.pki, name+".key")}
+}
+
+// startAgent runs h's agent in its network namespace (under wrap, if
+// given) and waits until it serves.
+func (c *cluster) startAgent(h *host, wrap, extra []string) {
+	t := c.t
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := append([]string{"netns", "exec", h.netns}, wrap...)
+	args = append(args, c.ferry, "agent", "--listen", h.ip+":27100", "--state-dir", h.state,
+		"--node-name", h.name, "--status-fd", "3", "-v4", "-o", h.log)
+	args = append(args, c.tls(h.name)...)
+	args = append(args, extra...)
+	h.agent = exec.Command("ip", args...)
+	h.agent.ExtraFiles = []*os.File{w}
+	h.agent.Stderr = os.Stderr
+	if err := h.agent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	t.Cleanup(func() { c.stopAgent(h) })
+	ready := make(chan error, 1)
+	go func() {
+		var b [1]byte
+		_, err := r.Read(b[:])
+		r.Close()
+		ready <- err
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			b, _ := os.ReadFile(h.log)
+			t.Fatalf("agent %s did not start: %v\n%s", h.name, err, b)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("agent %s: not ready after 30 s", h.name)
+	}
+}
+
+// stopAgent kills h's agent by PID (for B, the unshare whose death kills
+// its PID namespace, restored processes included).
+func (c *cluster) stopAgent(h *host) {
+	if h.agent == nil || h.agent.Process == nil {
+		return
+	}
+	h.agent.Process.Kill()
+	h.agent.Wait()
+	h.agent = nil
+	if c.t.Failed() {
+		if b, err := os.ReadFile(h.log); err == nil {
+			c.t.Logf("%s's agent log:\n%s", h.name, tail(b, 60))
+		}
+	}
+}
+
+func tail(b []byte, lines int) []byte {
+	l := bytes.Split(b, []byte("\n"))
+	if len(l) > lines {
+		l = l[len(l)-lines:]
+	}
+	return bytes.Join(l, []byte("\n"))
+}
+
+// agentPidns returns the PID namespace the agent of h runs in.
+func (c *cluster) agentPidns(h *host) string {
+	for _, p := range descendants(h.agent.Process.Pid) {
+		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); bytes.HasPrefix(b, []byte(c.ferry+"\x00agent")) {
+			ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", p))
+			if err == nil {
+				return ns
+			}
+		}
+	}
+	c.t.Fatalf("no agent process under %d", h.agent.Process.Pid)
+	return ""
+}
+
+func descendants(pid int) []int {
+	out := []int{pid}
+	for i := 0; i < len(out); i++ {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", out[i], out[i]))
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// onB finds the process that has PID nspid in host B's PID namespace and
+// returns its PID here (0 if there is none).
+func (c *cluster) onB(nspid int) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ns, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", pid)); ns != c.pidnsB {
+			continue
+		}
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
+				f := strings.Fields(v)
+				if len(f) > 0 && f[len(f)-1] == strconv.Itoa(nspid) && testutil.PidAlive(pid) {
+					return pid
+				}
+			}
+		}
+	}
+	return 0
+}
+
+// startWorkload runs memcheck on host A.
+func (c *cluster) startWorkload(args ...string) *testutil.Workload {
+	bin := testutil.BuildC(c.t, "memcheck")
+	return testutil.Start(c.t, "-r", "ip", append([]string{"netns", "exec", c.a.netns, bin}, args...)...)
+}
+
+// migrate runs migrate on host A (the operator's shell) with --json and
+// returns its exit status and events, the result last.
+func (c *cluster) migrate(pid int, extra ...string) (int, []map[string]any) {
+	c.t.Helper()
+	cmd := c.migrateCmd(pid, extra...)
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	cmd.Stderr = os.Stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatal(err)
+	}
+	return code, parseEvents(c.t, out.Bytes())
+}
+
+func (c *cluster) migrateCmd(pid int, extra ...string) *exec.Cmd {
+	args := []string{"netns", "exec", c.a.netns, c.mig, "--from", c.a.ip, "--to", c.b.ip, "--json"}
+	args = append(args, c.tls("operator")...)
+	args = append(args, extra...)
+	args = append(args, strconv.Itoa(pid))
+	return exec.Command("ip", args...)
+}
+
+func parseEvents(t *testing.T, b []byte) []map[string]any {
+	var evs []map[string]any
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		var e map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+			t.Fatalf("migrate --json printed a line that is not JSON: %q: %v", sc.Text(), err)
+		}
+		evs = append(evs, e)
+	}
+	if len(evs) == 0 || evs[len(evs)-1]["event"] != "result" {
+		t.Fatalf("migrate --json: no result line in:\n%s", b)
+	}
+	return evs
+}
+
+// procState is the state letter of pid (0 if gone).
+func procState(pid int) byte {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return 0
+	}
+	return b[i+2]
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func readlink(format string, args ...any) (string, error) {
+	return os.Readlink(fmt.Sprintf(format, args...))
+}
+
+func mustReadlink(t *testing.T, path string) string {
+	s, err := os.Readlink(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}

@@ -1,0 +1,159 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/internal/testutil"
+)
+
+// checkSame fails unless after is the process of before, gone on: same
+// token (kept only in its memory), counters that went on, memory verified.
+func checkSame(t *testing.T, before, after testutil.Report) {
+	t.Helper()
+	if after.Status != "ok" {
+		t.Fatalf("the workload's self-check failed: %v", after)
+	}
+	if after.Token != before.Token || after.Pid != before.Pid {
+		t.Fatalf("not the same process: before %v, after %v", before, after)
+	}
+	if after.Counter < before.Counter {
+		t.Fatalf("counter went back: %d -> %d (re-run, not restored?)", before.Counter, after.Counter)
+	}
+}
+
+func TestMigratePrecopy(t *testing.T) {
+	c := newCluster(t)
+	// 64 MiB, two threads, rewriting memory at 20 MiB/s all along.
+	w := c.startWorkload("-m", "64", "-t", "2", "-C", "-c", "20")
+	before := w.Report(t)
+	code, evs := c.migrate(w.Pid)
+	res := evs[len(evs)-1]
+	if code != 0 || res["outcome"] != "committed" {
+		t.Fatalf("migrate: exit %d, result %v", code, res)
+	}
+	rounds := 0
+	for _, e := range evs {
+		if e["event"] == "round" {
+			rounds++
+		}
+	}
+	if rounds < 1 || res["rounds"].(float64) != float64(rounds+1) {
+		t.Fatalf("want pre-copy rounds then a final one: %d round events, result %v", rounds, res)
+	}
+	if int(res["restored_pid"].(float64)) != w.Pid {
+		t.Fatalf("restored as PID %v on B, want %d", res["restored_pid"], w.Pid)
+	}
+	t.Logf("downtime %.1f ms (frozen %.1f ms), total %.0f ms, %.1f MiB in %v rounds",
+		res["downtime_ms"], res["frozen_ms"], res["total_ms"], res["bytes"].(float64)/(1<<20), res["rounds"])
+
+	// The source is gone from A; the same process runs on B.
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatalf("the source still runs on A: %v", err)
+	}
+	pidB := c.onB(w.Pid)
+	if pidB == 0 {
+		t.Fatalf("no process with PID %d in host B's PID namespace", w.Pid)
+	}
+	rw := testutil.Attach(t, pidB, w.ReportPath)
+	after := rw.Report(t)
+	checkSame(t, before, after)
+	if ns, _ := readlink("/proc/%d/ns/net", pidB); ns == "" || ns == mustReadlink(t, "/proc/self/ns/net") {
+		t.Fatalf("the restored process is not in host B's network namespace (%q)", ns)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if again := rw.Report(t); again.Counter <= after.Counter {
+		t.Fatalf("the migrated process does not run: counter %d -> %d", after.Counter, again.Counter)
+	}
+}
+
+func TestMigrateRollbackAfterRestore(t *testing.T) {
+	// B fails with the tree already restored and running: its copy is
+	// killed, and the source resumes where it was frozen.
+	c := newCluster(t, "--fault", "after-restore")
+	w := c.startWorkload("-m", "32", "-t", "1", "-C", "-c", "10")
+	before := w.Report(t)
+	code, evs := c.migrate(w.Pid)
+	res := evs[len(evs)-1]
+	if code != 1 || res["outcome"] != "rolled-back" {
+		t.Fatalf("migrate: exit %d, result %v; want exit 1, rolled-back", code, res)
+	}
+	if st := procState(w.Pid); st == 0 || st == 'T' {
+		t.Fatalf("the source on A is %q after the rollback; want it running", st)
+	}
+	checkSame(t, before, w.Report(t))
+	if p := c.onB(w.Pid); p != 0 {
+		t.Fatalf("B's restored copy (PID %d here) still exists after the rollback", p)
+	}
+}
+
+func TestMigrateRefused(t *testing.T) {
+	c := newCluster(t)
+	w := c.startWorkload("-m", "8")
+	// A PID that does not exist: refused, exit 2, nothing touched.
+	code, evs := c.migrate(4194000)
+	if res := evs[len(evs)-1]; code != 2 || res["outcome"] != "refused" {
+		t.Fatalf("migrate of a missing PID: exit %d, result %v; want exit 2, refused", code, res)
+	}
+	// A target without an agent: refused, exit 2.
+	code, evs = c.migrate(w.Pid, "--to", "10.78.0.9")
+	if res := evs[len(evs)-1]; code != 2 || res["outcome"] != "refused" {
+		t.Fatalf("migrate to a host without an agent: exit %d, result %v; want exit 2, refused", code, res)
+	}
+	if st := procState(w.Pid); st == 0 || st == 'T' {
+		t.Fatalf("source state %q after a refusal", st)
+	}
+}
+
+func TestMigrateCoordinatorGone(t *testing.T) {
+	// The coordinator stops answering right after the final round (it is
+	// stopped with SIGSTOP; B restores slowly). Both leases run out: B
+	// rolls back its copy, A asks B, learns it was not committed, and only
+	// then resumes the source. At no moment do both copies run.
+	c := newCluster(t, "--fault", "slow-restore")
+	w := c.startWorkload("-m", "16", "-C", "-c", "5")
+	before := w.Report(t)
+	cmd := c.migrateCmd(w.Pid, "--lease", "1500ms")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	sc := bufio.NewScanner(out)
+	frozen := false
+	for sc.Scan() {
+		var e map[string]any
+		json.Unmarshal(sc.Bytes(), &e)
+		if e["event"] == "final" {
+			cmd.Process.Signal(unix.SIGSTOP)
+			frozen = true
+			break
+		}
+	}
+	if !frozen {
+		t.Fatal("migrate ended without a final round")
+	}
+	if st := procState(w.Pid); st != 'T' {
+		t.Fatalf("source state %q after the final round; want stopped (T)", st)
+	}
+	// Both copies never run at once: while the source is stopped, B may
+	// hold a copy; once the source runs, B's must be gone.
+	deadline := time.Now().Add(20 * time.Second)
+	for procState(w.Pid) == 'T' {
+		if time.Now().After(deadline) {
+			t.Fatal("the source was not resumed 20 s after its coordinator went silent")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if p := c.onB(w.Pid); p != 0 {
+		t.Fatalf("the source resumed while B's copy (PID %d here) exists", p)
+	}
+	checkSame(t, before, w.Report(t))
+}

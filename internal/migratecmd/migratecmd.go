@@ -1,0 +1,274 @@
+// Package migratecmd is the command line of a live migration, shared by
+// the migrate binary and "ferry migrate".
+package migratecmd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/coordinator"
+)
+
+// Exit statuses.
+const (
+	ExitCommitted  = 0 // the tree runs on the target; the source is gone
+	ExitRolledBack = 1 // failed; the tree runs on the source as before
+	ExitRefused    = 2 // refused before anything was touched (or bad usage)
+	ExitUnresolved = 3 // outcome left to the agents; the source stays frozen until they settle it
+)
+
+// DefaultPort is the agents' gRPC port.
+const DefaultPort = "27100"
+
+// ExitError carries the exit status of a migration that did not commit.
+type ExitError struct{ Code int }
+
+func (e *ExitError) Error() string { return "exit status " + strconv.Itoa(e.Code) }
+
+// New returns the migrate command (use is "migrate" or "migrate" under
+// ferry).
+func New() *cobra.Command {
+	var (
+		o         coordinator.Options
+		from, to  string
+		jsonOut   bool
+		statusFd  int
+		verbosity int
+	)
+	cmd := &cobra.Command{
+		Use:   "migrate --from HOST[:PORT] --to HOST[:PORT] [options] PID",
+		Short: "move a running process from one host to another",
+		Long: `Move the running process PID from the host whose agent is at --from to the
+host whose agent is at --to ("ferry agent" runs on both; PORT defaults to
+27100). The process keeps running on the source while pre-copy rounds send its
+memory to the target, each round only what it wrote since the previous one;
+once a final round fits the --max-downtime budget (or the rounds stop
+converging, or --max-rounds is reached), the source is frozen, the last pages
+and the rest of its state go over, and the target restores the very same
+process: same PID, same memory, continuing where it stopped.
+
+Nothing is lost when something fails. Until the target has recorded the
+commit, any failure (preflight refusal, a round, the restore, an agent or
+the network going away) ends with the target's copy killed and the source
+resumed. The source is held by SIGSTOP after its final round — a freeze that
+outlives every ferry process — and is resumed only once the target has
+confirmed its rollback; if the target cannot confirm, the source stays
+frozen and the agents settle the migration themselves when its lease runs
+out ("unresolved"). The workload never runs on two hosts.
+
+Preflight, before anything is touched: the target must have the tree's
+PIDs free, enough memory, and every instruction-set feature of the source's
+CPU.
+
+On a terminal, each step is printed as it happens and a summary at the end
+(downtime, total time, bytes, rounds). --json prints one JSON object per
+event instead, the last one being the result (event "result": id, outcome,
+pid, restored_pid, rounds, bytes, downtime_ms, frozen_ms, total_ms, error).
+--status-fd FD writes a zero byte to FD once the process runs on the target
+and the migration is committed.
+
+Exit status: 0 committed (the process runs on the target); 1 failed and
+rolled back (it runs on the source, as before); 2 refused before anything was
+touched, or bad usage; 3 unresolved (the source stays frozen until the agents
+settle it; "ferry agent" logs the outcome).`,
+		Example: `  migrate --from 10.0.0.1 --to 10.0.0.2 --tls-cacert pki/ca.crt \
+      --tls-cert pki/operator.crt --tls-key pki/operator.key 4242
+  migrate --from node-a:27100 --to node-b:27100 --max-downtime 50ms --json ... 4242`,
+		Args:          cobra.ExactArgs(1),
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			pid, err := strconv.Atoi(args[0])
+			if err != nil || pid <= 0 {
+				return usage(cmd, fmt.Errorf("PID %q: want a process ID", args[0]))
+			}
+			o.Pid = pid
+			if o.From, err = hostPort("--from", from); err != nil {
+				return usage(cmd, err)
+			}
+			if o.To, err = hostPort("--to", to); err != nil {
+				return usage(cmd, err)
+			}
+			if o.From == o.To {
+				return usage(cmd, fmt.Errorf("--from and --to are the same agent (%s)", o.From))
+			}
+			o.Logger = logger(cmd.ErrOrStderr(), verbosity)
+			out := cmd.OutOrStdout()
+			if jsonOut {
+				enc := json.NewEncoder(out)
+				o.Progress = func(e coordinator.Event) { enc.Encode(e) }
+			} else {
+				o.Progress = func(e coordinator.Event) { printEvent(out, e) }
+			}
+			res, err := coordinator.Migrate(cmd.Context(), o)
+			if jsonOut {
+				json.NewEncoder(out).Encode(struct {
+					Event string `json:"event"`
+					*coordinator.Result
+				}{"result", res})
+			} else {
+				printSummary(out, res)
+			}
+			if err == nil {
+				if statusFd >= 0 {
+					f := os.NewFile(uintptr(statusFd), "status-fd")
+					f.Write([]byte{0})
+					f.Close()
+				}
+				return nil
+			}
+			var ce *coordinator.Error
+			code := ExitRolledBack
+			if errors.As(err, &ce) {
+				switch ce.Outcome {
+				case coordinator.Refused:
+					code = ExitRefused
+				case coordinator.Unresolved:
+					code = ExitUnresolved
+				}
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "migrate: %v\n", err)
+			return &ExitError{code}
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringVar(&from, "from", "", "the source host's agent, HOST[:PORT] (required)")
+	fs.StringVar(&to, "to", "", "the target host's agent, HOST[:PORT] (required)")
+	fs.StringVar(&o.Mode, "mode", "precopy", "precopy (postcopy and hybrid are not available yet)")
+	fs.DurationVar(&o.MaxDowntime, "max-downtime", 100*time.Millisecond, "downtime budget the pre-copy rounds converge to")
+	fs.IntVar(&o.MaxRounds, "max-rounds", 8, "pre-copy rounds at most before the final one")
+	fs.DurationVar(&o.Lease, "lease", 30*time.Second, "how long the agents wait without hearing from this command before they settle the migration alone")
+	fs.BoolVar(&o.TCPEstablished, "tcp-established", false, "move established TCP connections too (TCP_REPAIR)")
+	fs.StringVar(&o.ID, "id", "", "the migration's id (default: time and random)")
+	fs.StringVar(&o.TLS.CACert, "tls-cacert", "", "CA certificate the agents' certificates must chain to (PEM)")
+	fs.StringVar(&o.TLS.CRL, "tls-cacrl", "", "certificate revocation list: agents listed are refused")
+	fs.StringVar(&o.TLS.Cert, "tls-cert", "", "this side's certificate (PEM), from the same CA")
+	fs.StringVar(&o.TLS.Key, "tls-key", "", "this side's private key (PEM)")
+	fs.BoolVar(&jsonOut, "json", false, "print JSON lines (one per event, then the result)")
+	fs.IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD once the migration is committed")
+	fs.CountVarP(&verbosity, "verbosity", "v", "log to standard error: -v info, -vv debug")
+	cmd.MarkFlagRequired("from")
+	cmd.MarkFlagRequired("to")
+	return cmd
+}
+
+func usage(cmd *cobra.Command, err error) error {
+	fmt.Fprintf(cmd.ErrOrStderr(), "migrate: %v\n", err)
+	return &ExitError{ExitRefused}
+}
+
+// hostPort adds the default port to a host without one.
+func hostPort(flag, s string) (string, error) {
+	if s == "" {
+		return "", fmt.Errorf("%s is required", flag)
+	}
+	if _, _, err := net.SplitHostPort(s); err == nil {
+		return s, nil
+	}
+	return net.JoinHostPort(s, DefaultPort), nil
+}
+
+func logger(w io.Writer, v int) *slog.Logger {
+	if v == 0 {
+		return slog.New(slog.DiscardHandler)
+	}
+	level := slog.LevelInfo
+	if v > 1 {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+}
+
+func printEvent(w io.Writer, e coordinator.Event) {
+	switch e.Event {
+	case "preflight":
+		fmt.Fprintf(w, "migration %s: %s\n", e.ID, e.Message)
+	case "round":
+		fmt.Fprintf(w, "  round %d: %d pages, %s in %s", e.Round, e.Pages, size(e.Bytes), dur(e.Seconds))
+		if e.Rate > 0 {
+			fmt.Fprintf(w, " (%s/s)", size(uint64(e.Rate)))
+		}
+		if e.DirtyRate > 0 || e.PredictedDowntimeMs > 0 {
+			fmt.Fprintf(w, "; dirty %s/s, a final round now: ~%.0f ms", size(uint64(e.DirtyRate)), e.PredictedDowntimeMs)
+		}
+		if e.Message != "" {
+			fmt.Fprintf(w, "; %s", e.Message)
+		}
+		fmt.Fprintln(w)
+	case "final":
+		fmt.Fprintf(w, "  final round %d: %d pages, %s; source frozen (%.1f ms so far)\n", e.Round, e.Pages, size(e.Bytes), e.FrozenMs)
+	case "restored":
+		fmt.Fprintf(w, "  restored on the target as PID %d in %s\n", e.Pid, dur(e.Seconds))
+	}
+}
+
+func printSummary(w io.Writer, r *coordinator.Result) {
+	if r == nil {
+		return
+	}
+	switch r.Outcome {
+	case coordinator.Committed:
+		fmt.Fprintf(w, "migrated: PID %d now runs on %s; downtime %.1f ms, total %s, %s in %d rounds\n",
+			r.RestoredPid, r.To, r.DowntimeMs, dur(r.TotalMs/1000), size(r.Bytes), r.Rounds)
+	case coordinator.RolledBack:
+		fmt.Fprintf(w, "not migrated: rolled back; PID %d runs on %s as before\n", r.Pid, r.From)
+	case coordinator.Refused:
+		fmt.Fprintf(w, "not migrated: refused; nothing was touched\n")
+	case coordinator.Unresolved:
+		fmt.Fprintf(w, "unresolved: PID %d stays frozen on %s until the agents settle migration %s\n", r.Pid, r.From, r.ID)
+	}
+}
+
+func size(b uint64) string {
+	switch {
+	case b >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30))
+	case b >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
+	}
+	return fmt.Sprintf("%d KiB", b>>10)
+}
+
+func dur(s float64) string {
+	if s < 1 {
+		return fmt.Sprintf("%.0f ms", s*1000)
+	}
+	return fmt.Sprintf("%.2f s", s)
+}
+
+// Main runs the migrate binary.
+func Main() {
+	ctx, stop := signalContext()
+	defer stop()
+	cmd := New()
+	cmd.Use = "migrate --from HOST[:PORT] --to HOST[:PORT] [options] PID"
+	err := cmd.ExecuteContext(ctx)
+	var ee *ExitError
+	switch {
+	case err == nil:
+		os.Exit(0)
+	case errors.As(err, &ee):
+		os.Exit(ee.Code)
+	default:
+		fmt.Fprintf(os.Stderr, "migrate: %v\n", err)
+		os.Exit(ExitRefused)
+	}
+}
+
+// signalContext is cancelled by SIGINT, SIGTERM or SIGHUP: an interrupted
+// migration rolls back like any other failure.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), unix.SIGINT, unix.SIGTERM, unix.SIGHUP)
+}
