@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# The demo: two local "hosts" (network namespaces joined by a veth pair), and
-# a workload that checks its own memory moved from host A to host B while it
-# keeps rewriting memory: pre-copy rounds stream its pages to a page server
-# on B over mutual TLS, a short final dump sends what changed, and B restores
-# the very same process (same PID, same secret token kept only in its memory,
-# counters going on), now living in B's network namespace.
+# The demo: two local "hosts" — network namespaces joined by a veth pair,
+# host B also with a PID namespace of its own — each running a ferry agent,
+# and a workload that checks its own memory moved from A to B with
 #
-# Until "migrate --from A --to B PID" exists (issue 5), the script drives the
-# same steps with ferry's own commands.
+#   migrate --from 10.77.0.1 --to 10.77.0.2 PID
+#
+# while it keeps rewriting memory: pre-copy rounds stream its pages to B
+# over mutual TLS (each round only what changed), a short final freeze sends
+# the rest, B restores the very same process (same PID, same secret token
+# kept only in its memory, counters going on) and the migration commits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FERRY=$PWD/bin/ferry
+FERRY=$PWD/bin/ferry MIGRATE=$PWD/bin/migrate
 work=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 A=ferry-demo-a-$$ B=ferry-demo-b-$$
-pid=
+pid= agentA= agentB=
 cleanup() {
 	[[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null || true
+	[[ -n $agentA ]] && kill -KILL "$agentA" 2>/dev/null || true
+	# B's agent runs under unshare --kill-child: killing unshare ends B's
+	# PID namespace, the migrated workload with it.
+	[[ -n $agentB ]] && kill -KILL "$agentB" 2>/dev/null || true
+	wait 2>/dev/null || true
 	ip netns del "$A" 2>/dev/null || true
 	ip netns del "$B" 2>/dev/null || true
 	rm -rf "$work"
@@ -23,10 +29,10 @@ cleanup() {
 trap cleanup EXIT
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-report() { # ask for a report and wait until its seq changes
+report() { # ask process $1 for a report and wait until its seq changes
 	local before after
 	before=$(grep -s '^seq=' "$work/report" | cut -d= -f2 || echo 0)
-	kill -USR1 "$pid"
+	kill -USR1 "$1"
 	for _ in $(seq 100); do
 		after=$(grep -s '^seq=' "$work/report" | cut -d= -f2 || echo 0)
 		[[ $after != "$before" ]] && break
@@ -36,8 +42,9 @@ report() { # ask for a report and wait until its seq changes
 }
 onA() { ip netns exec "$A" "$@"; }
 onB() { ip netns exec "$B" "$@"; }
+waitready() { for _ in $(seq 200); do [[ -s $1 ]] && return; sleep 0.05; done; echo "not ready: $1" >&2; exit 1; }
 
-say "two hosts: network namespaces $A (10.77.0.1) and $B (10.77.0.2), joined by a veth pair"
+say "two hosts: network namespaces $A (10.77.0.1) and $B (10.77.0.2, with its own PID namespace), joined by a veth pair"
 ip netns add "$A"
 ip netns add "$B"
 ip link add "va$$" netns "$A" type veth peer name "vb$$" netns "$B"
@@ -47,53 +54,50 @@ for h in "$A" "$B"; do ip netns exec "$h" ip link set lo up; done
 onA ip link set "va$$" up
 onB ip link set "vb$$" up
 
-say "certificates: ferry certs init, one for each host"
+say "certificates: ferry certs init, one for each host's agent and one for the operator"
 "$FERRY" certs init --dir "$work/pki" >/dev/null
 "$FERRY" certs issue --dir "$work/pki" host-a --host 10.77.0.1 >/dev/null
 "$FERRY" certs issue --dir "$work/pki" host-b --host 10.77.0.2 >/dev/null
-tls() { echo --tls --tls-cacert "$work/pki/ca.crt" --tls-cert "$work/pki/$1.crt" --tls-key "$work/pki/$1.key"; }
+"$FERRY" certs issue --dir "$work/pki" operator >/dev/null
+tls() { echo --tls-cacert "$work/pki/ca.crt" --tls-cert "$work/pki/$1.crt" --tls-key "$work/pki/$1.key"; }
+
+say "agents: ferry agent on each host"
+ip netns exec "$A" "$FERRY" agent --listen 10.77.0.1:27100 --state-dir "$work/a" --node-name host-a $(tls host-a) \
+	-v3 -o "$work/agent-a.log" --status-fd 3 3>"$work/ready-a" 2>/dev/null &
+agentA=$!
+ip netns exec "$B" unshare --pid --fork --mount-proc --kill-child "$FERRY" agent --listen 10.77.0.2:27100 --state-dir "$work/b" \
+	--node-name host-b $(tls host-b) -v3 -o "$work/agent-b.log" --status-fd 3 3>"$work/ready-b" 2>/dev/null &
+agentB=$!
+waitready "$work/ready-a"
+waitready "$work/ready-b"
+echo "    host-a: 10.77.0.1:27100, host-b: 10.77.0.2:27100 (logs in $work)"
 
 say "on host A: a workload with 256 MiB of patterned memory that also rewrites 64 MiB at 20 MiB/s"
 gcc -O2 -pthread -mavx2 -Wall -o "$work/memcheck" testdata/workloads/memcheck.c
 onA setsid "$work/memcheck" -m 256 -t 2 -C -c 20 -r "$work/report" </dev/null >/dev/null 2>&1 &
-for _ in $(seq 200); do [[ -s $work/report ]] && break; sleep 0.05; done
+waitready "$work/report"
 pid=$(grep '^pid=' "$work/report" | cut -d= -f2)
 sleep 1
-report
+report "$pid"
 
-# One page-server session per round on B; A's rounds keep their pagemaps to
-# know, next round, what B already has.
-round() { # round N COMMAND [ARGS...]: run one round from A into B's dir N
-	local n=$1; shift
-	mkdir -p "$work/a/$n" "$work/b/$n"
-	onB "$FERRY" page-server -D "$work/b/$n" --address 10.77.0.2 --port 27000 $(tls host-b) --status-fd 3 3>"$work/ready" &
-	local ps=$!
-	for _ in $(seq 100); do [[ -s $work/ready ]] && break; sleep 0.02; done
-	: >"$work/ready"
-	onA "$FERRY" "$@" -t "$pid" -D "$work/a/$n" --page-server --address 10.77.0.2 --port 27000 $(tls host-a) --display-stats |
-		grep -E 'Frozen time|pages written|skipped from parent' | sed 's/^/    /'
-	wait "$ps"
-	# The small images travel too (a real migration sends them on the same
-	# connection): whatever B does not have yet.
-	for f in "$work/a/$n"/*; do
-		[[ -e $work/b/$n/$(basename "$f") ]] || cp "$f" "$work/b/$n/"
-	done
-}
-say "pre-copy round 1, while it runs: every page goes to B"
-round 1 pre-dump
-say "pre-copy round 2: only what it wrote since round 1"
-round 2 pre-dump --prev-images-dir ../1
-say "final dump: a short freeze, what changed since round 2, then it is gone from A"
-round 3 dump --prev-images-dir ../2
-if kill -0 "$pid" 2>/dev/null; then echo "process still on A?"; exit 1; fi
-du -sh "$work/b" | sed 's/^/    images on B: /'
+say "migrate --from 10.77.0.1 --to 10.77.0.2 $pid   (run on host A, as the operator)"
+onA "$MIGRATE" --from 10.77.0.1 --to 10.77.0.2 $(tls operator) "$pid" | sed 's/^/    /'
+gone() { [[ ! -e /proc/$1/stat ]] || [[ $(awk '{print $3}' /proc/"$1"/stat 2>/dev/null) == Z ]]; }
+for _ in $(seq 100); do gone "$pid" && break; sleep 0.02; done
+gone "$pid" || { echo "process still on A?"; exit 1; }
 
-say "on host B: ferry restore -D b/3 (its parents b/2 and b/1 hold the earlier rounds)"
-onB "$FERRY" restore -D "$work/b/3" -d --pidfile "$work/restored.pid"
-echo "    restored PID $(cat "$work/restored.pid"), in network namespace $(readlink /proc/"$pid"/ns/net) (host B's is $(ip netns exec "$B" readlink /proc/self/ns/net))"
+# The migrated process has PID $pid inside B's PID namespace; find it from here.
+nsB=$(readlink /proc/"$(pgrep -P "$agentB")"/ns/pid)
+here=
+for p in /proc/[0-9]*; do
+	[[ $(readlink "$p/ns/pid" 2>/dev/null) == "$nsB" ]] || continue
+	if grep -qE "^NSpid:.*[[:space:]]$pid\$" "$p/status" 2>/dev/null; then here=${p#/proc/}; fi
+done
+[[ -n $here ]] || { echo "no PID $pid on host B"; exit 1; }
+echo "    on host B: PID $pid in its PID namespace (PID $here from the root), network namespace $(readlink /proc/"$here"/ns/net) (host B's is $(ip netns exec "$B" readlink /proc/self/ns/net))"
 sleep 1
 
 say "the same process continues on B: same token, counters went on, memory checked"
-report
+report "$here"
 status=$(grep '^status=' "$work/report" | cut -d= -f2)
 [[ $status == ok ]] && echo "memory verified: OK" || { echo "verification FAILED"; exit 1; }
