@@ -84,12 +84,16 @@ type migration struct {
 
 	rec record // guarded by Agent.mu
 
-	session *session // target: the page server
+	session *session  // target: the page server; source: the lazy page service
+	post    *postcopy // target: the post-copy under way
 }
 
 func (m *migration) stopSession() {
 	if m.session != nil {
 		m.session.stop()
+	}
+	if m.post != nil {
+		m.post.cancel()
 	}
 }
 

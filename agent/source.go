@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -17,9 +18,12 @@ import (
 
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/dumpcore"
+	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/kernel"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/pageserver"
+	"github.com/ferrycr/ferry/transport"
 )
 
 // Info describes this node.
@@ -139,6 +143,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		ImagesDir:      dir,
 		PreDump:        !req.Final,
 		LeaveStopped:   req.Final,
+		NoPageData:     req.Final && req.Lazy,
 		PageSink:       sink,
 		TCPEstablished: req.TcpEstablished,
 		Version:        a.cfg.Version,
@@ -196,10 +201,68 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		FrozenUs:     st.FrozenTimeUs,
 		Files:        files,
 	}
+	if req.Final && req.Lazy {
+		// The pages listed stay in the stopped tree: serve them.
+		reply.PagesWritten, reply.Bytes, reply.PagesLazy = 0, 0, st.PagesWritten
+		s, err := a.servePages(m)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "round %d: serving the pages: %v", req.Round, err)
+		}
+		reply.LazyAddress = s.addr
+	}
 	if req.Final && !frozenAt.IsZero() {
 		reply.FrozenUntilReplyUs = uint64(time.Since(frozenAt).Microseconds())
 	}
 	return reply, nil
+}
+
+// servePages serves the memory of m's stopped tree to the target's
+// lazy-pages daemon (one connection, until the daemon has every page).
+func (a *Agent) servePages(m *migration) (*session, error) {
+	a.mu.Lock()
+	id := m.rec.ID
+	tree := map[int]bool{}
+	for _, r := range m.rec.Procs {
+		tree[r.Pid] = true
+	}
+	a.mu.Unlock()
+	l, err := transport.Listen(net.JoinHostPort(a.cfg.PageHost, "0"), a.tls)
+	if err != nil {
+		return nil, err
+	}
+	log := a.log.With("migration", id)
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &session{addr: l.Addr().String(), cancel: cancel, done: make(chan struct{})}
+	read := func(pid int, vaddr uint64, buf []byte) error {
+		if !tree[pid] {
+			return fmt.Errorf("process %d is not in migration %s", pid, id)
+		}
+		if a.cfg.Fault == "slow-pages" {
+			time.Sleep(time.Duration(1+len(buf)>>16) * 5 * time.Millisecond)
+		}
+		return compel.ReadMem(pid, []compel.Segment{{Addr: vaddr, Local: buf}})
+	}
+	go func() {
+		defer close(s.done)
+		defer l.Close()
+		st, err := pageserver.Accept(ctx, l, log)
+		if err != nil {
+			if ctx.Err() == nil {
+				log.Error("migration: serving pages", "err", err)
+			}
+			return
+		}
+		go func() { <-ctx.Done(); st.Close() }()
+		if err := lazypages.ServePages(st, read); err != nil && ctx.Err() == nil {
+			log.Error("migration: serving pages", "err", err)
+			return
+		}
+		log.Info("migration: the target has every page")
+	}()
+	a.mu.Lock()
+	m.session = s
+	a.mu.Unlock()
+	return s, nil
 }
 
 // recordingSink remembers the files it sent, which the reply leaves out.

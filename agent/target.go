@@ -17,6 +17,7 @@ import (
 
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/pageserver"
 	"github.com/ferrycr/ferry/restorecore"
 	"github.com/ferrycr/ferry/transport"
@@ -218,9 +219,27 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	}
 	start := time.Now()
 	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
-	res, err := restorecore.Restore(ctx, restorecore.Options{ImagesDir: dir, Logger: a.log.With("migration", req.Id)})
+	ropts := restorecore.Options{ImagesDir: dir, Logger: a.log.With("migration", req.Id)}
+	var post *postcopy
+	if req.LazyAddress != "" {
+		if post, err = a.startPostcopy(ctx, req.Id, dir, req.LazyAddress); err != nil {
+			return nil, status.Errorf(codes.Aborted, "migration %s: post-copy: %v", req.Id, err)
+		}
+		ropts.LazyPages, ropts.LazySocket = true, post.socket
+	}
+	res, err := restorecore.Restore(ctx, ropts)
 	if err != nil {
+		if post != nil {
+			post.cancel()
+			<-post.done
+		}
 		return nil, status.Errorf(codes.Aborted, "migration %s: restore: %v", req.Id, err)
+	}
+	if post != nil {
+		a.mu.Lock()
+		m.post = post
+		a.mu.Unlock()
+		go a.settlePostcopy(m, post)
 	}
 	go reap(res.Root)
 	refs := []procRef{}
@@ -242,6 +261,115 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	return &agentv1.RestoreReply{Root: int32(res.Root), DurationUs: uint64(time.Since(start).Microseconds())}, nil
 }
 
+// postcopy is a post-copy restore under way on a target: the lazy-pages
+// daemon serving the restored tree, its pages coming from the source.
+type postcopy struct {
+	socket string
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the daemon returned: stats, err
+	stats  *lazypages.Stats
+	err    error
+	// settled is closed once the migration was committed (every page
+	// arrived) or rolled back (the post-copy failed) accordingly.
+	settled chan struct{}
+}
+
+// startPostcopy starts the lazy-pages daemon of a post-copy restore of
+// dir, its pages coming from the source's service at addr (pages the
+// earlier rounds sent come from dir's parents).
+func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string) (*postcopy, error) {
+	conn, err := transport.DialOn(ctx, "tcp", addr, a.tls)
+	if err != nil {
+		return nil, fmt.Errorf("the source's page service %s: %w", addr, err)
+	}
+	st, err := transport.Client(conn, true)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("the source's page service %s: %w", addr, err)
+	}
+	remote := lazypages.NewRemoteSource(st)
+	// The socket's path must fit sun_path: not under the state directory.
+	sockDir, err := os.MkdirTemp("", "ferry-lazy-")
+	if err != nil {
+		remote.Abort()
+		return nil, err
+	}
+	lctx, cancel := context.WithCancel(context.Background())
+	p := &postcopy{socket: filepath.Join(sockDir, lazypages.SocketName), cancel: cancel,
+		done: make(chan struct{}), settled: make(chan struct{})}
+	ready := make(chan struct{})
+	go func() {
+		defer close(p.done)
+		defer os.RemoveAll(sockDir)
+		p.stats, p.err = lazypages.Serve(lctx, lazypages.Options{ImagesDir: dir, Socket: p.socket, Remote: remote,
+			Ready: func() { close(ready) }, Logger: a.log.With("migration", id)})
+		if p.err == nil {
+			p.err = remote.Close()
+		} else {
+			remote.Abort()
+		}
+	}()
+	select {
+	case <-ready:
+		return p, nil
+	case <-p.done:
+		return nil, p.err
+	}
+}
+
+// settlePostcopy decides a post-copy migration when its daemon returns:
+// every page arrived, the tree no longer needs the source: committed;
+// otherwise the tree cannot go on: rolled back.
+func (a *Agent) settlePostcopy(m *migration, p *postcopy) {
+	<-p.done
+	m.op.Lock()
+	defer m.op.Unlock()
+	defer close(p.settled)
+	if a.statusOf(m).State != StateRestored {
+		return // rolled back meanwhile
+	}
+	if p.err != nil {
+		a.log.Error("migration: post-copy failed; rolling back", "id", m.rec.ID, "err", p.err)
+		a.rollback(m)
+		return
+	}
+	a.log.Info("migration: every page arrived", "id", m.rec.ID, "pages", p.stats.PagesCopied, "faults", p.stats.Faults, "took", p.stats.Duration)
+	if err := a.commit(m); err != nil {
+		a.log.Error("migration: commit after post-copy", "id", m.rec.ID, "err", err)
+	}
+}
+
+// WaitPages waits until a post-copy restore has every page and the
+// migration is settled.
+func (a *Agent) WaitPages(ctx context.Context, req *agentv1.MigrationRef) (*agentv1.PagesReply, error) {
+	m, err := a.get(req.Id)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	p := m.post
+	a.mu.Unlock()
+	if p == nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "migration %s: no post-copy restore here", req.Id)
+	}
+	select {
+	case <-p.settled:
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	if p.err != nil {
+		return nil, status.Errorf(codes.Aborted, "migration %s: post-copy failed, the restored tree is gone: %v", req.Id, p.err)
+	}
+	if st := a.statusOf(m).State; st != StateCommitted {
+		return nil, status.Errorf(codes.Aborted, "migration %s: %s", req.Id, st)
+	}
+	remote := p.stats.RemotePages
+	if remote == 0 && p.stats.LocalPages == 0 {
+		remote = p.stats.PagesCopied // no parent images: every page came from the source
+	}
+	return &agentv1.PagesReply{Pages: remote, Faults: p.stats.Faults, DurationUs: uint64(p.stats.Duration.Microseconds())}, nil
+}
+
 // reap collects the restored root, the agent's child, when it exits.
 func reap(pid int) {
 	var ws unix.WaitStatus
@@ -261,6 +389,16 @@ func (a *Agent) Commit(ctx context.Context, req *agentv1.MigrationRef) (*agentv1
 	}
 	m.op.Lock()
 	defer m.op.Unlock()
+	a.mu.Lock()
+	p := m.post
+	a.mu.Unlock()
+	if p != nil {
+		select {
+		case <-p.done:
+		default:
+			return nil, status.Errorf(codes.FailedPrecondition, "migration %s: post-copy under way: it commits when every page has arrived (WaitPages)", req.Id)
+		}
+	}
 	if r := a.statusOf(m); r.State == StateRestored {
 		a.mu.Lock()
 		role := m.rec.Role

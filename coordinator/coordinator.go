@@ -34,8 +34,11 @@ import (
 type Options struct {
 	Pid      int
 	From, To string // the agents' gRPC addresses (host:port)
-	// Mode: "precopy" (pre-copy rounds, then a final round with what is
-	// left). "postcopy" and "hybrid" are refused for now.
+	// Mode: "precopy" (pre-copy rounds, then a final round sends what is
+	// left before the restore), "postcopy" (no pre-copy round: the tree
+	// resumes on the target at once and its memory follows on demand),
+	// "hybrid" (the default: pre-copy rounds while they converge, then
+	// post-copy for what the last round left).
 	Mode string
 	// MaxDowntime is the downtime budget the pre-copy rounds converge to
 	// (default 100 ms).
@@ -93,7 +96,8 @@ type Result struct {
 	Rounds      int     `json:"rounds"`
 	Bytes       uint64  `json:"bytes"`
 	DowntimeMs  float64 `json:"downtime_ms,omitempty"`
-	FrozenMs    float64 `json:"frozen_ms,omitempty"` // the source's final freeze, up to its reply
+	FrozenMs    float64 `json:"frozen_ms,omitempty"`   // the source's final freeze, up to its reply
+	PostcopyMs  float64 `json:"postcopy_ms,omitempty"` // from the resume on the target to the last page
 	TotalMs     float64 `json:"total_ms"`
 	Error       string  `json:"error,omitempty"`
 }
@@ -121,7 +125,7 @@ type run struct {
 // *Error naming the outcome.
 func Migrate(ctx context.Context, opts Options) (*Result, error) {
 	if opts.Mode == "" {
-		opts.Mode = "precopy"
+		opts.Mode = "hybrid"
 	}
 	if opts.MaxDowntime <= 0 {
 		opts.MaxDowntime = 100 * time.Millisecond
@@ -170,8 +174,10 @@ func (r *run) event(e Event) {
 
 func (r *run) migrate(ctx context.Context) error {
 	o := r.opts
-	if o.Mode != "precopy" {
-		return &Error{Refused, fmt.Errorf("--mode %s: not available yet (only precopy)", o.Mode)}
+	switch o.Mode {
+	case "precopy", "postcopy", "hybrid":
+	default:
+		return &Error{Refused, fmt.Errorf("--mode %q: want precopy, postcopy or hybrid", o.Mode)}
 	}
 	if o.Pid <= 0 {
 		return &Error{Refused, fmt.Errorf("invalid pid %d", o.Pid)}
@@ -235,9 +241,11 @@ func (r *run) migrate(ctx context.Context) error {
 // round and the restore.
 func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error {
 	o := r.opts
+	lazy := o.Mode != "precopy"
 	round := func(k int, final bool) (*agentv1.RoundReply, error) {
 		rep, err := r.src.Round(ctx, &agentv1.RoundRequest{Id: o.ID, Pid: int32(o.Pid), Round: int32(k), Final: final,
-			PageAddress: pageAddr, LeaseMs: leaseMs, TargetAddress: o.To, TcpEstablished: o.TCPEstablished})
+			PageAddress: pageAddr, LeaseMs: leaseMs, TargetAddress: o.To, TcpEstablished: o.TCPEstablished,
+			Lazy: final && lazy})
 		if err != nil {
 			return nil, fmt.Errorf("round %d on %s: %s", k, o.From, reason(err))
 		}
@@ -253,7 +261,10 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error
 	}
 	var prev *agentv1.RoundReply
 	k := 1
-	for ; k <= o.MaxRounds; k++ {
+	if o.Mode == "postcopy" {
+		k = 0 // straight to the final round
+	}
+	for ; k >= 1 && k <= o.MaxRounds; k++ {
 		rep, err := round(k, false)
 		if err != nil {
 			return err
@@ -311,17 +322,35 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error
 	replied := time.Now()
 	frozen := time.Duration(rep.FrozenUntilReplyUs) * time.Microsecond
 	r.res.FrozenMs = ms(frozen)
-	r.event(Event{Event: "final", Round: final, Pages: rep.PagesWritten, Bytes: rep.Bytes, FrozenMs: ms(frozen),
-		Message: "source frozen; restoring on the target"})
-	rr, err := r.dst.Restore(ctx, &agentv1.RestoreRequest{Id: o.ID, Round: int32(final)})
+	msg := "source frozen; restoring on the target"
+	if lazy {
+		msg = fmt.Sprintf("source frozen; %d pages left for post-copy", rep.PagesLazy)
+	}
+	r.event(Event{Event: "final", Round: final, Pages: rep.PagesWritten, Bytes: rep.Bytes, FrozenMs: ms(frozen), Message: msg})
+	rr, err := r.dst.Restore(ctx, &agentv1.RestoreRequest{Id: o.ID, Round: int32(final), LazyAddress: rep.LazyAddress})
 	if err != nil {
 		return fmt.Errorf("restore on %s: %s", o.To, reason(err))
 	}
 	r.res.RestoredPid = int(rr.Root)
 	r.res.DowntimeMs = ms(frozen + time.Since(replied))
 	r.event(Event{Event: "restored", Pid: int(rr.Root), Seconds: float64(rr.DurationUs) / 1e6})
+	if !lazy {
+		return nil
+	}
+	// Post-copy: the tree runs on the target and pulls the rest of its
+	// memory from the frozen source; the target commits once it has it all.
+	pr, err := r.dst.WaitPages(ctx, &agentv1.MigrationRef{Id: o.ID})
+	if err != nil {
+		return fmt.Errorf("post-copy on %s: %s (what the tree did on the target since it resumed is lost)", o.To, reason(err))
+	}
+	r.res.Bytes += pr.Pages * pageSize
+	r.res.PostcopyMs = float64(pr.DurationUs) / 1000
+	r.event(Event{Event: "pages", Pages: pr.Pages, Bytes: pr.Pages * pageSize, Seconds: float64(pr.DurationUs) / 1e6,
+		Message: fmt.Sprintf("every page arrived (%d on demand)", pr.Faults)})
 	return nil
 }
+
+const pageSize = 4096
 
 // commit makes the target record the migration as done, then has the
 // source kill its frozen tree.

@@ -42,6 +42,11 @@ type Options struct {
 	// (read) to a lazy-pages daemon and returns once that is done. On
 	// success the process is killed; on error it is resumed.
 	LazyServe func(read func(pid int, vaddr uint64, buf []byte) error) error
+	// NoPageData (with LeaveStopped: a post-copy migration's final round)
+	// lists the pages in the pagemap without copying them: they stay in
+	// the stopped process, read from it later (process_vm_readv) for a
+	// lazy-pages daemon. Stats.PagesWritten counts the pages listed.
+	NoPageData bool
 	// PageSink (--page-server), when set, receives the pages and pagemap
 	// files instead of the images directory (the pagemap is also kept
 	// locally, for the next incremental round).

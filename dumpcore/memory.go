@@ -286,7 +286,7 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 	}
 	pd := &pageDumper{pid: pid, pm: pm, mem: mem, out: out, stats: d.stats,
 		free: make(chan []byte, nBuffers), batches: make(chan batch, nBuffers),
-		dirty: d.dirty, tolerant: d.opts.PreDump, noData: d.opts.LazyServe != nil}
+		dirty: d.dirty, tolerant: d.opts.PreDump, noData: d.opts.LazyServe != nil || d.opts.NoPageData}
 	if d.parent != nil && d.dirty != nil {
 		pd.parent = d.parent.pages
 	}
@@ -348,12 +348,22 @@ func (d *dumper) createPages(name string) (*images.PageWriter, error) {
 		}
 		return images.CreatePages(d.opts.ImagesDir, name)
 	}
+	if d.opts.NoPageData {
+		// No data to send: a pages file on the other side would only say
+		// that the data is there.
+		return images.NewPageStream(discard{})
+	}
 	wc, err := d.opts.PageSink.Create(name)
 	if err != nil {
 		return nil, fmt.Errorf("page server: %w", err)
 	}
 	return images.NewPageStream(wc)
 }
+
+type discard struct{}
+
+func (discard) Write(p []byte) (int, error) { return len(p), nil }
+func (discard) Close() error                { return nil }
 
 // writer writes batches in order and returns their buffers. After an error
 // it keeps draining so the reader never blocks.

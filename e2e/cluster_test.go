@@ -67,6 +67,12 @@ func run(t *testing.T, name string, args ...string) string {
 // agents; agentArgsB are extra options of B's agent.
 func newCluster(t *testing.T, agentArgsB ...string) *cluster {
 	t.Helper()
+	return newClusterWith(t, nil, agentArgsB)
+}
+
+// newClusterWith is newCluster with extra options for both agents.
+func newClusterWith(t *testing.T, agentArgsA, agentArgsB []string) *cluster {
+	t.Helper()
 	needRoot(t)
 	n := seq.Add(1)
 	dir := t.TempDir()
@@ -94,7 +100,7 @@ func newCluster(t *testing.T, agentArgsB ...string) *cluster {
 	run(t, c.ferry, "certs", "issue", "--dir", c.pki, c.b.name, "--host", c.b.ip)
 	run(t, c.ferry, "certs", "issue", "--dir", c.pki, "operator")
 
-	c.startAgent(c.a, nil, nil)
+	c.startAgent(c.a, nil, agentArgsA)
 	c.startAgent(c.b, []string{"unshare", "--pid", "--fork", "--mount-proc", "--kill-child"}, agentArgsB)
 	c.pidnsB = c.agentPidns(c.b)
 	return c

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"encoding/json"
+	"os/exec"
 	"testing"
 	"time"
 
@@ -26,30 +27,42 @@ func checkSame(t *testing.T, before, after testutil.Report) {
 	}
 }
 
-func TestMigratePrecopy(t *testing.T) {
+func TestMigratePrecopy(t *testing.T)  { testMigrate(t, "precopy") }
+func TestMigrateHybrid(t *testing.T)   { testMigrate(t, "hybrid") }
+func TestMigratePostcopy(t *testing.T) { testMigrate(t, "postcopy") }
+
+func testMigrate(t *testing.T, mode string) {
 	c := newCluster(t)
 	// 64 MiB, two threads, rewriting memory at 20 MiB/s all along.
 	w := c.startWorkload("-m", "64", "-t", "2", "-C", "-c", "20")
 	before := w.Report(t)
-	code, evs := c.migrate(w.Pid)
+	code, evs := c.migrate(w.Pid, "--mode", mode)
 	res := evs[len(evs)-1]
 	if code != 0 || res["outcome"] != "committed" {
 		t.Fatalf("migrate: exit %d, result %v", code, res)
 	}
-	rounds := 0
+	rounds, pages := 0, false
 	for _, e := range evs {
-		if e["event"] == "round" {
+		switch e["event"] {
+		case "round":
 			rounds++
+		case "pages":
+			pages = true
 		}
 	}
-	if rounds < 1 || res["rounds"].(float64) != float64(rounds+1) {
+	switch {
+	case mode != "postcopy" && (rounds < 1 || res["rounds"].(float64) != float64(rounds+1)):
 		t.Fatalf("want pre-copy rounds then a final one: %d round events, result %v", rounds, res)
+	case mode == "postcopy" && (rounds != 0 || res["rounds"].(float64) != 1):
+		t.Fatalf("post-copy: want only the final round: %d round events, result %v", rounds, res)
+	case pages != (mode != "precopy"):
+		t.Fatalf("mode %s: post-copy pages event: %v", mode, pages)
 	}
 	if int(res["restored_pid"].(float64)) != w.Pid {
 		t.Fatalf("restored as PID %v on B, want %d", res["restored_pid"], w.Pid)
 	}
-	t.Logf("downtime %.1f ms (frozen %.1f ms), total %.0f ms, %.1f MiB in %v rounds",
-		res["downtime_ms"], res["frozen_ms"], res["total_ms"], res["bytes"].(float64)/(1<<20), res["rounds"])
+	t.Logf("%s: downtime %.1f ms (frozen %.1f ms), post-copy %v ms, total %.0f ms, %.1f MiB in %v rounds", mode,
+		res["downtime_ms"], res["frozen_ms"], res["postcopy_ms"], res["total_ms"], res["bytes"].(float64)/(1<<20), res["rounds"])
 
 	// The source is gone from A; the same process runs on B.
 	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
@@ -155,5 +168,49 @@ func TestMigrateCoordinatorGone(t *testing.T) {
 	if p := c.onB(w.Pid); p != 0 {
 		t.Fatalf("the source resumed while B's copy (PID %d here) exists", p)
 	}
+	checkSame(t, before, w.Report(t))
+}
+
+func TestMigrateSourceAgentDiesInPostcopy(t *testing.T) {
+	// A's agent dies while the tree, resumed on B, still fetches pages
+	// from it. B cannot go on: it kills its copy. The source stays
+	// stopped (its agent is gone: nobody may resume it without knowing
+	// what B did) and migrate says "unresolved". A's agent, restarted on
+	// the same state directory, finds the frozen migration, asks B when
+	// the lease runs out, and resumes the source.
+	c := newClusterWith(t, []string{"--fault", "slow-pages"}, nil)
+	w := c.startWorkload("-m", "64", "-C", "-c", "5")
+	before := w.Report(t)
+	cmd := c.migrateCmd(w.Pid, "--mode", "postcopy", "--lease", "2s")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	sc := bufio.NewScanner(out)
+	var last map[string]any
+	for sc.Scan() {
+		var e map[string]any
+		json.Unmarshal(sc.Bytes(), &e)
+		last = e
+		if e["event"] == "restored" {
+			c.stopAgent(c.a)
+		}
+	}
+	err = cmd.Wait()
+	ee, _ := err.(*exec.ExitError)
+	if ee == nil || ee.ExitCode() != 3 || last["outcome"] != "unresolved" {
+		t.Fatalf("migrate: %v, result %v; want exit 3, unresolved", err, last)
+	}
+	if st := procState(w.Pid); st != 'T' {
+		t.Fatalf("source state %q with its agent gone; want stopped (T)", st)
+	}
+	waitFor(t, "B's copy to be gone", 10*time.Second, func() bool { return c.onB(w.Pid) == 0 })
+
+	c.startAgent(c.a, nil, nil)
+	waitFor(t, "the restarted agent to resume the source", 20*time.Second, func() bool { return procState(w.Pid) != 'T' })
 	checkSame(t, before, w.Report(t))
 }

@@ -91,7 +91,7 @@ them the same way.
 	fs.StringVar(&cfg.TLS.Key, "tls-key", "", "this agent's private key (PEM)")
 	fs.IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD when serving")
 	fs.StringVar(&pidfile, "pidfile", "", "write the agent's PID to FILE")
-	fs.StringVar(&cfg.Fault, "fault", "", "fail a step on purpose (tests): restore, slow-restore, after-restore, commit")
+	fs.StringVar(&cfg.Fault, "fault", "", "fail or slow a step on purpose (tests): restore, slow-restore, after-restore, commit, slow-pages")
 	fs.MarkHidden("fault")
 	return cmd
 }

@@ -52,12 +52,23 @@ func New() *cobra.Command {
 		Short: "move a running process from one host to another",
 		Long: `Move the running process PID from the host whose agent is at --from to the
 host whose agent is at --to ("ferry agent" runs on both; PORT defaults to
-27100). The process keeps running on the source while pre-copy rounds send its
-memory to the target, each round only what it wrote since the previous one;
-once a final round fits the --max-downtime budget (or the rounds stop
-converging, or --max-rounds is reached), the source is frozen, the last pages
-and the rest of its state go over, and the target restores the very same
-process: same PID, same memory, continuing where it stopped.
+27100), as the same process: same PID, same memory, continuing where it
+stopped.
+
+--mode picks how its memory travels:
+
+  precopy   the process keeps running while pre-copy rounds send its memory,
+            each round only what it wrote since the previous one; once a
+            final round fits the --max-downtime budget (or the rounds stop
+            converging, or --max-rounds is reached) the source is frozen, the
+            last pages and the rest of its state go over, and the target
+            restores it with all its memory.
+  postcopy  no pre-copy round: the source is frozen at once, its state
+            (without memory) goes over, and the process resumes on the target
+            while its memory follows, each page fetched from the frozen source
+            when touched, the rest in the background.
+  hybrid    (default) pre-copy rounds as in precopy, then post-copy for what
+            the last round left: the downtime does not grow with memory.
 
 Nothing is lost when something fails. Until the target has recorded the
 commit, any failure (preflight refusal, a round, the restore, an agent or
@@ -72,10 +83,16 @@ Preflight, before anything is touched: the target must have the tree's
 PIDs free, enough memory, and every instruction-set feature of the source's
 CPU.
 
+In post-copy the commit is the target having every page: until then the
+process needs both hosts, and a failure stops it on the target and resumes
+the source (what it did on the target since it resumed is lost, and the
+error says so).
+
 On a terminal, each step is printed as it happens and a summary at the end
 (downtime, total time, bytes, rounds). --json prints one JSON object per
 event instead, the last one being the result (event "result": id, outcome,
-pid, restored_pid, rounds, bytes, downtime_ms, frozen_ms, total_ms, error).
+pid, restored_pid, rounds, bytes, downtime_ms, frozen_ms, postcopy_ms,
+total_ms, error).
 --status-fd FD writes a zero byte to FD once the process runs on the target
 and the migration is committed.
 
@@ -146,7 +163,7 @@ settle it; "ferry agent" logs the outcome).`,
 	fs := cmd.Flags()
 	fs.StringVar(&from, "from", "", "the source host's agent, HOST[:PORT] (required)")
 	fs.StringVar(&to, "to", "", "the target host's agent, HOST[:PORT] (required)")
-	fs.StringVar(&o.Mode, "mode", "precopy", "precopy (postcopy and hybrid are not available yet)")
+	fs.StringVar(&o.Mode, "mode", "hybrid", "hybrid (pre-copy rounds, then post-copy), precopy or postcopy")
 	fs.DurationVar(&o.MaxDowntime, "max-downtime", 100*time.Millisecond, "downtime budget the pre-copy rounds converge to")
 	fs.IntVar(&o.MaxRounds, "max-rounds", 8, "pre-copy rounds at most before the final one")
 	fs.DurationVar(&o.Lease, "lease", 30*time.Second, "how long the agents wait without hearing from this command before they settle the migration alone")
@@ -208,9 +225,11 @@ func printEvent(w io.Writer, e coordinator.Event) {
 		}
 		fmt.Fprintln(w)
 	case "final":
-		fmt.Fprintf(w, "  final round %d: %d pages, %s; source frozen (%.1f ms so far)\n", e.Round, e.Pages, size(e.Bytes), e.FrozenMs)
+		fmt.Fprintf(w, "  final round %d: %d pages, %s; %s (%.1f ms so far)\n", e.Round, e.Pages, size(e.Bytes), e.Message, e.FrozenMs)
 	case "restored":
-		fmt.Fprintf(w, "  restored on the target as PID %d in %s\n", e.Pid, dur(e.Seconds))
+		fmt.Fprintf(w, "  restored on the target as PID %d in %s: it runs there\n", e.Pid, dur(e.Seconds))
+	case "pages":
+		fmt.Fprintf(w, "  post-copy: %d pages (%s) from the source in %s; %s\n", e.Pages, size(e.Bytes), dur(e.Seconds), e.Message)
 	}
 }
 
@@ -220,8 +239,12 @@ func printSummary(w io.Writer, r *coordinator.Result) {
 	}
 	switch r.Outcome {
 	case coordinator.Committed:
-		fmt.Fprintf(w, "migrated: PID %d now runs on %s; downtime %.1f ms, total %s, %s in %d rounds\n",
+		fmt.Fprintf(w, "migrated: PID %d now runs on %s; downtime %.1f ms, total %s, %s in %d rounds",
 			r.RestoredPid, r.To, r.DowntimeMs, dur(r.TotalMs/1000), size(r.Bytes), r.Rounds)
+		if r.PostcopyMs > 0 {
+			fmt.Fprintf(w, " and %s of post-copy", dur(r.PostcopyMs/1000))
+		}
+		fmt.Fprintln(w)
 	case coordinator.RolledBack:
 		fmt.Fprintf(w, "not migrated: rolled back; PID %d runs on %s as before\n", r.Pid, r.From)
 	case coordinator.Refused:

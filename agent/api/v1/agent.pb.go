@@ -452,8 +452,12 @@ type RoundRequest struct {
 	LeaseMs        uint32                 `protobuf:"varint,6,opt,name=lease_ms,json=leaseMs,proto3" json:"lease_ms,omitempty"`
 	TargetAddress  string                 `protobuf:"bytes,7,opt,name=target_address,json=targetAddress,proto3" json:"target_address,omitempty"` // the target agent: the authority on the outcome
 	TcpEstablished bool                   `protobuf:"varint,8,opt,name=tcp_established,json=tcpEstablished,proto3" json:"tcp_established,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// lazy (final round only): post-copy. The pages written since the
+	// previous round are not sent; the source serves them, from its frozen
+	// tree, to the target's lazy-pages daemon (RoundReply.lazy_address).
+	Lazy          bool `protobuf:"varint,9,opt,name=lazy,proto3" json:"lazy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RoundRequest) Reset() {
@@ -542,6 +546,13 @@ func (x *RoundRequest) GetTcpEstablished() bool {
 	return false
 }
 
+func (x *RoundRequest) GetLazy() bool {
+	if x != nil {
+		return x.Lazy
+	}
+	return false
+}
+
 type RoundReply struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
 	PagesWritten       uint64                 `protobuf:"varint,1,opt,name=pages_written,json=pagesWritten,proto3" json:"pages_written,omitempty"`
@@ -551,6 +562,8 @@ type RoundReply struct {
 	FrozenUs           uint64                 `protobuf:"varint,5,opt,name=frozen_us,json=frozenUs,proto3" json:"frozen_us,omitempty"`                                                    // how long the tree was frozen
 	FrozenUntilReplyUs uint64                 `protobuf:"varint,6,opt,name=frozen_until_reply_us,json=frozenUntilReplyUs,proto3" json:"frozen_until_reply_us,omitempty"`                  // final: from the freeze to this reply
 	Files              map[string][]byte      `protobuf:"bytes,7,rep,name=files,proto3" json:"files,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // the round's other images
+	LazyAddress        string                 `protobuf:"bytes,8,opt,name=lazy_address,json=lazyAddress,proto3" json:"lazy_address,omitempty"`                                            // lazy: where the source serves its pages
+	PagesLazy          uint64                 `protobuf:"varint,9,opt,name=pages_lazy,json=pagesLazy,proto3" json:"pages_lazy,omitempty"`                                                 // lazy: pages left for the target to fetch
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
@@ -632,6 +645,20 @@ func (x *RoundReply) GetFiles() map[string][]byte {
 		return x.Files
 	}
 	return nil
+}
+
+func (x *RoundReply) GetLazyAddress() string {
+	if x != nil {
+		return x.LazyAddress
+	}
+	return ""
+}
+
+func (x *RoundReply) GetPagesLazy() uint64 {
+	if x != nil {
+		return x.PagesLazy
+	}
+	return 0
 }
 
 type PutFilesRequest struct {
@@ -734,6 +761,7 @@ type RestoreRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Round         int32                  `protobuf:"varint,2,opt,name=round,proto3" json:"round,omitempty"`
+	LazyAddress   string                 `protobuf:"bytes,3,opt,name=lazy_address,json=lazyAddress,proto3" json:"lazy_address,omitempty"` // post-copy: the source's page service
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -782,6 +810,73 @@ func (x *RestoreRequest) GetRound() int32 {
 	return 0
 }
 
+func (x *RestoreRequest) GetLazyAddress() string {
+	if x != nil {
+		return x.LazyAddress
+	}
+	return ""
+}
+
+type PagesReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pages         uint64                 `protobuf:"varint,1,opt,name=pages,proto3" json:"pages,omitempty"`                             // that came from the source
+	Faults        uint64                 `protobuf:"varint,2,opt,name=faults,proto3" json:"faults,omitempty"`                           // of them, asked for by a fault
+	DurationUs    uint64                 `protobuf:"varint,3,opt,name=duration_us,json=durationUs,proto3" json:"duration_us,omitempty"` // from the resume to the last page
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PagesReply) Reset() {
+	*x = PagesReply{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PagesReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PagesReply) ProtoMessage() {}
+
+func (x *PagesReply) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PagesReply.ProtoReflect.Descriptor instead.
+func (*PagesReply) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *PagesReply) GetPages() uint64 {
+	if x != nil {
+		return x.Pages
+	}
+	return 0
+}
+
+func (x *PagesReply) GetFaults() uint64 {
+	if x != nil {
+		return x.Faults
+	}
+	return 0
+}
+
+func (x *PagesReply) GetDurationUs() uint64 {
+	if x != nil {
+		return x.DurationUs
+	}
+	return 0
+}
+
 type RestoreReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Root          int32                  `protobuf:"varint,1,opt,name=root,proto3" json:"root,omitempty"` // the restored root's PID (as this node sees it)
@@ -792,7 +887,7 @@ type RestoreReply struct {
 
 func (x *RestoreReply) Reset() {
 	*x = RestoreReply{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -804,7 +899,7 @@ func (x *RestoreReply) String() string {
 func (*RestoreReply) ProtoMessage() {}
 
 func (x *RestoreReply) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -817,7 +912,7 @@ func (x *RestoreReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreReply.ProtoReflect.Descriptor instead.
 func (*RestoreReply) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RestoreReply) GetRoot() int32 {
@@ -843,7 +938,7 @@ type MigrationRef struct {
 
 func (x *MigrationRef) Reset() {
 	*x = MigrationRef{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[12]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -855,7 +950,7 @@ func (x *MigrationRef) String() string {
 func (*MigrationRef) ProtoMessage() {}
 
 func (x *MigrationRef) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[12]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -868,7 +963,7 @@ func (x *MigrationRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrationRef.ProtoReflect.Descriptor instead.
 func (*MigrationRef) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MigrationRef) GetId() string {
@@ -888,7 +983,7 @@ type FinishRequest struct {
 
 func (x *FinishRequest) Reset() {
 	*x = FinishRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[13]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +995,7 @@ func (x *FinishRequest) String() string {
 func (*FinishRequest) ProtoMessage() {}
 
 func (x *FinishRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[13]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +1008,7 @@ func (x *FinishRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishRequest.ProtoReflect.Descriptor instead.
 func (*FinishRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *FinishRequest) GetId() string {
@@ -940,7 +1035,7 @@ type RenewRequest struct {
 
 func (x *RenewRequest) Reset() {
 	*x = RenewRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[14]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1047,7 @@ func (x *RenewRequest) String() string {
 func (*RenewRequest) ProtoMessage() {}
 
 func (x *RenewRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[14]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1060,7 @@ func (x *RenewRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewRequest.ProtoReflect.Descriptor instead.
 func (*RenewRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RenewRequest) GetId() string {
@@ -995,7 +1090,7 @@ type MigrationStatus struct {
 
 func (x *MigrationStatus) Reset() {
 	*x = MigrationStatus{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[15]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1102,7 @@ func (x *MigrationStatus) String() string {
 func (*MigrationStatus) ProtoMessage() {}
 
 func (x *MigrationStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[15]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1115,7 @@ func (x *MigrationStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrationStatus.ProtoReflect.Descriptor instead.
 func (*MigrationStatus) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *MigrationStatus) GetId() string {
@@ -1074,7 +1169,7 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\blease_ms\x18\x06 \x01(\rR\aleaseMs\x12%\n" +
 	"\x0esource_address\x18\a \x01(\tR\rsourceAddress\"1\n" +
 	"\fPrepareReply\x12!\n" +
-	"\fpage_address\x18\x01 \x01(\tR\vpageAddress\"\xea\x01\n" +
+	"\fpage_address\x18\x01 \x01(\tR\vpageAddress\"\xfe\x01\n" +
 	"\fRoundRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12\x14\n" +
@@ -1083,7 +1178,8 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\fpage_address\x18\x05 \x01(\tR\vpageAddress\x12\x19\n" +
 	"\blease_ms\x18\x06 \x01(\rR\aleaseMs\x12%\n" +
 	"\x0etarget_address\x18\a \x01(\tR\rtargetAddress\x12'\n" +
-	"\x0ftcp_established\x18\b \x01(\bR\x0etcpEstablished\"\xd4\x02\n" +
+	"\x0ftcp_established\x18\b \x01(\bR\x0etcpEstablished\x12\x12\n" +
+	"\x04lazy\x18\t \x01(\bR\x04lazy\"\x96\x03\n" +
 	"\n" +
 	"RoundReply\x12#\n" +
 	"\rpages_written\x18\x01 \x01(\x04R\fpagesWritten\x12#\n" +
@@ -1093,7 +1189,10 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"durationUs\x12\x1b\n" +
 	"\tfrozen_us\x18\x05 \x01(\x04R\bfrozenUs\x121\n" +
 	"\x15frozen_until_reply_us\x18\x06 \x01(\x04R\x12frozenUntilReplyUs\x12;\n" +
-	"\x05files\x18\a \x03(\v2%.ferry.agent.v1.RoundReply.FilesEntryR\x05files\x1a8\n" +
+	"\x05files\x18\a \x03(\v2%.ferry.agent.v1.RoundReply.FilesEntryR\x05files\x12!\n" +
+	"\flazy_address\x18\b \x01(\tR\vlazyAddress\x12\x1d\n" +
+	"\n" +
+	"pages_lazy\x18\t \x01(\x04R\tpagesLazy\x1a8\n" +
 	"\n" +
 	"FilesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -1106,10 +1205,17 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"FilesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\"\x0f\n" +
-	"\rPutFilesReply\"6\n" +
+	"\rPutFilesReply\"Y\n" +
 	"\x0eRestoreRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05round\x18\x02 \x01(\x05R\x05round\"C\n" +
+	"\x05round\x18\x02 \x01(\x05R\x05round\x12!\n" +
+	"\flazy_address\x18\x03 \x01(\tR\vlazyAddress\"[\n" +
+	"\n" +
+	"PagesReply\x12\x14\n" +
+	"\x05pages\x18\x01 \x01(\x04R\x05pages\x12\x16\n" +
+	"\x06faults\x18\x02 \x01(\x04R\x06faults\x12\x1f\n" +
+	"\vduration_us\x18\x03 \x01(\x04R\n" +
+	"durationUs\"C\n" +
 	"\fRestoreReply\x12\x12\n" +
 	"\x04root\x18\x01 \x01(\x05R\x04root\x12\x1f\n" +
 	"\vduration_us\x18\x02 \x01(\x04R\n" +
@@ -1124,14 +1230,15 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\blease_ms\x18\x02 \x01(\rR\aleaseMs\"7\n" +
 	"\x0fMigrationStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state2\xd4\x05\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state2\x9b\x06\n" +
 	"\x05Agent\x12=\n" +
 	"\x04Info\x12\x1b.ferry.agent.v1.InfoRequest\x1a\x18.ferry.agent.v1.NodeInfo\x12G\n" +
 	"\aInspect\x12\x1e.ferry.agent.v1.InspectRequest\x1a\x1c.ferry.agent.v1.InspectReply\x12G\n" +
 	"\aPrepare\x12\x1e.ferry.agent.v1.PrepareRequest\x1a\x1c.ferry.agent.v1.PrepareReply\x12A\n" +
 	"\x05Round\x12\x1c.ferry.agent.v1.RoundRequest\x1a\x1a.ferry.agent.v1.RoundReply\x12J\n" +
 	"\bPutFiles\x12\x1f.ferry.agent.v1.PutFilesRequest\x1a\x1d.ferry.agent.v1.PutFilesReply\x12G\n" +
-	"\aRestore\x12\x1e.ferry.agent.v1.RestoreRequest\x1a\x1c.ferry.agent.v1.RestoreReply\x12G\n" +
+	"\aRestore\x12\x1e.ferry.agent.v1.RestoreRequest\x1a\x1c.ferry.agent.v1.RestoreReply\x12E\n" +
+	"\tWaitPages\x12\x1c.ferry.agent.v1.MigrationRef\x1a\x1a.ferry.agent.v1.PagesReply\x12G\n" +
 	"\x06Commit\x12\x1c.ferry.agent.v1.MigrationRef\x1a\x1f.ferry.agent.v1.MigrationStatus\x12H\n" +
 	"\x06Finish\x12\x1d.ferry.agent.v1.FinishRequest\x1a\x1f.ferry.agent.v1.MigrationStatus\x12F\n" +
 	"\x05Renew\x12\x1c.ferry.agent.v1.RenewRequest\x1a\x1f.ferry.agent.v1.MigrationStatus\x12G\n" +
@@ -1149,7 +1256,7 @@ func file_agent_api_v1_agent_proto_rawDescGZIP() []byte {
 	return file_agent_api_v1_agent_proto_rawDescData
 }
 
-var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*InfoRequest)(nil),     // 0: ferry.agent.v1.InfoRequest
 	(*NodeInfo)(nil),        // 1: ferry.agent.v1.NodeInfo
@@ -1162,40 +1269,43 @@ var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*PutFilesRequest)(nil), // 8: ferry.agent.v1.PutFilesRequest
 	(*PutFilesReply)(nil),   // 9: ferry.agent.v1.PutFilesReply
 	(*RestoreRequest)(nil),  // 10: ferry.agent.v1.RestoreRequest
-	(*RestoreReply)(nil),    // 11: ferry.agent.v1.RestoreReply
-	(*MigrationRef)(nil),    // 12: ferry.agent.v1.MigrationRef
-	(*FinishRequest)(nil),   // 13: ferry.agent.v1.FinishRequest
-	(*RenewRequest)(nil),    // 14: ferry.agent.v1.RenewRequest
-	(*MigrationStatus)(nil), // 15: ferry.agent.v1.MigrationStatus
-	nil,                     // 16: ferry.agent.v1.RoundReply.FilesEntry
-	nil,                     // 17: ferry.agent.v1.PutFilesRequest.FilesEntry
+	(*PagesReply)(nil),      // 11: ferry.agent.v1.PagesReply
+	(*RestoreReply)(nil),    // 12: ferry.agent.v1.RestoreReply
+	(*MigrationRef)(nil),    // 13: ferry.agent.v1.MigrationRef
+	(*FinishRequest)(nil),   // 14: ferry.agent.v1.FinishRequest
+	(*RenewRequest)(nil),    // 15: ferry.agent.v1.RenewRequest
+	(*MigrationStatus)(nil), // 16: ferry.agent.v1.MigrationStatus
+	nil,                     // 17: ferry.agent.v1.RoundReply.FilesEntry
+	nil,                     // 18: ferry.agent.v1.PutFilesRequest.FilesEntry
 }
 var file_agent_api_v1_agent_proto_depIdxs = []int32{
 	1,  // 0: ferry.agent.v1.InspectReply.node:type_name -> ferry.agent.v1.NodeInfo
-	16, // 1: ferry.agent.v1.RoundReply.files:type_name -> ferry.agent.v1.RoundReply.FilesEntry
-	17, // 2: ferry.agent.v1.PutFilesRequest.files:type_name -> ferry.agent.v1.PutFilesRequest.FilesEntry
+	17, // 1: ferry.agent.v1.RoundReply.files:type_name -> ferry.agent.v1.RoundReply.FilesEntry
+	18, // 2: ferry.agent.v1.PutFilesRequest.files:type_name -> ferry.agent.v1.PutFilesRequest.FilesEntry
 	0,  // 3: ferry.agent.v1.Agent.Info:input_type -> ferry.agent.v1.InfoRequest
 	2,  // 4: ferry.agent.v1.Agent.Inspect:input_type -> ferry.agent.v1.InspectRequest
 	4,  // 5: ferry.agent.v1.Agent.Prepare:input_type -> ferry.agent.v1.PrepareRequest
 	6,  // 6: ferry.agent.v1.Agent.Round:input_type -> ferry.agent.v1.RoundRequest
 	8,  // 7: ferry.agent.v1.Agent.PutFiles:input_type -> ferry.agent.v1.PutFilesRequest
 	10, // 8: ferry.agent.v1.Agent.Restore:input_type -> ferry.agent.v1.RestoreRequest
-	12, // 9: ferry.agent.v1.Agent.Commit:input_type -> ferry.agent.v1.MigrationRef
-	13, // 10: ferry.agent.v1.Agent.Finish:input_type -> ferry.agent.v1.FinishRequest
-	14, // 11: ferry.agent.v1.Agent.Renew:input_type -> ferry.agent.v1.RenewRequest
-	12, // 12: ferry.agent.v1.Agent.Status:input_type -> ferry.agent.v1.MigrationRef
-	1,  // 13: ferry.agent.v1.Agent.Info:output_type -> ferry.agent.v1.NodeInfo
-	3,  // 14: ferry.agent.v1.Agent.Inspect:output_type -> ferry.agent.v1.InspectReply
-	5,  // 15: ferry.agent.v1.Agent.Prepare:output_type -> ferry.agent.v1.PrepareReply
-	7,  // 16: ferry.agent.v1.Agent.Round:output_type -> ferry.agent.v1.RoundReply
-	9,  // 17: ferry.agent.v1.Agent.PutFiles:output_type -> ferry.agent.v1.PutFilesReply
-	11, // 18: ferry.agent.v1.Agent.Restore:output_type -> ferry.agent.v1.RestoreReply
-	15, // 19: ferry.agent.v1.Agent.Commit:output_type -> ferry.agent.v1.MigrationStatus
-	15, // 20: ferry.agent.v1.Agent.Finish:output_type -> ferry.agent.v1.MigrationStatus
-	15, // 21: ferry.agent.v1.Agent.Renew:output_type -> ferry.agent.v1.MigrationStatus
-	15, // 22: ferry.agent.v1.Agent.Status:output_type -> ferry.agent.v1.MigrationStatus
-	13, // [13:23] is the sub-list for method output_type
-	3,  // [3:13] is the sub-list for method input_type
+	13, // 9: ferry.agent.v1.Agent.WaitPages:input_type -> ferry.agent.v1.MigrationRef
+	13, // 10: ferry.agent.v1.Agent.Commit:input_type -> ferry.agent.v1.MigrationRef
+	14, // 11: ferry.agent.v1.Agent.Finish:input_type -> ferry.agent.v1.FinishRequest
+	15, // 12: ferry.agent.v1.Agent.Renew:input_type -> ferry.agent.v1.RenewRequest
+	13, // 13: ferry.agent.v1.Agent.Status:input_type -> ferry.agent.v1.MigrationRef
+	1,  // 14: ferry.agent.v1.Agent.Info:output_type -> ferry.agent.v1.NodeInfo
+	3,  // 15: ferry.agent.v1.Agent.Inspect:output_type -> ferry.agent.v1.InspectReply
+	5,  // 16: ferry.agent.v1.Agent.Prepare:output_type -> ferry.agent.v1.PrepareReply
+	7,  // 17: ferry.agent.v1.Agent.Round:output_type -> ferry.agent.v1.RoundReply
+	9,  // 18: ferry.agent.v1.Agent.PutFiles:output_type -> ferry.agent.v1.PutFilesReply
+	12, // 19: ferry.agent.v1.Agent.Restore:output_type -> ferry.agent.v1.RestoreReply
+	11, // 20: ferry.agent.v1.Agent.WaitPages:output_type -> ferry.agent.v1.PagesReply
+	16, // 21: ferry.agent.v1.Agent.Commit:output_type -> ferry.agent.v1.MigrationStatus
+	16, // 22: ferry.agent.v1.Agent.Finish:output_type -> ferry.agent.v1.MigrationStatus
+	16, // 23: ferry.agent.v1.Agent.Renew:output_type -> ferry.agent.v1.MigrationStatus
+	16, // 24: ferry.agent.v1.Agent.Status:output_type -> ferry.agent.v1.MigrationStatus
+	14, // [14:25] is the sub-list for method output_type
+	3,  // [3:14] is the sub-list for method input_type
 	3,  // [3:3] is the sub-list for extension type_name
 	3,  // [3:3] is the sub-list for extension extendee
 	0,  // [0:3] is the sub-list for field type_name
@@ -1212,7 +1322,7 @@ func file_agent_api_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_api_v1_agent_proto_rawDesc), len(file_agent_api_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

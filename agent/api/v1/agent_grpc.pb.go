@@ -40,16 +40,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Agent_Info_FullMethodName     = "/ferry.agent.v1.Agent/Info"
-	Agent_Inspect_FullMethodName  = "/ferry.agent.v1.Agent/Inspect"
-	Agent_Prepare_FullMethodName  = "/ferry.agent.v1.Agent/Prepare"
-	Agent_Round_FullMethodName    = "/ferry.agent.v1.Agent/Round"
-	Agent_PutFiles_FullMethodName = "/ferry.agent.v1.Agent/PutFiles"
-	Agent_Restore_FullMethodName  = "/ferry.agent.v1.Agent/Restore"
-	Agent_Commit_FullMethodName   = "/ferry.agent.v1.Agent/Commit"
-	Agent_Finish_FullMethodName   = "/ferry.agent.v1.Agent/Finish"
-	Agent_Renew_FullMethodName    = "/ferry.agent.v1.Agent/Renew"
-	Agent_Status_FullMethodName   = "/ferry.agent.v1.Agent/Status"
+	Agent_Info_FullMethodName      = "/ferry.agent.v1.Agent/Info"
+	Agent_Inspect_FullMethodName   = "/ferry.agent.v1.Agent/Inspect"
+	Agent_Prepare_FullMethodName   = "/ferry.agent.v1.Agent/Prepare"
+	Agent_Round_FullMethodName     = "/ferry.agent.v1.Agent/Round"
+	Agent_PutFiles_FullMethodName  = "/ferry.agent.v1.Agent/PutFiles"
+	Agent_Restore_FullMethodName   = "/ferry.agent.v1.Agent/Restore"
+	Agent_WaitPages_FullMethodName = "/ferry.agent.v1.Agent/WaitPages"
+	Agent_Commit_FullMethodName    = "/ferry.agent.v1.Agent/Commit"
+	Agent_Finish_FullMethodName    = "/ferry.agent.v1.Agent/Finish"
+	Agent_Renew_FullMethodName     = "/ferry.agent.v1.Agent/Renew"
+	Agent_Status_FullMethodName    = "/ferry.agent.v1.Agent/Status"
 )
 
 // AgentClient is the client API for Agent service.
@@ -68,8 +69,14 @@ type AgentClient interface {
 	Round(ctx context.Context, in *RoundRequest, opts ...grpc.CallOption) (*RoundReply, error)
 	// PutFiles stores a round's small images in the session (target side).
 	PutFiles(ctx context.Context, in *PutFilesRequest, opts ...grpc.CallOption) (*PutFilesReply, error)
-	// Restore restores the final round (target side).
+	// Restore restores the final round (target side); with a lazy
+	// address, post-copy: the tree resumes at once and its missing pages
+	// come from the source's frozen tree.
 	Restore(ctx context.Context, in *RestoreRequest, opts ...grpc.CallOption) (*RestoreReply, error)
+	// WaitPages waits until a post-copy restore has every page (target
+	// side). The target commits by itself at that point: the tree no
+	// longer needs the source. A post-copy that fails rolls back.
+	WaitPages(ctx context.Context, in *MigrationRef, opts ...grpc.CallOption) (*PagesReply, error)
 	// Commit records the migration as done: from then on it is never
 	// rolled back (target side).
 	Commit(ctx context.Context, in *MigrationRef, opts ...grpc.CallOption) (*MigrationStatus, error)
@@ -150,6 +157,16 @@ func (c *agentClient) Restore(ctx context.Context, in *RestoreRequest, opts ...g
 	return out, nil
 }
 
+func (c *agentClient) WaitPages(ctx context.Context, in *MigrationRef, opts ...grpc.CallOption) (*PagesReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PagesReply)
+	err := c.cc.Invoke(ctx, Agent_WaitPages_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *agentClient) Commit(ctx context.Context, in *MigrationRef, opts ...grpc.CallOption) (*MigrationStatus, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(MigrationStatus)
@@ -206,8 +223,14 @@ type AgentServer interface {
 	Round(context.Context, *RoundRequest) (*RoundReply, error)
 	// PutFiles stores a round's small images in the session (target side).
 	PutFiles(context.Context, *PutFilesRequest) (*PutFilesReply, error)
-	// Restore restores the final round (target side).
+	// Restore restores the final round (target side); with a lazy
+	// address, post-copy: the tree resumes at once and its missing pages
+	// come from the source's frozen tree.
 	Restore(context.Context, *RestoreRequest) (*RestoreReply, error)
+	// WaitPages waits until a post-copy restore has every page (target
+	// side). The target commits by itself at that point: the tree no
+	// longer needs the source. A post-copy that fails rolls back.
+	WaitPages(context.Context, *MigrationRef) (*PagesReply, error)
 	// Commit records the migration as done: from then on it is never
 	// rolled back (target side).
 	Commit(context.Context, *MigrationRef) (*MigrationStatus, error)
@@ -245,6 +268,9 @@ func (UnimplementedAgentServer) PutFiles(context.Context, *PutFilesRequest) (*Pu
 }
 func (UnimplementedAgentServer) Restore(context.Context, *RestoreRequest) (*RestoreReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Restore not implemented")
+}
+func (UnimplementedAgentServer) WaitPages(context.Context, *MigrationRef) (*PagesReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method WaitPages not implemented")
 }
 func (UnimplementedAgentServer) Commit(context.Context, *MigrationRef) (*MigrationStatus, error) {
 	return nil, status.Error(codes.Unimplemented, "method Commit not implemented")
@@ -387,6 +413,24 @@ func _Agent_Restore_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_WaitPages_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MigrationRef)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).WaitPages(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_WaitPages_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).WaitPages(ctx, req.(*MigrationRef))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Agent_Commit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(MigrationRef)
 	if err := dec(in); err != nil {
@@ -489,6 +533,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Restore",
 			Handler:    _Agent_Restore_Handler,
+		},
+		{
+			MethodName: "WaitPages",
+			Handler:    _Agent_WaitPages_Handler,
 		},
 		{
 			MethodName: "Commit",
