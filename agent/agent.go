@@ -66,6 +66,8 @@ type Agent struct {
 	grpc *grpc.Server
 	lis  net.Listener
 
+	metrics *metrics
+
 	mu    sync.Mutex
 	migs  map[string]*migration
 	peers map[string]*grpc.ClientConn
@@ -101,6 +103,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg.PageHost = host
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, tls: cfg.TLS, migs: map[string]*migration{}, peers: map[string]*grpc.ClientConn{}}
+	a.metrics = newMetrics(a)
 	if err := a.load(); err != nil {
 		return nil, err
 	}

@@ -86,6 +86,8 @@ type migration struct {
 
 	session *session  // target: the page server; source: the lazy page service
 	post    *postcopy // target: the post-copy under way
+
+	downtimeSeen bool // target: the commit's downtime is in the metrics
 }
 
 func (m *migration) stopSession() {
@@ -135,6 +137,9 @@ func (a *Agent) setState(m *migration, state string) error {
 		return fmt.Errorf("recording migration %s as %s: %w", m.rec.ID, state, err)
 	}
 	a.log.Info("migration: state", "id", m.rec.ID, "role", m.rec.Role, "from", old, "to", state)
+	if terminal(state) {
+		a.metrics.migrations.WithLabelValues(m.rec.Role, state).Inc()
+	}
 	return nil
 }
 

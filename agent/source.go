@@ -44,13 +44,7 @@ func (a *Agent) node() *agentv1.NodeInfo {
 		LazyPages:    k.Check("userfaultfd") == nil,
 		GrpcAddress:  a.Addr(),
 	}
-	a.mu.Lock()
-	for _, m := range a.migs {
-		if !terminal(m.rec.State) {
-			n.Migrations++
-		}
-	}
-	a.mu.Unlock()
+	n.Migrations = int32(a.inFlight())
 	return n
 }
 
@@ -193,6 +187,13 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	st := res.Stats
+	a.metrics.rounds.Inc()
+	a.metrics.bytes.WithLabelValues("sent").Add(float64(st.PagesWritten) * float64(os.Getpagesize()))
+	if req.Final {
+		a.metrics.step("final-round", time.Since(start))
+	} else {
+		a.metrics.step("round", time.Since(start))
+	}
 	reply := &agentv1.RoundReply{
 		PagesWritten: st.PagesWritten,
 		PagesSkipped: st.PagesSkippedParent,
@@ -240,6 +241,7 @@ func (a *Agent) servePages(m *migration) (*session, error) {
 		if a.cfg.Fault == "slow-pages" {
 			time.Sleep(time.Duration(1+len(buf)>>16) * 5 * time.Millisecond)
 		}
+		a.metrics.bytes.WithLabelValues("served").Add(float64(len(buf)))
 		return compel.ReadMem(pid, []compel.Segment{{Addr: vaddr, Local: buf}})
 	}
 	go func() {

@@ -242,6 +242,7 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 		go a.settlePostcopy(m, post)
 	}
 	go reap(res.Root)
+	a.metrics.step("restore", time.Since(start))
 	refs := []procRef{}
 	for _, t := range append([]int{res.Root}, res.Tids...) {
 		if r, err := refOf(t); err == nil {
@@ -334,6 +335,7 @@ func (a *Agent) settlePostcopy(m *migration, p *postcopy) {
 		return
 	}
 	a.log.Info("migration: every page arrived", "id", m.rec.ID, "pages", p.stats.PagesCopied, "faults", p.stats.Faults, "took", p.stats.Duration)
+	a.metrics.step("post-copy", p.stats.Duration)
 	if err := a.commit(m); err != nil {
 		a.log.Error("migration: commit after post-copy", "id", m.rec.ID, "err", err)
 	}
@@ -409,6 +411,10 @@ func (a *Agent) Commit(ctx context.Context, req *agentv1.MigrationRef) (*agentv1
 	}
 	if err := a.commit(m); err != nil {
 		return nil, err
+	}
+	if req.DowntimeUs > 0 && !m.downtimeSeen {
+		m.downtimeSeen = true
+		a.metrics.downtime.Observe(float64(req.DowntimeUs) / 1e6)
 	}
 	return a.statusOf(m), nil
 }

@@ -210,6 +210,9 @@ func (r *run) migrate(ctx context.Context) error {
 	if err != nil {
 		return &Error{Refused, fmt.Errorf("target %s: %s", o.To, reason(err))}
 	}
+	if o.Mode != "precopy" && !dstNode.LazyPages {
+		return &Error{Refused, fmt.Errorf("target %s cannot restore lazily (no userfaultfd on kernel %s): --mode %s needs it; use --mode precopy", o.To, dstNode.Kernel, o.Mode)}
+	}
 	leaseMs := uint32(o.Lease / time.Millisecond)
 	cctx, cancel = context.WithTimeout(ctx, 15*time.Second)
 	prep, err := r.dst.Prepare(cctx, &agentv1.PrepareRequest{Id: o.ID, Pids: ins.Pids, Rss: ins.Rss,
@@ -356,7 +359,8 @@ const pageSize = 4096
 // source kill its frozen tree.
 func (r *run) commit(ctx context.Context) error {
 	o := r.opts
-	if _, err := r.dst.Commit(ctx, &agentv1.MigrationRef{Id: o.ID}); err != nil {
+	downtime := uint64(r.res.DowntimeMs * 1000)
+	if _, err := r.dst.Commit(ctx, &agentv1.MigrationRef{Id: o.ID, DowntimeUs: downtime}); err != nil {
 		// Did the target record it? Only the target knows.
 		st, serr := r.dst.Status(ctx, &agentv1.MigrationRef{Id: o.ID})
 		switch {

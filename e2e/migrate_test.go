@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
@@ -27,12 +28,27 @@ func checkSame(t *testing.T, before, after testutil.Report) {
 	}
 }
 
-func TestMigratePrecopy(t *testing.T)  { testMigrate(t, "precopy") }
-func TestMigrateHybrid(t *testing.T)   { testMigrate(t, "hybrid") }
+func TestMigratePrecopy(t *testing.T) { testMigrate(t, "precopy") }
+func TestMigrateHybrid(t *testing.T) {
+	c := testMigrate(t, "hybrid", "--metrics", "127.0.0.1:9127")
+	// B's metrics count the committed migration and its downtime.
+	out := run(t, "ip", "netns", "exec", c.b.netns, "python3", "-c",
+		"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9127/metrics').read().decode())")
+	for _, want := range []string{
+		`ferry_migrations_total{outcome="committed",role="target"} 1`,
+		"ferry_migration_downtime_seconds_count 1",
+		"ferry_migrations_in_flight 0",
+		`ferry_migration_step_seconds_count{step="post-copy"} 1`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("B's metrics lack %q:\n%s", want, out)
+		}
+	}
+}
 func TestMigratePostcopy(t *testing.T) { testMigrate(t, "postcopy") }
 
-func testMigrate(t *testing.T, mode string) {
-	c := newCluster(t)
+func testMigrate(t *testing.T, mode string, agentArgsB ...string) *cluster {
+	c := newCluster(t, agentArgsB...)
 	// 64 MiB, two threads, rewriting memory at 20 MiB/s all along.
 	w := c.startWorkload("-m", "64", "-t", "2", "-C", "-c", "20")
 	before := w.Report(t)
@@ -82,6 +98,7 @@ func testMigrate(t *testing.T, mode string) {
 	if again := rw.Report(t); again.Counter <= after.Counter {
 		t.Fatalf("the migrated process does not run: counter %d -> %d", after.Counter, again.Counter)
 	}
+	return c
 }
 
 func TestMigrateRollbackAfterRestore(t *testing.T) {

@@ -6,9 +6,10 @@
 #   migrate --from 10.77.0.1 --to 10.77.0.2 PID
 #
 # while it keeps rewriting memory: pre-copy rounds stream its pages to B
-# over mutual TLS (each round only what changed), a short final freeze sends
-# the rest, B restores the very same process (same PID, same secret token
-# kept only in its memory, counters going on) and the migration commits.
+# over mutual TLS (each round only what changed), a short final freeze, and
+# B restores the very same process (same PID, same secret token kept only in
+# its memory, counters going on), resumed at once while the last pages
+# follow on demand; then the migration commits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FERRY=$PWD/bin/ferry MIGRATE=$PWD/bin/migrate

@@ -19,6 +19,7 @@ func newAgentCmd() *cobra.Command {
 		cfg      agent.Config
 		statusFd int
 		pidfile  string
+		metrics  string
 	)
 	cmd := &cobra.Command{
 		Use:   "agent --listen HOST:PORT --state-dir DIR --tls-cacert CA --tls-cert CERT --tls-key KEY",
@@ -45,6 +46,14 @@ a frozen source stays frozen, so the workload never runs on two hosts. An agent
 that restarts finds its unfinished migrations in --state-dir and resolves
 them the same way.
 
+--metrics ADDR serves Prometheus metrics over plain HTTP on ADDR (keep it
+on a trusted interface): ferry_migrations_total{role,outcome},
+ferry_migrations_in_flight, ferry_migration_rounds_total,
+ferry_migration_page_bytes_total{direction="sent"|"served"},
+ferry_migration_downtime_seconds (histogram, committed migrations, on the
+target) and ferry_migration_step_seconds{step} (round, final-round, restore,
+post-copy).
+
 --status-fd FD writes a zero byte to FD once the agent serves; under systemd
 (NOTIFY_SOCKET set) it also reports READY=1.`,
 		Example: `  ferry certs issue --dir /etc/ferry/pki node-a --host 10.0.0.1
@@ -63,6 +72,11 @@ them the same way.
 			a, err := agent.New(cfg)
 			if err != nil {
 				return err
+			}
+			if metrics != "" {
+				if err := a.ServeMetrics(cmd.Context(), metrics); err != nil {
+					return fmt.Errorf("--metrics %s: %w", metrics, err)
+				}
 			}
 			if pidfile != "" {
 				if err := writePidfile(pidfile, os.Getpid()); err != nil {
@@ -90,6 +104,7 @@ them the same way.
 	fs.StringVar(&cfg.TLS.Cert, "tls-cert", "", "this agent's certificate (PEM)")
 	fs.StringVar(&cfg.TLS.Key, "tls-key", "", "this agent's private key (PEM)")
 	fs.IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD when serving")
+	fs.StringVar(&metrics, "metrics", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9127)")
 	fs.StringVar(&pidfile, "pidfile", "", "write the agent's PID to FILE")
 	fs.StringVar(&cfg.Fault, "fault", "", "fail or slow a step on purpose (tests): restore, slow-restore, after-restore, commit, slow-pages")
 	fs.MarkHidden("fault")

@@ -930,8 +930,10 @@ func (x *RestoreReply) GetDurationUs() uint64 {
 }
 
 type MigrationRef struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Commit: the downtime the coordinator measured (the target's metrics).
+	DowntimeUs    uint64 `protobuf:"varint,2,opt,name=downtime_us,json=downtimeUs,proto3" json:"downtime_us,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -971,6 +973,13 @@ func (x *MigrationRef) GetId() string {
 		return x.Id
 	}
 	return ""
+}
+
+func (x *MigrationRef) GetDowntimeUs() uint64 {
+	if x != nil {
+		return x.DowntimeUs
+	}
+	return 0
 }
 
 type FinishRequest struct {
@@ -1219,9 +1228,11 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\fRestoreReply\x12\x12\n" +
 	"\x04root\x18\x01 \x01(\x05R\x04root\x12\x1f\n" +
 	"\vduration_us\x18\x02 \x01(\x04R\n" +
-	"durationUs\"\x1e\n" +
+	"durationUs\"?\n" +
 	"\fMigrationRef\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"7\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
+	"\vdowntime_us\x18\x02 \x01(\x04R\n" +
+	"downtimeUs\"7\n" +
 	"\rFinishRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06commit\x18\x02 \x01(\bR\x06commit\"9\n" +
