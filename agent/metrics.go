@@ -56,7 +56,9 @@ func newMetrics(a *Agent) *metrics {
 	return m
 }
 
-func (m *metrics) step(name string, d time.Duration) { m.durations.WithLabelValues(name).Observe(d.Seconds()) }
+func (m *metrics) step(name string, d time.Duration) {
+	m.durations.WithLabelValues(name).Observe(d.Seconds())
+}
 
 // ServeMetrics serves /metrics on addr until ctx ends.
 func (a *Agent) ServeMetrics(ctx context.Context, addr string) error {
