@@ -24,6 +24,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hashicorp/memberlist"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -50,6 +51,8 @@ type Config struct {
 	// restoring), "after-restore" (with the tree restored and running),
 	// "commit".
 	Fault  string
+	// Gossip, when its Bind is set, joins cluster membership.
+	Gossip Gossip
 	Logger *slog.Logger
 }
 
@@ -67,6 +70,7 @@ type Agent struct {
 	lis  net.Listener
 
 	metrics *metrics
+	ml      *memberlist.Memberlist // nil outside a cluster; guarded by mu
 
 	mu    sync.Mutex
 	migs  map[string]*migration
@@ -129,6 +133,11 @@ func (a *Agent) Addr() string { return a.lis.Addr().String() }
 
 // Serve serves until ctx ends, resolving migrations whose lease ran out.
 func (a *Agent) Serve(ctx context.Context) error {
+	if a.cfg.Gossip.Bind != "" {
+		if err := a.startGossip(ctx, a.cfg.Gossip); err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+	}
 	go a.watch(ctx)
 	go func() {
 		<-ctx.Done()

@@ -42,10 +42,33 @@ func (a *Agent) node() *agentv1.NodeInfo {
 		Load1:        load1(),
 		DirtyTracker: string(k.DirtyTracker()),
 		LazyPages:    k.Check("userfaultfd") == nil,
-		GrpcAddress:  a.Addr(),
+		GrpcAddress:  a.advertised(),
 	}
 	n.Migrations = int32(a.inFlight())
 	return n
+}
+
+// advertised is the gRPC address peers should dial: --listen's, its host
+// taken from --page-address or --gossip when --listen names no host.
+func (a *Agent) advertised() string {
+	host, port, err := net.SplitHostPort(a.Addr())
+	if err != nil {
+		return a.Addr()
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsUnspecified() {
+		return a.Addr()
+	}
+	for _, h := range []string{a.cfg.PageHost, hostOf(a.cfg.Gossip.Bind)} {
+		if ip := net.ParseIP(h); h != "" && (ip == nil || !ip.IsUnspecified()) {
+			return net.JoinHostPort(h, port)
+		}
+	}
+	return a.Addr()
+}
+
+func hostOf(hostport string) string {
+	h, _, _ := net.SplitHostPort(hostport)
+	return h
 }
 
 // Inspect describes the tree that is to move.

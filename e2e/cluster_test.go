@@ -100,6 +100,11 @@ func newClusterWith(t *testing.T, agentArgsA, agentArgsB []string) *cluster {
 	run(t, c.ferry, "certs", "issue", "--dir", c.pki, c.b.name, "--host", c.b.ip)
 	run(t, c.ferry, "certs", "issue", "--dir", c.pki, "operator")
 
+	for _, args := range [][]string{agentArgsA, agentArgsB} {
+		for i := range args {
+			args[i] = strings.ReplaceAll(args[i], "{pki}", c.pki)
+		}
+	}
 	c.startAgent(c.a, nil, agentArgsA)
 	c.startAgent(c.b, []string{"unshare", "--pid", "--fork", "--mount-proc", "--kill-child"}, agentArgsB)
 	c.pidnsB = c.agentPidns(c.b)

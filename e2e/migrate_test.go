@@ -231,3 +231,46 @@ func TestMigrateSourceAgentDiesInPostcopy(t *testing.T) {
 	waitFor(t, "the restarted agent to resume the source", 20*time.Second, func() bool { return procState(w.Pid) != 'T' })
 	checkSame(t, before, w.Report(t))
 }
+
+func TestMigrateByNodeName(t *testing.T) {
+	// The agents form a cluster (encrypted gossip); ferry nodes lists it,
+	// and migrate --via resolves node names through it.
+	key := "{pki}/gossip.key"
+	c := newClusterWith(t,
+		[]string{"--gossip", "10.78.0.1:7946", "--gossip-key", key},
+		[]string{"--gossip", "10.78.0.2:7946", "--gossip-key", key, "--join", "10.78.0.1:7946"})
+	type node struct {
+		Name, Address, State string
+	}
+	var nodes []node
+	waitFor(t, "both agents in the cluster", 20*time.Second, func() bool {
+		args := append([]string{"netns", "exec", c.a.netns, c.ferry, "nodes", "--agent", c.a.ip, "--json"}, c.tls("operator")...)
+		out, err := exec.Command("ip", args...).Output()
+		if err != nil {
+			return false
+		}
+		nodes = nil
+		json.Unmarshal(out, &nodes)
+		alive := 0
+		for _, n := range nodes {
+			if n.State == "alive" {
+				alive++
+			}
+		}
+		return alive == 2
+	})
+	if nodes[0].Name != "host-a" || nodes[0].Address != c.a.ip+":27100" || nodes[1].Name != "host-b" || nodes[1].Address != c.b.ip+":27100" {
+		t.Fatalf("ferry nodes: %+v", nodes)
+	}
+	w := c.startWorkload("-m", "16", "-C", "-c", "5")
+	before := w.Report(t)
+	code, evs := c.migrate(w.Pid, "--via", c.a.ip, "--from", "host-a", "--to", "host-b")
+	if res := evs[len(evs)-1]; code != 0 || res["outcome"] != "committed" {
+		t.Fatalf("migrate --via: exit %d, result %v", code, res)
+	}
+	pidB := c.onB(w.Pid)
+	if pidB == 0 {
+		t.Fatalf("no process with PID %d on B", w.Pid)
+	}
+	checkSame(t, before, testutil.Attach(t, pidB, w.ReportPath).Report(t))
+}

@@ -46,6 +46,12 @@ a frozen source stays frozen, so the workload never runs on two hosts. An agent
 that restarts finds its unfinished migrations in --state-dir and resolves
 them the same way.
 
+With --gossip the agents form a cluster (hashicorp/memberlist, encrypted
+with --gossip-key, the same on every node): each gossips its name, gRPC
+address, kernel, free memory, load and migrations in flight; --join names
+members to start from. "ferry nodes" lists the cluster, and "migrate --via"
+resolves node names through it.
+
 --metrics ADDR serves Prometheus metrics over plain HTTP on ADDR (keep it
 on a trusted interface): ferry_migrations_total{role,outcome},
 ferry_migrations_in_flight, ferry_migration_rounds_total,
@@ -106,6 +112,9 @@ post-copy).
 	fs.IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD when serving")
 	fs.StringVar(&metrics, "metrics", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9127)")
 	fs.StringVar(&pidfile, "pidfile", "", "write the agent's PID to FILE")
+	fs.StringVar(&cfg.Gossip.Bind, "gossip", "", "join cluster membership, gossiping on HOST:PORT (UDP and TCP; e.g. 10.0.0.1:7946)")
+	fs.StringSliceVar(&cfg.Gossip.Join, "join", nil, "members to join at start, HOST:PORT of their --gossip (repeatable)")
+	fs.StringVar(&cfg.Gossip.KeyFile, "gossip-key", "", "the cluster's gossip encryption key (base64; ferry certs init writes gossip.key)")
 	fs.StringVar(&cfg.Fault, "fault", "", "fail or slow a step on purpose (tests): restore, slow-restore, after-restore, commit, slow-pages")
 	fs.MarkHidden("fault")
 	return cmd

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"os"
@@ -25,6 +27,8 @@ const (
 	serialFile  = "serial"
 	revokedFile = "revoked"
 	crlFile     = "crl.pem"
+	// gossipKeyFile: the key that encrypts the agents' cluster gossip.
+	gossipKeyFile = "gossip.key"
 )
 
 func newCertsCmd() *cobra.Command {
@@ -48,7 +52,7 @@ the CA key never leaves the certificate directory (--dir).`,
 	var years int
 	initCmd := &cobra.Command{
 		Use:   "init --dir DIR",
-		Short: "create the certificate authority (ca.crt, ca.key)",
+		Short: "create the certificate authority (ca.crt, ca.key) and the agents' gossip key (gossip.key)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := os.Stat(filepath.Join(dir, caKeyFile)); err == nil {
@@ -68,6 +72,14 @@ the CA key never leaves the certificate directory (--dir).`,
 				return err
 			}
 			if err := os.WriteFile(filepath.Join(dir, serialFile), []byte("2\n"), 0o600); err != nil {
+				return err
+			}
+			// The agents' gossip key (ferry agent --gossip-key).
+			gk := make([]byte, 32)
+			if _, err := rand.Read(gk); err != nil {
+				return err
+			}
+			if err := os.WriteFile(filepath.Join(dir, gossipKeyFile), []byte(base64.StdEncoding.EncodeToString(gk)+"\n"), 0o600); err != nil {
 				return err
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), filepath.Join(dir, caCertFile))

@@ -18,7 +18,10 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/agent"
+	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/coordinator"
+	"github.com/ferrycr/ferry/transport"
 )
 
 // Exit statuses.
@@ -46,13 +49,14 @@ func New() *cobra.Command {
 		jsonOut   bool
 		statusFd  int
 		verbosity int
+		via       string
 	)
 	cmd := &cobra.Command{
 		Use:   "migrate --from HOST[:PORT] --to HOST[:PORT] [options] PID",
 		Short: "move a running process from one host to another",
 		Long: `Move the running process PID from the host whose agent is at --from to the
 host whose agent is at --to ("ferry agent" runs on both; PORT defaults to
-27100), as the same process: same PID, same memory, continuing where it
+27100; with --via, node names of the cluster work too), as the same process: same PID, same memory, continuing where it
 stopped.
 
 --mode picks how its memory travels:
@@ -112,10 +116,15 @@ settle it; "ferry agent" logs the outcome).`,
 				return usage(cmd, fmt.Errorf("PID %q: want a process ID", args[0]))
 			}
 			o.Pid = pid
-			if o.From, err = hostPort("--from", from); err != nil {
+			if via != "" {
+				if from, to, err = resolve(cmd.Context(), via, o.TLS, from, to); err != nil {
+					return usage(cmd, err)
+				}
+			}
+			if o.From, err = HostPort("--from", from); err != nil {
 				return usage(cmd, err)
 			}
-			if o.To, err = hostPort("--to", to); err != nil {
+			if o.To, err = HostPort("--to", to); err != nil {
 				return usage(cmd, err)
 			}
 			if o.From == o.To {
@@ -163,6 +172,7 @@ settle it; "ferry agent" logs the outcome).`,
 	fs := cmd.Flags()
 	fs.StringVar(&from, "from", "", "the source host's agent, HOST[:PORT] (required)")
 	fs.StringVar(&to, "to", "", "the target host's agent, HOST[:PORT] (required)")
+	fs.StringVar(&via, "via", "", "resolve --from and --to as node names through the cluster, asking the agent at HOST[:PORT]")
 	fs.StringVar(&o.Mode, "mode", "hybrid", "hybrid (pre-copy rounds, then post-copy), precopy or postcopy")
 	fs.DurationVar(&o.MaxDowntime, "max-downtime", 100*time.Millisecond, "downtime budget the pre-copy rounds converge to")
 	fs.IntVar(&o.MaxRounds, "max-rounds", 8, "pre-copy rounds at most before the final one")
@@ -186,8 +196,8 @@ func usage(cmd *cobra.Command, err error) error {
 	return &ExitError{ExitRefused}
 }
 
-// hostPort adds the default port to a host without one.
-func hostPort(flag, s string) (string, error) {
+// HostPort adds the default port to a host without one.
+func HostPort(flag, s string) (string, error) {
 	if s == "" {
 		return "", fmt.Errorf("%s is required", flag)
 	}
@@ -269,6 +279,39 @@ func dur(s float64) string {
 		return fmt.Sprintf("%.0f ms", s*1000)
 	}
 	return fmt.Sprintf("%.2f s", s)
+}
+
+// resolve maps node names to their agents' addresses through the
+// cluster, as the agent at via sees it; other values are left alone.
+func resolve(ctx context.Context, via string, t transport.TLS, names ...string) (string, string, error) {
+	addr, err := HostPort("--via", via)
+	if err != nil {
+		return "", "", err
+	}
+	conn, err := agent.Dial(addr, t)
+	if err != nil {
+		return "", "", err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	r, err := agentv1.NewAgentClient(conn).Nodes(ctx, &agentv1.NodesRequest{})
+	if err != nil {
+		return "", "", fmt.Errorf("--via %s: %w", addr, err)
+	}
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = n
+		for _, node := range r.Nodes {
+			if node.Name == n {
+				if node.State != "alive" {
+					return "", "", fmt.Errorf("node %s is %s", n, node.State)
+				}
+				out[i] = node.GrpcAddress
+			}
+		}
+	}
+	return out[0], out[1], nil
 }
 
 // Main runs the migrate binary.

@@ -90,6 +90,7 @@ type NodeInfo struct {
 	DirtyTracker  string                 `protobuf:"bytes,8,opt,name=dirty_tracker,json=dirtyTracker,proto3" json:"dirty_tracker,omitempty"` // what pre-copy rounds use here
 	LazyPages     bool                   `protobuf:"varint,9,opt,name=lazy_pages,json=lazyPages,proto3" json:"lazy_pages,omitempty"`         // userfaultfd usable for post-copy
 	GrpcAddress   string                 `protobuf:"bytes,10,opt,name=grpc_address,json=grpcAddress,proto3" json:"grpc_address,omitempty"`
+	State         string                 `protobuf:"bytes,11,opt,name=state,proto3" json:"state,omitempty"` // Nodes: alive, suspect, dead, left
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -194,6 +195,93 @@ func (x *NodeInfo) GetGrpcAddress() string {
 	return ""
 }
 
+func (x *NodeInfo) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+type NodesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodesRequest) Reset() {
+	*x = NodesRequest{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodesRequest) ProtoMessage() {}
+
+func (x *NodesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodesRequest.ProtoReflect.Descriptor instead.
+func (*NodesRequest) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{2}
+}
+
+type NodesReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nodes         []*NodeInfo            `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodesReply) Reset() {
+	*x = NodesReply{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodesReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodesReply) ProtoMessage() {}
+
+func (x *NodesReply) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodesReply.ProtoReflect.Descriptor instead.
+func (*NodesReply) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *NodesReply) GetNodes() []*NodeInfo {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
 type InspectRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pid           int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
@@ -203,7 +291,7 @@ type InspectRequest struct {
 
 func (x *InspectRequest) Reset() {
 	*x = InspectRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[2]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -215,7 +303,7 @@ func (x *InspectRequest) String() string {
 func (*InspectRequest) ProtoMessage() {}
 
 func (x *InspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[2]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -228,7 +316,7 @@ func (x *InspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectRequest.ProtoReflect.Descriptor instead.
 func (*InspectRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{2}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *InspectRequest) GetPid() int32 {
@@ -250,7 +338,7 @@ type InspectReply struct {
 
 func (x *InspectReply) Reset() {
 	*x = InspectReply{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[3]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -262,7 +350,7 @@ func (x *InspectReply) String() string {
 func (*InspectReply) ProtoMessage() {}
 
 func (x *InspectReply) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[3]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -275,7 +363,7 @@ func (x *InspectReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InspectReply.ProtoReflect.Descriptor instead.
 func (*InspectReply) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{3}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *InspectReply) GetPids() []int32 {
@@ -321,7 +409,7 @@ type PrepareRequest struct {
 
 func (x *PrepareRequest) Reset() {
 	*x = PrepareRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[4]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -333,7 +421,7 @@ func (x *PrepareRequest) String() string {
 func (*PrepareRequest) ProtoMessage() {}
 
 func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[4]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -346,7 +434,7 @@ func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareRequest.ProtoReflect.Descriptor instead.
 func (*PrepareRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{4}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *PrepareRequest) GetId() string {
@@ -407,7 +495,7 @@ type PrepareReply struct {
 
 func (x *PrepareReply) Reset() {
 	*x = PrepareReply{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -419,7 +507,7 @@ func (x *PrepareReply) String() string {
 func (*PrepareReply) ProtoMessage() {}
 
 func (x *PrepareReply) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -432,7 +520,7 @@ func (x *PrepareReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareReply.ProtoReflect.Descriptor instead.
 func (*PrepareReply) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PrepareReply) GetPageAddress() string {
@@ -462,7 +550,7 @@ type RoundRequest struct {
 
 func (x *RoundRequest) Reset() {
 	*x = RoundRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[6]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -474,7 +562,7 @@ func (x *RoundRequest) String() string {
 func (*RoundRequest) ProtoMessage() {}
 
 func (x *RoundRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[6]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -487,7 +575,7 @@ func (x *RoundRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoundRequest.ProtoReflect.Descriptor instead.
 func (*RoundRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RoundRequest) GetId() string {
@@ -570,7 +658,7 @@ type RoundReply struct {
 
 func (x *RoundReply) Reset() {
 	*x = RoundReply{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -582,7 +670,7 @@ func (x *RoundReply) String() string {
 func (*RoundReply) ProtoMessage() {}
 
 func (x *RoundReply) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -595,7 +683,7 @@ func (x *RoundReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoundReply.ProtoReflect.Descriptor instead.
 func (*RoundReply) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RoundReply) GetPagesWritten() uint64 {
@@ -672,7 +760,7 @@ type PutFilesRequest struct {
 
 func (x *PutFilesRequest) Reset() {
 	*x = PutFilesRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -684,7 +772,7 @@ func (x *PutFilesRequest) String() string {
 func (*PutFilesRequest) ProtoMessage() {}
 
 func (x *PutFilesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -697,7 +785,7 @@ func (x *PutFilesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutFilesRequest.ProtoReflect.Descriptor instead.
 func (*PutFilesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PutFilesRequest) GetId() string {
@@ -729,7 +817,7 @@ type PutFilesReply struct {
 
 func (x *PutFilesReply) Reset() {
 	*x = PutFilesReply{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +829,7 @@ func (x *PutFilesReply) String() string {
 func (*PutFilesReply) ProtoMessage() {}
 
 func (x *PutFilesReply) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +842,7 @@ func (x *PutFilesReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutFilesReply.ProtoReflect.Descriptor instead.
 func (*PutFilesReply) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 type RestoreRequest struct {
@@ -768,7 +856,7 @@ type RestoreRequest struct {
 
 func (x *RestoreRequest) Reset() {
 	*x = RestoreRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -780,7 +868,7 @@ func (x *RestoreRequest) String() string {
 func (*RestoreRequest) ProtoMessage() {}
 
 func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -793,7 +881,7 @@ func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreRequest.ProtoReflect.Descriptor instead.
 func (*RestoreRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RestoreRequest) GetId() string {
@@ -828,7 +916,7 @@ type PagesReply struct {
 
 func (x *PagesReply) Reset() {
 	*x = PagesReply{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -840,7 +928,7 @@ func (x *PagesReply) String() string {
 func (*PagesReply) ProtoMessage() {}
 
 func (x *PagesReply) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -853,7 +941,7 @@ func (x *PagesReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagesReply.ProtoReflect.Descriptor instead.
 func (*PagesReply) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *PagesReply) GetPages() uint64 {
@@ -887,7 +975,7 @@ type RestoreReply struct {
 
 func (x *RestoreReply) Reset() {
 	*x = RestoreReply{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[12]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -899,7 +987,7 @@ func (x *RestoreReply) String() string {
 func (*RestoreReply) ProtoMessage() {}
 
 func (x *RestoreReply) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[12]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -912,7 +1000,7 @@ func (x *RestoreReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreReply.ProtoReflect.Descriptor instead.
 func (*RestoreReply) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RestoreReply) GetRoot() int32 {
@@ -940,7 +1028,7 @@ type MigrationRef struct {
 
 func (x *MigrationRef) Reset() {
 	*x = MigrationRef{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[13]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1040,7 @@ func (x *MigrationRef) String() string {
 func (*MigrationRef) ProtoMessage() {}
 
 func (x *MigrationRef) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[13]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1053,7 @@ func (x *MigrationRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrationRef.ProtoReflect.Descriptor instead.
 func (*MigrationRef) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *MigrationRef) GetId() string {
@@ -992,7 +1080,7 @@ type FinishRequest struct {
 
 func (x *FinishRequest) Reset() {
 	*x = FinishRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[14]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1004,7 +1092,7 @@ func (x *FinishRequest) String() string {
 func (*FinishRequest) ProtoMessage() {}
 
 func (x *FinishRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[14]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1017,7 +1105,7 @@ func (x *FinishRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishRequest.ProtoReflect.Descriptor instead.
 func (*FinishRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *FinishRequest) GetId() string {
@@ -1044,7 +1132,7 @@ type RenewRequest struct {
 
 func (x *RenewRequest) Reset() {
 	*x = RenewRequest{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[15]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1056,7 +1144,7 @@ func (x *RenewRequest) String() string {
 func (*RenewRequest) ProtoMessage() {}
 
 func (x *RenewRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[15]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1069,7 +1157,7 @@ func (x *RenewRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewRequest.ProtoReflect.Descriptor instead.
 func (*RenewRequest) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RenewRequest) GetId() string {
@@ -1099,7 +1187,7 @@ type MigrationStatus struct {
 
 func (x *MigrationStatus) Reset() {
 	*x = MigrationStatus{}
-	mi := &file_agent_api_v1_agent_proto_msgTypes[16]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1111,7 +1199,7 @@ func (x *MigrationStatus) String() string {
 func (*MigrationStatus) ProtoMessage() {}
 
 func (x *MigrationStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_api_v1_agent_proto_msgTypes[16]
+	mi := &file_agent_api_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1124,7 +1212,7 @@ func (x *MigrationStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrationStatus.ProtoReflect.Descriptor instead.
 func (*MigrationStatus) Descriptor() ([]byte, []int) {
-	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *MigrationStatus) GetId() string {
@@ -1146,7 +1234,7 @@ var File_agent_api_v1_agent_proto protoreflect.FileDescriptor
 const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x18agent/api/v1/agent.proto\x12\x0eferry.agent.v1\"\r\n" +
-	"\vInfoRequest\"\xaf\x02\n" +
+	"\vInfoRequest\"\xc5\x02\n" +
 	"\bNodeInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -1161,7 +1249,12 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"lazy_pages\x18\t \x01(\bR\tlazyPages\x12!\n" +
 	"\fgrpc_address\x18\n" +
-	" \x01(\tR\vgrpcAddress\"\"\n" +
+	" \x01(\tR\vgrpcAddress\x12\x14\n" +
+	"\x05state\x18\v \x01(\tR\x05state\"\x0e\n" +
+	"\fNodesRequest\"<\n" +
+	"\n" +
+	"NodesReply\x12.\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x18.ferry.agent.v1.NodeInfoR\x05nodes\"\"\n" +
 	"\x0eInspectRequest\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\"|\n" +
 	"\fInspectReply\x12\x12\n" +
@@ -1241,7 +1334,7 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\blease_ms\x18\x02 \x01(\rR\aleaseMs\"7\n" +
 	"\x0fMigrationStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state2\x9b\x06\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state2\xde\x06\n" +
 	"\x05Agent\x12=\n" +
 	"\x04Info\x12\x1b.ferry.agent.v1.InfoRequest\x1a\x18.ferry.agent.v1.NodeInfo\x12G\n" +
 	"\aInspect\x12\x1e.ferry.agent.v1.InspectRequest\x1a\x1c.ferry.agent.v1.InspectReply\x12G\n" +
@@ -1253,7 +1346,8 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\x06Commit\x12\x1c.ferry.agent.v1.MigrationRef\x1a\x1f.ferry.agent.v1.MigrationStatus\x12H\n" +
 	"\x06Finish\x12\x1d.ferry.agent.v1.FinishRequest\x1a\x1f.ferry.agent.v1.MigrationStatus\x12F\n" +
 	"\x05Renew\x12\x1c.ferry.agent.v1.RenewRequest\x1a\x1f.ferry.agent.v1.MigrationStatus\x12G\n" +
-	"\x06Status\x12\x1c.ferry.agent.v1.MigrationRef\x1a\x1f.ferry.agent.v1.MigrationStatusB/Z-github.com/ferrycr/ferry/agent/api/v1;agentv1b\x06proto3"
+	"\x06Status\x12\x1c.ferry.agent.v1.MigrationRef\x1a\x1f.ferry.agent.v1.MigrationStatus\x12A\n" +
+	"\x05Nodes\x12\x1c.ferry.agent.v1.NodesRequest\x1a\x1a.ferry.agent.v1.NodesReplyB/Z-github.com/ferrycr/ferry/agent/api/v1;agentv1b\x06proto3"
 
 var (
 	file_agent_api_v1_agent_proto_rawDescOnce sync.Once
@@ -1267,59 +1361,64 @@ func file_agent_api_v1_agent_proto_rawDescGZIP() []byte {
 	return file_agent_api_v1_agent_proto_rawDescData
 }
 
-var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*InfoRequest)(nil),     // 0: ferry.agent.v1.InfoRequest
 	(*NodeInfo)(nil),        // 1: ferry.agent.v1.NodeInfo
-	(*InspectRequest)(nil),  // 2: ferry.agent.v1.InspectRequest
-	(*InspectReply)(nil),    // 3: ferry.agent.v1.InspectReply
-	(*PrepareRequest)(nil),  // 4: ferry.agent.v1.PrepareRequest
-	(*PrepareReply)(nil),    // 5: ferry.agent.v1.PrepareReply
-	(*RoundRequest)(nil),    // 6: ferry.agent.v1.RoundRequest
-	(*RoundReply)(nil),      // 7: ferry.agent.v1.RoundReply
-	(*PutFilesRequest)(nil), // 8: ferry.agent.v1.PutFilesRequest
-	(*PutFilesReply)(nil),   // 9: ferry.agent.v1.PutFilesReply
-	(*RestoreRequest)(nil),  // 10: ferry.agent.v1.RestoreRequest
-	(*PagesReply)(nil),      // 11: ferry.agent.v1.PagesReply
-	(*RestoreReply)(nil),    // 12: ferry.agent.v1.RestoreReply
-	(*MigrationRef)(nil),    // 13: ferry.agent.v1.MigrationRef
-	(*FinishRequest)(nil),   // 14: ferry.agent.v1.FinishRequest
-	(*RenewRequest)(nil),    // 15: ferry.agent.v1.RenewRequest
-	(*MigrationStatus)(nil), // 16: ferry.agent.v1.MigrationStatus
-	nil,                     // 17: ferry.agent.v1.RoundReply.FilesEntry
-	nil,                     // 18: ferry.agent.v1.PutFilesRequest.FilesEntry
+	(*NodesRequest)(nil),    // 2: ferry.agent.v1.NodesRequest
+	(*NodesReply)(nil),      // 3: ferry.agent.v1.NodesReply
+	(*InspectRequest)(nil),  // 4: ferry.agent.v1.InspectRequest
+	(*InspectReply)(nil),    // 5: ferry.agent.v1.InspectReply
+	(*PrepareRequest)(nil),  // 6: ferry.agent.v1.PrepareRequest
+	(*PrepareReply)(nil),    // 7: ferry.agent.v1.PrepareReply
+	(*RoundRequest)(nil),    // 8: ferry.agent.v1.RoundRequest
+	(*RoundReply)(nil),      // 9: ferry.agent.v1.RoundReply
+	(*PutFilesRequest)(nil), // 10: ferry.agent.v1.PutFilesRequest
+	(*PutFilesReply)(nil),   // 11: ferry.agent.v1.PutFilesReply
+	(*RestoreRequest)(nil),  // 12: ferry.agent.v1.RestoreRequest
+	(*PagesReply)(nil),      // 13: ferry.agent.v1.PagesReply
+	(*RestoreReply)(nil),    // 14: ferry.agent.v1.RestoreReply
+	(*MigrationRef)(nil),    // 15: ferry.agent.v1.MigrationRef
+	(*FinishRequest)(nil),   // 16: ferry.agent.v1.FinishRequest
+	(*RenewRequest)(nil),    // 17: ferry.agent.v1.RenewRequest
+	(*MigrationStatus)(nil), // 18: ferry.agent.v1.MigrationStatus
+	nil,                     // 19: ferry.agent.v1.RoundReply.FilesEntry
+	nil,                     // 20: ferry.agent.v1.PutFilesRequest.FilesEntry
 }
 var file_agent_api_v1_agent_proto_depIdxs = []int32{
-	1,  // 0: ferry.agent.v1.InspectReply.node:type_name -> ferry.agent.v1.NodeInfo
-	17, // 1: ferry.agent.v1.RoundReply.files:type_name -> ferry.agent.v1.RoundReply.FilesEntry
-	18, // 2: ferry.agent.v1.PutFilesRequest.files:type_name -> ferry.agent.v1.PutFilesRequest.FilesEntry
-	0,  // 3: ferry.agent.v1.Agent.Info:input_type -> ferry.agent.v1.InfoRequest
-	2,  // 4: ferry.agent.v1.Agent.Inspect:input_type -> ferry.agent.v1.InspectRequest
-	4,  // 5: ferry.agent.v1.Agent.Prepare:input_type -> ferry.agent.v1.PrepareRequest
-	6,  // 6: ferry.agent.v1.Agent.Round:input_type -> ferry.agent.v1.RoundRequest
-	8,  // 7: ferry.agent.v1.Agent.PutFiles:input_type -> ferry.agent.v1.PutFilesRequest
-	10, // 8: ferry.agent.v1.Agent.Restore:input_type -> ferry.agent.v1.RestoreRequest
-	13, // 9: ferry.agent.v1.Agent.WaitPages:input_type -> ferry.agent.v1.MigrationRef
-	13, // 10: ferry.agent.v1.Agent.Commit:input_type -> ferry.agent.v1.MigrationRef
-	14, // 11: ferry.agent.v1.Agent.Finish:input_type -> ferry.agent.v1.FinishRequest
-	15, // 12: ferry.agent.v1.Agent.Renew:input_type -> ferry.agent.v1.RenewRequest
-	13, // 13: ferry.agent.v1.Agent.Status:input_type -> ferry.agent.v1.MigrationRef
-	1,  // 14: ferry.agent.v1.Agent.Info:output_type -> ferry.agent.v1.NodeInfo
-	3,  // 15: ferry.agent.v1.Agent.Inspect:output_type -> ferry.agent.v1.InspectReply
-	5,  // 16: ferry.agent.v1.Agent.Prepare:output_type -> ferry.agent.v1.PrepareReply
-	7,  // 17: ferry.agent.v1.Agent.Round:output_type -> ferry.agent.v1.RoundReply
-	9,  // 18: ferry.agent.v1.Agent.PutFiles:output_type -> ferry.agent.v1.PutFilesReply
-	12, // 19: ferry.agent.v1.Agent.Restore:output_type -> ferry.agent.v1.RestoreReply
-	11, // 20: ferry.agent.v1.Agent.WaitPages:output_type -> ferry.agent.v1.PagesReply
-	16, // 21: ferry.agent.v1.Agent.Commit:output_type -> ferry.agent.v1.MigrationStatus
-	16, // 22: ferry.agent.v1.Agent.Finish:output_type -> ferry.agent.v1.MigrationStatus
-	16, // 23: ferry.agent.v1.Agent.Renew:output_type -> ferry.agent.v1.MigrationStatus
-	16, // 24: ferry.agent.v1.Agent.Status:output_type -> ferry.agent.v1.MigrationStatus
-	14, // [14:25] is the sub-list for method output_type
-	3,  // [3:14] is the sub-list for method input_type
-	3,  // [3:3] is the sub-list for extension type_name
-	3,  // [3:3] is the sub-list for extension extendee
-	0,  // [0:3] is the sub-list for field type_name
+	1,  // 0: ferry.agent.v1.NodesReply.nodes:type_name -> ferry.agent.v1.NodeInfo
+	1,  // 1: ferry.agent.v1.InspectReply.node:type_name -> ferry.agent.v1.NodeInfo
+	19, // 2: ferry.agent.v1.RoundReply.files:type_name -> ferry.agent.v1.RoundReply.FilesEntry
+	20, // 3: ferry.agent.v1.PutFilesRequest.files:type_name -> ferry.agent.v1.PutFilesRequest.FilesEntry
+	0,  // 4: ferry.agent.v1.Agent.Info:input_type -> ferry.agent.v1.InfoRequest
+	4,  // 5: ferry.agent.v1.Agent.Inspect:input_type -> ferry.agent.v1.InspectRequest
+	6,  // 6: ferry.agent.v1.Agent.Prepare:input_type -> ferry.agent.v1.PrepareRequest
+	8,  // 7: ferry.agent.v1.Agent.Round:input_type -> ferry.agent.v1.RoundRequest
+	10, // 8: ferry.agent.v1.Agent.PutFiles:input_type -> ferry.agent.v1.PutFilesRequest
+	12, // 9: ferry.agent.v1.Agent.Restore:input_type -> ferry.agent.v1.RestoreRequest
+	15, // 10: ferry.agent.v1.Agent.WaitPages:input_type -> ferry.agent.v1.MigrationRef
+	15, // 11: ferry.agent.v1.Agent.Commit:input_type -> ferry.agent.v1.MigrationRef
+	16, // 12: ferry.agent.v1.Agent.Finish:input_type -> ferry.agent.v1.FinishRequest
+	17, // 13: ferry.agent.v1.Agent.Renew:input_type -> ferry.agent.v1.RenewRequest
+	15, // 14: ferry.agent.v1.Agent.Status:input_type -> ferry.agent.v1.MigrationRef
+	2,  // 15: ferry.agent.v1.Agent.Nodes:input_type -> ferry.agent.v1.NodesRequest
+	1,  // 16: ferry.agent.v1.Agent.Info:output_type -> ferry.agent.v1.NodeInfo
+	5,  // 17: ferry.agent.v1.Agent.Inspect:output_type -> ferry.agent.v1.InspectReply
+	7,  // 18: ferry.agent.v1.Agent.Prepare:output_type -> ferry.agent.v1.PrepareReply
+	9,  // 19: ferry.agent.v1.Agent.Round:output_type -> ferry.agent.v1.RoundReply
+	11, // 20: ferry.agent.v1.Agent.PutFiles:output_type -> ferry.agent.v1.PutFilesReply
+	14, // 21: ferry.agent.v1.Agent.Restore:output_type -> ferry.agent.v1.RestoreReply
+	13, // 22: ferry.agent.v1.Agent.WaitPages:output_type -> ferry.agent.v1.PagesReply
+	18, // 23: ferry.agent.v1.Agent.Commit:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 24: ferry.agent.v1.Agent.Finish:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 25: ferry.agent.v1.Agent.Renew:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 26: ferry.agent.v1.Agent.Status:output_type -> ferry.agent.v1.MigrationStatus
+	3,  // 27: ferry.agent.v1.Agent.Nodes:output_type -> ferry.agent.v1.NodesReply
+	16, // [16:28] is the sub-list for method output_type
+	4,  // [4:16] is the sub-list for method input_type
+	4,  // [4:4] is the sub-list for extension type_name
+	4,  // [4:4] is the sub-list for extension extendee
+	0,  // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_agent_api_v1_agent_proto_init() }
@@ -1333,7 +1432,7 @@ func file_agent_api_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_api_v1_agent_proto_rawDesc), len(file_agent_api_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -51,6 +51,7 @@ const (
 	Agent_Finish_FullMethodName    = "/ferry.agent.v1.Agent/Finish"
 	Agent_Renew_FullMethodName     = "/ferry.agent.v1.Agent/Renew"
 	Agent_Status_FullMethodName    = "/ferry.agent.v1.Agent/Status"
+	Agent_Nodes_FullMethodName     = "/ferry.agent.v1.Agent/Nodes"
 )
 
 // AgentClient is the client API for Agent service.
@@ -87,6 +88,8 @@ type AgentClient interface {
 	Renew(ctx context.Context, in *RenewRequest, opts ...grpc.CallOption) (*MigrationStatus, error)
 	// Status reports what this side knows of a migration.
 	Status(ctx context.Context, in *MigrationRef, opts ...grpc.CallOption) (*MigrationStatus, error)
+	// Nodes lists the cluster's members as this node sees them (gossip).
+	Nodes(ctx context.Context, in *NodesRequest, opts ...grpc.CallOption) (*NodesReply, error)
 }
 
 type agentClient struct {
@@ -207,6 +210,16 @@ func (c *agentClient) Status(ctx context.Context, in *MigrationRef, opts ...grpc
 	return out, nil
 }
 
+func (c *agentClient) Nodes(ctx context.Context, in *NodesRequest, opts ...grpc.CallOption) (*NodesReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(NodesReply)
+	err := c.cc.Invoke(ctx, Agent_Nodes_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -241,6 +254,8 @@ type AgentServer interface {
 	Renew(context.Context, *RenewRequest) (*MigrationStatus, error)
 	// Status reports what this side knows of a migration.
 	Status(context.Context, *MigrationRef) (*MigrationStatus, error)
+	// Nodes lists the cluster's members as this node sees them (gossip).
+	Nodes(context.Context, *NodesRequest) (*NodesReply, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -283,6 +298,9 @@ func (UnimplementedAgentServer) Renew(context.Context, *RenewRequest) (*Migratio
 }
 func (UnimplementedAgentServer) Status(context.Context, *MigrationRef) (*MigrationStatus, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedAgentServer) Nodes(context.Context, *NodesRequest) (*NodesReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Nodes not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -503,6 +521,24 @@ func _Agent_Status_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_Nodes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NodesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Nodes(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Nodes_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Nodes(ctx, req.(*NodesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -553,6 +589,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _Agent_Status_Handler,
+		},
+		{
+			MethodName: "Nodes",
+			Handler:    _Agent_Nodes_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
