@@ -50,7 +50,7 @@ type Config struct {
 	// "restore" (before restoring), "slow-restore" (2 s before
 	// restoring), "after-restore" (with the tree restored and running),
 	// "commit".
-	Fault  string
+	Fault string
 	// Gossip, when its Bind is set, joins cluster membership.
 	Gossip Gossip
 	Logger *slog.Logger
