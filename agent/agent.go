@@ -13,7 +13,6 @@ package agent
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,6 +29,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/ferrycr/ferry/agent/agentclient"
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/transport"
 )
@@ -56,9 +56,8 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// MaxMessage bounds a gRPC message: a round's images (a fragmented 4 GiB
-// process's pagemap is a few MiB).
-const MaxMessage = 256 << 20
+// MaxMessage bounds a gRPC message.
+const MaxMessage = agentclient.MaxMessage
 
 // Agent is a running agent.
 type Agent struct {
@@ -72,9 +71,12 @@ type Agent struct {
 	metrics *metrics
 	ml      *memberlist.Memberlist // nil outside a cluster; guarded by mu
 
-	mu    sync.Mutex
-	migs  map[string]*migration
-	peers map[string]*grpc.ClientConn
+	ctx context.Context // the agent's lifetime (Serve's context)
+
+	mu          sync.Mutex
+	coordinated map[string]*coordinated
+	migs        map[string]*migration
+	peers       map[string]*grpc.ClientConn
 }
 
 // New checks cfg, loads the records of the state directory and listens.
@@ -106,7 +108,7 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.PageHost == "" {
 		cfg.PageHost = host
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, tls: cfg.TLS, migs: map[string]*migration{}, peers: map[string]*grpc.ClientConn{}}
+	a := &Agent{cfg: cfg, log: cfg.Logger, tls: cfg.TLS, migs: map[string]*migration{}, coordinated: map[string]*coordinated{}, ctx: context.Background(), peers: map[string]*grpc.ClientConn{}}
 	a.metrics = newMetrics(a)
 	if err := a.load(); err != nil {
 		return nil, err
@@ -133,6 +135,7 @@ func (a *Agent) Addr() string { return a.lis.Addr().String() }
 
 // Serve serves until ctx ends, resolving migrations whose lease ran out.
 func (a *Agent) Serve(ctx context.Context) error {
+	a.ctx = ctx
 	if a.cfg.Gossip.Bind != "" {
 		if err := a.startGossip(ctx, a.cfg.Gossip); err != nil {
 			return fmt.Errorf("agent: %w", err)
@@ -170,24 +173,6 @@ func (a *Agent) logCalls(ctx context.Context, req any, info *grpc.UnaryServerInf
 	return resp, err
 }
 
-// Dial connects to the agent at addr with mutual TLS (for coordinators
-// and for agents asking each other).
-func Dial(addr string, t transport.TLS) (*grpc.ClientConn, error) {
-	t.Enabled = true
-	cfg, err := t.ClientConfig(addr)
-	if err != nil {
-		return nil, err
-	}
-	return DialTLS(addr, cfg)
-}
-
-// DialTLS connects to the agent at addr with the given TLS configuration.
-func DialTLS(addr string, cfg *tls.Config) (*grpc.ClientConn, error) {
-	return grpc.NewClient(addr,
-		grpc.WithTransportCredentials(credentials.NewTLS(cfg)),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessage), grpc.MaxCallSendMsgSize(MaxMessage)))
-}
-
 // peer returns a client of the agent at addr, connecting once.
 func (a *Agent) peer(addr string) (agentv1.AgentClient, error) {
 	a.mu.Lock()
@@ -195,7 +180,7 @@ func (a *Agent) peer(addr string) (agentv1.AgentClient, error) {
 	if c, ok := a.peers[addr]; ok {
 		return agentv1.NewAgentClient(c), nil
 	}
-	c, err := Dial(addr, a.tls)
+	c, err := agentclient.Dial(addr, a.tls)
 	if err != nil {
 		return nil, err
 	}

@@ -25,7 +25,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 
-	"github.com/ferrycr/ferry/agent"
+	"github.com/ferrycr/ferry/agent/agentclient"
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/transport"
 )
@@ -111,6 +111,13 @@ type Error struct {
 func (e *Error) Error() string { return e.Err.Error() }
 func (e *Error) Unwrap() error { return e.Err }
 
+// NewID returns a fresh migration id: the time and random bits.
+func NewID() string {
+	var b [6]byte
+	rand.Read(b[:])
+	return time.Now().UTC().Format("20060102-150405-") + hex.EncodeToString(b[:])
+}
+
 type run struct {
 	opts     Options
 	log      *slog.Logger
@@ -140,9 +147,7 @@ func Migrate(ctx context.Context, opts Options) (*Result, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.ID == "" {
-		var b [6]byte
-		rand.Read(b[:])
-		opts.ID = time.Now().UTC().Format("20060102-150405-") + hex.EncodeToString(b[:])
+		opts.ID = NewID()
 	}
 	r := &run{opts: opts, log: opts.Logger.With("migration", opts.ID), start: time.Now(),
 		res: &Result{ID: opts.ID, Pid: opts.Pid, From: opts.From, To: opts.To}}
@@ -189,7 +194,7 @@ func (r *run) migrate(ctx context.Context) error {
 		}
 	}()
 	for _, addr := range []string{o.From, o.To} {
-		c, err := agent.Dial(addr, o.TLS)
+		c, err := agentclient.Dial(addr, o.TLS)
 		if err != nil {
 			return &Error{Refused, fmt.Errorf("agent %s: %w", addr, err)}
 		}
@@ -366,7 +371,7 @@ func (r *run) commit(ctx context.Context) error {
 		switch {
 		case serr != nil:
 			return &Error{Unresolved, fmt.Errorf("commit on %s: %s; its outcome is unknown: the source stays frozen until the agents settle it", o.To, reason(err))}
-		case st.State != agent.StateCommitted:
+		case st.State != agentclient.StateCommitted:
 			return r.rollback(fmt.Errorf("commit on %s: %s", o.To, reason(err)))
 		}
 	}

@@ -256,6 +256,40 @@ func (c *cluster) migrate(pid int, extra ...string) (int, []map[string]any) {
 	return code, parseEvents(c.t, out.Bytes())
 }
 
+// migrateRaw runs migrate on host A without --json of its own; pid 0
+// passes no PID. Output lines are parsed as JSON events.
+func (c *cluster) migrateRaw(pid int, extra ...string) (int, []map[string]any) {
+	c.t.Helper()
+	args := []string{"netns", "exec", c.a.netns, c.mig, "--from", c.a.ip, "--to", c.b.ip}
+	args = append(args, c.tls("operator")...)
+	args = append(args, extra...)
+	if pid > 0 {
+		args = append(args, strconv.Itoa(pid))
+	}
+	cmd := exec.Command("ip", args...)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.Output()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatal(err)
+	}
+	var evs []map[string]any
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		var e map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+			c.t.Fatalf("migrate printed a line that is not JSON: %q", sc.Text())
+		}
+		evs = append(evs, e)
+	}
+	if len(evs) == 0 {
+		c.t.Fatalf("migrate printed nothing (exit %d)", code)
+	}
+	return code, evs
+}
+
 func (c *cluster) migrateCmd(pid int, extra ...string) *exec.Cmd {
 	args := []string{"netns", "exec", c.a.netns, c.mig, "--from", c.a.ip, "--to", c.b.ip, "--json"}
 	args = append(args, c.tls("operator")...)

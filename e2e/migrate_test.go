@@ -274,3 +274,25 @@ func TestMigrateByNodeName(t *testing.T) {
 	}
 	checkSame(t, before, testutil.Attach(t, pidB, w.ReportPath).Report(t))
 }
+
+func TestMigrateDetached(t *testing.T) {
+	// migrate --detach: A's agent coordinates; the caller leaves at once
+	// and reads the result later with --result.
+	c := newCluster(t)
+	w := c.startWorkload("-m", "16", "-C", "-c", "5")
+	before := w.Report(t)
+	code, evs := c.migrateRaw(w.Pid, "--detach", "--json")
+	if code != 0 || evs[0]["event"] != "started" || evs[0]["id"] == "" {
+		t.Fatalf("migrate --detach: exit %d, %v", code, evs)
+	}
+	id := evs[0]["id"].(string)
+	code, evs = c.migrateRaw(0, "--result", id, "--wait", "--json")
+	if res := evs[len(evs)-1]; code != 0 || res["outcome"] != "committed" || res["id"] != id {
+		t.Fatalf("migrate --result %s --wait: exit %d, %v", id, code, res)
+	}
+	pidB := c.onB(w.Pid)
+	if pidB == 0 {
+		t.Fatalf("no process with PID %d on B", w.Pid)
+	}
+	checkSame(t, before, testutil.Attach(t, pidB, w.ReportPath).Report(t))
+}

@@ -9,7 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ferrycr/ferry/agent"
+	"github.com/ferrycr/ferry/agent/agentclient"
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/internal/migratecmd"
 	"github.com/ferrycr/ferry/transport"
@@ -37,7 +37,7 @@ itself. --json prints an array of objects instead.`,
 			if err != nil {
 				return err
 			}
-			conn, err := agent.Dial(a, tls)
+			conn, err := agentclient.Dial(a, tls)
 			if err != nil {
 				return err
 			}

@@ -18,7 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
-	"github.com/ferrycr/ferry/agent"
+	"github.com/ferrycr/ferry/agent/agentclient"
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/coordinator"
 	"github.com/ferrycr/ferry/transport"
@@ -30,6 +30,7 @@ const (
 	ExitRolledBack = 1 // failed; the tree runs on the source as before
 	ExitRefused    = 2 // refused before anything was touched (or bad usage)
 	ExitUnresolved = 3 // outcome left to the agents; the source stays frozen until they settle it
+	ExitRunning    = 4 // --result without --wait: still under way
 )
 
 // DefaultPort is the agents' gRPC port.
@@ -50,6 +51,9 @@ func New() *cobra.Command {
 		statusFd  int
 		verbosity int
 		via       string
+		detach    bool
+		resultID  string
+		wait      bool
 	)
 	cmd := &cobra.Command{
 		Use:   "migrate --from HOST[:PORT] --to HOST[:PORT] [options] PID",
@@ -100,17 +104,29 @@ total_ms, error).
 --status-fd FD writes a zero byte to FD once the process runs on the target
 and the migration is committed.
 
+--detach has the source's agent (--from) coordinate instead, so the caller
+need not stay: it prints the migration's id and returns. "migrate --from A
+--result ID [--wait] [--json]" prints its result later, with the exit status
+of its outcome.
+
 Exit status: 0 committed (the process runs on the target); 1 failed and
 rolled back (it runs on the source, as before); 2 refused before anything was
 touched, or bad usage; 3 unresolved (the source stays frozen until the agents
-settle it; "ferry agent" logs the outcome).`,
+settle it; "ferry agent" logs the outcome); 4 (--result without --wait) still
+under way.`,
 		Example: `  migrate --from 10.0.0.1 --to 10.0.0.2 --tls-cacert pki/ca.crt \
       --tls-cert pki/operator.crt --tls-key pki/operator.key 4242
   migrate --from node-a:27100 --to node-b:27100 --max-downtime 50ms --json ... 4242`,
-		Args:          cobra.ExactArgs(1),
+		Args:          cobra.RangeArgs(0, 1),
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if resultID != "" {
+				return showResult(cmd, o.TLS, from, resultID, wait, jsonOut)
+			}
+			if len(args) != 1 {
+				return usage(cmd, errors.New("want one PID"))
+			}
 			pid, err := strconv.Atoi(args[0])
 			if err != nil || pid <= 0 {
 				return usage(cmd, fmt.Errorf("PID %q: want a process ID", args[0]))
@@ -127,8 +143,14 @@ settle it; "ferry agent" logs the outcome).`,
 			if o.To, err = HostPort("--to", to); err != nil {
 				return usage(cmd, err)
 			}
+			if o.From, err = HostPort("--from", from); err != nil {
+				return usage(cmd, err)
+			}
 			if o.From == o.To {
 				return usage(cmd, fmt.Errorf("--from and --to are the same agent (%s)", o.From))
+			}
+			if detach {
+				return startDetached(cmd, o, jsonOut)
 			}
 			o.Logger = logger(cmd.ErrOrStderr(), verbosity)
 			out := cmd.OutOrStdout()
@@ -172,6 +194,9 @@ settle it; "ferry agent" logs the outcome).`,
 	fs := cmd.Flags()
 	fs.StringVar(&from, "from", "", "the source host's agent, HOST[:PORT] (required)")
 	fs.StringVar(&to, "to", "", "the target host's agent, HOST[:PORT] (required)")
+	fs.BoolVar(&detach, "detach", false, "have the source's agent coordinate: print the migration's id and return at once")
+	fs.StringVar(&resultID, "result", "", "print the result of migration ID, coordinated by the agent at --from (no PID)")
+	fs.BoolVar(&wait, "wait", false, "with --result: wait until the migration is settled")
 	fs.StringVar(&via, "via", "", "resolve --from and --to as node names through the cluster, asking the agent at HOST[:PORT]")
 	fs.StringVar(&o.Mode, "mode", "hybrid", "hybrid (pre-copy rounds, then post-copy), precopy or postcopy")
 	fs.DurationVar(&o.MaxDowntime, "max-downtime", 100*time.Millisecond, "downtime budget the pre-copy rounds converge to")
@@ -187,7 +212,7 @@ settle it; "ferry agent" logs the outcome).`,
 	fs.IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD once the migration is committed")
 	fs.CountVarP(&verbosity, "verbosity", "v", "log to standard error: -v info, -vv debug")
 	cmd.MarkFlagRequired("from")
-	cmd.MarkFlagRequired("to")
+
 	return cmd
 }
 
@@ -281,6 +306,76 @@ func dur(s float64) string {
 	return fmt.Sprintf("%.2f s", s)
 }
 
+// startDetached asks the source's agent to coordinate the migration and
+// prints its id.
+func startDetached(cmd *cobra.Command, o coordinator.Options, jsonOut bool) error {
+	conn, err := agentclient.Dial(o.From, o.TLS)
+	if err != nil {
+		return usage(cmd, err)
+	}
+	defer conn.Close()
+	ref, err := agentv1.NewAgentClient(conn).Migrate(cmd.Context(), &agentv1.MigrateRequest{Pid: int32(o.Pid), To: o.To, Mode: o.Mode,
+		MaxDowntimeMs: uint32(o.MaxDowntime / time.Millisecond), MaxRounds: int32(o.MaxRounds),
+		LeaseMs: uint32(o.Lease / time.Millisecond), TcpEstablished: o.TCPEstablished, Id: o.ID})
+	if err != nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "migrate: %s: %v\n", o.From, err)
+		return &ExitError{ExitRefused}
+	}
+	if jsonOut {
+		json.NewEncoder(cmd.OutOrStdout()).Encode(map[string]string{"event": "started", "id": ref.Id, "coordinator": o.From})
+	} else {
+		fmt.Fprintf(cmd.OutOrStdout(), "migration %s started, coordinated by %s; see: migrate --from %s --result %s --wait\n", ref.Id, o.From, o.From, ref.Id)
+	}
+	return nil
+}
+
+// showResult prints the result of a migration an agent coordinates, with
+// the exit status of its outcome (4 while it runs).
+func showResult(cmd *cobra.Command, t transport.TLS, from, id string, wait, jsonOut bool) error {
+	addr, err := HostPort("--from", from)
+	if err != nil {
+		return usage(cmd, err)
+	}
+	conn, err := agentclient.Dial(addr, t)
+	if err != nil {
+		return usage(cmd, err)
+	}
+	defer conn.Close()
+	r, err := agentv1.NewAgentClient(conn).Result(cmd.Context(), &agentv1.ResultRequest{Id: id, Wait: wait})
+	if err != nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "migrate: %s: %v\n", addr, err)
+		return &ExitError{ExitRefused}
+	}
+	if !r.Done {
+		if jsonOut {
+			json.NewEncoder(cmd.OutOrStdout()).Encode(map[string]any{"event": "result", "id": id, "outcome": "running"})
+		} else {
+			fmt.Fprintf(cmd.OutOrStdout(), "migration %s is under way\n", id)
+		}
+		return &ExitError{ExitRunning}
+	}
+	res := &coordinator.Result{ID: r.Id, Outcome: r.Outcome, Error: r.Error, Pid: int(r.Pid), RestoredPid: int(r.RestoredPid),
+		Rounds: int(r.Rounds), Bytes: r.Bytes, DowntimeMs: r.DowntimeMs, FrozenMs: r.FrozenMs, PostcopyMs: r.PostcopyMs,
+		TotalMs: r.TotalMs, From: r.From, To: r.To}
+	if jsonOut {
+		json.NewEncoder(cmd.OutOrStdout()).Encode(struct {
+			Event string `json:"event"`
+			*coordinator.Result
+		}{"result", res})
+	} else {
+		printSummary(cmd.OutOrStdout(), res)
+	}
+	switch r.Outcome {
+	case coordinator.Committed:
+		return nil
+	case coordinator.Refused:
+		return &ExitError{ExitRefused}
+	case coordinator.Unresolved:
+		return &ExitError{ExitUnresolved}
+	}
+	return &ExitError{ExitRolledBack}
+}
+
 // resolve maps node names to their agents' addresses through the
 // cluster, as the agent at via sees it; other values are left alone.
 func resolve(ctx context.Context, via string, t transport.TLS, names ...string) (string, string, error) {
@@ -288,7 +383,7 @@ func resolve(ctx context.Context, via string, t transport.TLS, names ...string) 
 	if err != nil {
 		return "", "", err
 	}
-	conn, err := agent.Dial(addr, t)
+	conn, err := agentclient.Dial(addr, t)
 	if err != nil {
 		return "", "", err
 	}

@@ -1229,6 +1229,306 @@ func (x *MigrationStatus) GetState() string {
 	return ""
 }
 
+type MigrateRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Pid            int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	To             string                 `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`     // the target agent, host:port
+	Mode           string                 `protobuf:"bytes,3,opt,name=mode,proto3" json:"mode,omitempty"` // hybrid (default), precopy, postcopy
+	MaxDowntimeMs  uint32                 `protobuf:"varint,4,opt,name=max_downtime_ms,json=maxDowntimeMs,proto3" json:"max_downtime_ms,omitempty"`
+	MaxRounds      int32                  `protobuf:"varint,5,opt,name=max_rounds,json=maxRounds,proto3" json:"max_rounds,omitempty"`
+	LeaseMs        uint32                 `protobuf:"varint,6,opt,name=lease_ms,json=leaseMs,proto3" json:"lease_ms,omitempty"`
+	TcpEstablished bool                   `protobuf:"varint,7,opt,name=tcp_established,json=tcpEstablished,proto3" json:"tcp_established,omitempty"`
+	Id             string                 `protobuf:"bytes,8,opt,name=id,proto3" json:"id,omitempty"` // default: chosen by the agent
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *MigrateRequest) Reset() {
+	*x = MigrateRequest{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateRequest) ProtoMessage() {}
+
+func (x *MigrateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateRequest.ProtoReflect.Descriptor instead.
+func (*MigrateRequest) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *MigrateRequest) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *MigrateRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *MigrateRequest) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *MigrateRequest) GetMaxDowntimeMs() uint32 {
+	if x != nil {
+		return x.MaxDowntimeMs
+	}
+	return 0
+}
+
+func (x *MigrateRequest) GetMaxRounds() int32 {
+	if x != nil {
+		return x.MaxRounds
+	}
+	return 0
+}
+
+func (x *MigrateRequest) GetLeaseMs() uint32 {
+	if x != nil {
+		return x.LeaseMs
+	}
+	return 0
+}
+
+func (x *MigrateRequest) GetTcpEstablished() bool {
+	if x != nil {
+		return x.TcpEstablished
+	}
+	return false
+}
+
+func (x *MigrateRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type ResultRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Wait          bool                   `protobuf:"varint,2,opt,name=wait,proto3" json:"wait,omitempty"` // until the migration is settled
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResultRequest) Reset() {
+	*x = ResultRequest{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResultRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResultRequest) ProtoMessage() {}
+
+func (x *ResultRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResultRequest.ProtoReflect.Descriptor instead.
+func (*ResultRequest) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ResultRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ResultRequest) GetWait() bool {
+	if x != nil {
+		return x.Wait
+	}
+	return false
+}
+
+type MigrationResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Done          bool                   `protobuf:"varint,2,opt,name=done,proto3" json:"done,omitempty"`
+	Outcome       string                 `protobuf:"bytes,3,opt,name=outcome,proto3" json:"outcome,omitempty"` // committed, rolled-back, unresolved, refused; "" while running
+	Error         string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	Pid           int32                  `protobuf:"varint,5,opt,name=pid,proto3" json:"pid,omitempty"`
+	RestoredPid   int32                  `protobuf:"varint,6,opt,name=restored_pid,json=restoredPid,proto3" json:"restored_pid,omitempty"`
+	Rounds        int32                  `protobuf:"varint,7,opt,name=rounds,proto3" json:"rounds,omitempty"`
+	Bytes         uint64                 `protobuf:"varint,8,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	DowntimeMs    float64                `protobuf:"fixed64,9,opt,name=downtime_ms,json=downtimeMs,proto3" json:"downtime_ms,omitempty"`
+	FrozenMs      float64                `protobuf:"fixed64,10,opt,name=frozen_ms,json=frozenMs,proto3" json:"frozen_ms,omitempty"`
+	PostcopyMs    float64                `protobuf:"fixed64,11,opt,name=postcopy_ms,json=postcopyMs,proto3" json:"postcopy_ms,omitempty"`
+	TotalMs       float64                `protobuf:"fixed64,12,opt,name=total_ms,json=totalMs,proto3" json:"total_ms,omitempty"`
+	From          string                 `protobuf:"bytes,13,opt,name=from,proto3" json:"from,omitempty"`
+	To            string                 `protobuf:"bytes,14,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrationResult) Reset() {
+	*x = MigrationResult{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrationResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrationResult) ProtoMessage() {}
+
+func (x *MigrationResult) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrationResult.ProtoReflect.Descriptor instead.
+func (*MigrationResult) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *MigrationResult) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *MigrationResult) GetDone() bool {
+	if x != nil {
+		return x.Done
+	}
+	return false
+}
+
+func (x *MigrationResult) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *MigrationResult) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *MigrationResult) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *MigrationResult) GetRestoredPid() int32 {
+	if x != nil {
+		return x.RestoredPid
+	}
+	return 0
+}
+
+func (x *MigrationResult) GetRounds() int32 {
+	if x != nil {
+		return x.Rounds
+	}
+	return 0
+}
+
+func (x *MigrationResult) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *MigrationResult) GetDowntimeMs() float64 {
+	if x != nil {
+		return x.DowntimeMs
+	}
+	return 0
+}
+
+func (x *MigrationResult) GetFrozenMs() float64 {
+	if x != nil {
+		return x.FrozenMs
+	}
+	return 0
+}
+
+func (x *MigrationResult) GetPostcopyMs() float64 {
+	if x != nil {
+		return x.PostcopyMs
+	}
+	return 0
+}
+
+func (x *MigrationResult) GetTotalMs() float64 {
+	if x != nil {
+		return x.TotalMs
+	}
+	return 0
+}
+
+func (x *MigrationResult) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
+func (x *MigrationResult) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
 var File_agent_api_v1_agent_proto protoreflect.FileDescriptor
 
 const file_agent_api_v1_agent_proto_rawDesc = "" +
@@ -1334,7 +1634,38 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\blease_ms\x18\x02 \x01(\rR\aleaseMs\"7\n" +
 	"\x0fMigrationStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state2\xde\x06\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\"\xe1\x01\n" +
+	"\x0eMigrateRequest\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x12\n" +
+	"\x04mode\x18\x03 \x01(\tR\x04mode\x12&\n" +
+	"\x0fmax_downtime_ms\x18\x04 \x01(\rR\rmaxDowntimeMs\x12\x1d\n" +
+	"\n" +
+	"max_rounds\x18\x05 \x01(\x05R\tmaxRounds\x12\x19\n" +
+	"\blease_ms\x18\x06 \x01(\rR\aleaseMs\x12'\n" +
+	"\x0ftcp_established\x18\a \x01(\bR\x0etcpEstablished\x12\x0e\n" +
+	"\x02id\x18\b \x01(\tR\x02id\"3\n" +
+	"\rResultRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04wait\x18\x02 \x01(\bR\x04wait\"\xe6\x02\n" +
+	"\x0fMigrationResult\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04done\x18\x02 \x01(\bR\x04done\x12\x18\n" +
+	"\aoutcome\x18\x03 \x01(\tR\aoutcome\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12\x10\n" +
+	"\x03pid\x18\x05 \x01(\x05R\x03pid\x12!\n" +
+	"\frestored_pid\x18\x06 \x01(\x05R\vrestoredPid\x12\x16\n" +
+	"\x06rounds\x18\a \x01(\x05R\x06rounds\x12\x14\n" +
+	"\x05bytes\x18\b \x01(\x04R\x05bytes\x12\x1f\n" +
+	"\vdowntime_ms\x18\t \x01(\x01R\n" +
+	"downtimeMs\x12\x1b\n" +
+	"\tfrozen_ms\x18\n" +
+	" \x01(\x01R\bfrozenMs\x12\x1f\n" +
+	"\vpostcopy_ms\x18\v \x01(\x01R\n" +
+	"postcopyMs\x12\x19\n" +
+	"\btotal_ms\x18\f \x01(\x01R\atotalMs\x12\x12\n" +
+	"\x04from\x18\r \x01(\tR\x04from\x12\x0e\n" +
+	"\x02to\x18\x0e \x01(\tR\x02to2\xf1\a\n" +
 	"\x05Agent\x12=\n" +
 	"\x04Info\x12\x1b.ferry.agent.v1.InfoRequest\x1a\x18.ferry.agent.v1.NodeInfo\x12G\n" +
 	"\aInspect\x12\x1e.ferry.agent.v1.InspectRequest\x1a\x1c.ferry.agent.v1.InspectReply\x12G\n" +
@@ -1347,7 +1678,9 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\x06Finish\x12\x1d.ferry.agent.v1.FinishRequest\x1a\x1f.ferry.agent.v1.MigrationStatus\x12F\n" +
 	"\x05Renew\x12\x1c.ferry.agent.v1.RenewRequest\x1a\x1f.ferry.agent.v1.MigrationStatus\x12G\n" +
 	"\x06Status\x12\x1c.ferry.agent.v1.MigrationRef\x1a\x1f.ferry.agent.v1.MigrationStatus\x12A\n" +
-	"\x05Nodes\x12\x1c.ferry.agent.v1.NodesRequest\x1a\x1a.ferry.agent.v1.NodesReplyB/Z-github.com/ferrycr/ferry/agent/api/v1;agentv1b\x06proto3"
+	"\x05Nodes\x12\x1c.ferry.agent.v1.NodesRequest\x1a\x1a.ferry.agent.v1.NodesReply\x12G\n" +
+	"\aMigrate\x12\x1e.ferry.agent.v1.MigrateRequest\x1a\x1c.ferry.agent.v1.MigrationRef\x12H\n" +
+	"\x06Result\x12\x1d.ferry.agent.v1.ResultRequest\x1a\x1f.ferry.agent.v1.MigrationResultB/Z-github.com/ferrycr/ferry/agent/api/v1;agentv1b\x06proto3"
 
 var (
 	file_agent_api_v1_agent_proto_rawDescOnce sync.Once
@@ -1361,7 +1694,7 @@ func file_agent_api_v1_agent_proto_rawDescGZIP() []byte {
 	return file_agent_api_v1_agent_proto_rawDescData
 }
 
-var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*InfoRequest)(nil),     // 0: ferry.agent.v1.InfoRequest
 	(*NodeInfo)(nil),        // 1: ferry.agent.v1.NodeInfo
@@ -1382,14 +1715,17 @@ var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*FinishRequest)(nil),   // 16: ferry.agent.v1.FinishRequest
 	(*RenewRequest)(nil),    // 17: ferry.agent.v1.RenewRequest
 	(*MigrationStatus)(nil), // 18: ferry.agent.v1.MigrationStatus
-	nil,                     // 19: ferry.agent.v1.RoundReply.FilesEntry
-	nil,                     // 20: ferry.agent.v1.PutFilesRequest.FilesEntry
+	(*MigrateRequest)(nil),  // 19: ferry.agent.v1.MigrateRequest
+	(*ResultRequest)(nil),   // 20: ferry.agent.v1.ResultRequest
+	(*MigrationResult)(nil), // 21: ferry.agent.v1.MigrationResult
+	nil,                     // 22: ferry.agent.v1.RoundReply.FilesEntry
+	nil,                     // 23: ferry.agent.v1.PutFilesRequest.FilesEntry
 }
 var file_agent_api_v1_agent_proto_depIdxs = []int32{
 	1,  // 0: ferry.agent.v1.NodesReply.nodes:type_name -> ferry.agent.v1.NodeInfo
 	1,  // 1: ferry.agent.v1.InspectReply.node:type_name -> ferry.agent.v1.NodeInfo
-	19, // 2: ferry.agent.v1.RoundReply.files:type_name -> ferry.agent.v1.RoundReply.FilesEntry
-	20, // 3: ferry.agent.v1.PutFilesRequest.files:type_name -> ferry.agent.v1.PutFilesRequest.FilesEntry
+	22, // 2: ferry.agent.v1.RoundReply.files:type_name -> ferry.agent.v1.RoundReply.FilesEntry
+	23, // 3: ferry.agent.v1.PutFilesRequest.files:type_name -> ferry.agent.v1.PutFilesRequest.FilesEntry
 	0,  // 4: ferry.agent.v1.Agent.Info:input_type -> ferry.agent.v1.InfoRequest
 	4,  // 5: ferry.agent.v1.Agent.Inspect:input_type -> ferry.agent.v1.InspectRequest
 	6,  // 6: ferry.agent.v1.Agent.Prepare:input_type -> ferry.agent.v1.PrepareRequest
@@ -1402,20 +1738,24 @@ var file_agent_api_v1_agent_proto_depIdxs = []int32{
 	17, // 13: ferry.agent.v1.Agent.Renew:input_type -> ferry.agent.v1.RenewRequest
 	15, // 14: ferry.agent.v1.Agent.Status:input_type -> ferry.agent.v1.MigrationRef
 	2,  // 15: ferry.agent.v1.Agent.Nodes:input_type -> ferry.agent.v1.NodesRequest
-	1,  // 16: ferry.agent.v1.Agent.Info:output_type -> ferry.agent.v1.NodeInfo
-	5,  // 17: ferry.agent.v1.Agent.Inspect:output_type -> ferry.agent.v1.InspectReply
-	7,  // 18: ferry.agent.v1.Agent.Prepare:output_type -> ferry.agent.v1.PrepareReply
-	9,  // 19: ferry.agent.v1.Agent.Round:output_type -> ferry.agent.v1.RoundReply
-	11, // 20: ferry.agent.v1.Agent.PutFiles:output_type -> ferry.agent.v1.PutFilesReply
-	14, // 21: ferry.agent.v1.Agent.Restore:output_type -> ferry.agent.v1.RestoreReply
-	13, // 22: ferry.agent.v1.Agent.WaitPages:output_type -> ferry.agent.v1.PagesReply
-	18, // 23: ferry.agent.v1.Agent.Commit:output_type -> ferry.agent.v1.MigrationStatus
-	18, // 24: ferry.agent.v1.Agent.Finish:output_type -> ferry.agent.v1.MigrationStatus
-	18, // 25: ferry.agent.v1.Agent.Renew:output_type -> ferry.agent.v1.MigrationStatus
-	18, // 26: ferry.agent.v1.Agent.Status:output_type -> ferry.agent.v1.MigrationStatus
-	3,  // 27: ferry.agent.v1.Agent.Nodes:output_type -> ferry.agent.v1.NodesReply
-	16, // [16:28] is the sub-list for method output_type
-	4,  // [4:16] is the sub-list for method input_type
+	19, // 16: ferry.agent.v1.Agent.Migrate:input_type -> ferry.agent.v1.MigrateRequest
+	20, // 17: ferry.agent.v1.Agent.Result:input_type -> ferry.agent.v1.ResultRequest
+	1,  // 18: ferry.agent.v1.Agent.Info:output_type -> ferry.agent.v1.NodeInfo
+	5,  // 19: ferry.agent.v1.Agent.Inspect:output_type -> ferry.agent.v1.InspectReply
+	7,  // 20: ferry.agent.v1.Agent.Prepare:output_type -> ferry.agent.v1.PrepareReply
+	9,  // 21: ferry.agent.v1.Agent.Round:output_type -> ferry.agent.v1.RoundReply
+	11, // 22: ferry.agent.v1.Agent.PutFiles:output_type -> ferry.agent.v1.PutFilesReply
+	14, // 23: ferry.agent.v1.Agent.Restore:output_type -> ferry.agent.v1.RestoreReply
+	13, // 24: ferry.agent.v1.Agent.WaitPages:output_type -> ferry.agent.v1.PagesReply
+	18, // 25: ferry.agent.v1.Agent.Commit:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 26: ferry.agent.v1.Agent.Finish:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 27: ferry.agent.v1.Agent.Renew:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 28: ferry.agent.v1.Agent.Status:output_type -> ferry.agent.v1.MigrationStatus
+	3,  // 29: ferry.agent.v1.Agent.Nodes:output_type -> ferry.agent.v1.NodesReply
+	15, // 30: ferry.agent.v1.Agent.Migrate:output_type -> ferry.agent.v1.MigrationRef
+	21, // 31: ferry.agent.v1.Agent.Result:output_type -> ferry.agent.v1.MigrationResult
+	18, // [18:32] is the sub-list for method output_type
+	4,  // [4:18] is the sub-list for method input_type
 	4,  // [4:4] is the sub-list for extension type_name
 	4,  // [4:4] is the sub-list for extension extendee
 	0,  // [0:4] is the sub-list for field type_name
@@ -1432,7 +1772,7 @@ func file_agent_api_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_api_v1_agent_proto_rawDesc), len(file_agent_api_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

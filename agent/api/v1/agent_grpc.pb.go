@@ -52,6 +52,8 @@ const (
 	Agent_Renew_FullMethodName     = "/ferry.agent.v1.Agent/Renew"
 	Agent_Status_FullMethodName    = "/ferry.agent.v1.Agent/Status"
 	Agent_Nodes_FullMethodName     = "/ferry.agent.v1.Agent/Nodes"
+	Agent_Migrate_FullMethodName   = "/ferry.agent.v1.Agent/Migrate"
+	Agent_Result_FullMethodName    = "/ferry.agent.v1.Agent/Result"
 )
 
 // AgentClient is the client API for Agent service.
@@ -90,6 +92,11 @@ type AgentClient interface {
 	Status(ctx context.Context, in *MigrationRef, opts ...grpc.CallOption) (*MigrationStatus, error)
 	// Nodes lists the cluster's members as this node sees them (gossip).
 	Nodes(ctx context.Context, in *NodesRequest, opts ...grpc.CallOption) (*NodesReply, error)
+	// Migrate starts a migration of a tree of this node, coordinated by
+	// this agent, and returns its id at once: the caller need not stay.
+	Migrate(ctx context.Context, in *MigrateRequest, opts ...grpc.CallOption) (*MigrationRef, error)
+	// Result reports a migration this agent coordinates (wait: when done).
+	Result(ctx context.Context, in *ResultRequest, opts ...grpc.CallOption) (*MigrationResult, error)
 }
 
 type agentClient struct {
@@ -220,6 +227,26 @@ func (c *agentClient) Nodes(ctx context.Context, in *NodesRequest, opts ...grpc.
 	return out, nil
 }
 
+func (c *agentClient) Migrate(ctx context.Context, in *MigrateRequest, opts ...grpc.CallOption) (*MigrationRef, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MigrationRef)
+	err := c.cc.Invoke(ctx, Agent_Migrate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) Result(ctx context.Context, in *ResultRequest, opts ...grpc.CallOption) (*MigrationResult, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MigrationResult)
+	err := c.cc.Invoke(ctx, Agent_Result_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -256,6 +283,11 @@ type AgentServer interface {
 	Status(context.Context, *MigrationRef) (*MigrationStatus, error)
 	// Nodes lists the cluster's members as this node sees them (gossip).
 	Nodes(context.Context, *NodesRequest) (*NodesReply, error)
+	// Migrate starts a migration of a tree of this node, coordinated by
+	// this agent, and returns its id at once: the caller need not stay.
+	Migrate(context.Context, *MigrateRequest) (*MigrationRef, error)
+	// Result reports a migration this agent coordinates (wait: when done).
+	Result(context.Context, *ResultRequest) (*MigrationResult, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -301,6 +333,12 @@ func (UnimplementedAgentServer) Status(context.Context, *MigrationRef) (*Migrati
 }
 func (UnimplementedAgentServer) Nodes(context.Context, *NodesRequest) (*NodesReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Nodes not implemented")
+}
+func (UnimplementedAgentServer) Migrate(context.Context, *MigrateRequest) (*MigrationRef, error) {
+	return nil, status.Error(codes.Unimplemented, "method Migrate not implemented")
+}
+func (UnimplementedAgentServer) Result(context.Context, *ResultRequest) (*MigrationResult, error) {
+	return nil, status.Error(codes.Unimplemented, "method Result not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -539,6 +577,42 @@ func _Agent_Nodes_Handler(srv interface{}, ctx context.Context, dec func(interfa
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_Migrate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MigrateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Migrate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Migrate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Migrate(ctx, req.(*MigrateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_Result_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResultRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Result(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Result_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Result(ctx, req.(*ResultRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -593,6 +667,14 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Nodes",
 			Handler:    _Agent_Nodes_Handler,
+		},
+		{
+			MethodName: "Migrate",
+			Handler:    _Agent_Migrate_Handler,
+		},
+		{
+			MethodName: "Result",
+			Handler:    _Agent_Result_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
