@@ -372,11 +372,19 @@ func (a *Agent) WaitPages(ctx context.Context, req *agentv1.MigrationRef) (*agen
 	return &agentv1.PagesReply{Pages: remote, Faults: p.stats.Faults, DurationUs: uint64(p.stats.Duration.Microseconds())}, nil
 }
 
-// reap collects the restored root, the agent's child, when it exits.
+// reap collects the restored root, the agent's child, once it is a
+// zombie. It never blocks in wait: a wait by this process would consume
+// the ptrace stops of a later dump of the same tree (migrating it on).
 func reap(pid int) {
-	var ws unix.WaitStatus
 	for {
-		if _, err := unix.Wait4(pid, &ws, 0, nil); err != unix.EINTR {
+		time.Sleep(500 * time.Millisecond)
+		st, err := proc.ReadStat(pid)
+		if err != nil {
+			return
+		}
+		if st.State == 'Z' {
+			var ws unix.WaitStatus
+			unix.Wait4(pid, &ws, unix.WNOHANG, nil)
 			return
 		}
 	}

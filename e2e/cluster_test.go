@@ -1,7 +1,8 @@
-// Package e2e runs multi-host tests: each host is a network namespace
-// (joined to the other by a veth pair) with its own ferry agent; the
-// target's agent also runs in a PID and mount namespace of its own, so a
-// migrated process gets its PID back while the source's still exists.
+// Package e2e runs multi-host tests. Each host is a network, PID and mount
+// namespace (its own /proc), joined to the other by a veth pair, with its
+// own ferry agent and state directory; its PIDs start in a range of its
+// own (ns_last_pid), so that a migrated PID is free on the other host and
+// free again when the process comes back.
 package e2e
 
 import (
@@ -18,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
@@ -33,12 +36,16 @@ func needRoot(t *testing.T) {
 
 // host is one simulated host.
 type host struct {
-	name  string // also its certificate's name
-	netns string
-	ip    string
-	state string // the agent's --state-dir
-	log   string
-	agent *exec.Cmd // ferry agent (A) or the unshare holding it (B)
+	name    string // also its certificate's name
+	netns   string
+	ip      string
+	pidBase int    // its PIDs start above this
+	state   string // the agent's --state-dir
+	log     string
+	init    *exec.Cmd // unshare holding the PID and mount namespaces
+	initPid int       // their PID 1 (a shell), as seen from here
+	pidns   string    // /proc/PID/ns/pid of the host
+	agent   *exec.Cmd // nsenter running the agent
 }
 
 // cluster is two hosts and the certificates of their agents and of the
@@ -49,7 +56,6 @@ type cluster struct {
 	mig    string
 	pki    string
 	a, b   *host
-	pidnsB string // host B's PID namespace (/proc/PID/ns/pid link)
 }
 
 var seq atomic.Int32
@@ -78,12 +84,13 @@ func newClusterWith(t *testing.T, agentArgsA, agentArgsB []string) *cluster {
 	dir := t.TempDir()
 	c := &cluster{t: t, ferry: testutil.BuildCmd(t, "ferry"), mig: testutil.BuildCmd(t, "migrate"), pki: filepath.Join(dir, "pki")}
 	tag := fmt.Sprintf("%d-%d", os.Getpid(), n)
-	c.a = &host{name: "host-a", netns: "ferry-e2e-a-" + tag, ip: "10.78.0.1", state: filepath.Join(dir, "a"), log: filepath.Join(dir, "a.log")}
-	c.b = &host{name: "host-b", netns: "ferry-e2e-b-" + tag, ip: "10.78.0.2", state: filepath.Join(dir, "b"), log: filepath.Join(dir, "b.log")}
+	c.a = &host{name: "host-a", netns: "ferry-e2e-a-" + tag, ip: "10.78.0.1", pidBase: 10000, state: filepath.Join(dir, "a"), log: filepath.Join(dir, "a.log")}
+	c.b = &host{name: "host-b", netns: "ferry-e2e-b-" + tag, ip: "10.78.0.2", pidBase: 20000, state: filepath.Join(dir, "b"), log: filepath.Join(dir, "b.log")}
 	for _, h := range []*host{c.a, c.b} {
 		run(t, "ip", "netns", "add", h.netns)
 		t.Cleanup(func() { exec.Command("ip", "netns", "del", h.netns).Run() })
 		run(t, "ip", "-n", h.netns, "link", "set", "lo", "up")
+		c.startHost(h)
 	}
 	va, vb := "fea"+tag, "feb"+tag
 	if len(va) > 15 {
@@ -105,10 +112,73 @@ func newClusterWith(t *testing.T, agentArgsA, agentArgsB []string) *cluster {
 			args[i] = strings.ReplaceAll(args[i], "{pki}", c.pki)
 		}
 	}
-	c.startAgent(c.a, nil, agentArgsA)
-	c.startAgent(c.b, []string{"unshare", "--pid", "--fork", "--mount-proc", "--kill-child"}, agentArgsB)
-	c.pidnsB = c.agentPidns(c.b)
+	c.startAgent(c.a, agentArgsA)
+	c.startAgent(c.b, agentArgsB)
 	return c
+}
+
+// startHost makes h's PID and mount namespaces (inside its network
+// namespace): their PID 1 is a shell that reaps what is left to it and
+// sets where the host's PIDs start. Killing it (at cleanup) ends every
+// process of the host.
+func (c *cluster) startHost(h *host) {
+	t := c.t
+	t.Helper()
+	h.init = exec.Command("ip", "netns", "exec", h.netns, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+		"sh", "-c", fmt.Sprintf("echo %d > /proc/sys/kernel/ns_last_pid && while :; do sleep 3600 & wait; done", h.pidBase))
+	h.init.Stderr = os.Stderr
+	if err := h.init.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		h.init.Process.Kill()
+		h.init.Wait()
+	})
+	self := mustReadlink(t, "/proc/self/ns/pid")
+	waitFor(t, h.name+"'s PID namespace", 10*time.Second, func() bool {
+		for _, p := range descendants(h.init.Process.Pid)[1:] {
+			if ns, err := readlink("/proc/%d/ns/pid", p); err == nil && ns != self {
+				h.initPid, h.pidns = p, ns
+				// ns_last_pid is set once the shell runs its loop.
+				b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p))
+				return bytes.HasPrefix(b, []byte("sh\x00"))
+			}
+		}
+		return false
+	})
+	waitFor(t, h.name+"'s PID range", 10*time.Second, func() bool {
+		return len(descendants(h.initPid)) > 1 // the loop's sleep: ns_last_pid is set
+	})
+}
+
+// in returns the command line that runs argv on h (in its namespaces).
+func (h *host) in(argv ...string) []string {
+	return append([]string{"--target", strconv.Itoa(h.initPid), "--pid", "--mount", "--net", "--"}, argv...)
+}
+
+// find returns the PID, as seen from here, of the process that has PID
+// nspid on h (0 if there is none).
+func (h *host) find(nspid int) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ns, _ := readlink("/proc/%d/ns/pid", pid); ns != h.pidns {
+			continue
+		}
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
+				f := strings.Fields(v)
+				if len(f) > 0 && f[len(f)-1] == strconv.Itoa(nspid) && testutil.PidAlive(pid) {
+					return pid
+				}
+			}
+		}
+	}
+	return 0
 }
 
 func (c *cluster) tls(name string) []string {
@@ -116,21 +186,19 @@ func (c *cluster) tls(name string) []string {
 		"--tls-cert", filepath.Join(c.pki, name+".crt"), "--tls-key", filepath.Join(c.pki, name+".key")}
 }
 
-// startAgent runs h's agent in its network namespace (under wrap, if
-// given) and waits until it serves.
-func (c *cluster) startAgent(h *host, wrap, extra []string) {
+// startAgent runs h's agent on h and waits until it serves.
+func (c *cluster) startAgent(h *host, extra []string) {
 	t := c.t
 	t.Helper()
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	args := append([]string{"netns", "exec", h.netns}, wrap...)
-	args = append(args, c.ferry, "agent", "--listen", h.ip+":27100", "--state-dir", h.state,
-		"--node-name", h.name, "--status-fd", "3", "-v4", "-o", h.log)
+	args := []string{c.ferry, "agent", "--listen", h.ip + ":27100", "--state-dir", h.state,
+		"--node-name", h.name, "--status-fd", "3", "-v4", "-o", h.log}
 	args = append(args, c.tls(h.name)...)
 	args = append(args, extra...)
-	h.agent = exec.Command("ip", args...)
+	h.agent = exec.Command("nsenter", h.in(args...)...)
 	h.agent.ExtraFiles = []*os.File{w}
 	h.agent.Stderr = os.Stderr
 	if err := h.agent.Start(); err != nil {
@@ -156,11 +224,16 @@ func (c *cluster) startAgent(h *host, wrap, extra []string) {
 	}
 }
 
-// stopAgent kills h's agent by PID (for B, the unshare whose death kills
-// its PID namespace, restored processes included).
+// stopAgent kills h's agent by PID (the processes it restored stay, as
+// they would on a real host; the host's cleanup ends them).
 func (c *cluster) stopAgent(h *host) {
 	if h.agent == nil || h.agent.Process == nil {
 		return
+	}
+	for _, p := range descendants(h.agent.Process.Pid)[1:] {
+		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); bytes.HasPrefix(b, []byte(c.ferry+"\x00agent")) {
+			unix.Kill(p, unix.SIGKILL)
+		}
 	}
 	h.agent.Process.Kill()
 	h.agent.Wait()
@@ -180,20 +253,6 @@ func tail(b []byte, lines int) []byte {
 	return bytes.Join(l, []byte("\n"))
 }
 
-// agentPidns returns the PID namespace the agent of h runs in.
-func (c *cluster) agentPidns(h *host) string {
-	for _, p := range descendants(h.agent.Process.Pid) {
-		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); bytes.HasPrefix(b, []byte(c.ferry+"\x00agent")) {
-			ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", p))
-			if err == nil {
-				return ns
-			}
-		}
-	}
-	c.t.Fatalf("no agent process under %d", h.agent.Process.Pid)
-	return ""
-}
-
 func descendants(pid int) []int {
 	out := []int{pid}
 	for i := 0; i < len(out); i++ {
@@ -207,35 +266,41 @@ func descendants(pid int) []int {
 	return out
 }
 
-// onB finds the process that has PID nspid in host B's PID namespace and
-// returns its PID here (0 if there is none).
-func (c *cluster) onB(nspid int) int {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ns, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", pid)); ns != c.pidnsB {
-			continue
-		}
-		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-		for _, l := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
-				f := strings.Fields(v)
-				if len(f) > 0 && f[len(f)-1] == strconv.Itoa(nspid) && testutil.PidAlive(pid) {
-					return pid
-				}
-			}
-		}
+// startWorkload runs memcheck on host A, as a service would run there: in
+// a session of its own, a child of the host's PID 1. The Workload's Pid is
+// the PID seen from here; nspid is the one on A (what migrate is given).
+func (c *cluster) startWorkload(args ...string) (w *testutil.Workload, nspid int) {
+	t := c.t
+	t.Helper()
+	bin := testutil.BuildC(t, "memcheck")
+	dir := t.TempDir()
+	report := filepath.Join(dir, "report")
+	argv := append([]string{"setsid", "--fork", bin}, args...)
+	argv = append(argv, "-r", report)
+	cmd := exec.Command("nsenter", c.a.in(argv...)...)
+	log, err := os.Create(filepath.Join(dir, "log"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	return 0
-}
-
-// startWorkload runs memcheck on host A.
-func (c *cluster) startWorkload(args ...string) *testutil.Workload {
-	bin := testutil.BuildC(c.t, "memcheck")
-	return testutil.Start(c.t, "-r", "ip", append([]string{"netns", "exec", c.a.netns, bin}, args...)...)
+	defer log.Close()
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("starting the workload on A: %v", err)
+	}
+	var r testutil.Report
+	waitFor(t, "the workload's first report", 30*time.Second, func() bool {
+		r, err = testutil.ParseReport(report)
+		return err == nil && r.Pid > 0
+	})
+	here := c.a.find(r.Pid)
+	if here == 0 {
+		t.Fatalf("workload PID %d not found on A", r.Pid)
+	}
+	w = testutil.Attach(t, here, report)
+	if r.Pid <= c.a.pidBase || r.Pid >= c.b.pidBase {
+		t.Fatalf("workload PID %d on A: want it in A's range above %d", r.Pid, c.a.pidBase)
+	}
+	return w, r.Pid
 }
 
 // migrate runs migrate on host A (the operator's shell) with --json and
@@ -337,6 +402,9 @@ func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// run with a host's nsenter prefix: see host.in.
+var _ = unix.SIGKILL
 
 func readlink(format string, args ...any) (string, error) {
 	return os.Readlink(fmt.Sprintf(format, args...))

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"os/exec"
 	"strings"
 	"testing"
@@ -47,56 +48,67 @@ func TestMigrateHybrid(t *testing.T) {
 }
 func TestMigratePostcopy(t *testing.T) { testMigrate(t, "postcopy") }
 
+// testMigrate moves a workload A -> B -> A in mode; after each hop the
+// workload verifies its memory, its token is unchanged and its counters
+// went on.
 func testMigrate(t *testing.T, mode string, agentArgsB ...string) *cluster {
 	c := newCluster(t, agentArgsB...)
 	// 64 MiB, two threads, rewriting memory at 20 MiB/s all along.
-	w := c.startWorkload("-m", "64", "-t", "2", "-C", "-c", "20")
+	w, pid := c.startWorkload("-m", "64", "-t", "2", "-C", "-c", "20")
 	before := w.Report(t)
-	code, evs := c.migrate(w.Pid, "--mode", mode)
-	res := evs[len(evs)-1]
-	if code != 0 || res["outcome"] != "committed" {
-		t.Fatalf("migrate: exit %d, result %v", code, res)
-	}
-	rounds, pages := 0, false
-	for _, e := range evs {
-		switch e["event"] {
-		case "round":
-			rounds++
-		case "pages":
-			pages = true
+	for _, hop := range []struct{ from, to *host }{{c.a, c.b}, {c.b, c.a}} {
+		code, evs := c.migrate(pid, "--mode", mode, "--from", hop.from.ip, "--to", hop.to.ip)
+		res := evs[len(evs)-1]
+		if code != 0 || res["outcome"] != "committed" {
+			t.Fatalf("migrate %s -> %s: exit %d, result %v", hop.from.name, hop.to.name, code, res)
 		}
-	}
-	switch {
-	case mode != "postcopy" && (rounds < 1 || res["rounds"].(float64) != float64(rounds+1)):
-		t.Fatalf("want pre-copy rounds then a final one: %d round events, result %v", rounds, res)
-	case mode == "postcopy" && (rounds != 0 || res["rounds"].(float64) != 1):
-		t.Fatalf("post-copy: want only the final round: %d round events, result %v", rounds, res)
-	case pages != (mode != "precopy"):
-		t.Fatalf("mode %s: post-copy pages event: %v", mode, pages)
-	}
-	if int(res["restored_pid"].(float64)) != w.Pid {
-		t.Fatalf("restored as PID %v on B, want %d", res["restored_pid"], w.Pid)
-	}
-	t.Logf("%s: downtime %.1f ms (frozen %.1f ms), post-copy %v ms, total %.0f ms, %.1f MiB in %v rounds", mode,
-		res["downtime_ms"], res["frozen_ms"], res["postcopy_ms"], res["total_ms"], res["bytes"].(float64)/(1<<20), res["rounds"])
+		rounds, pages := 0, false
+		for _, e := range evs {
+			switch e["event"] {
+			case "round":
+				rounds++
+			case "pages":
+				pages = true
+			}
+		}
+		switch {
+		case mode != "postcopy" && (rounds < 1 || res["rounds"].(float64) != float64(rounds+1)):
+			t.Fatalf("want pre-copy rounds then a final one: %d round events, result %v", rounds, res)
+		case mode == "postcopy" && (rounds != 0 || res["rounds"].(float64) != 1):
+			t.Fatalf("post-copy: want only the final round: %d round events, result %v", rounds, res)
+		case pages != (mode != "precopy"):
+			t.Fatalf("mode %s: post-copy pages event: %v", mode, pages)
+		}
+		if int(res["restored_pid"].(float64)) != pid {
+			t.Fatalf("restored as PID %v on %s, want %d", res["restored_pid"], hop.to.name, pid)
+		}
+		t.Logf("%s %s -> %s: downtime %.1f ms (frozen %.1f ms), post-copy %v ms, total %.0f ms, %.1f MiB in %v rounds",
+			mode, hop.from.name, hop.to.name, res["downtime_ms"], res["frozen_ms"], res["postcopy_ms"], res["total_ms"],
+			res["bytes"].(float64)/(1<<20), res["rounds"])
 
-	// The source is gone from A; the same process runs on B.
-	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
-		t.Fatalf("the source still runs on A: %v", err)
-	}
-	pidB := c.onB(w.Pid)
-	if pidB == 0 {
-		t.Fatalf("no process with PID %d in host B's PID namespace", w.Pid)
-	}
-	rw := testutil.Attach(t, pidB, w.ReportPath)
-	after := rw.Report(t)
-	checkSame(t, before, after)
-	if ns, _ := readlink("/proc/%d/ns/net", pidB); ns == "" || ns == mustReadlink(t, "/proc/self/ns/net") {
-		t.Fatalf("the restored process is not in host B's network namespace (%q)", ns)
-	}
-	time.Sleep(200 * time.Millisecond)
-	if again := rw.Report(t); again.Counter <= after.Counter {
-		t.Fatalf("the migrated process does not run: counter %d -> %d", after.Counter, again.Counter)
+		// Gone from the source; the same process runs on the target, in
+		// the target's namespaces.
+		if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+			t.Fatalf("the source still runs on %s: %v", hop.from.name, err)
+		}
+		// Reaped too (its PID is needed back on the next hop).
+		gone := w.Pid
+		waitFor(t, "the source to be reaped", 10*time.Second, func() bool { return procState(gone) == 0 })
+		here := hop.to.find(pid)
+		if here == 0 {
+			t.Fatalf("no process with PID %d on %s", pid, hop.to.name)
+		}
+		w = testutil.Attach(t, here, w.ReportPath)
+		after := w.Report(t)
+		checkSame(t, before, after)
+		if ns, _ := readlink("/proc/%d/ns/net", here); ns != mustReadlink(t, fmt.Sprintf("/proc/%d/ns/net", hop.to.initPid)) {
+			t.Fatalf("the restored process is not in %s's network namespace (%q)", hop.to.name, ns)
+		}
+		time.Sleep(200 * time.Millisecond)
+		if again := w.Report(t); again.Counter <= after.Counter {
+			t.Fatalf("the migrated process does not run: counter %d -> %d", after.Counter, again.Counter)
+		}
+		before = after
 	}
 	return c
 }
@@ -105,9 +117,9 @@ func TestMigrateRollbackAfterRestore(t *testing.T) {
 	// B fails with the tree already restored and running: its copy is
 	// killed, and the source resumes where it was frozen.
 	c := newCluster(t, "--fault", "after-restore")
-	w := c.startWorkload("-m", "32", "-t", "1", "-C", "-c", "10")
+	w, pid := c.startWorkload("-m", "32", "-t", "1", "-C", "-c", "10")
 	before := w.Report(t)
-	code, evs := c.migrate(w.Pid)
+	code, evs := c.migrate(pid)
 	res := evs[len(evs)-1]
 	if code != 1 || res["outcome"] != "rolled-back" {
 		t.Fatalf("migrate: exit %d, result %v; want exit 1, rolled-back", code, res)
@@ -116,21 +128,21 @@ func TestMigrateRollbackAfterRestore(t *testing.T) {
 		t.Fatalf("the source on A is %q after the rollback; want it running", st)
 	}
 	checkSame(t, before, w.Report(t))
-	if p := c.onB(w.Pid); p != 0 {
+	if p := c.b.find(pid); p != 0 {
 		t.Fatalf("B's restored copy (PID %d here) still exists after the rollback", p)
 	}
 }
 
 func TestMigrateRefused(t *testing.T) {
 	c := newCluster(t)
-	w := c.startWorkload("-m", "8")
+	w, pid := c.startWorkload("-m", "8")
 	// A PID that does not exist: refused, exit 2, nothing touched.
 	code, evs := c.migrate(4194000)
 	if res := evs[len(evs)-1]; code != 2 || res["outcome"] != "refused" {
 		t.Fatalf("migrate of a missing PID: exit %d, result %v; want exit 2, refused", code, res)
 	}
 	// A target without an agent: refused, exit 2.
-	code, evs = c.migrate(w.Pid, "--to", "10.78.0.9")
+	code, evs = c.migrate(pid, "--to", "10.78.0.9")
 	if res := evs[len(evs)-1]; code != 2 || res["outcome"] != "refused" {
 		t.Fatalf("migrate to a host without an agent: exit %d, result %v; want exit 2, refused", code, res)
 	}
@@ -145,9 +157,9 @@ func TestMigrateCoordinatorGone(t *testing.T) {
 	// rolls back its copy, A asks B, learns it was not committed, and only
 	// then resumes the source. At no moment do both copies run.
 	c := newCluster(t, "--fault", "slow-restore")
-	w := c.startWorkload("-m", "16", "-C", "-c", "5")
+	w, pid := c.startWorkload("-m", "16", "-C", "-c", "5")
 	before := w.Report(t)
-	cmd := c.migrateCmd(w.Pid, "--lease", "1500ms")
+	cmd := c.migrateCmd(pid, "--lease", "1500ms")
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -182,7 +194,7 @@ func TestMigrateCoordinatorGone(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if p := c.onB(w.Pid); p != 0 {
+	if p := c.b.find(pid); p != 0 {
 		t.Fatalf("the source resumed while B's copy (PID %d here) exists", p)
 	}
 	checkSame(t, before, w.Report(t))
@@ -196,9 +208,9 @@ func TestMigrateSourceAgentDiesInPostcopy(t *testing.T) {
 	// the same state directory, finds the frozen migration, asks B when
 	// the lease runs out, and resumes the source.
 	c := newClusterWith(t, []string{"--fault", "slow-pages"}, nil)
-	w := c.startWorkload("-m", "64", "-C", "-c", "5")
+	w, pid := c.startWorkload("-m", "64", "-C", "-c", "5")
 	before := w.Report(t)
-	cmd := c.migrateCmd(w.Pid, "--mode", "postcopy", "--lease", "2s")
+	cmd := c.migrateCmd(pid, "--mode", "postcopy", "--lease", "2s")
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -225,9 +237,9 @@ func TestMigrateSourceAgentDiesInPostcopy(t *testing.T) {
 	if st := procState(w.Pid); st != 'T' {
 		t.Fatalf("source state %q with its agent gone; want stopped (T)", st)
 	}
-	waitFor(t, "B's copy to be gone", 10*time.Second, func() bool { return c.onB(w.Pid) == 0 })
+	waitFor(t, "B's copy to be gone", 10*time.Second, func() bool { return c.b.find(pid) == 0 })
 
-	c.startAgent(c.a, nil, nil)
+	c.startAgent(c.a, nil)
 	waitFor(t, "the restarted agent to resume the source", 20*time.Second, func() bool { return procState(w.Pid) != 'T' })
 	checkSame(t, before, w.Report(t))
 }
@@ -262,15 +274,15 @@ func TestMigrateByNodeName(t *testing.T) {
 	if nodes[0].Name != "host-a" || nodes[0].Address != c.a.ip+":27100" || nodes[1].Name != "host-b" || nodes[1].Address != c.b.ip+":27100" {
 		t.Fatalf("ferry nodes: %+v", nodes)
 	}
-	w := c.startWorkload("-m", "16", "-C", "-c", "5")
+	w, pid := c.startWorkload("-m", "16", "-C", "-c", "5")
 	before := w.Report(t)
-	code, evs := c.migrate(w.Pid, "--via", c.a.ip, "--from", "host-a", "--to", "host-b")
+	code, evs := c.migrate(pid, "--via", c.a.ip, "--from", "host-a", "--to", "host-b")
 	if res := evs[len(evs)-1]; code != 0 || res["outcome"] != "committed" {
 		t.Fatalf("migrate --via: exit %d, result %v", code, res)
 	}
-	pidB := c.onB(w.Pid)
+	pidB := c.b.find(pid)
 	if pidB == 0 {
-		t.Fatalf("no process with PID %d on B", w.Pid)
+		t.Fatalf("no process with PID %d on B", pid)
 	}
 	checkSame(t, before, testutil.Attach(t, pidB, w.ReportPath).Report(t))
 }
@@ -279,9 +291,9 @@ func TestMigrateDetached(t *testing.T) {
 	// migrate --detach: A's agent coordinates; the caller leaves at once
 	// and reads the result later with --result.
 	c := newCluster(t)
-	w := c.startWorkload("-m", "16", "-C", "-c", "5")
+	w, pid := c.startWorkload("-m", "16", "-C", "-c", "5")
 	before := w.Report(t)
-	code, evs := c.migrateRaw(w.Pid, "--detach", "--json")
+	code, evs := c.migrateRaw(pid, "--detach", "--json")
 	if code != 0 || evs[0]["event"] != "started" || evs[0]["id"] == "" {
 		t.Fatalf("migrate --detach: exit %d, %v", code, evs)
 	}
@@ -290,9 +302,9 @@ func TestMigrateDetached(t *testing.T) {
 	if res := evs[len(evs)-1]; code != 0 || res["outcome"] != "committed" || res["id"] != id {
 		t.Fatalf("migrate --result %s --wait: exit %d, %v", id, code, res)
 	}
-	pidB := c.onB(w.Pid)
+	pidB := c.b.find(pid)
 	if pidB == 0 {
-		t.Fatalf("no process with PID %d on B", w.Pid)
+		t.Fatalf("no process with PID %d on B", pid)
 	}
 	checkSame(t, before, testutil.Attach(t, pidB, w.ReportPath).Report(t))
 }
