@@ -51,11 +51,11 @@ type host struct {
 // cluster is two hosts and the certificates of their agents and of the
 // operator.
 type cluster struct {
-	t      *testing.T
-	ferry  string
-	mig    string
-	pki    string
-	a, b   *host
+	t     *testing.T
+	ferry string
+	mig   string
+	pki   string
+	a, b  *host
 }
 
 var seq atomic.Int32
