@@ -21,6 +21,10 @@ build:
 test: deps build
 	$(GO) test -count=1 -timeout 25m ./...
 
+## e2e: the multi-host migration tests alone, verbose (make test runs them too)
+e2e: deps build
+	$(GO) test -count=1 -v -timeout 20m ./e2e
+
 ## bench: dump/restore benchmarks; JSON results in bench/results.json
 bench: deps build
 	@bash scripts/bench.sh
