@@ -228,8 +228,8 @@ func (r *run) migrate(ctx context.Context) error {
 	}
 	r.event(Event{Event: "preflight", Pid: o.Pid, Bytes: ins.Rss,
 		Message: fmt.Sprintf("%s (pid %d, %d threads, %s resident) from %s (kernel %s) to %s (kernel %s, %s available)",
-			ins.Command, o.Pid, len(ins.Pids), size(ins.Rss), ins.Node.GetName(), ins.Node.GetKernel(),
-			dstNode.Name, dstNode.Kernel, size(dstNode.MemAvailable))})
+			ins.Command, o.Pid, len(ins.Pids), Size(ins.Rss), ins.Node.GetName(), ins.Node.GetKernel(),
+			dstNode.Name, dstNode.Kernel, Size(dstNode.MemAvailable))})
 
 	// From here on every failure is rolled back. The lease is renewed on
 	// both sides while the migration is under way.
@@ -432,7 +432,8 @@ func reason(err error) string {
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-func size(b uint64) string {
+// Size prints a byte count for people: KiB, MiB or GiB.
+func Size(b uint64) string {
 	switch {
 	case b >= 1<<30:
 		return fmt.Sprintf("%.1f GiB", float64(b)/(1<<30))

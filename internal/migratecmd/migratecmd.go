@@ -143,9 +143,6 @@ under way.`,
 			if o.To, err = HostPort("--to", to); err != nil {
 				return usage(cmd, err)
 			}
-			if o.From, err = HostPort("--from", from); err != nil {
-				return usage(cmd, err)
-			}
 			if o.From == o.To {
 				return usage(cmd, fmt.Errorf("--from and --to are the same agent (%s)", o.From))
 			}
@@ -248,23 +245,23 @@ func printEvent(w io.Writer, e coordinator.Event) {
 	case "preflight":
 		fmt.Fprintf(w, "migration %s: %s\n", e.ID, e.Message)
 	case "round":
-		fmt.Fprintf(w, "  round %d: %d pages, %s in %s", e.Round, e.Pages, size(e.Bytes), dur(e.Seconds))
+		fmt.Fprintf(w, "  round %d: %d pages, %s in %s", e.Round, e.Pages, coordinator.Size(e.Bytes), dur(e.Seconds))
 		if e.Rate > 0 {
-			fmt.Fprintf(w, " (%s/s)", size(uint64(e.Rate)))
+			fmt.Fprintf(w, " (%s/s)", coordinator.Size(uint64(e.Rate)))
 		}
 		if e.DirtyRate > 0 || e.PredictedDowntimeMs > 0 {
-			fmt.Fprintf(w, "; dirty %s/s, a final round now: ~%.0f ms", size(uint64(e.DirtyRate)), e.PredictedDowntimeMs)
+			fmt.Fprintf(w, "; dirty %s/s, a final round now: ~%.0f ms", coordinator.Size(uint64(e.DirtyRate)), e.PredictedDowntimeMs)
 		}
 		if e.Message != "" {
 			fmt.Fprintf(w, "; %s", e.Message)
 		}
 		fmt.Fprintln(w)
 	case "final":
-		fmt.Fprintf(w, "  final round %d: %d pages, %s; %s (%.1f ms so far)\n", e.Round, e.Pages, size(e.Bytes), e.Message, e.FrozenMs)
+		fmt.Fprintf(w, "  final round %d: %d pages, %s; %s (%.1f ms so far)\n", e.Round, e.Pages, coordinator.Size(e.Bytes), e.Message, e.FrozenMs)
 	case "restored":
 		fmt.Fprintf(w, "  restored on the target as PID %d in %s: it runs there\n", e.Pid, dur(e.Seconds))
 	case "pages":
-		fmt.Fprintf(w, "  post-copy: %d pages (%s) from the source in %s; %s\n", e.Pages, size(e.Bytes), dur(e.Seconds), e.Message)
+		fmt.Fprintf(w, "  post-copy: %d pages (%s) from the source in %s; %s\n", e.Pages, coordinator.Size(e.Bytes), dur(e.Seconds), e.Message)
 	}
 }
 
@@ -275,7 +272,7 @@ func printSummary(w io.Writer, r *coordinator.Result) {
 	switch r.Outcome {
 	case coordinator.Committed:
 		fmt.Fprintf(w, "migrated: PID %d now runs on %s; downtime %.1f ms, total %s, %s in %d rounds",
-			r.RestoredPid, r.To, r.DowntimeMs, dur(r.TotalMs/1000), size(r.Bytes), r.Rounds)
+			r.RestoredPid, r.To, r.DowntimeMs, dur(r.TotalMs/1000), coordinator.Size(r.Bytes), r.Rounds)
 		if r.PostcopyMs > 0 {
 			fmt.Fprintf(w, " and %s of post-copy", dur(r.PostcopyMs/1000))
 		}
@@ -287,16 +284,6 @@ func printSummary(w io.Writer, r *coordinator.Result) {
 	case coordinator.Unresolved:
 		fmt.Fprintf(w, "unresolved: PID %d stays frozen on %s until the agents settle migration %s\n", r.Pid, r.From, r.ID)
 	}
-}
-
-func size(b uint64) string {
-	switch {
-	case b >= 1<<30:
-		return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30))
-	case b >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
-	}
-	return fmt.Sprintf("%d KiB", b>>10)
 }
 
 func dur(s float64) string {
