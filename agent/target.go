@@ -279,16 +279,10 @@ type postcopy struct {
 // dir, its pages coming from the source's service at addr (pages the
 // earlier rounds sent come from dir's parents).
 func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string) (*postcopy, error) {
-	conn, err := transport.DialOn(ctx, "tcp", addr, a.tls)
+	remote, err := lazypages.DialRemote(ctx, "tcp", addr, a.tls, true)
 	if err != nil {
-		return nil, fmt.Errorf("the source's page service %s: %w", addr, err)
+		return nil, fmt.Errorf("the source's pages: %w", err)
 	}
-	st, err := transport.Client(conn, true)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("the source's page service %s: %w", addr, err)
-	}
-	remote := lazypages.NewRemoteSource(st)
 	// The socket's path must fit sun_path: not under the state directory.
 	sockDir, err := os.MkdirTemp("", "ferry-lazy-")
 	if err != nil {

@@ -1,6 +1,7 @@
 package lazypages
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"sort"
@@ -50,6 +51,21 @@ type RemoteSource struct {
 
 // NewRemoteSource uses an established stream.
 func NewRemoteSource(s *transport.Stream) *RemoteSource { return &RemoteSource{s: s} }
+
+// DialRemote connects to the page server in lazy mode at addr over network
+// ("tcp" or "quic"), asking for zstd if wantZstd.
+func DialRemote(ctx context.Context, network, addr string, t transport.TLS, wantZstd bool) (*RemoteSource, error) {
+	conn, err := transport.DialOn(ctx, network, addr, t)
+	if err != nil {
+		return nil, fmt.Errorf("page server %s: %w", addr, err)
+	}
+	s, err := transport.Client(conn, wantZstd)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("page server %s: %w", addr, err)
+	}
+	return NewRemoteSource(s), nil
+}
 
 // Read requests pages and waits for them.
 func (r *RemoteSource) Read(pid int, vaddr uint64, buf []byte) error {

@@ -149,16 +149,7 @@ func (p *psFlags) remoteSource(cmd *cobra.Command) (*lazypages.RemoteSource, err
 	if err != nil {
 		return nil, err
 	}
-	conn, err := transport.DialOn(cmd.Context(), p.network, a, p.tls)
-	if err != nil {
-		return nil, fmt.Errorf("page server %s: %w", a, err)
-	}
-	s, err := transport.Client(conn, p.compress)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("page server %s: %w", a, err)
-	}
-	return lazypages.NewRemoteSource(s), nil
+	return lazypages.DialRemote(cmd.Context(), p.network, a, p.tls, p.compress)
 }
 
 // listen opens the page-stream listener, logging refused QUIC peers.
