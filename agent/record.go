@@ -201,10 +201,16 @@ func (a *Agent) renew(m *migration, d time.Duration) {
 	}
 }
 
-func (a *Agent) statusOf(m *migration) *agentv1.MigrationStatus {
+// recordOf returns a copy of m's record.
+func (a *Agent) recordOf(m *migration) record {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return &agentv1.MigrationStatus{Id: m.rec.ID, State: m.rec.State}
+	return m.rec
+}
+
+func (a *Agent) statusOf(m *migration) *agentv1.MigrationStatus {
+	rec := a.recordOf(m)
+	return &agentv1.MigrationStatus{Id: rec.ID, State: rec.State}
 }
 
 // Status reports what this side knows of a migration.
@@ -253,9 +259,7 @@ func (a *Agent) Finish(ctx context.Context, req *agentv1.FinishRequest) (*agentv
 
 // commit ends m as done on this side. Call with m.op held.
 func (a *Agent) commit(m *migration) error {
-	a.mu.Lock()
-	rec := m.rec
-	a.mu.Unlock()
+	rec := a.recordOf(m)
 	switch {
 	case rec.State == StateCommitted:
 		return nil
@@ -284,9 +288,7 @@ func (a *Agent) commit(m *migration) error {
 // rollback ends m as undone on this side: a target's restored tree is
 // killed, a source's frozen tree resumes. Call with m.op held.
 func (a *Agent) rollback(m *migration) error {
-	a.mu.Lock()
-	rec := m.rec
-	a.mu.Unlock()
+	rec := a.recordOf(m)
 	switch rec.State {
 	case StateRolledBack:
 		return nil
@@ -348,9 +350,7 @@ func (a *Agent) watch(ctx context.Context) {
 // lease. A target rolls back: nothing was committed. A source asks the
 // target first, and keeps a frozen tree frozen while it cannot.
 func (a *Agent) expire(ctx context.Context, m *migration) {
-	a.mu.Lock()
-	rec := m.rec
-	a.mu.Unlock()
+	rec := a.recordOf(m)
 	log := a.log.With("id", rec.ID, "role", rec.Role, "state", rec.State)
 	if rec.Role == roleTarget || rec.State != StateFrozen {
 		log.Warn("migration: lease ran out; rolling back")

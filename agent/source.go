@@ -138,9 +138,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 	a.renew(m, lease)
 	defer a.renew(m, lease)
 
-	a.mu.Lock()
-	rec := m.rec
-	a.mu.Unlock()
+	rec := a.recordOf(m)
 	if rec.Role != roleSource || rec.State != StateRunning || rec.Pid != int(req.Pid) {
 		return nil, status.Errorf(codes.FailedPrecondition, "migration %s: no round for pid %d now (%s here, state %s)", req.Id, req.Pid, rec.Role, rec.State)
 	}

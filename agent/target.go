@@ -403,13 +403,8 @@ func (a *Agent) Commit(ctx context.Context, req *agentv1.MigrationRef) (*agentv1
 			return nil, status.Errorf(codes.FailedPrecondition, "migration %s: post-copy under way: it commits when every page has arrived (WaitPages)", req.Id)
 		}
 	}
-	if r := a.statusOf(m); r.State == StateRestored {
-		a.mu.Lock()
-		role := m.rec.Role
-		a.mu.Unlock()
-		if role != roleTarget {
-			return nil, status.Errorf(codes.FailedPrecondition, "migration %s: commit is the target's to record", req.Id)
-		}
+	if a.recordOf(m).Role != roleTarget {
+		return nil, status.Errorf(codes.FailedPrecondition, "migration %s: commit is the target's to record (Finish commits a source)", req.Id)
 	}
 	if err := a.commit(m); err != nil {
 		return nil, err
