@@ -96,6 +96,22 @@ func dumpRestore(t *testing.T, w *testutil.Workload, dumpArgs ...string) *testut
 	return r
 }
 
+// dumpRestorePython runs a Python workload (python3 -c script args...,
+// the report path last), dumps and restores it, checks that it continued,
+// and returns its reports from before the dump and after the restore. The
+// restored process is killed at cleanup.
+func dumpRestorePython(t *testing.T, script string, args ...string) (before, after testutil.Report) {
+	t.Helper()
+	w := testutil.Start(t, "", "python3", append([]string{"-c", script}, args...)...)
+	time.Sleep(300 * time.Millisecond)
+	before = w.Report(t)
+	r := dumpRestore(t, w)
+	t.Cleanup(r.Kill)
+	after = r.Report(t)
+	checkContinued(t, before, after)
+	return before, after
+}
+
 func checkContinued(t *testing.T, before, after testutil.Report) {
 	t.Helper()
 	if after.Status != "ok" {
@@ -1803,16 +1819,10 @@ while True:
         os.rename(sys.argv[1] + ".tmp", sys.argv[1])
     time.sleep(0.01)
 `
-	w := testutil.Start(t, "", "python3", "-c", script)
-	time.Sleep(300 * time.Millisecond)
-	before := w.Report(t)
+	before, _ := dumpRestorePython(t, script)
 	if before.Status != "ok" {
 		t.Fatalf("before: %v", before)
 	}
-	r := dumpRestore(t, w)
-	defer r.Kill()
-	after := r.Report(t)
-	checkContinued(t, before, after)
 }
 
 func TestDumpRestoreSignalfdTimerfd(t *testing.T) {
@@ -1870,13 +1880,7 @@ while True:
         os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     time.sleep(0.01)
 `
-	w := testutil.Start(t, "", "python3", "-c", script, dir)
-	time.Sleep(300 * time.Millisecond)
-	before := w.Report(t)
-	r := dumpRestore(t, w)
-	defer r.Kill()
-	after := r.Report(t) // the third report checks the FIFOs
-	checkContinued(t, before, after)
+	_, after := dumpRestorePython(t, script, dir) // the third report checks the FIFOs
 	if after.Fields["fifos"] != "ok" {
 		t.Fatalf("FIFOs after restore: %v", after)
 	}
@@ -1912,12 +1916,7 @@ while True:
         os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     time.sleep(0.01)
 `
-	w := testutil.Start(t, "", "python3", "-c", script, parent)
-	time.Sleep(300 * time.Millisecond)
-	before := w.Report(t)
-	r := dumpRestore(t, w)
-	defer r.Kill()
-	checkContinued(t, before, r.Report(t))
+	dumpRestorePython(t, script, parent)
 	if ents, _ := os.ReadDir(parent); len(ents) != 0 {
 		t.Fatalf("left on disk: %v", ents)
 	}
@@ -1956,15 +1955,10 @@ while True:
         os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     time.sleep(0.01)
 `
-	w := testutil.Start(t, "", "python3", "-c", script, dir)
-	time.Sleep(300 * time.Millisecond)
-	before := w.Report(t)
+	before, _ := dumpRestorePython(t, script, dir)
 	if before.Status != "ok" {
 		t.Fatalf("before: %v", before)
 	}
-	r := dumpRestore(t, w)
-	defer r.Kill()
-	checkContinued(t, before, r.Report(t))
 	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 		t.Fatalf("left on disk: %v", ents)
 	}
@@ -2015,13 +2009,7 @@ while True:
         os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     time.sleep(0.01)
 `
-	w := testutil.Start(t, "", "python3", "-c", script, dir)
-	time.Sleep(300 * time.Millisecond)
-	before := w.Report(t)
-	r := dumpRestore(t, w)
-	defer r.Kill()
-	after := r.Report(t) // the third report creates the files and reads the events
-	checkContinued(t, before, after)
+	_, after := dumpRestorePython(t, script, dir) // the third report creates the files and reads the events
 	if after.Fields["wds"] != "1,3" {
 		t.Fatalf("events came with watch descriptors %q, want 1,3", after.Fields["wds"])
 	}

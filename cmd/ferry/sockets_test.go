@@ -664,13 +664,7 @@ while True:
         os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     time.sleep(0.01)
 `
-	w := testutil.Start(t, "", "python3", "-c", script, dir)
-	time.Sleep(300 * time.Millisecond)
-	before := w.Report(t)
-	r := dumpRestore(t, w)
-	defer r.Kill()
-	after := r.Report(t)
-	checkContinued(t, before, after)
+	_, after := dumpRestorePython(t, script, dir)
 	if after.Fields["inflight"] != "ok" {
 		t.Fatalf("descriptors in flight after restore: %q", after.Fields["inflight"])
 	}

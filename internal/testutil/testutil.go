@@ -60,38 +60,39 @@ func cacheDir(t testing.TB) string {
 // returns the executable's path.
 func BuildC(t testing.TB, name string) string {
 	t.Helper()
+	return buildOnce(t, name, name, func(out string) *exec.Cmd {
+		src := filepath.Join(RepoRoot(t), "testdata", "workloads", name+".c")
+		return exec.Command("gcc", "-O2", "-Wall", "-pthread", "-mavx2", "-o", out, src)
+	})
+}
+
+// buildOnce runs, once per key and test binary, the build that makes the
+// executable out (named name in the cache directory), and returns out.
+func buildOnce(t testing.TB, key, name string, build func(out string) *exec.Cmd) string {
+	t.Helper()
 	buildMu.Lock()
 	defer buildMu.Unlock()
-	if p, ok := built[name]; ok {
+	if p, ok := built[key]; ok {
 		return p
 	}
-	src := filepath.Join(RepoRoot(t), "testdata", "workloads", name+".c")
 	out := filepath.Join(cacheDir(t), name)
-	cmd := exec.Command("gcc", "-O2", "-Wall", "-pthread", "-mavx2", "-o", out, src)
+	cmd := build(out)
 	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("gcc %s: %v\n%s", src, err, b)
+		t.Fatalf("%s (in %s): %v\n%s", strings.Join(cmd.Args, " "), cmd.Dir, err, b)
 	}
-	built[name] = out
+	built[key] = out
 	return out
 }
 
 // BuildGo builds the Go workload in testdata/workloads/DIR (its own module).
 func BuildGo(t testing.TB, dir string) string {
 	t.Helper()
-	buildMu.Lock()
-	defer buildMu.Unlock()
-	if p, ok := built["go:"+dir]; ok {
-		return p
-	}
-	out := filepath.Join(cacheDir(t), dir)
-	cmd := exec.Command("go", "build", "-o", out, ".")
-	cmd.Dir = filepath.Join(RepoRoot(t), "testdata", "workloads", dir)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOWORK=off", "GOFLAGS=")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build %s: %v\n%s", dir, err, b)
-	}
-	built["go:"+dir] = out
-	return out
+	return buildOnce(t, "go:"+dir, dir, func(out string) *exec.Cmd {
+		cmd := exec.Command("go", "build", "-o", out, ".")
+		cmd.Dir = filepath.Join(RepoRoot(t), "testdata", "workloads", dir)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOWORK=off", "GOFLAGS=")
+		return cmd
+	})
 }
 
 // Report is a parsed workload report.
@@ -290,18 +291,10 @@ func WaitGone(pid int, timeout time.Duration) error {
 // and returns the executable's path.
 func BuildCmd(t testing.TB, name string) string {
 	t.Helper()
-	buildMu.Lock()
-	defer buildMu.Unlock()
-	if p, ok := built["cmd:"+name]; ok {
-		return p
-	}
-	out := filepath.Join(cacheDir(t), "cmd-"+name)
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/"+name)
-	cmd.Dir = RepoRoot(t)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/%s: %v\n%s", name, err, b)
-	}
-	built["cmd:"+name] = out
-	return out
+	return buildOnce(t, "cmd:"+name, "cmd-"+name, func(out string) *exec.Cmd {
+		cmd := exec.Command("go", "build", "-o", out, "./cmd/"+name)
+		cmd.Dir = RepoRoot(t)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		return cmd
+	})
 }
