@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -319,8 +320,9 @@ func readImages(dir string, skip map[string]bool) (map[string][]byte, error) {
 	return out, nil
 }
 
-// cpuFlags returns the first processor's flags from /proc/cpuinfo.
-func cpuFlags() []string {
+// cpuFlags returns the first processor's flags from /proc/cpuinfo, read
+// once: node() runs for every Info call and gossip update.
+var cpuFlags = sync.OnceValue(func() []string {
 	b, err := os.ReadFile("/proc/cpuinfo")
 	if err != nil {
 		return nil
@@ -331,7 +333,7 @@ func cpuFlags() []string {
 		}
 	}
 	return nil
-}
+})
 
 func memAvailable() uint64 {
 	b, _ := os.ReadFile("/proc/meminfo")

@@ -403,9 +403,6 @@ func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
 	}
 }
 
-// run with a host's nsenter prefix: see host.in.
-var _ = unix.SIGKILL
-
 func readlink(format string, args ...any) (string, error) {
 	return os.Readlink(fmt.Sprintf(format, args...))
 }
