@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -191,16 +190,14 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 // socketFilter reads a socket's classic BPF filter (SO_GET_FILTER: first
 // its length in instructions, then the instructions, 8 bytes each).
 func socketFilter(fd int) ([]byte, error) {
-	var n uint32
-	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, 0, uintptr(unsafe.Pointer(&n)), 0)
-	if e != 0 || n == 0 {
+	n, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, nil, 0)
+	if err != nil || n == 0 {
 		return nil, nil // no filter
 	}
 	b := make([]byte, 8*n)
-	l := n
-	if _, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER,
-		uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)), 0); e != 0 {
-		return nil, os.NewSyscallError("getsockopt SO_GET_FILTER", e)
+	l, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, b, n)
+	if err != nil {
+		return nil, os.NewSyscallError("getsockopt SO_GET_FILTER", err)
 	}
 	return b[:8*l], nil
 }
@@ -341,11 +338,9 @@ func changedOpts(fd, family, typ, proto int, opts []sockOpt) ([]*pb.SockOpt, err
 
 func rawOpt(fd int, o sockOpt) ([]byte, error) {
 	b := make([]byte, o.size)
-	l := uint32(len(b))
-	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(o.level), uintptr(o.name),
-		uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)), 0)
-	if e != 0 {
-		return nil, e
+	l, err := getsockoptRaw(fd, o.level, o.name, b, uint32(len(b)))
+	if err != nil {
+		return nil, err
 	}
 	return b[:l], nil
 }
@@ -353,10 +348,9 @@ func rawOpt(fd int, o sockOpt) ([]byte, error) {
 // rawName returns the raw struct sockaddr of getsockname or getpeername.
 func rawName(fd int, nr uintptr) ([]byte, error) {
 	b := make([]byte, unix.SizeofSockaddrAny)
-	l := uint32(len(b))
-	_, _, e := unix.Syscall(nr, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)))
-	if e != 0 {
-		return nil, e
+	l, err := sockaddrRaw(fd, nr, b)
+	if err != nil {
+		return nil, err
 	}
 	return b[:l], nil
 }

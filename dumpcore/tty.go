@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"strconv"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -68,8 +67,8 @@ func (ft *fileTable) describeTty(e *pb.FileEntry, rdev uint64, dup int, info pro
 		e.Type = "pts"
 	}
 	t.Termios = make([]byte, 44) // struct termios2
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(slave), tcgets2, uintptr(unsafePointer(t.Termios))); errno != 0 {
-		return os.NewSyscallError("ioctl TCGETS2", errno)
+	if err := ioctlBuf(slave, tcgets2, t.Termios); err != nil {
+		return os.NewSyscallError("ioctl TCGETS2", err)
 	}
 	ws, err := unix.IoctlGetWinsize(slave, unix.TIOCGWINSZ)
 	if err != nil {
@@ -105,5 +104,3 @@ func (ft *fileTable) checkTtys(table *pb.FdTable, shellJob bool) error {
 	}
 	return nil
 }
-
-func unsafePointer(b []byte) unsafe.Pointer { return unsafe.Pointer(&b[0]) }

@@ -1,0 +1,45 @@
+package dumpcore
+
+import (
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The raw system calls that hand the kernel a buffer of ferry's memory.
+
+// getsockoptRaw calls getsockopt(fd, level, name) into b with the given
+// optlen (in bytes, or in the option's own unit, as SO_GET_FILTER counts
+// instructions); b may be empty (a NULL optval, to learn the length). It
+// returns the optlen the kernel wrote back.
+func getsockoptRaw(fd, level, name int, b []byte, optlen uint32) (uint32, error) {
+	var p unsafe.Pointer
+	if len(b) > 0 {
+		p = unsafe.Pointer(&b[0])
+	}
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(name),
+		uintptr(p), uintptr(unsafe.Pointer(&optlen)), 0)
+	if e != 0 {
+		return 0, e
+	}
+	return optlen, nil
+}
+
+// sockaddrRaw calls getsockname or getpeername (nr) into b and returns the
+// address's length.
+func sockaddrRaw(fd int, nr uintptr, b []byte) (uint32, error) {
+	l := uint32(len(b))
+	_, _, e := unix.Syscall(nr, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)))
+	if e != 0 {
+		return 0, e
+	}
+	return l, nil
+}
+
+// ioctlBuf calls ioctl(fd, req, b).
+func ioctlBuf(fd int, req uintptr, b []byte) error {
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(unsafe.Pointer(&b[0]))); e != 0 {
+		return e
+	}
+	return nil
+}
