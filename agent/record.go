@@ -16,7 +16,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
+	"github.com/ferrycr/ferry/dumpcore"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/netlock"
 )
 
 // A migration's states, as Status reports them.
@@ -47,7 +49,12 @@ type record struct {
 	// Procs: the source's frozen tree, or the target's restored one,
 	// each named by PID and start time so that a reused PID is never
 	// signalled.
-	Procs   []procRef `json:"procs,omitempty"`
+	Procs []procRef `json:"procs,omitempty"`
+	// Lock: target, the network lock holding the tree's connections
+	// until the restore rebuilds them.
+	Lock string `json:"lock,omitempty"`
+	// Stopped: target, the restored tree waits for the commit, stopped.
+	Stopped bool      `json:"stopped,omitempty"`
 	Updated time.Time `json:"updated"`
 }
 
@@ -67,9 +74,58 @@ func refOf(pid int) (procRef, error) {
 // signal sends sig to each process that is still the one recorded.
 func signal(refs []procRef, sig unix.Signal) {
 	for _, r := range refs {
-		if st, err := proc.ReadStat(r.Pid); err == nil && st.StartTime == r.Start {
+		if r.alive() {
 			unix.Kill(r.Pid, sig)
 		}
+	}
+}
+
+// alive tells whether r's process is still the one recorded.
+func (r procRef) alive() bool {
+	st, err := proc.ReadStat(r.Pid)
+	return err == nil && st.StartTime == r.Start
+}
+
+// resumeSource resumes a source's frozen tree (root pid): the connections
+// its final round held (dumpcore.Options.HoldConnections) are released
+// first.
+func (a *Agent) resumeSource(pid int, refs []procRef) {
+	for _, r := range refs {
+		if r.Pid == pid && r.alive() {
+			if err := dumpcore.ReleaseConnections(pid); err != nil {
+				a.log.Warn("migration: resuming the source", "pid", pid, "err", err)
+			}
+		}
+	}
+	signal(refs, unix.SIGCONT)
+}
+
+// resumeTarget lets a target's restored tree, stopped until the commit,
+// go on: its connections first.
+func (a *Agent) resumeTarget(rec record) {
+	if rec.Lock != "" {
+		if err := netlock.Unlock(0, rec.Lock); err != nil {
+			a.log.Warn("migration: removing the network lock", "table", rec.Lock, "err", err)
+		}
+	}
+	signal(rec.Procs, unix.SIGCONT)
+}
+
+// killSource ends a source's frozen tree (root pid) once the target has
+// it, and removes the network lock of its connections.
+func (a *Agent) killSource(pid int, refs []procRef) {
+	var ns *os.File
+	for _, r := range refs {
+		if r.Pid == pid && r.alive() {
+			ns, _ = netlock.OpenNS(pid)
+		}
+	}
+	signal(refs, unix.SIGKILL)
+	if ns != nil {
+		if err := netlock.UnlockIn(ns, netlock.TableName(pid)); err != nil {
+			a.log.Warn("migration: removing the source's network lock", "pid", pid, "err", err)
+		}
+		ns.Close()
 	}
 }
 
@@ -166,9 +222,17 @@ func (a *Agent) load() error {
 			a.log.Warn("agent: ignoring an unreadable migration record", "file", p, "err", err)
 			continue
 		}
-		if !terminal(m.rec.State) {
-			m.rec.LeaseUntil = time.Now().Add(a.lease(m.rec.LeaseMs))
-			a.log.Info("agent: found a migration in flight", "id", m.rec.ID, "role", m.rec.Role, "state", m.rec.State)
+		rec := m.rec
+		switch {
+		case !terminal(rec.State):
+			m.rec.LeaseUntil = time.Now().Add(a.lease(rec.LeaseMs))
+			a.log.Info("agent: found a migration in flight", "id", rec.ID, "role", rec.Role, "state", rec.State)
+		// A crash between recording an outcome and acting on it must not
+		// leave a tree stopped for good: act again (both are idempotent).
+		case rec.State == StateCommitted && rec.Role == roleTarget && rec.Stopped:
+			a.resumeTarget(rec)
+		case rec.State == StateRolledBack && rec.Role == roleSource && len(rec.Procs) > 0:
+			a.resumeSource(rec.Pid, rec.Procs)
 		}
 		a.migs[m.rec.ID] = m
 	}
@@ -276,9 +340,12 @@ func (a *Agent) commit(m *migration) error {
 	if err := a.setState(m, StateCommitted); err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
-	if rec.Role == roleSource {
+	switch {
+	case rec.Role == roleSource:
 		// The tree lives on the target now.
-		signal(rec.Procs, unix.SIGKILL)
+		a.killSource(rec.Pid, rec.Procs)
+	case rec.Stopped:
+		a.resumeTarget(rec)
 	}
 	m.stopSession()
 	a.dropImages(rec.ID)
@@ -300,10 +367,22 @@ func (a *Agent) rollback(m *migration) error {
 	}
 	switch rec.Role {
 	case roleTarget:
+		// The copy dies without a word to its peers: the source takes
+		// its connections back.
+		if len(rec.Procs) > 0 && rec.Procs[0].alive() {
+			if err := dumpcore.SilenceConnections(rec.Procs[0].Pid); err != nil {
+				a.log.Warn("migration: rolling back", "err", err)
+			}
+		}
 		signal(rec.Procs, unix.SIGKILL)
+		if rec.Lock != "" {
+			if err := netlock.Unlock(0, rec.Lock); err != nil {
+				a.log.Warn("migration: removing the network lock", "table", rec.Lock, "err", err)
+			}
+		}
 	case roleSource:
 		if rec.State == StateFrozen {
-			signal(rec.Procs, unix.SIGCONT)
+			a.resumeSource(rec.Pid, rec.Procs)
 		}
 	}
 	m.stopSession()

@@ -13,7 +13,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -162,8 +161,11 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		NoPageData:     req.Final && req.Lazy,
 		PageSink:       sink,
 		TCPEstablished: req.TcpEstablished,
-		Version:        a.cfg.Version,
-		Logger:         a.log.With("migration", req.Id, "round", req.Round),
+		// The connections stay held while the tree is frozen: its copy
+		// on the target takes them over.
+		HoldConnections: req.Final && req.TcpEstablished,
+		Version:         a.cfg.Version,
+		Logger:          a.log.With("migration", req.Id, "round", req.Round),
 	}
 	if req.Round > 1 {
 		opts.PrevImagesDir = "../" + strconv.Itoa(int(req.Round)-1)
@@ -177,7 +179,9 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		// A final dump that failed after its commit point (writing or
 		// sending images) leaves the tree stopped as asked: resume it.
 		if st, e := proc.ReadStat(int(req.Pid)); e == nil && st.State == 'T' {
-			unix.Kill(int(req.Pid), unix.SIGCONT)
+			if r, e := refOf(int(req.Pid)); e == nil {
+				a.resumeSource(r.Pid, []procRef{r})
+			}
 		}
 	}
 	if err != nil {
@@ -200,7 +204,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		m.rec.Procs = refs
 		a.mu.Unlock()
 		if err := a.setState(m, StateFrozen); err != nil {
-			unix.Kill(int(req.Pid), unix.SIGCONT)
+			a.resumeSource(int(req.Pid), refs)
 			return nil, status.Error(codes.Internal, err.Error())
 		}
 	}

@@ -189,6 +189,25 @@ func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*ag
 			return nil, status.Error(codes.Internal, err.Error())
 		}
 	}
+	if _, ok := req.Files["inventory.img"]; ok {
+		// The final round: the connections it held on the source are held
+		// here too, before their address can move here (the restore
+		// rebuilds them and removes the lock).
+		lock, err := restorecore.LockConnections(dir)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "round %d: holding the connections: %v", req.Round, err)
+		}
+		if lock != "" {
+			a.mu.Lock()
+			m.rec.Lock = lock
+			err := a.save(m)
+			a.mu.Unlock()
+			if err != nil {
+				return nil, status.Errorf(codes.Internal, "recording migration %s: %v", req.Id, err)
+			}
+			a.log.Info("migration: connections held until the restore", "id", req.Id, "table", lock)
+		}
+	}
 	return &agentv1.PutFilesReply{}, nil
 }
 
@@ -220,6 +239,12 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	start := time.Now()
 	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
 	ropts := restorecore.Options{ImagesDir: dir, Logger: a.log.With("migration", req.Id)}
+	if req.LazyAddress == "" {
+		// Pre-copy: the copy stays stopped, and its connections held,
+		// until the commit, so that a rollback loses nothing it did.
+		// (Post-copy cannot wait: the copy runs to fetch its memory.)
+		ropts.LeaveStopped, ropts.KeepNetworkLock = true, true
+	}
 	var post *postcopy
 	if req.LazyAddress != "" {
 		if post, err = a.startPostcopy(ctx, req.Id, dir, req.LazyAddress); err != nil {
@@ -237,9 +262,8 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	}
 	if post != nil {
 		a.mu.Lock()
-		m.post = post
+		m.post = post // a rollback stops it
 		a.mu.Unlock()
-		go a.settlePostcopy(m, post)
 	}
 	go reap(res.Root)
 	a.metrics.step("restore", time.Since(start))
@@ -250,14 +274,21 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 		}
 	}
 	a.mu.Lock()
-	m.rec.Procs = refs
+	m.rec.Procs, m.rec.Stopped = refs, ropts.LeaveStopped
 	a.mu.Unlock()
 	if err := a.setState(m, StateRestored); err != nil {
 		signal(refs, unix.SIGKILL)
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	if a.cfg.Fault == "after-restore" {
+		// As a failure here would: the copy runs, but nothing commits it
+		// (not even its last page arriving); the coordinator rolls back.
 		return nil, status.Errorf(codes.Internal, "migration %s: failing with the tree restored (fault injected with --fault after-restore)", req.Id)
+	}
+	if post != nil {
+		// From here on every page arriving commits the migration, also
+		// without the coordinator.
+		go a.settlePostcopy(m, post)
 	}
 	return &agentv1.RestoreReply{Root: int32(res.Root), DurationUs: uint64(time.Since(start).Microseconds())}, nil
 }

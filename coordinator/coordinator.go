@@ -52,6 +52,15 @@ type Options struct {
 	TCPEstablished bool
 	TLS            transport.TLS
 	ID             string // default: random
+	// Hook, when set, runs at three stages (migrate --action-script):
+	// "post-dump" once the source is frozen for good and the target has
+	// its images and holds its connections, before the restore: the
+	// moment to move the workload's service addresses to the target (an
+	// error rolls the migration back); "post-migrate" after the commit;
+	// "rollback" when a migration that ran post-dump is undone, before
+	// the target drops its copy and the source resumes (move the
+	// addresses back). Errors of the last two are logged.
+	Hook func(stage string) error
 	// Progress, when set, receives every event as it happens.
 	Progress func(Event)
 	Logger   *slog.Logger
@@ -125,6 +134,10 @@ type run struct {
 	res      *Result
 	start    time.Time
 	frozen   bool // the source's final round succeeded: its tree is held
+	hooked   bool // the post-dump hook ran
+	// sinceFreeze tells, after the restore, how long the tree has been
+	// frozen (pre-copy: the target's copy resumes at the commit).
+	sinceFreeze func() time.Duration
 }
 
 // Migrate moves the tree opts.Pid from the agent opts.From to opts.To.
@@ -335,16 +348,25 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error
 		msg = fmt.Sprintf("source frozen; %d pages left for post-copy", rep.PagesLazy)
 	}
 	r.event(Event{Event: "final", Round: final, Pages: rep.PagesWritten, Bytes: rep.Bytes, FrozenMs: ms(frozen), Message: msg})
+	if o.Hook != nil {
+		r.hooked = true
+		if err := o.Hook("post-dump"); err != nil {
+			return fmt.Errorf("action script, post-dump: %w", err)
+		}
+	}
 	rr, err := r.dst.Restore(ctx, &agentv1.RestoreRequest{Id: o.ID, Round: int32(final), LazyAddress: rep.LazyAddress})
 	if err != nil {
 		return fmt.Errorf("restore on %s: %s", o.To, reason(err))
 	}
 	r.res.RestoredPid = int(rr.Root)
-	r.res.DowntimeMs = ms(frozen + time.Since(replied))
-	r.event(Event{Event: "restored", Pid: int(rr.Root), Seconds: float64(rr.DurationUs) / 1e6})
+	r.sinceFreeze = func() time.Duration { return frozen + time.Since(replied) }
+	r.res.DowntimeMs = ms(r.sinceFreeze())
 	if !lazy {
+		r.event(Event{Event: "restored", Pid: int(rr.Root), Seconds: float64(rr.DurationUs) / 1e6,
+			Message: "stopped until the commit"})
 		return nil
 	}
+	r.event(Event{Event: "restored", Pid: int(rr.Root), Seconds: float64(rr.DurationUs) / 1e6, Message: "it runs there"})
 	// Post-copy: the tree runs on the target and pulls the rest of its
 	// memory from the frozen source; the target commits once it has it all.
 	pr, err := r.dst.WaitPages(ctx, &agentv1.MigrationRef{Id: o.ID})
@@ -375,10 +397,19 @@ func (r *run) commit(ctx context.Context) error {
 			return r.rollback(fmt.Errorf("commit on %s: %s", o.To, reason(err)))
 		}
 	}
+	if o.Mode == "precopy" {
+		// The copy resumed at the commit.
+		r.res.DowntimeMs = ms(r.sinceFreeze())
+	}
 	if _, err := r.src.Finish(ctx, &agentv1.FinishRequest{Id: o.ID, Commit: true}); err != nil {
 		// Committed all the same; the source agent kills the frozen tree
 		// when the lease runs out and the target tells it.
 		r.log.Warn("migration committed, but the source did not confirm removing its tree", "err", reason(err))
+	}
+	if o.Hook != nil {
+		if err := o.Hook("post-migrate"); err != nil {
+			r.log.Warn("action script, post-migrate", "err", err)
+		}
 	}
 	return nil
 }
@@ -390,6 +421,13 @@ func (r *run) rollback(err error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	r.log.Warn("migration failed; rolling back", "err", err)
+	if r.hooked {
+		// The addresses go back first: the target's copy may still
+		// run, but the source stays frozen until the target confirms.
+		if herr := o.Hook("rollback"); herr != nil {
+			r.log.Warn("action script, rollback", "err", herr)
+		}
+	}
 	if _, derr := r.dst.Finish(ctx, &agentv1.FinishRequest{Id: o.ID}); derr != nil {
 		if r.frozen {
 			return &Error{Unresolved, fmt.Errorf("%w; rolling back: target %s: %s (the source stays frozen until the agents settle it)", err, o.To, reason(derr))}

@@ -57,6 +57,13 @@ type Options struct {
 	// TCPEstablished (--tcp-established) dumps established TCP
 	// connections through TCP_REPAIR; otherwise one fails the dump.
 	TCPEstablished bool
+	// HoldConnections (with LeaveStopped and TCPEstablished: a
+	// migration's final round) leaves the dumped connections in repair
+	// mode and their peers' packets dropped (see lockNetwork) while the
+	// process stays stopped, so that its copy elsewhere can take them
+	// over. Whoever resumes the process instead calls ReleaseConnections
+	// first.
+	HoldConnections bool
 	// TCPClose (--tcp-close): established connections are not dumped;
 	// the restored process finds closed sockets in their place.
 	TCPClose bool
@@ -433,6 +440,16 @@ func (d *dumper) kill() {
 // resume puts every thread back as it was frozen and detaches: the
 // workload continues (or stays stopped).
 func (d *dumper) resume(stopped bool) {
+	if stopped && d.opts.HoldConnections {
+		// The connections stay held; the caller releases them.
+		if d.files != nil {
+			for _, fd := range d.files.repaired {
+				unix.Close(fd)
+			}
+			d.files.repaired = nil
+		}
+		d.locked = ""
+	}
 	if d.files != nil {
 		unrepair(d.files.repaired)
 		d.files.repaired = nil

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -391,7 +393,7 @@ func sockaddrString(b []byte) string {
 // repair mode (see package netlock), and names the lock in the inventory
 // for the restore to remove.
 func (d *dumper) lockNetwork(img *imageSet) error {
-	if len(d.files.repaired) == 0 || d.opts.LeaveRunning || d.opts.LeaveStopped {
+	if len(d.files.repaired) == 0 || d.opts.LeaveRunning || (d.opts.LeaveStopped && !d.opts.HoldConnections) {
 		return nil // the process keeps its connections
 	}
 	switch d.opts.NetworkLock {
@@ -407,12 +409,11 @@ func (d *dumper) lockNetwork(img *imageSet) error {
 		if f.Inet == nil || f.Inet.Tcp == nil {
 			continue
 		}
-		local, err1 := addrPort(f.Inet.Addr)
-		peer, err2 := addrPort(f.Inet.Peer)
-		if err1 != nil || err2 != nil {
-			return fmt.Errorf("network lock: connection %s: bad address", f.Path)
+		cn, err := netlock.ConnOf(f.Inet.Addr, f.Inet.Peer)
+		if err != nil {
+			return fmt.Errorf("network lock: connection %s: %w", f.Path, err)
 		}
-		conns = append(conns, netlock.Conn{Local: local, Peer: peer})
+		conns = append(conns, cn)
 	}
 	name := netlock.TableName(d.opts.Pid)
 	if err := netlock.Lock(d.opts.Pid, name, conns); err != nil {
@@ -424,13 +425,70 @@ func (d *dumper) lockNetwork(img *imageSet) error {
 	return d.action("network-lock")
 }
 
-// addrPort parses a raw inet sockaddr.
-func addrPort(b []byte) (netip.AddrPort, error) {
-	if len(b) >= 8 && binary.LittleEndian.Uint16(b) == unix.AF_INET {
-		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), binary.BigEndian.Uint16(b[2:])), nil
+// ReleaseConnections undoes HoldConnections for the stopped process pid,
+// before it resumes: its TCP connections leave repair mode and the network
+// lock of its dump goes. Connections not in repair mode are left alone, so
+// this is safe on any process, and again after an agent restart.
+func ReleaseConnections(pid int) error {
+	err := setRepair(pid, false)
+	if uerr := netlock.Unlock(pid, netlock.TableName(pid)); uerr != nil {
+		err = errors.Join(err, uerr)
 	}
-	if len(b) >= 24 && binary.LittleEndian.Uint16(b) == unix.AF_INET6 {
-		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), binary.BigEndian.Uint16(b[2:])), nil
+	if err != nil {
+		return fmt.Errorf("releasing the connections of process %d: %w", pid, err)
 	}
-	return netip.AddrPort{}, fmt.Errorf("not an inet address")
+	return nil
+}
+
+// SilenceConnections puts the TCP connections of pid (listeners aside) in
+// repair mode, where closing one sends nothing: a copy of a process that
+// is being discarded (a migration's target rolling back) dies without
+// resetting or closing connections that its original takes back.
+func SilenceConnections(pid int) error {
+	if err := setRepair(pid, true); err != nil {
+		return fmt.Errorf("silencing the connections of process %d: %w", pid, err)
+	}
+	return nil
+}
+
+// setRepair switches repair mode on or off for the TCP sockets of pid
+// that are not in that mode yet (listeners aside).
+func setRepair(pid int, on bool) error {
+	want := 0
+	if on {
+		want = 1
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if link, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", pid, fd)); err != nil || !strings.HasPrefix(link, "socket:") {
+			continue
+		}
+		dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("fd %d: %w", fd, os.NewSyscallError("pidfd_getfd", err)))
+			continue
+		}
+		cur, err := unix.GetsockoptInt(dup, unix.IPPROTO_TCP, tcpRepair)
+		listening, _ := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+		if err == nil && cur != want && listening == 0 {
+			if err := unix.SetsockoptInt(dup, unix.IPPROTO_TCP, tcpRepair, want); err != nil {
+				errs = append(errs, fmt.Errorf("fd %d: %w", fd, os.NewSyscallError("setsockopt TCP_REPAIR", err)))
+			}
+		}
+		unix.Close(dup)
+	}
+	return errors.Join(errs...)
 }

@@ -266,6 +266,23 @@ func descendants(pid int) []int {
 	return out
 }
 
+// daemon starts argv on h as a service would run there: in a session of
+// its own, a child of the host's PID 1, its output in log (a pipe would be
+// held open by it).
+func (h *host) daemon(t *testing.T, log string, argv ...string) {
+	t.Helper()
+	cmd := exec.Command("nsenter", h.in(append([]string{"setsid", "--fork"}, argv...)...)...)
+	f, err := os.Create(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("starting %s on %s: %v", argv[0], h.name, err)
+	}
+}
+
 // startWorkload runs memcheck on host A, as a service would run there: in
 // a session of its own, a child of the host's PID 1. The Workload's Pid is
 // the PID seen from here; nspid is the one on A (what migrate is given).
@@ -275,19 +292,9 @@ func (c *cluster) startWorkload(args ...string) (w *testutil.Workload, nspid int
 	bin := testutil.BuildC(t, "memcheck")
 	dir := t.TempDir()
 	report := filepath.Join(dir, "report")
-	argv := append([]string{"setsid", "--fork", bin}, args...)
-	argv = append(argv, "-r", report)
-	cmd := exec.Command("nsenter", c.a.in(argv...)...)
-	log, err := os.Create(filepath.Join(dir, "log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer log.Close()
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("starting the workload on A: %v", err)
-	}
+	c.a.daemon(t, filepath.Join(dir, "log"), append(append([]string{bin}, args...), "-r", report)...)
 	var r testutil.Report
+	var err error
 	waitFor(t, "the workload's first report", 30*time.Second, func() bool {
 		r, err = testutil.ParseReport(report)
 		return err == nil && r.Pid > 0

@@ -26,13 +26,22 @@ type Conn struct {
 // TableName is the table a lock for process pid uses.
 func TableName(pid int) string { return "ferry-lock-" + strconv.Itoa(pid) }
 
+// OpenNS opens the network namespace of pid (0: ferry's own), to name it
+// after pid is gone (see UnlockIn).
+func OpenNS(pid int) (*os.File, error) {
+	if pid == 0 {
+		return os.Open("/proc/self/ns/net")
+	}
+	return os.Open(fmt.Sprintf("/proc/%d/ns/net", pid))
+}
+
 // conn opens nftables in the network namespace of pid (0: ferry's own).
 func conn(pid int) (*nftables.Conn, func(), error) {
 	if pid == 0 {
 		c, err := nftables.New()
 		return c, func() {}, err
 	}
-	ns, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", pid))
+	ns, err := OpenNS(pid)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -45,7 +54,7 @@ func conn(pid int) (*nftables.Conn, func(), error) {
 }
 
 // Lock adds table name to the network namespace of pid, dropping every
-// packet a peer sends to one of conns.
+// packet of conns, both ways.
 func Lock(pid int, name string, conns []Conn) error {
 	c, done, err := conn(pid)
 	if err != nil {
@@ -53,12 +62,17 @@ func Lock(pid int, name string, conns []Conn) error {
 	}
 	defer done()
 	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: name})
-	// Before anything else on input, so that no other rule lets them in.
+	// Before anything else, so that no other rule lets them through.
 	prio := nftables.ChainPriority(-300)
-	ch := c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter,
+	in := c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookInput, Priority: &prio})
+	out := c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookOutput, Priority: &prio})
 	for _, cn := range conns {
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: dropFrom(cn)})
+		c.AddRule(&nftables.Rule{Table: t, Chain: in, Exprs: drop(cn.Peer, cn.Local)})
+		// And what a copy of the process restored (but not yet
+		// committed) would send them.
+		c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: drop(cn.Local, cn.Peer)})
 	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("network lock: nftables: %w", err)
@@ -74,6 +88,20 @@ func Unlock(pid int, name string) error {
 		return fmt.Errorf("network unlock: %w", err)
 	}
 	defer done()
+	return unlock(c, name)
+}
+
+// UnlockIn is Unlock in the network namespace ns (from OpenNS), which
+// outlives the processes that were in it.
+func UnlockIn(ns *os.File, name string) error {
+	c, err := nftables.New(nftables.WithNetNSFd(int(ns.Fd())))
+	if err != nil {
+		return fmt.Errorf("network unlock: %w", err)
+	}
+	return unlock(c, name)
+}
+
+func unlock(c *nftables.Conn, name string) error {
 	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return fmt.Errorf("network unlock: nftables: %w", err)
@@ -89,10 +117,34 @@ func Unlock(pid int, name string) error {
 	return nil
 }
 
-// dropFrom matches TCP packets from cn's peer to its local end.
-func dropFrom(cn Conn) []expr.Any {
+// ConnOf names a connection by its two raw socket addresses (struct
+// sockaddr_in or sockaddr_in6, as the images keep them).
+func ConnOf(local, peer []byte) (Conn, error) {
+	l, err := sockaddr(local)
+	if err != nil {
+		return Conn{}, fmt.Errorf("local address: %w", err)
+	}
+	p, err := sockaddr(peer)
+	if err != nil {
+		return Conn{}, fmt.Errorf("peer address: %w", err)
+	}
+	return Conn{Local: l, Peer: p}, nil
+}
+
+func sockaddr(b []byte) (netip.AddrPort, error) {
+	if len(b) >= 8 && binary.LittleEndian.Uint16(b) == unix.AF_INET {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), binary.BigEndian.Uint16(b[2:])), nil
+	}
+	if len(b) >= 24 && binary.LittleEndian.Uint16(b) == unix.AF_INET6 {
+		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), binary.BigEndian.Uint16(b[2:])), nil
+	}
+	return netip.AddrPort{}, fmt.Errorf("not an inet socket address (%d bytes)", len(b))
+}
+
+// drop matches the TCP packets from src to dst.
+func drop(src, dst netip.AddrPort) []expr.Any {
 	proto, addrOff, addrLen := byte(unix.NFPROTO_IPV4), uint32(12), uint32(4)
-	if cn.Local.Addr().Is6() && !cn.Local.Addr().Is4In6() {
+	if dst.Addr().Is6() && !dst.Addr().Is4In6() {
 		proto, addrOff, addrLen = unix.NFPROTO_IPV6, 8, 16
 	}
 	addr := func(a netip.Addr) []byte {
@@ -116,9 +168,9 @@ func dropFrom(cn Conn) []expr.Any {
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 	}
-	e = append(e, match(expr.PayloadBaseNetworkHeader, addrOff, addrLen, addr(cn.Peer.Addr()))...)
-	e = append(e, match(expr.PayloadBaseNetworkHeader, addrOff+addrLen, addrLen, addr(cn.Local.Addr()))...)
-	e = append(e, match(expr.PayloadBaseTransportHeader, 0, 2, port(cn.Peer.Port()))...)
-	e = append(e, match(expr.PayloadBaseTransportHeader, 2, 2, port(cn.Local.Port()))...)
+	e = append(e, match(expr.PayloadBaseNetworkHeader, addrOff, addrLen, addr(src.Addr()))...)
+	e = append(e, match(expr.PayloadBaseNetworkHeader, addrOff+addrLen, addrLen, addr(dst.Addr()))...)
+	e = append(e, match(expr.PayloadBaseTransportHeader, 0, 2, port(src.Port()))...)
+	e = append(e, match(expr.PayloadBaseTransportHeader, 2, 2, port(dst.Port()))...)
 	return append(e, &expr.Verdict{Kind: expr.VerdictDrop})
 }

@@ -34,7 +34,10 @@ type Options struct {
 	// exists, "post-restore" and "pre-resume" before it runs (an error
 	// fails the restore), "network-unlock" after the network lock goes.
 	Action func(stage string, pid int) error
-	Logger *slog.Logger
+	// KeepNetworkLock leaves the network lock the dump named to the
+	// caller (a migration's target removes it at its commit).
+	KeepNetworkLock bool
+	Logger          *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and
@@ -60,7 +63,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	// back, or (the restore having failed) the connections are lost anyway
 	// and the peers had better learn it.
 	var res *Result
-	if name := is.inv.NetworkLock; name != "" {
+	if name := is.inv.NetworkLock; name != "" && !opts.KeepNetworkLock {
 		defer func() {
 			ns := 0
 			if res != nil {

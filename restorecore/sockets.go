@@ -2,12 +2,17 @@ package restorecore
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
+	"path/filepath"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/netlock"
 )
 
 // Scratch offsets for socket calls: an option value, then a sockaddr.
@@ -345,4 +350,46 @@ func (b *builder) sendAll(fd int, data []byte) error {
 		off += n
 	}
 	return nil
+}
+
+// LockConnections drops, in this process's network namespace, the peers'
+// packets of the TCP connections of the image set in dir, when its dump
+// left them locked (a migration's final round): the connections' address
+// may move here before the restore rebuilds them, and a packet reaching
+// no socket would reset them. The restore removes the lock in every
+// outcome. It returns the lock's name ("" when the images hold none).
+func LockConnections(dir string) (string, error) {
+	inv := &pb.Inventory{}
+	if err := images.ReadOne(dir, "inventory.img", images.KindInventory, inv); err != nil {
+		return "", err
+	}
+	if inv.NetworkLock == "" {
+		return "", nil
+	}
+	fr, err := images.Open(dir, "files.img", images.KindFiles)
+	if err != nil {
+		return "", err
+	}
+	defer fr.Close()
+	var conns []netlock.Conn
+	for {
+		e := &pb.FileEntry{}
+		if err := fr.Next(e); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return "", err
+		}
+		if e.Inet == nil || e.Inet.Tcp == nil {
+			continue
+		}
+		cn, err := netlock.ConnOf(e.Inet.Addr, e.Inet.Peer)
+		if err != nil {
+			return "", fmt.Errorf("%s: file %d (%s): %w", filepath.Join(dir, "files.img"), e.Id, e.Path, err)
+		}
+		conns = append(conns, cn)
+	}
+	if err := netlock.Lock(0, inv.NetworkLock, conns); err != nil {
+		return "", err
+	}
+	return inv.NetworkLock, nil
 }

@@ -1,10 +1,9 @@
 package main
 
 import (
-	"fmt"
-	"os"
-	"os/exec"
 	"strconv"
+
+	"github.com/ferrycr/ferry/internal/hooks"
 )
 
 // actionScripts runs criu's --action-script programs: each gets
@@ -18,18 +17,11 @@ type actionScripts struct {
 }
 
 func (a *actionScripts) run(stage string, pid int) error {
-	for _, s := range a.scripts {
-		cmd := exec.Command(s)
-		cmd.Env = append(os.Environ(), "CRTOOLS_SCRIPT_ACTION="+stage, "CRTOOLS_IMAGE_DIR="+a.dir)
-		if pid > 0 {
-			cmd.Env = append(cmd.Env, "CRTOOLS_INIT_PID="+strconv.Itoa(pid))
-		}
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		if err := cmd.Run(); err != nil {
-			return fmt.Errorf("action script %s (%s): %w", s, stage, err)
-		}
+	h := hooks.Scripts{Paths: a.scripts, Env: []string{"CRTOOLS_IMAGE_DIR=" + a.dir}}
+	if pid > 0 {
+		return h.Run(stage, "CRTOOLS_INIT_PID="+strconv.Itoa(pid))
 	}
-	return nil
+	return h.Run(stage)
 }
 
 // dumpHook adapts run to dumpcore's Options.Action.

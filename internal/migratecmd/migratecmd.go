@@ -21,6 +21,7 @@ import (
 	"github.com/ferrycr/ferry/agent/agentclient"
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/coordinator"
+	"github.com/ferrycr/ferry/internal/hooks"
 	"github.com/ferrycr/ferry/transport"
 )
 
@@ -54,6 +55,7 @@ func New() *cobra.Command {
 		detach    bool
 		resultID  string
 		wait      bool
+		scripts   []string
 	)
 	cmd := &cobra.Command{
 		Use:   "migrate --from HOST[:PORT] --to HOST[:PORT] [options] PID",
@@ -104,6 +106,20 @@ total_ms, error).
 --status-fd FD writes a zero byte to FD once the process runs on the target
 and the migration is committed.
 
+--action-script SCRIPT (repeatable) runs SCRIPT here, in migrate's process,
+with CRTOOLS_SCRIPT_ACTION set to the stage and FERRY_MIGRATION_ID,
+FERRY_PID, FERRY_FROM and FERRY_TO describing the migration:
+
+  post-dump     the source is frozen for good, the target has its images and
+                (with --tcp-established) drops its connections' packets until
+                the restore rebuilds them: move the workload's service
+                addresses to the target now. A failing script rolls the
+                migration back.
+  post-migrate  committed: the process runs on the target.
+  rollback      a migration that ran post-dump is being undone: move the
+                addresses back. Then the target's copy goes (its connections
+                silently) and the source resumes.
+
 --detach has the source's agent (--from) coordinate instead, so the caller
 need not stay: it prints the migration's id and returns. "migrate --from A
 --result ID [--wait] [--json]" prints its result later, with the exit status
@@ -147,7 +163,18 @@ under way.`,
 				return usage(cmd, fmt.Errorf("--from and --to are the same agent (%s)", o.From))
 			}
 			if detach {
+				if len(scripts) > 0 {
+					return usage(cmd, errors.New("--action-script runs in migrate's process: it cannot be combined with --detach"))
+				}
 				return startDetached(cmd, o, jsonOut)
+			}
+			if len(scripts) > 0 {
+				if o.ID == "" {
+					o.ID = coordinator.NewID()
+				}
+				h := &hooks.Scripts{Paths: scripts, Env: []string{"FERRY_MIGRATION_ID=" + o.ID,
+					"FERRY_PID=" + strconv.Itoa(o.Pid), "FERRY_FROM=" + o.From, "FERRY_TO=" + o.To}}
+				o.Hook = func(stage string) error { return h.Run(stage) }
 			}
 			o.Logger = logger(cmd.ErrOrStderr(), verbosity)
 			out := cmd.OutOrStdout()
@@ -200,6 +227,7 @@ under way.`,
 	fs.IntVar(&o.MaxRounds, "max-rounds", 8, "pre-copy rounds at most before the final one")
 	fs.DurationVar(&o.Lease, "lease", 30*time.Second, "how long the agents wait without hearing from this command before they settle the migration alone")
 	fs.BoolVar(&o.TCPEstablished, "tcp-established", false, "move established TCP connections too (TCP_REPAIR)")
+	fs.StringArrayVar(&scripts, "action-script", nil, "run SCRIPT at the stages post-dump, post-migrate and rollback (repeatable)")
 	fs.StringVar(&o.ID, "id", "", "the migration's id (default: time and random)")
 	fs.StringVar(&o.TLS.CACert, "tls-cacert", "", "CA certificate the agents' certificates must chain to (PEM)")
 	fs.StringVar(&o.TLS.CRL, "tls-cacrl", "", "certificate revocation list: agents listed are refused")
@@ -259,7 +287,7 @@ func printEvent(w io.Writer, e coordinator.Event) {
 	case "final":
 		fmt.Fprintf(w, "  final round %d: %d pages, %s; %s (%.1f ms so far)\n", e.Round, e.Pages, coordinator.Size(e.Bytes), e.Message, e.FrozenMs)
 	case "restored":
-		fmt.Fprintf(w, "  restored on the target as PID %d in %s: it runs there\n", e.Pid, dur(e.Seconds))
+		fmt.Fprintf(w, "  restored on the target as PID %d in %s: %s\n", e.Pid, dur(e.Seconds), e.Message)
 	case "pages":
 		fmt.Fprintf(w, "  post-copy: %d pages (%s) from the source in %s; %s\n", e.Pages, coordinator.Size(e.Bytes), dur(e.Seconds), e.Message)
 	}
