@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
 	"github.com/ferrycr/ferry/agent/agentclient"
@@ -121,6 +122,7 @@ func New(cfg Config) (*Agent, error) {
 	a.grpc = grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(srvTLS)),
 		grpc.MaxRecvMsgSize(MaxMessage), grpc.MaxSendMsgSize(MaxMessage),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: agentclient.KeepaliveMin, PermitWithoutStream: true}),
 		grpc.UnaryInterceptor(a.logCalls),
 	)
 	agentv1.RegisterAgentServer(a.grpc, a)

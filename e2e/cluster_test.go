@@ -56,6 +56,7 @@ type cluster struct {
 	mig   string
 	pki   string
 	a, b  *host
+	links [2]string // the veth between them: A's end, B's end
 }
 
 var seq atomic.Int32
@@ -96,6 +97,7 @@ func newClusterWith(t *testing.T, agentArgsA, agentArgsB []string) *cluster {
 	if len(va) > 15 {
 		va, vb = va[:15], vb[:15]
 	}
+	c.links = [2]string{va, vb}
 	run(t, "ip", "link", "add", va, "netns", c.a.netns, "type", "veth", "peer", "name", vb, "netns", c.b.netns)
 	run(t, "ip", "-n", c.a.netns, "addr", "add", c.a.ip+"/24", "dev", va)
 	run(t, "ip", "-n", c.b.netns, "addr", "add", c.b.ip+"/24", "dev", vb)

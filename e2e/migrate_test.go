@@ -1,15 +1,12 @@
 package e2e
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/internal/testutil"
 )
@@ -124,13 +121,7 @@ func TestMigrateRollbackAfterRestore(t *testing.T) {
 	if code != 1 || res["outcome"] != "rolled-back" {
 		t.Fatalf("migrate: exit %d, result %v; want exit 1, rolled-back", code, res)
 	}
-	if st := procState(w.Pid); st == 0 || st == 'T' {
-		t.Fatalf("the source on A is %q after the rollback; want it running", st)
-	}
-	checkSame(t, before, w.Report(t))
-	if p := c.b.find(pid); p != 0 {
-		t.Fatalf("B's restored copy (PID %d here) still exists after the rollback", p)
-	}
+	c.runsOnA(w, pid, before)
 }
 
 func TestMigrateRefused(t *testing.T) {
@@ -152,33 +143,20 @@ func TestMigrateRefused(t *testing.T) {
 }
 
 func TestMigrateCoordinatorGone(t *testing.T) {
-	// The coordinator stops answering right after the final round (it is
-	// stopped with SIGSTOP; B restores slowly). Both leases run out: B
-	// rolls back its copy, A asks B, learns it was not committed, and only
-	// then resumes the source. At no moment do both copies run.
+	// migrate is killed right after the final round (B restores slowly).
+	// Both leases run out: B rolls back its copy, A asks B, learns it was
+	// not committed, and only then resumes the source. At no moment do
+	// both copies run.
 	c := newCluster(t, "--fault", "slow-restore")
 	w, pid := c.startWorkload("-m", "16", "-C", "-c", "5")
 	before := w.Report(t)
-	cmd := c.migrateCmd(pid, "--lease", "1500ms")
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	sc := bufio.NewScanner(out)
 	frozen := false
-	for sc.Scan() {
-		var e map[string]any
-		json.Unmarshal(sc.Bytes(), &e)
+	c.migrateWatch(pid, func(cmd *exec.Cmd, e map[string]any) {
 		if e["event"] == "final" {
-			cmd.Process.Signal(unix.SIGSTOP)
+			cmd.Process.Kill()
 			frozen = true
-			break
 		}
-	}
+	}, "--lease", "1500ms")
 	if !frozen {
 		t.Fatal("migrate ended without a final round")
 	}
@@ -210,29 +188,13 @@ func TestMigrateSourceAgentDiesInPostcopy(t *testing.T) {
 	c := newClusterWith(t, []string{"--fault", "slow-pages"}, nil)
 	w, pid := c.startWorkload("-m", "64", "-C", "-c", "5")
 	before := w.Report(t)
-	cmd := c.migrateCmd(pid, "--mode", "postcopy", "--lease", "2s")
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	sc := bufio.NewScanner(out)
-	var last map[string]any
-	for sc.Scan() {
-		var e map[string]any
-		json.Unmarshal(sc.Bytes(), &e)
-		last = e
+	code, last := c.migrateWatch(pid, func(_ *exec.Cmd, e map[string]any) {
 		if e["event"] == "restored" {
 			c.stopAgent(c.a)
 		}
-	}
-	err = cmd.Wait()
-	ee, _ := err.(*exec.ExitError)
-	if ee == nil || ee.ExitCode() != 3 || last["outcome"] != "unresolved" {
-		t.Fatalf("migrate: %v, result %v; want exit 3, unresolved", err, last)
+	}, "--mode", "postcopy", "--lease", "2s")
+	if code != 3 || last["outcome"] != "unresolved" {
+		t.Fatalf("migrate: exit %d, result %v; want exit 3, unresolved", code, last)
 	}
 	if st := procState(w.Pid); st != 'T' {
 		t.Fatalf("source state %q with its agent gone; want stopped (T)", st)
@@ -248,29 +210,30 @@ func TestMigrateByNodeName(t *testing.T) {
 	// The agents form a cluster (encrypted gossip); ferry nodes lists it,
 	// and migrate --via resolves node names through it.
 	key := "{pki}/gossip.key"
-	c := newClusterWith(t,
-		[]string{"--gossip", "10.78.0.1:7946", "--gossip-key", key},
-		[]string{"--gossip", "10.78.0.2:7946", "--gossip-key", key, "--join", "10.78.0.1:7946"})
+	argsB := []string{"--gossip", "10.78.0.2:7946", "--gossip-key", key, "--join", "10.78.0.1:7946"}
+	c := newClusterWith(t, []string{"--gossip", "10.78.0.1:7946", "--gossip-key", key}, argsB)
 	type node struct {
 		Name, Address, State string
 	}
 	var nodes []node
-	waitFor(t, "both agents in the cluster", 20*time.Second, func() bool {
+	// alive lists the alive nodes, as A's agent sees the cluster.
+	alive := func() []string {
 		args := append([]string{"netns", "exec", c.a.netns, c.ferry, "nodes", "--agent", c.a.ip, "--json"}, c.tls("operator")...)
 		out, err := exec.Command("ip", args...).Output()
 		if err != nil {
-			return false
+			return nil
 		}
 		nodes = nil
 		json.Unmarshal(out, &nodes)
-		alive := 0
+		var names []string
 		for _, n := range nodes {
 			if n.State == "alive" {
-				alive++
+				names = append(names, n.Name)
 			}
 		}
-		return alive == 2
-	})
+		return names
+	}
+	waitFor(t, "both agents in the cluster", 20*time.Second, func() bool { return len(alive()) == 2 })
 	if nodes[0].Name != "host-a" || nodes[0].Address != c.a.ip+":27100" || nodes[1].Name != "host-b" || nodes[1].Address != c.b.ip+":27100" {
 		t.Fatalf("ferry nodes: %+v", nodes)
 	}
@@ -285,6 +248,13 @@ func TestMigrateByNodeName(t *testing.T) {
 		t.Fatalf("no process with PID %d on B", pid)
 	}
 	checkSame(t, before, testutil.Attach(t, pidB, w.ReportPath).Report(t))
+
+	// A node leaving and joining shows in ferry nodes.
+	c.stopAgent(c.b)
+	waitFor(t, "host-b to be seen gone", 60*time.Second, func() bool { a := alive(); return len(a) == 1 && a[0] == "host-a" })
+	t.Logf("after host-b left: %+v", nodes)
+	c.startAgent(c.b, argsB)
+	waitFor(t, "host-b to be seen back", 60*time.Second, func() bool { return len(alive()) == 2 })
 }
 
 func TestMigrateDetached(t *testing.T) {

@@ -12,9 +12,33 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
 )
+
+// DeadPeer bounds how long a TCP stream waits on a peer that vanished
+// (host down, link cut) before it fails: data unacknowledged for that long
+// (TCP_USER_TIMEOUT), or an idle peer silent to keepalive probes for about
+// as long. TCP's own limits are many minutes.
+const DeadPeer = 15 * time.Second
+
+var keepAlive = net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Interval: 2 * time.Second, Count: 5}
+
+// control sets TCP_USER_TIMEOUT (DeadPeer) on a socket before it connects
+// or listens (accepted sockets inherit it).
+func control(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(DeadPeer/time.Millisecond))
+	})
+	if err != nil {
+		return err
+	}
+	return os.NewSyscallError("setsockopt TCP_USER_TIMEOUT", serr)
+}
 
 // TLS configures mutual TLS; zero value: plain TCP.
 type TLS struct {
@@ -79,7 +103,8 @@ func parseCRL(b []byte) (*x509.RevocationList, error) {
 
 // Listen listens on addr (host:port), with TLS if enabled.
 func Listen(addr string, t TLS) (net.Listener, error) {
-	l, err := net.Listen("tcp", addr)
+	lc := net.ListenConfig{KeepAliveConfig: keepAlive, Control: control}
+	l, err := lc.Listen(context.Background(), "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
@@ -109,7 +134,7 @@ func serverTLS(l net.Listener, t TLS) (net.Listener, error) {
 // Dial connects to addr, with TLS if enabled (the server name is checked
 // against the certificate).
 func Dial(ctx context.Context, addr string, t TLS) (net.Conn, error) {
-	var d net.Dialer
+	d := net.Dialer{KeepAliveConfig: keepAlive, Control: control}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err

@@ -4,9 +4,11 @@ package agentclient
 
 import (
 	"crypto/tls"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/ferrycr/ferry/transport"
 )
@@ -14,6 +16,14 @@ import (
 // MaxMessage bounds a gRPC message: a round's images (a fragmented 4 GiB
 // process's pagemap is a few MiB).
 const MaxMessage = 256 << 20
+
+// Keepalive has a call on an agent that vanished (host down, link cut)
+// fail within seconds instead of waiting for TCP. Agents accept pings this
+// often (KeepaliveMin).
+var Keepalive = keepalive.ClientParameters{Time: 2 * time.Second, Timeout: 3 * time.Second, PermitWithoutStream: true}
+
+// KeepaliveMin is the shortest ping interval an agent accepts.
+const KeepaliveMin = time.Second
 
 // StateCommitted is the state a migration's record ends in when done.
 const StateCommitted = "committed"
@@ -32,5 +42,6 @@ func Dial(addr string, t transport.TLS) (*grpc.ClientConn, error) {
 func DialTLS(addr string, cfg *tls.Config) (*grpc.ClientConn, error) {
 	return grpc.NewClient(addr,
 		grpc.WithTransportCredentials(credentials.NewTLS(cfg)),
+		grpc.WithKeepaliveParams(Keepalive),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessage), grpc.MaxCallSendMsgSize(MaxMessage)))
 }
