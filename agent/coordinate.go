@@ -28,7 +28,7 @@ func (a *Agent) Migrate(ctx context.Context, req *agentv1.MigrateRequest) (*agen
 	opts := coordinator.Options{
 		Pid: int(req.Pid), From: a.advertised(), To: req.To, Mode: req.Mode,
 		MaxDowntime: time.Duration(req.MaxDowntimeMs) * time.Millisecond, MaxRounds: int(req.MaxRounds),
-		Lease: time.Duration(req.LeaseMs) * time.Millisecond, TCPEstablished: req.TcpEstablished,
+		Lease: time.Duration(req.LeaseMs) * time.Millisecond, TCPEstablished: req.TcpEstablished, NoCompress: req.NoCompress,
 		TLS: a.tls, ID: req.Id, Logger: a.log,
 	}
 	if opts.ID == "" {

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -144,6 +145,10 @@ type migration struct {
 	post    *postcopy // target: the post-copy under way
 
 	downtimeSeen bool // target: the commit's downtime is in the metrics
+
+	// source: the round under way and the page bytes it sent so far.
+	round     atomic.Int32
+	roundSent atomic.Uint64
 }
 
 func (m *migration) stopSession() {
@@ -274,7 +279,7 @@ func (a *Agent) recordOf(m *migration) record {
 
 func (a *Agent) statusOf(m *migration) *agentv1.MigrationStatus {
 	rec := a.recordOf(m)
-	return &agentv1.MigrationStatus{Id: rec.ID, State: rec.State}
+	return &agentv1.MigrationStatus{Id: rec.ID, State: rec.State, Round: m.round.Load(), RoundBytes: m.roundSent.Load()}
 }
 
 // Status reports what this side knows of a migration.
@@ -348,7 +353,9 @@ func (a *Agent) commit(m *migration) error {
 		a.resumeTarget(rec)
 	}
 	m.stopSession()
-	a.dropImages(rec.ID)
+	// In the background: removing a few GiB of images takes a while,
+	// and the commit is what the tree on the target waited for.
+	go a.dropImages(rec.ID)
 	return nil
 }
 

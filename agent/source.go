@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -23,6 +24,7 @@ import (
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/pageserver"
+	"github.com/ferrycr/ferry/restorecore"
 	"github.com/ferrycr/ferry/transport"
 )
 
@@ -43,6 +45,7 @@ func (a *Agent) node() *agentv1.NodeInfo {
 		DirtyTracker: string(k.DirtyTracker()),
 		LazyPages:    k.Check("userfaultfd") == nil,
 		GrpcAddress:  a.advertised(),
+		Vdso:         vdso(),
 	}
 	n.Migrations = int32(a.inFlight())
 	return n
@@ -147,11 +150,14 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	start := time.Now()
-	client, err := pageserver.Connect(ctx, "tcp", req.PageAddress, a.tls, true)
+	client, err := pageserver.Connect(ctx, "tcp", req.PageAddress, a.tls, !req.NoCompress)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "round %d: %v", req.Round, err)
 	}
-	sink := &recordingSink{PageSink: client, sent: map[string]bool{}}
+	m.roundSent.Store(0)
+	m.round.Store(req.Round)
+	defer m.round.Store(0)
+	sink := &recordingSink{PageSink: client, sent: map[string]bool{}, bytes: &m.roundSent}
 	defer client.Abort()
 	opts := dumpcore.Options{
 		Pid:            int(req.Pid),
@@ -293,15 +299,32 @@ func (a *Agent) servePages(m *migration) (*session, error) {
 	return s, nil
 }
 
-// recordingSink remembers the files it sent, which the reply leaves out.
+// recordingSink remembers the files it sent, which the reply leaves out,
+// and counts the bytes of page data written (progress).
 type recordingSink struct {
 	dumpcore.PageSink
-	sent map[string]bool
+	sent  map[string]bool
+	bytes *atomic.Uint64
 }
 
 func (r *recordingSink) Create(name string) (io.WriteCloser, error) {
 	r.sent[name] = true
-	return r.PageSink.Create(name)
+	w, err := r.PageSink.Create(name)
+	if err != nil || !strings.HasPrefix(name, "pages-") {
+		return w, err
+	}
+	return &countingWriter{WriteCloser: w, n: r.bytes}, nil
+}
+
+type countingWriter struct {
+	io.WriteCloser
+	n *atomic.Uint64
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.WriteCloser.Write(b)
+	c.n.Add(uint64(n))
+	return n, err
 }
 
 // readImages returns the files of dir not in skip.
@@ -337,6 +360,12 @@ var cpuFlags = sync.OnceValue(func() []string {
 		}
 	}
 	return nil
+})
+
+// vdso is the kernel's vDSO fingerprint ("" if unreadable), read once.
+var vdso = sync.OnceValue(func() string {
+	v, _ := restorecore.VdsoFingerprint()
+	return v
 })
 
 func memAvailable() uint64 {

@@ -71,6 +71,9 @@ func (a *Agent) preflight(req *agentv1.PrepareRequest) error {
 	if avail := memAvailable(); avail > 0 && req.Rss > avail {
 		return status.Errorf(codes.ResourceExhausted, "the tree needs %d MiB of memory and %s has %d MiB available", req.Rss>>20, a.cfg.Name, avail>>20)
 	}
+	if here := vdso(); req.Vdso != "" && here != "" && req.Vdso != here {
+		return status.Errorf(codes.FailedPrecondition, "%s's kernel has another vDSO (%s) than the source's (%s): the restored process could not call it", a.cfg.Name, here, req.Vdso)
+	}
 	if missing := missingCPUFlags(req.CpuFlags, cpuFlags()); len(missing) > 0 {
 		return status.Errorf(codes.FailedPrecondition, "%s's CPU lacks instruction-set features the source has: %s", a.cfg.Name, strings.Join(missing, " "))
 	}
@@ -402,15 +405,18 @@ func (a *Agent) WaitPages(ctx context.Context, req *agentv1.MigrationRef) (*agen
 // the ptrace stops of a later dump of the same tree (migrating it on).
 func reap(pid int) {
 	for {
-		time.Sleep(500 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 		st, err := proc.ReadStat(pid)
 		if err != nil {
 			return
 		}
 		if st.State == 'Z' {
+			// A leader shows Z before its other threads are gone; it
+			// can be collected only then: try again until it is.
 			var ws unix.WaitStatus
-			unix.Wait4(pid, &ws, unix.WNOHANG, nil)
-			return
+			if got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); got == pid || err != nil {
+				return
+			}
 		}
 	}
 }

@@ -44,14 +44,17 @@ type Options struct {
 	// (default 100 ms).
 	MaxDowntime time.Duration
 	// MaxRounds bounds the pre-copy rounds before the final one
-	// (default 8).
+	// (0: the default, 8; negative: none, which in precopy mode is a
+	// stop-and-copy migration: the final round sends all memory).
 	MaxRounds int
 	// Lease: how long each agent waits without hearing from this
 	// coordinator before it resolves the migration alone (default 30 s).
 	Lease          time.Duration
 	TCPEstablished bool
-	TLS            transport.TLS
-	ID             string // default: random
+	// NoCompress sends pages without zstd.
+	NoCompress bool
+	TLS        transport.TLS
+	ID         string // default: random
 	// Hook, when set, runs at three stages (migrate --action-script):
 	// "post-dump" once the source is frozen for good and the target has
 	// its images and holds its connections, before the restore: the
@@ -68,11 +71,14 @@ type Options struct {
 
 // Event is one step of a migration, for progress displays and JSON lines.
 type Event struct {
-	Event   string  `json:"event"` // preflight, round, final, restored, committed, rolled-back, unresolved, refused
-	ID      string  `json:"id"`
-	Round   int     `json:"round,omitempty"`
-	Pages   uint64  `json:"pages,omitempty"`
-	Bytes   uint64  `json:"bytes,omitempty"`
+	Event string `json:"event"` // preflight, progress, round, final, restored, pages, committed, rolled-back, unresolved, refused
+	ID    string `json:"id"`
+	Round int    `json:"round,omitempty"`
+	Pages uint64 `json:"pages,omitempty"`
+	Bytes uint64 `json:"bytes,omitempty"`
+	// Total (progress): the bytes the round is expected to send, 0 when
+	// it cannot be told.
+	Total   uint64  `json:"total,omitempty"`
 	Seconds float64 `json:"seconds,omitempty"`
 	// Rate: bytes per second the round's pages went at.
 	Rate float64 `json:"rate,omitempty"`
@@ -150,7 +156,7 @@ func Migrate(ctx context.Context, opts Options) (*Result, error) {
 	if opts.MaxDowntime <= 0 {
 		opts.MaxDowntime = 100 * time.Millisecond
 	}
-	if opts.MaxRounds <= 0 {
+	if opts.MaxRounds == 0 {
 		opts.MaxRounds = 8
 	}
 	if opts.Lease <= 0 {
@@ -234,7 +240,8 @@ func (r *run) migrate(ctx context.Context) error {
 	leaseMs := uint32(o.Lease / time.Millisecond)
 	cctx, cancel = context.WithTimeout(ctx, 15*time.Second)
 	prep, err := r.dst.Prepare(cctx, &agentv1.PrepareRequest{Id: o.ID, Pids: ins.Pids, Rss: ins.Rss,
-		CpuFlags: ins.Node.GetCpuFlags(), Kernel: ins.Node.GetKernel(), LeaseMs: leaseMs, SourceAddress: o.From})
+		CpuFlags: ins.Node.GetCpuFlags(), Kernel: ins.Node.GetKernel(), LeaseMs: leaseMs, SourceAddress: o.From,
+		Vdso: ins.Node.GetVdso()})
 	cancel()
 	if err != nil {
 		return &Error{Refused, fmt.Errorf("target %s refuses: %s", o.To, reason(err))}
@@ -252,7 +259,7 @@ func (r *run) migrate(ctx context.Context) error {
 	go func() { defer wg.Done(); r.renew(lctx, leaseMs) }()
 	defer func() { stopLease(); wg.Wait() }()
 
-	if err := r.rounds(ctx, prep.PageAddress, leaseMs); err != nil {
+	if err := r.rounds(ctx, prep.PageAddress, leaseMs, ins.Rss); err != nil {
 		return r.rollback(err)
 	}
 	return r.commit(ctx)
@@ -260,13 +267,16 @@ func (r *run) migrate(ctx context.Context) error {
 
 // rounds runs the pre-copy rounds until they converge, then the final
 // round and the restore.
-func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error {
+func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32, rss uint64) error {
 	o := r.opts
 	lazy := o.Mode != "precopy"
+	expect := rss // what the next round should send
 	round := func(k int, final bool) (*agentv1.RoundReply, error) {
+		stop := r.watchRound(ctx, k, expect)
 		rep, err := r.src.Round(ctx, &agentv1.RoundRequest{Id: o.ID, Pid: int32(o.Pid), Round: int32(k), Final: final,
 			PageAddress: pageAddr, LeaseMs: leaseMs, TargetAddress: o.To, TcpEstablished: o.TCPEstablished,
-			Lazy: final && lazy})
+			Lazy: final && lazy, NoCompress: o.NoCompress})
+		stop()
 		if err != nil {
 			return nil, fmt.Errorf("round %d on %s: %s", k, o.From, reason(err))
 		}
@@ -282,7 +292,7 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error
 	}
 	var prev *agentv1.RoundReply
 	k := 1
-	if o.Mode == "postcopy" {
+	if o.Mode == "postcopy" || o.MaxRounds < 0 {
 		k = 0 // straight to the final round
 	}
 	for ; k >= 1 && k <= o.MaxRounds; k++ {
@@ -328,11 +338,15 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error
 		}
 		r.event(e)
 		prev = rep
+		expect = 0
+		if e.DirtyRate > 0 {
+			expect = uint64(e.DirtyRate * d.Seconds())
+		}
 		if stop {
 			break
 		}
 	}
-	if k > o.MaxRounds {
+	if k > 0 && k > o.MaxRounds {
 		k = o.MaxRounds
 	}
 	final := k + 1
@@ -381,6 +395,38 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32) error
 }
 
 const pageSize = 4096
+
+// watchRound reports the progress of round k (expected to send expect
+// bytes) until the returned function is called, asking the source every
+// quarter second. Progress events go to Options.Progress only (not to the
+// log).
+func (r *run) watchRound(ctx context.Context, k int, expect uint64) (stop func()) {
+	if r.opts.Progress == nil {
+		return func() {}
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		start := time.Now()
+		t := time.NewTicker(250 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-wctx.Done():
+				return
+			case <-t.C:
+			}
+			st, err := r.src.Status(wctx, &agentv1.MigrationRef{Id: r.opts.ID})
+			if err != nil || int(st.Round) != k || st.RoundBytes == 0 || wctx.Err() != nil {
+				continue
+			}
+			r.opts.Progress(Event{Event: "progress", ID: r.opts.ID, Round: k, Bytes: st.RoundBytes, Total: expect,
+				Rate: float64(st.RoundBytes) / time.Since(start).Seconds()})
+		}
+	}()
+	return func() { cancel(); <-done }
+}
 
 // commit makes the target record the migration as done, then has the
 // source kill its frozen tree.

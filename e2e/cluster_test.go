@@ -24,7 +24,7 @@ import (
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
-func needRoot(t *testing.T) {
+func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Getuid() != 0 {
 		t.Skip("e2e tests need root (network and PID namespaces, ptrace)")
@@ -51,7 +51,7 @@ type host struct {
 // cluster is two hosts and the certificates of their agents and of the
 // operator.
 type cluster struct {
-	t     *testing.T
+	t     testing.TB
 	ferry string
 	mig   string
 	pki   string
@@ -61,7 +61,7 @@ type cluster struct {
 
 var seq atomic.Int32
 
-func run(t *testing.T, name string, args ...string) string {
+func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
 	if err != nil {
@@ -72,13 +72,13 @@ func run(t *testing.T, name string, args ...string) string {
 
 // newCluster makes hosts A (10.78.0.1) and B (10.78.0.2) and starts their
 // agents; agentArgsB are extra options of B's agent.
-func newCluster(t *testing.T, agentArgsB ...string) *cluster {
+func newCluster(t testing.TB, agentArgsB ...string) *cluster {
 	t.Helper()
 	return newClusterWith(t, nil, agentArgsB)
 }
 
 // newClusterWith is newCluster with extra options for both agents.
-func newClusterWith(t *testing.T, agentArgsA, agentArgsB []string) *cluster {
+func newClusterWith(t testing.TB, agentArgsA, agentArgsB []string) *cluster {
 	t.Helper()
 	needRoot(t)
 	n := seq.Add(1)
@@ -271,7 +271,7 @@ func descendants(pid int) []int {
 // daemon starts argv on h as a service would run there: in a session of
 // its own, a child of the host's PID 1, its output in log (a pipe would be
 // held open by it).
-func (h *host) daemon(t *testing.T, log string, argv ...string) {
+func (h *host) daemon(t testing.TB, log string, argv ...string) {
 	t.Helper()
 	cmd := exec.Command("nsenter", h.in(append([]string{"setsid", "--fork"}, argv...)...)...)
 	f, err := os.Create(log)
@@ -372,7 +372,7 @@ func (c *cluster) migrateCmd(pid int, extra ...string) *exec.Cmd {
 	return exec.Command("ip", args...)
 }
 
-func parseEvents(t *testing.T, b []byte) []map[string]any {
+func parseEvents(t testing.TB, b []byte) []map[string]any {
 	var evs []map[string]any
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	for sc.Scan() {
@@ -401,7 +401,7 @@ func procState(pid int) byte {
 	return b[i+2]
 }
 
-func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
+func waitFor(t testing.TB, what string, timeout time.Duration, ok func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !ok() {
@@ -416,7 +416,7 @@ func readlink(format string, args ...any) (string, error) {
 	return os.Readlink(fmt.Sprintf(format, args...))
 }
 
-func mustReadlink(t *testing.T, path string) string {
+func mustReadlink(t testing.TB, path string) string {
 	s, err := os.Readlink(path)
 	if err != nil {
 		t.Fatal(err)

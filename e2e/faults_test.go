@@ -134,7 +134,7 @@ func TestMigrateNetworkCutInPostcopy(t *testing.T) {
 }
 
 // frozen fails t unless the source w is stopped (SIGSTOP).
-func frozen(t *testing.T, w *testutil.Workload) {
+func frozen(t testing.TB, w *testutil.Workload) {
 	t.Helper()
 	if st := procState(w.Pid); st != 'T' {
 		t.Fatalf("the source is %q while B cannot be asked; want it stopped (T)", st)

@@ -13,7 +13,7 @@ import (
 
 // checkSame fails unless after is the process of before, gone on: same
 // token (kept only in its memory), counters that went on, memory verified.
-func checkSame(t *testing.T, before, after testutil.Report) {
+func checkSame(t testing.TB, before, after testutil.Report) {
 	t.Helper()
 	if after.Status != "ok" {
 		t.Fatalf("the workload's self-check failed: %v", after)
@@ -48,7 +48,7 @@ func TestMigratePostcopy(t *testing.T) { testMigrate(t, "postcopy") }
 // testMigrate moves a workload A -> B -> A in mode; after each hop the
 // workload verifies its memory, its token is unchanged and its counters
 // went on.
-func testMigrate(t *testing.T, mode string, agentArgsB ...string) *cluster {
+func testMigrate(t testing.TB, mode string, agentArgsB ...string) *cluster {
 	c := newCluster(t, agentArgsB...)
 	// 64 MiB, two threads, rewriting memory at 20 MiB/s all along.
 	w, pid := c.startWorkload("-m", "64", "-t", "2", "-C", "-c", "20")

@@ -55,7 +55,7 @@ func (c *cluster) newServiceNet() *serviceNet {
 
 // moveScript writes the action script that moves the service interface
 // from A to B at post-dump, and back at rollback.
-func (s *serviceNet) moveScript(t *testing.T, a, b *host) string {
+func (s *serviceNet) moveScript(t testing.TB, a, b *host) string {
 	move := func(from, to *host) string {
 		return fmt.Sprintf("ip -n %s link set %s netns %s && ip -n %s addr add %s/24 dev %s && ip -n %s link set %s up",
 			from.netns, s.svc, to.netns, to.netns, svcIP, s.svc, to.netns, s.svc)
@@ -116,7 +116,7 @@ func (c *cluster) sample(nspid int) *sampler {
 }
 
 // check stops s and fails t if the process ever ran on both hosts.
-func (s *sampler) check(t *testing.T) {
+func (s *sampler) check(t testing.TB) {
 	t.Helper()
 	close(s.stop)
 	s.done.Wait()
@@ -127,7 +127,7 @@ func (s *sampler) check(t *testing.T) {
 }
 
 // noLocks fails t if a ferry network lock is left in namespace netns.
-func noLocks(t *testing.T, netns string) {
+func noLocks(t testing.TB, netns string) {
 	t.Helper()
 	ns, err := os.Open("/run/netns/" + netns)
 	if err != nil {
@@ -166,7 +166,7 @@ func TestMigrateRedisRollback(t *testing.T) {
 	testRedis(t, true)
 }
 
-func testRedis(t *testing.T, fail bool) {
+func testRedis(t testing.TB, fail bool) {
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Skip("redis-server is not installed (make deps installs it)")
 	}

@@ -282,9 +282,30 @@ func validateFile(f *pb.FileEntry) error {
 }
 
 func validateVdso(inv *pb.Inventory) error {
-	vmas, err := proc.ReadMaps(os.Getpid())
+	here, h, err := localVdso()
 	if err != nil {
 		return err
+	}
+	if len(inv.VdsoLayout) != len(here) {
+		return refuse("vDSO layout differs from the dumping kernel (%s here, %s in the image)", layoutString(here), layoutString(inv.VdsoLayout))
+	}
+	for i := range here {
+		if here[i].Name != inv.VdsoLayout[i].Name || here[i].Size != inv.VdsoLayout[i].Size {
+			return refuse("vDSO layout differs from the dumping kernel (%s here, %s in the image)", layoutString(here), layoutString(inv.VdsoLayout))
+		}
+	}
+	if len(inv.VdsoSha256) > 0 && !bytes.Equal(h[:], inv.VdsoSha256) {
+		return refuse("the vDSO of this kernel (%s) differs from the dumping kernel's (%s)", kernelRelease(), inv.KernelRelease)
+	}
+	return nil
+}
+
+// localVdso returns the layout of this kernel's [vvar]/[vdso] areas and
+// the SHA-256 of its vDSO code.
+func localVdso() ([]*pb.SpecialVma, [32]byte, error) {
+	vmas, err := proc.ReadMaps(os.Getpid())
+	if err != nil {
+		return nil, [32]byte{}, err
 	}
 	var here []*pb.SpecialVma
 	var text []byte
@@ -296,25 +317,22 @@ func validateVdso(inv *pb.Inventory) error {
 		if v.Name == "[vdso]" {
 			text = make([]byte, v.Size())
 			if err := readSelf(v.Start, text); err != nil {
-				return err
+				return nil, [32]byte{}, err
 			}
 		}
 	}
-	if len(inv.VdsoLayout) != len(here) {
-		return refuse("vDSO layout differs from the dumping kernel (%s here, %s in the image)", layoutString(here), layoutString(inv.VdsoLayout))
+	return here, sha256.Sum256(text), nil
+}
+
+// VdsoFingerprint names this kernel's vDSO (its areas' sizes and a hash
+// of its code): a process dumped where it differs cannot be restored
+// here. Migrations compare it before touching anything.
+func VdsoFingerprint() (string, error) {
+	here, h, err := localVdso()
+	if err != nil {
+		return "", err
 	}
-	for i := range here {
-		if here[i].Name != inv.VdsoLayout[i].Name || here[i].Size != inv.VdsoLayout[i].Size {
-			return refuse("vDSO layout differs from the dumping kernel (%s here, %s in the image)", layoutString(here), layoutString(inv.VdsoLayout))
-		}
-	}
-	if len(inv.VdsoSha256) > 0 {
-		h := sha256.Sum256(text)
-		if !bytes.Equal(h[:], inv.VdsoSha256) {
-			return refuse("the vDSO of this kernel (%s) differs from the dumping kernel's (%s)", kernelRelease(), inv.KernelRelease)
-		}
-	}
-	return nil
+	return fmt.Sprintf("%s sha256:%x", layoutString(here), h[:8]), nil
 }
 
 func layoutString(l []*pb.SpecialVma) string {

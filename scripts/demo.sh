@@ -82,7 +82,7 @@ sleep 1
 report "$pid"
 
 say "migrate --from 10.77.0.1 --to 10.77.0.2 $pid   (run on host A, as the operator)"
-onA "$MIGRATE" --from 10.77.0.1 --to 10.77.0.2 $(tls operator) "$pid" | sed 's/^/    /'
+onA "$MIGRATE" --from 10.77.0.1 --to 10.77.0.2 $(tls operator) "$pid"
 gone() { [[ ! -e /proc/$1/stat ]] || [[ $(awk '{print $3}' /proc/"$1"/stat 2>/dev/null) == Z ]]; }
 for _ in $(seq 100); do gone "$pid" && break; sleep 0.02; done
 gone "$pid" || { echo "process still on A?"; exit 1; }

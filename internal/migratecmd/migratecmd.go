@@ -56,6 +56,7 @@ func New() *cobra.Command {
 		resultID  string
 		wait      bool
 		scripts   []string
+		compress  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "migrate --from HOST[:PORT] --to HOST[:PORT] [options] PID",
@@ -90,8 +91,8 @@ frozen and the agents settle the migration themselves when its lease runs
 out ("unresolved"). The workload never runs on two hosts.
 
 Preflight, before anything is touched: the target must have the tree's
-PIDs free, enough memory, and every instruction-set feature of the source's
-CPU.
+PIDs free, enough memory, every instruction-set feature of the source's
+CPU, and the same vDSO as the source's kernel.
 
 In post-copy the commit is the target having every page: until then the
 process needs both hosts, and a failure stops it on the target and resumes
@@ -148,6 +149,7 @@ under way.`,
 				return usage(cmd, fmt.Errorf("PID %q: want a process ID", args[0]))
 			}
 			o.Pid = pid
+			o.NoCompress = !compress
 			if via != "" {
 				if from, to, err = resolve(cmd.Context(), via, o.TLS, from, to); err != nil {
 					return usage(cmd, err)
@@ -161,6 +163,12 @@ under way.`,
 			}
 			if o.From == o.To {
 				return usage(cmd, fmt.Errorf("--from and --to are the same agent (%s)", o.From))
+			}
+			if o.MaxRounds < 0 {
+				return usage(cmd, fmt.Errorf("--max-rounds %d: want 0 or more", o.MaxRounds))
+			}
+			if o.MaxRounds == 0 {
+				o.MaxRounds = -1 // none
 			}
 			if detach {
 				if len(scripts) > 0 {
@@ -178,13 +186,18 @@ under way.`,
 			}
 			o.Logger = logger(cmd.ErrOrStderr(), verbosity)
 			out := cmd.OutOrStdout()
+			var disp *display
 			if jsonOut {
 				enc := json.NewEncoder(out)
 				o.Progress = func(e coordinator.Event) { enc.Encode(e) }
 			} else {
-				o.Progress = func(e coordinator.Event) { printEvent(out, e) }
+				disp = newDisplay(out)
+				o.Progress = disp.event
 			}
 			res, err := coordinator.Migrate(cmd.Context(), o)
+			if disp != nil {
+				disp.close()
+			}
 			if jsonOut {
 				json.NewEncoder(out).Encode(struct {
 					Event string `json:"event"`
@@ -224,9 +237,10 @@ under way.`,
 	fs.StringVar(&via, "via", "", "resolve --from and --to as node names through the cluster, asking the agent at HOST[:PORT]")
 	fs.StringVar(&o.Mode, "mode", "hybrid", "hybrid (pre-copy rounds, then post-copy), precopy or postcopy")
 	fs.DurationVar(&o.MaxDowntime, "max-downtime", 100*time.Millisecond, "downtime budget the pre-copy rounds converge to")
-	fs.IntVar(&o.MaxRounds, "max-rounds", 8, "pre-copy rounds at most before the final one")
+	fs.IntVar(&o.MaxRounds, "max-rounds", 8, "pre-copy rounds at most before the final one (0 with --mode precopy: stop-and-copy, all memory sent while frozen)")
 	fs.DurationVar(&o.Lease, "lease", 30*time.Second, "how long the agents wait without hearing from this command before they settle the migration alone")
 	fs.BoolVar(&o.TCPEstablished, "tcp-established", false, "move established TCP connections too (TCP_REPAIR)")
+	fs.BoolVar(&compress, "compress", true, "zstd on the page streams (--compress=false: fast links, few spare CPUs)")
 	fs.StringArrayVar(&scripts, "action-script", nil, "run SCRIPT at the stages post-dump, post-migrate and rollback (repeatable)")
 	fs.StringVar(&o.ID, "id", "", "the migration's id (default: time and random)")
 	fs.StringVar(&o.TLS.CACert, "tls-cacert", "", "CA certificate the agents' certificates must chain to (PEM)")
@@ -331,7 +345,7 @@ func startDetached(cmd *cobra.Command, o coordinator.Options, jsonOut bool) erro
 	defer conn.Close()
 	ref, err := agentv1.NewAgentClient(conn).Migrate(cmd.Context(), &agentv1.MigrateRequest{Pid: int32(o.Pid), To: o.To, Mode: o.Mode,
 		MaxDowntimeMs: uint32(o.MaxDowntime / time.Millisecond), MaxRounds: int32(o.MaxRounds),
-		LeaseMs: uint32(o.Lease / time.Millisecond), TcpEstablished: o.TCPEstablished, Id: o.ID})
+		LeaseMs: uint32(o.Lease / time.Millisecond), TcpEstablished: o.TCPEstablished, Id: o.ID, NoCompress: o.NoCompress})
 	if err != nil {
 		fmt.Fprintf(cmd.ErrOrStderr(), "migrate: %s: %v\n", o.From, err)
 		return &ExitError{ExitRefused}

@@ -91,6 +91,7 @@ type NodeInfo struct {
 	LazyPages     bool                   `protobuf:"varint,9,opt,name=lazy_pages,json=lazyPages,proto3" json:"lazy_pages,omitempty"`         // userfaultfd usable for post-copy
 	GrpcAddress   string                 `protobuf:"bytes,10,opt,name=grpc_address,json=grpcAddress,proto3" json:"grpc_address,omitempty"`
 	State         string                 `protobuf:"bytes,11,opt,name=state,proto3" json:"state,omitempty"` // Nodes: alive, suspect, dead, left
+	Vdso          string                 `protobuf:"bytes,12,opt,name=vdso,proto3" json:"vdso,omitempty"`   // the kernel's vDSO: areas and a hash of its code
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -198,6 +199,13 @@ func (x *NodeInfo) GetGrpcAddress() string {
 func (x *NodeInfo) GetState() string {
 	if x != nil {
 		return x.State
+	}
+	return ""
+}
+
+func (x *NodeInfo) GetVdso() string {
+	if x != nil {
+		return x.Vdso
 	}
 	return ""
 }
@@ -403,6 +411,7 @@ type PrepareRequest struct {
 	Kernel        string                 `protobuf:"bytes,5,opt,name=kernel,proto3" json:"kernel,omitempty"`
 	LeaseMs       uint32                 `protobuf:"varint,6,opt,name=lease_ms,json=leaseMs,proto3" json:"lease_ms,omitempty"`
 	SourceAddress string                 `protobuf:"bytes,7,opt,name=source_address,json=sourceAddress,proto3" json:"source_address,omitempty"` // the source agent, asked when the lease runs out
+	Vdso          string                 `protobuf:"bytes,8,opt,name=vdso,proto3" json:"vdso,omitempty"`                                        // the source's (NodeInfo.vdso): must be this node's
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -486,6 +495,13 @@ func (x *PrepareRequest) GetSourceAddress() string {
 	return ""
 }
 
+func (x *PrepareRequest) GetVdso() string {
+	if x != nil {
+		return x.Vdso
+	}
+	return ""
+}
+
 type PrepareReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	PageAddress   string                 `protobuf:"bytes,1,opt,name=page_address,json=pageAddress,proto3" json:"page_address,omitempty"` // host:port of the session's page server
@@ -543,7 +559,10 @@ type RoundRequest struct {
 	// lazy (final round only): post-copy. The pages written since the
 	// previous round are not sent; the source serves them, from its frozen
 	// tree, to the target's lazy-pages daemon (RoundReply.lazy_address).
-	Lazy          bool `protobuf:"varint,9,opt,name=lazy,proto3" json:"lazy,omitempty"`
+	Lazy bool `protobuf:"varint,9,opt,name=lazy,proto3" json:"lazy,omitempty"`
+	// no_compress: the page stream goes without zstd (fast links, few
+	// spare CPUs).
+	NoCompress    bool `protobuf:"varint,10,opt,name=no_compress,json=noCompress,proto3" json:"no_compress,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -637,6 +656,13 @@ func (x *RoundRequest) GetTcpEstablished() bool {
 func (x *RoundRequest) GetLazy() bool {
 	if x != nil {
 		return x.Lazy
+	}
+	return false
+}
+
+func (x *RoundRequest) GetNoCompress() bool {
+	if x != nil {
+		return x.NoCompress
 	}
 	return false
 }
@@ -1180,7 +1206,11 @@ type MigrationStatus struct {
 	// "unknown", "preparing", "running" (pre-copy rounds), "frozen" (source
 	// after the final round), "restored" (target, not committed),
 	// "committed", "rolled-back".
-	State         string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// source: the round under way (0: none) and the bytes of memory it has
+	// sent so far, for progress displays.
+	Round         int32  `protobuf:"varint,3,opt,name=round,proto3" json:"round,omitempty"`
+	RoundBytes    uint64 `protobuf:"varint,4,opt,name=round_bytes,json=roundBytes,proto3" json:"round_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1229,6 +1259,20 @@ func (x *MigrationStatus) GetState() string {
 	return ""
 }
 
+func (x *MigrationStatus) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *MigrationStatus) GetRoundBytes() uint64 {
+	if x != nil {
+		return x.RoundBytes
+	}
+	return 0
+}
+
 type MigrateRequest struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Pid            int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
@@ -1238,7 +1282,8 @@ type MigrateRequest struct {
 	MaxRounds      int32                  `protobuf:"varint,5,opt,name=max_rounds,json=maxRounds,proto3" json:"max_rounds,omitempty"`
 	LeaseMs        uint32                 `protobuf:"varint,6,opt,name=lease_ms,json=leaseMs,proto3" json:"lease_ms,omitempty"`
 	TcpEstablished bool                   `protobuf:"varint,7,opt,name=tcp_established,json=tcpEstablished,proto3" json:"tcp_established,omitempty"`
-	Id             string                 `protobuf:"bytes,8,opt,name=id,proto3" json:"id,omitempty"` // default: chosen by the agent
+	Id             string                 `protobuf:"bytes,8,opt,name=id,proto3" json:"id,omitempty"`                                    // default: chosen by the agent
+	NoCompress     bool                   `protobuf:"varint,9,opt,name=no_compress,json=noCompress,proto3" json:"no_compress,omitempty"` // pages without zstd
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -1327,6 +1372,13 @@ func (x *MigrateRequest) GetId() string {
 		return x.Id
 	}
 	return ""
+}
+
+func (x *MigrateRequest) GetNoCompress() bool {
+	if x != nil {
+		return x.NoCompress
+	}
+	return false
 }
 
 type ResultRequest struct {
@@ -1534,7 +1586,7 @@ var File_agent_api_v1_agent_proto protoreflect.FileDescriptor
 const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x18agent/api/v1/agent.proto\x12\x0eferry.agent.v1\"\r\n" +
-	"\vInfoRequest\"\xc5\x02\n" +
+	"\vInfoRequest\"\xd9\x02\n" +
 	"\bNodeInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -1550,7 +1602,8 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"lazy_pages\x18\t \x01(\bR\tlazyPages\x12!\n" +
 	"\fgrpc_address\x18\n" +
 	" \x01(\tR\vgrpcAddress\x12\x14\n" +
-	"\x05state\x18\v \x01(\tR\x05state\"\x0e\n" +
+	"\x05state\x18\v \x01(\tR\x05state\x12\x12\n" +
+	"\x04vdso\x18\f \x01(\tR\x04vdso\"\x0e\n" +
 	"\fNodesRequest\"<\n" +
 	"\n" +
 	"NodesReply\x12.\n" +
@@ -1561,7 +1614,7 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\x04pids\x18\x01 \x03(\x05R\x04pids\x12\x10\n" +
 	"\x03rss\x18\x02 \x01(\x04R\x03rss\x12\x18\n" +
 	"\acommand\x18\x03 \x01(\tR\acommand\x12,\n" +
-	"\x04node\x18\x04 \x01(\v2\x18.ferry.agent.v1.NodeInfoR\x04node\"\xbd\x01\n" +
+	"\x04node\x18\x04 \x01(\v2\x18.ferry.agent.v1.NodeInfoR\x04node\"\xd1\x01\n" +
 	"\x0ePrepareRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04pids\x18\x02 \x03(\x05R\x04pids\x12\x10\n" +
@@ -1569,9 +1622,10 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\tcpu_flags\x18\x04 \x03(\tR\bcpuFlags\x12\x16\n" +
 	"\x06kernel\x18\x05 \x01(\tR\x06kernel\x12\x19\n" +
 	"\blease_ms\x18\x06 \x01(\rR\aleaseMs\x12%\n" +
-	"\x0esource_address\x18\a \x01(\tR\rsourceAddress\"1\n" +
+	"\x0esource_address\x18\a \x01(\tR\rsourceAddress\x12\x12\n" +
+	"\x04vdso\x18\b \x01(\tR\x04vdso\"1\n" +
 	"\fPrepareReply\x12!\n" +
-	"\fpage_address\x18\x01 \x01(\tR\vpageAddress\"\xfe\x01\n" +
+	"\fpage_address\x18\x01 \x01(\tR\vpageAddress\"\x9f\x02\n" +
 	"\fRoundRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12\x14\n" +
@@ -1581,7 +1635,10 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\blease_ms\x18\x06 \x01(\rR\aleaseMs\x12%\n" +
 	"\x0etarget_address\x18\a \x01(\tR\rtargetAddress\x12'\n" +
 	"\x0ftcp_established\x18\b \x01(\bR\x0etcpEstablished\x12\x12\n" +
-	"\x04lazy\x18\t \x01(\bR\x04lazy\"\x96\x03\n" +
+	"\x04lazy\x18\t \x01(\bR\x04lazy\x12\x1f\n" +
+	"\vno_compress\x18\n" +
+	" \x01(\bR\n" +
+	"noCompress\"\x96\x03\n" +
 	"\n" +
 	"RoundReply\x12#\n" +
 	"\rpages_written\x18\x01 \x01(\x04R\fpagesWritten\x12#\n" +
@@ -1631,10 +1688,13 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\x06commit\x18\x02 \x01(\bR\x06commit\"9\n" +
 	"\fRenewRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x19\n" +
-	"\blease_ms\x18\x02 \x01(\rR\aleaseMs\"7\n" +
+	"\blease_ms\x18\x02 \x01(\rR\aleaseMs\"n\n" +
 	"\x0fMigrationStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state\"\xe1\x01\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12\x14\n" +
+	"\x05round\x18\x03 \x01(\x05R\x05round\x12\x1f\n" +
+	"\vround_bytes\x18\x04 \x01(\x04R\n" +
+	"roundBytes\"\x82\x02\n" +
 	"\x0eMigrateRequest\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\tR\x02to\x12\x12\n" +
@@ -1644,7 +1704,9 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"max_rounds\x18\x05 \x01(\x05R\tmaxRounds\x12\x19\n" +
 	"\blease_ms\x18\x06 \x01(\rR\aleaseMs\x12'\n" +
 	"\x0ftcp_established\x18\a \x01(\bR\x0etcpEstablished\x12\x0e\n" +
-	"\x02id\x18\b \x01(\tR\x02id\"3\n" +
+	"\x02id\x18\b \x01(\tR\x02id\x12\x1f\n" +
+	"\vno_compress\x18\t \x01(\bR\n" +
+	"noCompress\"3\n" +
 	"\rResultRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04wait\x18\x02 \x01(\bR\x04wait\"\xe6\x02\n" +
