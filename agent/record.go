@@ -89,16 +89,25 @@ func (r procRef) alive() bool {
 
 // resumeSource resumes a source's frozen tree (root pid): the connections
 // its final round held (dumpcore.Options.HoldConnections) are released
-// first.
+// first, and the dirty trackers of its pre-copy rounds stop watching.
 func (a *Agent) resumeSource(pid int, refs []procRef) {
 	for _, r := range refs {
 		if r.Pid == pid && r.alive() {
 			if err := dumpcore.ReleaseConnections(pid); err != nil {
 				a.log.Warn("migration: resuming the source", "pid", pid, "err", err)
 			}
+			releaseTrackers(a, pid)
 		}
 	}
 	signal(refs, unix.SIGCONT)
+}
+
+// releaseTrackers has the dirty trackers of the pre-copy rounds stop
+// watching pid (a rolled-back source).
+func releaseTrackers(a *Agent, pid int) {
+	if err := dumpcore.ReleaseTrackers(pid); err != nil {
+		a.log.Warn("migration: releasing the dirty trackers", "pid", pid, "err", err)
+	}
 }
 
 // resumeTarget lets a target's restored tree, stopped until the commit,
@@ -390,6 +399,10 @@ func (a *Agent) rollback(m *migration) error {
 	case roleSource:
 		if rec.State == StateFrozen {
 			a.resumeSource(rec.Pid, rec.Procs)
+		} else if rec.Pid > 0 {
+			// Rolled back during the pre-copy rounds: it runs on. (Only
+			// ferry's trackers are touched, so a reused PID is safe.)
+			releaseTrackers(a, rec.Pid)
 		}
 	}
 	m.stopSession()

@@ -38,6 +38,7 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	pid := d.opts.Pid
 	img := &imageSet{files: newFileTable(d.opts.GhostLimit)}
 	img.files.tcpEstablished = d.opts.TCPEstablished
+	img.files.lock = d.lockConn
 	img.files.extUnix = d.opts.ExtUnixSk
 	img.files.fileLocks = d.opts.FileLocks
 	img.files.tcpClose = d.opts.TCPClose

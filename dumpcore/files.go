@@ -13,6 +13,7 @@ import (
 
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/netlock"
 )
 
 // fileTable assigns ids to files: one entry per open file description
@@ -28,6 +29,10 @@ type fileTable struct {
 	tcpEstablished bool
 	tcpClose       bool // --tcp-close: established connections come back closed
 	repaired       []int
+	// lock, when set, drops a connection's packets before it goes into
+	// repair mode: a packet arriving while its state is read would make
+	// that state inconsistent.
+	lock func(netlock.Conn) error
 	// extUnix: --ext-unix-sk (nil: not given; empty: any peer; else the
 	// peers' inodes it names).
 	extUnix []uint64

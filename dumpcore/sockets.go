@@ -156,6 +156,15 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 					what, tcpStateName(info.State), ErrUnsupported)
 			}
 			s.Peer = peer
+			if ft.lock != nil {
+				cn, err := netlock.ConnOf(s.Addr, peer)
+				if err != nil {
+					return nil, fmt.Errorf("%s: %w", what, err)
+				}
+				if err := ft.lock(cn); err != nil {
+					return nil, fmt.Errorf("%s: %w", what, err)
+				}
+			}
 			if s.Tcp, err = repairRead(dup, info); err != nil {
 				return nil, fmt.Errorf("%s: %w", what, err)
 			}
@@ -389,40 +398,41 @@ func sockaddrString(b []byte) string {
 	return "?"
 }
 
-// lockNetwork drops the peers' packets of the connections this dump put in
-// repair mode (see package netlock), and names the lock in the inventory
-// for the restore to remove.
-func (d *dumper) lockNetwork(img *imageSet) error {
-	if len(d.files.repaired) == 0 || d.opts.LeaveRunning || (d.opts.LeaveStopped && !d.opts.HoldConnections) {
-		return nil // the process keeps its connections
-	}
+// lockConn drops the packets of connection cn, both ways, in the
+// process's network namespace (see package netlock), before the dump puts
+// it in repair mode and reads it. The lock goes when the process goes on
+// (resume); otherwise the inventory names it for the restore to remove.
+func (d *dumper) lockConn(cn netlock.Conn) error {
 	switch d.opts.NetworkLock {
 	case "skip":
-		d.log.Info("--network-lock skip: the peers of the dumped connections may see resets until the restore")
 		return nil
 	case "", "nftables", "iptables":
 	default:
 		return fmt.Errorf("--network-lock %q: want nftables, iptables or skip", d.opts.NetworkLock)
 	}
-	var conns []netlock.Conn
-	for _, f := range img.files.entries {
-		if f.Inet == nil || f.Inet.Tcp == nil {
-			continue
-		}
-		cn, err := netlock.ConnOf(f.Inet.Addr, f.Inet.Peer)
-		if err != nil {
-			return fmt.Errorf("network lock: connection %s: %w", f.Path, err)
-		}
-		conns = append(conns, cn)
-	}
 	name := netlock.TableName(d.opts.Pid)
-	if err := netlock.Lock(d.opts.Pid, name, conns); err != nil {
+	if err := netlock.Lock(d.opts.Pid, name, []netlock.Conn{cn}); err != nil {
 		return err
 	}
-	d.locked = name
-	img.inv.NetworkLock = name
-	d.log.Info("network locked", "table", name, "connections", len(conns))
-	return d.action("network-lock")
+	if d.locked == "" {
+		d.locked = name
+		d.log.Info("network locked", "table", name)
+		return d.action("network-lock")
+	}
+	return nil
+}
+
+// lockNetwork names the network lock of a dump whose process does not go
+// on in the inventory, for the restore to remove.
+func (d *dumper) lockNetwork(img *imageSet) error {
+	if d.opts.NetworkLock == "skip" && len(d.files.repaired) > 0 {
+		d.log.Info("--network-lock skip: the peers of the dumped connections may see resets until the restore")
+	}
+	if d.locked == "" || d.opts.LeaveRunning || (d.opts.LeaveStopped && !d.opts.HoldConnections) {
+		return nil // no lock, or the process keeps its connections (resume removes it)
+	}
+	img.inv.NetworkLock = d.locked
+	return nil
 }
 
 // ReleaseConnections undoes HoldConnections for the stopped process pid,

@@ -307,3 +307,60 @@ func (t *Tracker) Close() error {
 	}
 	return t.u.Close()
 }
+
+// ReleaseTrackers unregisters, in process pid, the address space the dirty
+// trackers that pre-dump rounds left in it watch: its pages are no longer
+// write-protected (a migration rolled back before its final round; no
+// later round will read them). Each tracker's descriptor stays in the
+// process, idle, until its next dump removes it. A process that has a
+// userfaultfd of its own is left as it is.
+func ReleaseTrackers(pid int) error {
+	ents, err := os.ReadDir(proc.Path(pid, "fd"))
+	if err != nil {
+		return err
+	}
+	var trackers []int
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		target, _ := os.Readlink(proc.Path(pid, "fd/"+e.Name()))
+		if target != "anon_inode:[userfaultfd]" {
+			continue
+		}
+		if info, err := proc.ReadFdInfo(pid, fd); err == nil && isFerryTracker(pid, fd, info) {
+			trackers = append(trackers, fd)
+			continue
+		}
+		// The program's own: which areas it watches cannot be told
+		// apart from ours, so leave everything as it is.
+		return nil
+	}
+	if len(trackers) == 0 {
+		return nil
+	}
+	vmas, err := proc.ReadMaps(pid)
+	if err != nil {
+		return err
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	for _, fd := range trackers {
+		dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+		if err != nil {
+			return fmt.Errorf("tracker fd %d of %d: %w", fd, pid, os.NewSyscallError("pidfd_getfd", err))
+		}
+		u := uffd.AdoptNoHandshake(dup, trackFeatures)
+		for _, v := range vmas {
+			// Areas it does not watch (or that another userfaultfd
+			// watches) refuse: nothing to undo there.
+			u.Unregister(v.Start, v.End-v.Start)
+		}
+		u.Close()
+	}
+	return nil
+}

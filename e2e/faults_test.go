@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -76,6 +77,22 @@ func TestMigrateTargetAgentDiesInRounds(t *testing.T) {
 	}
 	t.Logf("rolled back: %s", last["error"])
 	c.runsOnA(w, pid, before)
+	// The pre-copy rounds' dirty tracker no longer watches its memory.
+	if n := uffdWatched(w.Pid); n > 0 {
+		t.Fatalf("%d areas of the rolled-back source are still write-protected by a tracker", n)
+	}
+}
+
+// uffdWatched counts the areas of pid a userfaultfd write-protects.
+func uffdWatched(pid int) int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	n := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		if f, ok := strings.CutPrefix(l, "VmFlags:"); ok && slices.Contains(strings.Fields(f), "uw") {
+			n++
+		}
+	}
+	return n
 }
 
 func TestMigrateNetworkCutBeforeRestore(t *testing.T) {

@@ -122,6 +122,9 @@ func TestMigrateRollbackAfterRestore(t *testing.T) {
 		t.Fatalf("migrate: exit %d, result %v; want exit 1, rolled-back", code, res)
 	}
 	c.runsOnA(w, pid, before)
+	if n := uffdWatched(w.Pid); n > 0 {
+		t.Fatalf("%d areas of the rolled-back source are still write-protected by a tracker", n)
+	}
 }
 
 func TestMigrateRefused(t *testing.T) {
@@ -271,6 +274,13 @@ func TestMigrateDetached(t *testing.T) {
 	code, evs = c.migrateRaw(0, "--result", id, "--wait", "--json")
 	if res := evs[len(evs)-1]; code != 0 || res["outcome"] != "committed" || res["id"] != id {
 		t.Fatalf("migrate --result %s --wait: exit %d, %v", id, code, res)
+	}
+	// The result outlives the agent that coordinated it.
+	c.stopAgent(c.a)
+	c.startAgent(c.a, nil)
+	code, evs = c.migrateRaw(0, "--result", id, "--json")
+	if res := evs[len(evs)-1]; code != 0 || res["outcome"] != "committed" || res["downtime_ms"] == nil {
+		t.Fatalf("migrate --result %s after A's agent restarted: exit %d, %v", id, code, res)
 	}
 	pidB := c.b.find(pid)
 	if pidB == 0 {

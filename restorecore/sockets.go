@@ -290,6 +290,15 @@ func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) 
 	if err := setInt(unix.IPPROTO_TCP, tcpRepairQueue, tcpSendQueue); err != nil {
 		return 0, err
 	}
+	// Nothing is acknowledged while the queue is rebuilt (repair mode,
+	// then the network lock, which holds until the restore ends), and the
+	// same bytes may take more buffer than they did (other packet
+	// boundaries): with room to spare no write blocks. The dumped size
+	// comes back once the queue is written.
+	room := uint32(t.Sndbuf/2) + 4*uint32(len(t.SendQueue)) + 1<<20
+	if err := setInt(unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, room); err != nil {
+		return 0, err
+	}
 	if err := b.sendAll(fd, sent); err != nil {
 		return 0, fmt.Errorf("send queue: %w", err)
 	}
@@ -315,6 +324,9 @@ func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) 
 	}
 	if err := b.sendAll(fd, unsent); err != nil {
 		return 0, fmt.Errorf("unsent data: %w", err)
+	}
+	if err := setInt(unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, uint32(t.Sndbuf/2)); err != nil {
+		return 0, err
 	}
 	if f.Flags&unix.O_NONBLOCK != 0 {
 		if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETFL, unix.O_NONBLOCK); err != nil {
