@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -74,6 +75,9 @@ const (
 	tcpEstablished = 1
 	tcpFinWait1    = 4
 	tcpFinWait2    = 5
+	tcpCloseWait   = 8
+	tcpLastAck     = 9
+	tcpClosing     = 11
 	tcpClose       = 7
 	tcpListen      = 10
 )
@@ -151,9 +155,8 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 			switch {
 			case !ft.tcpEstablished:
 				return nil, fmt.Errorf("%s: %w (dump established connections with --tcp-established)", what, ErrUnsupported)
-			case info.State != tcpEstablished && info.State != tcpFinWait1 && info.State != tcpFinWait2:
-				return nil, fmt.Errorf("%s in state %s: %w (established connections, and those that shut down writing, so far)",
-					what, tcpStateName(info.State), ErrUnsupported)
+			case !slices.Contains([]uint8{tcpEstablished, tcpFinWait1, tcpFinWait2, tcpCloseWait, tcpLastAck, tcpClosing}, info.State):
+				return nil, fmt.Errorf("%s in state %s: %w", what, tcpStateName(info.State), ErrUnsupported)
 			}
 			s.Peer = peer
 			if ft.lock != nil {
@@ -236,7 +239,8 @@ func repairRead(fd int, info *unix.TCPInfo) (*pb.TcpStream, error) {
 		return nil, os.NewSyscallError("setsockopt TCP_REPAIR", err)
 	}
 	t := &pb.TcpStream{Options: uint32(info.Options), State: int32(info.State)}
-	finSent := info.State == tcpFinWait1 // its FIN counts in the send queue's length
+	// An unacknowledged FIN of ours counts in the send queue's length.
+	finSent := info.State == tcpFinWait1 || info.State == tcpClosing || info.State == tcpLastAck
 	// tcpi_snd_wscale and tcpi_rcv_wscale are the two nibbles of the byte
 	// after tcpi_options, which x/sys's TCPInfo leaves as padding.
 	raw, err := rawOpt(fd, sockOpt{unix.IPPROTO_TCP, unix.TCP_INFO, unix.SizeofTCPInfo})

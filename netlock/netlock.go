@@ -23,6 +23,10 @@ type Conn struct {
 	Local, Peer netip.AddrPort
 }
 
+// PassMark is the packet mark (SO_MARK) the lock lets through: segments
+// ferry itself hands a socket it rebuilds (see restorecore).
+const PassMark = 0x66657279 // "fery"
+
 // TableName is the table a lock for process pid uses.
 func TableName(pid int) string { return "ferry-lock-" + strconv.Itoa(pid) }
 
@@ -61,13 +65,29 @@ func Lock(pid int, name string, conns []Conn) error {
 		return fmt.Errorf("network lock: %w", err)
 	}
 	defer done()
-	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: name})
-	// Before anything else, so that no other rule lets them through.
-	prio := nftables.ChainPriority(-300)
-	in := c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookInput, Priority: &prio})
-	out := c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookOutput, Priority: &prio})
+	var in, out *nftables.Chain
+	if t, err := c.ListTableOfFamily(name, nftables.TableFamilyINet); err == nil {
+		// More connections for a lock already in place.
+		in, out = &nftables.Chain{Name: "input", Table: t}, &nftables.Chain{Name: "output", Table: t}
+	} else {
+		t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: name})
+		// Before anything else, so that no other rule lets them through.
+		prio := nftables.ChainPriority(-300)
+		in = c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookInput, Priority: &prio})
+		out = c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookOutput, Priority: &prio})
+		// First in each chain: what ferry itself hands a socket it
+		// rebuilds (on its way out, and in).
+		for _, ch := range []*nftables.Chain{out, in} {
+			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binary.NativeEndian.AppendUint32(nil, PassMark)},
+				&expr.Verdict{Kind: expr.VerdictAccept},
+			}})
+		}
+	}
+	t := in.Table
 	for _, cn := range conns {
 		c.AddRule(&nftables.Rule{Table: t, Chain: in, Exprs: drop(cn.Peer, cn.Local)})
 		// And what a copy of the process restored (but not yet

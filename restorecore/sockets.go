@@ -174,6 +174,9 @@ const (
 	tcpSendQueue     = 2
 	tcpFinWait1      = 4
 	tcpFinWait2      = 5
+	tcpCloseWait     = 8
+	tcpLastAck       = 9
+	tcpClosing       = 11
 
 	tcpiOptTimestamps = 1
 	tcpiOptSack       = 2
@@ -189,14 +192,25 @@ const (
 // options, the receive queue, the part of the send queue the peer may
 // already have, window and timestamp; then it leaves repair mode (one
 // window probe) and writes the part never sent as ordinary data.
+//
+// A connection that shut down writing has its FIN after its data, one
+// sequence number: it shuts down again in repair mode (fin-wait1, -2 and
+// closing), or, in last-ack, once the peer's FIN is in. A connection
+// whose peer closed (close-wait, last-ack, closing) has the peer's FIN
+// after its receive queue: it is rebuilt without it, and ferry hands it
+// that FIN once it is out of repair mode (injectFin).
 func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
 	s, t := f.Inet, f.Inet.Tcp
-	// A connection that shut down writing has its FIN after its data, one
-	// sequence number (fin-wait1: maybe unacknowledged; fin-wait2: acked).
-	shut := t.State == tcpFinWait1 || t.State == tcpFinWait2
-	fin := uint32(0)
-	if shut {
+	st := t.State
+	shut := st == tcpFinWait1 || st == tcpFinWait2 || st == tcpClosing
+	shutLater := st == tcpLastAck
+	theirFin := st == tcpCloseWait || st == tcpLastAck || st == tcpClosing
+	fin, rfin := uint32(0), uint32(0)
+	if shut || shutLater {
 		fin = 1
+	}
+	if theirFin {
+		rfin = 1
 	}
 	raw, err := b.sys(unix.SYS_SOCKET, uint64(s.Family), unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
@@ -233,7 +247,7 @@ func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) 
 	for _, q := range []struct {
 		queue int
 		seq   uint32
-	}{{tcpRecvQueue, t.RecvSeq - uint32(len(t.RecvQueue))}, {tcpSendQueue, t.SendSeq - uint32(len(t.SendQueue)) - fin}} {
+	}{{tcpRecvQueue, t.RecvSeq - uint32(len(t.RecvQueue)) - rfin}, {tcpSendQueue, t.SendSeq - uint32(len(t.SendQueue)) - fin}} {
 		if err := setInt(unix.IPPROTO_TCP, tcpRepairQueue, uint32(q.queue)); err != nil {
 			return 0, err
 		}
@@ -308,7 +322,13 @@ func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) 
 		}
 	}
 	if len(t.Window) > 0 {
-		if err := b.setsockopt(fd, unix.IPPROTO_TCP, tcpRepairWindow, t.Window); err != nil {
+		w := t.Window
+		if theirFin && len(w) >= 20 && binary.LittleEndian.Uint32(w[16:]) == t.RecvSeq {
+			// rcv_wup may not be past the rebuilt rcv_nxt, which the
+			// peer's FIN is not in yet.
+			w = binary.LittleEndian.AppendUint32(append([]byte(nil), w[:16]...), t.RecvSeq-1)
+		}
+		if err := b.setsockopt(fd, unix.IPPROTO_TCP, tcpRepairWindow, w); err != nil {
 			return 0, err
 		}
 	}
@@ -322,8 +342,27 @@ func (b *builder) newTCPStream(f *pb.FileEntry, park func(uint64) (int, error)) 
 			}
 		}
 	}
+	if theirFin {
+		cn, err := netlock.ConnOf(s.Addr, s.Peer)
+		if err != nil {
+			return 0, err
+		}
+		win := uint16(0xffff)
+		if len(t.Window) >= 8 {
+			win = uint16(min(binary.LittleEndian.Uint32(t.Window[4:])>>t.SndWscale, 0xffff))
+		}
+		sndUna := t.SendSeq - uint32(len(t.SendQueue)) - fin
+		if err := injectFin(cn.Local, cn.Peer, t.RecvSeq-1, sndUna, win); err != nil {
+			return 0, err
+		}
+	}
 	if err := b.sendAll(fd, unsent); err != nil {
 		return 0, fmt.Errorf("unsent data: %w", err)
+	}
+	if shutLater {
+		if _, err := b.sys(unix.SYS_SHUTDOWN, uint64(fd), unix.SHUT_WR); err != nil {
+			return 0, fmt.Errorf("shutdown: %w", err)
+		}
 	}
 	if err := setInt(unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, uint32(t.Sndbuf/2)); err != nil {
 		return 0, err

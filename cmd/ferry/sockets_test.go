@@ -601,11 +601,7 @@ func TestDumpRestoreTCPHalfClosed(t *testing.T) {
 		t.Fatalf("after half: %v, want the end of the stream", err)
 	}
 	time.Sleep(50 * time.Millisecond) // the FIN acknowledged: fin-wait2
-	img := t.TempDir()
-	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--tcp-established")
-	w.Reap(t)
-	mustFerry(t, "restore", "-D", img, "-d")
-	rw := testutil.Attach(t, w.Pid, w.ReportPath)
+	rw := dumpRestore(t, w, "--tcp-established")
 	defer rw.Kill()
 	fmt.Fprintf(c, "after\n")
 	if !waitFor(5*time.Second, func() bool { return rw.Report(t).Int("halfread") == 1 }) {
@@ -667,5 +663,32 @@ while True:
 	_, after := dumpRestorePython(t, script, dir)
 	if after.Fields["inflight"] != "ok" {
 		t.Fatalf("descriptors in flight after restore: %q", after.Fields["inflight"])
+	}
+}
+
+func TestDumpRestoreTCPPeerClosed(t *testing.T) {
+	// A connection whose peer shut down writing, its end in close-wait
+	// with a line and the FIN unread: after dump and restore the server
+	// reads the line, then the end of the stream, and its answer still
+	// reaches the client.
+	needRoot(t)
+	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "peerclosed.py"))
+	before := w.Report(t)
+	if before.Int("server_state") != 8 {
+		t.Fatalf("the server's end is in TCP state %d before the dump, want 8 (close-wait)", before.Int("server_state"))
+	}
+	rw := dumpRestore(t, w, "--tcp-established")
+	defer rw.Kill()
+	after := rw.Report(t)
+	checkContinued(t, before, after)
+	if after.Int("server_state") != 8 {
+		t.Fatalf("the server's end is in TCP state %d after the restore, want 8 (close-wait)", after.Int("server_state"))
+	}
+	rw.Signal(unix.SIGUSR2)
+	if !waitFor(10*time.Second, func() bool { return rw.Report(t).Fields["check"] != "unchecked" }) {
+		t.Fatal("the workload did not check its connection")
+	}
+	if got := rw.Report(t).Fields["check"]; got != "ok" {
+		t.Fatalf("after the restore: %s", got)
 	}
 }

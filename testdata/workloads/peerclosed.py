@@ -1,0 +1,86 @@
+"""peerclosed.py REPORT: a TCP connection whose peer closed, across C/R.
+
+Both ends live in this process, on 127.0.0.1. The client sends a line
+derived from a random token (kept only in memory) and shuts down writing;
+the server reads nothing yet, so its end sits in close-wait with the line
+and the peer's FIN queued. On SIGUSR1 it writes a report (key=value
+lines, atomic rename; "server_state" is the server end's TCP state, 8 for
+close-wait). The first SIGUSR2 makes the server read the line and then the
+end of the stream, answer, and close; the client must read the answer and
+then the end: "check=ok" in the next report, or the reason.
+"""
+import os
+import signal
+import socket
+import sys
+import time
+
+report = sys.argv[1]
+token = os.urandom(8).hex()
+line = ("line-before-fin " + token + "\n").encode()
+lst = socket.socket()
+lst.bind(("127.0.0.1", 0))
+lst.listen(1)
+cli = socket.create_connection(lst.getsockname())
+srv, _ = lst.accept()
+cli.sendall(line)
+cli.shutdown(socket.SHUT_WR)
+time.sleep(0.1)
+
+want, check, result = True, False, "unchecked"
+
+
+def on_sig(signum, frame):
+    global want, check
+    if signum == signal.SIGUSR1:
+        want = True
+    else:
+        check = True
+
+
+def state(s):
+    return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def read_to_end(s):
+    s.settimeout(10)
+    got = b""
+    while True:
+        b = s.recv(4096)
+        if not b:
+            return got
+        got += b
+
+
+def verify():
+    got = read_to_end(srv)
+    if got != line:
+        return "server read %r, want %r" % (got, line)
+    srv.sendall(b"answer " + token.encode())
+    srv.close()
+    got = read_to_end(cli)
+    if got != b"answer " + token.encode():
+        return "client read %r" % got
+    return "ok"
+
+
+signal.signal(signal.SIGUSR1, on_sig)
+signal.signal(signal.SIGUSR2, on_sig)
+counter, seq = 0, 0
+while True:
+    counter += 1
+    if check:
+        check = False
+        try:
+            result = verify()
+        except Exception as e:
+            result = "error: %s" % e
+    if want:
+        want = False
+        seq += 1
+        st = state(srv) if result == "unchecked" else 0
+        with open(report + ".tmp", "w") as f:
+            f.write("status=ok\npid=%d\ntoken=%s\ncounter=%d\nseq=%d\nserver_state=%d\ncheck=%s\n"
+                    % (os.getpid(), token, counter, seq, st, result))
+        os.rename(report + ".tmp", report)
+    time.sleep(0.01)
