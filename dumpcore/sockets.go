@@ -149,7 +149,7 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 			what := fmt.Sprintf("TCP connection %s -> %s", sockaddrString(s.Addr), sockaddrString(peer))
 			if ft.tcpClose {
 				// --tcp-close: restored as a closed socket, bound nowhere.
-				s.Addr = nil
+				s.Addr, s.Closed = nil, true
 				break
 			}
 			switch {

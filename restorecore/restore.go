@@ -34,6 +34,9 @@ type Options struct {
 	// exists, "post-restore" and "pre-resume" before it runs (an error
 	// fails the restore), "network-unlock" after the network lock goes.
 	Action func(stage string, pid int) error
+	// TCPClose (--tcp-close): established connections in the images come
+	// back as closed sockets.
+	TCPClose bool
 	// KeepNetworkLock leaves the network lock the dump named to the
 	// caller (a migration's target removes it at its commit).
 	KeepNetworkLock bool

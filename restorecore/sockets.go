@@ -30,7 +30,8 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 	if s == nil {
 		return 0, fmt.Errorf("socket without its description")
 	}
-	if s.Tcp != nil {
+	closed := s.Closed || (s.Tcp != nil && b.r.opts.TCPClose)
+	if s.Tcp != nil && !closed {
 		return b.newTCPStream(f, park)
 	}
 	typ := uint64(s.Type) | unix.SOCK_CLOEXEC
@@ -44,6 +45,14 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 	fd, err := park(raw)
 	if err != nil {
 		return 0, err
+	}
+	if closed {
+		// A connection that is gone: a fresh socket shut down both ways
+		// (the kernel answers ENOTCONN but marks it) reads the end of
+		// the stream, polls POLLHUP and fails writes with EPIPE, as a
+		// closed connection's socket does.
+		b.sys(unix.SYS_SHUTDOWN, uint64(fd), unix.SHUT_RDWR)
+		return fd, nil
 	}
 	reuse := []byte{0, 0, 0, 0}
 	for _, o := range s.Opts {

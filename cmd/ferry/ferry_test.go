@@ -73,6 +73,12 @@ func tids(t *testing.T, pid int) []string {
 // restored workload, checking it has the same PID and thread IDs.
 func dumpRestore(t *testing.T, w *testutil.Workload, dumpArgs ...string) *testutil.Workload {
 	t.Helper()
+	return dumpRestoreWith(t, w, dumpArgs, nil)
+}
+
+// dumpRestoreWith is dumpRestore with options for the restore too.
+func dumpRestoreWith(t *testing.T, w *testutil.Workload, dumpArgs, restoreArgs []string) *testutil.Workload {
+	t.Helper()
 	before := tids(t, w.Pid)
 	img := t.TempDir()
 	mustFerry(t, append([]string{"dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-v4", "-o", "dump.log"}, dumpArgs...)...)
@@ -81,7 +87,7 @@ func dumpRestore(t *testing.T, w *testutil.Workload, dumpArgs ...string) *testut
 		t.Fatalf("process %d still runs after dump", w.Pid)
 	}
 	pidfile := filepath.Join(t.TempDir(), "pid")
-	mustFerry(t, "restore", "-D", img, "-d", "--pidfile", pidfile, "-v4", "-o", "restore.log")
+	mustFerry(t, append([]string{"restore", "-D", img, "-d", "--pidfile", pidfile, "-v4", "-o", "restore.log"}, restoreArgs...)...)
 	b, err := os.ReadFile(pidfile)
 	if err != nil {
 		t.Fatal(err)

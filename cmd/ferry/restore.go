@@ -21,6 +21,7 @@ func newRestoreCmd() *cobra.Command {
 	var (
 		c            common
 		detached     bool
+		tcpClose     bool
 		leaveStopped bool
 		shellJob     bool
 		pidfile      string
@@ -68,6 +69,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
+				TCPClose: tcpClose,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -119,7 +121,8 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages (post-copy)")
 	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")
 	const compat = "accepted for criu compatibility: the restore does what the images say"
-	for _, name := range []string{"tcp-close", "link-remap", "ghost-fiemap", "no-ghost-fiemap", "skip-in-flight"} {
+	fs.BoolVar(&tcpClose, "tcp-close", false, "restore the established connections in the images as closed sockets")
+	for _, name := range []string{"link-remap", "ghost-fiemap", "no-ghost-fiemap", "skip-in-flight"} {
 		fs.Bool(name, false, compat)
 	}
 	fs.BoolP("file-locks", "l", false, compat)

@@ -671,18 +671,33 @@ func TestDumpRestoreTCPPeerClosed(t *testing.T) {
 	// with a line and the FIN unread: after dump and restore the server
 	// reads the line, then the end of the stream, and its answer still
 	// reaches the client.
+	testPeerClosed(t, "", []string{"--tcp-established"}, nil)
+}
+
+func TestDumpRestoreTCPClose(t *testing.T) {
+	// --tcp-close, given to the restore (criu's way) or to the dump:
+	// both ends of the connection come back closed.
+	t.Run("restore", func(t *testing.T) { testPeerClosed(t, "closed", []string{"--tcp-established"}, []string{"--tcp-close"}) })
+	t.Run("dump", func(t *testing.T) { testPeerClosed(t, "closed", []string{"--tcp-close"}, nil) })
+}
+
+func testPeerClosed(t *testing.T, mode string, dumpArgs, restoreArgs []string) {
 	needRoot(t)
-	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "peerclosed.py"))
+	args := []string{filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "peerclosed.py")}
+	if mode != "" {
+		args = append(args, mode)
+	}
+	w := testutil.Start(t, "", "python3", args...)
 	before := w.Report(t)
 	if before.Int("server_state") != 8 {
 		t.Fatalf("the server's end is in TCP state %d before the dump, want 8 (close-wait)", before.Int("server_state"))
 	}
-	rw := dumpRestore(t, w, "--tcp-established")
+	rw := dumpRestoreWith(t, w, dumpArgs, restoreArgs)
 	defer rw.Kill()
 	after := rw.Report(t)
 	checkContinued(t, before, after)
-	if after.Int("server_state") != 8 {
-		t.Fatalf("the server's end is in TCP state %d after the restore, want 8 (close-wait)", after.Int("server_state"))
+	if want := map[string]int64{"": 8, "closed": 7}[mode]; after.Int("server_state") != want {
+		t.Fatalf("the server's end is in TCP state %d after the restore, want %d", after.Int("server_state"), want)
 	}
 	rw.Signal(unix.SIGUSR2)
 	if !waitFor(10*time.Second, func() bool { return rw.Report(t).Fields["check"] != "unchecked" }) {

@@ -2607,8 +2607,11 @@ type InetSocket struct {
 	Tcp *TcpStream `protobuf:"bytes,9,opt,name=tcp,proto3" json:"tcp,omitempty"`
 	// A classic BPF socket filter (SO_ATTACH_FILTER): its struct sock_filter
 	// array, and whether it was locked (SO_LOCK_FILTER).
-	Filter        []byte `protobuf:"bytes,10,opt,name=filter,proto3" json:"filter,omitempty"`
-	FilterLocked  bool   `protobuf:"varint,11,opt,name=filter_locked,json=filterLocked,proto3" json:"filter_locked,omitempty"`
+	Filter       []byte `protobuf:"bytes,10,opt,name=filter,proto3" json:"filter,omitempty"`
+	FilterLocked bool   `protobuf:"varint,11,opt,name=filter_locked,json=filterLocked,proto3" json:"filter_locked,omitempty"`
+	// A connection dumped with --tcp-close: restored as a closed socket
+	// (reads see the end of the stream, writes fail with EPIPE).
+	Closed        bool `protobuf:"varint,12,opt,name=closed,proto3" json:"closed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2716,6 +2719,13 @@ func (x *InetSocket) GetFilter() []byte {
 func (x *InetSocket) GetFilterLocked() bool {
 	if x != nil {
 		return x.FilterLocked
+	}
+	return false
+}
+
+func (x *InetSocket) GetClosed() bool {
+	if x != nil {
+		return x.Closed
 	}
 	return false
 }
@@ -3984,7 +3994,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\tin_flight\x18\f \x03(\v2\x16.ferry.images.InFlightR\binFlight\"7\n" +
 	"\bInFlight\x12\x10\n" +
 	"\x03msg\x18\x01 \x01(\x05R\x03msg\x12\x19\n" +
-	"\bfile_ids\x18\x02 \x03(\rR\afileIds\"\xc7\x02\n" +
+	"\bfile_ids\x18\x02 \x03(\rR\afileIds\"\xdf\x02\n" +
 	"\n" +
 	"InetSocket\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
@@ -3998,7 +4008,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x03tcp\x18\t \x01(\v2\x17.ferry.images.TcpStreamR\x03tcp\x12\x16\n" +
 	"\x06filter\x18\n" +
 	" \x01(\fR\x06filter\x12#\n" +
-	"\rfilter_locked\x18\v \x01(\bR\ffilterLocked\"\xfd\x02\n" +
+	"\rfilter_locked\x18\v \x01(\bR\ffilterLocked\x12\x16\n" +
+	"\x06closed\x18\f \x01(\bR\x06closed\"\xfd\x02\n" +
 	"\tTcpStream\x12\x19\n" +
 	"\bsend_seq\x18\x01 \x01(\rR\asendSeq\x12\x19\n" +
 	"\brecv_seq\x18\x02 \x01(\rR\arecvSeq\x12\x1d\n" +

@@ -1,4 +1,4 @@
-"""peerclosed.py REPORT: a TCP connection whose peer closed, across C/R.
+"""peerclosed.py [closed] REPORT: a TCP connection whose peer closed, across C/R.
 
 Both ends live in this process, on 127.0.0.1. The client sends a line
 derived from a random token (kept only in memory) and shuts down writing;
@@ -8,6 +8,10 @@ lines, atomic rename; "server_state" is the server end's TCP state, 8 for
 close-wait). The first SIGUSR2 makes the server read the line and then the
 end of the stream, answer, and close; the client must read the answer and
 then the end: "check=ok" in the next report, or the reason.
+
+With "closed" (a restore with --tcp-close) the check is instead that both
+ends came back closed: TCP state 7, reads see the end of the stream,
+writes fail with EPIPE.
 """
 import os
 import signal
@@ -15,7 +19,8 @@ import socket
 import sys
 import time
 
-report = sys.argv[1]
+report = sys.argv[-1]
+expect_closed = sys.argv[1:-1] == ["closed"]
 token = os.urandom(8).hex()
 line = ("line-before-fin " + token + "\n").encode()
 lst = socket.socket()
@@ -52,7 +57,23 @@ def read_to_end(s):
         got += b
 
 
+def verify_closed():
+    for name, s in (("server", srv), ("client", cli)):
+        if state(s) != 7:
+            return "%s end in TCP state %d, want 7 (closed)" % (name, state(s))
+        if s.recv(16, socket.MSG_DONTWAIT) != b"":
+            return "%s end reads data" % name
+        try:
+            s.send(b"x", socket.MSG_DONTWAIT)
+            return "%s end still writes" % name
+        except BrokenPipeError:
+            pass
+    return "ok"
+
+
 def verify():
+    if expect_closed:
+        return verify_closed()
     got = read_to_end(srv)
     if got != line:
         return "server read %r, want %r" % (got, line)
@@ -64,6 +85,7 @@ def verify():
     return "ok"
 
 
+signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 signal.signal(signal.SIGUSR1, on_sig)
 signal.signal(signal.SIGUSR2, on_sig)
 counter, seq = 0, 0
