@@ -677,7 +677,9 @@ func TestDumpRestoreTCPPeerClosed(t *testing.T) {
 func TestDumpRestoreTCPClose(t *testing.T) {
 	// --tcp-close, given to the restore (criu's way) or to the dump:
 	// both ends of the connection come back closed.
-	t.Run("restore", func(t *testing.T) { testPeerClosed(t, "closed", []string{"--tcp-established"}, []string{"--tcp-close"}) })
+	t.Run("restore", func(t *testing.T) {
+		testPeerClosed(t, "closed", []string{"--tcp-established"}, []string{"--tcp-close"})
+	})
 	t.Run("dump", func(t *testing.T) { testPeerClosed(t, "closed", []string{"--tcp-close"}, nil) })
 }
 
