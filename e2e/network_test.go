@@ -84,6 +84,11 @@ type sampler struct {
 	overlaps []string
 }
 
+func alive(pid int) bool {
+	st := procState(pid)
+	return st != 0 && st != 'Z'
+}
+
 func running(pid int) bool {
 	switch procState(pid) {
 	case 'R', 'S', 'D':
@@ -105,8 +110,15 @@ func (c *cluster) sample(nspid int) *sampler {
 			}
 			pa, pb := c.a.find(nspid), c.b.find(nspid)
 			if pa != 0 && pb != 0 && running(pa) && running(pb) {
-				s.overlaps = append(s.overlaps, fmt.Sprintf("%s: %s has %d (%c), %s has %d (%c)",
-					time.Now().Format("15:04:05.000"), c.a.name, pa, procState(pa), c.b.name, pb, procState(pb)))
+				what := fmt.Sprintf("%s: %s has %d (%c), %s has %d (%c)",
+					time.Now().Format("15:04:05.000"), c.a.name, pa, procState(pa), c.b.name, pb, procState(pb))
+				// A copy killed at the commit or the rollback runs its
+				// exit (R) for a moment: one that is gone soon after was
+				// dying, not running the workload.
+				time.Sleep(300 * time.Millisecond)
+				if alive(pa) && alive(pb) {
+					s.overlaps = append(s.overlaps, what)
+				}
 			}
 			s.samples++
 			time.Sleep(2 * time.Millisecond)
