@@ -42,6 +42,7 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	img.files.extUnix = d.opts.ExtUnixSk
 	img.files.fileLocks = d.opts.FileLocks
 	img.files.tcpClose = d.opts.TCPClose
+	img.files.skipInFlight = d.opts.SkipInFlight
 	d.files = img.files
 
 	stat, err := proc.ReadStat(pid)

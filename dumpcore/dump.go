@@ -67,6 +67,10 @@ type Options struct {
 	// TCPClose (--tcp-close): established connections are not dumped;
 	// the restored process finds closed sockets in their place.
 	TCPClose bool
+	// SkipInFlight (--skip-in-flight): connections a TCP listener has
+	// not accepted yet are left behind (their peers see them reset);
+	// otherwise one fails the dump.
+	SkipInFlight bool
 	// FileLocks (--file-locks) dumps the file locks the process holds;
 	// otherwise a lock fails the dump.
 	FileLocks bool

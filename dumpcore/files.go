@@ -28,6 +28,7 @@ type fileTable struct {
 	// mode, to be closed (after a kill: silently) or taken out of it.
 	tcpEstablished bool
 	tcpClose       bool // --tcp-close: established connections come back closed
+	skipInFlight   bool // --skip-in-flight: a listener's pending connections are left behind
 	repaired       []int
 	// lock, when set, drops a connection's packets before it goes into
 	// repair mode: a packet arriving while its state is read would make

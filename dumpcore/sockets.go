@@ -139,11 +139,17 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 			// For a listener TCP_INFO reports the backlog in tcpi_sacked
 			// and the connections waiting to be accepted in tcpi_unacked.
 			s.Listening, s.Backlog = true, int32(info.Sacked)
-			if info.Unacked > 0 {
-				return nil, fmt.Errorf("TCP listener %s with %d connections waiting to be accepted: %w",
+			if info.Unacked > 0 && !ft.skipInFlight {
+				return nil, fmt.Errorf("TCP listener %s with %d connections waiting to be accepted: %w (--skip-in-flight leaves them behind)",
 					sockaddrString(s.Addr), info.Unacked, ErrUnsupported)
 			}
 		case tcpClose:
+			// A connection that ended (its socket still open) reads the
+			// end of the stream; a socket never connected, ENOTCONN.
+			var b [1]byte
+			if n, _, err := unix.Recvfrom(dup, b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT); err == nil && n == 0 {
+				s.Closed = true
+			}
 		default:
 			peer, _ := rawName(dup, unix.SYS_GETPEERNAME)
 			what := fmt.Sprintf("TCP connection %s -> %s", sockaddrString(s.Addr), sockaddrString(peer))

@@ -54,18 +54,27 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 		b.sys(unix.SYS_SHUTDOWN, uint64(fd), unix.SHUT_RDWR)
 		return fd, nil
 	}
-	reuse := []byte{0, 0, 0, 0}
+	// SO_REUSEADDR and SO_REUSEPORT are on while binding (a listener may
+	// have turned SO_REUSEPORT off after binding next to another one),
+	// and set to their dumped values afterwards.
+	reuse, reusePort := []byte{0, 0, 0, 0}, []byte{0, 0, 0, 0}
 	for _, o := range s.Opts {
 		if o.Level == unix.SOL_SOCKET && o.Name == unix.SO_REUSEADDR {
 			reuse = o.Value
+			continue
+		}
+		if o.Level == unix.SOL_SOCKET && o.Name == unix.SO_REUSEPORT {
+			reusePort = o.Value
 			continue
 		}
 		if err := b.setsockopt(fd, int(o.Level), int(o.Name), o.Value); err != nil {
 			return 0, err
 		}
 	}
-	if err := b.setsockopt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, []byte{1, 0, 0, 0}); err != nil {
-		return 0, err
+	for _, o := range []int{unix.SO_REUSEADDR, unix.SO_REUSEPORT} {
+		if err := b.setsockopt(fd, unix.SOL_SOCKET, o, []byte{1, 0, 0, 0}); err != nil {
+			return 0, err
+		}
 	}
 	// Binding must work as it did, whatever the socket's final options:
 	// freebind lets it take an address that is not (or no longer) local,
@@ -126,6 +135,9 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 		}
 	}
 	if err := b.setsockopt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, reuse); err != nil {
+		return 0, err
+	}
+	if err := b.setsockopt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, reusePort); err != nil {
 		return 0, err
 	}
 	if err := b.attachFilter(fd, s.Filter, s.FilterLocked); err != nil {

@@ -39,6 +39,7 @@ func newDumpCmd() *cobra.Command {
 		extUnix      string
 		fileLocks    bool
 		tcpClose     bool
+		skipInFlight bool
 	)
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
@@ -147,7 +148,7 @@ work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, TrackMem: trackMem,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, TrackMem: trackMem,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -189,7 +190,7 @@ work directory.`,
 	fs.Bool("link-remap", false, "accepted for criu compatibility: deleted files are always carried as ghost files (up to --ghost-limit)")
 	fs.Bool("ghost-fiemap", false, "accepted for criu compatibility")
 	fs.Bool("no-ghost-fiemap", false, "accepted for criu compatibility")
-	fs.Bool("skip-in-flight", false, "accepted for criu compatibility: connections not yet accepted are refused anyway")
+	fs.BoolVar(&skipInFlight, "skip-in-flight", false, "drop the TCP connections a listener has not accepted yet (otherwise one fails the dump)")
 	fs.StringVar(&extUnix, "ext-unix-sk", "", "allow unix datagram sockets connected to processes outside the dump (all, or the peers' inodes, comma separated); they are connected to the peer's name again on restore")
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
 	fs.BoolVar(&tcpEst, "tcp-established", false, "dump established TCP connections (TCP_REPAIR); the restored process takes them over without the peer noticing")

@@ -709,3 +709,27 @@ func testPeerClosed(t *testing.T, mode string, dumpArgs, restoreArgs []string) {
 		t.Fatalf("after the restore: %s", got)
 	}
 }
+
+func TestDumpRestoreListeners(t *testing.T) {
+	// Two listeners sharing a port (SO_REUSEPORT, turned off on the first
+	// once bound) and a connection waiting unaccepted: the dump refuses
+	// it, naming the listener, unless --skip-in-flight; after the restore
+	// both listeners have their options and a new connection is served.
+	needRoot(t)
+	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "listeners.py"))
+	before := w.Report(t)
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
+	if code == 0 || !strings.Contains(out, "waiting to be accepted") || !strings.Contains(out, "--skip-in-flight") {
+		t.Fatalf("dump with a connection waiting to be accepted: exit %d\n%s", code, out)
+	}
+	rw := dumpRestore(t, w, "--skip-in-flight", "--tcp-established")
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	rw.Signal(unix.SIGUSR2)
+	if !waitFor(10*time.Second, func() bool { return rw.Report(t).Fields["check"] != "unchecked" }) {
+		t.Fatal("the workload did not check its listeners")
+	}
+	if got := rw.Report(t).Fields["check"]; got != "ok" {
+		t.Fatalf("after the restore: %s", got)
+	}
+}

@@ -43,8 +43,17 @@ var (
 
 func cacheDir(t testing.TB) string {
 	if buildDir == "" {
-		d, err := os.MkdirTemp("", "ferry-workloads-")
-		if err != nil {
+		// One directory per test binary, named by its PID; those of test
+		// binaries that are gone are removed here (nothing else would).
+		stale, _ := filepath.Glob(filepath.Join(os.TempDir(), "ferry-workloads-*"))
+		for _, d := range stale {
+			pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), "ferry-workloads-"))
+			if err != nil || (pid != os.Getpid() && unix.Kill(pid, 0) == unix.ESRCH) {
+				os.RemoveAll(d)
+			}
+		}
+		d := filepath.Join(os.TempDir(), "ferry-workloads-"+strconv.Itoa(os.Getpid()))
+		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
 		// Workloads may run as another user.

@@ -14,10 +14,11 @@ ends came back closed: TCP state 7, reads see the end of the stream,
 writes fail with EPIPE.
 """
 import os
-import signal
 import socket
 import sys
 import time
+
+import selfcheck
 
 report = sys.argv[-1]
 expect_closed = sys.argv[1:-1] == ["closed"]
@@ -32,15 +33,7 @@ cli.sendall(line)
 cli.shutdown(socket.SHUT_WR)
 time.sleep(0.1)
 
-want, check, result = True, False, "unchecked"
 
-
-def on_sig(signum, frame):
-    global want, check
-    if signum == signal.SIGUSR1:
-        want = True
-    else:
-        check = True
 
 
 def state(s):
@@ -85,24 +78,4 @@ def verify():
     return "ok"
 
 
-signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-signal.signal(signal.SIGUSR1, on_sig)
-signal.signal(signal.SIGUSR2, on_sig)
-counter, seq = 0, 0
-while True:
-    counter += 1
-    if check:
-        check = False
-        try:
-            result = verify()
-        except Exception as e:
-            result = "error: %s" % e
-    if want:
-        want = False
-        seq += 1
-        st = state(srv) if result == "unchecked" else 0
-        with open(report + ".tmp", "w") as f:
-            f.write("status=ok\npid=%d\ntoken=%s\ncounter=%d\nseq=%d\nserver_state=%d\ncheck=%s\n"
-                    % (os.getpid(), token, counter, seq, st, result))
-        os.rename(report + ".tmp", report)
-    time.sleep(0.01)
+selfcheck.run(report, token, verify, lambda checked: {"server_state": 0 if checked else state(srv)})
