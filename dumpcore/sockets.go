@@ -95,7 +95,7 @@ func (ft *fileTable) dumpSocket(e *pb.FileEntry, pid, dup int) (keep bool, err e
 		e.Type, e.Unix, e.Path = "unix", u, "unix:"+unixName(u.Name)
 		return false, nil
 	}
-	s, err := ft.describeSocket(dup)
+	s, err := ft.describeSocket(pid, e.Ino, dup)
 	if err != nil {
 		return false, err
 	}
@@ -109,7 +109,7 @@ func (ft *fileTable) dumpSocket(e *pb.FileEntry, pid, dup int) (keep bool, err e
 	return false, nil
 }
 
-func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
+func (ft *fileTable) describeSocket(pid int, ino uint64, dup int) (*pb.InetSocket, error) {
 	family, err := unix.GetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_DOMAIN)
 	if err != nil {
 		return nil, os.NewSyscallError("getsockopt SO_DOMAIN", err)
@@ -181,6 +181,14 @@ func (ft *fileTable) describeSocket(dup int) (*pb.InetSocket, error) {
 	} else if typ == unix.SOCK_DGRAM {
 		if peer, err := rawName(dup, unix.SYS_GETPEERNAME); err == nil {
 			s.Peer = peer
+		}
+		if proto == unix.IPPROTO_UDP {
+			// sock_diag finds a socket by the addresses a datagram to it
+			// would carry; one bound to a broadcast address it may not
+			// find: such a socket is taken as not shut down.
+			if shut, err := udpShutdown(pid, ino, family, s.Addr, s.Peer); err == nil {
+				s.Shutdown = uint32(shut)
+			}
 		}
 	} else {
 		return nil, fmt.Errorf("inet socket of type %d, protocol %d: %w", typ, proto, ErrUnsupported)

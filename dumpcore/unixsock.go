@@ -270,3 +270,65 @@ func unixName(b []byte) string {
 	}
 	return string(b)
 }
+
+// udpShutdown asks sock_diag, in the network namespace of pid, how the
+// UDP socket with inode ino, bound to local and connected to peer (raw
+// sockaddrs; peer nil when unconnected), was shut down: the kernel's
+// sk_shutdown (1 receiving, 2 sending).
+func udpShutdown(pid int, ino uint64, family int, local, peer []byte) (uint8, error) {
+	ns, err := os.Open(netNsPath(pid))
+	if err != nil {
+		return 0, err
+	}
+	defer ns.Close()
+	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{NetNS: int(ns.Fd())})
+	if err != nil {
+		return 0, fmt.Errorf("sock_diag: %w", err)
+	}
+	defer c.Close()
+	// struct inet_diag_req_v2: family, protocol, ext, pad, states, then
+	// struct inet_diag_sockid: sport, dport (big endian), src[4], dst[4],
+	// if, cookie[2]. For a UDP lookup "src" is the remote end.
+	req := make([]byte, 56)
+	req[0], req[1] = byte(family), unix.IPPROTO_UDP
+	binary.LittleEndian.PutUint32(req[4:], ^uint32(0))
+	put := func(portOff, addrOff int, sa []byte) {
+		if len(sa) < 4 {
+			return
+		}
+		copy(req[portOff:portOff+2], sa[2:4]) // the port, already big endian
+		switch {
+		case family == unix.AF_INET && len(sa) >= 8:
+			copy(req[addrOff:], sa[4:8])
+		case family == unix.AF_INET6 && len(sa) >= 24:
+			copy(req[addrOff:], sa[8:24])
+		}
+	}
+	put(8, 12, peer)                                    // sport and src: the remote end
+	put(10, 28, local)                                  // dport and dst: this socket
+	binary.LittleEndian.PutUint32(req[48:], ^uint32(0)) // no cookie
+	binary.LittleEndian.PutUint32(req[52:], ^uint32(0))
+	msgs, err := c.Execute(netlink.Message{Header: netlink.Header{Type: sockDiagByFamily, Flags: netlink.Request}, Data: req})
+	if err != nil {
+		return 0, fmt.Errorf("sock_diag of UDP socket %d: %w", ino, err)
+	}
+	// struct inet_diag_msg is 72 bytes, its inode at 68; then attributes.
+	if len(msgs) != 1 || len(msgs[0].Data) < 72 {
+		return 0, fmt.Errorf("sock_diag of UDP socket %d: %d answers", ino, len(msgs))
+	}
+	if got := binary.LittleEndian.Uint32(msgs[0].Data[68:]); uint64(got) != ino {
+		return 0, fmt.Errorf("sock_diag of UDP socket %d: found socket %d", ino, got)
+	}
+	ad, err := netlink.NewAttributeDecoder(msgs[0].Data[72:])
+	if err != nil {
+		return 0, err
+	}
+	const inetDiagShutdown = 8
+	var shut uint8
+	for ad.Next() {
+		if ad.Type() == inetDiagShutdown {
+			shut = ad.Uint8()
+		}
+	}
+	return shut, ad.Err()
+}

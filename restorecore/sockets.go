@@ -129,6 +129,10 @@ func (b *builder) newInetSocket(f *pb.FileEntry, park func(uint64) (int, error))
 			return 0, fmt.Errorf("connect %s: %w", f.Path, err)
 		}
 	}
+	if how, ok := map[uint32]uint64{1: unix.SHUT_RD, 2: unix.SHUT_WR, 3: unix.SHUT_RDWR}[s.Shutdown]; ok {
+		// An unconnected socket answers ENOTCONN, but is shut down.
+		b.sys(unix.SYS_SHUTDOWN, uint64(fd), how)
+	}
 	if s.Listening {
 		if _, err := b.sys(unix.SYS_LISTEN, uint64(fd), uint64(s.Backlog)); err != nil {
 			return 0, fmt.Errorf("listen %s: %w", f.Path, err)

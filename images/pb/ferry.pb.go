@@ -2611,7 +2611,10 @@ type InetSocket struct {
 	FilterLocked bool   `protobuf:"varint,11,opt,name=filter_locked,json=filterLocked,proto3" json:"filter_locked,omitempty"`
 	// A connection dumped with --tcp-close: restored as a closed socket
 	// (reads see the end of the stream, writes fail with EPIPE).
-	Closed        bool `protobuf:"varint,12,opt,name=closed,proto3" json:"closed,omitempty"`
+	Closed bool `protobuf:"varint,12,opt,name=closed,proto3" json:"closed,omitempty"`
+	// UDP: how it was shut down (the kernel's sk_shutdown: 1 receiving,
+	// 2 sending).
+	Shutdown      uint32 `protobuf:"varint,13,opt,name=shutdown,proto3" json:"shutdown,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2728,6 +2731,13 @@ func (x *InetSocket) GetClosed() bool {
 		return x.Closed
 	}
 	return false
+}
+
+func (x *InetSocket) GetShutdown() uint32 {
+	if x != nil {
+		return x.Shutdown
+	}
+	return 0
 }
 
 // TcpStream is the state TCP_REPAIR lets a connection be rebuilt from.
@@ -3994,7 +4004,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\tin_flight\x18\f \x03(\v2\x16.ferry.images.InFlightR\binFlight\"7\n" +
 	"\bInFlight\x12\x10\n" +
 	"\x03msg\x18\x01 \x01(\x05R\x03msg\x12\x19\n" +
-	"\bfile_ids\x18\x02 \x03(\rR\afileIds\"\xdf\x02\n" +
+	"\bfile_ids\x18\x02 \x03(\rR\afileIds\"\xfb\x02\n" +
 	"\n" +
 	"InetSocket\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x12\n" +
@@ -4009,7 +4019,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x06filter\x18\n" +
 	" \x01(\fR\x06filter\x12#\n" +
 	"\rfilter_locked\x18\v \x01(\bR\ffilterLocked\x12\x16\n" +
-	"\x06closed\x18\f \x01(\bR\x06closed\"\xfd\x02\n" +
+	"\x06closed\x18\f \x01(\bR\x06closed\x12\x1a\n" +
+	"\bshutdown\x18\r \x01(\rR\bshutdown\"\xfd\x02\n" +
 	"\tTcpStream\x12\x19\n" +
 	"\bsend_seq\x18\x01 \x01(\rR\asendSeq\x12\x19\n" +
 	"\brecv_seq\x18\x02 \x01(\rR\arecvSeq\x12\x1d\n" +
