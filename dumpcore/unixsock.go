@@ -135,7 +135,7 @@ func (ft *fileTable) describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket,
 		s.PeerClosed = true
 	}
 	var rights [][]int
-	s.Queue, rights, err = peekQueue(dup, typ)
+	s.Queue, rights, err = peekQueue(dup, typ, d.shutdown&1 != 0)
 	defer func() {
 		for _, fds := range rights {
 			for _, fd := range fds {
@@ -201,7 +201,11 @@ func (ft *fileTable) inFlight(fd int) (uint32, error) {
 // that carries descriptors also holds the bytes queued before it (the
 // kernel joins them when peeking, and no peek shows where they part). The descriptors a message carries are received into
 // ferry (rights[i] for queue[i]); the caller closes them.
-func peekQueue(fd, typ int) (queue [][]byte, rights [][]int, err error) {
+//
+// A message socket shut down for reading (its peer gone) answers an empty
+// queue with the end of the stream, a read of 0 bytes, not EAGAIN: an
+// empty read there ends the walk. The walk is bounded all the same.
+func peekQueue(fd, typ int, rcvShut bool) (queue [][]byte, rights [][]int, err error) {
 	n, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
 	if err != nil {
 		return nil, nil, os.NewSyscallError("ioctl SIOCINQ", err)
@@ -218,12 +222,18 @@ func peekQueue(fd, typ int) (queue [][]byte, rights [][]int, err error) {
 		max = n
 	}
 	for {
+		if len(queue) >= maxQueued {
+			return queue, rights, fmt.Errorf("more than %d messages queued: %w", maxQueued, ErrUnsupported)
+		}
 		b, fds, err := peekOne(fd, max)
 		if errors.Is(err, unix.EAGAIN) {
 			return queue, rights, nil
 		}
 		if err != nil {
 			return queue, append(rights, fds), err
+		}
+		if len(b) == 0 && len(fds) == 0 && rcvShut && typ != unix.SOCK_STREAM {
+			return queue, rights, nil
 		}
 		queue, rights = append(queue, b), append(rights, fds)
 		if typ == unix.SOCK_STREAM {
@@ -233,6 +243,10 @@ func peekQueue(fd, typ int) (queue [][]byte, rights [][]int, err error) {
 		}
 	}
 }
+
+// maxQueued bounds the messages a socket's queue is read for (a queue
+// that cannot be walked must not hang the dump).
+const maxQueued = 1 << 16
 
 func peekOne(fd, max int) ([]byte, []int, error) {
 	b := make([]byte, max)

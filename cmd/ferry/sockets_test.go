@@ -746,3 +746,17 @@ func checkSelf(t *testing.T, w *testutil.Workload) {
 		t.Fatalf("after the restore: %s", got)
 	}
 }
+
+func TestDumpRestoreSeqpacketPeerClosed(t *testing.T) {
+	// A seqpacket socket with records queued and its peer gone: reading
+	// its queue for the dump ends at the end of the stream (the dump used
+	// to loop on it), and after the restore the records, then the end,
+	// are read.
+	needRoot(t)
+	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "seqpeer.py"))
+	before := w.Report(t)
+	rw := dumpRestore(t, w)
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	checkSelf(t, rw)
+}
