@@ -725,10 +725,17 @@ func TestDumpRestoreListeners(t *testing.T) {
 func TestDumpRestoreUDPShutdown(t *testing.T) {
 	// A connected UDP socket shut down for writing stays so after the
 	// restore (sock_diag tells the dump), and still receives.
+	selfCheckAcross(t, "udpshut.py")
+}
+
+// selfCheckAcross dumps and restores the Python workload script (one
+// using testdata/workloads/selfcheck.py) and has it check itself.
+func selfCheckAcross(t *testing.T, script string, dumpArgs ...string) {
+	t.Helper()
 	needRoot(t)
-	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "udpshut.py"))
+	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", script))
 	before := w.Report(t)
-	rw := dumpRestore(t, w)
+	rw := dumpRestore(t, w, dumpArgs...)
 	defer rw.Kill()
 	checkContinued(t, before, rw.Report(t))
 	checkSelf(t, rw)
@@ -752,11 +759,5 @@ func TestDumpRestoreSeqpacketPeerClosed(t *testing.T) {
 	// its queue for the dump ends at the end of the stream (the dump used
 	// to loop on it), and after the restore the records, then the end,
 	// are read.
-	needRoot(t)
-	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "seqpeer.py"))
-	before := w.Report(t)
-	rw := dumpRestore(t, w)
-	defer rw.Kill()
-	checkContinued(t, before, rw.Report(t))
-	checkSelf(t, rw)
+	selfCheckAcross(t, "seqpeer.py")
 }
