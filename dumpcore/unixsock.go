@@ -226,8 +226,8 @@ func peekQueue(fd, typ int, rcvShut bool) (queue [][]byte, rights [][]int, err e
 			return queue, rights, fmt.Errorf("more than %d messages queued: %w", maxQueued, ErrUnsupported)
 		}
 		b, fds, err := peekOne(fd, max)
-		if errors.Is(err, unix.EAGAIN) {
-			return queue, rights, nil
+		if errors.Is(err, unix.EAGAIN) || (errors.Is(err, unix.ENOTCONN) && len(queue) == 0) {
+			return queue, rights, nil // (a seqpacket socket never connected has no queue)
 		}
 		if err != nil {
 			return queue, append(rights, fds), err

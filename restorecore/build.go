@@ -92,6 +92,7 @@ func (b *builder) build(ctx context.Context) error {
 		{"lazy pages", b.setupLazy},
 		{"mm", b.restoreMm},
 		{"rlimits", b.restoreRlimits},
+		{"cwd", b.restoreCwd},
 		{"files", b.restoreFiles},
 		{"task", b.restoreTask},
 		{"signals", b.restoreSigactions},
@@ -447,37 +448,58 @@ func (b *builder) restoreRlimits() error {
 	return nil
 }
 
+// restoreCwd enters the working directory before the files are made (a
+// unix socket bound to a relative name is bound again relative to it); a
+// process with a root of its own enters it after its chroot instead
+// (restoreTask), since files are opened by paths from ferry's root.
+func (b *builder) restoreCwd() error {
+	if root, ok := b.r.is.files[b.p.core.RootId]; ok && root.Path != "/" {
+		return nil
+	}
+	return b.chdir()
+}
+
+// chdir enters the dumped working directory: a removed one is stood in
+// for by a directory made, entered, and removed again.
+func (b *builder) chdir() error {
+	cwd, ok := b.r.is.files[b.p.core.CwdId]
+	if !ok {
+		return nil
+	}
+	path := cwd.Path
+	if cwd.DirDeleted {
+		path = fmt.Sprintf("%s.ferry-%d", cwd.Path, b.pid)
+		if err := os.Mkdir(path, os.FileMode(cwd.Mode&0o7777)); err != nil {
+			return fmt.Errorf("removed working directory %s: %w", cwd.Path, err)
+		}
+		defer os.Remove(path)
+	}
+	a, err := b.putString(0, path)
+	if err != nil {
+		return err
+	}
+	if _, err := b.sys(unix.SYS_CHDIR, a); err != nil {
+		return fmt.Errorf("chdir %s: %w", cwd.Path, err)
+	}
+	return nil
+}
+
 func (b *builder) restoreTask() error {
 	c := b.p.core
 	if _, err := b.sys(unix.SYS_UMASK, uint64(c.Umask)); err != nil {
 		return err
 	}
-	if cwd, ok := b.r.is.files[c.CwdId]; ok {
-		if root, ok := b.r.is.files[c.RootId]; ok && root.Path != "/" {
-			a, err := b.putString(0, root.Path)
-			if err != nil {
-				return err
-			}
-			if _, err := b.sys(unix.SYS_CHROOT, a); err != nil {
-				return fmt.Errorf("chroot %s: %w", root.Path, err)
-			}
-		}
-		path := cwd.Path
-		if cwd.DirDeleted {
-			// A removed working directory: a stand-in, entered, then
-			// removed again.
-			path = fmt.Sprintf("%s.ferry-%d", cwd.Path, b.pid)
-			if err := os.Mkdir(path, os.FileMode(cwd.Mode&0o7777)); err != nil {
-				return fmt.Errorf("removed working directory %s: %w", cwd.Path, err)
-			}
-			defer os.Remove(path)
-		}
-		a, err := b.putString(0, path)
+	if root, ok := b.r.is.files[c.RootId]; ok && root.Path != "/" {
+		a, err := b.putString(0, root.Path)
 		if err != nil {
 			return err
 		}
-		if _, err := b.sys(unix.SYS_CHDIR, a); err != nil {
-			return fmt.Errorf("chdir %s: %w", cwd.Path, err)
+		if _, err := b.sys(unix.SYS_CHROOT, a); err != nil {
+			return fmt.Errorf("chroot %s: %w", root.Path, err)
+		}
+		// The working directory, as seen from the new root.
+		if err := b.chdir(); err != nil {
+			return err
 		}
 	}
 	if _, err := b.sys(unix.SYS_PERSONALITY, uint64(c.Personality)); err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -28,12 +29,20 @@ func (b *builder) newUnixSocket(f *pb.FileEntry, park func(uint64) (int, error))
 	}
 	if len(s.Name) > 0 {
 		if s.Name[0] != 0 {
-			var st unix.Stat_t
-			if err := unix.Lstat(string(s.Name), &st); err == nil {
-				if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
-					return 0, fmt.Errorf("%s exists and is not a socket", s.Name)
+			// A relative name is the process's: relative to its working
+			// directory (entered already; see restoreCwd).
+			path := string(s.Name)
+			if !filepath.IsAbs(path) {
+				if cwd, ok := b.r.is.files[b.p.core.CwdId]; ok {
+					path = filepath.Join(cwd.Path, path)
 				}
-				if err := os.Remove(string(s.Name)); err != nil {
+			}
+			var st unix.Stat_t
+			if err := unix.Lstat(path, &st); err == nil {
+				if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+					return 0, fmt.Errorf("%s exists and is not a socket", path)
+				}
+				if err := os.Remove(path); err != nil {
 					return 0, err
 				}
 			}

@@ -761,3 +761,10 @@ func TestDumpRestoreSeqpacketPeerClosed(t *testing.T) {
 	// are read.
 	selfCheckAcross(t, "seqpeer.py")
 }
+
+func TestDumpRestoreUnixRelativeName(t *testing.T) {
+	// A listener bound to a relative name is bound again relative to the
+	// process's working directory (entered before its files are made),
+	// and the name left by the dumped process there is replaced.
+	selfCheckAcross(t, "unixrel.py")
+}
