@@ -286,6 +286,12 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		}
 	case unix.S_IFDIR:
 		e.Type = "dir"
+	case unix.S_IFLNK:
+		// Only O_PATH|O_NOFOLLOW opens a symbolic link itself.
+		if strings.HasSuffix(target, deletedSuffix) {
+			return nil, fmt.Errorf("%s: %w (a removed symbolic link)", target, ErrUnsupported)
+		}
+		e.Type = "symlink"
 	case unix.S_IFCHR:
 		e.Type = "chr"
 		if isPtmx(st.Rdev) || isPts(st.Rdev) {

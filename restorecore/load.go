@@ -258,10 +258,18 @@ func validateFile(f *pb.FileEntry) error {
 		return nil
 	}
 	var st unix.Stat_t
-	if err := unix.Stat(f.Path, &st); err != nil {
+	stat := unix.Stat
+	if f.Type == "symlink" {
+		stat = unix.Lstat
+	}
+	if err := stat(f.Path, &st); err != nil {
 		return refuse("file %s: %v", f.Path, err)
 	}
 	switch f.Type {
+	case "symlink":
+		if st.Mode&unix.S_IFMT != unix.S_IFLNK {
+			return refuse("%s is no longer a symbolic link", f.Path)
+		}
 	case "reg":
 		if st.Mode&unix.S_IFMT != unix.S_IFREG {
 			return refuse("file %s is no longer a regular file", f.Path)

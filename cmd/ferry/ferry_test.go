@@ -2020,3 +2020,35 @@ while True:
 		t.Fatalf("events came with watch descriptors %q, want 1,3", after.Fields["wds"])
 	}
 }
+
+func TestDumpRestoreSymlinkDescriptor(t *testing.T) {
+	// A descriptor opened on a symbolic link itself (O_PATH|O_NOFOLLOW)
+	// is opened the same way again.
+	selfCheckAcross(t, "symlinkfd.py")
+}
+
+// selfCheckAcross dumps and restores the Python workload script (one
+// using testdata/workloads/selfcheck.py) and has it check itself.
+func selfCheckAcross(t *testing.T, script string, dumpArgs ...string) {
+	t.Helper()
+	needRoot(t)
+	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", script))
+	before := w.Report(t)
+	rw := dumpRestore(t, w, dumpArgs...)
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	checkSelf(t, rw)
+}
+
+// checkSelf has a selfcheck workload (testdata/workloads/selfcheck.py)
+// check itself, and fails t unless it answers ok.
+func checkSelf(t *testing.T, w *testutil.Workload) {
+	t.Helper()
+	w.Signal(unix.SIGUSR2)
+	if !waitFor(10*time.Second, func() bool { return w.Report(t).Fields["check"] != "unchecked" }) {
+		t.Fatal("the workload did not check itself")
+	}
+	if got := w.Report(t).Fields["check"]; got != "ok" {
+		t.Fatalf("after the restore: %s", got)
+	}
+}

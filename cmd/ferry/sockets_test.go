@@ -728,32 +728,6 @@ func TestDumpRestoreUDPShutdown(t *testing.T) {
 	selfCheckAcross(t, "udpshut.py")
 }
 
-// selfCheckAcross dumps and restores the Python workload script (one
-// using testdata/workloads/selfcheck.py) and has it check itself.
-func selfCheckAcross(t *testing.T, script string, dumpArgs ...string) {
-	t.Helper()
-	needRoot(t)
-	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", script))
-	before := w.Report(t)
-	rw := dumpRestore(t, w, dumpArgs...)
-	defer rw.Kill()
-	checkContinued(t, before, rw.Report(t))
-	checkSelf(t, rw)
-}
-
-// checkSelf has a selfcheck workload (testdata/workloads/selfcheck.py)
-// check itself, and fails t unless it answers ok.
-func checkSelf(t *testing.T, w *testutil.Workload) {
-	t.Helper()
-	w.Signal(unix.SIGUSR2)
-	if !waitFor(10*time.Second, func() bool { return w.Report(t).Fields["check"] != "unchecked" }) {
-		t.Fatal("the workload did not check itself")
-	}
-	if got := w.Report(t).Fields["check"]; got != "ok" {
-		t.Fatalf("after the restore: %s", got)
-	}
-}
-
 func TestDumpRestoreSeqpacketPeerClosed(t *testing.T) {
 	// A seqpacket socket with records queued and its peer gone: reading
 	// its queue for the dump ends at the end of the stream (the dump used
