@@ -417,8 +417,14 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 		os.Remove(tf.Name())
 		return "", err
 	}
-	tf.Chmod(os.FileMode(g.Mode & 0o7777))
+	// Owner first (chown clears set-id bits), then the mode (unix bits:
+	// os.FileMode places set-id and sticky elsewhere), then the time.
 	tf.Chown(int(g.Uid), int(g.Gid))
+	unix.Fchmod(int(tf.Fd()), g.Mode&0o7777)
+	if f.MtimeNs != 0 {
+		ts := []unix.Timespec{{Nsec: unix.UTIME_OMIT}, unix.NsecToTimespec(f.MtimeNs)}
+		unix.UtimesNanoAt(unix.AT_FDCWD, tf.Name(), ts, 0)
+	}
 	return tf.Name(), nil
 }
 

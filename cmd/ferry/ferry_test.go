@@ -2052,3 +2052,9 @@ func checkSelf(t *testing.T, w *testutil.Workload) {
 		t.Fatalf("after the restore: %s", got)
 	}
 }
+
+func TestDumpRestoreDeletedFileAttributes(t *testing.T) {
+	// A deleted file comes back with its mode (set-id bits included) and
+	// its modification time, not only its contents.
+	selfCheckAcross(t, "ghostattr.py")
+}

@@ -1,0 +1,36 @@
+"""ghostattr.py REPORT: a deleted file's mode and time, across C/R.
+
+In REPORT's directory it writes a file holding a random token (kept only
+in memory), sets its mode to 06604 (set-id bits included) and its
+modification time, keeps it open and unlinks it. The check (SIGUSR2, see
+selfcheck): same contents, mode and modification time.
+"""
+import os
+import stat
+import sys
+
+import selfcheck
+
+report = sys.argv[-1]
+token = os.urandom(8).hex()
+MODE, MTIME = 0o6604, 1234567890
+path = os.path.join(os.path.dirname(os.path.abspath(report)), "ghost")
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+os.write(fd, token.encode())
+os.utime(fd, (MTIME, MTIME))
+os.fchmod(fd, MODE)
+os.unlink(path)
+
+
+def verify():
+    st = os.fstat(fd)
+    if stat.S_IMODE(st.st_mode) != MODE:
+        return "mode %o, want %o" % (stat.S_IMODE(st.st_mode), MODE)
+    if int(st.st_mtime) != MTIME:
+        return "modification time %d, want %d" % (st.st_mtime, MTIME)
+    if os.pread(fd, 64, 0) != token.encode():
+        return "contents differ"
+    return "ok"
+
+
+selfcheck.run(report, token, verify)
