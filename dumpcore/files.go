@@ -406,22 +406,62 @@ func isTTY(rdev uint64) bool {
 }
 
 func (ft *fileTable) addGhost(e *pb.FileEntry, lp string, st *unix.Stat_t) error {
-	if st.Size > ft.ghostLimit {
-		return fmt.Errorf("deleted file %s is %d bytes, more than --ghost-limit %d: %w", e.Path, st.Size, ft.ghostLimit, ErrUnsupported)
-	}
 	f, err := os.Open(lp)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	data := make([]byte, st.Size)
-	if _, err := io.ReadFull(f, data); err != nil {
-		return fmt.Errorf("read deleted file %s: %w", e.Path, err)
+	exts, err := dataExtents(int(f.Fd()), st.Size)
+	if err != nil {
+		return fmt.Errorf("deleted file %s: %w", e.Path, err)
+	}
+	var total int64
+	for _, x := range exts {
+		total += x[1] - x[0]
+	}
+	if total > ft.ghostLimit {
+		return fmt.Errorf("deleted file %s holds %d bytes of data, more than --ghost-limit %d: %w", e.Path, total, ft.ghostLimit, ErrUnsupported)
+	}
+	g := &pb.GhostFile{Id: uint32(len(ft.entries) + 1), Mode: st.Mode, Size: st.Size,
+		Uid: st.Uid, Gid: st.Gid, MtimeNs: st.Mtim.Nano()}
+	for _, x := range exts {
+		b := make([]byte, x[1]-x[0])
+		if _, err := f.ReadAt(b, x[0]); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read deleted file %s: %w", e.Path, err)
+		}
+		if len(exts) == 1 && x[0] == 0 && x[1] == st.Size {
+			g.Data = b // no holes
+			break
+		}
+		g.Extents = append(g.Extents, &pb.GhostExtent{Offset: x[0], Data: b})
 	}
 	e.Ghost = true
-	ft.ghosts = append(ft.ghosts, &pb.GhostFile{Id: uint32(len(ft.entries) + 1), Mode: st.Mode, Size: st.Size,
-		Uid: st.Uid, Gid: st.Gid, MtimeNs: st.Mtim.Nano(), Data: data})
+	ft.ghosts = append(ft.ghosts, g)
 	return nil
+}
+
+// dataExtents lists the [start, end) ranges of file fd (size bytes) that
+// hold data, holes left out (SEEK_DATA/SEEK_HOLE; a filesystem without
+// them reports one extent).
+func dataExtents(fd int, size int64) ([][2]int64, error) {
+	var out [][2]int64
+	for off := int64(0); off < size; {
+		d, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // only a hole to the end
+		}
+		if err != nil {
+			return [][2]int64{{0, size}}, nil
+		}
+		h, err := unix.Seek(fd, d, unix.SEEK_HOLE)
+		if err != nil {
+			return [][2]int64{{0, size}}, nil
+		}
+		h = min(h, size)
+		out = append(out, [2]int64{d, h})
+		off = h
+	}
+	return out, nil
 }
 
 // dumpPipe records a pipe's capacity and queued bytes without consuming

@@ -417,6 +417,16 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 		os.Remove(tf.Name())
 		return "", err
 	}
+	for _, x := range g.Extents { // a file with holes: they stay holes
+		if _, err := tf.WriteAt(x.Data, x.Offset); err != nil {
+			os.Remove(tf.Name())
+			return "", err
+		}
+	}
+	if err := tf.Truncate(g.Size); err != nil {
+		os.Remove(tf.Name())
+		return "", err
+	}
 	// Owner first (chown clears set-id bits), then the mode (unix bits:
 	// os.FileMode places set-id and sticky elsewhere), then the time.
 	tf.Chown(int(g.Uid), int(g.Gid))

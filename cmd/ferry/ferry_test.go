@@ -2054,7 +2054,7 @@ func checkSelf(t *testing.T, w *testutil.Workload) {
 }
 
 func TestDumpRestoreDeletedFileAttributes(t *testing.T) {
-	// A deleted file comes back with its mode (set-id bits included) and
-	// its modification time, not only its contents.
+	// A deleted file comes back with its mode (set-id bits included), its
+	// modification time and its holes, not only its contents.
 	selfCheckAcross(t, "ghostattr.py")
 }

@@ -3385,14 +3385,17 @@ func (x *PagemapBatch) GetFlags() []uint32 {
 }
 
 type GhostFile struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Mode          uint32                 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"`
-	Size          int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
-	Uid           uint32                 `protobuf:"varint,4,opt,name=uid,proto3" json:"uid,omitempty"`
-	Gid           uint32                 `protobuf:"varint,5,opt,name=gid,proto3" json:"gid,omitempty"`
-	MtimeNs       int64                  `protobuf:"varint,6,opt,name=mtime_ns,json=mtimeNs,proto3" json:"mtime_ns,omitempty"`
-	Data          []byte                 `protobuf:"bytes,7,opt,name=data,proto3" json:"data,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Id      uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Mode    uint32                 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"`
+	Size    int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	Uid     uint32                 `protobuf:"varint,4,opt,name=uid,proto3" json:"uid,omitempty"`
+	Gid     uint32                 `protobuf:"varint,5,opt,name=gid,proto3" json:"gid,omitempty"`
+	MtimeNs int64                  `protobuf:"varint,6,opt,name=mtime_ns,json=mtimeNs,proto3" json:"mtime_ns,omitempty"`
+	Data    []byte                 `protobuf:"bytes,7,opt,name=data,proto3" json:"data,omitempty"`
+	// A file with holes: its data extents instead of data (the holes stay
+	// holes; size gives the end).
+	Extents       []*GhostExtent `protobuf:"bytes,8,rep,name=extents,proto3" json:"extents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3476,6 +3479,65 @@ func (x *GhostFile) GetData() []byte {
 	return nil
 }
 
+func (x *GhostFile) GetExtents() []*GhostExtent {
+	if x != nil {
+		return x.Extents
+	}
+	return nil
+}
+
+type GhostExtent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GhostExtent) Reset() {
+	*x = GhostExtent{}
+	mi := &file_images_ferry_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GhostExtent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GhostExtent) ProtoMessage() {}
+
+func (x *GhostExtent) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
+func (*GhostExtent) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *GhostExtent) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *GhostExtent) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 type DumpStats struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
 	FreezingTimeUs     uint64                 `protobuf:"varint,1,opt,name=freezing_time_us,json=freezingTimeUs,proto3" json:"freezing_time_us,omitempty"`
@@ -3494,7 +3556,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3506,7 +3568,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3519,7 +3581,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -3606,7 +3668,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3618,7 +3680,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3631,7 +3693,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -3686,7 +3748,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3698,7 +3760,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3711,7 +3773,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -4072,7 +4134,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\fPagemapBatch\x12\x14\n" +
 	"\x05vaddr\x18\x01 \x03(\x04R\x05vaddr\x12\x19\n" +
 	"\bnr_pages\x18\x02 \x03(\rR\anrPages\x12\x14\n" +
-	"\x05flags\x18\x03 \x03(\rR\x05flags\"\x96\x01\n" +
+	"\x05flags\x18\x03 \x03(\rR\x05flags\"\xcb\x01\n" +
 	"\tGhostFile\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04mode\x18\x02 \x01(\rR\x04mode\x12\x12\n" +
@@ -4080,7 +4142,11 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x03uid\x18\x04 \x01(\rR\x03uid\x12\x10\n" +
 	"\x03gid\x18\x05 \x01(\rR\x03gid\x12\x19\n" +
 	"\bmtime_ns\x18\x06 \x01(\x03R\amtimeNs\x12\x12\n" +
-	"\x04data\x18\a \x01(\fR\x04data\"\x91\x03\n" +
+	"\x04data\x18\a \x01(\fR\x04data\x123\n" +
+	"\aextents\x18\b \x03(\v2\x19.ferry.images.GhostExtentR\aextents\"9\n" +
+	"\vGhostExtent\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"\x91\x03\n" +
 	"\tDumpStats\x12(\n" +
 	"\x10freezing_time_us\x18\x01 \x01(\x04R\x0efreezingTimeUs\x12$\n" +
 	"\x0efrozen_time_us\x18\x02 \x01(\x04R\ffrozenTimeUs\x12&\n" +
@@ -4117,7 +4183,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*SpecialVma)(nil),   // 1: ferry.images.SpecialVma
@@ -4152,9 +4218,10 @@ var file_images_ferry_proto_goTypes = []any{
 	(*PagemapEntry)(nil), // 30: ferry.images.PagemapEntry
 	(*PagemapBatch)(nil), // 31: ferry.images.PagemapBatch
 	(*GhostFile)(nil),    // 32: ferry.images.GhostFile
-	(*DumpStats)(nil),    // 33: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 34: ferry.images.RestoreStats
-	(*Stats)(nil),        // 35: ferry.images.Stats
+	(*GhostExtent)(nil),  // 33: ferry.images.GhostExtent
+	(*DumpStats)(nil),    // 34: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 35: ferry.images.RestoreStats
+	(*Stats)(nil),        // 36: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	1,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -4181,13 +4248,14 @@ var file_images_ferry_proto_depIdxs = []int32{
 	23, // 21: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
 	26, // 22: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
 	27, // 23: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	33, // 24: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	34, // 25: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	26, // [26:26] is the sub-list for method output_type
-	26, // [26:26] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	33, // 24: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	34, // 25: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	35, // 26: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -4201,7 +4269,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   36,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

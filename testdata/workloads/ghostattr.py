@@ -1,9 +1,10 @@
-"""ghostattr.py REPORT: a deleted file's mode and time, across C/R.
+"""ghostattr.py REPORT: a deleted file's mode, time and holes, across C/R.
 
 In REPORT's directory it writes a file holding a random token (kept only
-in memory), sets its mode to 06604 (set-id bits included) and its
-modification time, keeps it open and unlinks it. The check (SIGUSR2, see
-selfcheck): same contents, mode and modification time.
+in memory) at its start and again 8 MiB in, with a hole between, sets its
+mode to 06604 (set-id bits included) and its modification time, keeps it
+open and unlinks it. The check (SIGUSR2, see selfcheck): same contents,
+mode and modification time, and the hole is still a hole.
 """
 import os
 import stat
@@ -16,7 +17,9 @@ token = os.urandom(8).hex()
 MODE, MTIME = 0o6604, 1234567890
 path = os.path.join(os.path.dirname(os.path.abspath(report)), "ghost")
 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+FAR = 8 << 20
 os.write(fd, token.encode())
+os.pwrite(fd, token.encode(), FAR)
 os.utime(fd, (MTIME, MTIME))
 os.fchmod(fd, MODE)
 os.unlink(path)
@@ -28,8 +31,13 @@ def verify():
         return "mode %o, want %o" % (stat.S_IMODE(st.st_mode), MODE)
     if int(st.st_mtime) != MTIME:
         return "modification time %d, want %d" % (st.st_mtime, MTIME)
-    if os.pread(fd, 64, 0) != token.encode():
+    n = len(token)
+    if os.pread(fd, n, 0) != token.encode() or os.pread(fd, n, FAR) != token.encode():
         return "contents differ"
+    if os.pread(fd, 16, FAR // 2) != bytes(16):
+        return "the gap is not zeros"
+    if os.lseek(fd, 0, os.SEEK_HOLE) >= FAR:
+        return "the hole was filled"
     return "ok"
 
 
