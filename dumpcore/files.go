@@ -48,7 +48,8 @@ type fileTable struct {
 	ghostLimit int64
 	entries    []*pb.FileEntry
 	ghosts     []*pb.GhostFile
-	byPath     map[string]uint32 // path objects by kind+dev+ino
+	ghostOf    map[[2]uint64]uint32 // device and inode -> the ghost carrying them
+	byPath     map[string]uint32    // path objects by kind+dev+ino
 }
 
 func newFileTable(ghostLimit int64) *fileTable {
@@ -406,6 +407,17 @@ func isTTY(rdev uint64) bool {
 }
 
 func (ft *fileTable) addGhost(e *pb.FileEntry, lp string, st *unix.Stat_t) error {
+	id, key := uint32(len(ft.entries)+1), [2]uint64{st.Dev, st.Ino}
+	if first, ok := ft.ghostOf[key]; ok {
+		// Another name of a deleted file already carried.
+		e.Ghost = true
+		ft.ghosts = append(ft.ghosts, &pb.GhostFile{Id: id, SameAs: first, Mode: st.Mode, Size: st.Size})
+		return nil
+	}
+	if ft.ghostOf == nil {
+		ft.ghostOf = map[[2]uint64]uint32{}
+	}
+	ft.ghostOf[key] = id
 	f, err := os.Open(lp)
 	if err != nil {
 		return err
@@ -422,7 +434,7 @@ func (ft *fileTable) addGhost(e *pb.FileEntry, lp string, st *unix.Stat_t) error
 	if total > ft.ghostLimit {
 		return fmt.Errorf("deleted file %s holds %d bytes of data, more than --ghost-limit %d: %w", e.Path, total, ft.ghostLimit, ErrUnsupported)
 	}
-	g := &pb.GhostFile{Id: uint32(len(ft.entries) + 1), Mode: st.Mode, Size: st.Size,
+	g := &pb.GhostFile{Id: id, Mode: st.Mode, Size: st.Size,
 		Uid: st.Uid, Gid: st.Gid, MtimeNs: st.Mtim.Nano()}
 	for _, x := range exts {
 		b := make([]byte, x[1]-x[0])

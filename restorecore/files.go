@@ -400,6 +400,14 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 	if !ok {
 		return "", fmt.Errorf("deleted file %s: ghost-%d.img missing", f.Path, f.Id)
 	}
+	if g.SameAs != 0 {
+		// Another name of the same deleted file: the same stand-in.
+		first, ok := b.r.is.files[g.SameAs]
+		if !ok || g.SameAs == f.Id {
+			return "", fmt.Errorf("deleted file %s: ghost-%d.img names file %d, not in the image", f.Path, f.Id, g.SameAs)
+		}
+		return b.ghostPath(first)
+	}
 	// At its old path if that is free, so /proc/PID/fd shows the same
 	// name; else beside it, else in the temp dir.
 	tf, err := os.OpenFile(f.Path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)

@@ -2055,6 +2055,7 @@ func checkSelf(t *testing.T, w *testutil.Workload) {
 
 func TestDumpRestoreDeletedFileAttributes(t *testing.T) {
 	// A deleted file comes back with its mode (set-id bits included), its
-	// modification time and its holes, not only its contents.
+	// modification time and its holes, not only its contents; open by two
+	// names (hard links), it comes back as one file.
 	selfCheckAcross(t, "ghostattr.py")
 }

@@ -3395,7 +3395,10 @@ type GhostFile struct {
 	Data    []byte                 `protobuf:"bytes,7,opt,name=data,proto3" json:"data,omitempty"`
 	// A file with holes: its data extents instead of data (the holes stay
 	// holes; size gives the end).
-	Extents       []*GhostExtent `protobuf:"bytes,8,rep,name=extents,proto3" json:"extents,omitempty"`
+	Extents []*GhostExtent `protobuf:"bytes,8,rep,name=extents,proto3" json:"extents,omitempty"`
+	// The same deleted file as ghost same_as (opened by two names, hard
+	// links): no data here; it is made once.
+	SameAs        uint32 `protobuf:"varint,9,opt,name=same_as,json=sameAs,proto3" json:"same_as,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3484,6 +3487,13 @@ func (x *GhostFile) GetExtents() []*GhostExtent {
 		return x.Extents
 	}
 	return nil
+}
+
+func (x *GhostFile) GetSameAs() uint32 {
+	if x != nil {
+		return x.SameAs
+	}
+	return 0
 }
 
 type GhostExtent struct {
@@ -4134,7 +4144,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\fPagemapBatch\x12\x14\n" +
 	"\x05vaddr\x18\x01 \x03(\x04R\x05vaddr\x12\x19\n" +
 	"\bnr_pages\x18\x02 \x03(\rR\anrPages\x12\x14\n" +
-	"\x05flags\x18\x03 \x03(\rR\x05flags\"\xcb\x01\n" +
+	"\x05flags\x18\x03 \x03(\rR\x05flags\"\xe4\x01\n" +
 	"\tGhostFile\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04mode\x18\x02 \x01(\rR\x04mode\x12\x12\n" +
@@ -4143,7 +4153,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x03gid\x18\x05 \x01(\rR\x03gid\x12\x19\n" +
 	"\bmtime_ns\x18\x06 \x01(\x03R\amtimeNs\x12\x12\n" +
 	"\x04data\x18\a \x01(\fR\x04data\x123\n" +
-	"\aextents\x18\b \x03(\v2\x19.ferry.images.GhostExtentR\aextents\"9\n" +
+	"\aextents\x18\b \x03(\v2\x19.ferry.images.GhostExtentR\aextents\x12\x17\n" +
+	"\asame_as\x18\t \x01(\rR\x06sameAs\"9\n" +
 	"\vGhostExtent\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\"\x91\x03\n" +

@@ -4,7 +4,9 @@ In REPORT's directory it writes a file holding a random token (kept only
 in memory) at its start and again 8 MiB in, with a hole between, sets its
 mode to 06604 (set-id bits included) and its modification time, keeps it
 open and unlinks it. The check (SIGUSR2, see selfcheck): same contents,
-mode and modification time, and the hole is still a hole.
+mode and modification time, and the hole is still a hole. The file is
+also open by a second name (a hard link, unlinked too): both descriptors
+must still be the one file.
 """
 import os
 import stat
@@ -22,7 +24,10 @@ os.write(fd, token.encode())
 os.pwrite(fd, token.encode(), FAR)
 os.utime(fd, (MTIME, MTIME))
 os.fchmod(fd, MODE)
+os.link(path, path + "-2")
+fd2 = os.open(path + "-2", os.O_RDWR)
 os.unlink(path)
+os.unlink(path + "-2")
 
 
 def verify():
@@ -38,6 +43,9 @@ def verify():
         return "the gap is not zeros"
     if os.lseek(fd, 0, os.SEEK_HOLE) >= FAR:
         return "the hole was filled"
+    os.pwrite(fd, b"Z", 100)
+    if os.pread(fd2, 1, 100) != b"Z" or os.fstat(fd).st_ino != os.fstat(fd2).st_ino:
+        return "the two names are two files"
     return "ok"
 
 
