@@ -287,6 +287,13 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		}
 	case unix.S_IFDIR:
 		e.Type = "dir"
+		if strings.HasSuffix(target, deletedSuffix) {
+			if _, err := os.Stat(target); err != nil {
+				// A removed directory: made again for the open, and
+				// removed again.
+				e.Path, e.DirDeleted = strings.TrimSuffix(target, deletedSuffix), true
+			}
+		}
 	case unix.S_IFLNK:
 		// Only O_PATH|O_NOFOLLOW opens a symbolic link itself.
 		if strings.HasSuffix(target, deletedSuffix) {

@@ -453,10 +453,17 @@ func (b *builder) restoreRlimits() error {
 // process with a root of its own enters it after its chroot instead
 // (restoreTask), since files are opened by paths from ferry's root.
 func (b *builder) restoreCwd() error {
-	if root, ok := b.r.is.files[b.p.core.RootId]; ok && root.Path != "/" {
+	if !b.cwdEntered() {
 		return nil
 	}
 	return b.chdir()
+}
+
+// cwdEntered tells whether restoreCwd enters the working directory before
+// the files are made (the process has no root of its own).
+func (b *builder) cwdEntered() bool {
+	root, ok := b.r.is.files[b.p.core.RootId]
+	return !ok || root.Path == "/"
 }
 
 // chdir enters the dumped working directory: a removed one is stood in
@@ -468,9 +475,9 @@ func (b *builder) chdir() error {
 	}
 	path := cwd.Path
 	if cwd.DirDeleted {
-		path = fmt.Sprintf("%s.ferry-%d", cwd.Path, b.pid)
-		if err := os.Mkdir(path, os.FileMode(cwd.Mode&0o7777)); err != nil {
-			return fmt.Errorf("removed working directory %s: %w", cwd.Path, err)
+		var err error
+		if path, err = standIn(cwd); err != nil {
+			return err
 		}
 		defer os.Remove(path)
 	}

@@ -208,6 +208,18 @@ func (b *builder) restoreFiles() error {
 				}
 				ghosts = append(ghosts, path)
 			}
+			if f.Type == "dir" && f.DirDeleted {
+				if cwd, ok := b.r.is.files[b.p.core.CwdId]; ok && cwd.DirDeleted && cwd.Dev == f.Dev && cwd.Ino == f.Ino && b.cwdEntered() {
+					// The removed working directory, entered already
+					// (restoreCwd): the same directory again.
+					path = "."
+				} else if path, err = standIn(f); err != nil {
+					// A removed directory: a stand-in, opened, then removed.
+					return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
+				} else {
+					ghosts = append(ghosts, path)
+				}
+			}
 			raw, err := b.openIn(path, f)
 			if err != nil {
 				return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
@@ -651,4 +663,19 @@ func (b *builder) newInotify(f *pb.FileEntry, park func(uint64) (int, error)) (i
 		}
 	}
 	return fd, nil
+}
+
+// standIn makes a directory standing in for removed directory f: at its
+// old path if that is free (so that /proc shows the same name), else
+// beside it. The caller removes it once it is open or entered.
+func standIn(f *pb.FileEntry) (string, error) {
+	mode := os.FileMode(f.Mode & 0o777)
+	if err := os.Mkdir(f.Path, mode); err == nil {
+		return f.Path, nil
+	}
+	dir, err := os.MkdirTemp(filepath.Dir(f.Path), filepath.Base(f.Path)+".ferry-*")
+	if err != nil {
+		return "", fmt.Errorf("removed directory %s: %w", f.Path, err)
+	}
+	return dir, os.Chmod(dir, mode)
 }

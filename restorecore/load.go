@@ -244,7 +244,7 @@ func validateFile(f *pb.FileEntry) error {
 	case "dir":
 		if f.DirDeleted {
 			if _, err := os.Stat(filepath.Dir(f.Path)); err != nil {
-				return refuse("removed working directory %s: its parent is gone too", f.Path)
+				return refuse("removed directory %s: its parent is gone too", f.Path)
 			}
 			return nil
 		}

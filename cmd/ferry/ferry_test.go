@@ -2059,3 +2059,10 @@ func TestDumpRestoreDeletedFileAttributes(t *testing.T) {
 	// names (hard links), it comes back as one file.
 	selfCheckAcross(t, "ghostattr.py")
 }
+
+func TestDumpRestoreRemovedDirectory(t *testing.T) {
+	// A removed working directory, also open as a descriptor: both come
+	// back as that removed directory (its name and "(deleted)"), and as
+	// one directory.
+	selfCheckAcross(t, "rmdircwd.py")
+}

@@ -1,0 +1,32 @@
+"""rmdircwd.py REPORT: a removed working directory, also open, across C/R.
+
+In REPORT's directory it makes a directory named by a random token (kept
+only in memory), enters it, opens it, and removes it. The check (SIGUSR2,
+see selfcheck): the working directory and the descriptor are still that
+removed directory, and still the same one.
+"""
+import os
+import sys
+
+import selfcheck
+
+report = sys.argv[-1]
+token = os.urandom(8).hex()
+d = os.path.join(os.path.dirname(os.path.abspath(report)), "dir-" + token)
+os.mkdir(d)
+os.chdir(d)
+fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+os.rmdir(d)
+
+
+def verify():
+    want = d + " (deleted)"
+    for name, got in (("cwd", os.readlink("/proc/self/cwd")), ("fd", os.readlink("/proc/self/fd/%d" % fd))):
+        if got != want:
+            return "%s is %r, want %r" % (name, got, want)
+    if os.fstat(fd).st_ino != os.stat(".").st_ino:
+        return "the working directory and the descriptor are two directories"
+    return "ok"
+
+
+selfcheck.run(report, token, verify)
