@@ -43,6 +43,7 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	img.files.fileLocks = d.opts.FileLocks
 	img.files.tcpClose = d.opts.TCPClose
 	img.files.skipInFlight = d.opts.SkipInFlight
+	img.files.remapLinks = d.opts.LinkRemap
 	d.files = img.files
 
 	stat, err := proc.ReadStat(pid)

@@ -67,6 +67,10 @@ type Options struct {
 	// TCPClose (--tcp-close): established connections are not dumped;
 	// the restored process finds closed sockets in their place.
 	TCPClose bool
+	// LinkRemap (--link-remap): an open file whose name was removed while
+	// it keeps others gets a name of its own for the restore (otherwise
+	// one fails the dump).
+	LinkRemap bool
 	// SkipInFlight (--skip-in-flight): connections a TCP listener has
 	// not accepted yet are left behind (their peers see them reset);
 	// otherwise one fails the dump.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -49,6 +50,7 @@ type fileTable struct {
 	entries    []*pb.FileEntry
 	ghosts     []*pb.GhostFile
 	ghostOf    map[[2]uint64]uint32 // device and inode -> the ghost carrying them
+	remapLinks bool                 // --link-remap: see linkRemap
 	byPath     map[string]uint32    // path objects by kind+dev+ino
 }
 
@@ -280,6 +282,14 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		if strings.HasSuffix(target, deletedSuffix) {
 			if _, err := os.Lstat(target); errors.Is(err, os.ErrNotExist) || st.Nlink == 0 {
 				e.Path = strings.TrimSuffix(target, deletedSuffix)
+				if st.Nlink > 0 {
+					// Its name is gone but the file lives on under
+					// another: a copy would part from it.
+					if err := ft.linkRemap(e, pidfd, fd); err != nil {
+						return nil, err
+					}
+					break
+				}
 				if err := ft.addGhost(e, lp, &st); err != nil {
 					return nil, err
 				}
@@ -640,4 +650,25 @@ func parseTimerfd(info proc.FdInfo) (*pb.Timerfd, error) {
 		*f.v = sec*1e9 + nsec
 	}
 	return t, nil
+}
+
+// linkRemap handles an open file whose name was removed while it keeps
+// other names (hard links): with --link-remap the dump gives it a name of
+// its own, beside the removed one, for the restore to open (and remove);
+// otherwise the dump is refused, since a copy would part from the file.
+func (ft *fileTable) linkRemap(e *pb.FileEntry, pidfd, fd int) error {
+	if !ft.remapLinks {
+		return fmt.Errorf("%s was removed but lives on under another name: %w (--link-remap links it to a name of its own for the restore)", e.Path, ErrUnsupported)
+	}
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return os.NewSyscallError("pidfd_getfd", err)
+	}
+	defer unix.Close(dup)
+	name := filepath.Join(filepath.Dir(e.Path), fmt.Sprintf(".ferry-link-remap.%d.%d", e.Ino, len(ft.entries)+1))
+	if err := unix.Linkat(dup, "", unix.AT_FDCWD, name, unix.AT_EMPTY_PATH); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("--link-remap: linking %s to %s: %w", e.Path, name, err)
+	}
+	e.Path, e.LinkRemap = name, true
+	return nil
 }

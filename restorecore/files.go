@@ -208,6 +208,9 @@ func (b *builder) restoreFiles() error {
 				}
 				ghosts = append(ghosts, path)
 			}
+			if f.LinkRemap {
+				ghosts = append(ghosts, path) // the dump's name for it goes once it is open
+			}
 			if f.Type == "dir" && f.DirDeleted {
 				if cwd, ok := b.r.is.files[b.p.core.CwdId]; ok && cwd.DirDeleted && cwd.Dev == f.Dev && cwd.Ino == f.Ino && b.cwdEntered() {
 					// The removed working directory, entered already

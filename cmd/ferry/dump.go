@@ -40,6 +40,7 @@ func newDumpCmd() *cobra.Command {
 		fileLocks    bool
 		tcpClose     bool
 		skipInFlight bool
+		linkRemap    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
@@ -148,7 +149,7 @@ work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, TrackMem: trackMem,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -187,7 +188,7 @@ work directory.`,
 	fs.StringVar(&netLock, "network-lock", "nftables", "with --tcp-established: keep the peers' packets out until the restore: nftables (iptables means the same here) or skip")
 	fs.BoolVarP(&fileLocks, "file-locks", "l", false, "dump the file locks the process holds (POSIX, flock, OFD); without it a lock fails the dump")
 	fs.BoolVar(&tcpClose, "tcp-close", false, "do not dump established TCP connections: the restored process finds them closed")
-	fs.Bool("link-remap", false, "accepted for criu compatibility: deleted files are always carried as ghost files (up to --ghost-limit)")
+	fs.BoolVar(&linkRemap, "link-remap", false, "an open file whose name was removed while it keeps others gets a name of its own (a hard link) for the restore; otherwise it fails the dump")
 	fs.Bool("ghost-fiemap", false, "accepted for criu compatibility")
 	fs.Bool("no-ghost-fiemap", false, "accepted for criu compatibility")
 	fs.BoolVar(&skipInFlight, "skip-in-flight", false, "drop the TCP connections a listener has not accepted yet (otherwise one fails the dump)")

@@ -2066,3 +2066,24 @@ func TestDumpRestoreRemovedDirectory(t *testing.T) {
 	// one directory.
 	selfCheckAcross(t, "rmdircwd.py")
 }
+
+func TestDumpRestoreLinkRemap(t *testing.T) {
+	// A file open by a removed name but alive under another: refused
+	// without --link-remap (a copy would part from the file); with it,
+	// the restored descriptor is the very file, and the name the dump
+	// gave it is gone again.
+	needRoot(t)
+	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "linkremap.py"))
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
+	if code == 0 || !strings.Contains(out, "--link-remap") {
+		t.Fatalf("dump without --link-remap: exit %d\n%s", code, out)
+	}
+	before := w.Report(t)
+	rw := dumpRestore(t, w, "--link-remap")
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	checkSelf(t, rw)
+	if left, _ := filepath.Glob(filepath.Join(filepath.Dir(w.ReportPath), ".ferry-link-remap*")); len(left) > 0 {
+		t.Fatalf("the dump's names are left: %v", left)
+	}
+}

@@ -1929,7 +1929,11 @@ type FileEntry struct {
 	// "dir" (a cwd) that was removed: made again, entered, and removed.
 	DirDeleted bool `protobuf:"varint,28,opt,name=dir_deleted,json=dirDeleted,proto3" json:"dir_deleted,omitempty"`
 	// "inotify": its watches, in wd order.
-	Inotify       []*InotifyWatch `protobuf:"bytes,29,rep,name=inotify,proto3" json:"inotify,omitempty"`
+	Inotify []*InotifyWatch `protobuf:"bytes,29,rep,name=inotify,proto3" json:"inotify,omitempty"`
+	// "reg" whose name was removed while other names remain (dump
+	// --link-remap): path is a name the dump linked to it, which the
+	// restore opens and then removes.
+	LinkRemap     bool `protobuf:"varint,30,opt,name=link_remap,json=linkRemap,proto3" json:"link_remap,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2165,6 +2169,13 @@ func (x *FileEntry) GetInotify() []*InotifyWatch {
 		return x.Inotify
 	}
 	return nil
+}
+
+func (x *FileEntry) GetLinkRemap() bool {
+	if x != nil {
+		return x.LinkRemap
+	}
+	return false
 }
 
 // InotifyWatch is one watch of an inotify fd: what it watches (found from
@@ -4007,7 +4018,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xe9\x06\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\x88\a\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -4039,7 +4050,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\ffifo_deleted\x18\x1b \x01(\bR\vfifoDeleted\x12\x1f\n" +
 	"\vdir_deleted\x18\x1c \x01(\bR\n" +
 	"dirDeleted\x124\n" +
-	"\ainotify\x18\x1d \x03(\v2\x1a.ferry.images.InotifyWatchR\ainotify\"F\n" +
+	"\ainotify\x18\x1d \x03(\v2\x1a.ferry.images.InotifyWatchR\ainotify\x12\x1d\n" +
+	"\n" +
+	"link_remap\x18\x1e \x01(\bR\tlinkRemap\"F\n" +
 	"\fInotifyWatch\x12\x0e\n" +
 	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
 	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
