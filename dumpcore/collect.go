@@ -274,6 +274,10 @@ func (d *dumper) collectRemote(img *imageSet, main *compel.Task, sc *scratch, st
 	if v, err := main.Syscall(unix.SYS_PRCTL, unix.PR_GET_THP_DISABLE); err == nil {
 		core.ThpDisabled = v != 0
 	}
+	const membarrierGetRegistrations = 512 // since Linux 6.3
+	if v, err := main.Syscall(unix.SYS_MEMBARRIER, membarrierGetRegistrations, 0, 0); err == nil {
+		core.Membarrier = uint32(v)
+	}
 	if _, err := main.Syscall(unix.SYS_PRCTL, unix.PR_GET_CHILD_SUBREAPER, sc.addr); err == nil {
 		b, _ := sc.read(0, 4)
 		core.ChildSubreaper = int32(binary.LittleEndian.Uint32(b))

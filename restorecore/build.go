@@ -535,6 +535,16 @@ func (b *builder) restoreTask() error {
 	if c.ChildSubreaper != 0 {
 		b.sys(unix.SYS_PRCTL, unix.PR_SET_CHILD_SUBREAPER, 1)
 	}
+	// membarrier registrations: each MEMBARRIER_CMD_REGISTER_* command
+	// (global expedited, private expedited, its sync-core and rseq forms)
+	// made again.
+	for _, cmd := range []uint64{4, 16, 64, 256} {
+		if uint64(c.Membarrier)&cmd != 0 {
+			if _, err := b.sys(unix.SYS_MEMBARRIER, cmd, 0, 0); err != nil {
+				return fmt.Errorf("membarrier registration %d: %w", cmd, err)
+			}
+		}
+	}
 	// Written from ferry's side, like /proc/PID/oom_score_adj itself. Lowering
 	// it needs CAP_SYS_RESOURCE, which root lacks on some hosts: say so.
 	if c.OomScoreAdj != 0 {

@@ -2087,3 +2087,9 @@ func TestDumpRestoreLinkRemap(t *testing.T) {
 		t.Fatalf("the dump's names are left: %v", left)
 	}
 }
+
+func TestDumpRestoreMembarrier(t *testing.T) {
+	// A process registered for private expedited membarriers is
+	// registered again.
+	selfCheckAcross(t, "membarrier.py")
+}

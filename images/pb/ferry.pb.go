@@ -1426,7 +1426,10 @@ type TaskCore struct {
 	State        string `protobuf:"bytes,19,opt,name=state,proto3" json:"state,omitempty"`
 	TimerslackNs uint64 `protobuf:"varint,20,opt,name=timerslack_ns,json=timerslackNs,proto3" json:"timerslack_ns,omitempty"`
 	// /proc/PID/loginuid (4294967295: unset).
-	Loginuid      uint32 `protobuf:"varint,21,opt,name=loginuid,proto3" json:"loginuid,omitempty"`
+	Loginuid uint32 `protobuf:"varint,21,opt,name=loginuid,proto3" json:"loginuid,omitempty"`
+	// membarrier(2) registrations (MEMBARRIER_CMD_GET_REGISTRATIONS: the
+	// MEMBARRIER_CMD_REGISTER_* commands the process made).
+	Membarrier    uint32 `protobuf:"varint,22,opt,name=membarrier,proto3" json:"membarrier,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1604,6 +1607,13 @@ func (x *TaskCore) GetTimerslackNs() uint64 {
 func (x *TaskCore) GetLoginuid() uint32 {
 	if x != nil {
 		return x.Loginuid
+	}
+	return 0
+}
+
+func (x *TaskCore) GetMembarrier() uint32 {
+	if x != nil {
+		return x.Membarrier
 	}
 	return 0
 }
@@ -3960,7 +3970,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04comm\x18\f \x01(\tR\x04comm\x12$\n" +
 	"\x0epdeath_sig_set\x18\r \x01(\bR\fpdeathSigSet\x12\x1d\n" +
 	"\n" +
-	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\x8f\x06\n" +
+	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xaf\x06\n" +
 	"\bTaskCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12 \n" +
@@ -3986,7 +3996,10 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x0fchild_subreaper\x18\x12 \x01(\x05R\x0echildSubreaper\x12\x14\n" +
 	"\x05state\x18\x13 \x01(\tR\x05state\x12#\n" +
 	"\rtimerslack_ns\x18\x14 \x01(\x04R\ftimerslackNs\x12\x1a\n" +
-	"\bloginuid\x18\x15 \x01(\rR\bloginuid\"\xdd\x01\n" +
+	"\bloginuid\x18\x15 \x01(\rR\bloginuid\x12\x1e\n" +
+	"\n" +
+	"membarrier\x18\x16 \x01(\rR\n" +
+	"membarrier\"\xdd\x01\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
