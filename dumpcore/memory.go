@@ -117,6 +117,12 @@ func (d *dumper) collectVmas(img *imageSet) error {
 		if v.Has("nr") {
 			pv.Flags |= unix.MAP_NORESERVE
 		}
+		if v.Has("dp") && pv.Flags&unix.MAP_TYPE == unix.MAP_PRIVATE {
+			// MAP_DROPPABLE (6.11): a mapping type of its own, for
+			// memory the kernel may drop under pressure.
+			const mapDroppable = 0x08
+			pv.Flags = pv.Flags&^unix.MAP_TYPE | mapDroppable
+		}
 		if kind == KindFilePrivate || kind == KindFileShared {
 			id, err := img.files.addMapped(d.opts.Pid, v)
 			if err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -293,6 +294,8 @@ var vmFlagAdvice = map[string]uint64{
 	"hg": unix.MADV_HUGEPAGE,
 	"nh": unix.MADV_NOHUGEPAGE,
 	"mg": unix.MADV_MERGEABLE,
+	"sr": unix.MADV_SEQUENTIAL,
+	"rr": unix.MADV_RANDOM,
 }
 
 func (b *builder) restoreMemory() error {
@@ -366,6 +369,16 @@ func (b *builder) restoreMemory() error {
 				if _, err := b.sys(unix.SYS_MADVISE, v.Start, v.End-v.Start, adv); err != nil {
 					b.r.log.Warn("madvise failed", "vma", fmt.Sprintf("%#x", v.Start), "flag", f, "err", err)
 				}
+			}
+		}
+		if slices.Contains(v.VmFlags, "lo") {
+			// Locked (mlock, MAP_LOCKED); "lf": only as pages are faulted.
+			nr, arg := uint64(unix.SYS_MLOCK), uint64(0)
+			if slices.Contains(v.VmFlags, "lf") {
+				nr, arg = unix.SYS_MLOCK2, unix.MLOCK_ONFAULT
+			}
+			if _, err := b.sys(uintptr(nr), v.Start, v.End-v.Start, arg); err != nil {
+				b.r.log.Warn("mlock failed", "vma", fmt.Sprintf("%#x", v.Start), "err", err)
 			}
 		}
 		if strings.HasPrefix(v.Name, "[anon:") {

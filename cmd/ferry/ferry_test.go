@@ -2093,3 +2093,9 @@ func TestDumpRestoreMembarrier(t *testing.T) {
 	// registered again.
 	selfCheckAcross(t, "membarrier.py")
 }
+
+func TestDumpRestoreVmFlags(t *testing.T) {
+	// Locked, advised (sequential, random, not in cores) and droppable
+	// areas come back so.
+	selfCheckAcross(t, "vmflags.py")
+}
