@@ -379,6 +379,14 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 				return nil, err
 			}
 			e.Timerfd = tf
+		case "anon_inode:[pidfd]":
+			// A pidfd of the process itself; one of another process
+			// needs that process in the dump (process trees).
+			target, err := strconv.Atoi(info.Extra["Pid"])
+			if err != nil || target != pid {
+				return nil, fmt.Errorf("a pidfd of process %s: %w (pidfds of the process itself, so far)", info.Extra["Pid"], ErrUnsupported)
+			}
+			e.Type, e.PidfdPid = "pidfd", int32(target)
 		case "anon_inode:[eventpoll]":
 			e.Type = "epoll"
 			name := proc.Path(pid, "fdinfo/"+strconv.Itoa(fd))

@@ -183,6 +183,17 @@ func (b *builder) restoreFiles() error {
 			if fd, err = b.newInotify(f, park); err != nil {
 				return 0, fmt.Errorf("fd %d (inotify): %w", e.Fd, err)
 			}
+		case "pidfd":
+			// Of the process itself (the dump takes no other): its PID
+			// is the same again. PIDFD_NONBLOCK is O_NONBLOCK,
+			// PIDFD_THREAD is O_EXCL.
+			raw, err := b.sys(unix.SYS_PIDFD_OPEN, uint64(b.pid), uint64(f.Flags&(unix.O_NONBLOCK|unix.O_EXCL)))
+			if err != nil {
+				return 0, fmt.Errorf("fd %d (pidfd): %w", e.Fd, err)
+			}
+			if fd, err = park(raw); err != nil {
+				return 0, err
+			}
 		case "signalfd", "timerfd":
 			if fd, err = b.newEventFile(f, park); err != nil {
 				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Type, err)

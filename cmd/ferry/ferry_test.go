@@ -2099,3 +2099,8 @@ func TestDumpRestoreVmFlags(t *testing.T) {
 	// areas come back so.
 	selfCheckAcross(t, "vmflags.py")
 }
+
+func TestDumpRestorePidfdSelf(t *testing.T) {
+	// A pidfd of the process itself comes back as one.
+	selfCheckAcross(t, "pidfdself.py")
+}

@@ -1943,7 +1943,10 @@ type FileEntry struct {
 	// "reg" whose name was removed while other names remain (dump
 	// --link-remap): path is a name the dump linked to it, which the
 	// restore opens and then removes.
-	LinkRemap     bool `protobuf:"varint,30,opt,name=link_remap,json=linkRemap,proto3" json:"link_remap,omitempty"`
+	LinkRemap bool `protobuf:"varint,30,opt,name=link_remap,json=linkRemap,proto3" json:"link_remap,omitempty"`
+	// "pidfd": the process it refers to (so far only the dumped process
+	// itself).
+	PidfdPid      int32 `protobuf:"varint,31,opt,name=pidfd_pid,json=pidfdPid,proto3" json:"pidfd_pid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2186,6 +2189,13 @@ func (x *FileEntry) GetLinkRemap() bool {
 		return x.LinkRemap
 	}
 	return false
+}
+
+func (x *FileEntry) GetPidfdPid() int32 {
+	if x != nil {
+		return x.PidfdPid
+	}
+	return 0
 }
 
 // InotifyWatch is one watch of an inotify fd: what it watches (found from
@@ -4031,7 +4041,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\x88\a\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xa5\a\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -4065,7 +4075,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"dirDeleted\x124\n" +
 	"\ainotify\x18\x1d \x03(\v2\x1a.ferry.images.InotifyWatchR\ainotify\x12\x1d\n" +
 	"\n" +
-	"link_remap\x18\x1e \x01(\bR\tlinkRemap\"F\n" +
+	"link_remap\x18\x1e \x01(\bR\tlinkRemap\x12\x1b\n" +
+	"\tpidfd_pid\x18\x1f \x01(\x05R\bpidfdPid\"F\n" +
 	"\fInotifyWatch\x12\x0e\n" +
 	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
 	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
