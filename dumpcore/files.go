@@ -398,8 +398,29 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			if err != nil {
 				return nil, err
 			}
+			seen := map[int]int{} // registrations per number so far
+			var fds []int
 			for _, t := range tgts {
-				e.Epoll = append(e.Epoll, &pb.EpollTarget{Tfd: int32(t.Tfd), Events: t.Events, Data: t.Data})
+				et := &pb.EpollTarget{Tfd: int32(t.Tfd), Events: t.Events, Data: t.Data}
+				toff := seen[t.Tfd]
+				seen[t.Tfd]++
+				if !kcmpEpollTfd(pid, t.Tfd, fd, t.Tfd, toff) {
+					// The number no longer holds the file: find an fd
+					// that does.
+					if fds == nil {
+						fds = openFds(pid)
+					}
+					for _, c := range fds {
+						if kcmpEpollTfd(pid, c, fd, t.Tfd, toff) {
+							et.Moved, et.SourceFd = true, int32(c)
+							break
+						}
+					}
+					if !et.Moved {
+						return nil, fmt.Errorf("epoll target %d (registration %d under that number): %w (its file is open under no descriptor)", t.Tfd, toff, ErrUnsupported)
+					}
+				}
+				e.Epoll = append(e.Epoll, et)
 			}
 		default:
 			return nil, fmt.Errorf("%s: %w (file type %#o)", target, ErrUnsupported, st.Mode&unix.S_IFMT)
@@ -679,4 +700,16 @@ func (ft *fileTable) linkRemap(e *pb.FileEntry, pidfd, fd int) error {
 	}
 	e.Path, e.LinkRemap = name, true
 	return nil
+}
+
+// openFds lists the fd numbers open in process pid.
+func openFds(pid int) []int {
+	ents, _ := os.ReadDir(proc.Path(pid, "fd"))
+	out := []int{}
+	for _, e := range ents {
+		if n, err := strconv.Atoi(e.Name()); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
 }

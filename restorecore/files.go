@@ -270,6 +270,10 @@ func (b *builder) restoreFiles() error {
 	// epoll registrations name target fds by number: add them now that
 	// every fd sits at its number.
 	done := map[uint32]bool{}
+	taken := map[int32]bool{}
+	for _, e := range fds {
+		taken[e.Fd] = true
+	}
 	for _, e := range fds {
 		f := b.r.is.files[e.FileId]
 		if f.Type != "epoll" || done[e.FileId] {
@@ -277,6 +281,15 @@ func (b *builder) restoreFiles() error {
 		}
 		done[e.FileId] = true
 		for _, t := range f.Epoll {
+			if t.Moved {
+				// Free in the final layout and not held now (by a
+				// descriptor ferry parked there, say).
+				_, err := os.Lstat(fmt.Sprintf("/proc/%d/fd/%d", b.pid, t.Tfd))
+				if err := b.addMovedEpollTarget(e.Fd, t, taken[t.Tfd] || err == nil); err != nil {
+					return fmt.Errorf("epoll fd %d: %w", e.Fd, err)
+				}
+				continue
+			}
 			// struct epoll_event is packed on x86_64: u32 events, u64 data.
 			ev := make([]byte, 12)
 			binary.LittleEndian.PutUint32(ev, t.Events)
@@ -692,4 +705,33 @@ func standIn(f *pb.FileEntry) (string, error) {
 		return "", fmt.Errorf("removed directory %s: %w", f.Path, err)
 	}
 	return dir, os.Chmod(dir, mode)
+}
+
+// addMovedEpollTarget registers, on epoll fd epfd, a file the dumped
+// registration named by a number that no longer held it: through a
+// duplicate of an fd that holds it, at the old number when that is free
+// (taken: it is not), closed again afterwards.
+func (b *builder) addMovedEpollTarget(epfd int32, t *pb.EpollTarget, taken bool) error {
+	var tmp uint64
+	var err error
+	if !taken {
+		tmp, err = b.sys(unix.SYS_DUP3, uint64(t.SourceFd), uint64(t.Tfd), unix.O_CLOEXEC)
+	} else {
+		tmp, err = b.sys(unix.SYS_FCNTL, uint64(t.SourceFd), unix.F_DUPFD_CLOEXEC, 0)
+	}
+	if err != nil {
+		return fmt.Errorf("target %d (held by fd %d): %w", t.Tfd, t.SourceFd, err)
+	}
+	defer b.sys(unix.SYS_CLOSE, tmp)
+	ev := make([]byte, 12)
+	binary.LittleEndian.PutUint32(ev, t.Events)
+	binary.LittleEndian.PutUint64(ev[4:], t.Data)
+	a, err := b.put(0, ev)
+	if err != nil {
+		return err
+	}
+	if _, err := b.sys(unix.SYS_EPOLL_CTL, uint64(epfd), unix.EPOLL_CTL_ADD, tmp, a); err != nil {
+		return fmt.Errorf("add target %d (held by fd %d): %w", t.Tfd, t.SourceFd, err)
+	}
+	return nil
 }

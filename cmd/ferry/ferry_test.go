@@ -2104,3 +2104,9 @@ func TestDumpRestorePidfdSelf(t *testing.T) {
 	// A pidfd of the process itself comes back as one.
 	selfCheckAcross(t, "pidfdself.py")
 }
+
+func TestDumpRestoreEpollMovedTarget(t *testing.T) {
+	// An epoll registration made through a descriptor closed since (its
+	// file open under another) is made again and still wakes the epoll.
+	selfCheckAcross(t, "epollmoved.py")
+}

@@ -2983,10 +2983,15 @@ func (x *SockOpt) GetValue() []byte {
 }
 
 type EpollTarget struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Tfd           int32                  `protobuf:"varint,1,opt,name=tfd,proto3" json:"tfd,omitempty"`
-	Events        uint32                 `protobuf:"varint,2,opt,name=events,proto3" json:"events,omitempty"`
-	Data          uint64                 `protobuf:"varint,3,opt,name=data,proto3" json:"data,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Tfd    int32                  `protobuf:"varint,1,opt,name=tfd,proto3" json:"tfd,omitempty"`
+	Events uint32                 `protobuf:"varint,2,opt,name=events,proto3" json:"events,omitempty"`
+	Data   uint64                 `protobuf:"varint,3,opt,name=data,proto3" json:"data,omitempty"`
+	// moved: the registration's number no longer holds its file (closed
+	// since, or reused); source_fd does, and the restore registers the file
+	// under tfd (if free) through a duplicate of it.
+	Moved         bool  `protobuf:"varint,4,opt,name=moved,proto3" json:"moved,omitempty"`
+	SourceFd      int32 `protobuf:"varint,5,opt,name=source_fd,json=sourceFd,proto3" json:"source_fd,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3038,6 +3043,20 @@ func (x *EpollTarget) GetEvents() uint32 {
 func (x *EpollTarget) GetData() uint64 {
 	if x != nil {
 		return x.Data
+	}
+	return 0
+}
+
+func (x *EpollTarget) GetMoved() bool {
+	if x != nil {
+		return x.Moved
+	}
+	return false
+}
+
+func (x *EpollTarget) GetSourceFd() int32 {
+	if x != nil {
+		return x.SourceFd
 	}
 	return 0
 }
@@ -4153,11 +4172,13 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aSockOpt\x12\x14\n" +
 	"\x05level\x18\x01 \x01(\x05R\x05level\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\x05R\x04name\x12\x14\n" +
-	"\x05value\x18\x03 \x01(\fR\x05value\"K\n" +
+	"\x05value\x18\x03 \x01(\fR\x05value\"~\n" +
 	"\vEpollTarget\x12\x10\n" +
 	"\x03tfd\x18\x01 \x01(\x05R\x03tfd\x12\x16\n" +
 	"\x06events\x18\x02 \x01(\rR\x06events\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\x04R\x04data\"\\\n" +
+	"\x04data\x18\x03 \x01(\x04R\x04data\x12\x14\n" +
+	"\x05moved\x18\x04 \x01(\bR\x05moved\x12\x1b\n" +
+	"\tsource_fd\x18\x05 \x01(\x05R\bsourceFd\"\\\n" +
 	"\bFileLock\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x14\n" +
 	"\x05write\x18\x02 \x01(\bR\x05write\x12\x14\n" +
