@@ -290,15 +290,7 @@ func (b *builder) restoreFiles() error {
 				}
 				continue
 			}
-			// struct epoll_event is packed on x86_64: u32 events, u64 data.
-			ev := make([]byte, 12)
-			binary.LittleEndian.PutUint32(ev, t.Events)
-			binary.LittleEndian.PutUint64(ev[4:], t.Data)
-			a, err := b.put(0, ev)
-			if err != nil {
-				return err
-			}
-			if _, err := b.sys(unix.SYS_EPOLL_CTL, uint64(e.Fd), unix.EPOLL_CTL_ADD, uint64(t.Tfd), a); errors.Is(err, unix.EEXIST) {
+			if err := b.epollAdd(e.Fd, uint64(t.Tfd), t); errors.Is(err, unix.EEXIST) {
 				// Registered twice under one number (two files that
 				// held it in turn): only the one at the number now can
 				// be registered again.
@@ -723,6 +715,15 @@ func (b *builder) addMovedEpollTarget(epfd int32, t *pb.EpollTarget, taken bool)
 		return fmt.Errorf("target %d (held by fd %d): %w", t.Tfd, t.SourceFd, err)
 	}
 	defer b.sys(unix.SYS_CLOSE, tmp)
+	if err := b.epollAdd(epfd, tmp, t); err != nil {
+		return fmt.Errorf("add target %d (held by fd %d): %w", t.Tfd, t.SourceFd, err)
+	}
+	return nil
+}
+
+// epollAdd registers fd on epoll fd epfd with t's events and data.
+func (b *builder) epollAdd(epfd int32, fd uint64, t *pb.EpollTarget) error {
+	// struct epoll_event is packed on x86_64: u32 events, u64 data.
 	ev := make([]byte, 12)
 	binary.LittleEndian.PutUint32(ev, t.Events)
 	binary.LittleEndian.PutUint64(ev[4:], t.Data)
@@ -730,8 +731,6 @@ func (b *builder) addMovedEpollTarget(epfd int32, t *pb.EpollTarget, taken bool)
 	if err != nil {
 		return err
 	}
-	if _, err := b.sys(unix.SYS_EPOLL_CTL, uint64(epfd), unix.EPOLL_CTL_ADD, tmp, a); err != nil {
-		return fmt.Errorf("add target %d (held by fd %d): %w", t.Tfd, t.SourceFd, err)
-	}
-	return nil
+	_, err = b.sys(unix.SYS_EPOLL_CTL, uint64(epfd), unix.EPOLL_CTL_ADD, fd, a)
+	return err
 }
