@@ -17,8 +17,8 @@ build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ferry ./cmd/ferry
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/migrate ./cmd/migrate
 
-## test: unit tests, the core dump/restore tests and a short fuzz pass (as root)
-test: deps build
+## test: lint, unit tests, the core dump/restore tests and the e2e migration tests (as root)
+test: deps build lint
 	$(GO) test -count=1 -timeout 25m ./...
 
 ## e2e: the multi-host migration tests alone, verbose (make test runs them too)
