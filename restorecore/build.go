@@ -488,11 +488,16 @@ func (b *builder) chdir() error {
 	}
 	path := cwd.Path
 	if cwd.DirDeleted {
-		var err error
-		if path, err = standIn(cwd); err != nil {
+		p, made, err := standIn(cwd)
+		defer func() {
+			for _, d := range made { // innermost first
+				os.Remove(d)
+			}
+		}()
+		if err != nil {
 			return err
 		}
-		defer os.Remove(path)
+		path = p
 	}
 	a, err := b.putString(0, path)
 	if err != nil {

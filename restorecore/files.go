@@ -227,11 +227,14 @@ func (b *builder) restoreFiles() error {
 					// The removed working directory, entered already
 					// (restoreCwd): the same directory again.
 					path = "."
-				} else if path, err = standIn(f); err != nil {
-					// A removed directory: a stand-in, opened, then removed.
-					return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
 				} else {
-					ghosts = append(ghosts, path)
+					// A removed directory: a stand-in, opened, then removed.
+					var made []string
+					path, made, err = standIn(f)
+					ghosts = append(ghosts, made...) // innermost first
+					if err != nil {
+						return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
+					}
 				}
 			}
 			raw, err := b.openIn(path, f)
@@ -687,16 +690,33 @@ func (b *builder) newInotify(f *pb.FileEntry, park func(uint64) (int, error)) (i
 // standIn makes a directory standing in for removed directory f: at its
 // old path if that is free (so that /proc shows the same name), else
 // beside it. The caller removes it once it is open or entered.
-func standIn(f *pb.FileEntry) (string, error) {
+//
+// Parents that were removed too are made again as well, and removed with
+// it: the caller removes what cleanup returns.
+func standIn(f *pb.FileEntry) (path string, cleanup []string, err error) {
 	mode := os.FileMode(f.Mode & 0o777)
+	// Removed parents first, outermost first.
+	var missing []string
+	for d := filepath.Dir(f.Path); d != "/" && d != "."; d = filepath.Dir(d) {
+		if _, err := os.Lstat(d); err == nil {
+			break
+		}
+		missing = append(missing, d)
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		if err := os.Mkdir(missing[i], 0o700); err != nil {
+			return "", cleanup, fmt.Errorf("removed directory %s: its removed parent %s: %w", f.Path, missing[i], err)
+		}
+		cleanup = append([]string{missing[i]}, cleanup...)
+	}
 	if err := os.Mkdir(f.Path, mode); err == nil {
-		return f.Path, nil
+		return f.Path, append([]string{f.Path}, cleanup...), nil
 	}
 	dir, err := os.MkdirTemp(filepath.Dir(f.Path), filepath.Base(f.Path)+".ferry-*")
 	if err != nil {
-		return "", fmt.Errorf("removed directory %s: %w", f.Path, err)
+		return "", cleanup, fmt.Errorf("removed directory %s: %w", f.Path, err)
 	}
-	return dir, os.Chmod(dir, mode)
+	return dir, append([]string{dir}, cleanup...), os.Chmod(dir, mode)
 }
 
 // addMovedEpollTarget registers, on epoll fd epfd, a file the dumped

@@ -243,10 +243,7 @@ func validateFile(f *pb.FileEntry) error {
 		return nil
 	case "dir":
 		if f.DirDeleted {
-			if _, err := os.Stat(filepath.Dir(f.Path)); err != nil {
-				return refuse("removed directory %s: its parent is gone too", f.Path)
-			}
-			return nil
+			return nil // made again, its removed parents with it (standIn)
 		}
 	case "fifo":
 		if f.FifoDeleted {
