@@ -306,10 +306,23 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 		}
 	case unix.S_IFLNK:
 		// Only O_PATH|O_NOFOLLOW opens a symbolic link itself.
-		if strings.HasSuffix(target, deletedSuffix) {
-			return nil, fmt.Errorf("%s: %w (a removed symbolic link)", target, ErrUnsupported)
-		}
 		e.Type = "symlink"
+		if strings.HasSuffix(target, deletedSuffix) {
+			if _, err := os.Lstat(target); err != nil {
+				// Removed: its target is read through the descriptor.
+				dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+				if err != nil {
+					return nil, os.NewSyscallError("pidfd_getfd", err)
+				}
+				buf := make([]byte, unix.PathMax)
+				n, err := unix.Readlinkat(dup, "", buf)
+				unix.Close(dup)
+				if err != nil {
+					return nil, fmt.Errorf("%s: reading the removed symbolic link: %w", target, err)
+				}
+				e.Path, e.SymlinkTarget, e.SymlinkDeleted = strings.TrimSuffix(target, deletedSuffix), string(buf[:n]), true
+			}
+		}
 	case unix.S_IFCHR:
 		e.Type = "chr"
 		if isPtmx(st.Rdev) || isPts(st.Rdev) {

@@ -219,6 +219,14 @@ func (b *builder) restoreFiles() error {
 				}
 				ghosts = append(ghosts, path)
 			}
+			if f.SymlinkDeleted {
+				// A removed symbolic link: made again under its old name
+				// (else beside it), opened, and removed again.
+				if path, err = remakeSymlink(f); err != nil {
+					return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
+				}
+				ghosts = append(ghosts, path)
+			}
 			if f.LinkRemap {
 				ghosts = append(ghosts, path) // the dump's name for it goes once it is open
 			}
@@ -753,4 +761,21 @@ func (b *builder) epollAdd(epfd int32, fd uint64, t *pb.EpollTarget) error {
 	}
 	_, err = b.sys(unix.SYS_EPOLL_CTL, uint64(epfd), unix.EPOLL_CTL_ADD, fd, a)
 	return err
+}
+
+// remakeSymlink makes removed symbolic link f again (pointing where it
+// did) and returns its path: its old one if free, else beside it.
+func remakeSymlink(f *pb.FileEntry) (string, error) {
+	if err := os.Symlink(f.SymlinkTarget, f.Path); err == nil {
+		return f.Path, nil
+	}
+	for i := 0; i < 100; i++ {
+		p := fmt.Sprintf("%s.ferry-%d", f.Path, i)
+		if err := os.Symlink(f.SymlinkTarget, p); err == nil {
+			return p, nil
+		} else if !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("removed symbolic link %s: %w", f.Path, err)
+		}
+	}
+	return "", fmt.Errorf("removed symbolic link %s: no free name beside it", f.Path)
 }

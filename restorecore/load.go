@@ -254,6 +254,9 @@ func validateFile(f *pb.FileEntry) error {
 		}
 		return nil
 	}
+	if f.SymlinkDeleted {
+		return nil // made again (restoreFiles)
+	}
 	var st unix.Stat_t
 	stat := unix.Stat
 	if f.Type == "symlink" {

@@ -1946,9 +1946,13 @@ type FileEntry struct {
 	LinkRemap bool `protobuf:"varint,30,opt,name=link_remap,json=linkRemap,proto3" json:"link_remap,omitempty"`
 	// "pidfd": the process it refers to (so far only the dumped process
 	// itself).
-	PidfdPid      int32 `protobuf:"varint,31,opt,name=pidfd_pid,json=pidfdPid,proto3" json:"pidfd_pid,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PidfdPid int32 `protobuf:"varint,31,opt,name=pidfd_pid,json=pidfdPid,proto3" json:"pidfd_pid,omitempty"`
+	// "symlink" whose name was removed: its target, for the restore to make
+	// it again (under its old name), open it, and remove it again.
+	SymlinkTarget  string `protobuf:"bytes,32,opt,name=symlink_target,json=symlinkTarget,proto3" json:"symlink_target,omitempty"`
+	SymlinkDeleted bool   `protobuf:"varint,33,opt,name=symlink_deleted,json=symlinkDeleted,proto3" json:"symlink_deleted,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *FileEntry) Reset() {
@@ -2196,6 +2200,20 @@ func (x *FileEntry) GetPidfdPid() int32 {
 		return x.PidfdPid
 	}
 	return 0
+}
+
+func (x *FileEntry) GetSymlinkTarget() string {
+	if x != nil {
+		return x.SymlinkTarget
+	}
+	return ""
+}
+
+func (x *FileEntry) GetSymlinkDeleted() bool {
+	if x != nil {
+		return x.SymlinkDeleted
+	}
+	return false
 }
 
 // InotifyWatch is one watch of an inotify fd: what it watches (found from
@@ -4060,7 +4078,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xa5\a\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xf5\a\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -4095,7 +4113,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\ainotify\x18\x1d \x03(\v2\x1a.ferry.images.InotifyWatchR\ainotify\x12\x1d\n" +
 	"\n" +
 	"link_remap\x18\x1e \x01(\bR\tlinkRemap\x12\x1b\n" +
-	"\tpidfd_pid\x18\x1f \x01(\x05R\bpidfdPid\"F\n" +
+	"\tpidfd_pid\x18\x1f \x01(\x05R\bpidfdPid\x12%\n" +
+	"\x0esymlink_target\x18  \x01(\tR\rsymlinkTarget\x12'\n" +
+	"\x0fsymlink_deleted\x18! \x01(\bR\x0esymlinkDeleted\"F\n" +
 	"\fInotifyWatch\x12\x0e\n" +
 	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
 	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
