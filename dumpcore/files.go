@@ -278,6 +278,16 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 	statEntry(e, &st)
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
+		if kind, ok := nsFileKind(target); ok {
+			// A namespace file (/proc/PID/ns/KIND): of the process's own
+			// namespace, it is opened again from /proc/self/ns.
+			own, err := os.Readlink(proc.Path(pid, "ns/"+kind))
+			if err != nil || own != target {
+				return nil, fmt.Errorf("%s: %w (a namespace file of another namespace than the process's own)", target, ErrUnsupported)
+			}
+			e.Type, e.Path = "nsfile", kind
+			break
+		}
 		e.Type = "reg"
 		if strings.HasSuffix(target, deletedSuffix) {
 			if _, err := os.Lstat(target); errors.Is(err, os.ErrNotExist) || st.Nlink == 0 {
@@ -725,4 +735,19 @@ func openFds(pid int) []int {
 		}
 	}
 	return out
+}
+
+// nsFileKind tells the kind of namespace a descriptor's link names
+// ("net:[4026531833]" is "net"), if it names one.
+func nsFileKind(target string) (string, bool) {
+	kind, rest, ok := strings.Cut(target, ":[")
+	if !ok || !strings.HasSuffix(rest, "]") {
+		return "", false
+	}
+	switch kind {
+	case "net", "mnt", "pid", "uts", "ipc", "user", "cgroup", "time", "pid_for_children", "time_for_children":
+		_, err := strconv.ParseUint(strings.TrimSuffix(rest, "]"), 10, 64)
+		return kind, err == nil
+	}
+	return "", false
 }

@@ -219,6 +219,10 @@ func (b *builder) restoreFiles() error {
 				}
 				ghosts = append(ghosts, path)
 			}
+			if f.Type == "nsfile" {
+				// The process's own namespace of that kind.
+				path = "/proc/self/ns/" + f.Path
+			}
 			if f.SymlinkDeleted {
 				// A removed symbolic link: made again under its old name
 				// (else beside it), opened, and removed again.

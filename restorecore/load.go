@@ -239,7 +239,7 @@ func validateFile(f *pb.FileEntry) error {
 		return nil
 	}
 	switch f.Type {
-	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts", "signalfd", "timerfd", "inotify", "pidfd":
+	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts", "signalfd", "timerfd", "inotify", "pidfd", "nsfile":
 		return nil
 	case "dir":
 		if f.DirDeleted {

@@ -2110,3 +2110,9 @@ func TestDumpRestoreEpollMovedTarget(t *testing.T) {
 	// file open under another) is made again and still wakes the epoll.
 	selfCheckAcross(t, "epollmoved.py")
 }
+
+func TestDumpRestoreNamespaceFiles(t *testing.T) {
+	// Descriptors of the process's own namespace files (/proc/self/ns/*)
+	// come back naming its namespaces.
+	selfCheckAcross(t, "nsfd.py")
+}
