@@ -51,6 +51,7 @@ type fileTable struct {
 	ghosts     []*pb.GhostFile
 	ghostOf    map[[2]uint64]uint32 // device and inode -> the ghost carrying them
 	remapLinks bool                 // --link-remap: see linkRemap
+	mapped     map[uint32]bool      // entries made for file mappings (addMapped)
 	byPath     map[string]uint32    // path objects by kind+dev+ino
 }
 
@@ -115,12 +116,18 @@ func (ft *fileTable) addMapped(pid int, v *proc.Vma) (uint32, error) {
 	if err := unix.Stat(lp, &st); err != nil {
 		return 0, fmt.Errorf("stat mapped file %s: %w", v.Name, err)
 	}
+	// A shared mapping that is, or may be made (mprotect), writable needs
+	// the file open for writing: VM_MAYWRITE ("mw") says it was.
+	writable := v.Perms[3] == 's' && (v.Perms[1] == 'w' || v.Has("mw"))
 	key := fmt.Sprintf("reg:%d:%d", st.Dev, st.Ino)
 	if id, ok := ft.byPath[key]; ok {
+		if writable && ft.mapped[id] {
+			ft.entries[id-1].Flags = unix.O_RDWR
+		}
 		return id, nil
 	}
 	e := &pb.FileEntry{Type: "reg", Path: v.Name, Flags: unix.O_RDONLY}
-	if v.Perms[3] == 's' && v.Perms[1] == 'w' {
+	if writable {
 		e.Flags = unix.O_RDWR
 	}
 	statEntry(e, &st)
@@ -133,6 +140,10 @@ func (ft *fileTable) addMapped(pid int, v *proc.Vma) (uint32, error) {
 	}
 	id := ft.add(e)
 	ft.byPath[key] = id
+	if ft.mapped == nil {
+		ft.mapped = map[uint32]bool{}
+	}
+	ft.mapped[id] = true
 	return id, nil
 }
 

@@ -2116,3 +2116,10 @@ func TestDumpRestoreNamespaceFiles(t *testing.T) {
 	// come back naming its namespaces.
 	selfCheckAcross(t, "nsfd.py")
 }
+
+func TestDumpRestoreSharedMappingMprotect(t *testing.T) {
+	// A shared file mapping mapped read-only and then made writable in
+	// part: the restore opens the file for writing, so both the writable
+	// page and a later mprotect work.
+	selfCheckAcross(t, "mapprot.py")
+}
