@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -150,19 +151,11 @@ func (ft *fileTable) addMapped(pid int, v *proc.Vma) (uint32, error) {
 // collectFds records every open fd of pid.
 // skip names an fd that is ferry's own (the parked dirty tracker).
 func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, error) {
-	dir := proc.Path(pid, "fd")
-	ents, err := os.ReadDir(dir)
+	all, err := openFds(pid)
 	if err != nil {
 		return nil, err
 	}
-	var fds []int
-	for _, e := range ents {
-		n, err := strconv.Atoi(e.Name())
-		if err == nil && n != skip {
-			fds = append(fds, n)
-		}
-	}
-	sort.Ints(fds)
+	fds := slices.DeleteFunc(all, func(n int) bool { return n == skip })
 	table := &pb.FdTable{Pid: int32(pid)}
 	// Open file descriptions already seen, to find fds sharing one.
 	type ofd struct {
@@ -442,7 +435,9 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 					// The number no longer holds the file: find an fd
 					// that does.
 					if fds == nil {
-						fds = openFds(pid)
+						if fds, err = openFds(pid); err != nil {
+							return nil, err
+						}
 					}
 					for _, c := range fds {
 						if kcmpEpollTfd(pid, c, fd, t.Tfd, toff) {
@@ -736,16 +731,20 @@ func (ft *fileTable) linkRemap(e *pb.FileEntry, pidfd, fd int) error {
 	return nil
 }
 
-// openFds lists the fd numbers open in process pid.
-func openFds(pid int) []int {
-	ents, _ := os.ReadDir(proc.Path(pid, "fd"))
-	out := []int{}
+// openFds lists the fd numbers open in process pid, in order.
+func openFds(pid int) ([]int, error) {
+	ents, err := os.ReadDir(proc.Path(pid, "fd"))
+	if err != nil {
+		return nil, err
+	}
+	var out []int
 	for _, e := range ents {
 		if n, err := strconv.Atoi(e.Name()); err == nil {
 			out = append(out, n)
 		}
 	}
-	return out
+	sort.Ints(out)
+	return out, nil
 }
 
 // nsFileKind tells the kind of namespace a descriptor's link names

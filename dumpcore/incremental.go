@@ -180,12 +180,8 @@ func nofileSoft(pid int) uint64 {
 // table megabytes large.
 func parkedFdHint(pid int) uint64 {
 	var highest uint64
-	if ents, err := os.ReadDir(proc.Path(pid, "fd")); err == nil {
-		for _, e := range ents {
-			if n, err := strconv.ParseUint(e.Name(), 10, 32); err == nil && n > highest {
-				highest = n
-			}
-		}
+	if fds, err := openFds(pid); err == nil && len(fds) > 0 {
+		highest = uint64(fds[len(fds)-1])
 	}
 	size := uint64(64)
 	for size <= highest {

@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -491,16 +490,12 @@ func setRepair(pid int, on bool) error {
 		return os.NewSyscallError("pidfd_open", err)
 	}
 	defer unix.Close(pidfd)
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	fds, err := openFds(pid)
 	if err != nil {
 		return err
 	}
 	var errs []error
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
+	for _, fd := range fds {
 		if link, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", pid, fd)); err != nil || !strings.HasPrefix(link, "socket:") {
 			continue
 		}

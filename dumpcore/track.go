@@ -315,17 +315,13 @@ func (t *Tracker) Close() error {
 // process, idle, until its next dump removes it. A process that has a
 // userfaultfd of its own is left as it is.
 func ReleaseTrackers(pid int) error {
-	ents, err := os.ReadDir(proc.Path(pid, "fd"))
+	fds, err := openFds(pid)
 	if err != nil {
 		return err
 	}
 	var trackers []int
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		target, _ := os.Readlink(proc.Path(pid, "fd/"+e.Name()))
+	for _, fd := range fds {
+		target, _ := os.Readlink(proc.Path(pid, "fd/"+strconv.Itoa(fd)))
 		if target != "anon_inode:[userfaultfd]" {
 			continue
 		}

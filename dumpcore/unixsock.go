@@ -42,14 +42,9 @@ type unixDiag struct {
 // diagUnix asks sock_diag, in the network namespace of pid, about the unix
 // socket with inode ino.
 func diagUnix(pid int, ino uint64) (*unixDiag, error) {
-	ns, err := os.Open(netNsPath(pid))
+	c, err := dialDiag(pid)
 	if err != nil {
 		return nil, err
-	}
-	defer ns.Close()
-	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{NetNS: int(ns.Fd())})
-	if err != nil {
-		return nil, fmt.Errorf("sock_diag: %w", err)
 	}
 	defer c.Close()
 	// struct unix_diag_req: family, protocol, pad, states, ino, show, cookie.
@@ -92,6 +87,20 @@ func diagUnix(pid int, ino uint64) (*unixDiag, error) {
 		}
 	}
 	return d, ad.Err()
+}
+
+// dialDiag opens sock_diag in the network namespace of pid.
+func dialDiag(pid int) (*netlink.Conn, error) {
+	ns, err := os.Open(netNsPath(pid))
+	if err != nil {
+		return nil, err
+	}
+	defer ns.Close()
+	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{NetNS: int(ns.Fd())})
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag: %w", err)
+	}
+	return c, nil
 }
 
 func netNsPath(pid int) string { return "/proc/" + strconv.Itoa(pid) + "/ns/net" }
@@ -290,14 +299,9 @@ func unixName(b []byte) string {
 // sockaddrs; peer nil when unconnected), was shut down: the kernel's
 // sk_shutdown (1 receiving, 2 sending).
 func udpShutdown(pid int, ino uint64, family int, local, peer []byte) (uint8, error) {
-	ns, err := os.Open(netNsPath(pid))
+	c, err := dialDiag(pid)
 	if err != nil {
 		return 0, err
-	}
-	defer ns.Close()
-	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{NetNS: int(ns.Fd())})
-	if err != nil {
-		return 0, fmt.Errorf("sock_diag: %w", err)
 	}
 	defer c.Close()
 	// struct inet_diag_req_v2: family, protocol, ext, pad, states, then

@@ -118,28 +118,41 @@ func load(dir string, lazy bool) (_ *imageSet, err error) {
 			return nil, fmt.Errorf("%s: main thread %d missing: %w", filepath.Join(dir, fmt.Sprintf("core-%d.img", pid)), pid, images.ErrCorrupt)
 		}
 	}
-	fr, err := images.Open(dir, "files.img", images.KindFiles)
+	err = readFiles(dir, func(e *pb.FileEntry) error {
+		is.files[e.Id] = e
+		if e.Ghost {
+			g := &pb.GhostFile{}
+			if err := images.ReadOne(dir, fmt.Sprintf("ghost-%d.img", e.Id), images.KindGhost, g); err != nil {
+				return err
+			}
+			is.ghosts[e.Id] = g
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
+	}
+	return is, nil
+}
+
+// readFiles calls fn with each entry of dir's files.img, in order.
+func readFiles(dir string, fn func(*pb.FileEntry) error) error {
+	fr, err := images.Open(dir, "files.img", images.KindFiles)
+	if err != nil {
+		return err
 	}
 	defer fr.Close()
 	for {
 		e := &pb.FileEntry{}
 		if err := fr.Next(e); errors.Is(err, io.EOF) {
-			break
+			return nil
 		} else if err != nil {
-			return nil, err
+			return err
 		}
-		is.files[e.Id] = e
-		if e.Ghost {
-			g := &pb.GhostFile{}
-			if err := images.ReadOne(dir, fmt.Sprintf("ghost-%d.img", e.Id), images.KindGhost, g); err != nil {
-				return nil, err
-			}
-			is.ghosts[e.Id] = g
+		if err := fn(e); err != nil {
+			return err
 		}
 	}
-	return is, nil
 }
 
 func loadPagemap(dir string, p *procImage) error {

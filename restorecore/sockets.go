@@ -2,9 +2,7 @@ package restorecore
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"io"
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
@@ -442,27 +440,20 @@ func LockConnections(dir string) (string, error) {
 	if inv.NetworkLock == "" {
 		return "", nil
 	}
-	fr, err := images.Open(dir, "files.img", images.KindFiles)
-	if err != nil {
-		return "", err
-	}
-	defer fr.Close()
 	var conns []netlock.Conn
-	for {
-		e := &pb.FileEntry{}
-		if err := fr.Next(e); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			return "", err
-		}
+	err := readFiles(dir, func(e *pb.FileEntry) error {
 		if e.Inet == nil || e.Inet.Tcp == nil {
-			continue
+			return nil
 		}
 		cn, err := netlock.ConnOf(e.Inet.Addr, e.Inet.Peer)
 		if err != nil {
-			return "", fmt.Errorf("%s: file %d (%s): %w", filepath.Join(dir, "files.img"), e.Id, e.Path, err)
+			return fmt.Errorf("%s: file %d (%s): %w", filepath.Join(dir, "files.img"), e.Id, e.Path, err)
 		}
 		conns = append(conns, cn)
+		return nil
+	})
+	if err != nil {
+		return "", err
 	}
 	if err := netlock.Lock(0, inv.NetworkLock, conns); err != nil {
 		return "", err
