@@ -2031,13 +2031,41 @@ func TestDumpRestoreSymlinkDescriptor(t *testing.T) {
 // using testdata/workloads/selfcheck.py) and has it check itself.
 func selfCheckAcross(t *testing.T, script string, dumpArgs ...string) {
 	t.Helper()
+	checkAcross(t, startSelfCheck(t, script), dumpArgs...)
+}
+
+// startSelfCheck starts the Python workload script (with args before its
+// report path).
+func startSelfCheck(t *testing.T, script string, args ...string) *testutil.Workload {
+	t.Helper()
 	needRoot(t)
-	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", script))
+	return testutil.Start(t, "", "python3", append([]string{filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", script)}, args...)...)
+}
+
+// checkAcross dumps and restores the selfcheck workload w and has it
+// check itself.
+func checkAcross(t *testing.T, w *testutil.Workload, dumpArgs ...string) {
+	t.Helper()
 	before := w.Report(t)
 	rw := dumpRestore(t, w, dumpArgs...)
 	defer rw.Kill()
 	checkContinued(t, before, rw.Report(t))
 	checkSelf(t, rw)
+}
+
+// checkRefused fails t unless a dump of w without options fails with a
+// message holding each of want (w runs on).
+func checkRefused(t *testing.T, w *testutil.Workload, want ...string) {
+	t.Helper()
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
+	if code == 0 {
+		t.Fatalf("dump without options: exit 0, want a refusal naming %q", want)
+	}
+	for _, s := range want {
+		if !strings.Contains(out, s) {
+			t.Fatalf("dump without options: exit %d, the refusal does not name %q:\n%s", code, s, out)
+		}
+	}
 }
 
 // checkSelf has a selfcheck workload (testdata/workloads/selfcheck.py)
@@ -2072,17 +2100,9 @@ func TestDumpRestoreLinkRemap(t *testing.T) {
 	// without --link-remap (a copy would part from the file); with it,
 	// the restored descriptor is the very file, and the name the dump
 	// gave it is gone again.
-	needRoot(t)
-	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "linkremap.py"))
-	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
-	if code == 0 || !strings.Contains(out, "--link-remap") {
-		t.Fatalf("dump without --link-remap: exit %d\n%s", code, out)
-	}
-	before := w.Report(t)
-	rw := dumpRestore(t, w, "--link-remap")
-	defer rw.Kill()
-	checkContinued(t, before, rw.Report(t))
-	checkSelf(t, rw)
+	w := startSelfCheck(t, "linkremap.py")
+	checkRefused(t, w, "--link-remap")
+	checkAcross(t, w, "--link-remap")
 	if left, _ := filepath.Glob(filepath.Join(filepath.Dir(w.ReportPath), ".ferry-link-remap*")); len(left) > 0 {
 		t.Fatalf("the dump's names are left: %v", left)
 	}

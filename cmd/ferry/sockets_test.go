@@ -684,12 +684,11 @@ func TestDumpRestoreTCPClose(t *testing.T) {
 }
 
 func testPeerClosed(t *testing.T, mode string, dumpArgs, restoreArgs []string) {
-	needRoot(t)
-	args := []string{filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "peerclosed.py")}
+	var args []string
 	if mode != "" {
 		args = append(args, mode)
 	}
-	w := testutil.Start(t, "", "python3", args...)
+	w := startSelfCheck(t, "peerclosed.py", args...)
 	before := w.Report(t)
 	if before.Int("server_state") != 8 {
 		t.Fatalf("the server's end is in TCP state %d before the dump, want 8 (close-wait)", before.Int("server_state"))
@@ -709,17 +708,9 @@ func TestDumpRestoreListeners(t *testing.T) {
 	// once bound) and a connection waiting unaccepted: the dump refuses
 	// it, naming the listener, unless --skip-in-flight; after the restore
 	// both listeners have their options and a new connection is served.
-	needRoot(t)
-	w := testutil.Start(t, "", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "listeners.py"))
-	before := w.Report(t)
-	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
-	if code == 0 || !strings.Contains(out, "waiting to be accepted") || !strings.Contains(out, "--skip-in-flight") {
-		t.Fatalf("dump with a connection waiting to be accepted: exit %d\n%s", code, out)
-	}
-	rw := dumpRestore(t, w, "--skip-in-flight", "--tcp-established")
-	defer rw.Kill()
-	checkContinued(t, before, rw.Report(t))
-	checkSelf(t, rw)
+	w := startSelfCheck(t, "listeners.py")
+	checkRefused(t, w, "waiting to be accepted", "--skip-in-flight")
+	checkAcross(t, w, "--skip-in-flight", "--tcp-established")
 }
 
 func TestDumpRestoreUDPShutdown(t *testing.T) {
