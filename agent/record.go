@@ -91,20 +91,29 @@ func (r procRef) alive() bool {
 // its final round held (dumpcore.Options.HoldConnections) are released
 // first, and the dirty trackers of its pre-copy rounds stop watching.
 func (a *Agent) resumeSource(pid int, refs []procRef) {
-	for _, r := range refs {
-		if r.Pid == pid && r.alive() {
-			if err := dumpcore.ReleaseConnections(pid); err != nil {
-				a.log.Warn("migration: resuming the source", "pid", pid, "err", err)
-			}
-			releaseTrackers(a, pid)
+	if rootAlive(pid, refs) {
+		if err := dumpcore.ReleaseConnections(pid); err != nil {
+			a.log.Warn("migration: resuming the source", "pid", pid, "err", err)
 		}
+		a.releaseTrackers(pid)
 	}
 	signal(refs, unix.SIGCONT)
 }
 
+// rootAlive tells whether the root pid of a recorded tree is still the
+// process recorded in refs.
+func rootAlive(pid int, refs []procRef) bool {
+	for _, r := range refs {
+		if r.Pid == pid {
+			return r.alive()
+		}
+	}
+	return false
+}
+
 // releaseTrackers has the dirty trackers of the pre-copy rounds stop
 // watching pid (a rolled-back source).
-func releaseTrackers(a *Agent, pid int) {
+func (a *Agent) releaseTrackers(pid int) {
 	if err := dumpcore.ReleaseTrackers(pid); err != nil {
 		a.log.Warn("migration: releasing the dirty trackers", "pid", pid, "err", err)
 	}
@@ -113,22 +122,26 @@ func releaseTrackers(a *Agent, pid int) {
 // resumeTarget lets a target's restored tree, stopped until the commit,
 // go on: its connections first.
 func (a *Agent) resumeTarget(rec record) {
+	a.unlockTarget(rec)
+	signal(rec.Procs, unix.SIGCONT)
+}
+
+// unlockTarget removes the network lock a target holds its tree's
+// connections with, if any.
+func (a *Agent) unlockTarget(rec record) {
 	if rec.Lock != "" {
 		if err := netlock.Unlock(0, rec.Lock); err != nil {
 			a.log.Warn("migration: removing the network lock", "table", rec.Lock, "err", err)
 		}
 	}
-	signal(rec.Procs, unix.SIGCONT)
 }
 
 // killSource ends a source's frozen tree (root pid) once the target has
 // it, and removes the network lock of its connections.
 func (a *Agent) killSource(pid int, refs []procRef) {
 	var ns *os.File
-	for _, r := range refs {
-		if r.Pid == pid && r.alive() {
-			ns, _ = netlock.OpenNS(pid)
-		}
+	if rootAlive(pid, refs) {
+		ns, _ = netlock.OpenNS(pid)
 	}
 	signal(refs, unix.SIGKILL)
 	if ns != nil {
@@ -391,18 +404,14 @@ func (a *Agent) rollback(m *migration) error {
 			}
 		}
 		signal(rec.Procs, unix.SIGKILL)
-		if rec.Lock != "" {
-			if err := netlock.Unlock(0, rec.Lock); err != nil {
-				a.log.Warn("migration: removing the network lock", "table", rec.Lock, "err", err)
-			}
-		}
+		a.unlockTarget(rec)
 	case roleSource:
 		if rec.State == StateFrozen {
 			a.resumeSource(rec.Pid, rec.Procs)
 		} else if rec.Pid > 0 {
 			// Rolled back during the pre-copy rounds: it runs on. (Only
 			// ferry's trackers are touched, so a reused PID is safe.)
-			releaseTrackers(a, rec.Pid)
+			a.releaseTrackers(rec.Pid)
 		}
 	}
 	m.stopSession()
