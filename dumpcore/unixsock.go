@@ -6,13 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strconv"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/netlock"
 )
 
 // sock_diag for AF_UNIX (include/uapi/linux/sock_diag.h, unix_diag.h).
@@ -91,7 +91,7 @@ func diagUnix(pid int, ino uint64) (*unixDiag, error) {
 
 // dialDiag opens sock_diag in the network namespace of pid.
 func dialDiag(pid int) (*netlink.Conn, error) {
-	ns, err := os.Open(netNsPath(pid))
+	ns, err := netlock.OpenNS(pid)
 	if err != nil {
 		return nil, err
 	}
@@ -102,8 +102,6 @@ func dialDiag(pid int) (*netlink.Conn, error) {
 	}
 	return c, nil
 }
-
-func netNsPath(pid int) string { return "/proc/" + strconv.Itoa(pid) + "/ns/net" }
 
 // describeUnix describes the unix socket with inode ino of process pid
 // (dup is ferry's duplicate of it). A connected socket's peer must be in
