@@ -36,15 +36,7 @@ type imageSet struct {
 
 func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	pid := d.opts.Pid
-	img := &imageSet{files: newFileTable(d.opts.GhostLimit)}
-	img.files.tcpEstablished = d.opts.TCPEstablished
-	img.files.lock = d.lockConn
-	img.files.extUnix = d.opts.ExtUnixSk
-	img.files.fileLocks = d.opts.FileLocks
-	img.files.tcpClose = d.opts.TCPClose
-	img.files.skipInFlight = d.opts.SkipInFlight
-	img.files.remapLinks = d.opts.LinkRemap
-	d.files = img.files
+	img := &imageSet{files: d.files}
 
 	stat, err := proc.ReadStat(pid)
 	if err != nil {
@@ -54,14 +46,9 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	if err != nil {
 		return nil, err
 	}
-	if kids := children(pid); len(kids) > 0 {
-		return nil, fmt.Errorf("process %d has children (%v): %w (process trees are not dumped yet)", pid, kids, ErrUnsupported)
-	}
-	if !d.opts.ShellJob {
-		if stat.Sid != pid {
-			return nil, fmt.Errorf("process %d is not a session leader (session %d); use --shell-job (-j) to dump a job of a shell",
-				pid, stat.Sid)
-		}
+	if pid == d.t.root && !d.opts.ShellJob && stat.Sid != pid {
+		return nil, fmt.Errorf("process %d is not a session leader (session %d); use --shell-job (-j) to dump a job of a shell",
+			pid, stat.Sid)
 	}
 
 	img.pstree = &pb.PstreeEntry{Pid: int32(pid), Ppid: int32(stat.Ppid), Pgid: int32(stat.Pgid), Sid: int32(stat.Sid)}
@@ -192,12 +179,14 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	img.fds = fds
 	lap("files")
 
-	inv, err := d.inventory(img)
-	if err != nil {
-		return nil, err
+	if pid == d.t.root {
+		inv, err := d.inventory(img)
+		if err != nil {
+			return nil, err
+		}
+		img.inv = inv
+		lap("inventory")
 	}
-	img.inv = inv
-	lap("inventory")
 	return img, nil
 }
 
@@ -428,41 +417,18 @@ func (d *dumper) inventory(img *imageSet) (*pb.Inventory, error) {
 	return inv, nil
 }
 
+// write writes the process's own image files: core, mm, fdinfo, pagemap.
 func (d *dumper) write(img *imageSet) error {
 	dir := d.opts.ImagesDir
 	pid := d.opts.Pid
-	if err := images.WriteAll(dir, "inventory.img", images.KindInventory, img.inv); err != nil {
+	if err := images.WriteAll(dir, images.CoreName(pid), images.KindCore, img.core); err != nil {
 		return err
 	}
-	if err := images.WriteAll(dir, "pstree.img", images.KindPstree, img.pstree); err != nil {
+	if err := images.WriteAll(dir, images.MmName(pid), images.KindMm, img.mm); err != nil {
 		return err
 	}
-	if err := images.WriteAll(dir, fmt.Sprintf("core-%d.img", pid), images.KindCore, img.core); err != nil {
+	if err := images.WriteAll(dir, images.FdinfoName(pid), images.KindFdinfo, img.fds); err != nil {
 		return err
-	}
-	if err := images.WriteAll(dir, fmt.Sprintf("mm-%d.img", pid), images.KindMm, img.mm); err != nil {
-		return err
-	}
-	if err := images.WriteAll(dir, fmt.Sprintf("fdinfo-%d.img", pid), images.KindFdinfo, img.fds); err != nil {
-		return err
-	}
-	w, err := images.Create(dir, "files.img", images.KindFiles)
-	if err != nil {
-		return err
-	}
-	for _, f := range img.files.entries {
-		if err := w.Write(f); err != nil {
-			w.Close()
-			return err
-		}
-	}
-	if err := w.Close(); err != nil {
-		return err
-	}
-	for _, g := range img.files.ghosts {
-		if err := images.WriteAll(dir, fmt.Sprintf("ghost-%d.img", g.Id), images.KindGhost, g); err != nil {
-			return err
-		}
 	}
 	return d.writePagemap(img)
 }

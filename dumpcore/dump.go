@@ -16,7 +16,6 @@ import (
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
-	"github.com/ferrycr/ferry/netlock"
 )
 
 // Options control a dump; the field comments name the criu option.
@@ -157,7 +156,8 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 		return nil, fmt.Errorf("images directory %s: not a directory", opts.ImagesDir)
 	}
 
-	d := &dumper{opts: opts, log: opts.Logger, stats: &pb.DumpStats{}}
+	t := newTree(opts)
+	d := t.procs[0]
 	if opts.PrevImagesDir != "" {
 		// Read the parent before freezing anything.
 		p, err := loadParent(opts.ImagesDir, opts.PrevImagesDir, opts.Pid)
@@ -186,16 +186,20 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 	defer tr.Close()
 	err = tr.Do(func() error {
 		var err error
-		res, err = d.run(ctx)
+		res, err = t.run(ctx)
 		return err
 	})
 	return res, err
 }
 
+// dumper collects one process of the tree (opts.Pid is that process).
 type dumper struct {
 	opts  Options
 	log   *slog.Logger
 	stats *pb.DumpStats
+	// t is the tree the process belongs to (nil for the short stops of a
+	// tracker's maintenance, see whileStopped).
+	t *tree
 
 	threads []*frozenThread
 	// saved holds each thread's registers as frozen (before any fix-up).
@@ -220,122 +224,9 @@ type dumper struct {
 	// usedEarly the VMAs whose flags were taken from it.
 	early     map[vmaKey][]string
 	usedEarly []vmaKey
-	// files is the file table being collected (its repaired TCP
-	// connections must leave repair mode if the process goes on).
+	// files is the tree's file table (its repaired TCP connections must
+	// leave repair mode if the process goes on).
 	files *fileTable
-	// locked names the network lock this dump added (removed again if
-	// the process goes on).
-	locked string
-}
-
-func (d *dumper) run(ctx context.Context) (*Result, error) {
-	start := time.Now()
-	pid := d.opts.Pid
-	log := d.log
-
-	threads, err := freeze(pid, start.Add(d.opts.Timeout))
-	if err != nil {
-		return nil, err
-	}
-	frozenAt := time.Now()
-	d.threads = threads
-	if d.opts.Frozen != nil {
-		d.opts.Frozen()
-	}
-	d.stats.FreezingTimeUs = uint64(frozenAt.Sub(start).Microseconds())
-	log.Info("tree frozen", "pid", pid, "threads", len(threads), "took", frozenAt.Sub(start))
-
-	committed := false
-	defer func() {
-		if !committed {
-			d.resume(false)
-		}
-	}()
-
-	t0 := time.Now()
-	if err := d.prepare(); err != nil {
-		return nil, err
-	}
-	log.Debug("prepared", "took", time.Since(t0))
-	t0 = time.Now()
-	if err := d.setupTracking(); err != nil {
-		return nil, err
-	}
-	log.Debug("tracking set up", "took", time.Since(t0))
-	if d.tracker != nil {
-		defer d.tracker.Close()
-	}
-	if d.opts.PreDump {
-		committed = true
-		return d.preDump(ctx, start, frozenAt)
-	}
-	img, err := d.collect(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if err := d.lockNetwork(img); err != nil {
-		return nil, err
-	}
-	if (d.opts.LeaveRunning || d.opts.LeaveStopped) && d.opts.LazyServe == nil {
-		// Everything is read: the process goes on while the images are
-		// written. A failure from here on fails the dump, not the process.
-		committed = true
-		if err := d.release(img, frozenAt); err != nil {
-			return nil, fmt.Errorf("%w (the process runs on)", err)
-		}
-		moved, err := d.flagsMoved()
-		if err != nil {
-			return nil, fmt.Errorf("%w (the process runs on)", err)
-		}
-		if err := d.write(img); err != nil {
-			return nil, fmt.Errorf("%w (the process runs on)", err)
-		}
-		if err := d.finishSink(); err != nil {
-			return nil, fmt.Errorf("%w (the process runs on)", err)
-		}
-		if err := d.action("post-dump"); err != nil {
-			return nil, fmt.Errorf("%w (the process runs on)", err)
-		}
-		res, err := d.finish(start)
-		if res != nil {
-			res.FlagsMoved = moved
-		}
-		return res, err
-	}
-	if err := d.write(img); err != nil {
-		return nil, err
-	}
-	if err := d.finishSink(); err != nil {
-		return nil, err
-	}
-	if err := d.action("post-dump"); err != nil {
-		return nil, err
-	}
-	if d.opts.LazyServe != nil {
-		read := func(pid int, vaddr uint64, buf []byte) error {
-			if pid != d.opts.Pid {
-				return fmt.Errorf("process %d is not in this dump", pid)
-			}
-			return compel.ReadMem(pid, []compel.Segment{{Addr: vaddr, Local: buf}})
-		}
-		if err := d.opts.LazyServe(read); err != nil {
-			return nil, fmt.Errorf("serving pages to the lazy-pages daemon: %w (the process is resumed)", err)
-		}
-	}
-
-	// Images are complete: now the tree may be killed.
-	committed = true
-	d.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
-	d.kill()
-	if d.files != nil {
-		// Still in repair mode: the connections vanish without a packet
-		// (the restored process takes them over).
-		for _, fd := range d.files.repaired {
-			unix.Close(fd)
-		}
-		d.files.repaired = nil
-	}
-	return d.finish(start)
 }
 
 // action runs stage of the action scripts, if any.
@@ -370,7 +261,7 @@ func (d *dumper) release(img *imageSet, frozenAt time.Time) error {
 		}
 		drop = nil
 	}
-	d.resume(d.opts.LeaveStopped)
+	d.t.resume(d.opts.LeaveStopped)
 	d.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
 	if len(drop) > 0 {
 		return removeTrackers(d.opts, d.log, drop)
@@ -428,49 +319,9 @@ func (d *dumper) finishSink() error {
 	return nil
 }
 
-// kill ends the dumped tree and waits until its threads are dead. The
-// PID itself is free once the parent reaps the zombie, which is the
-// parent's business (criu behaves the same).
-func (d *dumper) kill() {
-	unix.Kill(d.opts.Pid, unix.SIGKILL)
-	// The leader's exit is reported only after every other thread's, so
-	// wait for the others first.
-	for i := len(d.threads) - 1; i >= 0; i-- {
-		for {
-			st, err := ptrace.Wait(d.threads[i].tid)
-			if err != nil || st.Exited() {
-				break
-			}
-		}
-	}
-}
-
-// resume puts every thread back as it was frozen and detaches: the
-// workload continues (or stays stopped).
-func (d *dumper) resume(stopped bool) {
-	if stopped && d.opts.HoldConnections {
-		// The connections stay held; the caller releases them.
-		if d.files != nil {
-			for _, fd := range d.files.repaired {
-				unix.Close(fd)
-			}
-			d.files.repaired = nil
-		}
-		d.locked = ""
-	}
-	if d.files != nil {
-		unrepair(d.files.repaired)
-		d.files.repaired = nil
-	}
-	if d.locked != "" {
-		if err := netlock.Unlock(d.opts.Pid, d.locked); err != nil {
-			d.log.Warn("removing the network lock", "table", d.locked, "err", err)
-		}
-		d.locked = ""
-		if err := d.action("network-unlock"); err != nil {
-			d.log.Warn("network-unlock", "err", err)
-		}
-	}
+// resumeThreads puts every thread back as it was frozen and detaches:
+// the process continues (or stays stopped).
+func (d *dumper) resumeThreads(stopped bool) {
 	if stopped {
 		unix.Kill(d.opts.Pid, unix.SIGSTOP)
 	}
@@ -486,11 +337,7 @@ func (d *dumper) resume(stopped bool) {
 		}
 	}
 	for _, t := range d.threads {
-		sig := 0
-		if t.groupStopped && !stopped {
-			sig = 0
-		}
-		if err := ptrace.Detach(t.tid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
+		if err := ptrace.Detach(t.tid, 0); err != nil && !errors.Is(err, unix.ESRCH) {
 			d.log.Warn("detach failed", "tid", t.tid, "err", err)
 		}
 	}

@@ -54,10 +54,19 @@ type fileTable struct {
 	remapLinks bool                 // --link-remap: see linkRemap
 	mapped     map[uint32]bool      // entries made for file mappings (addMapped)
 	byPath     map[string]uint32    // path objects by kind+dev+ino
+	// ofds are the open file descriptions collected so far, by inode: an
+	// fd of any process of the tree that shares one gets its id.
+	ofds map[uint64][]ofd
+}
+
+// ofd is an open file description, first met as fd of pid.
+type ofd struct {
+	pid, fd int
+	id      uint32
 }
 
 func newFileTable(ghostLimit int64) *fileTable {
-	return &fileTable{ghostLimit: ghostLimit, byPath: map[string]uint32{}}
+	return &fileTable{ghostLimit: ghostLimit, byPath: map[string]uint32{}, ofds: map[uint64][]ofd{}}
 }
 
 func (ft *fileTable) add(e *pb.FileEntry) uint32 {
@@ -157,12 +166,6 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 	}
 	fds := slices.DeleteFunc(all, func(n int) bool { return n == skip })
 	table := &pb.FdTable{Pid: int32(pid)}
-	// Open file descriptions already seen, to find fds sharing one.
-	type ofd struct {
-		fd int
-		id uint32
-	}
-	var seen []ofd
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		return nil, os.NewSyscallError("pidfd_open", err)
@@ -176,14 +179,9 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 		}
 		cloexec := info.Flags&unix.O_CLOEXEC != 0
 		// Same open file description as an earlier fd?
-		var id uint32
-		for _, s := range seen {
-			if same, err := kcmpFile(pid, s.fd, fd); err != nil {
-				return nil, err
-			} else if same {
-				id = s.id
-				break
-			}
+		id, err := ft.seenBefore(pid, fd, info.Ino)
+		if err != nil {
+			return nil, err
 		}
 		if id == 0 {
 			if isFerryTracker(pid, fd, info) {
@@ -195,16 +193,13 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 				return nil, fmt.Errorf("fd %d of %d: %w", fd, pid, err)
 			}
 			id = ft.add(e)
-			seen = append(seen, ofd{fd: fd, id: id})
+			ft.ofds[info.Ino] = append(ft.ofds[info.Ino], ofd{pid: pid, fd: fd, id: id})
 		}
 		fe := &pb.FdEntry{Fd: int32(fd), FileId: id, Cloexec: cloexec}
 		if err := ft.addLocks(fe, info); err != nil {
 			return nil, fmt.Errorf("fd %d of %d: %w", fd, pid, err)
 		}
 		table.Fds = append(table.Fds, fe)
-	}
-	if err := ft.checkUnixPeers(table); err != nil {
-		return nil, err
 	}
 	if err := ft.checkTtys(table, shellJob); err != nil {
 		return nil, err
@@ -623,10 +618,25 @@ func peekPipe(fd, size int) ([]byte, error) {
 	return data, nil
 }
 
-// kcmpFile reports whether fds a and b of pid are one open file description.
-func kcmpFile(pid, a, b int) (bool, error) {
+// seenBefore returns the id of the open file description that fd of pid
+// refers to if an fd collected before (of this process or another of the
+// tree) refers to it too, else 0. ino is the file's inode.
+func (ft *fileTable) seenBefore(pid, fd int, ino uint64) (uint32, error) {
+	for _, s := range ft.ofds[ino] {
+		if same, err := kcmpFile(s.pid, pid, s.fd, fd); err != nil {
+			return 0, err
+		} else if same {
+			return s.id, nil
+		}
+	}
+	return 0, nil
+}
+
+// kcmpFile reports whether fd a of pid pa and fd b of pid pb are one open
+// file description.
+func kcmpFile(pa, pb, a, b int) (bool, error) {
 	const kcmpFile = 0
-	r, _, errno := unix.Syscall6(unix.SYS_KCMP, uintptr(pid), uintptr(pid), kcmpFile, uintptr(a), uintptr(b), 0)
+	r, _, errno := unix.Syscall6(unix.SYS_KCMP, uintptr(pa), uintptr(pb), kcmpFile, uintptr(a), uintptr(b), 0)
 	if errno != 0 {
 		return false, os.NewSyscallError("kcmp", errno)
 	}

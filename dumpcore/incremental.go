@@ -336,7 +336,7 @@ func (d *dumper) preDump(ctx context.Context, start, frozenAt time.Time) (*Resul
 	// injected): the process runs again before its VMAs are read (smaps
 	// walks page tables), armed and copied. A VMA that appears meanwhile
 	// is copied now if seen, and reported fresh by the next round anyway.
-	d.resume(false)
+	d.t.resume(false)
 	released := time.Now()
 	d.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
 	if err := d.collectVmas(img); err != nil {

@@ -104,6 +104,7 @@ func (d *dumper) collectVmas(img *imageSet) error {
 		switch kind {
 		case KindSharedAnon:
 			pv.Flags = unix.MAP_SHARED | unix.MAP_ANONYMOUS
+			pv.ShmemIno = v.Inode
 		case KindFileShared:
 			pv.Flags = unix.MAP_SHARED
 		case KindFilePrivate:

@@ -427,29 +427,28 @@ func (d *dumper) lockConn(cn netlock.Conn) error {
 	default:
 		return fmt.Errorf("--network-lock %q: want nftables, iptables or skip", d.opts.NetworkLock)
 	}
-	name := netlock.TableName(d.opts.Pid)
-	if err := netlock.Lock(d.opts.Pid, name, []netlock.Conn{cn}); err != nil {
+	name := netlock.TableName(d.t.root)
+	if err := netlock.Lock(d.t.root, name, []netlock.Conn{cn}); err != nil {
 		return err
 	}
-	if d.locked == "" {
-		d.locked = name
+	if d.t.locked == "" {
+		d.t.locked = name
 		d.log.Info("network locked", "table", name)
 		return d.action("network-lock")
 	}
 	return nil
 }
 
-// lockNetwork names the network lock of a dump whose process does not go
+// lockNetwork names the network lock of a dump whose tree does not go
 // on in the inventory, for the restore to remove.
-func (d *dumper) lockNetwork(img *imageSet) error {
-	if d.opts.NetworkLock == "skip" && len(d.files.repaired) > 0 {
-		d.log.Info("--network-lock skip: the peers of the dumped connections may see resets until the restore")
+func (t *tree) lockNetwork(inv *pb.Inventory) {
+	if t.opts.NetworkLock == "skip" && len(t.files.repaired) > 0 {
+		t.log.Info("--network-lock skip: the peers of the dumped connections may see resets until the restore")
 	}
-	if d.locked == "" || d.opts.LeaveRunning || (d.opts.LeaveStopped && !d.opts.HoldConnections) {
-		return nil // no lock, or the process keeps its connections (resume removes it)
+	if t.locked == "" || t.opts.LeaveRunning || (t.opts.LeaveStopped && !t.opts.HoldConnections) {
+		return // no lock, or the tree keeps its connections (resume removes it)
 	}
-	img.inv.NetworkLock = d.locked
-	return nil
+	inv.NetworkLock = t.locked
 }
 
 // ReleaseConnections undoes HoldConnections for the stopped process pid,

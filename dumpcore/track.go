@@ -96,7 +96,7 @@ func whileStopped(d *dumper, fn func() error) error {
 		return err
 	}
 	d.threads = threads
-	defer d.resume(false)
+	defer d.resumeThreads(false)
 	if err := d.prepare(); err != nil {
 		return err
 	}

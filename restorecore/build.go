@@ -47,6 +47,9 @@ type builder struct {
 	// objFds maps a files.img id to the fd holding it in the target while
 	// fds are being placed.
 	objFds map[uint32]int
+	// ferryPidfd is the process's pidfd of ferry while it takes files
+	// ferry holds (take), 0 when none.
+	ferryPidfd uint64
 }
 
 func (b *builder) tids() []int {
@@ -113,12 +116,7 @@ func (b *builder) build(ctx context.Context) error {
 		}
 		b.r.log.Debug("restore step", "pid", b.pid, "step", s.name, "took", time.Since(t0))
 	}
-	for _, stage := range []string{"post-restore", "pre-resume"} {
-		if err := b.r.action(stage, b.pid); err != nil {
-			return err
-		}
-	}
-	return b.finish()
+	return nil
 }
 
 // ghostPath returns the stand-in for deleted file f, made on first use.
@@ -318,7 +316,11 @@ func (b *builder) restoreMemory() error {
 		for _, fd := range fileFds {
 			b.sys(unix.SYS_CLOSE, fd)
 		}
+		b.dropFerryPidfd()
 	}()
+	if err := b.makeShmem(); err != nil {
+		return err
+	}
 	for i, v := range vmas {
 		switch v.Kind {
 		case "vdso", "vvar", "vvar_vclock", "vsyscall":
@@ -331,6 +333,16 @@ func (b *builder) restoreMemory() error {
 		flags := uint64(v.Flags) | unix.MAP_FIXED
 		fd := ^uint64(0)
 		off := uint64(0)
+		if h, ok := b.r.heldShmem[v.ShmemIno]; ok && v.Kind == "shared-anon" {
+			// Memory shared with other processes of the tree: the same
+			// object, at the same offset.
+			sfd, err := b.take(h)
+			if err != nil {
+				return fmt.Errorf("VMA %#x: shared memory: %w", v.Start, err)
+			}
+			fileFds[^uint32(0)-uint32(i)] = sfd
+			fd, off, flags = sfd, v.Pgoff, unix.MAP_SHARED|unix.MAP_FIXED
+		}
 		if v.Kind == "file-private" || v.Kind == "file-shared" {
 			f, ok := b.r.is.files[v.FileId]
 			if !ok {
@@ -530,17 +542,10 @@ func (b *builder) restoreTask() error {
 	if _, err := b.sys(unix.SYS_PERSONALITY, uint64(c.Personality)); err != nil {
 		return err
 	}
-	pt := b.p.pstree
-	switch {
-	case pt.Sid == pt.Pid:
-		if _, err := b.sys(unix.SYS_SETSID); err != nil {
-			return err
-		}
+	// The session and group were made with the tree (createTree); a
+	// session leader takes its terminal now that its files are open.
+	if pt := b.p.pstree; pt.Sid == pt.Pid {
 		if err := b.takeCtty(); err != nil {
-			return err
-		}
-	case pt.Pgid == pt.Pid:
-		if _, err := b.sys(unix.SYS_SETPGID, 0, 0); err != nil {
 			return err
 		}
 	}

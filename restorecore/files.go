@@ -71,18 +71,49 @@ func (b *builder) restoreFiles() error {
 		}
 		return out, nil
 	}
+	defer b.dropFerryPidfd()
 	create = func(e *pb.FdEntry, f *pb.FileEntry) (int, error) {
+		if h, ok := b.r.held[f.Id]; ok {
+			// Made by another process of the tree already.
+			raw, err := b.take(h)
+			if err != nil {
+				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+			}
+			return park(raw)
+		}
 		var fd int
 		var err error
 		switch f.Type {
 		case "pipe":
 			ends, ok := pipes[f.Ino]
+			if h, held := b.r.heldPipes[f.Ino]; !ok && held {
+				// Made by another process of the tree already.
+				for i := range ends {
+					raw, err := b.take(h[i])
+					if err != nil {
+						return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+					}
+					if ends[i], err = park(raw); err != nil {
+						return 0, err
+					}
+				}
+				pipes[f.Ino], ok = ends, true
+			}
 			if !ok {
 				ends, err = b.newPipe(f, park)
 				if err != nil {
 					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 				}
 				pipes[f.Ino] = ends
+				if b.r.multiPipes[f.Ino] {
+					var h [2]int
+					for i := range h {
+						if h[i], err = hold(b.pid, ends[i]); err != nil {
+							return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+						}
+					}
+					b.r.heldPipes[f.Ino] = h
+				}
 			}
 			end := 1
 			if f.Flags&unix.O_ACCMODE == unix.O_RDONLY {
@@ -272,6 +303,17 @@ func (b *builder) restoreFiles() error {
 			return err
 		}
 		b.objFds[e.FileId] = fd
+	}
+	// What other processes of the tree hold too: ferry keeps a copy for
+	// them.
+	for id, fd := range b.objFds {
+		if _, ok := b.r.held[id]; b.r.multi[id] && !ok {
+			h, err := hold(b.pid, fd)
+			if err != nil {
+				return fmt.Errorf("file id %d: %w", id, err)
+			}
+			b.r.held[id] = h
+		}
 	}
 	for _, e := range fds {
 		flags := uint64(0)

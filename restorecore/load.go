@@ -45,6 +45,27 @@ type procImage struct {
 	fds     *pb.FdTable
 	pagemap []*pb.PagemapEntry
 	pagesID uint32
+	// zombie: a dead child not reaped at dump time; only its pstree entry
+	// and core (exit code) are in the images.
+	zombie bool
+}
+
+// checkPstree checks that every process but the root comes after its
+// parent, and that no PID appears twice.
+func checkPstree(dir string, procs []*procImage) error {
+	seen := map[int32]bool{}
+	name := filepath.Join(dir, images.PstreeName)
+	for i, p := range procs {
+		pt := p.pstree
+		if seen[pt.Pid] {
+			return fmt.Errorf("%s: process %d listed twice: %w", name, pt.Pid, images.ErrCorrupt)
+		}
+		if i > 0 && !seen[pt.Ppid] {
+			return fmt.Errorf("%s: process %d comes before its parent %d: %w", name, pt.Pid, pt.Ppid, images.ErrCorrupt)
+		}
+		seen[pt.Pid] = true
+	}
+	return nil
 }
 
 func load(dir string, lazy bool) (_ *imageSet, err error) {
@@ -82,14 +103,21 @@ func load(dir string, lazy bool) (_ *imageSet, err error) {
 	if len(is.procs) == 0 {
 		return nil, fmt.Errorf("%s: no process in the image", filepath.Join(dir, "pstree.img"))
 	}
-	if len(is.procs) > 1 {
-		return nil, fmt.Errorf("%s: %d processes; this ferry restores one process with its threads", filepath.Join(dir, "pstree.img"), len(is.procs))
+	if err := checkPstree(dir, is.procs); err != nil {
+		return nil, err
 	}
 	for _, p := range is.procs {
 		pid := p.pstree.Pid
 		p.core = &pb.TaskCore{}
-		if err := images.ReadOne(dir, fmt.Sprintf("core-%d.img", pid), images.KindCore, p.core); err != nil {
+		if err := images.ReadOne(dir, images.CoreName(pid), images.KindCore, p.core); err != nil {
 			return nil, err
+		}
+		if p.core.State == "zombie" {
+			if p == is.procs[0] {
+				return nil, fmt.Errorf("%s: the root process is a zombie: %w", filepath.Join(dir, images.CoreName(pid)), images.ErrCorrupt)
+			}
+			p.zombie = true
+			continue
 		}
 		p.mm = &pb.MmCore{}
 		if err := images.ReadOne(dir, fmt.Sprintf("mm-%d.img", pid), images.KindMm, p.mm); err != nil {
@@ -210,6 +238,12 @@ func (is *imageSet) validate(localXstate []byte) error {
 	}
 	// PIDs and TIDs free.
 	for _, p := range is.procs {
+		if p.zombie {
+			if busy, _ := tidInUse(int(p.pstree.Pid)); busy {
+				return refuse("PID %d (a zombie in the image) is in use", p.pstree.Pid)
+			}
+			continue
+		}
 		for _, t := range p.core.Threads {
 			if busy, zombie := tidInUse(int(t.Tid)); busy {
 				what := "TID"

@@ -46,7 +46,10 @@ type Options struct {
 // Result describes a restored tree, running (or stopped with -s) and
 // detached from ferry. Root is a child of the calling process.
 type Result struct {
-	Root  int
+	Root int
+	// Pids are the live processes of the tree, the root first; Tids
+	// every thread of them (the main threads included).
+	Pids  []int
 	Tids  []int
 	Stats *pb.RestoreStats
 }
@@ -126,6 +129,15 @@ type restorer struct {
 	cleanup []func()
 	// affinity is the tracer's CPU mask before pinning.
 	affinity unix.CPUSet
+	// Sharing between the processes of a tree (tree.go): which file ids
+	// and pipe inodes several processes use, and ferry's copies of those
+	// made already (by file id, pipe inode, shmem inode).
+	multi      map[uint32]bool
+	multiPipes map[uint64]bool
+	held       map[uint32]int
+	heldPipes  map[uint64][2]int
+	heldShmem  map[uint64]int
+	shmemSize  map[uint64]uint64
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
@@ -196,23 +208,48 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	seedTask := &compel.Task{Tid: seed.Process.Pid, Regs: regs, Gadget: seedGadget, Int3: true}
 
-	p := r.is.procs[0]
-	root, err := r.cloneRoot(seedTask, int(p.pstree.Pid))
+	tasks, err := r.createTree(seedTask)
 	if err != nil {
 		return nil, err
 	}
 	r.stats.ForkingTimeUs = uint64(time.Since(forkStart).Microseconds())
+	root := int(r.is.procs[0].pstree.Pid)
 
 	for _, stage := range []string{"setup-namespaces", "post-setup-namespaces"} {
 		if err := r.action(stage, root); err != nil {
 			return nil, err
 		}
 	}
-	b := &builder{r: r, p: p, pid: root}
-	if err := b.build(ctx); err != nil {
-		return nil, err
+	r.planSharing()
+	defer r.dropHeld()
+	var builders []*builder
+	for _, p := range r.is.procs {
+		if p.zombie {
+			continue
+		}
+		b := &builder{r: r, p: p, pid: int(p.pstree.Pid), main: tasks[p.pstree.Pid]}
+		if err := b.build(ctx); err != nil {
+			return nil, err
+		}
+		builders = append(builders, b)
 	}
-	return &Result{Root: root, Tids: b.tids()}, nil
+	for _, stage := range []string{"post-restore", "pre-resume"} {
+		if err := r.action(stage, root); err != nil {
+			return nil, err
+		}
+	}
+	// Every process is ready: let them go, children before parents.
+	res = &Result{Root: root}
+	for i := len(builders) - 1; i >= 0; i-- {
+		if err := builders[i].finish(); err != nil {
+			return nil, err
+		}
+	}
+	for _, b := range builders {
+		res.Pids = append(res.Pids, b.pid)
+		res.Tids = append(res.Tids, b.tids()...)
+	}
+	return res, nil
 }
 
 // action runs stage of the action scripts, if any.
@@ -264,9 +301,10 @@ const (
 )
 
 // cloneArgs encodes struct clone_args with set_tid pointing at setTidAddr.
-func cloneArgs(flags uint64, setTidAddr uint64) []byte {
+func cloneArgs(flags, exitSignal uint64, setTidAddr uint64) []byte {
 	b := make([]byte, cloneArgsSize+8)
 	binary.LittleEndian.PutUint64(b[0:], flags)
+	binary.LittleEndian.PutUint64(b[32:], exitSignal)
 	binary.LittleEndian.PutUint64(b[64:], setTidAddr)
 	binary.LittleEndian.PutUint64(b[72:], 1)
 	return b
@@ -274,8 +312,8 @@ func cloneArgs(flags uint64, setTidAddr uint64) []byte {
 
 // remoteClone runs clone3(set_tid=[want]) in t, using scratch memory at
 // argAddr, and returns the new task stopped and traced.
-func remoteClone(t *compel.Task, argAddr uint64, flags uint64, want int) (int, error) {
-	args := cloneArgs(flags, argAddr+cloneArgsSize)
+func remoteClone(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want int) (int, error) {
+	args := cloneArgs(flags, exitSignal, argAddr+cloneArgsSize)
 	binary.LittleEndian.PutUint32(args[cloneArgsSize:], uint32(want))
 	if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: argAddr, Local: args}}); err != nil {
 		return 0, err
@@ -304,17 +342,6 @@ func remoteClone(t *compel.Task, argAddr uint64, flags uint64, want int) (int, e
 		return 0, fmt.Errorf("new task %d: %w", want, err)
 	}
 	return want, nil
-}
-
-func (r *restorer) cloneRoot(seed *compel.Task, pid int) (int, error) {
-	// Scratch for clone_args on the seed's stack page, below its rsp.
-	argAddr := (seed.Regs.Rsp - 4096) &^ 15
-	got, err := remoteClone(seed, argAddr, unix.CLONE_PARENT, pid)
-	if err != nil {
-		return 0, err
-	}
-	r.created = append(r.created, got)
-	return got, nil
 }
 
 func leU64(b []byte) uint64 { return binary.LittleEndian.Uint64(b) }

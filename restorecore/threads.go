@@ -26,7 +26,7 @@ func readMem(pid int, addr uint64, buf []byte) error {
 func (b *builder) restoreThreads() error {
 	core := b.p.core
 	for _, tc := range core.Threads[1:] {
-		tid, err := remoteClone(b.main, b.scratch(), threadFlags, int(tc.Tid))
+		tid, err := remoteClone(b.main, b.scratch(), threadFlags, 0, int(tc.Tid))
 		if err != nil {
 			return fmt.Errorf("thread %d: %w", tc.Tid, err)
 		}

@@ -1759,9 +1759,9 @@ func TestDumpRestoreFileLocks(t *testing.T) {
 	}
 }
 
-func TestDumpRefusesProcessTree(t *testing.T) {
-	// A process with a child is a tree, which ferry does not dump yet: the
-	// dump says so, names the child, and both run on untouched.
+func TestPreDumpRefusesProcessTree(t *testing.T) {
+	// A process with a child is a tree, which pre-dump does not take yet:
+	// it says so, names the child, and both run on untouched.
 	needRoot(t)
 	cmd := exec.Command("python3", "-c", "import os,time\nif os.fork()==0:\n    time.sleep(60)\nelse:\n    time.sleep(60)")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -1780,9 +1780,9 @@ func TestDumpRefusesProcessTree(t *testing.T) {
 	if len(kids) != 1 {
 		t.Fatalf("children %v", kids)
 	}
-	code, out := ferry(t, "dump", "-t", strconv.Itoa(cmd.Process.Pid), "-D", t.TempDir())
-	if code != 1 || !strings.Contains(out, "has children") || !strings.Contains(out, strconv.Itoa(kids[0])) {
-		t.Fatalf("dump of a tree: exit %d\n%s", code, out)
+	code, out := ferry(t, "pre-dump", "-t", strconv.Itoa(cmd.Process.Pid), "-D", t.TempDir())
+	if code != 1 || !strings.Contains(out, "has descendants") || !strings.Contains(out, strconv.Itoa(kids[0])) {
+		t.Fatalf("pre-dump of a tree: exit %d\n%s", code, out)
 	}
 	if !testutil.PidAlive(cmd.Process.Pid) || !testutil.PidAlive(kids[0]) {
 		t.Fatal("the tree did not run on")

@@ -1429,7 +1429,10 @@ type TaskCore struct {
 	Loginuid uint32 `protobuf:"varint,21,opt,name=loginuid,proto3" json:"loginuid,omitempty"`
 	// membarrier(2) registrations (MEMBARRIER_CMD_GET_REGISTRATIONS: the
 	// MEMBARRIER_CMD_REGISTER_* commands the process made).
-	Membarrier    uint32 `protobuf:"varint,22,opt,name=membarrier,proto3" json:"membarrier,omitempty"`
+	Membarrier uint32 `protobuf:"varint,22,opt,name=membarrier,proto3" json:"membarrier,omitempty"`
+	// A zombie (state "zombie"): its wait status as the parent will read it
+	// (/proc/PID/stat exit_code).
+	ExitCode      int32 `protobuf:"varint,23,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1618,6 +1621,13 @@ func (x *TaskCore) GetMembarrier() uint32 {
 	return 0
 }
 
+func (x *TaskCore) GetExitCode() int32 {
+	if x != nil {
+		return x.ExitCode
+	}
+	return 0
+}
+
 type Vma struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Start   uint64                 `protobuf:"varint,1,opt,name=start,proto3" json:"start,omitempty"`
@@ -1627,10 +1637,13 @@ type Vma struct {
 	Flags   uint32                 `protobuf:"varint,5,opt,name=flags,proto3" json:"flags,omitempty"`                   // MAP_* used to recreate it
 	VmFlags []string               `protobuf:"bytes,6,rep,name=vm_flags,json=vmFlags,proto3" json:"vm_flags,omitempty"` // the smaps VmFlags mnemonics
 	// anon, file, shared-anon, heap, stack, vdso, vvar, vvar_vclock, vsyscall
-	Kind          string `protobuf:"bytes,7,opt,name=kind,proto3" json:"kind,omitempty"`
-	Name          string `protobuf:"bytes,8,opt,name=name,proto3" json:"name,omitempty"`                    // name as /proc/PID/maps shows it
-	FileId        uint32 `protobuf:"varint,9,opt,name=file_id,json=fileId,proto3" json:"file_id,omitempty"` // files.img id for file mappings
-	Madv          int32  `protobuf:"varint,10,opt,name=madv,proto3" json:"madv,omitempty"`                  // reserved: madvise state
+	Kind   string `protobuf:"bytes,7,opt,name=kind,proto3" json:"kind,omitempty"`
+	Name   string `protobuf:"bytes,8,opt,name=name,proto3" json:"name,omitempty"`                    // name as /proc/PID/maps shows it
+	FileId uint32 `protobuf:"varint,9,opt,name=file_id,json=fileId,proto3" json:"file_id,omitempty"` // files.img id for file mappings
+	Madv   int32  `protobuf:"varint,10,opt,name=madv,proto3" json:"madv,omitempty"`                  // reserved: madvise state
+	// shared-anon: the shmem inode behind it; VMAs of the tree with the same
+	// inode are one memory object, shared again after restore.
+	ShmemIno      uint64 `protobuf:"varint,11,opt,name=shmem_ino,json=shmemIno,proto3" json:"shmem_ino,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1731,6 +1744,13 @@ func (x *Vma) GetFileId() uint32 {
 func (x *Vma) GetMadv() int32 {
 	if x != nil {
 		return x.Madv
+	}
+	return 0
+}
+
+func (x *Vma) GetShmemIno() uint64 {
+	if x != nil {
+		return x.ShmemIno
 	}
 	return 0
 }
@@ -4017,7 +4037,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04comm\x18\f \x01(\tR\x04comm\x12$\n" +
 	"\x0epdeath_sig_set\x18\r \x01(\bR\fpdeathSigSet\x12\x1d\n" +
 	"\n" +
-	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xaf\x06\n" +
+	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xcc\x06\n" +
 	"\bTaskCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12 \n" +
@@ -4046,7 +4066,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\bloginuid\x18\x15 \x01(\rR\bloginuid\x12\x1e\n" +
 	"\n" +
 	"membarrier\x18\x16 \x01(\rR\n" +
-	"membarrier\"\xdd\x01\n" +
+	"membarrier\x12\x1b\n" +
+	"\texit_code\x18\x17 \x01(\x05R\bexitCode\"\xfa\x01\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
@@ -4058,7 +4079,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04name\x18\b \x01(\tR\x04name\x12\x17\n" +
 	"\afile_id\x18\t \x01(\rR\x06fileId\x12\x12\n" +
 	"\x04madv\x18\n" +
-	" \x01(\x05R\x04madv\"\xa5\x03\n" +
+	" \x01(\x05R\x04madv\x12\x1b\n" +
+	"\tshmem_ino\x18\v \x01(\x04R\bshmemIno\"\xa5\x03\n" +
 	"\x06MmCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x1d\n" +
 	"\n" +

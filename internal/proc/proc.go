@@ -178,6 +178,7 @@ type Stat struct {
 	StartBrk             uint64
 	ArgStart, ArgEnd     uint64
 	EnvStart, EnvEnd     uint64
+	ExitCode             int // a zombie's wait status
 }
 
 // ReadStat reads /proc/PID/stat (or /proc/PID/task/TID/stat for name).
@@ -243,6 +244,7 @@ func ParseStat(file string, b []byte) (Stat, error) {
 	s.ArgEnd = num(49)
 	s.EnvStart = num(50)
 	s.EnvEnd = num(51)
+	s.ExitCode = snum(52)
 	return s, err
 }
 

@@ -1,0 +1,46 @@
+package main
+
+import (
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/internal/testutil"
+)
+
+// treePids returns the PIDs a tree workload reports (its "pids" field)
+// and ends them at cleanup: a restored tree is not the test's child.
+func treePids(t *testing.T, r testutil.Report) []int {
+	t.Helper()
+	var pids []int
+	for _, s := range strings.Split(r.Fields["pids"], ",") {
+		p, err := strconv.Atoi(s)
+		if err != nil || p <= 0 {
+			t.Fatalf("report field pids=%q", r.Fields["pids"])
+		}
+		pids = append(pids, p)
+	}
+	t.Cleanup(func() {
+		for _, p := range pids {
+			unix.Kill(p, unix.SIGKILL)
+		}
+	})
+	return pids
+}
+
+func TestDumpRestoreTree(t *testing.T) {
+	// A root with children and a grandchild, in groups and sessions of
+	// their own, a zombie, a pipe pair and shared memory between two of
+	// them, and a file description they share: every process comes back
+	// with its PID, parent, group and session, the zombie stays one, and
+	// what was shared stays shared.
+	w := startSelfCheck(t, "tree.py")
+	before := w.Report(t)
+	treePids(t, before)
+	rw := dumpRestore(t, w)
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	checkSelf(t, rw)
+}

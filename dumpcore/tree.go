@@ -1,0 +1,399 @@
+package dumpcore
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/netlock"
+)
+
+// tree is what a dump covers: the process opts.Pid and every descendant.
+type tree struct {
+	opts  Options
+	log   *slog.Logger
+	stats *pb.DumpStats
+	root  int
+	// procs are the live processes, the root first and every process
+	// after its parent (the order the restore recreates them in).
+	procs []*dumper
+	// zombies are dead children their parents have not reaped yet.
+	zombies []proc.Stat
+	// files is shared by every process: an open file description that
+	// several processes hold is one entry.
+	files *fileTable
+	// locked names the network lock this dump added (removed again if
+	// the tree goes on).
+	locked string
+}
+
+func newTree(opts Options) *tree {
+	t := &tree{opts: opts, log: opts.Logger, stats: &pb.DumpStats{}, root: opts.Pid}
+	ft := newFileTable(opts.GhostLimit)
+	ft.tcpEstablished = opts.TCPEstablished
+	ft.extUnix = opts.ExtUnixSk
+	ft.fileLocks = opts.FileLocks
+	ft.tcpClose = opts.TCPClose
+	ft.skipInFlight = opts.SkipInFlight
+	ft.remapLinks = opts.LinkRemap
+	t.files = ft
+	root := t.newDumper(opts.Pid)
+	ft.lock = root.lockConn
+	t.procs = []*dumper{root}
+	return t
+}
+
+func (t *tree) newDumper(pid int) *dumper {
+	o := t.opts
+	o.Pid = pid
+	return &dumper{opts: o, log: t.log, stats: t.stats, t: t, files: t.files}
+}
+
+// freeze seizes every thread of the root, then of its children, and so
+// on down: a process's children are listed once it is frozen, when it can
+// make no more. Zombies are noted, not seized.
+func (t *tree) freeze(deadline time.Time) error {
+	queue := []int{t.root}
+	for len(queue) > 0 {
+		pid := queue[0]
+		queue = queue[1:]
+		if pid != t.root {
+			st, err := proc.ReadStat(pid)
+			if err != nil {
+				continue // reaped meanwhile
+			}
+			if st.State == 'Z' {
+				t.zombies = append(t.zombies, st)
+				continue
+			}
+		}
+		threads, err := freeze(pid, deadline)
+		if err != nil && pid != t.root {
+			// Dead meanwhile (a zombie now, or reaped)?
+			st, serr := proc.ReadStat(pid)
+			if serr != nil {
+				continue
+			}
+			if st.State == 'Z' {
+				t.zombies = append(t.zombies, st)
+				continue
+			}
+		}
+		if err != nil {
+			t.resume(false)
+			return err
+		}
+		d := t.procs[0]
+		if pid != t.root {
+			d = t.newDumper(pid)
+			t.procs = append(t.procs, d)
+		}
+		d.threads = threads
+		queue = append(queue, children(pid)...)
+	}
+	return nil
+}
+
+// single tells whether the tree is one process.
+func (t *tree) single() bool { return len(t.procs) == 1 && len(t.zombies) == 0 }
+
+// checkShape refuses what this dump cannot do with a tree of several
+// processes, and arrangements of sessions and groups the restore cannot
+// make again.
+func (t *tree) checkShape() error {
+	if t.single() {
+		return nil
+	}
+	switch o := t.opts; {
+	case o.PreDump, o.TrackMem, o.PrevImagesDir != "", o.LazyServe != nil, o.NoPageData, o.FlagsBeforeFreeze:
+		var pids []int
+		for _, d := range t.procs[1:] {
+			pids = append(pids, d.opts.Pid)
+		}
+		for _, z := range t.zombies {
+			pids = append(pids, z.Pid)
+		}
+		return fmt.Errorf("process %d has descendants %v: %w (pre-dump, incremental, lazy and background dumps take one process)",
+			t.root, pids, ErrUnsupported)
+	}
+	return nil
+}
+
+// run dumps the tree: freeze, collect, write, then kill it (or let it go).
+func (t *tree) run(ctx context.Context) (*Result, error) {
+	start := time.Now()
+	if err := t.freeze(start.Add(t.opts.Timeout)); err != nil {
+		return nil, err
+	}
+	frozenAt := time.Now()
+	root := t.procs[0]
+	if t.opts.Frozen != nil {
+		t.opts.Frozen()
+	}
+	t.stats.FreezingTimeUs = uint64(frozenAt.Sub(start).Microseconds())
+	nthreads := 0
+	for _, d := range t.procs {
+		nthreads += len(d.threads)
+	}
+	t.log.Info("tree frozen", "pid", t.root, "processes", len(t.procs), "zombies", len(t.zombies),
+		"threads", nthreads, "took", frozenAt.Sub(start))
+
+	committed := false
+	defer func() {
+		if !committed {
+			t.resume(false)
+		}
+	}()
+	if err := t.checkShape(); err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	for _, d := range t.procs {
+		if err := d.prepare(); err != nil {
+			return nil, err
+		}
+	}
+	t.log.Debug("prepared", "took", time.Since(t0))
+	t0 = time.Now()
+	if err := root.setupTracking(); err != nil {
+		return nil, err
+	}
+	t.log.Debug("tracking set up", "took", time.Since(t0))
+	if root.tracker != nil {
+		defer root.tracker.Close()
+	}
+	if t.opts.PreDump {
+		committed = true
+		return root.preDump(ctx, start, frozenAt)
+	}
+	imgs, err := t.collect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	inv := imgs[0].inv
+	t.lockNetwork(inv)
+	if (t.opts.LeaveRunning || t.opts.LeaveStopped) && t.opts.LazyServe == nil {
+		// Everything is read: the tree goes on while the images are
+		// written. A failure from here on fails the dump, not the tree.
+		committed = true
+		if err := root.release(imgs[0], frozenAt); err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
+		moved, err := root.flagsMoved()
+		if err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
+		if err := t.write(imgs); err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
+		if err := root.finishSink(); err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
+		if err := root.action("post-dump"); err != nil {
+			return nil, fmt.Errorf("%w (the process runs on)", err)
+		}
+		res, err := root.finish(start)
+		if res != nil {
+			res.FlagsMoved = moved
+		}
+		return res, err
+	}
+	if err := t.write(imgs); err != nil {
+		return nil, err
+	}
+	if err := root.finishSink(); err != nil {
+		return nil, err
+	}
+	if err := root.action("post-dump"); err != nil {
+		return nil, err
+	}
+	if t.opts.LazyServe != nil {
+		read := func(pid int, vaddr uint64, buf []byte) error {
+			if pid != t.root {
+				return fmt.Errorf("process %d is not in this dump", pid)
+			}
+			return compel.ReadMem(pid, []compel.Segment{{Addr: vaddr, Local: buf}})
+		}
+		if err := t.opts.LazyServe(read); err != nil {
+			return nil, fmt.Errorf("serving pages to the lazy-pages daemon: %w (the process is resumed)", err)
+		}
+	}
+
+	// Images are complete: now the tree may be killed.
+	committed = true
+	t.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
+	t.kill()
+	// Still in repair mode: the connections vanish without a packet (the
+	// restored tree takes them over).
+	for _, fd := range t.files.repaired {
+		unix.Close(fd)
+	}
+	t.files.repaired = nil
+	return root.finish(start)
+}
+
+// collect reads every process of the tree, then what spans processes.
+func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
+	imgs := make([]*imageSet, 0, len(t.procs))
+	for _, d := range t.procs {
+		img, err := d.collect(ctx)
+		if err != nil {
+			if d.opts.Pid != t.root {
+				err = fmt.Errorf("process %d: %w", d.opts.Pid, err)
+			}
+			return nil, err
+		}
+		imgs = append(imgs, img)
+	}
+	for _, img := range imgs {
+		if err := t.files.checkUnixPeers(img.fds); err != nil {
+			return nil, err
+		}
+	}
+	return imgs, t.checkSessions(imgs)
+}
+
+// checkSessions refuses sessions and process groups the restore cannot
+// make again. It recreates each process from its parent, so a process
+// is either the leader of its session or in its parent's session; a
+// group is led by a process of the tree (or, for a shell job, is the
+// root's own).
+func (t *tree) checkSessions(imgs []*imageSet) error {
+	in := map[int32]*pb.PstreeEntry{}
+	for _, img := range imgs {
+		in[img.pstree.Pid] = img.pstree
+	}
+	for _, z := range t.zombies {
+		in[int32(z.Pid)] = &pb.PstreeEntry{Pid: int32(z.Pid), Ppid: int32(z.Ppid), Pgid: int32(z.Pgid), Sid: int32(z.Sid)}
+	}
+	rootPs := imgs[0].pstree
+	for _, p := range in {
+		if p.Pid == rootPs.Pid {
+			continue
+		}
+		parent := in[p.Ppid]
+		if p.Sid != p.Pid && (parent == nil || p.Sid != parent.Sid) {
+			return fmt.Errorf("process %d is in session %d, neither its own nor its parent's: %w", p.Pid, p.Sid, ErrUnsupported)
+		}
+		if p.Pgid != p.Pid && in[p.Pgid] == nil && p.Pgid != rootPs.Pgid {
+			return fmt.Errorf("process %d is in process group %d, whose leader is not in the tree: %w", p.Pid, p.Pgid, ErrUnsupported)
+		}
+	}
+	return nil
+}
+
+// write writes the image files: the tree's (inventory, pstree, files,
+// ghosts), then each process's.
+func (t *tree) write(imgs []*imageSet) error {
+	dir := t.opts.ImagesDir
+	if err := images.WriteAll(dir, images.InventoryName, images.KindInventory, imgs[0].inv); err != nil {
+		return err
+	}
+	w, err := images.Create(dir, images.PstreeName, images.KindPstree)
+	if err != nil {
+		return err
+	}
+	for _, img := range imgs {
+		if err := w.Write(img.pstree); err != nil {
+			w.Close()
+			return err
+		}
+	}
+	for _, z := range t.zombies {
+		if err := w.Write(&pb.PstreeEntry{Pid: int32(z.Pid), Ppid: int32(z.Ppid), Pgid: int32(z.Pgid), Sid: int32(z.Sid)}); err != nil {
+			w.Close()
+			return err
+		}
+	}
+	if err := w.Close(); err != nil {
+		return err
+	}
+	for _, z := range t.zombies {
+		c := &pb.TaskCore{Pid: int32(z.Pid), Comm: z.Comm, State: "zombie", ExitCode: int32(z.ExitCode), ExitSignal: int32(z.ExitSignal)}
+		if err := images.WriteAll(dir, images.CoreName(z.Pid), images.KindCore, c); err != nil {
+			return err
+		}
+	}
+	if w, err = images.Create(dir, images.FilesName, images.KindFiles); err != nil {
+		return err
+	}
+	for _, f := range t.files.entries {
+		if err := w.Write(f); err != nil {
+			w.Close()
+			return err
+		}
+	}
+	if err := w.Close(); err != nil {
+		return err
+	}
+	for _, g := range t.files.ghosts {
+		if err := images.WriteAll(dir, images.GhostName(g.Id), images.KindGhost, g); err != nil {
+			return err
+		}
+	}
+	for i, d := range t.procs {
+		if err := d.write(imgs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// kill ends the dumped tree and waits until its threads are dead. A PID
+// is free once the parent reaps the zombie, which is the parent's
+// business (criu behaves the same).
+func (t *tree) kill() {
+	for _, d := range t.procs {
+		unix.Kill(d.opts.Pid, unix.SIGKILL)
+	}
+	// A leader's exit is reported only after every other thread's, so
+	// wait for the others first.
+	for _, d := range t.procs {
+		for i := len(d.threads) - 1; i >= 0; i-- {
+			for {
+				st, err := ptrace.Wait(d.threads[i].tid)
+				if err != nil || st.Exited() {
+					break
+				}
+			}
+		}
+	}
+}
+
+// resume lets the tree go on (or stay stopped): connections leave repair
+// mode, the network lock goes, and every thread is put back as frozen.
+func (t *tree) resume(stopped bool) {
+	if stopped && t.opts.HoldConnections {
+		// The connections stay held; the caller releases them.
+		for _, fd := range t.files.repaired {
+			unix.Close(fd)
+		}
+		t.files.repaired = nil
+		t.locked = ""
+	}
+	unrepair(t.files.repaired)
+	t.files.repaired = nil
+	if t.locked != "" {
+		if err := netlock.Unlock(t.root, t.locked); err != nil {
+			t.log.Warn("removing the network lock", "table", t.locked, "err", err)
+		}
+		t.locked = ""
+		if t.opts.Action != nil {
+			if err := t.opts.Action("network-unlock"); err != nil {
+				t.log.Warn("network-unlock", "err", err)
+			}
+		}
+	}
+	for _, d := range t.procs {
+		d.resumeThreads(stopped)
+	}
+}
+

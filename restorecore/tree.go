@@ -1,0 +1,308 @@
+package restorecore
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/ptrace"
+)
+
+// createTree makes every process of the images, each a copy of the seed
+// with its PID: the root cloned from the seed, every other process from
+// its parent (pstree.img lists parents first). Sessions are made as the
+// processes appear (a child inherits its parent's), then process groups,
+// then the zombies die. It returns the live processes' main threads.
+func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error) {
+	tasks := map[int32]*compel.Task{}
+	for i, p := range r.is.procs {
+		pt := p.pstree
+		parent, flags, exitSig := seed, uint64(unix.CLONE_PARENT), uint64(0)
+		if i > 0 {
+			parent = tasks[pt.Ppid]
+			if parent == nil {
+				return nil, fmt.Errorf("process %d: parent %d is not a live process of the image", pt.Pid, pt.Ppid)
+			}
+			flags, exitSig = 0, uint64(p.core.ExitSignal)
+		}
+		pid, err := remoteClone(parent, stackScratch(parent), flags, exitSig, int(pt.Pid))
+		if err != nil {
+			return nil, fmt.Errorf("create process %d: %w", pt.Pid, err)
+		}
+		r.created = append(r.created, pid)
+		regs, err := ptrace.GetRegs(pid)
+		if err != nil {
+			return nil, err
+		}
+		t := &compel.Task{Tid: pid, Regs: regs, Gadget: seedGadget, Int3: true}
+		tasks[pt.Pid] = t
+		if pt.Sid == pt.Pid {
+			if _, err := t.Syscall(unix.SYS_SETSID); err != nil {
+				return nil, fmt.Errorf("process %d: %w", pid, err)
+			}
+		}
+	}
+	// Groups: their leaders first, then the members.
+	inTree := map[int32]bool{}
+	for _, p := range r.is.procs {
+		inTree[p.pstree.Pid] = true
+	}
+	for _, leaders := range []bool{true, false} {
+		for _, p := range r.is.procs {
+			pt := p.pstree
+			if pt.Sid == pt.Pid || (pt.Pgid == pt.Pid) != leaders || !inTree[pt.Pgid] {
+				continue // a session leader leads its group already; a group from outside is inherited
+			}
+			if _, err := tasks[pt.Pid].Syscall(unix.SYS_SETPGID, 0, uint64(pt.Pgid)); err != nil {
+				return nil, fmt.Errorf("process %d: join group %d: %w", pt.Pid, pt.Pgid, err)
+			}
+		}
+	}
+	for _, p := range r.is.procs {
+		if !p.zombie {
+			continue
+		}
+		pt := p.pstree
+		if err := die(tasks[pt.Pid], p.core.ExitCode); err != nil {
+			return nil, fmt.Errorf("zombie %d: %w", pt.Pid, err)
+		}
+		delete(tasks, pt.Pid)
+		// Its parent was told (SIGCHLD, blocked): that signal was not
+		// pending at the dump unless the images say so (restorePending).
+		if err := flushSignal(tasks[pt.Ppid], unix.SIGCHLD); err != nil {
+			return nil, fmt.Errorf("process %d: %w", pt.Ppid, err)
+		}
+	}
+	return tasks, nil
+}
+
+// stackScratch is scratch memory below the stack pointer of a copy of
+// the seed.
+func stackScratch(t *compel.Task) uint64 { return (t.Regs.Rsp - 4096) &^ 15 }
+
+// die ends t with the wait status status: exit_group for an exit, the
+// signal itself (no core file) for a death by signal.
+func die(t *compel.Task, status int32) error {
+	sig := status & 0x7f
+	r := t.Regs
+	r.Rip = t.Gadget
+	r.Orig_rax = ^uint64(0)
+	if sig == 0 {
+		r.Rax, r.Rdi = unix.SYS_EXIT_GROUP, uint64(status>>8&0xff)
+	} else {
+		// No core file; the signal unblocked and at its default action
+		// (a copy of the seed has every signal blocked).
+		lim := make([]byte, 16)
+		addr := stackScratch(t)
+		if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: addr, Local: lim}}); err != nil {
+			return err
+		}
+		if _, err := t.Syscall(unix.SYS_PRLIMIT64, 0, unix.RLIMIT_CORE, addr, 0); err != nil {
+			return err
+		}
+		if err := ptrace.SetSigmask(t.Tid, 0); err != nil {
+			return err
+		}
+		r.Rax, r.Rdi, r.Rsi = unix.SYS_KILL, uint64(t.Tid), uint64(sig)
+	}
+	if err := ptrace.SetRegs(t.Tid, &r); err != nil {
+		return err
+	}
+	if err := ptrace.Cont(t.Tid, 0); err != nil {
+		return err
+	}
+	for {
+		st, err := ptrace.Wait(t.Tid)
+		if err != nil {
+			return err
+		}
+		if st.Exited() {
+			return nil
+		}
+		// The signal's delivery stop: deliver it. Anything else (the
+		// int3 after a kill that did not kill): go on.
+		next := 0
+		if st.Event() == 0 && st.Sig() == int(sig) {
+			next = int(sig)
+		}
+		if err := ptrace.Cont(t.Tid, next); err != nil {
+			return err
+		}
+	}
+}
+
+// flushSignal takes sig out of t's pending signals (it is blocked there).
+func flushSignal(t *compel.Task, sig unix.Signal) error {
+	addr := stackScratch(t)
+	buf := make([]byte, 24) // sigset, then a zero timespec
+	binary.LittleEndian.PutUint64(buf, 1<<(uint(sig)-1))
+	if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: addr, Local: buf}}); err != nil {
+		return err
+	}
+	for {
+		if _, err := t.Syscall(unix.SYS_RT_SIGTIMEDWAIT, addr, 0, addr+8, 8); err != nil {
+			return nil // EAGAIN: none left
+		}
+	}
+}
+
+// Sharing between processes. An open file description that several
+// processes hold is made in the first and held by ferry until the others
+// take it (pidfd_getfd); so are pipes whose ends are in several processes
+// and shared anonymous memory.
+
+// planSharing counts which file ids and pipes more than one process uses.
+func (r *restorer) planSharing() {
+	r.held = map[uint32]int{}
+	r.heldPipes = map[uint64][2]int{}
+	r.heldShmem = map[uint64]int{}
+	users := map[uint32]int{}
+	pipeUsers := map[uint64]map[int32]bool{}
+	for _, p := range r.is.procs {
+		if p.zombie {
+			continue
+		}
+		seen := map[uint32]bool{}
+		for _, e := range p.fds.Fds {
+			if !seen[e.FileId] {
+				seen[e.FileId] = true
+				users[e.FileId]++
+			}
+			if f := r.is.files[e.FileId]; f != nil && f.Type == "pipe" {
+				if pipeUsers[f.Ino] == nil {
+					pipeUsers[f.Ino] = map[int32]bool{}
+				}
+				pipeUsers[f.Ino][p.pstree.Pid] = true
+			}
+		}
+	}
+	r.multi = map[uint32]bool{}
+	for id, n := range users {
+		if n > 1 {
+			r.multi[id] = true
+		}
+	}
+	// Shared anonymous memory that several VMAs map: the size the object
+	// needs to cover them all.
+	r.shmemSize = map[uint64]uint64{}
+	vmas := map[uint64]int{}
+	for _, p := range r.is.procs {
+		if p.zombie {
+			continue
+		}
+		for _, v := range p.mm.Vmas {
+			if v.Kind == "shared-anon" && v.ShmemIno != 0 {
+				vmas[v.ShmemIno]++
+				r.shmemSize[v.ShmemIno] = max(r.shmemSize[v.ShmemIno], v.Pgoff+v.End-v.Start)
+			}
+		}
+	}
+	for ino, n := range vmas {
+		if n < 2 {
+			delete(r.shmemSize, ino)
+		}
+	}
+	r.multiPipes = map[uint64]bool{}
+	for ino, ps := range pipeUsers {
+		if len(ps) > 1 {
+			r.multiPipes[ino] = true
+		}
+	}
+	// A unix socket whose peer is in another process: the pair is made
+	// in the first and the peer's end held for the other.
+	for _, f := range r.is.files {
+		if f.Unix != nil && f.Unix.PeerIno != 0 {
+			for _, o := range r.is.files {
+				if o.Unix != nil && o.Ino == f.Unix.PeerIno && users[o.Id] > 0 {
+					r.multi[o.Id] = true
+				}
+			}
+		}
+	}
+}
+
+// hold takes a copy of fd of process pid into ferry.
+func hold(pid, fd int) (int, error) {
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return 0, os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	h, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return 0, os.NewSyscallError("pidfd_getfd", err)
+	}
+	return h, nil
+}
+
+// dropHeld closes what ferry held for sharing.
+func (r *restorer) dropHeld() {
+	for _, fd := range r.held {
+		unix.Close(fd)
+	}
+	for _, ends := range r.heldPipes {
+		unix.Close(ends[0])
+		unix.Close(ends[1])
+	}
+	for _, fd := range r.heldShmem {
+		unix.Close(fd)
+	}
+}
+
+// take gives the process a copy of ferry's fd h and returns its number
+// there (close-on-exec).
+func (b *builder) take(h int) (uint64, error) {
+	if b.ferryPidfd == 0 {
+		fd, err := b.sys(unix.SYS_PIDFD_OPEN, uint64(os.Getpid()), 0)
+		if err != nil {
+			return 0, err
+		}
+		b.ferryPidfd = fd
+	}
+	return b.sys(unix.SYS_PIDFD_GETFD, b.ferryPidfd, uint64(h), 0)
+}
+
+// dropFerryPidfd closes the process's pidfd of ferry.
+func (b *builder) dropFerryPidfd() {
+	if b.ferryPidfd != 0 {
+		b.sys(unix.SYS_CLOSE, b.ferryPidfd)
+		b.ferryPidfd = 0
+	}
+}
+
+// makeShmem makes, in this process, each shared anonymous memory object
+// that several VMAs of the tree map and that no process made yet, and
+// hands it to ferry (restoreMemory then maps it by its fd).
+func (b *builder) makeShmem() error {
+	for _, v := range b.p.mm.Vmas {
+		ino := v.ShmemIno
+		if v.Kind != "shared-anon" || ino == 0 || b.r.shmemSize[ino] == 0 {
+			continue
+		}
+		if _, ok := b.r.heldShmem[ino]; ok {
+			continue
+		}
+		size := b.r.shmemSize[ino]
+		addr, err := b.sys(unix.SYS_MMAP, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_ANONYMOUS, ^uint64(0), 0)
+		if err != nil {
+			return fmt.Errorf("shared memory of %d bytes: %w", size, err)
+		}
+		f, err := os.OpenFile(fmt.Sprintf("/proc/%d/map_files/%x-%x", b.pid, addr, addr+size), os.O_RDWR, 0)
+		if _, uerr := b.sys(unix.SYS_MUNMAP, addr, size); err == nil && uerr != nil {
+			err = uerr
+		}
+		if err != nil {
+			return fmt.Errorf("shared memory of %d bytes: %w", size, err)
+		}
+		h, err := unix.Dup(int(f.Fd()))
+		f.Close()
+		if err != nil {
+			return err
+		}
+		b.r.heldShmem[ino] = h
+	}
+	return nil
+}
