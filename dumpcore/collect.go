@@ -70,9 +70,6 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 			CapBnd: status.CapBnd, CapAmb: status.CapAmb, NoNewPrivs: status.NoNewPrivs,
 		},
 	}
-	if d.threads[0].groupStopped {
-		core.State = "stopped"
-	}
 	if status.Seccomp != 0 {
 		return nil, fmt.Errorf("process %d uses seccomp (mode %d): %w", pid, status.Seccomp, ErrUnsupported)
 	}
@@ -179,6 +176,10 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	img.fds = fds
 	lap("files")
 
+	// Last: a stop signal may have arrived during the remote calls.
+	if ft := d.threads[0]; ft.groupStopped {
+		core.State, core.StopSignal = "stopped", int32(ft.stopSig)
+	}
 	if pid == d.t.root {
 		inv, err := d.inventory(img)
 		if err != nil {
@@ -259,6 +260,10 @@ func (d *dumper) collectRemote(img *imageSet, main *compel.Task, sc *scratch, st
 	}
 	if v, err := main.Syscall(unix.SYS_PRCTL, unix.PR_GET_DUMPABLE); err == nil {
 		core.Dumpable = int32(v)
+	}
+	if _, err := main.Syscall(unix.SYS_PRCTL, unix.PR_GET_PDEATHSIG, sc.addr); err == nil {
+		b, _ := sc.read(0, 4)
+		core.PdeathSignal = int32(binary.LittleEndian.Uint32(b))
 	}
 	if v, err := main.Syscall(unix.SYS_PRCTL, unix.PR_GET_THP_DISABLE); err == nil {
 		core.ThpDisabled = v != 0

@@ -348,7 +348,7 @@ func (d *dumper) resumeThreads(stopped bool) {
 		for _, t := range d.threads {
 			if t.groupStopped {
 				// It was stopped before we came: keep it so.
-				unix.Tgkill(d.opts.Pid, t.tid, unix.SIGSTOP)
+				unix.Tgkill(d.opts.Pid, t.tid, unix.Signal(t.stopSig))
 				break
 			}
 		}
@@ -356,5 +356,23 @@ func (d *dumper) resumeThreads(stopped bool) {
 }
 
 func (d *dumper) task(tid int) *compel.Task {
-	return &compel.Task{Tid: tid, Regs: d.saved[tid], Gadget: d.gadget}
+	return &compel.Task{Tid: tid, Regs: d.saved[tid], Gadget: d.gadget, OnSignal: d.stopSignal}
+}
+
+// stopSignal takes a stop signal a thread dequeued during a remote call:
+// the process counts as stopped by it (as it would have been a moment
+// later), which the restore and resumeThreads make true again.
+func (d *dumper) stopSignal(tid, sig int) bool {
+	switch unix.Signal(sig) {
+	case unix.SIGSTOP, unix.SIGTSTP, unix.SIGTTIN, unix.SIGTTOU:
+	default:
+		return false
+	}
+	for _, t := range d.threads {
+		if !t.groupStopped {
+			t.groupStopped, t.stopSig = true, sig
+		}
+	}
+	d.log.Debug("stop signal taken during a remote call", "tid", tid, "sig", sig)
+	return true
 }

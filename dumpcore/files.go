@@ -201,9 +201,6 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 		}
 		table.Fds = append(table.Fds, fe)
 	}
-	if err := ft.checkTtys(table, shellJob); err != nil {
-		return nil, err
-	}
 	return table, nil
 }
 
@@ -402,11 +399,11 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			}
 			e.Timerfd = tf
 		case "anon_inode:[pidfd]":
-			// A pidfd of the process itself; one of another process
-			// needs that process in the dump (process trees).
+			// Of a process of the tree (checkPidfds), or of a dead one
+			// (-1).
 			target, err := strconv.Atoi(info.Extra["Pid"])
-			if err != nil || target != pid {
-				return nil, fmt.Errorf("a pidfd of process %s: %w (pidfds of the process itself, so far)", info.Extra["Pid"], ErrUnsupported)
+			if err != nil {
+				return nil, fmt.Errorf("a pidfd of process %q: %w", info.Extra["Pid"], ErrUnsupported)
 			}
 			e.Type, e.PidfdPid = "pidfd", int32(target)
 		case "anon_inode:[eventpoll]":

@@ -14,8 +14,10 @@ import (
 // frozenThread is a seized thread in a ptrace stop.
 type frozenThread struct {
 	tid int
-	// groupStopped: the thread was in (or entered) a group stop (SIGSTOP).
+	// groupStopped: the thread was in (or entered) a group stop, by
+	// stopSig (SIGSTOP, SIGTSTP, SIGTTIN or SIGTTOU).
 	groupStopped bool
+	stopSig      int
 }
 
 // freeze seizes and stops every thread of pid, repeating until no new
@@ -118,7 +120,7 @@ func waitInterrupted(ft *frozenThread, deadline time.Time) (gone bool, err error
 		case st.Event() == ptrace.EventStop:
 			switch unix.Signal(st.Sig()) {
 			case unix.SIGSTOP, unix.SIGTSTP, unix.SIGTTIN, unix.SIGTTOU:
-				ft.groupStopped = true
+				ft.groupStopped, ft.stopSig = true, st.Sig()
 			}
 			return false, nil
 		case st.Event() != 0:

@@ -253,9 +253,26 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		}
 		imgs = append(imgs, img)
 	}
+	inTree := map[int32]bool{}
+	for _, d := range t.procs {
+		inTree[int32(d.opts.Pid)] = true
+	}
+	for _, z := range t.zombies {
+		inTree[int32(z.Pid)] = true
+	}
 	for _, img := range imgs {
 		if err := t.files.checkUnixPeers(img.fds); err != nil {
 			return nil, err
+		}
+		if err := t.files.checkTtys(img.fds, t.opts.ShellJob); err != nil {
+			return nil, err
+		}
+		for _, fd := range img.fds.Fds {
+			f := t.files.entries[fd.FileId-1]
+			if f.Type == "pidfd" && f.PidfdPid != -1 && !inTree[f.PidfdPid] {
+				return nil, fmt.Errorf("fd %d of %d: a pidfd of process %d, which is not in the tree: %w",
+					fd.Fd, img.fds.Pid, f.PidfdPid, ErrUnsupported)
+			}
 		}
 	}
 	return imgs, t.checkSessions(imgs)
@@ -396,4 +413,3 @@ func (t *tree) resume(stopped bool) {
 		d.resumeThreads(stopped)
 	}
 }
-

@@ -552,6 +552,13 @@ func (b *builder) restoreTask() error {
 	if c.Dumpable != 1 {
 		b.sys(unix.SYS_PRCTL, unix.PR_SET_DUMPABLE, uint64(c.Dumpable))
 	}
+	// The root's parent is not the one it had (ferry, which exits): its
+	// parent-death signal would fire for nothing.
+	if c.PdeathSignal != 0 && b.p != b.r.is.procs[0] {
+		if _, err := b.sys(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, uint64(c.PdeathSignal)); err != nil {
+			return fmt.Errorf("parent-death signal %d: %w", c.PdeathSignal, err)
+		}
+	}
 	if c.ThpDisabled {
 		b.sys(unix.SYS_PRCTL, unix.PR_SET_THP_DISABLE, 1, 0, 0, 0)
 	}

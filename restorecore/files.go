@@ -149,6 +149,16 @@ func (b *builder) restoreFiles() error {
 			}
 			if f.Type == "ptmx" {
 				fd, err = b.openPtmx(f, park)
+			} else if m := b.r.ptyMaster(f.Tty.Index); m != nil && b.objFds[m.Id] == 0 && b.r.held[m.Id] == 0 {
+				// Its master belongs to a process made later: made
+				// here first (a slave needs it), for that process to take.
+				mfd, err := b.openPtmx(m, park)
+				if err != nil {
+					return 0, fmt.Errorf("fd %d (master of %s): %w", e.Fd, f.Path, err)
+				}
+				b.objFds[m.Id] = mfd
+				b.r.multi[m.Id] = true
+				fd, err = b.openPts(f, park)
 			} else {
 				fd, err = b.openPts(f, park)
 			}
@@ -215,10 +225,17 @@ func (b *builder) restoreFiles() error {
 				return 0, fmt.Errorf("fd %d (inotify): %w", e.Fd, err)
 			}
 		case "pidfd":
-			// Of the process itself (the dump takes no other): its PID
-			// is the same again. PIDFD_NONBLOCK is O_NONBLOCK,
-			// PIDFD_THREAD is O_EXCL.
-			raw, err := b.sys(unix.SYS_PIDFD_OPEN, uint64(b.pid), uint64(f.Flags&(unix.O_NONBLOCK|unix.O_EXCL)))
+			// Of a process of the tree, whose PID is the same again, or
+			// of a dead process (a stand-in that dies at the end of the
+			// restore). PIDFD_NONBLOCK is O_NONBLOCK, PIDFD_THREAD is
+			// O_EXCL.
+			target := int(f.PidfdPid)
+			if target == -1 {
+				if target, err = b.r.deadProcess(f.Ino); err != nil {
+					return 0, fmt.Errorf("fd %d (pidfd of a dead process): %w", e.Fd, err)
+				}
+			}
+			raw, err := b.sys(unix.SYS_PIDFD_OPEN, uint64(target), uint64(f.Flags&(unix.O_NONBLOCK|unix.O_EXCL)))
 			if err != nil {
 				return 0, fmt.Errorf("fd %d (pidfd): %w", e.Fd, err)
 			}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -257,8 +258,18 @@ func (is *imageSet) validate(localXstate []byte) error {
 			}
 		}
 	}
-	// Files present and unchanged.
+	// Files present and unchanged (but those in /proc of the tree's own
+	// processes, which exist once the tree does).
+	ours := map[string]bool{}
+	for _, p := range is.procs {
+		ours[fmt.Sprintf("/proc/%d/", p.pstree.Pid)] = true
+	}
 	for _, f := range is.files {
+		if rest, ok := strings.CutPrefix(f.Path, "/proc/"); ok {
+			if i := strings.IndexByte(rest, '/'); i > 0 && ours["/proc/"+rest[:i+1]] {
+				continue
+			}
+		}
 		if err := validateFile(f); err != nil {
 			return err
 		}

@@ -138,6 +138,9 @@ type restorer struct {
 	heldPipes  map[uint64][2]int
 	heldShmem  map[uint64]int
 	shmemSize  map[uint64]uint64
+	// dead holds the stand-ins for dead processes that pidfds refer to,
+	// by the pidfds' inode.
+	dead map[uint64]int
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {

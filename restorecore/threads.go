@@ -182,6 +182,22 @@ func (b *builder) restoreCreds() error {
 	return nil
 }
 
+// stopSignal is the signal that stops the process at the end of its
+// restore: the one that had stopped it, if that signal still stops it
+// (no handler), else SIGSTOP.
+func (b *builder) stopSignal() unix.Signal {
+	sig := unix.Signal(b.p.core.StopSignal)
+	if b.r.opts.LeaveStopped || sig == 0 {
+		return unix.SIGSTOP
+	}
+	for _, sa := range b.p.core.Sigactions {
+		if unix.Signal(sa.Sig) == sig && sa.Handler != 0 {
+			return unix.SIGSTOP
+		}
+	}
+	return sig
+}
+
 func pbToRegs(g *pb.GpRegs) ptrace.Regs {
 	return ptrace.Regs{
 		R15: g.R15, R14: g.R14, R13: g.R13, R12: g.R12, Rbp: g.Rbp, Rbx: g.Rbx,
@@ -249,7 +265,7 @@ func (b *builder) finish() error {
 		return fmt.Errorf("thread %d: %w", b.pid, err)
 	}
 	if b.r.opts.LeaveStopped || core.State == "stopped" {
-		unix.Kill(b.pid, unix.SIGSTOP)
+		unix.Kill(b.pid, b.stopSignal())
 	}
 	for _, t := range b.threads {
 		if err := ptrace.Detach(t.Tid, 0); err != nil {

@@ -4,10 +4,14 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"os/exec"
+	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
 )
 
@@ -303,6 +307,41 @@ func (b *builder) makeShmem() error {
 			return err
 		}
 		b.r.heldShmem[ino] = h
+	}
+	return nil
+}
+
+// deadProcess returns the PID of a stand-in for the dead process whose
+// pidfds had inode ino: a child of ferry that has exited and stays
+// unreaped until the restore ends, so that pidfds opened of it now are
+// pidfds of a dead process then (and, opened by several processes, of
+// the same one).
+func (r *restorer) deadProcess(ino uint64) (int, error) {
+	if pid, ok := r.dead[ino]; ok {
+		return pid, nil
+	}
+	cmd := exec.Command("true")
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("stand-in for a dead process: %w", err)
+	}
+	pid := cmd.Process.Pid
+	r.cleanup = append(r.cleanup, func() { cmd.Wait() })
+	if !proc.WaitState(pid, "Z", 5*time.Second) {
+		return 0, fmt.Errorf("stand-in for a dead process: %d did not exit", pid)
+	}
+	if r.dead == nil {
+		r.dead = map[uint64]int{}
+	}
+	r.dead[ino] = pid
+	return pid, nil
+}
+
+// ptyMaster returns the master of pty index in the images, if any.
+func (r *restorer) ptyMaster(index int32) *pb.FileEntry {
+	for _, f := range r.is.files {
+		if f.Type == "ptmx" && f.Tty != nil && f.Tty.Index == index {
+			return f
+		}
 	}
 	return nil
 }

@@ -44,3 +44,17 @@ func TestDumpRestoreTree(t *testing.T) {
 	checkContinued(t, before, rw.Report(t))
 	checkSelf(t, rw)
 }
+
+func TestDumpRestoreTreeState(t *testing.T) {
+	// Children whose state goes with them: one stopped by SIGTSTP stays
+	// stopped by it, one keeps its parent-death signal; the parent's
+	// pidfds of a live child and of a reaped one, and its open
+	// /proc/CHILD/stat, come back naming the same.
+	w := startSelfCheck(t, "tree2.py")
+	before := w.Report(t)
+	treePids(t, before)
+	rw := dumpRestore(t, w)
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	checkSelf(t, rw)
+}

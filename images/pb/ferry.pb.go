@@ -1432,7 +1432,11 @@ type TaskCore struct {
 	Membarrier uint32 `protobuf:"varint,22,opt,name=membarrier,proto3" json:"membarrier,omitempty"`
 	// A zombie (state "zombie"): its wait status as the parent will read it
 	// (/proc/PID/stat exit_code).
-	ExitCode      int32 `protobuf:"varint,23,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	ExitCode int32 `protobuf:"varint,23,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	// A stopped task (state "stopped"): the signal that stopped it.
+	StopSignal int32 `protobuf:"varint,24,opt,name=stop_signal,json=stopSignal,proto3" json:"stop_signal,omitempty"`
+	// prctl(PR_SET_PDEATHSIG): the signal the task gets when its parent dies.
+	PdeathSignal  int32 `protobuf:"varint,25,opt,name=pdeath_signal,json=pdeathSignal,proto3" json:"pdeath_signal,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1624,6 +1628,20 @@ func (x *TaskCore) GetMembarrier() uint32 {
 func (x *TaskCore) GetExitCode() int32 {
 	if x != nil {
 		return x.ExitCode
+	}
+	return 0
+}
+
+func (x *TaskCore) GetStopSignal() int32 {
+	if x != nil {
+		return x.StopSignal
+	}
+	return 0
+}
+
+func (x *TaskCore) GetPdeathSignal() int32 {
+	if x != nil {
+		return x.PdeathSignal
 	}
 	return 0
 }
@@ -4037,7 +4055,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04comm\x18\f \x01(\tR\x04comm\x12$\n" +
 	"\x0epdeath_sig_set\x18\r \x01(\bR\fpdeathSigSet\x12\x1d\n" +
 	"\n" +
-	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xcc\x06\n" +
+	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\x92\a\n" +
 	"\bTaskCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12 \n" +
@@ -4067,7 +4085,10 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
 	"membarrier\x18\x16 \x01(\rR\n" +
 	"membarrier\x12\x1b\n" +
-	"\texit_code\x18\x17 \x01(\x05R\bexitCode\"\xfa\x01\n" +
+	"\texit_code\x18\x17 \x01(\x05R\bexitCode\x12\x1f\n" +
+	"\vstop_signal\x18\x18 \x01(\x05R\n" +
+	"stopSignal\x12#\n" +
+	"\rpdeath_signal\x18\x19 \x01(\x05R\fpdeathSignal\"\xfa\x01\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +

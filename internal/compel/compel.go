@@ -24,6 +24,17 @@ type Task struct {
 	// OnEvent, when set, is told about ptrace event stops met during a call
 	// (clone events carry the new tid); the call then continues.
 	OnEvent func(tid, event int, msg uint)
+	// OnSignal, when set, is told about a signal the task dequeued during
+	// a call (only SIGSTOP can be, the others being blocked); if it
+	// returns true the signal is discarded and the call goes on, else the
+	// call fails.
+	OnSignal func(tid, sig int) bool
+}
+
+// swallow tells whether st is a signal-delivery stop that OnSignal takes.
+func (t *Task) swallow(st ptrace.Stop) bool {
+	return t.OnSignal != nil && st.Event() == 0 && st.Sig() != 0 && !st.SyscallStop() &&
+		st.Sig() != int(unix.SIGTRAP) && t.OnSignal(t.Tid, st.Sig())
 }
 
 // ErrUnexpectedStop reports a stop a remote call did not expect.
@@ -91,6 +102,10 @@ func (t *Task) runInt3() error {
 			}
 		case st.Sig() == int(unix.SIGTRAP):
 			return nil
+		case t.swallow(st):
+			if err := ptrace.Cont(t.Tid, 0); err != nil {
+				return err
+			}
 		default:
 			return fmt.Errorf("%v: %w", st, ErrUnexpectedStop)
 		}
@@ -117,6 +132,7 @@ func (t *Task) runSyscallStops() error {
 			}
 		case st.Event() != 0:
 			t.handleEvent(st)
+		case t.swallow(st):
 		default:
 			return fmt.Errorf("%v: %w", st, ErrUnexpectedStop)
 		}
