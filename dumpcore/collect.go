@@ -21,6 +21,7 @@ import (
 
 // imageSet is everything a dump writes besides page data.
 type imageSet struct {
+	stat    proc.Stat // the process's /proc/PID/stat at the freeze
 	inv     *pb.Inventory
 	pstree  *pb.PstreeEntry
 	core    *pb.TaskCore
@@ -51,6 +52,7 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 			pid, stat.Sid)
 	}
 
+	img.stat = stat
 	img.pstree = &pb.PstreeEntry{Pid: int32(pid), Ppid: int32(stat.Ppid), Pgid: int32(stat.Pgid), Sid: int32(stat.Sid)}
 	for _, t := range d.threads {
 		img.pstree.Threads = append(img.pstree.Threads, int32(t.tid))

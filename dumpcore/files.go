@@ -192,6 +192,9 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 			if err != nil {
 				return nil, fmt.Errorf("fd %d of %d: %w", fd, pid, err)
 			}
+			if err := fileOwner(e, pidfd, fd); err != nil {
+				return nil, fmt.Errorf("fd %d of %d: %w", fd, pid, err)
+			}
 			id = ft.add(e)
 			ft.ofds[info.Ino] = append(ft.ofds[info.Ino], ofd{pid: pid, fd: fd, id: id})
 		}
@@ -613,6 +616,26 @@ func peekPipe(fd, size int) ([]byte, error) {
 		got += m
 	}
 	return data, nil
+}
+
+// fileOwner records who gets the description's SIGIO (F_GETOWN_EX) and
+// with which signal (F_GETSIG), read through a duplicate of fd.
+func fileOwner(e *pb.FileEntry, pidfd, fd int) error {
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return os.NewSyscallError("pidfd_getfd", err)
+	}
+	defer unix.Close(dup)
+	typ, pid, err := getOwnerEx(dup)
+	if err != nil {
+		return nil // not every file has an owner (O_PATH)
+	}
+	sig, err := unix.FcntlInt(uintptr(dup), unix.F_GETSIG, 0)
+	if err != nil {
+		return nil
+	}
+	e.OwnerType, e.OwnerPid, e.OwnerSig = typ, pid, int32(sig)
+	return nil
 }
 
 // seenBefore returns the id of the open file description that fd of pid

@@ -54,3 +54,14 @@ func kcmpEpollTfd(pid, fd, efd, tfd, toff int) bool {
 		uintptr(fd), uintptr(unsafe.Pointer(&slot[0])), 0)
 	return e == 0 && r == 0
 }
+
+// getOwnerEx is fcntl(fd, F_GETOWN_EX): struct f_owner_ex {int type;
+// pid_t pid;}.
+func getOwnerEx(fd int) (typ, pid int32, err error) {
+	var own [2]int32
+	_, _, e := unix.Syscall(unix.SYS_FCNTL, uintptr(fd), unix.F_GETOWN_EX, uintptr(unsafe.Pointer(&own[0])))
+	if e != 0 {
+		return 0, 0, e
+	}
+	return own[0], own[1], nil
+}

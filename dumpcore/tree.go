@@ -275,7 +275,36 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 			}
 		}
 	}
+	t.cttys(imgs)
 	return imgs, t.checkSessions(imgs)
+}
+
+// cttys records each session leader's controlling terminal when it is a
+// pty whose master is in the dump: the restore makes it the leader's
+// terminal again even if no fd of the leader refers to it.
+func (t *tree) cttys(imgs []*imageSet) {
+	masters := map[int32]bool{}
+	for _, f := range t.files.entries {
+		if f.Type == "ptmx" && f.Tty != nil {
+			masters[f.Tty.Index] = true
+		}
+	}
+	for _, img := range imgs {
+		st, pt := img.stat, img.pstree
+		if pt.Sid != pt.Pid || st.TtyNr == 0 {
+			continue
+		}
+		major, minor := unix.Major(st.TtyNr), unix.Minor(st.TtyNr)
+		if major < 136 || major > 143 {
+			continue // not a pty slave
+		}
+		index := int32((major-136)*256 + minor)
+		if !masters[index] {
+			t.log.Debug("controlling terminal outside the dump", "pid", pt.Pid, "pts", index)
+			continue
+		}
+		img.core.CttyPts, img.core.CttyFg = index+1, int32(st.Tpgid)
+	}
 }
 
 // checkSessions refuses sessions and process groups the restore cannot

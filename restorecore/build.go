@@ -36,9 +36,6 @@ type builder struct {
 	pid int
 	// ctty is set while files are restored, taken once the session exists.
 	ctty *ctty
-	// ghosts are the stand-ins of deleted files (by file id), removed once
-	// the process holds them.
-	ghosts map[uint32]string
 
 	main    *compel.Task
 	threads []*compel.Task // main first
@@ -105,7 +102,6 @@ func (b *builder) build(ctx context.Context) error {
 		{"pending signals", b.restorePending},
 		{"creds", b.restoreCreds},
 	}
-	defer b.removeGhosts()
 	for _, s := range steps {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -121,23 +117,23 @@ func (b *builder) build(ctx context.Context) error {
 
 // ghostPath returns the stand-in for deleted file f, made on first use.
 func (b *builder) ghostPath(f *pb.FileEntry) (string, error) {
-	if p, ok := b.ghosts[f.Id]; ok {
+	if p, ok := b.r.ghosts[f.Id]; ok {
 		return p, nil
 	}
 	p, err := b.makeGhost(f)
 	if err != nil {
 		return "", err
 	}
-	if b.ghosts == nil {
-		b.ghosts = map[uint32]string{}
+	if b.r.ghosts == nil {
+		b.r.ghosts = map[uint32]string{}
 	}
-	b.ghosts[f.Id] = p
+	b.r.ghosts[f.Id] = p
 	return p, nil
 }
 
-// removeGhosts removes the stand-ins (the process holds what it needs).
-func (b *builder) removeGhosts() {
-	for _, p := range b.ghosts {
+// removeGhosts removes the stand-ins (the tree holds what it needs).
+func (r *restorer) removeGhosts() {
+	for _, p := range r.ghosts {
 		os.Remove(p)
 	}
 }

@@ -261,11 +261,11 @@ func (b *builder) restoreFiles() error {
 				path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), n)
 			}
 			if f.Ghost {
+				// Removed once the whole tree holds it (removeGhosts).
 				path, err = b.ghostPath(f)
 				if err != nil {
 					return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
 				}
-				ghosts = append(ghosts, path)
 			}
 			if f.Type == "nsfile" {
 				// The process's own namespace of that kind.
@@ -320,6 +320,15 @@ func (b *builder) restoreFiles() error {
 			return err
 		}
 		b.objFds[e.FileId] = fd
+	}
+	// Owners (F_SETOWN_EX, F_SETSIG) and O_ASYNC, on what this process
+	// made (a description taken from ferry has them already).
+	for id, fd := range b.objFds {
+		if _, taken := b.r.held[id]; !taken {
+			if err := b.setOwner(fd, b.r.is.files[id]); err != nil {
+				return fmt.Errorf("file id %d: %w", id, err)
+			}
+		}
 	}
 	// What other processes of the tree hold too: ferry keeps a copy for
 	// them.
@@ -400,6 +409,41 @@ func (b *builder) restoreFiles() error {
 			if err := b.takeLock(int(e.Fd), l); err != nil {
 				return fmt.Errorf("fd %d: %s lock: %w", e.Fd, l.Kind, err)
 			}
+		}
+	}
+	return nil
+}
+
+// setOwner gives the description at fd in the process its SIGIO owner
+// and signal, and O_ASYNC, as dumped.
+func (b *builder) setOwner(fd int, f *pb.FileEntry) error {
+	if f == nil {
+		return nil
+	}
+	if f.OwnerPid != 0 {
+		own := make([]byte, 8)
+		binary.LittleEndian.PutUint32(own, uint32(f.OwnerType))
+		binary.LittleEndian.PutUint32(own[4:], uint32(f.OwnerPid))
+		a, err := b.put(scratchOptVal, own)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETOWN_EX, a); err != nil {
+			return fmt.Errorf("F_SETOWN_EX %d: %w", f.OwnerPid, err)
+		}
+	}
+	if f.OwnerSig != 0 {
+		if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETSIG, uint64(f.OwnerSig)); err != nil {
+			return fmt.Errorf("F_SETSIG %d: %w", f.OwnerSig, err)
+		}
+	}
+	if f.Flags&unix.O_ASYNC != 0 {
+		fl, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_GETFL)
+		if err != nil {
+			return err
+		}
+		if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETFL, fl|unix.O_ASYNC); err != nil {
+			return fmt.Errorf("O_ASYNC: %w", err)
 		}
 	}
 	return nil

@@ -138,6 +138,9 @@ type restorer struct {
 	heldPipes  map[uint64][2]int
 	heldShmem  map[uint64]int
 	shmemSize  map[uint64]uint64
+	// ghosts are the stand-ins of deleted files (by file id), removed
+	// once the tree holds them.
+	ghosts map[uint32]string
 	// dead holds the stand-ins for dead processes that pidfds refer to,
 	// by the pidfds' inode.
 	dead map[uint64]int
@@ -225,6 +228,7 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	r.planSharing()
 	defer r.dropHeld()
+	defer r.removeGhosts()
 	var builders []*builder
 	for _, p := range r.is.procs {
 		if p.zombie {

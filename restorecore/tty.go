@@ -111,6 +111,19 @@ func (b *builder) ioctlInt(fd int, req uint64, v int32) error {
 // process (which leads its session by now) with its foreground group.
 func (b *builder) takeCtty() error {
 	c := b.ctty
+	if c == nil && b.p.core.CttyPts != 0 {
+		// No fd of the process refers to it: opened for the ioctl.
+		a, err := b.putString(0, fmt.Sprintf("/dev/pts/%d", b.p.core.CttyPts-1))
+		if err != nil {
+			return err
+		}
+		fd, err := b.sys(unix.SYS_OPENAT, atFdcwd, a, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("controlling terminal /dev/pts/%d: %w", b.p.core.CttyPts-1, err)
+		}
+		defer b.sys(unix.SYS_CLOSE, fd)
+		c = &ctty{fd: int(fd), fgPgrp: b.p.core.CttyFg}
+	}
 	if c == nil {
 		return nil
 	}

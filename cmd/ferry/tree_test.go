@@ -32,7 +32,8 @@ func treePids(t *testing.T, r testutil.Report) []int {
 
 func TestDumpRestoreTree(t *testing.T) {
 	// A root with children and a grandchild, in groups and sessions of
-	// their own, a zombie, a pipe pair and shared memory between two of
+	// their own (one with a controlling terminal it holds no fd of), a
+	// zombie, a pipe pair and shared memory between two of
 	// them, and a file description they share: every process comes back
 	// with its PID, parent, group and session, the zombie stays one, and
 	// what was shared stays shared.
@@ -48,8 +49,9 @@ func TestDumpRestoreTree(t *testing.T) {
 func TestDumpRestoreTreeState(t *testing.T) {
 	// Children whose state goes with them: one stopped by SIGTSTP stays
 	// stopped by it, one keeps its parent-death signal; the parent's
-	// pidfds of a live child and of a reaped one, and its open
-	// /proc/CHILD/stat, come back naming the same.
+	// pidfds of a live child and of a reaped one, its open
+	// /proc/CHILD/stat, and a pipe's SIGIO owner and signal, come back
+	// naming the same.
 	w := startSelfCheck(t, "tree2.py")
 	before := w.Report(t)
 	treePids(t, before)

@@ -1436,7 +1436,11 @@ type TaskCore struct {
 	// A stopped task (state "stopped"): the signal that stopped it.
 	StopSignal int32 `protobuf:"varint,24,opt,name=stop_signal,json=stopSignal,proto3" json:"stop_signal,omitempty"`
 	// prctl(PR_SET_PDEATHSIG): the signal the task gets when its parent dies.
-	PdeathSignal  int32 `protobuf:"varint,25,opt,name=pdeath_signal,json=pdeathSignal,proto3" json:"pdeath_signal,omitempty"`
+	PdeathSignal int32 `protobuf:"varint,25,opt,name=pdeath_signal,json=pdeathSignal,proto3" json:"pdeath_signal,omitempty"`
+	// A session leader's controlling terminal when it is a pty of the dump:
+	// its index + 1 (0: none), and its foreground process group.
+	CttyPts       int32 `protobuf:"varint,26,opt,name=ctty_pts,json=cttyPts,proto3" json:"ctty_pts,omitempty"`
+	CttyFg        int32 `protobuf:"varint,27,opt,name=ctty_fg,json=cttyFg,proto3" json:"ctty_fg,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1642,6 +1646,20 @@ func (x *TaskCore) GetStopSignal() int32 {
 func (x *TaskCore) GetPdeathSignal() int32 {
 	if x != nil {
 		return x.PdeathSignal
+	}
+	return 0
+}
+
+func (x *TaskCore) GetCttyPts() int32 {
+	if x != nil {
+		return x.CttyPts
+	}
+	return 0
+}
+
+func (x *TaskCore) GetCttyFg() int32 {
+	if x != nil {
+		return x.CttyFg
 	}
 	return 0
 }
@@ -1989,8 +2007,13 @@ type FileEntry struct {
 	// it again (under its old name), open it, and remove it again.
 	SymlinkTarget  string `protobuf:"bytes,32,opt,name=symlink_target,json=symlinkTarget,proto3" json:"symlink_target,omitempty"`
 	SymlinkDeleted bool   `protobuf:"varint,33,opt,name=symlink_deleted,json=symlinkDeleted,proto3" json:"symlink_deleted,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// F_SETOWN_EX/F_SETSIG: who gets SIGIO (or sig) for this description:
+	// owner_type F_OWNER_TID (0), F_OWNER_PID (1) or F_OWNER_PGRP (2).
+	OwnerType     int32 `protobuf:"varint,34,opt,name=owner_type,json=ownerType,proto3" json:"owner_type,omitempty"`
+	OwnerPid      int32 `protobuf:"varint,35,opt,name=owner_pid,json=ownerPid,proto3" json:"owner_pid,omitempty"`
+	OwnerSig      int32 `protobuf:"varint,36,opt,name=owner_sig,json=ownerSig,proto3" json:"owner_sig,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FileEntry) Reset() {
@@ -2252,6 +2275,27 @@ func (x *FileEntry) GetSymlinkDeleted() bool {
 		return x.SymlinkDeleted
 	}
 	return false
+}
+
+func (x *FileEntry) GetOwnerType() int32 {
+	if x != nil {
+		return x.OwnerType
+	}
+	return 0
+}
+
+func (x *FileEntry) GetOwnerPid() int32 {
+	if x != nil {
+		return x.OwnerPid
+	}
+	return 0
+}
+
+func (x *FileEntry) GetOwnerSig() int32 {
+	if x != nil {
+		return x.OwnerSig
+	}
+	return 0
 }
 
 // InotifyWatch is one watch of an inotify fd: what it watches (found from
@@ -4055,7 +4099,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04comm\x18\f \x01(\tR\x04comm\x12$\n" +
 	"\x0epdeath_sig_set\x18\r \x01(\bR\fpdeathSigSet\x12\x1d\n" +
 	"\n" +
-	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\x92\a\n" +
+	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xc6\a\n" +
 	"\bTaskCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12 \n" +
@@ -4088,7 +4132,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\texit_code\x18\x17 \x01(\x05R\bexitCode\x12\x1f\n" +
 	"\vstop_signal\x18\x18 \x01(\x05R\n" +
 	"stopSignal\x12#\n" +
-	"\rpdeath_signal\x18\x19 \x01(\x05R\fpdeathSignal\"\xfa\x01\n" +
+	"\rpdeath_signal\x18\x19 \x01(\x05R\fpdeathSignal\x12\x19\n" +
+	"\bctty_pts\x18\x1a \x01(\x05R\acttyPts\x12\x17\n" +
+	"\actty_fg\x18\x1b \x01(\x05R\x06cttyFg\"\xfa\x01\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
@@ -4121,7 +4167,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xf5\a\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xce\b\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -4158,7 +4204,11 @@ const file_images_ferry_proto_rawDesc = "" +
 	"link_remap\x18\x1e \x01(\bR\tlinkRemap\x12\x1b\n" +
 	"\tpidfd_pid\x18\x1f \x01(\x05R\bpidfdPid\x12%\n" +
 	"\x0esymlink_target\x18  \x01(\tR\rsymlinkTarget\x12'\n" +
-	"\x0fsymlink_deleted\x18! \x01(\bR\x0esymlinkDeleted\"F\n" +
+	"\x0fsymlink_deleted\x18! \x01(\bR\x0esymlinkDeleted\x12\x1d\n" +
+	"\n" +
+	"owner_type\x18\" \x01(\x05R\townerType\x12\x1b\n" +
+	"\towner_pid\x18# \x01(\x05R\bownerPid\x12\x1b\n" +
+	"\towner_sig\x18$ \x01(\x05R\bownerSig\"F\n" +
 	"\fInotifyWatch\x12\x0e\n" +
 	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
 	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +

@@ -5,7 +5,8 @@ The root (a session leader) forks:
      group; A answers the root's requests through two pipes and shared
      anonymous memory, and writes to a file whose open description
      (and so its offset) it shares with the root;
-  B  the leader of a session of its own;
+  B  the leader of a session of its own, whose controlling terminal is a
+     pty the root holds the master of (B keeps no fd of it);
   Z  a child that exits with status 7 and is never reaped (a zombie).
 
 The report names them (pids=A,G,B,Z, for the test to end them). The
@@ -48,9 +49,13 @@ if a == 0:
         log.write(b"x")
         os.write(up_w, b"k")
 
+master, slave = os.openpty()
+pts = os.ttyname(slave)
+os.close(slave)
 b = os.fork()
 if b == 0:
     os.setsid()
+    os.close(os.open(pts, os.O_RDWR))  # opening it makes it B's terminal
     while True:
         signal.pause()
 
@@ -67,7 +72,7 @@ os.waitid(os.P_PID, z, os.WEXITED | os.WNOWAIT)
 def stat(pid):
     s = open("/proc/%d/stat" % pid).read()
     f = s[s.rindex(")") + 2:].split()
-    return {"state": f[0], "ppid": int(f[1]), "pgid": int(f[2]), "sid": int(f[3])}
+    return {"state": f[0], "ppid": int(f[1]), "pgid": int(f[2]), "sid": int(f[3]), "tty": int(f[4])}
 
 
 def verify():
@@ -83,6 +88,8 @@ def verify():
         for k, v in zip(w[::2], w[1::2]):
             if st[k] != v:
                 return "process %d: %s %d, want %d" % (pid, k, st[k], v)
+    if stat(b)["tty"] != os.stat(pts).st_rdev:
+        return "B's controlling terminal is %#x, not %s" % (stat(b)["tty"], pts)
     if os.getsid(0) != me:
         return "the root is not a session leader"
     if stat(z)["state"] != "Z":

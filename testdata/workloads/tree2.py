@@ -6,14 +6,17 @@ The root forks:
      through a pipe;
   D  which exits and is reaped at once.
 The root holds a pidfd of P, a pidfd of D (a pidfd of a dead process by
-then) and /proc/P/stat open.
+then), /proc/P/stat open, and a pipe whose SIGIO goes to P as SIGURG
+(O_ASYNC, F_SETOWN, F_SETSIG).
 
 The report names S and P (pids=S,P, for the test to end them). The check
 (SIGUSR2, see selfcheck): S is still stopped, and by SIGTSTP; P's
 parent-death signal is SIGUSR2; the pidfd of P is P's and reaches it;
-the pidfd of D still names a dead process; /proc/P/stat is still P's.
+the pidfd of D still names a dead process; /proc/P/stat is still P's;
+the pipe's owner, signal and O_ASYNC are as set.
 """
 import ctypes
+import fcntl
 import os
 import select
 import signal
@@ -59,6 +62,11 @@ p_fd = os.pidfd_open(p)
 d_fd = os.pidfd_open(d)
 os.waitpid(d, 0)
 stat_fd = os.open("/proc/%d/stat" % p, os.O_RDONLY)
+F_SETSIG, F_GETSIG = 10, 11
+io_r, io_w = os.pipe()
+fcntl.fcntl(io_r, fcntl.F_SETOWN, p)
+fcntl.fcntl(io_r, F_SETSIG, int(signal.SIGURG))
+fcntl.fcntl(io_r, fcntl.F_SETFL, fcntl.fcntl(io_r, fcntl.F_GETFL) | os.O_ASYNC)
 
 
 def pidfd_pid(fd):
@@ -91,6 +99,10 @@ def verify():
         return "the pidfd of the dead D reaches a process"
     except ProcessLookupError:
         pass
+    if fcntl.fcntl(io_r, fcntl.F_GETOWN) != p or fcntl.fcntl(io_r, F_GETSIG) != signal.SIGURG:
+        return "the pipe's owner is %d, signal %d" % (fcntl.fcntl(io_r, fcntl.F_GETOWN), fcntl.fcntl(io_r, F_GETSIG))
+    if not fcntl.fcntl(io_r, fcntl.F_GETFL) & os.O_ASYNC:
+        return "the pipe lost O_ASYNC"
     if not os.pread(stat_fd, 64, 0).startswith(b"%d (" % p):
         return "/proc/P/stat reads %r" % os.pread(stat_fd, 64, 0)
     return "ok"
