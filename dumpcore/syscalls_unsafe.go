@@ -65,3 +65,10 @@ func getOwnerEx(fd int) (typ, pid int32, err error) {
 	}
 	return own[0], own[1], nil
 }
+
+// kcmpSame tells whether processes a and b share the kernel object of
+// kcmp type typ (KCMP_FILES, KCMP_FS, ...).
+func kcmpSame(a, b, typ int) bool {
+	r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(a), uintptr(b), uintptr(typ), 0, 0, 0)
+	return e == 0 && r == 0
+}

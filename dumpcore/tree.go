@@ -276,7 +276,36 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		}
 	}
 	t.cttys(imgs)
+	if err := t.sharedTables(imgs); err != nil {
+		return nil, err
+	}
 	return imgs, t.checkSessions(imgs)
+}
+
+// sharedTables finds processes that share their fd table (CLONE_FILES)
+// or filesystem information (CLONE_FS) with their parent: the restore
+// clones them so. Sharing with any other process cannot be made again.
+func (t *tree) sharedTables(imgs []*imageSet) error {
+	const kcmpFiles, kcmpFS = 2, 3
+	for i, img := range imgs[1:] {
+		pid, ppid := int(img.pstree.Pid), int(img.pstree.Ppid)
+		for _, k := range []struct {
+			typ  int
+			what string
+			set  *int32
+		}{{kcmpFiles, "fd table", &img.core.FilesSharedWith}, {kcmpFS, "filesystem information", &img.core.FsSharedWith}} {
+			if kcmpSame(ppid, pid, k.typ) {
+				*k.set = int32(ppid)
+				continue
+			}
+			for _, other := range imgs[:i+1] {
+				if o := int(other.pstree.Pid); kcmpSame(o, pid, k.typ) {
+					return fmt.Errorf("process %d shares its %s with %d, not its parent: %w", pid, k.what, o, ErrUnsupported)
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // cttys records each session leader's controlling terminal when it is a

@@ -17,6 +17,9 @@ import (
 // pipe2), parks each on a high fd, dup3s it to every number that referred
 // to it, then closes the parked copies.
 func (b *builder) restoreFiles() error {
+	if b.p.core.FilesSharedWith != 0 {
+		return nil // the parent's table, restored with the parent
+	}
 	if _, err := b.sys(unix.SYS_CLOSE_RANGE, 0, ^uint64(0)>>32, 0); err != nil {
 		return err
 	}

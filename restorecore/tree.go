@@ -31,6 +31,12 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				return nil, fmt.Errorf("process %d: parent %d is not a live process of the image", pt.Pid, pt.Ppid)
 			}
 			flags, exitSig = 0, uint64(p.core.ExitSignal)
+			if p.core.FilesSharedWith == pt.Ppid {
+				flags |= unix.CLONE_FILES
+			}
+			if p.core.FsSharedWith == pt.Ppid {
+				flags |= unix.CLONE_FS
+			}
 		}
 		pid, err := remoteClone(parent, stackScratch(parent), flags, exitSig, int(pt.Pid))
 		if err != nil {

@@ -1439,10 +1439,14 @@ type TaskCore struct {
 	PdeathSignal int32 `protobuf:"varint,25,opt,name=pdeath_signal,json=pdeathSignal,proto3" json:"pdeath_signal,omitempty"`
 	// A session leader's controlling terminal when it is a pty of the dump:
 	// its index + 1 (0: none), and its foreground process group.
-	CttyPts       int32 `protobuf:"varint,26,opt,name=ctty_pts,json=cttyPts,proto3" json:"ctty_pts,omitempty"`
-	CttyFg        int32 `protobuf:"varint,27,opt,name=ctty_fg,json=cttyFg,proto3" json:"ctty_fg,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CttyPts int32 `protobuf:"varint,26,opt,name=ctty_pts,json=cttyPts,proto3" json:"ctty_pts,omitempty"`
+	CttyFg  int32 `protobuf:"varint,27,opt,name=ctty_fg,json=cttyFg,proto3" json:"ctty_fg,omitempty"`
+	// The parent's PID when the task shares its parent's fd table
+	// (CLONE_FILES) or filesystem information (CLONE_FS); 0 otherwise.
+	FilesSharedWith int32 `protobuf:"varint,28,opt,name=files_shared_with,json=filesSharedWith,proto3" json:"files_shared_with,omitempty"`
+	FsSharedWith    int32 `protobuf:"varint,29,opt,name=fs_shared_with,json=fsSharedWith,proto3" json:"fs_shared_with,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *TaskCore) Reset() {
@@ -1660,6 +1664,20 @@ func (x *TaskCore) GetCttyPts() int32 {
 func (x *TaskCore) GetCttyFg() int32 {
 	if x != nil {
 		return x.CttyFg
+	}
+	return 0
+}
+
+func (x *TaskCore) GetFilesSharedWith() int32 {
+	if x != nil {
+		return x.FilesSharedWith
+	}
+	return 0
+}
+
+func (x *TaskCore) GetFsSharedWith() int32 {
+	if x != nil {
+		return x.FsSharedWith
 	}
 	return 0
 }
@@ -4099,7 +4117,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04comm\x18\f \x01(\tR\x04comm\x12$\n" +
 	"\x0epdeath_sig_set\x18\r \x01(\bR\fpdeathSigSet\x12\x1d\n" +
 	"\n" +
-	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xc6\a\n" +
+	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\x98\b\n" +
 	"\bTaskCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12 \n" +
@@ -4134,7 +4152,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"stopSignal\x12#\n" +
 	"\rpdeath_signal\x18\x19 \x01(\x05R\fpdeathSignal\x12\x19\n" +
 	"\bctty_pts\x18\x1a \x01(\x05R\acttyPts\x12\x17\n" +
-	"\actty_fg\x18\x1b \x01(\x05R\x06cttyFg\"\xfa\x01\n" +
+	"\actty_fg\x18\x1b \x01(\x05R\x06cttyFg\x12*\n" +
+	"\x11files_shared_with\x18\x1c \x01(\x05R\x0ffilesSharedWith\x12$\n" +
+	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\"\xfa\x01\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
