@@ -60,3 +60,20 @@ func TestDumpRestoreTreeState(t *testing.T) {
 	checkContinued(t, before, rw.Report(t))
 	checkSelf(t, rw)
 }
+
+func TestDumpRestoreSharedFdTable(t *testing.T) {
+	// A child cloned with CLONE_FILES|CLONE_FS: after restore an fd it
+	// opens is in its parent's table and its chdir moves the parent's
+	// working directory, as before.
+	needRoot(t)
+	bin := testutil.BuildC(t, "fdshare")
+	w := testutil.Start(t, "-r", bin)
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("before: %v", before)
+	}
+	treePids(t, before)
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+}
