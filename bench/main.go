@@ -55,7 +55,7 @@ func main() {
 	runs := flag.Int("runs", 3, "repetitions per size")
 	dir := flag.String("dir", "/dev/shm/ferry-bench", "working directory (tmpfs)")
 	out := flag.String("out", "bench/results.json", "JSON results")
-	suites := flag.String("suites", "core,predump,background,lazy,stream", "which measurements: core (dump/restore), predump, background (snapshot), lazy, stream (page server)")
+	suites := flag.String("suites", "core,predump,background,lazy,stream,tree", "which measurements: core (dump/restore), predump, background (snapshot), lazy, stream (page server), tree (100 processes x 10 threads, 2000 fds)")
 	flag.Parse()
 	want := map[string]bool{}
 	for _, s := range strings.Split(*suites, ",") {
@@ -147,6 +147,16 @@ func main() {
 			fmt.Printf("stream 1 GiB: %-22s %8.1f ms %8.0f MB/s (%.2fx plain)\n", r.Mode, r.Ms, r.MBps, r.VsPlain)
 		}
 		all["page_server_stream"] = st
+	}
+	if want["tree"] {
+		tr, err := measureTree(*ferry, *dir, 100, 10, 2000, *runs)
+		if err != nil {
+			fail(fmt.Errorf("tree: %w", err))
+		}
+		fmt.Printf("tree %d processes x %d threads, %d fds: dump %.0f ms (%.0f tasks/s, %.0f fds/s), restore %.0f ms (%.0f tasks/s, %.0f fds/s); target < %.0f ms each\n",
+			tr.Processes, tr.ThreadsPer, tr.Fds, tr.DumpWallMs, tr.DumpTasksPerSec, tr.DumpFdsPerSec,
+			tr.RestoreWallMs, tr.RestoreTasksPerS, tr.RestoreFdsPerSec, tr.TargetMs)
+		all["tree"] = tr
 	}
 	b, _ := json.MarshalIndent(all, "", "  ")
 	if err := os.MkdirAll(filepath.Dir(*out), 0o755); err != nil {
