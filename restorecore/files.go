@@ -75,6 +75,19 @@ func (b *builder) restoreFiles() error {
 		return out, nil
 	}
 	defer b.dropFerryPidfd()
+	if len(b.r.held) > 0 || len(b.r.heldPipes) > 0 {
+		// Parked like the rest: opened where it falls, it could take a
+		// number a file is about to be placed at.
+		raw, err := b.sys(unix.SYS_PIDFD_OPEN, uint64(os.Getpid()), 0)
+		if err != nil {
+			return err
+		}
+		fd, err := park(raw)
+		if err != nil {
+			return err
+		}
+		b.ferryPidfd = uint64(fd)
+	}
 	create = func(e *pb.FdEntry, f *pb.FileEntry) (int, error) {
 		if h, ok := b.r.held[f.Id]; ok {
 			// Made by another process of the tree already.

@@ -65,6 +65,7 @@ if z == 0:
 
 hello = os.read(up_r, 16)
 a_token, (g,) = hello[:8], struct.unpack("q", hello[8:])
+a_fds = sorted(os.listdir("/proc/%d/fd" % a), key=int)
 # Z is a zombie once waitid sees it exited (without reaping it).
 os.waitid(os.P_PID, z, os.WEXITED | os.WNOWAIT)
 
@@ -92,6 +93,9 @@ def verify():
         return "B's controlling terminal is %#x, not %s" % (stat(b)["tty"], pts)
     if os.getsid(0) != me:
         return "the root is not a session leader"
+    fds = sorted(os.listdir("/proc/%d/fd" % a), key=int)
+    if fds != a_fds:
+        return "A's fds are %s, were %s" % (fds, a_fds)
     if stat(z)["state"] != "Z":
         return "%d is no longer a zombie" % z
     info = os.waitid(os.P_PID, z, os.WEXITED | os.WNOHANG | os.WNOWAIT)
