@@ -114,7 +114,13 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	if err != nil {
 		return nil, err
 	}
+	if g := sc.gadget(main); g != 0 {
+		d.fastGadget = g
+		main = d.task(pid)
+	}
 	mm, err := d.collectRemote(img, main, sc, stat)
+	d.fastGadget = 0
+	main = d.task(pid)
 	if uerr := sc.unmap(main); err == nil && uerr != nil {
 		err = uerr
 	}
@@ -200,8 +206,16 @@ func (d *dumper) collectRemote(img *imageSet, main *compel.Task, sc *scratch, st
 	pid := d.opts.Pid
 	core := img.core
 	// struct sigaction (kernel, x86_64): handler, flags, restorer, mask.
+	// Only signals caught or ignored (status SigCgt, SigIgn) have an
+	// action that is not the default; SIGCHLD's flags (SA_NOCLDSTOP,
+	// SA_NOCLDWAIT) matter even with the default one.
+	status, err := proc.ReadStatus(pid)
+	if err != nil {
+		return nil, err
+	}
+	set := status.SigCgt | status.SigIgn | 1<<(unix.SIGCHLD-1)
 	for sig := 1; sig <= 64; sig++ {
-		if sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) {
+		if sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) || set&(1<<(sig-1)) == 0 {
 			continue
 		}
 		if _, err := main.Syscall(unix.SYS_RT_SIGACTION, uint64(sig), 0, sc.addr, 8); err != nil {

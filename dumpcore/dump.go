@@ -207,6 +207,12 @@ type dumper struct {
 	masks  map[int]uint64
 	vmas   []proc.Vma
 	gadget uint64
+	// affinity holds the threads' CPU masks while the tree is pinned to
+	// the tracer's CPU (tree.pin).
+	affinity map[int]unix.CPUSet
+	// fastGadget, while set, is a "syscall; int3" in the scratch area
+	// that remote calls use instead of gadget (scratch.gadget).
+	fastGadget uint64
 	// Per-thread state only the thread itself can report (collectRemote).
 	tidAddr  map[int]uint64
 	altStack map[int]*pb.SigAltStack
@@ -336,6 +342,10 @@ func (d *dumper) resumeThreads(stopped bool) {
 			ptrace.SetSigmask(t.tid, m)
 		}
 	}
+	for tid, m := range d.affinity {
+		unix.SchedSetaffinity(tid, &m)
+	}
+	d.affinity = nil
 	for _, t := range d.threads {
 		if err := ptrace.Detach(t.tid, 0); err != nil && !errors.Is(err, unix.ESRCH) {
 			d.log.Warn("detach failed", "tid", t.tid, "err", err)
@@ -356,6 +366,9 @@ func (d *dumper) resumeThreads(stopped bool) {
 }
 
 func (d *dumper) task(tid int) *compel.Task {
+	if d.fastGadget != 0 {
+		return &compel.Task{Tid: tid, Regs: d.saved[tid], Gadget: d.fastGadget, Int3: true, OnSignal: d.stopSignal}
+	}
 	return &compel.Task{Tid: tid, Regs: d.saved[tid], Gadget: d.gadget, OnSignal: d.stopSignal}
 }
 

@@ -179,7 +179,7 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 		}
 		cloexec := info.Flags&unix.O_CLOEXEC != 0
 		// Same open file description as an earlier fd?
-		id, err := ft.seenBefore(pid, fd, info.Ino)
+		id, at, err := ft.seenBefore(pid, fd, info.Ino)
 		if err != nil {
 			return nil, err
 		}
@@ -196,7 +196,7 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 				return nil, fmt.Errorf("fd %d of %d: %w", fd, pid, err)
 			}
 			id = ft.add(e)
-			ft.ofds[info.Ino] = append(ft.ofds[info.Ino], ofd{pid: pid, fd: fd, id: id})
+			ft.ofds[info.Ino] = slices.Insert(ft.ofds[info.Ino], at, ofd{pid: pid, fd: fd, id: id})
 		}
 		fe := &pb.FdEntry{Fd: int32(fd), FileId: id, Cloexec: cloexec}
 		if err := ft.addLocks(fe, info); err != nil {
@@ -640,27 +640,41 @@ func fileOwner(e *pb.FileEntry, pidfd, fd int) error {
 
 // seenBefore returns the id of the open file description that fd of pid
 // refers to if an fd collected before (of this process or another of the
-// tree) refers to it too, else 0. ino is the file's inode.
-func (ft *fileTable) seenBefore(pid, fd int, ino uint64) (uint32, error) {
-	for _, s := range ft.ofds[ino] {
-		if same, err := kcmpFile(s.pid, pid, s.fd, fd); err != nil {
-			return 0, err
-		} else if same {
-			return s.id, nil
+// tree) refers to it too, else 0, and where fd goes in ft.ofds[ino]. ino
+// is the file's inode. The descriptions of an inode are kept in kcmp's
+// order, so a lookup is a binary search: many files share one inode
+// (every eventfd and epoll the anonymous inode).
+func (ft *fileTable) seenBefore(pid, fd int, ino uint64) (id uint32, at int, err error) {
+	list := ft.ofds[ino]
+	lo, hi := 0, len(list)
+	for lo < hi {
+		mid := (lo + hi) / 2
+		c, err := kcmpOrder(list[mid].pid, pid, list[mid].fd, fd)
+		if err != nil {
+			return 0, 0, err
+		}
+		switch c {
+		case 0:
+			return list[mid].id, mid, nil
+		case 1: // list[mid] < fd's
+			lo = mid + 1
+		default:
+			hi = mid
 		}
 	}
-	return 0, nil
+	return 0, lo, nil
 }
 
-// kcmpFile reports whether fd a of pid pa and fd b of pid pb are one open
-// file description.
-func kcmpFile(pa, pb, a, b int) (bool, error) {
+// kcmpOrder compares fd a of pid pa with fd b of pid pb as kcmp(2)
+// KCMP_FILE does: 0 the same open file description, 1 a's is lower, 2 a's
+// is higher (in an order the kernel keeps stable while it runs).
+func kcmpOrder(pa, pb, a, b int) (int, error) {
 	const kcmpFile = 0
 	r, _, errno := unix.Syscall6(unix.SYS_KCMP, uintptr(pa), uintptr(pb), kcmpFile, uintptr(a), uintptr(b), 0)
 	if errno != 0 {
-		return false, os.NewSyscallError("kcmp", errno)
+		return 0, os.NewSyscallError("kcmp", errno)
 	}
-	return r == 0, nil
+	return int(r), nil
 }
 
 // addLocks records the locks fdinfo shows for fe (see fileTable.lockSeen).

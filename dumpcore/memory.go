@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -274,6 +275,11 @@ const (
 	nBuffers  = 3
 )
 
+// chunks holds read buffers of readChunk bytes, shared by the processes
+// of a tree (allocating them per process costs more than dumping a small
+// process's pages).
+var chunks = sync.Pool{New: func() any { return make([]byte, readChunk) }}
+
 func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 	pid := d.opts.Pid
 	start := time.Now()
@@ -308,8 +314,19 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		}
 	}
 	for i := 0; i < nBuffers; i++ {
-		pd.free <- make([]byte, readChunk)
+		pd.free <- chunks.Get().([]byte)
 	}
+	// The buffers go back to the pool for the tree's next process.
+	defer func() {
+		for {
+			select {
+			case b := <-pd.free:
+				chunks.Put(b[:readChunk])
+			default:
+				return
+			}
+		}
+	}()
 	werr := make(chan error, 1)
 	go func() { werr <- pd.writer() }()
 
@@ -320,7 +337,9 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 				return err
 			}
 			pages, skipZero := dumpable(v.Kind)
-			if !pages {
+			if !pages || slices.Contains(v.VmFlags, "dp") {
+				// Droppable memory (MAP_DROPPABLE) is not saved: it
+				// comes back empty, as if the kernel had dropped it.
 				continue
 			}
 			if err := pd.vma(v, skipZero, werr); err != nil {

@@ -50,6 +50,25 @@ func mapScratch(t *compel.Task, pid int) (*scratch, error) {
 	return &scratch{pid: pid, addr: addr, size: scratchSize}, nil
 }
 
+// gadgetCode is "syscall; int3": a remote call through it stops once, at
+// the int3, where one through the program's own syscall instruction
+// stops twice (syscall entry and exit).
+var gadgetCode = []byte{0x0f, 0x05, 0xcc}
+
+// gadget puts gadgetCode at the end of the scratch area, made executable,
+// and returns its address; 0 when the process refuses executable memory
+// (PR_SET_MDWE, say), and the program's own syscall instruction serves.
+func (s *scratch) gadget(t *compel.Task) uint64 {
+	at := s.addr + s.size - pageSize
+	if s.write(s.size-pageSize, gadgetCode) != nil {
+		return 0
+	}
+	if _, err := t.Syscall(unix.SYS_MPROTECT, at, pageSize, unix.PROT_READ|unix.PROT_EXEC); err != nil {
+		return 0
+	}
+	return at
+}
+
 func (s *scratch) unmap(t *compel.Task) error {
 	_, err := t.Syscall(unix.SYS_MUNMAP, s.addr, s.size)
 	return err

@@ -72,3 +72,10 @@ func kcmpSame(a, b, typ int) bool {
 	r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(a), uintptr(b), uintptr(typ), 0, 0, 0)
 	return e == 0 && r == 0
 }
+
+// currentCPU returns the CPU the calling thread runs on.
+func currentCPU() int {
+	var c uint32
+	unix.RawSyscall(unix.SYS_GETCPU, uintptr(unsafe.Pointer(&c)), 0, 0)
+	return int(c)
+}

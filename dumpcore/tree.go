@@ -102,6 +102,30 @@ func (t *tree) freeze(deadline time.Time) error {
 	return nil
 }
 
+// pin keeps the tracer thread and every frozen thread on the tracer's CPU
+// while the tree is frozen: each remote call then wakes a thread on the
+// same CPU instead of another (slow on a VM). Each thread gets its own
+// mask back when it resumes (resumeThreads); the returned func gives the
+// tracer its own back.
+func (t *tree) pin() func() {
+	var mine, one unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &mine); err != nil {
+		return func() {}
+	}
+	one.Set(currentCPU())
+	unix.SchedSetaffinity(0, &one)
+	for _, d := range t.procs {
+		d.affinity = map[int]unix.CPUSet{}
+		for _, ft := range d.threads {
+			var m unix.CPUSet
+			if unix.SchedGetaffinity(ft.tid, &m) == nil && unix.SchedSetaffinity(ft.tid, &one) == nil {
+				d.affinity[ft.tid] = m
+			}
+		}
+	}
+	return func() { unix.SchedSetaffinity(0, &mine) }
+}
+
 // single tells whether the tree is one process.
 func (t *tree) single() bool { return len(t.procs) == 1 && len(t.zombies) == 0 }
 
@@ -152,6 +176,7 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 			t.resume(false)
 		}
 	}()
+	defer t.pin()()
 	if err := t.checkShape(); err != nil {
 		return nil, err
 	}
