@@ -268,9 +268,12 @@ func (d *dumper) collectRemote(img *imageSet, main *compel.Task, sc *scratch, st
 		case "none":
 			pt.Notify = 1 // SIGEV_NONE
 		case "thread":
-			pt.Notify = 4 // SIGEV_THREAD_ID
+			pt.Notify = 2 // SIGEV_THREAD
 		default:
 			return nil, fmt.Errorf("POSIX timer %d: notify %q: %w", t.ID, t.Notify, ErrUnsupported)
+		}
+		if t.ToThread {
+			pt.Notify |= 4 // SIGEV_THREAD_ID: to that thread, not the process
 		}
 		core.PosixTimers = append(core.PosixTimers, pt)
 	}

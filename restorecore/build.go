@@ -97,8 +97,9 @@ func (b *builder) build(ctx context.Context) error {
 		{"files", b.restoreFiles},
 		{"task", b.restoreTask},
 		{"signals", b.restoreSigactions},
-		{"timers", b.restoreTimers},
+		// Threads before timers: a timer may signal one of them.
 		{"threads", b.restoreThreads},
+		{"timers", b.restoreTimers},
 		{"pending signals", b.restorePending},
 		{"creds", b.restoreCreds},
 	}

@@ -610,6 +610,10 @@ func TestDumpRestoreMappingsGhostTimers(t *testing.T) {
 		t.Errorf("timers stopped: alarms %d -> %d, POSIX timer ticks %d -> %d",
 			before.Int("alarms"), after.Int("alarms"), before.Int("ticks"), after.Int("ticks"))
 	}
+	if after.Int("tticks") <= before.Int("tticks") || after.Int("tmisses") != 0 {
+		t.Errorf("the timer of worker 0 (SIGEV_THREAD_ID): ticks %d -> %d, %d signals to other threads",
+			before.Int("tticks"), after.Int("tticks"), after.Int("tmisses"))
+	}
 	if after.Fields["timerid"] != before.Fields["timerid"] {
 		t.Errorf("POSIX timer id %s after restore, %s before", after.Fields["timerid"], before.Fields["timerid"])
 	}

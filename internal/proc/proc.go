@@ -517,6 +517,9 @@ type PosixTimer struct {
 	SigevValue uint64
 	Notify     string // "signal", "thread", "none"
 	NotifyTid  int
+	// ToThread: the signal goes to thread NotifyTid ("notify: .../tid.N",
+	// SIGEV_THREAD_ID), not to the process ("/pid.N").
+	ToThread bool
 	ClockID    int
 }
 
@@ -565,6 +568,7 @@ func ParseTimers(file string, b []byte) ([]PosixTimer, error) {
 			case "notify":
 				how, who, _ := strings.Cut(v, "/")
 				t.Notify = how
+				t.ToThread = strings.HasPrefix(who, "tid.")
 				if _, n, ok := strings.Cut(who, "."); ok {
 					t.NotifyTid, err = strconv.Atoi(n)
 				}

@@ -40,7 +40,8 @@
  *            restore; one mixing pages of different instants fails it.
  *   -c MIBS  with -C, rewrite at most MIBS MiB per second, over a 64 MiB
  *            churn buffer (without -c: as fast as it can, over -m MiB)
- *   -T       timers and signals: ITIMER_REAL, a POSIX timer, a blocked
+ *   -T       timers and signals: ITIMER_REAL, a POSIX timer (and with -t one
+ *            that signals worker 0 alone, SIGEV_THREAD_ID), a blocked
  *            real-time signal queued twice with values, a sigaltstack, and
  *            (with -t) SIGURG sent by tgkill to worker 0, which blocks it
  *            (a thread-directed signal whose siginfo says SI_TKILL)
@@ -148,8 +149,9 @@ static size_t cow_len;
 static int ghost_fd = -1;
 static long ghost_kib = 64;
 /* -T */
-static volatile long alarms, ticks, rtsigs, rtsum;
-static timer_t posix_timer;
+static volatile long alarms, ticks, rtsigs, rtsum, tticks, tmisses;
+static timer_t posix_timer, thread_timer;
+static volatile pid_t worker0_tid;
 static char altstack[64 * 1024];
 
 static void on_timer(int sig, siginfo_t *si, void *uc)
@@ -159,6 +161,12 @@ static void on_timer(int sig, siginfo_t *si, void *uc)
 		alarms++;
 	else if (sig == SIGRTMIN + 1)
 		ticks++;
+	else if (sig == SIGRTMIN + 2) {
+		if (gettid() == worker0_tid)
+			tticks++;
+		else
+			tmisses++;
+	}
 	else if (sig == SIGRTMIN) {
 		rtsigs++;
 		rtsum += si->si_value.sival_int;
@@ -259,7 +267,7 @@ static int setup_timers(void)
 	sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
 	sigemptyset(&sa.sa_mask);
 	if (sigaltstack(&ss, NULL) || sigaction(SIGALRM, &sa, NULL) || sigaction(SIGRTMIN, &sa, NULL) ||
-	    sigaction(SIGRTMIN + 1, &sa, NULL))
+	    sigaction(SIGRTMIN + 1, &sa, NULL) || sigaction(SIGRTMIN + 2, &sa, NULL))
 		return -1;
 	struct itimerval it = {{0, 20000}, {0, 20000}};
 	setitimer(ITIMER_REAL, &it, NULL);
@@ -368,7 +376,6 @@ static void on_signal(int sig)
 }
 
 static volatile int urg_pending = -1; /* -T: worker 0 sees its SIGURG pending */
-static volatile pid_t worker0_tid;
 static int timers_wanted;
 
 static void *worker(void *arg)
@@ -500,6 +507,7 @@ static void write_report(long counter, long seq, int ok)
 		fprintf(f, "alarms=%ld\nticks=%ld\nrtsigs=%ld\nrtsum=%ld\nrtpending=%d\n", alarms, ticks, rtsigs, rtsum,
 			sigismember(&pend, SIGRTMIN));
 		fprintf(f, "urgpending=%d\n", urg_pending);
+		fprintf(f, "tticks=%ld\ntmisses=%ld\n", tticks, tmisses);
 		fprintf(f, "timerid=%ld\n", (long)(intptr_t)posix_timer);
 	}
 	fprintf(f, "seq=%ld\n", seq);
@@ -614,6 +622,16 @@ int main(int argc, char **argv)
 		while (!worker0_tid)
 			usleep(1000);
 		tgkill(getpid(), worker0_tid, SIGURG);
+		/* A timer that signals worker 0 alone (SIGEV_THREAD_ID). */
+		struct sigevent sev = {0};
+		sev.sigev_notify = SIGEV_THREAD_ID;
+		sev.sigev_signo = SIGRTMIN + 2;
+		sev._sigev_un._tid = worker0_tid;
+		struct itimerspec its = {{0, 10000000}, {0, 10000000}};
+		if (timer_create(CLOCK_MONOTONIC, &sev, &thread_timer) || timer_settime(thread_timer, 0, &its, NULL)) {
+			perror("thread timer");
+			return 1;
+		}
 	}
 	if (use_pipe) {
 		if (pipe(pipefd) < 0) {
