@@ -520,7 +520,7 @@ type PosixTimer struct {
 	// ToThread: the signal goes to thread NotifyTid ("notify: .../tid.N",
 	// SIGEV_THREAD_ID), not to the process ("/pid.N").
 	ToThread bool
-	ClockID    int
+	ClockID  int
 }
 
 // ReadTimers reads /proc/PID/timers.
