@@ -501,11 +501,22 @@ func (ft *fileTable) addGhost(e *pb.FileEntry, lp string, st *unix.Stat_t) error
 	for _, x := range exts {
 		total += x[1] - x[0]
 	}
-	if total > ft.ghostLimit {
-		return fmt.Errorf("deleted file %s holds %d bytes of data, more than --ghost-limit %d: %w", e.Path, total, ft.ghostLimit, ErrUnsupported)
-	}
 	g := &pb.GhostFile{Id: id, Mode: st.Mode, Size: st.Size,
 		Uid: st.Uid, Gid: st.Gid, MtimeNs: st.Mtim.Nano()}
+	if name, ok := strings.CutPrefix(e.Path, "/memfd:"); ok {
+		// A memfd is memory, not a file that was removed: no
+		// --ghost-limit for it.
+		var sfs unix.Statfs_t
+		if unix.Fstatfs(int(f.Fd()), &sfs) == nil && sfs.Type == unix.TMPFS_MAGIC {
+			g.Memfd, g.MemfdName = true, name
+			if seals, err := unix.FcntlInt(f.Fd(), unix.F_GET_SEALS, 0); err == nil {
+				g.Seals = uint32(seals)
+			}
+		}
+	}
+	if total > ft.ghostLimit && !g.Memfd {
+		return fmt.Errorf("deleted file %s holds %d bytes of data, more than --ghost-limit %d: %w", e.Path, total, ft.ghostLimit, ErrUnsupported)
+	}
 	for _, x := range exts {
 		b := make([]byte, x[1]-x[0])
 		if _, err := f.ReadAt(b, x[0]); err != nil && !errors.Is(err, io.EOF) {

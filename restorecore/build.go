@@ -135,8 +135,35 @@ func (b *builder) ghostPath(f *pb.FileEntry) (string, error) {
 // removeGhosts removes the stand-ins (the tree holds what it needs).
 func (r *restorer) removeGhosts() {
 	for _, p := range r.ghosts {
-		os.Remove(p)
+		if !strings.HasPrefix(p, "/proc/") { // a memfd, through ferry's fd
+			os.Remove(p)
+		}
 	}
+	for _, m := range r.memfds {
+		unix.Close(m.fd)
+	}
+	r.memfds = nil
+}
+
+// heldMemfd is a memfd ferry made for the tree, with the seals it gets
+// once every process has it (sealMemfds).
+type heldMemfd struct {
+	fd    int
+	seals uint32
+}
+
+// sealMemfds seals the memfds ferry made, now that the tree holds and
+// maps them (a write seal forbids writable shared mappings from then on).
+func (r *restorer) sealMemfds() error {
+	for _, m := range r.memfds {
+		if m.seals == 0 {
+			continue
+		}
+		if _, err := unix.FcntlInt(uintptr(m.fd), unix.F_ADD_SEALS, int(m.seals)); err != nil {
+			return fmt.Errorf("memfd seals %#x: %w", m.seals, err)
+		}
+	}
+	return nil
 }
 
 type span struct{ start, end uint64 }
@@ -344,6 +371,17 @@ func (b *builder) restoreMemory() error {
 			f, ok := b.r.is.files[v.FileId]
 			if !ok {
 				return fmt.Errorf("VMA %#x: file id %d not in files.img", v.Start, v.FileId)
+			}
+			if h, ok := b.memfdFor(f); ok && f.Flags&unix.O_ACCMODE != unix.O_RDONLY {
+				// Mapped through memfd_create's own description (see
+				// restoreFiles).
+				if _, ok := fileFds[v.FileId]; !ok {
+					mfd, err := b.take(h)
+					if err != nil {
+						return fmt.Errorf("VMA %#x: memfd: %w", v.Start, err)
+					}
+					fileFds[v.FileId] = mfd
+				}
 			}
 			if _, ok := fileFds[v.FileId]; !ok {
 				p := f.Path

@@ -313,7 +313,20 @@ func (b *builder) restoreFiles() error {
 					}
 				}
 			}
-			raw, err := b.openIn(path, f)
+			var raw uint64
+			if h, ok := b.memfdFor(f); ok && f.Flags&unix.O_ACCMODE != unix.O_RDONLY {
+				// memfd_create's own description: an open for writing
+				// would count as a writer and forbid executing it.
+				if raw, err = b.take(h); err == nil && f.Pos != 0 {
+					_, err = b.sys(unix.SYS_LSEEK, raw, uint64(f.Pos), 0)
+				}
+				const settable = unix.O_APPEND | unix.O_NONBLOCK | unix.O_DIRECT | unix.O_NOATIME
+				if fl := f.Flags & settable; err == nil && fl != 0 {
+					_, err = b.sys(unix.SYS_FCNTL, raw, unix.F_SETFL, uint64(fl))
+				}
+			} else {
+				raw, err = b.openIn(path, f)
+			}
 			if err != nil {
 				return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
 			}
@@ -559,6 +572,28 @@ func (b *builder) newPipe(f *pb.FileEntry, park func(uint64) (int, error)) ([2]i
 	return ends, nil
 }
 
+// memfdFor returns ferry's memfd for file f, if f is one (made on first
+// use).
+func (b *builder) memfdFor(f *pb.FileEntry) (int, bool) {
+	g, ok := b.r.is.ghosts[f.Id]
+	if !f.Ghost || !ok {
+		return 0, false
+	}
+	first := f
+	if g.SameAs != 0 {
+		first = b.r.is.files[g.SameAs]
+		g = b.r.is.ghosts[g.SameAs]
+	}
+	if g == nil || !g.Memfd {
+		return 0, false
+	}
+	if _, err := b.ghostPath(first); err != nil {
+		return 0, false
+	}
+	h, ok := b.r.memfdOf[first.Id]
+	return h, ok
+}
+
 // makeGhost recreates a deleted file's contents in a temporary file beside
 // its old path (or in the temp dir); the caller removes it once the target
 // holds it open.
@@ -575,31 +610,57 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 		}
 		return b.ghostPath(first)
 	}
-	// At its old path if that is free, so /proc/PID/fd shows the same
-	// name; else beside it, else in the temp dir.
-	tf, err := os.OpenFile(f.Path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		tf, err = os.CreateTemp(filepath.Dir(f.Path), ".ferry-ghost-*")
-	}
-	if err != nil {
-		tf, err = os.CreateTemp("", ".ferry-ghost-*")
+	var tf *os.File
+	if g.Memfd {
+		defer func() { b.r.memfdOf[f.Id] = b.r.memfds[len(b.r.memfds)-1].fd }()
+		// Made by ferry and held until the tree is restored; the
+		// processes open it through ferry's fd (each description its
+		// own flags and offset) and the seals come last (sealMemfds).
+		fd, err := unix.MemfdCreate(g.MemfdName, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 		if err != nil {
+			return "", fmt.Errorf("memfd %s: %w", g.MemfdName, err)
+		}
+		keep, err := unix.Dup(fd)
+		if err != nil {
+			unix.Close(fd)
 			return "", err
+		}
+		b.r.memfds = append(b.r.memfds, heldMemfd{fd: keep, seals: g.Seals})
+		tf = os.NewFile(uintptr(fd), g.MemfdName)
+	} else {
+		// At its old path if that is free, so /proc/PID/fd shows the
+		// same name; else beside it, else in the temp dir.
+		var err error
+		tf, err = os.OpenFile(f.Path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			tf, err = os.CreateTemp(filepath.Dir(f.Path), ".ferry-ghost-*")
+		}
+		if err != nil {
+			tf, err = os.CreateTemp("", ".ferry-ghost-*")
+			if err != nil {
+				return "", err
+			}
 		}
 	}
 	defer tf.Close()
+	path := tf.Name()
+	drop := func() { os.Remove(path) }
+	if g.Memfd {
+		path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), b.r.memfds[len(b.r.memfds)-1].fd)
+		drop = func() {}
+	}
 	if _, err := tf.Write(g.Data); err != nil {
-		os.Remove(tf.Name())
+		drop()
 		return "", err
 	}
 	for _, x := range g.Extents { // a file with holes: they stay holes
 		if _, err := tf.WriteAt(x.Data, x.Offset); err != nil {
-			os.Remove(tf.Name())
+			drop()
 			return "", err
 		}
 	}
 	if err := tf.Truncate(g.Size); err != nil {
-		os.Remove(tf.Name())
+		drop()
 		return "", err
 	}
 	// Owner first (chown clears set-id bits), then the mode (unix bits:
@@ -608,9 +669,9 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 	unix.Fchmod(int(tf.Fd()), g.Mode&0o7777)
 	if f.MtimeNs != 0 {
 		ts := []unix.Timespec{{Nsec: unix.UTIME_OMIT}, unix.NsecToTimespec(f.MtimeNs)}
-		unix.UtimesNanoAt(unix.AT_FDCWD, tf.Name(), ts, 0)
+		unix.UtimesNanoAt(unix.AT_FDCWD, path, ts, 0)
 	}
-	return tf.Name(), nil
+	return path, nil
 }
 
 // takeLock takes a dumped file lock again, inside the process (POSIX locks

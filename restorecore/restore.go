@@ -96,7 +96,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		}
 	}
 	validated := time.Now()
-	r := &restorer{opts: opts, log: opts.Logger, is: is, stats: &pb.RestoreStats{}}
+	r := &restorer{opts: opts, log: opts.Logger, is: is, stats: &pb.RestoreStats{}, memfdOf: map[uint32]int{}}
 	r.stats.ValidateTimeUs = uint64(validated.Sub(start).Microseconds())
 	tr := ptrace.NewThread()
 	defer tr.Close()
@@ -141,6 +141,10 @@ type restorer struct {
 	// ghosts are the stand-ins of deleted files (by file id), removed
 	// once the tree holds them.
 	ghosts map[uint32]string
+	memfds []heldMemfd
+	// memfdOf is ferry's memfd of each memfd file entry made (by the id
+	// of the entry its ghost image belongs to).
+	memfdOf map[uint32]int
 	// dead holds the stand-ins for dead processes that pidfds refer to,
 	// by the pidfds' inode.
 	dead map[uint64]int
@@ -244,6 +248,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		if err := r.action(stage, root); err != nil {
 			return nil, err
 		}
+	}
+	if err := r.sealMemfds(); err != nil {
+		return nil, err
 	}
 	// Every process is ready: let them go, children before parents.
 	res = &Result{Root: root}

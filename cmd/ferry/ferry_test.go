@@ -2147,3 +2147,9 @@ func TestDumpRestoreSharedMappingMprotect(t *testing.T) {
 	// page and a later mprotect work.
 	selfCheckAcross(t, "mapprot.py")
 }
+
+func TestDumpRestoreMemfd(t *testing.T) {
+	// A memfd comes back as a memfd (same name, contents, offset, flags,
+	// mode, seals), still mapped, and still executable.
+	selfCheckAcross(t, "memfd.py")
+}

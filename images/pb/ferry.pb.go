@@ -3566,7 +3566,12 @@ type GhostFile struct {
 	Extents []*GhostExtent `protobuf:"bytes,8,rep,name=extents,proto3" json:"extents,omitempty"`
 	// The same deleted file as ghost same_as (opened by two names, hard
 	// links): no data here; it is made once.
-	SameAs        uint32 `protobuf:"varint,9,opt,name=same_as,json=sameAs,proto3" json:"same_as,omitempty"`
+	SameAs uint32 `protobuf:"varint,9,opt,name=same_as,json=sameAs,proto3" json:"same_as,omitempty"`
+	// A memfd (memfd_create(2)): made again as one, with memfd_name (what
+	// /proc shows after "/memfd:") and its seals (F_GET_SEALS).
+	Memfd         bool   `protobuf:"varint,10,opt,name=memfd,proto3" json:"memfd,omitempty"`
+	MemfdName     string `protobuf:"bytes,11,opt,name=memfd_name,json=memfdName,proto3" json:"memfd_name,omitempty"`
+	Seals         uint32 `protobuf:"varint,12,opt,name=seals,proto3" json:"seals,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3660,6 +3665,27 @@ func (x *GhostFile) GetExtents() []*GhostExtent {
 func (x *GhostFile) GetSameAs() uint32 {
 	if x != nil {
 		return x.SameAs
+	}
+	return 0
+}
+
+func (x *GhostFile) GetMemfd() bool {
+	if x != nil {
+		return x.Memfd
+	}
+	return false
+}
+
+func (x *GhostFile) GetMemfdName() string {
+	if x != nil {
+		return x.MemfdName
+	}
+	return ""
+}
+
+func (x *GhostFile) GetSeals() uint32 {
+	if x != nil {
+		return x.Seals
 	}
 	return 0
 }
@@ -4335,7 +4361,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\fPagemapBatch\x12\x14\n" +
 	"\x05vaddr\x18\x01 \x03(\x04R\x05vaddr\x12\x19\n" +
 	"\bnr_pages\x18\x02 \x03(\rR\anrPages\x12\x14\n" +
-	"\x05flags\x18\x03 \x03(\rR\x05flags\"\xe4\x01\n" +
+	"\x05flags\x18\x03 \x03(\rR\x05flags\"\xaf\x02\n" +
 	"\tGhostFile\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04mode\x18\x02 \x01(\rR\x04mode\x12\x12\n" +
@@ -4345,7 +4371,12 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\bmtime_ns\x18\x06 \x01(\x03R\amtimeNs\x12\x12\n" +
 	"\x04data\x18\a \x01(\fR\x04data\x123\n" +
 	"\aextents\x18\b \x03(\v2\x19.ferry.images.GhostExtentR\aextents\x12\x17\n" +
-	"\asame_as\x18\t \x01(\rR\x06sameAs\"9\n" +
+	"\asame_as\x18\t \x01(\rR\x06sameAs\x12\x14\n" +
+	"\x05memfd\x18\n" +
+	" \x01(\bR\x05memfd\x12\x1d\n" +
+	"\n" +
+	"memfd_name\x18\v \x01(\tR\tmemfdName\x12\x14\n" +
+	"\x05seals\x18\f \x01(\rR\x05seals\"9\n" +
 	"\vGhostExtent\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\"\x91\x03\n" +
