@@ -77,3 +77,16 @@ func TestDumpRestoreSharedFdTable(t *testing.T) {
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
 }
+
+func TestDumpRestorePreforkServer(t *testing.T) {
+	// A master and four workers accepting on one listening socket: after
+	// restore the socket is one again, shared by all, and every worker
+	// answers (with the token it drew before the dump).
+	w := startSelfCheck(t, "prefork.py")
+	before := w.Report(t)
+	treePids(t, before)
+	rw := dumpRestore(t, w)
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	checkSelf(t, rw)
+}
