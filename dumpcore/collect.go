@@ -412,11 +412,20 @@ func (d *dumper) inventory(img *imageSet) (*pb.Inventory, error) {
 		CreatedUnixNs: time.Now().UnixNano(),
 		PageSize:      uint64(os.Getpagesize()),
 	}
-	if d.parent != nil && d.dirty != nil {
-		inv.ParentDir = d.parent.dir
-	}
-	if t := d.tracker; t != nil && t.parked > 0 && (d.opts.PreDump || d.opts.TrackMem && (d.opts.LeaveRunning || d.opts.LeaveStopped)) {
-		inv.TrackerFd, inv.TrackerIno = int32(t.parked), t.parkedIno
+	keep := d.opts.PreDump || d.opts.TrackMem && (d.opts.LeaveRunning || d.opts.LeaveStopped)
+	for _, p := range d.t.procs {
+		if p.parent != nil && p.dirty != nil {
+			inv.ParentDir = p.parent.dir
+		}
+		t := p.tracker
+		if t == nil || t.parked <= 0 || !keep {
+			continue
+		}
+		if p == d {
+			inv.TrackerFd, inv.TrackerIno = int32(t.parked), t.parkedIno
+		} else {
+			inv.Trackers = append(inv.Trackers, &pb.TrackerRef{Pid: int32(p.opts.Pid), Fd: int32(t.parked), Ino: t.parkedIno})
+		}
 	}
 	inv.PreDump = d.opts.PreDump
 	if img.core != nil && len(img.core.Threads) > 0 {

@@ -243,36 +243,44 @@ func (d *dumper) action(stage string) error {
 	return d.opts.Action(stage)
 }
 
-// release lets a process that is left running (or stopped) go: trackers
-// nobody will come back for are taken out of it, and it resumes.
+// release lets a tree that is left running (or stopped) go: trackers
+// nobody will come back for are taken out of its processes, and it
+// resumes.
 //
-// Closing a tracker inside the process would drop its write protection
+// Closing a tracker inside a process would drop its write protection
 // from every page while the process is frozen (~20 ms per GiB): a running
 // process gets its trackers removed after it resumes (removeTrackers).
-func (d *dumper) release(img *imageSet, frozenAt time.Time) error {
-	pid := d.opts.Pid
-	var drop []int
-	if t := d.tracker; t != nil && t.parked > 0 && !d.opts.TrackMem {
-		drop = append(drop, t.parked)
+func (t *tree) release(frozenAt time.Time) error {
+	drops := map[*dumper][]int{}
+	for _, d := range t.procs {
+		pid := d.opts.Pid
+		var drop []int
+		if tr := d.tracker; tr != nil && tr.parked > 0 && !d.opts.TrackMem {
+			drop = append(drop, tr.parked)
+		}
+		for _, fd := range t.files.staleTrackers[pid] {
+			if d.tracker == nil || fd != d.tracker.parked {
+				d.log.Info("removing a dirty tracker an earlier round left in the process", "pid", pid, "fd", fd)
+				drop = append(drop, fd)
+			}
+		}
+		if d.opts.LeaveStopped {
+			for _, fd := range drop {
+				d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd))
+			}
+			continue
+		}
+		drops[d] = drop
 	}
-	for _, fd := range img.files.staleTrackers {
-		if d.tracker == nil || fd != d.tracker.parked {
-			d.log.Info("removing a dirty tracker an earlier round left in the process", "fd", fd)
-			drop = append(drop, fd)
+	t.resume(t.opts.LeaveStopped)
+	t.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
+	var err error
+	for d, drop := range drops {
+		if len(drop) > 0 {
+			err = errors.Join(err, removeTrackers(d.opts, d.log, drop))
 		}
 	}
-	if d.opts.LeaveStopped {
-		for _, fd := range drop {
-			d.task(pid).Syscall(unix.SYS_CLOSE, uint64(fd))
-		}
-		drop = nil
-	}
-	d.t.resume(d.opts.LeaveStopped)
-	d.stats.FrozenTimeUs = uint64(time.Since(frozenAt).Microseconds())
-	if len(drop) > 0 {
-		return removeTrackers(d.opts, d.log, drop)
-	}
-	return nil
+	return err
 }
 
 // finish writes the dump's statistics.

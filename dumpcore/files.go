@@ -24,7 +24,7 @@ import (
 type fileTable struct {
 	// staleTrackers are userfaultfds ferry left in the process (pre-dump)
 	// that this dump found without their image set: not the program's.
-	staleTrackers []int
+	staleTrackers map[int][]int // by pid
 	// tcpEstablished (--tcp-established): established TCP connections are
 	// dumped; repaired holds ferry's duplicates of those now in repair
 	// mode, to be closed (after a kill: silently) or taken out of it.
@@ -185,7 +185,10 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 		}
 		if id == 0 {
 			if isFerryTracker(pid, fd, info) {
-				ft.staleTrackers = append(ft.staleTrackers, fd)
+				if ft.staleTrackers == nil {
+					ft.staleTrackers = map[int][]int{}
+				}
+				ft.staleTrackers[pid] = append(ft.staleTrackers[pid], fd)
 				continue
 			}
 			e, err := ft.describeFd(pid, pidfd, fd, info, shellJob)

@@ -106,6 +106,39 @@ type parentImages struct {
 	pages *regionSet // every page the parent chain holds for the process
 }
 
+// trackerOf returns the fd and inode of the tracker the parent round left
+// in process pid (0 if none).
+func (p *parentImages) trackerOf(pid int) (int, uint64) {
+	if int(p.inv.RootPid) == pid {
+		return int(p.inv.TrackerFd), p.inv.TrackerIno
+	}
+	for _, t := range p.inv.Trackers {
+		if int(t.Pid) == pid {
+			return int(t.Fd), t.Ino
+		}
+	}
+	return 0, 0
+}
+
+// forProcess returns the parent images of another process of the tree
+// (root's p), or nil if the parent round did not hold that process.
+func (p *parentImages) forProcess(imagesDir string, pid int) *parentImages {
+	path := p.dir
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(imagesDir, p.dir)
+	}
+	_, entries, err := images.ReadPagemap(path, int32(pid))
+	if err != nil {
+		return nil
+	}
+	q := &parentImages{dir: p.dir, inv: p.inv, pages: &regionSet{spans: make([]span, len(entries))}}
+	for i, e := range entries {
+		q.pages.spans[i] = span{e.Vaddr, e.Vaddr + uint64(e.NrPages)*pageSize}
+	}
+	q.pages.normalize()
+	return q
+}
+
 // loadParent reads the parent image set of an incremental dump.
 func loadParent(imagesDir, prev string, pid int) (*parentImages, error) {
 	path := prev
@@ -247,12 +280,13 @@ func isUffdLink(target string) bool { return strings.HasPrefix(target, "anon_ino
 func (d *dumper) setupTracking() error {
 	pid := d.opts.Pid
 	if p := d.parent; p != nil {
-		u, err := takeParkedTracker(pid, int(p.inv.TrackerFd), p.inv.TrackerIno)
+		tfd, tino := p.trackerOf(pid)
+		u, err := takeParkedTracker(pid, tfd, tino)
 		if err != nil {
 			return err
 		}
 		if u != nil {
-			t := &Tracker{pid: pid, u: u, features: trackFeatures, log: d.log, parked: int(p.inv.TrackerFd), parkedIno: p.inv.TrackerIno}
+			t := &Tracker{pid: pid, u: u, features: trackFeatures, log: d.log, parked: tfd, parkedIno: tino}
 			if t.sc, err = uffd.OpenScanner(pid); err != nil {
 				u.Close()
 				return err
@@ -325,20 +359,55 @@ func (d *dumper) setupTracking() error {
 	return err
 }
 
-// preDump saves the process's memory for a later incremental dump: the
-// VMAs are read while frozen, then the process resumes and its pages are
+// preDump saves the tree's memory for a later incremental dump: the
+// VMAs are read while frozen, then the tree resumes and its pages are
 // copied while it runs (pages written meanwhile are caught by the next
 // round's scan).
-func (d *dumper) preDump(ctx context.Context, start, frozenAt time.Time) (*Result, error) {
-	pid := d.opts.Pid
-	img := &imageSet{files: newFileTable(d.opts.GhostLimit), mm: &pb.MmCore{Pid: int32(pid)}}
-	// Only the tracker needed the freeze (taken, scanned and re-armed, or
-	// injected): the process runs again before its VMAs are read (smaps
+func (t *tree) preDump(ctx context.Context, start, frozenAt time.Time) (*Result, error) {
+	// Only the trackers needed the freeze (taken, scanned and re-armed,
+	// or injected): the tree runs again before its VMAs are read (smaps
 	// walks page tables), armed and copied. A VMA that appears meanwhile
 	// is copied now if seen, and reported fresh by the next round anyway.
-	d.t.resume(false)
+	t.resume(false)
 	released := time.Now()
-	d.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
+	t.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
+	imgs := make([]*imageSet, len(t.procs))
+	for i, d := range t.procs {
+		img, err := d.preDumpMemory(ctx)
+		if err != nil {
+			return nil, err
+		}
+		imgs[i] = img
+	}
+	root := t.procs[0]
+	inv, err := root.inventory(imgs[0])
+	if err != nil {
+		return nil, err
+	}
+	dir := t.opts.ImagesDir
+	if err := images.WriteAll(dir, images.InventoryName, images.KindInventory, inv); err != nil {
+		return nil, err
+	}
+	for i, d := range t.procs {
+		if err := d.writePagemap(imgs[i]); err != nil {
+			return nil, err
+		}
+	}
+	if err := root.finishSink(); err != nil {
+		return nil, err
+	}
+	t.stats.TotalTimeUs = uint64(time.Since(start).Microseconds())
+	if err := images.WriteAll(dir, images.StatsDumpName, images.KindStats, &pb.Stats{Dump: t.stats}); err != nil {
+		return nil, err
+	}
+	t.log.Info("pre-dump finished", "pid", t.root, "processes", len(t.procs), "frozen", released.Sub(frozenAt),
+		"pages written", t.stats.PagesWritten, "pages in parent", t.stats.PagesSkippedParent)
+	return &Result{Stats: t.stats}, nil
+}
+
+// preDumpMemory copies the memory of one process of a pre-dump.
+func (d *dumper) preDumpMemory(ctx context.Context) (*imageSet, error) {
+	img := &imageSet{files: newFileTable(d.opts.GhostLimit), mm: &pb.MmCore{Pid: int32(d.opts.Pid)}}
 	if err := d.collectVmas(img); err != nil {
 		return nil, err
 	}
@@ -353,25 +422,5 @@ func (d *dumper) preDump(ctx context.Context, start, frozenAt time.Time) (*Resul
 	if err := d.dumpPages(ctx, img); err != nil {
 		return nil, err
 	}
-	inv, err := d.inventory(img)
-	if err != nil {
-		return nil, err
-	}
-	dir := d.opts.ImagesDir
-	if err := images.WriteAll(dir, "inventory.img", images.KindInventory, inv); err != nil {
-		return nil, err
-	}
-	if err := d.writePagemap(img); err != nil {
-		return nil, err
-	}
-	if err := d.finishSink(); err != nil {
-		return nil, err
-	}
-	d.stats.TotalTimeUs = uint64(time.Since(start).Microseconds())
-	if err := images.WriteAll(dir, "stats-dump", images.KindStats, &pb.Stats{Dump: d.stats}); err != nil {
-		return nil, err
-	}
-	d.log.Info("pre-dump finished", "pid", pid, "frozen", released.Sub(frozenAt), "pages written", d.stats.PagesWritten,
-		"pages in parent", d.stats.PagesSkippedParent)
-	return &Result{Stats: d.stats}, nil
+	return img, nil
 }

@@ -137,7 +137,7 @@ func (t *tree) checkShape() error {
 		return nil
 	}
 	switch o := t.opts; {
-	case o.PreDump, o.TrackMem, o.PrevImagesDir != "", o.LazyServe != nil, o.NoPageData, o.FlagsBeforeFreeze:
+	case o.LazyServe != nil, o.NoPageData, o.FlagsBeforeFreeze:
 		var pids []int
 		for _, d := range t.procs[1:] {
 			pids = append(pids, d.opts.Pid)
@@ -145,7 +145,7 @@ func (t *tree) checkShape() error {
 		for _, z := range t.zombies {
 			pids = append(pids, z.Pid)
 		}
-		return fmt.Errorf("process %d has descendants %v: %w (pre-dump, incremental, lazy and background dumps take one process)",
+		return fmt.Errorf("process %d has descendants %v: %w (lazy and background dumps take one process)",
 			t.root, pids, ErrUnsupported)
 	}
 	return nil
@@ -188,16 +188,23 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 	}
 	t.log.Debug("prepared", "took", time.Since(t0))
 	t0 = time.Now()
-	if err := root.setupTracking(); err != nil {
-		return nil, err
+	for _, d := range t.procs[1:] {
+		if root.parent != nil {
+			d.parent = root.parent.forProcess(t.opts.ImagesDir, d.opts.Pid)
+		}
+	}
+	for _, d := range t.procs {
+		if err := d.setupTracking(); err != nil {
+			return nil, err
+		}
+		if d.tracker != nil {
+			defer d.tracker.Close()
+		}
 	}
 	t.log.Debug("tracking set up", "took", time.Since(t0))
-	if root.tracker != nil {
-		defer root.tracker.Close()
-	}
 	if t.opts.PreDump {
 		committed = true
-		return root.preDump(ctx, start, frozenAt)
+		return t.preDump(ctx, start, frozenAt)
 	}
 	imgs, err := t.collect(ctx)
 	if err != nil {
@@ -209,7 +216,7 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		// Everything is read: the tree goes on while the images are
 		// written. A failure from here on fails the dump, not the tree.
 		committed = true
-		if err := root.release(imgs[0], frozenAt); err != nil {
+		if err := t.release(frozenAt); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
 		moved, err := root.flagsMoved()

@@ -1763,9 +1763,9 @@ func TestDumpRestoreFileLocks(t *testing.T) {
 	}
 }
 
-func TestPreDumpRefusesProcessTree(t *testing.T) {
-	// A process with a child is a tree, which pre-dump does not take yet:
-	// it says so, names the child, and both run on untouched.
+func TestLazyDumpRefusesProcessTree(t *testing.T) {
+	// A process with a child is a tree, which a lazy dump does not take
+	// yet: it says so, names the child, and both run on untouched.
 	needRoot(t)
 	cmd := exec.Command("python3", "-c", "import os,time\nif os.fork()==0:\n    time.sleep(60)\nelse:\n    time.sleep(60)")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -1784,9 +1784,9 @@ func TestPreDumpRefusesProcessTree(t *testing.T) {
 	if len(kids) != 1 {
 		t.Fatalf("children %v", kids)
 	}
-	code, out := ferry(t, "pre-dump", "-t", strconv.Itoa(cmd.Process.Pid), "-D", t.TempDir())
+	code, out := ferry(t, "dump", "--lazy-pages", "--address", "127.0.0.1", "--port", freePort(t), "-t", strconv.Itoa(cmd.Process.Pid), "-D", t.TempDir())
 	if code != 1 || !strings.Contains(out, "has descendants") || !strings.Contains(out, strconv.Itoa(kids[0])) {
-		t.Fatalf("pre-dump of a tree: exit %d\n%s", code, out)
+		t.Fatalf("lazy dump of a tree: exit %d\n%s", code, out)
 	}
 	if !testutil.PidAlive(cmd.Process.Pid) || !testutil.PidAlive(kids[0]) {
 		t.Fatal("the tree did not run on")

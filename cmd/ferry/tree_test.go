@@ -4,9 +4,12 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
@@ -89,4 +92,55 @@ func TestDumpRestorePreforkServer(t *testing.T) {
 	defer rw.Kill()
 	checkContinued(t, before, rw.Report(t))
 	checkSelf(t, rw)
+}
+
+func TestPreDumpChainTree(t *testing.T) {
+	// Pre-dump rounds of a tree: every process gets its dirty tracker,
+	// later rounds copy what each wrote since, and the final dump of the
+	// chain restores the whole tree.
+	w := startSelfCheck(t, "tree.py")
+	before := w.Report(t)
+	pids := treePids(t, before)
+	dirs := chainDirs(t, 3)
+	d1, d2, d3 := dirs[0], dirs[1], dirs[2]
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d1)
+	var inv pb.Inventory
+	if err := images.ReadOne(d1, "inventory.img", images.KindInventory, &inv); err != nil {
+		t.Fatal(err)
+	}
+	// A, its child G and B are tracked (the zombie has no memory).
+	if inv.TrackerFd <= 0 || len(inv.Trackers) != len(pids)-1 {
+		t.Fatalf("pre-dump of a tree of %d live processes: root tracker fd %d, %d other trackers", len(pids), inv.TrackerFd, len(inv.Trackers))
+	}
+	s1 := dumpStats(t, d1)
+	time.Sleep(100 * time.Millisecond)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", d2, "--prev-images-dir", "../1")
+	s2 := dumpStats(t, d2)
+	if s2.PagesSkippedParent < s1.PagesWritten/2 || s2.PagesWritten >= s1.PagesWritten {
+		t.Fatalf("second round wrote %d pages (first %d), %d from the parent: not incremental",
+			s2.PagesWritten, s1.PagesWritten, s2.PagesSkippedParent)
+	}
+	for _, p := range pids[:3] { // A, G, B: pages of their own in the parent
+		head, entries, err := images.ReadPagemap(d2, int32(p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		inParent := 0
+		for _, e := range entries {
+			if e.InParent {
+				inParent++
+			}
+		}
+		if inParent == 0 {
+			t.Fatalf("process %d: no page of the second round refers to the first (%v)", p, head)
+		}
+	}
+	mid := w.Report(t)
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", d3, "--prev-images-dir", "../2")
+	w.Reap(t)
+	mustFerry(t, "restore", "-D", d3, "-d")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, mid, r.Report(t))
+	checkSelf(t, r)
 }
