@@ -95,9 +95,21 @@ func (a *Agent) resumeSource(pid int, refs []procRef) {
 		if err := dumpcore.ReleaseConnections(pid); err != nil {
 			a.log.Warn("migration: resuming the source", "pid", pid, "err", err)
 		}
-		a.releaseTrackers(pid)
+	}
+	// Every process of the tree had a tracker (its main thread's PID is
+	// the process's).
+	for _, r := range refs {
+		if r.alive() && isLeader(r.Pid) {
+			a.releaseTrackers(r.Pid)
+		}
 	}
 	signal(refs, unix.SIGCONT)
+}
+
+// isLeader tells whether tid is the main thread of its process.
+func isLeader(tid int) bool {
+	st, err := proc.ReadStatus(tid)
+	return err == nil && st.Tgid == tid
 }
 
 // rootAlive tells whether the root pid of a recorded tree is still the

@@ -81,37 +81,63 @@ func (a *Agent) Inspect(ctx context.Context, req *agentv1.InspectRequest) (*agen
 	if err != nil || pid <= 0 {
 		return nil, status.Errorf(codes.NotFound, "no process %d on %s", req.Pid, a.cfg.Name)
 	}
-	tids, err := proc.Tids(pid)
-	if err != nil {
+	if _, err := proc.Tids(pid); err != nil {
 		return nil, status.Errorf(codes.NotFound, "process %d: %v", pid, err)
 	}
-	if kids := children(pid, tids); len(kids) > 0 {
-		return nil, status.Errorf(codes.FailedPrecondition, "process %d has children (%v): process trees cannot move yet", pid, kids)
-	}
-	r := &agentv1.InspectReply{Command: st.Comm, Node: a.node()}
-	for _, t := range tids {
-		r.Pids = append(r.Pids, int32(t))
-	}
-	if b, err := os.ReadFile(proc.Path(pid, "statm")); err == nil {
-		if f := strings.Fields(string(b)); len(f) > 1 {
-			n, _ := strconv.ParseUint(f[1], 10, 64)
-			r.Rss = n * uint64(os.Getpagesize())
+	procs := treeOf(pid)
+	r := &agentv1.InspectReply{Command: st.Comm, Node: a.node(), Processes: uint32(len(procs))}
+	for _, p := range procs {
+		for _, t := range tasksOf(p) {
+			r.Pids = append(r.Pids, int32(t))
+		}
+		// Resident memory of the tree (what children share with their
+		// parent counts twice: an upper bound).
+		if b, err := os.ReadFile(proc.Path(p, "statm")); err == nil {
+			if f := strings.Fields(string(b)); len(f) > 1 {
+				n, _ := strconv.ParseUint(f[1], 10, 64)
+				r.Rss += n * uint64(os.Getpagesize())
+			}
 		}
 	}
 	return r, nil
 }
 
-func children(pid int, tids []int) []int {
-	var out []int
-	for _, t := range tids {
-		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, t))
-		for _, f := range strings.Fields(string(b)) {
-			if c, err := strconv.Atoi(f); err == nil {
-				out = append(out, c)
+// treeOf lists pid and its descendants, parents first.
+func treeOf(pid int) []int {
+	out := []int{pid}
+	for i := 0; i < len(out); i++ {
+		for _, t := range tasksOf(out[i]) {
+			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", out[i], t))
+			for _, f := range strings.Fields(string(b)) {
+				if c, err := strconv.Atoi(f); err == nil {
+					out = append(out, c)
+				}
 			}
 		}
 	}
 	return out
+}
+
+// tasksOf lists the threads of process pid (a zombie: pid alone).
+func tasksOf(pid int) []int {
+	tids, err := proc.Tids(pid)
+	if err != nil || len(tids) == 0 {
+		return []int{pid}
+	}
+	return tids
+}
+
+// treeRefs names every thread of the tree of pid by PID and start time.
+func treeRefs(pid int) []procRef {
+	var refs []procRef
+	for _, p := range treeOf(pid) {
+		for _, t := range tasksOf(p) {
+			if r, err := refOf(t); err == nil {
+				refs = append(refs, r)
+			}
+		}
+	}
+	return refs
 }
 
 // Round runs one pre-copy round, or the final dump, of a migration's
@@ -185,9 +211,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		// A final dump that failed after its commit point (writing or
 		// sending images) leaves the tree stopped as asked: resume it.
 		if st, e := proc.ReadStat(int(req.Pid)); e == nil && st.State == 'T' {
-			if r, e := refOf(int(req.Pid)); e == nil {
-				a.resumeSource(r.Pid, []procRef{r})
-			}
+			a.resumeSource(int(req.Pid), treeRefs(int(req.Pid)))
 		}
 	}
 	if err != nil {
@@ -196,13 +220,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 	if req.Final {
 		// The tree is stopped by SIGSTOP and detached: a freeze that
 		// outlives this agent. Record it before anything else.
-		var refs []procRef
-		tids, _ := proc.Tids(int(req.Pid))
-		for _, t := range tids {
-			if r, err := refOf(t); err == nil {
-				refs = append(refs, r)
-			}
-		}
+		refs := treeRefs(int(req.Pid))
 		if len(refs) == 0 {
 			return nil, status.Errorf(codes.Aborted, "round %d: process %d vanished after its final dump", req.Round, req.Pid)
 		}

@@ -234,6 +234,15 @@ func (r *run) migrate(ctx context.Context) error {
 	if err != nil {
 		return &Error{Refused, fmt.Errorf("target %s: %s", o.To, reason(err))}
 	}
+	if ins.Processes > 1 && o.Mode != "precopy" {
+		// Post-copy restores one process lazily, so far.
+		if o.Mode == "postcopy" {
+			return &Error{Refused, fmt.Errorf("process %d heads a tree of %d processes: --mode postcopy moves one process; use --mode precopy", o.Pid, ins.Processes)}
+		}
+		r.opts.Mode, o.Mode = "precopy", "precopy"
+		r.event(Event{Event: "mode", Pid: o.Pid,
+			Message: fmt.Sprintf("a tree of %d processes: pre-copy rounds, then a stop-and-copy final round (post-copy moves one process)", ins.Processes)})
+	}
 	if o.Mode != "precopy" && !dstNode.LazyPages {
 		return &Error{Refused, fmt.Errorf("target %s cannot restore lazily (no userfaultfd on kernel %s): --mode %s needs it; use --mode precopy", o.To, dstNode.Kernel, o.Mode)}
 	}
@@ -247,8 +256,8 @@ func (r *run) migrate(ctx context.Context) error {
 		return &Error{Refused, fmt.Errorf("target %s refuses: %s", o.To, reason(err))}
 	}
 	r.event(Event{Event: "preflight", Pid: o.Pid, Bytes: ins.Rss,
-		Message: fmt.Sprintf("%s (pid %d, %d threads, %s resident) from %s (kernel %s) to %s (kernel %s, %s available)",
-			ins.Command, o.Pid, len(ins.Pids), Size(ins.Rss), ins.Node.GetName(), ins.Node.GetKernel(),
+		Message: fmt.Sprintf("%s (pid %d, %d processes, %d threads, %s resident) from %s (kernel %s) to %s (kernel %s, %s available)",
+			ins.Command, o.Pid, max(ins.Processes, 1), len(ins.Pids), Size(ins.Rss), ins.Node.GetName(), ins.Node.GetKernel(),
 			dstNode.Name, dstNode.Kernel, Size(dstNode.MemAvailable))})
 
 	// From here on every failure is rolled back. The lease is renewed on

@@ -4,9 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/internal/testutil"
 )
@@ -287,4 +291,55 @@ func TestMigrateDetached(t *testing.T) {
 		t.Fatalf("no process with PID %d on B", pid)
 	}
 	checkSame(t, before, testutil.Attach(t, pidB, w.ReportPath).Report(t))
+}
+
+// TestMigrateTree moves a process tree (testdata/workloads/tree.py:
+// children and a grandchild in groups and sessions of their own, a
+// zombie, shared memory, pipes and a shared file description) from A to
+// B with the default mode: a tree moves by pre-copy rounds, a dirty
+// tracker in every process, then a stop-and-copy final round. On B every
+// process has its PID and the tree checks itself.
+func TestMigrateTree(t *testing.T) {
+	c := newCluster(t)
+	dir := t.TempDir()
+	report := filepath.Join(dir, "report")
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "tree.py")
+	c.a.daemon(t, filepath.Join(dir, "log"), "python3", script, "nopty", report)
+	var r testutil.Report
+	var err error
+	waitFor(t, "the tree's first report", 30*time.Second, func() bool {
+		r, err = testutil.ParseReport(report)
+		return err == nil && r.Pid > 0
+	})
+	w := testutil.Attach(t, c.a.find(r.Pid), report)
+	before := w.Report(t)
+	code, evs := c.migrate(r.Pid, "--from", c.a.ip, "--to", c.b.ip)
+	res := evs[len(evs)-1]
+	if code != 0 || res["outcome"] != "committed" {
+		t.Fatalf("migrate: exit %d, result %v", code, res)
+	}
+	var mode, rounds bool
+	for _, e := range evs {
+		mode = mode || e["event"] == "mode"
+		rounds = rounds || e["event"] == "round"
+	}
+	if !mode || !rounds {
+		t.Fatalf("want the switch to pre-copy and pre-copy rounds: %v", evs)
+	}
+	// A, G and B (the zombie Z has no namespaces to be found by; the tree
+	// checks it itself).
+	for _, p := range strings.Split(before.Fields["pids"], ",")[:3] {
+		n, _ := strconv.Atoi(p)
+		if c.b.find(n) == 0 {
+			t.Fatalf("process %d of the tree is not on B", n)
+		}
+	}
+	w = testutil.Attach(t, c.b.find(r.Pid), report)
+	after := w.Report(t)
+	checkSame(t, before, after)
+	w.Signal(unix.SIGUSR2)
+	waitFor(t, "the tree's check", 10*time.Second, func() bool { return w.Report(t).Fields["check"] != "unchecked" })
+	if got := w.Report(t).Fields["check"]; got != "ok" {
+		t.Fatalf("on B: %s", got)
+	}
 }

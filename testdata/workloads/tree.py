@@ -1,4 +1,4 @@
-"""tree.py REPORT: a process tree that checks itself across C/R.
+"""tree.py [nopty] REPORT: a process tree that checks itself across C/R.
 
 The root (a session leader) forks:
   A  the leader of its own process group, with a grandchild G in that
@@ -6,7 +6,8 @@ The root (a session leader) forks:
      anonymous memory, and writes to a file whose open description
      (and so its offset) it shares with the root;
   B  the leader of a session of its own, whose controlling terminal is a
-     pty the root holds the master of (B keeps no fd of it);
+     pty the root holds the master of (B keeps no fd of it; not with
+     "nopty": two hosts on one machine share /dev/pts);
   Z  a child that exits with status 7 and is never reaped (a zombie).
 
 The report names them (pids=A,G,B,Z, for the test to end them). The
@@ -49,13 +50,16 @@ if a == 0:
         log.write(b"x")
         os.write(up_w, b"k")
 
-master, slave = os.openpty()
-pts = os.ttyname(slave)
-os.close(slave)
+pts = None
+if "nopty" not in sys.argv[1:-1]:
+    master, slave = os.openpty()
+    pts = os.ttyname(slave)
+    os.close(slave)
 b = os.fork()
 if b == 0:
     os.setsid()
-    os.close(os.open(pts, os.O_RDWR))  # opening it makes it B's terminal
+    if pts:
+        os.close(os.open(pts, os.O_RDWR))  # opening it makes it B's terminal
     while True:
         signal.pause()
 
@@ -89,7 +93,7 @@ def verify():
         for k, v in zip(w[::2], w[1::2]):
             if st[k] != v:
                 return "process %d: %s %d, want %d" % (pid, k, st[k], v)
-    if stat(b)["tty"] != os.stat(pts).st_rdev:
+    if pts and stat(b)["tty"] != os.stat(pts).st_rdev:
         return "B's controlling terminal is %#x, not %s" % (stat(b)["tty"], pts)
     if os.getsid(0) != me:
         return "the root is not a session leader"

@@ -340,6 +340,7 @@ type InspectReply struct {
 	Rss           uint64                 `protobuf:"varint,2,opt,name=rss,proto3" json:"rss,omitempty"`          // resident bytes
 	Command       string                 `protobuf:"bytes,3,opt,name=command,proto3" json:"command,omitempty"`
 	Node          *NodeInfo              `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	Processes     uint32                 `protobuf:"varint,5,opt,name=processes,proto3" json:"processes,omitempty"` // processes in the tree (the root and its descendants)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -400,6 +401,13 @@ func (x *InspectReply) GetNode() *NodeInfo {
 		return x.Node
 	}
 	return nil
+}
+
+func (x *InspectReply) GetProcesses() uint32 {
+	if x != nil {
+		return x.Processes
+	}
+	return 0
 }
 
 type PrepareRequest struct {
@@ -1609,12 +1617,13 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"NodesReply\x12.\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x18.ferry.agent.v1.NodeInfoR\x05nodes\"\"\n" +
 	"\x0eInspectRequest\x12\x10\n" +
-	"\x03pid\x18\x01 \x01(\x05R\x03pid\"|\n" +
+	"\x03pid\x18\x01 \x01(\x05R\x03pid\"\x9a\x01\n" +
 	"\fInspectReply\x12\x12\n" +
 	"\x04pids\x18\x01 \x03(\x05R\x04pids\x12\x10\n" +
 	"\x03rss\x18\x02 \x01(\x04R\x03rss\x12\x18\n" +
 	"\acommand\x18\x03 \x01(\tR\acommand\x12,\n" +
-	"\x04node\x18\x04 \x01(\v2\x18.ferry.agent.v1.NodeInfoR\x04node\"\xd1\x01\n" +
+	"\x04node\x18\x04 \x01(\v2\x18.ferry.agent.v1.NodeInfoR\x04node\x12\x1c\n" +
+	"\tprocesses\x18\x05 \x01(\rR\tprocesses\"\xd1\x01\n" +
 	"\x0ePrepareRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04pids\x18\x02 \x03(\x05R\x04pids\x12\x10\n" +
