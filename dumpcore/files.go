@@ -709,6 +709,14 @@ func (ft *fileTable) addLocks(fe *pb.FdEntry, info proc.FdInfo) error {
 			k = "flock"
 		case "OFDLCK":
 			k = "ofd"
+		case "LEASE":
+			// "N: LEASE ACTIVE|BREAKING|BREAKER READ|WRITE|UNLCK ...": a
+			// lease of the description; one being broken would need the
+			// breaker restored with it.
+			if f[2] != "ACTIVE" {
+				return fmt.Errorf("lease on %s being broken (%s): %w", dev, strings.ToLower(f[2]), ErrUnsupported)
+			}
+			k = "lease"
 		default:
 			return fmt.Errorf("%s lock on %s: %w", strings.ToLower(kind), dev, ErrUnsupported)
 		}

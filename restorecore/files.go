@@ -677,6 +677,14 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 // takeLock takes a dumped file lock again, inside the process (POSIX locks
 // belong to the process that takes them).
 func (b *builder) takeLock(fd int, l *pb.FileLock) error {
+	if l.Kind == "lease" {
+		typ := uint64(unix.F_RDLCK)
+		if l.Write {
+			typ = unix.F_WRLCK
+		}
+		_, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETLEASE, typ)
+		return err
+	}
 	if l.Kind == "flock" {
 		op := uint64(unix.LOCK_SH | unix.LOCK_NB)
 		if l.Write {

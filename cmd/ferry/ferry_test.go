@@ -1723,8 +1723,8 @@ func TestCertsForPageServer(t *testing.T) {
 
 func TestDumpRestoreFileLocks(t *testing.T) {
 	// POSIX, flock and OFD locks come back (--file-locks): another process
-	// still cannot take conflicting ones after the restore. Without
-	// --file-locks the dump refuses, naming the lock.
+	// still cannot take conflicting ones after the restore; so does a read
+	// lease. Without --file-locks the dump refuses, naming the lock.
 	needRoot(t)
 	dir := t.TempDir()
 	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "locks.py")
@@ -1760,6 +1760,9 @@ func TestDumpRestoreFileLocks(t *testing.T) {
 	}
 	if got := conflicts(); strings.Join(got, ",") != "posix,flock,ofd" {
 		t.Fatalf("locks held after restore: %v, want posix, flock and ofd", got)
+	}
+	if l := r.Report(t).Fields["lease"]; before.Fields["lease"] != "0" || l != "0" {
+		t.Fatalf("F_GETLEASE %s before, %s after restore: want 0 (F_RDLCK) both", before.Fields["lease"], l)
 	}
 }
 

@@ -3252,7 +3252,7 @@ func (x *EpollTarget) GetSourceFd() int32 {
 // FileLock is a lock the process held (dump --file-locks).
 type FileLock struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`    // "posix", "flock", "ofd"
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`    // "posix", "flock", "ofd", "lease" (an active lease of the description)
 	Write         bool                   `protobuf:"varint,2,opt,name=write,proto3" json:"write,omitempty"` // exclusive (otherwise shared)
 	Start         int64                  `protobuf:"varint,3,opt,name=start,proto3" json:"start,omitempty"`
 	Len           int64                  `protobuf:"varint,4,opt,name=len,proto3" json:"len,omitempty"` // 0: to the end of the file
