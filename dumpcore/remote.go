@@ -26,9 +26,24 @@ func findSyscallGadget(pid int, vmas []proc.Vma) (uint64, error) {
 		if i := bytes.Index(buf, []byte{0x0f, 0x05}); i >= 0 {
 			return v.Start + uint64(i), nil
 		}
-		return 0, fmt.Errorf("no syscall instruction in the vDSO of %d: %w", pid, ErrUnsupported)
 	}
-	return 0, fmt.Errorf("process %d has no vDSO (vdso=0?): %w", pid, ErrUnsupported)
+	// No vDSO (unmapped, or vdso=0): any executable mapping will do.
+	for _, v := range vmas {
+		if v.Perms[2] != 'x' || v.Name == "[vsyscall]" {
+			continue
+		}
+		const chunk = 1 << 20
+		for a := v.Start; a < v.End; a += chunk - 1 {
+			buf := make([]byte, min(chunk, v.End-a))
+			if compel.ReadMem(pid, []compel.Segment{{Addr: a, Local: buf}}) != nil {
+				break
+			}
+			if i := bytes.Index(buf, []byte{0x0f, 0x05}); i >= 0 {
+				return a + uint64(i), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("no syscall instruction in any executable mapping of %d: %w", pid, ErrUnsupported)
 }
 
 // scratch is a temporary anonymous mapping in the target for remote

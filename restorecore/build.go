@@ -264,7 +264,11 @@ func (b *builder) moveVdso() error {
 	for _, v := range cur {
 		if v.Name == "[vdso]" || v.Name == "[vvar]" || v.Name == "[vvar_vclock]" {
 			if _, ok := want[v.Name]; !ok {
-				return fmt.Errorf("the image has no %s", v.Name)
+				// The process had unmapped it.
+				if _, err := b.sys(unix.SYS_MUNMAP, v.Start, v.Size()); err != nil {
+					return fmt.Errorf("unmap %s: %w", v.Name, err)
+				}
+				continue
 			}
 			specials = append(specials, v)
 			total += v.Size()
