@@ -188,6 +188,18 @@ func (b *builder) restoreFiles() error {
 			if f.Unix == nil {
 				return 0, fmt.Errorf("fd %d: unix socket without its description", e.Fd)
 			}
+			if f.Unix.PeerClosed && f.Unix.Type == unix.SOCK_DGRAM && len(f.Unix.Name) > 0 {
+				// Bound, with messages from senders gone: bound again
+				// (others may still send to it), its queue sent to its
+				// name.
+				if fd, err = b.newUnixSocket(f, park); err == nil {
+					err = b.refillByName(fd, f.Unix, inFlight)
+				}
+				if err != nil {
+					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				}
+				break
+			}
 			if f.Unix.PeerClosed {
 				if fd, err = b.newUnixOrphan(f, park, inFlight); err != nil {
 					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)

@@ -149,6 +149,29 @@ func (b *builder) newUnixOrphan(f *pb.FileEntry, park func(uint64) (int, error),
 	return fd, b.setFlags(fd, f)
 }
 
+// refillByName refills the queue of the bound datagram socket fd from a
+// socket of the process's own that sends to its name.
+func (b *builder) refillByName(fd int, u *pb.UnixSocket, inFlight rightsFunc) error {
+	if len(u.Queue) == 0 {
+		return nil
+	}
+	tmp, err := b.sys(unix.SYS_SOCKET, unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer b.sys(unix.SYS_CLOSE, tmp)
+	addr := binary.LittleEndian.AppendUint16(nil, unix.AF_UNIX)
+	addr = append(addr, u.Name...)
+	a, err := b.put(scratchAddr, addr)
+	if err != nil {
+		return err
+	}
+	if _, err := b.sys(unix.SYS_CONNECT, tmp, a, uint64(len(addr))); err != nil {
+		return fmt.Errorf("connect to refill: %w", err)
+	}
+	return b.refill(int(tmp), u, inFlight)
+}
+
 // rightsFunc makes the files in flight with a message (by files.img id)
 // inside the process and returns their fds there.
 type rightsFunc func(ids []uint32) ([]int, error)

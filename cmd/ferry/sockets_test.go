@@ -733,3 +733,10 @@ func TestDumpRestoreUnixRelativeName(t *testing.T) {
 	// and the name left by the dumped process there is replaced.
 	selfCheckAcross(t, "unixrel.py")
 }
+
+func TestDumpRestoreBoundDgramOrphanQueue(t *testing.T) {
+	// A bound datagram socket holding messages from a sender that closed:
+	// the messages come back in order and the socket is bound again, so a
+	// new sender reaches it by its name.
+	checkAcross(t, startSelfCheck(t, "dgrambound.py", t.TempDir()))
+}
