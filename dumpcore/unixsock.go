@@ -134,7 +134,9 @@ func (ft *fileTable) describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket,
 			return nil, fmt.Errorf("unix listener %s with %d connections waiting to be accepted: %w", name, d.rqueue, ErrUnsupported)
 		}
 		return s, nil
-	case d.peer != 0 && len(d.name) > 0:
+	case d.peer != 0 && len(d.name) > 0 && typ != unix.SOCK_DGRAM:
+		// A datagram socket is bound and connected again by names; a
+		// connection's ends cannot be both named and paired.
 		return nil, fmt.Errorf("connected unix socket bound to %s: %w (only unnamed pairs so far)", name, ErrUnsupported)
 	case d.peer == 0 && d.state == unixEstablished:
 		// Its peer has closed (an accepted connection whose client left,

@@ -221,6 +221,36 @@ func (b *builder) restoreFiles() error {
 			if peer == nil {
 				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, errNoPeer)
 			}
+			if f.Unix.Type == unix.SOCK_DGRAM && (len(f.Unix.Name) > 0 || len(peer.Unix.Name) > 0) {
+				// Bound and connected by names, as it was: its own name
+				// first (a peer may be connected to it), then its peer
+				// made if it is not yet (here, and held for the process
+				// that has it), then connected to the peer's name.
+				if fd, err = b.newUnixSocket(f, park); err != nil {
+					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				}
+				b.objFds[f.Id] = fd
+				if _, made := b.objFds[peer.Id]; !made && peer.Id != f.Id && b.r.held[peer.Id] == 0 {
+					pfd, err := create(&pb.FdEntry{Fd: -1, FileId: peer.Id}, peer)
+					if err != nil {
+						return 0, err
+					}
+					b.objFds[peer.Id] = pfd
+					b.r.multi[peer.Id] = b.r.multi[peer.Id] || !b.uses(peer.Id)
+				}
+				if err := b.connectUnix(fd, peer.Unix.Name); err != nil {
+					return 0, fmt.Errorf("fd %d (%s): connect to %s: %w", e.Fd, f.Path, peer.Path, err)
+				}
+				if len(f.Unix.Name) > 0 {
+					err = b.refillByName(fd, f.Unix, inFlight)
+				} else if len(f.Unix.Queue) > 0 {
+					err = fmt.Errorf("%d messages queued on an unnamed socket connected to a named one: %w", len(f.Unix.Queue), ErrValidation)
+				}
+				if err != nil {
+					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				}
+				break
+			}
 			var pfd int
 			if fd, pfd, err = b.newUnixPair(f, peer, park, inFlight); err != nil {
 				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)

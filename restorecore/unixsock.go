@@ -149,6 +149,28 @@ func (b *builder) newUnixOrphan(f *pb.FileEntry, park func(uint64) (int, error),
 	return fd, b.setFlags(fd, f)
 }
 
+// connectUnix connects the process's socket fd to the unix name.
+func (b *builder) connectUnix(fd int, name []byte) error {
+	addr := binary.LittleEndian.AppendUint16(nil, unix.AF_UNIX)
+	addr = append(addr, name...)
+	a, err := b.put(scratchAddr, addr)
+	if err != nil {
+		return err
+	}
+	_, err = b.sys(unix.SYS_CONNECT, uint64(fd), a, uint64(len(addr)))
+	return err
+}
+
+// uses tells whether the process has an fd of file id.
+func (b *builder) uses(id uint32) bool {
+	for _, e := range b.p.fds.Fds {
+		if e.FileId == id {
+			return true
+		}
+	}
+	return false
+}
+
 // refillByName refills the queue of the bound datagram socket fd from a
 // socket of the process's own that sends to its name.
 func (b *builder) refillByName(fd int, u *pb.UnixSocket, inFlight rightsFunc) error {
@@ -160,13 +182,7 @@ func (b *builder) refillByName(fd int, u *pb.UnixSocket, inFlight rightsFunc) er
 		return fmt.Errorf("socket: %w", err)
 	}
 	defer b.sys(unix.SYS_CLOSE, tmp)
-	addr := binary.LittleEndian.AppendUint16(nil, unix.AF_UNIX)
-	addr = append(addr, u.Name...)
-	a, err := b.put(scratchAddr, addr)
-	if err != nil {
-		return err
-	}
-	if _, err := b.sys(unix.SYS_CONNECT, tmp, a, uint64(len(addr))); err != nil {
+	if err := b.connectUnix(int(tmp), u.Name); err != nil {
 		return fmt.Errorf("connect to refill: %w", err)
 	}
 	return b.refill(int(tmp), u, inFlight)

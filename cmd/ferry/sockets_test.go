@@ -737,6 +737,8 @@ func TestDumpRestoreUnixRelativeName(t *testing.T) {
 func TestDumpRestoreBoundDgramOrphanQueue(t *testing.T) {
 	// A bound datagram socket holding messages from a sender that closed:
 	// the messages come back in order and the socket is bound again, so a
-	// new sender reaches it by its name.
+	// new sender reaches it by its name. A client connected to a bound
+	// server stays connected to it, and a socket connected to its own name
+	// hears itself.
 	checkAcross(t, startSelfCheck(t, "dgrambound.py", t.TempDir()))
 }
