@@ -216,15 +216,33 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 // restore; anything else is refused.
 func (ft *fileTable) checkUnixPeers(table *pb.FdTable) error {
 	byIno := map[uint64]bool{}
+	pendingOn := map[uint64]uint64{} // a client -> the listener its connection waits on
 	for _, f := range ft.entries {
 		if f.Unix != nil {
 			byIno[f.Ino] = true
+			for _, p := range f.Unix.Pending {
+				pendingOn[p] = f.Ino
+			}
 		}
 	}
 	for _, fd := range table.Fds {
 		f := ft.entries[fd.FileId-1]
 		u := f.Unix
-		if u == nil || u.PeerIno == 0 || byIno[u.PeerIno] || len(u.ExternalPeer) > 0 {
+		if u == nil {
+			continue
+		}
+		for _, p := range u.Pending {
+			if p != 0 && !byIno[p] {
+				return fmt.Errorf("fd %d of %d: unix listener %s: a connection waiting to be accepted from socket:[%d] outside the dump: %w",
+					fd.Fd, table.Pid, unixName(u.Name), p, ErrUnsupported)
+			}
+		}
+		if l, ok := pendingOn[f.Ino]; ok {
+			// Its peer, not accepted yet, has no inode of its own.
+			u.PendingOn, u.PeerClosed = l, false
+			continue
+		}
+		if u.PeerIno == 0 || byIno[u.PeerIno] || len(u.ExternalPeer) > 0 {
 			continue
 		}
 		what := fmt.Sprintf("fd %d of %d: unix socket connected to socket:[%d] outside the process", fd.Fd, table.Pid, u.PeerIno)

@@ -20,6 +20,8 @@ const (
 	sockDiagByFamily = 20
 	udiagShowName    = 1 << 0
 	udiagShowPeer    = 1 << 2
+	udiagShowIcons   = 1 << 3
+	unixDiagIcons    = 3
 	udiagShowRQLen   = 1 << 4
 	udiagShowShut    = 1 << 6
 	unixDiagName     = 0
@@ -37,6 +39,7 @@ type unixDiag struct {
 	peer           uint32
 	rqueue, wqueue uint32 // listener: pending connections, backlog
 	shutdown       uint8
+	icons          []uint32 // listener: the pending connections' inodes
 }
 
 // diagUnix asks sock_diag, in the network namespace of pid, about the unix
@@ -52,7 +55,7 @@ func diagUnix(pid int, ino uint64) (*unixDiag, error) {
 	req[0] = unix.AF_UNIX
 	binary.LittleEndian.PutUint32(req[4:], ^uint32(0))
 	binary.LittleEndian.PutUint32(req[8:], uint32(ino))
-	binary.LittleEndian.PutUint32(req[12:], udiagShowName|udiagShowPeer|udiagShowRQLen|udiagShowShut)
+	binary.LittleEndian.PutUint32(req[12:], udiagShowName|udiagShowPeer|udiagShowRQLen|udiagShowShut|udiagShowIcons)
 	binary.LittleEndian.PutUint32(req[16:], ^uint32(0)) // no cookie
 	binary.LittleEndian.PutUint32(req[20:], ^uint32(0))
 	msgs, err := c.Execute(netlink.Message{Header: netlink.Header{Type: sockDiagByFamily, Flags: netlink.Request}, Data: req})
@@ -84,6 +87,11 @@ func diagUnix(pid int, ino uint64) (*unixDiag, error) {
 			}
 		case unixDiagShutdown:
 			d.shutdown = ad.Uint8()
+		case unixDiagIcons:
+			b := ad.Bytes()
+			for i := 0; i+4 <= len(b); i += 4 {
+				d.icons = append(d.icons, binary.LittleEndian.Uint32(b[i:]))
+			}
 		}
 	}
 	return d, ad.Err()
@@ -130,8 +138,22 @@ func (ft *fileTable) describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket,
 	switch {
 	case d.state == unixListen:
 		s.Listening, s.Backlog = true, int32(d.wqueue)
-		if d.rqueue > 0 {
-			return nil, fmt.Errorf("unix listener %s with %d connections waiting to be accepted: %w", name, d.rqueue, ErrUnsupported)
+		// Connections waiting to be accepted are made again by their
+		// clients connecting to the name (checkUnixPeers pairs them),
+		// so long as nothing was sent on them yet.
+		// (sock_diag names each by its client's inode; what a client
+		// sent and nobody read is its write queue.)
+		for _, icon := range d.icons {
+			if icon != 0 {
+				e, err := diagUnix(pid, uint64(icon))
+				if err != nil {
+					return nil, fmt.Errorf("unix listener %s: a pending connection: %w", name, err)
+				}
+				if e.wqueue > 0 {
+					return nil, fmt.Errorf("unix listener %s: a connection waiting to be accepted holds %d bytes: %w", name, e.wqueue, ErrUnsupported)
+				}
+			}
+			s.Pending = append(s.Pending, uint64(icon))
 		}
 		return s, nil
 	case d.peer != 0 && len(d.name) > 0 && typ != unix.SOCK_DGRAM:

@@ -206,9 +206,42 @@ func (b *builder) restoreFiles() error {
 				}
 				break
 			}
+			if f.Unix.PendingOn != 0 {
+				// A client whose connection waits to be accepted: made
+				// with its listener, which connects its clients in order.
+				l := b.r.unixByIno(f.Unix.PendingOn)
+				if l == nil {
+					return 0, fmt.Errorf("fd %d (%s): listener socket:[%d] not in the images: %w", e.Fd, f.Path, f.Unix.PendingOn, ErrValidation)
+				}
+				if _, made := b.objFds[l.Id]; !made && b.r.held[l.Id] == 0 {
+					lfd, err := create(&pb.FdEntry{Fd: -1, FileId: l.Id}, l)
+					if err != nil {
+						return 0, err
+					}
+					b.objFds[l.Id] = lfd
+					b.r.multi[l.Id] = b.r.multi[l.Id] || !b.uses(l.Id)
+				}
+				if fd, ok := b.objFds[f.Id]; ok {
+					return fd, nil
+				}
+				if h, ok := b.r.held[f.Id]; ok {
+					raw, err := b.take(h)
+					if err != nil {
+						return 0, err
+					}
+					return park(raw)
+				}
+				return 0, fmt.Errorf("fd %d (%s): its connection to listener %s was not made", e.Fd, f.Path, l.Path)
+			}
 			if f.Unix.PeerIno == 0 {
 				if fd, err = b.newUnixSocket(f, park); err != nil {
 					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+				}
+				if len(f.Unix.Pending) > 0 {
+					b.objFds[f.Id] = fd
+					if err := b.connectPending(fd, f, park); err != nil {
+						return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
+					}
 				}
 				break
 			}

@@ -342,6 +342,16 @@ func (r *restorer) deadProcess(ino uint64) (int, error) {
 	return pid, nil
 }
 
+// unixByIno returns the unix socket with inode ino in the images, if any.
+func (r *restorer) unixByIno(ino uint64) *pb.FileEntry {
+	for _, f := range r.is.files {
+		if f.Unix != nil && f.Ino == ino {
+			return f
+		}
+	}
+	return nil
+}
+
 // ptyMaster returns the master of pty index in the images, if any.
 func (r *restorer) ptyMaster(index int32) *pb.FileEntry {
 	for _, f := range r.is.files {

@@ -161,6 +161,38 @@ func (b *builder) connectUnix(fd int, name []byte) error {
 	return err
 }
 
+// connectPending makes again the connections that waited on listener f
+// (at fd), in order: each client connects to the listener's name (a
+// client that had closed: a stand-in that connects and closes). The
+// clients' sockets go to objFds (and to ferry, for other processes).
+func (b *builder) connectPending(fd int, f *pb.FileEntry, park func(uint64) (int, error)) error {
+	for i, peer := range f.Unix.Pending {
+		raw, err := b.sys(unix.SYS_SOCKET, unix.AF_UNIX, uint64(f.Unix.Type)|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("socket: %w", err)
+		}
+		if err := b.connectUnix(int(raw), f.Unix.Name); err != nil {
+			b.sys(unix.SYS_CLOSE, raw)
+			return fmt.Errorf("pending connection %d: connect: %w", i, err)
+		}
+		c := b.r.unixByIno(peer)
+		if peer == 0 || c == nil {
+			b.sys(unix.SYS_CLOSE, raw) // its client had closed
+			continue
+		}
+		cfd, err := park(raw)
+		if err != nil {
+			return err
+		}
+		if err := b.setFlags(cfd, c); err != nil {
+			return err
+		}
+		b.objFds[c.Id] = cfd
+		b.r.multi[c.Id] = b.r.multi[c.Id] || !b.uses(c.Id)
+	}
+	return nil
+}
+
 // uses tells whether the process has an fd of file id.
 func (b *builder) uses(id uint32) bool {
 	for _, e := range b.p.fds.Fds {

@@ -742,3 +742,10 @@ func TestDumpRestoreBoundDgramOrphanQueue(t *testing.T) {
 	// hears itself.
 	checkAcross(t, startSelfCheck(t, "dgrambound.py", t.TempDir()))
 }
+
+func TestDumpRestoreUnixPendingConnections(t *testing.T) {
+	// A unix listener with two connections waiting to be accepted (the
+	// second one's client closed): both are waiting again after restore,
+	// in order, the first still joined to its client.
+	checkAcross(t, startSelfCheck(t, "unixpending.py", t.TempDir()))
+}

@@ -2635,7 +2635,13 @@ type UnixSocket struct {
 	PeerClosed bool `protobuf:"varint,11,opt,name=peer_closed,json=peerClosed,proto3" json:"peer_closed,omitempty"`
 	// Descriptors in flight (SCM_RIGHTS): which message of queue carries
 	// which files (files.img ids, files not necessarily open in the process).
-	InFlight      []*InFlight `protobuf:"bytes,12,rep,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	InFlight []*InFlight `protobuf:"bytes,12,rep,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	// A listener: the connections waiting to be accepted, oldest first, by
+	// their clients' inodes (0: the client has closed).
+	Pending []uint64 `protobuf:"varint,13,rep,packed,name=pending,proto3" json:"pending,omitempty"`
+	// A client whose connection waits to be accepted by listener
+	// pending_on (an inode): connected to its name again.
+	PendingOn     uint64 `protobuf:"varint,15,opt,name=pending_on,json=pendingOn,proto3" json:"pending_on,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2752,6 +2758,20 @@ func (x *UnixSocket) GetInFlight() []*InFlight {
 		return x.InFlight
 	}
 	return nil
+}
+
+func (x *UnixSocket) GetPending() []uint64 {
+	if x != nil {
+		return x.Pending
+	}
+	return nil
+}
+
+func (x *UnixSocket) GetPendingOn() uint64 {
+	if x != nil {
+		return x.PendingOn
+	}
+	return 0
 }
 
 type InFlight struct {
@@ -4348,7 +4368,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\awinsize\x18\x03 \x01(\fR\awinsize\x12\x16\n" +
 	"\x06packet\x18\x04 \x01(\bR\x06packet\x12\x12\n" +
 	"\x04ctty\x18\x05 \x01(\bR\x04ctty\x12\x17\n" +
-	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\xe4\x02\n" +
+	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\x9d\x03\n" +
 	"\n" +
 	"UnixSocket\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
@@ -4364,7 +4384,10 @@ const file_images_ferry_proto_rawDesc = "" +
 	" \x01(\fR\fexternalPeer\x12\x1f\n" +
 	"\vpeer_closed\x18\v \x01(\bR\n" +
 	"peerClosed\x123\n" +
-	"\tin_flight\x18\f \x03(\v2\x16.ferry.images.InFlightR\binFlight\"7\n" +
+	"\tin_flight\x18\f \x03(\v2\x16.ferry.images.InFlightR\binFlight\x12\x18\n" +
+	"\apending\x18\r \x03(\x04R\apending\x12\x1d\n" +
+	"\n" +
+	"pending_on\x18\x0f \x01(\x04R\tpendingOn\"7\n" +
 	"\bInFlight\x12\x10\n" +
 	"\x03msg\x18\x01 \x01(\x05R\x03msg\x12\x19\n" +
 	"\bfile_ids\x18\x02 \x03(\rR\afileIds\"\xfb\x02\n" +
