@@ -538,7 +538,15 @@ func (b *builder) chdir() error {
 		return nil
 	}
 	path := cwd.Path
-	if cwd.DirDeleted {
+	if pid, ok := strings.CutPrefix(cwd.Path, "/proc/"); ok && cwd.DirDeleted && isNumber(pid) {
+		// The /proc directory of a process gone: that of a stand-in
+		// that is gone once the restore ends.
+		dead, err := b.r.deadProcess(cwd.Ino)
+		if err != nil {
+			return err
+		}
+		path = fmt.Sprintf("/proc/%d", dead)
+	} else if cwd.DirDeleted {
 		p, made, err := standIn(cwd)
 		defer func() {
 			for _, d := range made { // innermost first
@@ -558,6 +566,12 @@ func (b *builder) chdir() error {
 		return fmt.Errorf("chdir %s: %w", cwd.Path, err)
 	}
 	return nil
+}
+
+// isNumber tells whether s is a decimal number.
+func isNumber(s string) bool {
+	_, err := strconv.ParseUint(s, 10, 32)
+	return err == nil
 }
 
 func (b *builder) restoreTask() error {

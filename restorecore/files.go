@@ -589,6 +589,11 @@ func (b *builder) openIn(path string, f *pb.FileEntry) (uint64, error) {
 	// O_NOCTTY: a session leader (sessions are made before files) would
 	// take a terminal it opens as its controlling one; takeCtty decides.
 	flags := uint64(f.Flags&^(unix.O_CREAT|unix.O_EXCL|unix.O_TRUNC)) | unix.O_CLOEXEC | unix.O_NOCTTY
+	if f.Type != "dir" {
+		// A file made with O_TMPFILE keeps the flag; reopened by name
+		// (its ghost), it is a plain file.
+		flags &^= unix.O_TMPFILE
+	}
 	fd, err := b.sys(unix.SYS_OPENAT, atFdcwd, a, flags, 0)
 	if err != nil {
 		return 0, fmt.Errorf("open %s: %w", path, err)

@@ -2156,3 +2156,15 @@ func TestDumpRestoreMemfd(t *testing.T) {
 	// mode, seals), still mapped, and still executable.
 	selfCheckAcross(t, "memfd.py")
 }
+
+func TestDumpRestoreTmpfile(t *testing.T) {
+	// A file made with O_TMPFILE comes back with its contents and offset,
+	// still nameless and writable.
+	checkAcross(t, startSelfCheck(t, "tmpfile.py", t.TempDir()))
+}
+
+func TestDumpRestoreCwdOfDeadProcess(t *testing.T) {
+	// A working directory in the /proc of a process that is gone: after
+	// restore it is such a directory again (getcwd fails with ENOENT).
+	selfCheckAcross(t, "deadproccwd.py")
+}
