@@ -41,6 +41,7 @@ const (
 	pmPresent    = 1 << 63
 	pmSwapped    = 1 << 62
 	pmFileShared = 1 << 61
+	pmGuard      = 1 << 58 // a guard region page (MADV_GUARD_INSTALL, 6.14)
 )
 
 func classify(v *proc.Vma) (string, error) {
@@ -502,6 +503,16 @@ func (pd *pageDumper) pages(v *pb.Vma, from, to uint64, skipZero bool, werr chan
 		off := 0
 		for i := uint64(0); i < n; i++ {
 			e := binary.LittleEndian.Uint64(b[8*i:])
+			if e&pmGuard != 0 {
+				// Not memory: a marker that faults; made again.
+				va := addr + i*pageSize
+				if l := len(v.Guards); l > 0 && v.Guards[l-1] == va {
+					v.Guards[l-1] = va + pageSize
+				} else {
+					v.Guards = append(v.Guards, va, va+pageSize)
+				}
+				continue
+			}
 			want := e&pmSwapped != 0 || e&pmPresent != 0 && (!fileBacked || e&pmFileShared == 0)
 			pd.stats.PagesScanned++
 			if !want {

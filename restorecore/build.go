@@ -448,6 +448,12 @@ func (b *builder) restoreMemory() error {
 				return fmt.Errorf("mprotect %#x: %w", v.Start, err)
 			}
 		}
+		const madvGuardInstall = 102
+		for g := 0; g+1 < len(v.Guards); g += 2 {
+			if _, err := b.sys(unix.SYS_MADVISE, v.Guards[g], v.Guards[g+1]-v.Guards[g], madvGuardInstall); err != nil {
+				return fmt.Errorf("guard region %#x-%#x: %w", v.Guards[g], v.Guards[g+1], err)
+			}
+		}
 	}
 	b.r.stats.MemfillTimeUs += uint64(time.Since(t0).Microseconds())
 	return nil

@@ -2168,3 +2168,9 @@ func TestDumpRestoreCwdOfDeadProcess(t *testing.T) {
 	// restore it is such a directory again (getcwd fails with ENOENT).
 	selfCheckAcross(t, "deadproccwd.py")
 }
+
+func TestDumpRestoreGuardRegions(t *testing.T) {
+	// Guard pages (MADV_GUARD_INSTALL) are not read (they fault) and come
+	// back as guard pages; the pages around them keep their contents.
+	selfCheckAcross(t, "guard.py")
+}
