@@ -60,6 +60,9 @@ func classify(v *proc.Vma) (string, error) {
 		return KindStack, nil
 	}
 	shared := v.Perms[3] == 's'
+	if shared && strings.HasPrefix(v.Name, "/[aio]") {
+		return "", fmt.Errorf("AIO ring (io_setup) at %#x: %w", v.Start, ErrUnsupported)
+	}
 	if shared {
 		if v.Inode == 0 || strings.HasPrefix(v.Name, "/dev/zero") || strings.HasPrefix(v.Name, "/SYSV") {
 			return KindSharedAnon, nil

@@ -232,14 +232,23 @@ func (c *cluster) stopAgent(h *host) {
 	if h.agent == nil || h.agent.Process == nil {
 		return
 	}
+	var killed []int
 	for _, p := range descendants(h.agent.Process.Pid)[1:] {
 		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); bytes.HasPrefix(b, []byte(c.ferry+"\x00agent")) {
 			unix.Kill(p, unix.SIGKILL)
+			killed = append(killed, p)
 		}
 	}
 	h.agent.Process.Kill()
 	h.agent.Wait()
 	h.agent = nil
+	// Gone for good, its sockets closed: an agent started next must be
+	// able to listen on the same address.
+	for _, p := range killed {
+		if err := testutil.WaitGone(p, 10*time.Second); err != nil {
+			c.t.Logf("%s's agent: %v", h.name, err)
+		}
+	}
 	if c.t.Failed() {
 		if b, err := os.ReadFile(h.log); err == nil {
 			c.t.Logf("%s's agent log:\n%s", h.name, tail(b, 60))
