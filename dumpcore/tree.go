@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -278,8 +280,8 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 	for _, d := range t.procs {
 		img, err := d.collect(ctx)
 		if err != nil {
-			if d.opts.Pid != t.root {
-				err = fmt.Errorf("process %d: %w", d.opts.Pid, err)
+			if pid := strconv.Itoa(d.opts.Pid); d.opts.Pid != t.root && !strings.Contains(err.Error(), pid) {
+				err = fmt.Errorf("process %s: %w", pid, err)
 			}
 			return nil, err
 		}

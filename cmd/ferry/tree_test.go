@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bytes"
+	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -143,4 +146,25 @@ func TestPreDumpChainTree(t *testing.T) {
 	defer r.Kill()
 	checkContinued(t, mid, r.Report(t))
 	checkSelf(t, r)
+}
+
+func TestFailedTreeDumpLeavesTreeRunning(t *testing.T) {
+	// A child holds what the dump cannot take (a netlink socket): the dump
+	// fails naming the child, its fd and the object, and every process of
+	// the tree runs on, untraced and not stopped.
+	w := startSelfCheck(t, "treebad.py")
+	before := w.Report(t)
+	child := treePids(t, before)[0]
+	code, out := ferry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir())
+	if code != 1 || !strings.Contains(out, "of "+strconv.Itoa(child)) || !strings.Contains(out, "socket") {
+		t.Fatalf("dump of a tree with a netlink socket in a child: exit %d\n%s", code, out)
+	}
+	for _, p := range []int{w.Pid, child} {
+		st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", p))
+		if !bytes.Contains(st, []byte("TracerPid:\t0\n")) || bytes.Contains(st, []byte("State:\tT")) {
+			t.Fatalf("process %d not released:\n%s", p, st)
+		}
+	}
+	checkContinued(t, before, w.Report(t))
+	checkSelf(t, w)
 }
