@@ -234,15 +234,6 @@ func (r *run) migrate(ctx context.Context) error {
 	if err != nil {
 		return &Error{Refused, fmt.Errorf("target %s: %s", o.To, reason(err))}
 	}
-	if ins.Processes > 1 && o.Mode != "precopy" {
-		// Post-copy restores one process lazily, so far.
-		if o.Mode == "postcopy" {
-			return &Error{Refused, fmt.Errorf("process %d heads a tree of %d processes: --mode postcopy moves one process; use --mode precopy", o.Pid, ins.Processes)}
-		}
-		r.opts.Mode, o.Mode = "precopy", "precopy"
-		r.event(Event{Event: "mode", Pid: o.Pid,
-			Message: fmt.Sprintf("a tree of %d processes: pre-copy rounds, then a stop-and-copy final round (post-copy moves one process)", ins.Processes)})
-	}
 	if o.Mode != "precopy" && !dstNode.LazyPages {
 		return &Error{Refused, fmt.Errorf("target %s cannot restore lazily (no userfaultfd on kernel %s): --mode %s needs it; use --mode precopy", o.To, dstNode.Kernel, o.Mode)}
 	}

@@ -139,7 +139,7 @@ func (t *tree) checkShape() error {
 		return nil
 	}
 	switch o := t.opts; {
-	case o.LazyServe != nil, o.NoPageData, o.FlagsBeforeFreeze:
+	case o.FlagsBeforeFreeze:
 		var pids []int
 		for _, d := range t.procs[1:] {
 			pids = append(pids, d.opts.Pid)
@@ -147,7 +147,7 @@ func (t *tree) checkShape() error {
 		for _, z := range t.zombies {
 			pids = append(pids, z.Pid)
 		}
-		return fmt.Errorf("process %d has descendants %v: %w (lazy and background dumps take one process)",
+		return fmt.Errorf("process %d has descendants %v: %w (background snapshots take one process)",
 			t.root, pids, ErrUnsupported)
 	}
 	return nil
@@ -250,8 +250,12 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	if t.opts.LazyServe != nil {
+		inTree := map[int]bool{}
+		for _, d := range t.procs {
+			inTree[d.opts.Pid] = true
+		}
 		read := func(pid int, vaddr uint64, buf []byte) error {
-			if pid != t.root {
+			if !inTree[pid] {
 				return fmt.Errorf("process %d is not in this dump", pid)
 			}
 			return compel.ReadMem(pid, []compel.Segment{{Addr: vaddr, Local: buf}})

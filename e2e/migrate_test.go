@@ -295,10 +295,11 @@ func TestMigrateDetached(t *testing.T) {
 
 // TestMigrateTree moves a process tree (testdata/workloads/tree.py:
 // children and a grandchild in groups and sessions of their own, a
-// zombie, shared memory, pipes and a shared file description) from A to
-// B with the default mode: a tree moves by pre-copy rounds, a dirty
-// tracker in every process, then a stop-and-copy final round. On B every
-// process has its PID and the tree checks itself.
+// zombie, shared memory, pipes and a shared file description) from A to B
+// with the default mode (pre-copy rounds with a dirty tracker in every
+// process, then post-copy: one lazy-pages daemon serves every process),
+// and back with --mode postcopy. After each hop every process has its PID
+// and the tree checks itself.
 func TestMigrateTree(t *testing.T) {
 	c := newCluster(t)
 	dir := t.TempDir()
@@ -313,33 +314,35 @@ func TestMigrateTree(t *testing.T) {
 	})
 	w := testutil.Attach(t, c.a.find(r.Pid), report)
 	before := w.Report(t)
-	code, evs := c.migrate(r.Pid, "--from", c.a.ip, "--to", c.b.ip)
-	res := evs[len(evs)-1]
-	if code != 0 || res["outcome"] != "committed" {
-		t.Fatalf("migrate: exit %d, result %v", code, res)
-	}
-	var mode, rounds bool
-	for _, e := range evs {
-		mode = mode || e["event"] == "mode"
-		rounds = rounds || e["event"] == "round"
-	}
-	if !mode || !rounds {
-		t.Fatalf("want the switch to pre-copy and pre-copy rounds: %v", evs)
-	}
-	// A, G and B (the zombie Z has no namespaces to be found by; the tree
-	// checks it itself).
-	for _, p := range strings.Split(before.Fields["pids"], ",")[:3] {
-		n, _ := strconv.Atoi(p)
-		if c.b.find(n) == 0 {
-			t.Fatalf("process %d of the tree is not on B", n)
+	for _, hop := range []struct {
+		from, to *host
+		args     []string
+	}{{c.a, c.b, nil}, {c.b, c.a, []string{"--mode", "postcopy"}}} {
+		code, evs := c.migrate(r.Pid, append([]string{"--from", hop.from.ip, "--to", hop.to.ip}, hop.args...)...)
+		res := evs[len(evs)-1]
+		if code != 0 || res["outcome"] != "committed" {
+			t.Fatalf("migrate %s -> %s: exit %d, result %v", hop.from.name, hop.to.name, code, res)
 		}
-	}
-	w = testutil.Attach(t, c.b.find(r.Pid), report)
-	after := w.Report(t)
-	checkSame(t, before, after)
-	w.Signal(unix.SIGUSR2)
-	waitFor(t, "the tree's check", 10*time.Second, func() bool { return w.Report(t).Fields["check"] != "unchecked" })
-	if got := w.Report(t).Fields["check"]; got != "ok" {
-		t.Fatalf("on B: %s", got)
+		pages := false
+		for _, e := range evs {
+			pages = pages || e["event"] == "pages"
+		}
+		if !pages {
+			t.Fatalf("migrate %s -> %s: no post-copy: %v", hop.from.name, hop.to.name, evs)
+		}
+		// A, G and B (the zombie Z has no namespaces to be found by;
+		// the tree checks it itself).
+		for _, p := range strings.Split(before.Fields["pids"], ",")[:3] {
+			n, _ := strconv.Atoi(p)
+			waitFor(t, "process "+p+" on "+hop.to.name, 10*time.Second, func() bool { return hop.to.find(n) != 0 })
+		}
+		w = testutil.Attach(t, hop.to.find(r.Pid), report)
+		checkSame(t, before, w.Report(t))
+		checks := w.Report(t).Int("checks")
+		w.Signal(unix.SIGUSR2)
+		waitFor(t, "the tree's check", 10*time.Second, func() bool { return w.Report(t).Int("checks") > checks })
+		if got := w.Report(t).Fields["check"]; got != "ok" {
+			t.Fatalf("on %s: %s", hop.to.name, got)
+		}
 	}
 }

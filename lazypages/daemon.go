@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -52,25 +53,32 @@ type Stats struct {
 	Duration                time.Duration
 }
 
-// Serve waits for one restore to hand over a process and serves its
-// memory until every page is delivered.
+// Serve waits for a restore to hand over its processes (each with lazy
+// memory) and serves their memory until every page is delivered.
 func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	// Index the root process's pages before saying ready: a fragmented
-	// 4 GiB process has ~200,000 runs, and the restore waits for the
-	// handover to be taken before it lets the process run.
-	var ready *prepared
-	var pst pb.PstreeEntry
-	if err := images.ReadOne(opts.ImagesDir, images.PstreeName, images.KindPstree, &pst); err == nil {
-		p, err := prepare(opts, int(pst.Pid), log)
+	// Index the processes' pages before saying ready: a fragmented 4 GiB
+	// process has ~200,000 runs, and the restore waits for each handover
+	// to be taken before it goes on.
+	preps := map[int]*prepared{}
+	defer func() {
+		for _, p := range preps {
+			p.chain.Close()
+		}
+	}()
+	expect, err := lazyProcesses(opts.ImagesDir)
+	if err != nil {
+		return nil, err
+	}
+	for _, pid := range expect {
+		p, err := prepare(opts, pid, log)
 		if err != nil {
 			return nil, err
 		}
-		defer p.chain.Close()
-		ready = p
+		preps[pid] = p
 	}
 	os.Remove(opts.Socket)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: opts.Socket, Net: "unix"})
@@ -83,52 +91,101 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		opts.Ready()
 	}
 	go func() { <-ctx.Done(); l.Close() }()
-	var conn *net.UnixConn
-	var pid, fd int
-	for {
-		conn, err = l.AcceptUnix()
-		if err != nil {
-			return nil, fmt.Errorf("lazy-pages: accept: %w", err)
+	s := &server{log: log, buf: make([]byte, prefetchChunk), rate: opts.PrefetchRate}
+	defer func() {
+		for _, c := range s.clients {
+			c.u.Close()
 		}
-		var fill bool
-		pid, fd, fill, err = recvHandover(conn, opts, log)
-		if err != nil {
-			conn.Close()
-			return nil, err
-		}
-		if !fill {
-			break
-		}
-		conn.Close()
-	}
-	defer conn.Close()
-	u := uffd.AdoptNoHandshake(fd, Features)
-	defer u.Close()
-	p := ready
-	if p == nil || p.pid != pid {
-		if p, err = prepare(opts, pid, log); err != nil {
-			conn.Write([]byte(err.Error()))
-			return nil, err
-		}
-		defer p.chain.Close()
-	}
-	main := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend}
-	s := &server{clients: []*client{main}, pid: pid, src: p.src, log: log, buf: make([]byte, prefetchChunk), stats: p.stats,
-		rate: opts.PrefetchRate}
-	if _, err := conn.Write([]byte{0}); err != nil {
+	}()
+	// One handover per process with lazy memory (without images to tell,
+	// just one), taken while the processes handed over already are
+	// served: a process being restored may touch its lazy memory (rseq,
+	// robust lists) before the next one is handed over. Fills, asked for
+	// on the way, are served at once.
+	want := max(len(expect), 1)
+	rc, err := l.SyscallConn()
+	if err != nil {
 		return nil, err
 	}
-	log.Info("serving lazy pages", "pid", pid, "pages", main.pend.pages())
+	rc.Control(func(fd uintptr) { s.lfd = int(fd) })
+	s.handovers = want
+	s.accept = func() error {
+		conn, err := l.AcceptUnix()
+		if err != nil {
+			return fmt.Errorf("lazy-pages: accept: %w", err)
+		}
+		defer conn.Close()
+		pid, fd, fill, err := recvHandover(conn, opts, log)
+		if err != nil || fill {
+			return err
+		}
+		u := uffd.AdoptNoHandshake(fd, Features)
+		p := preps[pid]
+		if p == nil {
+			if p, err = prepare(opts, pid, log); err != nil {
+				conn.Write([]byte(err.Error()))
+				u.Close()
+				return err
+			}
+			preps[pid] = p
+		}
+		c := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend, pid: pid, src: p.src, main: true}
+		s.clients = append(s.clients, c)
+		s.handovers--
+		if _, err := conn.Write([]byte{0}); err != nil {
+			return err
+		}
+		log.Info("serving lazy pages", "pid", pid, "pages", c.pend.pages())
+		return nil
+	}
 	start := time.Now()
 	err = s.loop(ctx)
 	s.stats.Duration = time.Since(start)
-	if ms, ok := p.src.(*mixedSource); ok {
-		s.stats.RemotePages, s.stats.LocalPages = ms.stats.RemotePages, ms.stats.LocalPages
+	for _, p := range preps {
+		if ms, ok := p.src.(*mixedSource); ok {
+			s.stats.RemotePages += ms.stats.RemotePages
+			s.stats.LocalPages += ms.stats.LocalPages
+		}
 	}
-	log.Info("lazy pages done", "pid", pid, "faults", s.stats.Faults, "copied", s.stats.PagesCopied,
+	log.Info("lazy pages done", "processes", want, "faults", s.stats.Faults, "copied", s.stats.PagesCopied,
 		"zero", s.stats.PagesZero, "dropped", s.stats.PagesDropped, "remote", s.stats.RemotePages,
 		"local", s.stats.LocalPages, "took", s.stats.Duration)
 	return &s.stats, err
+}
+
+// lazyProcesses lists the processes of the images in dir that a restore
+// with --lazy-pages hands over: the live ones with lazy memory areas.
+func lazyProcesses(dir string) ([]int, error) {
+	r, err := images.Open(dir, images.PstreeName, images.KindPstree)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	var out []int
+	for {
+		e := &pb.PstreeEntry{}
+		if err := r.Next(e); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return nil, err
+		}
+		if len(e.Threads) == 0 {
+			continue // a zombie
+		}
+		mm := &pb.MmCore{}
+		if err := images.ReadOne(dir, images.MmName(e.Pid), images.KindMm, mm); err != nil {
+			return nil, err
+		}
+		for _, v := range mm.Vmas {
+			if Lazy(v) {
+				out = append(out, int(e.Pid))
+				break
+			}
+		}
+	}
+	return out, nil
 }
 
 // prepared is what serving process pid needs from the images: where its
@@ -208,6 +265,12 @@ type client struct {
 	u    *uffd.FD
 	pend pending
 	name string
+	// pid names the process whose pages these are, in src; main: a
+	// restored process (not a child it forked during post-copy), which
+	// must not exit before its memory is all there.
+	pid  int
+	src  Source
+	main bool
 	// retry holds faults that could not be served yet (EAGAIN while the
 	// address space was changing); they are served again each round.
 	retry []uffd.Msg
@@ -215,11 +278,14 @@ type client struct {
 
 type server struct {
 	clients []*client
-	pid     int // the restored process: page data is addressed by it
-	src     Source
-	buf     []byte
-	log     *slog.Logger
-	stats   Stats
+	// lfd is the socket handovers arrive on, handovers how many are still
+	// to come, accept takes one (or serves a fill request).
+	lfd       int
+	handovers int
+	accept    func() error
+	buf       []byte
+	log       *slog.Logger
+	stats     Stats
 	// rate limits background prefetch (bytes per second; 0: none).
 	rate       int64
 	prefetched int64
@@ -234,7 +300,7 @@ const (
 func (s *server) deliver(c *client, sp pendSpan, va, n uint64) error {
 	n = min(n, sp.end-va)
 	src := s.buf[:n]
-	if err := s.src.Read(s.pid, sp.src+(va-sp.start), src); err != nil {
+	if err := c.src.Read(c.pid, sp.src+(va-sp.start), src); err != nil {
 		return fmt.Errorf("pages %#x+%d: %w", va, n, err)
 	}
 	done, err := c.u.Copy(va, src, false)
@@ -355,7 +421,7 @@ func (s *server) handle(c *client, m uffd.Msg) error {
 		// The child's memory is the parent's: the same pages are missing.
 		child := &client{u: uffd.AdoptNoHandshake(m.ChildFd, Features),
 			pend: c.pend.clone(),
-			name: "child of " + c.name}
+			name: "child of " + c.name, pid: c.pid, src: c.src}
 		s.clients = append(s.clients, child)
 		s.log.Info("serving a child forked during post-copy", "parent", c.name, "pages", child.pend.pages())
 	}
@@ -364,26 +430,33 @@ func (s *server) handle(c *client, m uffd.Msg) error {
 
 func (s *server) loop(ctx context.Context) error {
 	buf := make([]byte, 64*uffd.MsgSize)
-	defer func() {
-		for _, c := range s.clients[1:] {
-			c.u.Close()
-		}
-	}()
 	start := time.Now()
 	wait := 0 // poll timeout (ms): nonzero while prefetch is ahead of --prefetch-rate
-	for s.pendingPages() > 0 {
+	for s.pendingPages() > 0 || s.handovers > 0 {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		n := len(s.clients)
-		pfd := make([]unix.PollFd, n)
+		pfd := make([]unix.PollFd, n, n+1)
 		for i, c := range s.clients[:n] {
 			pfd[i] = unix.PollFd{Fd: int32(c.u.Fd()), Events: unix.POLLIN}
+		}
+		if s.handovers > 0 {
+			pfd = append(pfd, unix.PollFd{Fd: int32(s.lfd), Events: unix.POLLIN})
+			if n == 0 || s.pendingPages() == 0 {
+				wait = 100 // nothing to prefetch: wait for a handover (or ctx)
+			}
 		}
 		if _, err := unix.Poll(pfd, wait); err != nil && !errors.Is(err, unix.EINTR) {
 			return os.NewSyscallError("poll", err)
 		}
 		got := 0
+		if s.handovers > 0 && pfd[n].Revents&unix.POLLIN != 0 {
+			if err := s.accept(); err != nil {
+				return err
+			}
+			got++
+		}
 		for i, c := range s.clients[:n] {
 			if pfd[i].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
 				continue
@@ -408,14 +481,18 @@ func (s *server) loop(ctx context.Context) error {
 				}
 			}
 		}
-		if unix.Kill(s.pid, 0) != nil {
-			return fmt.Errorf("process %d exited during post-copy", s.pid)
-		}
-		// Children whose address space is gone are done.
-		live := s.clients[:1]
-		for i, c := range s.clients[1:] {
-			if i+1 < n && pfd[i+1].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
-				s.log.Debug("client gone", "client", c.name, "revents", pfd[i+1].Revents, "pending", c.pend.pages())
+		var live []*client
+		for i, c := range s.clients {
+			if c.main {
+				if unix.Kill(c.pid, 0) != nil {
+					return fmt.Errorf("process %d exited during post-copy", c.pid)
+				}
+				live = append(live, c)
+				continue
+			}
+			// Children whose address space is gone are done.
+			if i < n && pfd[i].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
+				s.log.Debug("client gone", "client", c.name, "revents", pfd[i].Revents, "pending", c.pend.pages())
 				c.u.Close()
 				continue
 			}

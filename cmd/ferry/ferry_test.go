@@ -1766,36 +1766,6 @@ func TestDumpRestoreFileLocks(t *testing.T) {
 	}
 }
 
-func TestLazyDumpRefusesProcessTree(t *testing.T) {
-	// A process with a child is a tree, which a lazy dump does not take
-	// yet: it says so, names the child, and both run on untouched.
-	needRoot(t)
-	cmd := exec.Command("python3", "-c", "import os,time\nif os.fork()==0:\n    time.sleep(60)\nelse:\n    time.sleep(60)")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		for _, k := range children(cmd.Process.Pid) {
-			unix.Kill(k, unix.SIGKILL)
-		}
-		cmd.Process.Kill()
-		cmd.Wait()
-	}()
-	time.Sleep(300 * time.Millisecond)
-	kids := children(cmd.Process.Pid)
-	if len(kids) != 1 {
-		t.Fatalf("children %v", kids)
-	}
-	code, out := ferry(t, "dump", "--lazy-pages", "--address", "127.0.0.1", "--port", freePort(t), "-t", strconv.Itoa(cmd.Process.Pid), "-D", t.TempDir())
-	if code != 1 || !strings.Contains(out, "has descendants") || !strings.Contains(out, strconv.Itoa(kids[0])) {
-		t.Fatalf("lazy dump of a tree: exit %d\n%s", code, out)
-	}
-	if !testutil.PidAlive(cmd.Process.Pid) || !testutil.PidAlive(kids[0]) {
-		t.Fatal("the tree did not run on")
-	}
-}
-
 func children(pid int) []int {
 	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
 	var out []int

@@ -168,3 +168,33 @@ func TestFailedTreeDumpLeavesTreeRunning(t *testing.T) {
 	checkContinued(t, before, w.Report(t))
 	checkSelf(t, w)
 }
+
+func TestLazyRestoreTree(t *testing.T) {
+	// A tree restored lazily: every process with memory hands its
+	// userfaultfd to one lazy-pages daemon, which serves them all until
+	// every page is there; the tree checks itself.
+	w := startSelfCheck(t, "tree.py")
+	before := w.Report(t)
+	treePids(t, before)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	done := startDaemon(t, "lazy-pages", "-D", img, "-v4", "-o", "lazy.log")
+	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
+	rw := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	checkSelf(t, rw)
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("lazy-pages exited %d", code)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("lazy-pages did not finish delivering")
+	}
+	log, _ := os.ReadFile(img + "/lazy.log")
+	if n := bytes.Count(log, []byte(`msg="serving lazy pages"`)); n != 4 {
+		t.Fatalf("the daemon served %d processes, want 4 (root, A, G, B):\n%s", n, log)
+	}
+}

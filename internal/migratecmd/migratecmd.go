@@ -284,7 +284,7 @@ func logger(w io.Writer, v int) *slog.Logger {
 
 func printEvent(w io.Writer, e coordinator.Event) {
 	switch e.Event {
-	case "preflight", "mode":
+	case "preflight":
 		fmt.Fprintf(w, "migration %s: %s\n", e.ID, e.Message)
 	case "round":
 		fmt.Fprintf(w, "  round %d: %d pages, %s in %s", e.Round, e.Pages, coordinator.Size(e.Bytes), dur(e.Seconds))

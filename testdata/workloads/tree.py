@@ -10,7 +10,8 @@ The root (a session leader) forks:
      "nopty": two hosts on one machine share /dev/pts);
   Z  a child that exits with status 7 and is never reaped (a zombie).
 
-The report names them (pids=A,G,B,Z, for the test to end them). The
+The report names them (pids=A,G,B,Z, for the test to end them) and
+counts the checks done (checks=). The
 check (SIGUSR2, see selfcheck): every process has its PID, parent, group
 and session; Z is still a zombie with status 7; A answers a request with
 the token it drew at start (so it was restored, not re-run), through
@@ -121,4 +122,14 @@ def verify():
     return "ok"
 
 
-selfcheck.run(report, token, verify, lambda checked: {"pids": "%d,%d,%d,%d" % (a, g, b, z)})
+checks = [0]  # verifies done, for a caller checking more than once
+
+
+def counted():
+    try:
+        return verify()
+    finally:
+        checks[0] += 1
+
+
+selfcheck.run(report, token, counted, lambda checked: {"pids": "%d,%d,%d,%d" % (a, g, b, z), "checks": checks[0]})
