@@ -1089,18 +1089,25 @@ func TestLazyRestore(t *testing.T) {
 	after := rw.Report(t) // verifies all its memory, faulting pages in
 	checkContinued(t, before, after)
 	rw.Signal(unix.SIGUSR2)
+	waitLazyPages(t, done, 30*time.Second)
+	// SIGUSR2 wrote to the pipe and unblocked the two queued RT signals.
+	if rep := rw.Report(t); rep.Status != "ok" || rep.Int("piperead") != before.Int("piperead")+1 ||
+		rep.Int("rtsigs") != 2 || rep.Int("rtsum") != 1234 {
+		t.Fatalf("after post-copy: %v", rep)
+	}
+}
+
+// waitLazyPages fails t unless the lazy-pages daemon started by
+// startDaemon (done) exits 0, having delivered every page, within timeout.
+func waitLazyPages(t *testing.T, done chan int, timeout time.Duration) {
+	t.Helper()
 	select {
 	case code := <-done:
 		if code != 0 {
 			t.Fatalf("lazy-pages exited %d", code)
 		}
-	case <-time.After(30 * time.Second):
+	case <-time.After(timeout):
 		t.Fatal("lazy-pages did not finish delivering")
-	}
-	// SIGUSR2 wrote to the pipe and unblocked the two queued RT signals.
-	if rep := rw.Report(t); rep.Status != "ok" || rep.Int("piperead") != before.Int("piperead")+1 ||
-		rep.Int("rtsigs") != 2 || rep.Int("rtsum") != 1234 {
-		t.Fatalf("after post-copy: %v", rep)
 	}
 }
 
@@ -1486,14 +1493,7 @@ func TestLazyRestoreForkDuringPostCopy(t *testing.T) {
 	if _, err := os.Stat(child); err != nil {
 		t.Fatal("the forked child never reported")
 	}
-	select {
-	case code := <-done:
-		if code != 0 {
-			t.Fatalf("lazy-pages exited %d", code)
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("lazy-pages did not finish")
-	}
+	waitLazyPages(t, done, 60*time.Second)
 	checkContinued(t, before, r.Report(t))
 	log, _ := os.ReadFile(filepath.Join(img, "lazy.log"))
 	if !strings.Contains(string(log), "forked during post-copy") {
@@ -1518,14 +1518,7 @@ func TestLazyRestoreMremapMunmapDuringPostCopy(t *testing.T) {
 	r.Signal(unix.SIGUSR2)
 	after := r.Report(t) // verifies every page still mapped, moved ones at their new place
 	checkContinued(t, before, after)
-	select {
-	case code := <-done:
-		if code != 0 {
-			t.Fatalf("lazy-pages exited %d", code)
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("lazy-pages did not finish")
-	}
+	waitLazyPages(t, done, 60*time.Second)
 	checkContinued(t, before, r.Report(t))
 	log, _ := os.ReadFile(filepath.Join(img, "lazy.log"))
 	if !strings.Contains(string(log), "a mapping moved during post-copy") || strings.Contains(string(log), "dropped=0 ") {
@@ -1551,14 +1544,7 @@ func TestLazyRestore1GiB(t *testing.T) {
 	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages")
 	r := testutil.Attach(t, w.Pid, w.ReportPath)
 	defer r.Kill()
-	select {
-	case code := <-done:
-		if code != 0 {
-			t.Fatalf("lazy-pages exited %d", code)
-		}
-	case <-time.After(120 * time.Second):
-		t.Fatal("lazy-pages did not finish")
-	}
+	waitLazyPages(t, done, 120*time.Second)
 	checkContinued(t, before, r.Report(t))
 }
 

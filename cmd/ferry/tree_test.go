@@ -185,14 +185,7 @@ func TestLazyRestoreTree(t *testing.T) {
 	defer rw.Kill()
 	checkContinued(t, before, rw.Report(t))
 	checkSelf(t, rw)
-	select {
-	case code := <-done:
-		if code != 0 {
-			t.Fatalf("lazy-pages exited %d", code)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("lazy-pages did not finish delivering")
-	}
+	waitLazyPages(t, done, 30*time.Second)
 	log, _ := os.ReadFile(img + "/lazy.log")
 	if n := bytes.Count(log, []byte(`msg="serving lazy pages"`)); n != 4 {
 		t.Fatalf("the daemon served %d processes, want 4 (root, A, G, B):\n%s", n, log)
