@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -46,6 +47,7 @@ type host struct {
 	initPid int       // their PID 1 (a shell), as seen from here
 	pidns   string    // /proc/PID/ns/pid of the host
 	agent   *exec.Cmd // nsenter running the agent
+	retries int       // restarts of an agent that found its address in use
 }
 
 // cluster is two hosts and the certificates of their agents and of the
@@ -202,7 +204,8 @@ func (c *cluster) startAgent(h *host, extra []string) {
 	args = append(args, extra...)
 	h.agent = exec.Command("nsenter", h.in(args...)...)
 	h.agent.ExtraFiles = []*os.File{w}
-	h.agent.Stderr = os.Stderr
+	var stderr bytes.Buffer
+	h.agent.Stderr = io.MultiWriter(os.Stderr, &stderr)
 	if err := h.agent.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -218,12 +221,26 @@ func (c *cluster) startAgent(h *host, extra []string) {
 	select {
 	case err := <-ready:
 		if err != nil {
+			h.agent.Wait()
+			h.agent = nil
+			// A restarted agent may find its address still held a
+			// moment by the one before (seen under load): try again.
 			b, _ := os.ReadFile(h.log)
-			t.Fatalf("agent %s did not start: %v\n%s", h.name, err, b)
+			b = append(b, stderr.Bytes()...)
+			if bytes.Contains(b, []byte("address already in use")) && h.retries < 20 {
+				h.retries++
+				os.Remove(h.log)
+				time.Sleep(250 * time.Millisecond)
+				c.startAgent(h, extra)
+				return
+			}
+			held, _ := exec.Command("ip", "netns", "exec", h.netns, "ss", "-tanp").CombinedOutput()
+			t.Fatalf("agent %s did not start: %v\n%s\nsockets on %s:\n%s", h.name, err, b, h.name, held)
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatalf("agent %s: not ready after 30 s", h.name)
 	}
+	h.retries = 0
 }
 
 // stopAgent kills h's agent by PID (the processes it restored stay, as
