@@ -110,6 +110,7 @@ func (d *dumper) collectVmas(img *imageSet) error {
 		case KindSharedAnon:
 			pv.Flags = unix.MAP_SHARED | unix.MAP_ANONYMOUS
 			pv.ShmemIno = v.Inode
+			pv.Sysv = strings.HasPrefix(v.Name, "/SYSV") // its inode is the segment's id
 		case KindFileShared:
 			pv.Flags = unix.MAP_SHARED
 		case KindFilePrivate:

@@ -361,7 +361,14 @@ func (b *builder) restoreMemory() error {
 		flags := uint64(v.Flags) | unix.MAP_FIXED
 		fd := ^uint64(0)
 		off := uint64(0)
-		if h, ok := b.r.heldShmem[v.ShmemIno]; ok && v.Kind == "shared-anon" {
+		if v.Sysv {
+			if ok, err := b.attachSysv(v); err != nil {
+				return err
+			} else if ok {
+				continue
+			}
+		}
+		if h, ok := b.r.heldShmem[v.ShmemIno]; ok && v.Kind == "shared-anon" && !v.Sysv {
 			// Memory shared with other processes of the tree: the same
 			// object, at the same offset.
 			sfd, err := b.take(h)
@@ -457,6 +464,37 @@ func (b *builder) restoreMemory() error {
 	}
 	b.r.stats.MemfillTimeUs += uint64(time.Since(t0).Microseconds())
 	return nil
+}
+
+// attachSysv attaches the SysV shared memory segment v was (its id is
+// v.ShmemIno) at v's address, if the segment is still there and v covers
+// it whole; otherwise v is made as shared anonymous memory (ok false).
+func (b *builder) attachSysv(v *pb.Vma) (ok bool, err error) {
+	var ds unix.SysvShmDesc
+	if _, err := unix.SysvShmCtl(int(v.ShmemIno), unix.IPC_STAT, &ds); err != nil {
+		b.r.log.Warn("SysV shared memory segment gone: restored as shared anonymous memory", "shmid", v.ShmemIno, "err", err)
+		return false, nil
+	}
+	if size := (ds.Segsz + pageSize - 1) &^ (pageSize - 1); v.Pgoff != 0 || size != v.End-v.Start {
+		b.r.log.Warn("SysV shared memory attached in part: restored as shared anonymous memory", "shmid", v.ShmemIno)
+		return false, nil
+	}
+	flags := uint64(0)
+	if v.Prot&unix.PROT_WRITE == 0 {
+		flags |= unix.SHM_RDONLY
+	}
+	if v.Prot&unix.PROT_EXEC != 0 {
+		const shmExec = 0o100000 // SHM_EXEC
+		flags |= shmExec
+	}
+	got, err := b.sys(unix.SYS_SHMAT, v.ShmemIno, v.Start, flags)
+	if err != nil {
+		return false, fmt.Errorf("shmat %d at %#x: %w", v.ShmemIno, v.Start, err)
+	}
+	if got != v.Start {
+		return false, fmt.Errorf("shmat %d landed at %#x, not %#x", v.ShmemIno, got, v.Start)
+	}
+	return true, nil
 }
 
 func (b *builder) restoreMm() error {

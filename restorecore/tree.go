@@ -204,7 +204,7 @@ func (r *restorer) planSharing() {
 			continue
 		}
 		for _, v := range p.mm.Vmas {
-			if v.Kind == "shared-anon" && v.ShmemIno != 0 {
+			if v.Kind == "shared-anon" && v.ShmemIno != 0 && !v.Sysv {
 				vmas[v.ShmemIno]++
 				r.shmemSize[v.ShmemIno] = max(r.shmemSize[v.ShmemIno], v.Pgoff+v.End-v.Start)
 			}

@@ -191,3 +191,17 @@ func TestLazyRestoreTree(t *testing.T) {
 		t.Fatalf("the daemon served %d processes, want 4 (root, A, G, B):\n%s", n, log)
 	}
 }
+
+func TestDumpRestoreSysvShm(t *testing.T) {
+	// A SysV shared memory segment attached by a process and its child
+	// is attached again by both: the same segment, shared.
+	w := startSelfCheck(t, "sysvshm.py")
+	before := w.Report(t)
+	treePids(t, before)
+	id := int(before.Int("shmid"))
+	t.Cleanup(func() { unix.SysvShmCtl(id, unix.IPC_RMID, nil) })
+	rw := dumpRestore(t, w)
+	defer rw.Kill()
+	checkContinued(t, before, rw.Report(t))
+	checkSelf(t, rw)
+}

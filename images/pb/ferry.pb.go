@@ -1770,7 +1770,10 @@ type Vma struct {
 	ShmemIno uint64 `protobuf:"varint,11,opt,name=shmem_ino,json=shmemIno,proto3" json:"shmem_ino,omitempty"`
 	// Guard regions (MADV_GUARD_INSTALL) in it: [start, end) pairs, made
 	// again once its pages are in.
-	Guards        []uint64 `protobuf:"varint,12,rep,packed,name=guards,proto3" json:"guards,omitempty"`
+	Guards []uint64 `protobuf:"varint,12,rep,packed,name=guards,proto3" json:"guards,omitempty"`
+	// A SysV shared memory attachment (shmat): shmem_ino is the segment's
+	// id; attached again when the segment is still there.
+	Sysv          bool `protobuf:"varint,13,opt,name=sysv,proto3" json:"sysv,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1887,6 +1890,13 @@ func (x *Vma) GetGuards() []uint64 {
 		return x.Guards
 	}
 	return nil
+}
+
+func (x *Vma) GetSysv() bool {
+	if x != nil {
+		return x.Sysv
+	}
+	return false
 }
 
 type MmCore struct {
@@ -4286,7 +4296,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\bctty_pts\x18\x1a \x01(\x05R\acttyPts\x12\x17\n" +
 	"\actty_fg\x18\x1b \x01(\x05R\x06cttyFg\x12*\n" +
 	"\x11files_shared_with\x18\x1c \x01(\x05R\x0ffilesSharedWith\x12$\n" +
-	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\"\x92\x02\n" +
+	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\"\xa6\x02\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
@@ -4300,7 +4310,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04madv\x18\n" +
 	" \x01(\x05R\x04madv\x12\x1b\n" +
 	"\tshmem_ino\x18\v \x01(\x04R\bshmemIno\x12\x16\n" +
-	"\x06guards\x18\f \x03(\x04R\x06guards\"\xa5\x03\n" +
+	"\x06guards\x18\f \x03(\x04R\x06guards\x12\x12\n" +
+	"\x04sysv\x18\r \x01(\bR\x04sysv\"\xa5\x03\n" +
 	"\x06MmCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x1d\n" +
 	"\n" +
