@@ -408,6 +408,10 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			if err := dumpInotify(e, pid, info); err != nil {
 				return nil, err
 			}
+		case "anon_inode:[fanotify]":
+			if err := dumpFanotify(e, pid, info); err != nil {
+				return nil, err
+			}
 		case "anon_inode:[signalfd]":
 			e.Type = "signalfd"
 			m, err := strconv.ParseUint(info.Extra["sigmask"], 16, 64)

@@ -3,6 +3,7 @@ package dumpcore
 import (
 	"bufio"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
@@ -46,6 +47,85 @@ func dumpInotify(e *pb.FileEntry, pid int, info proc.FdInfo) error {
 	}
 	sort.Slice(e.Inotify, func(i, j int) bool { return e.Inotify[i].Wd < e.Inotify[j].Wd })
 	return nil
+}
+
+// dumpFanotify records a fanotify group: "flags:%x event-flags:%x", then
+// a line per mark, an inode's ("ino:... sdev:... mflags:%x mask:%x
+// ignored_mask:%x fhandle-bytes:... fhandle-type:%x f_handle:...", found
+// by its file handle as for inotify) or a mount's ("mnt_id:%x mflags:...
+// mask:... ignored_mask:..."). Events queued are not kept.
+func dumpFanotify(e *pb.FileEntry, pid int, info proc.FdInfo) error {
+	e.Type = "fanotify"
+	e.Fanotify = &pb.Fanotify{}
+	hex32 := func(kv map[string]string, k string) (uint64, error) {
+		return strconv.ParseUint(kv[k], 16, 64)
+	}
+	for i, line := range info.Fanotify {
+		kv := map[string]string{}
+		for _, f := range strings.Fields(line) {
+			if k, v, ok := strings.Cut(f, ":"); ok {
+				kv[k] = v
+			}
+		}
+		if i == 0 {
+			fl, err1 := hex32(kv, "flags")
+			ef, err2 := hex32(kv, "event-flags")
+			if err := errors.Join(err1, err2); err != nil {
+				return fmt.Errorf("fanotify group %q: %w", line, err)
+			}
+			e.Fanotify.Flags, e.Fanotify.EventFlags = uint32(fl), uint32(ef)
+			continue
+		}
+		mflags, err1 := hex32(kv, "mflags")
+		mask, err2 := hex32(kv, "mask")
+		ign, err3 := hex32(kv, "ignored_mask")
+		if err := errors.Join(err1, err2, err3); err != nil {
+			return fmt.Errorf("fanotify mark %q: %w", line, err)
+		}
+		m := &pb.FanotifyMark{Mflags: uint32(mflags), Mask: mask, IgnoredMask: ign}
+		switch {
+		case kv["mnt_id"] != "":
+			id, err := strconv.ParseUint(kv["mnt_id"], 16, 32)
+			if err != nil {
+				return fmt.Errorf("fanotify mark %q: %w", line, err)
+			}
+			if m.Path, err = mountPoint(pid, int(id)); err != nil {
+				return fmt.Errorf("fanotify mount mark: %w", err)
+			}
+			m.Mount = true
+		case kv["ino"] != "":
+			sdev, err1 := hex32(kv, "sdev")
+			htype, err2 := hex32(kv, "fhandle-type")
+			handle, err3 := hex.DecodeString(kv["f_handle"])
+			if err := errors.Join(err1, err2, err3); err != nil {
+				return fmt.Errorf("fanotify mark %q: %w", line, err)
+			}
+			path, err := handlePath(pid, sdev, int32(htype), handle)
+			if err != nil {
+				return fmt.Errorf("fanotify mark: %w", err)
+			}
+			m.Path = path
+		default:
+			return fmt.Errorf("fanotify mark %q: %w", line, ErrUnsupported)
+		}
+		e.Fanotify.Marks = append(e.Fanotify.Marks, m)
+	}
+	return nil
+}
+
+// mountPoint returns the mount point of mount id in pid's mount table.
+func mountPoint(pid, id int) (string, error) {
+	b, err := os.ReadFile(proc.Path(pid, "mountinfo"))
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		fs := strings.Fields(line)
+		if len(fs) >= 5 && fs[0] == strconv.Itoa(id) {
+			return fs[4], nil
+		}
+	}
+	return "", fmt.Errorf("no mount %d", id)
 }
 
 // handlePath opens a file handle on the device sdev (the kernel's encoding:

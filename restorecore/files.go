@@ -315,6 +315,10 @@ func (b *builder) restoreFiles() error {
 			if fd, err = b.newInotify(f, park); err != nil {
 				return 0, fmt.Errorf("fd %d (inotify): %w", e.Fd, err)
 			}
+		case "fanotify":
+			if fd, err = b.newFanotify(f, park); err != nil {
+				return 0, fmt.Errorf("fd %d (fanotify): %w", e.Fd, err)
+			}
 		case "pidfd":
 			// Of a process of the tree, whose PID is the same again, or
 			// of a dead process (a stand-in that dies at the end of the
@@ -964,6 +968,44 @@ func (b *builder) newInotify(f *pb.FileEntry, park func(uint64) (int, error)) (i
 		defer unix.Close(dup)
 		if n, err := unix.IoctlGetInt(dup, unix.SIOCINQ); err == nil && n > 0 {
 			unix.Read(dup, make([]byte, n))
+		}
+	}
+	return fd, nil
+}
+
+// newFanotify makes a fanotify group with the dumped flags and marks it
+// as it was.
+func (b *builder) newFanotify(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	fa := f.Fanotify
+	if fa == nil {
+		return 0, fmt.Errorf("fanotify group without its description")
+	}
+	raw, err := b.sys(unix.SYS_FANOTIFY_INIT, uint64(fa.Flags), uint64(fa.EventFlags))
+	if err != nil {
+		return 0, fmt.Errorf("fanotify_init(%#x, %#x): %w", fa.Flags, fa.EventFlags, err)
+	}
+	fd, err := park(raw)
+	if err != nil {
+		return 0, err
+	}
+	for _, m := range fa.Marks {
+		a, err := b.putString(0, m.Path)
+		if err != nil {
+			return 0, err
+		}
+		flags := uint64(unix.FAN_MARK_ADD | m.Mflags)
+		if m.Mount {
+			flags |= unix.FAN_MARK_MOUNT
+		}
+		if m.Mask != 0 {
+			if _, err := b.sys(unix.SYS_FANOTIFY_MARK, uint64(fd), flags, m.Mask, atFdcwd, a); err != nil {
+				return 0, fmt.Errorf("mark %s (mask %#x): %w", m.Path, m.Mask, err)
+			}
+		}
+		if m.IgnoredMask != 0 {
+			if _, err := b.sys(unix.SYS_FANOTIFY_MARK, uint64(fd), flags|unix.FAN_MARK_IGNORED_MASK, m.IgnoredMask, atFdcwd, a); err != nil {
+				return 0, fmt.Errorf("mark %s (ignored mask %#x): %w", m.Path, m.IgnoredMask, err)
+			}
 		}
 	}
 	return fd, nil

@@ -2130,3 +2130,9 @@ func TestDumpRestoreGuardRegions(t *testing.T) {
 	// back as guard pages; the pages around them keep their contents.
 	selfCheckAcross(t, "guard.py")
 }
+
+func TestDumpRestoreFanotify(t *testing.T) {
+	// A fanotify group comes back with its flags and its inode and mount
+	// marks (masks and ignored masks), and reports events again.
+	checkAcross(t, startSelfCheck(t, "fanotify.py", t.TempDir()))
+}

@@ -2117,9 +2117,11 @@ type FileEntry struct {
 	SymlinkDeleted bool   `protobuf:"varint,33,opt,name=symlink_deleted,json=symlinkDeleted,proto3" json:"symlink_deleted,omitempty"`
 	// F_SETOWN_EX/F_SETSIG: who gets SIGIO (or sig) for this description:
 	// owner_type F_OWNER_TID (0), F_OWNER_PID (1) or F_OWNER_PGRP (2).
-	OwnerType     int32 `protobuf:"varint,34,opt,name=owner_type,json=ownerType,proto3" json:"owner_type,omitempty"`
-	OwnerPid      int32 `protobuf:"varint,35,opt,name=owner_pid,json=ownerPid,proto3" json:"owner_pid,omitempty"`
-	OwnerSig      int32 `protobuf:"varint,36,opt,name=owner_sig,json=ownerSig,proto3" json:"owner_sig,omitempty"`
+	OwnerType int32 `protobuf:"varint,34,opt,name=owner_type,json=ownerType,proto3" json:"owner_type,omitempty"`
+	OwnerPid  int32 `protobuf:"varint,35,opt,name=owner_pid,json=ownerPid,proto3" json:"owner_pid,omitempty"`
+	OwnerSig  int32 `protobuf:"varint,36,opt,name=owner_sig,json=ownerSig,proto3" json:"owner_sig,omitempty"`
+	// A fanotify group: its fanotify_init flags and its marks.
+	Fanotify      *Fanotify `protobuf:"bytes,37,opt,name=fanotify,proto3" json:"fanotify,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2406,6 +2408,13 @@ func (x *FileEntry) GetOwnerSig() int32 {
 	return 0
 }
 
+func (x *FileEntry) GetFanotify() *Fanotify {
+	if x != nil {
+		return x.Fanotify
+	}
+	return nil
+}
+
 // InotifyWatch is one watch of an inotify fd: what it watches (found from
 // its file handle at dump), with what mask, under what watch descriptor.
 type InotifyWatch struct {
@@ -2468,6 +2477,144 @@ func (x *InotifyWatch) GetPath() string {
 	return ""
 }
 
+// Fanotify is a fanotify group: fanotify_init's flags and event_f_flags,
+// and each mark (fanotify_mark).
+type Fanotify struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Flags         uint32                 `protobuf:"varint,1,opt,name=flags,proto3" json:"flags,omitempty"`
+	EventFlags    uint32                 `protobuf:"varint,2,opt,name=event_flags,json=eventFlags,proto3" json:"event_flags,omitempty"`
+	Marks         []*FanotifyMark        `protobuf:"bytes,3,rep,name=marks,proto3" json:"marks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Fanotify) Reset() {
+	*x = Fanotify{}
+	mi := &file_images_ferry_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Fanotify) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Fanotify) ProtoMessage() {}
+
+func (x *Fanotify) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
+func (*Fanotify) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *Fanotify) GetFlags() uint32 {
+	if x != nil {
+		return x.Flags
+	}
+	return 0
+}
+
+func (x *Fanotify) GetEventFlags() uint32 {
+	if x != nil {
+		return x.EventFlags
+	}
+	return 0
+}
+
+func (x *Fanotify) GetMarks() []*FanotifyMark {
+	if x != nil {
+		return x.Marks
+	}
+	return nil
+}
+
+type FanotifyMark struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`      // the inode's path, or the mount's mount point
+	Mount         bool                   `protobuf:"varint,2,opt,name=mount,proto3" json:"mount,omitempty"`   // a mount mark (FAN_MARK_MOUNT)
+	Mflags        uint32                 `protobuf:"varint,3,opt,name=mflags,proto3" json:"mflags,omitempty"` // its user flags (FAN_MARK_IGNORED_SURV_MODIFY, ...)
+	Mask          uint64                 `protobuf:"varint,4,opt,name=mask,proto3" json:"mask,omitempty"`
+	IgnoredMask   uint64                 `protobuf:"varint,5,opt,name=ignored_mask,json=ignoredMask,proto3" json:"ignored_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FanotifyMark) Reset() {
+	*x = FanotifyMark{}
+	mi := &file_images_ferry_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FanotifyMark) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FanotifyMark) ProtoMessage() {}
+
+func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
+func (*FanotifyMark) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *FanotifyMark) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *FanotifyMark) GetMount() bool {
+	if x != nil {
+		return x.Mount
+	}
+	return false
+}
+
+func (x *FanotifyMark) GetMflags() uint32 {
+	if x != nil {
+		return x.Mflags
+	}
+	return 0
+}
+
+func (x *FanotifyMark) GetMask() uint64 {
+	if x != nil {
+		return x.Mask
+	}
+	return 0
+}
+
+func (x *FanotifyMark) GetIgnoredMask() uint64 {
+	if x != nil {
+		return x.IgnoredMask
+	}
+	return 0
+}
+
 // Timerfd is a timerfd's clock and what was left of its timer at dump.
 type Timerfd struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2482,7 +2629,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2494,7 +2641,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2507,7 +2654,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -2560,7 +2707,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2572,7 +2719,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2585,7 +2732,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -2668,7 +2815,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2680,7 +2827,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2693,7 +2840,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -2804,7 +2951,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2816,7 +2963,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2829,7 +2976,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -2880,7 +3027,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2892,7 +3039,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2905,7 +3052,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -3024,7 +3171,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3036,7 +3183,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3049,7 +3196,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -3161,7 +3308,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3173,7 +3320,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3186,7 +3333,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -3226,7 +3373,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3238,7 +3385,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3251,7 +3398,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -3302,7 +3449,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3314,7 +3461,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3327,7 +3474,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *FileLock) GetKind() string {
@@ -3371,7 +3518,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3383,7 +3530,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3396,7 +3543,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -3437,7 +3584,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3449,7 +3596,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3462,7 +3609,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -3493,7 +3640,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3505,7 +3652,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3518,7 +3665,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -3548,7 +3695,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3560,7 +3707,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3573,7 +3720,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -3613,7 +3760,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3625,7 +3772,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3638,7 +3785,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -3688,7 +3835,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3700,7 +3847,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3713,7 +3860,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -3810,7 +3957,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3822,7 +3969,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3835,7 +3982,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -3870,7 +4017,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3882,7 +4029,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3895,7 +4042,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -3982,7 +4129,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3994,7 +4141,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4007,7 +4154,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -4062,7 +4209,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4074,7 +4221,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4087,7 +4234,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -4331,7 +4478,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xce\b\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\x82\t\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -4372,11 +4519,23 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
 	"owner_type\x18\" \x01(\x05R\townerType\x12\x1b\n" +
 	"\towner_pid\x18# \x01(\x05R\bownerPid\x12\x1b\n" +
-	"\towner_sig\x18$ \x01(\x05R\bownerSig\"F\n" +
+	"\towner_sig\x18$ \x01(\x05R\bownerSig\x122\n" +
+	"\bfanotify\x18% \x01(\v2\x16.ferry.images.FanotifyR\bfanotify\"F\n" +
 	"\fInotifyWatch\x12\x0e\n" +
 	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
 	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
-	"\x04path\x18\x03 \x01(\tR\x04path\"\x9a\x01\n" +
+	"\x04path\x18\x03 \x01(\tR\x04path\"s\n" +
+	"\bFanotify\x12\x14\n" +
+	"\x05flags\x18\x01 \x01(\rR\x05flags\x12\x1f\n" +
+	"\vevent_flags\x18\x02 \x01(\rR\n" +
+	"eventFlags\x120\n" +
+	"\x05marks\x18\x03 \x03(\v2\x1a.ferry.images.FanotifyMarkR\x05marks\"\x87\x01\n" +
+	"\fFanotifyMark\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x14\n" +
+	"\x05mount\x18\x02 \x01(\bR\x05mount\x12\x16\n" +
+	"\x06mflags\x18\x03 \x01(\rR\x06mflags\x12\x12\n" +
+	"\x04mask\x18\x04 \x01(\x04R\x04mask\x12!\n" +
+	"\fignored_mask\x18\x05 \x01(\x04R\vignoredMask\"\x9a\x01\n" +
 	"\aTimerfd\x12\x18\n" +
 	"\aclockid\x18\x01 \x01(\x05R\aclockid\x12\x14\n" +
 	"\x05ticks\x18\x02 \x01(\x04R\x05ticks\x12#\n" +
@@ -4537,7 +4696,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*TrackerRef)(nil),   // 1: ferry.images.TrackerRef
@@ -4558,25 +4717,27 @@ var file_images_ferry_proto_goTypes = []any{
 	(*MmCore)(nil),       // 16: ferry.images.MmCore
 	(*FileEntry)(nil),    // 17: ferry.images.FileEntry
 	(*InotifyWatch)(nil), // 18: ferry.images.InotifyWatch
-	(*Timerfd)(nil),      // 19: ferry.images.Timerfd
-	(*Tty)(nil),          // 20: ferry.images.Tty
-	(*UnixSocket)(nil),   // 21: ferry.images.UnixSocket
-	(*InFlight)(nil),     // 22: ferry.images.InFlight
-	(*InetSocket)(nil),   // 23: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 24: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 25: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 26: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 27: ferry.images.FileLock
-	(*FdEntry)(nil),      // 28: ferry.images.FdEntry
-	(*FdTable)(nil),      // 29: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 30: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 31: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 32: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 33: ferry.images.GhostFile
-	(*GhostExtent)(nil),  // 34: ferry.images.GhostExtent
-	(*DumpStats)(nil),    // 35: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 36: ferry.images.RestoreStats
-	(*Stats)(nil),        // 37: ferry.images.Stats
+	(*Fanotify)(nil),     // 19: ferry.images.Fanotify
+	(*FanotifyMark)(nil), // 20: ferry.images.FanotifyMark
+	(*Timerfd)(nil),      // 21: ferry.images.Timerfd
+	(*Tty)(nil),          // 22: ferry.images.Tty
+	(*UnixSocket)(nil),   // 23: ferry.images.UnixSocket
+	(*InFlight)(nil),     // 24: ferry.images.InFlight
+	(*InetSocket)(nil),   // 25: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 26: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 27: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 28: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 29: ferry.images.FileLock
+	(*FdEntry)(nil),      // 30: ferry.images.FdEntry
+	(*FdTable)(nil),      // 31: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 32: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 33: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 34: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 35: ferry.images.GhostFile
+	(*GhostExtent)(nil),  // 36: ferry.images.GhostExtent
+	(*DumpStats)(nil),    // 37: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 38: ferry.images.RestoreStats
+	(*Stats)(nil),        // 39: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	2,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -4593,25 +4754,27 @@ var file_images_ferry_proto_depIdxs = []int32{
 	9,  // 11: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	13, // 12: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
 	15, // 13: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	26, // 14: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	23, // 15: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	21, // 16: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	20, // 17: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	19, // 18: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	28, // 14: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	25, // 15: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	23, // 16: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	22, // 17: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	21, // 18: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
 	18, // 19: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	22, // 20: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	25, // 21: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	24, // 22: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	27, // 23: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	28, // 24: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	34, // 25: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	35, // 26: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	36, // 27: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	28, // [28:28] is the sub-list for method output_type
-	28, // [28:28] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	19, // 20: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	20, // 21: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	24, // 22: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	27, // 23: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	26, // 24: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	29, // 25: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	30, // 26: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	36, // 27: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	37, // 28: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	38, // 29: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	30, // [30:30] is the sub-list for method output_type
+	30, // [30:30] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -4625,7 +4788,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   38,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

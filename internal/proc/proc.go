@@ -443,6 +443,9 @@ type FdInfo struct {
 	// Inotify holds the "inotify wd:N ino:... sdev:... mask:... f_handle:..."
 	// lines of an inotify fd, without the leading "inotify ".
 	Inotify []string
+	// Fanotify holds the "fanotify ..." lines of a fanotify fd (the
+	// group's flags, then one per mark), without the leading "fanotify ".
+	Fanotify []string
 }
 
 // ReadFdInfo reads /proc/PID/fdinfo/FD.
@@ -461,6 +464,10 @@ func ParseFdInfo(file string, b []byte) (FdInfo, error) {
 	for ln, line := range strings.Split(string(b), "\n") {
 		if w, ok := strings.CutPrefix(line, "inotify "); ok {
 			fi.Inotify = append(fi.Inotify, w)
+			continue
+		}
+		if w, ok := strings.CutPrefix(line, "fanotify "); ok {
+			fi.Fanotify = append(fi.Fanotify, w)
 			continue
 		}
 		k, v, ok := strings.Cut(line, ":")
