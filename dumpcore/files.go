@@ -54,6 +54,9 @@ type fileTable struct {
 	remapLinks bool                 // --link-remap: see linkRemap
 	mapped     map[uint32]bool      // entries made for file mappings (addMapped)
 	byPath     map[string]uint32    // path objects by kind+dev+ino
+	// ptyMasters are the pty masters of the dump, their queues read
+	// last (takePtyQueues).
+	ptyMasters []ptyMaster
 	// ofds are the open file descriptions collected so far, by inode: an
 	// fd of any process of the tree that shares one gets its id.
 	ofds map[uint64][]ofd
@@ -365,6 +368,10 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", target, err)
 			}
+		} else if unix.Major(st.Rdev) == 5 && unix.Minor(st.Rdev) == 0 && !shellJob {
+			// /dev/tty: the controlling terminal, whichever it is; opened
+			// again once the restored session has its terminal.
+			e.Type = "devtty"
 		} else if isTTY(st.Rdev) {
 			if !shellJob {
 				return nil, fmt.Errorf("terminal %s: %w (use --shell-job to dump a job attached to a terminal)", target, ErrUnsupported)

@@ -35,6 +35,8 @@ type tree struct {
 	// locked names the network lock this dump added (removed again if
 	// the tree goes on).
 	locked string
+	// ptyTaken: the ptys' queues were read out (takePtyQueues).
+	ptyTaken bool
 }
 
 func newTree(opts Options) *tree {
@@ -179,6 +181,7 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		}
 	}()
 	defer t.pin()()
+	defer t.files.closePtyMasters()
 	if err := t.checkShape(); err != nil {
 		return nil, err
 	}
@@ -240,6 +243,12 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		}
 		return res, err
 	}
+	// The tree is to die: what waits in its ptys goes in the images
+	// (taken out of them; put back if the tree goes on after all).
+	if err := t.files.takePtyQueues(); err != nil {
+		return nil, err
+	}
+	t.ptyTaken = true
 	if err := t.write(imgs); err != nil {
 		return nil, err
 	}
@@ -494,6 +503,10 @@ func (t *tree) resume(stopped bool) {
 	}
 	unrepair(t.files.repaired)
 	t.files.repaired = nil
+	if t.ptyTaken {
+		t.files.putPtyQueuesBack()
+		t.ptyTaken = false
+	}
 	if t.locked != "" {
 		if err := netlock.Unlock(t.root, t.locked); err != nil {
 			t.log.Warn("removing the network lock", "table", t.locked, "err", err)

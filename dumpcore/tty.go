@@ -9,6 +9,7 @@ import (
 
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/internal/ptyq"
 )
 
 // Unix98 ptys: the master multiplexer /dev/ptmx (5, 2) and slaves
@@ -19,7 +20,6 @@ const (
 	ptsMajorLast         = 143
 	tcgets2              = 0x802c542a
 	tiocgpkt             = 0x80045438
-	tiocgptpeer          = 0x5441
 )
 
 func isPtmx(rdev uint64) bool { return unix.Major(rdev) == ptmxMajor && unix.Minor(rdev) == ptmxMinor }
@@ -50,13 +50,16 @@ func (ft *fileTable) describeTty(e *pb.FileEntry, rdev uint64, dup int, info pro
 		}
 		t.Packet = pkt != 0
 		// The settings live on the slave side: open it from the master.
-		s, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(dup), tiocgptpeer, uintptr(unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC))
-		if errno != 0 {
-			return os.NewSyscallError("ioctl TIOCGPTPEER", errno)
+		s, err := ptyq.Peer(dup)
+		if err != nil {
+			return err
 		}
-		slave = int(s)
+		slave = s
 		defer unix.Close(slave)
 		e.Type = "ptmx"
+		if m, err := unix.Dup(dup); err == nil {
+			ft.ptyMasters = append(ft.ptyMasters, ptyMaster{e: e, fd: m})
+		}
 	} else {
 		t.Index = ptsIndex(rdev)
 		t.Ctty = ft.cttyNr != 0 && rdev == ft.cttyNr
@@ -103,4 +106,51 @@ func (ft *fileTable) checkTtys(table *pb.FdTable, shellJob bool) error {
 		f.Type, f.ShellJobTty, f.Tty = "chr", true, nil
 	}
 	return nil
+}
+
+// ptyMaster is ferry's duplicate of a pty master of the dump, kept for
+// reading its queues (takePtyQueues).
+type ptyMaster struct {
+	e  *pb.FileEntry
+	fd int
+}
+
+// takePtyQueues reads what waits in each pty of the dump, both ways, into
+// its master's entry. Reading takes it out of the ptys: a dump that then
+// lets the tree go on puts it back first (putPtyQueuesBack).
+func (ft *fileTable) takePtyQueues() error {
+	for _, m := range ft.ptyMasters {
+		s, err := ptyq.Peer(m.fd)
+		if err != nil {
+			return err
+		}
+		out, err := ptyq.ReadQueued(m.fd)
+		if err == nil {
+			m.e.Tty.InData, err = ptyq.ReadQueued(s)
+		}
+		unix.Close(s)
+		m.e.Tty.OutData = out
+		if err != nil {
+			return fmt.Errorf("pty %d: %w", m.e.Tty.Index, err)
+		}
+	}
+	return nil
+}
+
+// putPtyQueuesBack undoes takePtyQueues.
+func (ft *fileTable) putPtyQueuesBack() {
+	for _, m := range ft.ptyMasters {
+		if err := ptyq.Refill(m.fd, m.e.Tty); err != nil {
+			continue // best effort: the tree goes on either way
+		}
+		m.e.Tty.InData, m.e.Tty.OutData = nil, nil
+	}
+}
+
+// closePtyMasters closes ferry's duplicates of the masters.
+func (ft *fileTable) closePtyMasters() {
+	for _, m := range ft.ptyMasters {
+		unix.Close(m.fd)
+	}
+	ft.ptyMasters = nil
 }

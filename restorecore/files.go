@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/ptyq"
 )
 
 // restoreFiles opens every file object inside the target (remote openat,
@@ -182,7 +183,7 @@ func (b *builder) restoreFiles() error {
 				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 			}
 			if f.Tty.Ctty {
-				b.ctty = &ctty{fd: int(e.Fd), fgPgrp: f.Tty.FgPgrp}
+				b.ctty = &ctty{fd: int(e.Fd), parked: fd, fgPgrp: f.Tty.FgPgrp}
 			}
 		case "unix":
 			if f.Unix == nil {
@@ -315,6 +316,21 @@ func (b *builder) restoreFiles() error {
 			if fd, err = b.newInotify(f, park); err != nil {
 				return 0, fmt.Errorf("fd %d (inotify): %w", e.Fd, err)
 			}
+		case "devtty":
+			// /dev/tty opens the controlling terminal: the session's,
+			// taken now if this process leads it.
+			if pt := b.p.pstree; pt.Sid == pt.Pid {
+				if err := b.takeCttyNow(); err != nil {
+					return 0, fmt.Errorf("fd %d (/dev/tty): %w", e.Fd, err)
+				}
+			}
+			raw, err := b.openIn("/dev/tty", f)
+			if err != nil {
+				return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
+			}
+			if fd, err = park(raw); err != nil {
+				return 0, err
+			}
 		case "fanotify":
 			if fd, err = b.newFanotify(f, park); err != nil {
 				return 0, fmt.Errorf("fd %d (fanotify): %w", e.Fd, err)
@@ -428,6 +444,25 @@ func (b *builder) restoreFiles() error {
 			return err
 		}
 		b.objFds[e.FileId] = fd
+	}
+	// What waited in the ptys this process made, queued again.
+	for id, fd := range b.objFds {
+		f := b.r.is.files[id]
+		if _, taken := b.r.held[id]; taken || f == nil || f.Type != "ptmx" || f.Tty == nil {
+			continue
+		}
+		if len(f.Tty.InData) == 0 && len(f.Tty.OutData) == 0 {
+			continue
+		}
+		m, err := b.localFd(fd)
+		if err != nil {
+			return err
+		}
+		err = ptyq.Refill(m, f.Tty)
+		unix.Close(m)
+		if err != nil {
+			return fmt.Errorf("pty %d: queued data: %w", f.Tty.Index, err)
+		}
 	}
 	// Owners (F_SETOWN_EX, F_SETSIG) and O_ASYNC, on what this process
 	// made (a description taken from ferry has them already).

@@ -18,7 +18,8 @@ const (
 // ctty is the terminal to make the process's controlling terminal once it
 // leads its session again.
 type ctty struct {
-	fd     int
+	fd     int // its number in the restored process
+	parked int // where it sits while the files are being made
 	fgPgrp int32
 }
 
@@ -105,6 +106,18 @@ func (b *builder) ioctlInt(fd int, req uint64, v int32) error {
 	}
 	_, err = b.sys(unix.SYS_IOCTL, uint64(fd), req, a)
 	return err
+}
+
+// takeCttyNow takes the controlling terminal while the files are still
+// being made (for /dev/tty), through the slave's parked fd.
+func (b *builder) takeCttyNow() error {
+	if b.ctty == nil {
+		return b.takeCtty()
+	}
+	c := *b.ctty
+	defer func() { b.ctty = &c }()
+	b.ctty = &ctty{fd: c.parked, fgPgrp: c.fgPgrp}
+	return b.takeCtty()
 }
 
 // takeCtty makes the remembered terminal the controlling terminal of the

@@ -2136,3 +2136,10 @@ func TestDumpRestoreFanotify(t *testing.T) {
 	// marks (masks and ignored masks), and reports events again.
 	checkAcross(t, startSelfCheck(t, "fanotify.py", t.TempDir()))
 }
+
+func TestDumpRestorePtyQueues(t *testing.T) {
+	// What waits in a pty comes back: lines written to the master for the
+	// slave to read (canonical mode), and the echo and output waiting for
+	// the master, byte for byte. /dev/tty is the pty again.
+	selfCheckAcross(t, "ptyqueue.py")
+}

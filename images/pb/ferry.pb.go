@@ -2694,13 +2694,18 @@ func (x *Timerfd) GetIntervalNs() int64 {
 
 // Tty is one side of a pty pair. Data queued in the terminal is not kept.
 type Tty struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Index         int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`                 // N of /dev/pts/N
-	Termios       []byte                 `protobuf:"bytes,2,opt,name=termios,proto3" json:"termios,omitempty"`              // struct termios2 of the slave (TCGETS2)
-	Winsize       []byte                 `protobuf:"bytes,3,opt,name=winsize,proto3" json:"winsize,omitempty"`              // struct winsize
-	Packet        bool                   `protobuf:"varint,4,opt,name=packet,proto3" json:"packet,omitempty"`               // master in packet mode (TIOCPKT)
-	Ctty          bool                   `protobuf:"varint,5,opt,name=ctty,proto3" json:"ctty,omitempty"`                   // slave: the process's controlling terminal
-	FgPgrp        int32                  `protobuf:"varint,6,opt,name=fg_pgrp,json=fgPgrp,proto3" json:"fg_pgrp,omitempty"` // slave that is the controlling terminal: its foreground group
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Index   int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`                 // N of /dev/pts/N
+	Termios []byte                 `protobuf:"bytes,2,opt,name=termios,proto3" json:"termios,omitempty"`              // struct termios2 of the slave (TCGETS2)
+	Winsize []byte                 `protobuf:"bytes,3,opt,name=winsize,proto3" json:"winsize,omitempty"`              // struct winsize
+	Packet  bool                   `protobuf:"varint,4,opt,name=packet,proto3" json:"packet,omitempty"`               // master in packet mode (TIOCPKT)
+	Ctty    bool                   `protobuf:"varint,5,opt,name=ctty,proto3" json:"ctty,omitempty"`                   // slave: the process's controlling terminal
+	FgPgrp  int32                  `protobuf:"varint,6,opt,name=fg_pgrp,json=fgPgrp,proto3" json:"fg_pgrp,omitempty"` // slave that is the controlling terminal: its foreground group
+	// Master: what waited to be read, on the slave side (input, as the line
+	// discipline had it: in canonical mode, whole lines) and on the master
+	// side (output).
+	InData        []byte `protobuf:"bytes,7,opt,name=in_data,json=inData,proto3" json:"in_data,omitempty"`
+	OutData       []byte `protobuf:"bytes,8,opt,name=out_data,json=outData,proto3" json:"out_data,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2775,6 +2780,20 @@ func (x *Tty) GetFgPgrp() int32 {
 		return x.FgPgrp
 	}
 	return 0
+}
+
+func (x *Tty) GetInData() []byte {
+	if x != nil {
+		return x.InData
+	}
+	return nil
+}
+
+func (x *Tty) GetOutData() []byte {
+	if x != nil {
+		return x.OutData
+	}
+	return nil
 }
 
 // UnixSocket is an AF_UNIX socket: a listener bound to a name, a
@@ -4542,14 +4561,16 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\rsettime_flags\x18\x03 \x01(\x05R\fsettimeFlags\x12\x19\n" +
 	"\bvalue_ns\x18\x04 \x01(\x03R\avalueNs\x12\x1f\n" +
 	"\vinterval_ns\x18\x05 \x01(\x03R\n" +
-	"intervalNs\"\x94\x01\n" +
+	"intervalNs\"\xc8\x01\n" +
 	"\x03Tty\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x18\n" +
 	"\atermios\x18\x02 \x01(\fR\atermios\x12\x18\n" +
 	"\awinsize\x18\x03 \x01(\fR\awinsize\x12\x16\n" +
 	"\x06packet\x18\x04 \x01(\bR\x06packet\x12\x12\n" +
 	"\x04ctty\x18\x05 \x01(\bR\x04ctty\x12\x17\n" +
-	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\"\x9d\x03\n" +
+	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\x12\x17\n" +
+	"\ain_data\x18\a \x01(\fR\x06inData\x12\x19\n" +
+	"\bout_data\x18\b \x01(\fR\aoutData\"\x9d\x03\n" +
 	"\n" +
 	"UnixSocket\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
