@@ -1,6 +1,7 @@
 package dumpcore
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -70,7 +71,12 @@ func (ft *fileTable) describeTty(e *pb.FileEntry, rdev uint64, dup int, info pro
 		e.Type = "pts"
 	}
 	t.Termios = make([]byte, 44) // struct termios2
-	if err := ioctlBuf(slave, tcgets2, t.Termios); err != nil {
+	if err := ioctlBuf(slave, tcgets2, t.Termios); errors.Is(err, unix.EIO) && e.Type == "pts" {
+		// Its master is closed: it is hung up, and has no settings.
+		t.HungUp, t.Termios = true, nil
+		e.Tty = t
+		return nil
+	} else if err != nil {
 		return os.NewSyscallError("ioctl TCGETS2", err)
 	}
 	ws, err := unix.IoctlGetWinsize(slave, unix.TIOCGWINSZ)
@@ -96,7 +102,7 @@ func (ft *fileTable) checkTtys(table *pb.FdTable, shellJob bool) error {
 	}
 	for _, fd := range table.Fds {
 		f := ft.entries[fd.FileId-1]
-		if f.Type != "pts" || masters[f.Tty.Index] {
+		if f.Type != "pts" || masters[f.Tty.Index] || f.Tty.HungUp {
 			continue
 		}
 		if !shellJob {

@@ -34,6 +34,7 @@ func (b *builder) restoreFiles() error {
 	pipes := map[uint64][2]int{} // pipe inode -> parked read, write fds
 	pipeEndTaken := map[[2]uint64]bool{}
 	fifos := map[uint64]int{} // FIFO inode -> parked read-write helper fd
+	hungUp := map[int32]int{} // hung-up pty index -> the parked master made for it
 	var ghosts []string
 	defer func() {
 		for _, g := range ghosts {
@@ -164,7 +165,29 @@ func (b *builder) restoreFiles() error {
 			if f.Tty == nil {
 				return 0, fmt.Errorf("fd %d: terminal without its description", e.Fd)
 			}
-			if f.Type == "ptmx" {
+			if f.Type == "pts" && f.Tty.HungUp {
+				// The slave of a pty of its own whose master is closed
+				// once every such fd is open.
+				m, ok := hungUp[f.Tty.Index]
+				if !ok {
+					raw, err := b.openIn("/dev/ptmx", &pb.FileEntry{Flags: unix.O_RDWR})
+					if err != nil {
+						return 0, fmt.Errorf("fd %d (hung-up %s): %w", e.Fd, f.Path, err)
+					}
+					if m, err = park(raw); err != nil {
+						return 0, err
+					}
+					if err := b.ioctlInt(m, tiocsptlck, 0); err != nil {
+						return 0, err
+					}
+					hungUp[f.Tty.Index] = m
+				}
+				raw, err := b.sys(unix.SYS_IOCTL, uint64(m), tiocgptpeer, uint64(f.Flags&unix.O_ACCMODE|unix.O_NOCTTY))
+				if err != nil {
+					return 0, fmt.Errorf("fd %d (hung-up %s): %w", e.Fd, f.Path, err)
+				}
+				fd, err = park(raw)
+			} else if f.Type == "ptmx" {
 				fd, err = b.openPtmx(f, park)
 			} else if m := b.r.ptyMaster(f.Tty.Index); m != nil && b.objFds[m.Id] == 0 && b.r.held[m.Id] == 0 {
 				// Its master belongs to a process made later: made
@@ -536,6 +559,9 @@ func (b *builder) restoreFiles() error {
 	}
 	for _, h := range fifos {
 		parked[h] = true
+	}
+	for _, m := range hungUp {
+		parked[m] = true // closing it hangs the slaves up
 	}
 	for _, fd := range inFlightFds {
 		parked[fd] = true

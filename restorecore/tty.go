@@ -10,9 +10,10 @@ import (
 )
 
 const (
-	tcsets2    = 0x402c542b
-	tiocsptlck = 0x40045431
-	tiocpkt    = 0x5420
+	tcsets2     = 0x402c542b
+	tiocsptlck  = 0x40045431
+	tiocpkt     = 0x5420
+	tiocgptpeer = 0x5441
 )
 
 // ctty is the terminal to make the process's controlling terminal once it

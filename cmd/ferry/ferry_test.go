@@ -2143,3 +2143,9 @@ func TestDumpRestorePtyQueues(t *testing.T) {
 	// the master, byte for byte. /dev/tty is the pty again.
 	selfCheckAcross(t, "ptyqueue.py")
 }
+
+func TestDumpRestoreHungUpPty(t *testing.T) {
+	// Two slaves of a pty whose master is closed come back hung up, as
+	// slaves of one pty.
+	selfCheckAcross(t, "hungpty.py")
+}

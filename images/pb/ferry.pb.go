@@ -2704,8 +2704,11 @@ type Tty struct {
 	// Master: what waited to be read, on the slave side (input, as the line
 	// discipline had it: in canonical mode, whole lines) and on the master
 	// side (output).
-	InData        []byte `protobuf:"bytes,7,opt,name=in_data,json=inData,proto3" json:"in_data,omitempty"`
-	OutData       []byte `protobuf:"bytes,8,opt,name=out_data,json=outData,proto3" json:"out_data,omitempty"`
+	InData  []byte `protobuf:"bytes,7,opt,name=in_data,json=inData,proto3" json:"in_data,omitempty"`
+	OutData []byte `protobuf:"bytes,8,opt,name=out_data,json=outData,proto3" json:"out_data,omitempty"`
+	// Slave whose master is closed (hung up): made again as the slave of a
+	// new pty whose master is closed once it is open.
+	HungUp        bool `protobuf:"varint,9,opt,name=hung_up,json=hungUp,proto3" json:"hung_up,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2794,6 +2797,13 @@ func (x *Tty) GetOutData() []byte {
 		return x.OutData
 	}
 	return nil
+}
+
+func (x *Tty) GetHungUp() bool {
+	if x != nil {
+		return x.HungUp
+	}
+	return false
 }
 
 // UnixSocket is an AF_UNIX socket: a listener bound to a name, a
@@ -4561,7 +4571,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\rsettime_flags\x18\x03 \x01(\x05R\fsettimeFlags\x12\x19\n" +
 	"\bvalue_ns\x18\x04 \x01(\x03R\avalueNs\x12\x1f\n" +
 	"\vinterval_ns\x18\x05 \x01(\x03R\n" +
-	"intervalNs\"\xc8\x01\n" +
+	"intervalNs\"\xe1\x01\n" +
 	"\x03Tty\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x18\n" +
 	"\atermios\x18\x02 \x01(\fR\atermios\x12\x18\n" +
@@ -4570,7 +4580,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04ctty\x18\x05 \x01(\bR\x04ctty\x12\x17\n" +
 	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\x12\x17\n" +
 	"\ain_data\x18\a \x01(\fR\x06inData\x12\x19\n" +
-	"\bout_data\x18\b \x01(\fR\aoutData\"\x9d\x03\n" +
+	"\bout_data\x18\b \x01(\fR\aoutData\x12\x17\n" +
+	"\ahung_up\x18\t \x01(\bR\x06hungUp\"\x9d\x03\n" +
 	"\n" +
 	"UnixSocket\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
