@@ -220,11 +220,15 @@ func (ft *fileTable) collectFds(pid int, shellJob bool, skip int) (*pb.FdTable, 
 func (ft *fileTable) checkUnixPeers(table *pb.FdTable) error {
 	byIno := map[uint64]bool{}
 	pendingOn := map[uint64]uint64{} // a client -> the listener its connection waits on
+	listening := map[string]bool{}   // the listeners' names
 	for _, f := range ft.entries {
 		if f.Unix != nil {
 			byIno[f.Ino] = true
 			for _, p := range f.Unix.Pending {
 				pendingOn[p] = f.Ino
+			}
+			if f.Unix.Listening {
+				listening[string(f.Unix.Name)] = true
 			}
 		}
 	}
@@ -244,6 +248,16 @@ func (ft *fileTable) checkUnixPeers(table *pb.FdTable) error {
 			// Its peer, not accepted yet, has no inode of its own.
 			u.PendingOn, u.PeerClosed = l, false
 			continue
+		}
+		if u.PeerIno != 0 && len(u.Name) > 0 && u.Type != unix.SOCK_DGRAM && !listening[string(u.Name)] {
+			// A named end of a connection is an accepted one (it shows its
+			// listener's name) when that listener is in the dump, or its
+			// path is gone with it; one bound by the program itself is not
+			// made again.
+			if _, err := os.Lstat(string(u.Name)); u.Name[0] == 0 || err == nil {
+				return fmt.Errorf("fd %d of %d: connected unix socket bound to %s: %w (only accepted ones and unnamed pairs)",
+					fd.Fd, table.Pid, unixName(u.Name), ErrUnsupported)
+			}
 		}
 		if u.PeerIno == 0 || byIno[u.PeerIno] || len(u.ExternalPeer) > 0 {
 			continue

@@ -157,9 +157,8 @@ func (ft *fileTable) describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket,
 		}
 		return s, nil
 	case d.peer != 0 && len(d.name) > 0 && typ != unix.SOCK_DGRAM:
-		// A datagram socket is bound and connected again by names; a
-		// connection's ends cannot be both named and paired.
-		return nil, fmt.Errorf("connected unix socket bound to %s: %w (only unnamed pairs so far)", name, ErrUnsupported)
+		// A connection's end with a name: an accepted one shows its
+		// listener's (checkUnixPeers tells); it comes back unnamed.
 	case d.peer == 0 && d.state == unixEstablished:
 		// Its peer has closed (an accepted connection whose client left,
 		// say): what it still has to read must stay readable.
