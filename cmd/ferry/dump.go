@@ -45,19 +45,23 @@ func newDumpCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
 		Short: "checkpoint a running process into an image directory",
-		Long: `Freeze the process PID with all its threads, write its complete state to
-the image directory, then kill it (the default), leave it running (-R) or
-leave it stopped (-s).
+		Long: `Freeze the process PID with all its threads and all its descendants (each
+frozen before its children are listed), write their complete state to the
+image directory, then kill them (the default), leave them running (-R) or
+leave them stopped (-s).
 
-The images hold memory (zero pages left out), registers with the full
-FPU/SSE/AVX state, signal handlers, masks and pending signals, timers,
-credentials, resource limits, open files with their offsets, pipes with
-their queued data, and the process's address-space layout. "ferry restore"
-recreates the very same process from them; "ferry show" prints them.
+The images hold, for every process: memory (zero pages left out),
+registers with the full FPU/SSE/AVX state, signal handlers, masks and
+pending signals, timers, credentials, resource limits, open files with
+their offsets, pipes and sockets with their queued data, and the
+address-space layout; and for the tree: parents, sessions, process groups,
+zombies, and what processes share (open file descriptions, pipes, socket
+pairs, shared memory, fd tables). "ferry restore" recreates the very same
+processes from them; "ferry show" prints them.
 
-If anything fails before the images are complete, the process is released
-exactly as it was and keeps running. stats-dump is always written to the
-work directory.`,
+If anything fails before the images are complete, every process is
+released exactly as it was and keeps running; the error names the process,
+the fd and the object. stats-dump is always written to the work directory.`,
 		Example: `  # checkpoint PID 1234 into ./ckpt and stop it
   ferry dump -t 1234 -D ckpt
 
@@ -172,7 +176,7 @@ work directory.`,
 	fs := cmd.Flags()
 	c.addFlags(fs)
 	ps.addFlags(fs, true)
-	fs.IntVarP(&pid, "tree", "t", 0, "checkpoint the process PID with all its threads")
+	fs.IntVarP(&pid, "tree", "t", 0, "checkpoint the process PID with its threads and all its descendants")
 	fs.BoolVarP(&leaveRunning, "leave-running", "R", false, "leave the process running after the dump")
 	fs.BoolVarP(&leaveStopped, "leave-stopped", "s", false, "leave the process stopped (SIGSTOP) after the dump")
 	fs.BoolVarP(&shellJob, "shell-job", "j", false, "allow a process that is a job of a shell (foreign session, terminal stdio)")

@@ -31,10 +31,11 @@ func newRestoreCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
 		Short: "recreate a checkpointed process from an image directory",
-		Long: `Recreate the process saved in the image directory: the same PID and thread
-IDs, the same memory at the same addresses, the same registers, open files,
-signal state and timers. The process continues at the instruction where it
-was frozen.
+		Long: `Recreate the processes saved in the image directory: the same PIDs and
+thread IDs, parents, sessions and process groups, the same memory at the
+same addresses, the same registers, open files, signal state and timers,
+and what they shared shared again. Each process continues at the
+instruction where it was frozen.
 
 Everything is validated before anything is created: a PID or thread ID in
 use, a file missing or changed since the dump, an image of a newer format,
