@@ -54,6 +54,9 @@ type fileTable struct {
 	remapLinks bool                 // --link-remap: see linkRemap
 	mapped     map[uint32]bool      // entries made for file mappings (addMapped)
 	byPath     map[string]uint32    // path objects by kind+dev+ino
+	// inFlightOwner, while a socket's queue is read, is the process that
+	// holds the socket (whose fd numbers an epoll in flight names).
+	inFlightOwner int
 	// ptyMasters are the pty masters of the dump, their queues read
 	// last (takePtyQueues).
 	ptyMasters []ptyMaster
@@ -466,13 +469,23 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			if err != nil {
 				return nil, err
 			}
+			// The targets' numbers are those of the process that holds
+			// the epoll, or, for one in flight (received into ferry),
+			// of the process whose socket's queue holds it.
+			owner := pid
+			if ft.inFlightOwner != 0 {
+				owner = ft.inFlightOwner
+			}
 			seen := map[int]int{} // registrations per number so far
 			var fds []int
 			for _, t := range tgts {
 				et := &pb.EpollTarget{Tfd: int32(t.Tfd), Events: t.Events, Data: t.Data}
 				toff := seen[t.Tfd]
 				seen[t.Tfd]++
-				if !kcmpEpollTfd(pid, t.Tfd, fd, t.Tfd, toff) {
+				if !kcmpEpollTfd(owner, t.Tfd, pid, fd, t.Tfd, toff) {
+					if ft.inFlightOwner != 0 {
+						return nil, fmt.Errorf("an epoll in flight: its target %d is no longer open under that number: %w", t.Tfd, ErrUnsupported)
+					}
 					// The number no longer holds the file: find an fd
 					// that does.
 					if fds == nil {
@@ -481,7 +494,7 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 						}
 					}
 					for _, c := range fds {
-						if kcmpEpollTfd(pid, c, fd, t.Tfd, toff) {
+						if kcmpEpollTfd(pid, c, pid, fd, t.Tfd, toff) {
 							et.Moved, et.SourceFd = true, int32(c)
 							break
 						}

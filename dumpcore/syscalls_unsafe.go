@@ -45,12 +45,12 @@ func ioctlBuf(fd int, req uintptr, b []byte) error {
 }
 
 // kcmpEpollTfd tells whether fd of process pid is the file that epoll fd
-// efd of pid registered under number tfd (the toff-th registration under
-// that number): kcmp(KCMP_EPOLL_TFD).
-func kcmpEpollTfd(pid, fd, efd, tfd, toff int) bool {
+// efd of process epid registered under number tfd (the toff-th
+// registration under that number): kcmp(KCMP_EPOLL_TFD).
+func kcmpEpollTfd(pid, fd, epid, efd, tfd, toff int) bool {
 	const kcmpEpollTFD = 7
 	slot := [3]uint32{uint32(efd), uint32(tfd), uint32(toff)}
-	r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(pid), uintptr(pid), kcmpEpollTFD,
+	r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(pid), uintptr(epid), kcmpEpollTFD,
 		uintptr(fd), uintptr(unsafe.Pointer(&slot[0])), 0)
 	return e == 0 && r == 0
 }

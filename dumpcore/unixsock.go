@@ -182,7 +182,9 @@ func (ft *fileTable) describeUnix(pid int, dup int, ino uint64) (*pb.UnixSocket,
 		}
 		in := &pb.InFlight{Msg: int32(i)}
 		for _, fd := range fds {
+			ft.inFlightOwner = pid
 			id, err := ft.inFlight(fd)
+			ft.inFlightOwner = 0
 			if err != nil {
 				return nil, fmt.Errorf("unix socket %s: a descriptor in flight: %w", name, err)
 			}
@@ -218,7 +220,7 @@ func (ft *fileTable) inFlight(fd int) (uint32, error) {
 		return 0, err
 	}
 	switch e.Type {
-	case "reg", "pipe", "fifo", "eventfd":
+	case "reg", "pipe", "fifo", "eventfd", "epoll":
 	default:
 		return 0, fmt.Errorf("a %s: %w", e.Type, ErrUnsupported)
 	}

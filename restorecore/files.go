@@ -60,6 +60,13 @@ func (b *builder) restoreFiles() error {
 	// Files in flight in unix sockets' queues: made like the others, sent
 	// with their message, and their fds here closed with the parked ones.
 	var inFlightFds []int
+	// Epolls in flight: registered once every fd sits at its number, like
+	// the others, through the fd that sent them.
+	type inFlightEpoll struct {
+		fd int
+		f  *pb.FileEntry
+	}
+	var inFlightEpolls []inFlightEpoll
 	inFlight := func(ids []uint32) ([]int, error) {
 		var out []int
 		for _, id := range ids {
@@ -73,6 +80,9 @@ func (b *builder) restoreFiles() error {
 			}
 			out = append(out, fd)
 			inFlightFds = append(inFlightFds, fd)
+			if f.Type == "epoll" {
+				inFlightEpolls = append(inFlightEpolls, inFlightEpoll{fd, f})
+			}
 		}
 		return out, nil
 	}
@@ -547,6 +557,13 @@ func (b *builder) restoreFiles() error {
 				continue
 			} else if err != nil {
 				return fmt.Errorf("epoll fd %d: add fd %d: %w", e.Fd, t.Tfd, err)
+			}
+		}
+	}
+	for _, ep := range inFlightEpolls {
+		for _, t := range ep.f.Epoll {
+			if err := b.epollAdd(int32(ep.fd), uint64(t.Tfd), t); err != nil {
+				return fmt.Errorf("epoll in flight: add fd %d: %w", t.Tfd, err)
 			}
 		}
 	}

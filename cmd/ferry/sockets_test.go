@@ -749,3 +749,9 @@ func TestDumpRestoreUnixPendingConnections(t *testing.T) {
 	// in order, the first still joined to its client.
 	checkAcross(t, startSelfCheck(t, "unixpending.py", t.TempDir()))
 }
+
+func TestDumpRestoreEpollInFlight(t *testing.T) {
+	// An epoll sent over SCM_RIGHTS and closed by its sender comes back in
+	// the queue, still watching the socket it watched.
+	selfCheckAcross(t, "epollflight.py")
+}
