@@ -40,10 +40,21 @@ func dumpInotify(e *pb.FileEntry, pid int, info proc.FdInfo) error {
 			}
 		}
 		path, err := handlePath(pid, sdev, int32(htype), handle)
+		w := &pb.InotifyWatch{Wd: int32(wd), Mask: uint32(mask), Path: path}
+		var removed *removedError
+		if errors.As(err, &removed) {
+			// Watched, and removed since: it must be open too, a ghost
+			// of the dump (checkRemovedWatches).
+			ino, perr := strconv.ParseUint(kv["ino"], 16, 64)
+			if perr != nil {
+				return fmt.Errorf("inotify watch %q: %w", line, perr)
+			}
+			w.Path, w.Deleted, w.Ino, err = removed.path, true, ino, nil
+		}
 		if err != nil {
 			return fmt.Errorf("inotify watch %d: %w", wd, err)
 		}
-		e.Inotify = append(e.Inotify, &pb.InotifyWatch{Wd: int32(wd), Mask: uint32(mask), Path: path})
+		e.Inotify = append(e.Inotify, w)
 	}
 	sort.Slice(e.Inotify, func(i, j int) bool { return e.Inotify[i].Wd < e.Inotify[j].Wd })
 	return nil
@@ -152,9 +163,37 @@ func handlePath(pid int, sdev uint64, htype int32, handle []byte) (string, error
 		return "", err
 	}
 	if strings.HasSuffix(path, deletedSuffix) {
-		return "", fmt.Errorf("the watched file %s: %w", path, ErrUnsupported)
+		return "", &removedError{strings.TrimSuffix(path, deletedSuffix)}
 	}
 	return path, nil
+}
+
+// removedError: the file a handle names was removed.
+type removedError struct{ path string }
+
+func (e *removedError) Error() string {
+	return fmt.Sprintf("the watched file %s (deleted): %v", e.path, ErrUnsupported)
+}
+
+func (e *removedError) Unwrap() error { return ErrUnsupported }
+
+// checkRemovedWatches refuses an inotify watch on a removed file that no
+// fd of the dump keeps open (nothing would stand in for it).
+func (ft *fileTable) checkRemovedWatches() error {
+	ghosts := map[uint64]bool{}
+	for _, f := range ft.entries {
+		if f.Ghost {
+			ghosts[f.Ino] = true
+		}
+	}
+	for _, f := range ft.entries {
+		for _, w := range f.Inotify {
+			if w.Deleted && !ghosts[w.Ino] {
+				return fmt.Errorf("inotify watch %d: the watched file %s was removed and is open nowhere in the dump: %w", w.Wd, w.Path, ErrUnsupported)
+			}
+		}
+	}
+	return nil
 }
 
 // mountOf returns a mount point of device dev ("major:minor") in pid's

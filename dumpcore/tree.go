@@ -323,6 +323,9 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		}
 	}
 	t.cttys(imgs)
+	if err := t.files.checkRemovedWatches(); err != nil {
+		return nil, err
+	}
 	if err := t.sharedTables(imgs); err != nil {
 		return nil, err
 	}

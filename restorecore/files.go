@@ -1025,7 +1025,18 @@ func (b *builder) newInotify(f *pb.FileEntry, park func(uint64) (int, error)) (i
 			fillers = append(fillers, fw)
 			next = fw + 1
 		}
-		wd, err := add(w.Path, w.Mask)
+		path := w.Path
+		if w.Deleted {
+			// Removed, and open: watched through its ghost's stand-in.
+			g := b.r.ghostByIno(w.Ino)
+			if g == nil {
+				return 0, fmt.Errorf("watch %s: the removed file is not in the images", w.Path)
+			}
+			if path, err = b.ghostPath(g); err != nil {
+				return 0, err
+			}
+		}
+		wd, err := add(path, w.Mask)
 		if err != nil {
 			return 0, fmt.Errorf("watch %s: %w", w.Path, err)
 		}

@@ -352,6 +352,17 @@ func (r *restorer) unixByIno(ino uint64) *pb.FileEntry {
 	return nil
 }
 
+// ghostByIno returns the deleted file with inode ino in the images, if
+// any.
+func (r *restorer) ghostByIno(ino uint64) *pb.FileEntry {
+	for _, f := range r.is.files {
+		if f.Ghost && f.Ino == ino {
+			return f
+		}
+	}
+	return nil
+}
+
 // ptyMaster returns the master of pty index in the images, if any.
 func (r *restorer) ptyMaster(index int32) *pb.FileEntry {
 	for _, f := range r.is.files {

@@ -2149,3 +2149,9 @@ func TestDumpRestoreHungUpPty(t *testing.T) {
 	// slaves of one pty.
 	selfCheckAcross(t, "hungpty.py")
 }
+
+func TestDumpRestoreInotifyRemovedFile(t *testing.T) {
+	// A watch on a file removed since but still open comes back on that
+	// very file (its ghost): closing it is reported on the watch.
+	checkAcross(t, startSelfCheck(t, "inotifyrm.py", t.TempDir()))
+}

@@ -2418,10 +2418,14 @@ func (x *FileEntry) GetFanotify() *Fanotify {
 // InotifyWatch is one watch of an inotify fd: what it watches (found from
 // its file handle at dump), with what mask, under what watch descriptor.
 type InotifyWatch struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Wd            int32                  `protobuf:"varint,1,opt,name=wd,proto3" json:"wd,omitempty"`
-	Mask          uint32                 `protobuf:"varint,2,opt,name=mask,proto3" json:"mask,omitempty"`
-	Path          string                 `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Wd    int32                  `protobuf:"varint,1,opt,name=wd,proto3" json:"wd,omitempty"`
+	Mask  uint32                 `protobuf:"varint,2,opt,name=mask,proto3" json:"mask,omitempty"`
+	Path  string                 `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
+	// The watched file was removed (and is open: a ghost of the images, by
+	// inode, stands in for it).
+	Deleted       bool   `protobuf:"varint,4,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	Ino           uint64 `protobuf:"varint,5,opt,name=ino,proto3" json:"ino,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2475,6 +2479,20 @@ func (x *InotifyWatch) GetPath() string {
 		return x.Path
 	}
 	return ""
+}
+
+func (x *InotifyWatch) GetDeleted() bool {
+	if x != nil {
+		return x.Deleted
+	}
+	return false
+}
+
+func (x *InotifyWatch) GetIno() uint64 {
+	if x != nil {
+		return x.Ino
+	}
+	return 0
 }
 
 // Fanotify is a fanotify group: fanotify_init's flags and event_f_flags,
@@ -4549,11 +4567,13 @@ const file_images_ferry_proto_rawDesc = "" +
 	"owner_type\x18\" \x01(\x05R\townerType\x12\x1b\n" +
 	"\towner_pid\x18# \x01(\x05R\bownerPid\x12\x1b\n" +
 	"\towner_sig\x18$ \x01(\x05R\bownerSig\x122\n" +
-	"\bfanotify\x18% \x01(\v2\x16.ferry.images.FanotifyR\bfanotify\"F\n" +
+	"\bfanotify\x18% \x01(\v2\x16.ferry.images.FanotifyR\bfanotify\"r\n" +
 	"\fInotifyWatch\x12\x0e\n" +
 	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
 	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
-	"\x04path\x18\x03 \x01(\tR\x04path\"s\n" +
+	"\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n" +
+	"\adeleted\x18\x04 \x01(\bR\adeleted\x12\x10\n" +
+	"\x03ino\x18\x05 \x01(\x04R\x03ino\"s\n" +
 	"\bFanotify\x12\x14\n" +
 	"\x05flags\x18\x01 \x01(\rR\x05flags\x12\x1f\n" +
 	"\vevent_flags\x18\x02 \x01(\rR\n" +
