@@ -28,6 +28,7 @@ const (
 	KindHeap        = "heap"
 	KindStack       = "stack"
 	KindSharedAnon  = "shared-anon"
+	KindAio         = "aio" // an AIO ring: made by io_setup, brought to its head and tail
 	KindFilePrivate = "file-private"
 	KindFileShared  = "file-shared"
 	KindVdso        = "vdso"
@@ -61,7 +62,7 @@ func classify(v *proc.Vma) (string, error) {
 	}
 	shared := v.Perms[3] == 's'
 	if shared && strings.HasPrefix(v.Name, "/[aio]") {
-		return "", fmt.Errorf("AIO ring (io_setup) at %#x: %w", v.Start, ErrUnsupported)
+		return KindAio, nil
 	}
 	if shared {
 		if v.Inode == 0 || strings.HasPrefix(v.Name, "/dev/zero") || strings.HasPrefix(v.Name, "/SYSV") {
@@ -107,6 +108,14 @@ func (d *dumper) collectVmas(img *imageSet) error {
 		pv := &pb.Vma{Start: v.Start, End: v.End, Pgoff: v.Pgoff, Prot: protOf(v.Perms),
 			VmFlags: v.VmFlags, Kind: kind, Name: v.Name}
 		switch kind {
+		case KindAio:
+			// struct aio_ring: id, nr, head, tail, ...
+			hdr := make([]byte, 16)
+			if err := compel.ReadMem(d.opts.Pid, []compel.Segment{{Addr: v.Start, Local: hdr}}); err != nil {
+				return fmt.Errorf("AIO ring at %#x: %w", v.Start, err)
+			}
+			pv.Flags = unix.MAP_SHARED
+			pv.AioNr, pv.AioHead, pv.AioTail = binary.LittleEndian.Uint32(hdr[4:]), binary.LittleEndian.Uint32(hdr[8:]), binary.LittleEndian.Uint32(hdr[12:])
 		case KindSharedAnon:
 			pv.Flags = unix.MAP_SHARED | unix.MAP_ANONYMOUS
 			pv.ShmemIno = v.Inode
@@ -208,7 +217,7 @@ func (d *dumper) flagsMoved() (bool, error) {
 // all-zero pages of it may be left out.
 func dumpable(kind string) (pages, skipZero bool) {
 	switch kind {
-	case KindAnon, KindHeap, KindStack, KindSharedAnon:
+	case KindAnon, KindHeap, KindStack, KindSharedAnon, KindAio:
 		return true, true
 	case KindFilePrivate:
 		return true, false

@@ -44,6 +44,8 @@ type builder struct {
 	// objFds maps a files.img id to the fd holding it in the target while
 	// fds are being placed.
 	objFds map[uint32]int
+	// aioIDs are the AIO rings made (makeAioRing) with their contexts' ids.
+	aioIDs []aioID
 	// ferryPidfd is the process's pidfd of ferry while it takes files
 	// ferry holds (take), 0 when none.
 	ferryPidfd uint64
@@ -415,6 +417,12 @@ func (b *builder) restoreMemory() error {
 			fd = fileFds[v.FileId]
 			off = v.Pgoff
 		}
+		if v.Kind == "aio" {
+			if err := b.makeAioRing(v); err != nil {
+				return fmt.Errorf("AIO ring at %#x: %w", v.Start, err)
+			}
+			continue
+		}
 		got, err := b.sys(unix.SYS_MMAP, v.Start, v.End-v.Start, prot, flags, fd, off)
 		if err != nil {
 			return fmt.Errorf("map %#x-%#x (%s %s): %w", v.Start, v.End, v.Kind, v.Name, err)
@@ -448,6 +456,13 @@ func (b *builder) restoreMemory() error {
 	}
 	if err := b.fillPages(); err != nil {
 		return err
+	}
+	// The AIO rings' headers name their contexts by the kernel's index,
+	// which the restored contexts have their own of.
+	for _, r := range b.aioIDs {
+		if err := compel.WriteMem(b.pid, []compel.Segment{{Addr: r.addr, Local: binary.LittleEndian.AppendUint32(nil, r.id)}}); err != nil {
+			return err
+		}
 	}
 	for i, v := range vmas {
 		if hasPages[i] && !b.lazy(v) && v.Prot != v.Prot|unix.PROT_READ|unix.PROT_WRITE {
@@ -495,6 +510,123 @@ func (b *builder) attachSysv(v *pb.Vma) (ok bool, err error) {
 		return false, fmt.Errorf("shmat %d landed at %#x, not %#x", v.ShmemIno, got, v.Start)
 	}
 	return true, nil
+}
+
+type aioID struct {
+	addr uint64
+	id   uint32
+}
+
+// makeAioRing makes the AIO context whose ring v was. io_setup for a ring
+// of as many events as it held, the ring moved to its address (the context's
+// id for io_getevents is the ring's address), then brought to the
+// dumped head and tail: the kernel keeps its own tail, so zero-byte
+// writes to /dev/null complete there, as many as it takes, and are reaped
+// up to the head. The ring's pages are filled like the others' after
+// (the events between head and tail), its id put back.
+func (b *builder) makeAioRing(v *pb.Vma) error {
+	nr, head, tail := v.AioNr, v.AioHead, v.AioTail
+	if nr == 0 || head >= nr || tail >= nr {
+		return fmt.Errorf("ring of %d events, head %d, tail %d: %w", nr, head, tail, ErrValidation)
+	}
+	ctxp := b.scratch() + scratchSize - 64
+	if _, err := b.put(scratchSize-64, make([]byte, 8)); err != nil {
+		return err
+	}
+	// The kernel makes a ring for 2*max(asked, 4*CPUs)+2 events, rounded
+	// up to whole pages (a 32-byte header, 32 bytes an event).
+	ask := uint64(nr-2) / 2
+	if _, err := b.sys(unix.SYS_IO_SETUP, ask, ctxp); err != nil {
+		return fmt.Errorf("io_setup(%d): %w", ask, err)
+	}
+	buf := make([]byte, 8)
+	if err := readMem(b.pid, ctxp, buf); err != nil {
+		return err
+	}
+	at := binary.LittleEndian.Uint64(buf)
+	if at != v.Start {
+		got, err := b.sys(unix.SYS_MREMAP, at, v.End-v.Start, v.End-v.Start, unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, v.Start)
+		if err != nil {
+			return fmt.Errorf("move it from %#x: %w", at, err)
+		}
+		if got != v.Start {
+			return fmt.Errorf("moved to %#x", got)
+		}
+	}
+	hdr := make([]byte, 16)
+	if err := readMem(b.pid, v.Start, hdr); err != nil {
+		return err
+	}
+	if got := binary.LittleEndian.Uint32(hdr[4:]); got != nr {
+		return fmt.Errorf("io_setup made a ring of %d events, not %d", got, nr)
+	}
+	b.aioIDs = append(b.aioIDs, aioID{addr: v.Start, id: binary.LittleEndian.Uint32(hdr)})
+	if head == 0 && tail == 0 {
+		return nil
+	}
+	// Completions to bring the kernel's tail (and, reaped, the head)
+	// where they were: head of them reaped, then the rest left.
+	path, err := b.putString(0, "/dev/null")
+	if err != nil {
+		return err
+	}
+	null, err := b.sys(unix.SYS_OPENAT, atFdcwd, path, unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer b.sys(unix.SYS_CLOSE, null)
+	// struct iocb (64 bytes): aio_fildes at 20, aio_lio_opcode at 16
+	// (IOCB_CMD_PWRITE 1), aio_buf at 24, aio_nbytes at 32 (0).
+	iocb := make([]byte, 64)
+	binary.LittleEndian.PutUint16(iocb[16:], 1)
+	binary.LittleEndian.PutUint32(iocb[20:], uint32(null))
+	iocbAddr, err := b.put(64, iocb)
+	if err != nil {
+		return err
+	}
+	submit := func(n uint32) error {
+		for n > 0 {
+			k := min(n, 1024)
+			ptrs := make([]byte, 8*k)
+			for i := range k {
+				binary.LittleEndian.PutUint64(ptrs[8*i:], iocbAddr)
+			}
+			pa, err := b.put(256, ptrs)
+			if err != nil {
+				return err
+			}
+			got, err := b.sys(unix.SYS_IO_SUBMIT, v.Start, uint64(k), pa)
+			if err != nil || uint32(got) != k {
+				return fmt.Errorf("io_submit %d: %d, %v", k, got, err)
+			}
+			n -= k
+		}
+		return nil
+	}
+	reap := func(n uint32) error {
+		for n > 0 {
+			k := min(n, 1024)
+			ev := b.scratch() + 256 + 8*1024
+			got, err := b.sys(unix.SYS_IO_GETEVENTS, v.Start, uint64(k), uint64(k), ev, 0)
+			if err != nil || uint32(got) != k {
+				return fmt.Errorf("io_getevents %d: %d, %v", k, got, err)
+			}
+			n -= k
+		}
+		return nil
+	}
+	// Up to the head, in batches the ring can hold.
+	for left := head; left > 0; {
+		k := min(left, nr-1)
+		if err := submit(k); err != nil {
+			return err
+		}
+		if err := reap(k); err != nil {
+			return err
+		}
+		left -= k
+	}
+	return submit((tail + nr - head) % nr)
 }
 
 func (b *builder) restoreMm() error {

@@ -2155,3 +2155,22 @@ func TestDumpRestoreInotifyRemovedFile(t *testing.T) {
 	// very file (its ghost): closing it is reported on the watch.
 	checkAcross(t, startSelfCheck(t, "inotifyrm.py", t.TempDir()))
 }
+
+func TestDumpRestoreAioRing(t *testing.T) {
+	// An AIO context with completions waiting: after restore its ring has
+	// the same head and tail, the waiting completions are reaped, and a
+	// new write completes through it (the kernel's tail agrees).
+	needRoot(t)
+	bin := testutil.BuildC(t, "aioring")
+	w := testutil.Start(t, "-r", bin)
+	before := w.Report(t)
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	r.Signal(unix.SIGUSR2)
+	time.Sleep(100 * time.Millisecond)
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	if after.Int("checked") != 1 {
+		t.Fatalf("the workload did not check its ring: %v", after)
+	}
+}

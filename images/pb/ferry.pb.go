@@ -1773,7 +1773,12 @@ type Vma struct {
 	Guards []uint64 `protobuf:"varint,12,rep,packed,name=guards,proto3" json:"guards,omitempty"`
 	// A SysV shared memory attachment (shmat): shmem_ino is the segment's
 	// id; attached again when the segment is still there.
-	Sysv          bool `protobuf:"varint,13,opt,name=sysv,proto3" json:"sysv,omitempty"`
+	Sysv bool `protobuf:"varint,13,opt,name=sysv,proto3" json:"sysv,omitempty"`
+	// An AIO ring (io_setup): its number of events, head and tail, read from
+	// its header at the dump.
+	AioNr         uint32 `protobuf:"varint,14,opt,name=aio_nr,json=aioNr,proto3" json:"aio_nr,omitempty"`
+	AioHead       uint32 `protobuf:"varint,15,opt,name=aio_head,json=aioHead,proto3" json:"aio_head,omitempty"`
+	AioTail       uint32 `protobuf:"varint,16,opt,name=aio_tail,json=aioTail,proto3" json:"aio_tail,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1897,6 +1902,27 @@ func (x *Vma) GetSysv() bool {
 		return x.Sysv
 	}
 	return false
+}
+
+func (x *Vma) GetAioNr() uint32 {
+	if x != nil {
+		return x.AioNr
+	}
+	return 0
+}
+
+func (x *Vma) GetAioHead() uint32 {
+	if x != nil {
+		return x.AioHead
+	}
+	return 0
+}
+
+func (x *Vma) GetAioTail() uint32 {
+	if x != nil {
+		return x.AioTail
+	}
+	return 0
 }
 
 type MmCore struct {
@@ -4490,7 +4516,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\bctty_pts\x18\x1a \x01(\x05R\acttyPts\x12\x17\n" +
 	"\actty_fg\x18\x1b \x01(\x05R\x06cttyFg\x12*\n" +
 	"\x11files_shared_with\x18\x1c \x01(\x05R\x0ffilesSharedWith\x12$\n" +
-	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\"\xa6\x02\n" +
+	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\"\xf3\x02\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
@@ -4505,7 +4531,10 @@ const file_images_ferry_proto_rawDesc = "" +
 	" \x01(\x05R\x04madv\x12\x1b\n" +
 	"\tshmem_ino\x18\v \x01(\x04R\bshmemIno\x12\x16\n" +
 	"\x06guards\x18\f \x03(\x04R\x06guards\x12\x12\n" +
-	"\x04sysv\x18\r \x01(\bR\x04sysv\"\xa5\x03\n" +
+	"\x04sysv\x18\r \x01(\bR\x04sysv\x12\x15\n" +
+	"\x06aio_nr\x18\x0e \x01(\rR\x05aioNr\x12\x19\n" +
+	"\baio_head\x18\x0f \x01(\rR\aaioHead\x12\x19\n" +
+	"\baio_tail\x18\x10 \x01(\rR\aaioTail\"\xa5\x03\n" +
 	"\x06MmCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x1d\n" +
 	"\n" +
