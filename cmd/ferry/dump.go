@@ -37,6 +37,7 @@ func newDumpCmd() *cobra.Command {
 		tcpEst       bool
 		netLock      string
 		extUnix      string
+		externals    []string
 		fileLocks    bool
 		tcpClose     bool
 		skipInFlight bool
@@ -86,9 +87,23 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				return errors.New("dump: --leave-running and --leave-stopped exclude each other")
 			}
 			var extUnixSk []uint64
+			for _, x := range externals {
+				// criu's --external RES: unix[INODE], a unix socket's
+				// peer outside the dump, as --ext-unix-sk INODE.
+				v, ok := strings.CutPrefix(x, "unix[")
+				ino, err := strconv.ParseUint(strings.TrimSuffix(v, "]"), 10, 64)
+				if !ok || !strings.HasSuffix(v, "]") || err != nil {
+					return fmt.Errorf("--external %q: want unix[INODE] (the other kinds come with namespaces)", x)
+				}
+				extUnixSk = append(extUnixSk, ino)
+			}
 			if cmd.Flags().Changed("ext-unix-sk") {
-				extUnixSk = []uint64{}
-				if extUnix != "all" {
+				if extUnixSk == nil {
+					extUnixSk = []uint64{}
+				}
+				if extUnix == "all" {
+					extUnixSk = []uint64{}
+				} else {
 					for _, f := range strings.Split(extUnix, ",") {
 						ino, err := strconv.ParseUint(strings.TrimSpace(f), 10, 64)
 						if err != nil {
@@ -198,6 +213,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 	fs.BoolVar(&skipInFlight, "skip-in-flight", false, "drop the TCP connections a listener has not accepted yet (otherwise one fails the dump)")
 	fs.StringVar(&extUnix, "ext-unix-sk", "", "allow unix datagram sockets connected to processes outside the dump (all, or the peers' inodes, comma separated); they are connected to the peer's name again on restore")
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
+	fs.StringArrayVar(&externals, "external", nil, "a resource outside the dump, as criu names it; so far unix[INODE]: a unix socket of another process that a datagram socket of the tree is connected to (as --ext-unix-sk INODE); repeatable")
 	fs.BoolVar(&tcpEst, "tcp-established", false, "dump established TCP connections (TCP_REPAIR); the restored process takes them over without the peer noticing")
 	fs.BoolVar(&background, "background", false, "background snapshot (implies -R): copy memory while the process runs, then freeze it only to copy what it wrote meanwhile and its other state; the images show it as it was at that freeze")
 	return cmd

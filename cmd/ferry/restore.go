@@ -129,6 +129,7 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolP("file-locks", "l", false, compat)
 	fs.String("ext-unix-sk", "", compat)
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
+	fs.StringArray("external", nil, "accepted for criu compatibility (unix[INODE]: the images name the peer to connect to again)")
 	fs.String("network-lock", "nftables", "accepted for criu compatibility: the lock the images name is removed once the restore is done")
 	return cmd
 }

@@ -522,9 +522,10 @@ func TestDumpRestorePty(t *testing.T) {
 }
 
 func TestDumpRestoreExternalUnixDgram(t *testing.T) {
-	// --ext-unix-sk: a datagram socket connected to a socket of another
-	// process (a syslog-like collector here) is connected to that name
-	// again; the restored sender's datagrams reach the collector.
+	// --ext-unix-sk (here criu's spelling, --external unix[INODE]): a
+	// datagram socket connected to a socket of another process (a
+	// syslog-like collector here) is connected to that name again; the
+	// restored sender's datagrams reach the collector.
 	needRoot(t)
 	path := filepath.Join(t.TempDir(), "log.sock")
 	coll, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
@@ -566,7 +567,14 @@ while True:
 		t.Fatalf("dump without --ext-unix-sk: exit %d\n%s", code, out)
 	}
 	img := t.TempDir()
-	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--ext-unix-sk")
+	// criu's spelling: --external unix[INODE of the collector's socket].
+	rc, err := coll.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	rc.Control(func(fd uintptr) { unix.Fstat(int(fd), &st) })
+	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--external", fmt.Sprintf("unix[%d]", st.Ino))
 	cmd.Wait()
 	for drained := false; !drained; { // what was sent before the dump
 		coll.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
