@@ -405,8 +405,15 @@ func (t *tree) checkSessions(imgs []*imageSet) error {
 			continue
 		}
 		parent := in[p.Ppid]
-		if p.Sid != p.Pid && (parent == nil || p.Sid != parent.Sid) {
-			return fmt.Errorf("process %d is in session %d, neither its own nor its parent's: %w", p.Pid, p.Sid, ErrUnsupported)
+		// Its own session, its parent's, or (forked before its parent
+		// made a session of its own) the one its parent had before: the
+		// restore forks it before that setsid.
+		var before *pb.PstreeEntry
+		if parent != nil && parent.Sid == parent.Pid {
+			before = in[parent.Ppid]
+		}
+		if p.Sid != p.Pid && (parent == nil || p.Sid != parent.Sid) && (before == nil || p.Sid != before.Sid) {
+			return fmt.Errorf("process %d is in session %d, neither its own nor its parent's (nor the one its parent left): %w", p.Pid, p.Sid, ErrUnsupported)
 		}
 		if p.Pgid != p.Pid && in[p.Pgid] == nil && p.Pgid != rootPs.Pgid {
 			return fmt.Errorf("process %d is in process group %d, whose leader is not in the tree: %w", p.Pid, p.Pgid, ErrUnsupported)

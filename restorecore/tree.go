@@ -22,13 +22,18 @@ import (
 // then the zombies die. It returns the live processes' main threads.
 func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error) {
 	tasks := map[int32]*compel.Task{}
-	for i, p := range r.is.procs {
+	byPid := map[int32]*procImage{}
+	for _, p := range r.is.procs {
+		byPid[p.pstree.Pid] = p
+	}
+	var create func(i int, p *procImage) error
+	create = func(i int, p *procImage) error {
 		pt := p.pstree
 		parent, flags, exitSig := seed, uint64(unix.CLONE_PARENT), uint64(0)
 		if i > 0 {
 			parent = tasks[pt.Ppid]
 			if parent == nil {
-				return nil, fmt.Errorf("process %d: parent %d is not a live process of the image", pt.Pid, pt.Ppid)
+				return fmt.Errorf("process %d: parent %d is not a live process of the image", pt.Pid, pt.Ppid)
 			}
 			flags, exitSig = 0, uint64(p.core.ExitSignal)
 			if p.core.FilesSharedWith == pt.Ppid {
@@ -40,19 +45,41 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 		}
 		pid, err := remoteClone(parent, stackScratch(parent), flags, exitSig, int(pt.Pid))
 		if err != nil {
-			return nil, fmt.Errorf("create process %d: %w", pt.Pid, err)
+			return fmt.Errorf("create process %d: %w", pt.Pid, err)
 		}
 		r.created = append(r.created, pid)
 		regs, err := ptrace.GetRegs(pid)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		t := &compel.Task{Tid: pid, Regs: regs, Gadget: seedGadget, Int3: true}
 		tasks[pt.Pid] = t
-		if pt.Sid == pt.Pid {
-			if _, err := t.Syscall(unix.SYS_SETSID); err != nil {
-				return nil, fmt.Errorf("process %d: %w", pid, err)
+		if pt.Sid != pt.Pid {
+			return nil
+		}
+		// Children that stayed in the session it left (forked before its
+		// setsid) are forked first.
+		if gp := byPid[pt.Ppid]; i > 0 && gp != nil {
+			for j, c := range r.is.procs {
+				ct := c.pstree
+				if ct.Ppid == pt.Pid && ct.Sid != ct.Pid && ct.Sid == gp.pstree.Sid && tasks[ct.Pid] == nil {
+					if err := create(j, c); err != nil {
+						return err
+					}
+				}
 			}
+		}
+		if _, err := t.Syscall(unix.SYS_SETSID); err != nil {
+			return fmt.Errorf("process %d: %w", pid, err)
+		}
+		return nil
+	}
+	for i, p := range r.is.procs {
+		if tasks[p.pstree.Pid] != nil {
+			continue // forked early, before its parent's setsid
+		}
+		if err := create(i, p); err != nil {
+			return nil, err
 		}
 	}
 	// Groups: their leaders first, then the members.

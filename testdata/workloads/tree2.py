@@ -4,16 +4,19 @@ The root forks:
   S  stopped by SIGTSTP (and not continued), in a group of its own;
   P  with a parent-death signal (SIGUSR2), which it reports on request
      through a pipe;
+  Q  which forks C and then makes a session of its own (C stays in the
+     root's session: a session neither C's own nor its parent's);
   D  which exits and is reaped at once.
 The root holds a pidfd of P, a pidfd of D (a pidfd of a dead process by
 then), /proc/P/stat open, and a pipe whose SIGIO goes to P as SIGURG
 (O_ASYNC, F_SETOWN, F_SETSIG).
 
-The report names S and P (pids=S,P, for the test to end them). The check
+The report names S, P, Q and C (pids=, for the test to end them). The check
 (SIGUSR2, see selfcheck): S is still stopped, and by SIGTSTP; P's
 parent-death signal is SIGUSR2; the pidfd of P is P's and reaches it;
 the pidfd of D still names a dead process; /proc/P/stat is still P's;
-the pipe's owner, signal and O_ASYNC are as set.
+the pipe's owner, signal and O_ASYNC are as set; Q and C are in their
+sessions.
 """
 import ctypes
 import fcntl
@@ -54,6 +57,20 @@ if p == 0:
         libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(v))
         os.write(ans_w, struct.pack("i", v.value))
 os.read(ans_r, 1)
+
+# Q forks C, then makes a session of its own: C stays in the root's.
+q_r, q_w = os.pipe()
+q = os.fork()
+if q == 0:
+    c = os.fork()
+    if c == 0:
+        while True:
+            signal.pause()
+    os.setsid()
+    os.write(q_w, struct.pack("i", c))
+    while True:
+        signal.pause()
+(c,) = struct.unpack("i", os.read(q_r, 4))
 
 d = os.fork()
 if d == 0:
@@ -103,9 +120,11 @@ def verify():
         return "the pipe's owner is %d, signal %d" % (fcntl.fcntl(io_r, fcntl.F_GETOWN), fcntl.fcntl(io_r, F_GETSIG))
     if not fcntl.fcntl(io_r, fcntl.F_GETFL) & os.O_ASYNC:
         return "the pipe lost O_ASYNC"
+    if os.getsid(q) != q or os.getsid(c) != os.getsid(0):
+        return "Q's session %d (want %d), C's %d (want the root's %d)" % (os.getsid(q), q, os.getsid(c), os.getsid(0))
     if not os.pread(stat_fd, 64, 0).startswith(b"%d (" % p):
         return "/proc/P/stat reads %r" % os.pread(stat_fd, 64, 0)
     return "ok"
 
 
-selfcheck.run(report, token, verify, lambda checked: {"pids": "%d,%d" % (s, p)})
+selfcheck.run(report, token, verify, lambda checked: {"pids": "%d,%d,%d,%d" % (s, p, q, c)})
