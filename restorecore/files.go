@@ -86,6 +86,15 @@ func (b *builder) restoreFiles() error {
 		}
 		return out, nil
 	}
+	// makeHere makes file g in this process ahead of its turn (another
+	// file needs it first); madeHere says who else will take it.
+	makeHere := func(g *pb.FileEntry) error {
+		fd, err := create(&pb.FdEntry{Fd: -1, FileId: g.Id}, g)
+		if err == nil {
+			b.madeHere(g.Id, fd)
+		}
+		return err
+	}
 	defer b.dropFerryPidfd()
 	if len(b.r.held) > 0 || len(b.r.heldPipes) > 0 {
 		// Parked like the rest: opened where it falls, it could take a
@@ -199,15 +208,12 @@ func (b *builder) restoreFiles() error {
 				fd, err = park(raw)
 			} else if f.Type == "ptmx" {
 				fd, err = b.openPtmx(f, park)
-			} else if m := b.r.ptyMaster(f.Tty.Index); m != nil && b.objFds[m.Id] == 0 && b.r.held[m.Id] == 0 {
-				// Its master belongs to a process made later: made
-				// here first (a slave needs it), for that process to take.
-				mfd, err := b.openPtmx(m, park)
-				if err != nil {
+			} else if m := b.r.ptyMaster(f.Tty.Index); m != nil && !b.made(m.Id) {
+				// Its master is made later (or by a process made later):
+				// made here first, since a slave needs it.
+				if err := makeHere(m); err != nil {
 					return 0, fmt.Errorf("fd %d (master of %s): %w", e.Fd, f.Path, err)
 				}
-				b.objFds[m.Id] = mfd
-				b.r.multi[m.Id] = true
 				fd, err = b.openPts(f, park)
 			} else {
 				fd, err = b.openPts(f, park)
@@ -247,23 +253,13 @@ func (b *builder) restoreFiles() error {
 				if l == nil {
 					return 0, fmt.Errorf("fd %d (%s): listener socket:[%d] not in the images: %w", e.Fd, f.Path, f.Unix.PendingOn, ErrValidation)
 				}
-				if _, made := b.objFds[l.Id]; !made && b.r.held[l.Id] == 0 {
-					lfd, err := create(&pb.FdEntry{Fd: -1, FileId: l.Id}, l)
-					if err != nil {
+				if !b.made(l.Id) {
+					if err := makeHere(l); err != nil {
 						return 0, err
 					}
-					b.objFds[l.Id] = lfd
-					b.r.multi[l.Id] = b.r.multi[l.Id] || !b.uses(l.Id)
 				}
 				if fd, ok := b.objFds[f.Id]; ok {
 					return fd, nil
-				}
-				if h, ok := b.r.held[f.Id]; ok {
-					raw, err := b.take(h)
-					if err != nil {
-						return 0, err
-					}
-					return park(raw)
 				}
 				return 0, fmt.Errorf("fd %d (%s): its connection to listener %s was not made", e.Fd, f.Path, l.Path)
 			}
@@ -297,13 +293,10 @@ func (b *builder) restoreFiles() error {
 					return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 				}
 				b.objFds[f.Id] = fd
-				if _, made := b.objFds[peer.Id]; !made && peer.Id != f.Id && b.r.held[peer.Id] == 0 {
-					pfd, err := create(&pb.FdEntry{Fd: -1, FileId: peer.Id}, peer)
-					if err != nil {
+				if peer.Id != f.Id && !b.made(peer.Id) {
+					if err := makeHere(peer); err != nil {
 						return 0, err
 					}
-					b.objFds[peer.Id] = pfd
-					b.r.multi[peer.Id] = b.r.multi[peer.Id] || !b.uses(peer.Id)
 				}
 				if err := b.connectUnix(fd, peer.Unix.Name); err != nil {
 					return 0, fmt.Errorf("fd %d (%s): connect to %s: %w", e.Fd, f.Path, peer.Path, err)

@@ -187,10 +187,25 @@ func (b *builder) connectPending(fd int, f *pb.FileEntry, park func(uint64) (int
 		if err := b.setFlags(cfd, c); err != nil {
 			return err
 		}
-		b.objFds[c.Id] = cfd
-		b.r.multi[c.Id] = b.r.multi[c.Id] || !b.uses(c.Id)
+		b.madeHere(c.Id, cfd)
 	}
 	return nil
+}
+
+// madeHere records that file id was made in this process, at (parked)
+// fd; if another process of the tree has it instead, ferry keeps a copy
+// for that one (see restoreFiles).
+func (b *builder) madeHere(id uint32, fd int) {
+	b.objFds[id] = fd
+	b.r.multi[id] = b.r.multi[id] || !b.uses(id)
+}
+
+// made tells whether file id exists already: made in this process, or
+// held by ferry for it.
+func (b *builder) made(id uint32) bool {
+	_, here := b.objFds[id]
+	_, held := b.r.held[id]
+	return here || held
 }
 
 // uses tells whether the process has an fd of file id.
