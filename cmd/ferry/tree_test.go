@@ -36,6 +36,15 @@ func treePids(t *testing.T, r testutil.Report) []int {
 	return pids
 }
 
+// treeCheckAcross is checkAcross for a selfcheck workload that is a tree:
+// its processes (the report's pids) are ended at cleanup too.
+func treeCheckAcross(t *testing.T, script string) {
+	t.Helper()
+	w := startSelfCheck(t, script)
+	treePids(t, w.Report(t))
+	checkAcross(t, w)
+}
+
 func TestDumpRestoreTree(t *testing.T) {
 	// A root with children and a grandchild, in groups and sessions of
 	// their own (one with a controlling terminal it holds no fd of), a
@@ -43,13 +52,7 @@ func TestDumpRestoreTree(t *testing.T) {
 	// them, and a file description they share: every process comes back
 	// with its PID, parent, group and session, the zombie stays one, and
 	// what was shared stays shared.
-	w := startSelfCheck(t, "tree.py")
-	before := w.Report(t)
-	treePids(t, before)
-	rw := dumpRestore(t, w)
-	defer rw.Kill()
-	checkContinued(t, before, rw.Report(t))
-	checkSelf(t, rw)
+	treeCheckAcross(t, "tree.py")
 }
 
 func TestDumpRestoreTreeState(t *testing.T) {
@@ -58,13 +61,7 @@ func TestDumpRestoreTreeState(t *testing.T) {
 	// pidfds of a live child and of a reaped one, its open
 	// /proc/CHILD/stat, and a pipe's SIGIO owner and signal, come back
 	// naming the same.
-	w := startSelfCheck(t, "tree2.py")
-	before := w.Report(t)
-	treePids(t, before)
-	rw := dumpRestore(t, w)
-	defer rw.Kill()
-	checkContinued(t, before, rw.Report(t))
-	checkSelf(t, rw)
+	treeCheckAcross(t, "tree2.py")
 }
 
 func TestDumpRestoreSharedFdTable(t *testing.T) {
@@ -88,13 +85,7 @@ func TestDumpRestorePreforkServer(t *testing.T) {
 	// A master and four workers accepting on one listening socket: after
 	// restore the socket is one again, shared by all, and every worker
 	// answers (with the token it drew before the dump).
-	w := startSelfCheck(t, "prefork.py")
-	before := w.Report(t)
-	treePids(t, before)
-	rw := dumpRestore(t, w)
-	defer rw.Kill()
-	checkContinued(t, before, rw.Report(t))
-	checkSelf(t, rw)
+	treeCheckAcross(t, "prefork.py")
 }
 
 func TestPreDumpChainTree(t *testing.T) {
