@@ -19,6 +19,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "report.h"
+
 struct ring {
 	unsigned id, nr, head, tail;
 };
@@ -29,12 +31,9 @@ static void on_usr2(int sig) { (void)sig; want_check = 1; }
 
 int main(int argc, char **argv)
 {
-	const char *rp = NULL;
 	uint64_t token;
-	for (int o; (o = getopt(argc, argv, "r:")) != -1;)
-		if (o == 'r')
-			rp = optarg;
-	if (!rp || getrandom(&token, sizeof token, 0) != sizeof token)
+	const char *rp = report_start(argc, argv, &token);
+	if (!rp)
 		return 2;
 	signal(SIGUSR1, on_usr1);
 	signal(SIGUSR2, on_usr2);
@@ -71,17 +70,7 @@ int main(int argc, char **argv)
 		}
 		if (want_report) {
 			want_report = 0;
-			char tmp[4096];
-			snprintf(tmp, sizeof tmp, "%s.tmp", rp);
-			FILE *f = fopen(tmp, "w");
-			if (f) {
-				fprintf(f, "status=%s\n", fail[0] ? "fail" : "ok");
-				if (fail[0])
-					fprintf(f, "reason=%s\n", fail);
-				fprintf(f, "pid=%d\ntoken=%016llx\ncounter=%ld\nseq=%ld\nchecked=%d\n", getpid(), (unsigned long long)token, counter, ++seq, checked);
-				fclose(f);
-				rename(tmp, rp);
-			}
+			report_write(rp, fail, token, counter, ++seq, "checked=%d\n", checked);
 		}
 		usleep(10000);
 	}

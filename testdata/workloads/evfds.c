@@ -20,17 +20,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "report.h"
+
 static volatile sig_atomic_t want_report;
 static void on_usr1(int sig) { (void)sig; want_report = 1; }
 
 int main(int argc, char **argv)
 {
-	const char *rp = NULL;
 	uint64_t token;
-	for (int o; (o = getopt(argc, argv, "r:")) != -1;)
-		if (o == 'r')
-			rp = optarg;
-	if (!rp || getrandom(&token, sizeof token, 0) != sizeof token)
+	const char *rp = report_start(argc, argv, &token);
+	if (!rp)
 		return 2;
 	signal(SIGUSR1, on_usr1);
 	sigset_t m;
@@ -66,17 +65,7 @@ int main(int argc, char **argv)
 				snprintf(fail, sizeof fail, "one-shot timer: %ld s left, about %ld expected", (long)cur.it_value.tv_sec, left_should);
 			if (timerfd_gettime(tick, &cur) || cur.it_interval.tv_nsec != 50000000)
 				snprintf(fail, sizeof fail, "periodic timer interval");
-			char tmp[4096];
-			snprintf(tmp, sizeof tmp, "%s.tmp", rp);
-			FILE *f = fopen(tmp, "w");
-			if (f) {
-				fprintf(f, "status=%s\n", fail[0] ? "fail" : "ok");
-				if (fail[0])
-					fprintf(f, "reason=%s\n", fail);
-				fprintf(f, "pid=%d\ntoken=%016llx\ncounter=%ld\nseq=%ld\n", getpid(), (unsigned long long)token, ticks, ++seq);
-				fclose(f);
-				rename(tmp, rp);
-			}
+			report_write(rp, fail, token, ticks, ++seq, "");
 		}
 		usleep(10000);
 	}

@@ -23,6 +23,8 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include "report.h"
+
 static volatile sig_atomic_t want_report;
 static void on_usr1(int sig) { (void)sig; want_report = 1; }
 
@@ -46,12 +48,9 @@ static int child(void *arg)
 
 int main(int argc, char **argv)
 {
-	const char *rp = NULL;
 	uint64_t token;
-	for (int o; (o = getopt(argc, argv, "r:")) != -1;)
-		if (o == 'r')
-			rp = optarg;
-	if (!rp || getrandom(&token, sizeof token, 0) != sizeof token)
+	const char *rp = report_start(argc, argv, &token);
+	if (!rp)
 		return 2;
 	snprintf(dir, sizeof dir, "%s", rp);
 	*strrchr(dir, '/') = 0;
@@ -78,18 +77,7 @@ int main(int argc, char **argv)
 			if (fd >= 0)
 				close(fd);
 			n++;
-			char tmp[PATH_MAX + 8];
-			snprintf(tmp, sizeof tmp, "%s.tmp", rp);
-			FILE *f = fopen(tmp, "w");
-			if (f) {
-				fprintf(f, "status=%s\n", fail[0] ? "fail" : "ok");
-				if (fail[0])
-					fprintf(f, "reason=%s\n", fail);
-				fprintf(f, "pid=%d\ntoken=%016llx\ncounter=%ld\nseq=%ld\npids=%d\n", getpid(),
-					(unsigned long long)token, counter, ++seq, pid);
-				fclose(f);
-				rename(tmp, rp);
-			}
+			report_write(rp, fail, token, counter, ++seq, "pids=%d\n", pid);
 		}
 		usleep(10000);
 	}
