@@ -118,7 +118,7 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 		d.fastGadget = g
 		main = d.task(pid)
 	}
-	mm, err := d.collectRemote(img, main, sc, stat)
+	mm, err := d.collectRemote(img, main, sc, stat, status)
 	d.fastGadget = 0
 	main = d.task(pid)
 	if uerr := sc.unmap(main); err == nil && uerr != nil {
@@ -202,17 +202,13 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 // collectRemote gathers what only the task itself can tell: sigactions,
 // itimers, POSIX timer values, brk, and per-thread tid address and
 // sigaltstack.
-func (d *dumper) collectRemote(img *imageSet, main *compel.Task, sc *scratch, stat proc.Stat) (*pb.MmCore, error) {
+func (d *dumper) collectRemote(img *imageSet, main *compel.Task, sc *scratch, stat proc.Stat, status proc.Status) (*pb.MmCore, error) {
 	pid := d.opts.Pid
 	core := img.core
 	// struct sigaction (kernel, x86_64): handler, flags, restorer, mask.
 	// Only signals caught or ignored (status SigCgt, SigIgn) have an
 	// action that is not the default; SIGCHLD's flags (SA_NOCLDSTOP,
 	// SA_NOCLDWAIT) matter even with the default one.
-	status, err := proc.ReadStatus(pid)
-	if err != nil {
-		return nil, err
-	}
 	set := status.SigCgt | status.SigIgn | 1<<(unix.SIGCHLD-1)
 	for sig := 1; sig <= 64; sig++ {
 		if sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) || set&(1<<(sig-1)) == 0 {

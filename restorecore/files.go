@@ -275,12 +275,7 @@ func (b *builder) restoreFiles() error {
 				}
 				break
 			}
-			var peer *pb.FileEntry
-			for _, o := range b.r.is.files {
-				if o.Unix != nil && o.Ino == f.Unix.PeerIno {
-					peer = o
-				}
-			}
+			peer := b.r.unixByIno(f.Unix.PeerIno)
 			if peer == nil {
 				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, errNoPeer)
 			}

@@ -138,6 +138,8 @@ type restorer struct {
 	heldPipes  map[uint64][2]int
 	heldShmem  map[uint64]int
 	shmemSize  map[uint64]uint64
+	// unixSockets indexes the images' unix sockets by inode (unixByIno).
+	unixSockets map[uint64]*pb.FileEntry
 	// ghosts are the stand-ins of deleted files (by file id), removed
 	// once the tree holds them.
 	ghosts map[uint32]string

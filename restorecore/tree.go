@@ -252,10 +252,8 @@ func (r *restorer) planSharing() {
 	// in the first and the peer's end held for the other.
 	for _, f := range r.is.files {
 		if f.Unix != nil && f.Unix.PeerIno != 0 {
-			for _, o := range r.is.files {
-				if o.Unix != nil && o.Ino == f.Unix.PeerIno && users[o.Id] > 0 {
-					r.multi[o.Id] = true
-				}
+			if o := r.unixByIno(f.Unix.PeerIno); o != nil && users[o.Id] > 0 {
+				r.multi[o.Id] = true
 			}
 		}
 	}
@@ -369,14 +367,18 @@ func (r *restorer) deadProcess(ino uint64) (int, error) {
 	return pid, nil
 }
 
-// unixByIno returns the unix socket with inode ino in the images, if any.
+// unixByIno returns the unix socket with inode ino in the images, if any
+// (indexed on first use).
 func (r *restorer) unixByIno(ino uint64) *pb.FileEntry {
-	for _, f := range r.is.files {
-		if f.Unix != nil && f.Ino == ino {
-			return f
+	if r.unixSockets == nil {
+		r.unixSockets = map[uint64]*pb.FileEntry{}
+		for _, f := range r.is.files {
+			if f.Unix != nil {
+				r.unixSockets[f.Ino] = f
+			}
 		}
 	}
-	return nil
+	return r.unixSockets[ino]
 }
 
 // ghostByIno returns the deleted file with inode ino in the images, if
