@@ -145,7 +145,7 @@ func (b *builder) restoreFiles() error {
 				if b.r.multiPipes[f.Ino] {
 					var h [2]int
 					for i := range h {
-						if h[i], err = hold(b.pid, ends[i]); err != nil {
+						if h[i], err = b.localFd(ends[i]); err != nil {
 							return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 						}
 					}
@@ -498,7 +498,7 @@ func (b *builder) restoreFiles() error {
 	// them.
 	for id, fd := range b.objFds {
 		if _, ok := b.r.held[id]; b.r.multi[id] && !ok {
-			h, err := hold(b.pid, fd)
+			h, err := b.localFd(fd)
 			if err != nil {
 				return fmt.Errorf("file id %d: %w", id, err)
 			}

@@ -259,20 +259,6 @@ func (r *restorer) planSharing() {
 	}
 }
 
-// hold takes a copy of fd of process pid into ferry.
-func hold(pid, fd int) (int, error) {
-	pidfd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return 0, os.NewSyscallError("pidfd_open", err)
-	}
-	defer unix.Close(pidfd)
-	h, err := unix.PidfdGetfd(pidfd, fd, 0)
-	if err != nil {
-		return 0, os.NewSyscallError("pidfd_getfd", err)
-	}
-	return h, nil
-}
-
 // dropHeld closes what ferry held for sharing.
 func (r *restorer) dropHeld() {
 	for _, fd := range r.held {
