@@ -106,14 +106,7 @@ func (a *Agent) Inspect(ctx context.Context, req *agentv1.InspectRequest) (*agen
 func treeOf(pid int) []int {
 	out := []int{pid}
 	for i := 0; i < len(out); i++ {
-		for _, t := range tasksOf(out[i]) {
-			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", out[i], t))
-			for _, f := range strings.Fields(string(b)) {
-				if c, err := strconv.Atoi(f); err == nil {
-					out = append(out, c)
-				}
-			}
-		}
+		out = append(out, proc.Children(out[i])...)
 	}
 	return out
 }

@@ -496,21 +496,3 @@ func (d *dumper) writePagemapTo(pw *images.Writer, img *imageSet) error {
 	}
 	return images.WritePagemap(pw, head, img.pagemap)
 }
-
-// children lists the child processes of every thread of pid.
-func children(pid int) []int {
-	var out []int
-	tids, _ := proc.Tids(pid)
-	for _, tid := range tids {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, tid))
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(b)) {
-			if n, err := strconv.Atoi(f); err == nil {
-				out = append(out, n)
-			}
-		}
-	}
-	return out
-}

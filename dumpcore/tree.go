@@ -101,7 +101,7 @@ func (t *tree) freeze(deadline time.Time) error {
 			t.procs = append(t.procs, d)
 		}
 		d.threads = threads
-		queue = append(queue, children(pid)...)
+		queue = append(queue, proc.Children(pid)...)
 	}
 	return nil
 }

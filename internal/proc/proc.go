@@ -645,3 +645,22 @@ func WaitState(pid int, states string, timeout time.Duration) bool {
 		time.Sleep(200 * time.Microsecond)
 	}
 }
+
+// Children lists the child processes of every thread of pid
+// (/proc/PID/task/TID/children); none if pid is gone.
+func Children(pid int) []int {
+	var out []int
+	tids, _ := Tids(pid)
+	for _, tid := range tids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, tid))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
