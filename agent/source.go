@@ -86,9 +86,23 @@ func (a *Agent) Inspect(ctx context.Context, req *agentv1.InspectRequest) (*agen
 	}
 	procs := treeOf(pid)
 	r := &agentv1.InspectReply{Command: st.Comm, Node: a.node(), Processes: uint32(len(procs))}
+	inTree := map[int]bool{}
+	for _, p := range procs {
+		inTree[p] = true
+	}
 	for _, p := range procs {
 		for _, t := range tasksOf(p) {
 			r.Pids = append(r.Pids, int32(t))
+		}
+		// A session or group whose leader is dead is made on the target
+		// by a helper with the leader's PID (internal/treeplan).
+		if ps, err := proc.ReadStat(p); err == nil && p != pid {
+			for _, id := range []int{ps.Sid, ps.Pgid} {
+				if !inTree[id] && id != st.Sid && id != st.Pgid {
+					inTree[id] = true
+					r.Pids = append(r.Pids, int32(id))
+				}
+			}
 		}
 		// Resident memory of the tree (what children share with their
 		// parent counts twice: an upper bound).

@@ -15,6 +15,7 @@ import (
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/internal/treeplan"
 	"github.com/ferrycr/ferry/netlock"
 )
 
@@ -326,36 +327,8 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 	if err := t.files.checkRemovedWatches(); err != nil {
 		return nil, err
 	}
-	if err := t.sharedTables(imgs); err != nil {
-		return nil, err
-	}
+	t.sharedTables(imgs)
 	return imgs, t.checkSessions(imgs)
-}
-
-// sharedTables finds processes that share their fd table (CLONE_FILES)
-// or filesystem information (CLONE_FS) with their parent: the restore
-// clones them so. Sharing with any other process cannot be made again.
-func (t *tree) sharedTables(imgs []*imageSet) error {
-	const kcmpFiles, kcmpFS = 2, 3
-	for i, img := range imgs[1:] {
-		pid, ppid := int(img.pstree.Pid), int(img.pstree.Ppid)
-		for _, k := range []struct {
-			typ  int
-			what string
-			set  *int32
-		}{{kcmpFiles, "fd table", &img.core.FilesSharedWith}, {kcmpFS, "filesystem information", &img.core.FsSharedWith}} {
-			if kcmpSame(ppid, pid, k.typ) {
-				*k.set = int32(ppid)
-				continue
-			}
-			for _, other := range imgs[:i+1] {
-				if o := int(other.pstree.Pid); kcmpSame(o, pid, k.typ) {
-					return fmt.Errorf("process %d shares its %s with %d, not its parent: %w", pid, k.what, o, ErrUnsupported)
-				}
-			}
-		}
-	}
-	return nil
 }
 
 // cttys records each session leader's controlling terminal when it is a
@@ -387,40 +360,62 @@ func (t *tree) cttys(imgs []*imageSet) {
 }
 
 // checkSessions refuses sessions and process groups the restore cannot
-// make again. It recreates each process from its parent, so a process
-// is either the leader of its session or in its parent's session; a
-// group is led by a process of the tree (or, for a shell job, is the
-// root's own).
+// make again (internal/treeplan plans it), and those whose dead leader
+// the restore would stand in for while the leader is in fact alive
+// outside the tree.
 func (t *tree) checkSessions(imgs []*imageSet) error {
-	in := map[int32]*pb.PstreeEntry{}
+	var procs []treeplan.Proc
 	for _, img := range imgs {
-		in[img.pstree.Pid] = img.pstree
+		pt := img.pstree
+		procs = append(procs, treeplan.Proc{Pid: pt.Pid, Ppid: pt.Ppid, Pgid: pt.Pgid, Sid: pt.Sid, ExitSignal: img.core.ExitSignal,
+			FilesWith: img.core.FilesSharedWith, FsWith: img.core.FsSharedWith})
 	}
 	for _, z := range t.zombies {
-		in[int32(z.Pid)] = &pb.PstreeEntry{Pid: int32(z.Pid), Ppid: int32(z.Ppid), Pgid: int32(z.Pgid), Sid: int32(z.Sid)}
+		procs = append(procs, treeplan.Proc{Pid: int32(z.Pid), Ppid: int32(z.Ppid), Pgid: int32(z.Pgid), Sid: int32(z.Sid), ExitSignal: int32(z.ExitSignal)})
 	}
-	rootPs := imgs[0].pstree
-	for _, p := range in {
-		if p.Pid == rootPs.Pid {
-			continue
-		}
-		parent := in[p.Ppid]
-		// Its own session, its parent's, or (forked before its parent
-		// made a session of its own) the one its parent had before: the
-		// restore forks it before that setsid.
-		var before *pb.PstreeEntry
-		if parent != nil && parent.Sid == parent.Pid {
-			before = in[parent.Ppid]
-		}
-		if p.Sid != p.Pid && (parent == nil || p.Sid != parent.Sid) && (before == nil || p.Sid != before.Sid) {
-			return fmt.Errorf("process %d is in session %d, neither its own nor its parent's (nor the one its parent left): %w", p.Pid, p.Sid, ErrUnsupported)
-		}
-		if p.Pgid != p.Pid && in[p.Pgid] == nil && p.Pgid != rootPs.Pgid {
-			return fmt.Errorf("process %d is in process group %d, whose leader is not in the tree: %w", p.Pid, p.Pgid, ErrUnsupported)
+	plan, err := treeplan.Make(procs)
+	if err != nil {
+		return unsupported{err}
+	}
+	for _, h := range plan.Helpers {
+		if st, err := proc.ReadStat(int(h)); err == nil {
+			return fmt.Errorf("the tree has processes in session or group %d, whose leader (%s) is alive outside the tree: %w", h, st.Comm, ErrUnsupported)
 		}
 	}
 	return nil
 }
+
+// sharedTables finds processes that share their fd table (CLONE_FILES)
+// or filesystem information (CLONE_FS) with an earlier process of the
+// tree, their parent if it is one of them. Whether the restore can make
+// the sharing again is the tree plan's to say (checkSessions).
+func (t *tree) sharedTables(imgs []*imageSet) {
+	const kcmpFiles, kcmpFS = 2, 3
+	for i, img := range imgs[1:] {
+		pid, ppid := int(img.pstree.Pid), int(img.pstree.Ppid)
+		for _, k := range []struct {
+			typ int
+			set *int32
+		}{{kcmpFiles, &img.core.FilesSharedWith}, {kcmpFS, &img.core.FsSharedWith}} {
+			if kcmpSame(ppid, pid, k.typ) {
+				*k.set = int32(ppid)
+				continue
+			}
+			for _, other := range imgs[:i+1] {
+				if o := int(other.pstree.Pid); kcmpSame(o, pid, k.typ) {
+					*k.set = int32(o)
+					break
+				}
+			}
+		}
+	}
+}
+
+// unsupported marks an error of another package as ErrUnsupported
+// without adding to its text.
+type unsupported struct{ error }
+
+func (e unsupported) Unwrap() []error { return []error{e.error, ErrUnsupported} }
 
 // write writes the image files: the tree's (inventory, pstree, files,
 // ghosts), then each process's.

@@ -9,92 +9,68 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/internal/treeplan"
 )
 
 // createTree makes every process of the images, each a copy of the seed
-// with its PID: the root cloned from the seed, every other process from
-// its parent (pstree.img lists parents first). Sessions are made as the
-// processes appear (a child inherits its parent's), then process groups,
-// then the zombies die. It returns the live processes' main threads.
+// with its PID, following the tree plan (internal/treeplan): the root
+// cloned from the seed, every other process from its parent or a
+// sibling, sessions and groups as the plan orders, helpers for dead
+// session and group leaders made and reaped; then the zombies die. It
+// returns the live processes' main threads.
 func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error) {
-	tasks := map[int32]*compel.Task{}
-	byPid := map[int32]*procImage{}
-	for _, p := range r.is.procs {
-		byPid[p.pstree.Pid] = p
-	}
-	var create func(i int, p *procImage) error
-	create = func(i int, p *procImage) error {
-		pt := p.pstree
-		parent, flags, exitSig := seed, uint64(unix.CLONE_PARENT), uint64(0)
-		if i > 0 {
-			parent = tasks[pt.Ppid]
-			if parent == nil {
-				return fmt.Errorf("process %d: parent %d is not a live process of the image", pt.Pid, pt.Ppid)
-			}
-			flags, exitSig = 0, uint64(p.core.ExitSignal)
-			if p.core.FilesSharedWith == pt.Ppid {
-				flags |= unix.CLONE_FILES
-			}
-			if p.core.FsSharedWith == pt.Ppid {
-				flags |= unix.CLONE_FS
-			}
-		}
-		pid, err := remoteClone(parent, stackScratch(parent), flags, exitSig, int(pt.Pid))
-		if err != nil {
-			return fmt.Errorf("create process %d: %w", pt.Pid, err)
-		}
-		r.created = append(r.created, pid)
-		regs, err := ptrace.GetRegs(pid)
-		if err != nil {
-			return err
-		}
-		t := &compel.Task{Tid: pid, Regs: regs, Gadget: seedGadget, Int3: true}
-		tasks[pt.Pid] = t
-		if pt.Sid != pt.Pid {
-			return nil
-		}
-		// Children that stayed in the session it left (forked before its
-		// setsid) are forked first.
-		if gp := byPid[pt.Ppid]; i > 0 && gp != nil {
-			for j, c := range r.is.procs {
-				ct := c.pstree
-				if ct.Ppid == pt.Pid && ct.Sid != ct.Pid && ct.Sid == gp.pstree.Sid && tasks[ct.Pid] == nil {
-					if err := create(j, c); err != nil {
-						return err
-					}
-				}
-			}
-		}
-		if _, err := t.Syscall(unix.SYS_SETSID); err != nil {
-			return fmt.Errorf("process %d: %w", pid, err)
-		}
-		return nil
-	}
+	procs := make([]treeplan.Proc, len(r.is.procs))
 	for i, p := range r.is.procs {
-		if tasks[p.pstree.Pid] != nil {
-			continue // forked early, before its parent's setsid
-		}
-		if err := create(i, p); err != nil {
-			return nil, err
-		}
+		pt := p.pstree
+		procs[i] = treeplan.Proc{Pid: pt.Pid, Ppid: pt.Ppid, Pgid: pt.Pgid, Sid: pt.Sid, ExitSignal: p.core.ExitSignal,
+			FilesWith: p.core.FilesSharedWith, FsWith: p.core.FsSharedWith}
 	}
-	// Groups: their leaders first, then the members.
-	inTree := map[int32]bool{}
-	for _, p := range r.is.procs {
-		inTree[p.pstree.Pid] = true
+	plan, err := treeplan.Make(procs)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", images.PstreeName, err)
 	}
-	for _, leaders := range []bool{true, false} {
-		for _, p := range r.is.procs {
-			pt := p.pstree
-			if pt.Sid == pt.Pid || (pt.Pgid == pt.Pid) != leaders || !inTree[pt.Pgid] {
-				continue // a session leader leads its group already; a group from outside is inherited
+	tasks := map[int32]*compel.Task{}
+	for _, s := range plan.Steps {
+		switch s.Op {
+		case treeplan.Clone:
+			from := seed
+			if s.From != 0 {
+				from = tasks[s.From]
 			}
-			if _, err := tasks[pt.Pid].Syscall(unix.SYS_SETPGID, 0, uint64(pt.Pgid)); err != nil {
-				return nil, fmt.Errorf("process %d: join group %d: %w", pt.Pid, pt.Pgid, err)
+			pid, err := remoteClone(from, stackScratch(from), s.Flags, uint64(s.ExitSignal), int(s.Pid))
+			if err != nil {
+				what := "process"
+				if s.Helper {
+					what = "helper"
+				}
+				return nil, fmt.Errorf("create %s %d: %w", what, s.Pid, err)
+			}
+			r.created = append(r.created, pid)
+			regs, err := ptrace.GetRegs(pid)
+			if err != nil {
+				return nil, err
+			}
+			tasks[s.Pid] = &compel.Task{Tid: pid, Regs: regs, Gadget: seedGadget, Int3: true}
+		case treeplan.Setsid:
+			if _, err := tasks[s.Pid].Syscall(unix.SYS_SETSID); err != nil {
+				return nil, fmt.Errorf("process %d: setsid: %w", s.Pid, err)
+			}
+		case treeplan.Setpgid:
+			if _, err := tasks[s.Pid].Syscall(unix.SYS_SETPGID, 0, uint64(s.Pgid)); err != nil {
+				return nil, fmt.Errorf("process %d: join group %d: %w", s.Pid, s.Pgid, err)
+			}
+		case treeplan.Exit:
+			if err := die(tasks[s.Pid], 0); err != nil {
+				return nil, fmt.Errorf("helper %d: %w", s.Pid, err)
+			}
+			delete(tasks, s.Pid)
+			if err := reap(tasks[s.From], s.Pid, unix.Signal(s.ExitSignal)); err != nil {
+				return nil, fmt.Errorf("process %d: reap helper %d: %w", s.From, s.Pid, err)
 			}
 		}
 	}
@@ -114,6 +90,18 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 		}
 	}
 	return tasks, nil
+}
+
+// reap waits in parent for its dead child pid, and takes the signal the
+// death sent out of parent's pending signals.
+func reap(parent *compel.Task, pid int32, sig unix.Signal) error {
+	if _, err := parent.Syscall(unix.SYS_WAIT4, uint64(pid), 0, unix.WALL, 0); err != nil {
+		return err
+	}
+	if sig == 0 {
+		return nil
+	}
+	return flushSignal(parent, sig)
 }
 
 // stackScratch is scratch memory below the stack pointer of a copy of

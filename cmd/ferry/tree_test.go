@@ -67,7 +67,9 @@ func TestDumpRestoreTreeState(t *testing.T) {
 func TestDumpRestoreSharedFdTable(t *testing.T) {
 	// A child cloned with CLONE_FILES|CLONE_FS: after restore an fd it
 	// opens is in its parent's table and its chdir moves the parent's
-	// working directory, as before.
+	// working directory, as before. Two siblings share a table of their
+	// own (the second cloned by the first with CLONE_PARENT): it stays
+	// theirs.
 	needRoot(t)
 	bin := testutil.BuildC(t, "fdshare")
 	w := testutil.Start(t, "-r", bin)
@@ -195,4 +197,12 @@ func TestDumpRestoreSysvShm(t *testing.T) {
 	defer rw.Kill()
 	checkContinued(t, before, rw.Report(t))
 	checkSelf(t, rw)
+}
+
+func TestDumpRestoreTreeDeadLeaders(t *testing.T) {
+	// Sessions and groups whose leaders are dead (orphans kept by a
+	// subreaper root) and a session left two levels up: every process
+	// comes back with its parent, session and group, made through
+	// helper processes that are gone once the restore is done.
+	treeCheckAcross(t, "tree3.py")
 }

@@ -336,7 +336,7 @@ func (x *InspectRequest) GetPid() int32 {
 
 type InspectReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Pids          []int32                `protobuf:"varint,1,rep,packed,name=pids,proto3" json:"pids,omitempty"` // every PID and TID of the tree, as the source sees them
+	Pids          []int32                `protobuf:"varint,1,rep,packed,name=pids,proto3" json:"pids,omitempty"` // every PID and TID of the tree, and dead session and group leaders the restore stands in for, as the source sees them
 	Rss           uint64                 `protobuf:"varint,2,opt,name=rss,proto3" json:"rss,omitempty"`          // resident bytes
 	Command       string                 `protobuf:"bytes,3,opt,name=command,proto3" json:"command,omitempty"`
 	Node          *NodeInfo              `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
