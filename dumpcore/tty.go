@@ -132,7 +132,7 @@ func (ft *fileTable) takePtyQueues() error {
 		}
 		out, err := ptyq.ReadQueued(m.fd)
 		if err == nil {
-			m.e.Tty.InData, err = ptyq.ReadQueued(s)
+			m.e.Tty.InData, err = ptyq.ReadInput(s)
 		}
 		unix.Close(s)
 		m.e.Tty.OutData = out

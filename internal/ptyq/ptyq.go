@@ -50,10 +50,40 @@ func ReadQueued(fd int) ([]byte, error) {
 	return buf, nil
 }
 
+// ReadInput reads what the slave fd s has to read: in canonical mode the
+// whole lines, then, with ICANON off for a moment (the line discipline
+// then hands out all it holds), the partial line after them.
+func ReadInput(s int) ([]byte, error) {
+	data, err := ReadQueued(s)
+	if err != nil {
+		return nil, err
+	}
+	orig := make([]byte, 44)
+	if err := ioctlBuf(s, tcgets2, orig); err != nil {
+		return nil, os.NewSyscallError("ioctl TCGETS2", err)
+	}
+	le := binary.LittleEndian
+	if le.Uint32(orig[offLflag:])&unix.ICANON == 0 {
+		return data, nil
+	}
+	raw := append([]byte(nil), orig...)
+	le.PutUint32(raw[offLflag:], le.Uint32(raw[offLflag:])&^uint32(unix.ICANON))
+	raw[offCc+unix.VMIN], raw[offCc+unix.VTIME] = 0, 0
+	if err := ioctlBuf(s, tcsets2, raw); err != nil {
+		return nil, os.NewSyscallError("ioctl TCSETS2", err)
+	}
+	rest, err := ReadQueued(s)
+	if serr := ioctlBuf(s, tcsets2, orig); serr != nil && err == nil {
+		err = os.NewSyscallError("ioctl TCSETS2", serr)
+	}
+	return append(data, rest...), err
+}
+
 // termios2 offsets and flags (asm-generic/termbits.h).
 const (
 	tcsets2                      = 0x402c542b
 	offIflag, offOflag, offLflag = 0, 4, 12
+	offCc                        = 17
 	iflagXlate                   = unix.IXON | unix.ICRNL | unix.INLCR | unix.IGNCR | unix.ISTRIP
 	lflagEcho                    = unix.ECHO | unix.ECHOE | unix.ECHOK | unix.ECHONL | unix.ISIG | unix.IEXTEN
 )
@@ -87,14 +117,35 @@ func Refill(master int, t *pb.Tty) error {
 		return os.NewSyscallError("ioctl TCSETS2", err)
 	}
 	defer ioctlBuf(s, tcsets2, orig)
-	if err := writeAll(master, t.InData); err != nil {
+	// In canonical mode the slave can read (TIOCINQ) the whole lines
+	// only: a partial line after them goes in on its own.
+	lines, tail := t.InData, []byte(nil)
+	if le.Uint32(raw[offLflag:])&unix.ICANON != 0 {
+		eol, eol2 := raw[offCc+unix.VEOL], raw[offCc+unix.VEOL2]
+		end := len(lines)
+		for end > 0 {
+			if c := lines[end-1]; c == '\n' || (c != 0 && (c == eol || c == eol2)) {
+				break
+			}
+			end--
+		}
+		lines, tail = lines[:end], lines[end:]
+	}
+	if err := writeAll(master, lines); err != nil {
 		return err
 	}
 	// The line discipline takes input in from a work queue: the settings
 	// go back only once it has (else it would echo it after all).
 	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		if n, err := unix.IoctlGetInt(s, unix.TIOCINQ); err != nil || n >= len(t.InData) {
+		if n, err := unix.IoctlGetInt(s, unix.TIOCINQ); err != nil || n >= len(lines) {
 			break
+		}
+	}
+	// The partial line: TIOCSTI hands it to the line discipline at once
+	// (there is nothing to wait for that would tell it had arrived).
+	for i := range tail {
+		if err := ioctlBuf(s, unix.TIOCSTI, tail[i:i+1]); err != nil {
+			return os.NewSyscallError("ioctl TIOCSTI", err)
 		}
 	}
 	return writeAll(s, t.OutData)

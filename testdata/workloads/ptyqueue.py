@@ -2,11 +2,12 @@
 
 A pty pair held by the process (a session leader), the slave its
 controlling terminal, also open as /dev/tty: two lines written to the
-master wait to be read from the slave (in canonical mode, echo on), and a
-line written to the slave waits to be read from the master (after the
-echo of the input). The check (SIGUSR2, see selfcheck): the slave reads
-the two lines, the master reads the echo and the output, as they were,
-and what is written to /dev/tty reaches the master.
+master wait to be read from the slave (in canonical mode, echo on), with
+the start of a third line after them, and a line written to the slave
+waits to be read from the master (after the echo of the input). The check
+(SIGUSR2, see selfcheck): the slave reads the two lines, then the third
+once the master ends it, the master reads the echo and the output, as
+they were, and what is written to /dev/tty reaches the master.
 """
 import fcntl
 import os
@@ -22,10 +23,10 @@ token = os.urandom(8).hex()
 master, slave = os.openpty()
 fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 devtty = os.open("/dev/tty", os.O_RDWR)
-os.write(master, b"first " + token.encode() + b"\nsecond\n")
+os.write(master, b"first " + token.encode() + b"\nsecond\npart")
 time.sleep(0.2)  # the line discipline echoes the input from a work queue
 os.write(slave, b"output\n")
-echo_and_out = b"first " + token.encode() + b"\r\nsecond\r\noutput\r\n"
+echo_and_out = b"first " + token.encode() + b"\r\nsecond\r\npartoutput\r\nial\r\n"
 
 
 def read_all(fd, want):
@@ -40,6 +41,10 @@ def verify():
         got = os.read(slave, 4096) if select.select([slave], [], [], 2)[0] else b""
         if got != want:
             return "the slave reads %r, want %r" % (got, want)
+    os.write(master, b"ial\n")
+    got = os.read(slave, 4096) if select.select([slave], [], [], 2)[0] else b""
+    if got != b"partial\n":
+        return "the slave reads %r once the third line ends, want 'partial\\n'" % got
     got = read_all(master, echo_and_out)
     if got != echo_and_out:
         return "the master reads %r, want %r" % (got, echo_and_out)
