@@ -133,7 +133,7 @@ func TestMake(t *testing.T) {
 			procs: []Proc{p(10, 1, 10, 10), p(11, 10, 10, 10), files(p(12, 10, 10, 10), 11), files(p(13, 11, 10, 10), 11)}},
 		{name: "fd table shared with a cousin",
 			procs: []Proc{p(10, 1, 10, 10), p(11, 10, 10, 10), p(12, 10, 10, 10), p(13, 11, 10, 10), files(p(14, 12, 10, 10), 13)},
-			err: "neither its parent nor a sibling"},
+			err:   "neither its parent nor a sibling"},
 		{name: "a sibling's session",
 			// 12 was orphaned into 10 (a subreaper) from 11's session.
 			procs: []Proc{p(10, 1, 10, 10), p(11, 10, 11, 11), p(12, 10, 11, 11)}},
@@ -141,10 +141,10 @@ func TestMake(t *testing.T) {
 			// 12 is in 13's session; neither its parent 10 nor a child
 			// of 10 ever was.
 			procs: []Proc{p(10, 1, 10, 10), p(11, 10, 10, 10), p(13, 11, 13, 13), p(12, 10, 13, 13)},
-			err: "which its parent 10 cannot give it"},
+			err:   "which its parent 10 cannot give it"},
 		{name: "group in another session",
 			procs: []Proc{p(10, 1, 10, 10), p(11, 10, 11, 11), p(12, 10, 11, 10)},
-			err: "of session 11"},
+			err:   "of session 11"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			plan, err := Make(tc.procs)
