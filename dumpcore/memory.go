@@ -120,6 +120,15 @@ func (d *dumper) collectVmas(img *imageSet) error {
 			pv.Flags = unix.MAP_SHARED | unix.MAP_ANONYMOUS
 			pv.ShmemIno = v.Inode
 			pv.Sysv = strings.HasPrefix(v.Name, "/SYSV") // its inode is the segment's id
+			if pv.Sysv {
+				var ds unix.SysvShmDesc
+				if _, err := unix.SysvShmCtl(int(v.Inode), unix.IPC_STAT, &ds); err != nil {
+					return fmt.Errorf("SysV shared memory %d at %#x: %w", v.Inode, v.Start, err)
+				}
+				const shmDest = 0o1000 // SHM_DEST
+				pv.SysvSeg = &pb.SysvShm{Key: ds.Perm.Key, Mode: ds.Perm.Mode & 0o777, Uid: ds.Perm.Uid, Gid: ds.Perm.Gid,
+					Size: ds.Segsz, Removed: ds.Perm.Mode&shmDest != 0}
+			}
 		case KindFileShared:
 			pv.Flags = unix.MAP_SHARED
 		case KindFilePrivate:

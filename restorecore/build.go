@@ -487,8 +487,16 @@ func (b *builder) restoreMemory() error {
 func (b *builder) attachSysv(v *pb.Vma) (ok bool, err error) {
 	var ds unix.SysvShmDesc
 	if _, err := unix.SysvShmCtl(int(v.ShmemIno), unix.IPC_STAT, &ds); err != nil {
-		b.r.log.Warn("SysV shared memory segment gone: restored as shared anonymous memory", "shmid", v.ShmemIno, "err", err)
-		return false, nil
+		if v.SysvSeg == nil {
+			b.r.log.Warn("SysV shared memory segment gone: restored as shared anonymous memory", "shmid", v.ShmemIno, "err", err)
+			return false, nil
+		}
+		if err := b.r.makeSysv(int(v.ShmemIno), v.SysvSeg); err != nil {
+			return false, fmt.Errorf("VMA %#x: %w", v.Start, err)
+		}
+		if _, err := unix.SysvShmCtl(int(v.ShmemIno), unix.IPC_STAT, &ds); err != nil {
+			return false, fmt.Errorf("SysV shared memory %d made again: %w", v.ShmemIno, err)
+		}
 	}
 	if size := (ds.Segsz + pageSize - 1) &^ (pageSize - 1); v.Pgoff != 0 || size != v.End-v.Start {
 		b.r.log.Warn("SysV shared memory attached in part: restored as shared anonymous memory", "shmid", v.ShmemIno)
@@ -510,6 +518,60 @@ func (b *builder) attachSysv(v *pb.Vma) (ok bool, err error) {
 		return false, fmt.Errorf("shmat %d landed at %#x, not %#x", v.ShmemIno, got, v.Start)
 	}
 	return true, nil
+}
+
+// makeSysv makes the SysV shared memory segment id again where it is
+// gone (on another host, or removed since the dump): the same id
+// (kernel.shm_next_id), key, size, owner and mode. The contents come with
+// the pages of the VMAs attached to it. A segment that was removed while
+// attached is removed again once the tree holds it (removeSysv); a
+// restore that fails removes what it made.
+func (r *restorer) makeSysv(id int, seg *pb.SysvShm) error {
+	if seg.Key != 0 {
+		if other, err := unix.SysvShmGet(int(seg.Key), 0, 0); err == nil {
+			return fmt.Errorf("SysV shared memory %d: its key %#x is segment %d here: %w", id, uint32(seg.Key), other, ErrValidation)
+		}
+	}
+	const nextID = "/proc/sys/kernel/shm_next_id"
+	if err := os.WriteFile(nextID, []byte(strconv.Itoa(id)), 0); err != nil {
+		return fmt.Errorf("SysV shared memory %d: %w", id, err)
+	}
+	got, err := unix.SysvShmGet(int(seg.Key), int(seg.Size), unix.IPC_CREAT|unix.IPC_EXCL|int(seg.Mode&0o777))
+	if err != nil {
+		os.WriteFile(nextID, []byte("-1"), 0)
+		return fmt.Errorf("SysV shared memory %d: shmget: %w", id, err)
+	}
+	r.sysvMade = append(r.sysvMade, got)
+	if got != id {
+		return fmt.Errorf("SysV shared memory %d was made as %d", id, got)
+	}
+	var ds unix.SysvShmDesc
+	if _, err := unix.SysvShmCtl(id, unix.IPC_STAT, &ds); err != nil {
+		return fmt.Errorf("SysV shared memory %d: %w", id, err)
+	}
+	ds.Perm.Uid, ds.Perm.Gid, ds.Perm.Mode = seg.Uid, seg.Gid, seg.Mode&0o777
+	if _, err := unix.SysvShmCtl(id, unix.IPC_SET, &ds); err != nil {
+		return fmt.Errorf("SysV shared memory %d: owner and mode: %w", id, err)
+	}
+	if seg.Removed {
+		r.sysvRemoved = append(r.sysvRemoved, id)
+	}
+	r.log.Info("SysV shared memory segment made again", "shmid", id, "key", seg.Key, "size", seg.Size)
+	return nil
+}
+
+// removeSysv removes the segments that had been removed at the dump (the
+// tree holds them now), or, when the restore failed, every one it made.
+func (r *restorer) removeSysv(failed bool) {
+	ids := r.sysvRemoved
+	if failed {
+		ids = r.sysvMade
+	}
+	for _, id := range ids {
+		if _, err := unix.SysvShmCtl(id, unix.IPC_RMID, nil); err != nil {
+			r.log.Warn("removing SysV shared memory", "shmid", id, "err", err)
+		}
+	}
 }
 
 type aioID struct {

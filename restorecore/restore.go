@@ -150,10 +150,16 @@ type restorer struct {
 	// dead holds the stand-ins for dead processes that pidfds refer to,
 	// by the pidfds' inode.
 	dead map[uint64]int
+	// sysvMade are the SysV segments made again (makeSysv), sysvRemoved
+	// those of them to remove once the tree holds them.
+	sysvMade, sysvRemoved []int
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	defer func() {
+		if len(r.sysvMade) > 0 {
+			defer r.removeSysv(err != nil)
+		}
 		if err != nil {
 			// Threads first: a traced leader's exit is reported only once
 			// every other thread of its group has been reaped.

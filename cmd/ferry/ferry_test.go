@@ -79,12 +79,22 @@ func dumpRestore(t *testing.T, w *testutil.Workload, dumpArgs ...string) *testut
 // dumpRestoreWith is dumpRestore with options for the restore too.
 func dumpRestoreWith(t *testing.T, w *testutil.Workload, dumpArgs, restoreArgs []string) *testutil.Workload {
 	t.Helper()
+	return dumpRestoreHook(t, w, dumpArgs, restoreArgs, nil)
+}
+
+// dumpRestoreHook is dumpRestoreWith that runs between (when not nil)
+// after the dump, before the restore.
+func dumpRestoreHook(t *testing.T, w *testutil.Workload, dumpArgs, restoreArgs []string, between func()) *testutil.Workload {
+	t.Helper()
 	before := tids(t, w.Pid)
 	img := t.TempDir()
 	mustFerry(t, append([]string{"dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-v4", "-o", "dump.log"}, dumpArgs...)...)
 	w.Reap(t)
 	if testutil.PidAlive(w.Pid) {
 		t.Fatalf("process %d still runs after dump", w.Pid)
+	}
+	if between != nil {
+		between()
 	}
 	pidfile := filepath.Join(t.TempDir(), "pid")
 	mustFerry(t, append([]string{"restore", "-D", img, "-d", "--pidfile", pidfile, "-v4", "-o", "restore.log"}, restoreArgs...)...)

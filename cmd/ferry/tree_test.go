@@ -188,12 +188,35 @@ func TestLazyRestoreTree(t *testing.T) {
 func TestDumpRestoreSysvShm(t *testing.T) {
 	// A SysV shared memory segment attached by a process and its child
 	// is attached again by both: the same segment, shared.
+	testSysvShm(t, false)
+}
+
+func TestDumpRestoreSysvShmGone(t *testing.T) {
+	// The same, with the segments gone between dump and restore (as on
+	// another host): they are made again with their ids, key, mode and
+	// contents, and the removed one is removed again.
+	testSysvShm(t, true)
+}
+
+func testSysvShm(t *testing.T, gone bool) {
 	w := startSelfCheck(t, "sysvshm.py")
 	before := w.Report(t)
 	treePids(t, before)
 	id := int(before.Int("shmid"))
 	t.Cleanup(func() { unix.SysvShmCtl(id, unix.IPC_RMID, nil) })
-	rw := dumpRestore(t, w)
+	var between func()
+	if gone {
+		between = func() {
+			if _, err := unix.SysvShmCtl(id, unix.IPC_RMID, nil); err != nil {
+				t.Fatal(err)
+			}
+			removed := int(before.Int("removed"))
+			if _, err := unix.SysvShmCtl(removed, unix.IPC_STAT, &unix.SysvShmDesc{}); err == nil {
+				t.Fatalf("segment %d outlived the tree", removed)
+			}
+		}
+	}
+	rw := dumpRestoreHook(t, w, nil, nil, between)
 	defer rw.Kill()
 	checkContinued(t, before, rw.Report(t))
 	checkSelf(t, rw)

@@ -1,10 +1,14 @@
 """sysvshm.py REPORT: SysV shared memory across C/R.
 
-A private segment (64 KiB) attached by the root and inherited by a child,
-holding a token. The report names the segment (shmid=) and the child
-(pids=). The check (SIGUSR2, see selfcheck): the mapping is still that
-segment (its inode in /proc/self/maps is the segment's id), it still
-holds the token, and what the root writes in it the child reads.
+A segment with a key (64 KiB, mode 0640) attached by the root and
+inherited by a child, holding a token; and a second one, removed
+(IPC_RMID) while attached, holding the token too. The report names the
+segments (shmid=, removed=, key=) and the child (pids=). The check
+(SIGUSR2, see selfcheck): the mappings are still those segments (their
+inode in /proc/self/maps is the segment's id), they still hold the token,
+what the root writes in the first the child reads, and
+/proc/sysvipc/shm shows the first with its key, mode and size, the second
+removed (key 0, SHM_DEST).
 """
 import ctypes
 import os
@@ -20,10 +24,17 @@ IPC_PRIVATE, IPC_CREAT = 0, 0o1000
 SIZE = 64 << 10
 report = sys.argv[-1]
 token = os.urandom(8).hex().encode()
-shmid = libc.shmget(IPC_PRIVATE, SIZE, IPC_CREAT | 0o600)
+key = int.from_bytes(os.urandom(3), "little") + 1
+shmid = libc.shmget(key, SIZE, IPC_CREAT | 0o640)
 addr = libc.shmat(shmid, None, 0)
 mem = (ctypes.c_char * SIZE).from_address(addr)
 mem[0:len(token)] = token
+IPC_RMID, SHM_DEST = 0, 0o1000
+removed = libc.shmget(IPC_PRIVATE, 8192, IPC_CREAT | 0o600)
+raddr = libc.shmat(removed, None, 0)
+rmem = (ctypes.c_char * 8192).from_address(raddr)
+rmem[4096:4096 + len(token)] = token
+libc.shmctl(removed, IPC_RMID, None)
 req_r, req_w = os.pipe()
 ans_r, ans_w = os.pipe()
 child = os.fork()
@@ -33,17 +44,34 @@ if child == 0:
         os.write(ans_w, mem[100:108])
 
 
-def verify():
-    for line in open("/proc/self/maps"):
+def segments():
+    """/proc/sysvipc/shm: shmid -> (key, perms, size)."""
+    out = {}
+    for line in list(open("/proc/sysvipc/shm"))[1:]:
         f = line.split()
-        if int(f[0].split("-")[0], 16) == addr:
-            if int(f[4]) != shmid:
-                return "the mapping is inode %s, not segment %d" % (f[4], shmid)
-            break
-    else:
-        return "the segment is not mapped"
+        out[int(f[1])] = (int(f[0]), int(f[2], 8), int(f[3]))
+    return out
+
+
+def verify():
+    for at, seg in ((addr, shmid), (raddr, removed)):
+        for line in open("/proc/self/maps"):
+            f = line.split()
+            if int(f[0].split("-")[0], 16) == at:
+                if int(f[4]) != seg:
+                    return "the mapping at %#x is inode %s, not segment %d" % (at, f[4], seg)
+                break
+        else:
+            return "segment %d is not mapped" % seg
     if mem[0:len(token)] != token:
         return "the segment lost its contents"
+    if rmem[4096:4096 + len(token)] != token:
+        return "the removed segment lost its contents"
+    segs = segments()
+    if segs.get(shmid) != (key, 0o640, SIZE):
+        return "segment %d is %s, want key %d, mode 0640, %d bytes" % (shmid, segs.get(shmid), key, SIZE)
+    if removed not in segs or segs[removed][0] != 0 or not segs[removed][1] & SHM_DEST:
+        return "segment %d is %s, want removed" % (removed, segs.get(removed))
     v = os.urandom(8)
     mem[100:108] = v
     os.write(req_w, b"?")
@@ -54,4 +82,4 @@ def verify():
     return "ok"
 
 
-selfcheck.run(report, token.decode(), verify, lambda checked: {"pids": str(child), "shmid": shmid})
+selfcheck.run(report, token.decode(), verify, lambda checked: {"pids": str(child), "shmid": shmid, "removed": removed})
