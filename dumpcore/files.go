@@ -450,6 +450,18 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 				return nil, err
 			}
 			e.Timerfd = tf
+		case "anon_inode:[userfaultfd]":
+			// The process's own (ferry's trackers are left out before).
+			f := strings.Split(info.Extra["API"], ":")
+			var err error
+			if len(f) == 3 {
+				e.UffdFeatures, err = strconv.ParseUint(f[1], 16, 64)
+			}
+			if len(f) != 3 || err != nil {
+				return nil, fmt.Errorf("userfaultfd API %q: %w", info.Extra["API"], ErrUnsupported)
+			}
+			const initialized = 1 << 31 // kernel-internal UFFD_FEATURE_INITIALIZED
+			e.Type, e.UffdFeatures = "userfaultfd", e.UffdFeatures&^initialized
 		case "anon_inode:[pidfd]":
 			// Of a process of the tree (checkPidfds), or of a dead one
 			// (-1).

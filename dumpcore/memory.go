@@ -43,6 +43,10 @@ const (
 	pmSwapped    = 1 << 62
 	pmFileShared = 1 << 61
 	pmGuard      = 1 << 58 // a guard region page (MADV_GUARD_INSTALL, 6.14)
+	pmUffdWP     = 1 << 57 // write-protected by a userfaultfd
+
+	// UFFDIO_REGISTER_MODE_* (include/uapi/linux/userfaultfd.h).
+	uffdMissing, uffdWP, uffdMinor = 1, 2, 4
 )
 
 func classify(v *proc.Vma) (string, error) {
@@ -135,6 +139,11 @@ func (d *dumper) collectVmas(img *imageSet) error {
 			pv.Flags = unix.MAP_PRIVATE
 		default:
 			pv.Flags = unix.MAP_PRIVATE | unix.MAP_ANONYMOUS
+		}
+		for mode, flag := range map[uint32]string{uffdMissing: "um", uffdWP: "uw", uffdMinor: "ui"} {
+			if v.Has(flag) {
+				pv.UffdModes |= mode
+			}
 		}
 		if v.Has("gd") {
 			pv.Flags |= unix.MAP_GROWSDOWN
@@ -534,6 +543,14 @@ func (pd *pageDumper) pages(v *pb.Vma, from, to uint64, skipZero bool, werr chan
 					v.Guards = append(v.Guards, va, va+pageSize)
 				}
 				continue
+			}
+			if e&pmUffdWP != 0 && v.UffdModes&uffdWP != 0 {
+				va := addr + i*pageSize
+				if l := len(v.UffdWp); l > 0 && v.UffdWp[l-1] == va {
+					v.UffdWp[l-1] = va + pageSize
+				} else {
+					v.UffdWp = append(v.UffdWp, va, va+pageSize)
+				}
 			}
 			want := e&pmSwapped != 0 || e&pmPresent != 0 && (!fileBacked || e&pmFileShared == 0)
 			pd.stats.PagesScanned++

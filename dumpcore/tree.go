@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -323,6 +324,9 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 			}
 		}
 	}
+	if err := t.checkUffd(imgs); err != nil {
+		return nil, err
+	}
 	t.cttys(imgs)
 	if err := t.files.checkRemovedWatches(); err != nil {
 		return nil, err
@@ -409,6 +413,58 @@ func (t *tree) sharedTables(imgs []*imageSet) {
 			}
 		}
 	}
+}
+
+// checkUffd matches each process's memory registered with a userfaultfd
+// (uffd_modes) to the userfaultfd it holds: the restore makes that
+// userfaultfd in the process and registers the memory with it. Without
+// a userfaultfd of its own, what smaps shows is ferry's dirty tracker,
+// and no registration is saved. Refused: memory registered with a
+// userfaultfd the process holds no descriptor of (or one of several),
+// one held by several processes (the restore could not tell whose memory
+// it serves), and write-protect registrations in a process ferry tracks
+// too.
+func (t *tree) checkUffd(imgs []*imageSet) error {
+	holders := map[uint32]map[int32]bool{}
+	for _, img := range imgs {
+		for _, fd := range img.fds.Fds {
+			if t.files.entries[fd.FileId-1].Type == "userfaultfd" {
+				if holders[fd.FileId] == nil {
+					holders[fd.FileId] = map[int32]bool{}
+				}
+				holders[fd.FileId][img.fds.Pid] = true
+			}
+		}
+	}
+	for _, img := range imgs {
+		pid := img.fds.Pid
+		var own []int32
+		for _, fd := range img.fds.Fds {
+			if id := fd.FileId; t.files.entries[id-1].Type == "userfaultfd" {
+				if len(holders[id]) > 1 {
+					return fmt.Errorf("fd %d of %d: a userfaultfd held by %d processes: %w", fd.Fd, pid, len(holders[id]), ErrUnsupported)
+				}
+				if !slices.Contains(own, int32(id)) {
+					own = append(own, int32(id))
+				}
+			}
+		}
+		tracked := len(t.files.staleTrackers[int(pid)]) > 0
+		for _, v := range img.mm.Vmas {
+			switch {
+			case v.UffdModes == 0:
+			case len(own) == 0 && v.UffdModes&^uffdWP == 0:
+				v.UffdModes, v.UffdWp = 0, nil // ferry's tracker
+			case len(own) == 0:
+				return fmt.Errorf("process %d: memory at %#x is registered with a userfaultfd the process holds no descriptor of: %w", pid, v.Start, ErrUnsupported)
+			case len(own) > 1:
+				return fmt.Errorf("process %d: memory at %#x is registered with one of its %d userfaultfds: %w", pid, v.Start, len(own), ErrUnsupported)
+			case tracked && v.UffdModes&uffdWP != 0:
+				return fmt.Errorf("process %d: memory at %#x is write-protected through its own userfaultfd and tracked by ferry's (pre-dump): %w", pid, v.Start, ErrUnsupported)
+			}
+		}
+	}
+	return nil
 }
 
 // unsupported marks an error of another package as ErrUnsupported

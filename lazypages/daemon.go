@@ -539,8 +539,8 @@ func mixed(opts Options, pid int, stats *Stats, chain *images.PageChain) (Source
 // Lazy reports whether a VMA's pages are served by the daemon: private
 // anonymous memory (anonymous mappings, heap, stacks).
 func Lazy(v *pb.Vma) bool {
-	if v.Flags&unix.MAP_SHARED != 0 {
-		return false
+	if v.Flags&unix.MAP_SHARED != 0 || v.UffdModes != 0 {
+		return false // shared, or the process's own userfaultfd's
 	}
 	switch v.Kind {
 	case "anon", "heap", "stack":

@@ -17,6 +17,7 @@ import (
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/uffd"
 )
 
 // Trampoline region: one code page with "syscall; int3", then scratch
@@ -49,6 +50,9 @@ type builder struct {
 	// ferryPidfd is the process's pidfd of ferry while it takes files
 	// ferry holds (take), 0 when none.
 	ferryPidfd uint64
+	// uffd is ferry's copy of the process's own userfaultfd until its
+	// memory is registered with it (registerUffd).
+	uffd *uffd.FD
 }
 
 func (b *builder) tids() []int {
@@ -104,6 +108,9 @@ func (b *builder) build(ctx context.Context) error {
 		{"timers", b.restoreTimers},
 		{"pending signals", b.restorePending},
 		{"creds", b.restoreCreds},
+		// Last: from here faults in that memory go to the process's
+		// own handler.
+		{"userfaultfd", b.registerUffd},
 	}
 	for _, s := range steps {
 		if err := ctx.Err(); err != nil {

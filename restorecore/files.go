@@ -12,6 +12,7 @@ import (
 
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/ptyq"
+	"github.com/ferrycr/ferry/uffd"
 )
 
 // restoreFiles opens every file object inside the target (remote openat,
@@ -179,6 +180,10 @@ func (b *builder) restoreFiles() error {
 		case "eventfd":
 			if fd, err = b.newEventfd(f, park); err != nil {
 				return 0, fmt.Errorf("fd %d (eventfd): %w", e.Fd, err)
+			}
+		case "userfaultfd":
+			if fd, err = b.newUserfaultfd(f, park); err != nil {
+				return 0, fmt.Errorf("fd %d (userfaultfd): %w", e.Fd, err)
 			}
 		case "ptmx", "pts":
 			if f.Tty == nil {
@@ -624,6 +629,65 @@ func (b *builder) setOwner(fd int, f *pb.FileEntry) error {
 }
 
 // newEventfd creates an eventfd with the dumped counter and flags.
+// newUserfaultfd makes the process's own userfaultfd: created inside it
+// (its context serves the process's memory) with the features it had.
+// Ferry keeps a copy (b.uffd) to register the memory with it at the end
+// of the build (registerUffd), once nothing of the restore touches that
+// memory any more.
+func (b *builder) newUserfaultfd(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
+	raw, err := b.sys(unix.SYS_USERFAULTFD, uint64(unix.O_CLOEXEC|f.Flags&unix.O_NONBLOCK))
+	if err != nil {
+		return 0, err
+	}
+	local, err := b.localFd(int(raw))
+	if err != nil {
+		return 0, err
+	}
+	u, err := uffd.Adopt(local, f.UffdFeatures)
+	if err != nil {
+		unix.Close(local)
+		return 0, err
+	}
+	if b.uffd != nil {
+		b.uffd.Close()
+	} else {
+		b.r.cleanup = append(b.r.cleanup, func() {
+			if b.uffd != nil {
+				b.uffd.Close()
+			}
+		})
+	}
+	b.uffd = u
+	return park(raw)
+}
+
+// registerUffd registers the memory that was registered with the
+// process's own userfaultfd, in the same modes, and write-protects again
+// the pages that were.
+func (b *builder) registerUffd() error {
+	if b.uffd == nil {
+		return nil
+	}
+	defer func() {
+		b.uffd.Close()
+		b.uffd = nil
+	}()
+	for _, v := range b.p.mm.Vmas {
+		if v.UffdModes == 0 {
+			continue
+		}
+		if _, err := b.uffd.Register(v.Start, v.End-v.Start, uint64(v.UffdModes)); err != nil {
+			return fmt.Errorf("VMA %#x, modes %#x: %w", v.Start, v.UffdModes, err)
+		}
+		for i := 0; i+1 < len(v.UffdWp); i += 2 {
+			if err := b.uffd.WriteProtect(v.UffdWp[i], v.UffdWp[i+1]-v.UffdWp[i], true); err != nil {
+				return fmt.Errorf("write-protect %#x-%#x: %w", v.UffdWp[i], v.UffdWp[i+1], err)
+			}
+		}
+	}
+	return nil
+}
+
 func (b *builder) newEventfd(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
 	flags := uint64(unix.EFD_CLOEXEC)
 	if f.EventfdSemaphore {

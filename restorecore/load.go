@@ -297,7 +297,7 @@ func validateFile(f *pb.FileEntry) error {
 		return nil
 	}
 	switch f.Type {
-	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts", "signalfd", "timerfd", "inotify", "fanotify", "pidfd", "nsfile", "devtty":
+	case "pipe", "eventfd", "epoll", "inet", "unix", "ptmx", "pts", "signalfd", "timerfd", "inotify", "fanotify", "userfaultfd", "pidfd", "nsfile", "devtty":
 		return nil
 	case "dir":
 		if f.DirDeleted {

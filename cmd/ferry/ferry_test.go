@@ -128,6 +128,19 @@ func dumpRestorePython(t *testing.T, script string, args ...string) (before, aft
 	return before, after
 }
 
+// startC builds and starts the C workload name (testdata/workloads) with
+// -r REPORT, and returns it with its first report, which must be ok.
+func startC(t *testing.T, name string) (*testutil.Workload, testutil.Report) {
+	t.Helper()
+	needRoot(t)
+	w := testutil.Start(t, "-r", testutil.BuildC(t, name))
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("%s before the dump: %v", name, before)
+	}
+	return w, before
+}
+
 func checkContinued(t *testing.T, before, after testutil.Report) {
 	t.Helper()
 	if after.Status != "ok" {

@@ -50,13 +50,7 @@ func TestDumpRestoreInetSockets(t *testing.T) {
 	// Listening TCP sockets (IPv4, and IPv6 taking v4-mapped clients) and a
 	// bound UDP socket, with options set: after restore the same process
 	// (same token) answers on the same ports, and checks its options.
-	needRoot(t)
-	bin := testutil.BuildC(t, "netserve")
-	w := testutil.Start(t, "-r", bin)
-	before := w.Report(t)
-	if before.Status != "ok" {
-		t.Fatalf("before the dump: %v", before)
-	}
+	w, before := startC(t, "netserve")
 	port := func(r testutil.Report, k string) string { return strconv.Itoa(int(r.Int(k))) }
 	v4 := net.JoinHostPort("127.0.0.1", port(before, "tcp4"))
 	mapped := net.JoinHostPort("127.0.0.1", port(before, "tcp6"))
@@ -506,13 +500,7 @@ func TestDumpRestorePty(t *testing.T) {
 	// termios, window size and packet mode set: after restore the process
 	// finds the same /dev/pts/N, settings and controlling terminal, and
 	// bytes flow both ways.
-	needRoot(t)
-	bin := testutil.BuildC(t, "ptycheck")
-	w := testutil.Start(t, "-r", bin)
-	before := w.Report(t)
-	if before.Status != "ok" {
-		t.Fatalf("before the dump: %v", before)
-	}
+	w, before := startC(t, "ptycheck")
 	r := dumpRestore(t, w)
 	after := r.Report(t)
 	checkContinued(t, before, after)

@@ -70,13 +70,7 @@ func TestDumpRestoreSharedFdTable(t *testing.T) {
 	// working directory, as before. Two siblings share a table of their
 	// own (the second cloned by the first with CLONE_PARENT): it stays
 	// theirs.
-	needRoot(t)
-	bin := testutil.BuildC(t, "fdshare")
-	w := testutil.Start(t, "-r", bin)
-	before := w.Report(t)
-	if before.Status != "ok" {
-		t.Fatalf("before: %v", before)
-	}
+	w, before := startC(t, "fdshare")
 	treePids(t, before)
 	r := dumpRestore(t, w)
 	defer r.Kill()
@@ -228,4 +222,16 @@ func TestDumpRestoreTreeDeadLeaders(t *testing.T) {
 	// comes back with its parent, session and group, made through
 	// helper processes that are gone once the restore is done.
 	treeCheckAcross(t, "tree3.py")
+}
+
+func TestDumpRestoreOwnUserfaultfd(t *testing.T) {
+	// A process serving its own memory through a userfaultfd (a handler
+	// thread): missing pages are still served by its handler after the
+	// restore, write-protected pages still fault, others do not, and the
+	// userfaultfd keeps its features.
+	w, before := startC(t, "uffdself")
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
 }

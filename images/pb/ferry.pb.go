@@ -1780,7 +1780,13 @@ type Vma struct {
 	AioHead uint32 `protobuf:"varint,15,opt,name=aio_head,json=aioHead,proto3" json:"aio_head,omitempty"`
 	AioTail uint32 `protobuf:"varint,16,opt,name=aio_tail,json=aioTail,proto3" json:"aio_tail,omitempty"`
 	// The SysV segment itself (sysv), to make it again where it is gone.
-	SysvSeg       *SysvShm `protobuf:"bytes,17,opt,name=sysv_seg,json=sysvSeg,proto3" json:"sysv_seg,omitempty"`
+	SysvSeg *SysvShm `protobuf:"bytes,17,opt,name=sysv_seg,json=sysvSeg,proto3" json:"sysv_seg,omitempty"`
+	// Registered with the process's own userfaultfd (smaps "um", "uw",
+	// "ui"): UFFDIO_REGISTER_MODE_MISSING (1), _WP (2), _MINOR (4).
+	UffdModes uint32 `protobuf:"varint,18,opt,name=uffd_modes,json=uffdModes,proto3" json:"uffd_modes,omitempty"`
+	// In a _WP registration: the write-protected pages (pagemap bit 57),
+	// [start, end) pairs, protected again after the restore.
+	UffdWp        []uint64 `protobuf:"varint,19,rep,packed,name=uffd_wp,json=uffdWp,proto3" json:"uffd_wp,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1930,6 +1936,20 @@ func (x *Vma) GetAioTail() uint32 {
 func (x *Vma) GetSysvSeg() *SysvShm {
 	if x != nil {
 		return x.SysvSeg
+	}
+	return nil
+}
+
+func (x *Vma) GetUffdModes() uint32 {
+	if x != nil {
+		return x.UffdModes
+	}
+	return 0
+}
+
+func (x *Vma) GetUffdWp() []uint64 {
+	if x != nil {
+		return x.UffdWp
 	}
 	return nil
 }
@@ -2242,7 +2262,10 @@ type FileEntry struct {
 	OwnerPid  int32 `protobuf:"varint,35,opt,name=owner_pid,json=ownerPid,proto3" json:"owner_pid,omitempty"`
 	OwnerSig  int32 `protobuf:"varint,36,opt,name=owner_sig,json=ownerSig,proto3" json:"owner_sig,omitempty"`
 	// A fanotify group: its fanotify_init flags and its marks.
-	Fanotify      *Fanotify `protobuf:"bytes,37,opt,name=fanotify,proto3" json:"fanotify,omitempty"`
+	Fanotify *Fanotify `protobuf:"bytes,37,opt,name=fanotify,proto3" json:"fanotify,omitempty"`
+	// "userfaultfd": the features its UFFDIO_API handshake got; the
+	// process's VMAs registered with it carry uffd_modes.
+	UffdFeatures  uint64 `protobuf:"varint,38,opt,name=uffd_features,json=uffdFeatures,proto3" json:"uffd_features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2534,6 +2557,13 @@ func (x *FileEntry) GetFanotify() *Fanotify {
 		return x.Fanotify
 	}
 	return nil
+}
+
+func (x *FileEntry) GetUffdFeatures() uint64 {
+	if x != nil {
+		return x.UffdFeatures
+	}
+	return 0
 }
 
 // InotifyWatch is one watch of an inotify fd: what it watches (found from
@@ -4611,7 +4641,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\bctty_pts\x18\x1a \x01(\x05R\acttyPts\x12\x17\n" +
 	"\actty_fg\x18\x1b \x01(\x05R\x06cttyFg\x12*\n" +
 	"\x11files_shared_with\x18\x1c \x01(\x05R\x0ffilesSharedWith\x12$\n" +
-	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\"\xa5\x03\n" +
+	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\"\xdd\x03\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
@@ -4630,7 +4660,10 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x06aio_nr\x18\x0e \x01(\rR\x05aioNr\x12\x19\n" +
 	"\baio_head\x18\x0f \x01(\rR\aaioHead\x12\x19\n" +
 	"\baio_tail\x18\x10 \x01(\rR\aaioTail\x120\n" +
-	"\bsysv_seg\x18\x11 \x01(\v2\x15.ferry.images.SysvShmR\asysvSeg\"\x81\x01\n" +
+	"\bsysv_seg\x18\x11 \x01(\v2\x15.ferry.images.SysvShmR\asysvSeg\x12\x1d\n" +
+	"\n" +
+	"uffd_modes\x18\x12 \x01(\rR\tuffdModes\x12\x17\n" +
+	"\auffd_wp\x18\x13 \x03(\x04R\x06uffdWp\"\x81\x01\n" +
 	"\aSysvShm\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x12\n" +
 	"\x04mode\x18\x02 \x01(\rR\x04mode\x12\x10\n" +
@@ -4657,7 +4690,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\x82\t\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xa7\t\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -4699,7 +4732,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"owner_type\x18\" \x01(\x05R\townerType\x12\x1b\n" +
 	"\towner_pid\x18# \x01(\x05R\bownerPid\x12\x1b\n" +
 	"\towner_sig\x18$ \x01(\x05R\bownerSig\x122\n" +
-	"\bfanotify\x18% \x01(\v2\x16.ferry.images.FanotifyR\bfanotify\"r\n" +
+	"\bfanotify\x18% \x01(\v2\x16.ferry.images.FanotifyR\bfanotify\x12#\n" +
+	"\ruffd_features\x18& \x01(\x04R\fuffdFeatures\"r\n" +
 	"\fInotifyWatch\x12\x0e\n" +
 	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
 	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
