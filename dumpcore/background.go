@@ -170,25 +170,32 @@ func demote(dir, name, parent string) error {
 	return images.WriteAll(to, "inventory.img", images.KindInventory, &inv)
 }
 
-// dropTracker takes the dirty tracker the final dump kept out of the
-// running process (removeTrackers) and clears it from the inventory.
+// dropTracker takes the dirty trackers the final dump kept out of the
+// running processes (removeTrackers) and clears them from the inventory.
 func dropTracker(opts Options, dir string) error {
 	var inv pb.Inventory
 	if err := images.ReadOne(dir, "inventory.img", images.KindInventory, &inv); err != nil {
 		return err
 	}
-	if inv.TrackerFd <= 0 {
-		return nil
+	refs := inv.Trackers
+	if inv.TrackerFd > 0 {
+		refs = append([]*pb.TrackerRef{{Pid: int32(opts.Pid), Fd: inv.TrackerFd, Ino: inv.TrackerIno}}, refs...)
 	}
-	if info, err := proc.ReadFdInfo(opts.Pid, int(inv.TrackerFd)); err != nil || info.Ino != inv.TrackerIno {
-		return nil // the program closed it
+	if len(refs) == 0 {
+		return nil
 	}
 	tr := ptrace.NewThread()
 	defer tr.Close()
-	err := tr.Do(func() error { return removeTrackers(opts, opts.Logger, []int{int(inv.TrackerFd)}) })
-	if err != nil {
-		return fmt.Errorf("removing the dirty tracker from %d: %w", opts.Pid, err)
+	for _, ref := range refs {
+		if info, err := proc.ReadFdInfo(int(ref.Pid), int(ref.Fd)); err != nil || info.Ino != ref.Ino {
+			continue // the program closed it, or the process is gone
+		}
+		o := opts
+		o.Pid = int(ref.Pid)
+		if err := tr.Do(func() error { return removeTrackers(o, opts.Logger, []int{int(ref.Fd)}) }); err != nil {
+			return fmt.Errorf("removing the dirty tracker from %d: %w", ref.Pid, err)
+		}
 	}
-	inv.TrackerFd, inv.TrackerIno = 0, 0
+	inv.TrackerFd, inv.TrackerIno, inv.Trackers = 0, 0, nil
 	return images.WriteAll(dir, "inventory.img", images.KindInventory, &inv)
 }

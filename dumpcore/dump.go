@@ -171,13 +171,8 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 		if !opts.LeaveRunning || opts.LeaveStopped || opts.PreDump || opts.LazyServe != nil {
 			return nil, errors.New("VMA flags read before the freeze need a dump that leaves the process running")
 		}
-		vmas, err := proc.ReadSmaps(opts.Pid)
-		if err != nil {
+		if err := t.readEarlyFlags(); err != nil {
 			return nil, err
-		}
-		d.early = map[vmaKey][]string{}
-		for _, v := range vmas {
-			d.early[keyOf(&v)] = v.VmFlags
 		}
 	}
 	var res *Result

@@ -39,6 +39,9 @@ type tree struct {
 	locked string
 	// ptyTaken: the ptys' queues were read out (takePtyQueues).
 	ptyTaken bool
+	// early holds each process's VMA flags read before the freeze
+	// (readEarlyFlags), by PID.
+	early map[int]map[vmaKey][]string
 }
 
 func newTree(opts Options) *tree {
@@ -60,7 +63,46 @@ func newTree(opts Options) *tree {
 func (t *tree) newDumper(pid int) *dumper {
 	o := t.opts
 	o.Pid = pid
-	return &dumper{opts: o, log: t.log, stats: t.stats, t: t, files: t.files}
+	return &dumper{opts: o, log: t.log, stats: t.stats, t: t, files: t.files, early: t.early[pid]}
+}
+
+// readEarlyFlags reads the VMA flags of the root and its descendants
+// before the freeze (Options.FlagsBeforeFreeze): smaps walks every page
+// table, too slow for a frozen tree. A process born since reads its own
+// while frozen.
+func (t *tree) readEarlyFlags() error {
+	t.early = map[int]map[vmaKey][]string{}
+	pids := []int{t.root}
+	for i := 0; i < len(pids); i++ {
+		pids = append(pids, proc.Children(pids[i])...)
+	}
+	for _, pid := range pids {
+		vmas, err := proc.ReadSmaps(pid)
+		if err != nil {
+			if pid == t.root {
+				return err
+			}
+			continue // gone meanwhile
+		}
+		m := make(map[vmaKey][]string, len(vmas))
+		for i := range vmas {
+			m[keyOf(&vmas[i])] = vmas[i].VmFlags
+		}
+		t.early[pid] = m
+	}
+	t.procs[0].early = t.early[t.root]
+	return nil
+}
+
+// flagsMoved tells whether a VMA flag read before the freeze may differ
+// from the one at the freeze, in any process (dumper.flagsMoved).
+func (t *tree) flagsMoved() (bool, error) {
+	for _, d := range t.procs {
+		if moved, err := d.flagsMoved(); moved || err != nil {
+			return moved, err
+		}
+	}
+	return false, nil
 }
 
 // freeze seizes every thread of the root, then of its children, and so
@@ -135,28 +177,6 @@ func (t *tree) pin() func() {
 // single tells whether the tree is one process.
 func (t *tree) single() bool { return len(t.procs) == 1 && len(t.zombies) == 0 }
 
-// checkShape refuses what this dump cannot do with a tree of several
-// processes, and arrangements of sessions and groups the restore cannot
-// make again.
-func (t *tree) checkShape() error {
-	if t.single() {
-		return nil
-	}
-	switch o := t.opts; {
-	case o.FlagsBeforeFreeze:
-		var pids []int
-		for _, d := range t.procs[1:] {
-			pids = append(pids, d.opts.Pid)
-		}
-		for _, z := range t.zombies {
-			pids = append(pids, z.Pid)
-		}
-		return fmt.Errorf("process %d has descendants %v: %w (background snapshots take one process)",
-			t.root, pids, ErrUnsupported)
-	}
-	return nil
-}
-
 // run dumps the tree: freeze, collect, write, then kill it (or let it go).
 func (t *tree) run(ctx context.Context) (*Result, error) {
 	start := time.Now()
@@ -184,9 +204,6 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 	}()
 	defer t.pin()()
 	defer t.files.closePtyMasters()
-	if err := t.checkShape(); err != nil {
-		return nil, err
-	}
 	t0 := time.Now()
 	for _, d := range t.procs {
 		if err := d.prepare(); err != nil {
@@ -226,7 +243,7 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		if err := t.release(frozenAt); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
-		moved, err := root.flagsMoved()
+		moved, err := t.flagsMoved()
 		if err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}

@@ -11,10 +11,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/dumpcore"
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
@@ -145,4 +147,53 @@ func TestBackgroundSnapshotCLI(t *testing.T) {
 	r := testutil.Attach(t, w.Pid, w.ReportPath)
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
+}
+
+func TestBackgroundSnapshotTree(t *testing.T) {
+	// A background snapshot of a tree: every process runs on, with no
+	// dirty tracker left in it; the tree restored from the snapshot is
+	// the same tree (PIDs, sessions, groups, zombie, what its processes
+	// share) and checks itself.
+	w := startSelfCheck(t, "tree.py")
+	before := w.Report(t)
+	pids := treePids(t, before)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--background", "-v4", "-o", "dump.log")
+	for _, pid := range append([]int{w.Pid}, pids...) {
+		st, err := proc.ReadStat(pid)
+		if err != nil {
+			t.Fatalf("process %d is gone after the snapshot", pid)
+		}
+		if st.State == 't' || st.State == 'T' {
+			t.Fatalf("process %d is stopped (%c) after the snapshot", pid, st.State)
+		}
+		fds, _ := os.ReadDir(proc.Path(pid, "fd"))
+		for _, fd := range fds {
+			if l, _ := os.Readlink(proc.Path(pid, "fd/"+fd.Name())); l == "anon_inode:[userfaultfd]" {
+				t.Fatalf("process %d keeps a dirty tracker at fd %s", pid, fd.Name())
+			}
+		}
+	}
+	if after := w.Report(t); after.Int("seq") <= before.Int("seq") && after.Int("counter") <= before.Int("counter") {
+		t.Fatalf("the root does not run on: %v", after)
+	}
+	w.Kill()
+	for _, pid := range pids {
+		unix.Kill(pid, unix.SIGKILL)
+	}
+	if !waitFor(5*time.Second, func() bool {
+		for _, pid := range append([]int{w.Pid}, pids...) {
+			if testutil.PidAlive(pid) {
+				return false
+			}
+		}
+		return true
+	}) {
+		t.Fatal("the tree did not end")
+	}
+	mustFerry(t, "restore", "-D", img, "-d", "-v4", "-o", "restore.log")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
 }
