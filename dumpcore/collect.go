@@ -449,7 +449,7 @@ func (d *dumper) inventory(img *imageSet) (*pb.Inventory, error) {
 // write writes the process's own image files: core, mm, fdinfo, pagemap.
 func (d *dumper) write(img *imageSet) error {
 	dir := d.opts.ImagesDir
-	pid := d.opts.Pid
+	pid := int(img.core.Pid) // as the tree sees it (translatePids)
 	if err := images.WriteAll(dir, images.CoreName(pid), images.KindCore, img.core); err != nil {
 		return err
 	}
@@ -467,7 +467,7 @@ func (d *dumper) write(img *imageSet) error {
 func (d *dumper) writePagemap(img *imageSet) error {
 	img.pagemap = withParentRuns(img.pagemap, img.gaps, img.parentPages, d.stats)
 	img.gaps = nil
-	name := fmt.Sprintf("pagemap-%d.img", d.opts.Pid)
+	name := fmt.Sprintf("pagemap-%d.img", img.mm.Pid) // as the tree sees it
 	w, err := images.Create(d.opts.ImagesDir, name, images.KindPagemap)
 	if err != nil {
 		return err

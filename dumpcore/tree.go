@@ -42,6 +42,11 @@ type tree struct {
 	// early holds each process's VMA flags read before the freeze
 	// (readEarlyFlags), by PID.
 	early map[int]map[vmaKey][]string
+	// A PID namespace of the tree's own (pidns.go): its name, each
+	// task's PID there, and each process's group and session there.
+	pidNs   string
+	vpids   map[int]int
+	vgroups map[int][2]int32
 }
 
 func newTree(opts Options) *tree {
@@ -211,6 +216,9 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		}
 	}
 	t.log.Debug("prepared", "took", time.Since(t0))
+	if err := t.pidNamespace(); err != nil {
+		return nil, err
+	}
 	t0 = time.Now()
 	for _, d := range t.procs[1:] {
 		if root.parent != nil {
@@ -278,15 +286,17 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	if t.opts.LazyServe != nil {
-		inTree := map[int]bool{}
+		// Asked for by the images' PIDs (vpid).
+		inTree := map[int]int{}
 		for _, d := range t.procs {
-			inTree[d.opts.Pid] = true
+			inTree[int(t.vpid(d.opts.Pid))] = d.opts.Pid
 		}
 		read := func(pid int, vaddr uint64, buf []byte) error {
-			if !inTree[pid] {
+			here, ok := inTree[pid]
+			if !ok {
 				return fmt.Errorf("process %d is not in this dump", pid)
 			}
-			return compel.ReadMem(pid, []compel.Segment{{Addr: vaddr, Local: buf}})
+			return compel.ReadMem(here, []compel.Segment{{Addr: vaddr, Local: buf}})
 		}
 		if err := t.opts.LazyServe(read); err != nil {
 			return nil, fmt.Errorf("serving pages to the lazy-pages daemon: %w (the process is resumed)", err)
@@ -493,6 +503,7 @@ func (e unsupported) Unwrap() []error { return []error{e.error, ErrUnsupported} 
 // write writes the image files: the tree's (inventory, pstree, files,
 // ghosts), then each process's.
 func (t *tree) write(imgs []*imageSet) error {
+	t.translatePids(imgs)
 	dir := t.opts.ImagesDir
 	if err := images.WriteAll(dir, images.InventoryName, images.KindInventory, imgs[0].inv); err != nil {
 		return err
@@ -555,8 +566,11 @@ func (t *tree) kill() {
 		unix.Kill(d.opts.Pid, unix.SIGKILL)
 	}
 	// A leader's exit is reported only after every other thread's, so
-	// wait for the others first.
-	for _, d := range t.procs {
+	// wait for the others first; and children before parents: the init of
+	// a PID namespace exits only once the other processes in it have
+	// been reaped (here, as their tracer).
+	for j := len(t.procs) - 1; j >= 0; j-- {
+		d := t.procs[j]
 		for i := len(d.threads) - 1; i >= 0; i-- {
 			for {
 				st, err := ptrace.Wait(d.threads[i].tid)

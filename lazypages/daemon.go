@@ -115,7 +115,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 			return fmt.Errorf("lazy-pages: accept: %w", err)
 		}
 		defer conn.Close()
-		pid, fd, fill, err := recvHandover(conn, opts, log)
+		pid, osPid, fd, fill, err := recvHandover(conn, opts, log)
 		if err != nil || fill {
 			return err
 		}
@@ -129,7 +129,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 			}
 			preps[pid] = p
 		}
-		c := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend, pid: pid, src: p.src, main: true}
+		c := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend, pid: pid, osPid: osPid, src: p.src, main: true}
 		s.clients = append(s.clients, c)
 		s.handovers--
 		if _, err := conn.Write([]byte{0}); err != nil {
@@ -265,12 +265,13 @@ type client struct {
 	u    *uffd.FD
 	pend pending
 	name string
-	// pid names the process whose pages these are, in src; main: a
-	// restored process (not a child it forked during post-copy), which
-	// must not exit before its memory is all there.
-	pid  int
-	src  Source
-	main bool
+	// pid names the process whose pages these are, in src (its PID in
+	// the images), osPid the process here; main: a restored process (not
+	// a child it forked during post-copy), which must not exit before
+	// its memory is all there.
+	pid, osPid int
+	src        Source
+	main       bool
 	// retry holds faults that could not be served yet (EAGAIN while the
 	// address space was changing); they are served again each round.
 	retry []uffd.Msg
@@ -484,7 +485,7 @@ func (s *server) loop(ctx context.Context) error {
 		var live []*client
 		for i, c := range s.clients {
 			if c.main {
-				if unix.Kill(c.pid, 0) != nil {
+				if unix.Kill(c.osPid, 0) != nil {
 					return fmt.Errorf("process %d exited during post-copy", c.pid)
 				}
 				live = append(live, c)
@@ -549,17 +550,19 @@ func Lazy(v *pb.Vma) bool {
 	return false
 }
 
-// Handover passes the userfaultfd of process pid to the daemon listening
-// at socket and waits for it to take over.
-func Handover(socket string, pid, fd int) error {
+// Handover passes the userfaultfd of process pid (its PID in the images;
+// osPid here) to the daemon listening at socket and waits for it to take
+// over.
+func Handover(socket string, pid, osPid, fd int) error {
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
 	if err != nil {
 		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
 	}
 	defer c.Close()
-	msg := make([]byte, len(magic)+4)
+	msg := make([]byte, len(magic)+8)
 	copy(msg, magic)
 	binary.LittleEndian.PutUint32(msg[len(magic):], uint32(pid))
+	binary.LittleEndian.PutUint32(msg[len(magic)+4:], uint32(osPid))
 	if _, _, err := c.WriteMsgUnix(msg, unix.UnixRights(fd), nil); err != nil {
 		return fmt.Errorf("hand over to the lazy-pages daemon: %w", err)
 	}
@@ -577,48 +580,50 @@ func Handover(socket string, pid, fd int) error {
 
 // recvHandover reads a restore's message: a fill request (answered here)
 // or the handover of a userfaultfd.
-func recvHandover(c *net.UnixConn, opts Options, log *slog.Logger) (pid, fd int, fill bool, err error) {
+func recvHandover(c *net.UnixConn, opts Options, log *slog.Logger) (pid, osPid, fd int, fill bool, err error) {
 	buf := make([]byte, 64<<10)
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 	if err != nil {
-		return 0, -1, false, fmt.Errorf("lazy-pages: read handover: %w", err)
+		return 0, 0, -1, false, fmt.Errorf("lazy-pages: read handover: %w", err)
 	}
-	if n >= len(fillMagic)+4 && string(buf[:len(fillMagic)]) == fillMagic {
+	if n >= len(fillMagic)+8 && string(buf[:len(fillMagic)]) == fillMagic {
 		err := serveFill(c, buf[:n], opts)
 		if err != nil {
 			log.Error("lazy-pages: fill request failed", "err", err)
 			c.Write([]byte(err.Error()))
-			return 0, -1, true, nil
+			return 0, 0, -1, true, nil
 		}
 		c.Write([]byte{0})
-		return 0, -1, true, nil
+		return 0, 0, -1, true, nil
 	}
-	if n != len(magic)+4 || string(buf[:len(magic)]) != magic {
-		return 0, -1, false, fmt.Errorf("lazy-pages: bad handover message")
+	if n != len(magic)+8 || string(buf[:len(magic)]) != magic {
+		return 0, 0, -1, false, fmt.Errorf("lazy-pages: bad handover message")
 	}
 	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 	if err != nil || len(msgs) != 1 {
-		return 0, -1, false, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
+		return 0, 0, -1, false, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
 	}
 	fds, err := unix.ParseUnixRights(&msgs[0])
 	if err != nil || len(fds) != 1 {
-		return 0, -1, false, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
+		return 0, 0, -1, false, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
 	}
-	return int(binary.LittleEndian.Uint32(buf[len(magic):])), fds[0], false, nil
+	le := binary.LittleEndian
+	return int(le.Uint32(buf[len(magic):])), int(le.Uint32(buf[len(magic)+4:])), fds[0], false, nil
 }
 
 const fillMagic = "FERRYLZF"
 
 // serveFill writes pages the restore needs filled eagerly (mappings
-// userfaultfd cannot serve) into the process: pid u32, then (vaddr u64,
-// len u64) pairs.
+// userfaultfd cannot serve) into the process: pid u32 (in the images),
+// its PID here u32, then (vaddr u64, len u64) pairs.
 func serveFill(c *net.UnixConn, msg []byte, opts Options) error {
 	if opts.Remote == nil {
 		return errors.New("fill requests need --page-server (local pages are read by the restore itself)")
 	}
 	pid := int(binary.LittleEndian.Uint32(msg[len(fillMagic):]))
-	body := msg[len(fillMagic)+4:]
+	osPid := int(binary.LittleEndian.Uint32(msg[len(fillMagic)+4:]))
+	body := msg[len(fillMagic)+8:]
 	buf := make([]byte, prefetchChunk)
 	for ; len(body) >= 16; body = body[16:] {
 		va, n := binary.LittleEndian.Uint64(body), binary.LittleEndian.Uint64(body[8:])
@@ -627,7 +632,7 @@ func serveFill(c *net.UnixConn, msg []byte, opts Options) error {
 			if err := opts.Remote.Read(pid, va+off, part); err != nil {
 				return err
 			}
-			if err := compel.WriteMem(pid, []compel.Segment{{Addr: va + off, Local: part}}); err != nil {
+			if err := compel.WriteMem(osPid, []compel.Segment{{Addr: va + off, Local: part}}); err != nil {
 				return err
 			}
 		}
@@ -636,8 +641,9 @@ func serveFill(c *net.UnixConn, msg []byte, opts Options) error {
 }
 
 // Fill asks the daemon at socket to write the given page ranges of pid
-// (from its page source) into the process, and waits until it has.
-func Fill(socket string, pid int, ranges [][2]uint64) error {
+// (from its page source; osPid here) into the process, and waits until it
+// has.
+func Fill(socket string, pid, osPid int, ranges [][2]uint64) error {
 	if len(ranges) == 0 {
 		return nil
 	}
@@ -646,9 +652,10 @@ func Fill(socket string, pid int, ranges [][2]uint64) error {
 		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
 	}
 	defer c.Close()
-	msg := make([]byte, len(fillMagic)+4, len(fillMagic)+4+16*len(ranges))
+	msg := make([]byte, len(fillMagic)+8, len(fillMagic)+8+16*len(ranges))
 	copy(msg, fillMagic)
 	binary.LittleEndian.PutUint32(msg[len(fillMagic):], uint32(pid))
+	binary.LittleEndian.PutUint32(msg[len(fillMagic)+4:], uint32(osPid))
 	for _, r := range ranges {
 		msg = binary.LittleEndian.AppendUint64(msg, r[0])
 		msg = binary.LittleEndian.AppendUint64(msg, r[1]-r[0])

@@ -32,8 +32,10 @@ var trampCode = []byte{0x0f, 0x05, 0xcc} // syscall; int3
 
 // builder restores one process.
 type builder struct {
-	r   *restorer
-	p   *procImage
+	r *restorer
+	p *procImage
+	// pid is the process's PID here (in ferry's PID namespace); its
+	// images' (b.p.pstree.Pid) is the one it sees itself.
 	pid int
 	// ctty is set while files are restored, taken once the session exists.
 	ctty *ctty

@@ -22,15 +22,18 @@ func (b *builder) restoreFiles() error {
 	if b.p.core.FilesSharedWith != 0 {
 		return nil // the parent's table, restored with the parent
 	}
-	if _, err := b.sys(unix.SYS_CLOSE_RANGE, 0, ^uint64(0)>>32, 0); err != nil {
-		return err
-	}
 	fds := append([]*pb.FdEntry(nil), b.p.fds.Fds...)
 	sort.Slice(fds, func(i, j int) bool { return fds[i].Fd < fds[j].Fd })
+	base := uint64(0)
+	if len(fds) > 0 {
+		base = uint64(fds[len(fds)-1].Fd) + 1
+	}
+	if err := b.clearFds(base); err != nil {
+		return err
+	}
 	if len(fds) == 0 {
 		return nil
 	}
-	base := uint64(fds[len(fds)-1].Fd) + 1
 	b.objFds = map[uint32]int{}
 	pipes := map[uint64][2]int{} // pipe inode -> parked read, write fds
 	pipeEndTaken := map[[2]uint64]bool{}
@@ -97,7 +100,7 @@ func (b *builder) restoreFiles() error {
 		return err
 	}
 	defer b.dropFerryPidfd()
-	if len(b.r.held) > 0 || len(b.r.heldPipes) > 0 {
+	if (len(b.r.held) > 0 || len(b.r.heldPipes) > 0) && b.ferryPidfd == 0 {
 		// Parked like the rest: opened where it falls, it could take a
 		// number a file is about to be placed at.
 		raw, err := b.sys(unix.SYS_PIDFD_OPEN, uint64(os.Getpid()), 0)
@@ -629,6 +632,35 @@ func (b *builder) setOwner(fd int, f *pb.FileEntry) error {
 }
 
 // newEventfd creates an eventfd with the dumped counter and flags.
+// clearFds closes every fd of the process, but, in a new PID namespace,
+// ferry's pidfd (see seedFerryPidfd), which it moves to base or above.
+func (b *builder) clearFds(base uint64) error {
+	if !b.r.is.inv.PidNs {
+		b.ferryPidfd = 0 // closed with the rest, if memory took one
+		_, err := b.sys(unix.SYS_CLOSE_RANGE, 0, ^uint64(0)>>32, 0)
+		return err
+	}
+	src := b.ferryPidfd
+	if src == 0 {
+		src = seedFerryPidfd
+	}
+	fd, err := b.sys(unix.SYS_FCNTL, src, unix.F_DUPFD_CLOEXEC, base)
+	if err != nil {
+		return fmt.Errorf("move ferry's pidfd %d above %d: %w", src, base, err)
+	}
+	if fd > 0 {
+		if _, err := b.sys(unix.SYS_CLOSE_RANGE, 0, fd-1, 0); err != nil {
+			return err
+		}
+	}
+	if _, err := b.sys(unix.SYS_CLOSE_RANGE, fd+1, ^uint64(0)>>32, 0); err != nil {
+		return err
+	}
+	b.ferryPidfd = fd
+	b.r.ferryFd[b.p.pstree.Pid] = fd
+	return nil
+}
+
 // newUserfaultfd makes the process's own userfaultfd: created inside it
 // (its context serves the process's memory) with the features it had.
 // Ferry keeps a copy (b.uffd) to register the memory with it at the end

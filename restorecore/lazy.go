@@ -84,5 +84,5 @@ func (b *builder) setupLazy() error {
 			return fmt.Errorf("VMA %#x-%#x: %w", v.Start, v.End, err)
 		}
 	}
-	return lazypages.Handover(b.r.opts.LazySocket, b.pid, u.Fd())
+	return lazypages.Handover(b.r.opts.LazySocket, int(b.p.pstree.Pid), b.pid, u.Fd())
 }

@@ -237,8 +237,12 @@ func (is *imageSet) validate(localXstate []byte) error {
 	if inv.PageSize != 0 && inv.PageSize != pageSize {
 		return refuse("image page size %d differs from this machine's %d", inv.PageSize, pageSize)
 	}
-	// PIDs and TIDs free.
+	// PIDs and TIDs free (in a PID namespace of the tree's own, made
+	// new, they are).
 	for _, p := range is.procs {
+		if inv.PidNs {
+			break
+		}
 		if p.zombie {
 			if busy, _ := tidInUse(int(p.pstree.Pid)); busy {
 				return refuse("PID %d (a zombie in the image) is in use", p.pstree.Pid)

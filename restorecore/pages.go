@@ -26,7 +26,7 @@ func (b *builder) fillPages() error {
 				}
 			}
 		}
-		return lazypages.Fill(b.r.opts.LazySocket, b.pid, eager)
+		return lazypages.Fill(b.r.opts.LazySocket, int(b.p.pstree.Pid), b.pid, eager)
 	}
 	var segs []compel.Segment
 	var total uint64

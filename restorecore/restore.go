@@ -153,6 +153,9 @@ type restorer struct {
 	// sysvMade are the SysV segments made again (makeSysv), sysvRemoved
 	// those of them to remove once the tree holds them.
 	sysvMade, sysvRemoved []int
+	// ferryFd: in a new PID namespace, where each fd table keeps ferry's
+	// pidfd (clearFds), by the image PID of the process that restored it.
+	ferryFd map[int32]uint64
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
@@ -191,7 +194,8 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	r.pin()
 
 	forkStart := time.Now()
-	seed, err := startSeed()
+	r.ferryFd = map[int32]uint64{}
+	seed, err := startSeed(r.is.inv.PidNs)
 	if err != nil {
 		return nil, err
 	}
@@ -231,7 +235,7 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		return nil, err
 	}
 	r.stats.ForkingTimeUs = uint64(time.Since(forkStart).Microseconds())
-	root := int(r.is.procs[0].pstree.Pid)
+	root := tasks[r.is.procs[0].pstree.Pid].Tid
 
 	for _, stage := range []string{"setup-namespaces", "post-setup-namespaces"} {
 		if err := r.action(stage, root); err != nil {
@@ -246,7 +250,7 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		if p.zombie {
 			continue
 		}
-		b := &builder{r: r, p: p, pid: int(p.pstree.Pid), main: tasks[p.pstree.Pid]}
+		b := &builder{r: r, p: p, pid: tasks[p.pstree.Pid].Tid, main: tasks[p.pstree.Pid]}
 		if err := b.build(ctx); err != nil {
 			return nil, err
 		}
@@ -260,6 +264,7 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	if err := r.sealMemfds(); err != nil {
 		return nil, err
 	}
+	r.dropFerryPidfds(builders)
 	// Every process is ready: let them go, children before parents.
 	res = &Result{Root: root}
 	for i := len(builders) - 1; i >= 0; i-- {
@@ -333,7 +338,9 @@ func cloneArgs(flags, exitSignal uint64, setTidAddr uint64) []byte {
 }
 
 // remoteClone runs clone3(set_tid=[want]) in t, using scratch memory at
-// argAddr, and returns the new task stopped and traced.
+// argAddr, and returns the new task stopped and traced. want is the PID in
+// the new task's PID namespace (1 with CLONE_NEWPID); the result is its
+// PID in ferry's.
 func remoteClone(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want int) (int, error) {
 	args := cloneArgs(flags, exitSignal, argAddr+cloneArgsSize)
 	binary.LittleEndian.PutUint32(args[cloneArgsSize:], uint32(want))
@@ -354,16 +361,21 @@ func remoteClone(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want 
 		}
 		return 0, err
 	}
-	if int(got) != want {
+	if newTid == 0 {
+		newTid = int(got) // no event: t is in ferry's PID namespace
+	}
+	if flags&unix.CLONE_NEWPID != 0 {
+		got = uint64(newTid) // seen from t, outside the new namespace
+		if v, err := proc.ReadStatus(newTid); err != nil || len(v.NSpid) == 0 || v.NSpid[len(v.NSpid)-1] != want {
+			return 0, fmt.Errorf("clone3 made %d, not PID %d of a new PID namespace (%v)", newTid, want, err)
+		}
+	} else if int(got) != want {
 		return 0, fmt.Errorf("clone3 returned %d, want %d", got, want)
 	}
-	if newTid != 0 && newTid != want {
-		return 0, fmt.Errorf("clone event for %d, want %d", newTid, want)
-	}
-	if err := waitStopped(want); err != nil {
+	if err := waitStopped(newTid); err != nil {
 		return 0, fmt.Errorf("new task %d: %w", want, err)
 	}
-	return want, nil
+	return newTid, nil
 }
 
 func leU64(b []byte) uint64 { return binary.LittleEndian.Uint64(b) }

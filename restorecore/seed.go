@@ -9,7 +9,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The seed is a tiny static ELF that closes its inherited fds and waits in
+// The seed is a tiny static ELF that closes its inherited fds (from
+// seedCode[1] on) and waits in
 // pause(2). Restored processes are remote clone3 children of it, so their
 // address space starts out holding almost nothing. Its code ends with the
 // "syscall; int3" gadget remote syscalls use until a process has its own
@@ -39,7 +40,8 @@ var seedCode = []byte{
 // seedGadget is the address of the seed's "syscall; int3".
 const seedGadget = seedBase + codeStart + 28
 
-func seedELF() []byte {
+// seedELF returns the seed, closing its fds from firstClosed on.
+func seedELF(firstClosed byte) []byte {
 	total := codeStart + len(seedCode)
 	b := make([]byte, total)
 	le := binary.LittleEndian
@@ -62,23 +64,40 @@ func seedELF() []byte {
 	le.PutUint64(p[40:], uint64(total)) // p_memsz
 	le.PutUint64(p[48:], 0x1000)        // p_align
 	copy(b[codeStart:], seedCode)
+	b[codeStart+1] = firstClosed
 	return b
 }
 
 // startSeed execs the seed from a memfd, untraced; the caller seizes it.
-func startSeed() (*exec.Cmd, error) {
+//
+// With ferryPidfd the seed also has a pidfd of ferry at fd 4
+// (seedFerryPidfd), for a tree in a PID namespace of its own.
+func startSeed(ferryPidfd bool) (*exec.Cmd, error) {
 	fd, err := unix.MemfdCreate("ferry-seed", unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, os.NewSyscallError("memfd_create", err)
 	}
 	f := os.NewFile(uintptr(fd), "ferry-seed")
 	defer f.Close()
-	if _, err := f.Write(seedELF()); err != nil {
+	firstClosed := byte(3)
+	if ferryPidfd {
+		firstClosed = seedFerryPidfd + 1
+	}
+	if _, err := f.Write(seedELF(firstClosed)); err != nil {
 		return nil, fmt.Errorf("write seed: %w", err)
 	}
 	cmd := exec.Command("/proc/self/fd/3")
 	cmd.Args = []string{"ferry-seed"}
 	cmd.ExtraFiles = []*os.File{f}
+	if ferryPidfd {
+		pfd, err := unix.PidfdOpen(os.Getpid(), 0)
+		if err != nil {
+			return nil, os.NewSyscallError("pidfd_open", err)
+		}
+		pf := os.NewFile(uintptr(pfd), "ferry-pidfd")
+		defer pf.Close()
+		cmd.ExtraFiles = append(cmd.ExtraFiles, pf)
+	}
 	cmd.Env = []string{}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start seed: %w", err)

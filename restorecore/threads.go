@@ -88,7 +88,7 @@ func (b *builder) threadState(t *compel.Task, tc *pb.ThreadCore) error {
 // restorePending queues the dumped pending signals again, with their
 // siginfo, while every signal is still blocked.
 func (b *builder) restorePending() error {
-	pid := uint64(b.pid)
+	pid := uint64(b.p.pstree.Pid) // as the process sees itself
 	for i, tc := range b.p.core.Threads {
 		for _, si := range tc.Pending {
 			a, err := b.put(0, si.Raw)

@@ -38,11 +38,13 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 	for _, s := range plan.Steps {
 		switch s.Op {
 		case treeplan.Clone:
-			from := seed
+			from, flags := seed, s.Flags
 			if s.From != 0 {
 				from = tasks[s.From]
+			} else if r.is.inv.PidNs {
+				flags |= unix.CLONE_NEWPID // the root, init of a new one
 			}
-			pid, err := remoteClone(from, stackScratch(from), s.Flags, uint64(s.ExitSignal), int(s.Pid))
+			pid, err := remoteClone(from, stackScratch(from), flags, uint64(s.ExitSignal), int(s.Pid))
 			if err != nil {
 				what := "process"
 				if s.Helper {
@@ -65,7 +67,7 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				return nil, fmt.Errorf("process %d: join group %d: %w", s.Pid, s.Pgid, err)
 			}
 		case treeplan.Exit:
-			if err := die(tasks[s.Pid], 0); err != nil {
+			if err := die(tasks[s.Pid], s.Pid, 0); err != nil {
 				return nil, fmt.Errorf("helper %d: %w", s.Pid, err)
 			}
 			delete(tasks, s.Pid)
@@ -79,7 +81,7 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 			continue
 		}
 		pt := p.pstree
-		if err := die(tasks[pt.Pid], p.core.ExitCode); err != nil {
+		if err := die(tasks[pt.Pid], pt.Pid, p.core.ExitCode); err != nil {
 			return nil, fmt.Errorf("zombie %d: %w", pt.Pid, err)
 		}
 		delete(tasks, pt.Pid)
@@ -108,9 +110,10 @@ func reap(parent *compel.Task, pid int32, sig unix.Signal) error {
 // the seed.
 func stackScratch(t *compel.Task) uint64 { return (t.Regs.Rsp - 4096) &^ 15 }
 
-// die ends t with the wait status status: exit_group for an exit, the
-// signal itself (no core file) for a death by signal.
-func die(t *compel.Task, status int32) error {
+// die ends t, which is pid in its PID namespace, with the wait status
+// status: exit_group for an exit, the signal itself (no core file) for a
+// death by signal.
+func die(t *compel.Task, pid, status int32) error {
 	sig := status & 0x7f
 	r := t.Regs
 	r.Rip = t.Gadget
@@ -131,7 +134,7 @@ func die(t *compel.Task, status int32) error {
 		if err := ptrace.SetSigmask(t.Tid, 0); err != nil {
 			return err
 		}
-		r.Rax, r.Rdi, r.Rsi = unix.SYS_KILL, uint64(t.Tid), uint64(sig)
+		r.Rax, r.Rdi, r.Rsi = unix.SYS_KILL, uint64(pid), uint64(sig)
 	}
 	if err := ptrace.SetRegs(t.Tid, &r); err != nil {
 		return err
@@ -264,6 +267,18 @@ func (r *restorer) dropHeld() {
 // take gives the process a copy of ferry's fd h and returns its number
 // there (close-on-exec).
 func (b *builder) take(h int) (uint64, error) {
+	if b.ferryPidfd == 0 && b.r.is.inv.PidNs {
+		// ferry is not in the process's PID namespace: the pidfd the
+		// seed was given, where the fd table has it.
+		b.ferryPidfd = seedFerryPidfd
+		if with := b.p.core.FilesSharedWith; with != 0 {
+			fd, ok := b.r.ferryFd[with]
+			if !ok {
+				return 0, fmt.Errorf("ferry's pidfd in the fd table of %d: not found", with)
+			}
+			b.ferryPidfd = fd
+		}
+	}
 	if b.ferryPidfd == 0 {
 		fd, err := b.sys(unix.SYS_PIDFD_OPEN, uint64(os.Getpid()), 0)
 		if err != nil {
@@ -274,11 +289,28 @@ func (b *builder) take(h int) (uint64, error) {
 	return b.sys(unix.SYS_PIDFD_GETFD, b.ferryPidfd, uint64(h), 0)
 }
 
-// dropFerryPidfd closes the process's pidfd of ferry.
+// dropFerryPidfd closes the process's pidfd of ferry; in a new PID
+// namespace it stays, for processes sharing the fd table, until
+// dropFerryPidfds.
 func (b *builder) dropFerryPidfd() {
-	if b.ferryPidfd != 0 {
+	if b.ferryPidfd != 0 && !b.r.is.inv.PidNs {
 		b.sys(unix.SYS_CLOSE, b.ferryPidfd)
 		b.ferryPidfd = 0
+	}
+}
+
+// seedFerryPidfd is where the seed, and every process cloned from it,
+// has a pidfd of ferry when the tree has a PID namespace of its own
+// (pidfd_open of ferry's PID cannot work from inside it).
+const seedFerryPidfd = 4
+
+// dropFerryPidfds closes, once every process is built, the pidfd of
+// ferry that each fd table of a new PID namespace kept (clearFds).
+func (r *restorer) dropFerryPidfds(builders []*builder) {
+	for _, b := range builders {
+		if fd, ok := r.ferryFd[b.p.pstree.Pid]; ok {
+			b.sys(unix.SYS_CLOSE, fd)
+		}
 	}
 }
 

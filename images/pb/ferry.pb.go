@@ -64,7 +64,10 @@ type Inventory struct {
 	NetworkLock string `protobuf:"bytes,16,opt,name=network_lock,json=networkLock,proto3" json:"network_lock,omitempty"`
 	// The dirty trackers left in the other processes of a tree (the root's
 	// is tracker_fd above).
-	Trackers      []*TrackerRef `protobuf:"bytes,17,rep,name=trackers,proto3" json:"trackers,omitempty"`
+	Trackers []*TrackerRef `protobuf:"bytes,17,rep,name=trackers,proto3" json:"trackers,omitempty"`
+	// The root is the init of a PID namespace of its own: every PID in the
+	// images is one of that namespace, and the restore makes a new one.
+	PidNs         bool `protobuf:"varint,18,opt,name=pid_ns,json=pidNs,proto3" json:"pid_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -216,6 +219,13 @@ func (x *Inventory) GetTrackers() []*TrackerRef {
 		return x.Trackers
 	}
 	return nil
+}
+
+func (x *Inventory) GetPidNs() bool {
+	if x != nil {
+		return x.PidNs
+	}
+	return false
 }
 
 type TrackerRef struct {
@@ -4453,7 +4463,7 @@ var File_images_ferry_proto protoreflect.FileDescriptor
 
 const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\x12images/ferry.proto\x12\fferry.images\"\xeb\x04\n" +
+	"\x12images/ferry.proto\x12\fferry.images\"\x82\x05\n" +
 	"\tInventory\x12!\n" +
 	"\fformat_major\x18\x01 \x01(\rR\vformatMajor\x12!\n" +
 	"\fformat_minor\x18\x02 \x01(\rR\vformatMinor\x12#\n" +
@@ -4478,7 +4488,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\vtracker_ino\x18\x0f \x01(\x04R\n" +
 	"trackerIno\x12!\n" +
 	"\fnetwork_lock\x18\x10 \x01(\tR\vnetworkLock\x124\n" +
-	"\btrackers\x18\x11 \x03(\v2\x18.ferry.images.TrackerRefR\btrackers\"@\n" +
+	"\btrackers\x18\x11 \x03(\v2\x18.ferry.images.TrackerRefR\btrackers\x12\x15\n" +
+	"\x06pid_ns\x18\x12 \x01(\bR\x05pidNs\"@\n" +
 	"\n" +
 	"TrackerRef\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x0e\n" +

@@ -261,6 +261,9 @@ type Status struct {
 	ShdPnd, SigPnd         uint64
 	State                  byte
 	Tgid                   int
+	// NSpid: the task's PID in each PID namespace it is in, from the one
+	// of this /proc to its own.
+	NSpid []int
 }
 
 // ReadStatus reads /proc/PID/status.
@@ -317,6 +320,14 @@ func ParseStatus(file string, b []byte) (Status, error) {
 			}
 		case "Tgid":
 			s.Tgid, err = strconv.Atoi(v)
+		case "NSpid":
+			for _, f := range strings.Fields(v) {
+				x, e := strconv.Atoi(f)
+				if e != nil {
+					err = e
+				}
+				s.NSpid = append(s.NSpid, x)
+			}
 		case "Uid":
 			ids(&s.Uid)
 		case "Gid":

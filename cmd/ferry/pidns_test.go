@@ -1,0 +1,131 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/internal/testutil"
+)
+
+// startInPidNs starts the selfcheck workload script as the init of a new
+// PID namespace (unshare --pid --fork) and returns the init, by its PID
+// here. The workload's own PIDs are the namespace's: never signal them
+// from here.
+func startInPidNs(t *testing.T, script string) *testutil.Workload {
+	t.Helper()
+	needRoot(t)
+	u := testutil.Start(t, "", "unshare", "--pid", "--fork", "--kill-child",
+		"python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", script))
+	kids := proc.Children(u.Pid)
+	if len(kids) != 1 {
+		t.Fatalf("unshare %d has children %v", u.Pid, kids)
+	}
+	return testutil.Attach(t, kids[0], u.ReportPath)
+}
+
+// restoreInPidNs restores the images in dir detached and returns the
+// restored root, by its PID here, after checking it is PID 1 of a PID
+// namespace of its own.
+func restoreInPidNs(t *testing.T, dir, reportPath string, args ...string) *testutil.Workload {
+	t.Helper()
+	pidfile := filepath.Join(t.TempDir(), "pid")
+	mustFerry(t, append([]string{"restore", "-D", dir, "-d", "--pidfile", pidfile, "-v4", "-o", "restore.log"}, args...)...)
+	b, err := os.ReadFile(pidfile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	r := testutil.Attach(t, root, reportPath)
+	if ns := nsPids(t, root); len(ns) != 2 || ns[1] != 1 {
+		t.Fatalf("restored root %d has PIDs %v, want PID 1 of a namespace of its own", root, ns)
+	}
+	return r
+}
+
+// nsPids returns pid's PIDs from ferry's namespace inward (NSpid).
+func nsPids(t *testing.T, pid int) []int {
+	t.Helper()
+	st, err := proc.ReadStatus(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.NSpid
+}
+
+func TestDumpRestorePidNamespace(t *testing.T) {
+	// A tree whose root is the init of its own PID namespace, dumped with
+	// -R so that it keeps running: the restore makes a second tree in a
+	// new PID namespace, with the same PIDs inside (the first still holds
+	// them in its own), the root its init again, the zombie still one,
+	// and it checks itself.
+	w := startInPidNs(t, "pidns.py")
+	before := w.Report(t)
+	if before.Pid != 1 {
+		t.Fatalf("the workload is PID %d in its namespace", before.Pid)
+	}
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-R", "-v4", "-o", "dump.log")
+	r := restoreInPidNs(t, img, w.ReportPath)
+	defer r.Kill()
+	root := r.Pid
+	if root == w.Pid {
+		t.Fatalf("restored root %d is the original", root)
+	}
+	mine, _ := os.Readlink("/proc/self/ns/pid")
+	orig, _ := os.Readlink(proc.Path(w.Pid, "ns/pid"))
+	got, _ := os.Readlink(proc.Path(root, "ns/pid"))
+	if got == mine || got == orig {
+		t.Fatalf("restored tree is in %s (ours %s, the original's %s)", got, mine, orig)
+	}
+	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
+	if len(proc.Children(root)) != 2 { // A and the zombie Z
+		t.Fatalf("restored root has children %v", proc.Children(root))
+	}
+}
+
+func TestLazyRestorePidNamespaceSameHost(t *testing.T) {
+	// Post-copy on one host: `dump --lazy-pages` keeps the source frozen
+	// (holding its PIDs) and serves its memory; the restore makes the
+	// tree again in a new PID namespace meanwhile, running at once, its
+	// pages coming from the frozen source on demand; once they are all
+	// there the source dies, and the copy checks itself.
+	w := startInPidNs(t, "pidns.py")
+	before := w.Report(t)
+	img, port := t.TempDir(), freePort(t)
+	dumpDone := startDaemon(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--lazy-pages", "--address", "127.0.0.1", "--port", port, "-v4", "-o", "dump.log")
+	// The target's images: all but the page data (which the dump did not
+	// write: the source serves it).
+	tgt := t.TempDir()
+	ents, _ := os.ReadDir(img)
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), "pages-") {
+			b, _ := os.ReadFile(filepath.Join(img, e.Name()))
+			os.WriteFile(filepath.Join(tgt, e.Name()), b, 0o600)
+		}
+	}
+	lzDone := startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port, "-v4", "-o", "lazy.log")
+	r := restoreInPidNs(t, tgt, w.ReportPath, "--lazy-pages")
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	waitLazyPages(t, lzDone, 30*time.Second)
+	select {
+	case code := <-dumpDone:
+		if code != 0 {
+			t.Fatalf("dump --lazy-pages exited %d", code)
+		}
+	case <-time.After(30 * time.Second):
+		log, _ := os.ReadFile(filepath.Join(img, "dump.log"))
+		lz, _ := os.ReadFile(filepath.Join(tgt, "lazy.log"))
+		t.Fatalf("dump --lazy-pages did not finish:\n%s\nlazy-pages:\n%s", log[max(0, len(log)-1000):], lz[max(0, len(lz)-3000):])
+	}
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatalf("the source: %v", err)
+	}
+	checkSelf(t, r)
+}

@@ -1,0 +1,157 @@
+package dumpcore
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/internal/proc"
+)
+
+// A tree whose root is the init of a PID namespace of its own (a
+// container's init, `unshare --pid --fork`) is saved with the PIDs it sees
+// itself: every PID in the images is one of that namespace, and the
+// restore makes a new PID namespace with the root as its init again. The
+// dump works with ferry's PIDs throughout and translates them as the
+// images are written (translatePids).
+
+// pidNamespace finds whether the tree is in a PID namespace other than
+// ferry's and, if so, maps each of its processes and threads to its PID
+// there (t.vpids). The root must be that namespace's init, and every
+// process of the tree must be in it.
+func (t *tree) pidNamespace() error {
+	mine, err := os.Readlink("/proc/self/ns/pid")
+	if err != nil {
+		return err
+	}
+	ns, err := os.Readlink(proc.Path(t.root, "ns/pid"))
+	if err != nil {
+		return err
+	}
+	if ns == mine {
+		return nil
+	}
+	inner := func(pid, tid int) (int, error) {
+		name := proc.Path(pid, "status")
+		if tid != pid {
+			name = proc.Path(pid, "task/"+strconv.Itoa(tid)+"/status")
+		}
+		b, err := os.ReadFile(name)
+		if err != nil {
+			return 0, err
+		}
+		st, err := proc.ParseStatus(name, b)
+		if err != nil {
+			return 0, err
+		}
+		if len(st.NSpid) < 2 {
+			return 0, fmt.Errorf("%s shows no PID namespace of its own", name)
+		}
+		return st.NSpid[len(st.NSpid)-1], nil
+	}
+	if v, err := inner(t.root, t.root); err != nil {
+		return err
+	} else if v != 1 {
+		return fmt.Errorf("process %d is PID %d of %s, not its init: %w (dump the namespace's init)", t.root, v, ns, ErrUnsupported)
+	}
+	switch o := t.opts; {
+	case o.PreDump, o.PrevImagesDir != "", o.TrackMem, o.FlagsBeforeFreeze:
+		return fmt.Errorf("process %d is the init of %s: %w with pre-dumps, incremental dumps and background snapshots yet",
+			t.root, ns, ErrUnsupported)
+	}
+	t.vpids, t.vgroups = map[int]int{}, map[int][2]int32{}
+	for _, d := range t.procs {
+		pid := d.opts.Pid
+		if other, err := os.Readlink(proc.Path(pid, "ns/pid")); err != nil {
+			return err
+		} else if other != ns {
+			return fmt.Errorf("process %d is in %s, nested in the tree's %s: %w", pid, other, ns, ErrUnsupported)
+		}
+		// Its group and session as it sees them: a dead leader's PID in
+		// the namespace can be learnt no other way.
+		pgid, err := d.task(pid).Syscall(unix.SYS_GETPGID, 0)
+		if err != nil {
+			return fmt.Errorf("process %d: getpgid: %w", pid, err)
+		}
+		sid, err := d.task(pid).Syscall(unix.SYS_GETSID, 0)
+		if err != nil {
+			return fmt.Errorf("process %d: getsid: %w", pid, err)
+		}
+		t.vgroups[pid] = [2]int32{int32(pgid), int32(sid)}
+		for _, th := range d.threads {
+			v, err := inner(pid, th.tid)
+			if err != nil {
+				return err
+			}
+			t.vpids[th.tid] = v
+		}
+	}
+	for _, z := range t.zombies {
+		v, err := inner(z.Pid, z.Pid)
+		if err != nil {
+			return err
+		}
+		t.vpids[z.Pid] = v
+	}
+	t.pidNs = ns
+	t.log.Info("the tree has a PID namespace of its own", "ns", ns, "init", t.root)
+	return nil
+}
+
+// vpid is pid as the tree sees it: itself without a PID namespace of the
+// tree's, else its PID there (0 for a process outside it).
+func (t *tree) vpid(pid int) int32 {
+	if t.vpids == nil {
+		return int32(pid)
+	}
+	return int32(t.vpids[pid])
+}
+
+// translatePids rewrites the PIDs of the images, and of the zombies, as
+// the tree sees them (vpid).
+func (t *tree) translatePids(imgs []*imageSet) {
+	if t.vpids == nil {
+		return
+	}
+	v := func(p *int32) {
+		if *p > 0 {
+			*p = t.vpid(int(*p))
+		}
+	}
+	imgs[0].inv.PidNs = true
+	v(&imgs[0].inv.RootPid)
+	for _, img := range imgs {
+		ps := img.pstree
+		g := t.vgroups[int(ps.Pid)]
+		for _, p := range []*int32{&ps.Pid, &ps.Ppid} {
+			v(p)
+		}
+		ps.Pgid, ps.Sid = g[0], g[1]
+		for i := range ps.Threads {
+			v(&ps.Threads[i])
+		}
+		c := img.core
+		for _, p := range []*int32{&c.Pid, &c.FilesSharedWith, &c.FsSharedWith} {
+			v(p)
+		}
+		for _, th := range c.Threads {
+			v(&th.Tid)
+		}
+		for _, tm := range c.PosixTimers {
+			v(&tm.NotifyTid)
+		}
+		v(&img.mm.Pid)
+		v(&img.fds.Pid)
+	}
+	for _, f := range t.files.entries {
+		v(&f.PidfdPid)
+		v(&f.OwnerPid)
+	}
+	for i := range t.zombies {
+		z := &t.zombies[i]
+		z.Pid, z.Ppid = int(t.vpid(z.Pid)), int(t.vpid(z.Ppid))
+		z.Pgid, z.Sid = int(t.vpid(z.Pgid)), int(t.vpid(z.Sid))
+	}
+}
