@@ -90,13 +90,20 @@ func (a *Agent) Inspect(ctx context.Context, req *agentv1.InspectRequest) (*agen
 	for _, p := range procs {
 		inTree[p] = true
 	}
+	// A tree with a PID namespace of its own gets a new one on the
+	// target: its PIDs there need not be free.
+	mine, _ := proc.Namespace(os.Getpid(), "pid")
+	theirs, _ := proc.Namespace(pid, "pid")
+	ownPidNs := mine != theirs
 	for _, p := range procs {
-		for _, t := range tasksOf(p) {
-			r.Pids = append(r.Pids, int32(t))
+		if !ownPidNs {
+			for _, t := range tasksOf(p) {
+				r.Pids = append(r.Pids, int32(t))
+			}
 		}
 		// A session or group whose leader is dead is made on the target
 		// by a helper with the leader's PID (internal/treeplan).
-		if ps, err := proc.ReadStat(p); err == nil && p != pid {
+		if ps, err := proc.ReadStat(p); err == nil && p != pid && !ownPidNs {
 			for _, id := range []int{ps.Sid, ps.Pgid} {
 				if !inTree[id] && id != st.Sid && id != st.Pgid {
 					inTree[id] = true

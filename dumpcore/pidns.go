@@ -22,15 +22,8 @@ import (
 // there (t.vpids). The root must be that namespace's init, and every
 // process of the tree must be in it.
 func (t *tree) pidNamespace() error {
-	mine, err := os.Readlink("/proc/self/ns/pid")
-	if err != nil {
-		return err
-	}
-	ns, err := os.Readlink(proc.Path(t.root, "ns/pid"))
-	if err != nil {
-		return err
-	}
-	if ns == mine {
+	ns := t.ownNs["pid"]
+	if ns == "" {
 		return nil
 	}
 	inner := func(pid, tid int) (int, error) {
@@ -58,17 +51,12 @@ func (t *tree) pidNamespace() error {
 	}
 	switch o := t.opts; {
 	case o.PreDump, o.PrevImagesDir != "", o.TrackMem, o.FlagsBeforeFreeze:
-		return fmt.Errorf("process %d is the init of %s: %w with pre-dumps, incremental dumps and background snapshots yet",
+		return fmt.Errorf("process %d is the init of %s, which pre-dumps, incremental dumps and background snapshots do not take yet: %w",
 			t.root, ns, ErrUnsupported)
 	}
 	t.vpids, t.vgroups = map[int]int{}, map[int][2]int32{}
 	for _, d := range t.procs {
 		pid := d.opts.Pid
-		if other, err := os.Readlink(proc.Path(pid, "ns/pid")); err != nil {
-			return err
-		} else if other != ns {
-			return fmt.Errorf("process %d is in %s, nested in the tree's %s: %w", pid, other, ns, ErrUnsupported)
-		}
 		// Its group and session as it sees them: a dead leader's PID in
 		// the namespace can be learnt no other way.
 		pgid, err := d.task(pid).Syscall(unix.SYS_GETPGID, 0)
@@ -95,7 +83,6 @@ func (t *tree) pidNamespace() error {
 		}
 		t.vpids[z.Pid] = v
 	}
-	t.pidNs = ns
 	t.log.Info("the tree has a PID namespace of its own", "ns", ns, "init", t.root)
 	return nil
 }

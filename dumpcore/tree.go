@@ -42,9 +42,11 @@ type tree struct {
 	// early holds each process's VMA flags read before the freeze
 	// (readEarlyFlags), by PID.
 	early map[int]map[vmaKey][]string
-	// A PID namespace of the tree's own (pidns.go): its name, each
-	// task's PID there, and each process's group and session there.
-	pidNs   string
+	// ownNs names the namespaces the tree has of its own, by kind
+	// (checkNamespaces).
+	ownNs map[string]string
+	// In a PID namespace of the tree's own (pidns.go): each task's PID
+	// there, and each process's group and session there.
 	vpids   map[int]int
 	vgroups map[int][2]int32
 }
@@ -216,6 +218,9 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		}
 	}
 	t.log.Debug("prepared", "took", time.Since(t0))
+	if err := t.checkNamespaces(); err != nil {
+		return nil, err
+	}
 	if err := t.pidNamespace(); err != nil {
 		return nil, err
 	}
@@ -359,6 +364,11 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		return nil, err
 	}
 	t.sharedTables(imgs)
+	uts, err := t.utsNamespace()
+	if err != nil {
+		return nil, err
+	}
+	imgs[0].inv.UtsNs = uts
 	return imgs, t.checkSessions(imgs)
 }
 

@@ -41,8 +41,14 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 			from, flags := seed, s.Flags
 			if s.From != 0 {
 				from = tasks[s.From]
-			} else if r.is.inv.PidNs {
-				flags |= unix.CLONE_NEWPID // the root, init of a new one
+			} else {
+				// The root: in new namespaces where the tree had its own.
+				if r.is.inv.PidNs {
+					flags |= unix.CLONE_NEWPID // its init
+				}
+				if r.is.inv.UtsNs != nil {
+					flags |= unix.CLONE_NEWUTS
+				}
 			}
 			pid, err := remoteClone(from, stackScratch(from), flags, uint64(s.ExitSignal), int(s.Pid))
 			if err != nil {
@@ -58,6 +64,11 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				return nil, err
 			}
 			tasks[s.Pid] = &compel.Task{Tid: pid, Regs: regs, Gadget: seedGadget, Int3: true}
+			if u := r.is.inv.UtsNs; s.From == 0 && u != nil {
+				if err := setUts(tasks[s.Pid], u); err != nil {
+					return nil, fmt.Errorf("process %d: UTS namespace: %w", s.Pid, err)
+				}
+			}
 		case treeplan.Setsid:
 			if _, err := tasks[s.Pid].Syscall(unix.SYS_SETSID); err != nil {
 				return nil, fmt.Errorf("process %d: setsid: %w", s.Pid, err)
@@ -92,6 +103,25 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 		}
 	}
 	return tasks, nil
+}
+
+// setUts names t's (new) UTS namespace.
+func setUts(t *compel.Task, u *pb.UtsNs) error {
+	addr := stackScratch(t)
+	for _, n := range []struct {
+		nr   uintptr
+		name string
+	}{{unix.SYS_SETHOSTNAME, u.Hostname}, {unix.SYS_SETDOMAINNAME, u.Domainname}} {
+		if n.name != "" {
+			if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: addr, Local: []byte(n.name)}}); err != nil {
+				return err
+			}
+		}
+		if _, err := t.Syscall(n.nr, addr, uint64(len(n.name))); err != nil {
+			return fmt.Errorf("name %q: %w", n.name, err)
+		}
+	}
+	return nil
 }
 
 // reap waits in parent for its dead child pid, and takes the signal the

@@ -13,14 +13,16 @@ import (
 )
 
 // startInPidNs starts the selfcheck workload script as the init of a new
-// PID namespace (unshare --pid --fork) and returns the init, by its PID
+// PID namespace (unshare --pid --fork, and the other unshare options given)
+// and returns the init, by its PID
 // here. The workload's own PIDs are the namespace's: never signal them
 // from here.
-func startInPidNs(t *testing.T, script string) *testutil.Workload {
+func startInPidNs(t *testing.T, unshare []string, script string, args ...string) *testutil.Workload {
 	t.Helper()
 	needRoot(t)
-	u := testutil.Start(t, "", "unshare", "--pid", "--fork", "--kill-child",
-		"python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", script))
+	cmd := append([]string{"--pid", "--fork", "--kill-child"}, unshare...)
+	cmd = append(cmd, "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", script))
+	u := testutil.Start(t, "", "unshare", append(cmd, args...)...)
 	kids := proc.Children(u.Pid)
 	if len(kids) != 1 {
 		t.Fatalf("unshare %d has children %v", u.Pid, kids)
@@ -58,12 +60,13 @@ func nsPids(t *testing.T, pid int) []int {
 }
 
 func TestDumpRestorePidNamespace(t *testing.T) {
-	// A tree whose root is the init of its own PID namespace, dumped with
-	// -R so that it keeps running: the restore makes a second tree in a
-	// new PID namespace, with the same PIDs inside (the first still holds
-	// them in its own), the root its init again, the zombie still one,
-	// and it checks itself.
-	w := startInPidNs(t, "pidns.py")
+	// A tree whose root is the init of its own PID namespace, and has a
+	// UTS namespace of its own, dumped with -R so that it keeps running:
+	// the restore makes a second tree in new PID and UTS namespaces, with
+	// the same PIDs inside (the first still holds them in its own), the
+	// root its init again, the zombie still one, the same host and domain
+	// names, and it checks itself.
+	w := startInPidNs(t, []string{"--uts"}, "pidns.py", "uts")
 	before := w.Report(t)
 	if before.Pid != 1 {
 		t.Fatalf("the workload is PID %d in its namespace", before.Pid)
@@ -95,7 +98,7 @@ func TestLazyRestorePidNamespaceSameHost(t *testing.T) {
 	// tree again in a new PID namespace meanwhile, running at once, its
 	// pages coming from the frozen source on demand; once they are all
 	// there the source dies, and the copy checks itself.
-	w := startInPidNs(t, "pidns.py")
+	w := startInPidNs(t, nil, "pidns.py")
 	before := w.Report(t)
 	img, port := t.TempDir(), freePort(t)
 	dumpDone := startDaemon(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--lazy-pages", "--address", "127.0.0.1", "--port", port, "-v4", "-o", "dump.log")
@@ -128,4 +131,39 @@ func TestLazyRestorePidNamespaceSameHost(t *testing.T) {
 		t.Fatalf("the source: %v", err)
 	}
 	checkSelf(t, r)
+}
+
+func TestDumpRefusesOtherNamespaces(t *testing.T) {
+	// A process with a network namespace of its own (not saved yet), and
+	// one that is not its PID namespace's init: each dump fails naming
+	// the namespace, and the process runs on.
+	needRoot(t)
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "guard.py")
+	w := testutil.Start(t, "", "unshare", "--net", "python3", script)
+	checkRefused(t, w, "net namespace of its own")
+	checkRunsOn(t, w)
+	u := testutil.Start(t, "", "unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "python3 "+script+" \"$0\"; :")
+	kids := proc.Children(u.Pid)
+	if len(kids) != 1 {
+		t.Fatalf("unshare %d has children %v", u.Pid, kids)
+	}
+	sh := testutil.Attach(t, kids[0], u.ReportPath)
+	py := proc.Children(sh.Pid)
+	if len(py) != 1 {
+		t.Fatalf("sh %d has children %v", sh.Pid, py)
+	}
+	w2 := testutil.Attach(t, py[0], u.ReportPath)
+	checkRefused(t, w2, "not its init")
+	checkRunsOn(t, w2)
+}
+
+// checkRunsOn fails t unless w still answers and is not stopped.
+func checkRunsOn(t *testing.T, w *testutil.Workload) {
+	t.Helper()
+	if r := w.Report(t); r.Status != "ok" {
+		t.Fatalf("after the refusal: %v", r)
+	}
+	if st, err := proc.ReadStat(w.Pid); err != nil || st.State == 'T' || st.State == 't' {
+		t.Fatalf("after the refusal, process %d: state %c, %v", w.Pid, st.State, err)
+	}
 }

@@ -67,7 +67,10 @@ type Inventory struct {
 	Trackers []*TrackerRef `protobuf:"bytes,17,rep,name=trackers,proto3" json:"trackers,omitempty"`
 	// The root is the init of a PID namespace of its own: every PID in the
 	// images is one of that namespace, and the restore makes a new one.
-	PidNs         bool `protobuf:"varint,18,opt,name=pid_ns,json=pidNs,proto3" json:"pid_ns,omitempty"`
+	PidNs bool `protobuf:"varint,18,opt,name=pid_ns,json=pidNs,proto3" json:"pid_ns,omitempty"`
+	// The tree's UTS namespace, when it has one of its own: made new with
+	// these names.
+	UtsNs         *UtsNs `protobuf:"bytes,19,opt,name=uts_ns,json=utsNs,proto3" json:"uts_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -228,6 +231,65 @@ func (x *Inventory) GetPidNs() bool {
 	return false
 }
 
+func (x *Inventory) GetUtsNs() *UtsNs {
+	if x != nil {
+		return x.UtsNs
+	}
+	return nil
+}
+
+type UtsNs struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Hostname      string                 `protobuf:"bytes,1,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	Domainname    string                 `protobuf:"bytes,2,opt,name=domainname,proto3" json:"domainname,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UtsNs) Reset() {
+	*x = UtsNs{}
+	mi := &file_images_ferry_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UtsNs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UtsNs) ProtoMessage() {}
+
+func (x *UtsNs) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UtsNs.ProtoReflect.Descriptor instead.
+func (*UtsNs) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *UtsNs) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *UtsNs) GetDomainname() string {
+	if x != nil {
+		return x.Domainname
+	}
+	return ""
+}
+
 type TrackerRef struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pid           int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
@@ -239,7 +301,7 @@ type TrackerRef struct {
 
 func (x *TrackerRef) Reset() {
 	*x = TrackerRef{}
-	mi := &file_images_ferry_proto_msgTypes[1]
+	mi := &file_images_ferry_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -251,7 +313,7 @@ func (x *TrackerRef) String() string {
 func (*TrackerRef) ProtoMessage() {}
 
 func (x *TrackerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[1]
+	mi := &file_images_ferry_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -264,7 +326,7 @@ func (x *TrackerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerRef.ProtoReflect.Descriptor instead.
 func (*TrackerRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{1}
+	return file_images_ferry_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *TrackerRef) GetPid() int32 {
@@ -298,7 +360,7 @@ type SpecialVma struct {
 
 func (x *SpecialVma) Reset() {
 	*x = SpecialVma{}
-	mi := &file_images_ferry_proto_msgTypes[2]
+	mi := &file_images_ferry_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -310,7 +372,7 @@ func (x *SpecialVma) String() string {
 func (*SpecialVma) ProtoMessage() {}
 
 func (x *SpecialVma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[2]
+	mi := &file_images_ferry_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -323,7 +385,7 @@ func (x *SpecialVma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpecialVma.ProtoReflect.Descriptor instead.
 func (*SpecialVma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{2}
+	return file_images_ferry_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SpecialVma) GetName() string {
@@ -354,7 +416,7 @@ type PstreeEntry struct {
 
 func (x *PstreeEntry) Reset() {
 	*x = PstreeEntry{}
-	mi := &file_images_ferry_proto_msgTypes[3]
+	mi := &file_images_ferry_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -366,7 +428,7 @@ func (x *PstreeEntry) String() string {
 func (*PstreeEntry) ProtoMessage() {}
 
 func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[3]
+	mi := &file_images_ferry_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -379,7 +441,7 @@ func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PstreeEntry.ProtoReflect.Descriptor instead.
 func (*PstreeEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{3}
+	return file_images_ferry_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *PstreeEntry) GetPid() int32 {
@@ -441,7 +503,7 @@ type Creds struct {
 
 func (x *Creds) Reset() {
 	*x = Creds{}
-	mi := &file_images_ferry_proto_msgTypes[4]
+	mi := &file_images_ferry_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -453,7 +515,7 @@ func (x *Creds) String() string {
 func (*Creds) ProtoMessage() {}
 
 func (x *Creds) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[4]
+	mi := &file_images_ferry_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -466,7 +528,7 @@ func (x *Creds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Creds.ProtoReflect.Descriptor instead.
 func (*Creds) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{4}
+	return file_images_ferry_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Creds) GetUid() uint32 {
@@ -592,7 +654,7 @@ type Rlimit struct {
 
 func (x *Rlimit) Reset() {
 	*x = Rlimit{}
-	mi := &file_images_ferry_proto_msgTypes[5]
+	mi := &file_images_ferry_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -604,7 +666,7 @@ func (x *Rlimit) String() string {
 func (*Rlimit) ProtoMessage() {}
 
 func (x *Rlimit) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[5]
+	mi := &file_images_ferry_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -617,7 +679,7 @@ func (x *Rlimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rlimit.ProtoReflect.Descriptor instead.
 func (*Rlimit) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{5}
+	return file_images_ferry_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Rlimit) GetResource() uint32 {
@@ -654,7 +716,7 @@ type SigAction struct {
 
 func (x *SigAction) Reset() {
 	*x = SigAction{}
-	mi := &file_images_ferry_proto_msgTypes[6]
+	mi := &file_images_ferry_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -666,7 +728,7 @@ func (x *SigAction) String() string {
 func (*SigAction) ProtoMessage() {}
 
 func (x *SigAction) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[6]
+	mi := &file_images_ferry_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -679,7 +741,7 @@ func (x *SigAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAction.ProtoReflect.Descriptor instead.
 func (*SigAction) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{6}
+	return file_images_ferry_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SigAction) GetSig() uint32 {
@@ -730,7 +792,7 @@ type SigInfo struct {
 
 func (x *SigInfo) Reset() {
 	*x = SigInfo{}
-	mi := &file_images_ferry_proto_msgTypes[7]
+	mi := &file_images_ferry_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -742,7 +804,7 @@ func (x *SigInfo) String() string {
 func (*SigInfo) ProtoMessage() {}
 
 func (x *SigInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[7]
+	mi := &file_images_ferry_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -755,7 +817,7 @@ func (x *SigInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigInfo.ProtoReflect.Descriptor instead.
 func (*SigInfo) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{7}
+	return file_images_ferry_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SigInfo) GetSigno() uint32 {
@@ -791,7 +853,7 @@ type Itimer struct {
 
 func (x *Itimer) Reset() {
 	*x = Itimer{}
-	mi := &file_images_ferry_proto_msgTypes[8]
+	mi := &file_images_ferry_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -803,7 +865,7 @@ func (x *Itimer) String() string {
 func (*Itimer) ProtoMessage() {}
 
 func (x *Itimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[8]
+	mi := &file_images_ferry_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -816,7 +878,7 @@ func (x *Itimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Itimer.ProtoReflect.Descriptor instead.
 func (*Itimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{8}
+	return file_images_ferry_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Itimer) GetWhich() uint32 {
@@ -858,7 +920,7 @@ type PosixTimer struct {
 
 func (x *PosixTimer) Reset() {
 	*x = PosixTimer{}
-	mi := &file_images_ferry_proto_msgTypes[9]
+	mi := &file_images_ferry_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -870,7 +932,7 @@ func (x *PosixTimer) String() string {
 func (*PosixTimer) ProtoMessage() {}
 
 func (x *PosixTimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[9]
+	mi := &file_images_ferry_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -883,7 +945,7 @@ func (x *PosixTimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PosixTimer.ProtoReflect.Descriptor instead.
 func (*PosixTimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{9}
+	return file_images_ferry_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PosixTimer) GetId() int32 {
@@ -960,7 +1022,7 @@ type SigAltStack struct {
 
 func (x *SigAltStack) Reset() {
 	*x = SigAltStack{}
-	mi := &file_images_ferry_proto_msgTypes[10]
+	mi := &file_images_ferry_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -972,7 +1034,7 @@ func (x *SigAltStack) String() string {
 func (*SigAltStack) ProtoMessage() {}
 
 func (x *SigAltStack) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[10]
+	mi := &file_images_ferry_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -985,7 +1047,7 @@ func (x *SigAltStack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAltStack.ProtoReflect.Descriptor instead.
 func (*SigAltStack) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{10}
+	return file_images_ferry_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SigAltStack) GetSp() uint64 {
@@ -1045,7 +1107,7 @@ type GpRegs struct {
 
 func (x *GpRegs) Reset() {
 	*x = GpRegs{}
-	mi := &file_images_ferry_proto_msgTypes[11]
+	mi := &file_images_ferry_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1057,7 +1119,7 @@ func (x *GpRegs) String() string {
 func (*GpRegs) ProtoMessage() {}
 
 func (x *GpRegs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[11]
+	mi := &file_images_ferry_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1070,7 +1132,7 @@ func (x *GpRegs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GpRegs.ProtoReflect.Descriptor instead.
 func (*GpRegs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{11}
+	return file_images_ferry_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GpRegs) GetR15() uint64 {
@@ -1274,7 +1336,7 @@ type Rseq struct {
 
 func (x *Rseq) Reset() {
 	*x = Rseq{}
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1286,7 +1348,7 @@ func (x *Rseq) String() string {
 func (*Rseq) ProtoMessage() {}
 
 func (x *Rseq) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1299,7 +1361,7 @@ func (x *Rseq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rseq.ProtoReflect.Descriptor instead.
 func (*Rseq) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{12}
+	return file_images_ferry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Rseq) GetPtr() uint64 {
@@ -1355,7 +1417,7 @@ type ThreadCore struct {
 
 func (x *ThreadCore) Reset() {
 	*x = ThreadCore{}
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1367,7 +1429,7 @@ func (x *ThreadCore) String() string {
 func (*ThreadCore) ProtoMessage() {}
 
 func (x *ThreadCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1380,7 +1442,7 @@ func (x *ThreadCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThreadCore.ProtoReflect.Descriptor instead.
 func (*ThreadCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{13}
+	return file_images_ferry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ThreadCore) GetTid() int32 {
@@ -1531,7 +1593,7 @@ type TaskCore struct {
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1543,7 +1605,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1556,7 +1618,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{14}
+	return file_images_ferry_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -1803,7 +1865,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1815,7 +1877,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1828,7 +1890,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{15}
+	return file_images_ferry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -1980,7 +2042,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2054,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2067,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{16}
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -2073,7 +2135,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2085,7 +2147,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2098,7 +2160,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -2282,7 +2344,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2294,7 +2356,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2307,7 +2369,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -2593,7 +2655,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2605,7 +2667,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2618,7 +2680,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -2669,7 +2731,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2681,7 +2743,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2694,7 +2756,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -2731,7 +2793,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2743,7 +2805,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2756,7 +2818,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -2808,7 +2870,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2820,7 +2882,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2833,7 +2895,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -2894,7 +2956,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2906,7 +2968,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2919,7 +2981,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -3023,7 +3085,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3035,7 +3097,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3048,7 +3110,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -3159,7 +3221,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3171,7 +3233,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3184,7 +3246,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -3235,7 +3297,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3247,7 +3309,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3260,7 +3322,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -3379,7 +3441,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3391,7 +3453,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3404,7 +3466,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -3516,7 +3578,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3528,7 +3590,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3541,7 +3603,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -3581,7 +3643,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3593,7 +3655,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3606,7 +3668,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -3657,7 +3719,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3669,7 +3731,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3682,7 +3744,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *FileLock) GetKind() string {
@@ -3726,7 +3788,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3738,7 +3800,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3751,7 +3813,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -3792,7 +3854,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3804,7 +3866,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3817,7 +3879,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -3848,7 +3910,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3860,7 +3922,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3873,7 +3935,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -3903,7 +3965,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3915,7 +3977,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3928,7 +3990,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -3968,7 +4030,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3980,7 +4042,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3993,7 +4055,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -4043,7 +4105,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4055,7 +4117,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4068,7 +4130,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -4165,7 +4227,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4177,7 +4239,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4190,7 +4252,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -4225,7 +4287,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4237,7 +4299,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4250,7 +4312,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -4337,7 +4399,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4349,7 +4411,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4362,7 +4424,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -4417,7 +4479,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4429,7 +4491,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4442,7 +4504,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -4463,7 +4525,7 @@ var File_images_ferry_proto protoreflect.FileDescriptor
 
 const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\x12images/ferry.proto\x12\fferry.images\"\x82\x05\n" +
+	"\x12images/ferry.proto\x12\fferry.images\"\xae\x05\n" +
 	"\tInventory\x12!\n" +
 	"\fformat_major\x18\x01 \x01(\rR\vformatMajor\x12!\n" +
 	"\fformat_minor\x18\x02 \x01(\rR\vformatMinor\x12#\n" +
@@ -4489,7 +4551,13 @@ const file_images_ferry_proto_rawDesc = "" +
 	"trackerIno\x12!\n" +
 	"\fnetwork_lock\x18\x10 \x01(\tR\vnetworkLock\x124\n" +
 	"\btrackers\x18\x11 \x03(\v2\x18.ferry.images.TrackerRefR\btrackers\x12\x15\n" +
-	"\x06pid_ns\x18\x12 \x01(\bR\x05pidNs\"@\n" +
+	"\x06pid_ns\x18\x12 \x01(\bR\x05pidNs\x12*\n" +
+	"\x06uts_ns\x18\x13 \x01(\v2\x13.ferry.images.UtsNsR\x05utsNs\"C\n" +
+	"\x05UtsNs\x12\x1a\n" +
+	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\x1e\n" +
+	"\n" +
+	"domainname\x18\x02 \x01(\tR\n" +
+	"domainname\"@\n" +
 	"\n" +
 	"TrackerRef\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x0e\n" +
@@ -4925,87 +4993,89 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
-	(*TrackerRef)(nil),   // 1: ferry.images.TrackerRef
-	(*SpecialVma)(nil),   // 2: ferry.images.SpecialVma
-	(*PstreeEntry)(nil),  // 3: ferry.images.PstreeEntry
-	(*Creds)(nil),        // 4: ferry.images.Creds
-	(*Rlimit)(nil),       // 5: ferry.images.Rlimit
-	(*SigAction)(nil),    // 6: ferry.images.SigAction
-	(*SigInfo)(nil),      // 7: ferry.images.SigInfo
-	(*Itimer)(nil),       // 8: ferry.images.Itimer
-	(*PosixTimer)(nil),   // 9: ferry.images.PosixTimer
-	(*SigAltStack)(nil),  // 10: ferry.images.SigAltStack
-	(*GpRegs)(nil),       // 11: ferry.images.GpRegs
-	(*Rseq)(nil),         // 12: ferry.images.Rseq
-	(*ThreadCore)(nil),   // 13: ferry.images.ThreadCore
-	(*TaskCore)(nil),     // 14: ferry.images.TaskCore
-	(*Vma)(nil),          // 15: ferry.images.Vma
-	(*SysvShm)(nil),      // 16: ferry.images.SysvShm
-	(*MmCore)(nil),       // 17: ferry.images.MmCore
-	(*FileEntry)(nil),    // 18: ferry.images.FileEntry
-	(*InotifyWatch)(nil), // 19: ferry.images.InotifyWatch
-	(*Fanotify)(nil),     // 20: ferry.images.Fanotify
-	(*FanotifyMark)(nil), // 21: ferry.images.FanotifyMark
-	(*Timerfd)(nil),      // 22: ferry.images.Timerfd
-	(*Tty)(nil),          // 23: ferry.images.Tty
-	(*UnixSocket)(nil),   // 24: ferry.images.UnixSocket
-	(*InFlight)(nil),     // 25: ferry.images.InFlight
-	(*InetSocket)(nil),   // 26: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 27: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 28: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 29: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 30: ferry.images.FileLock
-	(*FdEntry)(nil),      // 31: ferry.images.FdEntry
-	(*FdTable)(nil),      // 32: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 33: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 34: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 35: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 36: ferry.images.GhostFile
-	(*GhostExtent)(nil),  // 37: ferry.images.GhostExtent
-	(*DumpStats)(nil),    // 38: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 39: ferry.images.RestoreStats
-	(*Stats)(nil),        // 40: ferry.images.Stats
+	(*UtsNs)(nil),        // 1: ferry.images.UtsNs
+	(*TrackerRef)(nil),   // 2: ferry.images.TrackerRef
+	(*SpecialVma)(nil),   // 3: ferry.images.SpecialVma
+	(*PstreeEntry)(nil),  // 4: ferry.images.PstreeEntry
+	(*Creds)(nil),        // 5: ferry.images.Creds
+	(*Rlimit)(nil),       // 6: ferry.images.Rlimit
+	(*SigAction)(nil),    // 7: ferry.images.SigAction
+	(*SigInfo)(nil),      // 8: ferry.images.SigInfo
+	(*Itimer)(nil),       // 9: ferry.images.Itimer
+	(*PosixTimer)(nil),   // 10: ferry.images.PosixTimer
+	(*SigAltStack)(nil),  // 11: ferry.images.SigAltStack
+	(*GpRegs)(nil),       // 12: ferry.images.GpRegs
+	(*Rseq)(nil),         // 13: ferry.images.Rseq
+	(*ThreadCore)(nil),   // 14: ferry.images.ThreadCore
+	(*TaskCore)(nil),     // 15: ferry.images.TaskCore
+	(*Vma)(nil),          // 16: ferry.images.Vma
+	(*SysvShm)(nil),      // 17: ferry.images.SysvShm
+	(*MmCore)(nil),       // 18: ferry.images.MmCore
+	(*FileEntry)(nil),    // 19: ferry.images.FileEntry
+	(*InotifyWatch)(nil), // 20: ferry.images.InotifyWatch
+	(*Fanotify)(nil),     // 21: ferry.images.Fanotify
+	(*FanotifyMark)(nil), // 22: ferry.images.FanotifyMark
+	(*Timerfd)(nil),      // 23: ferry.images.Timerfd
+	(*Tty)(nil),          // 24: ferry.images.Tty
+	(*UnixSocket)(nil),   // 25: ferry.images.UnixSocket
+	(*InFlight)(nil),     // 26: ferry.images.InFlight
+	(*InetSocket)(nil),   // 27: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 28: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 29: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 30: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 31: ferry.images.FileLock
+	(*FdEntry)(nil),      // 32: ferry.images.FdEntry
+	(*FdTable)(nil),      // 33: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 34: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 35: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 36: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 37: ferry.images.GhostFile
+	(*GhostExtent)(nil),  // 38: ferry.images.GhostExtent
+	(*DumpStats)(nil),    // 39: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 40: ferry.images.RestoreStats
+	(*Stats)(nil),        // 41: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
-	2,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
-	1,  // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
-	11, // 2: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	7,  // 3: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	10, // 4: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	12, // 5: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	4,  // 6: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	5,  // 7: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	6,  // 8: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	7,  // 9: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	8,  // 10: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	9,  // 11: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	13, // 12: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	16, // 13: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	15, // 14: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	29, // 15: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	26, // 16: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	24, // 17: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	23, // 18: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	22, // 19: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	19, // 20: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	20, // 21: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	21, // 22: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	25, // 23: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	28, // 24: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	27, // 25: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	30, // 26: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	31, // 27: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	37, // 28: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	38, // 29: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	39, // 30: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	31, // [31:31] is the sub-list for method output_type
-	31, // [31:31] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	3,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
+	2,  // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
+	1,  // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
+	12, // 3: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	8,  // 4: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	11, // 5: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	13, // 6: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	5,  // 7: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	6,  // 8: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	7,  // 9: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	8,  // 10: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	9,  // 11: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	10, // 12: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	14, // 13: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	17, // 14: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	16, // 15: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	30, // 16: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	27, // 17: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	25, // 18: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	24, // 19: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	23, // 20: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	20, // 21: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	21, // 22: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	22, // 23: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	26, // 24: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	29, // 25: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	28, // 26: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	31, // 27: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	32, // 28: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	38, // 29: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	39, // 30: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	40, // 31: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	32, // [32:32] is the sub-list for method output_type
+	32, // [32:32] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -5019,7 +5089,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   41,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

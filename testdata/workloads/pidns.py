@@ -1,4 +1,4 @@
-"""pidns.py REPORT: the init of a PID namespace of its own, with a tree.
+"""pidns.py [uts] REPORT: the init of a PID namespace of its own, with a tree.
 
 Run as PID 1 of a new PID namespace (unshare --pid --fork), it makes a
 session of its own and forks A,
@@ -7,14 +7,19 @@ left a zombie. A and B answer requests through pipes with what they see:
 their PID, parent, session and group. No /proc: the namespace shares
 ferry's.
 
+With "uts" (in a UTS namespace of its own too) it sets the host and
+domain names, and the check wants them the same.
+
 The report names A, B and Z as the namespace sees them (inner=; never PIDs
 to signal from outside). The check (SIGUSR2, see selfcheck): the root is
 still PID 1, A and B answer with the same PIDs, parents, sessions and
 groups, Z is still a zombie with status 7.
 """
+import ctypes
 import os
 import select
 import signal
+import socket
 import struct
 import sys
 
@@ -25,6 +30,11 @@ token = os.urandom(8).hex()
 if os.getpid() != 1:
     sys.exit("pidns.py must be the init of its PID namespace")
 os.setsid()  # as a container's init is
+names = None
+if "uts" in sys.argv[1:-1]:
+    names = ("pidns-" + token[:8], "dom-" + token[8:])
+    socket.sethostname(names[0])
+    ctypes.CDLL(None).setdomainname(names[1].encode(), len(names[1]))
 
 
 def answerer(req, ans):
@@ -61,6 +71,10 @@ want = {"A": (a, 1, a, a), "B": (b, a, a, a)}
 def verify():
     if os.getpid() != 1:
         return "the root is PID %d, not 1" % os.getpid()
+    if names:
+        got = (socket.gethostname(), open("/proc/sys/kernel/domainname").read().strip())
+        if got != names:
+            return "host and domain names %s, want %s" % (got, names)
     for name, req, ans in (("A", a_req, a_ans), ("B", b_req, b_ans)):
         got = ask(req, ans)
         if got != want[name]:

@@ -1,0 +1,63 @@
+package dumpcore
+
+import (
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
+)
+
+// nsKinds are the namespaces a tree may have of its own.
+var nsKinds = []string{"pid", "uts", "ipc", "net", "mnt", "user", "cgroup", "time"}
+
+// checkNamespaces compares the tree's namespaces with ferry's. Every
+// process must be in the root's. Those of the root that are not ferry's
+// are the tree's own, and the dump must save them: a PID namespace whose
+// init is the root (pidNamespace) and a UTS namespace (utsNamespace);
+// any other kind is refused by name.
+func (t *tree) checkNamespaces() error {
+	t.ownNs = map[string]string{}
+	for _, kind := range nsKinds {
+		mine, err := os.Readlink("/proc/self/ns/" + kind)
+		if err != nil {
+			continue // a kernel without it
+		}
+		ns, err := proc.Namespace(t.root, kind)
+		if err != nil {
+			return err
+		}
+		for _, d := range t.procs[1:] {
+			if other, err := proc.Namespace(d.opts.Pid, kind); err != nil {
+				return err
+			} else if other != ns {
+				return fmt.Errorf("process %d is in %s, not in the root's %s: %w", d.opts.Pid, other, ns, ErrUnsupported)
+			}
+		}
+		if ns == mine {
+			continue
+		}
+		switch kind {
+		case "pid", "uts":
+			t.ownNs[kind] = ns
+		default:
+			return fmt.Errorf("process %d has a %s namespace of its own (%s), which ferry does not save yet: %w", t.root, kind, ns, ErrUnsupported)
+		}
+	}
+	return nil
+}
+
+// utsNamespace reads the names of the tree's UTS namespace, if it has
+// one of its own.
+func (t *tree) utsNamespace() (*pb.UtsNs, error) {
+	if t.ownNs["uts"] == "" {
+		return nil, nil
+	}
+	var u unix.Utsname
+	if err := proc.InNamespace(t.root, "uts", func() error { return unix.Uname(&u) }); err != nil {
+		return nil, err
+	}
+	return &pb.UtsNs{Hostname: unix.ByteSliceToString(u.Nodename[:]), Domainname: unix.ByteSliceToString(u.Domainname[:])}, nil
+}
