@@ -369,6 +369,9 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		return nil, err
 	}
 	imgs[0].inv.UtsNs = uts
+	if imgs[0].inv.NetNs, err = t.netNamespace(); err != nil {
+		return nil, err
+	}
 	return imgs, t.checkSessions(imgs)
 }
 

@@ -40,7 +40,10 @@ type Options struct {
 	// KeepNetworkLock leaves the network lock the dump named to the
 	// caller (a migration's target removes it at its commit).
 	KeepNetworkLock bool
-	Logger          *slog.Logger
+	// Veths (--external veth[IN]:OUT@BRIDGE) name, by the inner name of
+	// each veth of the tree's network namespace, where its outer end goes.
+	Veths  map[string]VethPeer
+	Logger *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and
@@ -194,6 +197,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	r.pin()
 
 	forkStart := time.Now()
+	if err := r.checkNetNs(); err != nil {
+		return nil, err
+	}
 	r.ferryFd = map[int32]uint64{}
 	seed, err := startSeed(r.is.inv.PidNs)
 	if err != nil {
@@ -236,6 +242,11 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	r.stats.ForkingTimeUs = uint64(time.Since(forkStart).Microseconds())
 	root := tasks[r.is.procs[0].pstree.Pid].Tid
+	if r.is.inv.NetNs != nil {
+		if err := r.makeNetNs(root); err != nil {
+			return nil, fmt.Errorf("network namespace: %w", err)
+		}
+	}
 
 	for _, stage := range []string{"setup-namespaces", "post-setup-namespaces"} {
 		if err := r.action(stage, root); err != nil {

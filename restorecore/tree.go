@@ -49,6 +49,9 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				if r.is.inv.UtsNs != nil {
 					flags |= unix.CLONE_NEWUTS
 				}
+				if r.is.inv.NetNs != nil {
+					flags |= unix.CLONE_NEWNET
+				}
 			}
 			pid, err := remoteClone(from, stackScratch(from), flags, uint64(s.ExitSignal), int(s.Pid))
 			if err != nil {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -27,6 +28,7 @@ func newRestoreCmd() *cobra.Command {
 		pidfile      string
 		displayStats bool
 		lazy         bool
+		externals    []string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -62,6 +64,10 @@ process runs; the process is then re-parented to init.`,
 				// so wait4 sees it, and do not let ^C kill ferry first.
 				signal.Ignore(syscall.SIGINT, syscall.SIGQUIT)
 			}
+			veths, err := parseVeths(externals)
+			if err != nil {
+				return err
+			}
 			acts := c.actions()
 			if err := acts.run("pre-restore", 0); err != nil {
 				return fmt.Errorf("restoring failed: %w", err)
@@ -70,7 +76,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose,
+				TCPClose: tcpClose, Veths: veths,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -129,7 +135,7 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolP("file-locks", "l", false, compat)
 	fs.String("ext-unix-sk", "", compat)
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
-	fs.StringArray("external", nil, "accepted for criu compatibility (unix[INODE]: the images name the peer to connect to again)")
+	fs.StringArrayVar(&externals, "external", nil, "a resource outside the images, as criu names it: veth[IN]:OUT[@BRIDGE] makes the outer end of the tree's veth IN as OUT here, in BRIDGE if given; unix[INODE] is accepted (the images name the peer to connect to again); repeatable")
 	fs.String("network-lock", "nftables", "accepted for criu compatibility: the lock the images name is removed once the restore is done")
 	return cmd
 }
@@ -142,4 +148,23 @@ func printRestoreStats(cmd *cobra.Command, s *pb.RestoreStats) {
 	fmt.Fprintf(w, "Forking time: %d us\n", s.ForkingTimeUs)
 	fmt.Fprintf(w, "Memory fill time: %d us\n", s.MemfillTimeUs)
 	fmt.Fprintf(w, "Total restore time: %d us\n", s.TotalTimeUs)
+}
+
+// parseVeths reads criu's --external veth[IN]:OUT[@BRIDGE] arguments (and
+// lets unix[INODE] by).
+func parseVeths(externals []string) (map[string]restorecore.VethPeer, error) {
+	veths := map[string]restorecore.VethPeer{}
+	for _, x := range externals {
+		if strings.HasPrefix(x, "unix[") {
+			continue
+		}
+		rest, ok := strings.CutPrefix(x, "veth[")
+		in, out, ok2 := strings.Cut(rest, "]:")
+		if !ok || !ok2 || in == "" || out == "" {
+			return nil, fmt.Errorf("--external %q: want veth[IN]:OUT[@BRIDGE] or unix[INODE]", x)
+		}
+		out, bridge, _ := strings.Cut(out, "@")
+		veths[in] = restorecore.VethPeer{Out: out, Bridge: bridge}
+	}
+	return veths, nil
 }

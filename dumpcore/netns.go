@@ -1,0 +1,102 @@
+package dumpcore
+
+import (
+	"fmt"
+	"net"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+)
+
+// netNamespace describes the tree's network namespace, if it has one of
+// its own: its links (loopback and veth ends; any other kind is refused
+// by name), their addresses, and the routes of the main table the kernel
+// did not derive from an address. A namespace with nftables tables (but
+// ferry's own network lock) is refused: its rules are not saved yet.
+func (t *tree) netNamespace() (*pb.NetNs, error) {
+	if t.ownNs["net"] == "" {
+		return nil, nil
+	}
+	ns, err := netns.GetFromPid(t.root)
+	if err != nil {
+		return nil, fmt.Errorf("network namespace of %d: %w", t.root, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, fmt.Errorf("network namespace of %d: %w", t.root, err)
+	}
+	defer h.Close()
+	links, err := h.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("network namespace of %d: links: %w", t.root, err)
+	}
+	out := &pb.NetNs{}
+	names := map[int]string{}
+	for _, l := range links {
+		a := l.Attrs()
+		names[a.Index] = a.Name
+		nl := &pb.NetLink{Name: a.Name, Mtu: uint32(a.MTU), HwAddr: a.HardwareAddr, Up: a.Flags&net.FlagUp != 0}
+		switch {
+		case a.Flags&net.FlagLoopback != 0:
+			nl.Kind = "loopback"
+		case l.Type() == "veth":
+			nl.Kind = "veth"
+		default:
+			return nil, fmt.Errorf("link %s (%s) in the network namespace of %d, which ferry does not save yet: %w", a.Name, l.Type(), t.root, ErrUnsupported)
+		}
+		addrs, err := h.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return nil, fmt.Errorf("addresses of %s: %w", a.Name, err)
+		}
+		for _, ad := range addrs {
+			if ad.IP.IsLinkLocalUnicast() && ad.IP.To4() == nil {
+				continue // made by the kernel when the link goes up
+			}
+			nl.Addrs = append(nl.Addrs, ad.IPNet.String())
+		}
+		out.Links = append(out.Links, nl)
+	}
+	routes, err := h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("routes: %w", err)
+	}
+	for _, r := range routes {
+		if r.Protocol == unix.RTPROT_KERNEL || r.Type != unix.RTN_UNICAST ||
+			(r.Dst != nil && r.Dst.IP.IsLinkLocalUnicast()) {
+			continue // derived from an address, or the kernel's own
+		}
+		nr := &pb.NetRoute{Family: int32(r.Family), Dev: names[r.LinkIndex], Scope: int32(r.Scope),
+			Protocol: int32(r.Protocol), Priority: int32(r.Priority)}
+		if r.Dst != nil {
+			nr.Dst = r.Dst.String()
+		}
+		if r.Gw != nil {
+			nr.Gw = r.Gw.String()
+		}
+		if r.Src != nil {
+			nr.Src = r.Src.String()
+		}
+		out.Routes = append(out.Routes, nr)
+	}
+	c, err := nftables.New(nftables.WithNetNSFd(int(ns)))
+	if err != nil {
+		return nil, err
+	}
+	defer c.CloseLasting()
+	tables, err := c.ListTables()
+	if err != nil {
+		return nil, fmt.Errorf("nftables of the network namespace of %d: %w", t.root, err)
+	}
+	for _, tb := range tables {
+		if !strings.HasPrefix(tb.Name, "ferry-lock-") {
+			return nil, fmt.Errorf("nftables table %s in the network namespace of %d: %w (its rules are not saved yet)", tb.Name, t.root, ErrUnsupported)
+		}
+	}
+	return out, nil
+}

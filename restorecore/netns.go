@@ -1,0 +1,135 @@
+package restorecore
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// VethPeer is where the outer end of a veth of the tree's network
+// namespace goes (criu's --external veth[IN]:OUT@BRIDGE): a link named
+// Out in ferry's network namespace, enslaved to Bridge if not empty.
+type VethPeer struct {
+	Out, Bridge string
+}
+
+// checkNetNs refuses, before anything is made, a veth whose outer end
+// the options do not place.
+func (r *restorer) checkNetNs() error {
+	if n := r.is.inv.NetNs; n != nil {
+		for _, l := range n.Links {
+			if _, ok := r.opts.Veths[l.Name]; l.Kind == "veth" && !ok {
+				return fmt.Errorf("%w: veth %s of the network namespace: name its end here with --external veth[%s]:NAME[@BRIDGE]", ErrValidation, l.Name, l.Name)
+			}
+		}
+	}
+	return nil
+}
+
+// makeNetNs sets up the new network namespace of the root (pid here) as
+// the images describe the tree's: loopback and veth links with their
+// MTU, addresses and state, then the routes. A veth is made from ferry's
+// namespace, its inner end moved in, its outer end named and enslaved as
+// Options.Veths says. Everything goes with the namespace if the restore
+// fails.
+func (r *restorer) makeNetNs(pid int) error {
+	n := r.is.inv.NetNs
+	ns, err := netns.GetFromPid(pid)
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	for _, l := range n.Links {
+		if l.Kind == "veth" {
+			peer := r.opts.Veths[l.Name] // checkNetNs
+			v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: peer.Out}, PeerName: l.Name, PeerNamespace: netlink.NsFd(int(ns))}
+			if err := netlink.LinkAdd(v); err != nil {
+				return fmt.Errorf("veth %s (%s here): %w", l.Name, peer.Out, err)
+			}
+			out, err := netlink.LinkByName(peer.Out)
+			if err != nil {
+				return err
+			}
+			if peer.Bridge != "" {
+				br, err := netlink.LinkByName(peer.Bridge)
+				if err != nil {
+					return fmt.Errorf("bridge %s for veth %s: %w", peer.Bridge, peer.Out, err)
+				}
+				if err := netlink.LinkSetMaster(out, br); err != nil {
+					return fmt.Errorf("veth %s into bridge %s: %w", peer.Out, peer.Bridge, err)
+				}
+			}
+			if err := netlink.LinkSetUp(out); err != nil {
+				return err
+			}
+		} else if l.Kind != "loopback" {
+			return fmt.Errorf("%w: link %s of kind %q", ErrValidation, l.Name, l.Kind)
+		}
+		link, err := h.LinkByName(l.Name)
+		if err != nil {
+			return fmt.Errorf("link %s: %w", l.Name, err)
+		}
+		if l.Mtu != 0 && int(l.Mtu) != link.Attrs().MTU {
+			if err := h.LinkSetMTU(link, int(l.Mtu)); err != nil {
+				return fmt.Errorf("link %s: MTU %d: %w", l.Name, l.Mtu, err)
+			}
+		}
+		if l.Kind == "veth" && len(l.HwAddr) > 0 {
+			if err := h.LinkSetHardwareAddr(link, net.HardwareAddr(l.HwAddr)); err != nil {
+				return fmt.Errorf("link %s: address %v: %w", l.Name, net.HardwareAddr(l.HwAddr), err)
+			}
+		}
+		for _, s := range l.Addrs {
+			a, err := netlink.ParseAddr(s)
+			if err != nil {
+				return fmt.Errorf("link %s: address %q: %w", l.Name, s, err)
+			}
+			if a.IP.To4() == nil {
+				a.Flags |= unix.IFA_F_NODAD // usable at once, as it was
+			}
+			if err := h.AddrAdd(link, a); err != nil && !errors.Is(err, unix.EEXIST) {
+				return fmt.Errorf("link %s: address %s: %w", l.Name, s, err)
+			}
+		}
+		if l.Up {
+			if err := h.LinkSetUp(link); err != nil {
+				return fmt.Errorf("link %s: up: %w", l.Name, err)
+			}
+		}
+	}
+	for _, rt := range n.Routes {
+		nr := &netlink.Route{Family: int(rt.Family), Scope: netlink.Scope(rt.Scope), Protocol: netlink.RouteProtocol(rt.Protocol),
+			Priority: int(rt.Priority), Table: unix.RT_TABLE_MAIN}
+		if rt.Dev != "" {
+			link, err := h.LinkByName(rt.Dev)
+			if err != nil {
+				return fmt.Errorf("route %s: link %s: %w", rt.Dst, rt.Dev, err)
+			}
+			nr.LinkIndex = link.Attrs().Index
+		}
+		if rt.Dst != "" {
+			if _, nr.Dst, err = net.ParseCIDR(rt.Dst); err != nil {
+				return fmt.Errorf("route %q: %w", rt.Dst, err)
+			}
+		}
+		nr.Gw, nr.Src = net.ParseIP(rt.Gw), net.ParseIP(rt.Src)
+		if err := h.RouteAdd(nr); err != nil && !errors.Is(err, unix.EEXIST) {
+			dst := rt.Dst
+			if dst == "" {
+				dst = "default"
+			}
+			return fmt.Errorf("route %s via %q dev %s: %w", dst, rt.Gw, rt.Dev, err)
+		}
+	}
+	r.log.Info("network namespace made", "links", len(n.Links), "routes", len(n.Routes))
+	return nil
+}
