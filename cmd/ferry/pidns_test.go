@@ -139,13 +139,13 @@ func TestLazyRestorePidNamespaceSameHost(t *testing.T) {
 }
 
 func TestDumpRefusesOtherNamespaces(t *testing.T) {
-	// A process with a network namespace of its own (not saved yet), and
+	// A process with an IPC namespace of its own (not saved yet), and
 	// one that is not its PID namespace's init: each dump fails naming
 	// the namespace, and the process runs on.
 	needRoot(t)
 	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "guard.py")
-	w := testutil.Start(t, "", "unshare", "--net", "python3", script)
-	checkRefused(t, w, "net namespace of its own")
+	w := testutil.Start(t, "", "unshare", "--ipc", "python3", script)
+	checkRefused(t, w, "ipc namespace of its own")
 	checkRunsOn(t, w)
 	u := testutil.Start(t, "", "unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "python3 "+script+" \"$0\"; :")
 	kids := proc.Children(u.Pid)
