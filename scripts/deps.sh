@@ -6,6 +6,7 @@ command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v python3 >/dev/null || need+=(python3)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null && command -v unshare >/dev/null || need+=(util-linux)
 command -v make >/dev/null || need+=(make)
 if ((${#need[@]})); then
 	if [[ $(id -u) -ne 0 ]]; then
