@@ -123,8 +123,8 @@ func (d *dumper) collectVmas(img *imageSet) error {
 		case KindSharedAnon:
 			pv.Flags = unix.MAP_SHARED | unix.MAP_ANONYMOUS
 			pv.ShmemIno = v.Inode
-			pv.Sysv = strings.HasPrefix(v.Name, "/SYSV") // its inode is the segment's id
-			if pv.Sysv {
+			pv.Sysv = strings.HasPrefix(v.Name, "/SYSV")           // its inode is the segment's id
+			if pv.Sysv && (d.t == nil || d.t.ownNs["ipc"] == "") { // else in ipc.img
 				var ds unix.SysvShmDesc
 				if _, err := unix.SysvShmCtl(int(v.Inode), unix.IPC_STAT, &ds); err != nil {
 					return fmt.Errorf("SysV shared memory %d at %#x: %w", v.Inode, v.Start, err)

@@ -16,8 +16,9 @@ var nsKinds = []string{"pid", "uts", "ipc", "net", "mnt", "user", "cgroup", "tim
 // checkNamespaces compares the tree's namespaces with ferry's. Every
 // process must be in the root's. Those of the root that are not ferry's
 // are the tree's own, and the dump must save them: a PID namespace whose
-// init is the root (pidNamespace), a UTS namespace (utsNamespace) and a
-// network namespace (netNamespace); any other kind is refused by name.
+// init is the root (pidNamespace), a UTS namespace (utsNamespace), a
+// network namespace (netNamespace) and an IPC namespace (ipcNamespace);
+// any other kind is refused by name.
 func (t *tree) checkNamespaces() error {
 	t.ownNs = map[string]string{}
 	for _, kind := range nsKinds {
@@ -40,7 +41,7 @@ func (t *tree) checkNamespaces() error {
 			continue
 		}
 		switch kind {
-		case "pid", "uts", "net":
+		case "pid", "uts", "net", "ipc":
 			t.ownNs[kind] = ns
 		default:
 			return fmt.Errorf("process %d has a %s namespace of its own (%s), which ferry does not save yet: %w", t.root, kind, ns, ErrUnsupported)

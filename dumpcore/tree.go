@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
@@ -49,6 +50,8 @@ type tree struct {
 	// there, and each process's group and session there.
 	vpids   map[int]int
 	vgroups map[int][2]int32
+	// ipc holds the SysV objects of an IPC namespace of the tree's own.
+	ipc []*pb.IpcObject
 }
 
 func newTree(opts Options) *tree {
@@ -372,6 +375,10 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 	if imgs[0].inv.NetNs, err = t.netNamespace(); err != nil {
 		return nil, err
 	}
+	if t.ipc, err = t.ipcNamespace(); err != nil {
+		return nil, err
+	}
+	imgs[0].inv.IpcNs = t.ownNs["ipc"] != ""
 	return imgs, t.checkSessions(imgs)
 }
 
@@ -518,6 +525,15 @@ func (e unsupported) Unwrap() []error { return []error{e.error, ErrUnsupported} 
 func (t *tree) write(imgs []*imageSet) error {
 	t.translatePids(imgs)
 	dir := t.opts.ImagesDir
+	if imgs[0].inv.IpcNs {
+		msgs := make([]proto.Message, len(t.ipc))
+		for i, o := range t.ipc {
+			msgs[i] = o
+		}
+		if err := images.WriteAll(dir, images.IpcName, images.KindIpc, msgs...); err != nil {
+			return err
+		}
+	}
 	if err := images.WriteAll(dir, images.InventoryName, images.KindInventory, imgs[0].inv); err != nil {
 		return err
 	}

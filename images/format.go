@@ -55,12 +55,13 @@ const (
 	KindFdinfo                    // fdinfo-PID.img: FdTable
 	KindStats                     // stats-dump, stats-restore: Stats
 	KindGhost                     // ghost-ID.img: GhostFile
+	KindIpc                       // ipc.img: IpcObject per SysV object of the tree's IPC namespace
 )
 
 var kindNames = [...]string{
 	KindInventory: "inventory", KindPstree: "pstree", KindCore: "core", KindMm: "mm",
 	KindPagemap: "pagemap", KindPages: "pages", KindFiles: "files", KindFdinfo: "fdinfo",
-	KindStats: "stats", KindGhost: "ghost",
+	KindStats: "stats", KindGhost: "ghost", KindIpc: "ipc",
 }
 
 func (k Kind) valid() bool { return k > 0 && int64(k) < int64(len(kindNames)) }

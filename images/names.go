@@ -11,6 +11,7 @@ const (
 	FilesName        = "files.img"     // KindFiles, one record per open file
 	StatsDumpName    = "stats-dump"    // KindStats, one record
 	StatsRestoreName = "stats-restore" // KindStats, one record
+	IpcName          = "ipc.img"       // KindIpc, one record per SysV object
 )
 
 // ID is what image file names are numbered by: PIDs (int, or pb's int32)

@@ -494,6 +494,9 @@ func (b *builder) restoreMemory() error {
 // v.ShmemIno) at v's address, if the segment is still there and v covers
 // it whole; otherwise v is made as shared anonymous memory (ok false).
 func (b *builder) attachSysv(v *pb.Vma) (ok bool, err error) {
+	if b.r.is.inv.IpcNs {
+		return true, b.shmat(v) // made whole in the tree's IPC namespace (makeIpcNs)
+	}
 	var ds unix.SysvShmDesc
 	if _, err := unix.SysvShmCtl(int(v.ShmemIno), unix.IPC_STAT, &ds); err != nil {
 		if v.SysvSeg == nil {
@@ -511,6 +514,12 @@ func (b *builder) attachSysv(v *pb.Vma) (ok bool, err error) {
 		b.r.log.Warn("SysV shared memory attached in part: restored as shared anonymous memory", "shmid", v.ShmemIno)
 		return false, nil
 	}
+	return true, b.shmat(v)
+}
+
+// shmat attaches the segment of v (its id is v.ShmemIno) at v's address,
+// inside the process.
+func (b *builder) shmat(v *pb.Vma) error {
 	flags := uint64(0)
 	if v.Prot&unix.PROT_WRITE == 0 {
 		flags |= unix.SHM_RDONLY
@@ -521,12 +530,12 @@ func (b *builder) attachSysv(v *pb.Vma) (ok bool, err error) {
 	}
 	got, err := b.sys(unix.SYS_SHMAT, v.ShmemIno, v.Start, flags)
 	if err != nil {
-		return false, fmt.Errorf("shmat %d at %#x: %w", v.ShmemIno, v.Start, err)
+		return fmt.Errorf("shmat %d at %#x: %w", v.ShmemIno, v.Start, err)
 	}
 	if got != v.Start {
-		return false, fmt.Errorf("shmat %d landed at %#x, not %#x", v.ShmemIno, got, v.Start)
+		return fmt.Errorf("shmat %d landed at %#x, not %#x", v.ShmemIno, got, v.Start)
 	}
-	return true, nil
+	return nil
 }
 
 // makeSysv makes the SysV shared memory segment id again where it is

@@ -154,8 +154,9 @@ type restorer struct {
 	// by the pidfds' inode.
 	dead map[uint64]int
 	// sysvMade are the SysV segments made again (makeSysv), sysvRemoved
-	// those of them to remove once the tree holds them.
-	sysvMade, sysvRemoved []int
+	// those of them to remove once the tree holds them; ipcRemoved those
+	// to remove in the tree's own IPC namespace (makeIpcNs).
+	sysvMade, sysvRemoved, ipcRemoved []int
 	// ferryFd: in a new PID namespace, where each fd table keeps ferry's
 	// pidfd (clearFds), by the image PID of the process that restored it.
 	ferryFd map[int32]uint64
@@ -247,6 +248,11 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 			return nil, fmt.Errorf("network namespace: %w", err)
 		}
 	}
+	if r.is.inv.IpcNs {
+		if err := r.makeIpcNs(root); err != nil {
+			return nil, fmt.Errorf("IPC namespace: %w", err)
+		}
+	}
 
 	for _, stage := range []string{"setup-namespaces", "post-setup-namespaces"} {
 		if err := r.action(stage, root); err != nil {
@@ -276,6 +282,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		return nil, err
 	}
 	r.dropFerryPidfds(builders)
+	if r.is.inv.IpcNs {
+		r.removeIpcRemoved(root)
+	}
 	// Every process is ready: let them go, children before parents.
 	res = &Result{Root: root}
 	for i := len(builders) - 1; i >= 0; i-- {

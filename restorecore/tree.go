@@ -52,6 +52,9 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				if r.is.inv.NetNs != nil {
 					flags |= unix.CLONE_NEWNET
 				}
+				if r.is.inv.IpcNs {
+					flags |= unix.CLONE_NEWIPC
+				}
 			}
 			pid, err := remoteClone(from, stackScratch(from), flags, uint64(s.ExitSignal), int(s.Pid))
 			if err != nil {

@@ -139,13 +139,13 @@ func TestLazyRestorePidNamespaceSameHost(t *testing.T) {
 }
 
 func TestDumpRefusesOtherNamespaces(t *testing.T) {
-	// A process with an IPC namespace of its own (not saved yet), and
+	// A process with a cgroup namespace of its own (not saved yet), and
 	// one that is not its PID namespace's init: each dump fails naming
 	// the namespace, and the process runs on.
 	needRoot(t)
 	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "guard.py")
-	w := testutil.Start(t, "", "unshare", "--ipc", "python3", script)
-	checkRefused(t, w, "ipc namespace of its own")
+	w := testutil.Start(t, "", "unshare", "--cgroup", "python3", script)
+	checkRefused(t, w, "cgroup namespace of its own")
 	checkRunsOn(t, w)
 	u := testutil.Start(t, "", "unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "python3 "+script+" \"$0\"; :")
 	kids := proc.Children(u.Pid)
@@ -247,4 +247,14 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 		t.Fatalf("the server answers %q after the restore, want %q", got, before.Token)
 	}
 	checkSelf(t, r)
+}
+
+func TestDumpRestoreIpcNamespace(t *testing.T) {
+	// A process with an IPC namespace of its own: its segments (attached
+	// or not, one removed while attached), its message queue and its
+	// semaphores come back in a new IPC namespace with their ids, keys,
+	// modes and contents.
+	needRoot(t)
+	w := testutil.Start(t, "", "unshare", "--ipc", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "ipcns.py"))
+	checkAcross(t, w)
 }
