@@ -42,8 +42,11 @@ type Options struct {
 	KeepNetworkLock bool
 	// Veths (--external veth[IN]:OUT@BRIDGE) name, by the inner name of
 	// each veth of the tree's network namespace, where its outer end goes.
-	Veths  map[string]VethPeer
-	Logger *slog.Logger
+	Veths map[string]VethPeer
+	// Sibling (--restore-sibling): the root is a child of ferry's parent,
+	// not of ferry (criu's RPC clients wait for it themselves).
+	Sibling bool
+	Logger  *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and
@@ -202,7 +205,7 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		return nil, err
 	}
 	r.ferryFd = map[int32]uint64{}
-	seed, err := startSeed(r.is.inv.PidNs)
+	seed, err := startSeed(r.is.inv.PidNs, r.opts.Sibling)
 	if err != nil {
 		return nil, err
 	}

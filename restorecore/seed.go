@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -71,8 +72,10 @@ func seedELF(firstClosed byte) []byte {
 // startSeed execs the seed from a memfd, untraced; the caller seizes it.
 //
 // With ferryPidfd the seed also has a pidfd of ferry at fd 4
-// (seedFerryPidfd), for a tree in a PID namespace of its own.
-func startSeed(ferryPidfd bool) (*exec.Cmd, error) {
+// (seedFerryPidfd), for a tree in a PID namespace of its own. With
+// sibling the seed, and so the root cloned from it with CLONE_PARENT, is
+// a child of ferry's parent.
+func startSeed(ferryPidfd, sibling bool) (*exec.Cmd, error) {
 	fd, err := unix.MemfdCreate("ferry-seed", unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, os.NewSyscallError("memfd_create", err)
@@ -99,6 +102,9 @@ func startSeed(ferryPidfd bool) (*exec.Cmd, error) {
 		cmd.ExtraFiles = append(cmd.ExtraFiles, pf)
 	}
 	cmd.Env = []string{}
+	if sibling {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_PARENT}
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start seed: %w", err)
 	}

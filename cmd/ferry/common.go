@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -126,7 +127,10 @@ func writePidfile(path string, pid int) error {
 	return os.WriteFile(path, []byte(strconv.Itoa(pid)+"\n"), 0o644)
 }
 
-// actions returns the --action-script runner for this command.
-func (c *common) actions() *actionScripts {
-	return &actionScripts{scripts: c.scripts, dir: c.imagesDir}
+// actions returns the --action-script runner for this command; in criu's
+// RPC service (swrk) it also sends each stage to the client as a
+// notification (ctx carries the notifier).
+func (c *common) actions(ctx context.Context) *actionScripts {
+	n, _ := ctx.Value(notifierKey{}).(notifier)
+	return &actionScripts{scripts: c.scripts, dir: c.imagesDir, notify: n}
 }

@@ -89,11 +89,16 @@ the fd and the object. stats-dump is always written to the work directory.`,
 			var extUnixSk []uint64
 			for _, x := range externals {
 				// criu's --external RES: unix[INODE], a unix socket's
-				// peer outside the dump, as --ext-unix-sk INODE.
+				// peer outside the dump, as --ext-unix-sk INODE. A veth
+				// (veth[IN]) needs nothing at the dump: the restore
+				// names its outer end.
+				if strings.HasPrefix(x, "veth[") {
+					continue
+				}
 				v, ok := strings.CutPrefix(x, "unix[")
 				ino, err := strconv.ParseUint(strings.TrimSuffix(v, "]"), 10, 64)
 				if !ok || !strings.HasSuffix(v, "]") || err != nil {
-					return fmt.Errorf("--external %q: want unix[INODE] (the other kinds come with namespaces)", x)
+					return fmt.Errorf("--external %q: want unix[INODE] or veth[IN] (the other kinds come with mount namespaces)", x)
 				}
 				extUnixSk = append(extUnixSk, ino)
 			}
@@ -158,7 +163,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				defer release()
 				sink = s
 			}
-			acts := c.actions()
+			acts := c.actions(cmd.Context())
 			if err := acts.run("pre-dump", 0); err != nil {
 				return fmt.Errorf("dump: %w", err)
 			}

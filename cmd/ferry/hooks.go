@@ -14,9 +14,20 @@ import (
 type actionScripts struct {
 	scripts []string
 	dir     string
+	notify  notifier
 }
 
+// notifier sends a stage to criu's RPC client and waits for its answer.
+type notifier func(stage string, pid int) error
+
+type notifierKey struct{}
+
 func (a *actionScripts) run(stage string, pid int) error {
+	if a.notify != nil {
+		if err := a.notify(stage, pid); err != nil {
+			return err
+		}
+	}
 	h := hooks.Scripts{Paths: a.scripts, Env: []string{"CRTOOLS_IMAGE_DIR=" + a.dir}}
 	if pid > 0 {
 		return h.Run(stage, "CRTOOLS_INIT_PID="+strconv.Itoa(pid))
@@ -26,7 +37,7 @@ func (a *actionScripts) run(stage string, pid int) error {
 
 // dumpHook adapts run to dumpcore's Options.Action.
 func (a *actionScripts) dumpHook() func(string) error {
-	if len(a.scripts) == 0 {
+	if len(a.scripts) == 0 && a.notify == nil {
 		return nil
 	}
 	return func(stage string) error { return a.run(stage, 0) }
@@ -34,7 +45,7 @@ func (a *actionScripts) dumpHook() func(string) error {
 
 // restoreHook adapts run to restorecore's Options.Action.
 func (a *actionScripts) restoreHook() func(string, int) error {
-	if len(a.scripts) == 0 {
+	if len(a.scripts) == 0 && a.notify == nil {
 		return nil
 	}
 	return a.run

@@ -71,7 +71,7 @@ copies the same way (the log says so).`,
 				return err
 			}
 			defer release()
-			acts := c.actions()
+			acts := c.actions(cmd.Context())
 			if err := acts.run("pre-dump", 0); err != nil {
 				return fmt.Errorf("pre-dump: %w", err)
 			}

@@ -29,6 +29,7 @@ func newRestoreCmd() *cobra.Command {
 		displayStats bool
 		lazy         bool
 		externals    []string
+		sibling      bool
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -68,7 +69,7 @@ process runs; the process is then re-parented to init.`,
 			if err != nil {
 				return err
 			}
-			acts := c.actions()
+			acts := c.actions(cmd.Context())
 			if err := acts.run("pre-restore", 0); err != nil {
 				return fmt.Errorf("restoring failed: %w", err)
 			}
@@ -76,7 +77,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, Veths: veths,
+				TCPClose: tcpClose, Veths: veths, Sibling: sibling,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -92,7 +93,7 @@ process runs; the process is then re-parented to init.`,
 				printRestoreStats(cmd, res.Stats)
 			}
 			log.Info("restore finished successfully", "pid", res.Root)
-			if detached {
+			if detached || sibling {
 				return nil
 			}
 			var ws unix.WaitStatus
@@ -125,6 +126,7 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolVarP(&shellJob, "shell-job", "j", false, "restore a shell job: terminals become ferry's own")
 	fs.StringVar(&pidfile, "pidfile", "", "write the restored root's PID to FILE")
 	fs.BoolVar(&displayStats, "display-stats", false, "print restore statistics when done")
+	fs.BoolVar(&sibling, "restore-sibling", false, "make the root a child of ferry's parent, not of ferry (implies -d)")
 	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages (post-copy)")
 	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")
 	const compat = "accepted for criu compatibility: the restore does what the images say"

@@ -1,0 +1,379 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/kernel"
+)
+
+func init() { register(newSwrkCmd) }
+
+// criuMajor and criuMinor are the criu release whose protocol ferry's RPC
+// service follows, as VERSION answers it (with the name "ferry VERSION").
+const criuMajor, criuMinor = 4, 2
+
+func newSwrkCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "swrk FD",
+		Short: "serve criu's RPC protocol on an inherited socket, as criu swrk does",
+		Long: `Serve criu's RPC protocol (protobuf criu_req / criu_resp messages over a
+SOCK_SEQPACKET socket) on the socket at file descriptor FD, the way
+"criu swrk FD" does for container engines (runc, podman, containerd) and
+go-criu: a program that runs criu as its RPC worker can run ferry instead.
+
+Requests served: VERSION (criu 4.2's protocol, name "ferry VERSION"), CHECK,
+FEATURE_CHECK, DUMP, PRE_DUMP and RESTORE, with the options of criu_opts
+that ferry has (see the README); an option ferry does not have fails the
+request with a message naming it. With notify_scripts the client is
+sent each action-script stage (pre-dump, post-dump, network-lock,
+setup-namespaces, post-restore, pre-resume, ...) and must answer before
+ferry goes on. images_dir_fd and work_dir_fd are descriptors of the
+client: ferry opens them through /proc/CLIENT/fd. One request is served,
+or more with keep_open.`,
+		Example: `  # what go-criu and runc do, with ferry as the criu binary
+  runc --criu /usr/local/bin/ferry checkpoint CONTAINER`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			fd, err := strconv.Atoi(args[0])
+			if err != nil || fd < 0 {
+				return fmt.Errorf("swrk: %q is not a file descriptor", args[0])
+			}
+			return serveRPC(cmd.Context(), os.NewFile(uintptr(fd), "swrk"))
+		},
+	}
+}
+
+// rpcConn is one client of criu's RPC protocol.
+type rpcConn struct {
+	f    *os.File
+	peer *unix.Ucred
+	buf  []byte
+}
+
+// serveRPC serves the requests of the client at f until one comes
+// without keep_open, or the client hangs up.
+func serveRPC(ctx context.Context, f *os.File) error {
+	defer f.Close()
+	peer, err := unix.GetsockoptUcred(int(f.Fd()), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	if err != nil {
+		return fmt.Errorf("swrk: the client's credentials: %w", err)
+	}
+	c := &rpcConn{f: f, peer: peer, buf: make([]byte, 1<<20)}
+	for {
+		req, err := c.recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := c.send(c.handle(ctx, req)); err != nil {
+			return err
+		}
+		if !req.GetKeepOpen() {
+			return nil
+		}
+	}
+}
+
+func (c *rpcConn) recv() (*rpc.CriuReq, error) {
+	n, err := c.f.Read(c.buf)
+	if n == 0 || errors.Is(err, io.EOF) {
+		return nil, io.EOF
+	}
+	if err != nil {
+		return nil, fmt.Errorf("swrk: read a request: %w", err)
+	}
+	req := &rpc.CriuReq{}
+	if err := proto.Unmarshal(c.buf[:n], req); err != nil {
+		return nil, fmt.Errorf("swrk: a request of %d bytes: %w", n, err)
+	}
+	return req, nil
+}
+
+func (c *rpcConn) send(resp *rpc.CriuResp) error {
+	b, err := proto.Marshal(resp)
+	if err != nil {
+		return err
+	}
+	if _, err := c.f.Write(b); err != nil {
+		return fmt.Errorf("swrk: send the answer: %w", err)
+	}
+	return nil
+}
+
+// notify sends stage to the client and waits for its answer
+// (notify_scripts).
+func (c *rpcConn) notify(stage string, pid int) error {
+	err := c.send(&rpc.CriuResp{Type: rpc.CriuReqType_NOTIFY.Enum(), Success: proto.Bool(true),
+		Notify: &rpc.CriuNotify{Script: proto.String(stage), Pid: proto.Int32(int32(pid))}})
+	if err != nil {
+		return err
+	}
+	ack, err := c.recv()
+	if err != nil {
+		return fmt.Errorf("notification %s: %w", stage, err)
+	}
+	if ack.GetType() != rpc.CriuReqType_NOTIFY || !ack.GetNotifySuccess() {
+		return fmt.Errorf("the RPC client failed the notification %s", stage)
+	}
+	return nil
+}
+
+func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
+	typ := req.GetType()
+	resp := &rpc.CriuResp{Type: typ.Enum(), Success: proto.Bool(false)}
+	fail := func(err error) *rpc.CriuResp {
+		resp.CrErrmsg = proto.String(err.Error())
+		return resp
+	}
+	switch typ {
+	case rpc.CriuReqType_VERSION:
+		// No gitid: clients read one as a development release of the
+		// next version.
+		resp.Version = &rpc.CriuVersion{MajorNumber: proto.Int32(criuMajor), MinorNumber: proto.Int32(criuMinor),
+			Name: proto.String("ferry " + version)}
+	case rpc.CriuReqType_CHECK:
+		if err := c.run(ctx, []string{"check"}); err != nil {
+			return fail(err)
+		}
+	case rpc.CriuReqType_FEATURE_CHECK:
+		p := kernel.Default()
+		f, want := &rpc.CriuFeatures{}, req.GetFeatures()
+		if want.MemTrack != nil {
+			f.MemTrack = proto.Bool(p.Check("uffd-wp-async") == nil)
+		}
+		if want.LazyPages != nil {
+			f.LazyPages = proto.Bool(p.Check("userfaultfd") == nil)
+		}
+		if want.PidfdStore != nil {
+			f.PidfdStore = proto.Bool(false)
+		}
+		resp.Features = f
+	case rpc.CriuReqType_DUMP, rpc.CriuReqType_PRE_DUMP:
+		args, err := c.dumpArgs(typ, req.GetOpts())
+		if err != nil {
+			return fail(err)
+		}
+		if err := c.run(c.notifying(ctx, req.GetOpts()), args); err != nil {
+			return fail(err)
+		}
+		resp.Dump = &rpc.CriuDumpResp{}
+	case rpc.CriuReqType_RESTORE:
+		pidfile := filepath.Join(os.TempDir(), fmt.Sprintf("ferry-swrk-%d.pid", os.Getpid()))
+		defer os.Remove(pidfile)
+		args, err := c.restoreArgs(req.GetOpts(), pidfile)
+		if err != nil {
+			return fail(err)
+		}
+		if err := c.run(c.notifying(ctx, req.GetOpts()), args); err != nil {
+			return fail(err)
+		}
+		b, err := os.ReadFile(pidfile)
+		if err != nil {
+			return fail(err)
+		}
+		pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		resp.Restore = &rpc.CriuRestoreResp{Pid: proto.Int32(int32(pid))}
+	default:
+		return fail(fmt.Errorf("request %v: not served by ferry", typ))
+	}
+	resp.Success = proto.Bool(true)
+	return resp
+}
+
+// notifying returns ctx carrying the client as the action-script
+// notifier, if the options ask for notifications.
+func (c *rpcConn) notifying(ctx context.Context, o *rpc.CriuOpts) context.Context {
+	if !o.GetNotifyScripts() {
+		return ctx
+	}
+	return context.WithValue(ctx, notifierKey{}, notifier(c.notify))
+}
+
+// run runs a ferry command line in this process; its error output is
+// the error.
+func (c *rpcConn) run(ctx context.Context, args []string) error {
+	var out bytes.Buffer
+	if code := runContext(ctx, args, io.Discard, &out); code != 0 {
+		msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out.String()), "Error: "))
+		if msg == "" {
+			msg = fmt.Sprintf("ferry %s: exit status %d", args[0], code)
+		}
+		return errors.New(msg)
+	}
+	return nil
+}
+
+// clientPath names the client's descriptor fd.
+func (c *rpcConn) clientPath(fd int32) string {
+	return fmt.Sprintf("/proc/%d/fd/%d", c.peer.Pid, fd)
+}
+
+// commonArgs maps the criu_opts both dump and restore have.
+func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
+	var args []string
+	switch {
+	case o.GetImagesDirFd() >= 0:
+		args = append(args, "-D", c.clientPath(o.GetImagesDirFd()))
+	case o.GetImagesDir() != "":
+		args = append(args, "-D", o.GetImagesDir())
+	default:
+		return nil, errors.New("criu_opts: neither images_dir_fd nor images_dir")
+	}
+	if o.WorkDirFd != nil {
+		args = append(args, "-W", c.clientPath(o.GetWorkDirFd()))
+	}
+	if o.LogFile != nil {
+		if strings.Contains(o.GetLogFile(), "/") {
+			return nil, fmt.Errorf("criu_opts: log_file %q: no directories (use work_dir_fd)", o.GetLogFile())
+		}
+		args = append(args, "-o", o.GetLogFile())
+	}
+	args = append(args, "-v"+strconv.Itoa(int(o.GetLogLevel())))
+	for _, b := range []struct {
+		set  bool
+		flag string
+	}{{o.GetShellJob(), "--shell-job"}, {o.GetTcpEstablished(), "--tcp-established"}, {o.GetFileLocks(), "--file-locks"},
+		{o.GetLinkRemap(), "--link-remap"}, {o.GetTcpClose(), "--tcp-close"}, {o.GetDisplayStats(), "--display-stats"},
+		{o.GetLazyPages(), "--lazy-pages"}, {o.GetLeaveStopped(), "--leave-stopped"}} {
+		if b.set {
+			args = append(args, b.flag)
+		}
+	}
+	for _, x := range o.GetExternal() {
+		args = append(args, "--external", x)
+	}
+	for _, v := range o.GetVeths() {
+		args = append(args, "--external", fmt.Sprintf("veth[%s]:%s", v.GetIfIn(), v.GetIfOut()))
+	}
+	// What ferry does not do yet fails the request, naming the option.
+	for _, u := range []struct {
+		set  bool
+		name string
+	}{{o.GetRoot() != "", "root"}, {len(o.GetExtMnt()) > 0, "ext_mnt"}, {len(o.GetInheritFd()) > 0, "inherit_fd"},
+		{len(o.GetJoinNs()) > 0, "join_ns"}, {o.GetManageCgroups() || len(o.GetCgRoot()) > 0, "manage_cgroups/cg_root"},
+		{len(o.GetExecCmd()) > 0, "exec_cmd"}, {o.GetEmptyNs() != 0, "empty_ns"}, {o.GetFreezeCgroup() != "", "freeze_cgroup"},
+		{o.GetUnprivileged(), "unprivileged"}} {
+		if u.set {
+			return nil, fmt.Errorf("criu_opts: %s: not supported by ferry yet", u.name)
+		}
+	}
+	return args, nil
+}
+
+func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, error) {
+	args, err := c.commonArgs(o)
+	if err != nil {
+		return nil, err
+	}
+	cmd := "dump"
+	if typ == rpc.CriuReqType_PRE_DUMP {
+		cmd = "pre-dump"
+	}
+	pid := o.GetPid()
+	if pid == 0 {
+		pid = c.peer.Pid // criu's default: the requesting process
+	}
+	if err := c.mayDump(int(pid)); err != nil {
+		return nil, err
+	}
+	args = append([]string{cmd, "-t", strconv.Itoa(int(pid))}, args...)
+	if o.GetLeaveRunning() && typ == rpc.CriuReqType_DUMP {
+		args = append(args, "--leave-running")
+	}
+	if o.GetExtUnixSk() {
+		args = append(args, "--ext-unix-sk")
+	}
+	if o.GetTrackMem() {
+		args = append(args, "--track-mem")
+	}
+	if o.GetAutoDedup() {
+		args = append(args, "--auto-dedup")
+	}
+	if o.ParentImg != nil {
+		args = append(args, "--prev-images-dir", o.GetParentImg())
+	}
+	if o.GetTcpSkipInFlight() {
+		args = append(args, "--skip-in-flight")
+	}
+	if o.Timeout != nil {
+		args = append(args, "--timeout", strconv.Itoa(int(o.GetTimeout())))
+	}
+	if o.GhostLimit != nil {
+		args = append(args, "--ghost-limit", strconv.Itoa(int(o.GetGhostLimit())))
+	}
+	if o.NetworkLock != nil {
+		args = append(args, "--network-lock", strings.ToLower(o.GetNetworkLock().String()))
+	}
+	if ps := o.GetPs(); ps != nil {
+		args = append(args, "--page-server", "--address", ps.GetAddress(), "--port", strconv.Itoa(int(ps.GetPort())))
+	}
+	return args, nil
+}
+
+func (c *rpcConn) restoreArgs(o *rpc.CriuOpts, pidfile string) ([]string, error) {
+	args, err := c.commonArgs(o)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.mayRestore(args[1]); err != nil {
+		return nil, err
+	}
+	args = append([]string{"restore", "-d", "--pidfile", pidfile}, args...)
+	if o.GetRstSibling() {
+		args = append(args, "--restore-sibling")
+	}
+	return args, nil
+}
+
+// mayRestore refuses a client that is not root images of a process of
+// another user (the root's credentials in dir).
+func (c *rpcConn) mayRestore(dir string) error {
+	if c.peer.Uid == 0 {
+		return nil
+	}
+	var inv pb.Inventory
+	if err := images.ReadOne(dir, images.InventoryName, images.KindInventory, &inv); err != nil {
+		return err
+	}
+	var core pb.TaskCore
+	if err := images.ReadOne(dir, images.CoreName(inv.RootPid), images.KindCore, &core); err != nil {
+		return err
+	}
+	if uid := core.GetCreds().GetUid(); uid != c.peer.Uid {
+		return fmt.Errorf("the images are of a process of uid %d, not of the client's %d", uid, c.peer.Uid)
+	}
+	return nil
+}
+
+// mayDump refuses a client that is not root a process of another user
+// (criu's rule for its service).
+func (c *rpcConn) mayDump(pid int) error {
+	if c.peer.Uid == 0 {
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(fmt.Sprintf("/proc/%d", pid), &st); err != nil {
+		return fmt.Errorf("process %d: %w", pid, err)
+	}
+	if st.Uid != c.peer.Uid {
+		return fmt.Errorf("process %d belongs to uid %d, not to the client's %d", pid, st.Uid, c.peer.Uid)
+	}
+	return nil
+}
