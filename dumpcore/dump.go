@@ -74,6 +74,9 @@ type Options struct {
 	// not accepted yet are left behind (their peers see them reset);
 	// otherwise one fails the dump.
 	SkipInFlight bool
+	// CgroupControllers (--cgroup-dump-controller): save only the
+	// hierarchies holding one of these controllers (all when empty).
+	CgroupControllers []string
 	// FileLocks (--file-locks) dumps the file locks the process holds;
 	// otherwise a lock fails the dump.
 	FileLocks bool

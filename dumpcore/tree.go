@@ -379,6 +379,9 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		return nil, err
 	}
 	imgs[0].inv.IpcNs = t.ownNs["ipc"] != ""
+	if err := t.collectCgroups(imgs); err != nil {
+		return nil, err
+	}
 	return imgs, t.checkSessions(imgs)
 }
 

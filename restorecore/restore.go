@@ -46,7 +46,12 @@ type Options struct {
 	// Sibling (--restore-sibling): the root is a child of ferry's parent,
 	// not of ferry (criu's RPC clients wait for it themselves).
 	Sibling bool
-	Logger  *slog.Logger
+	// ManageCgroups (--manage-cgroups) is one of the Cgroups* modes
+	// ("" is soft); CgroupRoot (--cgroup-root) moves the images' cgroups
+	// under another path, by controller ("" for every hierarchy).
+	ManageCgroups string
+	CgroupRoot    map[string]string
+	Logger        *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and
@@ -163,6 +168,8 @@ type restorer struct {
 	// ferryFd: in a new PID namespace, where each fd table keeps ferry's
 	// pidfd (clearFds), by the image PID of the process that restored it.
 	ferryFd map[int32]uint64
+	// cgroupsKept: the restore succeeded, the cgroups it made stay.
+	cgroupsKept bool
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
@@ -246,6 +253,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	r.stats.ForkingTimeUs = uint64(time.Since(forkStart).Microseconds())
 	root := tasks[r.is.procs[0].pstree.Pid].Tid
+	if err := r.placeCgroups(tasks); err != nil {
+		return nil, fmt.Errorf("cgroups: %w", err)
+	}
 	if r.is.inv.NetNs != nil {
 		if err := r.makeNetNs(root); err != nil {
 			return nil, fmt.Errorf("network namespace: %w", err)
@@ -289,6 +299,7 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		r.removeIpcRemoved(root)
 	}
 	// Every process is ready: let them go, children before parents.
+	r.cgroupsKept = true
 	res = &Result{Root: root}
 	for i := len(builders) - 1; i >= 0; i-- {
 		if err := builders[i].finish(); err != nil {

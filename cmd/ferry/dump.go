@@ -18,30 +18,31 @@ func init() { register(newDumpCmd) }
 
 func newDumpCmd() *cobra.Command {
 	var (
-		c            common
-		pid          int
-		leaveRunning bool
-		leaveStopped bool
-		shellJob     bool
-		timeout      int
-		pidfile      string
-		displayStats bool
-		dedup        bool
-		ps           psFlags
-		lazy         bool
-		statusFd     int
-		ghostLimit   string
-		prevDir      string
-		trackMem     bool
-		background   bool
-		tcpEst       bool
-		netLock      string
-		extUnix      string
-		externals    []string
-		fileLocks    bool
-		tcpClose     bool
-		skipInFlight bool
-		linkRemap    bool
+		c             common
+		pid           int
+		leaveRunning  bool
+		leaveStopped  bool
+		shellJob      bool
+		timeout       int
+		pidfile       string
+		displayStats  bool
+		dedup         bool
+		ps            psFlags
+		lazy          bool
+		statusFd      int
+		ghostLimit    string
+		prevDir       string
+		trackMem      bool
+		background    bool
+		tcpEst        bool
+		netLock       string
+		extUnix       string
+		externals     []string
+		cgControllers []string
+		fileLocks     bool
+		tcpClose      bool
+		skipInFlight  bool
+		linkRemap     bool
 	)
 	cmd := &cobra.Command{
 		Use:   "dump -t PID -D DIR [options]",
@@ -82,6 +83,9 @@ the fd and the object. stats-dump is always written to the work directory.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if pid <= 0 {
 				return errors.New("dump: -t/--tree PID is required")
+			}
+			if f := cmd.Flags().Lookup("freeze-cgroup"); f.Changed {
+				return errors.New("dump: --freeze-cgroup: not supported yet (ferry freezes the tree with ptrace)")
 			}
 			if leaveRunning && leaveStopped {
 				return errors.New("dump: --leave-running and --leave-stopped exclude each other")
@@ -173,7 +177,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -220,6 +224,10 @@ the fd and the object. stats-dump is always written to the work directory.`,
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
 	fs.StringArrayVar(&externals, "external", nil, "a resource outside the dump, as criu names it; so far unix[INODE]: a unix socket of another process that a datagram socket of the tree is connected to (as --ext-unix-sk INODE); repeatable")
 	fs.BoolVar(&tcpEst, "tcp-established", false, "dump established TCP connections (TCP_REPAIR); the restored process takes them over without the peer noticing")
+	fs.StringArrayVar(&cgControllers, "cgroup-dump-controller", nil, "save only the cgroup hierarchies holding CONTROLLER (repeatable; all by default)")
+	fs.String("manage-cgroups", "soft", "accepted for criu compatibility: the dump always saves the cgroups and their properties; the restore's --manage-cgroups decides")
+	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
+	fs.String("freeze-cgroup", "", "not supported yet: ferry freezes with ptrace")
 	fs.BoolVar(&background, "background", false, "background snapshot (implies -R): copy memory while the process runs, then freeze it only to copy what it wrote meanwhile and its other state; the images show it as it was at that freeze")
 	return cmd
 }

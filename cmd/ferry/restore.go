@@ -30,6 +30,8 @@ func newRestoreCmd() *cobra.Command {
 		lazy         bool
 		externals    []string
 		sibling      bool
+		cgMode       string
+		cgRoots      []string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -69,6 +71,17 @@ process runs; the process is then re-parented to init.`,
 			if err != nil {
 				return err
 			}
+			cgRoot := map[string]string{}
+			for _, x := range cgRoots {
+				ctrl, path, ok := strings.Cut(x, ":")
+				if !ok {
+					ctrl, path = "", x
+				}
+				if !strings.HasPrefix(path, "/") {
+					return fmt.Errorf("--cgroup-root %q: want [CONTROLLER:]/PATH", x)
+				}
+				cgRoot[ctrl] = path
+			}
 			acts := c.actions(cmd.Context())
 			if err := acts.run("pre-restore", 0); err != nil {
 				return fmt.Errorf("restoring failed: %w", err)
@@ -77,7 +90,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, Veths: veths, Sibling: sibling,
+				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -126,6 +139,9 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolVarP(&shellJob, "shell-job", "j", false, "restore a shell job: terminals become ferry's own")
 	fs.StringVar(&pidfile, "pidfile", "", "write the restored root's PID to FILE")
 	fs.BoolVar(&displayStats, "display-stats", false, "print restore statistics when done")
+	fs.StringVar(&cgMode, "manage-cgroups", "soft", "put the processes into their cgroups: soft (make missing ones, with their properties), full (also set existing ones' properties), strict (as full; a property that cannot be set fails), props (they must exist; set properties), none (they must exist), ignore (leave the processes in ferry's)")
+	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
+	fs.StringArrayVar(&cgRoots, "cgroup-root", nil, "[CONTROLLER:]/PATH: make the images' cgroups under PATH (for CONTROLLER's hierarchy, or all); repeatable")
 	fs.BoolVar(&sibling, "restore-sibling", false, "make the root a child of ferry's parent, not of ferry (implies -d)")
 	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages (post-copy)")
 	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")

@@ -267,7 +267,7 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 		set  bool
 		name string
 	}{{o.GetRoot() != "", "root"}, {len(o.GetExtMnt()) > 0, "ext_mnt"}, {len(o.GetInheritFd()) > 0, "inherit_fd"},
-		{len(o.GetJoinNs()) > 0, "join_ns"}, {o.GetManageCgroups() || len(o.GetCgRoot()) > 0, "manage_cgroups/cg_root"},
+		{len(o.GetJoinNs()) > 0, "join_ns"},
 		{len(o.GetExecCmd()) > 0, "exec_cmd"}, {o.GetEmptyNs() != 0, "empty_ns"}, {o.GetFreezeCgroup() != "", "freeze_cgroup"},
 		{o.GetUnprivileged(), "unprivileged"}} {
 		if u.set {
@@ -336,6 +336,19 @@ func (c *rpcConn) restoreArgs(o *rpc.CriuOpts, pidfile string) ([]string, error)
 		return nil, err
 	}
 	args = append([]string{"restore", "-d", "--pidfile", pidfile}, args...)
+	if o.ManageCgroupsMode != nil {
+		mode := map[rpc.CriuCgMode]string{rpc.CriuCgMode_IGNORE: "ignore", rpc.CriuCgMode_CG_NONE: "none",
+			rpc.CriuCgMode_PROPS: "props", rpc.CriuCgMode_SOFT: "soft", rpc.CriuCgMode_FULL: "full",
+			rpc.CriuCgMode_STRICT: "strict", rpc.CriuCgMode_DEFAULT: "soft"}[o.GetManageCgroupsMode()]
+		args = append(args, "--manage-cgroups="+mode)
+	}
+	for _, cr := range o.GetCgRoot() {
+		root := cr.GetPath()
+		if cr.GetCtrl() != "" {
+			root = cr.GetCtrl() + ":" + root
+		}
+		args = append(args, "--cgroup-root", root)
+	}
 	if o.GetRstSibling() {
 		args = append(args, "--restore-sibling")
 	}

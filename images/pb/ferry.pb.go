@@ -76,7 +76,9 @@ type Inventory struct {
 	NetNs *NetNs `protobuf:"bytes,20,opt,name=net_ns,json=netNs,proto3" json:"net_ns,omitempty"`
 	// The tree has an IPC namespace of its own: made new with the SysV
 	// objects of ipc.img.
-	IpcNs         bool `protobuf:"varint,21,opt,name=ipc_ns,json=ipcNs,proto3" json:"ipc_ns,omitempty"`
+	IpcNs bool `protobuf:"varint,21,opt,name=ipc_ns,json=ipcNs,proto3" json:"ipc_ns,omitempty"`
+	// The cgroups the tree's processes are in, with their properties.
+	CgroupDirs    []*CgroupDir `protobuf:"bytes,22,rep,name=cgroup_dirs,json=cgroupDirs,proto3" json:"cgroup_dirs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -258,6 +260,125 @@ func (x *Inventory) GetIpcNs() bool {
 	return false
 }
 
+func (x *Inventory) GetCgroupDirs() []*CgroupDir {
+	if x != nil {
+		return x.CgroupDirs
+	}
+	return nil
+}
+
+type CgroupDir struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Controllers   string                 `protobuf:"bytes,1,opt,name=controllers,proto3" json:"controllers,omitempty"`
+	Path          string                 `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	Props         []*CgroupProp          `protobuf:"bytes,3,rep,name=props,proto3" json:"props,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CgroupDir) Reset() {
+	*x = CgroupDir{}
+	mi := &file_images_ferry_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CgroupDir) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CgroupDir) ProtoMessage() {}
+
+func (x *CgroupDir) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CgroupDir.ProtoReflect.Descriptor instead.
+func (*CgroupDir) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *CgroupDir) GetControllers() string {
+	if x != nil {
+		return x.Controllers
+	}
+	return ""
+}
+
+func (x *CgroupDir) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *CgroupDir) GetProps() []*CgroupProp {
+	if x != nil {
+		return x.Props
+	}
+	return nil
+}
+
+type CgroupProp struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Value         string                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CgroupProp) Reset() {
+	*x = CgroupProp{}
+	mi := &file_images_ferry_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CgroupProp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CgroupProp) ProtoMessage() {}
+
+func (x *CgroupProp) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CgroupProp.ProtoReflect.Descriptor instead.
+func (*CgroupProp) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *CgroupProp) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CgroupProp) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
 // IpcObject is a SysV object of the tree's IPC namespace (ipc.img).
 type IpcObject struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -278,7 +399,7 @@ type IpcObject struct {
 
 func (x *IpcObject) Reset() {
 	*x = IpcObject{}
-	mi := &file_images_ferry_proto_msgTypes[1]
+	mi := &file_images_ferry_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -290,7 +411,7 @@ func (x *IpcObject) String() string {
 func (*IpcObject) ProtoMessage() {}
 
 func (x *IpcObject) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[1]
+	mi := &file_images_ferry_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -303,7 +424,7 @@ func (x *IpcObject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IpcObject.ProtoReflect.Descriptor instead.
 func (*IpcObject) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{1}
+	return file_images_ferry_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *IpcObject) GetKind() string {
@@ -393,7 +514,7 @@ type IpcMessage struct {
 
 func (x *IpcMessage) Reset() {
 	*x = IpcMessage{}
-	mi := &file_images_ferry_proto_msgTypes[2]
+	mi := &file_images_ferry_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -405,7 +526,7 @@ func (x *IpcMessage) String() string {
 func (*IpcMessage) ProtoMessage() {}
 
 func (x *IpcMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[2]
+	mi := &file_images_ferry_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -418,7 +539,7 @@ func (x *IpcMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IpcMessage.ProtoReflect.Descriptor instead.
 func (*IpcMessage) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{2}
+	return file_images_ferry_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *IpcMessage) GetType() int64 {
@@ -445,7 +566,7 @@ type NetNs struct {
 
 func (x *NetNs) Reset() {
 	*x = NetNs{}
-	mi := &file_images_ferry_proto_msgTypes[3]
+	mi := &file_images_ferry_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -457,7 +578,7 @@ func (x *NetNs) String() string {
 func (*NetNs) ProtoMessage() {}
 
 func (x *NetNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[3]
+	mi := &file_images_ferry_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -470,7 +591,7 @@ func (x *NetNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetNs.ProtoReflect.Descriptor instead.
 func (*NetNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{3}
+	return file_images_ferry_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *NetNs) GetLinks() []*NetLink {
@@ -502,7 +623,7 @@ type NetLink struct {
 
 func (x *NetLink) Reset() {
 	*x = NetLink{}
-	mi := &file_images_ferry_proto_msgTypes[4]
+	mi := &file_images_ferry_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -514,7 +635,7 @@ func (x *NetLink) String() string {
 func (*NetLink) ProtoMessage() {}
 
 func (x *NetLink) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[4]
+	mi := &file_images_ferry_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -527,7 +648,7 @@ func (x *NetLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetLink.ProtoReflect.Descriptor instead.
 func (*NetLink) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{4}
+	return file_images_ferry_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *NetLink) GetName() string {
@@ -590,7 +711,7 @@ type NetRoute struct {
 
 func (x *NetRoute) Reset() {
 	*x = NetRoute{}
-	mi := &file_images_ferry_proto_msgTypes[5]
+	mi := &file_images_ferry_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -602,7 +723,7 @@ func (x *NetRoute) String() string {
 func (*NetRoute) ProtoMessage() {}
 
 func (x *NetRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[5]
+	mi := &file_images_ferry_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -615,7 +736,7 @@ func (x *NetRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetRoute.ProtoReflect.Descriptor instead.
 func (*NetRoute) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{5}
+	return file_images_ferry_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *NetRoute) GetFamily() int32 {
@@ -684,7 +805,7 @@ type UtsNs struct {
 
 func (x *UtsNs) Reset() {
 	*x = UtsNs{}
-	mi := &file_images_ferry_proto_msgTypes[6]
+	mi := &file_images_ferry_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -696,7 +817,7 @@ func (x *UtsNs) String() string {
 func (*UtsNs) ProtoMessage() {}
 
 func (x *UtsNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[6]
+	mi := &file_images_ferry_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -709,7 +830,7 @@ func (x *UtsNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtsNs.ProtoReflect.Descriptor instead.
 func (*UtsNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{6}
+	return file_images_ferry_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *UtsNs) GetHostname() string {
@@ -737,7 +858,7 @@ type TrackerRef struct {
 
 func (x *TrackerRef) Reset() {
 	*x = TrackerRef{}
-	mi := &file_images_ferry_proto_msgTypes[7]
+	mi := &file_images_ferry_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -749,7 +870,7 @@ func (x *TrackerRef) String() string {
 func (*TrackerRef) ProtoMessage() {}
 
 func (x *TrackerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[7]
+	mi := &file_images_ferry_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -762,7 +883,7 @@ func (x *TrackerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerRef.ProtoReflect.Descriptor instead.
 func (*TrackerRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{7}
+	return file_images_ferry_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *TrackerRef) GetPid() int32 {
@@ -796,7 +917,7 @@ type SpecialVma struct {
 
 func (x *SpecialVma) Reset() {
 	*x = SpecialVma{}
-	mi := &file_images_ferry_proto_msgTypes[8]
+	mi := &file_images_ferry_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -808,7 +929,7 @@ func (x *SpecialVma) String() string {
 func (*SpecialVma) ProtoMessage() {}
 
 func (x *SpecialVma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[8]
+	mi := &file_images_ferry_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -821,7 +942,7 @@ func (x *SpecialVma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpecialVma.ProtoReflect.Descriptor instead.
 func (*SpecialVma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{8}
+	return file_images_ferry_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SpecialVma) GetName() string {
@@ -852,7 +973,7 @@ type PstreeEntry struct {
 
 func (x *PstreeEntry) Reset() {
 	*x = PstreeEntry{}
-	mi := &file_images_ferry_proto_msgTypes[9]
+	mi := &file_images_ferry_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -864,7 +985,7 @@ func (x *PstreeEntry) String() string {
 func (*PstreeEntry) ProtoMessage() {}
 
 func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[9]
+	mi := &file_images_ferry_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -877,7 +998,7 @@ func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PstreeEntry.ProtoReflect.Descriptor instead.
 func (*PstreeEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{9}
+	return file_images_ferry_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PstreeEntry) GetPid() int32 {
@@ -939,7 +1060,7 @@ type Creds struct {
 
 func (x *Creds) Reset() {
 	*x = Creds{}
-	mi := &file_images_ferry_proto_msgTypes[10]
+	mi := &file_images_ferry_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -951,7 +1072,7 @@ func (x *Creds) String() string {
 func (*Creds) ProtoMessage() {}
 
 func (x *Creds) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[10]
+	mi := &file_images_ferry_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -964,7 +1085,7 @@ func (x *Creds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Creds.ProtoReflect.Descriptor instead.
 func (*Creds) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{10}
+	return file_images_ferry_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Creds) GetUid() uint32 {
@@ -1090,7 +1211,7 @@ type Rlimit struct {
 
 func (x *Rlimit) Reset() {
 	*x = Rlimit{}
-	mi := &file_images_ferry_proto_msgTypes[11]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1102,7 +1223,7 @@ func (x *Rlimit) String() string {
 func (*Rlimit) ProtoMessage() {}
 
 func (x *Rlimit) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[11]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1115,7 +1236,7 @@ func (x *Rlimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rlimit.ProtoReflect.Descriptor instead.
 func (*Rlimit) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{11}
+	return file_images_ferry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Rlimit) GetResource() uint32 {
@@ -1152,7 +1273,7 @@ type SigAction struct {
 
 func (x *SigAction) Reset() {
 	*x = SigAction{}
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1164,7 +1285,7 @@ func (x *SigAction) String() string {
 func (*SigAction) ProtoMessage() {}
 
 func (x *SigAction) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1177,7 +1298,7 @@ func (x *SigAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAction.ProtoReflect.Descriptor instead.
 func (*SigAction) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{12}
+	return file_images_ferry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SigAction) GetSig() uint32 {
@@ -1228,7 +1349,7 @@ type SigInfo struct {
 
 func (x *SigInfo) Reset() {
 	*x = SigInfo{}
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1240,7 +1361,7 @@ func (x *SigInfo) String() string {
 func (*SigInfo) ProtoMessage() {}
 
 func (x *SigInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +1374,7 @@ func (x *SigInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigInfo.ProtoReflect.Descriptor instead.
 func (*SigInfo) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{13}
+	return file_images_ferry_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SigInfo) GetSigno() uint32 {
@@ -1289,7 +1410,7 @@ type Itimer struct {
 
 func (x *Itimer) Reset() {
 	*x = Itimer{}
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1301,7 +1422,7 @@ func (x *Itimer) String() string {
 func (*Itimer) ProtoMessage() {}
 
 func (x *Itimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1314,7 +1435,7 @@ func (x *Itimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Itimer.ProtoReflect.Descriptor instead.
 func (*Itimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{14}
+	return file_images_ferry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Itimer) GetWhich() uint32 {
@@ -1356,7 +1477,7 @@ type PosixTimer struct {
 
 func (x *PosixTimer) Reset() {
 	*x = PosixTimer{}
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1368,7 +1489,7 @@ func (x *PosixTimer) String() string {
 func (*PosixTimer) ProtoMessage() {}
 
 func (x *PosixTimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1381,7 +1502,7 @@ func (x *PosixTimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PosixTimer.ProtoReflect.Descriptor instead.
 func (*PosixTimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{15}
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PosixTimer) GetId() int32 {
@@ -1458,7 +1579,7 @@ type SigAltStack struct {
 
 func (x *SigAltStack) Reset() {
 	*x = SigAltStack{}
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1470,7 +1591,7 @@ func (x *SigAltStack) String() string {
 func (*SigAltStack) ProtoMessage() {}
 
 func (x *SigAltStack) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1483,7 +1604,7 @@ func (x *SigAltStack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAltStack.ProtoReflect.Descriptor instead.
 func (*SigAltStack) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{16}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SigAltStack) GetSp() uint64 {
@@ -1543,7 +1664,7 @@ type GpRegs struct {
 
 func (x *GpRegs) Reset() {
 	*x = GpRegs{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1555,7 +1676,7 @@ func (x *GpRegs) String() string {
 func (*GpRegs) ProtoMessage() {}
 
 func (x *GpRegs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1568,7 +1689,7 @@ func (x *GpRegs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GpRegs.ProtoReflect.Descriptor instead.
 func (*GpRegs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GpRegs) GetR15() uint64 {
@@ -1772,7 +1893,7 @@ type Rseq struct {
 
 func (x *Rseq) Reset() {
 	*x = Rseq{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1784,7 +1905,7 @@ func (x *Rseq) String() string {
 func (*Rseq) ProtoMessage() {}
 
 func (x *Rseq) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1797,7 +1918,7 @@ func (x *Rseq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rseq.ProtoReflect.Descriptor instead.
 func (*Rseq) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Rseq) GetPtr() uint64 {
@@ -1853,7 +1974,7 @@ type ThreadCore struct {
 
 func (x *ThreadCore) Reset() {
 	*x = ThreadCore{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1865,7 +1986,7 @@ func (x *ThreadCore) String() string {
 func (*ThreadCore) ProtoMessage() {}
 
 func (x *ThreadCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1878,7 +1999,7 @@ func (x *ThreadCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThreadCore.ProtoReflect.Descriptor instead.
 func (*ThreadCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ThreadCore) GetTid() int32 {
@@ -2023,13 +2144,15 @@ type TaskCore struct {
 	// (CLONE_FILES) or filesystem information (CLONE_FS); 0 otherwise.
 	FilesSharedWith int32 `protobuf:"varint,28,opt,name=files_shared_with,json=filesSharedWith,proto3" json:"files_shared_with,omitempty"`
 	FsSharedWith    int32 `protobuf:"varint,29,opt,name=fs_shared_with,json=fsSharedWith,proto3" json:"fs_shared_with,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The process's cgroup in each hierarchy (/proc/PID/cgroup).
+	Cgroups       []*CgroupRef `protobuf:"bytes,30,rep,name=cgroups,proto3" json:"cgroups,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2041,7 +2164,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2054,7 +2177,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -2260,6 +2383,65 @@ func (x *TaskCore) GetFsSharedWith() int32 {
 	return 0
 }
 
+func (x *TaskCore) GetCgroups() []*CgroupRef {
+	if x != nil {
+		return x.Cgroups
+	}
+	return nil
+}
+
+type CgroupRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Controllers   string                 `protobuf:"bytes,1,opt,name=controllers,proto3" json:"controllers,omitempty"` // "cpu,cpuacct", "name=systemd"; "" for v2
+	Path          string                 `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CgroupRef) Reset() {
+	*x = CgroupRef{}
+	mi := &file_images_ferry_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CgroupRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CgroupRef) ProtoMessage() {}
+
+func (x *CgroupRef) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
+func (*CgroupRef) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *CgroupRef) GetControllers() string {
+	if x != nil {
+		return x.Controllers
+	}
+	return ""
+}
+
+func (x *CgroupRef) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
 type Vma struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Start   uint64                 `protobuf:"varint,1,opt,name=start,proto3" json:"start,omitempty"`
@@ -2301,7 +2483,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2313,7 +2495,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2326,7 +2508,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -2478,7 +2660,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2490,7 +2672,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2503,7 +2685,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -2571,7 +2753,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2583,7 +2765,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2596,7 +2778,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -2780,7 +2962,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2792,7 +2974,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2805,7 +2987,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -3091,7 +3273,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3103,7 +3285,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3116,7 +3298,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -3167,7 +3349,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3179,7 +3361,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3192,7 +3374,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -3229,7 +3411,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3241,7 +3423,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3254,7 +3436,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -3306,7 +3488,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3318,7 +3500,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3331,7 +3513,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -3392,7 +3574,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3404,7 +3586,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3417,7 +3599,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -3521,7 +3703,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3533,7 +3715,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3546,7 +3728,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -3657,7 +3839,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3669,7 +3851,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3682,7 +3864,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -3733,7 +3915,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3745,7 +3927,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3758,7 +3940,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -3877,7 +4059,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3889,7 +4071,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3902,7 +4084,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -4014,7 +4196,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4026,7 +4208,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4039,7 +4221,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -4079,7 +4261,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4091,7 +4273,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4104,7 +4286,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -4155,7 +4337,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4167,7 +4349,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4180,7 +4362,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *FileLock) GetKind() string {
@@ -4224,7 +4406,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4236,7 +4418,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4249,7 +4431,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -4290,7 +4472,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4302,7 +4484,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4315,7 +4497,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -4346,7 +4528,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4358,7 +4540,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4371,7 +4553,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -4401,7 +4583,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4413,7 +4595,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4426,7 +4608,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -4466,7 +4648,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4478,7 +4660,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4491,7 +4673,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -4541,7 +4723,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4553,7 +4735,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4566,7 +4748,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -4663,7 +4845,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4675,7 +4857,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4688,7 +4870,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -4723,7 +4905,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4735,7 +4917,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4748,7 +4930,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -4835,7 +5017,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4847,7 +5029,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4860,7 +5042,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -4915,7 +5097,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4927,7 +5109,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4940,7 +5122,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -4961,7 +5143,7 @@ var File_images_ferry_proto protoreflect.FileDescriptor
 
 const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\x12images/ferry.proto\x12\fferry.images\"\xf1\x05\n" +
+	"\x12images/ferry.proto\x12\fferry.images\"\xab\x06\n" +
 	"\tInventory\x12!\n" +
 	"\fformat_major\x18\x01 \x01(\rR\vformatMajor\x12!\n" +
 	"\fformat_minor\x18\x02 \x01(\rR\vformatMinor\x12#\n" +
@@ -4990,7 +5172,17 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x06pid_ns\x18\x12 \x01(\bR\x05pidNs\x12*\n" +
 	"\x06uts_ns\x18\x13 \x01(\v2\x13.ferry.images.UtsNsR\x05utsNs\x12*\n" +
 	"\x06net_ns\x18\x14 \x01(\v2\x13.ferry.images.NetNsR\x05netNs\x12\x15\n" +
-	"\x06ipc_ns\x18\x15 \x01(\bR\x05ipcNs\"\x90\x02\n" +
+	"\x06ipc_ns\x18\x15 \x01(\bR\x05ipcNs\x128\n" +
+	"\vcgroup_dirs\x18\x16 \x03(\v2\x17.ferry.images.CgroupDirR\n" +
+	"cgroupDirs\"q\n" +
+	"\tCgroupDir\x12 \n" +
+	"\vcontrollers\x18\x01 \x01(\tR\vcontrollers\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x12.\n" +
+	"\x05props\x18\x03 \x03(\v2\x18.ferry.images.CgroupPropR\x05props\"6\n" +
+	"\n" +
+	"CgroupProp\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\x90\x02\n" +
 	"\tIpcObject\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\x05R\x03key\x12\x0e\n" +
@@ -5158,7 +5350,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04comm\x18\f \x01(\tR\x04comm\x12$\n" +
 	"\x0epdeath_sig_set\x18\r \x01(\bR\fpdeathSigSet\x12\x1d\n" +
 	"\n" +
-	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\x98\b\n" +
+	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xcb\b\n" +
 	"\bTaskCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12 \n" +
@@ -5195,7 +5387,11 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\bctty_pts\x18\x1a \x01(\x05R\acttyPts\x12\x17\n" +
 	"\actty_fg\x18\x1b \x01(\x05R\x06cttyFg\x12*\n" +
 	"\x11files_shared_with\x18\x1c \x01(\x05R\x0ffilesSharedWith\x12$\n" +
-	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\"\xdd\x03\n" +
+	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\x121\n" +
+	"\acgroups\x18\x1e \x03(\v2\x17.ferry.images.CgroupRefR\acgroups\"A\n" +
+	"\tCgroupRef\x12 \n" +
+	"\vcontrollers\x18\x01 \x01(\tR\vcontrollers\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\"\xdd\x03\n" +
 	"\x03Vma\x12\x14\n" +
 	"\x05start\x18\x01 \x01(\x04R\x05start\x12\x10\n" +
 	"\x03end\x18\x02 \x01(\x04R\x03end\x12\x14\n" +
@@ -5468,98 +5664,104 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
-	(*IpcObject)(nil),    // 1: ferry.images.IpcObject
-	(*IpcMessage)(nil),   // 2: ferry.images.IpcMessage
-	(*NetNs)(nil),        // 3: ferry.images.NetNs
-	(*NetLink)(nil),      // 4: ferry.images.NetLink
-	(*NetRoute)(nil),     // 5: ferry.images.NetRoute
-	(*UtsNs)(nil),        // 6: ferry.images.UtsNs
-	(*TrackerRef)(nil),   // 7: ferry.images.TrackerRef
-	(*SpecialVma)(nil),   // 8: ferry.images.SpecialVma
-	(*PstreeEntry)(nil),  // 9: ferry.images.PstreeEntry
-	(*Creds)(nil),        // 10: ferry.images.Creds
-	(*Rlimit)(nil),       // 11: ferry.images.Rlimit
-	(*SigAction)(nil),    // 12: ferry.images.SigAction
-	(*SigInfo)(nil),      // 13: ferry.images.SigInfo
-	(*Itimer)(nil),       // 14: ferry.images.Itimer
-	(*PosixTimer)(nil),   // 15: ferry.images.PosixTimer
-	(*SigAltStack)(nil),  // 16: ferry.images.SigAltStack
-	(*GpRegs)(nil),       // 17: ferry.images.GpRegs
-	(*Rseq)(nil),         // 18: ferry.images.Rseq
-	(*ThreadCore)(nil),   // 19: ferry.images.ThreadCore
-	(*TaskCore)(nil),     // 20: ferry.images.TaskCore
-	(*Vma)(nil),          // 21: ferry.images.Vma
-	(*SysvShm)(nil),      // 22: ferry.images.SysvShm
-	(*MmCore)(nil),       // 23: ferry.images.MmCore
-	(*FileEntry)(nil),    // 24: ferry.images.FileEntry
-	(*InotifyWatch)(nil), // 25: ferry.images.InotifyWatch
-	(*Fanotify)(nil),     // 26: ferry.images.Fanotify
-	(*FanotifyMark)(nil), // 27: ferry.images.FanotifyMark
-	(*Timerfd)(nil),      // 28: ferry.images.Timerfd
-	(*Tty)(nil),          // 29: ferry.images.Tty
-	(*UnixSocket)(nil),   // 30: ferry.images.UnixSocket
-	(*InFlight)(nil),     // 31: ferry.images.InFlight
-	(*InetSocket)(nil),   // 32: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 33: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 34: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 35: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 36: ferry.images.FileLock
-	(*FdEntry)(nil),      // 37: ferry.images.FdEntry
-	(*FdTable)(nil),      // 38: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 39: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 40: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 41: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 42: ferry.images.GhostFile
-	(*GhostExtent)(nil),  // 43: ferry.images.GhostExtent
-	(*DumpStats)(nil),    // 44: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 45: ferry.images.RestoreStats
-	(*Stats)(nil),        // 46: ferry.images.Stats
+	(*CgroupDir)(nil),    // 1: ferry.images.CgroupDir
+	(*CgroupProp)(nil),   // 2: ferry.images.CgroupProp
+	(*IpcObject)(nil),    // 3: ferry.images.IpcObject
+	(*IpcMessage)(nil),   // 4: ferry.images.IpcMessage
+	(*NetNs)(nil),        // 5: ferry.images.NetNs
+	(*NetLink)(nil),      // 6: ferry.images.NetLink
+	(*NetRoute)(nil),     // 7: ferry.images.NetRoute
+	(*UtsNs)(nil),        // 8: ferry.images.UtsNs
+	(*TrackerRef)(nil),   // 9: ferry.images.TrackerRef
+	(*SpecialVma)(nil),   // 10: ferry.images.SpecialVma
+	(*PstreeEntry)(nil),  // 11: ferry.images.PstreeEntry
+	(*Creds)(nil),        // 12: ferry.images.Creds
+	(*Rlimit)(nil),       // 13: ferry.images.Rlimit
+	(*SigAction)(nil),    // 14: ferry.images.SigAction
+	(*SigInfo)(nil),      // 15: ferry.images.SigInfo
+	(*Itimer)(nil),       // 16: ferry.images.Itimer
+	(*PosixTimer)(nil),   // 17: ferry.images.PosixTimer
+	(*SigAltStack)(nil),  // 18: ferry.images.SigAltStack
+	(*GpRegs)(nil),       // 19: ferry.images.GpRegs
+	(*Rseq)(nil),         // 20: ferry.images.Rseq
+	(*ThreadCore)(nil),   // 21: ferry.images.ThreadCore
+	(*TaskCore)(nil),     // 22: ferry.images.TaskCore
+	(*CgroupRef)(nil),    // 23: ferry.images.CgroupRef
+	(*Vma)(nil),          // 24: ferry.images.Vma
+	(*SysvShm)(nil),      // 25: ferry.images.SysvShm
+	(*MmCore)(nil),       // 26: ferry.images.MmCore
+	(*FileEntry)(nil),    // 27: ferry.images.FileEntry
+	(*InotifyWatch)(nil), // 28: ferry.images.InotifyWatch
+	(*Fanotify)(nil),     // 29: ferry.images.Fanotify
+	(*FanotifyMark)(nil), // 30: ferry.images.FanotifyMark
+	(*Timerfd)(nil),      // 31: ferry.images.Timerfd
+	(*Tty)(nil),          // 32: ferry.images.Tty
+	(*UnixSocket)(nil),   // 33: ferry.images.UnixSocket
+	(*InFlight)(nil),     // 34: ferry.images.InFlight
+	(*InetSocket)(nil),   // 35: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 36: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 37: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 38: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 39: ferry.images.FileLock
+	(*FdEntry)(nil),      // 40: ferry.images.FdEntry
+	(*FdTable)(nil),      // 41: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 42: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 43: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 44: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 45: ferry.images.GhostFile
+	(*GhostExtent)(nil),  // 46: ferry.images.GhostExtent
+	(*DumpStats)(nil),    // 47: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 48: ferry.images.RestoreStats
+	(*Stats)(nil),        // 49: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
-	8,  // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
-	7,  // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
-	6,  // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
-	3,  // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
-	2,  // 4: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
-	4,  // 5: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
-	5,  // 6: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
-	17, // 7: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	13, // 8: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	16, // 9: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	18, // 10: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	10, // 11: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	11, // 12: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	12, // 13: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	13, // 14: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	14, // 15: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	15, // 16: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	19, // 17: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	22, // 18: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	21, // 19: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	35, // 20: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	32, // 21: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	30, // 22: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	29, // 23: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	28, // 24: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	25, // 25: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	26, // 26: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	27, // 27: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	31, // 28: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	34, // 29: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	33, // 30: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	36, // 31: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	37, // 32: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	43, // 33: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	44, // 34: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	45, // 35: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	36, // [36:36] is the sub-list for method output_type
-	36, // [36:36] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	10, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
+	9,  // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
+	8,  // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
+	5,  // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
+	1,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
+	2,  // 5: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
+	4,  // 6: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
+	6,  // 7: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
+	7,  // 8: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
+	19, // 9: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	15, // 10: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	18, // 11: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	20, // 12: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	12, // 13: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	13, // 14: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	14, // 15: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	15, // 16: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	16, // 17: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	17, // 18: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	21, // 19: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	23, // 20: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	25, // 21: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	24, // 22: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	38, // 23: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	35, // 24: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	33, // 25: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	32, // 26: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	31, // 27: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	28, // 28: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	29, // 29: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	30, // 30: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	34, // 31: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	37, // 32: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	36, // 33: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	39, // 34: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	40, // 35: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	46, // 36: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	47, // 37: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	48, // 38: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	39, // [39:39] is the sub-list for method output_type
+	39, // [39:39] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -5573,7 +5775,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   47,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

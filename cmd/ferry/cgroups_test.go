@@ -1,0 +1,103 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/ferrycr/ferry/internal/cgroups"
+	"github.com/ferrycr/ferry/internal/testutil"
+)
+
+func TestDumpRestoreCgroups(t *testing.T) {
+	// A process in cgroups of its own (cpu, pids and memory hierarchies)
+	// with properties set: the cgroups are removed after the dump, and the
+	// restore (--manage-cgroups soft, the default) makes them again with
+	// their properties and puts the process in them; --cgroup-root puts
+	// its pids cgroup under another path.
+	needRoot(t)
+	mounts, err := cgroups.Mounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mine, err := cgroups.Read(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := map[string]string{}
+	for _, r := range mine {
+		base[cgroups.Normalize(r.Controllers)] = r.Path
+	}
+	want := map[string]cgroups.Prop{"cpu": {Name: "cpu.shares", Value: "512"}, "pids": {Name: "pids.max", Value: "77"},
+		"memory": {Name: "memory.limit_in_bytes", Value: "268435456"}}
+	name := fmt.Sprintf("ferry-test-%d", os.Getpid())
+	dirs := map[string]string{}
+	for ctrl := range want {
+		if _, ok := mounts[ctrl]; !ok {
+			t.Fatalf("no %s hierarchy mounted (cgroup v1 expected on this machine)", ctrl)
+		}
+		dirs[ctrl] = filepath.Join(mounts[ctrl], base[ctrl], name)
+	}
+	alt := filepath.Join(base["pids"], name+"-alt")
+	t.Cleanup(func() {
+		for _, d := range dirs {
+			os.Remove(d)
+		}
+		os.Remove(filepath.Join(mounts["pids"], alt, base["pids"], name))
+		for p := filepath.Join(alt, base["pids"]); p != filepath.Dir(alt); p = filepath.Dir(p) {
+			os.Remove(filepath.Join(mounts["pids"], p))
+		}
+	})
+	w := startSelfCheck(t, "guard.py")
+	before := w.Report(t)
+	for ctrl, d := range dirs {
+		if _, err := cgroups.Ensure(d, ctrl); err != nil {
+			t.Fatal(err)
+		}
+		if err := cgroups.SetProps(d, []cgroups.Prop{want[ctrl]}); err != nil {
+			t.Fatal(err)
+		}
+		if err := cgroups.Move(d, w.Pid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-v4", "-o", "dump.log")
+	w.Reap(t)
+	for _, d := range dirs {
+		if err := os.Remove(d); err != nil {
+			t.Fatalf("remove %s after the dump: %v", d, err)
+		}
+	}
+	mustFerry(t, "restore", "-D", img, "-d", "-v4", "-o", "restore.log", "--cgroup-root", "pids:"+alt)
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	got, err := cgroups.Read(w.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := map[string]string{}
+	for _, g := range got {
+		in[cgroups.Normalize(g.Controllers)] = g.Path
+	}
+	for ctrl, p := range want {
+		path := filepath.Join(base[ctrl], name)
+		if ctrl == "pids" {
+			path = filepath.Join(alt, path)
+		}
+		if in[ctrl] != path {
+			t.Fatalf("restored process in %s cgroup %s, want %s", ctrl, in[ctrl], path)
+		}
+		b, err := os.ReadFile(filepath.Join(mounts[ctrl], path, p.Name))
+		if err != nil || strings.TrimSpace(string(b)) != p.Value {
+			t.Fatalf("%s = %q (%v), want %s", p.Name, b, err, p.Value)
+		}
+	}
+	checkSelf(t, r)
+	r.Kill()
+	os.Remove(filepath.Join(mounts["pids"], alt, base["pids"], name))
+}

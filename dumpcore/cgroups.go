@@ -1,0 +1,65 @@
+package dumpcore
+
+import (
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/cgroups"
+)
+
+// collectCgroups records each process's cgroups (core.cgroups) and,
+// once per cgroup, its properties where its hierarchy is mounted here
+// (inventory cgroup_dirs). Options.CgroupControllers, when set, keeps
+// only the hierarchies holding one of those controllers (criu's
+// --cgroup-dump-controller).
+func (t *tree) collectCgroups(imgs []*imageSet) error {
+	mounts, err := cgroups.Mounts()
+	if err != nil {
+		return err
+	}
+	keep := func(controllers string) bool {
+		if len(t.opts.CgroupControllers) == 0 {
+			return true
+		}
+		for _, want := range t.opts.CgroupControllers {
+			if slices.Contains(strings.Split(controllers, ","), want) {
+				return true
+			}
+		}
+		return false
+	}
+	seen := map[[2]string]bool{}
+	for _, img := range imgs {
+		refs, err := cgroups.Read(int(img.pstree.Pid))
+		if err != nil {
+			return fmt.Errorf("cgroups of %d: %w", img.pstree.Pid, err)
+		}
+		for _, r := range refs {
+			c := cgroups.Normalize(r.Controllers)
+			if !keep(c) {
+				continue
+			}
+			img.core.Cgroups = append(img.core.Cgroups, &pb.CgroupRef{Controllers: c, Path: r.Path})
+			k := [2]string{c, r.Path}
+			if seen[k] {
+				continue
+			}
+			seen[k] = true
+			d := &pb.CgroupDir{Controllers: c, Path: r.Path}
+			if mnt, ok := mounts[c]; ok {
+				ps, err := cgroups.ReadProps(filepath.Join(mnt, r.Path), c)
+				if err != nil {
+					return fmt.Errorf("cgroup %s of %s: %w", r.Path, c, err)
+				}
+				for _, p := range ps {
+					d.Props = append(d.Props, &pb.CgroupProp{Name: p.Name, Value: p.Value})
+				}
+			}
+			imgs[0].inv.CgroupDirs = append(imgs[0].inv.CgroupDirs, d)
+		}
+	}
+	return nil
+}
