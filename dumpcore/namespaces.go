@@ -17,8 +17,8 @@ var nsKinds = []string{"pid", "uts", "ipc", "net", "mnt", "user", "cgroup", "tim
 // process must be in the root's. Those of the root that are not ferry's
 // are the tree's own, and the dump must save them: a PID namespace whose
 // init is the root (pidNamespace), a UTS namespace (utsNamespace), a
-// network namespace (netNamespace) and an IPC namespace (ipcNamespace);
-// any other kind is refused by name.
+// network namespace (netNamespace), an IPC namespace (ipcNamespace) and
+// a mount namespace (mntNamespace); any other kind is refused by name.
 func (t *tree) checkNamespaces() error {
 	t.ownNs = map[string]string{}
 	for _, kind := range nsKinds {
@@ -41,7 +41,7 @@ func (t *tree) checkNamespaces() error {
 			continue
 		}
 		switch kind {
-		case "pid", "uts", "net", "ipc":
+		case "pid", "uts", "net", "ipc", "mnt":
 			t.ownNs[kind] = ns
 		default:
 			return fmt.Errorf("process %d has a %s namespace of its own (%s), which ferry does not save yet: %w", t.root, kind, ns, ErrUnsupported)

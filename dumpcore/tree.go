@@ -382,6 +382,9 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 	if err := t.collectCgroups(imgs); err != nil {
 		return nil, err
 	}
+	if imgs[0].inv.MntNs, err = t.mntNamespace(); err != nil {
+		return nil, err
+	}
 	return imgs, t.checkSessions(imgs)
 }
 

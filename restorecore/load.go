@@ -269,6 +269,9 @@ func (is *imageSet) validate(localXstate []byte) error {
 		ours[fmt.Sprintf("/proc/%d/", p.pstree.Pid)] = true
 	}
 	for _, f := range is.files {
+		if inv.MntNs != nil && ownMount(inv.MntNs, f.Path) {
+			continue // on a mount of the tree's own, made by the restore
+		}
 		if rest, ok := strings.CutPrefix(f.Path, "/proc/"); ok {
 			if i := strings.IndexByte(rest, '/'); i > 0 && ours["/proc/"+rest[:i+1]] {
 				continue

@@ -253,6 +253,11 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	r.stats.ForkingTimeUs = uint64(time.Since(forkStart).Microseconds())
 	root := tasks[r.is.procs[0].pstree.Pid].Tid
+	if r.is.inv.MntNs != nil {
+		if err := r.makeMntNs(tasks[r.is.procs[0].pstree.Pid]); err != nil {
+			return nil, fmt.Errorf("mount namespace: %w", err)
+		}
+	}
 	if err := r.placeCgroups(tasks); err != nil {
 		return nil, fmt.Errorf("cgroups: %w", err)
 	}

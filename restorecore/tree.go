@@ -55,6 +55,9 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				if r.is.inv.IpcNs {
 					flags |= unix.CLONE_NEWIPC
 				}
+				if r.is.inv.MntNs != nil {
+					flags |= unix.CLONE_NEWNS
+				}
 			}
 			pid, err := remoteClone(from, stackScratch(from), flags, uint64(s.ExitSignal), int(s.Pid))
 			if err != nil {

@@ -258,3 +258,31 @@ func TestDumpRestoreIpcNamespace(t *testing.T) {
 	w := testutil.Start(t, "", "unshare", "--ipc", "python3", filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "ipcns.py"))
 	checkAcross(t, w)
 }
+
+func TestDumpRestoreMountNamespace(t *testing.T) {
+	// The init of its own PID and mount namespaces, with its own /proc, a
+	// tmpfs holding files (one open, the working directory there) and a
+	// read-only bind mount: dumped and restored, the namespace has them
+	// again (the tmpfs with its files and options), and it checks itself.
+	top := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(top, "src"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(top, "src", "file"), []byte("from src"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	w := startInPidNs(t, []string{"--mount", "--mount-proc"}, "mntns.py", top)
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-v4", "-o", "dump.log")
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(top, "t", "a.txt")); err == nil {
+		t.Fatal("the tmpfs's file shows outside its namespace")
+	}
+	r := restoreInPidNs(t, img, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
+}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -42,4 +44,70 @@ func InNamespace(pid int, kind string, f func() error) error {
 		done <- f()
 	}()
 	return <-done
+}
+
+// Mount is one line of /proc/PID/mountinfo.
+type Mount struct {
+	ID, Parent int
+	Dev        string // "major:minor"
+	Root       string // the mounted directory of its filesystem
+	Point      string
+	Opts       string   // per-mount options: "rw,nosuid,relatime"
+	Optional   []string // "shared:N", "master:N", ...
+	FsType     string
+	Source     string
+	Super      string // the filesystem's options
+}
+
+// ReadMountinfo reads /proc/PID/mountinfo: the mounts of pid's mount
+// namespace as pid sees them, parents before children.
+func ReadMountinfo(pid int) ([]Mount, error) {
+	name := Path(pid, "mountinfo")
+	b, err := os.ReadFile(name)
+	if err != nil {
+		return nil, err
+	}
+	return ParseMountinfo(name, b)
+}
+
+// ParseMountinfo parses mountinfo contents.
+func ParseMountinfo(name string, b []byte) ([]Mount, error) {
+	var out []Mount
+	for ln, line := range strings.Split(string(b), "\n") {
+		if line == "" {
+			continue
+		}
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if !ok || len(f) < 6 || len(g) < 3 {
+			return nil, fmt.Errorf("%s:%d: %q", name, ln+1, line)
+		}
+		id, err1 := strconv.Atoi(f[0])
+		parent, err2 := strconv.Atoi(f[1])
+		if err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("%s:%d: mount ids %q %q", name, ln+1, f[0], f[1])
+		}
+		out = append(out, Mount{ID: id, Parent: parent, Dev: f[2], Root: unescapeMount(f[3]), Point: unescapeMount(f[4]),
+			Opts: f[5], Optional: f[6:], FsType: g[0], Source: unescapeMount(g[1]), Super: g[2]})
+	}
+	return out, nil
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }

@@ -120,3 +120,19 @@ func TestParseEpollTargets(t *testing.T) {
 		t.Errorf("got %+v", got)
 	}
 }
+
+func TestParseMountinfo(t *testing.T) {
+	in := "36 35 98:0 /mnt1 /mnt\\040x rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n" +
+		"40 36 0:33 / /tmp rw,nosuid - tmpfs tmpfs rw,size=1024k\n"
+	ms, err := ParseMountinfo("mountinfo", []byte(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) != 2 || ms[0].Point != "/mnt x" || ms[0].Root != "/mnt1" || ms[0].Optional[0] != "master:1" ||
+		ms[0].FsType != "ext3" || ms[1].Super != "rw,size=1024k" || ms[1].Parent != 36 || ms[1].Dev != "0:33" {
+		t.Fatalf("%+v", ms)
+	}
+	if _, err := ParseMountinfo("mountinfo", []byte("1 2 3\n")); err == nil {
+		t.Fatal("a short line parsed")
+	}
+}

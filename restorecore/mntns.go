@@ -1,0 +1,209 @@
+package restorecore
+
+import (
+	"archive/tar"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
+)
+
+// makeMntNs makes the root's new mount namespace (CLONE_NEWNS: a copy of
+// ferry's) into the tree's: every mount made private (as unshare(1) does,
+// so nothing propagates back to ferry's), the mounts the tree did not
+// have detached, then its own mounts made in order, a tmpfs filled with
+// its files as soon as it is mounted. The mount calls run inside the
+// root; the files are written through /proc/ROOT/root.
+func (r *restorer) makeMntNs(root *compel.Task) error {
+	n := r.is.inv.MntNs
+	if err := mountIn(root, "none", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make the mounts private: %w", err)
+	}
+	for _, p := range n.Unmounted {
+		if err := umountIn(root, p); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("detach %s: %w", p, err)
+		}
+	}
+	for _, m := range n.Mounts {
+		var err error
+		if m.Fstype == "bind" {
+			err = mountIn(root, m.Source, m.Point, "", unix.MS_BIND|unix.MS_REC, "")
+			if err == nil && m.Flags != 0 {
+				err = mountIn(root, "none", m.Point, "", unix.MS_BIND|unix.MS_REMOUNT|m.Flags, "")
+			}
+		} else {
+			err = mountIn(root, m.Source, m.Point, m.Fstype, m.Flags, m.Data)
+		}
+		if err != nil {
+			return fmt.Errorf("mount %s (%s): %w", m.Point, m.Fstype, err)
+		}
+		if m.Contents != "" {
+			if err := r.untar(filepath.Join(r.is.dir, m.Contents), fmt.Sprintf("/proc/%d/root%s", root.Tid, m.Point)); err != nil {
+				return fmt.Errorf("files of the tmpfs at %s: %w", m.Point, err)
+			}
+		}
+	}
+	r.log.Info("mount namespace made", "detached", len(n.Unmounted), "mounts", len(n.Mounts))
+	return nil
+}
+
+// ownMount tells whether path lies on a mount of the tree's own or under
+// a mount point it does not have (ferry cannot check such a file before
+// the restore).
+func ownMount(n *pb.MntNs, path string) bool {
+	under := func(p string) bool { return path == p || strings.HasPrefix(path, strings.TrimSuffix(p, "/")+"/") }
+	for _, m := range n.GetMounts() {
+		if under(m.Point) {
+			return true
+		}
+	}
+	for _, p := range n.GetUnmounted() {
+		if under(p) {
+			return true
+		}
+	}
+	return false
+}
+
+// mountIn runs mount(2) inside t, its strings in t's stack scratch.
+func mountIn(t *compel.Task, source, target, fstype string, flags uint64, data string) error {
+	addr := stackScratch(t)
+	var buf []byte
+	put := func(s string) uint64 {
+		a := addr + uint64(len(buf))
+		buf = append(append(buf, s...), 0)
+		return a
+	}
+	src, tgt, typ, dat := put(source), put(target), put(fstype), put(data)
+	if fstype == "" {
+		typ = 0
+	}
+	if data == "" {
+		dat = 0
+	}
+	if len(buf) > 4000 {
+		return fmt.Errorf("mount %s: arguments too long", target)
+	}
+	if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: addr, Local: buf}}); err != nil {
+		return err
+	}
+	_, err := t.Syscall(unix.SYS_MOUNT, src, tgt, typ, flags, dat)
+	return err
+}
+
+// umountIn detaches the mount at target inside t.
+func umountIn(t *compel.Task, target string) error {
+	addr := stackScratch(t)
+	if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: addr, Local: append([]byte(target), 0)}}); err != nil {
+		return err
+	}
+	_, err := t.Syscall(unix.SYS_UMOUNT2, addr, unix.MNT_DETACH)
+	return err
+}
+
+// untar writes the files of the tar file name under dir, with their
+// modes, owners and times.
+func (r *restorer) untar(name, dir string) error {
+	f, err := os.Open(name)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	var dirs []*tar.Header
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		p := filepath.Join(dir, filepath.Clean("/"+h.Name))
+		mode := uint32(h.Mode & 0o7777)
+		switch h.Typeflag {
+		case tar.TypeDir:
+			if h.Name != "./" {
+				if err := os.Mkdir(p, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+					return err
+				}
+			}
+			dirs = append(dirs, h)
+			continue // modes and times once the files are in
+		case tar.TypeReg:
+			w, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+			if err != nil {
+				return err
+			}
+			_, err = io.Copy(w, tr)
+			if cerr := w.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return fmt.Errorf("%s: %w", h.Name, err)
+			}
+		case tar.TypeSymlink:
+			if err := os.Symlink(h.Linkname, p); err != nil {
+				return err
+			}
+			os.Lchown(p, h.Uid, h.Gid)
+			continue
+		case tar.TypeFifo:
+			if err := unix.Mkfifo(p, mode); err != nil {
+				return fmt.Errorf("%s: %w", h.Name, err)
+			}
+		case tar.TypeChar, tar.TypeBlock:
+			kind := uint32(unix.S_IFCHR)
+			if h.Typeflag == tar.TypeBlock {
+				kind = unix.S_IFBLK
+			}
+			if err := unix.Mknod(p, kind|mode, int(unix.Mkdev(uint32(h.Devmajor), uint32(h.Devminor)))); err != nil {
+				return fmt.Errorf("%s: %w", h.Name, err)
+			}
+		default:
+			r.log.Warn("tmpfs entry of an unknown kind left out", "name", h.Name, "type", h.Typeflag)
+			continue
+		}
+		if err := setAttrs(p, h); err != nil {
+			return err
+		}
+	}
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if err := setAttrs(filepath.Join(dir, filepath.Clean("/"+dirs[i].Name)), dirs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func setAttrs(p string, h *tar.Header) error {
+	if err := os.Lchown(p, h.Uid, h.Gid); err != nil {
+		return err
+	}
+	if err := os.Chmod(p, os.FileMode(h.Mode&0o777)|modeBits(h.Mode)); err != nil {
+		return err
+	}
+	return os.Chtimes(p, h.AccessTime, h.ModTime)
+}
+
+// modeBits carries setuid, setgid and sticky from a tar mode.
+func modeBits(m int64) os.FileMode {
+	var out os.FileMode
+	if m&0o4000 != 0 {
+		out |= os.ModeSetuid
+	}
+	if m&0o2000 != 0 {
+		out |= os.ModeSetgid
+	}
+	if m&0o1000 != 0 {
+		out |= os.ModeSticky
+	}
+	return out
+}

@@ -1,0 +1,70 @@
+"""mntns.py DIR REPORT: mounts of a mount namespace of its own.
+
+PID 1 of new PID and mount namespaces (unshare --pid --fork --mount
+--mount-proc: its own /proc). It mounts a tmpfs at DIR/t (size=4m,
+mode=0750) holding a file with the token, a directory with a file and a
+symlink, keeps the file open and its working directory in the tmpfs, and
+binds DIR/src (which the test made, with a file) at DIR/b read-only.
+
+The check (SIGUSR2, see selfcheck): /proc is its namespace's (it is PID
+1 there); the tmpfs is mounted with its options and holds its files; the
+open file reads the token; the working directory is the tmpfs; the bind
+mount shows DIR/src's file and is read-only.
+"""
+import ctypes
+import os
+import sys
+
+import selfcheck
+
+report, top = sys.argv[-1], sys.argv[-2]
+token = os.urandom(8).hex()
+libc = ctypes.CDLL(None, use_errno=True)
+MS_BIND, MS_RDONLY, MS_REMOUNT = 4096, 1, 32
+os.setsid()
+
+
+def mount(src, dst, fstype, flags, data):
+    if libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags, data.encode() if data else None) != 0:
+        raise OSError(ctypes.get_errno(), "mount " + dst)
+
+
+t, b = os.path.join(top, "t"), os.path.join(top, "b")
+os.makedirs(t, exist_ok=True)
+os.makedirs(b, exist_ok=True)
+mount("tmpfs", t, "tmpfs", 0, "size=4m,mode=0750")
+with open(os.path.join(t, "a.txt"), "w") as f:
+    f.write(token)
+os.mkdir(os.path.join(t, "d"))
+with open(os.path.join(t, "d", "f"), "w") as f:
+    f.write("inner")
+os.symlink("d/f", os.path.join(t, "l"))
+held = open(os.path.join(t, "a.txt"))
+os.chdir(t)
+mount(os.path.join(top, "src"), b, None, MS_BIND, None)
+mount("none", b, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+
+
+def verify():
+    if os.getpid() != 1 or not open("/proc/self/stat").read().startswith("1 ("):
+        return "/proc is not the namespace's"
+    mounts = {l.split()[4]: l for l in open("/proc/self/mountinfo")}
+    if t not in mounts or "size=4096k" not in mounts[t] or "mode=750" not in mounts[t]:
+        return "tmpfs at %s: %s" % (t, mounts.get(t))
+    if os.stat(t).st_mode & 0o777 != 0o750:
+        return "tmpfs mode %o" % os.stat(t).st_mode
+    if open(os.path.join(t, "a.txt")).read() != token or open(os.path.join(t, "l")).read() != "inner":
+        return "the tmpfs lost its files"
+    held.seek(0)
+    if held.read() != token:
+        return "the open file reads otherwise"
+    if os.getcwd() != t:
+        return "cwd is %s" % os.getcwd()
+    if b not in mounts or " ro," not in mounts[b] and not mounts[b].split()[5].startswith("ro"):
+        return "bind at %s: %s" % (b, mounts.get(b))
+    if open(os.path.join(b, "file")).read() != "from src":
+        return "the bind mount shows otherwise"
+    return "ok"
+
+
+selfcheck.run(report, token, verify)
