@@ -425,7 +425,8 @@ func (t *tree) checkSessions(imgs []*imageSet) error {
 	for _, img := range imgs {
 		pt := img.pstree
 		procs = append(procs, treeplan.Proc{Pid: pt.Pid, Ppid: pt.Ppid, Pgid: pt.Pgid, Sid: pt.Sid, ExitSignal: img.core.ExitSignal,
-			FilesWith: img.core.FilesSharedWith, FsWith: img.core.FsSharedWith})
+			FilesWith: img.core.FilesSharedWith, FsWith: img.core.FsSharedWith, Subreaper: img.core.ChildSubreaper != 0,
+			Init: len(procs) == 0 && t.vpids != nil})
 	}
 	for _, z := range t.zombies {
 		procs = append(procs, treeplan.Proc{Pid: int32(z.Pid), Ppid: int32(z.Ppid), Pgid: int32(z.Pgid), Sid: int32(z.Sid), ExitSignal: int32(z.ExitSignal)})

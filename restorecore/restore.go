@@ -381,10 +381,21 @@ func cloneArgs(flags, exitSignal uint64, setTidAddr uint64) []byte {
 // the new task's PID namespace (1 with CLONE_NEWPID); the result is its
 // PID in ferry's.
 func remoteClone(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want int) (int, error) {
+	pid, _, err := remoteCloneIn(t, argAddr, flags, exitSignal, want)
+	return pid, err
+}
+
+// remoteCloneIn is remoteClone that also returns the new task's PID as t
+// sees it; want 0 takes any free PID (no set_tid).
+func remoteCloneIn(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want int) (pid, local int, err error) {
 	args := cloneArgs(flags, exitSignal, argAddr+cloneArgsSize)
 	binary.LittleEndian.PutUint32(args[cloneArgsSize:], uint32(want))
+	if want == 0 {
+		binary.LittleEndian.PutUint64(args[64:], 0) // set_tid
+		binary.LittleEndian.PutUint64(args[72:], 0) // set_tid_size
+	}
 	if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: argAddr, Local: args}}); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	newTid := 0
 	t.OnEvent = func(_, ev int, msg uint) {
@@ -396,9 +407,9 @@ func remoteClone(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want 
 	got, err := t.Syscall(unix.SYS_CLONE3, argAddr, cloneArgsSize)
 	if err != nil {
 		if errors.Is(err, unix.EEXIST) {
-			return 0, fmt.Errorf("%w: PID %d is in use", ErrValidation, want)
+			return 0, 0, fmt.Errorf("%w: PID %d is in use", ErrValidation, want)
 		}
-		return 0, err
+		return 0, 0, err
 	}
 	if newTid == 0 {
 		newTid = int(got) // no event: t is in ferry's PID namespace
@@ -406,15 +417,15 @@ func remoteClone(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want 
 	if flags&unix.CLONE_NEWPID != 0 {
 		got = uint64(newTid) // seen from t, outside the new namespace
 		if v, err := proc.ReadStatus(newTid); err != nil || len(v.NSpid) == 0 || v.NSpid[len(v.NSpid)-1] != want {
-			return 0, fmt.Errorf("clone3 made %d, not PID %d of a new PID namespace (%v)", newTid, want, err)
+			return 0, 0, fmt.Errorf("clone3 made %d, not PID %d of a new PID namespace (%v)", newTid, want, err)
 		}
-	} else if int(got) != want {
-		return 0, fmt.Errorf("clone3 returned %d, want %d", got, want)
+	} else if want != 0 && int(got) != want {
+		return 0, 0, fmt.Errorf("clone3 returned %d, want %d", got, want)
 	}
 	if err := waitStopped(newTid); err != nil {
-		return 0, fmt.Errorf("new task %d: %w", want, err)
+		return 0, 0, fmt.Errorf("new task %d: %w", want, err)
 	}
-	return newTid, nil
+	return newTid, int(got), nil
 }
 
 func leU64(b []byte) uint64 { return binary.LittleEndian.Uint64(b) }

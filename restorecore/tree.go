@@ -28,8 +28,12 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 	for i, p := range r.is.procs {
 		pt := p.pstree
 		procs[i] = treeplan.Proc{Pid: pt.Pid, Ppid: pt.Ppid, Pgid: pt.Pgid, Sid: pt.Sid, ExitSignal: p.core.ExitSignal,
-			FilesWith: p.core.FilesSharedWith, FsWith: p.core.FsSharedWith}
+			FilesWith: p.core.FilesSharedWith, FsWith: p.core.FsSharedWith, Subreaper: p.core.ChildSubreaper != 0,
+			Init: i == 0 && r.is.inv.PidNs}
 	}
+	// local holds the PIDs of helpers with any PID, as their parents see
+	// them (to reap them).
+	local := map[int32]int{}
 	plan, err := treeplan.Make(procs)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", images.PstreeName, err)
@@ -59,7 +63,11 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 					flags |= unix.CLONE_NEWNS
 				}
 			}
-			pid, err := remoteClone(from, stackScratch(from), flags, uint64(s.ExitSignal), int(s.Pid))
+			want := int(s.Pid)
+			if want < 0 {
+				want = 0 // a helper with any PID
+			}
+			pid, lpid, err := remoteCloneIn(from, stackScratch(from), flags, uint64(s.ExitSignal), want)
 			if err != nil {
 				what := "process"
 				if s.Helper {
@@ -68,6 +76,7 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				return nil, fmt.Errorf("create %s %d: %w", what, s.Pid, err)
 			}
 			r.created = append(r.created, pid)
+			local[s.Pid] = lpid
 			regs, err := ptrace.GetRegs(pid)
 			if err != nil {
 				return nil, err
@@ -86,12 +95,16 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 			if _, err := tasks[s.Pid].Syscall(unix.SYS_SETPGID, 0, uint64(s.Pgid)); err != nil {
 				return nil, fmt.Errorf("process %d: join group %d: %w", s.Pid, s.Pgid, err)
 			}
+		case treeplan.Subreaper:
+			if _, err := tasks[s.Pid].Syscall(unix.SYS_PRCTL, unix.PR_SET_CHILD_SUBREAPER, 1); err != nil {
+				return nil, fmt.Errorf("process %d: subreaper: %w", s.Pid, err)
+			}
 		case treeplan.Exit:
-			if err := die(tasks[s.Pid], s.Pid, 0); err != nil {
+			if err := die(tasks[s.Pid], int32(local[s.Pid]), 0); err != nil {
 				return nil, fmt.Errorf("helper %d: %w", s.Pid, err)
 			}
 			delete(tasks, s.Pid)
-			if err := reap(tasks[s.From], s.Pid, unix.Signal(s.ExitSignal)); err != nil {
+			if err := reap(tasks[s.From], int32(local[s.Pid]), unix.Signal(s.ExitSignal)); err != nil {
 				return nil, fmt.Errorf("process %d: reap helper %d: %w", s.From, s.Pid, err)
 			}
 		}

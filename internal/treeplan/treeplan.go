@@ -19,6 +19,10 @@ type Proc struct {
 	// or filesystem information (CLONE_FS) this one shares, its parent or
 	// a sibling; 0 for none.
 	FilesWith, FsWith int32
+	// Subreaper: the process is a child subreaper (PR_SET_CHILD_SUBREAPER);
+	// Init: it is the init of its PID namespace (orphans below it go to
+	// it all the same).
+	Subreaper, Init bool
 }
 
 // Op is what a step does.
@@ -31,8 +35,12 @@ const (
 	Setsid
 	// Setpgid: Pid joins group Pgid, or makes it when Pgid is Pid.
 	Setpgid
-	// Exit: helper Pid exits and its parent From reaps it.
+	// Exit: helper Pid exits and its parent From reaps it; its children
+	// go to its nearest subreaper ancestor.
 	Exit
+	// Subreaper: Pid becomes a child subreaper (before a helper's exit
+	// hands it an orphan).
+	Subreaper
 )
 
 func (o Op) String() string {
@@ -45,6 +53,8 @@ func (o Op) String() string {
 		return "setpgid"
 	case Exit:
 		return "exit"
+	case Subreaper:
+		return "subreaper"
 	}
 	return fmt.Sprintf("Op(%d)", int(o))
 }
@@ -64,7 +74,9 @@ type Step struct {
 	ExitSignal int32
 	Pgid       int32
 	// Helper: Pid is not a process of the images but stands in for a
-	// dead session or group leader until its Exit step.
+	// dead session or group leader, or a dead parent, until its Exit
+	// step. A negative Pid is a helper with any free PID (no set_tid):
+	// the steps name it by that placeholder.
 	Helper bool
 }
 
@@ -110,6 +122,10 @@ type planner struct {
 	// inherits them from the restoring process (-1 when it leads them).
 	outerSid, outerPgid int32
 	plan                Plan
+	// anyPid numbers the helpers with any PID (-1, -2, ...).
+	anyPid int32
+	// subreapers are the processes made subreapers early.
+	subreapers map[int32]bool
 }
 
 // Make plans the making of procs. procs[0] is the root; every other
@@ -125,6 +141,7 @@ func Make(procs []Proc) (*Plan, error) {
 		children:     map[int32][]*Proc{},
 		made:         map[int32]*state{},
 		madeChildren: map[int32][]int32{},
+		subreapers:   map[int32]bool{},
 	}
 	for i := range procs {
 		x := &procs[i]
@@ -165,7 +182,20 @@ func Make(procs []Proc) (*Plan, error) {
 		h := p.plan.Helpers[i]
 		st := p.made[h]
 		p.plan.Steps = append(p.plan.Steps, Step{Op: Exit, Pid: h, From: st.parent, ExitSignal: st.exitSignal, Helper: true})
+		for _, x := range p.procs {
+			if s := p.made[x.Pid]; s != nil && s.parent == h {
+				s.parent = x.Ppid // the orphan goes to its subreaper (orphanage)
+			}
+		}
 	}
+	// Only helpers with the images' PIDs need those PIDs free.
+	var fixed []int32
+	for _, h := range p.plan.Helpers {
+		if h > 0 {
+			fixed = append(fixed, h)
+		}
+	}
+	p.plan.Helpers = fixed
 	return &p.plan, nil
 }
 
@@ -273,6 +303,23 @@ func (p *planner) maker(x *Proc) (int32, uint64, error) {
 		}
 	}
 	if p.byPid[x.Sid] != nil || x.Sid == p.outerSid {
+		// An orphan its subreaper parent took in: a helper (any PID)
+		// forked by a process of that session below the parent forks
+		// it, then exits, and it goes to the parent as it once did.
+		y, err := p.orphanage(x)
+		if err != nil {
+			return 0, 0, err
+		}
+		if y != 0 {
+			if !p.subreapers[par] && !p.byPid[par].Init {
+				p.subreapers[par] = true
+				p.plan.Steps = append(p.plan.Steps, Step{Op: Subreaper, Pid: par})
+			}
+			p.anyPid--
+			h := p.anyPid
+			p.clone(h, y, 0, int32(unix.SIGCHLD), true)
+			return h, 0, nil
+		}
 		return 0, 0, fmt.Errorf("process %d is in session %d, which its parent %d cannot give it (its parent is in session %d): %w",
 			x.Pid, x.Sid, par, p.sidOf(par), ErrUnsupported)
 	}
@@ -281,6 +328,50 @@ func (p *planner) maker(x *Proc) (int32, uint64, error) {
 	p.clone(x.Sid, par, 0, x.ExitSignal, true)
 	p.setsid(x.Sid)
 	return x.Sid, unix.CLONE_PARENT, nil
+}
+
+// orphanage finds, for x whose parent is a subreaper outside x's session,
+// a process of x's session below that parent with no other subreaper
+// between (a helper's orphan goes to the parent): a made one, else the
+// session's leader, made now with its ancestors. 0: none.
+func (p *planner) orphanage(x *Proc) (int32, error) {
+	par := p.byPid[x.Ppid]
+	if par == nil || !par.Subreaper && !par.Init {
+		return 0, nil
+	}
+	below := func(y *Proc) bool {
+		if y.Subreaper {
+			return false
+		}
+		for a := y.Ppid; a != 0; a = p.byPid[a].Ppid {
+			if a == par.Pid {
+				return true
+			}
+			if q := p.byPid[a]; q == nil || q.Subreaper {
+				return false
+			}
+		}
+		return false
+	}
+	for _, y := range p.procs {
+		if st := p.made[y.Pid]; st != nil && st.sid == x.Sid && !st.helper && below(y) {
+			return y.Pid, nil
+		}
+	}
+	l := p.byPid[x.Sid]
+	if l == nil || !below(l) {
+		return 0, nil
+	}
+	var chain []*Proc
+	for a := l; a != nil && p.made[a.Pid] == nil; a = p.byPid[a.Ppid] {
+		chain = append(chain, a)
+	}
+	for i := len(chain) - 1; i >= 0; i-- {
+		if err := p.create(chain[i]); err != nil {
+			return 0, err
+		}
+	}
+	return l.Pid, nil
 }
 
 // sidOf is pid's session as the images have it.

@@ -12,12 +12,15 @@ import (
 // setpgid, independently of the planner's own bookkeeping.
 type kernel struct {
 	procs map[int32]*kproc
+	// init is the init of the PID namespace, which orphans go to when no
+	// subreaper takes them (0: outside).
+	init int32
 }
 
 type kproc struct {
 	parent, sid, pgid, exitSignal int32
 	files                         *int // identity of the fd table
-	helper                        bool
+	helper, subreaper             bool
 }
 
 func (k *kernel) run(steps []Step) error {
@@ -88,12 +91,19 @@ func (k *kernel) step(s Step) error {
 		if h.parent != s.From {
 			return fmt.Errorf("its parent is %d", h.parent)
 		}
-		for pid, q := range k.procs {
+		// Orphans go to the nearest subreaper ancestor (or init, 0).
+		reaper := h.parent
+		for reaper != 0 && reaper != k.init && !k.procs[reaper].subreaper {
+			reaper = k.procs[reaper].parent
+		}
+		for _, q := range k.procs {
 			if q.parent == s.Pid {
-				return fmt.Errorf("it has a child %d", pid)
+				q.parent = reaper
 			}
 		}
 		delete(k.procs, s.Pid)
+	case Subreaper:
+		k.procs[s.Pid].subreaper = true
 	}
 	return nil
 }
@@ -104,6 +114,7 @@ func TestMake(t *testing.T) {
 		return Proc{Pid: pid, Ppid: ppid, Pgid: pgid, Sid: sid, ExitSignal: sigchld}
 	}
 	files := func(x Proc, with int32) Proc { x.FilesWith = with; return x }
+	subreaper := func(x Proc) Proc { x.Subreaper = true; return x }
 	for _, tc := range []struct {
 		name    string
 		procs   []Proc
@@ -137,6 +148,15 @@ func TestMake(t *testing.T) {
 		{name: "a sibling's session",
 			// 12 was orphaned into 10 (a subreaper) from 11's session.
 			procs: []Proc{p(10, 1, 10, 10), p(11, 10, 11, 11), p(12, 10, 11, 11)}},
+		{name: "orphan of a live session, taken in by a subreaper",
+			// 10 (subreaper) -> 11 -> 12 (setsid) -> 13 -> 14; 13 died:
+			// 14 went to 10, still in 12's session.
+			procs:   []Proc{subreaper(p(10, 1, 10, 10)), p(11, 10, 10, 10), p(12, 11, 12, 12), p(14, 10, 12, 12)},
+			helpers: 0},
+		{name: "the same, the orphan listed before its session's leader",
+			procs: []Proc{subreaper(p(10, 1, 10, 10)), p(11, 10, 10, 10), p(14, 10, 12, 12), p(12, 11, 12, 12)}},
+		{name: "the same under the init of a PID namespace",
+			procs: []Proc{{Pid: 1, Ppid: 0, Pgid: 1, Sid: 1, Init: true}, p(2, 1, 1, 1), p(4, 1, 3, 3), p(3, 2, 3, 3)}},
 		{name: "session of a live process out of reach",
 			// 12 is in 13's session; neither its parent 10 nor a child
 			// of 10 ever was.
@@ -161,6 +181,9 @@ func TestMake(t *testing.T) {
 				t.Errorf("helpers %v, want %d", plan.Helpers, tc.helpers)
 			}
 			var k kernel
+			if tc.procs[0].Init {
+				k.init = tc.procs[0].Pid
+			}
 			if err := k.run(plan.Steps); err != nil {
 				t.Fatalf("%v\nplan:\n%s", err, dump(plan))
 			}

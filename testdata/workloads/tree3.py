@@ -9,12 +9,15 @@ The root is a child subreaper, so orphans of the tree stay in it:
   X  makes a session and forks Y and W; W makes a group and forks Z;
      X and W exit: Y and Z (children of the root now) are in X's session,
      whose leader is dead, and Z is in W's group, whose leader is dead.
-The root reaps X, G and W.
+  Q  forks K, which makes a session and forks N, which forks O; N exits:
+     O (a child of the root now) is in K's session, which no child of
+     the root is in.
+The root reaps X, G and W; K reaps N.
 
 The report names the live processes (pids=, for the test to end them).
 The check (SIGUSR2, see selfcheck): every process has its parent, session
 and group as before, and no helper the restore used is left (X, G and W
-exist no more).
+exist no more, and N neither).
 """
 import ctypes
 import os
@@ -103,6 +106,22 @@ def x_main():
     tell("Y", y)
 
 
+def q_main():
+    def k_main():
+        os.setsid()
+
+        def n_main():
+            tell("O", fork(sleep_forever))
+
+        n = fork(n_main)
+        os.waitpid(n, 0)
+        tell("K", os.getpid(), n)
+        sleep_forever()
+
+    fork(k_main)
+    sleep_forever()
+
+
 sync_r, sync_w = os.pipe()
 fork(l_main)
 got = hear("L", "M", "B")
@@ -113,11 +132,15 @@ x = fork(x_main)
 got = hear("Z", "Y")
 (z, w), (y, _) = got["Z"], got["Y"]
 os.waitpid(x, 0)
+q = fork(q_main)
+got = hear("K", "O")
+(k, n), (o, _) = got["K"], got["O"]
 me = os.getpid()
 want = {
     # pid: (parent, session, group)
     l: (me, l, l), a: (l, a, a), b: (a, b, b), d: (b, l, l),
     m: (me, l, g), y: (me, x, x), z: (me, x, w),
+    q: (me, me, me), k: (q, k, k), o: (me, k, k),
 }
 
 
@@ -131,7 +154,7 @@ def verify():
         got = (ppid(pid), os.getsid(pid), os.getpgid(pid))
         if got != (par, sid, pgid):
             return "process %d: parent, session, group %s, want %s" % (pid, got, (par, sid, pgid))
-    for dead in (g, x, w):
+    for dead in (g, x, w, n):
         if os.path.exists("/proc/%d" % dead):
             return "process %d (a dead leader) exists" % dead
     return "ok"
