@@ -77,6 +77,10 @@ type Options struct {
 	// CgroupControllers (--cgroup-dump-controller): save only the
 	// hierarchies holding one of these controllers (all when empty).
 	CgroupControllers []string
+	// Root (-r/--root): where ferry sees the root of the tree's mount
+	// namespace, when it has one of its own; found from the mount tables
+	// when empty.
+	Root string
 	// FileLocks (--file-locks) dumps the file locks the process holds;
 	// otherwise a lock fails the dump.
 	FileLocks bool

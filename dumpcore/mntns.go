@@ -45,15 +45,39 @@ func (t *tree) mntNamespace() (*pb.MntNs, error) {
 		}
 		return k
 	}
-	if rootOf(theirs) != rootOf(mine) {
-		return nil, fmt.Errorf("the mount namespace of %d has a root of its own (pivot_root): %w yet (--root)", t.root, ErrUnsupported)
-	}
 	have, had := map[string]bool{}, map[string]bool{}
-	for _, m := range mine {
-		have[key(m)] = true
-	}
 	out := &pb.MntNs{}
-	for _, m := range theirs {
+	if rootOf(theirs) != rootOf(mine) {
+		// A root of its own: every mount of the tree is made again under
+		// it, the root itself bound from where ferry sees it.
+		var root proc.Mount
+		for _, m := range theirs {
+			if m.Point == "/" {
+				root = m
+			}
+		}
+		out.Root, out.RootFlags = t.opts.Root, mountFlags(root.Opts)
+		if out.Root == "" {
+			out.Root = bindSource(mine, root)
+		}
+		if out.Root == "" {
+			return nil, fmt.Errorf("the root of the mount namespace of %d (%s of %s) is not a directory ferry sees: %w (name it with --root)",
+				t.root, root.FsType, root.Source, ErrUnsupported)
+		}
+		for _, m := range theirs {
+			if m.Point == "/" {
+				had[key(m)] = true // the root: bound, not made
+			}
+		}
+	} else {
+		for _, m := range mine {
+			have[key(m)] = true
+		}
+	}
+	for i, m := range theirs {
+		if had[key(m)] {
+			continue
+		}
 		had[key(m)] = true
 		if have[key(m)] {
 			continue // the copy has it
@@ -62,13 +86,18 @@ func (t *tree) mntNamespace() (*pb.MntNs, error) {
 		switch m.FsType {
 		case "proc", "sysfs", "mqueue", "tmpfs":
 			om.Fstype, om.Source = m.FsType, m.Source
+		case "cgroup", "cgroup2":
+			om.Fstype, om.Source = m.FsType, m.Source
 		default:
-			src := bindSource(mine, m)
-			if src == "" {
+			om.Fstype, om.Data = "bind", ""
+			if src := bindSource(theirs[:i], m); src != "" && out.Root != "" {
+				om.Source, om.Inner = src, true // from one of the tree's own mounts
+			} else if src := bindSource(mine, m); src != "" {
+				om.Source = src
+			} else {
 				return nil, fmt.Errorf("mount %s (%s of %s) in the mount namespace of %d, which ferry cannot see: %w yet",
 					m.Point, m.FsType, m.Source, t.root, ErrUnsupported)
 			}
-			om.Fstype, om.Source, om.Data = "bind", src, ""
 		}
 		if m.FsType == "tmpfs" {
 			om.Contents = fmt.Sprintf("tmpfs-%d.tar", m.ID)
@@ -78,7 +107,7 @@ func (t *tree) mntNamespace() (*pb.MntNs, error) {
 		}
 		out.Mounts = append(out.Mounts, om)
 	}
-	for i := len(mine) - 1; i >= 0; i-- {
+	for i := len(mine) - 1; i >= 0 && out.Root == ""; i-- {
 		if !had[key(mine[i])] {
 			out.Unmounted = append(out.Unmounted, mine[i].Point)
 		}
@@ -162,13 +191,23 @@ func (t *tree) tarTmpfs(name string, m proc.Mount) error {
 		if err != nil {
 			return err
 		}
-		if st, ok := info.Sys().(*syscall.Stat_t); ok && st.Dev != topSt.Dev {
-			if d.IsDir() {
-				return filepath.SkipDir // another mount
-			}
-			return nil
-		}
 		rel, _ := filepath.Rel(top, p)
+		if st, ok := info.Sys().(*syscall.Stat_t); ok && st.Dev != topSt.Dev {
+			if !d.IsDir() {
+				return nil
+			}
+			// Another mount: its mount point stays, empty (with the
+			// mounted directory's attributes: the one below is hidden).
+			h, err := tar.FileInfoHeader(info, "")
+			if err != nil {
+				return err
+			}
+			h.Name = rel + "/"
+			if err := tw.WriteHeader(h); err != nil {
+				return err
+			}
+			return filepath.SkipDir
+		}
 		link := ""
 		if info.Mode()&fs.ModeSymlink != 0 {
 			if link, err = os.Readlink(p); err != nil {

@@ -26,6 +26,17 @@ func (r *restorer) makeMntNs(root *compel.Task) error {
 	if err := mountIn(root, "none", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("make the mounts private: %w", err)
 	}
+	// A root of its own: bound first, every mount made under it, then
+	// pivoted into.
+	top := n.Root
+	if r.opts.Root != "" {
+		top = r.opts.Root
+	}
+	if top != "" {
+		if err := mountIn(root, top, top, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind the root %s: %w", top, err)
+		}
+	}
 	for _, p := range n.Unmounted {
 		if err := umountIn(root, p); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("detach %s: %w", p, err)
@@ -33,21 +44,36 @@ func (r *restorer) makeMntNs(root *compel.Task) error {
 	}
 	for _, m := range n.Mounts {
 		var err error
+		point := filepath.Join(top, m.Point)
 		if m.Fstype == "bind" {
-			err = mountIn(root, m.Source, m.Point, "", unix.MS_BIND|unix.MS_REC, "")
+			src := m.Source
+			if m.Inner {
+				src = filepath.Join(top, src)
+			}
+			err = mountIn(root, src, point, "", unix.MS_BIND|unix.MS_REC, "")
 			if err == nil && m.Flags != 0 {
-				err = mountIn(root, "none", m.Point, "", unix.MS_BIND|unix.MS_REMOUNT|m.Flags, "")
+				err = mountIn(root, "none", point, "", unix.MS_BIND|unix.MS_REMOUNT|m.Flags, "")
 			}
 		} else {
-			err = mountIn(root, m.Source, m.Point, m.Fstype, m.Flags, m.Data)
+			err = mountIn(root, m.Source, point, m.Fstype, m.Flags, m.Data)
 		}
 		if err != nil {
 			return fmt.Errorf("mount %s (%s): %w", m.Point, m.Fstype, err)
 		}
 		if m.Contents != "" {
-			if err := r.untar(filepath.Join(r.is.dir, m.Contents), fmt.Sprintf("/proc/%d/root%s", root.Tid, m.Point)); err != nil {
+			if err := r.untar(filepath.Join(r.is.dir, m.Contents), fmt.Sprintf("/proc/%d/root%s", root.Tid, point)); err != nil {
 				return fmt.Errorf("files of the tmpfs at %s: %w", m.Point, err)
 			}
+		}
+	}
+	if top != "" {
+		if n.RootFlags&unix.MS_RDONLY != 0 {
+			if err := mountIn(root, "none", top, "", unix.MS_BIND|unix.MS_REMOUNT|n.RootFlags, ""); err != nil {
+				return fmt.Errorf("root read-only: %w", err)
+			}
+		}
+		if err := pivotIn(root, top); err != nil {
+			return fmt.Errorf("pivot_root into %s: %w", top, err)
 		}
 	}
 	r.log.Info("mount namespace made", "detached", len(n.Unmounted), "mounts", len(n.Mounts))
@@ -58,6 +84,9 @@ func (r *restorer) makeMntNs(root *compel.Task) error {
 // a mount point it does not have (ferry cannot check such a file before
 // the restore).
 func ownMount(n *pb.MntNs, path string) bool {
+	if n.GetRoot() != "" {
+		return true // every mount is the tree's own
+	}
 	under := func(p string) bool { return path == p || strings.HasPrefix(path, strings.TrimSuffix(p, "/")+"/") }
 	for _, m := range n.GetMounts() {
 		if under(m.Point) {
@@ -95,6 +124,28 @@ func mountIn(t *compel.Task, source, target, fstype string, flags uint64, data s
 		return err
 	}
 	_, err := t.Syscall(unix.SYS_MOUNT, src, tgt, typ, flags, dat)
+	return err
+}
+
+// pivotIn makes dir t's root (pivot_root into it, the old root detached)
+// and its working directory.
+func pivotIn(t *compel.Task, dir string) error {
+	addr := stackScratch(t)
+	buf := append(append([]byte(dir), 0), '.', 0, '/', 0)
+	if err := compel.WriteMem(t.Tid, []compel.Segment{{Addr: addr, Local: buf}}); err != nil {
+		return err
+	}
+	dot, slash := addr+uint64(len(dir))+1, addr+uint64(len(dir))+3
+	if _, err := t.Syscall(unix.SYS_CHDIR, addr); err != nil {
+		return err
+	}
+	if _, err := t.Syscall(unix.SYS_PIVOT_ROOT, dot, dot); err != nil {
+		return err
+	}
+	if _, err := t.Syscall(unix.SYS_UMOUNT2, dot, unix.MNT_DETACH); err != nil {
+		return err
+	}
+	_, err := t.Syscall(unix.SYS_CHDIR, slash)
 	return err
 }
 

@@ -51,7 +51,10 @@ type Options struct {
 	// under another path, by controller ("" for every hierarchy).
 	ManageCgroups string
 	CgroupRoot    map[string]string
-	Logger        *slog.Logger
+	// Root (-r/--root): where the root of the tree's mount namespace is
+	// here, when it has one of its own (by default, where the dump saw it).
+	Root   string
+	Logger *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and

@@ -39,6 +39,7 @@ func newDumpCmd() *cobra.Command {
 		extUnix       string
 		externals     []string
 		cgControllers []string
+		rootDir       string
 		fileLocks     bool
 		tcpClose      bool
 		skipInFlight  bool
@@ -177,7 +178,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -224,6 +225,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
 	fs.StringArrayVar(&externals, "external", nil, "a resource outside the dump, as criu names it; so far unix[INODE]: a unix socket of another process that a datagram socket of the tree is connected to (as --ext-unix-sk INODE); repeatable")
 	fs.BoolVar(&tcpEst, "tcp-established", false, "dump established TCP connections (TCP_REPAIR); the restored process takes them over without the peer noticing")
+	fs.StringVarP(&rootDir, "root", "r", "", "where ferry sees the root of the tree's own mount namespace (found from the mount tables if not given)")
 	fs.StringArrayVar(&cgControllers, "cgroup-dump-controller", nil, "save only the cgroup hierarchies holding CONTROLLER (repeatable; all by default)")
 	fs.String("manage-cgroups", "soft", "accepted for criu compatibility: the dump always saves the cgroups and their properties; the restore's --manage-cgroups decides")
 	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"

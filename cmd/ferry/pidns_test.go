@@ -286,3 +286,24 @@ func TestDumpRestoreMountNamespace(t *testing.T) {
 	checkContinued(t, before, r.Report(t))
 	checkSelf(t, r)
 }
+
+func TestDumpRestoreMountNamespaceRoot(t *testing.T) {
+	// A mount namespace with a root of its own, as containers have: an
+	// empty directory made the root (pivot_root) with the host's /usr,
+	// /lib and /etc bound read-only, a proc, a tmpfs with a file and the
+	// report's directory bound in. The dump finds where ferry sees that
+	// root; the restore binds it, makes every mount under it and pivots
+	// into it; the workload checks itself.
+	root := t.TempDir()
+	w := startInPidNs(t, []string{"--mount"}, "mntroot.py", root)
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-v4", "-o", "dump.log")
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	r := restoreInPidNs(t, img, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
+}

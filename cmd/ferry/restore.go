@@ -32,6 +32,7 @@ func newRestoreCmd() *cobra.Command {
 		sibling      bool
 		cgMode       string
 		cgRoots      []string
+		rootDir      string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -90,7 +91,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot,
+				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -141,6 +142,7 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolVar(&displayStats, "display-stats", false, "print restore statistics when done")
 	fs.StringVar(&cgMode, "manage-cgroups", "soft", "put the processes into their cgroups: soft (make missing ones, with their properties), full (also set existing ones' properties), strict (as full; a property that cannot be set fails), props (they must exist; set properties), none (they must exist), ignore (leave the processes in ferry's)")
 	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
+	fs.StringVarP(&rootDir, "root", "r", "", "where the root of the tree's own mount namespace is here (default: where the dump saw it)")
 	fs.StringArrayVar(&cgRoots, "cgroup-root", nil, "[CONTROLLER:]/PATH: make the images' cgroups under PATH (for CONTROLLER's hierarchy, or all); repeatable")
 	fs.BoolVar(&sibling, "restore-sibling", false, "make the root a child of ferry's parent, not of ferry (implies -d)")
 	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages (post-copy)")

@@ -239,6 +239,9 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 	if o.WorkDirFd != nil {
 		args = append(args, "-W", c.clientPath(o.GetWorkDirFd()))
 	}
+	if o.GetRoot() != "" {
+		args = append(args, "--root", o.GetRoot())
+	}
 	if o.LogFile != nil {
 		if strings.Contains(o.GetLogFile(), "/") {
 			return nil, fmt.Errorf("criu_opts: log_file %q: no directories (use work_dir_fd)", o.GetLogFile())
@@ -266,7 +269,7 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 	for _, u := range []struct {
 		set  bool
 		name string
-	}{{o.GetRoot() != "", "root"}, {len(o.GetExtMnt()) > 0, "ext_mnt"}, {len(o.GetInheritFd()) > 0, "inherit_fd"},
+	}{{len(o.GetExtMnt()) > 0, "ext_mnt"}, {len(o.GetInheritFd()) > 0, "inherit_fd"},
 		{len(o.GetJoinNs()) > 0, "join_ns"},
 		{len(o.GetExecCmd()) > 0, "exec_cmd"}, {o.GetEmptyNs() != 0, "empty_ns"}, {o.GetFreezeCgroup() != "", "freeze_cgroup"},
 		{o.GetUnprivileged(), "unprivileged"}} {

@@ -79,9 +79,9 @@ func TestSwrkGoCriu(t *testing.T) {
 			LogLevel: proto.Int32(4), LogFile: proto.String("rpc.log"), ShellJob: proto.Bool(true)}
 	}
 	bad := opts()
-	bad.Root = proto.String("/tmp")
-	if err := c.Dump(bad, nil); err == nil || !strings.Contains(err.Error(), "root: not supported") {
-		t.Fatalf("dump with root: %v", err)
+	bad.InheritFd = []*rpc.InheritFd{{Key: proto.String("pipe:[1]"), Fd: proto.Int32(3)}}
+	if err := c.Dump(bad, nil); err == nil || !strings.Contains(err.Error(), "inherit_fd: not supported") {
+		t.Fatalf("dump with inherit_fd: %v", err)
 	}
 	if !testutil.PidAlive(w.Pid) {
 		t.Fatal("the refused dump touched the process")

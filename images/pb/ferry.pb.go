@@ -284,7 +284,13 @@ type MntNs struct {
 	// Mount points of ferry's table the tree does not have, deepest first.
 	Unmounted []string `protobuf:"bytes,1,rep,name=unmounted,proto3" json:"unmounted,omitempty"`
 	// The tree's own mounts, parents first.
-	Mounts        []*OwnMount `protobuf:"bytes,2,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	Mounts []*OwnMount `protobuf:"bytes,2,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	// A root of its own (pivot_root): the directory ferry saw it as (or
+	// --root gave), bound as the new root, every mount of the tree made
+	// under it, then pivoted into; mounts and unmounted are then relative
+	// to it, and unmounted is empty.
+	Root          string `protobuf:"bytes,3,opt,name=root,proto3" json:"root,omitempty"`
+	RootFlags     uint64 `protobuf:"varint,4,opt,name=root_flags,json=rootFlags,proto3" json:"root_flags,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -333,11 +339,26 @@ func (x *MntNs) GetMounts() []*OwnMount {
 	return nil
 }
 
+func (x *MntNs) GetRoot() string {
+	if x != nil {
+		return x.Root
+	}
+	return ""
+}
+
+func (x *MntNs) GetRootFlags() uint64 {
+	if x != nil {
+		return x.RootFlags
+	}
+	return 0
+}
+
 type OwnMount struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Point         string                 `protobuf:"bytes,1,opt,name=point,proto3" json:"point,omitempty"`
 	Fstype        string                 `protobuf:"bytes,2,opt,name=fstype,proto3" json:"fstype,omitempty"`     // "proc", "sysfs", "mqueue", "tmpfs", or "bind"
-	Source        string                 `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`     // bind: the path as ferry saw it at the dump
+	Source        string                 `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`     // bind: the path as ferry saw it at the dump (inner: the tree's own path)
+	Inner         bool                   `protobuf:"varint,7,opt,name=inner,proto3" json:"inner,omitempty"`      // bind of a directory on one of the tree's own mounts
 	Flags         uint64                 `protobuf:"varint,4,opt,name=flags,proto3" json:"flags,omitempty"`      // MS_* per-mount flags
 	Data          string                 `protobuf:"bytes,5,opt,name=data,proto3" json:"data,omitempty"`         // the filesystem's options
 	Contents      string                 `protobuf:"bytes,6,opt,name=contents,proto3" json:"contents,omitempty"` // tmpfs: the tar file of its files in the images
@@ -394,6 +415,13 @@ func (x *OwnMount) GetSource() string {
 		return x.Source
 	}
 	return ""
+}
+
+func (x *OwnMount) GetInner() bool {
+	if x != nil {
+		return x.Inner
+	}
+	return false
 }
 
 func (x *OwnMount) GetFlags() uint64 {
@@ -5325,14 +5353,18 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x06ipc_ns\x18\x15 \x01(\bR\x05ipcNs\x128\n" +
 	"\vcgroup_dirs\x18\x16 \x03(\v2\x17.ferry.images.CgroupDirR\n" +
 	"cgroupDirs\x12*\n" +
-	"\x06mnt_ns\x18\x17 \x01(\v2\x13.ferry.images.MntNsR\x05mntNs\"U\n" +
+	"\x06mnt_ns\x18\x17 \x01(\v2\x13.ferry.images.MntNsR\x05mntNs\"\x88\x01\n" +
 	"\x05MntNs\x12\x1c\n" +
 	"\tunmounted\x18\x01 \x03(\tR\tunmounted\x12.\n" +
-	"\x06mounts\x18\x02 \x03(\v2\x16.ferry.images.OwnMountR\x06mounts\"\x96\x01\n" +
+	"\x06mounts\x18\x02 \x03(\v2\x16.ferry.images.OwnMountR\x06mounts\x12\x12\n" +
+	"\x04root\x18\x03 \x01(\tR\x04root\x12\x1d\n" +
+	"\n" +
+	"root_flags\x18\x04 \x01(\x04R\trootFlags\"\xac\x01\n" +
 	"\bOwnMount\x12\x14\n" +
 	"\x05point\x18\x01 \x01(\tR\x05point\x12\x16\n" +
 	"\x06fstype\x18\x02 \x01(\tR\x06fstype\x12\x16\n" +
 	"\x06source\x18\x03 \x01(\tR\x06source\x12\x14\n" +
+	"\x05inner\x18\a \x01(\bR\x05inner\x12\x14\n" +
 	"\x05flags\x18\x04 \x01(\x04R\x05flags\x12\x12\n" +
 	"\x04data\x18\x05 \x01(\tR\x04data\x12\x1a\n" +
 	"\bcontents\x18\x06 \x01(\tR\bcontents\"q\n" +
