@@ -81,6 +81,10 @@ type Options struct {
 	// namespace, when it has one of its own; found from the mount tables
 	// when empty.
 	Root string
+	// ExternalMounts (--external mnt[POINT]:KEY, criu's ext-mount-map):
+	// mounts of the tree's namespace not saved, by mount point; the
+	// restore binds what its own --external mnt[KEY]:PATH names for KEY.
+	ExternalMounts map[string]string
 	// FileLocks (--file-locks) dumps the file locks the process holds;
 	// otherwise a lock fails the dump.
 	FileLocks bool

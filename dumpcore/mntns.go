@@ -83,10 +83,17 @@ func (t *tree) mntNamespace() (*pb.MntNs, error) {
 			continue // the copy has it
 		}
 		om := &pb.OwnMount{Point: m.Point, Flags: mountFlags(m.Opts), Data: fsData(m.Super)}
-		switch m.FsType {
-		case "proc", "sysfs", "mqueue", "tmpfs":
-			om.Fstype, om.Source = m.FsType, m.Source
-		case "cgroup", "cgroup2":
+		if ext, ok := t.opts.ExternalMounts[m.Point]; ok {
+			// --external mnt[POINT]:KEY: the restore binds what KEY
+			// names there.
+			om.Fstype, om.Source, om.Data = "external", ext, ""
+			out.Mounts = append(out.Mounts, om)
+			continue
+		}
+		switch fresh := m.Root == "/"; {
+		case fresh && (m.FsType == "proc" || m.FsType == "sysfs" || m.FsType == "mqueue" || m.FsType == "tmpfs" ||
+			m.FsType == "devpts" || m.FsType == "cgroup" || m.FsType == "cgroup2"):
+			// Mounted whole: mounted anew.
 			om.Fstype, om.Source = m.FsType, m.Source
 		default:
 			om.Fstype, om.Data = "bind", ""
@@ -99,7 +106,7 @@ func (t *tree) mntNamespace() (*pb.MntNs, error) {
 					m.Point, m.FsType, m.Source, t.root, ErrUnsupported)
 			}
 		}
-		if m.FsType == "tmpfs" {
+		if om.Fstype == "tmpfs" {
 			om.Contents = fmt.Sprintf("tmpfs-%d.tar", m.ID)
 			if err := t.tarTmpfs(om.Contents, m); err != nil {
 				return nil, fmt.Errorf("tmpfs at %s: %w", m.Point, err)

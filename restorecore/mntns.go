@@ -45,10 +45,15 @@ func (r *restorer) makeMntNs(root *compel.Task) error {
 	for _, m := range n.Mounts {
 		var err error
 		point := filepath.Join(top, m.Point)
-		if m.Fstype == "bind" {
+		if m.Fstype == "bind" || m.Fstype == "external" {
 			src := m.Source
 			if m.Inner {
 				src = filepath.Join(top, src)
+			}
+			if m.Fstype == "external" {
+				if src = r.opts.ExternalMounts[m.Source]; src == "" {
+					return fmt.Errorf("%w: mount %s is external (key %q): name it with --external mnt[%s]:PATH", ErrValidation, m.Point, m.Source, m.Source)
+				}
 			}
 			err = mountIn(root, src, point, "", unix.MS_BIND|unix.MS_REC, "")
 			if err == nil && m.Flags != 0 {

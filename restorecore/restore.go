@@ -53,8 +53,11 @@ type Options struct {
 	CgroupRoot    map[string]string
 	// Root (-r/--root): where the root of the tree's mount namespace is
 	// here, when it has one of its own (by default, where the dump saw it).
-	Root   string
-	Logger *slog.Logger
+	Root string
+	// ExternalMounts (--external mnt[KEY]:PATH): what to bind for each
+	// external mount of the images, by its key.
+	ExternalMounts map[string]string
+	Logger         *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and

@@ -40,6 +40,7 @@ func newDumpCmd() *cobra.Command {
 		externals     []string
 		cgControllers []string
 		rootDir       string
+		mountMaps     []string
 		fileLocks     bool
 		tcpClose      bool
 		skipInFlight  bool
@@ -92,6 +93,14 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				return errors.New("dump: --leave-running and --leave-stopped exclude each other")
 			}
 			var extUnixSk []uint64
+			extMnt := map[string]string{}
+			for _, m := range mountMaps {
+				point, key, ok := strings.Cut(m, ":")
+				if !ok {
+					return fmt.Errorf("--ext-mount-map %q: want MOUNTPOINT:KEY", m)
+				}
+				extMnt[point] = key
+			}
 			for _, x := range externals {
 				// criu's --external RES: unix[INODE], a unix socket's
 				// peer outside the dump, as --ext-unix-sk INODE. A veth
@@ -100,10 +109,18 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				if strings.HasPrefix(x, "veth[") {
 					continue
 				}
+				if rest, ok := strings.CutPrefix(x, "mnt["); ok {
+					point, key, ok := strings.Cut(rest, "]:")
+					if !ok || point == "" || key == "" {
+						return fmt.Errorf("--external %q: want mnt[MOUNTPOINT]:KEY", x)
+					}
+					extMnt[point] = key
+					continue
+				}
 				v, ok := strings.CutPrefix(x, "unix[")
 				ino, err := strconv.ParseUint(strings.TrimSuffix(v, "]"), 10, 64)
 				if !ok || !strings.HasSuffix(v, "]") || err != nil {
-					return fmt.Errorf("--external %q: want unix[INODE] or veth[IN] (the other kinds come with mount namespaces)", x)
+					return fmt.Errorf("--external %q: want unix[INODE], veth[IN] or mnt[MOUNTPOINT]:KEY", x)
 				}
 				extUnixSk = append(extUnixSk, ino)
 			}
@@ -178,7 +195,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt,
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -223,8 +240,9 @@ the fd and the object. stats-dump is always written to the work directory.`,
 	fs.BoolVar(&skipInFlight, "skip-in-flight", false, "drop the TCP connections a listener has not accepted yet (otherwise one fails the dump)")
 	fs.StringVar(&extUnix, "ext-unix-sk", "", "allow unix datagram sockets connected to processes outside the dump (all, or the peers' inodes, comma separated); they are connected to the peer's name again on restore")
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
-	fs.StringArrayVar(&externals, "external", nil, "a resource outside the dump, as criu names it; so far unix[INODE]: a unix socket of another process that a datagram socket of the tree is connected to (as --ext-unix-sk INODE); repeatable")
+	fs.StringArrayVar(&externals, "external", nil, "a resource outside the dump, as criu names it: unix[INODE], a unix socket of another process that a datagram socket of the tree is connected to (as --ext-unix-sk INODE); mnt[MOUNTPOINT]:KEY, a mount of the tree's namespace left out (the restore binds what it names KEY); veth[IN] (nothing to do at the dump); repeatable")
 	fs.BoolVar(&tcpEst, "tcp-established", false, "dump established TCP connections (TCP_REPAIR); the restored process takes them over without the peer noticing")
+	fs.StringArrayVarP(&mountMaps, "ext-mount-map", "M", nil, "MOUNTPOINT:KEY: the mount at MOUNTPOINT is not saved but named KEY (as --external mnt[MOUNTPOINT]:KEY); repeatable")
 	fs.StringVarP(&rootDir, "root", "r", "", "where ferry sees the root of the tree's own mount namespace (found from the mount tables if not given)")
 	fs.StringArrayVar(&cgControllers, "cgroup-dump-controller", nil, "save only the cgroup hierarchies holding CONTROLLER (repeatable; all by default)")
 	fs.String("manage-cgroups", "soft", "accepted for criu compatibility: the dump always saves the cgroups and their properties; the restore's --manage-cgroups decides")

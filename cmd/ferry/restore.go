@@ -33,6 +33,7 @@ func newRestoreCmd() *cobra.Command {
 		cgMode       string
 		cgRoots      []string
 		rootDir      string
+		mountMaps    []string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -68,7 +69,7 @@ process runs; the process is then re-parented to init.`,
 				// so wait4 sees it, and do not let ^C kill ferry first.
 				signal.Ignore(syscall.SIGINT, syscall.SIGQUIT)
 			}
-			veths, err := parseVeths(externals)
+			veths, extMnt, err := parseExternals(externals, mountMaps)
 			if err != nil {
 				return err
 			}
@@ -91,7 +92,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir,
+				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -142,6 +143,7 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolVar(&displayStats, "display-stats", false, "print restore statistics when done")
 	fs.StringVar(&cgMode, "manage-cgroups", "soft", "put the processes into their cgroups: soft (make missing ones, with their properties), full (also set existing ones' properties), strict (as full; a property that cannot be set fails), props (they must exist; set properties), none (they must exist), ignore (leave the processes in ferry's)")
 	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
+	fs.StringArrayVarP(&mountMaps, "ext-mount-map", "M", nil, "KEY:PATH: bind PATH where the images have the external mount KEY (as --external mnt[KEY]:PATH); repeatable")
 	fs.StringVarP(&rootDir, "root", "r", "", "where the root of the tree's own mount namespace is here (default: where the dump saw it)")
 	fs.StringArrayVar(&cgRoots, "cgroup-root", nil, "[CONTROLLER:]/PATH: make the images' cgroups under PATH (for CONTROLLER's hierarchy, or all); repeatable")
 	fs.BoolVar(&sibling, "restore-sibling", false, "make the root a child of ferry's parent, not of ferry (implies -d)")
@@ -155,7 +157,7 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolP("file-locks", "l", false, compat)
 	fs.String("ext-unix-sk", "", compat)
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
-	fs.StringArrayVar(&externals, "external", nil, "a resource outside the images, as criu names it: veth[IN]:OUT[@BRIDGE] makes the outer end of the tree's veth IN as OUT here, in BRIDGE if given; unix[INODE] is accepted (the images name the peer to connect to again); repeatable")
+	fs.StringArrayVar(&externals, "external", nil, "a resource outside the images, as criu names it: veth[IN]:OUT[@BRIDGE] makes the outer end of the tree's veth IN as OUT here, in BRIDGE if given; mnt[KEY]:PATH binds PATH where the images have the external mount KEY; unix[INODE] is accepted (the images name the peer to connect to again); repeatable")
 	fs.String("network-lock", "nftables", "accepted for criu compatibility: the lock the images name is removed once the restore is done")
 	return cmd
 }
@@ -170,21 +172,37 @@ func printRestoreStats(cmd *cobra.Command, s *pb.RestoreStats) {
 	fmt.Fprintf(w, "Total restore time: %d us\n", s.TotalTimeUs)
 }
 
-// parseVeths reads criu's --external veth[IN]:OUT[@BRIDGE] arguments (and
-// lets unix[INODE] by).
-func parseVeths(externals []string) (map[string]restorecore.VethPeer, error) {
-	veths := map[string]restorecore.VethPeer{}
+// parseExternals reads criu's --external veth[IN]:OUT[@BRIDGE] and
+// mnt[KEY]:PATH arguments and --ext-mount-map KEY:PATH (and lets
+// unix[INODE] by).
+func parseExternals(externals, mountMaps []string) (map[string]restorecore.VethPeer, map[string]string, error) {
+	veths, mnts := map[string]restorecore.VethPeer{}, map[string]string{}
+	for _, m := range mountMaps {
+		key, path, ok := strings.Cut(m, ":")
+		if !ok || key == "" || path == "" {
+			return nil, nil, fmt.Errorf("--ext-mount-map %q: want KEY:PATH", m)
+		}
+		mnts[key] = path
+	}
 	for _, x := range externals {
 		if strings.HasPrefix(x, "unix[") {
+			continue
+		}
+		if rest, ok := strings.CutPrefix(x, "mnt["); ok {
+			key, path, ok := strings.Cut(rest, "]:")
+			if !ok || key == "" || path == "" {
+				return nil, nil, fmt.Errorf("--external %q: want mnt[KEY]:PATH", x)
+			}
+			mnts[key] = path
 			continue
 		}
 		rest, ok := strings.CutPrefix(x, "veth[")
 		in, out, ok2 := strings.Cut(rest, "]:")
 		if !ok || !ok2 || in == "" || out == "" {
-			return nil, fmt.Errorf("--external %q: want veth[IN]:OUT[@BRIDGE] or unix[INODE]", x)
+			return nil, nil, fmt.Errorf("--external %q: want veth[IN]:OUT[@BRIDGE], mnt[KEY]:PATH or unix[INODE]", x)
 		}
 		out, bridge, _ := strings.Cut(out, "@")
 		veths[in] = restorecore.VethPeer{Out: out, Bridge: bridge}
 	}
-	return veths, nil
+	return veths, mnts, nil
 }

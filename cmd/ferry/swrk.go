@@ -262,6 +262,9 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 	for _, x := range o.GetExternal() {
 		args = append(args, "--external", x)
 	}
+	for _, m := range o.GetExtMnt() {
+		args = append(args, "--ext-mount-map", m.GetKey()+":"+m.GetVal())
+	}
 	for _, v := range o.GetVeths() {
 		args = append(args, "--external", fmt.Sprintf("veth[%s]:%s", v.GetIfIn(), v.GetIfOut()))
 	}
@@ -269,7 +272,7 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 	for _, u := range []struct {
 		set  bool
 		name string
-	}{{len(o.GetExtMnt()) > 0, "ext_mnt"}, {len(o.GetInheritFd()) > 0, "inherit_fd"},
+	}{{len(o.GetInheritFd()) > 0, "inherit_fd"},
 		{len(o.GetJoinNs()) > 0, "join_ns"},
 		{len(o.GetExecCmd()) > 0, "exec_cmd"}, {o.GetEmptyNs() != 0, "empty_ns"}, {o.GetFreezeCgroup() != "", "freeze_cgroup"},
 		{o.GetUnprivileged(), "unprivileged"}} {
