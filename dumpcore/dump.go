@@ -85,6 +85,10 @@ type Options struct {
 	// mounts of the tree's namespace not saved, by mount point; the
 	// restore binds what its own --external mnt[KEY]:PATH names for KEY.
 	ExternalMounts map[string]string
+	// EmptyNet (--empty-ns net): a network namespace of the tree's own is
+	// made new at the restore but its contents are not saved (the caller
+	// sets it up, as container runtimes do).
+	EmptyNet bool
 	// FileLocks (--file-locks) dumps the file locks the process holds;
 	// otherwise a lock fails the dump.
 	FileLocks bool

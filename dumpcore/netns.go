@@ -22,6 +22,9 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 	if t.ownNs["net"] == "" {
 		return nil, nil
 	}
+	if t.opts.EmptyNet {
+		return &pb.NetNs{}, nil // made new, set up by the caller
+	}
 	ns, err := netns.GetFromPid(t.root)
 	if err != nil {
 		return nil, fmt.Errorf("network namespace of %d: %w", t.root, err)

@@ -100,7 +100,7 @@ func (b *builder) restoreFiles() error {
 		return err
 	}
 	defer b.dropFerryPidfd()
-	if (len(b.r.held) > 0 || len(b.r.heldPipes) > 0) && b.ferryPidfd == 0 {
+	if (len(b.r.held) > 0 || len(b.r.heldPipes) > 0 || len(b.r.opts.InheritFds) > 0) && b.ferryPidfd == 0 {
 		// Parked like the rest: opened where it falls, it could take a
 		// number a file is about to be placed at.
 		raw, err := b.sys(unix.SYS_PIDFD_OPEN, uint64(os.Getpid()), 0)
@@ -114,6 +114,14 @@ func (b *builder) restoreFiles() error {
 		b.ferryPidfd = uint64(fd)
 	}
 	create = func(e *pb.FdEntry, f *pb.FileEntry) (int, error) {
+		if h, ok := b.r.opts.InheritFds[f.Path]; ok && f.Path != "" {
+			// Given by the caller (--inherit-fd).
+			raw, err := b.take(h)
+			if err != nil {
+				return 0, fmt.Errorf("fd %d (%s, inherited): %w", e.Fd, f.Path, err)
+			}
+			return park(raw)
+		}
 		if h, ok := b.r.held[f.Id]; ok {
 			// Made by another process of the tree already.
 			raw, err := b.take(h)

@@ -57,7 +57,11 @@ type Options struct {
 	// ExternalMounts (--external mnt[KEY]:PATH): what to bind for each
 	// external mount of the images, by its key.
 	ExternalMounts map[string]string
-	Logger         *slog.Logger
+	// InheritFds (--inherit-fd fd[N]:KEY): files the restore does not
+	// make but takes from ferry's fd N, by what the images name them
+	// ("pipe:[INODE]", a path), as criu's callers pass stdio.
+	InheritFds map[string]int
+	Logger     *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and

@@ -8,6 +8,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v ip >/dev/null || need+=(iproute2)
 command -v nsenter >/dev/null && command -v unshare >/dev/null || need+=(util-linux)
 command -v make >/dev/null || need+=(make)
+command -v runc >/dev/null || need+=(runc)
+command -v busybox >/dev/null || need+=(busybox-static)
 if ((${#need[@]})); then
 	if [[ $(id -u) -ne 0 ]]; then
 		echo "deps: need root to install: ${need[*]}" >&2

@@ -41,6 +41,7 @@ func newDumpCmd() *cobra.Command {
 		cgControllers []string
 		rootDir       string
 		mountMaps     []string
+		emptyNs       string
 		fileLocks     bool
 		tcpClose      bool
 		skipInFlight  bool
@@ -86,8 +87,8 @@ the fd and the object. stats-dump is always written to the work directory.`,
 			if pid <= 0 {
 				return errors.New("dump: -t/--tree PID is required")
 			}
-			if f := cmd.Flags().Lookup("freeze-cgroup"); f.Changed {
-				return errors.New("dump: --freeze-cgroup: not supported yet (ferry freezes the tree with ptrace)")
+			if emptyNs != "" && emptyNs != "net" {
+				return fmt.Errorf("dump: --empty-ns %q: only net", emptyNs)
 			}
 			if leaveRunning && leaveStopped {
 				return errors.New("dump: --leave-running and --leave-stopped exclude each other")
@@ -195,7 +196,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt,
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt, EmptyNet: emptyNs == "net",
 				Version: version, Logger: log,
 			})
 			if err != nil {
@@ -247,7 +248,8 @@ the fd and the object. stats-dump is always written to the work directory.`,
 	fs.StringArrayVar(&cgControllers, "cgroup-dump-controller", nil, "save only the cgroup hierarchies holding CONTROLLER (repeatable; all by default)")
 	fs.String("manage-cgroups", "soft", "accepted for criu compatibility: the dump always saves the cgroups and their properties; the restore's --manage-cgroups decides")
 	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
-	fs.String("freeze-cgroup", "", "not supported yet: ferry freezes with ptrace")
+	fs.String("freeze-cgroup", "", "accepted for criu compatibility: ferry freezes the tree with ptrace, top-down, whatever its cgroup")
+	fs.StringVar(&emptyNs, "empty-ns", "", "net: the tree's network namespace is made new at the restore but its contents are not saved (the caller sets it up)")
 	fs.BoolVar(&background, "background", false, "background snapshot (implies -R): copy memory while the process runs, then freeze it only to copy what it wrote meanwhile and its other state; the images show it as it was at that freeze")
 	return cmd
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -34,6 +35,7 @@ func newRestoreCmd() *cobra.Command {
 		cgRoots      []string
 		rootDir      string
 		mountMaps    []string
+		inherit      []string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -73,6 +75,19 @@ process runs; the process is then re-parented to init.`,
 			if err != nil {
 				return err
 			}
+			inheritFds := map[string]int{}
+			for _, x := range inherit {
+				rest, ok := strings.CutPrefix(x, "fd[")
+				n, key, ok2 := strings.Cut(rest, "]:")
+				fd, err := strconv.Atoi(n)
+				if !ok || !ok2 || err != nil || key == "" {
+					return fmt.Errorf("--inherit-fd %q: want fd[N]:KEY", x)
+				}
+				if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
+					return fmt.Errorf("--inherit-fd %q: fd %d is not open", x, fd)
+				}
+				inheritFds[key] = fd
+			}
 			cgRoot := map[string]string{}
 			for _, x := range cgRoots {
 				ctrl, path, ok := strings.Cut(x, ":")
@@ -92,7 +107,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt,
+				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -144,6 +159,7 @@ process runs; the process is then re-parented to init.`,
 	fs.StringVar(&cgMode, "manage-cgroups", "soft", "put the processes into their cgroups: soft (make missing ones, with their properties), full (also set existing ones' properties), strict (as full; a property that cannot be set fails), props (they must exist; set properties), none (they must exist), ignore (leave the processes in ferry's)")
 	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
 	fs.StringArrayVarP(&mountMaps, "ext-mount-map", "M", nil, "KEY:PATH: bind PATH where the images have the external mount KEY (as --external mnt[KEY]:PATH); repeatable")
+	fs.StringArrayVar(&inherit, "inherit-fd", nil, "fd[N]:KEY: the file the images name KEY (pipe:[INODE], socket:[INODE], a path) is ferry's fd N, not made anew; repeatable")
 	fs.StringVarP(&rootDir, "root", "r", "", "where the root of the tree's own mount namespace is here (default: where the dump saw it)")
 	fs.StringArrayVar(&cgRoots, "cgroup-root", nil, "[CONTROLLER:]/PATH: make the images' cgroups under PATH (for CONTROLLER's hierarchy, or all); repeatable")
 	fs.BoolVar(&sibling, "restore-sibling", false, "make the root a child of ferry's parent, not of ferry (implies -d)")

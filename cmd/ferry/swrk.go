@@ -181,6 +181,19 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 		if err != nil {
 			return fail(err)
 		}
+		// inherit_fd: the client's descriptors, taken into ferry.
+		fds, err := c.takeFds(req.GetOpts().GetInheritFd())
+		defer func() {
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+		}()
+		if err != nil {
+			return fail(err)
+		}
+		for i, in := range req.GetOpts().GetInheritFd() {
+			args = append(args, "--inherit-fd", fmt.Sprintf("fd[%d]:%s", fds[i], in.GetKey()))
+		}
 		if err := c.run(c.notifying(ctx, req.GetOpts()), args); err != nil {
 			return fail(err)
 		}
@@ -195,6 +208,27 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 	}
 	resp.Success = proto.Bool(true)
 	return resp
+}
+
+// takeFds copies the client's descriptors named in ins into ferry.
+func (c *rpcConn) takeFds(ins []*rpc.InheritFd) ([]int, error) {
+	if len(ins) == 0 {
+		return nil, nil
+	}
+	pidfd, err := unix.PidfdOpen(int(c.peer.Pid), 0)
+	if err != nil {
+		return nil, fmt.Errorf("inherit_fd: the client %d: %w", c.peer.Pid, err)
+	}
+	defer unix.Close(pidfd)
+	var fds []int
+	for _, in := range ins {
+		fd, err := unix.PidfdGetfd(pidfd, int(in.GetFd()), 0)
+		if err != nil {
+			return fds, fmt.Errorf("inherit_fd %s: the client's fd %d: %w", in.GetKey(), in.GetFd(), err)
+		}
+		fds = append(fds, fd)
+	}
+	return fds, nil
 }
 
 // notifying returns ctx carrying the client as the action-script
@@ -272,9 +306,9 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 	for _, u := range []struct {
 		set  bool
 		name string
-	}{{len(o.GetInheritFd()) > 0, "inherit_fd"},
+	}{
 		{len(o.GetJoinNs()) > 0, "join_ns"},
-		{len(o.GetExecCmd()) > 0, "exec_cmd"}, {o.GetEmptyNs() != 0, "empty_ns"}, {o.GetFreezeCgroup() != "", "freeze_cgroup"},
+		{len(o.GetExecCmd()) > 0, "exec_cmd"}, {o.GetEmptyNs()&^unix.CLONE_NEWNET != 0, "empty_ns (but net)"},
 		{o.GetUnprivileged(), "unprivileged"}} {
 		if u.set {
 			return nil, fmt.Errorf("criu_opts: %s: not supported by ferry yet", u.name)
@@ -300,6 +334,9 @@ func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, erro
 		return nil, err
 	}
 	args = append([]string{cmd, "-t", strconv.Itoa(int(pid))}, args...)
+	if o.GetEmptyNs()&unix.CLONE_NEWNET != 0 {
+		args = append(args, "--empty-ns", "net")
+	}
 	if o.GetLeaveRunning() && typ == rpc.CriuReqType_DUMP {
 		args = append(args, "--leave-running")
 	}

@@ -1,0 +1,143 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferrycr/ferry/internal/testutil"
+)
+
+// runcBundle makes an OCI bundle in dir: a busybox root filesystem whose
+// shell draws a token, keeps it only in memory, and writes "TOKEN COUNT"
+// to /out/state ten times a second (/out bound from outDir).
+func runcBundle(t *testing.T, dir, outDir string) {
+	t.Helper()
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		t.Fatalf("busybox (Debian's busybox-static, installed by make deps): %v", err)
+	}
+	bin := filepath.Join(dir, "rootfs", "bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := exec.Command("cp", bb, filepath.Join(bin, "busybox")).CombinedOutput(); err != nil {
+		t.Fatalf("cp busybox: %v\n%s", err, b)
+	}
+	for _, c := range []string{"sh", "sleep", "echo"} {
+		if err := os.Symlink("busybox", filepath.Join(bin, c)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.MkdirAll(filepath.Join(dir, "rootfs", "out"), 0o755)
+	cmd := exec.Command("runc", "spec")
+	cmd.Dir = dir
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("runc spec: %v\n%s", err, b)
+	}
+	var spec map[string]any
+	b, _ := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err := json.Unmarshal(b, &spec); err != nil {
+		t.Fatal(err)
+	}
+	p := spec["process"].(map[string]any)
+	p["terminal"] = false
+	p["args"] = []string{"sh", "-c", `t=$$$RANDOM$RANDOM; i=0; while :; do i=$((i+1)); echo "$t $i" > /out/state; sleep 0.1; done`}
+	spec["root"].(map[string]any)["readonly"] = false
+	spec["mounts"] = append(spec["mounts"].([]any), map[string]any{"destination": "/out", "type": "bind", "source": outDir, "options": []string{"rbind", "rw"}})
+	b, _ = json.Marshal(spec)
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// runcState reads the container's "TOKEN COUNT" line.
+func runcState(t *testing.T, outDir string) (string, int) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		b, _ := os.ReadFile(filepath.Join(outDir, "state"))
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			n, err := strconv.Atoi(f[1])
+			if err == nil {
+				return f[0], n
+			}
+		}
+	}
+	t.Fatal("the container writes no state")
+	return "", 0
+}
+
+// runc runs runc in the bundle with stdio on pipes (as container engines
+// give it; files outside the container's root cannot be restored), which
+// stay open until the test ends.
+func runc(t *testing.T, bundle string, args ...string) {
+	t.Helper()
+	cmd := exec.Command("runc", args...)
+	cmd.Dir = bundle
+	var ours []*os.File
+	inR, inW, _ := os.Pipe()
+	outR, outW, _ := os.Pipe()
+	errR, errW, _ := os.Pipe()
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errW
+	ours = append(ours, inW, outR, errR)
+	t.Cleanup(func() {
+		for _, f := range ours {
+			f.Close()
+		}
+	})
+	err := cmd.Run()
+	inR.Close()
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		msg := make([]byte, 4096)
+		errR.SetReadDeadline(time.Now().Add(time.Second))
+		n, _ := errR.Read(msg)
+		t.Fatalf("runc %s: %v\n%s", strings.Join(args, " "), err, msg[:n])
+	}
+}
+
+func TestRuncCheckpointRestore(t *testing.T) {
+	// runc, with ferry as its criu binary (--criu), checkpoints a running
+	// container (PID, mount, network, IPC and UTS namespaces, cgroups, a
+	// bind mount from the host, stdio on pipes) and restores it: the same
+	// process goes on (its token, drawn once and kept only in memory, and
+	// its counter continue) in the restored container.
+	needRoot(t)
+	if _, err := exec.LookPath("runc"); err != nil {
+		t.Fatalf("runc (Debian's, installed by make deps): %v", err)
+	}
+	ferryBin := testutil.BuildCmd(t, "ferry")
+	bundle, out, img := t.TempDir(), t.TempDir(), t.TempDir()
+	runcBundle(t, bundle, out)
+	id := fmt.Sprintf("ferry-test-%d", os.Getpid())
+	t.Cleanup(func() { exec.Command("runc", "delete", "-f", id).Run() })
+	runc(t, bundle, "run", "-d", id)
+	token, n1 := runcState(t, out)
+	runc(t, bundle, "--criu", ferryBin, "checkpoint", "--image-path", img, "--work-path", img, id)
+	if b, err := exec.Command("runc", "state", id).CombinedOutput(); err == nil {
+		t.Fatalf("the container is still there after the checkpoint:\n%s", b)
+	}
+	_, n2 := runcState(t, out)
+	runc(t, bundle, "--criu", ferryBin, "restore", "-d", "--image-path", img, "--work-path", img, id)
+	var got string
+	var n3 int
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && n3 <= n2; time.Sleep(100 * time.Millisecond) {
+		got, n3 = runcState(t, out)
+	}
+	if got != token || n3 <= n2 || n2 < n1 {
+		log, _ := os.ReadFile(filepath.Join(img, "restore.log"))
+		t.Fatalf("after the restore the container writes %s %d (before: %s %d..%d): not the same process going on\n%s",
+			got, n3, token, n1, n2, log)
+	}
+	b, err := exec.Command("runc", "state", id).CombinedOutput()
+	if err != nil || !strings.Contains(string(b), `"running"`) {
+		t.Fatalf("runc state after the restore: %v\n%s", err, b)
+	}
+}
