@@ -174,8 +174,9 @@ func checkRunsOn(t *testing.T, w *testutil.Workload) {
 }
 
 func TestDumpRestoreNetNamespace(t *testing.T) {
-	// A server that is the init of its own PID, network and UTS
-	// namespaces, reached through a veth from a "host" namespace the test
+	// A server that is the init of its own PID, network, UTS, IPC and
+	// mount (its own /proc) namespaces, reached through a veth from a
+	// "host" namespace the test
 	// makes (its end in a bridge there): dumped, and restored with
 	// --external veth[eth0]:vh@br0, it has its link, address, MTU and
 	// route again, and the host reaches it through the bridge.
@@ -193,7 +194,7 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	sh("ip", "-n", hostNs, "link", "add", "br0", "type", "bridge")
 	sh("ip", "-n", hostNs, "addr", "add", "10.99.0.1/24", "dev", "br0")
 	sh("ip", "-n", hostNs, "link", "set", "br0", "up")
-	w := startInPidNs(t, []string{"--net", "--uts"}, "netns.py")
+	w := startInPidNs(t, []string{"--net", "--uts", "--ipc", "--mount", "--mount-proc"}, "netns.py")
 	init := strconv.Itoa(w.Pid)
 	sh("ip", "link", "add", "vh", "netns", hostNs, "type", "veth", "peer", "name", "eth0", "netns", init)
 	sh("ip", "-n", hostNs, "link", "set", "vh", "master", "br0", "up")
