@@ -175,7 +175,7 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 	d := t.procs[0]
 	if opts.PrevImagesDir != "" {
 		// Read the parent before freezing anything.
-		p, err := loadParent(opts.ImagesDir, opts.PrevImagesDir, opts.Pid)
+		p, err := loadParent(opts.ImagesDir, opts.PrevImagesDir, imagePid(opts.Pid))
 		if err != nil {
 			return nil, err
 		}

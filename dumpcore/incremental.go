@@ -107,9 +107,11 @@ type parentImages struct {
 }
 
 // trackerOf returns the fd and inode of the tracker the parent round left
-// in process pid (0 if none).
-func (p *parentImages) trackerOf(pid int) (int, uint64) {
-	if int(p.inv.RootPid) == pid {
+// in process pid, the tree's root or another (0 if none). The root's is
+// the inventory's own (its RootPid may be the tree's PID, not ferry's);
+// the others' are listed by ferry's PIDs.
+func (p *parentImages) trackerOf(pid int, root bool) (int, uint64) {
+	if root {
 		return int(p.inv.TrackerFd), p.inv.TrackerIno
 	}
 	for _, t := range p.inv.Trackers {
@@ -139,7 +141,8 @@ func (p *parentImages) forProcess(imagesDir string, pid int) *parentImages {
 	return q
 }
 
-// loadParent reads the parent image set of an incremental dump.
+// loadParent reads the parent image set of an incremental dump of pid
+// (its PID as the tree sees it: imagePid).
 func loadParent(imagesDir, prev string, pid int) (*parentImages, error) {
 	path := prev
 	if !filepath.IsAbs(path) {
@@ -280,7 +283,7 @@ func isUffdLink(target string) bool { return strings.HasPrefix(target, "anon_ino
 func (d *dumper) setupTracking() error {
 	pid := d.opts.Pid
 	if p := d.parent; p != nil {
-		tfd, tino := p.trackerOf(pid)
+		tfd, tino := p.trackerOf(pid, d.t == nil || pid == d.t.root)
 		u, err := takeParkedTracker(pid, tfd, tino)
 		if err != nil {
 			return err
@@ -384,6 +387,9 @@ func (t *tree) preDump(ctx context.Context, start, frozenAt time.Time) (*Result,
 	if err != nil {
 		return nil, err
 	}
+	// The PIDs the tree sees (trackers keep ferry's: they are found in
+	// the running processes).
+	inv.RootPid, inv.PidNs = t.vpid(t.root), t.vpids != nil
 	dir := t.opts.ImagesDir
 	if err := images.WriteAll(dir, images.InventoryName, images.KindInventory, inv); err != nil {
 		return nil, err
@@ -407,7 +413,7 @@ func (t *tree) preDump(ctx context.Context, start, frozenAt time.Time) (*Result,
 
 // preDumpMemory copies the memory of one process of a pre-dump.
 func (d *dumper) preDumpMemory(ctx context.Context) (*imageSet, error) {
-	img := &imageSet{files: newFileTable(d.opts.GhostLimit), mm: &pb.MmCore{Pid: int32(d.opts.Pid)}}
+	img := &imageSet{files: newFileTable(d.opts.GhostLimit), mm: &pb.MmCore{Pid: d.t.vpid(d.opts.Pid)}}
 	if err := d.collectVmas(img); err != nil {
 		return nil, err
 	}

@@ -49,9 +49,8 @@ func (t *tree) pidNamespace() error {
 	} else if v != 1 {
 		return fmt.Errorf("process %d is PID %d of %s, not its init: %w (dump the namespace's init)", t.root, v, ns, ErrUnsupported)
 	}
-	switch o := t.opts; {
-	case o.PreDump, o.PrevImagesDir != "", o.TrackMem, o.FlagsBeforeFreeze:
-		return fmt.Errorf("process %d is the init of %s, which pre-dumps, incremental dumps and background snapshots do not take yet: %w",
+	if t.opts.FlagsBeforeFreeze {
+		return fmt.Errorf("process %d is the init of %s, which background snapshots do not take yet: %w",
 			t.root, ns, ErrUnsupported)
 	}
 	t.vpids, t.vgroups = map[int]int{}, map[int][2]int32{}
@@ -85,6 +84,16 @@ func (t *tree) pidNamespace() error {
 	}
 	t.log.Info("the tree has a PID namespace of its own", "ns", ns, "init", t.root)
 	return nil
+}
+
+// imagePid is the PID the images give pid: its own in a PID namespace of
+// its own (the innermost of /proc/PID/status NSpid), else pid.
+func imagePid(pid int) int {
+	st, err := proc.ReadStatus(pid)
+	if err != nil || len(st.NSpid) == 0 {
+		return pid
+	}
+	return st.NSpid[len(st.NSpid)-1]
 }
 
 // vpid is pid as the tree sees it: itself without a PID namespace of the

@@ -230,7 +230,7 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 	t0 = time.Now()
 	for _, d := range t.procs[1:] {
 		if root.parent != nil {
-			d.parent = root.parent.forProcess(t.opts.ImagesDir, d.opts.Pid)
+			d.parent = root.parent.forProcess(t.opts.ImagesDir, int(t.vpid(d.opts.Pid)))
 		}
 	}
 	for _, d := range t.procs {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
@@ -304,6 +305,40 @@ func TestDumpRestoreMountNamespaceRoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := restoreInPidNs(t, img, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
+}
+
+func TestPreDumpPidNamespace(t *testing.T) {
+	// Pre-dump rounds of the init of its own PID namespace, then the final
+	// dump of the chain: the images, every round's, carry the PIDs the
+	// tree sees; the last round refers to the first for what was not
+	// written since, and the chain restores in a new PID namespace.
+	w := startInPidNs(t, nil, "pidns.py")
+	before := w.Report(t)
+	dirs := chainDirs(t, 2)
+	mustFerry(t, "pre-dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[0])
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", dirs[1], "--prev-images-dir", "../1", "-v4", "-o", "dump.log")
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range dirs {
+		if _, _, err := images.ReadPagemap(d, 1); err != nil {
+			t.Fatalf("%s: no pagemap of PID 1 (the tree's own PID): %v", d, err)
+		}
+	}
+	_, entries, _ := images.ReadPagemap(dirs[1], 1)
+	inParent := 0
+	for _, e := range entries {
+		if e.InParent {
+			inParent++
+		}
+	}
+	if inParent == 0 {
+		t.Fatal("the final round refers to no page of the pre-dump")
+	}
+	r := restoreInPidNs(t, dirs[1], w.ReportPath)
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
 	checkSelf(t, r)
