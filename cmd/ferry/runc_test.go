@@ -104,9 +104,10 @@ func runc(t *testing.T, bundle string, args ...string) {
 }
 
 func TestRuncCheckpointRestore(t *testing.T) {
-	// runc, with ferry as its criu binary (--criu), checkpoints a running
-	// container (PID, mount, network, IPC and UTS namespaces, cgroups, a
-	// bind mount from the host, stdio on pipes) and restores it: the same
+	// runc, with ferry as its criu binary (--criu), pre-dumps and then
+	// checkpoints a running container (PID, mount, network, IPC and UTS
+	// namespaces, cgroups, a bind mount from the host, stdio on pipes)
+	// and restores it: the same
 	// process goes on (its token, drawn once and kept only in memory, and
 	// its counter continue) in the restored container.
 	needRoot(t)
@@ -114,13 +115,22 @@ func TestRuncCheckpointRestore(t *testing.T) {
 		t.Fatalf("runc (Debian's, installed by make deps): %v", err)
 	}
 	ferryBin := testutil.BuildCmd(t, "ferry")
-	bundle, out, img := t.TempDir(), t.TempDir(), t.TempDir()
+	bundle, out, base := t.TempDir(), t.TempDir(), t.TempDir()
+	pre, img := filepath.Join(base, "pre"), filepath.Join(base, "ck")
+	os.Mkdir(pre, 0o755)
+	os.Mkdir(img, 0o755)
 	runcBundle(t, bundle, out)
 	id := fmt.Sprintf("ferry-test-%d", os.Getpid())
 	t.Cleanup(func() { exec.Command("runc", "delete", "-f", id).Run() })
 	runc(t, bundle, "run", "-d", id)
 	token, n1 := runcState(t, out)
-	runc(t, bundle, "--criu", ferryBin, "checkpoint", "--image-path", img, "--work-path", img, id)
+	// A pre-dump round first (the container runs on), then the
+	// checkpoint on top of it: only what was written since is copied.
+	runc(t, bundle, "--criu", ferryBin, "checkpoint", "--pre-dump", "--image-path", pre, "--work-path", pre, id)
+	runc(t, bundle, "--criu", ferryBin, "checkpoint", "--parent-path", "../pre", "--image-path", img, "--work-path", img, id)
+	if log, _ := os.ReadFile(filepath.Join(img, "dump.log")); !strings.Contains(string(log), "incremental round") {
+		t.Fatalf("the checkpoint did not build on the pre-dump:\n%s", log)
+	}
 	if b, err := exec.Command("runc", "state", id).CombinedOutput(); err == nil {
 		t.Fatalf("the container is still there after the checkpoint:\n%s", b)
 	}

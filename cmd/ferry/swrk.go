@@ -140,6 +140,8 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 	resp := &rpc.CriuResp{Type: typ.Enum(), Success: proto.Bool(false)}
 	fail := func(err error) *rpc.CriuResp {
 		resp.CrErrmsg = proto.String(err.Error())
+		// Clients that show no cr_errmsg (runc) show criu's stderr.
+		fmt.Fprintf(os.Stderr, "Error (ferry swrk, %v): %v\n", typ, err)
 		return resp
 	}
 	switch typ {
@@ -254,13 +256,22 @@ func (c *rpcConn) run(ctx context.Context, args []string) error {
 	return nil
 }
 
-// clientPath names the client's descriptor fd.
+// clientPath names the client's descriptor fd: the directory it is open
+// on when that resolves (so that paths relative to it, parent_img's,
+// work), else its /proc link.
 func (c *rpcConn) clientPath(fd int32) string {
-	return fmt.Sprintf("/proc/%d/fd/%d", c.peer.Pid, fd)
+	link := fmt.Sprintf("/proc/%d/fd/%d", c.peer.Pid, fd)
+	if dir, err := os.Readlink(link); err == nil && filepath.IsAbs(dir) {
+		if st, err := os.Stat(dir); err == nil && st.IsDir() {
+			return dir
+		}
+	}
+	return link
 }
 
-// commonArgs maps the criu_opts both dump and restore have.
-func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
+// baseArgs maps the criu_opts every request has: where the images and the
+// log go.
+func (c *rpcConn) baseArgs(o *rpc.CriuOpts) ([]string, error) {
 	var args []string
 	switch {
 	case o.GetImagesDirFd() >= 0:
@@ -273,9 +284,6 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 	if o.WorkDirFd != nil {
 		args = append(args, "-W", c.clientPath(o.GetWorkDirFd()))
 	}
-	if o.GetRoot() != "" {
-		args = append(args, "--root", o.GetRoot())
-	}
 	if o.LogFile != nil {
 		if strings.Contains(o.GetLogFile(), "/") {
 			return nil, fmt.Errorf("criu_opts: log_file %q: no directories (use work_dir_fd)", o.GetLogFile())
@@ -283,6 +291,18 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 		args = append(args, "-o", o.GetLogFile())
 	}
 	args = append(args, "-v"+strconv.Itoa(int(o.GetLogLevel())))
+	return args, nil
+}
+
+// commonArgs maps the criu_opts both dump and restore have.
+func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
+	args, err := c.baseArgs(o)
+	if err != nil {
+		return nil, err
+	}
+	if o.GetRoot() != "" {
+		args = append(args, "--root", o.GetRoot())
+	}
 	for _, b := range []struct {
 		set  bool
 		flag string
@@ -318,13 +338,15 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 }
 
 func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, error) {
+	cmd := "dump"
 	args, err := c.commonArgs(o)
+	if typ == rpc.CriuReqType_PRE_DUMP {
+		// Memory only: the options about the rest do not apply.
+		cmd = "pre-dump"
+		args, err = c.baseArgs(o)
+	}
 	if err != nil {
 		return nil, err
-	}
-	cmd := "dump"
-	if typ == rpc.CriuReqType_PRE_DUMP {
-		cmd = "pre-dump"
 	}
 	pid := o.GetPid()
 	if pid == 0 {
@@ -334,38 +356,31 @@ func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, erro
 		return nil, err
 	}
 	args = append([]string{cmd, "-t", strconv.Itoa(int(pid))}, args...)
-	if o.GetEmptyNs()&unix.CLONE_NEWNET != 0 {
-		args = append(args, "--empty-ns", "net")
+	// Both.
+	for _, b := range []struct {
+		set  bool
+		args []string
+	}{{o.GetAutoDedup(), []string{"--auto-dedup"}}, {o.ParentImg != nil, []string{"--prev-images-dir", o.GetParentImg()}},
+		{o.Timeout != nil, []string{"--timeout", strconv.Itoa(int(o.GetTimeout()))}},
+		{o.GetPs() != nil, []string{"--page-server", "--address", o.GetPs().GetAddress(), "--port", strconv.Itoa(int(o.GetPs().GetPort()))}}} {
+		if b.set {
+			args = append(args, b.args...)
+		}
 	}
-	if o.GetLeaveRunning() && typ == rpc.CriuReqType_DUMP {
-		args = append(args, "--leave-running")
+	if typ == rpc.CriuReqType_PRE_DUMP {
+		return args, nil // pre-dump tracks memory always
 	}
-	if o.GetExtUnixSk() {
-		args = append(args, "--ext-unix-sk")
-	}
-	if o.GetTrackMem() {
-		args = append(args, "--track-mem")
-	}
-	if o.GetAutoDedup() {
-		args = append(args, "--auto-dedup")
-	}
-	if o.ParentImg != nil {
-		args = append(args, "--prev-images-dir", o.GetParentImg())
-	}
-	if o.GetTcpSkipInFlight() {
-		args = append(args, "--skip-in-flight")
-	}
-	if o.Timeout != nil {
-		args = append(args, "--timeout", strconv.Itoa(int(o.GetTimeout())))
-	}
-	if o.GhostLimit != nil {
-		args = append(args, "--ghost-limit", strconv.Itoa(int(o.GetGhostLimit())))
-	}
-	if o.NetworkLock != nil {
-		args = append(args, "--network-lock", strings.ToLower(o.GetNetworkLock().String()))
-	}
-	if ps := o.GetPs(); ps != nil {
-		args = append(args, "--page-server", "--address", ps.GetAddress(), "--port", strconv.Itoa(int(ps.GetPort())))
+	for _, b := range []struct {
+		set  bool
+		args []string
+	}{{o.GetEmptyNs()&unix.CLONE_NEWNET != 0, []string{"--empty-ns", "net"}}, {o.GetLeaveRunning(), []string{"--leave-running"}},
+		{o.GetExtUnixSk(), []string{"--ext-unix-sk"}}, {o.GetTrackMem(), []string{"--track-mem"}},
+		{o.GetTcpSkipInFlight(), []string{"--skip-in-flight"}},
+		{o.GhostLimit != nil, []string{"--ghost-limit", strconv.Itoa(int(o.GetGhostLimit()))}},
+		{o.NetworkLock != nil, []string{"--network-lock", strings.ToLower(o.GetNetworkLock().String())}}} {
+		if b.set {
+			args = append(args, b.args...)
+		}
 	}
 	return args, nil
 }
