@@ -132,8 +132,9 @@ func load(dir string, lazy bool) (_ *imageSet, err error) {
 			return nil, err
 		}
 		runs, err := is.chain.Resolve(dir, pid)
-		if err != nil && lazy && errors.Is(err, os.ErrNotExist) {
-			// No page data here: a lazy restore gets it from the daemon's
+		if err != nil && lazy && (errors.Is(err, os.ErrNotExist) || noPageData(dir, p.pagesID)) {
+			// No page data here (none, or the empty file of a dump that
+			// served its pages): a lazy restore gets it from the daemon's
 			// page server.
 			if p.ranges, err = images.PagemapRanges(dir, pid); err != nil {
 				return nil, err
@@ -182,6 +183,17 @@ func readFiles(dir string, fn func(*pb.FileEntry) error) error {
 			return err
 		}
 	}
+}
+
+// noPageData tells whether the pages file id in dir holds no data (a
+// dump --lazy-pages writes it so).
+func noPageData(dir string, id uint32) bool {
+	r, err := images.OpenPages(dir, images.PagesName(id))
+	if err != nil {
+		return false
+	}
+	defer r.Close()
+	return r.Size() == 0
 }
 
 func loadPagemap(dir string, p *procImage) error {

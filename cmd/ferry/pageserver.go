@@ -131,6 +131,12 @@ func (p *psFlags) lazyServe(cmd *cobra.Command, statusFd int) (func(func(int, ui
 		if statusFd >= 0 {
 			writeStatus(statusFd)
 		}
+		// criu's RPC clients (runc) learn it from a notification.
+		if n, ok := cmd.Context().Value(notifierKey{}).(notifier); ok {
+			if err := n("status-ready", 0); err != nil {
+				return err
+			}
+		}
 		s, err := pageserver.Accept(cmd.Context(), l, nil)
 		if err != nil {
 			return err

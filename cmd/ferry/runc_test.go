@@ -151,3 +151,68 @@ func TestRuncCheckpointRestore(t *testing.T) {
 		t.Fatalf("runc state after the restore: %v\n%s", err, b)
 	}
 }
+
+func TestRuncLazyRestore(t *testing.T) {
+	// runc's post-copy path with ferry as its criu: `checkpoint
+	// --lazy-pages` freezes the container and serves its memory
+	// (status-ready reaches runc's --status-fd), `ferry lazy-pages` and
+	// `runc restore --lazy-pages` start a copy (another id, on the same
+	// host: new namespaces) that runs at once and pulls its pages; once
+	// they are all there the source goes and the checkpoint returns. The
+	// copy is the same process going on.
+	needRoot(t)
+	if _, err := exec.LookPath("runc"); err != nil {
+		t.Fatalf("runc (Debian's, installed by make deps): %v", err)
+	}
+	ferryBin := testutil.BuildCmd(t, "ferry")
+	bundle, out, img := t.TempDir(), t.TempDir(), t.TempDir()
+	runcBundle(t, bundle, out)
+	id := fmt.Sprintf("ferry-lazy-%d", os.Getpid())
+	for _, c := range []string{id, id + "-r"} {
+		t.Cleanup(func() { exec.Command("runc", "delete", "-f", c).Run() })
+	}
+	runc(t, bundle, "run", "-d", id)
+	token, _ := runcState(t, out)
+	port := freePort(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck := exec.Command("runc", "--criu", ferryBin, "checkpoint", "--lazy-pages", "--page-server", "127.0.0.1:"+port,
+		"--status-fd", "3", "--image-path", img, "--work-path", img, id)
+	ck.Dir, ck.ExtraFiles = bundle, []*os.File{w}
+	if err := ck.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	ckDone := make(chan error, 1)
+	go func() { ckDone <- ck.Wait() }()
+	t.Cleanup(func() { ck.Process.Kill() })
+	r.SetReadDeadline(time.Now().Add(20 * time.Second))
+	if _, err := r.Read(make([]byte, 1)); err != nil {
+		t.Fatalf("runc checkpoint --lazy-pages: no status: %v", err)
+	}
+	_, n1 := runcState(t, out)
+	lz := startDaemon(t, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port, "-D", img, "-v4", "-o", "lazy.log")
+	runc(t, bundle, "--criu", ferryBin, "restore", "--lazy-pages", "-d", "--image-path", img, "--work-path", img, id+"-r")
+	waitLazyPages(t, lz, 30*time.Second)
+	select {
+	case err := <-ckDone:
+		if err != nil {
+			t.Fatalf("runc checkpoint --lazy-pages: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("runc checkpoint --lazy-pages did not finish")
+	}
+	var got string
+	var n int
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && n <= n1; time.Sleep(100 * time.Millisecond) {
+		got, n = runcState(t, out)
+	}
+	if got != token || n <= n1 {
+		t.Fatalf("after the lazy restore the container writes %s %d (before: %s %d)", got, n, token, n1)
+	}
+	if b, err := exec.Command("runc", "state", id).CombinedOutput(); err == nil {
+		t.Fatalf("the source container is still there:\n%s", b)
+	}
+}

@@ -362,7 +362,12 @@ func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, erro
 		args []string
 	}{{o.GetAutoDedup(), []string{"--auto-dedup"}}, {o.ParentImg != nil, []string{"--prev-images-dir", o.GetParentImg()}},
 		{o.Timeout != nil, []string{"--timeout", strconv.Itoa(int(o.GetTimeout()))}},
-		{o.GetPs() != nil, []string{"--page-server", "--address", o.GetPs().GetAddress(), "--port", strconv.Itoa(int(o.GetPs().GetPort()))}}} {
+		// With lazy_pages the page server is where the dump serves the
+		// pages itself (and status_fd, ferry's own descriptor as criu's,
+		// says when).
+		{o.GetPs() != nil && !o.GetLazyPages(), []string{"--page-server", "--address", o.GetPs().GetAddress(), "--port", strconv.Itoa(int(o.GetPs().GetPort()))}},
+		{o.GetPs() != nil && o.GetLazyPages(), []string{"--address", o.GetPs().GetAddress(), "--port", strconv.Itoa(int(o.GetPs().GetPort()))}},
+		{o.StatusFd != nil && o.GetLazyPages(), []string{"--status-fd", strconv.Itoa(int(o.GetStatusFd()))}}} {
 		if b.set {
 			args = append(args, b.args...)
 		}
