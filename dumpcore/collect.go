@@ -114,7 +114,9 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 	if err != nil {
 		return nil, err
 	}
-	if g := sc.gadget(main); g != 0 {
+	// The int3 gadget, unless the process ignores SIGTRAP: the kernel
+	// would reset that to the default when int3 forces one.
+	if g := sc.gadget(main); g != 0 && status.SigIgn&sigtrapBit == 0 {
 		d.fastGadget = g
 		main = d.task(pid)
 	}

@@ -245,6 +245,9 @@ type dumper struct {
 	files *fileTable
 }
 
+// sigtrapBit is SIGTRAP in a signal mask.
+const sigtrapBit = 1 << (unix.SIGTRAP - 1)
+
 // action runs stage of the action scripts, if any.
 func (d *dumper) action(stage string) error {
 	if d.opts.Action == nil {
@@ -320,7 +323,11 @@ func (d *dumper) prepare() error {
 		}
 		d.saved[t.tid] = r
 		d.masks[t.tid] = m
-		if err := ptrace.SetSigmask(t.tid, ^uint64(0)); err != nil {
+		// Every signal blocked but SIGTRAP: a remote call ends on int3,
+		// and the kernel resets the handler of a blocked (or ignored)
+		// SIGTRAP it forces (force_sig_info_to_task). Unblocked, it only
+		// stops the thread for ferry, which takes it away.
+		if err := ptrace.SetSigmask(t.tid, ^uint64(0)&^sigtrapBit); err != nil {
 			return fmt.Errorf("thread %d: %w", t.tid, err)
 		}
 	}

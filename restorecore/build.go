@@ -55,6 +55,9 @@ type builder struct {
 	// uffd is ferry's copy of the process's own userfaultfd until its
 	// memory is registered with it (registerUffd).
 	uffd *uffd.FD
+	// trapIgnored: an ignored SIGTRAP, set by finish after the last
+	// int3 of a remote call.
+	trapIgnored *pb.SigAction
 }
 
 func (b *builder) tids() []int {
@@ -926,6 +929,12 @@ func (b *builder) restoreSigactions() error {
 		}
 	}
 	for _, sa := range b.p.core.Sigactions {
+		if sa.Sig == uint32(unix.SIGTRAP) && sa.Handler == 1 {
+			// SIG_IGN: set last (finish), the remote calls' int3 would
+			// reset it to the default.
+			b.trapIgnored = sa
+			continue
+		}
 		buf := make([]byte, 32)
 		le := binary.LittleEndian
 		le.PutUint64(buf[0:], sa.Handler)

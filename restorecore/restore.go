@@ -248,7 +248,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	if err := r.is.validate(xs); err != nil {
 		return nil, err
 	}
-	if err := ptrace.SetSigmask(seed.Process.Pid, ^uint64(0)); err != nil {
+	// Every signal blocked but SIGTRAP (the remote calls' int3 would
+	// otherwise reset its handler: see dumpcore's prepare).
+	if err := ptrace.SetSigmask(seed.Process.Pid, ^uint64(0)&^(1<<(unix.SIGTRAP-1))); err != nil {
 		return nil, err
 	}
 	regs, err := ptrace.GetRegs(seed.Process.Pid)

@@ -235,3 +235,17 @@ func TestDumpRestoreOwnUserfaultfd(t *testing.T) {
 	checkContinued(t, before, r.Report(t))
 	checkSelf(t, r)
 }
+
+func TestDumpRestoreSigtrap(t *testing.T) {
+	// A root that handles SIGTRAP and a child that ignores it: remote
+	// calls end on int3, and a forced SIGTRAP that is blocked or ignored
+	// has its disposition reset by the kernel. A dump that leaves the tree
+	// running (-R) leaves both as they were, and the restored tree too.
+	w := startSelfCheck(t, "sigtrap.py")
+	treePids(t, w.Report(t))
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", t.TempDir(), "-R")
+	checkSelf(t, w)
+	w2 := startSelfCheck(t, "sigtrap.py")
+	treePids(t, w2.Report(t))
+	checkAcross(t, w2)
+}
