@@ -53,7 +53,7 @@ func (t *tree) pidNamespace() error {
 		return fmt.Errorf("process %d is the init of %s, which background snapshots do not take yet: %w",
 			t.root, ns, ErrUnsupported)
 	}
-	t.vpids, t.vgroups = map[int]int{}, map[int][2]int32{}
+	t.vpids, t.vgroups, t.vpgids = map[int]int{}, map[int][2]int32{}, map[int]int32{}
 	for _, d := range t.procs {
 		pid := d.opts.Pid
 		// Its group and session as it sees them: a dead leader's PID in
@@ -67,6 +67,11 @@ func (t *tree) pidNamespace() error {
 			return fmt.Errorf("process %d: getsid: %w", pid, err)
 		}
 		t.vgroups[pid] = [2]int32{int32(pgid), int32(sid)}
+		// Groups named by ferry's PIDs elsewhere (a terminal's
+		// foreground group, an fd's owner) map through the members'.
+		if st, err := proc.ReadStat(pid); err == nil {
+			t.vpgids[st.Pgid] = int32(pgid)
+		}
 		for _, th := range d.threads {
 			v, err := inner(pid, th.tid)
 			if err != nil {
@@ -81,6 +86,12 @@ func (t *tree) pidNamespace() error {
 			return err
 		}
 		t.vpids[z.Pid] = v
+		// Its group and session there (a zombie runs no remote call).
+		st, err := proc.ReadStatus(z.Pid)
+		if err != nil || len(st.NSpgid) == 0 || len(st.NSsid) == 0 {
+			return fmt.Errorf("zombie %d: its group and session in %s: %v", z.Pid, ns, err)
+		}
+		t.vgroups[z.Pid] = [2]int32{int32(st.NSpgid[len(st.NSpgid)-1]), int32(st.NSsid[len(st.NSsid)-1])}
 	}
 	t.log.Info("the tree has a PID namespace of its own", "ns", ns, "init", t.root)
 	return nil
@@ -132,6 +143,9 @@ func (t *tree) translatePids(imgs []*imageSet) {
 		for _, p := range []*int32{&c.Pid, &c.FilesSharedWith, &c.FsSharedWith} {
 			v(p)
 		}
+		if c.CttyFg > 0 {
+			c.CttyFg = t.vpgids[int(c.CttyFg)]
+		}
 		for _, th := range c.Threads {
 			v(&th.Tid)
 		}
@@ -141,13 +155,22 @@ func (t *tree) translatePids(imgs []*imageSet) {
 		v(&img.mm.Pid)
 		v(&img.fds.Pid)
 	}
+	const ownerPgrp = 2 // F_OWNER_PGRP
 	for _, f := range t.files.entries {
 		v(&f.PidfdPid)
-		v(&f.OwnerPid)
+		if f.OwnerType == ownerPgrp && f.OwnerPid > 0 {
+			f.OwnerPid = t.vpgids[int(f.OwnerPid)]
+		} else {
+			v(&f.OwnerPid)
+		}
+		if f.Tty != nil && f.Tty.FgPgrp > 0 {
+			f.Tty.FgPgrp = t.vpgids[int(f.Tty.FgPgrp)]
+		}
 	}
 	for i := range t.zombies {
 		z := &t.zombies[i]
+		g := t.vgroups[z.Pid]
 		z.Pid, z.Ppid = int(t.vpid(z.Pid)), int(t.vpid(z.Ppid))
-		z.Pgid, z.Sid = int(t.vpid(z.Pgid)), int(t.vpid(z.Sid))
+		z.Pgid, z.Sid = int(g[0]), int(g[1])
 	}
 }

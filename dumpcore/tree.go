@@ -50,6 +50,8 @@ type tree struct {
 	// there, and each process's group and session there.
 	vpids   map[int]int
 	vgroups map[int][2]int32
+	// vpgids maps the tree's groups from ferry's PIDs to its own.
+	vpgids map[int]int32
 	// ipc holds the SysV objects of an IPC namespace of the tree's own.
 	ipc []*pb.IpcObject
 }

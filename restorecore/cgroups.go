@@ -75,7 +75,9 @@ func (r *restorer) placeCgroups(tasks map[int32]*compel.Task) error {
 				r.log.Debug("cgroup hierarchy not mounted here", "controllers", ref.Controllers, "path", ref.Path)
 				continue
 			}
-			dir := filepath.Join(mnt, r.cgroupPath(ref.Controllers, ref.Path))
+			// Cleaned as an absolute path, it stays below the mount
+			// whatever the image says.
+			dir := filepath.Join(mnt, filepath.Clean("/"+r.cgroupPath(ref.Controllers, ref.Path)))
 			if !ready[dir] {
 				if err := r.makeCgroup(mode, dir, ref.Controllers, dirs[[2]string{ref.Controllers, ref.Path}]); err != nil {
 					return err
@@ -93,7 +95,7 @@ func (r *restorer) placeCgroups(tasks map[int32]*compel.Task) error {
 // makeCgroup makes (or finds) cgroup dir and sets its properties as mode
 // says.
 func (r *restorer) makeCgroup(mode, dir, controllers string, props []cgroups.Prop) error {
-	created := false
+	var made []string
 	switch mode {
 	case CgroupsNone, CgroupsProps:
 		if _, err := os.Stat(dir); err != nil {
@@ -101,18 +103,22 @@ func (r *restorer) makeCgroup(mode, dir, controllers string, props []cgroups.Pro
 		}
 	default:
 		var err error
-		if created, err = cgroups.Ensure(dir, controllers); err != nil {
+		made, err = cgroups.Ensure(dir, controllers)
+		if len(made) > 0 {
+			r.cleanup = append(r.cleanup, func() {
+				if r.cgroupsKept {
+					return
+				}
+				for i := len(made) - 1; i >= 0; i-- {
+					os.Remove(made[i]) // empty again once the tree is gone
+				}
+			})
+		}
+		if err != nil {
 			return err
 		}
 	}
-	if created {
-		r.cleanup = append(r.cleanup, func() {
-			if r.cgroupsKept {
-				return
-			}
-			os.Remove(dir) // empty again once the tree is gone
-		})
-	}
+	created := len(made) > 0
 	if mode == CgroupsNone || mode == CgroupsSoft && !created {
 		return nil
 	}

@@ -316,13 +316,13 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		r.removeIpcRemoved(root)
 	}
 	// Every process is ready: let them go, children before parents.
-	r.cgroupsKept = true
 	res = &Result{Root: root}
 	for i := len(builders) - 1; i >= 0; i-- {
 		if err := builders[i].finish(); err != nil {
 			return nil, err
 		}
 	}
+	r.cgroupsKept = true
 	for _, b := range builders {
 		res.Pids = append(res.Pids, b.pid)
 		res.Tids = append(res.Tids, b.tids()...)

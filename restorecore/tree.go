@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -100,6 +101,7 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				return nil, fmt.Errorf("process %d: subreaper: %w", s.Pid, err)
 			}
 		case treeplan.Exit:
+			hp := tasks[s.Pid].Tid
 			if err := die(tasks[s.Pid], int32(local[s.Pid]), 0); err != nil {
 				return nil, fmt.Errorf("helper %d: %w", s.Pid, err)
 			}
@@ -107,6 +109,8 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 			if err := reap(tasks[s.From], int32(local[s.Pid]), unix.Signal(s.ExitSignal)); err != nil {
 				return nil, fmt.Errorf("process %d: reap helper %d: %w", s.From, s.Pid, err)
 			}
+			// Reaped: its PID is no longer this restore's to kill.
+			r.created = slices.DeleteFunc(r.created, func(pid int) bool { return pid == hp })
 		}
 	}
 	for _, p := range r.is.procs {

@@ -21,9 +21,9 @@ func newServiceCmd() *cobra.Command {
 		Short: "serve criu's RPC protocol on a unix socket, as criu service does",
 		Long: `Listen on a SOCK_SEQPACKET unix socket (criu's default path unless
 --address names another) and serve criu's RPC protocol to each client
-in turn, as "ferry swrk" serves one (see its help). The socket is open to
-every user: a client that is not root may only dump its own processes
-and restore images of its own processes.`,
+in turn, as "ferry swrk" serves one (see its help). Only root may use it
+(the socket is mode 0600, and a request from another uid is refused):
+the requests name files and mounts that ferry acts on as root.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			os.Remove(addr) // a stale socket of an earlier service
@@ -32,7 +32,7 @@ and restore images of its own processes.`,
 				return fmt.Errorf("service: %w", err)
 			}
 			defer l.Close()
-			if err := os.Chmod(addr, 0o666); err != nil {
+			if err := os.Chmod(addr, 0o600); err != nil {
 				return err
 			}
 			if err := writePidfile(pidfile, os.Getpid()); err != nil {
@@ -59,7 +59,7 @@ and restore images of its own processes.`,
 				if err != nil {
 					return err
 				}
-				if err := serveRPC(ctx, f); err != nil {
+				if err := serveRPC(ctx, f, true); err != nil {
 					fmt.Fprintf(cmd.ErrOrStderr(), "service: %v\n", err)
 				}
 			}

@@ -16,8 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/ferrycr/ferry/images"
-	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/kernel"
 )
 
@@ -53,7 +51,7 @@ or more with keep_open.`,
 			if err != nil || fd < 0 {
 				return fmt.Errorf("swrk: %q is not a file descriptor", args[0])
 			}
-			return serveRPC(cmd.Context(), os.NewFile(uintptr(fd), "swrk"))
+			return serveRPC(cmd.Context(), os.NewFile(uintptr(fd), "swrk"), false)
 		},
 	}
 }
@@ -63,17 +61,20 @@ type rpcConn struct {
 	f    *os.File
 	peer *unix.Ucred
 	buf  []byte
+	// service: a client of ferry service, whose descriptor numbers are
+	// its own (swrk's client passes them to ferry as ferry's).
+	service bool
 }
 
 // serveRPC serves the requests of the client at f until one comes
 // without keep_open, or the client hangs up.
-func serveRPC(ctx context.Context, f *os.File) error {
+func serveRPC(ctx context.Context, f *os.File, service bool) error {
 	defer f.Close()
 	peer, err := unix.GetsockoptUcred(int(f.Fd()), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	if err != nil {
 		return fmt.Errorf("swrk: the client's credentials: %w", err)
 	}
-	c := &rpcConn{f: f, peer: peer, buf: make([]byte, 1<<20)}
+	c := &rpcConn{f: f, peer: peer, buf: make([]byte, 1<<20), service: service}
 	for {
 		req, err := c.recv()
 		if errors.Is(err, io.EOF) {
@@ -145,6 +146,15 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 		return resp
 	}
 	switch typ {
+	case rpc.CriuReqType_DUMP, rpc.CriuReqType_PRE_DUMP, rpc.CriuReqType_RESTORE:
+		if c.peer.Uid != 0 {
+			// A non-root client could name files, mounts and images
+			// that ferry, as root, would write or restore: not until
+			// criu's unprivileged rules are in.
+			return fail(fmt.Errorf("request %v from uid %d: ferry's RPC service serves root clients only", typ, c.peer.Uid))
+		}
+	}
+	switch typ {
 	case rpc.CriuReqType_VERSION:
 		// No gitid: clients read one as a development release of the
 		// next version.
@@ -177,8 +187,12 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 		}
 		resp.Dump = &rpc.CriuDumpResp{}
 	case rpc.CriuReqType_RESTORE:
-		pidfile := filepath.Join(os.TempDir(), fmt.Sprintf("ferry-swrk-%d.pid", os.Getpid()))
-		defer os.Remove(pidfile)
+		tmp, err := os.MkdirTemp("", "ferry-swrk-")
+		if err != nil {
+			return fail(err)
+		}
+		defer os.RemoveAll(tmp)
+		pidfile := filepath.Join(tmp, "pid")
 		args, err := c.restoreArgs(req.GetOpts(), pidfile)
 		if err != nil {
 			return fail(err)
@@ -194,7 +208,7 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 			return fail(err)
 		}
 		for i, in := range req.GetOpts().GetInheritFd() {
-			args = append(args, "--inherit-fd", fmt.Sprintf("fd[%d]:%s", fds[i], in.GetKey()))
+			args = append(args, "--inherit-fd="+fmt.Sprintf("fd[%d]:%s", fds[i], in.GetKey()))
 		}
 		if err := c.run(c.notifying(ctx, req.GetOpts()), args); err != nil {
 			return fail(err)
@@ -210,6 +224,20 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 	}
 	resp.Success = proto.Bool(true)
 	return resp
+}
+
+// statusFd is status_fd as ferry's descriptor: swrk's client passed it
+// to ferry; a service client names its own, which ferry copies (-1 if it
+// cannot: no status is written then).
+func (c *rpcConn) statusFd(fd int32) int {
+	if !c.service {
+		return int(fd)
+	}
+	fds, err := c.takeFds([]*rpc.InheritFd{{Key: proto.String("status_fd"), Fd: proto.Int32(fd)}})
+	if err != nil {
+		return -1
+	}
+	return fds[0]
 }
 
 // takeFds copies the client's descriptors named in ins into ferry.
@@ -246,6 +274,9 @@ func (c *rpcConn) notifying(ctx context.Context, o *rpc.CriuOpts) context.Contex
 // the error.
 func (c *rpcConn) run(ctx context.Context, args []string) error {
 	var out bytes.Buffer
+	// No configuration files: the request says it all (and a client's
+	// string must never be read as --config).
+	args = append([]string{args[0], "--no-default-config"}, args[1:]...)
 	if code := runContext(ctx, args, io.Discard, &out); code != 0 {
 		msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out.String()), "Error: "))
 		if msg == "" {
@@ -275,20 +306,20 @@ func (c *rpcConn) baseArgs(o *rpc.CriuOpts) ([]string, error) {
 	var args []string
 	switch {
 	case o.GetImagesDirFd() >= 0:
-		args = append(args, "-D", c.clientPath(o.GetImagesDirFd()))
+		args = append(args, "--images-dir="+c.clientPath(o.GetImagesDirFd()))
 	case o.GetImagesDir() != "":
-		args = append(args, "-D", o.GetImagesDir())
+		args = append(args, "--images-dir="+o.GetImagesDir())
 	default:
 		return nil, errors.New("criu_opts: neither images_dir_fd nor images_dir")
 	}
 	if o.WorkDirFd != nil {
-		args = append(args, "-W", c.clientPath(o.GetWorkDirFd()))
+		args = append(args, "--work-dir="+c.clientPath(o.GetWorkDirFd()))
 	}
 	if o.LogFile != nil {
 		if strings.Contains(o.GetLogFile(), "/") {
 			return nil, fmt.Errorf("criu_opts: log_file %q: no directories (use work_dir_fd)", o.GetLogFile())
 		}
-		args = append(args, "-o", o.GetLogFile())
+		args = append(args, "--log-file="+o.GetLogFile())
 	}
 	args = append(args, "-v"+strconv.Itoa(int(o.GetLogLevel())))
 	return args, nil
@@ -301,7 +332,7 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 		return nil, err
 	}
 	if o.GetRoot() != "" {
-		args = append(args, "--root", o.GetRoot())
+		args = append(args, "--root="+o.GetRoot())
 	}
 	for _, b := range []struct {
 		set  bool
@@ -314,13 +345,13 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 		}
 	}
 	for _, x := range o.GetExternal() {
-		args = append(args, "--external", x)
+		args = append(args, "--external="+x)
 	}
 	for _, m := range o.GetExtMnt() {
-		args = append(args, "--ext-mount-map", m.GetKey()+":"+m.GetVal())
+		args = append(args, "--ext-mount-map="+m.GetKey()+":"+m.GetVal())
 	}
 	for _, v := range o.GetVeths() {
-		args = append(args, "--external", fmt.Sprintf("veth[%s]:%s", v.GetIfIn(), v.GetIfOut()))
+		args = append(args, "--external="+fmt.Sprintf("veth[%s]:%s", v.GetIfIn(), v.GetIfOut()))
 	}
 	// What ferry does not do yet fails the request, naming the option.
 	for _, u := range []struct {
@@ -352,22 +383,19 @@ func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, erro
 	if pid == 0 {
 		pid = c.peer.Pid // criu's default: the requesting process
 	}
-	if err := c.mayDump(int(pid)); err != nil {
-		return nil, err
-	}
 	args = append([]string{cmd, "-t", strconv.Itoa(int(pid))}, args...)
 	// Both.
 	for _, b := range []struct {
 		set  bool
 		args []string
-	}{{o.GetAutoDedup(), []string{"--auto-dedup"}}, {o.ParentImg != nil, []string{"--prev-images-dir", o.GetParentImg()}},
+	}{{o.GetAutoDedup(), []string{"--auto-dedup"}}, {o.ParentImg != nil, []string{"--prev-images-dir=" + o.GetParentImg()}},
 		{o.Timeout != nil, []string{"--timeout", strconv.Itoa(int(o.GetTimeout()))}},
 		// With lazy_pages the page server is where the dump serves the
 		// pages itself (and status_fd, ferry's own descriptor as criu's,
 		// says when).
-		{o.GetPs() != nil && !o.GetLazyPages(), []string{"--page-server", "--address", o.GetPs().GetAddress(), "--port", strconv.Itoa(int(o.GetPs().GetPort()))}},
-		{o.GetPs() != nil && o.GetLazyPages(), []string{"--address", o.GetPs().GetAddress(), "--port", strconv.Itoa(int(o.GetPs().GetPort()))}},
-		{o.StatusFd != nil && o.GetLazyPages(), []string{"--status-fd", strconv.Itoa(int(o.GetStatusFd()))}}} {
+		{o.GetPs() != nil && !o.GetLazyPages(), []string{"--page-server", "--address=" + o.GetPs().GetAddress(), "--port=" + strconv.Itoa(int(o.GetPs().GetPort()))}},
+		{o.GetPs() != nil && o.GetLazyPages(), []string{"--address=" + o.GetPs().GetAddress(), "--port=" + strconv.Itoa(int(o.GetPs().GetPort()))}},
+		{o.StatusFd != nil && o.GetLazyPages(), []string{"--status-fd=" + strconv.Itoa(c.statusFd(o.GetStatusFd()))}}} {
 		if b.set {
 			args = append(args, b.args...)
 		}
@@ -395,9 +423,6 @@ func (c *rpcConn) restoreArgs(o *rpc.CriuOpts, pidfile string) ([]string, error)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.mayRestore(args[1]); err != nil {
-		return nil, err
-	}
 	args = append([]string{"restore", "-d", "--pidfile", pidfile}, args...)
 	if o.ManageCgroupsMode != nil {
 		mode := map[rpc.CriuCgMode]string{rpc.CriuCgMode_IGNORE: "ignore", rpc.CriuCgMode_CG_NONE: "none",
@@ -410,46 +435,10 @@ func (c *rpcConn) restoreArgs(o *rpc.CriuOpts, pidfile string) ([]string, error)
 		if cr.GetCtrl() != "" {
 			root = cr.GetCtrl() + ":" + root
 		}
-		args = append(args, "--cgroup-root", root)
+		args = append(args, "--cgroup-root="+root)
 	}
 	if o.GetRstSibling() {
 		args = append(args, "--restore-sibling")
 	}
 	return args, nil
-}
-
-// mayRestore refuses a client that is not root images of a process of
-// another user (the root's credentials in dir).
-func (c *rpcConn) mayRestore(dir string) error {
-	if c.peer.Uid == 0 {
-		return nil
-	}
-	var inv pb.Inventory
-	if err := images.ReadOne(dir, images.InventoryName, images.KindInventory, &inv); err != nil {
-		return err
-	}
-	var core pb.TaskCore
-	if err := images.ReadOne(dir, images.CoreName(inv.RootPid), images.KindCore, &core); err != nil {
-		return err
-	}
-	if uid := core.GetCreds().GetUid(); uid != c.peer.Uid {
-		return fmt.Errorf("the images are of a process of uid %d, not of the client's %d", uid, c.peer.Uid)
-	}
-	return nil
-}
-
-// mayDump refuses a client that is not root a process of another user
-// (criu's rule for its service).
-func (c *rpcConn) mayDump(pid int) error {
-	if c.peer.Uid == 0 {
-		return nil
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(fmt.Sprintf("/proc/%d", pid), &st); err != nil {
-		return fmt.Errorf("process %d: %w", pid, err)
-	}
-	if st.Uid != c.peer.Uid {
-		return fmt.Errorf("process %d belongs to uid %d, not to the client's %d", pid, st.Uid, c.peer.Uid)
-	}
-	return nil
 }

@@ -79,7 +79,7 @@ func Mounts() (map[string]string, error) {
 					ctrl = append(ctrl, o)
 				}
 			}
-			key := strings.Join(ctrl, ",")
+			key := Normalize(strings.Join(ctrl, ","))
 			if _, seen := out[key]; !seen {
 				out[key] = f[4]
 			}
@@ -141,9 +141,25 @@ func ReadProps(dir, controllers string) ([]Prop, error) {
 	return out, nil
 }
 
-// SetProps writes props into cgroup dir.
+// known tells whether name is a property ferry saves (and so may set).
+func known(name string) bool {
+	for _, ps := range props {
+		for _, p := range ps {
+			if p == name {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// SetProps writes props into cgroup dir. A name ferry does not save (an
+// image may say anything) is refused.
 func SetProps(dir string, ps []Prop) error {
 	for _, p := range ps {
+		if !known(p.Name) {
+			return fmt.Errorf("cgroup %s: property %q is not one ferry sets", dir, p.Name)
+		}
 		if err := os.WriteFile(filepath.Join(dir, p.Name), []byte(p.Value), 0); err != nil {
 			return fmt.Errorf("cgroup %s: %s = %q: %w", dir, p.Name, p.Value, err)
 		}
@@ -152,19 +168,22 @@ func SetProps(dir string, ps []Prop) error {
 }
 
 // Ensure makes cgroup dir (and its parents) if it is not there, and
-// tells whether it did. On v1 cpuset hierarchies a new cgroup gets its
-// parent's cpus and mems, without which it takes no process.
-func Ensure(dir, controllers string) (bool, error) {
+// returns the directories it made, parents first. On v1 cpuset
+// hierarchies a new cgroup gets its parent's cpus and mems, without
+// which it takes no process.
+func Ensure(dir, controllers string) ([]string, error) {
 	if _, err := os.Stat(dir); err == nil {
-		return false, nil
+		return nil, nil
 	}
 	parent := filepath.Dir(dir)
-	if _, err := Ensure(parent, controllers); err != nil {
-		return false, err
+	made, err := Ensure(parent, controllers)
+	if err != nil {
+		return made, err
 	}
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-		return false, fmt.Errorf("cgroup %s: %w", dir, err)
+		return made, fmt.Errorf("cgroup %s: %w", dir, err)
 	}
+	made = append(made, dir)
 	if strings.Contains(","+controllers+",", ",cpuset,") {
 		for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
 			if v, err := os.ReadFile(filepath.Join(parent, f)); err == nil {
@@ -172,7 +191,7 @@ func Ensure(dir, controllers string) (bool, error) {
 			}
 		}
 	}
-	return true, nil
+	return made, nil
 }
 
 // Move moves process pid (all its threads) into cgroup dir.

@@ -261,9 +261,9 @@ type Status struct {
 	ShdPnd, SigPnd         uint64
 	State                  byte
 	Tgid                   int
-	// NSpid: the task's PID in each PID namespace it is in, from the one
-	// of this /proc to its own.
-	NSpid []int
+	// NSpid, NSpgid, NSsid: the task's PID, group and session in each
+	// PID namespace it is in, from the one of this /proc to its own.
+	NSpid, NSpgid, NSsid []int
 }
 
 // ReadStatus reads /proc/PID/status.
@@ -320,13 +320,22 @@ func ParseStatus(file string, b []byte) (Status, error) {
 			}
 		case "Tgid":
 			s.Tgid, err = strconv.Atoi(v)
-		case "NSpid":
+		case "NSpid", "NSpgid", "NSsid":
+			var ids []int
 			for _, f := range strings.Fields(v) {
 				x, e := strconv.Atoi(f)
 				if e != nil {
 					err = e
 				}
-				s.NSpid = append(s.NSpid, x)
+				ids = append(ids, x)
+			}
+			switch k {
+			case "NSpid":
+				s.NSpid = ids
+			case "NSpgid":
+				s.NSpgid = ids
+			default:
+				s.NSsid = ids
 			}
 		case "Uid":
 			ids(&s.Uid)

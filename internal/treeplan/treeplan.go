@@ -324,7 +324,12 @@ func (p *planner) maker(x *Proc) (int32, uint64, error) {
 			x.Pid, x.Sid, par, p.sidOf(par), ErrUnsupported)
 	}
 	// The session's leader is dead: a helper with its PID makes the
-	// session again, and clones x as its sibling.
+	// session again, and clones x as its sibling. One helper per PID: a
+	// helper under another parent cannot serve this one too.
+	if p.made[x.Sid] != nil {
+		return 0, 0, fmt.Errorf("process %d is in session %d of a dead leader, which a helper under another parent already makes: %w",
+			x.Pid, x.Sid, ErrUnsupported)
+	}
 	p.clone(x.Sid, par, 0, x.ExitSignal, true)
 	p.setsid(x.Sid)
 	return x.Sid, unix.CLONE_PARENT, nil

@@ -157,6 +157,11 @@ func TestMake(t *testing.T) {
 			procs: []Proc{subreaper(p(10, 1, 10, 10)), p(11, 10, 10, 10), p(14, 10, 12, 12), p(12, 11, 12, 12)}},
 		{name: "the same under the init of a PID namespace",
 			procs: []Proc{{Pid: 1, Ppid: 0, Pgid: 1, Sid: 1, Init: true}, p(2, 1, 1, 1), p(4, 1, 3, 3), p(3, 2, 3, 3)}},
+		{name: "one dead session under two parents",
+			// 10 forked 11 and 12, each forked a child and then made a
+			// session of its own; 10 (a session leader) died.
+			procs: []Proc{p(1, 0, 1, 1), p(11, 1, 11, 11), p(13, 11, 10, 10), p(12, 1, 12, 12), p(14, 12, 10, 10)},
+			err:   "already makes"},
 		{name: "session of a live process out of reach",
 			// 12 is in 13's session; neither its parent 10 nor a child
 			// of 10 ever was.
