@@ -8,6 +8,29 @@ import (
 	"github.com/ferrycr/ferry/internal/sysvipc"
 )
 
+// checkSysvWhole refuses, in an IPC namespace of the tree's own, a SysV
+// segment attached in part (from an offset, or cut short): the restore
+// attaches segments whole.
+func (t *tree) checkSysvWhole(imgs []*imageSet) error {
+	if t.ipc == nil {
+		return nil
+	}
+	size := map[uint64]uint64{}
+	for _, o := range t.ipc {
+		if o.Kind == "shm" {
+			size[uint64(o.Id)] = (o.Size + pageSize - 1) &^ (pageSize - 1)
+		}
+	}
+	for _, img := range imgs {
+		for _, v := range img.mm.Vmas {
+			if v.Sysv && (v.Pgoff != 0 || v.End-v.Start != size[v.ShmemIno]) {
+				return fmt.Errorf("process %d: SysV segment %d attached in part at %#x, which ferry does not restore yet: %w", img.pstree.Pid, v.ShmemIno, v.Start, ErrUnsupported)
+			}
+		}
+	}
+	return nil
+}
+
 // ipcNamespace reads every SysV object of the tree's IPC namespace, if it
 // has one of its own: shared memory segments with their contents
 // (attached or not, removed or not), message queues with their messages

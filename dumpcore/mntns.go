@@ -102,7 +102,7 @@ func (t *tree) mntNamespace() (*pb.MntNs, error) {
 			} else if src := bindSource(mine, m); src != "" {
 				om.Source = src
 			} else {
-				return nil, fmt.Errorf("mount %s (%s of %s) in the mount namespace of %d, which ferry cannot see: %w yet",
+				return nil, fmt.Errorf("mount %s (%s of %s) in the mount namespace of %d, which ferry cannot see: %w",
 					m.Point, m.FsType, m.Source, t.root, ErrUnsupported)
 			}
 		}
@@ -233,7 +233,9 @@ func (t *tree) tarTmpfs(name string, m proc.Mount) error {
 			return err
 		}
 		if info.Mode().IsRegular() {
-			src, err := os.Open(p)
+			// Not following a symlink swapped in since the walk saw a
+			// file (its target would be read from ferry's root).
+			src, err := os.OpenFile(p, os.O_RDONLY|unix.O_NOFOLLOW, 0)
 			if err != nil {
 				return err
 			}

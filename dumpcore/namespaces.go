@@ -3,6 +3,7 @@ package dumpcore
 import (
 	"fmt"
 	"os"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 
@@ -45,6 +46,53 @@ func (t *tree) checkNamespaces() error {
 			t.ownNs[kind] = ns
 		default:
 			return fmt.Errorf("process %d has a %s namespace of its own (%s), which ferry does not save yet: %w", t.root, kind, ns, ErrUnsupported)
+		}
+	}
+	return nil
+}
+
+// checkNamespaceHolders refuses a namespace of the tree's own that a
+// process outside the tree is in too (one joined with nsenter or docker
+// exec, a pod's other containers): the restore would make it new, for
+// the tree alone. The root's ancestors may share all but the PID
+// namespace (unshare(1) makes them and forks the root).
+func (t *tree) checkNamespaceHolders() error {
+	if len(t.ownNs) == 0 {
+		return nil
+	}
+	in := map[int]bool{}
+	for _, d := range t.procs {
+		in[d.opts.Pid] = true
+	}
+	for _, z := range t.zombies {
+		in[z.Pid] = true
+	}
+	ancestor := map[int]bool{}
+	for pid := t.root; pid > 1; {
+		st, err := proc.ReadStat(pid)
+		if err != nil {
+			break
+		}
+		pid = st.Ppid
+		ancestor[pid] = true
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || in[pid] {
+			continue
+		}
+		for kind, ns := range t.ownNs {
+			if kind != "pid" && ancestor[pid] {
+				continue
+			}
+			if other, err := proc.Namespace(pid, kind); err == nil && other == ns {
+				return fmt.Errorf("process %d, outside the tree of %d, is in its %s namespace (%s) too: %w",
+					pid, t.root, kind, ns, ErrUnsupported)
+			}
 		}
 	}
 	return nil

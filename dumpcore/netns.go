@@ -65,14 +65,28 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 		}
 		out.Links = append(out.Links, nl)
 	}
-	routes, err := h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	// Policy rules: only the kernel's three (local, main, default).
+	rules, err := h.RuleList(netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("routing rules: %w", err)
+	}
+	for _, r := range rules {
+		if r.Priority != 0 && r.Priority != 32766 && r.Priority != 32767 {
+			return nil, fmt.Errorf("routing rule %d in the network namespace of %d, which ferry does not save yet: %w", r.Priority, t.root, ErrUnsupported)
+		}
+	}
+	routes, err := h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("routes: %w", err)
 	}
 	for _, r := range routes {
-		if r.Protocol == unix.RTPROT_KERNEL || r.Type != unix.RTN_UNICAST ||
-			(r.Dst != nil && r.Dst.IP.IsLinkLocalUnicast()) {
+		if r.Table == unix.RT_TABLE_LOCAL || r.Protocol == unix.RTPROT_KERNEL ||
+			(r.Dst != nil && r.Dst.IP.IsLinkLocalUnicast()) || r.Type == unix.RTN_MULTICAST {
 			continue // derived from an address, or the kernel's own
+		}
+		if r.Table != unix.RT_TABLE_MAIN || r.Type != unix.RTN_UNICAST || len(r.MultiPath) > 0 {
+			return nil, fmt.Errorf("route to %v (table %d, type %d, %d paths) in the network namespace of %d, which ferry does not save yet: %w",
+				r.Dst, r.Table, r.Type, len(r.MultiPath), t.root, ErrUnsupported)
 		}
 		nr := &pb.NetRoute{Family: int32(r.Family), Dev: names[r.LinkIndex], Scope: int32(r.Scope),
 			Protocol: int32(r.Protocol), Priority: int32(r.Priority)}

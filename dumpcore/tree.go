@@ -229,6 +229,9 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 	if err := t.pidNamespace(); err != nil {
 		return nil, err
 	}
+	if err := t.checkNamespaceHolders(); err != nil {
+		return nil, err
+	}
 	t0 = time.Now()
 	for _, d := range t.procs[1:] {
 		if root.parent != nil {
@@ -381,11 +384,19 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		return nil, err
 	}
 	imgs[0].inv.IpcNs = t.ownNs["ipc"] != ""
+	if err := t.checkSysvWhole(imgs); err != nil {
+		return nil, err
+	}
 	if err := t.collectCgroups(imgs); err != nil {
 		return nil, err
 	}
 	if imgs[0].inv.MntNs, err = t.mntNamespace(); err != nil {
 		return nil, err
+	}
+	for _, f := range t.files.entries {
+		if (f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted) && images.OnOwnMount(imgs[0].inv.MntNs, f.Path) {
+			return nil, fmt.Errorf("%s (deleted) is on a mount of the tree's own mount namespace, which ferry does not restore yet: %w", f.Path, ErrUnsupported)
+		}
 	}
 	return imgs, t.checkSessions(imgs)
 }

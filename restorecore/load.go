@@ -281,8 +281,15 @@ func (is *imageSet) validate(localXstate []byte) error {
 		ours[fmt.Sprintf("/proc/%d/", p.pstree.Pid)] = true
 	}
 	for _, f := range is.files {
-		if inv.MntNs != nil && ownMount(inv.MntNs, f.Path) {
-			continue // on a mount of the tree's own, made by the restore
+		if images.OnOwnMount(inv.MntNs, f.Path) {
+			// On a mount of the tree's own, made by the restore. What
+			// ferry would make there itself (a deleted file's stand-in,
+			// a removed FIFO, directory or symlink) would land in
+			// ferry's mount namespace instead.
+			if f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted {
+				return refuse("%s (deleted) is on a mount of the tree's own mount namespace: not supported yet", f.Path)
+			}
+			continue
 		}
 		if rest, ok := strings.CutPrefix(f.Path, "/proc/"); ok {
 			if i := strings.IndexByte(rest, '/'); i > 0 && ours["/proc/"+rest[:i+1]] {

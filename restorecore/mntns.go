@@ -11,7 +11,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
 )
 
@@ -94,27 +93,6 @@ func (r *restorer) makeMntNs(root *compel.Task) error {
 	return nil
 }
 
-// ownMount tells whether path lies on a mount of the tree's own or under
-// a mount point it does not have (ferry cannot check such a file before
-// the restore).
-func ownMount(n *pb.MntNs, path string) bool {
-	if n.GetRoot() != "" {
-		return true // every mount is the tree's own
-	}
-	under := func(p string) bool { return path == p || strings.HasPrefix(path, strings.TrimSuffix(p, "/")+"/") }
-	for _, m := range n.GetMounts() {
-		if under(m.Point) {
-			return true
-		}
-	}
-	for _, p := range n.GetUnmounted() {
-		if under(p) {
-			return true
-		}
-	}
-	return false
-}
-
 // mountIn runs mount(2) inside t, its strings in t's stack scratch.
 func mountIn(t *compel.Task, source, target, fstype string, flags uint64, data string) error {
 	addr := stackScratch(t)
@@ -192,6 +170,9 @@ func (r *restorer) untar(name, dir string) error {
 			return fmt.Errorf("%s: %w", name, err)
 		}
 		p := filepath.Join(dir, filepath.Clean("/"+h.Name))
+		if err := noSymlinkBetween(dir, p); err != nil {
+			return fmt.Errorf("%s: %s: %w", name, h.Name, err)
+		}
 		mode := uint32(h.Mode & 0o7777)
 		switch h.Typeflag {
 		case tar.TypeDir:
@@ -203,7 +184,7 @@ func (r *restorer) untar(name, dir string) error {
 			dirs = append(dirs, h)
 			continue // modes and times once the files are in
 		case tar.TypeReg:
-			w, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+			w, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
 			if err != nil {
 				return err
 			}
@@ -243,6 +224,28 @@ func (r *restorer) untar(name, dir string) error {
 	for i := len(dirs) - 1; i >= 0; i-- {
 		if err := setAttrs(filepath.Join(dir, filepath.Clean("/"+dirs[i].Name)), dirs[i]); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// noSymlinkBetween refuses a path below dir whose parents (below dir)
+// include a symlink: an entry under one would be written wherever the
+// link points, outside the tmpfs (the tar could say anything).
+func noSymlinkBetween(dir, p string) error {
+	rel, err := filepath.Rel(dir, filepath.Dir(p))
+	if err != nil || rel == "." {
+		return err
+	}
+	cur := dir
+	for _, c := range strings.Split(rel, string(filepath.Separator)) {
+		cur = filepath.Join(cur, c)
+		st, err := os.Lstat(cur)
+		if err != nil {
+			return err
+		}
+		if st.Mode()&os.ModeSymlink != 0 {
+			return fmt.Errorf("a symlink (%s) among its parents", cur)
 		}
 	}
 	return nil

@@ -140,8 +140,9 @@ func TestLazyRestorePidNamespaceSameHost(t *testing.T) {
 }
 
 func TestDumpRefusesOtherNamespaces(t *testing.T) {
-	// A process with a cgroup namespace of its own (not saved yet), and
-	// one that is not its PID namespace's init: each dump fails naming
+	// A process with a cgroup namespace of its own (not saved yet), one
+	// that is not its PID namespace's init, and one whose network
+	// namespace a process outside the tree joined: each dump fails naming
 	// the namespace, and the process runs on.
 	needRoot(t)
 	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "guard.py")
@@ -161,6 +162,16 @@ func TestDumpRefusesOtherNamespaces(t *testing.T) {
 	w2 := testutil.Attach(t, py[0], u.ReportPath)
 	checkRefused(t, w2, "not its init")
 	checkRunsOn(t, w2)
+	// A network namespace of its own that another process (outside the
+	// tree) joined too.
+	w3 := testutil.Start(t, "", "unshare", "--net", "python3", script)
+	other := exec.Command("nsenter", "-t", strconv.Itoa(w3.Pid), "-n", "sleep", "600")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Process.Kill(); other.Wait() })
+	checkRefused(t, w3, fmt.Sprintf("process %d, outside the tree", other.Process.Pid), "net namespace")
+	checkRunsOn(t, w3)
 }
 
 // checkRunsOn fails t unless w still answers and is not stopped.
