@@ -101,3 +101,53 @@ func TestDumpRestoreCgroups(t *testing.T) {
 	r.Kill()
 	os.Remove(filepath.Join(mounts["pids"], alt, base["pids"], name))
 }
+
+func TestDumpRestoreCgroupV2(t *testing.T) {
+	// The same on the cgroup v2 hierarchy (this machine mounts one beside
+	// the v1 controllers): the process's v2 cgroup, removed after the
+	// dump, is made again and the restored process put in it.
+	needRoot(t)
+	mounts, err := cgroups.Mounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v2, ok := mounts[""]
+	if !ok {
+		t.Fatal("no cgroup2 hierarchy mounted")
+	}
+	mine, _ := cgroups.Read(os.Getpid())
+	base := "/"
+	for _, r := range mine {
+		if r.Controllers == "" {
+			base = r.Path
+		}
+	}
+	path := filepath.Join(base, fmt.Sprintf("ferry-test-v2-%d", os.Getpid()))
+	dir := filepath.Join(v2, path)
+	t.Cleanup(func() { os.Remove(dir) })
+	w := startSelfCheck(t, "guard.py")
+	before := w.Report(t)
+	if _, err := cgroups.Ensure(dir, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := cgroups.Move(dir, w.Pid); err != nil {
+		t.Fatal(err)
+	}
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	if err := os.Remove(dir); err != nil {
+		t.Fatalf("remove %s after the dump: %v", dir, err)
+	}
+	mustFerry(t, "restore", "-D", img, "-d")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	got, _ := cgroups.Read(w.Pid)
+	for _, g := range got {
+		if g.Controllers == "" && g.Path != path {
+			t.Fatalf("restored process in v2 cgroup %s, want %s", g.Path, path)
+		}
+	}
+	r.Kill()
+}
