@@ -27,6 +27,9 @@ type imageSet struct {
 	files  map[uint32]*pb.FileEntry
 	ghosts map[uint32]*pb.GhostFile
 	chain  images.PageChain
+	// joinsPidNs: the restore joins an existing PID namespace
+	// (--join-ns pid), where the PIDs are checked by clone3 itself.
+	joinsPidNs bool
 }
 
 // close unmaps the page files.
@@ -250,9 +253,9 @@ func (is *imageSet) validate(localXstate []byte) error {
 		return refuse("image page size %d differs from this machine's %d", inv.PageSize, pageSize)
 	}
 	// PIDs and TIDs free (in a PID namespace of the tree's own, made
-	// new, they are).
+	// new, they are; in one it joins, clone3 says).
 	for _, p := range is.procs {
-		if inv.PidNs {
+		if inv.PidNs || is.joinsPidNs {
 			break
 		}
 		if p.zombie {

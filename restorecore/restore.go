@@ -57,6 +57,9 @@ type Options struct {
 	// ExternalMounts (--external mnt[KEY]:PATH): what to bind for each
 	// external mount of the images, by its key.
 	ExternalMounts map[string]string
+	// JoinNs (--join-ns NS:PID|FILE): namespaces the tree is restored
+	// into, by kind, as paths of namespace files.
+	JoinNs map[string]string
 	// InheritFds (--inherit-fd fd[N]:KEY): files the restore does not
 	// make but takes from ferry's fd N, by what the images name them
 	// ("pipe:[INODE]", a path), as criu's callers pass stdio.
@@ -221,6 +224,10 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	if err := r.checkNetNs(); err != nil {
 		return nil, err
 	}
+	if err := r.checkJoin(); err != nil {
+		return nil, err
+	}
+	_, r.is.joinsPidNs = r.opts.JoinNs["pid"]
 	r.ferryFd = map[int32]uint64{}
 	seed, err := startSeed(r.is.inv.PidNs, r.opts.Sibling)
 	if err != nil {
@@ -258,6 +265,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		return nil, err
 	}
 	seedTask := &compel.Task{Tid: seed.Process.Pid, Regs: regs, Gadget: seedGadget, Int3: true}
+	if err := r.joinNamespaces(seedTask); err != nil {
+		return nil, err
+	}
 
 	tasks, err := r.createTree(seedTask)
 	if err != nil {

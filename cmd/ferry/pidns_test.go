@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
@@ -352,5 +354,37 @@ func TestPreDumpPidNamespace(t *testing.T) {
 	r := restoreInPidNs(t, dirs[1], w.ReportPath)
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
+}
+
+func TestRestoreJoinNs(t *testing.T) {
+	// --join-ns net:FILE restores a process into an existing network
+	// namespace (one made with ip netns add) instead of ferry's.
+	needRoot(t)
+	name := fmt.Sprintf("fyj%d", os.Getpid())
+	if b, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v\n%s", err, b)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	file := "/run/netns/" + name
+	w := startSelfCheck(t, "guard.py")
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	if code, out := ferry(t, "restore", "-D", img, "-d", "--join-ns", "user:"+file); code == 0 || !strings.Contains(out, "--join-ns user") {
+		t.Fatalf("--join-ns user: exit %d\n%s", code, out)
+	}
+	mustFerry(t, "restore", "-D", img, "-d", "--join-ns", "net:"+file)
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	var st unix.Stat_t
+	if err := unix.Stat(file, &st); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := proc.Namespace(w.Pid, "net"); got != fmt.Sprintf("net:[%d]", st.Ino) {
+		t.Fatalf("restored process in %s, want %s (net:[%d])", got, file, st.Ino)
+	}
 	checkSelf(t, r)
 }

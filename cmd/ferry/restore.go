@@ -36,6 +36,7 @@ func newRestoreCmd() *cobra.Command {
 		rootDir      string
 		mountMaps    []string
 		inherit      []string
+		joinNs       []string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -88,6 +89,18 @@ process runs; the process is then re-parented to init.`,
 				}
 				inheritFds[key] = fd
 			}
+			join := map[string]string{}
+			for _, x := range joinNs {
+				kind, rest, ok := strings.Cut(x, ":")
+				rest, _, _ = strings.Cut(rest, ",") // criu's extra options (user namespaces)
+				if !ok || kind == "" || rest == "" {
+					return fmt.Errorf("--join-ns %q: want NS:PID or NS:FILE", x)
+				}
+				if _, err := strconv.Atoi(rest); err == nil {
+					rest = fmt.Sprintf("/proc/%s/ns/%s", rest, kind)
+				}
+				join[kind] = rest
+			}
 			cgRoot := map[string]string{}
 			for _, x := range cgRoots {
 				ctrl, path, ok := strings.Cut(x, ":")
@@ -107,7 +120,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log,
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds,
+				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -159,6 +172,7 @@ process runs; the process is then re-parented to init.`,
 	fs.StringVar(&cgMode, "manage-cgroups", "soft", "put the processes into their cgroups: soft (make missing ones, with their properties), full (also set existing ones' properties), strict (as full; a property that cannot be set fails), props (they must exist; set properties), none (they must exist), ignore (leave the processes in ferry's)")
 	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
 	fs.StringArrayVarP(&mountMaps, "ext-mount-map", "M", nil, "KEY:PATH: bind PATH where the images have the external mount KEY (as --external mnt[KEY]:PATH); repeatable")
+	fs.StringArrayVar(&joinNs, "join-ns", nil, "NS:PID|FILE: restore the tree into an existing namespace (net, uts, ipc, pid, mnt, cgroup, time): PID's, or the namespace file FILE; repeatable")
 	fs.StringArrayVar(&inherit, "inherit-fd", nil, "fd[N]:KEY: the file the images name KEY (pipe:[INODE], socket:[INODE], a path) is ferry's fd N, not made anew; repeatable")
 	fs.StringVarP(&rootDir, "root", "r", "", "where the root of the tree's own mount namespace is here (default: where the dump saw it)")
 	fs.StringArrayVar(&cgRoots, "cgroup-root", nil, "[CONTROLLER:]/PATH: make the images' cgroups under PATH (for CONTROLLER's hierarchy, or all); repeatable")

@@ -347,6 +347,9 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 	for _, x := range o.GetExternal() {
 		args = append(args, "--external="+x)
 	}
+	for _, j := range o.GetJoinNs() {
+		args = append(args, "--join-ns="+j.GetNs()+":"+j.GetNsFile())
+	}
 	for _, m := range o.GetExtMnt() {
 		args = append(args, "--ext-mount-map="+m.GetKey()+":"+m.GetVal())
 	}
@@ -358,7 +361,7 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 		set  bool
 		name string
 	}{
-		{len(o.GetJoinNs()) > 0, "join_ns"},
+
 		{len(o.GetExecCmd()) > 0, "exec_cmd"}, {o.GetEmptyNs()&^unix.CLONE_NEWNET != 0, "empty_ns (but net)"},
 		{o.GetUnprivileged(), "unprivileged"}} {
 		if u.set {

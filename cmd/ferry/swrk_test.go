@@ -79,9 +79,9 @@ func TestSwrkGoCriu(t *testing.T) {
 			LogLevel: proto.Int32(4), LogFile: proto.String("rpc.log"), ShellJob: proto.Bool(true)}
 	}
 	bad := opts()
-	bad.JoinNs = []*rpc.JoinNamespace{{Ns: proto.String("net"), NsFile: proto.String("/proc/1/ns/net")}}
-	if err := c.Dump(bad, nil); err == nil || !strings.Contains(err.Error(), "join_ns: not supported") {
-		t.Fatalf("dump with join_ns: %v", err)
+	bad.ExecCmd = []string{"true"}
+	if err := c.Dump(bad, nil); err == nil || !strings.Contains(err.Error(), "exec_cmd: not supported") {
+		t.Fatalf("dump with exec_cmd: %v", err)
 	}
 	if !testutil.PidAlive(w.Pid) {
 		t.Fatal("the refused dump touched the process")
