@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -42,7 +43,7 @@ func (t *tree) checkNamespaces() error {
 			continue
 		}
 		switch kind {
-		case "pid", "uts", "net", "ipc", "mnt":
+		case "pid", "uts", "net", "ipc", "mnt", "time":
 			t.ownNs[kind] = ns
 		default:
 			return fmt.Errorf("process %d has a %s namespace of its own (%s), which ferry does not save yet: %w", t.root, kind, ns, ErrUnsupported)
@@ -109,4 +110,39 @@ func (t *tree) utsNamespace() (*pb.UtsNs, error) {
 		return nil, err
 	}
 	return &pb.UtsNs{Hostname: unix.ByteSliceToString(u.Nodename[:]), Domainname: unix.ByteSliceToString(u.Domainname[:])}, nil
+}
+
+// timeNamespace reads the clock offsets of the tree's time namespace, if
+// it has one of its own.
+func (t *tree) timeNamespace() (*pb.TimeNs, error) {
+	if t.ownNs["time"] == "" {
+		return nil, nil
+	}
+	name := proc.Path(t.root, "timens_offsets")
+	b, err := os.ReadFile(name)
+	if err != nil {
+		return nil, err
+	}
+	out := &pb.TimeNs{HostMonotonicNs: clockNs(unix.CLOCK_MONOTONIC), HostBoottimeNs: clockNs(unix.CLOCK_BOOTTIME)}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var clock string
+		var sec, nsec int64
+		if _, err := fmt.Sscan(line, &clock, &sec, &nsec); err != nil {
+			return nil, fmt.Errorf("%s: %q: %w", name, line, err)
+		}
+		switch clock {
+		case "monotonic":
+			out.MonotonicSec, out.MonotonicNsec = sec, nsec
+		case "boottime":
+			out.BoottimeSec, out.BoottimeNsec = sec, nsec
+		}
+	}
+	return out, nil
+}
+
+// clockNs reads clock id (in ferry's time namespace, the host's).
+func clockNs(id int32) int64 {
+	var ts unix.Timespec
+	unix.ClockGettime(id, &ts)
+	return ts.Nano()
 }

@@ -2,6 +2,7 @@ package restorecore
 
 import (
 	"fmt"
+	"os"
 
 	"golang.org/x/sys/unix"
 
@@ -23,7 +24,7 @@ func (r *restorer) checkJoin() error {
 			return fmt.Errorf("%w: --join-ns %s: want net, uts, ipc, pid, mnt, cgroup or time", ErrValidation, kind)
 		}
 		if own := map[string]bool{"pid": inv.PidNs, "net": inv.NetNs != nil, "uts": inv.UtsNs != nil,
-			"ipc": inv.IpcNs, "mnt": inv.MntNs != nil}[kind]; own {
+			"ipc": inv.IpcNs, "mnt": inv.MntNs != nil, "time": inv.TimeNs != nil}[kind]; own {
 			return fmt.Errorf("%w: --join-ns %s: the images hold a %s namespace of the tree's own, which the restore makes", ErrValidation, kind, kind)
 		}
 	}
@@ -50,6 +51,41 @@ func (r *restorer) joinNamespaces(seed *compel.Task) error {
 			return fmt.Errorf("--join-ns %s:%s: setns: %w", kind, path, err)
 		}
 		r.log.Info("joined a namespace", "kind", kind, "path", path)
+	}
+	return nil
+}
+
+// makeTimeNs gives the seed's children a new time namespace with the
+// images' clock offsets (unshare inside the seed: its children enter it;
+// the offsets are written before any of them exists).
+func (r *restorer) makeTimeNs(seed *compel.Task) error {
+	tn := r.is.inv.TimeNs
+	if tn == nil {
+		return nil
+	}
+	if _, err := seed.Syscall(unix.SYS_UNSHARE, unix.CLONE_NEWTIME); err != nil {
+		return fmt.Errorf("time namespace: unshare: %w", err)
+	}
+	// Moved by how far this host's clocks are from the dumping host's
+	// at the dump: the tree's clocks go on from where they were.
+	shift := func(sec, nsec, hostThen int64, id int32) (int64, int64) {
+		if hostThen == 0 {
+			return sec, nsec
+		}
+		var ts unix.Timespec
+		unix.ClockGettime(id, &ts)
+		ns := sec*1e9 + nsec + hostThen - ts.Nano()
+		s, n := ns/1e9, ns%1e9
+		if n < 0 {
+			s, n = s-1, n+1e9
+		}
+		return s, n
+	}
+	ms, mn := shift(tn.MonotonicSec, tn.MonotonicNsec, tn.HostMonotonicNs, unix.CLOCK_MONOTONIC)
+	bs, bn := shift(tn.BoottimeSec, tn.BoottimeNsec, tn.HostBoottimeNs, unix.CLOCK_BOOTTIME)
+	offsets := fmt.Sprintf("monotonic %d %d\nboottime %d %d\n", ms, mn, bs, bn)
+	if err := os.WriteFile(fmt.Sprintf("/proc/%d/timens_offsets", seed.Tid), []byte(offsets), 0); err != nil {
+		return fmt.Errorf("time namespace: offsets: %w", err)
 	}
 	return nil
 }

@@ -268,6 +268,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	if err := r.joinNamespaces(seedTask); err != nil {
 		return nil, err
 	}
+	if err := r.makeTimeNs(seedTask); err != nil {
+		return nil, err
+	}
 
 	tasks, err := r.createTree(seedTask)
 	if err != nil {

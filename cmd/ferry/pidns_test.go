@@ -388,3 +388,21 @@ func TestRestoreJoinNs(t *testing.T) {
 	}
 	checkSelf(t, r)
 }
+
+func TestDumpRestoreTimeNamespace(t *testing.T) {
+	// The init of its own PID and time namespaces, whose clocks run with
+	// offsets (unshare --time --monotonic --boottime): restored in a new
+	// time namespace with the same offsets. The workload checks its
+	// offsets and that CLOCK_MONOTONIC did not go back.
+	w := startInPidNs(t, []string{"--time", "--monotonic", "86400", "--boottime", "172800"}, "timens.py")
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	r := restoreInPidNs(t, img, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
+}

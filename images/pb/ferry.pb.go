@@ -81,7 +81,10 @@ type Inventory struct {
 	CgroupDirs []*CgroupDir `protobuf:"bytes,22,rep,name=cgroup_dirs,json=cgroupDirs,proto3" json:"cgroup_dirs,omitempty"`
 	// The tree's mount namespace, when it has one of its own: how it
 	// differs from the dumping ferry's.
-	MntNs         *MntNs `protobuf:"bytes,23,opt,name=mnt_ns,json=mntNs,proto3" json:"mnt_ns,omitempty"`
+	MntNs *MntNs `protobuf:"bytes,23,opt,name=mnt_ns,json=mntNs,proto3" json:"mnt_ns,omitempty"`
+	// The tree's time namespace, when it has one of its own: its clock
+	// offsets (/proc/PID/timens_offsets), made again in a new one.
+	TimeNs        *TimeNs `protobuf:"bytes,24,opt,name=time_ns,json=timeNs,proto3" json:"time_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -277,6 +280,100 @@ func (x *Inventory) GetMntNs() *MntNs {
 	return nil
 }
 
+func (x *Inventory) GetTimeNs() *TimeNs {
+	if x != nil {
+		return x.TimeNs
+	}
+	return nil
+}
+
+type TimeNs struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	MonotonicSec  int64                  `protobuf:"varint,1,opt,name=monotonic_sec,json=monotonicSec,proto3" json:"monotonic_sec,omitempty"`
+	MonotonicNsec int64                  `protobuf:"varint,2,opt,name=monotonic_nsec,json=monotonicNsec,proto3" json:"monotonic_nsec,omitempty"`
+	BoottimeSec   int64                  `protobuf:"varint,3,opt,name=boottime_sec,json=boottimeSec,proto3" json:"boottime_sec,omitempty"`
+	BoottimeNsec  int64                  `protobuf:"varint,4,opt,name=boottime_nsec,json=boottimeNsec,proto3" json:"boottime_nsec,omitempty"`
+	// The dumping host's CLOCK_MONOTONIC and CLOCK_BOOTTIME (ns) at the
+	// dump: the restore moves the offsets by the difference with its own,
+	// so that the tree's clocks go on from where they were.
+	HostMonotonicNs int64 `protobuf:"varint,5,opt,name=host_monotonic_ns,json=hostMonotonicNs,proto3" json:"host_monotonic_ns,omitempty"`
+	HostBoottimeNs  int64 `protobuf:"varint,6,opt,name=host_boottime_ns,json=hostBoottimeNs,proto3" json:"host_boottime_ns,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *TimeNs) Reset() {
+	*x = TimeNs{}
+	mi := &file_images_ferry_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TimeNs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TimeNs) ProtoMessage() {}
+
+func (x *TimeNs) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TimeNs.ProtoReflect.Descriptor instead.
+func (*TimeNs) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *TimeNs) GetMonotonicSec() int64 {
+	if x != nil {
+		return x.MonotonicSec
+	}
+	return 0
+}
+
+func (x *TimeNs) GetMonotonicNsec() int64 {
+	if x != nil {
+		return x.MonotonicNsec
+	}
+	return 0
+}
+
+func (x *TimeNs) GetBoottimeSec() int64 {
+	if x != nil {
+		return x.BoottimeSec
+	}
+	return 0
+}
+
+func (x *TimeNs) GetBoottimeNsec() int64 {
+	if x != nil {
+		return x.BoottimeNsec
+	}
+	return 0
+}
+
+func (x *TimeNs) GetHostMonotonicNs() int64 {
+	if x != nil {
+		return x.HostMonotonicNs
+	}
+	return 0
+}
+
+func (x *TimeNs) GetHostBoottimeNs() int64 {
+	if x != nil {
+		return x.HostBoottimeNs
+	}
+	return 0
+}
+
 // MntNs is a mount namespace of the tree's own, as the difference from
 // ferry's (which a new namespace starts as a copy of).
 type MntNs struct {
@@ -297,7 +394,7 @@ type MntNs struct {
 
 func (x *MntNs) Reset() {
 	*x = MntNs{}
-	mi := &file_images_ferry_proto_msgTypes[1]
+	mi := &file_images_ferry_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -309,7 +406,7 @@ func (x *MntNs) String() string {
 func (*MntNs) ProtoMessage() {}
 
 func (x *MntNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[1]
+	mi := &file_images_ferry_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -322,7 +419,7 @@ func (x *MntNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MntNs.ProtoReflect.Descriptor instead.
 func (*MntNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{1}
+	return file_images_ferry_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *MntNs) GetUnmounted() []string {
@@ -368,7 +465,7 @@ type OwnMount struct {
 
 func (x *OwnMount) Reset() {
 	*x = OwnMount{}
-	mi := &file_images_ferry_proto_msgTypes[2]
+	mi := &file_images_ferry_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -380,7 +477,7 @@ func (x *OwnMount) String() string {
 func (*OwnMount) ProtoMessage() {}
 
 func (x *OwnMount) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[2]
+	mi := &file_images_ferry_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -393,7 +490,7 @@ func (x *OwnMount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OwnMount.ProtoReflect.Descriptor instead.
 func (*OwnMount) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{2}
+	return file_images_ferry_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *OwnMount) GetPoint() string {
@@ -456,7 +553,7 @@ type CgroupDir struct {
 
 func (x *CgroupDir) Reset() {
 	*x = CgroupDir{}
-	mi := &file_images_ferry_proto_msgTypes[3]
+	mi := &file_images_ferry_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -468,7 +565,7 @@ func (x *CgroupDir) String() string {
 func (*CgroupDir) ProtoMessage() {}
 
 func (x *CgroupDir) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[3]
+	mi := &file_images_ferry_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -481,7 +578,7 @@ func (x *CgroupDir) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupDir.ProtoReflect.Descriptor instead.
 func (*CgroupDir) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{3}
+	return file_images_ferry_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CgroupDir) GetControllers() string {
@@ -515,7 +612,7 @@ type CgroupProp struct {
 
 func (x *CgroupProp) Reset() {
 	*x = CgroupProp{}
-	mi := &file_images_ferry_proto_msgTypes[4]
+	mi := &file_images_ferry_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -527,7 +624,7 @@ func (x *CgroupProp) String() string {
 func (*CgroupProp) ProtoMessage() {}
 
 func (x *CgroupProp) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[4]
+	mi := &file_images_ferry_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -540,7 +637,7 @@ func (x *CgroupProp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupProp.ProtoReflect.Descriptor instead.
 func (*CgroupProp) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{4}
+	return file_images_ferry_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CgroupProp) GetName() string {
@@ -577,7 +674,7 @@ type IpcObject struct {
 
 func (x *IpcObject) Reset() {
 	*x = IpcObject{}
-	mi := &file_images_ferry_proto_msgTypes[5]
+	mi := &file_images_ferry_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +686,7 @@ func (x *IpcObject) String() string {
 func (*IpcObject) ProtoMessage() {}
 
 func (x *IpcObject) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[5]
+	mi := &file_images_ferry_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +699,7 @@ func (x *IpcObject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IpcObject.ProtoReflect.Descriptor instead.
 func (*IpcObject) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{5}
+	return file_images_ferry_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *IpcObject) GetKind() string {
@@ -692,7 +789,7 @@ type IpcMessage struct {
 
 func (x *IpcMessage) Reset() {
 	*x = IpcMessage{}
-	mi := &file_images_ferry_proto_msgTypes[6]
+	mi := &file_images_ferry_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -704,7 +801,7 @@ func (x *IpcMessage) String() string {
 func (*IpcMessage) ProtoMessage() {}
 
 func (x *IpcMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[6]
+	mi := &file_images_ferry_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -717,7 +814,7 @@ func (x *IpcMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IpcMessage.ProtoReflect.Descriptor instead.
 func (*IpcMessage) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{6}
+	return file_images_ferry_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *IpcMessage) GetType() int64 {
@@ -744,7 +841,7 @@ type NetNs struct {
 
 func (x *NetNs) Reset() {
 	*x = NetNs{}
-	mi := &file_images_ferry_proto_msgTypes[7]
+	mi := &file_images_ferry_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -756,7 +853,7 @@ func (x *NetNs) String() string {
 func (*NetNs) ProtoMessage() {}
 
 func (x *NetNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[7]
+	mi := &file_images_ferry_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -769,7 +866,7 @@ func (x *NetNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetNs.ProtoReflect.Descriptor instead.
 func (*NetNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{7}
+	return file_images_ferry_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *NetNs) GetLinks() []*NetLink {
@@ -801,7 +898,7 @@ type NetLink struct {
 
 func (x *NetLink) Reset() {
 	*x = NetLink{}
-	mi := &file_images_ferry_proto_msgTypes[8]
+	mi := &file_images_ferry_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -813,7 +910,7 @@ func (x *NetLink) String() string {
 func (*NetLink) ProtoMessage() {}
 
 func (x *NetLink) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[8]
+	mi := &file_images_ferry_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -826,7 +923,7 @@ func (x *NetLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetLink.ProtoReflect.Descriptor instead.
 func (*NetLink) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{8}
+	return file_images_ferry_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *NetLink) GetName() string {
@@ -889,7 +986,7 @@ type NetRoute struct {
 
 func (x *NetRoute) Reset() {
 	*x = NetRoute{}
-	mi := &file_images_ferry_proto_msgTypes[9]
+	mi := &file_images_ferry_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -901,7 +998,7 @@ func (x *NetRoute) String() string {
 func (*NetRoute) ProtoMessage() {}
 
 func (x *NetRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[9]
+	mi := &file_images_ferry_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -914,7 +1011,7 @@ func (x *NetRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetRoute.ProtoReflect.Descriptor instead.
 func (*NetRoute) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{9}
+	return file_images_ferry_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *NetRoute) GetFamily() int32 {
@@ -983,7 +1080,7 @@ type UtsNs struct {
 
 func (x *UtsNs) Reset() {
 	*x = UtsNs{}
-	mi := &file_images_ferry_proto_msgTypes[10]
+	mi := &file_images_ferry_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -995,7 +1092,7 @@ func (x *UtsNs) String() string {
 func (*UtsNs) ProtoMessage() {}
 
 func (x *UtsNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[10]
+	mi := &file_images_ferry_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1008,7 +1105,7 @@ func (x *UtsNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtsNs.ProtoReflect.Descriptor instead.
 func (*UtsNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{10}
+	return file_images_ferry_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UtsNs) GetHostname() string {
@@ -1036,7 +1133,7 @@ type TrackerRef struct {
 
 func (x *TrackerRef) Reset() {
 	*x = TrackerRef{}
-	mi := &file_images_ferry_proto_msgTypes[11]
+	mi := &file_images_ferry_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1048,7 +1145,7 @@ func (x *TrackerRef) String() string {
 func (*TrackerRef) ProtoMessage() {}
 
 func (x *TrackerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[11]
+	mi := &file_images_ferry_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1061,7 +1158,7 @@ func (x *TrackerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerRef.ProtoReflect.Descriptor instead.
 func (*TrackerRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{11}
+	return file_images_ferry_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TrackerRef) GetPid() int32 {
@@ -1095,7 +1192,7 @@ type SpecialVma struct {
 
 func (x *SpecialVma) Reset() {
 	*x = SpecialVma{}
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1107,7 +1204,7 @@ func (x *SpecialVma) String() string {
 func (*SpecialVma) ProtoMessage() {}
 
 func (x *SpecialVma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1120,7 +1217,7 @@ func (x *SpecialVma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpecialVma.ProtoReflect.Descriptor instead.
 func (*SpecialVma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{12}
+	return file_images_ferry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SpecialVma) GetName() string {
@@ -1151,7 +1248,7 @@ type PstreeEntry struct {
 
 func (x *PstreeEntry) Reset() {
 	*x = PstreeEntry{}
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1163,7 +1260,7 @@ func (x *PstreeEntry) String() string {
 func (*PstreeEntry) ProtoMessage() {}
 
 func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1176,7 +1273,7 @@ func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PstreeEntry.ProtoReflect.Descriptor instead.
 func (*PstreeEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{13}
+	return file_images_ferry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PstreeEntry) GetPid() int32 {
@@ -1238,7 +1335,7 @@ type Creds struct {
 
 func (x *Creds) Reset() {
 	*x = Creds{}
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1347,7 @@ func (x *Creds) String() string {
 func (*Creds) ProtoMessage() {}
 
 func (x *Creds) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1360,7 @@ func (x *Creds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Creds.ProtoReflect.Descriptor instead.
 func (*Creds) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{14}
+	return file_images_ferry_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Creds) GetUid() uint32 {
@@ -1389,7 +1486,7 @@ type Rlimit struct {
 
 func (x *Rlimit) Reset() {
 	*x = Rlimit{}
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1401,7 +1498,7 @@ func (x *Rlimit) String() string {
 func (*Rlimit) ProtoMessage() {}
 
 func (x *Rlimit) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1414,7 +1511,7 @@ func (x *Rlimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rlimit.ProtoReflect.Descriptor instead.
 func (*Rlimit) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{15}
+	return file_images_ferry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Rlimit) GetResource() uint32 {
@@ -1451,7 +1548,7 @@ type SigAction struct {
 
 func (x *SigAction) Reset() {
 	*x = SigAction{}
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1463,7 +1560,7 @@ func (x *SigAction) String() string {
 func (*SigAction) ProtoMessage() {}
 
 func (x *SigAction) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1476,7 +1573,7 @@ func (x *SigAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAction.ProtoReflect.Descriptor instead.
 func (*SigAction) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{16}
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SigAction) GetSig() uint32 {
@@ -1527,7 +1624,7 @@ type SigInfo struct {
 
 func (x *SigInfo) Reset() {
 	*x = SigInfo{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1539,7 +1636,7 @@ func (x *SigInfo) String() string {
 func (*SigInfo) ProtoMessage() {}
 
 func (x *SigInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1552,7 +1649,7 @@ func (x *SigInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigInfo.ProtoReflect.Descriptor instead.
 func (*SigInfo) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SigInfo) GetSigno() uint32 {
@@ -1588,7 +1685,7 @@ type Itimer struct {
 
 func (x *Itimer) Reset() {
 	*x = Itimer{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1600,7 +1697,7 @@ func (x *Itimer) String() string {
 func (*Itimer) ProtoMessage() {}
 
 func (x *Itimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1613,7 +1710,7 @@ func (x *Itimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Itimer.ProtoReflect.Descriptor instead.
 func (*Itimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Itimer) GetWhich() uint32 {
@@ -1655,7 +1752,7 @@ type PosixTimer struct {
 
 func (x *PosixTimer) Reset() {
 	*x = PosixTimer{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1667,7 +1764,7 @@ func (x *PosixTimer) String() string {
 func (*PosixTimer) ProtoMessage() {}
 
 func (x *PosixTimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1680,7 +1777,7 @@ func (x *PosixTimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PosixTimer.ProtoReflect.Descriptor instead.
 func (*PosixTimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PosixTimer) GetId() int32 {
@@ -1757,7 +1854,7 @@ type SigAltStack struct {
 
 func (x *SigAltStack) Reset() {
 	*x = SigAltStack{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1769,7 +1866,7 @@ func (x *SigAltStack) String() string {
 func (*SigAltStack) ProtoMessage() {}
 
 func (x *SigAltStack) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1782,7 +1879,7 @@ func (x *SigAltStack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAltStack.ProtoReflect.Descriptor instead.
 func (*SigAltStack) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SigAltStack) GetSp() uint64 {
@@ -1842,7 +1939,7 @@ type GpRegs struct {
 
 func (x *GpRegs) Reset() {
 	*x = GpRegs{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1854,7 +1951,7 @@ func (x *GpRegs) String() string {
 func (*GpRegs) ProtoMessage() {}
 
 func (x *GpRegs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1867,7 +1964,7 @@ func (x *GpRegs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GpRegs.ProtoReflect.Descriptor instead.
 func (*GpRegs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GpRegs) GetR15() uint64 {
@@ -2071,7 +2168,7 @@ type Rseq struct {
 
 func (x *Rseq) Reset() {
 	*x = Rseq{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2083,7 +2180,7 @@ func (x *Rseq) String() string {
 func (*Rseq) ProtoMessage() {}
 
 func (x *Rseq) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2096,7 +2193,7 @@ func (x *Rseq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rseq.ProtoReflect.Descriptor instead.
 func (*Rseq) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Rseq) GetPtr() uint64 {
@@ -2152,7 +2249,7 @@ type ThreadCore struct {
 
 func (x *ThreadCore) Reset() {
 	*x = ThreadCore{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2164,7 +2261,7 @@ func (x *ThreadCore) String() string {
 func (*ThreadCore) ProtoMessage() {}
 
 func (x *ThreadCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2177,7 +2274,7 @@ func (x *ThreadCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThreadCore.ProtoReflect.Descriptor instead.
 func (*ThreadCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ThreadCore) GetTid() int32 {
@@ -2330,7 +2427,7 @@ type TaskCore struct {
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2342,7 +2439,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2355,7 +2452,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -2578,7 +2675,7 @@ type CgroupRef struct {
 
 func (x *CgroupRef) Reset() {
 	*x = CgroupRef{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2590,7 +2687,7 @@ func (x *CgroupRef) String() string {
 func (*CgroupRef) ProtoMessage() {}
 
 func (x *CgroupRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2603,7 +2700,7 @@ func (x *CgroupRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
 func (*CgroupRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CgroupRef) GetControllers() string {
@@ -2661,7 +2758,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2673,7 +2770,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2686,7 +2783,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -2838,7 +2935,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2850,7 +2947,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2863,7 +2960,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -2931,7 +3028,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2943,7 +3040,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2956,7 +3053,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -3140,7 +3237,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3152,7 +3249,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3165,7 +3262,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -3451,7 +3548,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3463,7 +3560,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3476,7 +3573,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -3527,7 +3624,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3539,7 +3636,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3552,7 +3649,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -3589,7 +3686,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3601,7 +3698,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3614,7 +3711,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -3666,7 +3763,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3678,7 +3775,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3691,7 +3788,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -3752,7 +3849,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3764,7 +3861,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3777,7 +3874,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -3881,7 +3978,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3893,7 +3990,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3906,7 +4003,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -4017,7 +4114,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4029,7 +4126,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4042,7 +4139,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -4093,7 +4190,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4105,7 +4202,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4118,7 +4215,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -4237,7 +4334,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4249,7 +4346,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4262,7 +4359,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -4374,7 +4471,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4386,7 +4483,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4399,7 +4496,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -4439,7 +4536,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4451,7 +4548,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4464,7 +4561,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -4515,7 +4612,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4527,7 +4624,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4540,7 +4637,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *FileLock) GetKind() string {
@@ -4584,7 +4681,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4596,7 +4693,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4609,7 +4706,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -4650,7 +4747,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4662,7 +4759,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4675,7 +4772,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -4706,7 +4803,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4718,7 +4815,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4731,7 +4828,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -4761,7 +4858,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4773,7 +4870,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4786,7 +4883,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -4826,7 +4923,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4838,7 +4935,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4851,7 +4948,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -4901,7 +4998,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4913,7 +5010,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4926,7 +5023,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{47}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -5023,7 +5120,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5035,7 +5132,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5048,7 +5145,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{48}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -5083,7 +5180,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5095,7 +5192,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5108,7 +5205,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{49}
+	return file_images_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -5195,7 +5292,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5207,7 +5304,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5220,7 +5317,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{50}
+	return file_images_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -5275,7 +5372,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5287,7 +5384,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5300,7 +5397,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{51}
+	return file_images_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -5321,7 +5418,7 @@ var File_images_ferry_proto protoreflect.FileDescriptor
 
 const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\x12images/ferry.proto\x12\fferry.images\"\xd7\x06\n" +
+	"\x12images/ferry.proto\x12\fferry.images\"\x86\a\n" +
 	"\tInventory\x12!\n" +
 	"\fformat_major\x18\x01 \x01(\rR\vformatMajor\x12!\n" +
 	"\fformat_minor\x18\x02 \x01(\rR\vformatMinor\x12#\n" +
@@ -5353,7 +5450,15 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x06ipc_ns\x18\x15 \x01(\bR\x05ipcNs\x128\n" +
 	"\vcgroup_dirs\x18\x16 \x03(\v2\x17.ferry.images.CgroupDirR\n" +
 	"cgroupDirs\x12*\n" +
-	"\x06mnt_ns\x18\x17 \x01(\v2\x13.ferry.images.MntNsR\x05mntNs\"\x88\x01\n" +
+	"\x06mnt_ns\x18\x17 \x01(\v2\x13.ferry.images.MntNsR\x05mntNs\x12-\n" +
+	"\atime_ns\x18\x18 \x01(\v2\x14.ferry.images.TimeNsR\x06timeNs\"\xf2\x01\n" +
+	"\x06TimeNs\x12#\n" +
+	"\rmonotonic_sec\x18\x01 \x01(\x03R\fmonotonicSec\x12%\n" +
+	"\x0emonotonic_nsec\x18\x02 \x01(\x03R\rmonotonicNsec\x12!\n" +
+	"\fboottime_sec\x18\x03 \x01(\x03R\vboottimeSec\x12#\n" +
+	"\rboottime_nsec\x18\x04 \x01(\x03R\fboottimeNsec\x12*\n" +
+	"\x11host_monotonic_ns\x18\x05 \x01(\x03R\x0fhostMonotonicNs\x12(\n" +
+	"\x10host_boottime_ns\x18\x06 \x01(\x03R\x0ehostBoottimeNs\"\x88\x01\n" +
 	"\x05MntNs\x12\x1c\n" +
 	"\tunmounted\x18\x01 \x03(\tR\tunmounted\x12.\n" +
 	"\x06mounts\x18\x02 \x03(\v2\x16.ferry.images.OwnMountR\x06mounts\x12\x12\n" +
@@ -5857,108 +5962,110 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
-	(*MntNs)(nil),        // 1: ferry.images.MntNs
-	(*OwnMount)(nil),     // 2: ferry.images.OwnMount
-	(*CgroupDir)(nil),    // 3: ferry.images.CgroupDir
-	(*CgroupProp)(nil),   // 4: ferry.images.CgroupProp
-	(*IpcObject)(nil),    // 5: ferry.images.IpcObject
-	(*IpcMessage)(nil),   // 6: ferry.images.IpcMessage
-	(*NetNs)(nil),        // 7: ferry.images.NetNs
-	(*NetLink)(nil),      // 8: ferry.images.NetLink
-	(*NetRoute)(nil),     // 9: ferry.images.NetRoute
-	(*UtsNs)(nil),        // 10: ferry.images.UtsNs
-	(*TrackerRef)(nil),   // 11: ferry.images.TrackerRef
-	(*SpecialVma)(nil),   // 12: ferry.images.SpecialVma
-	(*PstreeEntry)(nil),  // 13: ferry.images.PstreeEntry
-	(*Creds)(nil),        // 14: ferry.images.Creds
-	(*Rlimit)(nil),       // 15: ferry.images.Rlimit
-	(*SigAction)(nil),    // 16: ferry.images.SigAction
-	(*SigInfo)(nil),      // 17: ferry.images.SigInfo
-	(*Itimer)(nil),       // 18: ferry.images.Itimer
-	(*PosixTimer)(nil),   // 19: ferry.images.PosixTimer
-	(*SigAltStack)(nil),  // 20: ferry.images.SigAltStack
-	(*GpRegs)(nil),       // 21: ferry.images.GpRegs
-	(*Rseq)(nil),         // 22: ferry.images.Rseq
-	(*ThreadCore)(nil),   // 23: ferry.images.ThreadCore
-	(*TaskCore)(nil),     // 24: ferry.images.TaskCore
-	(*CgroupRef)(nil),    // 25: ferry.images.CgroupRef
-	(*Vma)(nil),          // 26: ferry.images.Vma
-	(*SysvShm)(nil),      // 27: ferry.images.SysvShm
-	(*MmCore)(nil),       // 28: ferry.images.MmCore
-	(*FileEntry)(nil),    // 29: ferry.images.FileEntry
-	(*InotifyWatch)(nil), // 30: ferry.images.InotifyWatch
-	(*Fanotify)(nil),     // 31: ferry.images.Fanotify
-	(*FanotifyMark)(nil), // 32: ferry.images.FanotifyMark
-	(*Timerfd)(nil),      // 33: ferry.images.Timerfd
-	(*Tty)(nil),          // 34: ferry.images.Tty
-	(*UnixSocket)(nil),   // 35: ferry.images.UnixSocket
-	(*InFlight)(nil),     // 36: ferry.images.InFlight
-	(*InetSocket)(nil),   // 37: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 38: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 39: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 40: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 41: ferry.images.FileLock
-	(*FdEntry)(nil),      // 42: ferry.images.FdEntry
-	(*FdTable)(nil),      // 43: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 44: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 45: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 46: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 47: ferry.images.GhostFile
-	(*GhostExtent)(nil),  // 48: ferry.images.GhostExtent
-	(*DumpStats)(nil),    // 49: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 50: ferry.images.RestoreStats
-	(*Stats)(nil),        // 51: ferry.images.Stats
+	(*TimeNs)(nil),       // 1: ferry.images.TimeNs
+	(*MntNs)(nil),        // 2: ferry.images.MntNs
+	(*OwnMount)(nil),     // 3: ferry.images.OwnMount
+	(*CgroupDir)(nil),    // 4: ferry.images.CgroupDir
+	(*CgroupProp)(nil),   // 5: ferry.images.CgroupProp
+	(*IpcObject)(nil),    // 6: ferry.images.IpcObject
+	(*IpcMessage)(nil),   // 7: ferry.images.IpcMessage
+	(*NetNs)(nil),        // 8: ferry.images.NetNs
+	(*NetLink)(nil),      // 9: ferry.images.NetLink
+	(*NetRoute)(nil),     // 10: ferry.images.NetRoute
+	(*UtsNs)(nil),        // 11: ferry.images.UtsNs
+	(*TrackerRef)(nil),   // 12: ferry.images.TrackerRef
+	(*SpecialVma)(nil),   // 13: ferry.images.SpecialVma
+	(*PstreeEntry)(nil),  // 14: ferry.images.PstreeEntry
+	(*Creds)(nil),        // 15: ferry.images.Creds
+	(*Rlimit)(nil),       // 16: ferry.images.Rlimit
+	(*SigAction)(nil),    // 17: ferry.images.SigAction
+	(*SigInfo)(nil),      // 18: ferry.images.SigInfo
+	(*Itimer)(nil),       // 19: ferry.images.Itimer
+	(*PosixTimer)(nil),   // 20: ferry.images.PosixTimer
+	(*SigAltStack)(nil),  // 21: ferry.images.SigAltStack
+	(*GpRegs)(nil),       // 22: ferry.images.GpRegs
+	(*Rseq)(nil),         // 23: ferry.images.Rseq
+	(*ThreadCore)(nil),   // 24: ferry.images.ThreadCore
+	(*TaskCore)(nil),     // 25: ferry.images.TaskCore
+	(*CgroupRef)(nil),    // 26: ferry.images.CgroupRef
+	(*Vma)(nil),          // 27: ferry.images.Vma
+	(*SysvShm)(nil),      // 28: ferry.images.SysvShm
+	(*MmCore)(nil),       // 29: ferry.images.MmCore
+	(*FileEntry)(nil),    // 30: ferry.images.FileEntry
+	(*InotifyWatch)(nil), // 31: ferry.images.InotifyWatch
+	(*Fanotify)(nil),     // 32: ferry.images.Fanotify
+	(*FanotifyMark)(nil), // 33: ferry.images.FanotifyMark
+	(*Timerfd)(nil),      // 34: ferry.images.Timerfd
+	(*Tty)(nil),          // 35: ferry.images.Tty
+	(*UnixSocket)(nil),   // 36: ferry.images.UnixSocket
+	(*InFlight)(nil),     // 37: ferry.images.InFlight
+	(*InetSocket)(nil),   // 38: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 39: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 40: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 41: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 42: ferry.images.FileLock
+	(*FdEntry)(nil),      // 43: ferry.images.FdEntry
+	(*FdTable)(nil),      // 44: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 45: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 46: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 47: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 48: ferry.images.GhostFile
+	(*GhostExtent)(nil),  // 49: ferry.images.GhostExtent
+	(*DumpStats)(nil),    // 50: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 51: ferry.images.RestoreStats
+	(*Stats)(nil),        // 52: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
-	12, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
-	11, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
-	10, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
-	7,  // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
-	3,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
-	1,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
-	2,  // 6: ferry.images.MntNs.mounts:type_name -> ferry.images.OwnMount
-	4,  // 7: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
-	6,  // 8: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
-	8,  // 9: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
-	9,  // 10: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
-	21, // 11: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	17, // 12: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	20, // 13: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	22, // 14: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	14, // 15: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	15, // 16: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	16, // 17: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	17, // 18: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	18, // 19: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	19, // 20: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	23, // 21: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	25, // 22: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	27, // 23: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	26, // 24: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	40, // 25: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	37, // 26: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	35, // 27: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	34, // 28: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	33, // 29: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	30, // 30: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	31, // 31: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	32, // 32: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	36, // 33: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	39, // 34: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	38, // 35: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	41, // 36: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	42, // 37: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	48, // 38: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	49, // 39: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	50, // 40: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	41, // [41:41] is the sub-list for method output_type
-	41, // [41:41] is the sub-list for method input_type
-	41, // [41:41] is the sub-list for extension type_name
-	41, // [41:41] is the sub-list for extension extendee
-	0,  // [0:41] is the sub-list for field type_name
+	13, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
+	12, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
+	11, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
+	8,  // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
+	4,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
+	2,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
+	1,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
+	3,  // 7: ferry.images.MntNs.mounts:type_name -> ferry.images.OwnMount
+	5,  // 8: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
+	7,  // 9: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
+	9,  // 10: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
+	10, // 11: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
+	22, // 12: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	18, // 13: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	21, // 14: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	23, // 15: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	15, // 16: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	16, // 17: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	17, // 18: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	18, // 19: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	19, // 20: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	20, // 21: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	24, // 22: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	26, // 23: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	28, // 24: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	27, // 25: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	41, // 26: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	38, // 27: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	36, // 28: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	35, // 29: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	34, // 30: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	31, // 31: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	32, // 32: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	33, // 33: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	37, // 34: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	40, // 35: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	39, // 36: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	42, // 37: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	43, // 38: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	49, // 39: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	50, // 40: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	51, // 41: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	42, // [42:42] is the sub-list for method output_type
+	42, // [42:42] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -5972,7 +6079,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   52,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
