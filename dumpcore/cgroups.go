@@ -8,6 +8,7 @@ import (
 
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/cgroups"
+	"github.com/ferrycr/ferry/internal/proc"
 )
 
 // collectCgroups records each process's cgroups (core.cgroups) and,
@@ -62,4 +63,45 @@ func (t *tree) collectCgroups(imgs []*imageSet) error {
 		}
 	}
 	return nil
+}
+
+// cgroupNamespace finds the root, in each hierarchy, of the tree's cgroup
+// namespace, if it has one of its own: the root process's cgroup as ferry
+// sees it, less the part the process sees (read from a thread that joins
+// the namespace).
+func (t *tree) cgroupNamespace() ([]*pb.CgroupRef, error) {
+	if t.ownNs["cgroup"] == "" {
+		return nil, nil
+	}
+	outside, err := cgroups.Read(t.root)
+	if err != nil {
+		return nil, err
+	}
+	var inside []cgroups.Ref
+	if err := proc.InNamespace(t.root, "cgroup", func() error {
+		var err error
+		inside, err = cgroups.Read(t.root)
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("cgroup namespace of %d: %w", t.root, err)
+	}
+	in := map[string]string{}
+	for _, r := range inside {
+		in[cgroups.Normalize(r.Controllers)] = r.Path
+	}
+	var roots []*pb.CgroupRef
+	for _, r := range outside {
+		c := cgroups.Normalize(r.Controllers)
+		rel, ok := in[c]
+		root := strings.TrimSuffix(r.Path, strings.TrimSuffix(rel, "/"))
+		if !ok || !strings.HasSuffix(r.Path, strings.TrimSuffix(rel, "/")) || strings.HasPrefix(rel, "/..") {
+			return nil, fmt.Errorf("process %d is in cgroup %s of %q, which its cgroup namespace shows as %q: %w",
+				t.root, r.Path, c, rel, ErrUnsupported)
+		}
+		if root == "" {
+			root = "/"
+		}
+		roots = append(roots, &pb.CgroupRef{Controllers: c, Path: root})
+	}
+	return roots, nil
 }

@@ -43,7 +43,7 @@ func (t *tree) checkNamespaces() error {
 			continue
 		}
 		switch kind {
-		case "pid", "uts", "net", "ipc", "mnt", "time":
+		case "pid", "uts", "net", "ipc", "mnt", "time", "cgroup":
 			t.ownNs[kind] = ns
 		default:
 			return fmt.Errorf("process %d has a %s namespace of its own (%s), which ferry does not save yet: %w", t.root, kind, ns, ErrUnsupported)

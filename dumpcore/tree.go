@@ -396,6 +396,10 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 	if imgs[0].inv.TimeNs, err = t.timeNamespace(); err != nil {
 		return nil, err
 	}
+	if imgs[0].inv.CgroupNsRoots, err = t.cgroupNamespace(); err != nil {
+		return nil, err
+	}
+	imgs[0].inv.CgroupNs = t.ownNs["cgroup"] != ""
 	for _, f := range t.files.entries {
 		if (f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted) && images.OnOwnMount(imgs[0].inv.MntNs, f.Path) {
 			return nil, fmt.Errorf("%s (deleted) is on a mount of the tree's own mount namespace, which ferry does not restore yet: %w", f.Path, ErrUnsupported)

@@ -130,3 +130,31 @@ func (r *restorer) makeCgroup(mode, dir, controllers string, props []cgroups.Pro
 	}
 	return nil
 }
+
+// seedCgroupNsRoots puts the seed in the roots of the tree's cgroup
+// namespace (made if missing), so that the root, cloned from it with
+// CLONE_NEWCGROUP, gets a namespace rooted there as the tree had;
+// placeCgroups then moves every process where it was.
+func (r *restorer) seedCgroupNsRoots(seed int) error {
+	if !r.is.inv.CgroupNs {
+		return nil
+	}
+	mounts, err := cgroups.Mounts()
+	if err != nil {
+		return err
+	}
+	for _, ref := range r.is.inv.CgroupNsRoots {
+		mnt, ok := mounts[ref.Controllers]
+		if !ok {
+			continue
+		}
+		dir := filepath.Join(mnt, filepath.Clean("/"+r.cgroupPath(ref.Controllers, ref.Path)))
+		if err := r.makeCgroup(CgroupsSoft, dir, ref.Controllers, nil); err != nil {
+			return err
+		}
+		if err := cgroups.Move(dir, seed); err != nil {
+			return fmt.Errorf("cgroup namespace root: %w", err)
+		}
+	}
+	return nil
+}

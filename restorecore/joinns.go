@@ -24,7 +24,7 @@ func (r *restorer) checkJoin() error {
 			return fmt.Errorf("%w: --join-ns %s: want net, uts, ipc, pid, mnt, cgroup or time", ErrValidation, kind)
 		}
 		if own := map[string]bool{"pid": inv.PidNs, "net": inv.NetNs != nil, "uts": inv.UtsNs != nil,
-			"ipc": inv.IpcNs, "mnt": inv.MntNs != nil, "time": inv.TimeNs != nil}[kind]; own {
+			"ipc": inv.IpcNs, "mnt": inv.MntNs != nil, "time": inv.TimeNs != nil, "cgroup": inv.CgroupNs}[kind]; own {
 			return fmt.Errorf("%w: --join-ns %s: the images hold a %s namespace of the tree's own, which the restore makes", ErrValidation, kind, kind)
 		}
 	}

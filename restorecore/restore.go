@@ -271,6 +271,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	if err := r.makeTimeNs(seedTask); err != nil {
 		return nil, err
 	}
+	if err := r.seedCgroupNsRoots(seedTask.Tid); err != nil {
+		return nil, err
+	}
 
 	tasks, err := r.createTree(seedTask)
 	if err != nil {

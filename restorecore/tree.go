@@ -63,6 +63,9 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				if r.is.inv.MntNs != nil {
 					flags |= unix.CLONE_NEWNS
 				}
+				if r.is.inv.CgroupNs {
+					flags |= unix.CLONE_NEWCGROUP
+				}
 			}
 			want := int(s.Pid)
 			if want < 0 {

@@ -7,8 +7,10 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ferrycr/ferry/internal/cgroups"
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
@@ -149,5 +151,63 @@ func TestDumpRestoreCgroupV2(t *testing.T) {
 			t.Fatalf("restored process in v2 cgroup %s, want %s", g.Path, path)
 		}
 	}
+	r.Kill()
+}
+
+func TestDumpRestoreCgroupNamespace(t *testing.T) {
+	// The init of its own PID and cgroup namespaces, started in cgroups
+	// of its own (pids, memory): its cgroup namespace is rooted there. The
+	// restore makes a new cgroup namespace rooted in the same cgroups
+	// (made again: they are removed after the dump), and the workload
+	// still sees itself at "/" everywhere.
+	needRoot(t)
+	mounts, err := cgroups.Mounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mine, _ := cgroups.Read(os.Getpid())
+	base := map[string]string{}
+	for _, r := range mine {
+		base[cgroups.Normalize(r.Controllers)] = r.Path
+	}
+	name := fmt.Sprintf("ferry-cgns-%d", os.Getpid())
+	var dirs []string
+	join := ""
+	for _, ctrl := range []string{"pids", "memory"} {
+		d := filepath.Join(mounts[ctrl], base[ctrl], name)
+		if _, err := cgroups.Ensure(d, ctrl); err != nil {
+			t.Fatal(err)
+		}
+		dirs = append(dirs, d)
+		join += "echo $$ > " + filepath.Join(d, "cgroup.procs") + "; "
+	}
+	t.Cleanup(func() {
+		for _, d := range dirs {
+			os.Remove(d)
+		}
+	})
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "cgns.py")
+	u := testutil.Start(t, "", "sh", "-c", join+`exec unshare --cgroup --pid --fork --kill-child python3 `+script+` "$@" 2>/dev/null`, "sh")
+	kids := proc.Children(u.Pid)
+	if len(kids) != 1 {
+		t.Fatalf("unshare %d has children %v", u.Pid, kids)
+	}
+	w := testutil.Attach(t, kids[0], u.ReportPath)
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	u.Kill()
+	for _, d := range dirs {
+		if err := os.Remove(d); err != nil {
+			t.Fatalf("remove %s after the dump: %v", d, err)
+		}
+	}
+	r := restoreInPidNs(t, img, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	checkSelf(t, r)
 	r.Kill()
 }

@@ -84,7 +84,12 @@ type Inventory struct {
 	MntNs *MntNs `protobuf:"bytes,23,opt,name=mnt_ns,json=mntNs,proto3" json:"mnt_ns,omitempty"`
 	// The tree's time namespace, when it has one of its own: its clock
 	// offsets (/proc/PID/timens_offsets), made again in a new one.
-	TimeNs        *TimeNs `protobuf:"bytes,24,opt,name=time_ns,json=timeNs,proto3" json:"time_ns,omitempty"`
+	TimeNs *TimeNs `protobuf:"bytes,24,opt,name=time_ns,json=timeNs,proto3" json:"time_ns,omitempty"`
+	// The tree's cgroup namespace, when it has one of its own: its root in
+	// each hierarchy (as ferry's cgroup paths name it), where the restore
+	// makes a new one.
+	CgroupNsRoots []*CgroupRef `protobuf:"bytes,25,rep,name=cgroup_ns_roots,json=cgroupNsRoots,proto3" json:"cgroup_ns_roots,omitempty"`
+	CgroupNs      bool         `protobuf:"varint,26,opt,name=cgroup_ns,json=cgroupNs,proto3" json:"cgroup_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -285,6 +290,20 @@ func (x *Inventory) GetTimeNs() *TimeNs {
 		return x.TimeNs
 	}
 	return nil
+}
+
+func (x *Inventory) GetCgroupNsRoots() []*CgroupRef {
+	if x != nil {
+		return x.CgroupNsRoots
+	}
+	return nil
+}
+
+func (x *Inventory) GetCgroupNs() bool {
+	if x != nil {
+		return x.CgroupNs
+	}
+	return false
 }
 
 type TimeNs struct {
@@ -5418,7 +5437,7 @@ var File_images_ferry_proto protoreflect.FileDescriptor
 
 const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\x12images/ferry.proto\x12\fferry.images\"\x86\a\n" +
+	"\x12images/ferry.proto\x12\fferry.images\"\xe4\a\n" +
 	"\tInventory\x12!\n" +
 	"\fformat_major\x18\x01 \x01(\rR\vformatMajor\x12!\n" +
 	"\fformat_minor\x18\x02 \x01(\rR\vformatMinor\x12#\n" +
@@ -5451,7 +5470,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\vcgroup_dirs\x18\x16 \x03(\v2\x17.ferry.images.CgroupDirR\n" +
 	"cgroupDirs\x12*\n" +
 	"\x06mnt_ns\x18\x17 \x01(\v2\x13.ferry.images.MntNsR\x05mntNs\x12-\n" +
-	"\atime_ns\x18\x18 \x01(\v2\x14.ferry.images.TimeNsR\x06timeNs\"\xf2\x01\n" +
+	"\atime_ns\x18\x18 \x01(\v2\x14.ferry.images.TimeNsR\x06timeNs\x12?\n" +
+	"\x0fcgroup_ns_roots\x18\x19 \x03(\v2\x17.ferry.images.CgroupRefR\rcgroupNsRoots\x12\x1b\n" +
+	"\tcgroup_ns\x18\x1a \x01(\bR\bcgroupNs\"\xf2\x01\n" +
 	"\x06TimeNs\x12#\n" +
 	"\rmonotonic_sec\x18\x01 \x01(\x03R\fmonotonicSec\x12%\n" +
 	"\x0emonotonic_nsec\x18\x02 \x01(\x03R\rmonotonicNsec\x12!\n" +
@@ -6026,46 +6047,47 @@ var file_images_ferry_proto_depIdxs = []int32{
 	4,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
 	2,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
 	1,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
-	3,  // 7: ferry.images.MntNs.mounts:type_name -> ferry.images.OwnMount
-	5,  // 8: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
-	7,  // 9: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
-	9,  // 10: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
-	10, // 11: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
-	22, // 12: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	18, // 13: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	21, // 14: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	23, // 15: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	15, // 16: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	16, // 17: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	17, // 18: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	18, // 19: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	19, // 20: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	20, // 21: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	24, // 22: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	26, // 23: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	28, // 24: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	27, // 25: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	41, // 26: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	38, // 27: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	36, // 28: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	35, // 29: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	34, // 30: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	31, // 31: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	32, // 32: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	33, // 33: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	37, // 34: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	40, // 35: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	39, // 36: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	42, // 37: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	43, // 38: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	49, // 39: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	50, // 40: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	51, // 41: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	42, // [42:42] is the sub-list for method output_type
-	42, // [42:42] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	26, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
+	3,  // 8: ferry.images.MntNs.mounts:type_name -> ferry.images.OwnMount
+	5,  // 9: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
+	7,  // 10: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
+	9,  // 11: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
+	10, // 12: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
+	22, // 13: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	18, // 14: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	21, // 15: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	23, // 16: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	15, // 17: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	16, // 18: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	17, // 19: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	18, // 20: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	19, // 21: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	20, // 22: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	24, // 23: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	26, // 24: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	28, // 25: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	27, // 26: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	41, // 27: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	38, // 28: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	36, // 29: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	35, // 30: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	34, // 31: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	31, // 32: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	32, // 33: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	33, // 34: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	37, // 35: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	40, // 36: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	39, // 37: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	42, // 38: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	43, // 39: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	49, // 40: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	50, // 41: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	51, // 42: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	43, // [43:43] is the sub-list for method output_type
+	43, // [43:43] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }

@@ -18,7 +18,7 @@ func Namespace(pid int, kind string) (string, error) {
 
 // nsFlags are the setns(2) types of the namespaces InNamespace joins (not
 // mnt or user: a multi-threaded process cannot join those).
-var nsFlags = map[string]int{"uts": unix.CLONE_NEWUTS, "ipc": unix.CLONE_NEWIPC, "net": unix.CLONE_NEWNET}
+var nsFlags = map[string]int{"uts": unix.CLONE_NEWUTS, "ipc": unix.CLONE_NEWIPC, "net": unix.CLONE_NEWNET, "cgroup": unix.CLONE_NEWCGROUP}
 
 // InNamespace runs f on an OS thread of its own that has joined pid's
 // namespace of kind; the thread ends with f (it is never handed back to
