@@ -85,6 +85,10 @@ type Options struct {
 	// mounts of the tree's namespace not saved, by mount point; the
 	// restore binds what its own --external mnt[KEY]:PATH names for KEY.
 	ExternalMounts map[string]string
+	// ExternalNs (--external net[INODE]:KEY, uts, ipc): namespaces of the
+	// tree's own not saved, by kind: the inode that must match and the key
+	// the restore's caller gives one for.
+	ExternalNs map[string]ExternalNs
 	// EmptyNet (--empty-ns net): a network namespace of the tree's own is
 	// made new at the restore but its contents are not saved (the caller
 	// sets it up, as container runtimes do).
@@ -243,6 +247,12 @@ type dumper struct {
 	// files is the tree's file table (its repaired TCP connections must
 	// leave repair mode if the process goes on).
 	files *fileTable
+}
+
+// ExternalNs names a namespace left out of the images (Options.ExternalNs).
+type ExternalNs struct {
+	Ino uint64
+	Key string
 }
 
 // sigtrapBit is SIGTRAP in a signal mask.

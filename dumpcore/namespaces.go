@@ -42,6 +42,13 @@ func (t *tree) checkNamespaces() error {
 		if ns == mine {
 			continue
 		}
+		if ext, ok := t.opts.ExternalNs[kind]; ok {
+			if ns != fmt.Sprintf("%s:[%d]", kind, ext.Ino) {
+				return fmt.Errorf("--external %s[%d]: the tree's %s namespace is %s", kind, ext.Ino, kind, ns)
+			}
+			t.extNs = append(t.extNs, &pb.ExternalNs{Kind: kind, Key: ext.Key})
+			continue // left out: the restore joins the caller's
+		}
 		switch kind {
 		case "pid", "uts", "net", "ipc", "mnt", "time", "cgroup":
 			t.ownNs[kind] = ns

@@ -52,6 +52,8 @@ type tree struct {
 	vgroups map[int][2]int32
 	// vpgids maps the tree's groups from ferry's PIDs to its own.
 	vpgids map[int]int32
+	// extNs are the namespaces of the tree's own left out (--external).
+	extNs []*pb.ExternalNs
 	// ipc holds the SysV objects of an IPC namespace of the tree's own.
 	ipc []*pb.IpcObject
 }
@@ -400,6 +402,7 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		return nil, err
 	}
 	imgs[0].inv.CgroupNs = t.ownNs["cgroup"] != ""
+	imgs[0].inv.ExternalNs = t.extNs
 	for _, f := range t.files.entries {
 		if (f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted) && images.OnOwnMount(imgs[0].inv.MntNs, f.Path) {
 			return nil, fmt.Errorf("%s (deleted) is on a mount of the tree's own mount namespace, which ferry does not restore yet: %w", f.Path, ErrUnsupported)

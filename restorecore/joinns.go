@@ -19,6 +19,18 @@ var joinFlags = map[string]uint64{
 // namespace the images make new.
 func (r *restorer) checkJoin() error {
 	inv := r.is.inv
+	// Namespaces left out of the images: the caller gives each with
+	// --inherit-fd, and the seed joins it through ferry's descriptor.
+	for _, e := range inv.ExternalNs {
+		fd, ok := r.opts.InheritFds[e.Key]
+		if !ok {
+			return fmt.Errorf("%w: the images leave the %s namespace out (key %q): give one with --inherit-fd fd[N]:%s", ErrValidation, e.Kind, e.Key, e.Key)
+		}
+		if r.opts.JoinNs == nil {
+			r.opts.JoinNs = map[string]string{}
+		}
+		r.opts.JoinNs[e.Kind] = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), fd)
+	}
 	for kind := range r.opts.JoinNs {
 		if _, ok := joinFlags[kind]; !ok {
 			return fmt.Errorf("%w: --join-ns %s: want net, uts, ipc, pid, mnt, cgroup or time", ErrValidation, kind)

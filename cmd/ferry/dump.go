@@ -95,6 +95,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 			}
 			var extUnixSk []uint64
 			extMnt := map[string]string{}
+			extNs := map[string]dumpcore.ExternalNs{}
 			for _, m := range mountMaps {
 				point, key, ok := strings.Cut(m, ":")
 				if !ok {
@@ -108,6 +109,18 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				// (veth[IN]) needs nothing at the dump: the restore
 				// names its outer end.
 				if strings.HasPrefix(x, "veth[") {
+					continue
+				}
+				if kind, rest, ok := strings.Cut(x, "["); ok && (kind == "net" || kind == "uts" || kind == "ipc" || kind == "pid") {
+					n, key, ok := strings.Cut(rest, "]:")
+					ino, err := strconv.ParseUint(n, 10, 64)
+					if !ok || err != nil || key == "" {
+						return fmt.Errorf("--external %q: want %s[INODE]:KEY", x, kind)
+					}
+					if kind == "pid" {
+						return fmt.Errorf("--external %q: an external PID namespace is not supported yet", x)
+					}
+					extNs[kind] = dumpcore.ExternalNs{Ino: ino, Key: key}
 					continue
 				}
 				if rest, ok := strings.CutPrefix(x, "mnt["); ok {
@@ -196,7 +209,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				Pid: pid, ImagesDir: c.imagesDir, LeaveRunning: leaveRunning,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
-				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt, EmptyNet: emptyNs == "net",
+				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt, EmptyNet: emptyNs == "net", ExternalNs: extNs,
 				Version: version, Logger: log,
 			})
 			if err != nil {

@@ -406,3 +406,43 @@ func TestDumpRestoreTimeNamespace(t *testing.T) {
 	checkContinued(t, before, r.Report(t))
 	checkSelf(t, r)
 }
+
+func TestExternalNetNs(t *testing.T) {
+	// A process in a network namespace that is not its own to save (made
+	// with ip netns add, entered with nsenter): dumped with --external
+	// net[INODE]:KEY it is left out, and the restore joins the one the
+	// caller gives for KEY with --inherit-fd (refused without it).
+	needRoot(t)
+	name := fmt.Sprintf("fyx%d", os.Getpid())
+	if b, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v\n%s", err, b)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	file := "/run/netns/" + name
+	var st unix.Stat_t
+	if err := unix.Stat(file, &st); err != nil {
+		t.Fatal(err)
+	}
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "guard.py")
+	w := testutil.Start(t, "", "nsenter", "--net="+file, "python3", script)
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--external", fmt.Sprintf("net[%d]:thenet", st.Ino))
+	w.Reap(t)
+	if code, out := ferry(t, "restore", "-D", img, "-d"); code == 0 || !strings.Contains(out, "--inherit-fd fd[N]:thenet") {
+		t.Fatalf("restore without the namespace: exit %d\n%s", code, out)
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	mustFerry(t, "restore", "-D", img, "-d", "--inherit-fd", fmt.Sprintf("fd[%d]:thenet", f.Fd()))
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	if got, _ := proc.Namespace(w.Pid, "net"); got != fmt.Sprintf("net:[%d]", st.Ino) {
+		t.Fatalf("restored process in %s, want net:[%d]", got, st.Ino)
+	}
+	checkSelf(t, r)
+}
