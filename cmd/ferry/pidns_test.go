@@ -172,6 +172,10 @@ func TestDumpRefusesOtherNamespaces(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { other.Process.Kill(); other.Wait() })
+	want, _ := proc.Namespace(w3.Pid, "net")
+	if !waitFor(5*time.Second, func() bool { got, _ := proc.Namespace(other.Process.Pid, "net"); return got == want }) {
+		t.Fatal("nsenter did not join the namespace")
+	}
 	checkRefused(t, w3, fmt.Sprintf("process %d, outside the tree", other.Process.Pid), "net namespace")
 	checkRunsOn(t, w3)
 }
