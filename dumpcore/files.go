@@ -267,11 +267,11 @@ func (ft *fileTable) checkUnixPeers(table *pb.FdTable) error {
 		}
 		what := fmt.Sprintf("fd %d of %d: unix socket connected to socket:[%d] outside the process", fd.Fd, table.Pid, u.PeerIno)
 		if !ft.extUnixSk(u.PeerIno) {
-			return fmt.Errorf("%s: %w (--ext-unix-sk reconnects datagram sockets to the peer's name)", what, ErrUnsupported)
+			return fmt.Errorf("%s: %w (--ext-unix-sk connects it to the peer's name again)", what, ErrUnsupported)
 		}
-		if u.Type != unix.SOCK_DGRAM {
-			return fmt.Errorf("%s: %w (a stream connection to another process cannot be made again)", what, ErrUnsupported)
-		}
+		// A datagram socket is connected to the peer's name again; a
+		// stream one makes a new connection to it (the peer's listener:
+		// the server accepts a new client, as after a reconnect).
 		d, err := diagUnix(int(table.Pid), u.PeerIno)
 		if err != nil {
 			return fmt.Errorf("%s: %w", what, err)

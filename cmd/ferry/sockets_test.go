@@ -751,3 +751,83 @@ func TestDumpRestoreEpollInFlight(t *testing.T) {
 	// the queue, still watching the socket it watched.
 	selfCheckAcross(t, "epollflight.py")
 }
+
+func TestDumpRestoreExternalUnixStream(t *testing.T) {
+	// --ext-unix-sk with a stream connection to another process's server
+	// (a journald-like collector here): the restored client connects to
+	// the server's name again, a new connection the server accepts, and
+	// its lines go on (same token, counter going on).
+	needRoot(t)
+	path := filepath.Join(t.TempDir(), "stream.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	conns := make(chan *net.UnixConn, 4)
+	go func() {
+		for {
+			c, err := l.AcceptUnix()
+			if err != nil {
+				return
+			}
+			conns <- c
+		}
+	}()
+	script := `import os, socket, time
+tok = os.urandom(8).hex()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect("` + path + `")
+n = 0
+while True:
+    n += 1
+    s.send(("%s %d\n" % (tok, n)).encode())
+    time.sleep(0.02)
+`
+	cmd := exec.Command("python3", "-c", script)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	defer func() { unix.Kill(pid, unix.SIGKILL); testutil.WaitGone(pid, 5*time.Second) }()
+	var c *net.UnixConn
+	select {
+	case c = <-conns:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no connection")
+	}
+	defer c.Close()
+	last := func(c *net.UnixConn) (string, int) {
+		t.Helper()
+		buf := make([]byte, 4096)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(string(buf[:n])), "\n")
+		f := strings.Fields(lines[len(lines)-1])
+		k, _ := strconv.Atoi(f[1])
+		return f[0], k
+	}
+	tok, before := last(c)
+	var st unix.Stat_t
+	rc, _ := c.SyscallConn()
+	rc.Control(func(fd uintptr) { unix.Fstat(int(fd), &st) })
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--ext-unix-sk="+strconv.FormatUint(st.Ino, 10))
+	cmd.Wait()
+	mustFerry(t, "restore", "-D", img, "-d")
+	var c2 *net.UnixConn
+	select {
+	case c2 = <-conns:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the restored client did not connect again")
+	}
+	defer c2.Close()
+	got, after := last(c2)
+	if got != tok || after <= before {
+		t.Fatalf("after restore: %s %d, before: %s %d", got, after, tok, before)
+	}
+}
