@@ -935,19 +935,28 @@ func (b *builder) restoreSigactions() error {
 			b.trapIgnored = sa
 			continue
 		}
-		buf := make([]byte, 32)
-		le := binary.LittleEndian
-		le.PutUint64(buf[0:], sa.Handler)
-		le.PutUint64(buf[8:], sa.Flags)
-		le.PutUint64(buf[16:], sa.Restorer)
-		le.PutUint64(buf[24:], sa.Mask)
-		a, err := b.put(0, buf)
-		if err != nil {
+		if err := b.setSigaction(b.main, sa); err != nil {
 			return err
 		}
-		if _, err := b.sys(unix.SYS_RT_SIGACTION, uint64(sa.Sig), a, 0, 8); err != nil {
-			return fmt.Errorf("signal %d: %w", sa.Sig, err)
-		}
+	}
+	return nil
+}
+
+// setSigaction sets sa (struct kernel_sigaction) through a remote
+// rt_sigaction in t.
+func (b *builder) setSigaction(t *compel.Task, sa *pb.SigAction) error {
+	buf := make([]byte, 32)
+	le := binary.LittleEndian
+	le.PutUint64(buf[0:], sa.Handler)
+	le.PutUint64(buf[8:], sa.Flags)
+	le.PutUint64(buf[16:], sa.Restorer)
+	le.PutUint64(buf[24:], sa.Mask)
+	a, err := b.put(0, buf)
+	if err != nil {
+		return err
+	}
+	if _, err := t.Syscall(unix.SYS_RT_SIGACTION, uint64(sa.Sig), a, 0, 8); err != nil {
+		return fmt.Errorf("signal %d: %w", sa.Sig, err)
 	}
 	return nil
 }

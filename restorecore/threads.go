@@ -214,19 +214,9 @@ func pbToRegs(g *pb.GpRegs) ptrace.Regs {
 func (b *builder) finish() error {
 	core := b.p.core
 	if sa := b.trapIgnored; sa != nil {
-		buf := make([]byte, 32)
-		le := binary.LittleEndian
-		le.PutUint64(buf[0:], sa.Handler)
-		le.PutUint64(buf[8:], sa.Flags)
-		le.PutUint64(buf[16:], sa.Restorer)
-		le.PutUint64(buf[24:], sa.Mask)
-		a, err := b.put(0, buf)
-		if err != nil {
-			return err
-		}
 		t := *b.main
 		t.Int3 = false // stopped at the syscall's exit, before the int3
-		if _, err := t.Syscall(unix.SYS_RT_SIGACTION, uint64(sa.Sig), a, 0, 8); err != nil {
+		if err := b.setSigaction(&t, sa); err != nil {
 			return fmt.Errorf("SIGTRAP ignored: %w", err)
 		}
 	}
