@@ -5,8 +5,6 @@ import (
 	"os"
 	"strconv"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/ferrycr/ferry/internal/proc"
 )
 
@@ -26,27 +24,30 @@ func (t *tree) pidNamespace() error {
 	if ns == "" {
 		return nil
 	}
-	inner := func(pid, tid int) (int, error) {
+	// Each task's PID there, and each process's group and session there
+	// (NSpid, NSpgid, NSsid: the last is the innermost; they name a dead
+	// leader too), from its status.
+	status := func(pid, tid int) (proc.Status, error) {
 		name := proc.Path(pid, "status")
 		if tid != pid {
 			name = proc.Path(pid, "task/"+strconv.Itoa(tid)+"/status")
 		}
 		b, err := os.ReadFile(name)
 		if err != nil {
-			return 0, err
+			return proc.Status{}, err
 		}
 		st, err := proc.ParseStatus(name, b)
-		if err != nil {
-			return 0, err
+		if err == nil && (len(st.NSpid) < 2 || len(st.NSpgid) != len(st.NSpid) || len(st.NSsid) != len(st.NSpid)) {
+			err = fmt.Errorf("%s shows no PID namespace of its own", name)
 		}
-		if len(st.NSpid) < 2 {
-			return 0, fmt.Errorf("%s shows no PID namespace of its own", name)
-		}
-		return st.NSpid[len(st.NSpid)-1], nil
+		return st, err
 	}
-	if v, err := inner(t.root, t.root); err != nil {
+	inner := func(ids []int) int { return ids[len(ids)-1] }
+	rst, err := status(t.root, t.root)
+	if err != nil {
 		return err
-	} else if v != 1 {
+	}
+	if v := inner(rst.NSpid); v != 1 {
 		return fmt.Errorf("process %d is PID %d of %s, not its init: %w (dump the namespace's init)", t.root, v, ns, ErrUnsupported)
 	}
 	if t.opts.FlagsBeforeFreeze {
@@ -54,44 +55,38 @@ func (t *tree) pidNamespace() error {
 			t.root, ns, ErrUnsupported)
 	}
 	t.vpids, t.vgroups, t.vpgids = map[int]int{}, map[int][2]int32{}, map[int]int32{}
-	for _, d := range t.procs {
-		pid := d.opts.Pid
-		// Its group and session as it sees them: a dead leader's PID in
-		// the namespace can be learnt no other way.
-		pgid, err := d.task(pid).Syscall(unix.SYS_GETPGID, 0)
-		if err != nil {
-			return fmt.Errorf("process %d: getpgid: %w", pid, err)
-		}
-		sid, err := d.task(pid).Syscall(unix.SYS_GETSID, 0)
-		if err != nil {
-			return fmt.Errorf("process %d: getsid: %w", pid, err)
-		}
-		t.vgroups[pid] = [2]int32{int32(pgid), int32(sid)}
-		// Groups named by ferry's PIDs elsewhere (a terminal's
-		// foreground group, an fd's owner) map through the members'.
-		if st, err := proc.ReadStat(pid); err == nil {
-			t.vpgids[st.Pgid] = int32(pgid)
-		}
-		for _, th := range d.threads {
-			v, err := inner(pid, th.tid)
-			if err != nil {
-				return err
-			}
-			t.vpids[th.tid] = v
-		}
-	}
-	for _, z := range t.zombies {
-		v, err := inner(z.Pid, z.Pid)
+	process := func(pid int) error {
+		st, err := status(pid, pid)
 		if err != nil {
 			return err
 		}
-		t.vpids[z.Pid] = v
-		// Its group and session there (a zombie runs no remote call).
-		st, err := proc.ReadStatus(z.Pid)
-		if err != nil || len(st.NSpgid) == 0 || len(st.NSsid) == 0 {
-			return fmt.Errorf("zombie %d: its group and session in %s: %v", z.Pid, ns, err)
+		t.vpids[pid] = inner(st.NSpid)
+		t.vgroups[pid] = [2]int32{int32(inner(st.NSpgid)), int32(inner(st.NSsid))}
+		// Groups named by ferry's PIDs elsewhere (a terminal's
+		// foreground group, an fd's owner) map through the members'.
+		t.vpgids[st.NSpgid[0]] = int32(inner(st.NSpgid))
+		return nil
+	}
+	for _, d := range t.procs {
+		pid := d.opts.Pid
+		if err := process(pid); err != nil {
+			return err
 		}
-		t.vgroups[z.Pid] = [2]int32{int32(st.NSpgid[len(st.NSpgid)-1]), int32(st.NSsid[len(st.NSsid)-1])}
+		for _, th := range d.threads {
+			if th.tid == pid {
+				continue
+			}
+			st, err := status(pid, th.tid)
+			if err != nil {
+				return err
+			}
+			t.vpids[th.tid] = inner(st.NSpid)
+		}
+	}
+	for _, z := range t.zombies {
+		if err := process(z.Pid); err != nil {
+			return fmt.Errorf("zombie %d: %w", z.Pid, err)
+		}
 	}
 	t.log.Info("the tree has a PID namespace of its own", "ns", ns, "init", t.root)
 	return nil
