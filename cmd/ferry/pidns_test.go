@@ -57,6 +57,24 @@ func restoreInPidNs(t *testing.T, dir, reportPath string, args ...string) *testu
 	return r
 }
 
+// testNetns makes a network namespace of the test's (ip netns add),
+// removed at cleanup, and returns its name, its file and the file's inode
+// (what /proc/PID/ns/net shows for a process in it).
+func testNetns(t *testing.T, prefix string) (name, file string, ino uint64) {
+	t.Helper()
+	name = fmt.Sprintf("%s%d", prefix, os.Getpid())
+	if b, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v\n%s", err, b)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	file = "/run/netns/" + name
+	var st unix.Stat_t
+	if err := unix.Stat(file, &st); err != nil {
+		t.Fatal(err)
+	}
+	return name, file, st.Ino
+}
+
 // nsPids returns pid's PIDs from ferry's namespace inward (NSpid).
 func nsPids(t *testing.T, pid int) []int {
 	t.Helper()
@@ -199,15 +217,13 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	// --external veth[eth0]:vh@br0, it has its link, address, MTU and
 	// route again, and the host reaches it through the bridge.
 	needRoot(t)
-	hostNs := fmt.Sprintf("fyh%d", os.Getpid())
 	sh := func(args ...string) {
 		t.Helper()
 		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
 			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 	}
-	sh("ip", "netns", "add", hostNs)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", hostNs).Run() })
+	hostNs, _, _ := testNetns(t, "fyh")
 	sh("ip", "-n", hostNs, "link", "set", "lo", "up")
 	sh("ip", "-n", hostNs, "link", "add", "br0", "type", "bridge")
 	sh("ip", "-n", hostNs, "addr", "add", "10.99.0.1/24", "dev", "br0")
@@ -365,12 +381,7 @@ func TestRestoreJoinNs(t *testing.T) {
 	// --join-ns net:FILE restores a process into an existing network
 	// namespace (one made with ip netns add) instead of ferry's.
 	needRoot(t)
-	name := fmt.Sprintf("fyj%d", os.Getpid())
-	if b, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v\n%s", err, b)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	file := "/run/netns/" + name
+	_, file, ino := testNetns(t, "fyj")
 	w := startSelfCheck(t, "guard.py")
 	before := w.Report(t)
 	img := t.TempDir()
@@ -383,12 +394,8 @@ func TestRestoreJoinNs(t *testing.T) {
 	r := testutil.Attach(t, w.Pid, w.ReportPath)
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
-	var st unix.Stat_t
-	if err := unix.Stat(file, &st); err != nil {
-		t.Fatal(err)
-	}
-	if got, _ := proc.Namespace(w.Pid, "net"); got != fmt.Sprintf("net:[%d]", st.Ino) {
-		t.Fatalf("restored process in %s, want %s (net:[%d])", got, file, st.Ino)
+	if got, _ := proc.Namespace(w.Pid, "net"); got != fmt.Sprintf("net:[%d]", ino) {
+		t.Fatalf("restored process in %s, want %s (net:[%d])", got, file, ino)
 	}
 	checkSelf(t, r)
 }
@@ -417,21 +424,12 @@ func TestExternalNetNs(t *testing.T) {
 	// net[INODE]:KEY it is left out, and the restore joins the one the
 	// caller gives for KEY with --inherit-fd (refused without it).
 	needRoot(t)
-	name := fmt.Sprintf("fyx%d", os.Getpid())
-	if b, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v\n%s", err, b)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	file := "/run/netns/" + name
-	var st unix.Stat_t
-	if err := unix.Stat(file, &st); err != nil {
-		t.Fatal(err)
-	}
+	_, file, ino := testNetns(t, "fyx")
 	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "guard.py")
 	w := testutil.Start(t, "", "nsenter", "--net="+file, "python3", script)
 	before := w.Report(t)
 	img := t.TempDir()
-	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--external", fmt.Sprintf("net[%d]:thenet", st.Ino))
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--external", fmt.Sprintf("net[%d]:thenet", ino))
 	w.Reap(t)
 	if code, out := ferry(t, "restore", "-D", img, "-d"); code == 0 || !strings.Contains(out, "--inherit-fd fd[N]:thenet") {
 		t.Fatalf("restore without the namespace: exit %d\n%s", code, out)
@@ -445,8 +443,8 @@ func TestExternalNetNs(t *testing.T) {
 	r := testutil.Attach(t, w.Pid, w.ReportPath)
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
-	if got, _ := proc.Namespace(w.Pid, "net"); got != fmt.Sprintf("net:[%d]", st.Ino) {
-		t.Fatalf("restored process in %s, want net:[%d]", got, st.Ino)
+	if got, _ := proc.Namespace(w.Pid, "net"); got != fmt.Sprintf("net:[%d]", ino) {
+		t.Fatalf("restored process in %s, want net:[%d]", got, ino)
 	}
 	checkSelf(t, r)
 }
