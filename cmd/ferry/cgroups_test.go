@@ -14,13 +14,10 @@ import (
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
-func TestDumpRestoreCgroups(t *testing.T) {
-	// A process in cgroups of its own (cpu, pids and memory hierarchies)
-	// with properties set: the cgroups are removed after the dump, and the
-	// restore (--manage-cgroups soft, the default) makes them again with
-	// their properties and puts the process in them; --cgroup-root puts
-	// its pids cgroup under another path.
-	needRoot(t)
+// testCgroups returns the mounted hierarchies' roots and the test
+// process's own cgroup path in each, both by controller list ("" for v2).
+func testCgroups(t *testing.T) (mounts, base map[string]string) {
+	t.Helper()
 	mounts, err := cgroups.Mounts()
 	if err != nil {
 		t.Fatal(err)
@@ -29,10 +26,21 @@ func TestDumpRestoreCgroups(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base := map[string]string{}
+	base = map[string]string{}
 	for _, r := range mine {
 		base[cgroups.Normalize(r.Controllers)] = r.Path
 	}
+	return mounts, base
+}
+
+func TestDumpRestoreCgroups(t *testing.T) {
+	// A process in cgroups of its own (cpu, pids and memory hierarchies)
+	// with properties set: the cgroups are removed after the dump, and the
+	// restore (--manage-cgroups soft, the default) makes them again with
+	// their properties and puts the process in them; --cgroup-root puts
+	// its pids cgroup under another path.
+	needRoot(t)
+	mounts, base := testCgroups(t)
 	want := map[string]cgroups.Prop{"cpu": {Name: "cpu.shares", Value: "512"}, "pids": {Name: "pids.max", Value: "77"},
 		"memory": {Name: "memory.limit_in_bytes", Value: "268435456"}}
 	name := fmt.Sprintf("ferry-test-%d", os.Getpid())
@@ -109,20 +117,14 @@ func TestDumpRestoreCgroupV2(t *testing.T) {
 	// the v1 controllers): the process's v2 cgroup, removed after the
 	// dump, is made again and the restored process put in it.
 	needRoot(t)
-	mounts, err := cgroups.Mounts()
-	if err != nil {
-		t.Fatal(err)
-	}
+	mounts, bases := testCgroups(t)
 	v2, ok := mounts[""]
 	if !ok {
 		t.Fatal("no cgroup2 hierarchy mounted")
 	}
-	mine, _ := cgroups.Read(os.Getpid())
-	base := "/"
-	for _, r := range mine {
-		if r.Controllers == "" {
-			base = r.Path
-		}
+	base, ok := bases[""]
+	if !ok {
+		base = "/"
 	}
 	path := filepath.Join(base, fmt.Sprintf("ferry-test-v2-%d", os.Getpid()))
 	dir := filepath.Join(v2, path)
@@ -161,15 +163,7 @@ func TestDumpRestoreCgroupNamespace(t *testing.T) {
 	// (made again: they are removed after the dump), and the workload
 	// still sees itself at "/" everywhere.
 	needRoot(t)
-	mounts, err := cgroups.Mounts()
-	if err != nil {
-		t.Fatal(err)
-	}
-	mine, _ := cgroups.Read(os.Getpid())
-	base := map[string]string{}
-	for _, r := range mine {
-		base[cgroups.Normalize(r.Controllers)] = r.Path
-	}
+	mounts, base := testCgroups(t)
 	name := fmt.Sprintf("ferry-cgns-%d", os.Getpid())
 	var dirs []string
 	join := ""

@@ -14,11 +14,18 @@ import (
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
-// runcBundle makes an OCI bundle in dir: a busybox root filesystem whose
-// shell draws a token, keeps it only in memory, and writes "TOKEN COUNT"
-// to /out/state ten times a second (/out bound from outDir).
-func runcBundle(t *testing.T, dir, outDir string) {
+// runcBundle checks that runc is there, builds ferry (runc's --criu)
+// and makes an OCI bundle in a new directory: a busybox root filesystem
+// whose shell draws a token, keeps it only in memory, and writes
+// "TOKEN COUNT" to /out/state ten times a second (/out bound from
+// outDir, another new directory).
+func runcBundle(t *testing.T) (ferryBin, dir, outDir string) {
 	t.Helper()
+	if _, err := exec.LookPath("runc"); err != nil {
+		t.Fatalf("runc (Debian's, installed by make deps): %v", err)
+	}
+	ferryBin = testutil.BuildCmd(t, "ferry")
+	dir, outDir = t.TempDir(), t.TempDir()
 	bb, err := exec.LookPath("busybox")
 	if err != nil {
 		t.Fatalf("busybox (Debian's busybox-static, installed by make deps): %v", err)
@@ -55,6 +62,7 @@ func runcBundle(t *testing.T, dir, outDir string) {
 	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return ferryBin, dir, outDir
 }
 
 // runcState reads the container's "TOKEN COUNT" line.
@@ -111,15 +119,11 @@ func TestRuncCheckpointRestore(t *testing.T) {
 	// process goes on (its token, drawn once and kept only in memory, and
 	// its counter continue) in the restored container.
 	needRoot(t)
-	if _, err := exec.LookPath("runc"); err != nil {
-		t.Fatalf("runc (Debian's, installed by make deps): %v", err)
-	}
-	ferryBin := testutil.BuildCmd(t, "ferry")
-	bundle, out, base := t.TempDir(), t.TempDir(), t.TempDir()
+	ferryBin, bundle, out := runcBundle(t)
+	base := t.TempDir()
 	pre, img := filepath.Join(base, "pre"), filepath.Join(base, "ck")
 	os.Mkdir(pre, 0o755)
 	os.Mkdir(img, 0o755)
-	runcBundle(t, bundle, out)
 	id := fmt.Sprintf("ferry-test-%d", os.Getpid())
 	t.Cleanup(func() { exec.Command("runc", "delete", "-f", id).Run() })
 	runc(t, bundle, "run", "-d", id)
@@ -161,12 +165,8 @@ func TestRuncLazyRestore(t *testing.T) {
 	// they are all there the source goes and the checkpoint returns. The
 	// copy is the same process going on.
 	needRoot(t)
-	if _, err := exec.LookPath("runc"); err != nil {
-		t.Fatalf("runc (Debian's, installed by make deps): %v", err)
-	}
-	ferryBin := testutil.BuildCmd(t, "ferry")
-	bundle, out, img := t.TempDir(), t.TempDir(), t.TempDir()
-	runcBundle(t, bundle, out)
+	ferryBin, bundle, out := runcBundle(t)
+	img := t.TempDir()
 	id := fmt.Sprintf("ferry-lazy-%d", os.Getpid())
 	for _, c := range []string{id, id + "-r"} {
 		t.Cleanup(func() { exec.Command("runc", "delete", "-f", c).Run() })
