@@ -509,6 +509,47 @@ func TestDumpRestorePty(t *testing.T) {
 	}
 }
 
+// startUnixSender starts, in a session of its own, a python3 process
+// that draws a token once and sends "TOKEN COUNT" followed by end every
+// 20 ms on a unix socket of sockType (SOCK_DGRAM, SOCK_STREAM) connected
+// to path. The test ends it, or its restored self, by PID.
+func startUnixSender(t *testing.T, sockType, path, end string) *exec.Cmd {
+	t.Helper()
+	script := `import os, socket, time
+tok = os.urandom(8).hex()
+s = socket.socket(socket.AF_UNIX, socket.` + sockType + `)
+s.connect("` + path + `")
+n = 0
+while True:
+    n += 1
+    s.send(("%s %d` + end + `" % (tok, n)).encode())
+    time.sleep(0.02)
+`
+	cmd := exec.Command("python3", "-c", script)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	t.Cleanup(func() { unix.Kill(pid, unix.SIGKILL); testutil.WaitGone(pid, 5*time.Second) })
+	return cmd
+}
+
+// sockIno is the inode of a test's own socket, as --ext-unix-sk and
+// --external unix[] name it.
+func sockIno(t *testing.T, c syscall.Conn) uint64 {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := rc.Control(func(fd uintptr) { unix.Fstat(int(fd), &st) }); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
 func TestDumpRestoreExternalUnixDgram(t *testing.T) {
 	// --ext-unix-sk (here criu's spelling, --external unix[INODE]): a
 	// datagram socket connected to a socket of another process (a
@@ -521,23 +562,8 @@ func TestDumpRestoreExternalUnixDgram(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer coll.Close()
-	script := `import os, socket, time
-tok = os.urandom(8).hex()
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.connect("` + path + `")
-n = 0
-while True:
-    n += 1
-    s.send(("%s %d" % (tok, n)).encode())
-    time.sleep(0.02)
-`
-	cmd := exec.Command("python3", "-c", script)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd := startUnixSender(t, "SOCK_DGRAM", path, "")
 	pid := cmd.Process.Pid
-	defer func() { unix.Kill(pid, unix.SIGKILL); testutil.WaitGone(pid, 5*time.Second) }()
 	read := func() (string, int) {
 		t.Helper()
 		buf := make([]byte, 128)
@@ -556,13 +582,7 @@ while True:
 	}
 	img := t.TempDir()
 	// criu's spelling: --external unix[INODE of the collector's socket].
-	rc, err := coll.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st unix.Stat_t
-	rc.Control(func(fd uintptr) { unix.Fstat(int(fd), &st) })
-	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--external", fmt.Sprintf("unix[%d]", st.Ino))
+	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--external", fmt.Sprintf("unix[%d]", sockIno(t, coll)))
 	cmd.Wait()
 	for drained := false; !drained; { // what was sent before the dump
 		coll.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
@@ -774,23 +794,8 @@ func TestDumpRestoreExternalUnixStream(t *testing.T) {
 			conns <- c
 		}
 	}()
-	script := `import os, socket, time
-tok = os.urandom(8).hex()
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect("` + path + `")
-n = 0
-while True:
-    n += 1
-    s.send(("%s %d\n" % (tok, n)).encode())
-    time.sleep(0.02)
-`
-	cmd := exec.Command("python3", "-c", script)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd := startUnixSender(t, "SOCK_STREAM", path, "\\n")
 	pid := cmd.Process.Pid
-	defer func() { unix.Kill(pid, unix.SIGKILL); testutil.WaitGone(pid, 5*time.Second) }()
 	var c *net.UnixConn
 	select {
 	case c = <-conns:
@@ -812,11 +817,8 @@ while True:
 		return f[0], k
 	}
 	tok, before := last(c)
-	var st unix.Stat_t
-	rc, _ := c.SyscallConn()
-	rc.Control(func(fd uintptr) { unix.Fstat(int(fd), &st) })
 	img := t.TempDir()
-	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--ext-unix-sk="+strconv.FormatUint(st.Ino, 10))
+	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img, "--ext-unix-sk="+strconv.FormatUint(sockIno(t, c), 10))
 	cmd.Wait()
 	mustFerry(t, "restore", "-D", img, "-d")
 	var c2 *net.UnixConn
