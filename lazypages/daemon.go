@@ -17,6 +17,7 @@ import (
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/uffd"
 )
 
@@ -141,6 +142,11 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	start := time.Now()
 	err = s.loop(ctx)
 	s.stats.Duration = time.Since(start)
+	if err != nil {
+		// Closing the userfaultfds would let the processes read zeros
+		// where their memory was never delivered: end them instead.
+		s.killClients()
+	}
 	for _, p := range preps {
 		if ms, ok := p.src.(*mixedSource); ok {
 			s.stats.RemotePages += ms.stats.RemotePages
@@ -151,6 +157,27 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		"zero", s.stats.PagesZero, "dropped", s.stats.PagesDropped, "remote", s.stats.RemotePages,
 		"local", s.stats.LocalPages, "took", s.stats.Duration)
 	return &s.stats, err
+}
+
+// killClients ends the restored processes, with every process they
+// forked: after a failed post-copy they would run on zero pages where
+// their memory was not delivered, and a tree is restored whole or not.
+func (s *server) killClients() {
+	for _, c := range s.clients {
+		if !c.main {
+			continue
+		}
+		pids := []int{c.osPid}
+		for i := 0; i < len(pids); i++ {
+			unix.Kill(pids[i], unix.SIGSTOP) // no more forks while we look
+			pids = append(pids, proc.Children(pids[i])...)
+		}
+		for _, pid := range pids {
+			unix.Kill(pid, unix.SIGKILL)
+		}
+		s.log.Error("post-copy failed: killed the restored process, its memory is incomplete",
+			"pid", c.pid, "processes", len(pids), "pages_missing", c.pend.pages())
+	}
 }
 
 // lazyProcesses lists the processes of the images in dir that a restore

@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -17,6 +18,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -28,6 +30,7 @@ import (
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/testutil"
 	"github.com/ferrycr/ferry/lazypages"
+	"github.com/ferrycr/ferry/pageserver"
 	"github.com/ferrycr/ferry/transport"
 )
 
@@ -1291,14 +1294,7 @@ func TestLazyRestoreFromPageServer(t *testing.T) {
 	img, tgt := t.TempDir(), t.TempDir()
 	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
 	w.Reap(t)
-	// The target gets every image but the page data.
-	ents, _ := os.ReadDir(img)
-	for _, e := range ents {
-		if !strings.HasPrefix(e.Name(), "pages-") {
-			b, _ := os.ReadFile(filepath.Join(img, e.Name()))
-			os.WriteFile(filepath.Join(tgt, e.Name()), b, 0o600)
-		}
-	}
+	copyButPages(t, img, tgt)
 	port := freePort(t)
 	psDone := startDaemon(t, "page-server", "--lazy-pages", "-D", img, "--address", "127.0.0.1", "--port", port)
 	lzDone := startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port, "--compress")
@@ -1318,6 +1314,83 @@ func TestLazyRestoreFromPageServer(t *testing.T) {
 	r.Signal(unix.SIGUSR2)
 	if rep := r.Report(t); rep.Int("piperead") != before.Int("piperead")+1 {
 		t.Fatalf("after post-copy: %v", rep)
+	}
+}
+
+// copyButPages copies the images in dir to tgt, but for the page data:
+// what a post-copy target has.
+func copyButPages(t *testing.T, dir, tgt string) {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), "pages-") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err == nil {
+			err = os.WriteFile(filepath.Join(tgt, e.Name()), b, 0o600)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestLazyRestoreSourceFailure: when the page source fails during
+// post-copy, the restored process must not go on with zeros where its
+// memory was not delivered: the daemon fails and ends it.
+func TestLazyRestoreSourceFailure(t *testing.T) {
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	w := testutil.Start(t, "-r", bin, "-m", "64")
+	img, tgt := t.TempDir(), t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)
+	w.Reap(t)
+	copyButPages(t, img, tgt)
+	// A page server that serves the dump until told to fail.
+	l, err := transport.Listen("127.0.0.1:0", transport.TLS{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var broken atomic.Bool
+	read, closeImages := lazypages.ImageReader(img)
+	defer closeImages()
+	go func() {
+		s, err := pageserver.Accept(context.Background(), l, nil)
+		if err != nil {
+			return
+		}
+		defer s.Close()
+		lazypages.ServePages(s, func(pid int, va uint64, buf []byte) error {
+			if broken.Load() {
+				return errors.New("source lost")
+			}
+			return read(pid, va, buf)
+		})
+	}()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	done := startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port,
+		"--prefetch-rate", "1M")
+	mustFerry(t, "restore", "-D", tgt, "-d", "--lazy-pages")
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	// Stopped, it cannot notice zeros and exit by itself: it must be
+	// ended by the daemon.
+	r.Signal(unix.SIGSTOP)
+	broken.Store(true)
+	select {
+	case code := <-done:
+		if code != 1 {
+			t.Fatalf("lazy-pages exited %d after its source failed, want 1", code)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("lazy-pages did not fail when its source did")
+	}
+	if err := testutil.WaitGone(r.Pid, 10*time.Second); err != nil {
+		t.Fatalf("the restored process outlived its failed post-copy: %v", err)
 	}
 }
 

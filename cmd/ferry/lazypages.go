@@ -44,7 +44,11 @@ A process that forks during post-copy is served too: the child's missing
 pages come from the same images.
 
 --prefetch-rate limits the background copy (e.g. 100M: 100 MiB/s) to
-spare a shared link; pages the process touches are always served at once.`,
+spare a shared link; pages the process touches are always served at once.
+
+If the daemon fails before every page is delivered (page server lost, a
+signal), it kills the restored processes and all they forked and exits 1:
+they would otherwise read zeros where their memory never arrived.`,
 		Example: `  ferry lazy-pages -D ckpt --status-fd 3 3>ready &
   ferry restore -D ckpt --lazy-pages -d`,
 		Args: cobra.NoArgs,
