@@ -28,7 +28,7 @@ type imageSet struct {
 	mm      *pb.MmCore
 	files   *fileTable
 	fds     *pb.FdTable
-	pagemap []*pb.PagemapEntry
+	pagemap []images.PageEntry
 	// gaps and parentPages: parent runs still to be merged into pagemap
 	// (withParentRuns).
 	gaps        []span

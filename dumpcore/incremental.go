@@ -135,7 +135,7 @@ func (p *parentImages) forProcess(imagesDir string, pid int) *parentImages {
 	}
 	q := &parentImages{dir: p.dir, inv: p.inv, pages: &regionSet{spans: make([]span, len(entries))}}
 	for i, e := range entries {
-		q.pages.spans[i] = span{e.Vaddr, e.Vaddr + uint64(e.NrPages)*pageSize}
+		q.pages.spans[i] = span{e.Vaddr, e.End()}
 	}
 	q.pages.normalize()
 	return q
@@ -161,7 +161,7 @@ func loadParent(imagesDir, prev string, pid int) (*parentImages, error) {
 	}
 	p.pages = &regionSet{spans: make([]span, len(entries))}
 	for i, e := range entries {
-		p.pages.spans[i] = span{e.Vaddr, e.Vaddr + uint64(e.NrPages)*pageSize}
+		p.pages.spans[i] = span{e.Vaddr, e.End()}
 	}
 	p.pages.normalize()
 	return p, nil

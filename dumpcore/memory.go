@@ -253,8 +253,7 @@ type pageDumper struct {
 	pm      *os.File // /proc/PID/pagemap
 	mem     *os.File // /proc/PID/mem, for pages process_vm_readv cannot read
 	out     *images.PageWriter
-	entries []*pb.PagemapEntry
-	slab    []pb.PagemapEntry // preallocated entries
+	entries []images.PageEntry
 	// gaps are the stretches of tracked VMAs outside the dirty set: what
 	// the parent holds there goes into the pagemap as parent runs.
 	gaps  []span
@@ -642,23 +641,15 @@ func (pd *pageDumper) emit(b batch) error {
 	}
 	record := func(va uint64, n uint64, parent bool) {
 		if l := len(pd.entries); l > 0 {
-			last := pd.entries[l-1]
-			if last.InParent == parent && last.Vaddr+uint64(last.NrPages)*pageSize == va && uint64(last.NrPages)+n < 1<<31 {
+			last := &pd.entries[l-1]
+			if last.InParent == parent && last.End() == va && uint64(last.NrPages)+n < 1<<31 {
 				last.NrPages += uint32(n)
 				return
 			}
 		}
 		for n > 0 { // entries count pages in 32 bits
 			c := min(n, 1<<30)
-			if len(pd.slab) == 0 {
-				// Entries come in the hundreds of thousands for fragmented
-				// memory: allocate them in blocks.
-				pd.slab = make([]pb.PagemapEntry, 4096)
-			}
-			e := &pd.slab[0]
-			pd.slab = pd.slab[1:]
-			e.Vaddr, e.NrPages, e.InParent = va, uint32(c), parent
-			pd.entries = append(pd.entries, e)
+			pd.entries = append(pd.entries, images.PageEntry{Vaddr: va, NrPages: uint32(c), InParent: parent})
 			va, n = va+c*pageSize, n-c
 		}
 	}
@@ -710,7 +701,7 @@ func (pd *pageDumper) emit(b batch) error {
 
 // withParentRuns merges the parent's pages inside gaps into entries (both
 // in address order) as in_parent runs, and counts them.
-func withParentRuns(entries []*pb.PagemapEntry, gaps []span, parent *regionSet, stats *pb.DumpStats) []*pb.PagemapEntry {
+func withParentRuns(entries []images.PageEntry, gaps []span, parent *regionSet, stats *pb.DumpStats) []images.PageEntry {
 	if len(gaps) == 0 {
 		return entries
 	}
@@ -718,13 +709,11 @@ func withParentRuns(entries []*pb.PagemapEntry, gaps []span, parent *regionSet, 
 	for _, g := range gaps {
 		runs = append(runs, parent.within(g.start, g.end)...)
 	}
-	slab := make([]pb.PagemapEntry, len(runs))
-	out := make([]*pb.PagemapEntry, 0, len(entries)+len(runs))
-	add := func(e *pb.PagemapEntry) {
+	out := make([]images.PageEntry, 0, len(entries)+len(runs))
+	add := func(e images.PageEntry) {
 		if l := len(out); l > 0 {
-			last := out[l-1]
-			if last.InParent && e.InParent && last.Vaddr+uint64(last.NrPages)*pageSize == e.Vaddr &&
-				uint64(last.NrPages)+uint64(e.NrPages) < 1<<31 {
+			last := &out[l-1]
+			if last.InParent && e.InParent && last.End() == e.Vaddr && uint64(last.NrPages)+uint64(e.NrPages) < 1<<31 {
 				last.NrPages += e.NrPages
 				return
 			}
@@ -732,19 +721,14 @@ func withParentRuns(entries []*pb.PagemapEntry, gaps []span, parent *regionSet, 
 		out = append(out, e)
 	}
 	i := 0
-	for k, r := range runs {
+	for _, r := range runs {
 		for i < len(entries) && entries[i].Vaddr < r.start {
 			add(entries[i])
 			i++
 		}
 		for va, n := r.start, (r.end-r.start)/pageSize; n > 0; {
 			c := min(n, 1<<30) // entries count pages in 32 bits
-			e := &slab[k]
-			if c < n { // only for runs of 4 TiB and more
-				e = &pb.PagemapEntry{}
-			}
-			e.Vaddr, e.NrPages, e.InParent = va, uint32(c), true
-			add(e)
+			add(images.PageEntry{Vaddr: va, NrPages: uint32(c), InParent: true})
 			stats.PagesSkippedParent += c
 			va, n = va+c*pageSize, n-c
 		}

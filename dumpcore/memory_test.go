@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 )
 
@@ -12,7 +13,7 @@ func TestWithParentRuns(t *testing.T) {
 	parent := &regionSet{spans: []span{{0, 4 * p}, {6 * p, 10 * p}, {12 * p, 20 * p}}}
 	// Dirty data at pages 2 and 15; gaps around them; page 21 from an
 	// untracked VMA.
-	entries := []*pb.PagemapEntry{{Vaddr: 2 * p, NrPages: 1}, {Vaddr: 15 * p, NrPages: 1}, {Vaddr: 21 * p, NrPages: 1}}
+	entries := []images.PageEntry{{Vaddr: 2 * p, NrPages: 1}, {Vaddr: 15 * p, NrPages: 1}, {Vaddr: 21 * p, NrPages: 1}}
 	gaps := []span{{0, 2 * p}, {3 * p, 15 * p}, {16 * p, 20 * p}}
 	stats := &pb.DumpStats{}
 	got := withParentRuns(entries, gaps, parent, stats)

@@ -34,17 +34,26 @@ func (c *PageChain) Close() {
 
 // Resolve returns the runs of dir's pagemap for pid, sorted by address.
 func (c *PageChain) Resolve(dir string, pid int32) ([]PageRun, error) {
-	return c.resolve(dir, pid, 0)
+	return c.resolve(dir, pid, 0, nil, nil, nil)
 }
 
-func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error) {
+// ResolveEntries is Resolve for a pagemap the caller has read already
+// (head and entries, as ReadPagemap returns them); keep, when not nil,
+// picks the entries whose data is wanted (the others give no runs).
+func (c *PageChain) ResolveEntries(dir string, pid int32, head *pb.PagemapHead, entries []PageEntry, keep func(PageEntry) bool) ([]PageRun, error) {
+	return c.resolve(dir, pid, 0, head, entries, keep)
+}
+
+func (c *PageChain) resolve(dir string, pid int32, depth int, head *pb.PagemapHead, entries []PageEntry, keep func(PageEntry) bool) ([]PageRun, error) {
 	if depth > maxChain {
 		return nil, fmt.Errorf("%s: parent image chain longer than %d", dir, maxChain)
 	}
 	name := PagemapName(pid)
-	head, entries, err := ReadPagemap(dir, pid)
-	if err != nil {
-		return nil, err
+	if head == nil {
+		var err error
+		if head, entries, err = ReadPagemap(dir, pid); err != nil {
+			return nil, err
+		}
 	}
 	if head.Compression != "" && head.Compression != Zstd {
 		return nil, fmt.Errorf("%s: page compression %q is not supported by this ferry: %w", filepath.Join(dir, name), head.Compression, ErrVersion)
@@ -52,9 +61,10 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 	needParent := false
 	var own int64 // bytes of page data this image set stores
 	for _, e := range entries {
-		needParent = needParent || e.InParent
 		if !e.InParent {
 			own += int64(e.NrPages) * 4096
+		} else if keep == nil || keep(e) {
+			needParent = true
 		}
 	}
 	var data []byte
@@ -85,7 +95,7 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 		if !filepath.IsAbs(pdir) {
 			pdir = filepath.Join(dir, pdir)
 		}
-		if parent, err = c.resolve(pdir, pid, depth+1); err != nil {
+		if parent, err = c.resolve(pdir, pid, depth+1, nil, nil, nil); err != nil {
 			return nil, fmt.Errorf("parent images of %s: %w", dir, err)
 		}
 	}
@@ -98,8 +108,13 @@ func (c *PageChain) resolve(dir string, pid int32, depth int) ([]PageRun, error)
 				return nil, fmt.Errorf("%s: pagemap wants %d bytes at offset %d, file has %d: %w",
 					filepath.Join(dir, pagesName), n, off, len(data), ErrTruncated)
 			}
-			out = append(out, PageRun{Vaddr: e.Vaddr, Data: data[off : off+n]})
+			if keep == nil || keep(e) {
+				out = append(out, PageRun{Vaddr: e.Vaddr, Data: data[off : off+n]})
+			}
 			off += n
+			continue
+		}
+		if keep != nil && !keep(e) {
 			continue
 		}
 		runs, err := cut(parent, e.Vaddr, e.Vaddr+n)
@@ -145,11 +160,16 @@ func PagemapRanges(dir string, pid int32) ([][2]uint64, error) {
 	if err != nil {
 		return nil, err
 	}
+	return Ranges(entries), nil
+}
+
+// Ranges returns the page ranges of entries.
+func Ranges(entries []PageEntry) [][2]uint64 {
 	out := make([][2]uint64, len(entries))
 	for i, e := range entries {
-		out[i] = [2]uint64{e.Vaddr, e.Vaddr + uint64(e.NrPages)*4096}
+		out[i] = [2]uint64{e.Vaddr, e.End()}
 	}
-	return out, nil
+	return out
 }
 
 // PagemapSplit returns, for pid's pagemap in dir, the ranges stored by
@@ -161,7 +181,7 @@ func PagemapSplit(dir string, pid int32) (own, inherited [][2]uint64, parent str
 		return nil, nil, "", err
 	}
 	for _, e := range entries {
-		rg := [2]uint64{e.Vaddr, e.Vaddr + uint64(e.NrPages)*4096}
+		rg := [2]uint64{e.Vaddr, e.End()}
 		if e.InParent {
 			inherited = append(inherited, rg)
 		} else {

@@ -263,6 +263,12 @@ func NewReader(path string, rd io.Reader, kind Kind) (*Reader, error) {
 // of the file, and a *FormatError for a record cut short, one whose
 // checksum or length is wrong, or one that does not decode as m.
 func (r *Reader) Next(m proto.Message) error {
+	return r.nextWith(func(b []byte) error { return proto.Unmarshal(b, m) }, string(m.ProtoReflect().Descriptor().Name()))
+}
+
+// nextWith reads the next record and decodes it with decode (what names
+// the record's type in errors).
+func (r *Reader) nextWith(decode func([]byte) error, what string) error {
 	if r.err != nil {
 		return r.err
 	}
@@ -273,8 +279,8 @@ func (r *Reader) Next(m proto.Message) error {
 		}
 		return err
 	}
-	if err := proto.Unmarshal(payload, m); err != nil {
-		r.err = formatErr(r.path, r.off, ErrCorrupt, "undecodable %s record: %v", m.ProtoReflect().Descriptor().Name(), err)
+	if err := decode(payload); err != nil {
+		r.err = formatErr(r.path, r.off, ErrCorrupt, "undecodable %s record: %v", what, err)
 		return r.err
 	}
 	r.off += recordHead + int64(len(payload))

@@ -91,7 +91,7 @@ func FuzzReader(f *testing.F) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, _, err := readPagemap(pr); err != nil {
+			if _, _, err := readPagemap(pr, 0); err != nil {
 				checkReadErr(t, err, len(data))
 			}
 		}

@@ -61,25 +61,9 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	// Index the processes' pages before saying ready: a fragmented 4 GiB
-	// process has ~200,000 runs, and the restore waits for each handover
-	// to be taken before it goes on.
-	preps := map[int]*prepared{}
-	defer func() {
-		for _, p := range preps {
-			p.chain.Close()
-		}
-	}()
 	expect, err := lazyProcesses(opts.ImagesDir)
 	if err != nil {
 		return nil, err
-	}
-	for _, pid := range expect {
-		p, err := prepare(opts, pid, log)
-		if err != nil {
-			return nil, err
-		}
-		preps[pid] = p
 	}
 	os.Remove(opts.Socket)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: opts.Socket, Net: "unix"})
@@ -88,6 +72,29 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	}
 	defer os.Remove(opts.Socket)
 	defer l.Close()
+	// Index the processes' pages (a fragmented 4 GiB process has ~200,000
+	// runs) while the restore, told we are ready, loads its images and
+	// makes the processes: a handover waits for the index, not the start.
+	preps := map[int]*prepared{}
+	indexed := make(chan struct{})
+	var indexErr error
+	go func() {
+		defer close(indexed)
+		for _, pid := range expect {
+			p, err := prepare(opts, pid, log)
+			if err != nil {
+				indexErr = err
+				return
+			}
+			preps[pid] = p
+		}
+	}()
+	defer func() {
+		<-indexed
+		for _, p := range preps {
+			p.chain.Close()
+		}
+	}()
 	if opts.Ready != nil {
 		opts.Ready()
 	}
@@ -121,6 +128,12 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 			return err
 		}
 		u := uffd.AdoptNoHandshake(fd, Features)
+		<-indexed
+		if indexErr != nil {
+			conn.Write([]byte(indexErr.Error()))
+			u.Close()
+			return indexErr
+		}
 		p := preps[pid]
 		if p == nil {
 			if p, err = prepare(opts, pid, log); err != nil {

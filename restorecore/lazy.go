@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"sort"
 
 	"golang.org/x/sys/unix"
 
@@ -19,21 +20,39 @@ func (b *builder) lazy(v *pb.Vma) bool {
 	return b.r.opts.LazyPages && lazypages.Lazy(v)
 }
 
-// eagerParts returns the parts of run r restore fills itself.
-func (b *builder) eagerParts(r images.PageRun) []images.PageRun {
+// eachEager calls fn with each part of run r that the restore fills
+// itself: all of it, or with --lazy-pages the parts outside lazy VMAs.
+func (b *builder) eachEager(r images.PageRun, fn func(images.PageRun)) {
 	if !b.r.opts.LazyPages {
-		return []images.PageRun{r}
+		fn(r)
+		return
 	}
-	var out []images.PageRun
-	end := r.Vaddr + uint64(len(r.Data))
-	for _, v := range b.p.mm.Vmas {
-		a, e := max(v.Start, r.Vaddr), min(v.End, end)
-		if a >= e || b.lazy(v) {
-			continue
+	eachOverlap(b.p.mm.Vmas, r.Vaddr, r.Vaddr+uint64(len(r.Data)), func(v *pb.Vma, a, e uint64) {
+		if !b.lazy(v) {
+			fn(images.PageRun{Vaddr: a, Data: r.Data[a-r.Vaddr : e-r.Vaddr]})
 		}
-		out = append(out, images.PageRun{Vaddr: a, Data: r.Data[a-r.Vaddr : e-r.Vaddr]})
+	})
+}
+
+// eachOverlap calls fn with each VMA (vmas in address order, disjoint)
+// meeting [start, end), and the part of the range inside it.
+func eachOverlap(vmas []*pb.Vma, start, end uint64, fn func(v *pb.Vma, a, e uint64)) {
+	i := sort.Search(len(vmas), func(i int) bool { return vmas[i].End > start })
+	for ; i < len(vmas) && vmas[i].Start < end; i++ {
+		fn(vmas[i], max(vmas[i].Start, start), min(vmas[i].End, end))
 	}
-	return out
+}
+
+// eagerFilter picks the pagemap entries a lazy restore needs the data of:
+// those meeting a VMA the lazy-pages daemon does not serve.
+func eagerFilter(vmas []*pb.Vma) func(images.PageEntry) bool {
+	return func(e images.PageEntry) bool {
+		eager := false
+		eachOverlap(vmas, e.Vaddr, e.End(), func(v *pb.Vma, _, _ uint64) {
+			eager = eager || !lazypages.Lazy(v)
+		})
+		return eager
+	}
 }
 
 // setupLazy creates a userfaultfd inside the process, registers its lazy

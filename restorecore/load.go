@@ -47,7 +47,7 @@ type procImage struct {
 	core    *pb.TaskCore
 	mm      *pb.MmCore
 	fds     *pb.FdTable
-	pagemap []*pb.PagemapEntry
+	pagemap []images.PageEntry
 	pagesID uint32
 	// zombie: a dead child not reaped at dump time; only its pstree entry
 	// and core (exit code) are in the images.
@@ -127,21 +127,29 @@ func load(dir string, lazy bool) (_ *imageSet, err error) {
 		if err := images.ReadOne(dir, fmt.Sprintf("mm-%d.img", pid), images.KindMm, p.mm); err != nil {
 			return nil, err
 		}
+		if err := checkVmas(dir, pid, p.mm.Vmas); err != nil {
+			return nil, err
+		}
 		p.fds = &pb.FdTable{}
 		if err := images.ReadOne(dir, fmt.Sprintf("fdinfo-%d.img", pid), images.KindFdinfo, p.fds); err != nil {
 			return nil, err
 		}
-		if err := loadPagemap(dir, p); err != nil {
+		head, err := loadPagemap(dir, p)
+		if err != nil {
 			return nil, err
 		}
-		runs, err := is.chain.Resolve(dir, pid)
+		var keep func(images.PageEntry) bool
+		if lazy {
+			// The daemon serves the lazy memory: only the rest needs
+			// page data here.
+			keep = eagerFilter(p.mm.Vmas)
+		}
+		runs, err := is.chain.ResolveEntries(dir, pid, head, p.pagemap, keep)
 		if err != nil && lazy && (errors.Is(err, os.ErrNotExist) || noPageData(dir, p.pagesID)) {
 			// No page data here (none, or the empty file of a dump that
 			// served its pages): a lazy restore gets it from the daemon's
 			// page server.
-			if p.ranges, err = images.PagemapRanges(dir, pid); err != nil {
-				return nil, err
-			}
+			p.ranges = images.Ranges(p.pagemap)
 			p.remotePages = true
 		} else if err != nil {
 			return nil, err
@@ -199,18 +207,32 @@ func noPageData(dir string, id uint32) bool {
 	return r.Size() == 0
 }
 
-func loadPagemap(dir string, p *procImage) error {
+// checkVmas checks that a process's VMAs are page aligned, not empty, and
+// in address order without overlap, as everything that walks them assumes.
+func checkVmas(dir string, pid int32, vmas []*pb.Vma) error {
+	var prevEnd uint64
+	for i, v := range vmas {
+		if v.Start%pageSize != 0 || v.End%pageSize != 0 || v.End <= v.Start || v.Start < prevEnd {
+			return fmt.Errorf("%s: VMA %d (%#x-%#x) is empty, unaligned or out of order: %w",
+				filepath.Join(dir, images.MmName(pid)), i, v.Start, v.End, images.ErrCorrupt)
+		}
+		prevEnd = v.End
+	}
+	return nil
+}
+
+func loadPagemap(dir string, p *procImage) (*pb.PagemapHead, error) {
 	head, entries, err := images.ReadPagemap(dir, p.pstree.Pid)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if head.Compression != "" && head.Compression != images.Zstd {
-		return fmt.Errorf("%s: page compression %q is not supported by this ferry: %w",
+		return nil, fmt.Errorf("%s: page compression %q is not supported by this ferry: %w",
 			filepath.Join(dir, images.PagemapName(p.pstree.Pid)), head.Compression, images.ErrVersion)
 	}
 	p.pagesID = head.PagesId
 	p.pagemap = entries
-	return nil
+	return head, nil
 }
 
 const pageSize = 4096

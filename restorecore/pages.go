@@ -5,6 +5,8 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/lazypages"
 )
@@ -19,22 +21,21 @@ func (b *builder) fillPages() error {
 		// The daemon fetches them from its page server and writes them.
 		var eager [][2]uint64
 		for _, r := range b.p.ranges {
-			for _, v := range b.p.mm.Vmas {
-				a, e := max(v.Start, r[0]), min(v.End, r[1])
-				if a < e && !b.lazy(v) {
+			eachOverlap(b.p.mm.Vmas, r[0], r[1], func(v *pb.Vma, a, e uint64) {
+				if !b.lazy(v) {
 					eager = append(eager, [2]uint64{a, e})
 				}
-			}
+			})
 		}
 		return lazypages.Fill(b.r.opts.LazySocket, int(b.p.pstree.Pid), b.pid, eager)
 	}
 	var segs []compel.Segment
 	var total uint64
 	for _, r := range b.p.runs {
-		for _, part := range b.eagerParts(r) {
+		b.eachEager(r, func(part images.PageRun) {
 			segs = append(segs, compel.Segment{Addr: part.Vaddr, Local: part.Data})
 			total += uint64(len(part.Data))
-		}
+		})
 	}
 	b.r.stats.PagesRestored += total / pageSize
 	return fillParallel(b.pid, segs, total)

@@ -472,6 +472,21 @@ func TestRestoreBitFlippedImage(t *testing.T) {
 	expectRefused(t, img, w.Pid, mm, "offset", "corrupt")
 }
 
+func TestRestoreVmasOutOfOrder(t *testing.T) {
+	needRoot(t)
+	img, w := dumpKilled(t)
+	name := images.MmName(int32(w.Pid))
+	var mm pb.MmCore
+	if err := images.ReadOne(img, name, images.KindMm, &mm); err != nil {
+		t.Fatal(err)
+	}
+	mm.Vmas[1], mm.Vmas[2] = mm.Vmas[2], mm.Vmas[1]
+	if err := images.WriteAll(img, name, images.KindMm, &mm); err != nil {
+		t.Fatal(err)
+	}
+	expectRefused(t, img, w.Pid, filepath.Join(img, name), "VMA 2", "out of order")
+}
+
 func TestRestoreFutureVersion(t *testing.T) {
 	needRoot(t)
 	img, w := dumpKilled(t)
