@@ -123,7 +123,15 @@ func TestService(t *testing.T) {
 			t.Errorf("service exited %d", code)
 		}
 	}()
-	if !waitFor(5*time.Second, func() bool { _, err := os.Stat(sock); return err == nil }) {
+	// The socket file appears at bind, a moment before the listen: wait
+	// until it takes a connection.
+	if !waitFor(5*time.Second, func() bool {
+		c, err := net.Dial("unixpacket", sock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}) {
 		t.Fatal("no service socket")
 	}
 	for _, typ := range []rpc.CriuReqType{rpc.CriuReqType_VERSION, rpc.CriuReqType_CHECK, rpc.CriuReqType_PAGE_SERVER} {
