@@ -185,11 +185,15 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 		}
 		d.parent = p
 	}
-	if opts.FlagsBeforeFreeze {
+	if opts.FlagsBeforeFreeze && (!opts.LeaveRunning || opts.LeaveStopped || opts.PreDump || opts.LazyServe != nil) {
+		return nil, errors.New("VMA flags read before the freeze need a dump that leaves the process running")
+	}
+	// dump --lazy-pages reads them early too: smaps of a 4 GiB process
+	// takes ~35 ms, the larger part of its time to serving. The tree
+	// stays frozen while it serves, so they are checked against the
+	// frozen tree before its first page leaves (tree.serveLazy).
+	if opts.FlagsBeforeFreeze || opts.LazyServe != nil {
 		// Last before the freeze, so that little can change in between.
-		if !opts.LeaveRunning || opts.LeaveStopped || opts.PreDump || opts.LazyServe != nil {
-			return nil, errors.New("VMA flags read before the freeze need a dump that leaves the process running")
-		}
 		if err := t.readEarlyFlags(); err != nil {
 			return nil, err
 		}

@@ -2,11 +2,13 @@ package dumpcore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -301,20 +303,8 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	if t.opts.LazyServe != nil {
-		// Asked for by the images' PIDs (vpid).
-		inTree := map[int]int{}
-		for _, d := range t.procs {
-			inTree[int(t.vpid(d.opts.Pid))] = d.opts.Pid
-		}
-		read := func(pid int, vaddr uint64, buf []byte) error {
-			here, ok := inTree[pid]
-			if !ok {
-				return fmt.Errorf("process %d is not in this dump", pid)
-			}
-			return compel.ReadMem(here, []compel.Segment{{Addr: vaddr, Local: buf}})
-		}
-		if err := t.opts.LazyServe(read); err != nil {
-			return nil, fmt.Errorf("serving pages to the lazy-pages daemon: %w (the process is resumed)", err)
+		if err := t.serveLazy(); err != nil {
+			return nil, err
 		}
 	}
 
@@ -329,6 +319,55 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 	}
 	t.files.repaired = nil
 	return root.finish(start)
+}
+
+// errFlagsMoved fails a dump --lazy-pages whose VMA flags, read before
+// the freeze, are not those of the frozen tree.
+var errFlagsMoved = errors.New("a memory mapping changed as the process was frozen (its flags in the images are not certain); dump again")
+
+// serveLazy serves the frozen tree's memory (dump --lazy-pages) until the
+// lazy-pages daemon has it all. The VMA flags in the images were read
+// before the freeze: smaps of the frozen tree is read meanwhile, and no
+// page leaves before it agrees.
+func (t *tree) serveLazy() error {
+	verified := make(chan error, 1)
+	go func() {
+		moved, err := t.flagsMoved()
+		if err == nil && moved {
+			err = errFlagsMoved
+		}
+		verified <- err
+	}()
+	var once sync.Once
+	var verr error
+	verify := func() error {
+		once.Do(func() { verr = <-verified })
+		return verr
+	}
+	// Asked for by the images' PIDs (vpid).
+	inTree := map[int]int{}
+	for _, d := range t.procs {
+		inTree[int(t.vpid(d.opts.Pid))] = d.opts.Pid
+	}
+	read := func(pid int, vaddr uint64, buf []byte) error {
+		if err := verify(); err != nil {
+			return err
+		}
+		here, ok := inTree[pid]
+		if !ok {
+			return fmt.Errorf("process %d is not in this dump", pid)
+		}
+		return compel.ReadMem(here, []compel.Segment{{Addr: vaddr, Local: buf}})
+	}
+	if err := t.opts.LazyServe(read); err != nil {
+		return fmt.Errorf("serving pages to the lazy-pages daemon: %w (the process is resumed)", err)
+	}
+	if err := verify(); err != nil {
+		// The daemon had every page without asking (from earlier
+		// rounds): the target runs, and the source must not resume.
+		t.log.Warn("the restored process may differ in memory flags (madvise, mlock) from the source", "err", err)
+	}
+	return nil
 }
 
 // collect reads every process of the tree, then what spans processes.
