@@ -374,13 +374,20 @@ func (t *tree) preDump(ctx context.Context, start, frozenAt time.Time) (*Result,
 	t.resume(false)
 	released := time.Now()
 	t.stats.FrozenTimeUs = uint64(released.Sub(frozenAt).Microseconds())
-	imgs := make([]*imageSet, len(t.procs))
-	for i, d := range t.procs {
+	imgs := make([]*imageSet, 0, len(t.procs))
+	procs := make([]*dumper, 0, len(t.procs))
+	for _, d := range t.procs {
 		img, err := d.preDumpMemory(ctx)
-		if err != nil {
+		if err != nil && d.opts.Pid != t.root && exited(d.opts.Pid) {
+			// The tree runs: a child may exit before its memory is read
+			// (a shell's short-lived command). Its memory is of no use
+			// to the next round; the final dump does not have it.
+			t.log.Info("a process exited during the pre-dump: left out of the round", "pid", d.opts.Pid, "err", err)
+			continue
+		} else if err != nil {
 			return nil, err
 		}
-		imgs[i] = img
+		imgs, procs = append(imgs, img), append(procs, d)
 	}
 	root := t.procs[0]
 	inv, err := root.inventory(imgs[0])
@@ -394,7 +401,7 @@ func (t *tree) preDump(ctx context.Context, start, frozenAt time.Time) (*Result,
 	if err := images.WriteAll(dir, images.InventoryName, images.KindInventory, inv); err != nil {
 		return nil, err
 	}
-	for i, d := range t.procs {
+	for i, d := range procs {
 		if err := d.writePagemap(imgs[i]); err != nil {
 			return nil, err
 		}
@@ -406,9 +413,15 @@ func (t *tree) preDump(ctx context.Context, start, frozenAt time.Time) (*Result,
 	if err := images.WriteAll(dir, images.StatsDumpName, images.KindStats, &pb.Stats{Dump: t.stats}); err != nil {
 		return nil, err
 	}
-	t.log.Info("pre-dump finished", "pid", t.root, "processes", len(t.procs), "frozen", released.Sub(frozenAt),
+	t.log.Info("pre-dump finished", "pid", t.root, "processes", len(procs), "frozen", released.Sub(frozenAt),
 		"pages written", t.stats.PagesWritten, "pages in parent", t.stats.PagesSkippedParent)
 	return &Result{Stats: t.stats}, nil
+}
+
+// exited tells whether process pid is gone or a zombie.
+func exited(pid int) bool {
+	st, err := proc.ReadStat(pid)
+	return err != nil || st.State == 'Z' || st.State == 'X'
 }
 
 // preDumpMemory copies the memory of one process of a pre-dump.

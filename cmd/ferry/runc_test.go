@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -107,7 +108,13 @@ func runc(t *testing.T, bundle string, args ...string) {
 		msg := make([]byte, 4096)
 		errR.SetReadDeadline(time.Now().Add(time.Second))
 		n, _ := errR.Read(msg)
-		t.Fatalf("runc %s: %v\n%s", strings.Join(args, " "), err, msg[:n])
+		// ferry's own log, named in runc's message, says why.
+		var log []byte
+		if i := bytes.Index(msg[:n], []byte("log file: ")); i >= 0 {
+			name, _, _ := strings.Cut(string(msg[i+len("log file: "):n]), "\"")
+			log, _ = os.ReadFile(strings.TrimSpace(name))
+		}
+		t.Fatalf("runc %s: %v\n%s\n%s", strings.Join(args, " "), err, msg[:n], log)
 	}
 }
 
