@@ -99,7 +99,10 @@ func (c *PageChain) resolve(dir string, pid int32, depth int, head *pb.PagemapHe
 			return nil, fmt.Errorf("parent images of %s: %w", dir, err)
 		}
 	}
-	out := make([]PageRun, 0, len(entries))
+	var out []PageRun
+	if keep == nil {
+		out = make([]PageRun, 0, len(entries))
+	}
 	var off uint64
 	for _, e := range entries {
 		n := uint64(e.NrPages) * 4096

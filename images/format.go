@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"google.golang.org/protobuf/proto"
 )
@@ -219,8 +220,9 @@ type Reader struct {
 	path string
 	c    io.Closer // the file Open opened, or nil
 	r    *bufio.Reader
-	off  int64 // of the next record
-	err  error // sticky
+	buf  []byte // the last record's payload
+	off  int64  // of the next record
+	err  error  // sticky
 }
 
 // Open opens dir/name and checks that it is an image of kind, of a
@@ -307,10 +309,13 @@ func (r *Reader) record() ([]byte, error) {
 	}
 	// Grow in bounded steps: a length that lies about a short file costs
 	// at most one readChunk more than the file holds.
-	payload := make([]byte, 0, min(int(size), readChunk))
+	// The buffer is reused from record to record: decoders copy what
+	// they keep.
+	payload := r.buf[:0]
 	for len(payload) < int(size) {
 		start := len(payload)
-		payload = append(payload, make([]byte, min(int(size)-start, readChunk))...)
+		n := min(int(size)-start, readChunk)
+		payload = slices.Grow(payload, n)[:start+n]
 		got, err := io.ReadFull(r.r, payload[start:])
 		at := r.off + recordHead + int64(start+got)
 		switch {
@@ -320,6 +325,7 @@ func (r *Reader) record() ([]byte, error) {
 			return nil, readErr(r.path, at, err)
 		}
 	}
+	r.buf = payload
 	if crc32.Checksum(payload, crcTable) != sum {
 		return nil, formatErr(r.path, r.off, ErrCorrupt, "record checksum mismatch")
 	}

@@ -243,40 +243,38 @@ func prepare(opts Options, pid int, log *slog.Logger) (*prepared, error) {
 	p := &prepared{pid: pid}
 	// The pages the process had: from the resolved images, or (with a
 	// remote source) from the pagemap alone.
-	var ranges [][2]uint64
+	mm := &pb.MmCore{}
+	if err := images.ReadOne(opts.ImagesDir, images.MmName(pid), images.KindMm, mm); err != nil {
+		return nil, err
+	}
+	var n int
 	if opts.Remote != nil {
-		var err error
-		p.src, ranges, err = mixed(opts, pid, &p.stats, &p.chain)
+		src, ranges, err := mixed(opts, pid, &p.stats, &p.chain)
 		if err != nil {
 			p.chain.Close()
 			return nil, err
 		}
+		p.src, n = src, len(ranges)
+		p.pend = newPending(lazySpans(mm.Vmas, ranges, func(r [2]uint64) (uint64, uint64) { return r[0], r[1] }))
 	} else {
 		runs, err := p.chain.Resolve(opts.ImagesDir, int32(pid))
 		if err != nil {
 			p.chain.Close()
 			return nil, err
 		}
-		ranges = make([][2]uint64, len(runs))
-		for i, r := range runs {
-			ranges[i] = [2]uint64{r.Vaddr, r.Vaddr + uint64(len(r.Data))}
-		}
-		p.src = localSource{runs}
+		p.src, n = localSource{runs}, len(runs)
+		p.pend = newPending(lazySpans(mm.Vmas, runs, func(r images.PageRun) (uint64, uint64) {
+			return r.Vaddr, r.Vaddr + uint64(len(r.Data))
+		}))
 	}
-	mm := &pb.MmCore{}
-	if err := images.ReadOne(opts.ImagesDir, images.MmName(pid), images.KindMm, mm); err != nil {
-		p.chain.Close()
-		return nil, err
-	}
-	p.pend = newPending(lazySpans(mm.Vmas, ranges))
-	log.Debug("pages indexed", "pid", pid, "runs", len(ranges), "pages", p.pend.pages(), "took", time.Since(t0))
+	log.Debug("pages indexed", "pid", pid, "runs", n, "pages", p.pend.pages(), "took", time.Since(t0))
 	return p, nil
 }
 
-// lazySpans intersects the page ranges (in address order, disjoint) with
-// the lazy VMAs, splitting ranges at VMA bounds: UFFDIO_COPY must stay
-// within one VMA.
-func lazySpans(vmas []*pb.Vma, ranges [][2]uint64) []pendSpan {
+// lazySpans intersects the page ranges (in address order, disjoint; bounds
+// gives each one's start and end) with the lazy VMAs, splitting ranges at
+// VMA bounds: UFFDIO_COPY must stay within one VMA.
+func lazySpans[R any](vmas []*pb.Vma, ranges []R, bounds func(R) (uint64, uint64)) []pendSpan {
 	vs := make([]*pb.Vma, 0, len(vmas))
 	for _, v := range vmas {
 		if Lazy(v) {
@@ -284,14 +282,22 @@ func lazySpans(vmas []*pb.Vma, ranges [][2]uint64) []pendSpan {
 		}
 	}
 	sort.Slice(vs, func(i, j int) bool { return vs[i].Start < vs[j].Start })
-	var out []pendSpan
+	// At most one span per range, plus one per VMA bound splitting one.
+	out := make([]pendSpan, 0, len(ranges)+len(vs))
 	i := 0
 	for _, v := range vs {
-		for i < len(ranges) && ranges[i][1] <= v.Start {
+		for i < len(ranges) {
+			if _, end := bounds(ranges[i]); end > v.Start {
+				break
+			}
 			i++
 		}
-		for k := i; k < len(ranges) && ranges[k][0] < v.End; k++ {
-			if a, b := max(v.Start, ranges[k][0]), min(v.End, ranges[k][1]); a < b {
+		for k := i; k < len(ranges); k++ {
+			start, end := bounds(ranges[k])
+			if start >= v.End {
+				break
+			}
+			if a, b := max(v.Start, start), min(v.End, end); a < b {
 				out = append(out, pendSpan{a, b, a})
 			}
 		}

@@ -39,7 +39,7 @@ func TestLazySpans(t *testing.T) {
 		{Start: 40 * p, End: 50 * p, Kind: "anon", Flags: 1}, // MAP_SHARED
 	}
 	ranges := [][2]uint64{{2 * p, 4 * p}, {8 * p, 25 * p}, {28 * p, 45 * p}}
-	got := lazySpans(vmas, ranges)
+	got := lazySpans(vmas, ranges, func(r [2]uint64) (uint64, uint64) { return r[0], r[1] })
 	want := []pendSpan{{2 * p, 4 * p, 2 * p}, {8 * p, 10 * p, 8 * p}, {20 * p, 25 * p, 20 * p}, {28 * p, 30 * p, 28 * p}}
 	if len(got) != len(want) {
 		t.Fatalf("got %v, want %v", got, want)

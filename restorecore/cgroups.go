@@ -69,6 +69,15 @@ func (r *restorer) placeCgroups(tasks map[int32]*compel.Task) error {
 		if p.zombie || t == nil {
 			continue
 		}
+		// Where it is now (ferry's cgroups, inherited): writing
+		// cgroup.procs costs a few milliseconds per v1 hierarchy even
+		// when nothing moves.
+		now := map[string]string{}
+		if refs, err := cgroups.Read(t.Tid); err == nil {
+			for _, ref := range refs {
+				now[ref.Controllers] = filepath.Clean("/" + ref.Path)
+			}
+		}
 		for _, ref := range p.core.Cgroups {
 			mnt, ok := mounts[ref.Controllers]
 			if !ok {
@@ -77,12 +86,16 @@ func (r *restorer) placeCgroups(tasks map[int32]*compel.Task) error {
 			}
 			// Cleaned as an absolute path, it stays below the mount
 			// whatever the image says.
-			dir := filepath.Join(mnt, filepath.Clean("/"+r.cgroupPath(ref.Controllers, ref.Path)))
+			rel := filepath.Clean("/" + r.cgroupPath(ref.Controllers, ref.Path))
+			dir := filepath.Join(mnt, rel)
 			if !ready[dir] {
 				if err := r.makeCgroup(mode, dir, ref.Controllers, dirs[[2]string{ref.Controllers, ref.Path}]); err != nil {
 					return err
 				}
 				ready[dir] = true
+			}
+			if cur, ok := now[ref.Controllers]; ok && cur == rel {
+				continue
 			}
 			if err := cgroups.Move(dir, t.Tid); err != nil {
 				return fmt.Errorf("process %d: %w", p.pstree.Pid, err)

@@ -44,14 +44,29 @@ func eachOverlap(vmas []*pb.Vma, start, end uint64, fn func(v *pb.Vma, a, e uint
 }
 
 // eagerFilter picks the pagemap entries a lazy restore needs the data of:
-// those meeting a VMA the lazy-pages daemon does not serve.
+// those meeting a VMA the lazy-pages daemon does not serve. Entries come
+// in address order (a new pass starts over).
 func eagerFilter(vmas []*pb.Vma) func(images.PageEntry) bool {
+	lazy := make([]bool, len(vmas))
+	for i, v := range vmas {
+		lazy[i] = lazypages.Lazy(v)
+	}
+	i := 0
+	var last uint64
 	return func(e images.PageEntry) bool {
-		eager := false
-		eachOverlap(vmas, e.Vaddr, e.End(), func(v *pb.Vma, _, _ uint64) {
-			eager = eager || !lazypages.Lazy(v)
-		})
-		return eager
+		if e.Vaddr < last {
+			i = 0
+		}
+		last = e.Vaddr
+		for i < len(vmas) && vmas[i].End <= e.Vaddr {
+			i++
+		}
+		for k := i; k < len(vmas) && vmas[k].Start < e.End(); k++ {
+			if !lazy[k] {
+				return true
+			}
+		}
+		return false
 	}
 }
 

@@ -89,6 +89,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		return nil, err
 	}
 	defer is.close()
+	opts.Logger.Debug("images loaded", "took", time.Since(start))
 	// The network lock the dump left goes in every outcome: the sockets are
 	// back, or (the restore having failed) the connections are lost anyway
 	// and the peers had better learn it.
@@ -120,6 +121,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		}
 	}
 	validated := time.Now()
+	opts.Logger.Debug("images validated", "took", validated.Sub(start))
 	r := &restorer{opts: opts, log: opts.Logger, is: is, stats: &pb.RestoreStats{}, memfdOf: map[uint32]int{}}
 	r.stats.ValidateTimeUs = uint64(validated.Sub(start).Microseconds())
 	tr := ptrace.NewThread()

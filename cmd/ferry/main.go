@@ -8,6 +8,7 @@ package main
 import (
 	"os"
 	"runtime/debug"
+	"runtime/pprof"
 
 	"github.com/spf13/cobra"
 )
@@ -50,6 +51,15 @@ func main() {
 		// rare large heap in bounds.
 		debug.SetGCPercent(400)
 		debug.SetMemoryLimit(1 << 30)
+	}
+	if path := os.Getenv("FERRY_CPUPROFILE"); path != "" {
+		// For developers: a CPU profile of this run (go tool pprof).
+		if f, err := os.Create(path); err == nil && pprof.StartCPUProfile(f) == nil {
+			code := run(os.Args[1:])
+			pprof.StopCPUProfile()
+			f.Close()
+			os.Exit(code)
+		}
 	}
 	os.Exit(run(os.Args[1:]))
 }
