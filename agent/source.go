@@ -19,6 +19,8 @@ import (
 
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/dumpcore"
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/kernel"
 	"github.com/ferrycr/ferry/internal/proc"
@@ -269,7 +271,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 	if req.Final && req.Lazy {
 		// The pages listed stay in the stopped tree: serve them.
 		reply.PagesWritten, reply.Bytes, reply.PagesLazy = 0, 0, st.PagesWritten
-		s, err := a.servePages(m)
+		s, err := a.servePages(m, dir)
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "round %d: serving the pages: %v", req.Round, err)
 		}
@@ -283,7 +285,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 
 // servePages serves the memory of m's stopped tree to the target's
 // lazy-pages daemon (one connection, until the daemon has every page).
-func (a *Agent) servePages(m *migration) (*session, error) {
+func (a *Agent) servePages(m *migration, dir string) (*session, error) {
 	a.mu.Lock()
 	id := m.rec.ID
 	tree := map[int]bool{}
@@ -298,6 +300,18 @@ func (a *Agent) servePages(m *migration) (*session, error) {
 	log := a.log.With("migration", id)
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &session{addr: l.Addr().String(), cancel: cancel, done: make(chan struct{})}
+	// The memory the final round left unlisted (lazypages.Unlisted) is
+	// listed when the daemon asks, from the VMAs in its images.
+	list := func(pid int) ([][2]uint64, error) {
+		if !tree[pid] {
+			return nil, fmt.Errorf("process %d is not in migration %s", pid, id)
+		}
+		var mm pb.MmCore
+		if err := images.ReadOne(dir, images.MmName(int32(pid)), images.KindMm, &mm); err != nil {
+			return nil, err
+		}
+		return lazypages.ListPresent(pid, mm.Vmas)
+	}
 	read := func(pid int, vaddr uint64, buf []byte) error {
 		if !tree[pid] {
 			return fmt.Errorf("process %d is not in migration %s", pid, id)
@@ -319,7 +333,7 @@ func (a *Agent) servePages(m *migration) (*session, error) {
 			return
 		}
 		go func() { <-ctx.Done(); st.Close() }()
-		if err := lazypages.ServePages(st, read); err != nil && ctx.Err() == nil {
+		if err := lazypages.ServePages(st, read, list); err != nil && ctx.Err() == nil {
 			log.Error("migration: serving pages", "err", err)
 			return
 		}

@@ -29,6 +29,8 @@ type imageSet struct {
 	files   *fileTable
 	fds     *pb.FdTable
 	pagemap []images.PageEntry
+	// unlisted: pagemap leaves out the lazy memory (Options.NoPageData).
+	unlisted bool
 	// gaps and parentPages: parent runs still to be merged into pagemap
 	// (withParentRuns).
 	gaps        []span
@@ -492,7 +494,7 @@ func (d *dumper) writePagemap(img *imageSet) error {
 }
 
 func (d *dumper) writePagemapTo(pw *images.Writer, img *imageSet) error {
-	head := &pb.PagemapHead{PagesId: uint32(d.opts.Pid)}
+	head := &pb.PagemapHead{PagesId: uint32(d.opts.Pid), Unlisted: img.unlisted}
 	if d.opts.Compress && d.opts.PageSink == nil {
 		head.Compression = images.Zstd
 	}

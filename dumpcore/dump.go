@@ -39,12 +39,20 @@ type Options struct {
 	// LazyServe (dump --lazy-pages), when set, is called with the images
 	// written but no page data: it serves the frozen process's pages
 	// (read) to a lazy-pages daemon and returns once that is done. On
-	// success the process is killed; on error it is resumed.
-	LazyServe func(read func(pid int, vaddr uint64, buf []byte) error) error
+	// success the process is killed; on error it is resumed. list gives
+	// the present pages of a process's unlisted memory (see NoPageData).
+	LazyServe func(read func(pid int, vaddr uint64, buf []byte) error, list func(pid int) ([][2]uint64, error)) error
 	// NoPageData (with LeaveStopped: a post-copy migration's final round)
 	// lists the pages in the pagemap without copying them: they stay in
 	// the stopped process, read from it later (process_vm_readv) for a
 	// lazy-pages daemon. Stats.PagesWritten counts the pages listed.
+	//
+	// With NoPageData or LazyServe, and no parent round, the memory the
+	// daemon serves (lazypages.Unlisted) is not even listed while the
+	// tree is frozen (PAGEMAP_SCAN of a fragmented 4 GiB process takes
+	// ~30 ms, the pagemap of 200,000 runs as long again): the pagemap
+	// head says unlisted, and the page server lists it on the daemon's
+	// request (lazypages.ListPresent) while the target restores.
 	NoPageData bool
 	// PageSink (--page-server), when set, receives the pages and pagemap
 	// files instead of the images directory (the pagemap is also kept

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
@@ -31,7 +32,7 @@ func TestServeLazyChecksEarlyFlags(t *testing.T) {
 			t.Fatal(err)
 		}
 		var served int
-		tr := newTree(Options{Pid: w.Pid, Logger: slog.New(slog.DiscardHandler), LazyServe: func(read func(int, uint64, []byte) error) error {
+		tr := newTree(Options{Pid: w.Pid, Logger: slog.New(slog.DiscardHandler), LazyServe: func(read func(int, uint64, []byte) error, _ func(int) ([][2]uint64, error)) error {
 			page := make([]byte, pageSize)
 			if err := read(w.Pid, buf.Start, page); err != nil {
 				return err
@@ -49,7 +50,7 @@ func TestServeLazyChecksEarlyFlags(t *testing.T) {
 			}
 			d.usedEarly = append(d.usedEarly, k)
 		}
-		err = tr.serveLazy()
+		err = tr.serveLazy([]*imageSet{{mm: &pb.MmCore{}}})
 		if !errors.Is(err, tc.want) || (tc.want == nil) != (served == 1) {
 			t.Fatalf("%s: %v, %d pages served", tc.name, err, served)
 		}

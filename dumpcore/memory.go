@@ -17,6 +17,7 @@ import (
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/uffd"
 )
 
@@ -272,6 +273,9 @@ type pageDumper struct {
 	noData bool
 	// sc lists them when the kernel has PAGEMAP_SCAN (nil: read pagemap).
 	sc *uffd.Scanner
+	// unlisted: the memory a lazy-pages daemon serves is left out
+	// (Options.NoPageData).
+	unlisted bool
 	// readTime and writeTime split the memory dump between reading the
 	// target and writing the image.
 	readTime, writeTime time.Duration
@@ -344,6 +348,7 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 			}
 		}
 	}
+	pd.unlisted = pd.sc != nil && pd.parent == nil && d.dirty == nil
 	for i := 0; i < nBuffers; i++ {
 		pd.free <- chunks.Get().([]byte)
 	}
@@ -373,6 +378,9 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 				// comes back empty, as if the kernel had dropped it.
 				continue
 			}
+			if pd.unlisted && lazypages.Unlisted(v) {
+				continue
+			}
 			if err := pd.vma(v, skipZero, werr); err != nil {
 				return err
 			}
@@ -390,6 +398,7 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		return err
 	}
 	img.pagemap = pd.entries
+	img.unlisted = pd.unlisted
 	img.gaps, img.parentPages = pd.gaps, pd.parent
 	d.stats.MemdumpTimeUs = uint64(time.Since(start).Microseconds())
 	d.stats.MemwriteTimeUs = uint64(pd.writeTime.Microseconds())

@@ -20,6 +20,7 @@ import (
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
 	"github.com/ferrycr/ferry/internal/treeplan"
+	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/netlock"
 )
 
@@ -303,7 +304,7 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	if t.opts.LazyServe != nil {
-		if err := t.serveLazy(); err != nil {
+		if err := t.serveLazy(imgs); err != nil {
 			return nil, err
 		}
 	}
@@ -329,7 +330,7 @@ var errFlagsMoved = errors.New("a memory mapping changed as the process was froz
 // lazy-pages daemon has it all. The VMA flags in the images were read
 // before the freeze: smaps of the frozen tree is read meanwhile, and no
 // page leaves before it agrees.
-func (t *tree) serveLazy() error {
+func (t *tree) serveLazy(imgs []*imageSet) error {
 	verified := make(chan error, 1)
 	go func() {
 		moved, err := t.flagsMoved()
@@ -346,8 +347,12 @@ func (t *tree) serveLazy() error {
 	}
 	// Asked for by the images' PIDs (vpid).
 	inTree := map[int]int{}
-	for _, d := range t.procs {
+	vmas := map[int][]*pb.Vma{}
+	for i, d := range t.procs {
 		inTree[int(t.vpid(d.opts.Pid))] = d.opts.Pid
+		if imgs[i].unlisted {
+			vmas[d.opts.Pid] = imgs[i].mm.Vmas
+		}
 	}
 	read := func(pid int, vaddr uint64, buf []byte) error {
 		if err := verify(); err != nil {
@@ -359,7 +364,14 @@ func (t *tree) serveLazy() error {
 		}
 		return compel.ReadMem(here, []compel.Segment{{Addr: vaddr, Local: buf}})
 	}
-	if err := t.opts.LazyServe(read); err != nil {
+	list := func(pid int) ([][2]uint64, error) {
+		here, ok := inTree[pid]
+		if !ok || vmas[here] == nil {
+			return nil, fmt.Errorf("process %d has no unlisted memory in this dump", pid)
+		}
+		return lazypages.ListPresent(here, vmas[here])
+	}
+	if err := t.opts.LazyServe(read, list); err != nil {
 		return fmt.Errorf("serving pages to the lazy-pages daemon: %w (the process is resumed)", err)
 	}
 	if err := verify(); err != nil {

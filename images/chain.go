@@ -175,14 +175,10 @@ func Ranges(entries []PageEntry) [][2]uint64 {
 	return out
 }
 
-// PagemapSplit returns, for pid's pagemap in dir, the ranges stored by
+// PagemapSplit returns, for pagemap entries of dir, the ranges stored by
 // this image set itself (own) and those it takes from its parents
 // (inherited), and the parent directory (resolved against dir).
-func PagemapSplit(dir string, pid int32) (own, inherited [][2]uint64, parent string, err error) {
-	_, entries, err := ReadPagemap(dir, pid)
-	if err != nil {
-		return nil, nil, "", err
-	}
+func PagemapSplit(dir string, entries []PageEntry) (own, inherited [][2]uint64, parent string, err error) {
 	for _, e := range entries {
 		rg := [2]uint64{e.Vaddr, e.End()}
 		if e.InParent {

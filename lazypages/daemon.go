@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"sort"
 	"time"
 
@@ -75,6 +76,11 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	// Index the processes' pages (a fragmented 4 GiB process has ~200,000
 	// runs) while the restore, told we are ready, loads its images and
 	// makes the processes: a handover waits for the index, not the start.
+	s, err := newServer(log, opts.PrefetchRate)
+	if err != nil {
+		return nil, err
+	}
+	defer s.close()
 	preps := map[int]*prepared{}
 	indexed := make(chan struct{})
 	var indexErr error
@@ -87,6 +93,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 				return
 			}
 			preps[pid] = p
+			s.startList(p)
 		}
 	}()
 	defer func() {
@@ -99,12 +106,6 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		opts.Ready()
 	}
 	go func() { <-ctx.Done(); l.Close() }()
-	s := &server{log: log, buf: make([]byte, prefetchChunk), rate: opts.PrefetchRate}
-	defer func() {
-		for _, c := range s.clients {
-			c.u.Close()
-		}
-	}()
 	// One handover per process with lazy memory (without images to tell,
 	// just one), taken while the processes handed over already are
 	// served: a process being restored may touch its lazy memory (rseq,
@@ -142,8 +143,13 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 				return err
 			}
 			preps[pid] = p
+			s.startList(p)
 		}
-		c := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend, pid: pid, osPid: osPid, src: p.src, main: true}
+		c := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend, pid: pid, osPid: osPid, src: p.src, main: true,
+			unlisted: p.unlisted}
+		if ranges, ok := s.listed[pid]; ok && c.unlisted {
+			c.pend, c.unlisted = c.pend.restrict(ranges), false
+		}
 		s.clients = append(s.clients, c)
 		s.handovers--
 		if _, err := conn.Write([]byte{0}); err != nil {
@@ -236,6 +242,9 @@ type prepared struct {
 	pend  pending
 	stats Stats
 	chain images.PageChain // open page files, closed when done
+	// unlisted: the pagemap leaves the lazy memory out (PagemapHead);
+	// pend holds it whole until src lists it.
+	unlisted bool
 }
 
 func prepare(opts Options, pid int, log *slog.Logger) (*prepared, error) {
@@ -247,17 +256,38 @@ func prepare(opts Options, pid int, log *slog.Logger) (*prepared, error) {
 	if err := images.ReadOne(opts.ImagesDir, images.MmName(pid), images.KindMm, mm); err != nil {
 		return nil, err
 	}
-	var n int
-	if opts.Remote != nil {
-		src, ranges, err := mixed(opts, pid, &p.stats, &p.chain)
+	head, entries, err := images.ReadPagemap(opts.ImagesDir, int32(pid))
+	if err != nil {
+		return nil, err
+	}
+	n := len(entries)
+	switch {
+	case head.Unlisted:
+		// The dump left the lazy memory unlisted: all of it is pending
+		// (a fault fetches whatever is there, zeros where nothing is)
+		// until the page server's list narrows it to the present pages.
+		if _, ok := opts.Remote.(Lister); !ok {
+			return nil, fmt.Errorf("the images of process %d do not list its memory (dump --lazy-pages): it comes from that dump's page server (--page-server)", pid)
+		}
+		p.src, p.unlisted = opts.Remote, true
+		var spans []pendSpan
+		for _, v := range mm.Vmas {
+			if Unlisted(v) {
+				spans = append(spans, pendSpan{v.Start, v.End, v.Start})
+			}
+		}
+		sort.Slice(spans, func(i, j int) bool { return spans[i].start < spans[j].start })
+		p.pend = newPending(spans)
+	case opts.Remote != nil:
+		src, ranges, err := mixed(opts, pid, entries, &p.stats, &p.chain)
 		if err != nil {
 			p.chain.Close()
 			return nil, err
 		}
-		p.src, n = src, len(ranges)
+		p.src = src
 		p.pend = newPending(lazySpans(mm.Vmas, ranges, func(r [2]uint64) (uint64, uint64) { return r[0], r[1] }))
-	} else {
-		runs, err := p.chain.Resolve(opts.ImagesDir, int32(pid))
+	default:
+		runs, err := p.chain.ResolveEntries(opts.ImagesDir, int32(pid), head, entries, nil)
 		if err != nil {
 			p.chain.Close()
 			return nil, err
@@ -321,6 +351,9 @@ type client struct {
 	// retry holds faults that could not be served yet (EAGAIN while the
 	// address space was changing); they are served again each round.
 	retry []uffd.Msg
+	// unlisted: pend still holds the unlisted memory whole (faults are
+	// served, nothing is prefetched) until its list arrives.
+	unlisted bool
 }
 
 type server struct {
@@ -336,6 +369,77 @@ type server struct {
 	// rate limits background prefetch (bytes per second; 0: none).
 	rate       int64
 	prefetched int64
+	// Lists of unlisted memory arrive on lists (asked for by startList),
+	// each with a byte on the wake pipe; listed keeps them by PID.
+	lists  chan listResult
+	wake   [2]int
+	listed map[int][][2]uint64
+}
+
+type listResult struct {
+	pid    int
+	ranges [][2]uint64
+	err    error
+}
+
+func newServer(log *slog.Logger, rate int64) (*server, error) {
+	s := &server{log: log, buf: make([]byte, prefetchChunk), rate: rate,
+		lists: make(chan listResult, 64), listed: map[int][][2]uint64{}}
+	if err := unix.Pipe2(s.wake[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, os.NewSyscallError("pipe2", err)
+	}
+	return s, nil
+}
+
+func (s *server) close() {
+	for _, c := range s.clients {
+		c.u.Close()
+	}
+	unix.Close(s.wake[0])
+	unix.Close(s.wake[1])
+}
+
+// startList asks p's source for the list of its unlisted memory, which
+// the loop applies when it arrives.
+func (s *server) startList(p *prepared) {
+	if !p.unlisted {
+		return
+	}
+	go func() {
+		t0 := time.Now()
+		ranges, err := p.src.(Lister).List(p.pid)
+		s.log.Debug("unlisted memory listed", "pid", p.pid, "ranges", len(ranges), "took", time.Since(t0), "err", err)
+		s.lists <- listResult{p.pid, ranges, err}
+		unix.Write(s.wake[1], []byte{0})
+	}()
+}
+
+// takeLists applies the lists that arrived: from now on only the pages
+// present in the source are pending (and prefetched).
+func (s *server) takeLists() error {
+	var b [64]byte
+	for {
+		if n, _ := unix.Read(s.wake[0], b[:]); n <= 0 {
+			break
+		}
+	}
+	for {
+		select {
+		case l := <-s.lists:
+			if l.err != nil {
+				return l.err
+			}
+			s.listed[l.pid] = l.ranges
+			for _, c := range s.clients {
+				if c.pid == l.pid && c.unlisted {
+					c.pend, c.unlisted = c.pend.restrict(l.ranges), false
+					s.log.Info("memory listed", "client", c.name, "pages", c.pend.pages())
+				}
+			}
+		default:
+			return nil
+		}
+	}
 }
 
 const (
@@ -383,6 +487,9 @@ func (s *server) deliver(c *client, sp pendSpan, va, n uint64) error {
 func (s *server) prefetch() error {
 	budget := uint64(prefetchChunk)
 	for _, c := range s.clients {
+		if c.unlisted {
+			continue // not yet known what is there
+		}
 		for budget > 0 {
 			sp, ok := c.pend.first()
 			if !ok {
@@ -443,6 +550,16 @@ func (s *server) fault(c *client, m uffd.Msg) error {
 	return err
 }
 
+// canPrefetch tells whether some client has pages to prefetch.
+func (s *server) canPrefetch() bool {
+	for _, c := range s.clients {
+		if !c.unlisted && c.pend.pages() > 0 {
+			return true
+		}
+	}
+	return false
+}
+
 func (s *server) pendingPages() uint64 {
 	var n uint64
 	for _, c := range s.clients {
@@ -468,7 +585,7 @@ func (s *server) handle(c *client, m uffd.Msg) error {
 		// The child's memory is the parent's: the same pages are missing.
 		child := &client{u: uffd.AdoptNoHandshake(m.ChildFd, Features),
 			pend: c.pend.clone(),
-			name: "child of " + c.name, pid: c.pid, src: c.src}
+			name: "child of " + c.name, pid: c.pid, src: c.src, unlisted: c.unlisted}
 		s.clients = append(s.clients, child)
 		s.log.Info("serving a child forked during post-copy", "parent", c.name, "pages", child.pend.pages())
 	}
@@ -484,21 +601,28 @@ func (s *server) loop(ctx context.Context) error {
 			return err
 		}
 		n := len(s.clients)
-		pfd := make([]unix.PollFd, n, n+1)
+		pfd := make([]unix.PollFd, n, n+2)
 		for i, c := range s.clients[:n] {
 			pfd[i] = unix.PollFd{Fd: int32(c.u.Fd()), Events: unix.POLLIN}
 		}
+		pfd = append(pfd, unix.PollFd{Fd: int32(s.wake[0]), Events: unix.POLLIN})
 		if s.handovers > 0 {
 			pfd = append(pfd, unix.PollFd{Fd: int32(s.lfd), Events: unix.POLLIN})
-			if n == 0 || s.pendingPages() == 0 {
-				wait = 100 // nothing to prefetch: wait for a handover (or ctx)
-			}
+		}
+		if !s.canPrefetch() {
+			wait = 100 // wait for a fault, a handover, a list (or ctx)
 		}
 		if _, err := unix.Poll(pfd, wait); err != nil && !errors.Is(err, unix.EINTR) {
 			return os.NewSyscallError("poll", err)
 		}
 		got := 0
-		if s.handovers > 0 && pfd[n].Revents&unix.POLLIN != 0 {
+		if pfd[n].Revents&unix.POLLIN != 0 {
+			if err := s.takeLists(); err != nil {
+				return err
+			}
+			got++
+		}
+		if s.handovers > 0 && pfd[n+1].Revents&unix.POLLIN != 0 {
 			if err := s.accept(); err != nil {
 				return err
 			}
@@ -564,8 +688,8 @@ func (s *server) loop(ctx context.Context) error {
 // mixed builds the source of a remote post-copy: pages this image set
 // stores itself come from the page server, pages it inherits come from
 // the parent images on this host when they are here.
-func mixed(opts Options, pid int, stats *Stats, chain *images.PageChain) (Source, [][2]uint64, error) {
-	own, inherited, parent, err := images.PagemapSplit(opts.ImagesDir, int32(pid))
+func mixed(opts Options, pid int, entries []images.PageEntry, stats *Stats, chain *images.PageChain) (Source, [][2]uint64, error) {
+	own, inherited, parent, err := images.PagemapSplit(opts.ImagesDir, entries)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -594,6 +718,42 @@ func Lazy(v *pb.Vma) bool {
 		return true
 	}
 	return false
+}
+
+// Unlisted reports whether a dump that defers listing (PagemapHead
+// unlisted) leaves a VMA's pages out of the pagemap: the lazy memory, but
+// droppable mappings (not saved at all).
+func Unlisted(v *pb.Vma) bool {
+	return Lazy(v) && !slices.Contains(v.VmFlags, "dp")
+}
+
+// ListPresent lists the present (or swapped out) pages of the unlisted
+// VMAs of process pid (here), in address order, with PAGEMAP_SCAN.
+func ListPresent(pid int, vmas []*pb.Vma) ([][2]uint64, error) {
+	sc, err := uffd.OpenScanner(pid)
+	if err != nil {
+		return nil, err
+	}
+	defer sc.Close()
+	var out [][2]uint64
+	q := uffd.Query{AnyOf: uffd.PagePresent | uffd.PageSwapped, ReturnMask: uffd.PagePresent | uffd.PageSwapped}
+	for _, v := range vmas {
+		if !Unlisted(v) {
+			continue
+		}
+		rs, err := sc.Scan(v.Start, v.End, q)
+		if err != nil {
+			return nil, fmt.Errorf("listing the pages of %d at %#x-%#x: %w", pid, v.Start, v.End, err)
+		}
+		for _, r := range rs {
+			if n := len(out); n > 0 && out[n-1][1] == r.Start {
+				out[n-1][1] = r.End
+			} else {
+				out = append(out, [2]uint64{r.Start, r.End})
+			}
+		}
+	}
+	return out, nil
 }
 
 // Handover passes the userfaultfd of process pid (its PID in the images;

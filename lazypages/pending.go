@@ -119,3 +119,22 @@ func (p *pending) clone() pending {
 	}
 	return newPending(live)
 }
+
+// restrict returns the set of the pending pages whose data (at src) lies
+// in ranges (sorted, disjoint): memory a dump left unlisted is pending
+// whole until the list of its present pages arrives.
+func (p *pending) restrict(ranges [][2]uint64) pending {
+	var out []pendSpan
+	for _, s := range p.spans[p.head:] {
+		if s.start == s.end {
+			continue
+		}
+		srcEnd := s.src + (s.end - s.start)
+		i := sort.Search(len(ranges), func(i int) bool { return ranges[i][1] > s.src })
+		for ; i < len(ranges) && ranges[i][0] < srcEnd; i++ {
+			a, b := max(ranges[i][0], s.src), min(ranges[i][1], srcEnd)
+			out = append(out, pendSpan{s.start + (a - s.src), s.start + (b - s.src), a})
+		}
+	}
+	return newPending(out)
+}

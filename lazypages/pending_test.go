@@ -1,6 +1,7 @@
 package lazypages
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/ferrycr/ferry/images/pb"
@@ -48,5 +49,19 @@ func TestLazySpans(t *testing.T) {
 		if got[i] != want[i] {
 			t.Fatalf("got %v, want %v", got, want)
 		}
+	}
+}
+
+func TestPendingRestrict(t *testing.T) {
+	const p = pageSize
+	// A whole VMA pending, of which pages 2-3 were delivered and 10-19
+	// moved to 100-109 (mremap) before the list arrived.
+	pend := newPending([]pendSpan{{0, 20 * p, 0}})
+	pend.remove(2*p, 4*p)
+	pend.move(10*p, 100*p, 10*p)
+	got := pend.restrict([][2]uint64{{1 * p, 3 * p}, {5 * p, 6 * p}, {12 * p, 14 * p}})
+	want := []pendSpan{{1 * p, 2 * p, 1 * p}, {5 * p, 6 * p, 5 * p}, {102 * p, 104 * p, 12 * p}}
+	if !slices.Equal(got.spans, want) || got.pages() != 4 {
+		t.Fatalf("got %v (%d pages), want %v", got.spans, got.pages(), want)
 	}
 }

@@ -3,6 +3,7 @@ package lazypages
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sort"
 	"sync"
@@ -39,18 +40,131 @@ const (
 	framePages = 11 // vaddr u64, then the bytes
 	frameErr   = 12 // message
 	frameBye   = 13
+	// frameList asks for the pages of pid's unlisted memory (pid u32);
+	// frameRanges answers, possibly in several frames: pid u32, last u8,
+	// then (start u64, end u64) pairs; frameListErr fails it: pid u32,
+	// then the message. Page requests are served meanwhile: listing a
+	// large process takes a while.
+	frameList    = 14
+	frameRanges  = 15
+	frameListErr = 16
 )
+
+// Lister is a Source that can list the pages of a process's unlisted
+// memory (PagemapHead.unlisted): its page server reads them from the
+// frozen process once the restore has begun.
+type Lister interface {
+	List(pid int) ([][2]uint64, error)
+}
 
 // RemoteSource asks a page server in lazy mode (ferry page-server
 // --lazy-pages, or dump --lazy-pages) for pages over a transport stream.
+// One goroutine reads the stream: page replies go to the one request in
+// flight, lists to whoever asked for them.
 type RemoteSource struct {
-	mu  sync.Mutex
-	s   *transport.Stream
-	buf []byte
+	mu      sync.Mutex // one page request at a time
+	wmu     sync.Mutex // frame writes
+	s       *transport.Stream
+	replies chan reply
+	free    chan []byte
+	done    chan struct{} // the reader stopped; err says why
+	err     error
+	closed  chan struct{}
+	once    sync.Once
+
+	lmu   sync.Mutex
+	lists map[int]*pendingList
+}
+
+type reply struct {
+	typ uint8
+	p   []byte
+}
+
+type pendingList struct {
+	ranges [][2]uint64
+	done   chan struct{}
+	err    error
 }
 
 // NewRemoteSource uses an established stream.
-func NewRemoteSource(s *transport.Stream) *RemoteSource { return &RemoteSource{s: s} }
+func NewRemoteSource(s *transport.Stream) *RemoteSource {
+	r := &RemoteSource{s: s, replies: make(chan reply), free: make(chan []byte, 2),
+		done: make(chan struct{}), closed: make(chan struct{}), lists: map[int]*pendingList{}}
+	r.free <- nil
+	r.free <- nil
+	go r.read()
+	return r
+}
+
+// read dispatches the frames of the stream until it fails or closes.
+func (r *RemoteSource) read() {
+	defer close(r.done)
+	for {
+		buf := <-r.free
+		typ, p, err := r.s.ReadFrame(buf)
+		if err != nil {
+			r.err = fmt.Errorf("page server: %w", err)
+			r.failLists(r.err)
+			return
+		}
+		switch typ {
+		case frameRanges, frameListErr:
+			r.free <- p
+			if err := r.gotList(typ, p); err != nil {
+				r.err = err
+				r.failLists(err)
+				return
+			}
+		default:
+			select {
+			case r.replies <- reply{typ, p}:
+			case <-r.closed:
+				return
+			}
+		}
+	}
+}
+
+func (r *RemoteSource) gotList(typ uint8, p []byte) error {
+	if len(p) < 4 {
+		return errors.New("page server: short list frame")
+	}
+	pid := int(binary.LittleEndian.Uint32(p))
+	r.lmu.Lock()
+	defer r.lmu.Unlock()
+	l := r.lists[pid]
+	if l == nil {
+		return fmt.Errorf("page server: a list of process %d nobody asked for", pid)
+	}
+	if typ == frameListErr {
+		l.err = fmt.Errorf("page server: listing the pages of process %d: %s", pid, p[4:])
+		delete(r.lists, pid)
+		close(l.done)
+		return nil
+	}
+	if len(p) < 5 || (len(p)-5)%16 != 0 {
+		return errors.New("page server: bad list frame")
+	}
+	for b := p[5:]; len(b) > 0; b = b[16:] {
+		l.ranges = append(l.ranges, [2]uint64{binary.LittleEndian.Uint64(b), binary.LittleEndian.Uint64(b[8:])})
+	}
+	if p[4] != 0 {
+		delete(r.lists, pid)
+		close(l.done)
+	}
+	return nil
+}
+
+func (r *RemoteSource) failLists(err error) {
+	r.lmu.Lock()
+	defer r.lmu.Unlock()
+	for pid, l := range r.lists {
+		l.err = err
+		close(l.done)
+		delete(r.lists, pid)
+	}
+}
 
 // DialRemote connects to the page server in lazy mode at addr over network
 // ("tcp" or "quic"), asking for zstd if wantZstd.
@@ -67,6 +181,15 @@ func DialRemote(ctx context.Context, network, addr string, t transport.TLS, want
 	return NewRemoteSource(s), nil
 }
 
+func (r *RemoteSource) send(typ uint8, p []byte) error {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	if err := r.s.WriteFrame(typ, p); err != nil {
+		return err
+	}
+	return r.s.Flush()
+}
+
 // Read requests pages and waits for them.
 func (r *RemoteSource) Read(pid int, vaddr uint64, buf []byte) error {
 	r.mu.Lock()
@@ -75,43 +198,81 @@ func (r *RemoteSource) Read(pid int, vaddr uint64, buf []byte) error {
 	binary.LittleEndian.PutUint32(req[0:], uint32(pid))
 	binary.LittleEndian.PutUint64(req[4:], vaddr)
 	binary.LittleEndian.PutUint32(req[12:], uint32(len(buf)))
-	if err := r.s.WriteFrame(frameReq, req); err != nil {
+	if err := r.send(frameReq, req); err != nil {
 		return err
 	}
-	if err := r.s.Flush(); err != nil {
-		return err
+	var rp reply
+	select {
+	case rp = <-r.replies:
+	case <-r.done:
+		return r.err
 	}
-	typ, p, err := r.s.ReadFrame(r.buf)
-	if err != nil {
-		return fmt.Errorf("page server: %w", err)
-	}
-	r.buf = p
-	switch {
-	case typ == frameErr:
+	defer func() { r.free <- rp.p }()
+	switch p := rp.p; {
+	case rp.typ == frameErr:
 		return fmt.Errorf("page server: %s", p)
-	case typ != framePages || len(p) != 8+len(buf) || binary.LittleEndian.Uint64(p) != vaddr:
+	case rp.typ != framePages || len(p) != 8+len(buf) || binary.LittleEndian.Uint64(p) != vaddr:
 		return fmt.Errorf("page server: unexpected reply to %#x+%d", vaddr, len(buf))
+	default:
+		copy(buf, p[8:])
 	}
-	copy(buf, p[8:])
 	return nil
+}
+
+// List asks the page server for the pages of pid's unlisted memory and
+// waits for them (page requests go on meanwhile).
+func (r *RemoteSource) List(pid int) ([][2]uint64, error) {
+	l := &pendingList{done: make(chan struct{})}
+	r.lmu.Lock()
+	if r.lists[pid] != nil {
+		r.lmu.Unlock()
+		return nil, fmt.Errorf("the pages of process %d are being listed already", pid)
+	}
+	r.lists[pid] = l
+	r.lmu.Unlock()
+	req := binary.LittleEndian.AppendUint32(nil, uint32(pid))
+	if err := r.send(frameList, req); err != nil {
+		return nil, err
+	}
+	select {
+	case <-l.done:
+		return l.ranges, l.err
+	case <-r.done:
+		<-l.done // failLists closes it
+		return nil, l.err
+	}
 }
 
 // Abort drops the connection without telling the server the daemon is
 // done (a failed post-copy).
-func (r *RemoteSource) Abort() { r.s.Close() }
+func (r *RemoteSource) Abort() {
+	r.once.Do(func() { close(r.closed) })
+	r.s.Close()
+}
 
 // Close tells the server the daemon is done.
 func (r *RemoteSource) Close() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.s.WriteFrame(frameBye, nil)
-	r.s.Flush()
+	r.send(frameBye, nil)
+	r.once.Do(func() { close(r.closed) })
 	return r.s.Close()
 }
 
-// ServePages answers a lazy-pages daemon's requests from read until it
-// says goodbye (page-server --lazy-pages, dump --lazy-pages).
-func ServePages(s *transport.Stream, read func(pid int, vaddr uint64, buf []byte) error) error {
+// ServePages answers a lazy-pages daemon's requests until it says goodbye
+// (page-server --lazy-pages, dump --lazy-pages): pages from read, and the
+// pages of unlisted memory from list, which runs aside while pages are
+// served (nil: nothing is unlisted).
+func ServePages(s *transport.Stream, read func(pid int, vaddr uint64, buf []byte) error, list func(pid int) ([][2]uint64, error)) error {
+	var wmu sync.Mutex
+	write := func(typ uint8, p []byte) error {
+		wmu.Lock()
+		defer wmu.Unlock()
+		if err := s.WriteFrame(typ, p); err != nil {
+			return err
+		}
+		return s.Flush()
+	}
+	var listing sync.WaitGroup
+	defer listing.Wait()
 	var in, out []byte
 	for {
 		typ, p, err := s.ReadFrame(in)
@@ -122,6 +283,16 @@ func ServePages(s *transport.Stream, read func(pid int, vaddr uint64, buf []byte
 		switch typ {
 		case frameBye:
 			return nil
+		case frameList:
+			if len(p) != 4 {
+				return fmt.Errorf("lazy page stream: bad list request")
+			}
+			pid := binary.LittleEndian.Uint32(p)
+			listing.Add(1)
+			go func() {
+				defer listing.Done()
+				sendList(write, pid, list)
+			}()
 		case frameReq:
 			if len(p) != 16 {
 				return fmt.Errorf("lazy page stream: bad request")
@@ -138,19 +309,48 @@ func ServePages(s *transport.Stream, read func(pid int, vaddr uint64, buf []byte
 			out = out[:8+n]
 			binary.LittleEndian.PutUint64(out, vaddr)
 			if err := read(pid, vaddr, out[8:]); err != nil {
-				err = s.WriteFrame(frameErr, []byte(err.Error()))
+				err = write(frameErr, []byte(err.Error()))
 			} else {
-				err = s.WriteFrame(framePages, out)
+				err = write(framePages, out)
 			}
 			if err != nil {
-				return err
-			}
-			if err := s.Flush(); err != nil {
 				return err
 			}
 		default:
 			return fmt.Errorf("lazy page stream: unknown frame %d", typ)
 		}
+	}
+}
+
+// sendList answers a frameList for pid, in frames of at most MaxFrame.
+func sendList(write func(uint8, []byte) error, pid uint32, list func(int) ([][2]uint64, error)) {
+	head := binary.LittleEndian.AppendUint32(nil, pid)
+	if list == nil {
+		write(frameListErr, append(head, "this page server lists no pages"...))
+		return
+	}
+	ranges, err := list(int(pid))
+	if err != nil {
+		write(frameListErr, append(head, err.Error()...))
+		return
+	}
+	const per = (transport.MaxFrame - 5) / 16
+	for {
+		n := min(len(ranges), per)
+		last := byte(0)
+		if n == len(ranges) {
+			last = 1
+		}
+		f := make([]byte, 0, 5+16*n)
+		f = append(append(f, head...), last)
+		for _, r := range ranges[:n] {
+			f = binary.LittleEndian.AppendUint64(f, r[0])
+			f = binary.LittleEndian.AppendUint64(f, r[1])
+		}
+		if write(frameRanges, f) != nil || last == 1 {
+			return
+		}
+		ranges = ranges[n:]
 	}
 }
 

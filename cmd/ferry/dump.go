@@ -181,7 +181,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 			}
 			defer c.close()
 			var sink dumpcore.PageSink
-			var lazyServe func(func(int, uint64, []byte) error) error
+			var lazyServe func(func(int, uint64, []byte) error, func(int) ([][2]uint64, error)) error
 			if lazy {
 				// The pages are served, not sent: --ps-socket or
 				// --address/--port name where.

@@ -1385,7 +1385,7 @@ func TestLazyRestoreSourceFailure(t *testing.T) {
 				return errors.New("source lost")
 			}
 			return read(pid, va, buf)
-		})
+		}, nil)
 	}()
 	_, port, _ := net.SplitHostPort(l.Addr().String())
 	done := startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port,
@@ -1429,13 +1429,20 @@ func TestDumpLazyPagesServesFrozenMemory(t *testing.T) {
 	img, port := t.TempDir(), freePort(t)
 	done := startDaemon(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--lazy-pages", "--address", "127.0.0.1", "--port", port)
 	// While it serves, the process is frozen: what it sends is what is in
-	// memory, page for page.
-	ranges, err := images.PagemapRanges(img, int32(w.Pid))
-	if err != nil || len(ranges) == 0 {
-		t.Fatalf("pagemap: %v %v", ranges, err)
+	// memory, page for page. The pagemap leaves the anonymous memory
+	// unlisted: the page server lists it when asked.
+	head, entries, err := images.ReadPagemap(img, int32(w.Pid))
+	if err != nil || !head.Unlisted {
+		t.Fatalf("pagemap: %v %v", head, err)
 	}
-	// The listing (PAGEMAP_SCAN runs) holds exactly the present pages of
-	// the anonymous mappings, as /proc/PID/pagemap shows them page by page.
+	src := lazyClient(t, port)
+	ranges, err := src.List(w.Pid)
+	if err != nil || len(ranges) == 0 {
+		t.Fatalf("list: %v %v", ranges, err)
+	}
+	// The list (PAGEMAP_SCAN runs) holds exactly the present pages of
+	// the anonymous mappings, as /proc/PID/pagemap shows them page by page,
+	// and the pagemap none of them.
 	var mm pb.MmCore
 	if err := images.ReadOne(img, images.MmName(w.Pid), images.KindMm, &mm); err != nil {
 		t.Fatal(err)
@@ -1465,8 +1472,12 @@ func TestDumpLazyPagesServesFrozenMemory(t *testing.T) {
 		if present != listed {
 			t.Fatalf("VMA %#x-%#x: %d pages present, %d listed", v.Start, v.End, present, listed)
 		}
+		for _, e := range entries {
+			if e.Vaddr < v.End && e.End() > v.Start {
+				t.Fatalf("VMA %#x-%#x: the pagemap lists %#x+%d", v.Start, v.End, e.Vaddr, e.NrPages)
+			}
+		}
 	}
-	src := lazyClient(t, port)
 	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", w.Pid))
 	if err != nil {
 		t.Fatal(err)

@@ -116,13 +116,13 @@ func (p *psFlags) serverListener(log *slog.Logger) (net.Listener, error) {
 
 // lazyServe returns dump --lazy-pages' server: listen on --address:--port
 // and serve the frozen process's pages to one lazy-pages daemon.
-func (p *psFlags) lazyServe(cmd *cobra.Command, statusFd int) (func(func(int, uint64, []byte) error) error, error) {
+func (p *psFlags) lazyServe(cmd *cobra.Command, statusFd int) (func(func(int, uint64, []byte) error, func(int) ([][2]uint64, error)) error, error) {
 	if p.socketFd < 0 {
 		if _, err := p.addr(); err != nil {
 			return nil, fmt.Errorf("--lazy-pages: %w", err)
 		}
 	}
-	return func(read func(int, uint64, []byte) error) error {
+	return func(read func(int, uint64, []byte) error, list func(int) ([][2]uint64, error)) error {
 		l, err := p.serverListener(nil)
 		if err != nil {
 			return err
@@ -142,7 +142,7 @@ func (p *psFlags) lazyServe(cmd *cobra.Command, statusFd int) (func(func(int, ui
 			return err
 		}
 		defer s.Close()
-		return lazypages.ServePages(s, read)
+		return lazypages.ServePages(s, read, list)
 	}, nil
 }
 
@@ -250,7 +250,7 @@ into the background after that (--pidfile records its PID).`,
 				defer s.Close()
 				read, closeImages := lazypages.ImageReader(c.imagesDir)
 				defer closeImages()
-				return lazypages.ServePages(s, read)
+				return lazypages.ServePages(s, read, nil)
 			}
 			_, err = pageserver.Serve(cmd.Context(), pageserver.Options{Dir: c.imagesDir, Listener: l, Logger: log})
 			return err

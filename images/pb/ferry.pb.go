@@ -4877,7 +4877,12 @@ type PagemapHead struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	PagesId uint32                 `protobuf:"varint,1,opt,name=pages_id,json=pagesId,proto3" json:"pages_id,omitempty"`
 	// Compression of pages-<id>.img: "" (raw, page aligned) or "zstd".
-	Compression   string `protobuf:"bytes,2,opt,name=compression,proto3" json:"compression,omitempty"`
+	Compression string `protobuf:"bytes,2,opt,name=compression,proto3" json:"compression,omitempty"`
+	// unlisted (dump --lazy-pages, a post-copy migration's final round):
+	// the entries leave out the memory the lazy-pages daemon serves
+	// (private anonymous mappings, but droppable ones); the page server in
+	// lazy mode lists those pages on request, after the restore has begun.
+	Unlisted      bool `protobuf:"varint,3,opt,name=unlisted,proto3" json:"unlisted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4924,6 +4929,13 @@ func (x *PagemapHead) GetCompression() string {
 		return x.Compression
 	}
 	return ""
+}
+
+func (x *PagemapHead) GetUnlisted() bool {
+	if x != nil {
+		return x.Unlisted
+	}
+	return false
 }
 
 // PagemapEntry is one run of pages. On disk (format 2) entries travel in
@@ -5985,10 +5997,11 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x05locks\x18\x04 \x03(\v2\x16.ferry.images.FileLockR\x05locks\"D\n" +
 	"\aFdTable\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12'\n" +
-	"\x03fds\x18\x02 \x03(\v2\x15.ferry.images.FdEntryR\x03fds\"J\n" +
+	"\x03fds\x18\x02 \x03(\v2\x15.ferry.images.FdEntryR\x03fds\"f\n" +
 	"\vPagemapHead\x12\x19\n" +
 	"\bpages_id\x18\x01 \x01(\rR\apagesId\x12 \n" +
-	"\vcompression\x18\x02 \x01(\tR\vcompression\"b\n" +
+	"\vcompression\x18\x02 \x01(\tR\vcompression\x12\x1a\n" +
+	"\bunlisted\x18\x03 \x01(\bR\bunlisted\"b\n" +
 	"\fPagemapEntry\x12\x14\n" +
 	"\x05vaddr\x18\x01 \x01(\x04R\x05vaddr\x12\x19\n" +
 	"\bnr_pages\x18\x02 \x01(\rR\anrPages\x12\x1b\n" +
