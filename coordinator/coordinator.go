@@ -360,6 +360,9 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32, rss u
 	msg := "source frozen; restoring on the target"
 	if lazy {
 		msg = fmt.Sprintf("source frozen; %d pages left for post-copy", rep.PagesLazy)
+		if rep.Unlisted {
+			msg = "source frozen; its memory follows post-copy"
+		}
 	}
 	r.event(Event{Event: "final", Round: final, Pages: rep.PagesWritten, Bytes: rep.Bytes, FrozenMs: ms(frozen), Message: msg})
 	if o.Hook != nil {

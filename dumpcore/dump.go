@@ -112,7 +112,8 @@ type Options struct {
 	// is taken to mean it too) drops the peers' packets of the dumped
 	// connections from the dump until the restore; "skip" does not.
 	NetworkLock string
-	// FlagsBeforeFreeze (with LeaveRunning; background snapshots): the
+	// FlagsBeforeFreeze (with LeaveRunning, background snapshots; or with
+	// LeaveStopped, a migration's final round): the
 	// VMAs' flags come from smaps read just before the freeze, since smaps
 	// walks every page table (~10 ms per GiB); while frozen only the
 	// layout is read (maps), and a VMA whose layout changed meanwhile
@@ -121,6 +122,10 @@ type Options struct {
 	// shows the same layout and flags, its flags at the freeze instant are
 	// not certain, and Result.FlagsMoved says so. The images are complete
 	// either way; with FlagsMoved they are fit only as a parent round.
+	// With LeaveStopped, smaps of the stopped tree is read while the images
+	// are written, and a difference fails the dump (errFlagsMoved; the
+	// tree is left stopped); with NoPageData too, the dump returns first
+	// and Result.FlagsCheck gives the outcome.
 	FlagsBeforeFreeze bool
 	// Action, when set, runs criu's action-script stages: "network-lock"
 	// and "network-unlock" around the network lock, "post-dump" once the
@@ -149,6 +154,14 @@ type Result struct {
 	Stats *pb.DumpStats
 	// FlagsMoved: see Options.FlagsBeforeFreeze.
 	FlagsMoved bool
+	// FlagsCheck (LeaveStopped, NoPageData and FlagsBeforeFreeze) waits
+	// until the VMA flags read before the freeze have been compared with
+	// those of the stopped tree. No page of the tree may leave before it
+	// returns nil: an error means the images' flags may be wrong (the
+	// caller resumes the tree). Nil when there is nothing to wait for.
+	FlagsCheck func() error
+	// Unlisted: some memory was left out of the pagemap (see NoPageData).
+	Unlisted bool
 }
 
 // DefaultGhostLimit is criu's default for --ghost-limit.
@@ -193,8 +206,8 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 		}
 		d.parent = p
 	}
-	if opts.FlagsBeforeFreeze && (!opts.LeaveRunning || opts.LeaveStopped || opts.PreDump || opts.LazyServe != nil) {
-		return nil, errors.New("VMA flags read before the freeze need a dump that leaves the process running")
+	if opts.FlagsBeforeFreeze && (opts.LeaveRunning == opts.LeaveStopped || opts.PreDump || opts.LazyServe != nil) {
+		return nil, errors.New("VMA flags read before the freeze need a dump that leaves the process running or stopped")
 	}
 	// dump --lazy-pages reads them early too: smaps of a 4 GiB process
 	// takes ~35 ms, the larger part of its time to serving. The tree
@@ -204,6 +217,9 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 		// Last before the freeze, so that little can change in between.
 		if err := t.readEarlyFlags(); err != nil {
 			return nil, err
+		}
+		if testHookEarlyFlags != nil {
+			testHookEarlyFlags(t.early)
 		}
 	}
 	var res *Result
@@ -217,6 +233,10 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 	})
 	return res, err
 }
+
+// testHookEarlyFlags, set by tests, sees the VMA flags read before the
+// freeze (and may change them, as a process could meanwhile).
+var testHookEarlyFlags func(early map[int]map[vmaKey][]string)
 
 // dumper collects one process of the tree (opts.Pid is that process).
 type dumper struct {

@@ -10,18 +10,24 @@ import (
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
+	"golang.org/x/sys/unix"
 )
+
+// flagsWorkload starts the memory workload (4 MiB) and returns it with
+// its buffer's VMA, whose flags the tests alter.
+func flagsWorkload(t *testing.T) (*testutil.Workload, proc.Vma) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root")
+	}
+	w := testutil.Start(t, "-r", testutil.BuildC(t, "memcheck"), "-m", "4")
+	return w, bufferVMA(t, w.Pid)
+}
 
 // TestServeLazyChecksEarlyFlags: dump --lazy-pages takes VMA flags from
 // smaps read before the freeze; no page is served unless smaps of the
 // frozen tree agrees.
 func TestServeLazyChecksEarlyFlags(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root")
-	}
-	bin := testutil.BuildC(t, "memcheck")
-	w := testutil.Start(t, "-r", bin, "-m", "4")
-	buf := bufferVMA(t, w.Pid)
+	w, buf := flagsWorkload(t)
 	for _, tc := range []struct {
 		name  string
 		alter bool
@@ -54,5 +60,57 @@ func TestServeLazyChecksEarlyFlags(t *testing.T) {
 		if !errors.Is(err, tc.want) || (tc.want == nil) != (served == 1) {
 			t.Fatalf("%s: %v, %d pages served", tc.name, err, served)
 		}
+	}
+}
+
+// TestFinalRoundChecksEarlyFlags: a migration's final round (the tree left
+// stopped) takes VMA flags read before the freeze and compares them with
+// smaps of the stopped tree: a post-copy round hands the outcome to its
+// caller (no page may leave before it passes), a pre-copy round fails.
+func TestFinalRoundChecksEarlyFlags(t *testing.T) {
+	w, buf := flagsWorkload(t)
+	t.Cleanup(func() { testHookEarlyFlags = nil })
+	for _, tc := range []struct {
+		name           string
+		lazy, alter    bool
+		wantDump, want error
+	}{
+		{"post-copy, same flags", true, false, nil, nil},
+		{"post-copy, flags changed", true, true, nil, errFlagsMoved},
+		{"pre-copy, same flags", false, false, nil, nil},
+		{"pre-copy, flags changed", false, true, errFlagsMoved, nil},
+	} {
+		testHookEarlyFlags = func(early map[int]map[vmaKey][]string) {
+			for k, f := range early[w.Pid] {
+				if tc.alter && k.start == buf.Start {
+					early[w.Pid][k] = append(slices.Clone(f), "lo")
+				}
+			}
+		}
+		res, err := Dump(t.Context(), Options{Pid: w.Pid, ImagesDir: t.TempDir(), LeaveStopped: true,
+			NoPageData: tc.lazy, FlagsBeforeFreeze: true, Logger: slog.New(slog.DiscardHandler)})
+		if st, e := proc.ReadStat(w.Pid); e != nil || st.State != 'T' {
+			t.Fatalf("%s: the process is not left stopped (%v)", tc.name, e)
+		}
+		if err := unix.Kill(w.Pid, unix.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		if !errors.Is(err, tc.wantDump) {
+			t.Fatalf("%s: dump: %v, want %v", tc.name, err, tc.wantDump)
+		}
+		if err != nil {
+			continue
+		}
+		if (res.FlagsCheck != nil) != tc.lazy {
+			t.Fatalf("%s: FlagsCheck set: %v", tc.name, res.FlagsCheck != nil)
+		}
+		if tc.lazy {
+			if err := res.FlagsCheck(); !errors.Is(err, tc.want) {
+				t.Fatalf("%s: check: %v, want %v", tc.name, err, tc.want)
+			}
+		}
+	}
+	if r := w.Report(t); r.Status != "ok" {
+		t.Fatalf("the workload after four stopped dumps: %+v", r)
 	}
 }

@@ -50,7 +50,7 @@ func (t *tree) pidNamespace() error {
 	if v := inner(rst.NSpid); v != 1 {
 		return fmt.Errorf("process %d is PID %d of %s, not its init: %w (dump the namespace's init)", t.root, v, ns, ErrUnsupported)
 	}
-	if t.opts.FlagsBeforeFreeze {
+	if t.opts.FlagsBeforeFreeze && t.opts.LeaveRunning {
 		return fmt.Errorf("process %d is the init of %s, which background snapshots do not take yet: %w",
 			t.root, ns, ErrUnsupported)
 	}

@@ -269,8 +269,13 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		if err := t.release(frozenAt); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
-		moved, err := t.flagsMoved()
-		if err != nil {
+		var check func() error
+		moved := false
+		if t.opts.LeaveStopped && t.opts.FlagsBeforeFreeze {
+			// The tree stays stopped: smaps now is smaps at the freeze,
+			// compared while the images are written.
+			check = t.checkFlags()
+		} else if moved, err = t.flagsMoved(); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
 		if err := t.write(imgs); err != nil {
@@ -279,12 +284,23 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		if err := root.finishSink(); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
+		if check != nil && !t.opts.NoPageData {
+			if err := check(); err != nil {
+				return nil, fmt.Errorf("%w (the process is left stopped)", err)
+			}
+		}
 		if err := root.action("post-dump"); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
 		res, err := root.finish(start)
 		if res != nil {
 			res.FlagsMoved = moved
+			if t.opts.NoPageData {
+				res.FlagsCheck = check
+			}
+			for _, img := range imgs {
+				res.Unlisted = res.Unlisted || img.unlisted
+			}
 		}
 		return res, err
 	}
@@ -331,20 +347,7 @@ var errFlagsMoved = errors.New("a memory mapping changed as the process was froz
 // before the freeze: smaps of the frozen tree is read meanwhile, and no
 // page leaves before it agrees.
 func (t *tree) serveLazy(imgs []*imageSet) error {
-	verified := make(chan error, 1)
-	go func() {
-		moved, err := t.flagsMoved()
-		if err == nil && moved {
-			err = errFlagsMoved
-		}
-		verified <- err
-	}()
-	var once sync.Once
-	var verr error
-	verify := func() error {
-		once.Do(func() { verr = <-verified })
-		return verr
-	}
+	verify := t.checkFlags()
 	// Asked for by the images' PIDs (vpid).
 	inTree := map[int]int{}
 	vmas := map[int][]*pb.Vma{}
@@ -380,6 +383,27 @@ func (t *tree) serveLazy(imgs []*imageSet) error {
 		t.log.Warn("the restored process may differ in memory flags (madvise, mlock) from the source", "err", err)
 	}
 	return nil
+}
+
+// checkFlags compares, in the background, the VMA flags read before the
+// freeze with smaps of the tree, which must be frozen or stopped until the
+// returned function (which waits for the outcome) has been called: any
+// difference is errFlagsMoved.
+func (t *tree) checkFlags() func() error {
+	verified := make(chan error, 1)
+	go func() {
+		moved, err := t.flagsMoved()
+		if err == nil && moved {
+			err = errFlagsMoved
+		}
+		verified <- err
+	}()
+	var once sync.Once
+	var verr error
+	return func() error {
+		once.Do(func() { verr = <-verified })
+		return verr
+	}
 }
 
 // collect reads every process of the tree, then what spans processes.

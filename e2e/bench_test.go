@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -46,8 +47,14 @@ func BenchmarkMigrate(b *testing.B) {
 	}
 	bw := c.linkBandwidth(1 << 30)
 	b.Logf("link A-B (TLS): %.0f MiB/s", bw)
-	modes := []struct{ name, mode string }{
+	var modes []struct{ name, mode string }
+	only := os.Getenv("FERRY_BENCH_MODES") // names, comma-separated; all if empty
+	for _, m := range []struct{ name, mode string }{
 		{"stop-and-copy", "precopy"}, {"precopy", "precopy"}, {"hybrid", "hybrid"}, {"postcopy", "postcopy"},
+	} {
+		if only == "" || slices.Contains(strings.Split(only, ","), m.name) {
+			modes = append(modes, m)
+		}
 	}
 	var rows []benchRow
 	for _, size := range sizes {
@@ -58,9 +65,8 @@ func BenchmarkMigrate(b *testing.B) {
 			}
 			w, pid := c.startWorkload(args...)
 			before := w.Report(b)
-			here := []*host{c.a, c.b}
-			for i, m := range modes {
-				from, to := here[i%2], here[(i+1)%2]
+			from, to := c.a, c.b
+			for _, m := range modes {
 				extra := []string{"--mode", m.mode, "--from", from.ip, "--to", to.ip}
 				if m.name == "stop-and-copy" {
 					extra = append(extra, "--max-rounds", "0")
@@ -79,6 +85,7 @@ func BenchmarkMigrate(b *testing.B) {
 				waitFor(b, "the source to be reaped", 10*time.Second, func() bool { return procState(old) == 0 })
 				w.Pid = p
 				checkSame(b, before, w.Report(b))
+				from, to = to, from
 				row := benchRow{SizeMiB: size, DirtyMiBs: d, Mode: m.name, BandwidthMiBs: bw}
 				for _, e := range evs {
 					if e["event"] == "preflight" {

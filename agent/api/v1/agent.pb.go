@@ -686,8 +686,11 @@ type RoundReply struct {
 	Files              map[string][]byte      `protobuf:"bytes,7,rep,name=files,proto3" json:"files,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // the round's other images
 	LazyAddress        string                 `protobuf:"bytes,8,opt,name=lazy_address,json=lazyAddress,proto3" json:"lazy_address,omitempty"`                                            // lazy: where the source serves its pages
 	PagesLazy          uint64                 `protobuf:"varint,9,opt,name=pages_lazy,json=pagesLazy,proto3" json:"pages_lazy,omitempty"`                                                 // lazy: pages left for the target to fetch
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// lazy: the source lists the present pages of its anonymous memory when
+	// the target asks (after this reply); pages_lazy counts only the rest.
+	Unlisted      bool `protobuf:"varint,10,opt,name=unlisted,proto3" json:"unlisted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RoundReply) Reset() {
@@ -781,6 +784,13 @@ func (x *RoundReply) GetPagesLazy() uint64 {
 		return x.PagesLazy
 	}
 	return 0
+}
+
+func (x *RoundReply) GetUnlisted() bool {
+	if x != nil {
+		return x.Unlisted
+	}
+	return false
 }
 
 type PutFilesRequest struct {
@@ -1647,7 +1657,7 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\x04lazy\x18\t \x01(\bR\x04lazy\x12\x1f\n" +
 	"\vno_compress\x18\n" +
 	" \x01(\bR\n" +
-	"noCompress\"\x96\x03\n" +
+	"noCompress\"\xb2\x03\n" +
 	"\n" +
 	"RoundReply\x12#\n" +
 	"\rpages_written\x18\x01 \x01(\x04R\fpagesWritten\x12#\n" +
@@ -1660,7 +1670,9 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\x05files\x18\a \x03(\v2%.ferry.agent.v1.RoundReply.FilesEntryR\x05files\x12!\n" +
 	"\flazy_address\x18\b \x01(\tR\vlazyAddress\x12\x1d\n" +
 	"\n" +
-	"pages_lazy\x18\t \x01(\x04R\tpagesLazy\x1a8\n" +
+	"pages_lazy\x18\t \x01(\x04R\tpagesLazy\x12\x1a\n" +
+	"\bunlisted\x18\n" +
+	" \x01(\bR\bunlisted\x1a8\n" +
 	"\n" +
 	"FilesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
