@@ -273,9 +273,12 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		Files:        files,
 	}
 	if req.Final && req.Lazy {
-		// The pages listed stay in the stopped tree: serve them.
-		reply.PagesWritten, reply.Bytes, reply.PagesLazy = 0, 0, st.PagesWritten
+		// The lazy pages stay in the stopped tree: serve them. Unlisted,
+		// they are not counted, and the rest went with the images.
 		reply.Unlisted = res.Unlisted
+		if !res.Unlisted {
+			reply.PagesWritten, reply.Bytes, reply.PagesLazy = 0, 0, st.PagesWritten
+		}
 		s, err := a.servePages(m, dir, res.FlagsCheck)
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "round %d: serving the pages: %v", req.Round, err)

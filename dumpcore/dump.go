@@ -52,7 +52,10 @@ type Options struct {
 	// tree is frozen (PAGEMAP_SCAN of a fragmented 4 GiB process takes
 	// ~30 ms, the pagemap of 200,000 runs as long again): the pagemap
 	// head says unlisted, and the page server lists it on the daemon's
-	// request (lazypages.ListPresent) while the target restores.
+	// request (lazypages.ListPresent) while the target restores. With
+	// NoPageData and a PageSink, the pages of the rest (file-backed and
+	// shared memory, which the restore fills before the tree runs) are
+	// then sent with the images, and Stats.PagesWritten counts those.
 	NoPageData bool
 	// PageSink (--page-server), when set, receives the pages and pagemap
 	// files instead of the images directory (the pagemap is also kept

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -112,5 +113,57 @@ func TestFinalRoundChecksEarlyFlags(t *testing.T) {
 	}
 	if r := w.Report(t); r.Status != "ok" {
 		t.Fatalf("the workload after four stopped dumps: %+v", r)
+	}
+}
+
+// TestFinalRoundAfterPreDumpChecksEarlyFlags: the final round after a
+// pre-dump round closes the round's dirty tracker, which takes its write
+// protection ("uw" in smaps) off the process: no difference for the check.
+func TestFinalRoundAfterPreDumpChecksEarlyFlags(t *testing.T) {
+	w, _ := flagsWorkload(t)
+	dir := t.TempDir()
+	for _, d := range []string{"1", "2"} {
+		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	log := slog.New(slog.DiscardHandler)
+	if _, err := Dump(t.Context(), Options{Pid: w.Pid, ImagesDir: filepath.Join(dir, "1"), PreDump: true, TrackMem: true, Logger: log}); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Dump(t.Context(), Options{Pid: w.Pid, ImagesDir: filepath.Join(dir, "2"), PrevImagesDir: "../1", TrackMem: true,
+		LeaveStopped: true, NoPageData: true, FlagsBeforeFreeze: true, Logger: log})
+	unix.Kill(w.Pid, unix.SIGCONT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := res.FlagsCheck(); err != nil {
+		t.Fatalf("check: %v", err)
+	}
+}
+
+// TestSameVma: a VMA found again inside a larger one of the same kind (it
+// merged with a neighbour) is the same; one whose permissions, file or
+// file offset differ is not.
+func TestSameVma(t *testing.T) {
+	anon := vmaKey{start: 0x2000, end: 0x3000, perms: "rw-p"}
+	file := vmaKey{start: 0x2000, end: 0x3000, pgoff: 0x5000, inode: 7, perms: "r--p", dev: "fd:01", name: "/lib/x.so"}
+	for _, tc := range []struct {
+		k    vmaKey
+		v    proc.Vma
+		same bool
+	}{
+		{anon, proc.Vma{Start: 0x2000, End: 0x3000, Perms: "rw-p"}, true},
+		{anon, proc.Vma{Start: 0x1000, End: 0x4000, Perms: "rw-p"}, true},
+		{anon, proc.Vma{Start: 0x1000, End: 0x2800, Perms: "rw-p"}, false},
+		{anon, proc.Vma{Start: 0x1000, End: 0x4000, Perms: "r--p"}, false},
+		{anon, proc.Vma{Start: 0x1000, End: 0x4000, Perms: "rw-p", Name: "[heap]"}, false},
+		{file, proc.Vma{Start: 0x1000, End: 0x4000, Pgoff: 0x4000, Inode: 7, Perms: "r--p", Dev: "fd:01", Name: "/lib/x.so"}, true},
+		{file, proc.Vma{Start: 0x1000, End: 0x4000, Pgoff: 0x5000, Inode: 7, Perms: "r--p", Dev: "fd:01", Name: "/lib/x.so"}, false},
+		{file, proc.Vma{Start: 0x2000, End: 0x3000, Pgoff: 0x5000, Inode: 8, Perms: "r--p", Dev: "fd:01", Name: "/lib/x.so"}, false},
+	} {
+		if got := sameVma(tc.k, &tc.v); got != tc.same {
+			t.Errorf("%+v in %+v: same %v, want %v", tc.k, tc.v, got, tc.same)
+		}
 	}
 }

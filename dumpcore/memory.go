@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -209,27 +210,44 @@ func (d *dumper) readVmas() ([]proc.Vma, error) {
 
 // flagsMoved reads smaps after the resume and reports whether a VMA whose
 // flags were read before the freeze now shows another layout or flags.
+//
+// A VMA may have merged with its neighbours meanwhile: closing ferry's
+// dirty tracker takes its write protection ("uw") off, and VMAs that
+// differed only in that merge. That is no change: a VMA inside one of the
+// same kind (file, offset, permissions) and flags is the same.
 func (d *dumper) flagsMoved() (bool, error) {
 	if len(d.usedEarly) == 0 {
 		return false, nil
 	}
-	vmas, err := proc.ReadSmaps(d.opts.Pid)
+	after, err := proc.ReadSmaps(d.opts.Pid)
 	if err != nil {
 		return false, err
 	}
-	after := make(map[vmaKey][]string, len(vmas))
-	for i := range vmas {
-		after[keyOf(&vmas[i])] = vmas[i].VmFlags
+	flags := func(f []string) []string { return f }
+	if d.tracker != nil || len(d.files.staleTrackers[d.opts.Pid]) > 0 {
+		// The write protection is ferry's own (a tracked process may have
+		// no other: checkUffd), and goes when its tracker is closed.
+		flags = func(f []string) []string {
+			return slices.DeleteFunc(slices.Clone(f), func(s string) bool { return s == "uw" })
+		}
 	}
 	for _, k := range d.usedEarly {
-		f, ok := after[k]
-		if !ok || !slices.Equal(f, d.early[k]) {
+		i := sort.Search(len(after), func(i int) bool { return after[i].End > k.start })
+		if i == len(after) || !sameVma(k, &after[i]) || !slices.Equal(flags(after[i].VmFlags), flags(d.early[k])) {
 			d.log.Info("a VMA changed around the freeze: its flags at the freeze are not certain",
 				"vma", fmt.Sprintf("%#x-%#x", k.start, k.end))
 			return true, nil
 		}
 	}
 	return false, nil
+}
+
+// sameVma reports whether v is the VMA k or one it merged into.
+func sameVma(k vmaKey, v *proc.Vma) bool {
+	if v.Start > k.start || v.End < k.end || v.Perms != k.perms || v.Dev != k.dev || v.Inode != k.inode || v.Name != k.name {
+		return false
+	}
+	return k.inode == 0 || v.Pgoff+(k.start-v.Start) == k.pgoff // file offsets go on
 }
 
 // dumpable reports whether a VMA kind has pages in the image, and whether
@@ -328,11 +346,7 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		return err
 	}
 	defer mem.Close()
-	out, err := d.createPages(fmt.Sprintf("pages-%d.img", pid))
-	if err != nil {
-		return err
-	}
-	pd := &pageDumper{pid: pid, pm: pm, mem: mem, out: out, stats: d.stats,
+	pd := &pageDumper{pid: pid, pm: pm, mem: mem, stats: d.stats,
 		free: make(chan []byte, nBuffers), batches: make(chan batch, nBuffers),
 		dirty: d.dirty, tolerant: d.opts.PreDump, noData: d.opts.LazyServe != nil || d.opts.NoPageData}
 	if d.parent != nil && d.dirty != nil {
@@ -349,6 +363,19 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		}
 	}
 	pd.unlisted = pd.sc != nil && pd.parent == nil && d.dirty == nil
+	// The final round of a post-copy migration that leaves the lazy
+	// memory unlisted sends the rest (file-backed and shared memory: what
+	// the restore fills before the tree runs) with the images, as a
+	// plain dump would: the target fills it without asking the source.
+	eagerData := pd.unlisted && d.opts.NoPageData && d.opts.PageSink != nil
+	if eagerData {
+		pd.noData = false
+	}
+	out, err := d.createPages(fmt.Sprintf("pages-%d.img", pid), eagerData)
+	if err != nil {
+		return err
+	}
+	pd.out = out
 	for i := 0; i < nBuffers; i++ {
 		pd.free <- chunks.Get().([]byte)
 	}
@@ -406,15 +433,16 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 	return nil
 }
 
-// createPages opens the pages file locally or on the page server.
-func (d *dumper) createPages(name string) (*images.PageWriter, error) {
+// createPages opens the pages file locally or on the page server (with
+// NoPageData, unless withData, a file that only says its data is there).
+func (d *dumper) createPages(name string, withData bool) (*images.PageWriter, error) {
 	if d.opts.PageSink == nil {
 		if d.opts.Compress {
 			return images.CreatePagesZstd(d.opts.ImagesDir, name)
 		}
 		return images.CreatePages(d.opts.ImagesDir, name)
 	}
-	if d.opts.NoPageData {
+	if d.opts.NoPageData && !withData {
 		// No data to send: a pages file on the other side would only say
 		// that the data is there.
 		return images.NewPageStream(discard{})
