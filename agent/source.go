@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -272,6 +273,12 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		FrozenUs:     st.FrozenTimeUs,
 		Files:        files,
 	}
+	if req.Final && a.cfg.Fault == "flags-moved" {
+		res.FlagsCheck = func() error {
+			time.Sleep(50 * time.Millisecond) // as long as smaps of a large process
+			return errors.New("a memory mapping changed as the process was frozen (fault injected with --fault flags-moved)")
+		}
+	}
 	if req.Final && req.Lazy {
 		// The lazy pages stay in the stopped tree: serve them. Unlisted,
 		// they are not counted, and the rest went with the images.
@@ -279,7 +286,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		if !res.Unlisted {
 			reply.PagesWritten, reply.Bytes, reply.PagesLazy = 0, 0, st.PagesWritten
 		}
-		s, err := a.servePages(m, dir, res.FlagsCheck)
+		s, err := a.servePages(m, dir, res.FlagsCheck, res.Unlisted)
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "round %d: serving the pages: %v", req.Round, err)
 		}
@@ -293,9 +300,13 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 
 // servePages serves the memory of m's stopped tree to the target's
 // lazy-pages daemon (one connection, until the daemon has every page).
-// No page leaves before check (if not nil) passes: a failure ends the
-// serving, so the target's tree is stopped and the source resumed.
-func (a *Agent) servePages(m *migration, dir string, check func() error) (*session, error) {
+// check (if not nil) tells whether the images stand (dumpcore's
+// FlagsCheck); until it passes, no page leaves, or, with the lazy memory
+// unlisted, no list: the target's tree may then run on the pages it
+// faults in, but its daemon cannot finish without the list, so the
+// migration cannot commit. A failure ends the serving: the target's tree
+// is stopped and the source resumed, as after any post-copy failure.
+func (a *Agent) servePages(m *migration, dir string, check func() error, unlisted bool) (*session, error) {
 	a.mu.Lock()
 	id := m.rec.ID
 	tree := map[int]bool{}
@@ -316,6 +327,11 @@ func (a *Agent) servePages(m *migration, dir string, check func() error) (*sessi
 		if !tree[pid] {
 			return nil, fmt.Errorf("process %d is not in migration %s", pid, id)
 		}
+		if check != nil {
+			if err := check(); err != nil {
+				return nil, err
+			}
+		}
 		var mm pb.MmCore
 		if err := images.ReadOne(dir, images.MmName(int32(pid)), images.KindMm, &mm); err != nil {
 			return nil, err
@@ -326,7 +342,7 @@ func (a *Agent) servePages(m *migration, dir string, check func() error) (*sessi
 		if !tree[pid] {
 			return fmt.Errorf("process %d is not in migration %s", pid, id)
 		}
-		if check != nil {
+		if check != nil && !unlisted {
 			if err := check(); err != nil {
 				return err
 			}

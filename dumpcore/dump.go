@@ -159,9 +159,10 @@ type Result struct {
 	FlagsMoved bool
 	// FlagsCheck (LeaveStopped, NoPageData and FlagsBeforeFreeze) waits
 	// until the VMA flags read before the freeze have been compared with
-	// those of the stopped tree. No page of the tree may leave before it
-	// returns nil: an error means the images' flags may be wrong (the
-	// caller resumes the tree). Nil when there is nothing to wait for.
+	// those of the stopped tree. Nothing restored from the images may be
+	// kept before it returns nil: an error means the images' flags may be
+	// wrong (the caller resumes the tree). Nil when there is nothing to
+	// wait for.
 	FlagsCheck func() error
 	// Unlisted: some memory was left out of the pagemap (see NoPageData).
 	Unlisted bool

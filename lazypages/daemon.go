@@ -564,6 +564,12 @@ func (s *server) pendingPages() uint64 {
 	var n uint64
 	for _, c := range s.clients {
 		n += c.pend.pages()
+		if c.unlisted {
+			// Not done before the source has listed it, even if faults
+			// took every page: the list also says the source's dump
+			// stands (the page server answers it only then).
+			n++
+		}
 	}
 	return n
 }

@@ -115,7 +115,7 @@ post-copy).
 	fs.StringVar(&cfg.Gossip.Bind, "gossip", "", "join cluster membership, gossiping on HOST:PORT (UDP and TCP; e.g. 10.0.0.1:7946)")
 	fs.StringSliceVar(&cfg.Gossip.Join, "join", nil, "members to join at start, HOST:PORT of their --gossip (repeatable)")
 	fs.StringVar(&cfg.Gossip.KeyFile, "gossip-key", "", "the cluster's gossip encryption key (base64; ferry certs init writes gossip.key)")
-	fs.StringVar(&cfg.Fault, "fault", "", "fail or slow a step on purpose (tests): restore, slow-restore, after-restore, commit, slow-pages")
+	fs.StringVar(&cfg.Fault, "fault", "", "fail or slow a step on purpose (tests): restore, slow-restore, after-restore, commit, slow-pages, flags-moved")
 	fs.MarkHidden("fault")
 	return cmd
 }
