@@ -313,14 +313,16 @@ type postcopy struct {
 // dir, its pages coming from the source's service at addr (pages the
 // earlier rounds sent come from dir's parents).
 func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string) (*postcopy, error) {
-	remote, err := lazypages.DialRemote(ctx, "tcp", addr, a.tls, true)
-	if err != nil {
-		return nil, fmt.Errorf("the source's pages: %w", err)
-	}
+	// The restore starts while the stream to the source is set up (a TLS
+	// handshake: ~10 ms here); the daemon's first request waits for it.
+	// It outlives this call, not the daemon.
+	dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	remote := lazypages.DialAsync(dctx, "tcp", addr, a.tls, true)
 	// The socket's path must fit sun_path: not under the state directory.
 	sockDir, err := os.MkdirTemp("", "ferry-lazy-")
 	if err != nil {
 		remote.Abort()
+		dcancel()
 		return nil, err
 	}
 	lctx, cancel := context.WithCancel(context.Background())
@@ -329,6 +331,7 @@ func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string) (*postc
 	ready := make(chan struct{})
 	go func() {
 		defer close(p.done)
+		defer dcancel()
 		defer os.RemoveAll(sockDir)
 		p.stats, p.err = lazypages.Serve(lctx, lazypages.Options{ImagesDir: dir, Socket: p.socket, Remote: remote,
 			Ready: func() { close(ready) }, Logger: a.log.With("migration", id)})

@@ -376,6 +376,10 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 		return err
 	}
 	pd.out = out
+	var hot [][2]uint64
+	if eagerData {
+		hot = hotPages(img.core)
+	}
 	for i := 0; i < nBuffers; i++ {
 		pd.free <- chunks.Get().([]byte)
 	}
@@ -406,6 +410,18 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 				continue
 			}
 			if pd.unlisted && lazypages.Unlisted(v) {
+				if eagerData {
+					// The few pages the restore and the threads touch
+					// first go too: the target need not wait for the
+					// source to start.
+					for _, r := range hot {
+						if a, e := max(r[0], v.Start), min(r[1], v.End); a < e {
+							if err := pd.pages(v, a, e, false, werr); err != nil {
+								return err
+							}
+						}
+					}
+				}
 				continue
 			}
 			if err := pd.vma(v, skipZero, werr); err != nil {
@@ -431,6 +447,40 @@ func (d *dumper) dumpPages(ctx context.Context, img *imageSet) error {
 	d.stats.MemwriteTimeUs = uint64(pd.writeTime.Microseconds())
 	d.log.Info("memory dumped", "read", pd.readTime, "write", pd.writeTime, "total", time.Since(start))
 	return nil
+}
+
+// hotPages returns the pages, as sorted disjoint ranges, that the restore
+// touches for the threads (rseq area, robust list, clear_child_tid) and
+// that they touch first once they run (the top of the stack, TLS).
+func hotPages(core *pb.TaskCore) [][2]uint64 {
+	var pages []uint64
+	add := func(addr uint64) {
+		if addr != 0 {
+			pages = append(pages, addr&^(pageSize-1))
+		}
+	}
+	for _, tc := range core.Threads {
+		if r := tc.Regs; r != nil {
+			add(r.Rsp)
+			add(r.Rsp - 512) // what the next calls push
+			add(r.FsBase)
+		}
+		if tc.Rseq != nil {
+			add(tc.Rseq.Ptr)
+		}
+		add(tc.RobustList)
+		add(tc.ClearChildTid)
+	}
+	slices.Sort(pages)
+	var out [][2]uint64
+	for _, a := range slices.Compact(pages) {
+		if n := len(out); n > 0 && out[n-1][1] == a {
+			out[n-1][1] += pageSize
+		} else {
+			out = append(out, [2]uint64{a, a + pageSize})
+		}
+	}
+	return out
 }
 
 // createPages opens the pages file locally or on the page server (with

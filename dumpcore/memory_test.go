@@ -2,6 +2,7 @@ package dumpcore
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 
 	"github.com/ferrycr/ferry/images"
@@ -33,5 +34,21 @@ func TestWithParentRuns(t *testing.T) {
 	}
 	if stats.PagesSkippedParent != 2+1+4+3+4 {
 		t.Fatalf("%d pages counted from the parent", stats.PagesSkippedParent)
+	}
+}
+
+// TestHotPages: each thread's stack top (and the page below it), TLS,
+// rseq area, robust list and clear_child_tid, as sorted merged ranges.
+func TestHotPages(t *testing.T) {
+	core := &pb.TaskCore{Threads: []*pb.ThreadCore{
+		{Regs: &pb.GpRegs{Rsp: 0x7000_1010, FsBase: 0x5000_0100}, Rseq: &pb.Rseq{Ptr: 0x5000_0800}, RobustList: 0x5000_0900},
+		{Regs: &pb.GpRegs{Rsp: 0x7000_3008}, ClearChildTid: 0x9000_0000},
+	}}
+	got := hotPages(core)
+	// 0x7000_1010-512 is in page 0x7000_0000, 0x7000_3008-512 in
+	// 0x7000_2000: the four stack pages merge into one range.
+	want := [][2]uint64{{0x5000_0000, 0x5000_1000}, {0x7000_0000, 0x7000_4000}, {0x9000_0000, 0x9000_1000}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("hot pages %x, want %x", got, want)
 	}
 }

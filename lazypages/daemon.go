@@ -270,6 +270,21 @@ func prepare(opts Options, pid int, log *slog.Logger) (*prepared, error) {
 			return nil, fmt.Errorf("the images of process %d do not list its memory (dump --lazy-pages): it comes from that dump's page server (--page-server)", pid)
 		}
 		p.src, p.unlisted = opts.Remote, true
+		keep := func(e images.PageEntry) bool { return inUnlisted(mm.Vmas, e.Vaddr) }
+		if slices.ContainsFunc(entries, keep) {
+			// The pages the restore and the threads touch first (in
+			// lazy memory, listed with their data) are read from here.
+			runs, err := p.chain.ResolveEntries(opts.ImagesDir, int32(pid), head, entries, keep)
+			switch {
+			case err == nil && len(runs) > 0:
+				local := localSource{runs}
+				p.src = &mixedSource{local: local, remote: opts.Remote, stats: &p.stats,
+					isOwn: func(va uint64) bool { return !local.has(va) }}
+			case err != nil && !errors.Is(err, os.ErrNotExist):
+				p.chain.Close()
+				return nil, err
+			}
+		}
 		var spans []pendSpan
 		for _, v := range mm.Vmas {
 			if Unlisted(v) {
@@ -709,7 +724,7 @@ func mixed(opts Options, pid int, entries []images.PageEntry, stats *Stats, chai
 		// The earlier rounds' pages are not on this host: fetch everything.
 		return opts.Remote, ranges, nil
 	}
-	ms := &mixedSource{local: localSource{runs}, remote: opts.Remote, own: own, stats: stats}
+	ms := &mixedSource{local: localSource{runs}, remote: opts.Remote, isOwn: inRanges(own), stats: stats}
 	return ms, ranges, nil
 }
 
@@ -724,6 +739,12 @@ func Lazy(v *pb.Vma) bool {
 		return true
 	}
 	return false
+}
+
+// inUnlisted tells whether va is in one of vmas that Unlisted leaves out.
+func inUnlisted(vmas []*pb.Vma, va uint64) bool {
+	i := sort.Search(len(vmas), func(i int) bool { return vmas[i].End > va })
+	return i < len(vmas) && vmas[i].Start <= va && Unlisted(vmas[i])
 }
 
 // Unlisted reports whether a dump that defers listing (PagemapHead

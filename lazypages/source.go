@@ -34,6 +34,12 @@ func (l localSource) Read(_ int, vaddr uint64, buf []byte) error {
 	return nil
 }
 
+// has tells whether the runs hold the page at va.
+func (l localSource) has(va uint64) bool {
+	i := sort.Search(len(l.runs), func(i int) bool { return l.runs[i].Vaddr+uint64(len(l.runs[i].Data)) > va })
+	return i < len(l.runs) && l.runs[i].Vaddr <= va
+}
+
 // Lazy-mode page stream frames (transport), both directions.
 const (
 	frameReq   = 10 // pid u32, vaddr u64, len u32
@@ -179,6 +185,64 @@ func DialRemote(ctx context.Context, network, addr string, t transport.TLS, want
 		return nil, fmt.Errorf("page server %s: %w", addr, err)
 	}
 	return NewRemoteSource(s), nil
+}
+
+// Dialing is a RemoteSource still connecting (DialAsync): a post-copy
+// restore starts while the TLS handshake with the source goes on, and the
+// first request waits for it.
+type Dialing struct {
+	done chan struct{}
+	r    *RemoteSource
+	err  error
+}
+
+// DialAsync is DialRemote in the background.
+func DialAsync(ctx context.Context, network, addr string, t transport.TLS, wantZstd bool) *Dialing {
+	d := &Dialing{done: make(chan struct{})}
+	go func() {
+		defer close(d.done)
+		d.r, d.err = DialRemote(ctx, network, addr, t, wantZstd)
+	}()
+	return d
+}
+
+// Wait returns the connected source, or why there is none.
+func (d *Dialing) Wait() (*RemoteSource, error) {
+	<-d.done
+	return d.r, d.err
+}
+
+func (d *Dialing) Read(pid int, vaddr uint64, buf []byte) error {
+	r, err := d.Wait()
+	if err != nil {
+		return err
+	}
+	return r.Read(pid, vaddr, buf)
+}
+
+func (d *Dialing) List(pid int) ([][2]uint64, error) {
+	r, err := d.Wait()
+	if err != nil {
+		return nil, err
+	}
+	return r.List(pid)
+}
+
+// Close ends the stream as RemoteSource.Close does (the dial's error if
+// it failed).
+func (d *Dialing) Close() error {
+	r, err := d.Wait()
+	if err != nil {
+		return err
+	}
+	return r.Close()
+}
+
+// Abort drops the stream, once the dial is over.
+func (d *Dialing) Abort() {
+	if r, err := d.Wait(); err == nil {
+		r.Abort()
+	}
 }
 
 func (r *RemoteSource) send(typ uint8, p []byte) error {
@@ -382,16 +446,33 @@ func ImageReader(dir string) (read func(pid int, vaddr uint64, buf []byte) error
 // mixedSource serves the pages a target already holds from earlier rounds
 // (the parent image chain, local) from disk, and only the rest from the
 // remote page server: pages sent by pre-dump rounds are not sent again.
+//
+// It also serves a post-copy whose lazy memory the images leave unlisted
+// but for its hot pages (dumpcore's hotPages): those from disk, the rest
+// from the remote, which lists it too.
 type mixedSource struct {
 	local  localSource
 	remote Source
-	own    [][2]uint64 // ranges only the remote has, sorted
-	stats  *Stats
+	// isOwn tells the pages only the remote has.
+	isOwn func(va uint64) bool
+	stats *Stats
 }
 
-func (m *mixedSource) isOwn(va uint64) bool {
-	i := sort.Search(len(m.own), func(i int) bool { return m.own[i][1] > va })
-	return i < len(m.own) && m.own[i][0] <= va
+// inRanges tells whether va is in one of the sorted, disjoint ranges.
+func inRanges(ranges [][2]uint64) func(va uint64) bool {
+	return func(va uint64) bool {
+		i := sort.Search(len(ranges), func(i int) bool { return ranges[i][1] > va })
+		return i < len(ranges) && ranges[i][0] <= va
+	}
+}
+
+// List lists the remote's unlisted memory.
+func (m *mixedSource) List(pid int) ([][2]uint64, error) {
+	l, ok := m.remote.(Lister)
+	if !ok {
+		return nil, errors.New("the page server cannot list memory")
+	}
+	return l.List(pid)
 }
 
 func (m *mixedSource) Read(pid int, vaddr uint64, buf []byte) error {

@@ -1,11 +1,14 @@
 package lazypages
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"net"
+	"strings"
 	"testing"
 
+	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/transport"
 )
 
@@ -84,5 +87,63 @@ func TestListBesidePages(t *testing.T) {
 	}
 	if err := <-done; err != nil {
 		t.Fatalf("serve: %v", err)
+	}
+}
+
+// TestDialingRefused: a source whose dial fails answers every request
+// with the dial's error, which names the address.
+func TestDialingRefused(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nobody listens there now
+	d := DialAsync(t.Context(), "tcp", addr, transport.TLS{}, false)
+	if err := d.Read(1, 0, make([]byte, pageSize)); err == nil || !strings.Contains(err.Error(), addr) {
+		t.Fatalf("read: %v", err)
+	}
+	if _, err := d.List(1); err == nil {
+		t.Fatal("list: no error")
+	}
+	if err := d.Close(); err == nil {
+		t.Fatal("close: no error")
+	}
+	d.Abort()
+}
+
+// fakeRemote answers reads with 0xEE bytes, counting them, and lists one
+// range.
+type fakeRemote struct{ reads int }
+
+func (f *fakeRemote) Read(_ int, _ uint64, buf []byte) error {
+	f.reads++
+	for i := range buf {
+		buf[i] = 0xEE
+	}
+	return nil
+}
+
+func (f *fakeRemote) List(int) ([][2]uint64, error) { return [][2]uint64{{0, pageSize}}, nil }
+
+// TestMixedHotPages: with the lazy memory unlisted, the hot pages the
+// images hold come from disk and every other page from the remote, which
+// also lists.
+func TestMixedHotPages(t *testing.T) {
+	hot := localSource{[]images.PageRun{{Vaddr: 0x2000, Data: bytes.Repeat([]byte{0x11}, pageSize)}}}
+	remote := &fakeRemote{}
+	m := &mixedSource{local: hot, remote: remote, stats: &Stats{}, isOwn: func(va uint64) bool { return !hot.has(va) }}
+	buf := make([]byte, 3*pageSize)
+	if err := m.Read(1, 0x1000, buf); err != nil {
+		t.Fatal(err)
+	}
+	if buf[0] != 0xEE || buf[pageSize] != 0x11 || buf[2*pageSize] != 0xEE || remote.reads != 2 {
+		t.Fatalf("pages %x %x %x, %d remote reads", buf[0], buf[pageSize], buf[2*pageSize], remote.reads)
+	}
+	if m.stats.LocalPages != 1 || m.stats.RemotePages != 2 {
+		t.Fatalf("stats %+v", m.stats)
+	}
+	if rs, err := m.List(1); err != nil || len(rs) != 1 {
+		t.Fatalf("list: %v %v", rs, err)
 	}
 }
