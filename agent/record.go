@@ -183,14 +183,25 @@ type migration struct {
 	// source: the round under way and the page bytes it sent so far.
 	round     atomic.Int32
 	roundSent atomic.Uint64
+
+	// release (source) closes the dirty trackers the final round kept
+	// for the stopped tree (dumpcore.Result.Release): once it is killed
+	// or resumed (stopSession).
+	release func()
 }
 
+// stopSession ends what m runs beside its tree (call with m.op held):
+// the tree is gone, or resumed.
 func (m *migration) stopSession() {
 	if m.session != nil {
 		m.session.stop()
 	}
 	if m.post != nil {
 		m.post.cancel()
+	}
+	if m.release != nil {
+		go m.release()
+		m.release = nil
 	}
 }
 
@@ -420,6 +431,12 @@ func (a *Agent) rollback(m *migration) error {
 	case roleSource:
 		if rec.State == StateFrozen {
 			a.resumeSource(rec.Pid, rec.Procs)
+			if m.release != nil {
+				// Before the outcome is reported: the source runs on
+				// unwatched, as before the migration.
+				m.release()
+				m.release = nil
+			}
 		} else if rec.Pid > 0 {
 			// Rolled back during the pre-copy rounds: it runs on. (Only
 			// ferry's trackers are touched, so a reused PID is safe.)

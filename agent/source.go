@@ -239,10 +239,14 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		return nil, status.Errorf(codes.Aborted, "round %d of pid %d: %v", req.Round, req.Pid, err)
 	}
 	if req.Final {
+		// The trackers go once the tree is killed or resumed
+		// (stopSession).
+		m.release = res.Release
 		// The tree is stopped by SIGSTOP and detached: a freeze that
 		// outlives this agent. Record it before anything else.
 		refs := treeRefs(int(req.Pid))
 		if len(refs) == 0 {
+			m.stopSession()
 			return nil, status.Errorf(codes.Aborted, "round %d: process %d vanished after its final dump", req.Round, req.Pid)
 		}
 		a.mu.Lock()
@@ -250,6 +254,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 		a.mu.Unlock()
 		if err := a.setState(m, StateFrozen); err != nil {
 			a.resumeSource(int(req.Pid), refs)
+			m.stopSession()
 			return nil, status.Error(codes.Internal, err.Error())
 		}
 	}

@@ -65,26 +65,45 @@ type Lister interface {
 
 // RemoteSource asks a page server in lazy mode (ferry page-server
 // --lazy-pages, or dump --lazy-pages) for pages over a transport stream.
-// One goroutine reads the stream: page replies go to the one request in
-// flight, lists to whoever asked for them.
+// Page requests may be many in flight (Request): the server answers them
+// in order, so the daemon's next chunk is on its way while it copies the
+// last. One goroutine reads the stream: page replies go to the oldest
+// request, lists to whoever asked for them.
 type RemoteSource struct {
-	mu      sync.Mutex // one page request at a time
-	wmu     sync.Mutex // frame writes
-	s       *transport.Stream
-	replies chan reply
-	free    chan []byte
-	done    chan struct{} // the reader stopped; err says why
-	err     error
-	closed  chan struct{}
-	once    sync.Once
+	wmu    sync.Mutex // frame writes, and the queue's order with them
+	s      *transport.Stream
+	qmu    sync.Mutex
+	queue  []*Flight     // requests sent, oldest first
+	done   chan struct{} // the reader stopped; err says why
+	err    error
+	closed chan struct{}
+	once   sync.Once
 
 	lmu   sync.Mutex
 	lists map[int]*pendingList
 }
 
-type reply struct {
-	typ uint8
-	p   []byte
+// Flight is a page request in flight (RemoteSource.Request).
+type Flight struct {
+	vaddr  uint64
+	buf    []byte
+	notify func()
+	done   chan struct{}
+	err    error
+}
+
+// Done is closed once the request is answered (or failed).
+func (f *Flight) Done() <-chan struct{} { return f.done }
+
+// Err is the request's outcome, once Done.
+func (f *Flight) Err() error { return f.err }
+
+func (f *Flight) finish(err error) {
+	f.err = err
+	close(f.done)
+	if f.notify != nil {
+		f.notify()
+	}
 }
 
 type pendingList struct {
@@ -95,10 +114,7 @@ type pendingList struct {
 
 // NewRemoteSource uses an established stream.
 func NewRemoteSource(s *transport.Stream) *RemoteSource {
-	r := &RemoteSource{s: s, replies: make(chan reply), free: make(chan []byte, 2),
-		done: make(chan struct{}), closed: make(chan struct{}), lists: map[int]*pendingList{}}
-	r.free <- nil
-	r.free <- nil
+	r := &RemoteSource{s: s, done: make(chan struct{}), closed: make(chan struct{}), lists: map[int]*pendingList{}}
 	go r.read()
 	return r
 }
@@ -106,28 +122,58 @@ func NewRemoteSource(s *transport.Stream) *RemoteSource {
 // read dispatches the frames of the stream until it fails or closes.
 func (r *RemoteSource) read() {
 	defer close(r.done)
+	var buf []byte
+	fail := func(err error) {
+		r.err = err
+		r.failLists(err)
+		r.qmu.Lock()
+		q := r.queue
+		r.queue = nil
+		r.qmu.Unlock()
+		for _, f := range q {
+			f.finish(err)
+		}
+	}
 	for {
-		buf := <-r.free
 		typ, p, err := r.s.ReadFrame(buf)
 		if err != nil {
-			r.err = fmt.Errorf("page server: %w", err)
-			r.failLists(r.err)
+			select {
+			case <-r.closed:
+				err = errors.New("page server: stream closed")
+			default:
+				err = fmt.Errorf("page server: %w", err)
+			}
+			fail(err)
 			return
 		}
-		switch typ {
-		case frameRanges, frameListErr:
-			r.free <- p
+		buf = p
+		if typ == frameRanges || typ == frameListErr {
 			if err := r.gotList(typ, p); err != nil {
-				r.err = err
-				r.failLists(err)
+				fail(err)
 				return
 			}
+			continue
+		}
+		r.qmu.Lock()
+		var f *Flight
+		if len(r.queue) > 0 {
+			f, r.queue = r.queue[0], r.queue[1:]
+		}
+		r.qmu.Unlock()
+		switch {
+		case f == nil:
+			fail(fmt.Errorf("page server: a reply (frame %d) to no request", typ))
+			return
+		case typ == frameErr:
+			f.finish(fmt.Errorf("page server: %s", p))
+		case typ != framePages || len(p) != 8+len(f.buf) || binary.LittleEndian.Uint64(p) != f.vaddr:
+			err := fmt.Errorf("page server: unexpected reply to %#x+%d", f.vaddr, len(f.buf))
+			f.finish(err)
+			fail(err)
+			return
 		default:
-			select {
-			case r.replies <- reply{typ, p}:
-			case <-r.closed:
-				return
-			}
+			copy(f.buf, p[8:])
+			f.finish(nil)
 		}
 	}
 }
@@ -228,6 +274,22 @@ func (d *Dialing) List(pid int) ([][2]uint64, error) {
 	return r.List(pid)
 }
 
+// Request is RemoteSource.Request once connected.
+func (d *Dialing) Request(pid int, vaddr uint64, buf []byte, notify func()) *Flight {
+	r, err := d.Wait()
+	if err != nil {
+		return finished(err, notify)
+	}
+	return r.Request(pid, vaddr, buf, notify)
+}
+
+// finished returns a Flight that is over already.
+func finished(err error, notify func()) *Flight {
+	f := &Flight{notify: notify, done: make(chan struct{})}
+	f.finish(err)
+	return f
+}
+
 // Close ends the stream as RemoteSource.Close does (the dial's error if
 // it failed).
 func (d *Dialing) Close() error {
@@ -248,39 +310,58 @@ func (d *Dialing) Abort() {
 func (r *RemoteSource) send(typ uint8, p []byte) error {
 	r.wmu.Lock()
 	defer r.wmu.Unlock()
+	return r.write(typ, p)
+}
+
+func (r *RemoteSource) write(typ uint8, p []byte) error {
 	if err := r.s.WriteFrame(typ, p); err != nil {
 		return err
 	}
 	return r.s.Flush()
 }
 
-// Read requests pages and waits for them.
-func (r *RemoteSource) Read(pid int, vaddr uint64, buf []byte) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+// Request asks for the pages of process pid at vaddr, len(buf) bytes, and
+// returns at once; the reply fills buf, then notify (if set) is called.
+func (r *RemoteSource) Request(pid int, vaddr uint64, buf []byte, notify func()) *Flight {
+	f := &Flight{vaddr: vaddr, buf: buf, notify: notify, done: make(chan struct{})}
 	req := make([]byte, 16)
 	binary.LittleEndian.PutUint32(req[0:], uint32(pid))
 	binary.LittleEndian.PutUint64(req[4:], vaddr)
 	binary.LittleEndian.PutUint32(req[12:], uint32(len(buf)))
-	if err := r.send(frameReq, req); err != nil {
-		return err
-	}
-	var rp reply
+	r.wmu.Lock()
 	select {
-	case rp = <-r.replies:
 	case <-r.done:
-		return r.err
-	}
-	defer func() { r.free <- rp.p }()
-	switch p := rp.p; {
-	case rp.typ == frameErr:
-		return fmt.Errorf("page server: %s", p)
-	case rp.typ != framePages || len(p) != 8+len(buf) || binary.LittleEndian.Uint64(p) != vaddr:
-		return fmt.Errorf("page server: unexpected reply to %#x+%d", vaddr, len(buf))
+		r.wmu.Unlock()
+		f.finish(r.err)
+		return f
 	default:
-		copy(buf, p[8:])
 	}
-	return nil
+	r.qmu.Lock()
+	r.queue = append(r.queue, f)
+	r.qmu.Unlock()
+	err := r.write(frameReq, req)
+	mine := false
+	if err != nil {
+		// Never sent: no reply will come. f is the last request (the
+		// writes are held), unless the reader failed them all meanwhile.
+		r.qmu.Lock()
+		if n := len(r.queue); n > 0 && r.queue[n-1] == f {
+			r.queue, mine = r.queue[:n-1], true
+		}
+		r.qmu.Unlock()
+	}
+	r.wmu.Unlock()
+	if mine {
+		f.finish(fmt.Errorf("page server: %w", err))
+	}
+	return f
+}
+
+// Read requests pages and waits for them.
+func (r *RemoteSource) Read(pid int, vaddr uint64, buf []byte) error {
+	f := r.Request(pid, vaddr, buf, nil)
+	<-f.done
+	return f.err
 }
 
 // List asks the page server for the pages of pid's unlisted memory and
@@ -464,6 +545,20 @@ func inRanges(ranges [][2]uint64) func(va uint64) bool {
 		i := sort.Search(len(ranges), func(i int) bool { return ranges[i][1] > va })
 		return i < len(ranges) && ranges[i][0] <= va
 	}
+}
+
+// Request sends a request ahead for pages only the remote has (when it
+// takes requests ahead); others are read at once.
+func (m *mixedSource) Request(pid int, vaddr uint64, buf []byte, notify func()) *Flight {
+	rq, ok := m.remote.(requester)
+	for va := vaddr; ok && va < vaddr+uint64(len(buf)); va += pageSize {
+		ok = m.isOwn(va)
+	}
+	if ok {
+		m.stats.RemotePages += uint64(len(buf)) / pageSize
+		return rq.Request(pid, vaddr, buf, notify)
+	}
+	return finished(m.Read(pid, vaddr, buf), notify)
 }
 
 // List lists the remote's unlisted memory.

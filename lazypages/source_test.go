@@ -147,3 +147,40 @@ func TestMixedHotPages(t *testing.T) {
 		t.Fatalf("list: %v %v", rs, err)
 	}
 }
+
+// TestRequestsInFlight: requests sent ahead are answered in order, each
+// into its own buffer, each with its notification; when the stream
+// breaks, those still in flight fail.
+func TestRequestsInFlight(t *testing.T) {
+	c, s := streams(t)
+	read := func(pid int, va uint64, buf []byte) error {
+		for i := 0; i < len(buf); i += 8 {
+			binary.LittleEndian.PutUint64(buf[i:], va+uint64(i))
+		}
+		return nil
+	}
+	done := make(chan error, 1)
+	go func() { done <- ServePages(s, read, nil) }()
+	r := NewRemoteSource(c)
+	notified := make(chan struct{}, 8)
+	var fs []*Flight
+	var bufs [][]byte
+	for i := range 8 {
+		buf := make([]byte, (i+1)*pageSize)
+		bufs = append(bufs, buf)
+		fs = append(fs, r.Request(7, uint64(i)<<20, buf, func() { notified <- struct{}{} }))
+	}
+	for i, f := range fs {
+		<-f.Done()
+		<-notified
+		last := len(bufs[i]) - 8
+		if f.Err() != nil || binary.LittleEndian.Uint64(bufs[i][last:]) != uint64(i)<<20+uint64(last) {
+			t.Fatalf("request %d: %v", i, f.Err())
+		}
+	}
+	r.Abort()
+	if f := r.Request(7, 0, make([]byte, pageSize), nil); func() error { <-f.Done(); return f.Err() }() == nil {
+		t.Fatal("a request on a closed stream did not fail")
+	}
+	<-done
+}

@@ -216,6 +216,9 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				log.Error("dumping failed", "pid", pid, "err", err)
 				return fmt.Errorf("dumping %d failed: %w", pid, err)
 			}
+			if res.Release != nil {
+				res.Release() // --leave-stopped --track-mem: nobody to hand them to
+			}
 			if err := autoDedup(cmd, dedup, c.imagesDir); err != nil {
 				return err
 			}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"runtime/debug"
 	"runtime/pprof"
+	"strconv"
+	"strings"
 
 	"github.com/spf13/cobra"
 )
@@ -53,7 +55,9 @@ func main() {
 		debug.SetMemoryLimit(1 << 30)
 	}
 	if path := os.Getenv("FERRY_CPUPROFILE"); path != "" {
-		// For developers: a CPU profile of this run (go tool pprof).
+		// For developers: a CPU profile of this run (go tool pprof); %p
+		// in the path is the PID (agents of one test).
+		path = strings.ReplaceAll(path, "%p", strconv.Itoa(os.Getpid()))
 		if f, err := os.Create(path); err == nil && pprof.StartCPUProfile(f) == nil {
 			code := run(os.Args[1:])
 			pprof.StopCPUProfile()
