@@ -18,6 +18,7 @@ import (
 
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
 	"github.com/ferrycr/ferry/dumpcore"
+	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/netlock"
 )
@@ -184,6 +185,10 @@ type migration struct {
 	round     atomic.Int32
 	roundSent atomic.Uint64
 
+	// chains (target) holds the pre-copy rounds resolved ahead; closed
+	// with the session, once the restore and its daemon are done.
+	chains *images.ChainCache
+
 	// release (source) closes the dirty trackers the final round kept
 	// for the stopped tree (dumpcore.Result.Release): once it is killed
 	// or resumed (stopSession).
@@ -202,6 +207,14 @@ func (m *migration) stopSession() {
 	if m.release != nil {
 		go m.release()
 		m.release = nil
+	}
+	if cc := m.chains; cc != nil {
+		m.chains = nil
+		if p := m.post; p != nil {
+			go func() { <-p.done; cc.Close() }()
+		} else {
+			cc.Close()
+		}
 	}
 }
 

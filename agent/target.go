@@ -16,6 +16,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/ferrycr/ferry/agent/api/v1"
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/pageserver"
@@ -192,6 +194,17 @@ func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*ag
 			return nil, status.Error(codes.Internal, err.Error())
 		}
 	}
+	if preDumpRound(dir) {
+		// A pre-copy round: its pages are resolved now, while the source
+		// runs, for the final round's restore and daemon (its parent).
+		a.mu.Lock()
+		if m.chains == nil {
+			m.chains = &images.ChainCache{}
+		}
+		cc := m.chains
+		a.mu.Unlock()
+		go a.resolveRound(cc, req.Id, dir)
+	}
 	if _, ok := req.Files["inventory.img"]; ok {
 		// The final round: the connections it held on the source are held
 		// here too, before their address can move here (the restore
@@ -212,6 +225,30 @@ func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*ag
 		}
 	}
 	return &agentv1.PutFilesReply{}, nil
+}
+
+// preDumpRound tells whether the images in dir are a pre-dump's.
+func preDumpRound(dir string) bool {
+	var inv pb.Inventory
+	return images.ReadOne(dir, images.InventoryName, images.KindInventory, &inv) == nil && inv.PreDump
+}
+
+// resolveRound resolves the pages of a pre-copy round in dir into cc
+// (failures only mean the restore resolves them itself).
+func (a *Agent) resolveRound(cc *images.ChainCache, id, dir string) {
+	t0 := time.Now()
+	names, _ := filepath.Glob(filepath.Join(dir, "pagemap-*.img"))
+	for _, n := range names {
+		var pid int32
+		if _, err := fmt.Sscanf(filepath.Base(n), "pagemap-%d.img", &pid); err != nil {
+			continue
+		}
+		if err := cc.Resolve(dir, pid); err != nil {
+			a.log.Debug("migration: resolving a round ahead", "id", id, "dir", dir, "pid", pid, "err", err)
+			return
+		}
+	}
+	a.log.Debug("migration: round resolved ahead", "id", id, "dir", dir, "took", time.Since(t0))
 }
 
 // Restore restores a migration's final round. The tree runs, but the
@@ -241,7 +278,10 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	}
 	start := time.Now()
 	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
-	ropts := restorecore.Options{ImagesDir: dir, Logger: a.log.With("migration", req.Id)}
+	a.mu.Lock()
+	chains := m.chains
+	a.mu.Unlock()
+	ropts := restorecore.Options{ImagesDir: dir, Chains: chains, Logger: a.log.With("migration", req.Id)}
 	if req.LazyAddress == "" {
 		// Pre-copy: the copy stays stopped, and its connections held,
 		// until the commit, so that a rollback loses nothing it did.
@@ -250,7 +290,7 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	}
 	var post *postcopy
 	if req.LazyAddress != "" {
-		if post, err = a.startPostcopy(ctx, req.Id, dir, req.LazyAddress); err != nil {
+		if post, err = a.startPostcopy(ctx, req.Id, dir, req.LazyAddress, chains); err != nil {
 			return nil, status.Errorf(codes.Aborted, "migration %s: post-copy: %v", req.Id, err)
 		}
 		ropts.LazyPages, ropts.LazySocket = true, post.socket
@@ -312,7 +352,7 @@ type postcopy struct {
 // startPostcopy starts the lazy-pages daemon of a post-copy restore of
 // dir, its pages coming from the source's service at addr (pages the
 // earlier rounds sent come from dir's parents).
-func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string) (*postcopy, error) {
+func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string, chains *images.ChainCache) (*postcopy, error) {
 	// The restore starts while the stream to the source is set up (a TLS
 	// handshake: ~10 ms here); the daemon's first request waits for it.
 	// It outlives this call, not the daemon.
@@ -333,7 +373,7 @@ func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string) (*postc
 		defer close(p.done)
 		defer dcancel()
 		defer os.RemoveAll(sockDir)
-		p.stats, p.err = lazypages.Serve(lctx, lazypages.Options{ImagesDir: dir, Socket: p.socket, Remote: remote,
+		p.stats, p.err = lazypages.Serve(lctx, lazypages.Options{ImagesDir: dir, Socket: p.socket, Remote: remote, Chains: chains,
 			Ready: func() { close(ready) }, Logger: a.log.With("migration", id)})
 		if p.err == nil {
 			p.err = remote.Close()

@@ -1,10 +1,12 @@
 package images
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"path/filepath"
 	"sort"
+	"sync"
 
 	"github.com/ferrycr/ferry/images/pb"
 )
@@ -23,6 +25,70 @@ const maxChain = 64
 // sets (--prev-images-dir). It keeps the page files mapped until Close.
 type PageChain struct {
 	closers []io.Closer
+	// Cache, when set, supplies parent image sets resolved already.
+	Cache *ChainCache
+}
+
+// ChainCache keeps the runs of image sets resolved ahead, for the chains
+// resolved later whose parents they are: a migration's target resolves
+// each pre-copy round as it arrives, not all of them once the tree is
+// frozen (three rounds of a fragmented 4 GiB process: ~190 ms here).
+// Its runs stay valid until Close.
+type ChainCache struct {
+	mu    sync.Mutex
+	chain PageChain
+	sets  map[chainKey][]PageRun
+	done  bool
+}
+
+type chainKey struct {
+	dir string
+	pid int32
+}
+
+// Resolve resolves pid's pages in dir (and its parents) and keeps them.
+func (cc *ChainCache) Resolve(dir string, pid int32) error {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if cc.done {
+		return errors.New("chain cache closed")
+	}
+	k := chainKey{filepath.Clean(dir), pid}
+	if _, ok := cc.sets[k]; ok {
+		return nil
+	}
+	cc.chain.Cache = cc
+	runs, err := cc.chain.resolve(dir, pid, 0, nil, nil, nil)
+	if err != nil {
+		return err
+	}
+	if cc.sets == nil {
+		cc.sets = map[chainKey][]PageRun{}
+	}
+	cc.sets[k] = runs
+	return nil
+}
+
+// lookup returns the runs kept for pid in dir, waiting for a Resolve
+// under way. Called by a chain of cc's own, it holds cc.mu already.
+func (cc *ChainCache) lookup(dir string, pid int32, own bool) ([]PageRun, bool) {
+	if !own {
+		cc.mu.Lock()
+		defer cc.mu.Unlock()
+	}
+	runs, ok := cc.sets[chainKey{filepath.Clean(dir), pid}]
+	return runs, ok
+}
+
+// Close unmaps what the cache holds (once every chain using it is done).
+func (cc *ChainCache) Close() {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if !cc.done {
+		cc.done = true
+		cc.chain.Close()
+		cc.sets = nil
+	}
 }
 
 // Close unmaps the page files.
@@ -47,6 +113,11 @@ func (c *PageChain) ResolveEntries(dir string, pid int32, head *pb.PagemapHead, 
 func (c *PageChain) resolve(dir string, pid int32, depth int, head *pb.PagemapHead, entries []PageEntry, keep func(PageEntry) bool) ([]PageRun, error) {
 	if depth > maxChain {
 		return nil, fmt.Errorf("%s: parent image chain longer than %d", dir, maxChain)
+	}
+	if c.Cache != nil && head == nil && keep == nil {
+		if runs, ok := c.Cache.lookup(dir, pid, c == &c.Cache.chain); ok {
+			return runs, nil
+		}
 	}
 	name := PagemapName(pid)
 	if head == nil {

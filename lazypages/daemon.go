@@ -37,6 +37,9 @@ type Options struct {
 	// Remote, when set, supplies the page data (a page server in lazy
 	// mode); the images directory still gives the pagemap and VMAs.
 	Remote Source
+	// Chains, when set, has parent image sets resolved ahead (a
+	// migration's pre-copy rounds).
+	Chains *images.ChainCache
 	// Ready is called once the socket listens (--status-fd).
 	Ready func()
 	// PrefetchRate limits the background delivery of pages nobody has
@@ -250,6 +253,7 @@ type prepared struct {
 func prepare(opts Options, pid int, log *slog.Logger) (*prepared, error) {
 	t0 := time.Now()
 	p := &prepared{pid: pid}
+	p.chain.Cache = opts.Chains
 	// The pages the process had: from the resolved images, or (with a
 	// remote source) from the pagemap alone.
 	mm := &pb.MmCore{}
@@ -294,13 +298,16 @@ func prepare(opts Options, pid int, log *slog.Logger) (*prepared, error) {
 		sort.Slice(spans, func(i, j int) bool { return spans[i].start < spans[j].start })
 		p.pend = newPending(spans)
 	case opts.Remote != nil:
+		t1 := time.Now()
 		src, ranges, err := mixed(opts, pid, entries, &p.stats, &p.chain)
 		if err != nil {
 			p.chain.Close()
 			return nil, err
 		}
+		t2 := time.Now()
 		p.src = src
 		p.pend = newPending(lazySpans(mm.Vmas, ranges, func(r [2]uint64) (uint64, uint64) { return r[0], r[1] }))
+		log.Debug("pages split", "pid", pid, "read", t1.Sub(t0), "sources", t2.Sub(t1), "spans", time.Since(t2))
 	default:
 		runs, err := p.chain.ResolveEntries(opts.ImagesDir, int32(pid), head, entries, nil)
 		if err != nil {

@@ -72,7 +72,7 @@ func checkPstree(dir string, procs []*procImage) error {
 	return nil
 }
 
-func load(dir string, lazy bool) (_ *imageSet, err error) {
+func load(dir string, lazy bool, chains *images.ChainCache) (_ *imageSet, err error) {
 	st, err := os.Stat(dir)
 	if err != nil {
 		return nil, fmt.Errorf("images directory: %w", err)
@@ -81,6 +81,7 @@ func load(dir string, lazy bool) (_ *imageSet, err error) {
 		return nil, fmt.Errorf("images directory %s: not a directory", dir)
 	}
 	is := &imageSet{dir: dir, inv: &pb.Inventory{}, files: map[uint32]*pb.FileEntry{}, ghosts: map[uint32]*pb.GhostFile{}}
+	is.chain.Cache = chains
 	defer func() {
 		if err != nil {
 			is.close()

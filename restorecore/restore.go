@@ -24,7 +24,10 @@ import (
 type Options struct {
 	ImagesDir    string // -D/--images-dir
 	LeaveStopped bool   // -s/--leave-stopped
-	ShellJob     bool   // -j/--shell-job
+	// Chains, when set, has parent image sets resolved ahead (a
+	// migration's pre-copy rounds).
+	Chains   *images.ChainCache
+	ShellJob bool // -j/--shell-job
 	// LazyPages (--lazy-pages): leave private anonymous memory to the
 	// lazy-pages daemon listening at LazySocket.
 	LazyPages  bool
@@ -84,7 +87,7 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	start := time.Now()
-	is, err := load(opts.ImagesDir, opts.LazyPages)
+	is, err := load(opts.ImagesDir, opts.LazyPages, opts.Chains)
 	if err != nil {
 		return nil, err
 	}
