@@ -361,8 +361,8 @@ func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string, chains 
 	// The socket's path must fit sun_path: not under the state directory.
 	sockDir, err := os.MkdirTemp("", "ferry-lazy-")
 	if err != nil {
+		dcancel() // an abort waits for the dial
 		remote.Abort()
-		dcancel()
 		return nil, err
 	}
 	lctx, cancel := context.WithCancel(context.Background())
@@ -378,6 +378,7 @@ func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string, chains 
 		if p.err == nil {
 			p.err = remote.Close()
 		} else {
+			dcancel() // an abort waits for the dial
 			remote.Abort()
 		}
 	}()

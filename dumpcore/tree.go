@@ -289,13 +289,25 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		} else if moved, err = t.flagsMoved(); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
+		t1 := time.Now()
 		if err := t.write(imgs); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
+		t2 := time.Now()
 		if err := root.finishSink(); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
 		}
-		if check != nil && !t.opts.NoPageData {
+		t.log.Debug("images written", "write", t2.Sub(t1), "sink", time.Since(t2))
+		unlisted := false
+		for _, img := range imgs {
+			unlisted = unlisted || img.unlisted
+		}
+		// Only with the lazy memory unlisted can the caller hold the
+		// target back until the check is done (the target's daemon needs
+		// the source's list to finish); otherwise it is waited for here,
+		// after the images, which take about as long.
+		deferCheck := t.opts.NoPageData && unlisted
+		if check != nil && !deferCheck {
 			if err := check(); err != nil {
 				return nil, fmt.Errorf("%w (the process is left stopped)", err)
 			}
@@ -306,12 +318,9 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		res, err := root.finish(start)
 		if res != nil {
 			res.Release, t.kept = closeAll(t.kept), nil
-			res.FlagsMoved = moved
-			if t.opts.NoPageData {
+			res.FlagsMoved, res.Unlisted = moved, unlisted
+			if deferCheck {
 				res.FlagsCheck = check
-			}
-			for _, img := range imgs {
-				res.Unlisted = res.Unlisted || img.unlisted
 			}
 		}
 		return res, err

@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -403,6 +404,9 @@ type server struct {
 	// aheadDepth; their buffers come back to spare).
 	flights []*flight
 	spare   [][]byte
+	// wmu guards the wake pipe's writes against its closing.
+	wmu    sync.Mutex
+	closed bool
 }
 
 // flight is a prefetch request in flight: n bytes for c at va, which the
@@ -433,8 +437,11 @@ func (s *server) close() {
 	for _, c := range s.clients {
 		c.u.Close()
 	}
+	s.wmu.Lock()
+	s.closed = true
 	unix.Close(s.wake[0])
 	unix.Close(s.wake[1])
+	s.wmu.Unlock()
 }
 
 // startList asks p's source for the list of its unlisted memory, which
@@ -448,7 +455,7 @@ func (s *server) startList(p *prepared) {
 		ranges, err := p.src.(Lister).List(p.pid)
 		s.log.Debug("unlisted memory listed", "pid", p.pid, "ranges", len(ranges), "took", time.Since(t0), "err", err)
 		s.lists <- listResult{p.pid, ranges, err}
-		unix.Write(s.wake[1], []byte{0})
+		s.notify()
 	}()
 }
 
@@ -656,8 +663,16 @@ func (s *server) inFlight(c *client) bool {
 	return slices.ContainsFunc(s.flights, func(fl *flight) bool { return fl.c == c })
 }
 
-// notify wakes the loop: a prefetch reply arrived.
-func (s *server) notify() { unix.Write(s.wake[1], []byte{1}) }
+// notify wakes the loop: a prefetch reply or a list arrived. Replies may
+// come after the server is closed (a failed post-copy aborts the stream):
+// the pipe's number may be another file's by then.
+func (s *server) notify() {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if !s.closed {
+		unix.Write(s.wake[1], []byte{1})
+	}
+}
 
 // land places what a prefetch request brought, where it is still
 // pending with the same source (faults may have delivered parts of it,

@@ -74,13 +74,15 @@ type RemoteSource struct {
 	s      *transport.Stream
 	qmu    sync.Mutex
 	queue  []*Flight     // requests sent, oldest first
+	failed error         // the reader failed: no request is taken any more
 	done   chan struct{} // the reader stopped; err says why
 	err    error
 	closed chan struct{}
 	once   sync.Once
 
-	lmu   sync.Mutex
-	lists map[int]*pendingList
+	lmu         sync.Mutex
+	lists       map[int]*pendingList
+	listsFailed error // the reader failed: no list is taken any more
 }
 
 // Flight is a page request in flight (RemoteSource.Request).
@@ -128,7 +130,7 @@ func (r *RemoteSource) read() {
 		r.failLists(err)
 		r.qmu.Lock()
 		q := r.queue
-		r.queue = nil
+		r.queue, r.failed = nil, err
 		r.qmu.Unlock()
 		for _, f := range q {
 			f.finish(err)
@@ -211,6 +213,7 @@ func (r *RemoteSource) gotList(typ uint8, p []byte) error {
 func (r *RemoteSource) failLists(err error) {
 	r.lmu.Lock()
 	defer r.lmu.Unlock()
+	r.listsFailed = err
 	for pid, l := range r.lists {
 		l.err = err
 		close(l.done)
@@ -329,14 +332,13 @@ func (r *RemoteSource) Request(pid int, vaddr uint64, buf []byte, notify func())
 	binary.LittleEndian.PutUint64(req[4:], vaddr)
 	binary.LittleEndian.PutUint32(req[12:], uint32(len(buf)))
 	r.wmu.Lock()
-	select {
-	case <-r.done:
-		r.wmu.Unlock()
-		f.finish(r.err)
-		return f
-	default:
-	}
 	r.qmu.Lock()
+	if err := r.failed; err != nil {
+		r.qmu.Unlock()
+		r.wmu.Unlock()
+		f.finish(err)
+		return f
+	}
 	r.queue = append(r.queue, f)
 	r.qmu.Unlock()
 	err := r.write(frameReq, req)
@@ -369,6 +371,10 @@ func (r *RemoteSource) Read(pid int, vaddr uint64, buf []byte) error {
 func (r *RemoteSource) List(pid int) ([][2]uint64, error) {
 	l := &pendingList{done: make(chan struct{})}
 	r.lmu.Lock()
+	if err := r.listsFailed; err != nil {
+		r.lmu.Unlock()
+		return nil, err
+	}
 	if r.lists[pid] != nil {
 		r.lmu.Unlock()
 		return nil, fmt.Errorf("the pages of process %d are being listed already", pid)
