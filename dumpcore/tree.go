@@ -308,9 +308,11 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		// after the images, which take about as long.
 		deferCheck := t.opts.NoPageData && unlisted
 		if check != nil && !deferCheck {
+			t3 := time.Now()
 			if err := check(); err != nil {
 				return nil, fmt.Errorf("%w (the process is left stopped)", err)
 			}
+			t.log.Debug("flags checked", "waited", time.Since(t3))
 		}
 		if err := root.action("post-dump"); err != nil {
 			return nil, fmt.Errorf("%w (the process runs on)", err)
