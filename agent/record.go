@@ -252,8 +252,14 @@ func (a *Agent) setState(m *migration, state string) error {
 	defer a.mu.Unlock()
 	old := m.rec.State
 	m.rec.State = state
+	t0 := time.Now()
 	if err := a.save(m); err != nil {
 		return fmt.Errorf("recording migration %s as %s: %w", m.rec.ID, state, err)
+	}
+	if d := time.Since(t0); d > 20*time.Millisecond {
+		// The state directory's file system is busy (a journal commit
+		// taking gigabytes of pages): this is on the migration's path.
+		a.log.Warn("migration: recording the state was slow", "id", m.rec.ID, "state", state, "took", d)
 	}
 	a.log.Info("migration: state", "id", m.rec.ID, "role", m.rec.Role, "from", old, "to", state)
 	if terminal(state) {

@@ -306,11 +306,13 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 // servePages serves the memory of m's stopped tree to the target's
 // lazy-pages daemon (one connection, until the daemon has every page).
 // check (if not nil) tells whether the images stand (dumpcore's
-// FlagsCheck); until it passes, no page leaves, or, with the lazy memory
-// unlisted, no list: the target's tree may then run on the pages it
-// faults in, but its daemon cannot finish without the list, so the
-// migration cannot commit. A failure ends the serving: the target's tree
-// is stopped and the source resumed, as after any post-copy failure.
+// FlagsCheck); until it passes, no list is answered: the target's tree
+// may run on the pages it faults in, but its daemon cannot finish without
+// a list for every process (lazypages.Options.Confirm), so the migration
+// cannot commit. A failure ends the serving: the target's tree is stopped
+// and the source resumed, as after any post-copy failure. With the lazy
+// memory listed in the images (unlisted false), the list is empty: only
+// the word that the images stand.
 func (a *Agent) servePages(m *migration, dir string, check func() error, unlisted bool) (*session, error) {
 	a.mu.Lock()
 	id := m.rec.ID
@@ -337,6 +339,9 @@ func (a *Agent) servePages(m *migration, dir string, check func() error, unliste
 				return nil, err
 			}
 		}
+		if !unlisted {
+			return nil, nil
+		}
 		var mm pb.MmCore
 		if err := images.ReadOne(dir, images.MmName(int32(pid)), images.KindMm, &mm); err != nil {
 			return nil, err
@@ -346,11 +351,6 @@ func (a *Agent) servePages(m *migration, dir string, check func() error, unliste
 	read := func(pid int, vaddr uint64, buf []byte) error {
 		if !tree[pid] {
 			return fmt.Errorf("process %d is not in migration %s", pid, id)
-		}
-		if check != nil && !unlisted {
-			if err := check(); err != nil {
-				return err
-			}
 		}
 		if a.cfg.Fault == "slow-pages" {
 			time.Sleep(time.Duration(1+len(buf)>>16) * 5 * time.Millisecond)

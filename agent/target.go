@@ -296,6 +296,7 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 		ropts.LazyPages, ropts.LazySocket = true, post.socket
 	}
 	res, err := restorecore.Restore(ctx, ropts)
+	a.log.Debug("migration: restore returned", "id", req.Id, "took", time.Since(start), "err", err)
 	if err != nil {
 		if post != nil {
 			post.cancel()
@@ -373,7 +374,7 @@ func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string, chains 
 		defer close(p.done)
 		defer dcancel()
 		defer os.RemoveAll(sockDir)
-		p.stats, p.err = lazypages.Serve(lctx, lazypages.Options{ImagesDir: dir, Socket: p.socket, Remote: remote, Chains: chains,
+		p.stats, p.err = lazypages.Serve(lctx, lazypages.Options{ImagesDir: dir, Socket: p.socket, Remote: remote, Chains: chains, Confirm: true,
 			Ready: func() { close(ready) }, Logger: a.log.With("migration", id)})
 		if p.err == nil {
 			p.err = remote.Close()

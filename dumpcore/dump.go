@@ -127,8 +127,8 @@ type Options struct {
 	// either way; with FlagsMoved they are fit only as a parent round.
 	// With LeaveStopped, smaps of the stopped tree is read while the images
 	// are written, and a difference fails the dump (errFlagsMoved; the
-	// tree is left stopped); with NoPageData and the lazy memory unlisted,
-	// the dump returns first and Result.FlagsCheck gives the outcome.
+	// tree is left stopped); with NoPageData, the dump returns first and
+	// Result.FlagsCheck gives the outcome.
 	FlagsBeforeFreeze bool
 	// Action, when set, runs criu's action-script stages: "network-lock"
 	// and "network-unlock" around the network lock, "post-dump" once the
@@ -157,8 +157,8 @@ type Result struct {
 	Stats *pb.DumpStats
 	// FlagsMoved: see Options.FlagsBeforeFreeze.
 	FlagsMoved bool
-	// FlagsCheck (LeaveStopped, NoPageData and FlagsBeforeFreeze, with the
-	// lazy memory unlisted; otherwise the dump waits for it) waits
+	// FlagsCheck (LeaveStopped, NoPageData and FlagsBeforeFreeze; without
+	// NoPageData the dump waits for it) waits
 	// until the VMA flags read before the freeze have been compared with
 	// those of the stopped tree. Nothing restored from the images may be
 	// kept before it returns nil: an error means the images' flags may be

@@ -117,10 +117,9 @@ func TestFinalRoundChecksEarlyFlags(t *testing.T) {
 }
 
 // TestFinalRoundAfterPreDumpChecksEarlyFlags: the final round after a
-// pre-dump round (its lazy memory listed, so the dump waits for the check
-// itself) hands the round's dirty tracker over; closing it takes its write
-// protection ("uw" in smaps) off, and VMAs may merge: no difference for
-// the check.
+// pre-dump round (its lazy memory listed) hands the round's dirty tracker
+// over; closing it takes its write protection ("uw" in smaps) off, and
+// VMAs may merge: no difference for the check.
 func TestFinalRoundAfterPreDumpChecksEarlyFlags(t *testing.T) {
 	w, _ := flagsWorkload(t)
 	dir := t.TempDir()
@@ -139,10 +138,14 @@ func TestFinalRoundAfterPreDumpChecksEarlyFlags(t *testing.T) {
 		unix.Kill(w.Pid, unix.SIGCONT)
 		t.Fatal(err)
 	}
-	if res.FlagsCheck != nil || res.Release == nil {
-		t.Fatalf("a listed final round: FlagsCheck set %v, Release set %v", res.FlagsCheck != nil, res.Release != nil)
+	if res.FlagsCheck == nil || res.Release == nil || res.Unlisted {
+		t.Fatalf("a listed final round: FlagsCheck set %v, Release set %v, unlisted %v", res.FlagsCheck != nil, res.Release != nil, res.Unlisted)
 	}
 	res.Release()
+	if err := res.FlagsCheck(); err != nil {
+		unix.Kill(w.Pid, unix.SIGCONT)
+		t.Fatalf("check: %v", err)
+	}
 	unix.Kill(w.Pid, unix.SIGCONT)
 	if r := w.Report(t); r.Status != "ok" {
 		t.Fatalf("the workload after the final round: %+v", r)

@@ -302,11 +302,11 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		for _, img := range imgs {
 			unlisted = unlisted || img.unlisted
 		}
-		// Only with the lazy memory unlisted can the caller hold the
-		// target back until the check is done (the target's daemon needs
-		// the source's list to finish); otherwise it is waited for here,
-		// after the images, which take about as long.
-		deferCheck := t.opts.NoPageData && unlisted
+		// A post-copy final round leaves the check to its caller, which
+		// holds the target back until it is done (the target's daemon
+		// needs the source's word to finish); otherwise it is waited for
+		// here, after the images, which take about as long.
+		deferCheck := t.opts.NoPageData
 		if check != nil && !deferCheck {
 			t3 := time.Now()
 			if err := check(); err != nil {

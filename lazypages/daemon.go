@@ -41,6 +41,11 @@ type Options struct {
 	// Chains, when set, has parent image sets resolved ahead (a
 	// migration's pre-copy rounds).
 	Chains *images.ChainCache
+	// Confirm: the daemon does not finish before the source has answered
+	// a list for every process, also those whose images list their
+	// memory (the list is then only the source's word that its images
+	// stand: a migration's source answers once its checks pass).
+	Confirm bool
 	// Ready is called once the socket listens (--status-fd).
 	Ready func()
 	// PrefetchRate limits the background delivery of pages nobody has
@@ -150,9 +155,12 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 			s.startList(p)
 		}
 		c := &client{u: u, name: fmt.Sprintf("process %d", pid), pend: p.pend, pid: pid, osPid: osPid, src: p.src, main: true,
-			unlisted: p.unlisted}
-		if ranges, ok := s.listed[pid]; ok && c.unlisted {
-			c.pend, c.unlisted = c.pend.restrict(ranges), false
+			unlisted: p.unlisted, confirm: p.confirm}
+		if ranges, ok := s.listed[pid]; ok {
+			if c.unlisted {
+				c.pend = c.pend.restrict(ranges)
+			}
+			c.unlisted, c.confirm = false, false
 		}
 		s.clients = append(s.clients, c)
 		s.handovers--
@@ -246,6 +254,9 @@ type prepared struct {
 	pend  pending
 	stats Stats
 	chain images.PageChain // open page files, closed when done
+	// confirm: the source's list is awaited only as its word that the
+	// images stand (Options.Confirm).
+	confirm bool
 	// unlisted: the pagemap leaves the lazy memory out (PagemapHead);
 	// pend holds it whole until src lists it.
 	unlisted bool
@@ -307,6 +318,13 @@ func prepare(opts Options, pid int, log *slog.Logger) (*prepared, error) {
 		}
 		t2 := time.Now()
 		p.src = src
+		if opts.Confirm {
+			if _, ok := src.(Lister); !ok {
+				p.chain.Close()
+				return nil, errors.New("the page server cannot confirm its images (no lists)")
+			}
+			p.confirm = true
+		}
 		p.pend = newPending(lazySpans(mm.Vmas, ranges, func(r [2]uint64) (uint64, uint64) { return r[0], r[1] }))
 		log.Debug("pages split", "pid", pid, "read", t1.Sub(t0), "sources", t2.Sub(t1), "spans", time.Since(t2))
 	default:
@@ -374,6 +392,8 @@ type client struct {
 	// retry holds faults that could not be served yet (EAGAIN while the
 	// address space was changing); they are served again each round.
 	retry []uffd.Msg
+	// confirm: the source's list is still awaited (Options.Confirm).
+	confirm bool
 	// unlisted: pend still holds the unlisted memory whole (faults are
 	// served, nothing is prefetched) until its list arrives.
 	unlisted bool
@@ -447,7 +467,7 @@ func (s *server) close() {
 // startList asks p's source for the list of its unlisted memory, which
 // the loop applies when it arrives.
 func (s *server) startList(p *prepared) {
-	if !p.unlisted {
+	if !p.unlisted && !p.confirm {
 		return
 	}
 	go func() {
@@ -478,6 +498,10 @@ func (s *server) takeLists() (took bool, err error) {
 			took = true
 			s.listed[l.pid] = l.ranges
 			for _, c := range s.clients {
+				if c.pid == l.pid && c.confirm {
+					c.confirm = false
+					s.log.Debug("the source confirmed its images", "client", c.name)
+				}
 				if c.pid == l.pid && c.unlisted {
 					c.pend, c.unlisted = c.pend.restrict(l.ranges), false
 					s.log.Info("memory listed", "client", c.name, "pages", c.pend.pages())
@@ -757,7 +781,7 @@ func (s *server) pendingPages() uint64 {
 	var n uint64
 	for _, c := range s.clients {
 		n += c.pend.pages()
-		if c.unlisted {
+		if c.unlisted || c.confirm {
 			// Not done before the source has listed it, even if faults
 			// took every page: the list also says the source's dump
 			// stands (the page server answers it only then).
@@ -784,7 +808,7 @@ func (s *server) handle(c *client, m uffd.Msg) error {
 		// The child's memory is the parent's: the same pages are missing.
 		child := &client{u: uffd.AdoptNoHandshake(m.ChildFd, Features),
 			pend: c.pend.clone(),
-			name: "child of " + c.name, pid: c.pid, src: c.src, unlisted: c.unlisted}
+			name: "child of " + c.name, pid: c.pid, src: c.src, unlisted: c.unlisted, confirm: c.confirm}
 		s.clients = append(s.clients, child)
 		s.log.Info("serving a child forked during post-copy", "parent", c.name, "pages", child.pend.pages())
 	}
