@@ -37,12 +37,18 @@ import (
 
 // Config configures an agent.
 type Config struct {
-	Name     string        // node name (default: the host name)
-	Listen   string        // gRPC host:port
-	PageHost string        // host the page-server sessions listen on (default: Listen's host)
-	StateDir string        // migration records and session images
-	TLS      transport.TLS // mutual TLS, required
-	Version  string
+	Name     string // node name (default: the host name)
+	Listen   string // gRPC host:port
+	PageHost string // host the page-server sessions listen on (default: Listen's host)
+	StateDir string // migration records and session images
+	// RunDir (default StateDir) holds the migration records and a
+	// source's round images, which are small: a file system of their own
+	// (a tmpfs, /run/ferry) keeps their writes from waiting for the
+	// journal of the one that takes gigabytes of pages (over a second
+	// here, with the workload frozen).
+	RunDir  string
+	TLS     transport.TLS // mutual TLS, required
+	Version string
 	// Lease is the default lease of a migration whose coordinator names
 	// none: how long a side waits without hearing from it before it
 	// resolves the migration on its own.
@@ -88,6 +94,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.StateDir == "" {
 		return nil, errors.New("agent: --state-dir is required")
 	}
+	if cfg.RunDir == "" {
+		cfg.RunDir = cfg.StateDir
+	}
 	if cfg.Lease <= 0 {
 		cfg.Lease = 30 * time.Second
 	}
@@ -99,7 +108,7 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
-	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "migrations"), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(cfg.RunDir, "migrations"), 0o700); err != nil {
 		return nil, fmt.Errorf("agent: state directory: %w", err)
 	}
 	host, _, err := net.SplitHostPort(cfg.Listen)

@@ -219,7 +219,13 @@ func (m *migration) stopSession() {
 }
 
 func (a *Agent) recordPath(id string) string {
-	return filepath.Join(a.cfg.StateDir, "migrations", id+".json")
+	return filepath.Join(a.cfg.RunDir, "migrations", id+".json")
+}
+
+// sourceDir is where a source writes its rounds' images (the page data
+// goes to the target).
+func (a *Agent) sourceDir(id string) string {
+	return filepath.Join(a.cfg.RunDir, "images", id)
 }
 
 func (a *Agent) imagesDir(id string) string {
@@ -272,7 +278,7 @@ func (a *Agent) setState(m *migration, state string) error {
 // get a fresh lease: their coordinator may still be there; if not, the
 // watcher resolves them when it runs out.
 func (a *Agent) load() error {
-	dir := filepath.Join(a.cfg.StateDir, "migrations")
+	dir := filepath.Join(a.cfg.RunDir, "migrations")
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return fmt.Errorf("agent: state directory: %w", err)
@@ -468,8 +474,10 @@ func (a *Agent) rollback(m *migration) error {
 }
 
 func (a *Agent) dropImages(id string) {
-	if err := os.RemoveAll(a.imagesDir(id)); err != nil {
-		a.log.Warn("migration: removing its images", "id", id, "err", err)
+	for _, dir := range []string{a.imagesDir(id), a.sourceDir(id)} {
+		if err := os.RemoveAll(dir); err != nil {
+			a.log.Warn("migration: removing its images", "id", id, "err", err)
+		}
 	}
 }
 

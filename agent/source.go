@@ -188,7 +188,7 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 	if rec.Role != roleSource || rec.State != StateRunning || rec.Pid != int(req.Pid) {
 		return nil, status.Errorf(codes.FailedPrecondition, "migration %s: no round for pid %d now (%s here, state %s)", req.Id, req.Pid, rec.Role, rec.State)
 	}
-	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
+	dir := filepath.Join(a.sourceDir(req.Id), strconv.Itoa(int(req.Round)))
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}

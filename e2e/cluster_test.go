@@ -42,6 +42,7 @@ type host struct {
 	ip      string
 	pidBase int    // its PIDs start above this
 	state   string // the agent's --state-dir
+	run     string // the agent's --run-dir (a tmpfs)
 	log     string
 	init    *exec.Cmd // unshare holding the PID and mount namespaces
 	initPid int       // their PID 1 (a shell), as seen from here
@@ -90,6 +91,9 @@ func newClusterWith(t testing.TB, agentArgsA, agentArgsB []string) *cluster {
 	c.a = &host{name: "host-a", netns: "ferry-e2e-a-" + tag, ip: "10.78.0.1", pidBase: 10000, state: filepath.Join(dir, "a"), log: filepath.Join(dir, "a.log")}
 	c.b = &host{name: "host-b", netns: "ferry-e2e-b-" + tag, ip: "10.78.0.2", pidBase: 20000, state: filepath.Join(dir, "b"), log: filepath.Join(dir, "b.log")}
 	for _, h := range []*host{c.a, c.b} {
+		// Records on a tmpfs, as /run/ferry would be (--run-dir).
+		h.run = filepath.Join("/dev/shm", "ferry-e2e-"+tag+"-"+h.name)
+		t.Cleanup(func() { os.RemoveAll(h.run) })
 		run(t, "ip", "netns", "add", h.netns)
 		t.Cleanup(func() { exec.Command("ip", "netns", "del", h.netns).Run() })
 		run(t, "ip", "-n", h.netns, "link", "set", "lo", "up")
@@ -198,7 +202,7 @@ func (c *cluster) startAgent(h *host, extra []string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	args := []string{c.ferry, "agent", "--listen", h.ip + ":27100", "--state-dir", h.state,
+	args := []string{c.ferry, "agent", "--listen", h.ip + ":27100", "--state-dir", h.state, "--run-dir", h.run,
 		"--node-name", h.name, "--status-fd", "3", "-v4", "-o", h.log}
 	args = append(args, c.tls(h.name)...)
 	args = append(args, extra...)

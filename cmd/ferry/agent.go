@@ -103,6 +103,7 @@ post-copy).
 	fs.StringVar(&cfg.Listen, "listen", ":27100", "serve gRPC on HOST:PORT")
 	fs.StringVar(&cfg.PageHost, "page-address", "", "address the migrations' page-server sessions listen on (default: --listen's host)")
 	fs.StringVar(&cfg.StateDir, "state-dir", "/var/lib/ferry", "directory of migration records and images")
+	fs.StringVar(&cfg.RunDir, "run-dir", "", "directory of the migration records and a source's round images instead of --state-dir: a tmpfs such as /run/ferry keeps their writes from waiting behind the pages written to --state-dir")
 	fs.StringVar(&cfg.Name, "node-name", "", "this node's name (default: the host name)")
 	fs.DurationVar(&cfg.Lease, "lease", 30*time.Second, "lease of a migration whose coordinator names none")
 	fs.StringVar(&cfg.TLS.CACert, "tls-cacert", "", "CA certificate every peer's certificate must chain to (PEM)")
