@@ -186,7 +186,8 @@ type migration struct {
 	roundSent atomic.Uint64
 
 	// chains (target) holds the pre-copy rounds resolved ahead; closed
-	// with the session, once the restore and its daemon are done.
+	// with the session, once the restore and its daemon are done. Guarded,
+	// as release, by op.
 	chains *images.ChainCache
 
 	// release (source) closes the dirty trackers the final round kept

@@ -197,13 +197,10 @@ func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*ag
 	if preDumpRound(dir) {
 		// A pre-copy round: its pages are resolved now, while the source
 		// runs, for the final round's restore and daemon (its parent).
-		a.mu.Lock()
 		if m.chains == nil {
 			m.chains = &images.ChainCache{}
 		}
-		cc := m.chains
-		a.mu.Unlock()
-		go a.resolveRound(cc, req.Id, dir)
+		go a.resolveRound(m.chains, req.Id, dir)
 	}
 	if _, ok := req.Files["inventory.img"]; ok {
 		// The final round: the connections it held on the source are held
@@ -278,9 +275,7 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	}
 	start := time.Now()
 	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
-	a.mu.Lock()
 	chains := m.chains
-	a.mu.Unlock()
 	ropts := restorecore.Options{ImagesDir: dir, Chains: chains, Logger: a.log.With("migration", req.Id)}
 	if req.LazyAddress == "" {
 		// Pre-copy: the copy stays stopped, and its connections held,

@@ -302,12 +302,11 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		for _, img := range imgs {
 			unlisted = unlisted || img.unlisted
 		}
-		// A post-copy final round leaves the check to its caller, which
-		// holds the target back until it is done (the target's daemon
-		// needs the source's word to finish); otherwise it is waited for
-		// here, after the images, which take about as long.
-		deferCheck := t.opts.NoPageData
-		if check != nil && !deferCheck {
+		// A post-copy final round (NoPageData) leaves the check to its
+		// caller, which holds the target back until it is done (the
+		// target's daemon needs the source's word to finish); otherwise it
+		// is waited for here, after the images, which take about as long.
+		if check != nil && !t.opts.NoPageData {
 			t3 := time.Now()
 			if err := check(); err != nil {
 				return nil, fmt.Errorf("%w (the process is left stopped)", err)
@@ -321,7 +320,7 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 		if res != nil {
 			res.Release, t.kept = closeAll(t.kept), nil
 			res.FlagsMoved, res.Unlisted = moved, unlisted
-			if deferCheck {
+			if t.opts.NoPageData {
 				res.FlagsCheck = check
 			}
 		}

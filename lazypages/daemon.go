@@ -654,17 +654,13 @@ func (s *server) request() bool {
 		if !ok || c.unlisted {
 			continue
 		}
-		i := c.pend.index(c.ahead)
-		for i < len(c.pend.spans) && c.pend.spans[i].start == c.pend.spans[i].end {
-			i++
-		}
-		if i == len(c.pend.spans) {
+		sp, ok := c.pend.from(c.ahead)
+		if !ok {
 			if c.ahead != 0 && !s.inFlight(c) {
 				c.ahead = 0 // pages left behind (moved, or not placed): again
 			}
 			continue
 		}
-		sp := c.pend.spans[i]
 		va := max(sp.start, c.ahead)
 		n := min(aheadChunk, sp.end-va)
 		var buf []byte

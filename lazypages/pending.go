@@ -45,6 +45,17 @@ func (p *pending) first() (pendSpan, bool) {
 	return p.spans[p.head], true
 }
 
+// from returns the first pending span ending after va (delivered spans,
+// collapsed in place, are skipped).
+func (p *pending) from(va uint64) (pendSpan, bool) {
+	for i := p.index(va); i < len(p.spans); i++ {
+		if p.spans[i].start < p.spans[i].end {
+			return p.spans[i], true
+		}
+	}
+	return pendSpan{}, false
+}
+
 // index returns the first span ending after va.
 func (p *pending) index(va uint64) int {
 	return sort.Search(len(p.spans), func(i int) bool { return p.spans[i].end > va })

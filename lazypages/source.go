@@ -21,9 +21,14 @@ type Source interface {
 // localSource reads resolved image runs.
 type localSource struct{ runs []images.PageRun }
 
+// index returns the first run ending after va.
+func (l localSource) index(va uint64) int {
+	return sort.Search(len(l.runs), func(i int) bool { return l.runs[i].Vaddr+uint64(len(l.runs[i].Data)) > va })
+}
+
 func (l localSource) Read(_ int, vaddr uint64, buf []byte) error {
 	runs := l.runs
-	i := sort.Search(len(runs), func(i int) bool { return runs[i].Vaddr+uint64(len(runs[i].Data)) > vaddr })
+	i := l.index(vaddr)
 	for done := 0; done < len(buf); i++ {
 		va := vaddr + uint64(done)
 		if i == len(runs) || runs[i].Vaddr > va {
@@ -36,7 +41,7 @@ func (l localSource) Read(_ int, vaddr uint64, buf []byte) error {
 
 // has tells whether the runs hold the page at va.
 func (l localSource) has(va uint64) bool {
-	i := sort.Search(len(l.runs), func(i int) bool { return l.runs[i].Vaddr+uint64(len(l.runs[i].Data)) > va })
+	i := l.index(va)
 	return i < len(l.runs) && l.runs[i].Vaddr <= va
 }
 
@@ -72,17 +77,13 @@ type Lister interface {
 type RemoteSource struct {
 	wmu    sync.Mutex // frame writes, and the queue's order with them
 	s      *transport.Stream
-	qmu    sync.Mutex
-	queue  []*Flight     // requests sent, oldest first
-	failed error         // the reader failed: no request is taken any more
-	done   chan struct{} // the reader stopped; err says why
-	err    error
 	closed chan struct{}
 	once   sync.Once
 
-	lmu         sync.Mutex
-	lists       map[int]*pendingList
-	listsFailed error // the reader failed: no list is taken any more
+	mu     sync.Mutex
+	queue  []*Flight // page requests sent, oldest first
+	lists  map[int]*pendingList
+	failed error // the reader failed: no request or list is taken any more
 }
 
 // Flight is a page request in flight (RemoteSource.Request).
@@ -116,24 +117,25 @@ type pendingList struct {
 
 // NewRemoteSource uses an established stream.
 func NewRemoteSource(s *transport.Stream) *RemoteSource {
-	r := &RemoteSource{s: s, done: make(chan struct{}), closed: make(chan struct{}), lists: map[int]*pendingList{}}
+	r := &RemoteSource{s: s, closed: make(chan struct{}), lists: map[int]*pendingList{}}
 	go r.read()
 	return r
 }
 
 // read dispatches the frames of the stream until it fails or closes.
 func (r *RemoteSource) read() {
-	defer close(r.done)
 	var buf []byte
 	fail := func(err error) {
-		r.err = err
-		r.failLists(err)
-		r.qmu.Lock()
-		q := r.queue
-		r.queue, r.failed = nil, err
-		r.qmu.Unlock()
+		r.mu.Lock()
+		q, lists := r.queue, r.lists
+		r.queue, r.lists, r.failed = nil, nil, err
+		r.mu.Unlock()
 		for _, f := range q {
 			f.finish(err)
+		}
+		for _, l := range lists {
+			l.err = err
+			close(l.done)
 		}
 	}
 	for {
@@ -156,12 +158,12 @@ func (r *RemoteSource) read() {
 			}
 			continue
 		}
-		r.qmu.Lock()
+		r.mu.Lock()
 		var f *Flight
 		if len(r.queue) > 0 {
 			f, r.queue = r.queue[0], r.queue[1:]
 		}
-		r.qmu.Unlock()
+		r.mu.Unlock()
 		switch {
 		case f == nil:
 			fail(fmt.Errorf("page server: a reply (frame %d) to no request", typ))
@@ -185,8 +187,8 @@ func (r *RemoteSource) gotList(typ uint8, p []byte) error {
 		return errors.New("page server: short list frame")
 	}
 	pid := int(binary.LittleEndian.Uint32(p))
-	r.lmu.Lock()
-	defer r.lmu.Unlock()
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	l := r.lists[pid]
 	if l == nil {
 		return fmt.Errorf("page server: a list of process %d nobody asked for", pid)
@@ -208,17 +210,6 @@ func (r *RemoteSource) gotList(typ uint8, p []byte) error {
 		close(l.done)
 	}
 	return nil
-}
-
-func (r *RemoteSource) failLists(err error) {
-	r.lmu.Lock()
-	defer r.lmu.Unlock()
-	r.listsFailed = err
-	for pid, l := range r.lists {
-		l.err = err
-		close(l.done)
-		delete(r.lists, pid)
-	}
 }
 
 // DialRemote connects to the page server in lazy mode at addr over network
@@ -332,25 +323,25 @@ func (r *RemoteSource) Request(pid int, vaddr uint64, buf []byte, notify func())
 	binary.LittleEndian.PutUint64(req[4:], vaddr)
 	binary.LittleEndian.PutUint32(req[12:], uint32(len(buf)))
 	r.wmu.Lock()
-	r.qmu.Lock()
+	r.mu.Lock()
 	if err := r.failed; err != nil {
-		r.qmu.Unlock()
+		r.mu.Unlock()
 		r.wmu.Unlock()
 		f.finish(err)
 		return f
 	}
 	r.queue = append(r.queue, f)
-	r.qmu.Unlock()
+	r.mu.Unlock()
 	err := r.write(frameReq, req)
 	mine := false
 	if err != nil {
 		// Never sent: no reply will come. f is the last request (the
 		// writes are held), unless the reader failed them all meanwhile.
-		r.qmu.Lock()
+		r.mu.Lock()
 		if n := len(r.queue); n > 0 && r.queue[n-1] == f {
 			r.queue, mine = r.queue[:n-1], true
 		}
-		r.qmu.Unlock()
+		r.mu.Unlock()
 	}
 	r.wmu.Unlock()
 	if mine {
@@ -370,28 +361,23 @@ func (r *RemoteSource) Read(pid int, vaddr uint64, buf []byte) error {
 // waits for them (page requests go on meanwhile).
 func (r *RemoteSource) List(pid int) ([][2]uint64, error) {
 	l := &pendingList{done: make(chan struct{})}
-	r.lmu.Lock()
-	if err := r.listsFailed; err != nil {
-		r.lmu.Unlock()
+	r.mu.Lock()
+	if err := r.failed; err != nil {
+		r.mu.Unlock()
 		return nil, err
 	}
 	if r.lists[pid] != nil {
-		r.lmu.Unlock()
+		r.mu.Unlock()
 		return nil, fmt.Errorf("the pages of process %d are being listed already", pid)
 	}
 	r.lists[pid] = l
-	r.lmu.Unlock()
+	r.mu.Unlock()
 	req := binary.LittleEndian.AppendUint32(nil, uint32(pid))
 	if err := r.send(frameList, req); err != nil {
 		return nil, err
 	}
-	select {
-	case <-l.done:
-		return l.ranges, l.err
-	case <-r.done:
-		<-l.done // failLists closes it
-		return nil, l.err
-	}
+	<-l.done // the reply, or the reader failing
+	return l.ranges, l.err
 }
 
 // Abort drops the connection without telling the server the daemon is
