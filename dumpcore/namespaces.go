@@ -19,8 +19,9 @@ var nsKinds = []string{"pid", "uts", "ipc", "net", "mnt", "user", "cgroup", "tim
 // process must be in the root's. Those of the root that are not ferry's
 // are the tree's own, and the dump must save them: a PID namespace whose
 // init is the root (pidNamespace), a UTS namespace (utsNamespace), a
-// network namespace (netNamespace), an IPC namespace (ipcNamespace) and
-// a mount namespace (mntNamespace); any other kind is refused by name.
+// network namespace (netNamespace), an IPC namespace (ipcNamespace), a
+// mount namespace (mntNamespace), time and cgroup namespaces, and a user
+// namespace (userNamespace).
 func (t *tree) checkNamespaces() error {
 	t.ownNs = map[string]string{}
 	for _, kind := range nsKinds {
@@ -50,7 +51,7 @@ func (t *tree) checkNamespaces() error {
 			continue // left out: the restore joins the caller's
 		}
 		switch kind {
-		case "pid", "uts", "net", "ipc", "mnt", "time", "cgroup":
+		case "pid", "uts", "net", "ipc", "mnt", "time", "cgroup", "user":
 			t.ownNs[kind] = ns
 		default:
 			return fmt.Errorf("process %d has a %s namespace of its own (%s), which ferry does not save yet: %w", t.root, kind, ns, ErrUnsupported)
@@ -63,7 +64,9 @@ func (t *tree) checkNamespaces() error {
 // process outside the tree is in too (one joined with nsenter or docker
 // exec, a pod's other containers): the restore would make it new, for
 // the tree alone. The root's ancestors may share all but the PID
-// namespace (unshare(1) makes them and forks the root).
+// namespace (unshare(1) makes them and forks the root). A user namespace
+// may be shared (rootless podman's pause process holds the one of its
+// containers): it is nothing but ID maps, which a new one has the same.
 func (t *tree) checkNamespaceHolders() error {
 	if len(t.ownNs) == 0 {
 		return nil
@@ -94,7 +97,7 @@ func (t *tree) checkNamespaceHolders() error {
 			continue
 		}
 		for kind, ns := range t.ownNs {
-			if kind != "pid" && ancestor[pid] {
+			if kind == "user" || kind != "pid" && ancestor[pid] {
 				continue
 			}
 			if other, err := proc.Namespace(pid, kind); err == nil && other == ns {
@@ -104,6 +107,60 @@ func (t *tree) checkNamespaceHolders() error {
 		}
 	}
 	return nil
+}
+
+// userNamespace reads the ID maps of the tree's user namespace, if it
+// has one of its own. The restore makes the tree's other namespaces of
+// its own from inside the new one, so each of them must belong to it (a
+// namespace made before the user namespace, which its parent owns, is
+// refused by name), and so must the PID namespace the tree is in.
+func (t *tree) userNamespace() (*pb.UserNs, error) {
+	user := t.ownNs["user"]
+	if user == "" {
+		return nil, nil
+	}
+	for kind := range t.ownNs {
+		if kind == "user" {
+			continue
+		}
+		owner, err := proc.NamespaceOwner(t.root, kind)
+		if err != nil {
+			return nil, err
+		}
+		if owner != user {
+			return nil, fmt.Errorf("the %s namespace of %d belongs to %s, not to the tree's %s (made before it): %w",
+				kind, t.root, owner, user, ErrUnsupported)
+		}
+	}
+	if t.ownNs["pid"] == "" {
+		// Threads are made in the user namespace, with their TIDs,
+		// which only a PID namespace it owns lets it choose.
+		for _, d := range t.procs {
+			if len(d.threads) > 1 {
+				return nil, fmt.Errorf("process %d has %d threads in a user namespace of the tree's own (%s) but no PID namespace of its own: %w",
+					d.opts.Pid, len(d.threads), user, ErrUnsupported)
+			}
+		}
+	}
+	out := &pb.UserNs{}
+	for _, f := range []struct {
+		file string
+		to   *[]*pb.IdMap
+	}{{"uid_map", &out.UidMap}, {"gid_map", &out.GidMap}} {
+		maps, err := proc.ReadIDMap(t.root, f.file)
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range maps {
+			*f.to = append(*f.to, &pb.IdMap{Inner: m.Inner, Outer: m.Outer, Count: m.Count})
+		}
+	}
+	b, err := os.ReadFile(proc.Path(t.root, "setgroups"))
+	if err != nil {
+		return nil, err
+	}
+	out.SetgroupsDenied = strings.TrimSpace(string(b)) == "deny"
+	return out, nil
 }
 
 // utsNamespace reads the names of the tree's UTS namespace, if it has

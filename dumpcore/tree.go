@@ -60,6 +60,8 @@ type tree struct {
 	vpgids map[int]int32
 	// extNs are the namespaces of the tree's own left out (--external).
 	extNs []*pb.ExternalNs
+	// userNs is the tree's user namespace, if it has one of its own.
+	userNs *pb.UserNs
 	// ipc holds the SysV objects of an IPC namespace of the tree's own.
 	ipc []*pb.IpcObject
 }
@@ -241,6 +243,11 @@ func (t *tree) run(ctx context.Context) (*Result, error) {
 	if err := t.checkNamespaceHolders(); err != nil {
 		return nil, err
 	}
+	userNs, err := t.userNamespace()
+	if err != nil {
+		return nil, err
+	}
+	t.userNs = userNs
 	t0 = time.Now()
 	for _, d := range t.procs[1:] {
 		if root.parent != nil {
@@ -509,6 +516,7 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 	}
 	imgs[0].inv.CgroupNs = t.ownNs["cgroup"] != ""
 	imgs[0].inv.ExternalNs = t.extNs
+	imgs[0].inv.UserNs = t.userNs
 	for _, f := range t.files.entries {
 		if (f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted) && images.OnOwnMount(imgs[0].inv.MntNs, f.Path) {
 			return nil, fmt.Errorf("%s (deleted) is on a mount of the tree's own mount namespace, which ferry does not restore yet: %w", f.Path, ErrUnsupported)

@@ -108,6 +108,9 @@ func (b *builder) build(ctx context.Context) error {
 		{"files", b.restoreFiles},
 		{"task", b.restoreTask},
 		{"signals", b.restoreSigactions},
+		// Files taken from ferry, then into the tree's user namespace
+		// while the process has one thread.
+		{"user namespace", b.enterUserNs},
 		// Threads before timers: a timer may signal one of them.
 		{"threads", b.restoreThreads},
 		{"timers", b.restoreTimers},

@@ -71,13 +71,22 @@ func (r *restorer) joinNamespaces(seed *compel.Task) error {
 // images' clock offsets (unshare inside the seed: its children enter it;
 // the offsets are written before any of them exists).
 func (r *restorer) makeTimeNs(seed *compel.Task) error {
-	tn := r.is.inv.TimeNs
-	if tn == nil {
+	if r.is.inv.TimeNs == nil || r.is.inv.UserNs != nil { // made in it (makeUserNs)
 		return nil
 	}
 	if _, err := seed.Syscall(unix.SYS_UNSHARE, unix.CLONE_NEWTIME); err != nil {
 		return fmt.Errorf("time namespace: unshare: %w", err)
 	}
+	if err := os.WriteFile(fmt.Sprintf("/proc/%d/timens_offsets", seed.Tid), []byte(r.timeOffsets()), 0); err != nil {
+		return fmt.Errorf("time namespace: offsets: %w", err)
+	}
+	return nil
+}
+
+// timeOffsets is what timens_offsets of the tree's new time namespace
+// gets.
+func (r *restorer) timeOffsets() string {
+	tn := r.is.inv.TimeNs
 	// Moved by how far this host's clocks are from the dumping host's
 	// at the dump: the tree's clocks go on from where they were.
 	shift := func(sec, nsec, hostThen int64, id int32) (int64, int64) {
@@ -95,9 +104,5 @@ func (r *restorer) makeTimeNs(seed *compel.Task) error {
 	}
 	ms, mn := shift(tn.MonotonicSec, tn.MonotonicNsec, tn.HostMonotonicNs, unix.CLOCK_MONOTONIC)
 	bs, bn := shift(tn.BoottimeSec, tn.BoottimeNsec, tn.HostBoottimeNs, unix.CLOCK_BOOTTIME)
-	offsets := fmt.Sprintf("monotonic %d %d\nboottime %d %d\n", ms, mn, bs, bn)
-	if err := os.WriteFile(fmt.Sprintf("/proc/%d/timens_offsets", seed.Tid), []byte(offsets), 0); err != nil {
-		return fmt.Errorf("time namespace: offsets: %w", err)
-	}
-	return nil
+	return fmt.Sprintf("monotonic %d %d\nboottime %d %d\n", ms, mn, bs, bn)
 }

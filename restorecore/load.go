@@ -300,6 +300,23 @@ func (is *imageSet) validate(localXstate []byte) error {
 			}
 		}
 	}
+	// A process enters a user namespace (enterUserNs) alone: with one
+	// thread, sharing no fs_struct; its threads are made after, with
+	// their TIDs, which needs the PID namespace to belong to the user
+	// namespace.
+	if inv.UserNs != nil {
+		for _, p := range is.procs {
+			if p.zombie {
+				continue
+			}
+			if p.core.FsSharedWith != 0 {
+				return refuse("process %d shares its root and working directory with process %d (CLONE_FS) in a user namespace of the tree's own: not supported yet", p.pstree.Pid, p.core.FsSharedWith)
+			}
+			if len(p.core.Threads) > 1 && !inv.PidNs {
+				return refuse("process %d has %d threads in a user namespace of the tree's own but no PID namespace of its own: not supported yet", p.pstree.Pid, len(p.core.Threads))
+			}
+		}
+	}
 	// Files present and unchanged (but those in /proc of the tree's own
 	// processes, which exist once the tree does).
 	ours := map[string]bool{}

@@ -188,6 +188,10 @@ type restorer struct {
 	ferryFd map[int32]uint64
 	// cgroupsKept: the restore succeeded, the cgroups it made stay.
 	cgroupsKept bool
+	// userNs is the tree's new user namespace (makeUserNs), nsMade the
+	// namespaces (clone flags) made inside it, which the seed joined.
+	userNs *os.File
+	nsMade uint64
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
@@ -278,6 +282,11 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	if err := r.seedCgroupNsRoots(seedTask.Tid); err != nil {
 		return nil, err
+	}
+	if r.is.inv.UserNs != nil {
+		if err := r.makeUserNs(seedTask); err != nil {
+			return nil, err
+		}
 	}
 
 	tasks, err := r.createTree(seedTask)

@@ -3,6 +3,9 @@ package restorecore
 import (
 	"encoding/binary"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -117,60 +120,80 @@ func (b *builder) restorePending() error {
 
 // restoreCreds sets each thread's credentials (they are per thread in the
 // kernel). It runs last: dropping root would forbid the steps before it.
+// In a user namespace of the tree's own the IDs are the namespace's
+// (inUserNs) and the groups were set before entering it (enterUserNs).
 func (b *builder) restoreCreds() error {
 	c := b.p.core.Creds
 	if c == nil {
 		return nil
 	}
-	root := c.Uid == 0 && c.Euid == 0 && c.Suid == 0 && c.Fsuid == 0 &&
-		c.Gid == 0 && c.Egid == 0 && c.Sgid == 0 && c.Fsgid == 0
+	ids := [8]uint32{c.Uid, c.Euid, c.Suid, c.Fsuid, c.Gid, c.Egid, c.Sgid, c.Fsgid}
+	set := [2]bool{true, true} // the uids, the gids
+	un := b.r.is.inv.UserNs
+	if un != nil {
+		var err error
+		if ids, set, err = inUserNs(un, c); err != nil {
+			return err
+		}
+	} else if ids == [8]uint32{} {
+		set = [2]bool{} // root: as ferry made it
+	}
+	last, err := capLastCap()
+	if err != nil {
+		return err
+	}
 	for _, t := range b.threads {
-		if len(c.Groups) > 0 || !root {
-			buf := make([]byte, 4*len(c.Groups)+4)
-			for i, g := range c.Groups {
-				binary.LittleEndian.PutUint32(buf[4*i:], g)
-			}
-			a, err := b.put(0, buf)
-			if err != nil {
+		if un == nil && (len(c.Groups) > 0 || set[0]) {
+			if err := b.setGroups(t, c.Groups); err != nil {
 				return err
 			}
-			if _, err := t.Syscall(unix.SYS_SETGROUPS, uint64(len(c.Groups)), a); err != nil {
-				return fmt.Errorf("setgroups: %w", err)
-			}
 		}
-		if root {
-			continue
+		// The bounding set while the thread may still change it.
+		for cp := 0; cp <= last; cp++ {
+			if c.CapBnd&(1<<cp) == 0 {
+				if _, err := t.Syscall(unix.SYS_PRCTL, unix.PR_CAPBSET_DROP, uint64(cp)); err != nil {
+					return fmt.Errorf("drop capability %d from the bounding set: %w", cp, err)
+				}
+			}
 		}
 		if _, err := t.Syscall(unix.SYS_PRCTL, unix.PR_SET_KEEPCAPS, 1); err != nil {
 			return err
 		}
-		if _, err := t.Syscall(unix.SYS_SETRESGID, uint64(c.Gid), uint64(c.Egid), uint64(c.Sgid)); err != nil {
-			return fmt.Errorf("setresgid: %w", err)
+		if set[1] {
+			if _, err := t.Syscall(unix.SYS_SETRESGID, uint64(ids[4]), uint64(ids[5]), uint64(ids[6])); err != nil {
+				return fmt.Errorf("setresgid %v: %w", ids[4:7], err)
+			}
+			t.Syscall(unix.SYS_SETFSGID, uint64(ids[7]))
 		}
-		if _, err := t.Syscall(unix.SYS_SETRESUID, uint64(c.Uid), uint64(c.Euid), uint64(c.Suid)); err != nil {
-			return fmt.Errorf("setresuid: %w", err)
+		if set[0] {
+			if _, err := t.Syscall(unix.SYS_SETRESUID, uint64(ids[0]), uint64(ids[1]), uint64(ids[2])); err != nil {
+				return fmt.Errorf("setresuid %v: %w", ids[0:3], err)
+			}
+			t.Syscall(unix.SYS_SETFSUID, uint64(ids[3]))
 		}
-		t.Syscall(unix.SYS_SETFSGID, uint64(c.Fsgid))
-		t.Syscall(unix.SYS_SETFSUID, uint64(c.Fsuid))
 		// capset v3: header {version, pid}, two data {effective, permitted, inheritable}.
 		buf := make([]byte, 8+24)
 		le := binary.LittleEndian
 		le.PutUint32(buf[0:], unix.LINUX_CAPABILITY_VERSION_3)
-		for i, v := range [][3]uint64{{c.CapEff, c.CapPrm, c.CapInh}} {
-			_ = i
-			le.PutUint32(buf[8:], uint32(v[0]))
-			le.PutUint32(buf[12:], uint32(v[1]))
-			le.PutUint32(buf[16:], uint32(v[2]))
-			le.PutUint32(buf[20:], uint32(v[0]>>32))
-			le.PutUint32(buf[24:], uint32(v[1]>>32))
-			le.PutUint32(buf[28:], uint32(v[2]>>32))
-		}
+		le.PutUint32(buf[8:], uint32(c.CapEff))
+		le.PutUint32(buf[12:], uint32(c.CapPrm))
+		le.PutUint32(buf[16:], uint32(c.CapInh))
+		le.PutUint32(buf[20:], uint32(c.CapEff>>32))
+		le.PutUint32(buf[24:], uint32(c.CapPrm>>32))
+		le.PutUint32(buf[28:], uint32(c.CapInh>>32))
 		a, err := b.put(0, buf)
 		if err != nil {
 			return err
 		}
 		if _, err := t.Syscall(unix.SYS_CAPSET, a, a+8); err != nil {
 			return fmt.Errorf("capset: %w", err)
+		}
+		for cp := 0; cp <= last; cp++ {
+			if c.CapAmb&(1<<cp) != 0 {
+				if _, err := t.Syscall(unix.SYS_PRCTL, unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_RAISE, uint64(cp)); err != nil {
+					return fmt.Errorf("raise ambient capability %d: %w", cp, err)
+				}
+			}
 		}
 		t.Syscall(unix.SYS_PRCTL, unix.PR_SET_KEEPCAPS, 0)
 	}
@@ -180,6 +203,31 @@ func (b *builder) restoreCreds() error {
 		}
 	}
 	return nil
+}
+
+// setGroups sets t's supplementary groups.
+func (b *builder) setGroups(t *compel.Task, groups []uint32) error {
+	buf := make([]byte, 4*len(groups)+4)
+	for i, g := range groups {
+		binary.LittleEndian.PutUint32(buf[4*i:], g)
+	}
+	a, err := b.put(0, buf)
+	if err != nil {
+		return err
+	}
+	if _, err := t.Syscall(unix.SYS_SETGROUPS, uint64(len(groups)), a); err != nil {
+		return fmt.Errorf("setgroups %v: %w", groups, err)
+	}
+	return nil
+}
+
+// capLastCap is the highest capability this kernel knows.
+func capLastCap() (int, error) {
+	b, err := os.ReadFile("/proc/sys/kernel/cap_last_cap")
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
 
 // stopSignal is the signal that stops the process at the end of its

@@ -66,6 +66,9 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 				if r.is.inv.CgroupNs {
 					flags |= unix.CLONE_NEWCGROUP
 				}
+				// Those made in the tree's user namespace the seed has
+				// joined (makeUserNs).
+				flags &^= r.nsMade
 			}
 			want := int(s.Pid)
 			if want < 0 {

@@ -160,14 +160,15 @@ func TestLazyRestorePidNamespaceSameHost(t *testing.T) {
 }
 
 func TestDumpRefusesOtherNamespaces(t *testing.T) {
-	// A process with a user namespace of its own (not saved yet), one
-	// that is not its PID namespace's init, and one whose network
-	// namespace a process outside the tree joined: each dump fails naming
-	// the namespace, and the process runs on.
+	// A process with a network namespace made before its user namespace
+	// (which the user namespace does not own), one that is not its PID
+	// namespace's init, and one whose network namespace a process outside
+	// the tree joined: each dump fails naming the namespace, and the
+	// process runs on.
 	needRoot(t)
 	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "guard.py")
-	w := testutil.Start(t, "", "unshare", "--user", "--map-root-user", "python3", script)
-	checkRefused(t, w, "user namespace of its own")
+	w := testutil.Start(t, "", "unshare", "--net", "unshare", "--user", "--map-root-user", "python3", script)
+	checkRefused(t, w, "net namespace of", "belongs to", "made before it")
 	checkRunsOn(t, w)
 	u := testutil.Start(t, "", "unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "python3 "+script+" \"$0\"; :")
 	kids := proc.Children(u.Pid)

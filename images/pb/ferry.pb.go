@@ -92,7 +92,13 @@ type Inventory struct {
 	CgroupNs      bool         `protobuf:"varint,26,opt,name=cgroup_ns,json=cgroupNs,proto3" json:"cgroup_ns,omitempty"`
 	// Namespaces of the tree's own left out (--external net[INODE]:KEY):
 	// the restore joins the one the caller gives for KEY (--inherit-fd).
-	ExternalNs    []*ExternalNs `protobuf:"bytes,27,rep,name=external_ns,json=externalNs,proto3" json:"external_ns,omitempty"`
+	ExternalNs []*ExternalNs `protobuf:"bytes,27,rep,name=external_ns,json=externalNs,proto3" json:"external_ns,omitempty"`
+	// The tree's user namespace, when it has one of its own: its ID maps,
+	// made again in a new namespace that owns the tree's other namespaces
+	// of its own, as the original did. Creds stay as the dumping host's
+	// kernel sees them (its initial user namespace's IDs): the restore
+	// puts them through these maps.
+	UserNs        *UserNs `protobuf:"bytes,28,opt,name=user_ns,json=userNs,proto3" json:"user_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -316,6 +322,136 @@ func (x *Inventory) GetExternalNs() []*ExternalNs {
 	return nil
 }
 
+func (x *Inventory) GetUserNs() *UserNs {
+	if x != nil {
+		return x.UserNs
+	}
+	return nil
+}
+
+type UserNs struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	UidMap []*IdMap               `protobuf:"bytes,1,rep,name=uid_map,json=uidMap,proto3" json:"uid_map,omitempty"`
+	GidMap []*IdMap               `protobuf:"bytes,2,rep,name=gid_map,json=gidMap,proto3" json:"gid_map,omitempty"`
+	// setgroups(2) is denied in it (/proc/PID/setgroups).
+	SetgroupsDenied bool `protobuf:"varint,3,opt,name=setgroups_denied,json=setgroupsDenied,proto3" json:"setgroups_denied,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *UserNs) Reset() {
+	*x = UserNs{}
+	mi := &file_images_ferry_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserNs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserNs) ProtoMessage() {}
+
+func (x *UserNs) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserNs.ProtoReflect.Descriptor instead.
+func (*UserNs) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *UserNs) GetUidMap() []*IdMap {
+	if x != nil {
+		return x.UidMap
+	}
+	return nil
+}
+
+func (x *UserNs) GetGidMap() []*IdMap {
+	if x != nil {
+		return x.GidMap
+	}
+	return nil
+}
+
+func (x *UserNs) GetSetgroupsDenied() bool {
+	if x != nil {
+		return x.SetgroupsDenied
+	}
+	return false
+}
+
+// IdMap is a line of /proc/PID/uid_map or gid_map: count IDs from inner
+// (in the namespace) are outer (in its parent) onward.
+type IdMap struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Inner         uint32                 `protobuf:"varint,1,opt,name=inner,proto3" json:"inner,omitempty"`
+	Outer         uint32                 `protobuf:"varint,2,opt,name=outer,proto3" json:"outer,omitempty"`
+	Count         uint32                 `protobuf:"varint,3,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdMap) Reset() {
+	*x = IdMap{}
+	mi := &file_images_ferry_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdMap) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdMap) ProtoMessage() {}
+
+func (x *IdMap) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdMap.ProtoReflect.Descriptor instead.
+func (*IdMap) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *IdMap) GetInner() uint32 {
+	if x != nil {
+		return x.Inner
+	}
+	return 0
+}
+
+func (x *IdMap) GetOuter() uint32 {
+	if x != nil {
+		return x.Outer
+	}
+	return 0
+}
+
+func (x *IdMap) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
 type ExternalNs struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"` // "net", "uts" or "ipc"
@@ -326,7 +462,7 @@ type ExternalNs struct {
 
 func (x *ExternalNs) Reset() {
 	*x = ExternalNs{}
-	mi := &file_images_ferry_proto_msgTypes[1]
+	mi := &file_images_ferry_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -338,7 +474,7 @@ func (x *ExternalNs) String() string {
 func (*ExternalNs) ProtoMessage() {}
 
 func (x *ExternalNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[1]
+	mi := &file_images_ferry_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -351,7 +487,7 @@ func (x *ExternalNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExternalNs.ProtoReflect.Descriptor instead.
 func (*ExternalNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{1}
+	return file_images_ferry_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ExternalNs) GetKind() string {
@@ -385,7 +521,7 @@ type TimeNs struct {
 
 func (x *TimeNs) Reset() {
 	*x = TimeNs{}
-	mi := &file_images_ferry_proto_msgTypes[2]
+	mi := &file_images_ferry_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -397,7 +533,7 @@ func (x *TimeNs) String() string {
 func (*TimeNs) ProtoMessage() {}
 
 func (x *TimeNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[2]
+	mi := &file_images_ferry_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -410,7 +546,7 @@ func (x *TimeNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TimeNs.ProtoReflect.Descriptor instead.
 func (*TimeNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{2}
+	return file_images_ferry_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *TimeNs) GetMonotonicSec() int64 {
@@ -475,7 +611,7 @@ type MntNs struct {
 
 func (x *MntNs) Reset() {
 	*x = MntNs{}
-	mi := &file_images_ferry_proto_msgTypes[3]
+	mi := &file_images_ferry_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -487,7 +623,7 @@ func (x *MntNs) String() string {
 func (*MntNs) ProtoMessage() {}
 
 func (x *MntNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[3]
+	mi := &file_images_ferry_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -500,7 +636,7 @@ func (x *MntNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MntNs.ProtoReflect.Descriptor instead.
 func (*MntNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{3}
+	return file_images_ferry_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *MntNs) GetUnmounted() []string {
@@ -546,7 +682,7 @@ type OwnMount struct {
 
 func (x *OwnMount) Reset() {
 	*x = OwnMount{}
-	mi := &file_images_ferry_proto_msgTypes[4]
+	mi := &file_images_ferry_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -558,7 +694,7 @@ func (x *OwnMount) String() string {
 func (*OwnMount) ProtoMessage() {}
 
 func (x *OwnMount) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[4]
+	mi := &file_images_ferry_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -571,7 +707,7 @@ func (x *OwnMount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OwnMount.ProtoReflect.Descriptor instead.
 func (*OwnMount) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{4}
+	return file_images_ferry_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *OwnMount) GetPoint() string {
@@ -634,7 +770,7 @@ type CgroupDir struct {
 
 func (x *CgroupDir) Reset() {
 	*x = CgroupDir{}
-	mi := &file_images_ferry_proto_msgTypes[5]
+	mi := &file_images_ferry_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -646,7 +782,7 @@ func (x *CgroupDir) String() string {
 func (*CgroupDir) ProtoMessage() {}
 
 func (x *CgroupDir) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[5]
+	mi := &file_images_ferry_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -659,7 +795,7 @@ func (x *CgroupDir) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupDir.ProtoReflect.Descriptor instead.
 func (*CgroupDir) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{5}
+	return file_images_ferry_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CgroupDir) GetControllers() string {
@@ -693,7 +829,7 @@ type CgroupProp struct {
 
 func (x *CgroupProp) Reset() {
 	*x = CgroupProp{}
-	mi := &file_images_ferry_proto_msgTypes[6]
+	mi := &file_images_ferry_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -705,7 +841,7 @@ func (x *CgroupProp) String() string {
 func (*CgroupProp) ProtoMessage() {}
 
 func (x *CgroupProp) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[6]
+	mi := &file_images_ferry_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -718,7 +854,7 @@ func (x *CgroupProp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupProp.ProtoReflect.Descriptor instead.
 func (*CgroupProp) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{6}
+	return file_images_ferry_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CgroupProp) GetName() string {
@@ -755,7 +891,7 @@ type IpcObject struct {
 
 func (x *IpcObject) Reset() {
 	*x = IpcObject{}
-	mi := &file_images_ferry_proto_msgTypes[7]
+	mi := &file_images_ferry_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -767,7 +903,7 @@ func (x *IpcObject) String() string {
 func (*IpcObject) ProtoMessage() {}
 
 func (x *IpcObject) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[7]
+	mi := &file_images_ferry_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -780,7 +916,7 @@ func (x *IpcObject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IpcObject.ProtoReflect.Descriptor instead.
 func (*IpcObject) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{7}
+	return file_images_ferry_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *IpcObject) GetKind() string {
@@ -870,7 +1006,7 @@ type IpcMessage struct {
 
 func (x *IpcMessage) Reset() {
 	*x = IpcMessage{}
-	mi := &file_images_ferry_proto_msgTypes[8]
+	mi := &file_images_ferry_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -882,7 +1018,7 @@ func (x *IpcMessage) String() string {
 func (*IpcMessage) ProtoMessage() {}
 
 func (x *IpcMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[8]
+	mi := &file_images_ferry_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -895,7 +1031,7 @@ func (x *IpcMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IpcMessage.ProtoReflect.Descriptor instead.
 func (*IpcMessage) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{8}
+	return file_images_ferry_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *IpcMessage) GetType() int64 {
@@ -922,7 +1058,7 @@ type NetNs struct {
 
 func (x *NetNs) Reset() {
 	*x = NetNs{}
-	mi := &file_images_ferry_proto_msgTypes[9]
+	mi := &file_images_ferry_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -934,7 +1070,7 @@ func (x *NetNs) String() string {
 func (*NetNs) ProtoMessage() {}
 
 func (x *NetNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[9]
+	mi := &file_images_ferry_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -947,7 +1083,7 @@ func (x *NetNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetNs.ProtoReflect.Descriptor instead.
 func (*NetNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{9}
+	return file_images_ferry_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *NetNs) GetLinks() []*NetLink {
@@ -979,7 +1115,7 @@ type NetLink struct {
 
 func (x *NetLink) Reset() {
 	*x = NetLink{}
-	mi := &file_images_ferry_proto_msgTypes[10]
+	mi := &file_images_ferry_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -991,7 +1127,7 @@ func (x *NetLink) String() string {
 func (*NetLink) ProtoMessage() {}
 
 func (x *NetLink) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[10]
+	mi := &file_images_ferry_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1004,7 +1140,7 @@ func (x *NetLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetLink.ProtoReflect.Descriptor instead.
 func (*NetLink) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{10}
+	return file_images_ferry_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *NetLink) GetName() string {
@@ -1067,7 +1203,7 @@ type NetRoute struct {
 
 func (x *NetRoute) Reset() {
 	*x = NetRoute{}
-	mi := &file_images_ferry_proto_msgTypes[11]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1079,7 +1215,7 @@ func (x *NetRoute) String() string {
 func (*NetRoute) ProtoMessage() {}
 
 func (x *NetRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[11]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1092,7 +1228,7 @@ func (x *NetRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetRoute.ProtoReflect.Descriptor instead.
 func (*NetRoute) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{11}
+	return file_images_ferry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *NetRoute) GetFamily() int32 {
@@ -1161,7 +1297,7 @@ type UtsNs struct {
 
 func (x *UtsNs) Reset() {
 	*x = UtsNs{}
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1173,7 +1309,7 @@ func (x *UtsNs) String() string {
 func (*UtsNs) ProtoMessage() {}
 
 func (x *UtsNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1186,7 +1322,7 @@ func (x *UtsNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtsNs.ProtoReflect.Descriptor instead.
 func (*UtsNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{12}
+	return file_images_ferry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *UtsNs) GetHostname() string {
@@ -1214,7 +1350,7 @@ type TrackerRef struct {
 
 func (x *TrackerRef) Reset() {
 	*x = TrackerRef{}
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1226,7 +1362,7 @@ func (x *TrackerRef) String() string {
 func (*TrackerRef) ProtoMessage() {}
 
 func (x *TrackerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1239,7 +1375,7 @@ func (x *TrackerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerRef.ProtoReflect.Descriptor instead.
 func (*TrackerRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{13}
+	return file_images_ferry_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TrackerRef) GetPid() int32 {
@@ -1273,7 +1409,7 @@ type SpecialVma struct {
 
 func (x *SpecialVma) Reset() {
 	*x = SpecialVma{}
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1285,7 +1421,7 @@ func (x *SpecialVma) String() string {
 func (*SpecialVma) ProtoMessage() {}
 
 func (x *SpecialVma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1298,7 +1434,7 @@ func (x *SpecialVma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpecialVma.ProtoReflect.Descriptor instead.
 func (*SpecialVma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{14}
+	return file_images_ferry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SpecialVma) GetName() string {
@@ -1329,7 +1465,7 @@ type PstreeEntry struct {
 
 func (x *PstreeEntry) Reset() {
 	*x = PstreeEntry{}
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1341,7 +1477,7 @@ func (x *PstreeEntry) String() string {
 func (*PstreeEntry) ProtoMessage() {}
 
 func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1354,7 +1490,7 @@ func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PstreeEntry.ProtoReflect.Descriptor instead.
 func (*PstreeEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{15}
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PstreeEntry) GetPid() int32 {
@@ -1416,7 +1552,7 @@ type Creds struct {
 
 func (x *Creds) Reset() {
 	*x = Creds{}
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1428,7 +1564,7 @@ func (x *Creds) String() string {
 func (*Creds) ProtoMessage() {}
 
 func (x *Creds) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1441,7 +1577,7 @@ func (x *Creds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Creds.ProtoReflect.Descriptor instead.
 func (*Creds) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{16}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Creds) GetUid() uint32 {
@@ -1567,7 +1703,7 @@ type Rlimit struct {
 
 func (x *Rlimit) Reset() {
 	*x = Rlimit{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1579,7 +1715,7 @@ func (x *Rlimit) String() string {
 func (*Rlimit) ProtoMessage() {}
 
 func (x *Rlimit) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1592,7 +1728,7 @@ func (x *Rlimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rlimit.ProtoReflect.Descriptor instead.
 func (*Rlimit) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Rlimit) GetResource() uint32 {
@@ -1629,7 +1765,7 @@ type SigAction struct {
 
 func (x *SigAction) Reset() {
 	*x = SigAction{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1641,7 +1777,7 @@ func (x *SigAction) String() string {
 func (*SigAction) ProtoMessage() {}
 
 func (x *SigAction) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1654,7 +1790,7 @@ func (x *SigAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAction.ProtoReflect.Descriptor instead.
 func (*SigAction) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SigAction) GetSig() uint32 {
@@ -1705,7 +1841,7 @@ type SigInfo struct {
 
 func (x *SigInfo) Reset() {
 	*x = SigInfo{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1717,7 +1853,7 @@ func (x *SigInfo) String() string {
 func (*SigInfo) ProtoMessage() {}
 
 func (x *SigInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1730,7 +1866,7 @@ func (x *SigInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigInfo.ProtoReflect.Descriptor instead.
 func (*SigInfo) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SigInfo) GetSigno() uint32 {
@@ -1766,7 +1902,7 @@ type Itimer struct {
 
 func (x *Itimer) Reset() {
 	*x = Itimer{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1914,7 @@ func (x *Itimer) String() string {
 func (*Itimer) ProtoMessage() {}
 
 func (x *Itimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1927,7 @@ func (x *Itimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Itimer.ProtoReflect.Descriptor instead.
 func (*Itimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Itimer) GetWhich() uint32 {
@@ -1833,7 +1969,7 @@ type PosixTimer struct {
 
 func (x *PosixTimer) Reset() {
 	*x = PosixTimer{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1845,7 +1981,7 @@ func (x *PosixTimer) String() string {
 func (*PosixTimer) ProtoMessage() {}
 
 func (x *PosixTimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1858,7 +1994,7 @@ func (x *PosixTimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PosixTimer.ProtoReflect.Descriptor instead.
 func (*PosixTimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PosixTimer) GetId() int32 {
@@ -1935,7 +2071,7 @@ type SigAltStack struct {
 
 func (x *SigAltStack) Reset() {
 	*x = SigAltStack{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1947,7 +2083,7 @@ func (x *SigAltStack) String() string {
 func (*SigAltStack) ProtoMessage() {}
 
 func (x *SigAltStack) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1960,7 +2096,7 @@ func (x *SigAltStack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAltStack.ProtoReflect.Descriptor instead.
 func (*SigAltStack) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SigAltStack) GetSp() uint64 {
@@ -2020,7 +2156,7 @@ type GpRegs struct {
 
 func (x *GpRegs) Reset() {
 	*x = GpRegs{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2032,7 +2168,7 @@ func (x *GpRegs) String() string {
 func (*GpRegs) ProtoMessage() {}
 
 func (x *GpRegs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2045,7 +2181,7 @@ func (x *GpRegs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GpRegs.ProtoReflect.Descriptor instead.
 func (*GpRegs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GpRegs) GetR15() uint64 {
@@ -2249,7 +2385,7 @@ type Rseq struct {
 
 func (x *Rseq) Reset() {
 	*x = Rseq{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2261,7 +2397,7 @@ func (x *Rseq) String() string {
 func (*Rseq) ProtoMessage() {}
 
 func (x *Rseq) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2274,7 +2410,7 @@ func (x *Rseq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rseq.ProtoReflect.Descriptor instead.
 func (*Rseq) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Rseq) GetPtr() uint64 {
@@ -2330,7 +2466,7 @@ type ThreadCore struct {
 
 func (x *ThreadCore) Reset() {
 	*x = ThreadCore{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2342,7 +2478,7 @@ func (x *ThreadCore) String() string {
 func (*ThreadCore) ProtoMessage() {}
 
 func (x *ThreadCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2355,7 +2491,7 @@ func (x *ThreadCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThreadCore.ProtoReflect.Descriptor instead.
 func (*ThreadCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ThreadCore) GetTid() int32 {
@@ -2508,7 +2644,7 @@ type TaskCore struct {
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2520,7 +2656,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2533,7 +2669,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -2756,7 +2892,7 @@ type CgroupRef struct {
 
 func (x *CgroupRef) Reset() {
 	*x = CgroupRef{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2768,7 +2904,7 @@ func (x *CgroupRef) String() string {
 func (*CgroupRef) ProtoMessage() {}
 
 func (x *CgroupRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2781,7 +2917,7 @@ func (x *CgroupRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
 func (*CgroupRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CgroupRef) GetControllers() string {
@@ -2839,7 +2975,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2851,7 +2987,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2864,7 +3000,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -3016,7 +3152,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3028,7 +3164,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3041,7 +3177,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -3109,7 +3245,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3121,7 +3257,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3134,7 +3270,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -3318,7 +3454,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3330,7 +3466,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3343,7 +3479,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -3629,7 +3765,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3641,7 +3777,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3654,7 +3790,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -3705,7 +3841,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3717,7 +3853,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3730,7 +3866,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -3767,7 +3903,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3779,7 +3915,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3792,7 +3928,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -3844,7 +3980,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3856,7 +3992,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3869,7 +4005,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -3930,7 +4066,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3942,7 +4078,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3955,7 +4091,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -4059,7 +4195,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4071,7 +4207,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4084,7 +4220,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -4195,7 +4331,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4207,7 +4343,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4220,7 +4356,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -4271,7 +4407,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4283,7 +4419,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4296,7 +4432,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -4415,7 +4551,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4427,7 +4563,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4440,7 +4576,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -4552,7 +4688,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4564,7 +4700,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4577,7 +4713,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -4617,7 +4753,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4629,7 +4765,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4642,7 +4778,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -4693,7 +4829,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4705,7 +4841,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4718,7 +4854,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *FileLock) GetKind() string {
@@ -4762,7 +4898,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4774,7 +4910,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4787,7 +4923,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -4828,7 +4964,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4840,7 +4976,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4853,7 +4989,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -4889,7 +5025,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4901,7 +5037,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4914,7 +5050,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -4951,7 +5087,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4963,7 +5099,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4976,7 +5112,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{47}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -5016,7 +5152,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5028,7 +5164,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5041,7 +5177,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{48}
+	return file_images_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -5091,7 +5227,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5103,7 +5239,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5116,7 +5252,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{49}
+	return file_images_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -5213,7 +5349,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5225,7 +5361,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5238,7 +5374,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{50}
+	return file_images_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -5273,7 +5409,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5285,7 +5421,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5298,7 +5434,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{51}
+	return file_images_ferry_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -5385,7 +5521,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5397,7 +5533,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5410,7 +5546,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{52}
+	return file_images_ferry_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -5465,7 +5601,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5477,7 +5613,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5490,7 +5626,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{53}
+	return file_images_ferry_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -5511,7 +5647,7 @@ var File_images_ferry_proto protoreflect.FileDescriptor
 
 const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\x12images/ferry.proto\x12\fferry.images\"\x9f\b\n" +
+	"\x12images/ferry.proto\x12\fferry.images\"\xce\b\n" +
 	"\tInventory\x12!\n" +
 	"\fformat_major\x18\x01 \x01(\rR\vformatMajor\x12!\n" +
 	"\fformat_minor\x18\x02 \x01(\rR\vformatMinor\x12#\n" +
@@ -5548,7 +5684,16 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x0fcgroup_ns_roots\x18\x19 \x03(\v2\x17.ferry.images.CgroupRefR\rcgroupNsRoots\x12\x1b\n" +
 	"\tcgroup_ns\x18\x1a \x01(\bR\bcgroupNs\x129\n" +
 	"\vexternal_ns\x18\x1b \x03(\v2\x18.ferry.images.ExternalNsR\n" +
-	"externalNs\"2\n" +
+	"externalNs\x12-\n" +
+	"\auser_ns\x18\x1c \x01(\v2\x14.ferry.images.UserNsR\x06userNs\"\x8f\x01\n" +
+	"\x06UserNs\x12,\n" +
+	"\auid_map\x18\x01 \x03(\v2\x13.ferry.images.IdMapR\x06uidMap\x12,\n" +
+	"\agid_map\x18\x02 \x03(\v2\x13.ferry.images.IdMapR\x06gidMap\x12)\n" +
+	"\x10setgroups_denied\x18\x03 \x01(\bR\x0fsetgroupsDenied\"I\n" +
+	"\x05IdMap\x12\x14\n" +
+	"\x05inner\x18\x01 \x01(\rR\x05inner\x12\x14\n" +
+	"\x05outer\x18\x02 \x01(\rR\x05outer\x12\x14\n" +
+	"\x05count\x18\x03 \x01(\rR\x05count\"2\n" +
 	"\n" +
 	"ExternalNs\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x10\n" +
@@ -6064,113 +6209,118 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
-	(*ExternalNs)(nil),   // 1: ferry.images.ExternalNs
-	(*TimeNs)(nil),       // 2: ferry.images.TimeNs
-	(*MntNs)(nil),        // 3: ferry.images.MntNs
-	(*OwnMount)(nil),     // 4: ferry.images.OwnMount
-	(*CgroupDir)(nil),    // 5: ferry.images.CgroupDir
-	(*CgroupProp)(nil),   // 6: ferry.images.CgroupProp
-	(*IpcObject)(nil),    // 7: ferry.images.IpcObject
-	(*IpcMessage)(nil),   // 8: ferry.images.IpcMessage
-	(*NetNs)(nil),        // 9: ferry.images.NetNs
-	(*NetLink)(nil),      // 10: ferry.images.NetLink
-	(*NetRoute)(nil),     // 11: ferry.images.NetRoute
-	(*UtsNs)(nil),        // 12: ferry.images.UtsNs
-	(*TrackerRef)(nil),   // 13: ferry.images.TrackerRef
-	(*SpecialVma)(nil),   // 14: ferry.images.SpecialVma
-	(*PstreeEntry)(nil),  // 15: ferry.images.PstreeEntry
-	(*Creds)(nil),        // 16: ferry.images.Creds
-	(*Rlimit)(nil),       // 17: ferry.images.Rlimit
-	(*SigAction)(nil),    // 18: ferry.images.SigAction
-	(*SigInfo)(nil),      // 19: ferry.images.SigInfo
-	(*Itimer)(nil),       // 20: ferry.images.Itimer
-	(*PosixTimer)(nil),   // 21: ferry.images.PosixTimer
-	(*SigAltStack)(nil),  // 22: ferry.images.SigAltStack
-	(*GpRegs)(nil),       // 23: ferry.images.GpRegs
-	(*Rseq)(nil),         // 24: ferry.images.Rseq
-	(*ThreadCore)(nil),   // 25: ferry.images.ThreadCore
-	(*TaskCore)(nil),     // 26: ferry.images.TaskCore
-	(*CgroupRef)(nil),    // 27: ferry.images.CgroupRef
-	(*Vma)(nil),          // 28: ferry.images.Vma
-	(*SysvShm)(nil),      // 29: ferry.images.SysvShm
-	(*MmCore)(nil),       // 30: ferry.images.MmCore
-	(*FileEntry)(nil),    // 31: ferry.images.FileEntry
-	(*InotifyWatch)(nil), // 32: ferry.images.InotifyWatch
-	(*Fanotify)(nil),     // 33: ferry.images.Fanotify
-	(*FanotifyMark)(nil), // 34: ferry.images.FanotifyMark
-	(*Timerfd)(nil),      // 35: ferry.images.Timerfd
-	(*Tty)(nil),          // 36: ferry.images.Tty
-	(*UnixSocket)(nil),   // 37: ferry.images.UnixSocket
-	(*InFlight)(nil),     // 38: ferry.images.InFlight
-	(*InetSocket)(nil),   // 39: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 40: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 41: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 42: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 43: ferry.images.FileLock
-	(*FdEntry)(nil),      // 44: ferry.images.FdEntry
-	(*FdTable)(nil),      // 45: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 46: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 47: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 48: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 49: ferry.images.GhostFile
-	(*GhostExtent)(nil),  // 50: ferry.images.GhostExtent
-	(*DumpStats)(nil),    // 51: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 52: ferry.images.RestoreStats
-	(*Stats)(nil),        // 53: ferry.images.Stats
+	(*UserNs)(nil),       // 1: ferry.images.UserNs
+	(*IdMap)(nil),        // 2: ferry.images.IdMap
+	(*ExternalNs)(nil),   // 3: ferry.images.ExternalNs
+	(*TimeNs)(nil),       // 4: ferry.images.TimeNs
+	(*MntNs)(nil),        // 5: ferry.images.MntNs
+	(*OwnMount)(nil),     // 6: ferry.images.OwnMount
+	(*CgroupDir)(nil),    // 7: ferry.images.CgroupDir
+	(*CgroupProp)(nil),   // 8: ferry.images.CgroupProp
+	(*IpcObject)(nil),    // 9: ferry.images.IpcObject
+	(*IpcMessage)(nil),   // 10: ferry.images.IpcMessage
+	(*NetNs)(nil),        // 11: ferry.images.NetNs
+	(*NetLink)(nil),      // 12: ferry.images.NetLink
+	(*NetRoute)(nil),     // 13: ferry.images.NetRoute
+	(*UtsNs)(nil),        // 14: ferry.images.UtsNs
+	(*TrackerRef)(nil),   // 15: ferry.images.TrackerRef
+	(*SpecialVma)(nil),   // 16: ferry.images.SpecialVma
+	(*PstreeEntry)(nil),  // 17: ferry.images.PstreeEntry
+	(*Creds)(nil),        // 18: ferry.images.Creds
+	(*Rlimit)(nil),       // 19: ferry.images.Rlimit
+	(*SigAction)(nil),    // 20: ferry.images.SigAction
+	(*SigInfo)(nil),      // 21: ferry.images.SigInfo
+	(*Itimer)(nil),       // 22: ferry.images.Itimer
+	(*PosixTimer)(nil),   // 23: ferry.images.PosixTimer
+	(*SigAltStack)(nil),  // 24: ferry.images.SigAltStack
+	(*GpRegs)(nil),       // 25: ferry.images.GpRegs
+	(*Rseq)(nil),         // 26: ferry.images.Rseq
+	(*ThreadCore)(nil),   // 27: ferry.images.ThreadCore
+	(*TaskCore)(nil),     // 28: ferry.images.TaskCore
+	(*CgroupRef)(nil),    // 29: ferry.images.CgroupRef
+	(*Vma)(nil),          // 30: ferry.images.Vma
+	(*SysvShm)(nil),      // 31: ferry.images.SysvShm
+	(*MmCore)(nil),       // 32: ferry.images.MmCore
+	(*FileEntry)(nil),    // 33: ferry.images.FileEntry
+	(*InotifyWatch)(nil), // 34: ferry.images.InotifyWatch
+	(*Fanotify)(nil),     // 35: ferry.images.Fanotify
+	(*FanotifyMark)(nil), // 36: ferry.images.FanotifyMark
+	(*Timerfd)(nil),      // 37: ferry.images.Timerfd
+	(*Tty)(nil),          // 38: ferry.images.Tty
+	(*UnixSocket)(nil),   // 39: ferry.images.UnixSocket
+	(*InFlight)(nil),     // 40: ferry.images.InFlight
+	(*InetSocket)(nil),   // 41: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 42: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 43: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 44: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 45: ferry.images.FileLock
+	(*FdEntry)(nil),      // 46: ferry.images.FdEntry
+	(*FdTable)(nil),      // 47: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 48: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 49: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 50: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 51: ferry.images.GhostFile
+	(*GhostExtent)(nil),  // 52: ferry.images.GhostExtent
+	(*DumpStats)(nil),    // 53: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 54: ferry.images.RestoreStats
+	(*Stats)(nil),        // 55: ferry.images.Stats
 }
 var file_images_ferry_proto_depIdxs = []int32{
-	14, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
-	13, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
-	12, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
-	9,  // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
-	5,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
-	3,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
-	2,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
-	27, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
-	1,  // 8: ferry.images.Inventory.external_ns:type_name -> ferry.images.ExternalNs
-	4,  // 9: ferry.images.MntNs.mounts:type_name -> ferry.images.OwnMount
-	6,  // 10: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
-	8,  // 11: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
-	10, // 12: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
-	11, // 13: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
-	23, // 14: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	19, // 15: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	22, // 16: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	24, // 17: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	16, // 18: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	17, // 19: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	18, // 20: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	19, // 21: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	20, // 22: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	21, // 23: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	25, // 24: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	27, // 25: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	29, // 26: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	28, // 27: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	42, // 28: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	39, // 29: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	37, // 30: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	36, // 31: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	35, // 32: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	32, // 33: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	33, // 34: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	34, // 35: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	38, // 36: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	41, // 37: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	40, // 38: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	43, // 39: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	44, // 40: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	50, // 41: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	51, // 42: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	52, // 43: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	44, // [44:44] is the sub-list for method output_type
-	44, // [44:44] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	16, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
+	15, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
+	14, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
+	11, // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
+	7,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
+	5,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
+	4,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
+	29, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
+	3,  // 8: ferry.images.Inventory.external_ns:type_name -> ferry.images.ExternalNs
+	1,  // 9: ferry.images.Inventory.user_ns:type_name -> ferry.images.UserNs
+	2,  // 10: ferry.images.UserNs.uid_map:type_name -> ferry.images.IdMap
+	2,  // 11: ferry.images.UserNs.gid_map:type_name -> ferry.images.IdMap
+	6,  // 12: ferry.images.MntNs.mounts:type_name -> ferry.images.OwnMount
+	8,  // 13: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
+	10, // 14: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
+	12, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
+	13, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
+	25, // 17: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	21, // 18: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	24, // 19: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	26, // 20: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	18, // 21: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	19, // 22: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	20, // 23: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	21, // 24: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	22, // 25: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	23, // 26: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	27, // 27: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	29, // 28: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	31, // 29: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	30, // 30: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	44, // 31: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	41, // 32: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	39, // 33: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	38, // 34: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	37, // 35: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	34, // 36: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	35, // 37: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	36, // 38: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	40, // 39: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	43, // 40: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	42, // 41: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	45, // 42: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	46, // 43: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	52, // 44: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	53, // 45: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	54, // 46: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	47, // [47:47] is the sub-list for method output_type
+	47, // [47:47] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -6184,7 +6334,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   54,
+			NumMessages:   56,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -16,6 +16,51 @@ func Namespace(pid int, kind string) (string, error) {
 	return os.Readlink(Path(pid, "ns/"+kind))
 }
 
+// nsGetUserns is ioctl_ns(2)'s NS_GET_USERNS: _IO(0xb7, 0x1).
+const nsGetUserns = 0xb701
+
+// NamespaceOwner names the user namespace that owns pid's namespace of
+// kind ("user:[4026531837]"): the one its creator was in.
+func NamespaceOwner(pid int, kind string) (string, error) {
+	name := Path(pid, "ns/"+kind)
+	f, err := os.Open(name)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	fd, err := unix.IoctlRetInt(int(f.Fd()), nsGetUserns)
+	if err != nil {
+		return "", fmt.Errorf("%s: NS_GET_USERNS: %w", name, err)
+	}
+	defer unix.Close(fd)
+	return os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+}
+
+// IDMap is a line of /proc/PID/uid_map or gid_map: Count IDs from Inner
+// (inside the namespace) are Outer (in its parent) onward.
+type IDMap struct{ Inner, Outer, Count uint32 }
+
+// ReadIDMap reads pid's uid_map or gid_map (file "uid_map", "gid_map").
+func ReadIDMap(pid int, file string) ([]IDMap, error) {
+	name := Path(pid, file)
+	b, err := os.ReadFile(name)
+	if err != nil {
+		return nil, err
+	}
+	var out []IDMap
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.TrimSpace(line) == "" {
+			continue // none written yet, or the last newline
+		}
+		var m IDMap
+		if _, err := fmt.Sscan(line, &m.Inner, &m.Outer, &m.Count); err != nil {
+			return nil, fmt.Errorf("%s: %q: %w", name, line, err)
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
 // nsFlags are the setns(2) types of the namespaces InNamespace joins (not
 // mnt or user: a multi-threaded process cannot join those).
 var nsFlags = map[string]int{"uts": unix.CLONE_NEWUTS, "ipc": unix.CLONE_NEWIPC, "net": unix.CLONE_NEWNET, "cgroup": unix.CLONE_NEWCGROUP}
