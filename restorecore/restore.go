@@ -192,6 +192,11 @@ type restorer struct {
 	// namespaces (clone flags) made inside it, which the seed joined.
 	userNs *os.File
 	nsMade uint64
+	// holder, in a tree born in its user namespace (makeUserNs), is
+	// what clones the root; channel is ferry's end of the socket its
+	// processes take files through (take).
+	holder  *compel.Task
+	channel *os.File
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
@@ -238,7 +243,16 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	_, r.is.joinsPidNs = r.opts.JoinNs["pid"]
 	r.ferryFd = map[int32]uint64{}
-	seed, err := startSeed(r.is.inv.PidNs, r.opts.Sibling)
+	var seedFd *os.File
+	if r.is.inv.PidNs {
+		if seedFd, err = r.ferryChannel(); err != nil {
+			return nil, err
+		}
+	}
+	seed, err := startSeed(seedFd, r.opts.Sibling)
+	if seedFd != nil {
+		seedFd.Close()
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -430,6 +444,13 @@ func remoteClone(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want 
 // remoteCloneIn is remoteClone that also returns the new task's PID as t
 // sees it; want 0 takes any free PID (no set_tid).
 func remoteCloneIn(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want int) (pid, local int, err error) {
+	return remoteCloneInto(t, argAddr, flags, exitSignal, want, flags&unix.CLONE_NEWPID != 0)
+}
+
+// remoteCloneInto is remoteCloneIn where newPidNs says the new task is
+// the first of a PID namespace: made by this clone (CLONE_NEWPID), or
+// the one t unshared for its children.
+func remoteCloneInto(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want int, newPidNs bool) (pid, local int, err error) {
 	args := cloneArgs(flags, exitSignal, argAddr+cloneArgsSize)
 	binary.LittleEndian.PutUint32(args[cloneArgsSize:], uint32(want))
 	if want == 0 {
@@ -456,7 +477,7 @@ func remoteCloneIn(t *compel.Task, argAddr uint64, flags, exitSignal uint64, wan
 	if newTid == 0 {
 		newTid = int(got) // no event: t is in ferry's PID namespace
 	}
-	if flags&unix.CLONE_NEWPID != 0 {
+	if newPidNs {
 		got = uint64(newTid) // seen from t, outside the new namespace
 		if v, err := proc.ReadStatus(newTid); err != nil || len(v.NSpid) == 0 || v.NSpid[len(v.NSpid)-1] != want {
 			return 0, 0, fmt.Errorf("clone3 made %d, not PID %d of a new PID namespace (%v)", newTid, want, err)

@@ -71,11 +71,12 @@ func seedELF(firstClosed byte) []byte {
 
 // startSeed execs the seed from a memfd, untraced; the caller seizes it.
 //
-// With ferryPidfd the seed also has a pidfd of ferry at fd 4
-// (seedFerryPidfd), for a tree in a PID namespace of its own. With
-// sibling the seed, and so the root cloned from it with CLONE_PARENT, is
-// a child of ferry's parent.
-func startSeed(ferryPidfd, sibling bool) (*exec.Cmd, error) {
+// With ferryFd the seed also has that file at fd 4 (seedFerryPidfd), for
+// a tree in a PID namespace of its own: a pidfd of ferry, or the
+// socket ferry hands files over (a tree that is born in a user namespace
+// of its own, see makeUserNs). With sibling the seed, and so the root
+// cloned from it with CLONE_PARENT, is a child of ferry's parent.
+func startSeed(ferryFd *os.File, sibling bool) (*exec.Cmd, error) {
 	fd, err := unix.MemfdCreate("ferry-seed", unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, os.NewSyscallError("memfd_create", err)
@@ -83,7 +84,7 @@ func startSeed(ferryPidfd, sibling bool) (*exec.Cmd, error) {
 	f := os.NewFile(uintptr(fd), "ferry-seed")
 	defer f.Close()
 	firstClosed := byte(3)
-	if ferryPidfd {
+	if ferryFd != nil {
 		firstClosed = seedFerryPidfd + 1
 	}
 	if _, err := f.Write(seedELF(firstClosed)); err != nil {
@@ -92,14 +93,8 @@ func startSeed(ferryPidfd, sibling bool) (*exec.Cmd, error) {
 	cmd := exec.Command("/proc/self/fd/3")
 	cmd.Args = []string{"ferry-seed"}
 	cmd.ExtraFiles = []*os.File{f}
-	if ferryPidfd {
-		pfd, err := unix.PidfdOpen(os.Getpid(), 0)
-		if err != nil {
-			return nil, os.NewSyscallError("pidfd_open", err)
-		}
-		pf := os.NewFile(uintptr(pfd), "ferry-pidfd")
-		defer pf.Close()
-		cmd.ExtraFiles = append(cmd.ExtraFiles, pf)
+	if ferryFd != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, ferryFd)
 	}
 	cmd.Env = []string{}
 	if sibling {

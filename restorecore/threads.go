@@ -121,7 +121,8 @@ func (b *builder) restorePending() error {
 // restoreCreds sets each thread's credentials (they are per thread in the
 // kernel). It runs last: dropping root would forbid the steps before it.
 // In a user namespace of the tree's own the IDs are the namespace's
-// (inUserNs) and the groups were set before entering it (enterUserNs).
+// (inUserNs); the groups too for a tree born in it, else they were set
+// before the process entered it (enterUserNs).
 func (b *builder) restoreCreds() error {
 	c := b.p.core.Creds
 	if c == nil {
@@ -142,9 +143,18 @@ func (b *builder) restoreCreds() error {
 	if err != nil {
 		return err
 	}
+	groups, setGroups := c.Groups, un == nil && (len(c.Groups) > 0 || set[0])
+	if un != nil && b.r.holder != nil && !un.SetgroupsDenied {
+		// Born in the user namespace: its numbers (where setgroups is
+		// denied, the groups are the ones the namespace was made with).
+		if groups, err = groupsInUserNs(un, c.Groups); err != nil {
+			return err
+		}
+		setGroups = true
+	}
 	for _, t := range b.threads {
-		if un == nil && (len(c.Groups) > 0 || set[0]) {
-			if err := b.setGroups(t, c.Groups); err != nil {
+		if setGroups {
+			if err := b.setGroups(t, groups); err != nil {
 				return err
 			}
 		}

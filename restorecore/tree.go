@@ -43,10 +43,14 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 	for _, s := range plan.Steps {
 		switch s.Op {
 		case treeplan.Clone:
-			from, flags := seed, s.Flags
+			from, flags, newPidNs := seed, s.Flags, false
 			if s.From != 0 {
 				from = tasks[s.From]
 			} else {
+				if r.holder != nil {
+					// Born in its user namespace (makeUserNs).
+					from, newPidNs = r.holder, r.nsMade&unix.CLONE_NEWPID != 0
+				}
 				// The root: in new namespaces where the tree had its own.
 				if r.is.inv.PidNs {
 					flags |= unix.CLONE_NEWPID // its init
@@ -74,7 +78,7 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 			if want < 0 {
 				want = 0 // a helper with any PID
 			}
-			pid, lpid, err := remoteCloneIn(from, stackScratch(from), flags, uint64(s.ExitSignal), want)
+			pid, lpid, err := remoteCloneInto(from, stackScratch(from), flags, uint64(s.ExitSignal), want, newPidNs || flags&unix.CLONE_NEWPID != 0)
 			if err != nil {
 				what := "process"
 				if s.Helper {
@@ -347,6 +351,9 @@ func (b *builder) take(h int) (uint64, error) {
 			return 0, err
 		}
 		b.ferryPidfd = fd
+	}
+	if b.r.channel != nil {
+		return b.receive(h)
 	}
 	return b.sys(unix.SYS_PIDFD_GETFD, b.ferryPidfd, uint64(h), 0)
 }

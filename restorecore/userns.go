@@ -1,8 +1,10 @@
 package restorecore
 
 import (
+	"encoding/binary"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -16,27 +18,38 @@ import (
 // ID maps, and its other namespaces of its own are made from inside it,
 // so that they belong to it as the originals did (the tree's root can
 // mount in its mount namespace, configure its network, name its host).
+// A holder, cloned from the seed into the new user namespace (with
+// every capability there), makes them: unshare inside it.
 //
-// The processes themselves are made, and take their files, as ferry's
-// root: a process in a child user namespace could no longer take
-// descriptors from ferry (pidfd_getfd needs ptrace rights over ferry) nor
-// choose PIDs in a PID namespace that user namespace does not own. So a
-// holder, cloned from the seed into the new user namespace, makes the
-// namespaces (unshare inside it: it has every capability there), the
-// seed joins them (its children, the tree, are born in them), and each
-// process enters the user namespace itself late in its build: after its
-// files, before its threads (setns to a user namespace wants a process
-// of one thread), then takes its credentials as the namespace numbers
-// them.
+// With a PID namespace of its own, the tree is born in the user
+// namespace: the holder clones the root (CLONE_PARENT: ferry's child
+// still), which is PID 1 of the PID namespace the holder unshared for
+// its children (one with no process yet cannot be joined from outside),
+// so that namespace belongs to the user namespace too and processes
+// inside it can choose their children's and threads' PIDs. Those
+// processes cannot take files from ferry with pidfd_getfd (it wants
+// ptrace rights over ferry, in its user namespace): ferry hands them
+// over a socket instead, at the fd where others have ferry's pidfd
+// (ferryChannel, receive).
+//
+// Without one, the tree is in a PID namespace that the initial user
+// namespace owns, where only ferry's side can choose PIDs: the
+// processes are made as ferry's root, the seed having joined the
+// holder's namespaces, and each process enters the user namespace late
+// in its build (enterUserNs): after its files, before its threads (a
+// process must have one thread to change user namespace, and so only
+// single-threaded processes can be restored this way; the dump refuses
+// the others).
 
 // makeUserNs makes the tree's user namespace and, from inside it, the
-// tree's other namespaces of its own, and puts the seed in those (the
-// PID and time namespaces for its children). It records in r.nsMade the
-// namespaces the root's clone must no longer make, and keeps the user
-// namespace open in r.userNs for the processes to enter.
+// tree's other namespaces of its own. Born in it (a PID namespace of
+// its own), the root is cloned from r.holder; else the seed joins those
+// namespaces (the time namespace for its children) and r.userNs keeps
+// the user namespace open for the processes to enter. r.nsMade are the
+// namespaces the root's clone must no longer make.
 func (r *restorer) makeUserNs(seed *compel.Task) error {
 	un := r.is.inv.UserNs
-	holder, _, err := remoteCloneIn(seed, stackScratch(seed), unix.CLONE_NEWUSER, 0, 0)
+	holder, _, err := remoteCloneIn(seed, stackScratch(seed), unix.CLONE_NEWUSER|unix.CLONE_PARENT, 0, 0)
 	if err != nil {
 		return fmt.Errorf("user namespace: %w", err)
 	}
@@ -87,10 +100,7 @@ func (r *restorer) makeUserNs(seed *compel.Task) error {
 		{inv.NetNs != nil, unix.CLONE_NEWNET, "net"},
 		{inv.CgroupNs, unix.CLONE_NEWCGROUP, "cgroup"},
 		{inv.TimeNs != nil, unix.CLONE_NEWTIME, "time_for_children"},
-		// Not the PID namespace: one with no process yet cannot be
-		// joined (its pid_for_children does not open before it has an
-		// init), and its init must be the seed's child. The seed makes
-		// it (createTree), and so the initial user namespace owns it.
+		{inv.PidNs, unix.CLONE_NEWPID, ""},
 	} {
 		if k.own {
 			flags |= k.flag
@@ -108,6 +118,12 @@ func (r *restorer) makeUserNs(seed *compel.Task) error {
 			return fmt.Errorf("time namespace: offsets: %w", err)
 		}
 	}
+	r.nsMade = flags
+	if inv.PidNs {
+		r.holder = h
+		r.log.Info("made a user namespace for the tree to be born in", "holder", holder, "flags", fmt.Sprintf("%#x", flags))
+		return nil
+	}
 	for _, name := range append(join, "user") {
 		f, err := os.Open(fmt.Sprintf("/proc/%d/ns/%s", holder, name))
 		if err != nil {
@@ -124,9 +140,63 @@ func (r *restorer) makeUserNs(seed *compel.Task) error {
 			return fmt.Errorf("user namespace: join the %s namespace made in it: %w", name, err)
 		}
 	}
-	r.nsMade = flags
 	r.log.Info("made a user namespace", "holder", holder, "namespaces", join)
 	return nil
+}
+
+// ferryChannel returns what the seed gets at seedFerryPidfd for a tree
+// in a PID namespace of its own: a pidfd of ferry, or, for a tree born
+// in a user namespace, one end of a socket whose other (r.channel) ferry
+// sends files through.
+func (r *restorer) ferryChannel() (*os.File, error) {
+	if r.is.inv.UserNs == nil {
+		fd, err := unix.PidfdOpen(os.Getpid(), 0)
+		if err != nil {
+			return nil, os.NewSyscallError("pidfd_open", err)
+		}
+		return os.NewFile(uintptr(fd), "ferry-pidfd"), nil
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("socketpair", err)
+	}
+	r.channel = os.NewFile(uintptr(fds[0]), "ferry-channel")
+	r.cleanup = append(r.cleanup, func() { r.channel.Close() })
+	return os.NewFile(uintptr(fds[1]), "ferry-channel-seed"), nil
+}
+
+// receive is take through r.channel: ferry sends h, the process
+// receives it (recvmsg, SCM_RIGHTS, close-on-exec) at b.ferryPidfd.
+func (b *builder) receive(h int) (uint64, error) {
+	if err := unix.Sendmsg(int(b.r.channel.Fd()), []byte{0}, unix.UnixRights(h), nil, 0); err != nil {
+		return 0, os.NewSyscallError("sendmsg", err)
+	}
+	// struct msghdr, its iovec, one byte of data and a cmsg with one fd,
+	// at the end of the scratch area.
+	const off = scratchSize - 256
+	base := b.scratch() + off
+	buf := make([]byte, 128)
+	le := binary.LittleEndian
+	le.PutUint64(buf[16:], base+64) // msg_iov
+	le.PutUint64(buf[24:], 1)       // msg_iovlen
+	le.PutUint64(buf[32:], base+96) // msg_control
+	le.PutUint64(buf[40:], 24)      // msg_controllen: CMSG_SPACE(4)
+	le.PutUint64(buf[64:], base+80) // iov_base
+	le.PutUint64(buf[72:], 1)       // iov_len
+	if _, err := b.put(off, buf); err != nil {
+		return 0, err
+	}
+	if _, err := b.sys(unix.SYS_RECVMSG, b.ferryPidfd, base, unix.MSG_CMSG_CLOEXEC); err != nil {
+		return 0, fmt.Errorf("recvmsg on ferry's socket (fd %d): %w", b.ferryPidfd, err)
+	}
+	cmsg := make([]byte, 24)
+	if err := compel.ReadMem(b.pid, []compel.Segment{{Addr: base + 96, Local: cmsg}}); err != nil {
+		return 0, err
+	}
+	if le.Uint64(cmsg[0:]) != 20 || le.Uint32(cmsg[8:]) != unix.SOL_SOCKET || le.Uint32(cmsg[12:]) != unix.SCM_RIGHTS {
+		return 0, fmt.Errorf("recvmsg on ferry's socket: no descriptor (cmsg % x)", cmsg)
+	}
+	return uint64(le.Uint32(cmsg[16:])), nil
 }
 
 // setnsIn makes t join the namespace ferry has open as f (setns with
@@ -203,4 +273,18 @@ func inUserNs(un *pb.UserNs, c *pb.Creds) (ids [8]uint32, ok [2]bool, err error)
 		}
 	}
 	return ids, ok, nil
+}
+
+// groupsInUserNs returns groups as the tree's user namespace numbers
+// them.
+func groupsInUserNs(un *pb.UserNs, groups []uint32) ([]uint32, error) {
+	out := make([]uint32, 0, len(groups))
+	for _, g := range groups {
+		i := slices.IndexFunc(un.GidMap, func(m *pb.IdMap) bool { return g >= m.Outer && g-m.Outer < m.Count })
+		if i < 0 {
+			return nil, fmt.Errorf("group %d is not mapped in the tree's user namespace", g)
+		}
+		out = append(out, un.GidMap[i].Inner+g-un.GidMap[i].Outer)
+	}
+	return out, nil
 }

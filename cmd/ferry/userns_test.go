@@ -45,10 +45,10 @@ func userNsState(t *testing.T, pid int) string {
 func TestDumpRestoreUserNamespace(t *testing.T) {
 	// A tree whose user namespace maps its root to the host's uid 100000,
 	// with PID, mount, UTS, IPC and network namespaces of its own, and a
-	// process W that dropped to uid 1000 with two groups. Dumped with -R
-	// (it runs on) and restored while the original still holds its PIDs:
-	// a new user namespace with the same maps, owning the new mount, UTS,
-	// IPC and network namespaces; each process has its IDs, groups and
+	// process W with two threads that dropped to uid 1000 with two groups.
+	// Dumped with -R (it runs on) and restored while the original still
+	// holds its PIDs: a new user namespace with the same maps, owning the
+	// new PID, mount, UTS, IPC and network namespaces; each process has its IDs, groups and
 	// capabilities again, as the host sees them; the tree checks itself,
 	// its root using its capabilities on those namespaces.
 	w := startInUserNs(t)
@@ -70,6 +70,9 @@ func TestDumpRestoreUserNamespace(t *testing.T) {
 	if len(rkids) != 1 {
 		t.Fatalf("the restored root %d has children %v", r.Pid, rkids)
 	}
+	if n := len(tids(t, rkids[0])); n != 2 {
+		t.Errorf("the restored W has %d threads, want 2", n)
+	}
 	if got := userNsState(t, rkids[0]); got != wWant {
 		t.Errorf("the restored W:\n%s\nthe original:\n%s", got, wWant)
 	}
@@ -79,7 +82,7 @@ func TestDumpRestoreUserNamespace(t *testing.T) {
 	if user == mine || user == orig {
 		t.Fatalf("the restored tree is in %s (ours %s, the original's %s)", user, mine, orig)
 	}
-	for _, kind := range []string{"mnt", "uts", "ipc", "net"} {
+	for _, kind := range []string{"pid", "mnt", "uts", "ipc", "net"} {
 		if owner, err := proc.NamespaceOwner(r.Pid, kind); err != nil || owner != user {
 			t.Errorf("the restored %s namespace belongs to %s (%v), not to the tree's %s", kind, owner, err, user)
 		}

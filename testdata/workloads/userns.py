@@ -6,12 +6,12 @@ gids 0-65535 to the host's 100000 onward (written by the first process,
 as newuidmap would: a rootless container's maps) and its mounts private;
 L becomes the namespace's root (setresuid 0) and forks the workload,
 PID 1 of the new PID namespace. The report's directory is opened to the
-host's uid 100000 first. The workload forks W, which drops to uid 1000, gid 1000 and groups
-1000 and 1001 (setgroups, setresgid, setresuid) and answers through a
-pipe with the IDs, groups and effective capabilities it sees.
+host's uid 100000 first.
 
-The report gives W's PID as the host sees it is not known inside; it
-gives W's PID in the namespace (w=).
+The workload forks W, which drops to uid 1000, gid 1000 and groups 1000
+and 1001 (setgroups, setresgid, setresuid), starts a second thread and
+answers through a pipe with the IDs, groups and effective capabilities
+it sees. The report gives W's PID in the namespace (w=).
 
 The check (SIGUSR2, see selfcheck): the maps read as before; the root
 still has every capability in the namespace and uses them on the
@@ -24,6 +24,8 @@ import select
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import selfcheck
 
@@ -82,6 +84,9 @@ def answerer(req, ans):
     os.setgroups([1000, 1001])
     os.setresgid(1000, 1000, 1000)
     os.setresuid(1000, 1000, 1000)
+    # Made again with its TID: the PID namespace must belong to the
+    # user namespace for that.
+    threading.Thread(target=time.sleep, args=(1e9,), daemon=True).start()
     while True:
         os.read(req, 1)
         got = "%s %s %s %x" % (os.getresuid(), os.getresgid(), sorted(os.getgroups()), cap_eff())
