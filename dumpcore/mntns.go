@@ -201,7 +201,12 @@ func (t *tree) tarTmpfs(name string, m proc.Mount) error {
 		rel, _ := filepath.Rel(top, p)
 		if st, ok := info.Sys().(*syscall.Stat_t); ok && st.Dev != topSt.Dev {
 			if !d.IsDir() {
-				return nil
+				// A file mounted on (a device bound from the host, as
+				// a container in a user namespace has): an empty file
+				// stays to mount it on again, with its permissions.
+				h := &tar.Header{Typeflag: tar.TypeReg, Name: rel, Mode: int64(info.Mode().Perm()),
+					Uid: int(st.Uid), Gid: int(st.Gid), ModTime: info.ModTime()}
+				return tw.WriteHeader(h)
 			}
 			// Another mount: its mount point stays, empty (with the
 			// mounted directory's attributes: the one below is hidden).

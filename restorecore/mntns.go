@@ -63,17 +63,20 @@ func (r *restorer) makeMntNs(root *compel.Task) error {
 			if m.Contents != "" {
 				flags &^= unix.MS_RDONLY // filled first
 			}
-			err = mountIn(root, m.Source, point, m.Fstype, flags, m.Data)
+			err = mountIn(root, m.Source, point, m.Fstype, flags, r.mountData(m.Data))
 		}
 		if err != nil {
 			return fmt.Errorf("mount %s (%s): %w", m.Point, m.Fstype, err)
 		}
 		if m.Contents != "" {
-			if err := r.untar(filepath.Join(r.is.dir, m.Contents), fmt.Sprintf("/proc/%d/root%s", root.Tid, point)); err != nil {
+			untar := func() error {
+				return r.untar(filepath.Join(r.is.dir, m.Contents), fmt.Sprintf("/proc/%d/root%s", root.Tid, point))
+			}
+			if err := r.inUserNsFs(untar); err != nil {
 				return fmt.Errorf("files of the tmpfs at %s: %w", m.Point, err)
 			}
 			if m.Flags&unix.MS_RDONLY != 0 {
-				if err := mountIn(root, "none", point, "", unix.MS_REMOUNT|m.Flags, m.Data); err != nil {
+				if err := mountIn(root, "none", point, "", unix.MS_REMOUNT|m.Flags, r.mountData(m.Data)); err != nil {
 					return fmt.Errorf("tmpfs at %s read-only: %w", m.Point, err)
 				}
 			}

@@ -4,7 +4,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -287,4 +289,68 @@ func groupsInUserNs(un *pb.UserNs, groups []uint32) ([]uint32, error) {
 		out = append(out, un.GidMap[i].Inner+g-un.GidMap[i].Outer)
 	}
 	return out, nil
+}
+
+// mountData returns a mount's options as the tree's root gives them:
+// born in its user namespace, it names owners (tmpfs's and devpts's
+// uid= and gid=, which mountinfo shows as the host's kernel IDs) as the
+// namespace numbers them.
+func (r *restorer) mountData(data string) string {
+	un := r.is.inv.UserNs
+	if r.holder == nil || data == "" {
+		return data
+	}
+	opts := strings.Split(data, ",")
+	for i, o := range opts {
+		k, v, ok := strings.Cut(o, "=")
+		if !ok || k != "uid" && k != "gid" {
+			continue
+		}
+		id, err := strconv.ParseUint(v, 10, 32)
+		if err != nil {
+			continue
+		}
+		maps := un.UidMap
+		if k == "gid" {
+			maps = un.GidMap
+		}
+		for _, m := range maps {
+			if uint32(id) >= m.Outer && uint32(id)-m.Outer < m.Count {
+				opts[i] = fmt.Sprintf("%s=%d", k, m.Inner+uint32(id)-m.Outer)
+				break
+			}
+		}
+	}
+	return strings.Join(opts, ",")
+}
+
+// inUserNsFs runs f where ferry can make files on the filesystems the
+// tree mounted from inside its user namespace: on a thread of its own
+// whose filesystem IDs the namespace maps (the kernel refuses to make an
+// inode whose owner that filesystem's namespace cannot name), with the
+// capabilities that change of IDs takes away given back. The thread
+// ends with f. Outside a user namespace it just runs f.
+func (r *restorer) inUserNsFs(f func() error) error {
+	un := r.is.inv.UserNs
+	if r.holder == nil || len(un.UidMap) == 0 || len(un.GidMap) == 0 {
+		return f()
+	}
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		var caps [2]unix.CapUserData
+		if err := unix.Capget(&hdr, &caps[0]); err != nil {
+			done <- os.NewSyscallError("capget", err)
+			return
+		}
+		unix.Setfsgid(int(un.GidMap[0].Outer))
+		unix.Setfsuid(int(un.UidMap[0].Outer))
+		if err := unix.Capset(&hdr, &caps[0]); err != nil {
+			done <- os.NewSyscallError("capset", err)
+			return
+		}
+		done <- f()
+	}()
+	return <-done
 }

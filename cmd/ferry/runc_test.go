@@ -19,8 +19,9 @@ import (
 // and makes an OCI bundle in a new directory: a busybox root filesystem
 // whose shell draws a token, keeps it only in memory, and writes
 // "TOKEN COUNT" to /out/state ten times a second (/out bound from
-// outDir, another new directory).
-func runcBundle(t *testing.T) (ferryBin, dir, outDir string) {
+// outDir, another new directory). edit, when given, changes the spec
+// before it is written.
+func runcBundle(t *testing.T, edit ...func(spec map[string]any)) (ferryBin, dir, outDir string) {
 	t.Helper()
 	if _, err := exec.LookPath("runc"); err != nil {
 		t.Fatalf("runc (Debian's, installed by make deps): %v", err)
@@ -59,6 +60,9 @@ func runcBundle(t *testing.T) (ferryBin, dir, outDir string) {
 	p["args"] = []string{"sh", "-c", `t=$$$RANDOM$RANDOM; i=0; while :; do i=$((i+1)); echo "$t $i" > /out/state; sleep 0.1; done`}
 	spec["root"].(map[string]any)["readonly"] = false
 	spec["mounts"] = append(spec["mounts"].([]any), map[string]any{"destination": "/out", "type": "bind", "source": outDir, "options": []string{"rbind", "rw"}})
+	for _, e := range edit {
+		e(spec)
+	}
 	b, _ = json.Marshal(spec)
 	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
 		t.Fatal(err)
@@ -222,4 +226,70 @@ func TestRuncLazyRestore(t *testing.T) {
 	if b, err := exec.Command("runc", "state", id).CombinedOutput(); err == nil {
 		t.Fatalf("the source container is still there:\n%s", b)
 	}
+}
+
+func TestRuncUserNamespace(t *testing.T) {
+	// A container with a user namespace mapping its root to the host's
+	// uid 100000 (as rootless or remapped containers have): runc with
+	// ferry checkpoints and restores it; the same process goes on, in a
+	// new user namespace with the same maps.
+	needRoot(t)
+	ferryBin, bundle, out := runcBundle(t, func(spec map[string]any) {
+		linux := spec["linux"].(map[string]any)
+		linux["namespaces"] = append(linux["namespaces"].([]any), map[string]any{"type": "user"})
+		m := []any{map[string]any{"containerID": 0, "hostID": 100000, "size": 65536}}
+		linux["uidMappings"], linux["gidMappings"] = m, m
+	})
+	// The container's root, uid 100000 here, walks to its root
+	// filesystem, which it owns (as a remapped container's), and writes
+	// its state.
+	for _, d := range []string{filepath.Dir(bundle), bundle} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b, err := exec.Command("chown", "-R", "100000:100000", filepath.Join(bundle, "rootfs"), out).CombinedOutput(); err != nil {
+		t.Fatalf("chown: %v\n%s", err, b)
+	}
+	img := t.TempDir()
+	id := fmt.Sprintf("ferry-userns-%d", os.Getpid())
+	t.Cleanup(func() { exec.Command("runc", "delete", "-f", id).Run() })
+	runc(t, bundle, "run", "-d", id)
+	token, n1 := runcState(t, out)
+	_, pid := runcPid(t, id)
+	maps, _ := os.ReadFile(fmt.Sprintf("/proc/%d/uid_map", pid))
+	runc(t, bundle, "--criu", ferryBin, "checkpoint", "--image-path", img, "--work-path", img, id)
+	_, n2 := runcState(t, out)
+	runc(t, bundle, "--criu", ferryBin, "restore", "-d", "--image-path", img, "--work-path", img, id)
+	var got string
+	var n3 int
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && n3 <= n2; time.Sleep(100 * time.Millisecond) {
+		got, n3 = runcState(t, out)
+	}
+	if got != token || n3 <= n2 || n2 < n1 {
+		log, _ := os.ReadFile(filepath.Join(img, "restore.log"))
+		t.Fatalf("after the restore the container writes %s %d (before: %s %d..%d): not the same process going on\n%s",
+			got, n3, token, n1, n2, log)
+	}
+	_, rpid := runcPid(t, id)
+	if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/uid_map", rpid)); string(b) != string(maps) || len(maps) == 0 {
+		t.Fatalf("the restored container's uid_map:\n%s\nbefore:\n%s", b, maps)
+	}
+}
+
+// runcPid returns the container's status and its init's PID (runc state).
+func runcPid(t *testing.T, id string) (string, int) {
+	t.Helper()
+	b, err := exec.Command("runc", "state", id).CombinedOutput()
+	if err != nil {
+		t.Fatalf("runc state: %v\n%s", err, b)
+	}
+	var st struct {
+		Status string `json:"status"`
+		Pid    int    `json:"pid"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatalf("runc state: %v\n%s", err, b)
+	}
+	return st.Status, st.Pid
 }
