@@ -151,16 +151,7 @@ func TestRuncCheckpointRestore(t *testing.T) {
 	}
 	_, n2 := runcState(t, out)
 	runc(t, bundle, "--criu", ferryBin, "restore", "-d", "--image-path", img, "--work-path", img, id)
-	var got string
-	var n3 int
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && n3 <= n2; time.Sleep(100 * time.Millisecond) {
-		got, n3 = runcState(t, out)
-	}
-	if got != token || n3 <= n2 || n2 < n1 {
-		log, _ := os.ReadFile(filepath.Join(img, "restore.log"))
-		t.Fatalf("after the restore the container writes %s %d (before: %s %d..%d): not the same process going on\n%s",
-			got, n3, token, n1, n2, log)
-	}
+	checkRuncGoesOn(t, out, img, token, n1, n2)
 	b, err := exec.Command("runc", "state", id).CombinedOutput()
 	if err != nil || !strings.Contains(string(b), `"running"`) {
 		t.Fatalf("runc state after the restore: %v\n%s", err, b)
@@ -261,16 +252,7 @@ func TestRuncUserNamespace(t *testing.T) {
 	runc(t, bundle, "--criu", ferryBin, "checkpoint", "--image-path", img, "--work-path", img, id)
 	_, n2 := runcState(t, out)
 	runc(t, bundle, "--criu", ferryBin, "restore", "-d", "--image-path", img, "--work-path", img, id)
-	var got string
-	var n3 int
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && n3 <= n2; time.Sleep(100 * time.Millisecond) {
-		got, n3 = runcState(t, out)
-	}
-	if got != token || n3 <= n2 || n2 < n1 {
-		log, _ := os.ReadFile(filepath.Join(img, "restore.log"))
-		t.Fatalf("after the restore the container writes %s %d (before: %s %d..%d): not the same process going on\n%s",
-			got, n3, token, n1, n2, log)
-	}
+	checkRuncGoesOn(t, out, img, token, n1, n2)
 	_, rpid := runcPid(t, id)
 	if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/uid_map", rpid)); string(b) != string(maps) || len(maps) == 0 {
 		t.Fatalf("the restored container's uid_map:\n%s\nbefore:\n%s", b, maps)
@@ -292,4 +274,21 @@ func runcPid(t *testing.T, id string) (string, int) {
 		t.Fatalf("runc state: %v\n%s", err, b)
 	}
 	return st.Status, st.Pid
+}
+
+// checkRuncGoesOn fails t unless the restored container writes token
+// with a count past n2 (it wrote n1 first, n2 when checkpointed): the
+// same process going on.
+func checkRuncGoesOn(t *testing.T, out, img, token string, n1, n2 int) {
+	t.Helper()
+	var got string
+	var n3 int
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && n3 <= n2; time.Sleep(100 * time.Millisecond) {
+		got, n3 = runcState(t, out)
+	}
+	if got != token || n3 <= n2 || n2 < n1 {
+		log, _ := os.ReadFile(filepath.Join(img, "restore.log"))
+		t.Fatalf("after the restore the container writes %s %d (before: %s %d..%d): not the same process going on\n%s",
+			got, n3, token, n1, n2, log)
+	}
 }
