@@ -675,7 +675,7 @@ func (b *builder) clearFds(base uint64) error {
 // of the build (registerUffd), once nothing of the restore touches that
 // memory any more.
 func (b *builder) newUserfaultfd(f *pb.FileEntry, park func(uint64) (int, error)) (int, error) {
-	raw, err := b.sys(unix.SYS_USERFAULTFD, uint64(unix.O_CLOEXEC|f.Flags&unix.O_NONBLOCK))
+	raw, err := b.userfaultfd(uint64(unix.O_CLOEXEC | f.Flags&unix.O_NONBLOCK))
 	if err != nil {
 		return 0, err
 	}

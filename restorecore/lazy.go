@@ -1,7 +1,7 @@
 package restorecore
 
 import (
-	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
@@ -86,22 +86,11 @@ func (b *builder) setupLazy() error {
 	if len(lazy) == 0 {
 		return nil
 	}
-	rfd, err := b.sys(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK)
+	rfd, err := b.userfaultfd(unix.O_CLOEXEC | unix.O_NONBLOCK)
 	if err != nil {
 		return fmt.Errorf("userfaultfd in the restored process: %w", err)
 	}
 	defer b.sys(unix.SYS_CLOSE, rfd)
-	api := make([]byte, 24)
-	binary.LittleEndian.PutUint64(api[0:], uffd.API)
-	binary.LittleEndian.PutUint64(api[8:], lazypages.Features)
-	a, err := b.put(0, api)
-	if err != nil {
-		return err
-	}
-	const uffdioAPI = 0xC018AA3F
-	if _, err := b.sys(unix.SYS_IOCTL, rfd, uffdioAPI, a); err != nil {
-		return fmt.Errorf("UFFDIO_API in the restored process: %w", err)
-	}
 	pidfd, err := unix.PidfdOpen(b.pid, 0)
 	if err != nil {
 		return os.NewSyscallError("pidfd_open", err)
@@ -111,7 +100,15 @@ func (b *builder) setupLazy() error {
 	if err != nil {
 		return os.NewSyscallError("pidfd_getfd", err)
 	}
-	u := uffd.AdoptNoHandshake(fd, lazypages.Features)
+	// The handshake on ferry's side: the features (fork events) want
+	// CAP_SYS_PTRACE, which a process in a user namespace of its own
+	// does not have; the userfaultfd serves the memory of the process
+	// that made it, whoever asks.
+	u, err := uffd.Adopt(fd, lazypages.Features)
+	if err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("userfaultfd of the restored process: %w", err)
+	}
 	defer u.Close()
 	for _, v := range lazy {
 		if _, err := u.Register(v.Start, v.End-v.Start, uffd.RegisterMissing); err != nil {
@@ -119,4 +116,33 @@ func (b *builder) setupLazy() error {
 		}
 	}
 	return lazypages.Handover(b.r.opts.LazySocket, int(b.p.pstree.Pid), b.pid, u.Fd())
+}
+
+// userfaultfd makes a userfaultfd in the process (flags O_CLOEXEC,
+// O_NONBLOCK, UFFD_USER_MODE_ONLY). Where the system call is refused (in
+// a user namespace of the tree's own it wants CAP_SYS_PTRACE in the
+// initial one, unless vm.unprivileged_userfaultfd), the process asks
+// /dev/userfaultfd, which ferry opens for it (USERFAULTFD_IOC_NEW makes
+// one for the memory of the process that asks).
+func (b *builder) userfaultfd(flags uint64) (uint64, error) {
+	fd, err := b.sys(unix.SYS_USERFAULTFD, flags)
+	if !errors.Is(err, unix.EPERM) {
+		return fd, err
+	}
+	dev, derr := os.OpenFile("/dev/userfaultfd", os.O_RDWR|unix.O_CLOEXEC, 0)
+	if derr != nil {
+		return 0, fmt.Errorf("%w (and %v)", err, derr)
+	}
+	defer dev.Close()
+	rdev, err := b.take(int(dev.Fd()))
+	if err != nil {
+		return 0, fmt.Errorf("/dev/userfaultfd: %w", err)
+	}
+	defer b.sys(unix.SYS_CLOSE, rdev)
+	const userfaultfdIocNew = 0xaa00 // _IO(0xAA, 0x00)
+	fd, err = b.sys(unix.SYS_IOCTL, rdev, userfaultfdIocNew, flags)
+	if err != nil {
+		return 0, fmt.Errorf("/dev/userfaultfd: USERFAULTFD_IOC_NEW: %w", err)
+	}
+	return fd, nil
 }

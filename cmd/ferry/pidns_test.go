@@ -124,7 +124,14 @@ func TestLazyRestorePidNamespaceSameHost(t *testing.T) {
 	// tree again in a new PID namespace meanwhile, running at once, its
 	// pages coming from the frozen source on demand; once they are all
 	// there the source dies, and the copy checks itself.
-	w := startInPidNs(t, nil, "pidns.py")
+	lazySameHost(t, startInPidNs(t, nil, "pidns.py"))
+}
+
+// lazySameHost migrates w, the init of a PID namespace of its own, on
+// this host by post-copy (dump --lazy-pages, lazy-pages, restore
+// --lazy-pages) and has the copy check itself once every page is there.
+func lazySameHost(t *testing.T, w *testutil.Workload) {
+	t.Helper()
 	before := w.Report(t)
 	img, port := t.TempDir(), freePort(t)
 	dumpDone := startDaemon(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--lazy-pages", "--address", "127.0.0.1", "--port", port, "-v4", "-o", "dump.log")

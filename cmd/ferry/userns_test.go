@@ -118,3 +118,11 @@ func TestDumpRestoreUserNamespaceOnly(t *testing.T) {
 	checkRefused(t, w2, "2 threads", "user namespace of the tree's own", "no PID namespace")
 	checkRunsOn(t, w2)
 }
+
+func TestLazyRestoreUserNamespaceSameHost(t *testing.T) {
+	// Post-copy on one host of a tree born in a user namespace of its own
+	// (userns.py): its processes make their userfaultfds through
+	// /dev/userfaultfd, the system call being refused inside the user
+	// namespace; the copy checks itself once every page is there.
+	lazySameHost(t, startInUserNs(t))
+}
