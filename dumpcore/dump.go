@@ -26,7 +26,11 @@ type Options struct {
 	LeaveStopped bool          // -s/--leave-stopped
 	ShellJob     bool          // -j/--shell-job
 	Timeout      time.Duration // --timeout (default 10 s)
-	GhostLimit   int64         // --ghost-limit (default 1 MiB)
+	// FreezeCgroup (--freeze-cgroup) is the directory of a cgroup with a
+	// freezer that holds the tree: the tree is frozen with it (every task
+	// at once) before ptrace takes it (freezeCgroup).
+	FreezeCgroup string
+	GhostLimit   int64 // --ghost-limit (default 1 MiB)
 	// PrevImagesDir (--prev-images-dir), relative to ImagesDir unless
 	// absolute: store only pages written since that image set.
 	PrevImagesDir string

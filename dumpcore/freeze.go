@@ -3,10 +3,12 @@ package dumpcore
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/internal/cgroups"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
 )
@@ -136,4 +138,93 @@ func waitInterrupted(ft *frozenThread, deadline time.Time) (gone bool, err error
 			}
 		}
 	}
+}
+
+// freezeCgroup is freeze with the tree's cgroup freezer (--freeze-cgroup):
+// frozen, the cgroup's tasks can neither fork nor exit, so the tree is
+// walked from the root down once, every thread seized and interrupted;
+// then the cgroup thaws, and each thread stops in ptrace as it runs. A
+// cgroup that was frozen already (a paused container) is frozen again
+// once the dump lets the tree go (t.refreeze, in run).
+func (t *tree) freezeCgroup(deadline time.Time) error {
+	fz, err := cgroups.OpenFreezer(t.opts.FreezeCgroup)
+	if err != nil {
+		return fmt.Errorf("--freeze-cgroup: %w", err)
+	}
+	was, err := fz.Frozen()
+	if err != nil {
+		return fmt.Errorf("--freeze-cgroup: %w", err)
+	}
+	if !was {
+		if err := fz.Set(true, deadline); err != nil {
+			fz.Set(false, time.Now().Add(time.Second))
+			return fmt.Errorf("--freeze-cgroup: freeze: %w", err)
+		}
+	}
+	var seized []int
+	fail := func(err error) error {
+		for _, tid := range seized {
+			ptrace.Detach(tid, 0)
+		}
+		if !was {
+			fz.Set(false, time.Now().Add(time.Second))
+		}
+		return err
+	}
+	queue := []int{t.root}
+	for len(queue) > 0 {
+		pid := queue[0]
+		queue = queue[1:]
+		st, err := proc.ReadStat(pid)
+		if err != nil {
+			if pid == t.root {
+				return fail(fmt.Errorf("process %d: %w", pid, ErrNoProcess))
+			}
+			continue
+		}
+		if st.State == 'Z' && pid != t.root {
+			t.zombies = append(t.zombies, st)
+			continue
+		}
+		tids, err := proc.Tids(pid)
+		if err != nil {
+			return fail(fmt.Errorf("list threads of %d: %w", pid, ErrNoProcess))
+		}
+		// The main thread first.
+		if i := slices.Index(tids, pid); i > 0 {
+			tids[0], tids[i] = tids[i], tids[0]
+		}
+		var threads []*frozenThread
+		for _, tid := range tids {
+			if err := ptrace.Seize(tid, ptrace.OptsDump); err != nil {
+				return fail(fmt.Errorf("seize %d: %w", tid, err))
+			}
+			seized = append(seized, tid)
+			if err := ptrace.Interrupt(tid); err != nil {
+				return fail(fmt.Errorf("interrupt %d: %w", tid, err))
+			}
+			threads = append(threads, &frozenThread{tid: tid})
+		}
+		queue = append(queue, t.frozen(pid, threads)...)
+	}
+	if err := fz.Set(false, deadline); err != nil {
+		return fail(fmt.Errorf("--freeze-cgroup: thaw: %w", err))
+	}
+	for _, d := range t.procs {
+		for _, ft := range d.threads {
+			// Frozen, a thread cannot have been on its way out.
+			if gone, err := waitInterrupted(ft, deadline); err != nil || gone {
+				if err == nil {
+					err = fmt.Errorf("thread %d exited: %w", ft.tid, ErrNoProcess)
+				}
+				t.procs = t.procs[:1]
+				return fail(err)
+			}
+		}
+	}
+	if was {
+		t.refreeze = fz
+	}
+	t.log.Debug("frozen with the cgroup freezer", "cgroup", t.opts.FreezeCgroup, "was frozen", was)
+	return nil
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/cgroups"
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
@@ -38,6 +39,9 @@ type tree struct {
 	procs []*dumper
 	// zombies are dead children their parents have not reaped yet.
 	zombies []proc.Stat
+	// refreeze is the cgroup freezer to freeze again once the tree goes
+	// (it was frozen before the dump: freezeCgroup).
+	refreeze *cgroups.Freezer
 	// files is shared by every process: an open file description that
 	// several processes hold is one entry.
 	files *fileTable
@@ -161,15 +165,21 @@ func (t *tree) freeze(deadline time.Time) error {
 			t.resume(false)
 			return err
 		}
-		d := t.procs[0]
-		if pid != t.root {
-			d = t.newDumper(pid)
-			t.procs = append(t.procs, d)
-		}
-		d.threads = threads
-		queue = append(queue, proc.Children(pid)...)
+		queue = append(queue, t.frozen(pid, threads)...)
 	}
 	return nil
+}
+
+// frozen records pid's seized threads (its dumper made, the root's
+// there already) and returns its children, to freeze next.
+func (t *tree) frozen(pid int, threads []*frozenThread) []int {
+	d := t.procs[0]
+	if pid != t.root {
+		d = t.newDumper(pid)
+		t.procs = append(t.procs, d)
+	}
+	d.threads = threads
+	return proc.Children(pid)
 }
 
 // pin keeps the tracer thread and every frozen thread on the tracer's CPU
@@ -203,9 +213,20 @@ func (t *tree) single() bool { return len(t.procs) == 1 && len(t.zombies) == 0 }
 func (t *tree) run(ctx context.Context) (*Result, error) {
 	start := time.Now()
 	defer func() { closeAll(t.kept)() }()
-	if err := t.freeze(start.Add(t.opts.Timeout)); err != nil {
+	freeze := t.freeze
+	if t.opts.FreezeCgroup != "" {
+		freeze = t.freezeCgroup
+	}
+	if err := freeze(start.Add(t.opts.Timeout)); err != nil {
 		return nil, err
 	}
+	defer func() {
+		if t.refreeze != nil {
+			if err := t.refreeze.Set(true, time.Now().Add(t.opts.Timeout)); err != nil {
+				t.log.Warn("freezing the cgroup again, as it was before the dump", "cgroup", t.opts.FreezeCgroup, "err", err)
+			}
+		}
+	}()
 	frozenAt := time.Now()
 	root := t.procs[0]
 	if t.opts.Frozen != nil {

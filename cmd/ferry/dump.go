@@ -24,6 +24,7 @@ func newDumpCmd() *cobra.Command {
 		leaveStopped  bool
 		shellJob      bool
 		timeout       int
+		freezeCg      string
 		pidfile       string
 		displayStats  bool
 		dedup         bool
@@ -210,7 +211,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
 				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt, EmptyNet: emptyNs == "net", ExternalNs: extNs,
-				Version: version, Logger: log,
+				FreezeCgroup: freezeCg, Version: version, Logger: log,
 			})
 			if err != nil {
 				log.Error("dumping failed", "pid", pid, "err", err)
@@ -264,7 +265,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 	fs.StringArrayVar(&cgControllers, "cgroup-dump-controller", nil, "save only the cgroup hierarchies holding CONTROLLER (repeatable; all by default)")
 	fs.String("manage-cgroups", "soft", "accepted for criu compatibility: the dump always saves the cgroups and their properties; the restore's --manage-cgroups decides")
 	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
-	fs.String("freeze-cgroup", "", "accepted for criu compatibility: ferry freezes the tree with ptrace, top-down, whatever its cgroup")
+	fs.StringVar(&freezeCg, "freeze-cgroup", "", "freeze the tree with the freezer of the cgroup at this directory (v1 freezer.state or v2 cgroup.freeze; every task at once) before seizing it; a cgroup frozen already (a paused container) is frozen again after the dump")
 	fs.StringVar(&emptyNs, "empty-ns", "", "net: the tree's network namespace is made new at the restore but its contents are not saved (the caller sets it up)")
 	fs.BoolVar(&background, "background", false, "background snapshot (implies -R): copy memory while the process runs, then freeze it only to copy what it wrote meanwhile and its other state; the images show it as it was at that freeze")
 	return cmd

@@ -17,6 +17,7 @@ func newPreDumpCmd() *cobra.Command {
 		c            common
 		pid          int
 		timeout      int
+		freezeCg     string
 		prevDir      string
 		mode         string
 		displayStats bool
@@ -79,7 +80,7 @@ copies the same way (the log says so).`,
 				Action:   acts.dumpHook(),
 				PageSink: sink,
 				Pid:      pid, ImagesDir: c.imagesDir, PreDump: true, PrevImagesDir: prevDir, Compress: ps.compress,
-				Timeout: time.Duration(timeout) * time.Second, Version: version, Logger: log,
+				Timeout: time.Duration(timeout) * time.Second, FreezeCgroup: freezeCg, Version: version, Logger: log,
 			})
 			if err != nil {
 				log.Error("pre-dump failed", "pid", pid, "err", err)
@@ -99,6 +100,7 @@ copies the same way (the log says so).`,
 	ps.addFlags(fs, true)
 	fs.IntVarP(&pid, "tree", "t", 0, "the process to pre-dump")
 	fs.IntVar(&timeout, "timeout", 10, "seconds to wait for the process to freeze")
+	fs.StringVar(&freezeCg, "freeze-cgroup", "", "freeze the tree with the freezer of the cgroup at this directory before seizing it (as dump's)")
 	fs.StringVar(&prevDir, "prev-images-dir", "", "the previous pre-dump, relative to -D: store only pages written since")
 	fs.StringVar(&mode, "pre-dump-mode", "read", "how pages are copied: read (process_vm_readv); splice is accepted and reads too")
 	fs.Bool("track-mem", true, "accepted for criu compatibility: pre-dump always tracks memory")

@@ -278,8 +278,8 @@ func runcPid(t *testing.T, id string) (string, int) {
 
 // checkRuncGoesOn fails t unless the restored container writes token
 // with a count past n2 (it wrote n1 first, n2 when checkpointed): the
-// same process going on.
-func checkRuncGoesOn(t *testing.T, out, img, token string, n1, n2 int) {
+// same process going on. It returns that count.
+func checkRuncGoesOn(t *testing.T, out, img, token string, n1, n2 int) int {
 	t.Helper()
 	var got string
 	var n3 int
@@ -290,5 +290,58 @@ func checkRuncGoesOn(t *testing.T, out, img, token string, n1, n2 int) {
 		log, _ := os.ReadFile(filepath.Join(img, "restore.log"))
 		t.Fatalf("after the restore the container writes %s %d (before: %s %d..%d): not the same process going on\n%s",
 			got, n3, token, n1, n2, log)
+	}
+	return n3
+}
+
+func TestRuncCheckpointPaused(t *testing.T) {
+	// runc passes the container's freezer cgroup (freeze_cgroup), and
+	// ferry freezes the tree with it. A paused container (its cgroup
+	// frozen) is checkpointed with --leave-running: it is frozen again
+	// afterwards (still paused, writing nothing), and goes on when
+	// resumed; the checkpoint restores to the same process.
+	needRoot(t)
+	ferryBin, bundle, out := runcBundle(t)
+	img := t.TempDir()
+	id := fmt.Sprintf("ferry-paused-%d", os.Getpid())
+	t.Cleanup(func() { exec.Command("runc", "delete", "-f", id).Run() })
+	runc(t, bundle, "run", "-d", id)
+	token, n1 := runcState(t, out)
+	runc(t, bundle, "pause", id)
+	runc(t, bundle, "--criu", ferryBin, "checkpoint", "--leave-running", "--image-path", img, "--work-path", img, id)
+	if log, _ := os.ReadFile(filepath.Join(img, "dump.log")); !strings.Contains(string(log), "frozen with the cgroup freezer") {
+		t.Fatalf("the checkpoint did not use the freezer:\n%s", log)
+	}
+	if st, _ := runcPid(t, id); st != "paused" {
+		t.Fatalf("after the checkpoint the container is %s, want paused", st)
+	}
+	_, n2 := runcState(t, out)
+	time.Sleep(500 * time.Millisecond)
+	if _, n := runcState(t, out); n != n2 {
+		t.Fatalf("the paused container went on writing (%d, then %d)", n2, n)
+	}
+	runc(t, bundle, "resume", id)
+	nk := 0
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		var got string
+		if got, nk = runcState(t, out); got == token && nk > n2+2 {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("after resume the container writes %s %d (before: %s %d..%d)", got, nk, token, n1, n2)
+		}
+	}
+	// The images hold the process as it was: restored in place of the
+	// container, it goes on from there.
+	runc(t, bundle, "kill", id, "KILL")
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if st, _ := runcPid(t, id); st == "stopped" {
+			break
+		}
+	}
+	runc(t, bundle, "delete", id)
+	os.Remove(filepath.Join(out, "state"))
+	runc(t, bundle, "--criu", ferryBin, "restore", "-d", "--image-path", img, "--work-path", img, id)
+	if n3 := checkRuncGoesOn(t, out, img, token, n1, n2); n3 >= nk {
+		t.Fatalf("the restored container counts from %d, past %d where the original was killed: not from the checkpoint", n3, nk)
 	}
 }

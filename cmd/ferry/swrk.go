@@ -393,6 +393,7 @@ func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, erro
 		args []string
 	}{{o.GetAutoDedup(), []string{"--auto-dedup"}}, {o.ParentImg != nil, []string{"--prev-images-dir=" + o.GetParentImg()}},
 		{o.Timeout != nil, []string{"--timeout", strconv.Itoa(int(o.GetTimeout()))}},
+		{o.GetFreezeCgroup() != "", []string{"--freeze-cgroup=" + o.GetFreezeCgroup()}},
 		// With lazy_pages the page server is where the dump serves the
 		// pages itself (and status_fd, ferry's own descriptor as criu's,
 		// says when).
