@@ -19,8 +19,20 @@ import (
 // ferry's and, if so, maps each of its processes and threads to its PID
 // there (t.vpids). The root must be that namespace's init, and every
 // process of the tree must be in it.
+//
+// With --external pid[INODE]:KEY the tree is in a PID namespace that is
+// not its own to save (a pod's, which its containers join): its PIDs are
+// translated the same, and the restore makes the tree inside the one its
+// caller gives for KEY; the root is not that namespace's init.
 func (t *tree) pidNamespace() error {
 	ns := t.ownNs["pid"]
+	if _, ok := t.opts.ExternalNs["pid"]; ok && ns == "" {
+		var err error
+		if ns, err = proc.Namespace(t.root, "pid"); err != nil {
+			return err
+		}
+		t.pidNsExternal = true
+	}
 	if ns == "" {
 		return nil
 	}
@@ -47,8 +59,10 @@ func (t *tree) pidNamespace() error {
 	if err != nil {
 		return err
 	}
-	if v := inner(rst.NSpid); v != 1 {
+	if v := inner(rst.NSpid); v != 1 && !t.pidNsExternal {
 		return fmt.Errorf("process %d is PID %d of %s, not its init: %w (dump the namespace's init)", t.root, v, ns, ErrUnsupported)
+	} else if v == 1 && t.pidNsExternal {
+		return fmt.Errorf("--external pid: process %d is the init of %s, which a restore cannot join as its init: %w", t.root, ns, ErrUnsupported)
 	}
 	if t.opts.FlagsBeforeFreeze && t.opts.LeaveRunning {
 		return fmt.Errorf("process %d is the init of %s, which background snapshots do not take yet: %w",
@@ -88,6 +102,10 @@ func (t *tree) pidNamespace() error {
 			return fmt.Errorf("zombie %d: %w", z.Pid, err)
 		}
 	}
+	if t.pidNsExternal {
+		t.log.Info("the tree is in an external PID namespace", "ns", ns, "root", t.root, "pid there", t.vpids[t.root])
+		return nil
+	}
 	t.log.Info("the tree has a PID namespace of its own", "ns", ns, "init", t.root)
 	return nil
 }
@@ -122,7 +140,7 @@ func (t *tree) translatePids(imgs []*imageSet) {
 			*p = t.vpid(int(*p))
 		}
 	}
-	imgs[0].inv.PidNs = true
+	imgs[0].inv.PidNs = !t.pidNsExternal
 	v(&imgs[0].inv.RootPid)
 	for _, img := range imgs {
 		ps := img.pstree

@@ -39,6 +39,9 @@ type tree struct {
 	procs []*dumper
 	// zombies are dead children their parents have not reaped yet.
 	zombies []proc.Stat
+	// pidNsExternal: the tree is in a PID namespace left out with
+	// --external pid[INODE]:KEY (pidNamespace).
+	pidNsExternal bool
 	// refreeze is the cgroup freezer to freeze again once the tree goes
 	// (it was frozen before the dump: freezeCgroup).
 	refreeze *cgroups.Freezer

@@ -115,6 +115,12 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 			}
 		}()
 	}
+	// In a PID namespace it joins (--join-ns pid, --external pid), the
+	// tree's PIDs are that namespace's, not this one's.
+	_, is.joinsPidNs = opts.JoinNs["pid"]
+	for _, e := range is.inv.ExternalNs {
+		is.joinsPidNs = is.joinsPidNs || e.Kind == "pid"
+	}
 	if err := is.validate(nil); err != nil {
 		return nil, err
 	}
@@ -244,7 +250,7 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	_, r.is.joinsPidNs = r.opts.JoinNs["pid"]
 	r.ferryFd = map[int32]uint64{}
 	var seedFd *os.File
-	if r.is.inv.PidNs {
+	if r.ferryHidden() {
 		if seedFd, err = r.ferryChannel(); err != nil {
 			return nil, err
 		}
@@ -447,10 +453,10 @@ func remoteCloneIn(t *compel.Task, argAddr uint64, flags, exitSignal uint64, wan
 	return remoteCloneInto(t, argAddr, flags, exitSignal, want, flags&unix.CLONE_NEWPID != 0)
 }
 
-// remoteCloneInto is remoteCloneIn where newPidNs says the new task is
-// the first of a PID namespace: made by this clone (CLONE_NEWPID), or
-// the one t unshared for its children.
-func remoteCloneInto(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want int, newPidNs bool) (pid, local int, err error) {
+// remoteCloneInto is remoteCloneIn where elsewhere says the new task is
+// made in a PID namespace t is not in (a new one, CLONE_NEWPID; one t
+// unshared or joined for its children), so that t sees another PID.
+func remoteCloneInto(t *compel.Task, argAddr uint64, flags, exitSignal uint64, want int, elsewhere bool) (pid, local int, err error) {
 	args := cloneArgs(flags, exitSignal, argAddr+cloneArgsSize)
 	binary.LittleEndian.PutUint32(args[cloneArgsSize:], uint32(want))
 	if want == 0 {
@@ -477,7 +483,7 @@ func remoteCloneInto(t *compel.Task, argAddr uint64, flags, exitSignal uint64, w
 	if newTid == 0 {
 		newTid = int(got) // no event: t is in ferry's PID namespace
 	}
-	if newPidNs {
+	if elsewhere {
 		got = uint64(newTid) // seen from t, outside the new namespace
 		if v, err := proc.ReadStatus(newTid); err != nil || len(v.NSpid) == 0 || v.NSpid[len(v.NSpid)-1] != want {
 			return 0, 0, fmt.Errorf("clone3 made %d, not PID %d of a new PID namespace (%v)", newTid, want, err)

@@ -43,13 +43,15 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 	for _, s := range plan.Steps {
 		switch s.Op {
 		case treeplan.Clone:
-			from, flags, newPidNs := seed, s.Flags, false
+			from, flags, elsewhere := seed, s.Flags, false
 			if s.From != 0 {
 				from = tasks[s.From]
 			} else {
+				// The seed's children enter the PID namespace it joined.
+				elsewhere = r.is.joinsPidNs
 				if r.holder != nil {
 					// Born in its user namespace (makeUserNs).
-					from, newPidNs = r.holder, r.nsMade&unix.CLONE_NEWPID != 0
+					from, elsewhere = r.holder, r.nsMade&unix.CLONE_NEWPID != 0
 				}
 				// The root: in new namespaces where the tree had its own.
 				if r.is.inv.PidNs {
@@ -78,7 +80,7 @@ func (r *restorer) createTree(seed *compel.Task) (map[int32]*compel.Task, error)
 			if want < 0 {
 				want = 0 // a helper with any PID
 			}
-			pid, lpid, err := remoteCloneInto(from, stackScratch(from), flags, uint64(s.ExitSignal), want, newPidNs || flags&unix.CLONE_NEWPID != 0)
+			pid, lpid, err := remoteCloneInto(from, stackScratch(from), flags, uint64(s.ExitSignal), want, elsewhere || flags&unix.CLONE_NEWPID != 0)
 			if err != nil {
 				what := "process"
 				if s.Helper {
@@ -333,7 +335,7 @@ func (r *restorer) dropHeld() {
 // take gives the process a copy of ferry's fd h and returns its number
 // there (close-on-exec).
 func (b *builder) take(h int) (uint64, error) {
-	if b.ferryPidfd == 0 && b.r.is.inv.PidNs {
+	if b.ferryPidfd == 0 && b.r.ferryHidden() {
 		// ferry is not in the process's PID namespace: the pidfd the
 		// seed was given, where the fd table has it.
 		b.ferryPidfd = seedFerryPidfd
@@ -362,16 +364,21 @@ func (b *builder) take(h int) (uint64, error) {
 // namespace it stays, for processes sharing the fd table, until
 // dropFerryPidfds.
 func (b *builder) dropFerryPidfd() {
-	if b.ferryPidfd != 0 && !b.r.is.inv.PidNs {
+	if b.ferryPidfd != 0 && !b.r.ferryHidden() {
 		b.sys(unix.SYS_CLOSE, b.ferryPidfd)
 		b.ferryPidfd = 0
 	}
 }
 
 // seedFerryPidfd is where the seed, and every process cloned from it,
-// has a pidfd of ferry when the tree has a PID namespace of its own
-// (pidfd_open of ferry's PID cannot work from inside it).
+// has a pidfd of ferry when the tree is in another PID namespace than
+// ferry's (ferryHidden: pidfd_open of ferry's PID cannot work from
+// inside it).
 const seedFerryPidfd = 4
+
+// ferryHidden tells whether the tree's processes are in a PID namespace
+// where ferry has no PID: one of the tree's own, or one it joins.
+func (r *restorer) ferryHidden() bool { return r.is.inv.PidNs || r.is.joinsPidNs }
 
 // dropFerryPidfds closes, once every process is built, the pidfd of
 // ferry that each fd table of a new PID namespace kept (clearFds).

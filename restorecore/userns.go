@@ -151,7 +151,7 @@ func (r *restorer) makeUserNs(seed *compel.Task) error {
 // in a user namespace, one end of a socket whose other (r.channel) ferry
 // sends files through.
 func (r *restorer) ferryChannel() (*os.File, error) {
-	if r.is.inv.UserNs == nil {
+	if r.is.inv.UserNs == nil || !r.is.inv.PidNs {
 		fd, err := unix.PidfdOpen(os.Getpid(), 0)
 		if err != nil {
 			return nil, os.NewSyscallError("pidfd_open", err)

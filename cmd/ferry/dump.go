@@ -118,9 +118,6 @@ the fd and the object. stats-dump is always written to the work directory.`,
 					if !ok || err != nil || key == "" {
 						return fmt.Errorf("--external %q: want %s[INODE]:KEY", x, kind)
 					}
-					if kind == "pid" {
-						return fmt.Errorf("--external %q: an external PID namespace is not supported yet", x)
-					}
 					extNs[kind] = dumpcore.ExternalNs{Ino: ino, Key: key}
 					continue
 				}

@@ -45,16 +45,24 @@ func restoreInPidNs(t *testing.T, dir, reportPath string, args ...string) *testu
 	t.Helper()
 	pidfile := filepath.Join(t.TempDir(), "pid")
 	mustFerry(t, append([]string{"restore", "-D", dir, "-d", "--pidfile", pidfile, "-v4", "-o", "restore.log"}, args...)...)
+	r := attachPidfile(t, pidfile, reportPath)
+	root := r.Pid
+	if ns := nsPids(t, root); len(ns) != 2 || ns[1] != 1 {
+		t.Fatalf("restored root %d has PIDs %v, want PID 1 of a namespace of its own", root, ns)
+	}
+	return r
+}
+
+// attachPidfile attaches to the restored root that pidfile names, whose
+// reports go to reportPath.
+func attachPidfile(t *testing.T, pidfile, reportPath string) *testutil.Workload {
+	t.Helper()
 	b, err := os.ReadFile(pidfile)
 	if err != nil {
 		t.Fatal(err)
 	}
 	root, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	r := testutil.Attach(t, root, reportPath)
-	if ns := nsPids(t, root); len(ns) != 2 || ns[1] != 1 {
-		t.Fatalf("restored root %d has PIDs %v, want PID 1 of a namespace of its own", root, ns)
-	}
-	return r
+	return testutil.Attach(t, root, reportPath)
 }
 
 // testNetns makes a network namespace of the test's (ip netns add),
@@ -278,12 +286,7 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	}
 	pidfile := filepath.Join(t.TempDir(), "pid")
 	inHost("restore", "-D", img, "-d", "--pidfile", pidfile, "--external", "veth[eth0]:vh@br0", "-v4", "-o", "restore.log")
-	b, err := os.ReadFile(pidfile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	root, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	r := testutil.Attach(t, root, w.ReportPath)
+	r := attachPidfile(t, pidfile, w.ReportPath)
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
 	if got := fromHost(); got != before.Token {
@@ -454,5 +457,64 @@ func TestExternalNetNs(t *testing.T) {
 	if got, _ := proc.Namespace(w.Pid, "net"); got != fmt.Sprintf("net:[%d]", ino) {
 		t.Fatalf("restored process in %s, want net:[%d]", got, ino)
 	}
+	checkSelf(t, r)
+}
+
+func TestExternalPidNs(t *testing.T) {
+	// A process that joined a PID namespace it does not own (nsenter
+	// into one whose init is another process, as a pod's containers join
+	// its PID namespace): dumped with --external pid[INODE]:KEY, it comes
+	// back inside the namespace the caller gives with --inherit-fd, with
+	// the PID it had there.
+	needRoot(t)
+	holder := exec.Command("unshare", "--pid", "--fork", "--kill-child", "sleep", "600")
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	var inits []int
+	waitFor(5*time.Second, func() bool { inits = proc.Children(holder.Process.Pid); return len(inits) == 1 })
+	if len(inits) != 1 {
+		t.Fatalf("unshare %d has children %v", holder.Process.Pid, inits)
+	}
+	var st unix.Stat_t
+	nsFile := proc.Path(inits[0], "ns/pid")
+	if err := unix.Stat(nsFile, &st); err != nil {
+		t.Fatal(err)
+	}
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "guard.py")
+	u := testutil.Start(t, "", "nsenter", "-t", strconv.Itoa(inits[0]), "-p", "--", "setsid", "python3", script)
+	kids := proc.Children(u.Pid)
+	if len(kids) != 1 {
+		t.Fatalf("nsenter %d has children %v", u.Pid, kids)
+	}
+	w := testutil.Attach(t, kids[0], u.ReportPath)
+	before := w.Report(t)
+	inner := nsPids(t, w.Pid)
+	if len(inner) != 2 || inner[1] == 1 {
+		t.Fatalf("the workload has PIDs %v", inner)
+	}
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "--external", fmt.Sprintf("pid[%d]:thepid", st.Ino), "-v4", "-o", "dump.log")
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(nsFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	pidfile := filepath.Join(t.TempDir(), "pid")
+	mustFerry(t, "restore", "-D", img, "-d", "--pidfile", pidfile, "--inherit-fd", fmt.Sprintf("fd[%d]:thepid", f.Fd()), "-v4", "-o", "restore.log")
+	r := attachPidfile(t, pidfile, w.ReportPath)
+	root := r.Pid
+	defer r.Kill()
+	if got := nsPids(t, root); len(got) != 2 || got[1] != inner[1] {
+		t.Fatalf("restored with PIDs %v, want PID %d of the namespace", got, inner[1])
+	}
+	if got, _ := proc.Namespace(root, "pid"); got != fmt.Sprintf("pid:[%d]", st.Ino) {
+		t.Fatalf("restored in %s, want pid:[%d]", got, st.Ino)
+	}
+	checkContinued(t, before, r.Report(t))
 	checkSelf(t, r)
 }
