@@ -30,7 +30,10 @@ type Options struct {
 	// freezer that holds the tree: the tree is frozen with it (every task
 	// at once) before ptrace takes it (freezeCgroup).
 	FreezeCgroup string
-	GhostLimit   int64 // --ghost-limit (default 1 MiB)
+	// Caller, when set, is a client that is not root (of ferry's RPC
+	// service), for which only its own processes are dumped.
+	Caller     *proc.Caller
+	GhostLimit int64 // --ghost-limit (default 1 MiB)
 	// PrevImagesDir (--prev-images-dir), relative to ImagesDir unless
 	// absolute: store only pages written since that image set.
 	PrevImagesDir string

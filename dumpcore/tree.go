@@ -216,11 +216,18 @@ func (t *tree) single() bool { return len(t.procs) == 1 && len(t.zombies) == 0 }
 func (t *tree) run(ctx context.Context) (*Result, error) {
 	start := time.Now()
 	defer func() { closeAll(t.kept)() }()
+	if err := t.checkCaller(true); err != nil {
+		return nil, err
+	}
 	freeze := t.freeze
 	if t.opts.FreezeCgroup != "" {
 		freeze = t.freezeCgroup
 	}
 	if err := freeze(start.Add(t.opts.Timeout)); err != nil {
+		return nil, err
+	}
+	if err := t.checkCaller(false); err != nil {
+		t.resume(false)
 		return nil, err
 	}
 	defer func() {

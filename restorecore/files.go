@@ -643,7 +643,7 @@ func (b *builder) setOwner(fd int, f *pb.FileEntry) error {
 // clearFds closes every fd of the process, but, in a new PID namespace,
 // ferry's pidfd (see seedFerryPidfd), which it moves to base or above.
 func (b *builder) clearFds(base uint64) error {
-	if !b.r.ferryHidden() {
+	if !b.r.seedKeepsFerry() {
 		b.ferryPidfd = 0 // closed with the rest, if memory took one
 		_, err := b.sys(unix.SYS_CLOSE_RANGE, 0, ^uint64(0)>>32, 0)
 		return err

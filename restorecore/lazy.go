@@ -126,7 +126,7 @@ func (b *builder) setupLazy() error {
 // one for the memory of the process that asks).
 func (b *builder) userfaultfd(flags uint64) (uint64, error) {
 	fd, err := b.sys(unix.SYS_USERFAULTFD, flags)
-	if !errors.Is(err, unix.EPERM) {
+	if !errors.Is(err, unix.EPERM) || b.r.opts.Caller != nil {
 		return fd, err
 	}
 	dev, derr := os.OpenFile("/dev/userfaultfd", os.O_RDWR|unix.O_CLOEXEC, 0)

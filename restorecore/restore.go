@@ -67,7 +67,11 @@ type Options struct {
 	// make but takes from ferry's fd N, by what the images name them
 	// ("pipe:[INODE]", a path), as criu's callers pass stdio.
 	InheritFds map[string]int
-	Logger     *slog.Logger
+	// Caller, when set, is a client that is not root (of ferry's RPC
+	// service): the images must be of its own processes, and the restore
+	// runs with its rights (caller.go).
+	Caller *proc.Caller
+	Logger *slog.Logger
 }
 
 // Result describes a restored tree, running (or stopped with -s) and
@@ -123,6 +127,15 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	}
 	if err := is.validate(nil); err != nil {
 		return nil, err
+	}
+	if opts.Caller != nil {
+		if err := is.checkCaller(opts.Caller); err != nil {
+			return nil, err
+		}
+		if opts.LazyPages {
+			return nil, fmt.Errorf("%w: --lazy-pages for a caller that is not root", ErrValidation)
+		}
+		opts.ManageCgroups = CgroupsIgnore // the caller's cgroups are its business
 	}
 	if opts.LazyPages {
 		if st, err := os.Stat(opts.LazySocket); err != nil || st.Mode()&os.ModeSocket == 0 {
@@ -250,12 +263,12 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	_, r.is.joinsPidNs = r.opts.JoinNs["pid"]
 	r.ferryFd = map[int32]uint64{}
 	var seedFd *os.File
-	if r.ferryHidden() {
+	if r.seedKeepsFerry() {
 		if seedFd, err = r.ferryChannel(); err != nil {
 			return nil, err
 		}
 	}
-	seed, err := startSeed(seedFd, r.opts.Sibling)
+	seed, err := startSeed(seedFd, r.opts.Sibling, r.opts.Caller)
 	if seedFd != nil {
 		seedFd.Close()
 	}

@@ -8,6 +8,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/internal/proc"
 )
 
 // The seed is a tiny static ELF that closes its inherited fds (from
@@ -76,7 +78,11 @@ func seedELF(firstClosed byte) []byte {
 // socket ferry hands files over (a tree that is born in a user namespace
 // of its own, see makeUserNs). With sibling the seed, and so the root
 // cloned from it with CLONE_PARENT, is a child of ferry's parent.
-func startSeed(ferryFd *os.File, sibling bool) (*exec.Cmd, error) {
+//
+// For a caller that is not root the seed runs as the caller, with
+// CAP_CHECKPOINT_RESTORE and CAP_SETPCAP (ambient: kept through the
+// exec) and no other capability (see caller.go).
+func startSeed(ferryFd *os.File, sibling bool, caller *proc.Caller) (*exec.Cmd, error) {
 	fd, err := unix.MemfdCreate("ferry-seed", unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, os.NewSyscallError("memfd_create", err)
@@ -97,8 +103,13 @@ func startSeed(ferryFd *os.File, sibling bool) (*exec.Cmd, error) {
 		cmd.ExtraFiles = append(cmd.ExtraFiles, ferryFd)
 	}
 	cmd.Env = []string{}
+	cmd.SysProcAttr = &syscall.SysProcAttr{}
 	if sibling {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_PARENT}
+		cmd.SysProcAttr.Cloneflags = unix.CLONE_PARENT
+	}
+	if caller != nil {
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: caller.Uid, Gid: caller.Gid, Groups: caller.Groups}
+		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_CHECKPOINT_RESTORE, unix.CAP_SETPCAP}
 	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start seed: %w", err)

@@ -143,7 +143,8 @@ func (b *builder) restoreCreds() error {
 	if err != nil {
 		return err
 	}
-	groups, setGroups := c.Groups, un == nil && (len(c.Groups) > 0 || set[0])
+	// A caller's processes have its groups already (checkCaller).
+	groups, setGroups := c.Groups, un == nil && (len(c.Groups) > 0 || set[0]) && b.r.opts.Caller == nil
 	if un != nil && b.r.holder != nil && !un.SetgroupsDenied {
 		// Born in the user namespace: its numbers (where setgroups is
 		// denied, the groups are the ones the namespace was made with).

@@ -335,7 +335,7 @@ func (r *restorer) dropHeld() {
 // take gives the process a copy of ferry's fd h and returns its number
 // there (close-on-exec).
 func (b *builder) take(h int) (uint64, error) {
-	if b.ferryPidfd == 0 && b.r.ferryHidden() {
+	if b.ferryPidfd == 0 && b.r.seedKeepsFerry() {
 		// ferry is not in the process's PID namespace: the pidfd the
 		// seed was given, where the fd table has it.
 		b.ferryPidfd = seedFerryPidfd
@@ -364,7 +364,7 @@ func (b *builder) take(h int) (uint64, error) {
 // namespace it stays, for processes sharing the fd table, until
 // dropFerryPidfds.
 func (b *builder) dropFerryPidfd() {
-	if b.ferryPidfd != 0 && !b.r.ferryHidden() {
+	if b.ferryPidfd != 0 && !b.r.seedKeepsFerry() {
 		b.sys(unix.SYS_CLOSE, b.ferryPidfd)
 		b.ferryPidfd = 0
 	}
@@ -379,6 +379,12 @@ const seedFerryPidfd = 4
 // ferryHidden tells whether the tree's processes are in a PID namespace
 // where ferry has no PID: one of the tree's own, or one it joins.
 func (r *restorer) ferryHidden() bool { return r.is.inv.PidNs || r.is.joinsPidNs }
+
+// seedKeepsFerry tells whether every fd table of the tree keeps a
+// descriptor of ferry's from the seed (seedFerryPidfd): where ferry is
+// hidden, or where the processes could not take one themselves (a
+// caller's restore: ferryChannel).
+func (r *restorer) seedKeepsFerry() bool { return r.ferryHidden() || r.opts.Caller != nil }
 
 // dropFerryPidfds closes, once every process is built, the pidfd of
 // ferry that each fd table of a new PID namespace kept (clearFds).

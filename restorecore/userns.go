@@ -146,12 +146,13 @@ func (r *restorer) makeUserNs(seed *compel.Task) error {
 	return nil
 }
 
-// ferryChannel returns what the seed gets at seedFerryPidfd for a tree
-// in a PID namespace of its own: a pidfd of ferry, or, for a tree born
-// in a user namespace, one end of a socket whose other (r.channel) ferry
-// sends files through.
+// ferryChannel returns what the seed gets at seedFerryPidfd
+// (seedKeepsFerry): a pidfd of ferry, or, for a tree born in a user
+// namespace or restored for a caller (neither may take descriptors from
+// ferry), one end of a socket whose other (r.channel) ferry sends files
+// through.
 func (r *restorer) ferryChannel() (*os.File, error) {
-	if r.is.inv.UserNs == nil || !r.is.inv.PidNs {
+	if (r.is.inv.UserNs == nil || !r.is.inv.PidNs) && r.opts.Caller == nil {
 		fd, err := unix.PidfdOpen(os.Getpid(), 0)
 		if err != nil {
 			return nil, os.NewSyscallError("pidfd_open", err)

@@ -208,7 +208,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
 				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt, EmptyNet: emptyNs == "net", ExternalNs: extNs,
-				FreezeCgroup: freezeCg, Version: version, Logger: log,
+				FreezeCgroup: freezeCg, Caller: callerOf(cmd.Context()), Version: version, Logger: log,
 			})
 			if err != nil {
 				log.Error("dumping failed", "pid", pid, "err", err)

@@ -80,7 +80,7 @@ copies the same way (the log says so).`,
 				Action:   acts.dumpHook(),
 				PageSink: sink,
 				Pid:      pid, ImagesDir: c.imagesDir, PreDump: true, PrevImagesDir: prevDir, Compress: ps.compress,
-				Timeout: time.Duration(timeout) * time.Second, FreezeCgroup: freezeCg, Version: version, Logger: log,
+				Timeout: time.Duration(timeout) * time.Second, FreezeCgroup: freezeCg, Caller: callerOf(cmd.Context()), Version: version, Logger: log,
 			})
 			if err != nil {
 				log.Error("pre-dump failed", "pid", pid, "err", err)

@@ -15,15 +15,29 @@ func newServiceCmd() *cobra.Command {
 	var (
 		addr, pidfile string
 		statusFd      int
+		mode          uint32
 	)
 	cmd := &cobra.Command{
 		Use:   "service [--address PATH]",
 		Short: "serve criu's RPC protocol on a unix socket, as criu service does",
 		Long: `Listen on a SOCK_SEQPACKET unix socket (criu's default path unless
 --address names another) and serve criu's RPC protocol to each client
-in turn, as "ferry swrk" serves one (see its help). Only root may use it
-(the socket is mode 0600, and a request from another uid is refused):
-the requests name files and mounts that ferry acts on as root.`,
+in turn, as "ferry swrk" serves one (see its help).
+
+The socket is mode 0600 (root's clients only) unless --socket-mode says
+otherwise. A client that is not root may dump and restore only its own
+processes, with its own rights: every process of the tree must run as
+the client's uid and gid (and be dumpable); images to restore must be of
+such processes, without capabilities, namespaces, SysV segments or
+deleted files for ferry to make, and the restored processes are made as
+the client (with CAP_CHECKPOINT_RESTORE until they run). Its images
+directory must be given as images_dir_fd: ferry makes the images in a
+directory of its own and copies them into the client's, as the client's
+files (and copies a restore's images from it, regular files the client
+owns). Options that would have ferry act as root on the client's say-so
+(root, ext_mnt, external, join_ns, inherit_fd, page server, lazy pages,
+cgroup roots, TCP repair, network lock, parent images) fail the request
+by name; cgroups are left as they are.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			os.Remove(addr) // a stale socket of an earlier service
@@ -32,7 +46,7 @@ the requests name files and mounts that ferry acts on as root.`,
 				return fmt.Errorf("service: %w", err)
 			}
 			defer l.Close()
-			if err := os.Chmod(addr, 0o600); err != nil {
+			if err := os.Chmod(addr, os.FileMode(mode)&os.ModePerm); err != nil {
 				return err
 			}
 			if err := writePidfile(pidfile, os.Getpid()); err != nil {
@@ -69,5 +83,6 @@ the requests name files and mounts that ferry acts on as root.`,
 	fs.StringVar(&addr, "address", "/var/run/criu_service.socket", "the socket's path")
 	fs.StringVar(&pidfile, "pidfile", "", "write the service's PID to FILE")
 	fs.IntVar(&statusFd, "status-fd", -1, "write \\0 to FD once the socket accepts clients")
+	fs.Uint32Var(&mode, "socket-mode", 0o600, "the socket's permissions, octal (0666: users that are not root may use the service for their own processes)")
 	return cmd
 }

@@ -145,13 +145,21 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 		fmt.Fprintf(os.Stderr, "Error (ferry swrk, %v): %v\n", typ, err)
 		return resp
 	}
+	var u *callerReq // a client that is not root (caller.go)
 	switch typ {
 	case rpc.CriuReqType_DUMP, rpc.CriuReqType_PRE_DUMP, rpc.CriuReqType_RESTORE:
-		if c.peer.Uid != 0 {
-			// A non-root client could name files, mounts and images
-			// that ferry, as root, would write or restore: not until
-			// criu's unprivileged rules are in.
-			return fail(fmt.Errorf("request %v from uid %d: ferry's RPC service serves root clients only", typ, c.peer.Uid))
+		if c.peer.Uid != 0 && c.peer.Uid != uint32(os.Getuid()) {
+			if !c.service {
+				return fail(fmt.Errorf("request %v from uid %d: ferry swrk serves its own user's clients only", typ, c.peer.Uid))
+			}
+			var err error
+			if u, err = c.forCaller(req.GetOpts()); err != nil {
+				return fail(err)
+			}
+			defer u.close()
+			req = proto.Clone(req).(*rpc.CriuReq)
+			req.Opts = u.opts
+			ctx = u.context(ctx)
 		}
 	}
 	switch typ {
@@ -182,7 +190,14 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 		if err != nil {
 			return fail(err)
 		}
-		if err := c.run(c.notifying(ctx, req.GetOpts()), args); err != nil {
+		err = c.run(c.notifying(ctx, req.GetOpts()), args)
+		if u != nil {
+			// The images, or the log of a failure, are the client's.
+			if cerr := u.copyOut(); err == nil {
+				err = cerr
+			}
+		}
+		if err != nil {
 			return fail(err)
 		}
 		resp.Dump = &rpc.CriuDumpResp{}
@@ -210,7 +225,18 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 		for i, in := range req.GetOpts().GetInheritFd() {
 			args = append(args, "--inherit-fd="+fmt.Sprintf("fd[%d]:%s", fds[i], in.GetKey()))
 		}
-		if err := c.run(c.notifying(ctx, req.GetOpts()), args); err != nil {
+		if u != nil {
+			if err := u.copyIn(); err != nil {
+				return fail(err)
+			}
+		}
+		err = c.run(c.notifying(ctx, req.GetOpts()), args)
+		if u != nil {
+			if cerr := u.copyOut(u.opts.GetLogFile(), "stats-restore"); err == nil {
+				err = cerr
+			}
+		}
+		if err != nil {
 			return fail(err)
 		}
 		b, err := os.ReadFile(pidfile)

@@ -123,17 +123,7 @@ func TestService(t *testing.T) {
 			t.Errorf("service exited %d", code)
 		}
 	}()
-	// The socket file appears at bind, a moment before the listen: wait
-	// until it takes a connection.
-	if !waitFor(5*time.Second, func() bool {
-		c, err := net.Dial("unixpacket", sock)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	}) {
-		t.Fatal("no service socket")
-	}
+	waitService(t, sock)
 	for _, typ := range []rpc.CriuReqType{rpc.CriuReqType_VERSION, rpc.CriuReqType_CHECK, rpc.CriuReqType_PAGE_SERVER} {
 		c, err := net.Dial("unixpacket", sock)
 		if err != nil {
@@ -163,5 +153,20 @@ func TestService(t *testing.T) {
 		if !ok && !strings.Contains(resp.GetCrErrmsg(), "not served") {
 			t.Fatalf("%v: %v", typ, &resp)
 		}
+	}
+}
+
+// waitService waits until ferry service's socket at sock takes a
+// connection (the file appears at bind, a moment before the listen).
+func waitService(t *testing.T, sock string) {
+	t.Helper()
+	if !waitFor(5*time.Second, func() bool {
+		c, err := net.Dial("unixpacket", sock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}) {
+		t.Fatal("no service socket")
 	}
 }
