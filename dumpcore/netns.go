@@ -11,13 +11,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
 )
 
 // netNamespace describes the tree's network namespace, if it has one of
 // its own: its links (loopback and veth ends; any other kind is refused
 // by name), their addresses, and the routes of the main table the kernel
-// did not derive from an address. A namespace with nftables tables (but
-// ferry's own network lock) is refused: its rules are not saved yet.
+// did not derive from an address, and its sysctls (those that can be read
+// and written). A namespace with nftables tables (but ferry's own network
+// lock) is refused: its rules are not saved yet.
 func (t *tree) netNamespace() (*pb.NetNs, error) {
 	if t.ownNs["net"] == "" {
 		return nil, nil
@@ -114,6 +116,16 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 		if !strings.HasPrefix(tb.Name, "ferry-lock-") {
 			return nil, fmt.Errorf("nftables table %s in the network namespace of %d: %w (its rules are not saved yet)", tb.Name, t.root, ErrUnsupported)
 		}
+	}
+	err = proc.InNamespace(t.root, "net", func() error {
+		sysctls, err := proc.ReadSysctls("net")
+		for _, sc := range sysctls {
+			out.Sysctls = append(out.Sysctls, &pb.Sysctl{Name: sc.Name, Value: sc.Value})
+		}
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("sysctls of the network namespace of %d: %w", t.root, err)
 	}
 	return out, nil
 }

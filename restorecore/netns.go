@@ -4,10 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"slices"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
 )
 
 // VethPeer is where the outer end of a veth of the tree's network
@@ -130,6 +136,54 @@ func (r *restorer) makeNetNs(pid int) error {
 			return fmt.Errorf("route %s via %q dev %s: %w", dst, rt.Gw, rt.Dev, err)
 		}
 	}
-	r.log.Info("network namespace made", "links", len(n.Links), "routes", len(n.Routes))
+	set, err := r.setNetSysctls(pid)
+	if err != nil {
+		return err
+	}
+	r.log.Info("network namespace made", "links", len(n.Links), "routes", len(n.Routes), "sysctls set", set)
 	return nil
+}
+
+// setNetSysctls gives the new namespace's sysctls the images' values
+// where they differ, once its links exist: the namespace-wide ones
+// first, then the defaults and "all" of each family (which would change
+// every link's), then each link's own. A sysctl this kernel lacks or
+// refuses fails the restore, naming it, unless --weak-sysctls (then it is
+// logged and left).
+func (r *restorer) setNetSysctls(pid int) (int, error) {
+	scs := slices.Clone(r.is.inv.NetNs.Sysctls)
+	rank := func(name string) int {
+		parts := strings.Split(name, "/")
+		if len(parts) < 5 || parts[2] != "conf" && parts[2] != "neigh" {
+			return 0 // net/ipv4/ip_forward, net/core/somaxconn, ...
+		}
+		switch parts[3] {
+		case "all":
+			return 1
+		case "default":
+			return 2
+		}
+		return 3 // net/ipv4/conf/eth0/...
+	}
+	slices.SortStableFunc(scs, func(a, b *pb.Sysctl) int { return rank(a.Name) - rank(b.Name) })
+	set := 0
+	err := proc.InNamespace(pid, "net", func() error {
+		for _, sc := range scs {
+			p := "/proc/sys/" + sc.Name
+			if b, err := os.ReadFile(p); err == nil && strings.TrimSuffix(string(b), "\n") == sc.Value {
+				continue
+			}
+			err := os.WriteFile(p, []byte(sc.Value), 0)
+			if err == nil {
+				set++
+				continue
+			}
+			if !r.opts.WeakSysctls {
+				return fmt.Errorf("sysctl %s = %q: %w (--weak-sysctls restores without it)", sc.Name, sc.Value, err)
+			}
+			r.log.Warn("sysctl left as it is (--weak-sysctls)", "name", sc.Name, "value", sc.Value, "err", err)
+		}
+		return nil
+	})
+	return set, err
 }

@@ -46,6 +46,9 @@ type Options struct {
 	// Veths (--external veth[IN]:OUT@BRIDGE) name, by the inner name of
 	// each veth of the tree's network namespace, where its outer end goes.
 	Veths map[string]VethPeer
+	// WeakSysctls (--weak-sysctls): a sysctl of the images this kernel
+	// lacks or refuses is logged and left, not fatal.
+	WeakSysctls bool
 	// Sibling (--restore-sibling): the root is a child of ferry's parent,
 	// not of ferry (criu's RPC clients wait for it themselves).
 	Sibling bool

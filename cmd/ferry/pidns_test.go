@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -231,7 +232,7 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	// "host" namespace the test
 	// makes (its end in a bridge there): dumped, and restored with
 	// --external veth[eth0]:vh@br0, it has its link, address, MTU and
-	// route again, and the host reaches it through the bridge.
+	// route and sysctls again, and the host reaches it through the bridge.
 	needRoot(t)
 	sh := func(args ...string) {
 		t.Helper()
@@ -251,6 +252,26 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	for _, c := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "10.99.0.2/24", "dev", "eth0"},
 		{"link", "set", "eth0", "mtu", "1400", "up"}, {"route", "add", "default", "via", "10.99.0.1"}} {
 		sh(append([]string{"nsenter", "-t", init, "-n", "ip"}, c...)...)
+	}
+	// Sysctls of the namespace, its own and one of a link's.
+	sysctls := map[string]string{"net/ipv4/ip_forward": "1", "net/core/somaxconn": "777",
+		"net/ipv4/ip_local_port_range": "20000\t30000", "net/ipv4/conf/eth0/rp_filter": "2", "net/ipv6/conf/eth0/disable_ipv6": "1"}
+	readSysctls := func(pid string) map[string]string {
+		got := map[string]string{}
+		for name := range sysctls {
+			out, err := exec.Command("nsenter", "-t", pid, "-n", "cat", "/proc/sys/"+name).Output()
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			got[name] = strings.TrimSuffix(string(out), "\n")
+		}
+		return got
+	}
+	for name, v := range sysctls {
+		sh("nsenter", "-t", init, "-n", "sh", "-c", fmt.Sprintf("printf '%s' > /proc/sys/%s", strings.ReplaceAll(v, "\t", " "), name))
+	}
+	if got := readSysctls(init); !maps.Equal(got, sysctls) {
+		t.Fatalf("sysctls before the dump: %v, want %v", got, sysctls)
 	}
 	fromHost := func() string {
 		t.Helper()
@@ -289,6 +310,9 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	r := attachPidfile(t, pidfile, w.ReportPath)
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
+	if got := readSysctls(strconv.Itoa(r.Pid)); !maps.Equal(got, sysctls) {
+		t.Fatalf("sysctls after the restore: %v, want %v", got, sysctls)
+	}
 	if got := fromHost(); got != before.Token {
 		t.Fatalf("the server answers %q after the restore, want %q", got, before.Token)
 	}

@@ -24,6 +24,7 @@ func newRestoreCmd() *cobra.Command {
 		c            common
 		detached     bool
 		tcpClose     bool
+		weakSysctls  bool
 		leaveStopped bool
 		shellJob     bool
 		pidfile      string
@@ -120,7 +121,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log, Caller: callerOf(cmd.Context()),
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
+				TCPClose: tcpClose, WeakSysctls: weakSysctls, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -181,6 +182,7 @@ process runs; the process is then re-parented to init.`,
 	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")
 	const compat = "accepted for criu compatibility: the restore does what the images say"
 	fs.BoolVar(&tcpClose, "tcp-close", false, "restore the established connections in the images as closed sockets")
+	fs.BoolVar(&weakSysctls, "weak-sysctls", false, "a sysctl of the images (of the tree's network namespace) that this kernel lacks or refuses is logged and left, instead of failing the restore")
 	for _, name := range []string{"link-remap", "ghost-fiemap", "no-ghost-fiemap", "skip-in-flight"} {
 		fs.Bool(name, false, compat)
 	}

@@ -470,5 +470,8 @@ func (c *rpcConn) restoreArgs(o *rpc.CriuOpts, pidfile string) ([]string, error)
 	if o.GetRstSibling() {
 		args = append(args, "--restore-sibling")
 	}
+	if o.GetWeakSysctls() {
+		args = append(args, "--weak-sysctls")
+	}
 	return args, nil
 }
