@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/ferrycr/ferry/internal/proc"
@@ -19,6 +20,11 @@ func (t *tree) checkCaller(before bool) error {
 	c := t.opts.Caller
 	if c == nil {
 		return nil
+	}
+	if before {
+		if err := t.checkCallerTree(c); err != nil {
+			return err
+		}
 	}
 	pids := []int{t.root}
 	if !before {
@@ -55,6 +61,61 @@ func (t *tree) checkCaller(before bool) error {
 						tid, pid, s.Uid, s.Gid, c.Uid, c.Gid, ErrPermission)
 				}
 			}
+			if s.CapPrm != 0 {
+				return fmt.Errorf("thread %d of process %d has capabilities (%#x), which the caller may not take: %w", tid, pid, s.CapPrm, ErrPermission)
+			}
+		}
+	}
+	return nil
+}
+
+// checkCallerTree refuses, for a caller, a tree in other namespaces than
+// ferry's (a mount namespace of its own would be read as root: its tmpfs
+// contents, its mount table) and, where Yama restricts ptrace, a tree
+// the caller could not trace itself: not its descendant (ptrace_scope 1),
+// or any (2 and up).
+func (t *tree) checkCallerTree(c *proc.Caller) error {
+	for _, kind := range nsKinds {
+		mine, err := os.Readlink("/proc/self/ns/" + kind)
+		if err != nil {
+			continue
+		}
+		if ns, err := proc.Namespace(t.root, kind); err != nil || ns != mine {
+			return fmt.Errorf("process %d is in a %s namespace of its own (%s), which a caller that is not root may not dump: %w", t.root, kind, ns, ErrPermission)
+		}
+	}
+	b, err := os.ReadFile("/proc/sys/kernel/yama/ptrace_scope")
+	if err != nil {
+		return nil // no Yama
+	}
+	switch strings.TrimSpace(string(b)) {
+	case "0":
+		return nil
+	case "1":
+		for pid := t.root; pid > 1; {
+			st, err := proc.ReadStat(pid)
+			if err != nil {
+				break
+			}
+			if pid = st.Ppid; pid == c.Pid {
+				return nil
+			}
+		}
+		return fmt.Errorf("process %d is not a descendant of the caller %d, which Yama (ptrace_scope 1) lets it trace only: %w", t.root, c.Pid, ErrPermission)
+	}
+	return fmt.Errorf("Yama's ptrace_scope forbids the caller to trace: %w", ErrPermission)
+}
+
+// checkCallerFiles refuses, for a caller, files whose contents ferry
+// reads as root: deleted files (their contents go in the images) and
+// FIFOs (their queued data).
+func (t *tree) checkCallerFiles() error {
+	if t.opts.Caller == nil {
+		return nil
+	}
+	for _, f := range t.files.entries {
+		if f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted || f.Type == "fifo" {
+			return fmt.Errorf("%s (%s): a deleted file or a FIFO, whose contents a caller that is not root may not have ferry read: %w", f.Path, f.Type, ErrPermission)
 		}
 	}
 	return nil

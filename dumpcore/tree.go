@@ -518,6 +518,9 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		return nil, err
 	}
 	t.sharedTables(imgs)
+	if err := t.checkCallerFiles(); err != nil {
+		return nil, err
+	}
 	uts, err := t.utsNamespace()
 	if err != nil {
 		return nil, err

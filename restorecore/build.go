@@ -897,8 +897,11 @@ func (b *builder) restoreTask() error {
 			b.r.log.Warn("cannot restore oom_score_adj", "value", c.OomScoreAdj, "err", err)
 		}
 	}
-	if err := b.restoreLoginuid(c.Loginuid); err != nil {
-		b.r.log.Warn("cannot restore loginuid", "value", c.Loginuid, "err", err)
+	// A caller's processes have its loginuid (seedAsCaller).
+	if b.r.opts.Caller == nil {
+		if err := b.restoreLoginuid(c.Loginuid); err != nil {
+			b.r.log.Warn("cannot restore loginuid", "value", c.Loginuid, "err", err)
+		}
 	}
 	if c.TimerslackNs != 0 {
 		b.sys(unix.SYS_PRCTL, unix.PR_SET_TIMERSLACK, c.TimerslackNs)

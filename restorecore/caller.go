@@ -1,8 +1,18 @@
 package restorecore
 
 import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/ferrycr/ferry/internal/cgroups"
+	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 )
 
@@ -35,6 +45,9 @@ func (is *imageSet) checkCaller(c *proc.Caller) error {
 	}
 	if inv.NetworkLock != "" {
 		return refuse("the images hold a network lock, which a caller that is not root (uid %d) may not remove", c.Uid)
+	}
+	if inv.ParentDir != "" {
+		return refuse("the images have a parent (%s), which a caller that is not root may not name", inv.ParentDir)
 	}
 	for _, p := range is.procs {
 		pid, cr := p.pstree.Pid, p.core.Creds
@@ -70,8 +83,92 @@ func (is *imageSet) checkCaller(c *proc.Caller) error {
 		}
 	}
 	for _, f := range is.files {
-		if f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted {
+		if f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted || f.LinkRemap {
 			return refuse("%s (deleted) would be made again by ferry, which a caller that is not root may not have done", f.Path)
+		}
+		if u := f.Unix; u != nil && len(u.Queue) > 0 {
+			// Refilled from ferry's side, with its credentials.
+			return refuse("unix socket %s has messages queued, which a caller that is not root may not have ferry send", f.Path)
+		}
+	}
+	return nil
+}
+
+// seedAsCaller puts the seed, and so the tree, in the caller's context
+// before anything is cloned from it: its cgroups, no higher limits than
+// its, no lower OOM score adjustment, its loginuid (written with
+// CAP_AUDIT_CONTROL, which the seed then drops) and its no_new_privs.
+func (r *restorer) seedAsCaller(seed *compel.Task) error {
+	c := r.opts.Caller
+	if c == nil {
+		return nil
+	}
+	refs, err := cgroups.Parse(c.Cgroups)
+	if err != nil {
+		return err
+	}
+	mounts, err := cgroups.Mounts()
+	if err != nil {
+		return err
+	}
+	for _, ref := range refs {
+		if mnt, ok := mounts[ref.Controllers]; ok {
+			if err := cgroups.Move(filepath.Join(mnt, filepath.Clean("/"+ref.Path)), seed.Tid); err != nil {
+				return fmt.Errorf("the caller's cgroups: %w", err)
+			}
+		}
+	}
+	mine, err := proc.ReadLimits(seed.Tid)
+	if err != nil {
+		return err
+	}
+	addr := stackScratch(seed)
+	for _, l := range c.Limits {
+		i := slices.IndexFunc(mine, func(m proc.Rlimit) bool { return m.Resource == l.Resource })
+		if i < 0 || l.Cur >= mine[i].Cur && l.Max >= mine[i].Max {
+			continue
+		}
+		lim := binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, min(l.Cur, mine[i].Cur)), min(l.Max, mine[i].Max))
+		if err := compel.WriteMem(seed.Tid, []compel.Segment{{Addr: addr, Local: lim}}); err != nil {
+			return err
+		}
+		if _, err := seed.Syscall(unix.SYS_PRLIMIT64, 0, uint64(l.Resource), addr, 0); err != nil {
+			return fmt.Errorf("the caller's limit %d: %w", l.Resource, err)
+		}
+	}
+	oom := fmt.Sprintf("/proc/%d/oom_score_adj", seed.Tid)
+	if b, err := os.ReadFile(oom); err == nil {
+		if v, _ := strconv.Atoi(strings.TrimSpace(string(b))); v < c.OomScoreAdj {
+			if err := os.WriteFile(oom, []byte(strconv.Itoa(c.OomScoreAdj)), 0); err != nil {
+				return fmt.Errorf("the caller's oom_score_adj: %w", err)
+			}
+		}
+	}
+	if c.Loginuid != ^uint32(0) {
+		path, val := append([]byte("/proc/self/loginuid"), 0), []byte(strconv.FormatUint(uint64(c.Loginuid), 10))
+		if err := compel.WriteMem(seed.Tid, []compel.Segment{{Addr: addr, Local: path}, {Addr: addr + 64, Local: val}}); err != nil {
+			return err
+		}
+		fd, err := seed.Syscall(unix.SYS_OPENAT, atFdcwd, addr, unix.O_WRONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			_, err = seed.Syscall(unix.SYS_WRITE, fd, addr+64, uint64(len(val)))
+			seed.Syscall(unix.SYS_CLOSE, fd)
+		}
+		if err != nil {
+			return fmt.Errorf("the caller's loginuid %d: %w", c.Loginuid, err)
+		}
+	}
+	// CAP_AUDIT_CONTROL goes (with its ambient bit).
+	keep := uint64(1)<<unix.CAP_CHECKPOINT_RESTORE | 1<<unix.CAP_SETPCAP
+	if err := compel.WriteMem(seed.Tid, []compel.Segment{{Addr: addr, Local: capData(keep, keep, keep)}}); err != nil {
+		return err
+	}
+	if _, err := seed.Syscall(unix.SYS_CAPSET, addr, addr+8); err != nil {
+		return fmt.Errorf("capset: %w", err)
+	}
+	if c.NoNewPrivs {
+		if _, err := seed.Syscall(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("no_new_privs: %w", err)
 		}
 	}
 	return nil

@@ -310,6 +310,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		return nil, err
 	}
 	seedTask := &compel.Task{Tid: seed.Process.Pid, Regs: regs, Gadget: seedGadget, Int3: true}
+	if err := r.seedAsCaller(seedTask); err != nil {
+		return nil, err
+	}
 	if err := r.joinNamespaces(seedTask); err != nil {
 		return nil, err
 	}

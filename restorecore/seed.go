@@ -109,7 +109,8 @@ func startSeed(ferryFd *os.File, sibling bool, caller *proc.Caller) (*exec.Cmd, 
 	}
 	if caller != nil {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: caller.Uid, Gid: caller.Gid, Groups: caller.Groups}
-		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_CHECKPOINT_RESTORE, unix.CAP_SETPCAP}
+		// CAP_AUDIT_CONTROL only to write its loginuid (seedAsCaller).
+		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_CHECKPOINT_RESTORE, unix.CAP_SETPCAP, unix.CAP_AUDIT_CONTROL}
 	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start seed: %w", err)

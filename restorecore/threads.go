@@ -182,17 +182,7 @@ func (b *builder) restoreCreds() error {
 			}
 			t.Syscall(unix.SYS_SETFSUID, uint64(ids[3]))
 		}
-		// capset v3: header {version, pid}, two data {effective, permitted, inheritable}.
-		buf := make([]byte, 8+24)
-		le := binary.LittleEndian
-		le.PutUint32(buf[0:], unix.LINUX_CAPABILITY_VERSION_3)
-		le.PutUint32(buf[8:], uint32(c.CapEff))
-		le.PutUint32(buf[12:], uint32(c.CapPrm))
-		le.PutUint32(buf[16:], uint32(c.CapInh))
-		le.PutUint32(buf[20:], uint32(c.CapEff>>32))
-		le.PutUint32(buf[24:], uint32(c.CapPrm>>32))
-		le.PutUint32(buf[28:], uint32(c.CapInh>>32))
-		a, err := b.put(0, buf)
+		a, err := b.put(0, capData(c.CapEff, c.CapPrm, c.CapInh))
 		if err != nil {
 			return err
 		}
@@ -214,6 +204,20 @@ func (b *builder) restoreCreds() error {
 		}
 	}
 	return nil
+}
+
+// capData is capset(2)'s arguments, version 3: the header {version, pid
+// 0}, then two data {effective, permitted, inheritable} (low words, high
+// words); the data start 8 bytes in.
+func capData(eff, prm, inh uint64) []byte {
+	buf := make([]byte, 8+24)
+	le := binary.LittleEndian
+	le.PutUint32(buf[0:], unix.LINUX_CAPABILITY_VERSION_3)
+	for i, v := range []uint64{eff, prm, inh} {
+		le.PutUint32(buf[8+4*i:], uint32(v))
+		le.PutUint32(buf[20+4*i:], uint32(v>>32))
+	}
+	return buf
 }
 
 // setGroups sets t's supplementary groups.

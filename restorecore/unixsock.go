@@ -38,7 +38,10 @@ func (b *builder) newUnixSocket(f *pb.FileEntry, park func(uint64) (int, error))
 				}
 			}
 			var st unix.Stat_t
-			if err := unix.Lstat(path, &st); err == nil {
+			if err := unix.Lstat(path, &st); err == nil && b.r.opts.Caller != nil {
+				// Not ferry's, as root, to remove on a caller's say-so.
+				return 0, fmt.Errorf("%s exists: the socket cannot be bound there again", path)
+			} else if err == nil {
 				if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
 					return 0, fmt.Errorf("%s exists and is not a socket", path)
 				}

@@ -54,15 +54,22 @@ func (c *rpcConn) forCaller(o *rpc.CriuOpts) (*callerReq, error) {
 		{o.GetRoot() != "", "root"}, {len(o.GetExternal()) > 0, "external"}, {len(o.GetJoinNs()) > 0, "join_ns"},
 		{len(o.GetVeths()) > 0, "veths"}, {o.GetEmptyNs() != 0, "empty_ns"}, {len(o.GetInheritFd()) > 0, "inherit_fd"},
 		{len(o.GetCgRoot()) > 0, "cg_root"}, {o.GetTcpEstablished(), "tcp_established"}, {o.NetworkLock != nil, "network_lock"},
-		{o.FreezeCgroup != nil, "freeze_cgroup"},
+		{o.FreezeCgroup != nil, "freeze_cgroup"}, {o.GetLinkRemap(), "link_remap"},
 	} {
 		if x.set {
 			return nil, fmt.Errorf("criu_opts: %s: not allowed for a client that is not root (uid %d)", x.name, c.peer.Uid)
 		}
 	}
-	caller, err := proc.ReadCaller(int(c.peer.Pid), c.peer.Uid, c.peer.Gid)
+	if c.peerPidfd < 0 {
+		return nil, fmt.Errorf("the client %d cannot be pinned (no SO_PEERPIDFD): only root is served", c.peer.Pid)
+	}
+	groups, err := peerGroups(int(c.f.Fd()))
 	if err != nil {
-		return nil, fmt.Errorf("the client %d: %w", c.peer.Pid, err)
+		return nil, fmt.Errorf("the client's groups (SO_PEERGROUPS): %w", err)
+	}
+	caller, err := proc.ReadCaller(c.peerPidfd, int(c.peer.Pid), c.peer.Uid, c.peer.Gid, groups)
+	if err != nil {
+		return nil, err
 	}
 	u := &callerReq{caller: caller}
 	ins := []*rpc.InheritFd{{Key: proto.String("images_dir_fd"), Fd: proto.Int32(o.GetImagesDirFd())}}
@@ -82,10 +89,16 @@ func (c *rpcConn) forCaller(o *rpc.CriuOpts) (*callerReq, error) {
 		u.close()
 		return nil, err
 	}
+	// Directories of the client's own: ferry makes and removes files
+	// there, which the client could do itself.
 	for _, d := range []*os.File{u.images, u.work} {
-		if st, err := d.Stat(); d != nil && (err != nil || !st.IsDir()) {
+		if d == nil {
+			continue
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(int(d.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Uid != caller.Uid {
 			u.close()
-			return nil, fmt.Errorf("criu_opts: %s is not a directory", d.Name())
+			return nil, fmt.Errorf("criu_opts: %s is not a directory of the client's (uid %d)", d.Name(), caller.Uid)
 		}
 	}
 	if u.tmp, err = os.MkdirTemp("", "ferry-caller-"); err != nil {

@@ -102,8 +102,9 @@ func TestServiceCallerNotRoot(t *testing.T) {
 	// processes: it dumps its memcheck workload into the client's
 	// directory (the images the client's files) and restores it from
 	// there, the same process going on as the client. A process of
-	// root's and an option that would have ferry act as root (root) are
-	// refused by name, and root's process runs on.
+	// root's, an option that would have ferry act as root (root) and a
+	// directory the client does not own are refused by name, and root's
+	// process runs on.
 	needRoot(t)
 	top, err := os.MkdirTemp("", "ferry-caller-test-")
 	if err != nil {
@@ -147,6 +148,10 @@ func TestServiceCallerNotRoot(t *testing.T) {
 	checkRunsOn(t, root)
 	if ok, msg, _ := asNobody(t, bin, sock, img, "dump", strconv.Itoa(w.Pid), "/"); ok || !strings.Contains(msg, "root: not allowed") {
 		t.Fatalf("dump with root: ok %v, %q", ok, msg)
+	}
+	// A directory the client may write in but does not own.
+	if ok, msg, _ := asNobody(t, bin, sock, top, "dump", strconv.Itoa(w.Pid)); ok || !strings.Contains(msg, "not a directory of the client's") {
+		t.Fatalf("dump into root's directory: ok %v, %q", ok, msg)
 	}
 
 	// A symlink the client left where the log goes, to a file of root's:

@@ -60,7 +60,9 @@ or more with keep_open.`,
 type rpcConn struct {
 	f    *os.File
 	peer *unix.Ucred
-	buf  []byte
+	// peerPidfd pins the client's process (SO_PEERPIDFD; -1 if none).
+	peerPidfd int
+	buf       []byte
 	// service: a client of ferry service, whose descriptor numbers are
 	// its own (swrk's client passes them to ferry as ferry's).
 	service bool
@@ -74,7 +76,11 @@ func serveRPC(ctx context.Context, f *os.File, service bool) error {
 	if err != nil {
 		return fmt.Errorf("swrk: the client's credentials: %w", err)
 	}
-	c := &rpcConn{f: f, peer: peer, buf: make([]byte, 1<<20), service: service}
+	c := &rpcConn{f: f, peer: peer, peerPidfd: -1, buf: make([]byte, 1<<20), service: service}
+	if pidfd, err := unix.GetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_PEERPIDFD); err == nil {
+		c.peerPidfd = pidfd
+		defer unix.Close(pidfd)
+	}
 	for {
 		req, err := c.recv()
 		if errors.Is(err, io.EOF) {
@@ -192,8 +198,15 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 		}
 		err = c.run(c.notifying(ctx, req.GetOpts()), args)
 		if u != nil {
-			// The images, or the log of a failure, are the client's.
-			if cerr := u.copyOut(); err == nil {
+			// The images are the client's; of a failure, only the log
+			// (what was read before it may not be the client's to see).
+			var cerr error
+			if err == nil {
+				cerr = u.copyOut()
+			} else {
+				cerr = u.copyOut(u.opts.GetLogFile())
+			}
+			if err == nil {
 				err = cerr
 			}
 		}
@@ -271,11 +284,14 @@ func (c *rpcConn) takeFds(ins []*rpc.InheritFd) ([]int, error) {
 	if len(ins) == 0 {
 		return nil, nil
 	}
-	pidfd, err := unix.PidfdOpen(int(c.peer.Pid), 0)
-	if err != nil {
-		return nil, fmt.Errorf("inherit_fd: the client %d: %w", c.peer.Pid, err)
+	pidfd := c.peerPidfd
+	if pidfd < 0 {
+		var err error
+		if pidfd, err = unix.PidfdOpen(int(c.peer.Pid), 0); err != nil {
+			return nil, fmt.Errorf("inherit_fd: the client %d: %w", c.peer.Pid, err)
+		}
+		defer unix.Close(pidfd)
 	}
-	defer unix.Close(pidfd)
 	var fds []int
 	for _, in := range ins {
 		fd, err := unix.PidfdGetfd(pidfd, int(in.GetFd()), 0)

@@ -30,6 +30,9 @@ func Read(pid int) ([]Ref, error) {
 	return parse(name, b)
 }
 
+// Parse parses the contents of a /proc/PID/cgroup.
+func Parse(b []byte) ([]Ref, error) { return parse("cgroup", b) }
+
 func parse(name string, b []byte) ([]Ref, error) {
 	var out []Ref
 	sc := bufio.NewScanner(bytes.NewReader(b))
