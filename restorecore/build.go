@@ -151,8 +151,10 @@ func (b *builder) ghostPath(f *pb.FileEntry) (string, error) {
 
 // removeGhosts removes the stand-ins (the tree holds what it needs).
 func (r *restorer) removeGhosts() {
-	for _, p := range r.ghosts {
-		if !strings.HasPrefix(p, "/proc/") { // a memfd, through ferry's fd
+	for id, p := range r.ghosts {
+		if drop, ok := r.ghostDrops[id]; ok {
+			drop() // in the tree's own mount namespace (once)
+		} else if !strings.HasPrefix(p, "/proc/") { // a memfd, through ferry's fd
 			os.Remove(p)
 		}
 	}

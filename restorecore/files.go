@@ -4,12 +4,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sort"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/ptyq"
 	"github.com/ferrycr/ferry/uffd"
@@ -865,6 +868,7 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 		return b.ghostPath(first)
 	}
 	var tf *os.File
+	inner := "" // the path in the tree's own mount namespace, if there
 	if g.Memfd {
 		defer func() { b.r.memfdOf[f.Id] = b.r.memfds[len(b.r.memfds)-1].fd }()
 		// Made by ferry and held until the tree is restored; the
@@ -881,6 +885,12 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 		}
 		b.r.memfds = append(b.r.memfds, heldMemfd{fd: keep, seals: g.Seals})
 		tf = os.NewFile(uintptr(fd), g.MemfdName)
+	} else if images.OnOwnMount(b.r.is.inv.MntNs, f.Path) {
+		// On a mount of the tree's own: made in its mount namespace.
+		var err error
+		if tf, inner, err = b.r.makeGhostInRoot(f); err != nil {
+			return "", err
+		}
 	} else {
 		// At its old path if that is free, so /proc/PID/fd shows the
 		// same name; else beside it, else in the temp dir.
@@ -899,6 +909,9 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 	defer tf.Close()
 	path := tf.Name()
 	drop := func() { os.Remove(path) }
+	if d, ok := b.r.ghostDrops[f.Id]; ok {
+		drop = d
+	}
 	if g.Memfd {
 		path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), b.r.memfds[len(b.r.memfds)-1].fd)
 		drop = func() {}
@@ -923,7 +936,10 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 	unix.Fchmod(int(tf.Fd()), g.Mode&0o7777)
 	if f.MtimeNs != 0 {
 		ts := []unix.Timespec{{Nsec: unix.UTIME_OMIT}, unix.NsecToTimespec(f.MtimeNs)}
-		unix.UtimesNanoAt(unix.AT_FDCWD, path, ts, 0)
+		unix.UtimesNanoAt(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", tf.Fd()), ts, 0)
+	}
+	if inner != "" {
+		return inner, nil
 	}
 	return path, nil
 }
@@ -1275,4 +1291,48 @@ func remakeSymlink(f *pb.FileEntry) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("removed symbolic link %s: no free name beside it", f.Path)
+}
+
+// makeGhostInRoot makes the stand-in of deleted file f, which was on a
+// mount of the tree's own, in the tree's mount namespace: at its old path
+// if that is free, else beside it, found through the root's /proc/PID/root
+// with every path resolved inside it (a symlink there cannot lead out).
+// It returns the file, open for ferry to fill, and its path as the tree
+// sees it; r.ghostDrops removes it.
+func (r *restorer) makeGhostInRoot(f *pb.FileEntry) (*os.File, string, error) {
+	root, err := os.OpenFile(fmt.Sprintf("/proc/%d/root", r.rootPid), unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return nil, "", err
+	}
+	defer root.Close()
+	inRoot := func(name string, flags uint64) (int, error) {
+		how := &unix.OpenHow{Flags: flags | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS}
+		if flags&unix.O_CREAT != 0 {
+			how.Mode = 0o600
+		}
+		return unix.Openat2(int(root.Fd()), name, how)
+	}
+	inner := f.Path
+	fd, err := inRoot(inner, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL)
+	for i := 0; err != nil && i < 100; i++ {
+		inner = filepath.Join(filepath.Dir(f.Path), fmt.Sprintf(".ferry-ghost-%d-%d", f.Id, rand.Uint32()))
+		fd, err = inRoot(inner, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL)
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("deleted file %s: a stand-in in the tree's mount namespace: %w", f.Path, err)
+	}
+	dir, err := inRoot(filepath.Dir(inner), unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		unix.Close(fd)
+		return nil, "", err
+	}
+	if r.ghostDrops == nil {
+		r.ghostDrops = map[uint32]func(){}
+	}
+	r.ghostDrops[f.Id] = sync.OnceFunc(func() {
+		unix.Unlinkat(dir, filepath.Base(inner), 0)
+		unix.Close(dir)
+	})
+	r.cleanup = append(r.cleanup, r.ghostDrops[f.Id])
+	return os.NewFile(uintptr(fd), fmt.Sprintf("/proc/%d/root%s", r.rootPid, inner)), inner, nil
 }

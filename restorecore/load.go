@@ -329,8 +329,8 @@ func (is *imageSet) validate(localXstate []byte) error {
 			// ferry would make there itself (a deleted file's stand-in,
 			// a removed FIFO, directory or symlink) would land in
 			// ferry's mount namespace instead.
-			if f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted {
-				return refuse("%s (deleted) is on a mount of the tree's own mount namespace: not supported yet", f.Path)
+			if f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted {
+				return refuse("%s (deleted) is on a mount of the tree's own mount namespace: not supported yet (deleted files are)", f.Path)
 			}
 			continue
 		}

@@ -191,6 +191,11 @@ type restorer struct {
 	shmemSize  map[uint64]uint64
 	// unixSockets indexes the images' unix sockets by inode (unixByIno).
 	unixSockets map[uint64]*pb.FileEntry
+	// rootPid is the tree's root, once made.
+	rootPid int
+	// ghostDrops remove the stand-ins made on the tree's own mounts
+	// (by file id: makeGhostInRoot).
+	ghostDrops map[uint32]func()
 	// ghosts are the stand-ins of deleted files (by file id), removed
 	// once the tree holds them.
 	ghosts map[uint32]string
@@ -334,6 +339,7 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 	}
 	r.stats.ForkingTimeUs = uint64(time.Since(forkStart).Microseconds())
 	root := tasks[r.is.procs[0].pstree.Pid].Tid
+	r.rootPid = root
 	if r.is.inv.MntNs != nil {
 		if err := r.makeMntNs(tasks[r.is.procs[0].pstree.Pid]); err != nil {
 			return nil, fmt.Errorf("mount namespace: %w", err)

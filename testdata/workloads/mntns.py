@@ -3,7 +3,8 @@
 PID 1 of new PID and mount namespaces (unshare --pid --fork --mount
 --mount-proc: its own /proc). It mounts a tmpfs at DIR/t (size=4m,
 mode=0750) holding a file with the token, a directory with a file and a
-symlink, keeps the file open and its working directory in the tmpfs, and
+symlink, keeps the file open, and a file it deleted (open), and its
+working directory in the tmpfs, and
 binds DIR/src (which the test made, with a file) at DIR/b read-only.
 
 The check (SIGUSR2, see selfcheck): /proc is its namespace's (it is PID
@@ -40,6 +41,11 @@ with open(os.path.join(t, "d", "f"), "w") as f:
     f.write("inner")
 os.symlink("d/f", os.path.join(t, "l"))
 held = open(os.path.join(t, "a.txt"))
+# A file of the tmpfs, open and deleted: its contents only in the images.
+gone = open(os.path.join(t, "gone.txt"), "w+")
+gone.write("gone " + token)
+gone.flush()
+os.unlink(os.path.join(t, "gone.txt"))
 os.chdir(t)
 mount(os.path.join(top, "src"), b, None, MS_BIND, None)
 mount("none", b, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
@@ -58,6 +64,13 @@ def verify():
     held.seek(0)
     if held.read() != token:
         return "the open file reads otherwise"
+    gone.seek(0)
+    if gone.read() != "gone " + token or os.fstat(gone.fileno()).st_nlink != 0:
+        return "the deleted file reads otherwise, or has a name"
+    if os.readlink("/proc/self/fd/%d" % gone.fileno()) != os.path.join(t, "gone.txt") + " (deleted)":
+        return "the deleted file is %s" % os.readlink("/proc/self/fd/%d" % gone.fileno())
+    if os.path.exists(os.path.join(t, "gone.txt")):
+        return "the deleted file's stand-in stayed"
     if os.getcwd() != t:
         return "cwd is %s" % os.getcwd()
     if b not in mounts or " ro," not in mounts[b] and not mounts[b].split()[5].startswith("ro"):
