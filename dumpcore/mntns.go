@@ -95,6 +95,12 @@ func (t *tree) mntNamespace() (*pb.MntNs, error) {
 			m.FsType == "devpts" || m.FsType == "cgroup" || m.FsType == "cgroup2"):
 			// Mounted whole: mounted anew.
 			om.Fstype, om.Source = m.FsType, m.Source
+		case fresh && m.FsType == "overlay" && out.Root == "" && bindSource(mine, m) == "":
+			// An overlay the tree made: made again from its layers (its
+			// options name them as the tree sees them, which the restore
+			// does too: its upper layer on a tmpfs of the tree's is
+			// filled first, the tmpfs coming before it).
+			om.Fstype, om.Source = m.FsType, m.Source
 		default:
 			om.Fstype, om.Data = "bind", ""
 			if src := bindSource(theirs[:i], m); src != "" && out.Root != "" {

@@ -5,12 +5,16 @@ PID 1 of new PID and mount namespaces (unshare --pid --fork --mount
 mode=0750) holding a file with the token, a directory with a file and a
 symlink, keeps the file open, and a file it deleted (open), and its
 working directory in the tmpfs, and
-binds DIR/src (which the test made, with a file) at DIR/b read-only.
+binds DIR/src (which the test made, with a file) at DIR/b read-only, and
+mounts an overlay at DIR/ov with DIR/src below and its upper layer in the
+tmpfs, where it adds a file and removes DIR/src's.
 
 The check (SIGUSR2, see selfcheck): /proc is its namespace's (it is PID
 1 there); the tmpfs is mounted with its options and holds its files; the
-open file reads the token; the working directory is the tmpfs; the bind
-mount shows DIR/src's file and is read-only.
+open file reads the token, and so does the deleted one, still deleted
+(no name, its old path shown); the working directory is the tmpfs; the bind
+mount shows DIR/src's file and is read-only; the overlay shows the file
+it added, not the one it removed.
 """
 import ctypes
 import os
@@ -49,6 +53,16 @@ os.unlink(os.path.join(t, "gone.txt"))
 os.chdir(t)
 mount(os.path.join(top, "src"), b, None, MS_BIND, None)
 mount("none", b, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+# An overlay: DIR/src below, its upper layer in the tmpfs; a file added
+# (in the upper layer) and DIR/src's file removed (a whiteout there).
+ov = os.path.join(top, "ov")
+os.makedirs(ov, exist_ok=True)
+for d in ("up", "wk"):
+    os.mkdir(os.path.join(t, d))
+mount("overlay", ov, "overlay", 0, "lowerdir=%s,upperdir=%s,workdir=%s" % (os.path.join(top, "src"), os.path.join(t, "up"), os.path.join(t, "wk")))
+with open(os.path.join(ov, "new.txt"), "w") as f:
+    f.write("over " + token)
+os.unlink(os.path.join(ov, "file"))
 
 
 def verify():
@@ -71,6 +85,10 @@ def verify():
         return "the deleted file is %s" % os.readlink("/proc/self/fd/%d" % gone.fileno())
     if os.path.exists(os.path.join(t, "gone.txt")):
         return "the deleted file's stand-in stayed"
+    if ov not in mounts or " overlay " not in mounts[ov]:
+        return "overlay at %s: %s" % (ov, mounts.get(ov))
+    if open(os.path.join(ov, "new.txt")).read() != "over " + token or os.path.exists(os.path.join(ov, "file")):
+        return "the overlay shows otherwise: %s" % os.listdir(ov)
     if os.getcwd() != t:
         return "cwd is %s" % os.getcwd()
     if b not in mounts or " ro," not in mounts[b] and not mounts[b].split()[5].startswith("ro"):
