@@ -41,6 +41,19 @@ func (t *tree) checkCaller(before bool) error {
 		if st.Uid != c.Uid {
 			return fmt.Errorf("process %d is not the caller's (uid %d): its /proc directory belongs to uid %d: %w", pid, c.Uid, st.Uid, ErrPermission)
 		}
+		// In ferry's namespaces (checked again once frozen: it could
+		// have made some of its own meanwhile). The mount and user ones,
+		// which matter most (a mount namespace of its own would be read
+		// as root), are the same for every thread of a process.
+		for _, kind := range nsKinds {
+			mine, err := os.Readlink("/proc/self/ns/" + kind)
+			if err != nil {
+				continue
+			}
+			if ns, err := proc.Namespace(pid, kind); err != nil || ns != mine {
+				return fmt.Errorf("process %d is in a %s namespace of its own (%s), which a caller that is not root may not dump: %w", pid, kind, ns, ErrPermission)
+			}
+		}
 		tids, err := proc.Tids(pid)
 		if err != nil {
 			return fmt.Errorf("process %d: %w", pid, ErrNoProcess)
@@ -69,21 +82,10 @@ func (t *tree) checkCaller(before bool) error {
 	return nil
 }
 
-// checkCallerTree refuses, for a caller, a tree in other namespaces than
-// ferry's (a mount namespace of its own would be read as root: its tmpfs
-// contents, its mount table) and, where Yama restricts ptrace, a tree
-// the caller could not trace itself: not its descendant (ptrace_scope 1),
-// or any (2 and up).
+// checkCallerTree refuses, for a caller, where Yama restricts ptrace, a
+// tree the caller could not trace itself: not its descendant
+// (ptrace_scope 1), or any (2 and up).
 func (t *tree) checkCallerTree(c *proc.Caller) error {
-	for _, kind := range nsKinds {
-		mine, err := os.Readlink("/proc/self/ns/" + kind)
-		if err != nil {
-			continue
-		}
-		if ns, err := proc.Namespace(t.root, kind); err != nil || ns != mine {
-			return fmt.Errorf("process %d is in a %s namespace of its own (%s), which a caller that is not root may not dump: %w", t.root, kind, ns, ErrPermission)
-		}
-	}
 	b, err := os.ReadFile("/proc/sys/kernel/yama/ptrace_scope")
 	if err != nil {
 		return nil // no Yama

@@ -81,10 +81,26 @@ func (is *imageSet) checkCaller(c *proc.Caller) error {
 				return refuse("process %d attaches a SysV shared memory segment, which a caller that is not root may not restore", pid)
 			}
 		}
+		// /proc/PID/exe, set with CAP_CHECKPOINT_RESTORE: not a program
+		// that runs with more rights than its caller's.
+		if exe, ok := is.files[p.mm.GetExeFileId()]; ok {
+			var st unix.Stat_t
+			if err := unix.Stat(exe.Path, &st); err == nil && st.Mode&(unix.S_ISUID|unix.S_ISGID) != 0 {
+				return refuse("process %d runs %s, a set-ID program, which a caller that is not root may not restore", pid, exe.Path)
+			}
+			if _, err := unix.Getxattr(exe.Path, "security.capability", nil); err == nil {
+				return refuse("process %d runs %s, a program with file capabilities, which a caller that is not root may not restore", pid, exe.Path)
+			}
+		}
 	}
 	for _, f := range is.files {
 		if f.Ghost || f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted || f.LinkRemap {
 			return refuse("%s (deleted) would be made again by ferry, which a caller that is not root may not have done", f.Path)
+		}
+		if f.Type == "fifo" || f.Type == "userfaultfd" {
+			// A FIFO's data is written from ferry's side; a userfaultfd's
+			// features are asked for from ferry's side.
+			return refuse("%s (%s): a caller that is not root may not have ferry restore it", f.Path, f.Type)
 		}
 		if u := f.Unix; u != nil && len(u.Queue) > 0 {
 			// Refilled from ferry's side, with its credentials.

@@ -43,8 +43,8 @@ func (r *restorer) placeCgroups(tasks map[int32]*compel.Task) error {
 	if mode == "" {
 		mode = CgroupsSoft
 	}
-	if mode == CgroupsIgnore || len(r.is.inv.CgroupDirs) == 0 {
-		return nil
+	if mode == CgroupsIgnore || len(r.is.inv.CgroupDirs) == 0 || r.opts.Caller != nil {
+		return nil // a caller's processes stay in its cgroups (seedAsCaller)
 	}
 	switch mode {
 	case CgroupsNone, CgroupsProps, CgroupsSoft, CgroupsFull, CgroupsStrict:

@@ -128,13 +128,19 @@ func Restore(ctx context.Context, opts Options) (*Result, error) {
 	for _, e := range is.inv.ExternalNs {
 		is.joinsPidNs = is.joinsPidNs || e.Kind == "pid"
 	}
-	if err := is.validate(nil); err != nil {
-		return nil, err
-	}
 	if opts.Caller != nil {
 		if err := is.checkCaller(opts.Caller); err != nil {
 			return nil, err
 		}
+		// The files are the process's to open, with the caller's
+		// rights: checked by ferry as root, they would tell the caller
+		// of files it may not see.
+		is.noFileChecks = true
+	}
+	if err := is.validate(nil); err != nil {
+		return nil, err
+	}
+	if opts.Caller != nil {
 		if opts.LazyPages {
 			return nil, fmt.Errorf("%w: --lazy-pages for a caller that is not root", ErrValidation)
 		}

@@ -327,7 +327,11 @@ func (b *builder) unixBuffers(fd int, s *pb.UnixSocket) error {
 		return err
 	}
 	defer unix.Close(dup)
-	for _, o := range []struct{ name, v int }{{unix.SO_SNDBUFFORCE, int(s.Sndbuf)}, {unix.SO_RCVBUFFORCE, int(s.Rcvbuf)}} {
+	snd, rcv := unix.SO_SNDBUFFORCE, unix.SO_RCVBUFFORCE
+	if b.r.opts.Caller != nil {
+		snd, rcv = unix.SO_SNDBUF, unix.SO_RCVBUF // within the system's maximums
+	}
+	for _, o := range []struct{ name, v int }{{snd, int(s.Sndbuf)}, {rcv, int(s.Rcvbuf)}} {
 		if o.v > 0 {
 			if err := unix.SetsockoptInt(dup, unix.SOL_SOCKET, o.name, o.v/2); err != nil {
 				return os.NewSyscallError("setsockopt", err)

@@ -55,6 +55,7 @@ func (c *rpcConn) forCaller(o *rpc.CriuOpts) (*callerReq, error) {
 		{len(o.GetVeths()) > 0, "veths"}, {o.GetEmptyNs() != 0, "empty_ns"}, {len(o.GetInheritFd()) > 0, "inherit_fd"},
 		{len(o.GetCgRoot()) > 0, "cg_root"}, {o.GetTcpEstablished(), "tcp_established"}, {o.NetworkLock != nil, "network_lock"},
 		{o.FreezeCgroup != nil, "freeze_cgroup"}, {o.GetLinkRemap(), "link_remap"},
+		{o.ManageCgroupsMode != nil && o.GetManageCgroupsMode() != rpc.CriuCgMode_IGNORE, "manage_cgroups_mode (but ignore)"},
 	} {
 		if x.set {
 			return nil, fmt.Errorf("criu_opts: %s: not allowed for a client that is not root (uid %d)", x.name, c.peer.Uid)
@@ -134,23 +135,28 @@ func (u *callerReq) copyIn() error {
 		return err
 	}
 	for _, name := range dir {
-		fd, err := unix.Openat(int(u.images.Fd()), name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
-		if errors.Is(err, unix.ELOOP) {
-			continue // a symlink: not an image
+		// Looked at before it is opened (O_PATH: a device node is not
+		// opened), then opened through that.
+		pfd, err := unix.Openat(int(u.images.Fd()), name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("images %s: %w", name, err)
 		}
+		var st unix.Stat_t
+		err = unix.Fstat(pfd, &st)
+		if err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+			unix.Close(pfd)
+			continue // not a regular file (a symlink, ...): not an image
+		}
+		if st.Uid != u.caller.Uid {
+			unix.Close(pfd)
+			return fmt.Errorf("images %s belongs to uid %d, not to the client's %d", name, st.Uid, u.caller.Uid)
+		}
+		fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), unix.O_RDONLY|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+		unix.Close(pfd)
 		if err != nil {
 			return fmt.Errorf("images %s: %w", name, err)
 		}
 		src := os.NewFile(uintptr(fd), name)
-		var st unix.Stat_t
-		if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
-			src.Close()
-			continue // not a regular file: not an image
-		}
-		if st.Uid != u.caller.Uid {
-			src.Close()
-			return fmt.Errorf("images %s belongs to uid %d, not to the client's %d", name, st.Uid, u.caller.Uid)
-		}
 		dst, err := os.OpenFile(u.tmp+"/"+name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 		if err == nil {
 			_, err = io.Copy(dst, src)
