@@ -316,9 +316,15 @@ func (a *Agent) Round(ctx context.Context, req *agentv1.RoundRequest) (*agentv1.
 func (a *Agent) servePages(m *migration, dir string, check func() error, unlisted bool) (*session, error) {
 	a.mu.Lock()
 	id := m.rec.ID
-	tree := map[int]bool{}
+	// The daemon names processes by the images' PIDs: a tree in a PID
+	// namespace of its own has its own there (the innermost of NSpid).
+	tree := map[int]int{}
 	for _, r := range m.rec.Procs {
-		tree[r.Pid] = true
+		inner := r.Pid
+		if st, err := proc.ReadStatus(r.Pid); err == nil && len(st.NSpid) > 0 {
+			inner = st.NSpid[len(st.NSpid)-1]
+		}
+		tree[inner] = r.Pid
 	}
 	a.mu.Unlock()
 	l, err := transport.Listen(net.JoinHostPort(a.cfg.PageHost, "0"), a.tls)
@@ -331,7 +337,8 @@ func (a *Agent) servePages(m *migration, dir string, check func() error, unliste
 	// The memory the final round left unlisted (lazypages.Unlisted) is
 	// listed when the daemon asks, from the VMAs in its images.
 	list := func(pid int) ([][2]uint64, error) {
-		if !tree[pid] {
+		here, ok := tree[pid]
+		if !ok {
 			return nil, fmt.Errorf("process %d is not in migration %s", pid, id)
 		}
 		if check != nil {
@@ -346,17 +353,18 @@ func (a *Agent) servePages(m *migration, dir string, check func() error, unliste
 		if err := images.ReadOne(dir, images.MmName(int32(pid)), images.KindMm, &mm); err != nil {
 			return nil, err
 		}
-		return lazypages.ListPresent(pid, mm.Vmas)
+		return lazypages.ListPresent(here, mm.Vmas)
 	}
 	read := func(pid int, vaddr uint64, buf []byte) error {
-		if !tree[pid] {
+		here, ok := tree[pid]
+		if !ok {
 			return fmt.Errorf("process %d is not in migration %s", pid, id)
 		}
 		if a.cfg.Fault == "slow-pages" {
 			time.Sleep(time.Duration(1+len(buf)>>16) * 5 * time.Millisecond)
 		}
 		a.metrics.bytes.WithLabelValues("served").Add(float64(len(buf)))
-		return compel.ReadMem(pid, []compel.Segment{{Addr: vaddr, Local: buf}})
+		return compel.ReadMem(here, []compel.Segment{{Addr: vaddr, Local: buf}})
 	}
 	go func() {
 		defer close(s.done)

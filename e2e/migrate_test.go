@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -12,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
@@ -366,4 +368,105 @@ func TestMigrateTree(t *testing.T) {
 			t.Fatalf("on %s: %s", hop.to.name, got)
 		}
 	}
+}
+
+func TestMigratePidNamespace(t *testing.T) {
+	// A tree that is the init of its own PID namespace (pidns.py under
+	// unshare --pid --fork), migrated A -> B in post-copy: the source
+	// serves its pages by the PIDs the images give (the namespace's), and
+	// the tree goes on and checks itself on B.
+	c := newCluster(t)
+	dir := t.TempDir()
+	report := filepath.Join(dir, "report")
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "pidns.py")
+	c.a.daemon(t, filepath.Join(dir, "log"), "unshare", "--pid", "--fork", "python3", script, report)
+	migrateInit(t, c, report, -1)
+}
+
+func TestMigrateUserNamespace(t *testing.T) {
+	// A tree in a user namespace of its own that maps its root to an
+	// unprivileged uid, with PID, mount, UTS, IPC and network namespaces
+	// of its own (userns.py, as a rootless container is), migrated A -> B
+	// in post-copy: born on B in a new user namespace with the same maps,
+	// its pages pulled through userfaultfds its processes made through
+	// /dev/userfaultfd; it goes on and checks itself there.
+	c := newCluster(t)
+	dir := t.TempDir()
+	report := filepath.Join(dir, "report")
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "userns.py")
+	c.a.daemon(t, filepath.Join(dir, "log"), "python3", script, report)
+	migrateInit(t, c, report, 0)
+}
+
+// migrateInit migrates the init of a PID namespace that reports to
+// report from A to B in post-copy, and has it check itself there. onA
+// is its PID on A: 0 reads it from REPORT.init, -1 from its NSpid.
+func migrateInit(t *testing.T, c *cluster, report string, onA int) {
+	t.Helper()
+	var init int
+	waitFor(t, "the workload's first report", 30*time.Second, func() bool {
+		r, err := testutil.ParseReport(report)
+		if err == nil && r.Pid > 0 {
+			init = initOf(t, report, 0)
+		}
+		return init != 0
+	})
+	switch onA {
+	case 0:
+		b, err := os.ReadFile(report + ".init")
+		if err != nil {
+			t.Fatal(err)
+		}
+		onA, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+	case -1:
+		st, err := proc.ReadStatus(init)
+		if err != nil || len(st.NSpid) != 3 {
+			t.Fatalf("the init %d: NSpid %v (%v)", init, st.NSpid, err)
+		}
+		onA = st.NSpid[1]
+	}
+	w := testutil.Attach(t, init, report)
+	before := w.Report(t)
+	code, evs := c.migrate(onA, "--from", c.a.ip, "--to", c.b.ip, "--mode", "postcopy")
+	if res := evs[len(evs)-1]; code != 0 || res["outcome"] != "committed" {
+		t.Fatalf("migrate: exit %d, result %v", code, res)
+	}
+	var moved int
+	waitFor(t, "the tree on B", 10*time.Second, func() bool { moved = initOf(t, report, init); return moved != 0 })
+	w = testutil.Attach(t, moved, report)
+	after := w.Report(t)
+	if after.Token != before.Token || after.Counter <= before.Counter {
+		t.Fatalf("on B: %v, before %v", after, before)
+	}
+	w.Signal(unix.SIGUSR2)
+	waitFor(t, "the tree's check", 10*time.Second, func() bool { return w.Report(t).Fields["check"] != "unchecked" })
+	if got := w.Report(t).Fields["check"]; got != "ok" {
+		t.Fatalf("on B: %s", got)
+	}
+}
+
+// initOf finds, by its PID here, the init of userns.py's PID namespace
+// reporting to report (its command line names it), but not not.
+func initOf(t testing.TB, report string, not int) int {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == not {
+			continue
+		}
+		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if !strings.Contains(string(cmd), report) || !testutil.PidAlive(pid) {
+			continue
+		}
+		st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		for _, l := range strings.Split(string(st), "\n") {
+			if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
+				if f := strings.Fields(v); len(f) == 3 && f[2] == "1" {
+					return pid
+				}
+			}
+		}
+	}
+	return 0
 }

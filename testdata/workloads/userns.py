@@ -62,6 +62,9 @@ def launch():
         sys.exit("make the mounts private: errno %d" % ctypes.get_errno())
     init = os.fork()
     if init:
+        # Its PID as this PID namespace sees it, for the tests to find it.
+        with open(report + ".init", "w") as f:
+            f.write(str(init))
         os.waitpid(init, 0)
         sys.exit(0)
 
