@@ -30,6 +30,10 @@ type Options struct {
 	// freezer that holds the tree: the tree is frozen with it (every task
 	// at once) before ptrace takes it (freezeCgroup).
 	FreezeCgroup string
+	// OrphanPtsMaster (--orphan-pts-master): a pty slave whose master is
+	// outside the tree (a container's terminal) is dumped, not refused;
+	// the restore makes a new pty and hands its master to its caller.
+	OrphanPtsMaster bool
 	// Caller, when set, is a client that is not root (of ferry's RPC
 	// service), for which only its own processes are dumped.
 	Caller     *proc.Caller

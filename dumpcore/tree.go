@@ -499,7 +499,7 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 		if err := t.files.checkUnixPeers(img.fds); err != nil {
 			return nil, err
 		}
-		if err := t.files.checkTtys(img.fds, t.opts.ShellJob); err != nil {
+		if err := t.files.checkTtys(img.fds, t.opts.ShellJob, t.opts.OrphanPtsMaster); err != nil {
 			return nil, err
 		}
 		for _, fd := range img.fds.Fds {

@@ -93,7 +93,10 @@ func (ft *fileTable) describeTty(e *pb.FileEntry, rdev uint64, dup int, info pro
 // whose master is elsewhere is the terminal of a shell job: with
 // --shell-job the restored process gets ferry's own instead; otherwise the
 // dump is refused.
-func (ft *fileTable) checkTtys(table *pb.FdTable, shellJob bool) error {
+//
+// With orphan (--orphan-pts-master) such a slave is kept as it is and
+// marked: the restore makes a new pty for it and hands over its master.
+func (ft *fileTable) checkTtys(table *pb.FdTable, shellJob, orphan bool) error {
 	masters := map[int32]bool{}
 	for _, f := range ft.entries {
 		if f.Type == "ptmx" {
@@ -103,6 +106,10 @@ func (ft *fileTable) checkTtys(table *pb.FdTable, shellJob bool) error {
 	for _, fd := range table.Fds {
 		f := ft.entries[fd.FileId-1]
 		if f.Type != "pts" || masters[f.Tty.Index] || f.Tty.HungUp {
+			continue
+		}
+		if orphan {
+			f.Tty.Orphan = true
 			continue
 		}
 		if !shellJob {

@@ -68,6 +68,13 @@ func (r *restorer) makeMntNs(root *compel.Task) error {
 		if err != nil {
 			return fmt.Errorf("mount %s (%s): %w", m.Point, m.Fstype, err)
 		}
+		if m.Fstype == "devpts" && m.Point == "/dev/pts" {
+			// Its terminals whose masters were outside the dump, before
+			// anything binds one (a container's /dev/console).
+			if err := r.makeOrphanPtys(root, filepath.Join(point, "ptmx")); err != nil {
+				return err
+			}
+		}
 		if m.Contents != "" {
 			untar := func() error {
 				return r.untar(filepath.Join(r.is.dir, m.Contents), fmt.Sprintf("/proc/%d/root%s", root.Tid, point))

@@ -70,6 +70,11 @@ type Options struct {
 	// make but takes from ferry's fd N, by what the images name them
 	// ("pipe:[INODE]", a path), as criu's callers pass stdio.
 	InheritFds map[string]int
+	// OrphanPtsMaster receives the master of each pty the restore makes
+	// for a slave whose master was outside the dump (a container's
+	// terminal: criu's orphan-pts-master notification). Without it such
+	// images are refused.
+	OrphanPtsMaster func(master *os.File) error
 	// Caller, when set, is a client that is not root (of ferry's RPC
 	// service): the images must be of its own processes, and the restore
 	// runs with its rights (caller.go).
@@ -230,6 +235,10 @@ type restorer struct {
 	// processes take files through (take).
 	holder  *compel.Task
 	channel *os.File
+	// orphans are the masters of the ptys made for slaves whose master
+	// was outside the dump (makeOrphanPtys).
+	orphans     []*os.File
+	orphansMade bool
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
@@ -365,6 +374,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		}
 	}
 
+	if err := r.makeOrphanPtys(tasks[r.is.procs[0].pstree.Pid], "/dev/ptmx"); err != nil {
+		return nil, err
+	}
 	for _, stage := range []string{"setup-namespaces", "post-setup-namespaces"} {
 		if err := r.action(stage, root); err != nil {
 			return nil, err
@@ -383,6 +395,11 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 			return nil, err
 		}
 		builders = append(builders, b)
+	}
+	for _, m := range r.orphans {
+		if err := r.opts.OrphanPtsMaster(m); err != nil {
+			return nil, fmt.Errorf("handing over the master of a terminal: %w", err)
+		}
 	}
 	for _, stage := range []string{"post-restore", "pre-resume"} {
 		if err := r.action(stage, root); err != nil {

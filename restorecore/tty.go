@@ -3,10 +3,13 @@ package restorecore
 import (
 	"encoding/binary"
 	"fmt"
+	"os"
+	"slices"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/compel"
 )
 
 const (
@@ -149,5 +152,83 @@ func (b *builder) takeCtty() error {
 			return fmt.Errorf("foreground group %d: %w", c.fgPgrp, err)
 		}
 	}
+	return nil
+}
+
+// makeOrphanPtys makes, for each pty slave of the images whose master was
+// outside the dump (Tty.Orphan), a new pty in the tree's own devpts: the
+// root opens its ptmx (the devpts's own, once mounted) until the kernel
+// hands out the slave's index
+// (the lowest free one), unlocks it, and ferry keeps the master
+// (r.orphans) for Options.OrphanPtsMaster. The processes then open the
+// slave by its path, as any other.
+func (r *restorer) makeOrphanPtys(root *compel.Task, ptmx string) error {
+	if r.orphansMade {
+		return nil
+	}
+	r.orphansMade = true
+	var want []int32
+	for _, f := range r.is.files {
+		if f.Type == "pts" && f.GetTty().GetOrphan() && !slices.Contains(want, f.Tty.Index) {
+			want = append(want, f.Tty.Index)
+		}
+	}
+	if len(want) == 0 {
+		return nil
+	}
+	if r.opts.OrphanPtsMaster == nil {
+		return fmt.Errorf("%w: /dev/pts/%d's master was outside the dump (--orphan-pts-master): restore it for a client to hand the new master to (criu's RPC, orphan_pts_master)", ErrValidation, want[0])
+	}
+	slices.Sort(want)
+	pidfd, err := unix.PidfdOpen(root.Tid, 0)
+	if err != nil {
+		return os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	addr := stackScratch(root)
+	if err := compel.WriteMem(root.Tid, []compel.Segment{{Addr: addr, Local: append([]byte(ptmx), 0)}}); err != nil {
+		return err
+	}
+	var opened []uint64 // in the root, closed at the end
+	defer func() {
+		for _, fd := range opened {
+			root.Syscall(unix.SYS_CLOSE, fd)
+		}
+	}()
+	for _, index := range want {
+		for {
+			fd, err := root.Syscall(unix.SYS_OPENAT, atFdcwd, addr, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return fmt.Errorf("the tree's %s: %w", ptmx, err)
+			}
+			opened = append(opened, fd)
+			if _, err := root.Syscall(unix.SYS_IOCTL, fd, unix.TIOCGPTN, addr+64); err != nil {
+				return fmt.Errorf("TIOCGPTN: %w", err)
+			}
+			v := make([]byte, 4)
+			if err := compel.ReadMem(root.Tid, []compel.Segment{{Addr: addr + 64, Local: v}}); err != nil {
+				return err
+			}
+			got := int32(binary.LittleEndian.Uint32(v))
+			if got > index || len(opened) > 1024 {
+				return fmt.Errorf("/dev/pts/%d is taken in the tree's devpts (the kernel handed out %d)", index, got)
+			}
+			if got < index {
+				continue // kept open until the end: its index stays taken
+			}
+			local, err := unix.PidfdGetfd(pidfd, int(fd), 0)
+			if err != nil {
+				return os.NewSyscallError("pidfd_getfd", err)
+			}
+			m := os.NewFile(uintptr(local), fmt.Sprintf("/dev/pts/%d's master", index))
+			r.orphans = append(r.orphans, m)
+			r.cleanup = append(r.cleanup, func() { m.Close() })
+			if err := unix.IoctlSetPointerInt(local, tiocsptlck, 0); err != nil {
+				return fmt.Errorf("unlock /dev/pts/%d: %w", index, err)
+			}
+			break
+		}
+	}
+	r.log.Info("terminals made for masters outside the dump", "slaves", want)
 	return nil
 }

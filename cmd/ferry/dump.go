@@ -25,6 +25,7 @@ func newDumpCmd() *cobra.Command {
 		shellJob      bool
 		timeout       int
 		freezeCg      string
+		orphanPts     bool
 		pidfile       string
 		displayStats  bool
 		dedup         bool
@@ -208,7 +209,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
 				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt, EmptyNet: emptyNs == "net", ExternalNs: extNs,
-				FreezeCgroup: freezeCg, Caller: callerOf(cmd.Context()), Version: version, Logger: log,
+				FreezeCgroup: freezeCg, OrphanPtsMaster: orphanPts, Caller: callerOf(cmd.Context()), Version: version, Logger: log,
 			})
 			if err != nil {
 				log.Error("dumping failed", "pid", pid, "err", err)
@@ -237,6 +238,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 	fs.BoolVarP(&leaveRunning, "leave-running", "R", false, "leave the process running after the dump")
 	fs.BoolVarP(&leaveStopped, "leave-stopped", "s", false, "leave the process stopped (SIGSTOP) after the dump")
 	fs.BoolVarP(&shellJob, "shell-job", "j", false, "allow a process that is a job of a shell (foreign session, terminal stdio)")
+	fs.BoolVar(&orphanPts, "orphan-pts-master", false, "a pty slave whose master is outside the tree (a container's terminal) is dumped; the restore makes a new pty and hands its master to its RPC client (criu's orphan-pts-master notification)")
 	fs.IntVar(&timeout, "timeout", 10, "seconds to wait for the process to freeze")
 	fs.StringVar(&pidfile, "pidfile", "", "write the dumped PID to FILE")
 	fs.BoolVar(&dedup, "auto-dedup", false, "free parent page data this round stores again (see ferry dedup)")

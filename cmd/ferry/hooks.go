@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"os"
 	"strconv"
 
 	"github.com/ferrycr/ferry/internal/hooks"
@@ -21,6 +23,17 @@ type actionScripts struct {
 type notifier func(stage string, pid int) error
 
 type notifierKey struct{}
+
+// orphanKey carries, for a restore, where the masters of the terminals
+// it makes for slaves whose master was outside the dump go (criu's
+// orphan-pts-master notification: restorecore.Options.OrphanPtsMaster).
+type orphanKey struct{}
+
+// orphanMasters returns ctx's receiver of terminal masters, if any.
+func orphanMasters(ctx context.Context) func(*os.File) error {
+	f, _ := ctx.Value(orphanKey{}).(func(*os.File) error)
+	return f
+}
 
 func (a *actionScripts) run(stage string, pid int) error {
 	if a.notify != nil {

@@ -119,7 +119,7 @@ process runs; the process is then re-parented to init.`,
 			}
 			res, err := restorecore.Restore(cmd.Context(), restorecore.Options{
 				Action:    acts.restoreHook(),
-				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log, Caller: callerOf(cmd.Context()),
+				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log, Caller: callerOf(cmd.Context()), OrphanPtsMaster: orphanMasters(cmd.Context()),
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
 				TCPClose: tcpClose, WeakSysctls: weakSysctls, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
 			})

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/internal/testutil"
 )
@@ -343,5 +346,86 @@ func TestRuncCheckpointPaused(t *testing.T) {
 	runc(t, bundle, "--criu", ferryBin, "restore", "-d", "--image-path", img, "--work-path", img, id)
 	if n3 := checkRuncGoesOn(t, out, img, token, n1, n2); n3 >= nk {
 		t.Fatalf("the restored container counts from %d, past %d where the original was killed: not from the checkpoint", n3, nk)
+	}
+}
+
+// consoleSocket listens on a unix socket for runc's --console-socket and
+// returns its path and the pty masters runc sends there.
+func consoleSocket(t *testing.T) (string, <-chan *os.File) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "console.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	masters := make(chan *os.File, 4)
+	go func() {
+		for {
+			c, err := l.AcceptUnix()
+			if err != nil {
+				return
+			}
+			buf, oob := make([]byte, 4096), make([]byte, 64)
+			_, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+			c.Close()
+			if err != nil {
+				continue
+			}
+			if scms, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil && len(scms) > 0 {
+				if fds, err := unix.ParseUnixRights(&scms[0]); err == nil && len(fds) > 0 {
+					masters <- os.NewFile(uintptr(fds[0]), "console")
+				}
+			}
+		}
+	}()
+	return path, masters
+}
+
+// master waits for a terminal master on a console socket (consoleSocket),
+// closed at the end of the test.
+func master(t *testing.T, masters <-chan *os.File) *os.File {
+	t.Helper()
+	select {
+	case m := <-masters:
+		t.Cleanup(func() { m.Close() })
+		return m
+	case <-time.After(10 * time.Second):
+		t.Fatal("no terminal master on the console socket")
+		return nil
+	}
+}
+
+func TestRuncTerminal(t *testing.T) {
+	// A container with a terminal (terminal: true, its master sent to a
+	// console socket, as docker run -it has): runc checkpoints it with
+	// ferry (orphan_pts_master: the master is outside) and restores it
+	// with another console socket, which gets the new master; the same
+	// process goes on, writing to the new terminal.
+	needRoot(t)
+	ferryBin, bundle, out := runcBundle(t, func(spec map[string]any) {
+		p := spec["process"].(map[string]any)
+		p["terminal"] = true
+		p["args"] = []string{"sh", "-c", `t=$$$RANDOM$RANDOM; i=0; while :; do i=$((i+1)); echo "$t $i" > /out/state; echo "tty $t $i"; sleep 0.1; done`}
+	})
+	sock, masters := consoleSocket(t)
+	img := t.TempDir()
+	id := fmt.Sprintf("ferry-tty-%d", os.Getpid())
+	t.Cleanup(func() { exec.Command("runc", "delete", "-f", id).Run() })
+	runc(t, bundle, "run", "-d", "--console-socket", sock, id)
+	master(t, masters) // the first terminal, kept open meanwhile
+	token, n1 := runcState(t, out)
+	runc(t, bundle, "--criu", ferryBin, "checkpoint", "--image-path", img, "--work-path", img, id)
+	_, n2 := runcState(t, out)
+	sock2, masters2 := consoleSocket(t)
+	runc(t, bundle, "--criu", ferryBin, "restore", "-d", "--console-socket", sock2, "--image-path", img, "--work-path", img, id)
+	m2 := master(t, masters2)
+	checkRuncGoesOn(t, out, img, token, n1, n2)
+	// The new master reads what the process writes on its terminal.
+	m2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 4096)
+	n, _ := m2.Read(buf)
+	if !strings.Contains(string(buf[:n]), "tty "+token) {
+		t.Fatalf("the new terminal reads %q, want lines of %s", buf[:n], token)
 	}
 }

@@ -124,14 +124,22 @@ func (c *rpcConn) send(resp *rpc.CriuResp) error {
 	return nil
 }
 
-// notify sends stage to the client and waits for its answer
-// (notify_scripts).
-func (c *rpcConn) notify(stage string, pid int) error {
-	err := c.send(&rpc.CriuResp{Type: rpc.CriuReqType_NOTIFY.Enum(), Success: proto.Bool(true),
-		Notify: &rpc.CriuNotify{Script: proto.String(stage), Pid: proto.Int32(int32(pid))}})
+// notifyFd is notify with f sent along (SCM_RIGHTS), as criu sends
+// orphan-pts-master with the new terminal's master.
+func (c *rpcConn) notifyFd(stage string, f *os.File) error {
+	b, err := proto.Marshal(&rpc.CriuResp{Type: rpc.CriuReqType_NOTIFY.Enum(), Success: proto.Bool(true),
+		Notify: &rpc.CriuNotify{Script: proto.String(stage)}})
 	if err != nil {
 		return err
 	}
+	if err := unix.Sendmsg(int(c.f.Fd()), b, unix.UnixRights(int(f.Fd())), nil, 0); err != nil {
+		return fmt.Errorf("swrk: notification %s: %w", stage, err)
+	}
+	return c.ack(stage)
+}
+
+// ack waits for the client's answer to the notification stage.
+func (c *rpcConn) ack(stage string) error {
 	ack, err := c.recv()
 	if err != nil {
 		return fmt.Errorf("notification %s: %w", stage, err)
@@ -140,6 +148,17 @@ func (c *rpcConn) notify(stage string, pid int) error {
 		return fmt.Errorf("the RPC client failed the notification %s", stage)
 	}
 	return nil
+}
+
+// notify sends stage to the client and waits for its answer
+// (notify_scripts).
+func (c *rpcConn) notify(stage string, pid int) error {
+	err := c.send(&rpc.CriuResp{Type: rpc.CriuReqType_NOTIFY.Enum(), Success: proto.Bool(true),
+		Notify: &rpc.CriuNotify{Script: proto.String(stage), Pid: proto.Int32(int32(pid))}})
+	if err != nil {
+		return err
+	}
+	return c.ack(stage)
 }
 
 func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
@@ -243,7 +262,11 @@ func (c *rpcConn) handle(ctx context.Context, req *rpc.CriuReq) *rpc.CriuResp {
 				return fail(err)
 			}
 		}
-		err = c.run(c.notifying(ctx, req.GetOpts()), args)
+		rctx := c.notifying(ctx, req.GetOpts())
+		if req.GetOpts().GetOrphanPtsMaster() {
+			rctx = context.WithValue(rctx, orphanKey{}, func(m *os.File) error { return c.notifyFd("orphan-pts-master", m) })
+		}
+		err = c.run(rctx, args)
 		if u != nil {
 			if cerr := u.copyOut(u.opts.GetLogFile(), "stats-restore"); err == nil {
 				err = cerr
@@ -453,6 +476,7 @@ func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, erro
 		set  bool
 		args []string
 	}{{o.GetEmptyNs()&unix.CLONE_NEWNET != 0, []string{"--empty-ns", "net"}}, {o.GetLeaveRunning(), []string{"--leave-running"}},
+		{o.GetOrphanPtsMaster(), []string{"--orphan-pts-master"}},
 		{o.GetExtUnixSk(), []string{"--ext-unix-sk"}}, {o.GetTrackMem(), []string{"--track-mem"}},
 		{o.GetTcpSkipInFlight(), []string{"--skip-in-flight"}},
 		{o.GhostLimit != nil, []string{"--ghost-limit", strconv.Itoa(int(o.GetGhostLimit()))}},

@@ -4123,7 +4123,11 @@ type Tty struct {
 	OutData []byte `protobuf:"bytes,8,opt,name=out_data,json=outData,proto3" json:"out_data,omitempty"`
 	// Slave whose master is closed (hung up): made again as the slave of a
 	// new pty whose master is closed once it is open.
-	HungUp        bool `protobuf:"varint,9,opt,name=hung_up,json=hungUp,proto3" json:"hung_up,omitempty"`
+	HungUp bool `protobuf:"varint,9,opt,name=hung_up,json=hungUp,proto3" json:"hung_up,omitempty"`
+	// Slave whose master was outside the dump (a container's terminal,
+	// dump --orphan-pts-master): the restore makes a new pty, the slave at
+	// the same index, and hands its master to its caller.
+	Orphan        bool `protobuf:"varint,10,opt,name=orphan,proto3" json:"orphan,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4217,6 +4221,13 @@ func (x *Tty) GetOutData() []byte {
 func (x *Tty) GetHungUp() bool {
 	if x != nil {
 		return x.HungUp
+	}
+	return false
+}
+
+func (x *Tty) GetOrphan() bool {
+	if x != nil {
+		return x.Orphan
 	}
 	return false
 }
@@ -6119,7 +6130,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\rsettime_flags\x18\x03 \x01(\x05R\fsettimeFlags\x12\x19\n" +
 	"\bvalue_ns\x18\x04 \x01(\x03R\avalueNs\x12\x1f\n" +
 	"\vinterval_ns\x18\x05 \x01(\x03R\n" +
-	"intervalNs\"\xe1\x01\n" +
+	"intervalNs\"\xf9\x01\n" +
 	"\x03Tty\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x18\n" +
 	"\atermios\x18\x02 \x01(\fR\atermios\x12\x18\n" +
@@ -6129,7 +6140,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\afg_pgrp\x18\x06 \x01(\x05R\x06fgPgrp\x12\x17\n" +
 	"\ain_data\x18\a \x01(\fR\x06inData\x12\x19\n" +
 	"\bout_data\x18\b \x01(\fR\aoutData\x12\x17\n" +
-	"\ahung_up\x18\t \x01(\bR\x06hungUp\"\x9d\x03\n" +
+	"\ahung_up\x18\t \x01(\bR\x06hungUp\x12\x16\n" +
+	"\x06orphan\x18\n" +
+	" \x01(\bR\x06orphan\"\x9d\x03\n" +
 	"\n" +
 	"UnixSocket\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x05R\x04type\x12\x12\n" +
