@@ -17,9 +17,12 @@ import (
 // only the hierarchies holding one of those controllers (criu's
 // --cgroup-dump-controller).
 func (t *tree) collectCgroups(imgs []*imageSet) error {
-	mounts, err := cgroups.Mounts()
+	mounts, err := cgroups.MountsUnder(t.opts.CgroupYard)
 	if err != nil {
 		return err
+	}
+	if t.opts.CgroupYard != "" && len(mounts) == 0 {
+		return fmt.Errorf("--cgroup-yard %s: no cgroup hierarchy is mounted there", t.opts.CgroupYard)
 	}
 	keep := func(controllers string) bool {
 		if len(t.opts.CgroupControllers) == 0 {
@@ -51,7 +54,7 @@ func (t *tree) collectCgroups(imgs []*imageSet) error {
 			seen[k] = true
 			d := &pb.CgroupDir{Controllers: c, Path: r.Path}
 			if mnt, ok := mounts[c]; ok {
-				ps, err := cgroups.ReadProps(filepath.Join(mnt, r.Path), c)
+				ps, err := cgroups.ReadProps(filepath.Join(mnt, r.Path), c, t.opts.CgroupProps)
 				if err != nil {
 					return fmt.Errorf("cgroup %s of %s: %w", r.Path, c, err)
 				}

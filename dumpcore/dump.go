@@ -13,6 +13,7 @@ import (
 
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/cgroups"
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
@@ -99,6 +100,12 @@ type Options struct {
 	// CgroupControllers (--cgroup-dump-controller): save only the
 	// hierarchies holding one of these controllers (all when empty).
 	CgroupControllers []string
+	// CgroupProps (--cgroup-props, --cgroup-props-file): which properties
+	// of each controller are saved (nil: ferry's). CgroupYard
+	// (--cgroup-yard): the directory the hierarchies are mounted in, one
+	// each, to read them from ("": wherever they are mounted).
+	CgroupProps cgroups.PropsSpec
+	CgroupYard  string
 	// Root (-r/--root): where ferry sees the root of the tree's mount
 	// namespace, when it has one of its own; found from the mount tables
 	// when empty.

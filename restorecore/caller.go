@@ -123,7 +123,7 @@ func (r *restorer) seedAsCaller(seed *compel.Task) error {
 	if err != nil {
 		return err
 	}
-	mounts, err := cgroups.Mounts()
+	mounts, err := r.cgroupMounts()
 	if err != nil {
 		return err
 	}

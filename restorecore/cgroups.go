@@ -51,7 +51,7 @@ func (r *restorer) placeCgroups(tasks map[int32]*compel.Task) error {
 	default:
 		return fmt.Errorf("%w: --manage-cgroups %q: want none, props, soft, full, strict or ignore", ErrValidation, mode)
 	}
-	mounts, err := cgroups.Mounts()
+	mounts, err := r.cgroupMounts()
 	if err != nil {
 		return err
 	}
@@ -152,7 +152,7 @@ func (r *restorer) seedCgroupNsRoots(seed int) error {
 	if !r.is.inv.CgroupNs {
 		return nil
 	}
-	mounts, err := cgroups.Mounts()
+	mounts, err := r.cgroupMounts()
 	if err != nil {
 		return err
 	}
@@ -170,4 +170,14 @@ func (r *restorer) seedCgroupNsRoots(seed int) error {
 		}
 	}
 	return nil
+}
+
+// cgroupMounts is where the hierarchies are mounted: in --cgroup-yard if
+// given, else wherever ferry sees them.
+func (r *restorer) cgroupMounts() (map[string]string, error) {
+	m, err := cgroups.MountsUnder(r.opts.CgroupYard)
+	if err == nil && r.opts.CgroupYard != "" && len(m) == 0 {
+		err = fmt.Errorf("%w: --cgroup-yard %s: no cgroup hierarchy is mounted there", ErrValidation, r.opts.CgroupYard)
+	}
+	return m, err
 }

@@ -57,6 +57,9 @@ type Options struct {
 	// under another path, by controller ("" for every hierarchy).
 	ManageCgroups string
 	CgroupRoot    map[string]string
+	// CgroupYard (--cgroup-yard): the directory the hierarchies are
+	// mounted in, one each ("": wherever they are mounted).
+	CgroupYard string
 	// Root (-r/--root): where the root of the tree's mount namespace is
 	// here, when it has one of its own (by default, where the dump saw it).
 	Root string

@@ -55,6 +55,7 @@ func (c *rpcConn) forCaller(o *rpc.CriuOpts) (*callerReq, error) {
 		{len(o.GetVeths()) > 0, "veths"}, {o.GetEmptyNs() != 0, "empty_ns"}, {len(o.GetInheritFd()) > 0, "inherit_fd"},
 		{len(o.GetCgRoot()) > 0, "cg_root"}, {o.GetTcpEstablished(), "tcp_established"}, {o.NetworkLock != nil, "network_lock"},
 		{o.FreezeCgroup != nil, "freeze_cgroup"}, {o.GetLinkRemap(), "link_remap"},
+		{o.CgroupPropsFile != nil, "cgroup_props_file"}, {o.CgroupYard != nil, "cgroup_yard"},
 		{o.ManageCgroupsMode != nil && o.GetManageCgroupsMode() != rpc.CriuCgMode_IGNORE, "manage_cgroups_mode (but ignore)"},
 	} {
 		if x.set {

@@ -3,12 +3,15 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/cgroups"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
@@ -204,4 +207,69 @@ func TestDumpRestoreCgroupNamespace(t *testing.T) {
 	checkContinued(t, before, r.Report(t))
 	checkSelf(t, r)
 	r.Kill()
+}
+
+func TestCgroupYardAndProps(t *testing.T) {
+	// A yard (a directory with the memory hierarchy mounted in it, as
+	// criu's --cgroup-yard) that dump and restore use instead of the
+	// host's mounts, and --cgroup-props replacing the memory properties
+	// saved by memory.swappiness alone: the restore puts the process back
+	// in its cgroup (through the yard) with its swappiness, and its memory
+	// limit, not saved, is not set again.
+	needRoot(t)
+	yard := t.TempDir()
+	mem := filepath.Join(yard, "memory")
+	os.Mkdir(mem, 0o755)
+	if out, err := exec.Command("mount", "-t", "cgroup", "-o", "memory", "ferry-yard", mem).CombinedOutput(); err != nil {
+		t.Fatalf("mount the memory hierarchy in the yard: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", mem).Run() })
+	cg := filepath.Join(mem, fmt.Sprintf("ferry-yard-%d", os.Getpid()))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(cg) })
+	if err := cgroups.SetProps(cg, []cgroups.Prop{{Name: "memory.swappiness", Value: "33"}, {Name: "memory.limit_in_bytes", Value: "268435456"}}); err != nil {
+		t.Fatal(err)
+	}
+	w := startSelfCheck(t, "guard.py")
+	before := w.Report(t)
+	if err := cgroups.Move(cg, w.Pid); err != nil {
+		t.Fatal(err)
+	}
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-v4", "-o", "dump.log", "--cgroup-yard", yard,
+		"--cgroup-props", `"memory": - "strategy": "replace" - "properties": ["memory.swappiness"]`)
+	w.Reap(t)
+	var inv pb.Inventory
+	if err := images.ReadOne(img, "inventory.img", images.KindInventory, &inv); err != nil {
+		t.Fatal(err)
+	}
+	saved := ""
+	for _, d := range inv.CgroupDirs {
+		if d.Controllers == "memory" {
+			for _, p := range d.Props {
+				saved += p.Name + "=" + p.Value + " "
+			}
+		}
+	}
+	if saved != "memory.swappiness=33 " {
+		t.Fatalf("memory properties saved: %q, want the swappiness alone", saved)
+	}
+	if err := os.Remove(cg); err != nil {
+		t.Fatal(err)
+	}
+	mustFerry(t, "restore", "-D", img, "-d", "-v4", "-o", "restore.log", "--cgroup-yard", yard)
+	r := testutil.Attach(t, w.Pid, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	if b, err := os.ReadFile(filepath.Join(cg, "cgroup.procs")); err != nil || !strings.Contains(string(b), strconv.Itoa(w.Pid)) {
+		t.Fatalf("the restored process is not in %s (%q, %v)", cg, b, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(cg, "memory.swappiness")); strings.TrimSpace(string(b)) != "33" {
+		t.Fatalf("swappiness %q, want 33", b)
+	}
+	if b, _ := os.ReadFile(filepath.Join(cg, "memory.limit_in_bytes")); strings.TrimSpace(string(b)) == "268435456" {
+		t.Fatal("the memory limit, not saved, was set again")
+	}
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/ferrycr/ferry/dumpcore"
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/cgroups"
 )
 
 func init() { register(newDumpCmd) }
@@ -25,6 +26,9 @@ func newDumpCmd() *cobra.Command {
 		shellJob      bool
 		timeout       int
 		freezeCg      string
+		cgProps       string
+		cgPropsFile   string
+		cgYard        string
 		orphanPts     bool
 		pidfile       string
 		displayStats  bool
@@ -202,6 +206,10 @@ the fd and the object. stats-dump is always written to the work directory.`,
 			if err := acts.run("pre-dump", 0); err != nil {
 				return fmt.Errorf("dump: %w", err)
 			}
+			spec, err := propsSpec(cgProps, cgPropsFile)
+			if err != nil {
+				return err
+			}
 			res, err := dump(cmd.Context(), dumpcore.Options{
 				Action:   acts.dumpHook(),
 				PageSink: sink, LazyServe: lazyServe,
@@ -209,7 +217,7 @@ the fd and the object. stats-dump is always written to the work directory.`,
 				LeaveStopped: leaveStopped, ShellJob: shellJob,
 				Timeout: time.Duration(timeout) * time.Second, GhostLimit: gl,
 				PrevImagesDir: prevDir, Compress: ps.compress, TCPEstablished: tcpEst, NetworkLock: netLock, ExtUnixSk: extUnixSk, FileLocks: fileLocks, TCPClose: tcpClose, SkipInFlight: skipInFlight, LinkRemap: linkRemap, TrackMem: trackMem, CgroupControllers: cgControllers, Root: rootDir, ExternalMounts: extMnt, EmptyNet: emptyNs == "net", ExternalNs: extNs,
-				FreezeCgroup: freezeCg, OrphanPtsMaster: orphanPts, Caller: callerOf(cmd.Context()), Version: version, Logger: log,
+				FreezeCgroup: freezeCg, OrphanPtsMaster: orphanPts, CgroupProps: spec, CgroupYard: cgYard, Caller: callerOf(cmd.Context()), Version: version, Logger: log,
 			})
 			if err != nil {
 				log.Error("dumping failed", "pid", pid, "err", err)
@@ -262,6 +270,9 @@ the fd and the object. stats-dump is always written to the work directory.`,
 	fs.StringArrayVarP(&mountMaps, "ext-mount-map", "M", nil, "MOUNTPOINT:KEY: the mount at MOUNTPOINT is not saved but named KEY (as --external mnt[MOUNTPOINT]:KEY); repeatable")
 	fs.StringVarP(&rootDir, "root", "r", "", "where ferry sees the root of the tree's own mount namespace (found from the mount tables if not given)")
 	fs.StringArrayVar(&cgControllers, "cgroup-dump-controller", nil, "save only the cgroup hierarchies holding CONTROLLER (repeatable; all by default)")
+	fs.StringVar(&cgProps, "cgroup-props", "", "which properties of each controller to save, in criu's notation ('\"memory\": - \"strategy\": \"merge\" - \"properties\": [\"memory.swappiness\"]'): merge adds to ferry's set, replace stands for it")
+	fs.StringVar(&cgPropsFile, "cgroup-props-file", "", "--cgroup-props read from FILE")
+	fs.StringVar(&cgYard, "cgroup-yard", "", "read the cgroups from the hierarchies mounted in DIR (one each, as criu's yard) instead of wherever they are mounted")
 	fs.String("manage-cgroups", "soft", "accepted for criu compatibility: the dump always saves the cgroups and their properties; the restore's --manage-cgroups decides")
 	fs.Lookup("manage-cgroups").NoOptDefVal = "soft"
 	fs.StringVar(&freezeCg, "freeze-cgroup", "", "freeze the tree with the freezer of the cgroup at this directory (v1 freezer.state or v2 cgroup.freeze; every task at once) before seizing it; a cgroup frozen already (a paused container) is frozen again after the dump")
@@ -281,4 +292,23 @@ func printDumpStats(cmd *cobra.Command, s *pb.DumpStats) {
 	fmt.Fprintf(w, "Memory pages skipped from parent: %d (0x%x)\n", s.PagesSkippedParent, s.PagesSkippedParent)
 	fmt.Fprintf(w, "Memory pages written: %d (0x%x)\n", s.PagesWritten, s.PagesWritten)
 	fmt.Fprintf(w, "Zero memory pages: %d (0x%x)\n", s.PagesZero, s.PagesZero)
+}
+
+// propsSpec reads --cgroup-props or --cgroup-props-file (nil if neither).
+func propsSpec(text, file string) (cgroups.PropsSpec, error) {
+	name := "--cgroup-props"
+	if file != "" {
+		if text != "" {
+			return nil, fmt.Errorf("--cgroup-props and --cgroup-props-file: give one")
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return nil, fmt.Errorf("--cgroup-props-file: %w", err)
+		}
+		text, name = string(b), file
+	}
+	if text == "" {
+		return nil, nil
+	}
+	return cgroups.ParsePropsSpec(name, text)
 }

@@ -25,6 +25,7 @@ func newRestoreCmd() *cobra.Command {
 		detached     bool
 		tcpClose     bool
 		weakSysctls  bool
+		cgYard       string
 		leaveStopped bool
 		shellJob     bool
 		pidfile      string
@@ -121,7 +122,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log, Caller: callerOf(cmd.Context()), OrphanPtsMaster: orphanMasters(cmd.Context()),
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, WeakSysctls: weakSysctls, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
+				TCPClose: tcpClose, WeakSysctls: weakSysctls, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, CgroupYard: cgYard, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -182,6 +183,7 @@ process runs; the process is then re-parented to init.`,
 	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")
 	const compat = "accepted for criu compatibility: the restore does what the images say"
 	fs.BoolVar(&tcpClose, "tcp-close", false, "restore the established connections in the images as closed sockets")
+	fs.StringVar(&cgYard, "cgroup-yard", "", "use the cgroup hierarchies mounted in DIR (one each, as criu's yard) instead of wherever they are mounted")
 	fs.BoolVar(&weakSysctls, "weak-sysctls", false, "a sysctl of the images (of the tree's network namespace) that this kernel lacks or refuses is logged and left, instead of failing the restore")
 	for _, name := range []string{"link-remap", "ghost-fiemap", "no-ghost-fiemap", "skip-in-flight"} {
 		fs.Bool(name, false, compat)

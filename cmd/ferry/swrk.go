@@ -412,6 +412,9 @@ func (c *rpcConn) commonArgs(o *rpc.CriuOpts) ([]string, error) {
 	for _, x := range o.GetExternal() {
 		args = append(args, "--external="+x)
 	}
+	if o.GetCgroupYard() != "" {
+		args = append(args, "--cgroup-yard="+o.GetCgroupYard())
+	}
 	for _, j := range o.GetJoinNs() {
 		args = append(args, "--join-ns="+j.GetNs()+":"+j.GetNsFile())
 	}
@@ -477,6 +480,9 @@ func (c *rpcConn) dumpArgs(typ rpc.CriuReqType, o *rpc.CriuOpts) ([]string, erro
 		args []string
 	}{{o.GetEmptyNs()&unix.CLONE_NEWNET != 0, []string{"--empty-ns", "net"}}, {o.GetLeaveRunning(), []string{"--leave-running"}},
 		{o.GetOrphanPtsMaster(), []string{"--orphan-pts-master"}},
+		{o.GetCgroupProps() != "", []string{"--cgroup-props=" + o.GetCgroupProps()}},
+		{len(o.GetCgroupDumpController()) > 0, cgroupDumpControllers(o)},
+		{o.GetCgroupPropsFile() != "", []string{"--cgroup-props-file=" + o.GetCgroupPropsFile()}},
 		{o.GetExtUnixSk(), []string{"--ext-unix-sk"}}, {o.GetTrackMem(), []string{"--track-mem"}},
 		{o.GetTcpSkipInFlight(), []string{"--skip-in-flight"}},
 		{o.GhostLimit != nil, []string{"--ghost-limit", strconv.Itoa(int(o.GetGhostLimit()))}},
@@ -514,4 +520,13 @@ func (c *rpcConn) restoreArgs(o *rpc.CriuOpts, pidfile string) ([]string, error)
 		args = append(args, "--weak-sysctls")
 	}
 	return args, nil
+}
+
+// cgroupDumpControllers is cgroup_dump_controller as dump's options.
+func cgroupDumpControllers(o *rpc.CriuOpts) []string {
+	var out []string
+	for _, c := range o.GetCgroupDumpController() {
+		out = append(out, "--cgroup-dump-controller="+c)
+	}
+	return out
 }

@@ -48,7 +48,12 @@ func parse(name string, b []byte) ([]Ref, error) {
 
 // Mounts maps each hierarchy mounted here (by its controllers, "" for
 // v2) to a mount point of its root.
-func Mounts() (map[string]string, error) {
+func Mounts() (map[string]string, error) { return MountsUnder("") }
+
+// MountsUnder is Mounts for hierarchies mounted in directory yard only
+// (criu's --cgroup-yard: a directory with them mounted, one each); ""
+// is anywhere.
+func MountsUnder(yard string) (map[string]string, error) {
 	const name = "/proc/self/mountinfo"
 	b, err := os.ReadFile(name)
 	if err != nil {
@@ -69,6 +74,9 @@ func Mounts() (map[string]string, error) {
 		f, g := strings.Fields(pre), strings.Fields(post)
 		if !ok || len(f) < 5 || len(g) < 3 || f[3] != "/" {
 			continue // not a hierarchy's root
+		}
+		if yard != "" && filepath.Dir(f[4]) != filepath.Clean(yard) {
+			continue
 		}
 		switch g[0] {
 		case "cgroup2":
@@ -116,8 +124,9 @@ var props = map[string][]string{
 type Prop struct{ Name, Value string }
 
 // ReadProps reads the properties of cgroup dir of a hierarchy of
-// controllers (v2: the controllers enabled there).
-func ReadProps(dir, controllers string) ([]Prop, error) {
+// controllers (v2: the controllers enabled there): ferry's, or as spec
+// says (nil: ferry's).
+func ReadProps(dir, controllers string, spec PropsSpec) ([]Prop, error) {
 	var ctrls []string
 	if controllers == "" {
 		b, err := os.ReadFile(filepath.Join(dir, "cgroup.controllers"))
@@ -130,7 +139,7 @@ func ReadProps(dir, controllers string) ([]Prop, error) {
 	}
 	var out []Prop
 	for _, c := range ctrls {
-		for _, p := range props[c] {
+		for _, p := range propsOf(c, spec) {
 			b, err := os.ReadFile(filepath.Join(dir, p))
 			if errors.Is(err, os.ErrNotExist) {
 				continue // not on this kernel, or not in this version
@@ -156,11 +165,12 @@ func known(name string) bool {
 	return false
 }
 
-// SetProps writes props into cgroup dir. A name ferry does not save (an
-// image may say anything) is refused.
+// SetProps writes props into cgroup dir. A name that is not a
+// controller's property (an image may say anything: "release_agent") is
+// refused (Settable).
 func SetProps(dir string, ps []Prop) error {
 	for _, p := range ps {
-		if !known(p.Name) {
+		if !Settable(p.Name) {
 			return fmt.Errorf("cgroup %s: property %q is not one ferry sets", dir, p.Name)
 		}
 		if err := os.WriteFile(filepath.Join(dir, p.Name), []byte(p.Value), 0); err != nil {

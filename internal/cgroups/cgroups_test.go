@@ -23,3 +23,30 @@ func TestParse(t *testing.T) {
 		t.Fatal(Normalize("cpuacct,cpu"))
 	}
 }
+
+func TestParsePropsSpec(t *testing.T) {
+	spec, err := ParsePropsSpec("test", `
+"cpu":
+ - "strategy": "replace"
+ - "properties": ["cpu.shares", "cpu.cfs_period_us"]
+memory:
+ - properties: [memory.move_charge_at_immigrate]
+`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := spec["cpu"]; !r.Replace || len(r.Props) != 2 || r.Props[1] != "cpu.cfs_period_us" {
+		t.Fatalf("cpu: %+v", r)
+	}
+	if got := propsOf("memory", spec); got[len(got)-1] != "memory.move_charge_at_immigrate" || len(got) != len(props["memory"])+1 {
+		t.Fatalf("memory merged: %v", got)
+	}
+	if got := propsOf("cpu", spec); len(got) != 2 {
+		t.Fatalf("cpu replaced: %v", got)
+	}
+	for _, bad := range []string{`"cpu": - "strategy": "swap"`, `"cpu" - x`, `"memory": - "properties": ["release_agent"]`, `"memory": - "properties": ["cgroup.procs"]`} {
+		if _, err := ParsePropsSpec("test", bad); err == nil {
+			t.Errorf("%q: no error", bad)
+		}
+	}
+}
