@@ -3,6 +3,8 @@ package dumpcore
 import (
 	"fmt"
 	"net"
+	"os"
+	"os/exec"
 	"strings"
 
 	"github.com/google/nftables"
@@ -17,9 +19,10 @@ import (
 // netNamespace describes the tree's network namespace, if it has one of
 // its own: its links (loopback and veth ends; any other kind is refused
 // by name), their addresses, and the routes of the main table the kernel
-// did not derive from an address, and its sysctls (those that can be read
-// and written). A namespace with nftables tables (but ferry's own network
-// lock) is refused: its rules are not saved yet.
+// did not derive from an address, its sysctls (those that can be read
+// and written) and its nftables tables (but ferry's own network lock; as
+// nft prints them). A namespace where iptables (x_tables) is in use is
+// refused: its rules are not saved yet.
 func (t *tree) netNamespace() (*pb.NetNs, error) {
 	if t.ownNs["net"] == "" {
 		return nil, nil
@@ -112,10 +115,38 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nftables of the network namespace of %d: %w", t.root, err)
 	}
+	var own []*nftables.Table
 	for _, tb := range tables {
 		if !strings.HasPrefix(tb.Name, "ferry-lock-") {
-			return nil, fmt.Errorf("nftables table %s in the network namespace of %d: %w (its rules are not saved yet)", tb.Name, t.root, ErrUnsupported)
+			own = append(own, tb)
 		}
+	}
+	err = proc.InNamespace(t.root, "net", func() error {
+		if b, err := os.ReadFile("/proc/thread-self/net/ip_tables_names"); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+			return fmt.Errorf("iptables (x_tables: %s) in use in the namespace, which ferry does not save yet (nftables tables it does): %w",
+				strings.Fields(string(b)), ErrUnsupported)
+		}
+		if len(own) == 0 {
+			return nil
+		}
+		nft, err := exec.LookPath("nft")
+		if err != nil {
+			return fmt.Errorf("nftables table %s in the namespace: saving it needs nft (Debian's nftables): %w", own[0].Name, err)
+		}
+		var ruleset strings.Builder
+		for _, tb := range own {
+			// Run from this thread, in the namespace.
+			b, err := exec.Command(nft, "list", "table", nftFamily(tb.Family), tb.Name).Output()
+			if err != nil {
+				return fmt.Errorf("nft list table %s %s: %w", nftFamily(tb.Family), tb.Name, err)
+			}
+			ruleset.Write(b)
+		}
+		out.NftRuleset = ruleset.String()
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("network namespace of %d: %w", t.root, err)
 	}
 	err = proc.InNamespace(t.root, "net", func() error {
 		sysctls, err := proc.ReadSysctls("net")
@@ -128,4 +159,18 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 		return nil, fmt.Errorf("sysctls of the network namespace of %d: %w", t.root, err)
 	}
 	return out, nil
+}
+
+// nftFamilies are nft's names of the table families.
+var nftFamilies = map[nftables.TableFamily]string{
+	nftables.TableFamilyIPv4: "ip", nftables.TableFamilyIPv6: "ip6", nftables.TableFamilyINet: "inet",
+	nftables.TableFamilyARP: "arp", nftables.TableFamilyBridge: "bridge", nftables.TableFamilyNetdev: "netdev",
+}
+
+// nftFamily is nft's name for a table family.
+func nftFamily(f nftables.TableFamily) string {
+	if name, ok := nftFamilies[f]; ok {
+		return name
+	}
+	return fmt.Sprint(int(f))
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 
@@ -140,6 +141,11 @@ func (r *restorer) makeNetNs(pid int) error {
 	if err != nil {
 		return err
 	}
+	if n.NftRuleset != "" {
+		if err := loadNftables(pid, n.NftRuleset); err != nil {
+			return err
+		}
+	}
 	r.log.Info("network namespace made", "links", len(n.Links), "routes", len(n.Routes), "sysctls set", set)
 	return nil
 }
@@ -186,4 +192,21 @@ func (r *restorer) setNetSysctls(pid int) (int, error) {
 		return nil
 	})
 	return set, err
+}
+
+// loadNftables loads the tree's nftables tables into its new namespace
+// (nft -f, run from a thread in it).
+func loadNftables(pid int, ruleset string) error {
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		return fmt.Errorf("the images hold nftables tables: loading them needs nft (Debian's nftables): %w", err)
+	}
+	return proc.InNamespace(pid, "net", func() error {
+		cmd := exec.Command(nft, "-f", "-")
+		cmd.Stdin = strings.NewReader(ruleset)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("nft -f (the images' nftables tables): %w: %s", err, strings.TrimSpace(string(out)))
+		}
+		return nil
+	})
 }

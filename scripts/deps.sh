@@ -10,6 +10,7 @@ command -v nsenter >/dev/null && command -v unshare >/dev/null || need+=(util-li
 command -v make >/dev/null || need+=(make)
 command -v runc >/dev/null || need+=(runc)
 command -v busybox >/dev/null || need+=(busybox-static)
+command -v nft >/dev/null || need+=(nftables)
 if ((${#need[@]})); then
 	if [[ $(id -u) -ne 0 ]]; then
 		echo "deps: need root to install: ${need[*]}" >&2

@@ -232,7 +232,8 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	// "host" namespace the test
 	// makes (its end in a bridge there): dumped, and restored with
 	// --external veth[eth0]:vh@br0, it has its link, address, MTU and
-	// route and sysctls again, and the host reaches it through the bridge.
+	// route, sysctls and nftables table again, and the host reaches it
+	// through the bridge.
 	needRoot(t)
 	sh := func(args ...string) {
 		t.Helper()
@@ -273,6 +274,21 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	if got := readSysctls(init); !maps.Equal(got, sysctls) {
 		t.Fatalf("sysctls before the dump: %v, want %v", got, sysctls)
 	}
+	// An nftables table with a set, a chain and a rule.
+	for _, c := range [][]string{{"add", "table", "inet", "filt"},
+		{"add", "set", "inet", "filt", "blocked", "{ type ipv4_addr; elements = { 10.1.2.3 } }"},
+		{"add", "chain", "inet", "filt", "input", "{ type filter hook input priority 0; policy accept; }"},
+		{"add", "rule", "inet", "filt", "input", "ip saddr @blocked tcp dport 7778 counter drop"}} {
+		sh(append([]string{"nsenter", "-t", init, "-n", "nft"}, c...)...)
+	}
+	nftRuleset := func(pid string) string {
+		out, err := exec.Command("nsenter", "-t", pid, "-n", "nft", "list", "ruleset").CombinedOutput()
+		if err != nil {
+			t.Fatalf("nft list ruleset: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	rulesBefore := nftRuleset(init)
 	fromHost := func() string {
 		t.Helper()
 		out, err := exec.Command("ip", "netns", "exec", hostNs, "python3", "-c",
@@ -312,6 +328,9 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	checkContinued(t, before, r.Report(t))
 	if got := readSysctls(strconv.Itoa(r.Pid)); !maps.Equal(got, sysctls) {
 		t.Fatalf("sysctls after the restore: %v, want %v", got, sysctls)
+	}
+	if got := nftRuleset(strconv.Itoa(r.Pid)); got != rulesBefore {
+		t.Fatalf("nftables after the restore:\n%s\nbefore:\n%s", got, rulesBefore)
 	}
 	if got := fromHost(); got != before.Token {
 		t.Fatalf("the server answers %q after the restore, want %q", got, before.Token)

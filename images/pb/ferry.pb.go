@@ -1054,7 +1054,10 @@ type NetNs struct {
 	Routes []*NetRoute            `protobuf:"bytes,2,rep,name=routes,proto3" json:"routes,omitempty"`
 	// Every sysctl of the namespace that can be read and written
 	// (/proc/sys/net), its own per-link ones included.
-	Sysctls       []*Sysctl `protobuf:"bytes,3,rep,name=sysctls,proto3" json:"sysctls,omitempty"`
+	Sysctls []*Sysctl `protobuf:"bytes,3,rep,name=sysctls,proto3" json:"sysctls,omitempty"`
+	// Its nftables tables (but ferry's network lock), as `nft list table`
+	// prints them and `nft -f` reads them.
+	NftRuleset    string `protobuf:"bytes,4,opt,name=nft_ruleset,json=nftRuleset,proto3" json:"nft_ruleset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1108,6 +1111,13 @@ func (x *NetNs) GetSysctls() []*Sysctl {
 		return x.Sysctls
 	}
 	return nil
+}
+
+func (x *NetNs) GetNftRuleset() string {
+	if x != nil {
+		return x.NftRuleset
+	}
+	return ""
 }
 
 // Sysctl is one sysctl of a namespace: its path under /proc/sys ("net/
@@ -5819,11 +5829,13 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
 	"IpcMessage\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x03R\x04type\x12\x12\n" +
-	"\x04data\x18\x02 \x01(\fR\x04data\"\x94\x01\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"\xb5\x01\n" +
 	"\x05NetNs\x12+\n" +
 	"\x05links\x18\x01 \x03(\v2\x15.ferry.images.NetLinkR\x05links\x12.\n" +
 	"\x06routes\x18\x02 \x03(\v2\x16.ferry.images.NetRouteR\x06routes\x12.\n" +
-	"\asysctls\x18\x03 \x03(\v2\x14.ferry.images.SysctlR\asysctls\"2\n" +
+	"\asysctls\x18\x03 \x03(\v2\x14.ferry.images.SysctlR\asysctls\x12\x1f\n" +
+	"\vnft_ruleset\x18\x04 \x01(\tR\n" +
+	"nftRuleset\"2\n" +
 	"\x06Sysctl\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value\"\x82\x01\n" +
