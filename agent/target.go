@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -294,8 +295,18 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	a.log.Debug("migration: restore returned", "id", req.Id, "took", time.Since(start), "err", err)
 	if err != nil {
 		if post != nil {
-			post.cancel()
-			<-post.done
+			// The daemon may have failed first and killed the tree being
+			// made (the source refused a list: its flags check): its
+			// error is the cause, the restore's only what followed.
+			select {
+			case <-post.done:
+			default:
+				post.cancel()
+				<-post.done
+			}
+			if post.err != nil && !errors.Is(post.err, context.Canceled) {
+				err = fmt.Errorf("%w (post-copy: %v)", err, post.err)
+			}
 		}
 		return nil, status.Errorf(codes.Aborted, "migration %s: restore: %v", req.Id, err)
 	}
