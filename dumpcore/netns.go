@@ -55,6 +55,8 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 			nl.Kind = "loopback"
 		case l.Type() == "veth":
 			nl.Kind = "veth"
+		case l.Type() == "macvlan":
+			nl.Kind, nl.MacvlanMode = "macvlan", uint32(l.(*netlink.Macvlan).Mode)
 		default:
 			return nil, fmt.Errorf("link %s (%s) in the network namespace of %d, which ferry does not save yet: %w", a.Name, l.Type(), t.root, ErrUnsupported)
 		}

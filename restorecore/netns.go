@@ -32,6 +32,9 @@ func (r *restorer) checkNetNs() error {
 			if _, ok := r.opts.Veths[l.Name]; l.Kind == "veth" && !ok {
 				return fmt.Errorf("%w: veth %s of the network namespace: name its end here with --external veth[%s]:NAME[@BRIDGE]", ErrValidation, l.Name, l.Name)
 			}
+			if _, ok := r.opts.Macvlans[l.Name]; l.Kind == "macvlan" && !ok {
+				return fmt.Errorf("%w: macvlan %s of the network namespace: name its parent here with --external macvlan[%s]:LINK", ErrValidation, l.Name, l.Name)
+			}
 		}
 	}
 	return nil
@@ -78,6 +81,17 @@ func (r *restorer) makeNetNs(pid int) error {
 			if err := netlink.LinkSetUp(out); err != nil {
 				return err
 			}
+		} else if l.Kind == "macvlan" {
+			// Made on its parent here, straight into the namespace.
+			parent, err := netlink.LinkByName(r.opts.Macvlans[l.Name])
+			if err != nil {
+				return fmt.Errorf("macvlan %s: parent %s: %w", l.Name, r.opts.Macvlans[l.Name], err)
+			}
+			mv := &netlink.Macvlan{LinkAttrs: netlink.LinkAttrs{Name: l.Name, ParentIndex: parent.Attrs().Index, Namespace: netlink.NsFd(int(ns))},
+				Mode: netlink.MacvlanMode(l.MacvlanMode)}
+			if err := netlink.LinkAdd(mv); err != nil {
+				return fmt.Errorf("macvlan %s on %s: %w", l.Name, r.opts.Macvlans[l.Name], err)
+			}
 		} else if l.Kind != "loopback" {
 			return fmt.Errorf("%w: link %s of kind %q", ErrValidation, l.Name, l.Kind)
 		}
@@ -90,7 +104,7 @@ func (r *restorer) makeNetNs(pid int) error {
 				return fmt.Errorf("link %s: MTU %d: %w", l.Name, l.Mtu, err)
 			}
 		}
-		if l.Kind == "veth" && len(l.HwAddr) > 0 {
+		if l.Kind != "loopback" && len(l.HwAddr) > 0 {
 			if err := h.LinkSetHardwareAddr(link, net.HardwareAddr(l.HwAddr)); err != nil {
 				return fmt.Errorf("link %s: address %v: %w", l.Name, net.HardwareAddr(l.HwAddr), err)
 			}

@@ -46,6 +46,9 @@ type Options struct {
 	// Veths (--external veth[IN]:OUT@BRIDGE) name, by the inner name of
 	// each veth of the tree's network namespace, where its outer end goes.
 	Veths map[string]VethPeer
+	// Macvlans (--external macvlan[IN]:PARENT) name, by the name of each
+	// macvlan of the tree's network namespace, its parent link here.
+	Macvlans map[string]string
 	// WeakSysctls (--weak-sysctls): a sysctl of the images this kernel
 	// lacks or refuses is logged and left, not fatal.
 	WeakSysctls bool

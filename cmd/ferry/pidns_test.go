@@ -250,10 +250,37 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	init := strconv.Itoa(w.Pid)
 	sh("ip", "link", "add", "vh", "netns", hostNs, "type", "veth", "peer", "name", "eth0", "netns", init)
 	sh("ip", "-n", hostNs, "link", "set", "vh", "master", "br0", "up")
+	// A macvlan too, on a link of the host namespace (one end of a veth:
+	// this kernel has no dummy links).
+	sh("ip", "-n", hostNs, "link", "add", "dm0", "type", "veth", "peer", "name", "dm1")
+	sh("ip", "-n", hostNs, "link", "set", "dm0", "up")
+	sh("ip", "-n", hostNs, "link", "add", "mv0", "link", "dm0", "type", "macvlan", "mode", "private")
+	sh("ip", "-n", hostNs, "link", "set", "mv0", "netns", init)
 	for _, c := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "10.99.0.2/24", "dev", "eth0"},
-		{"link", "set", "eth0", "mtu", "1400", "up"}, {"route", "add", "default", "via", "10.99.0.1"}} {
+		{"link", "set", "eth0", "mtu", "1400", "up"}, {"route", "add", "default", "via", "10.99.0.1"},
+		{"addr", "add", "10.98.0.2/24", "dev", "mv0"}, {"link", "set", "mv0", "up"}} {
 		sh(append([]string{"nsenter", "-t", init, "-n", "ip"}, c...)...)
 	}
+	macvlan := func(pid string) string {
+		var keep []string
+		for _, what := range []string{"link", "addr"} {
+			out, err := exec.Command("nsenter", "-t", pid, "-n", "ip", "-d", "-o", what, "show", "mv0").CombinedOutput()
+			if err != nil {
+				t.Fatalf("ip %s show mv0: %v\n%s", what, err, out)
+			}
+			f := strings.Fields(string(out))
+			for i, w := range f {
+				switch {
+				case w == "macvlan" && i+2 < len(f) && f[i+1] == "mode":
+					keep = append(keep, w, f[i+1], f[i+2])
+				case (w == "link/ether" || w == "inet") && i+1 < len(f):
+					keep = append(keep, w, f[i+1])
+				}
+			}
+		}
+		return strings.Join(keep, " ")
+	}
+	mvBefore := macvlan(init)
 	// Sysctls of the namespace, its own and one of a link's.
 	sysctls := map[string]string{"net/ipv4/ip_forward": "1", "net/core/somaxconn": "777",
 		"net/ipv4/ip_local_port_range": "20000\t30000", "net/ipv4/conf/eth0/rp_filter": "2", "net/ipv6/conf/eth0/disable_ipv6": "1"}
@@ -322,12 +349,15 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 		t.Fatal("the dead namespace's veth stays")
 	}
 	pidfile := filepath.Join(t.TempDir(), "pid")
-	inHost("restore", "-D", img, "-d", "--pidfile", pidfile, "--external", "veth[eth0]:vh@br0", "-v4", "-o", "restore.log")
+	inHost("restore", "-D", img, "-d", "--pidfile", pidfile, "--external", "veth[eth0]:vh@br0", "--external", "macvlan[mv0]:dm0", "-v4", "-o", "restore.log")
 	r := attachPidfile(t, pidfile, w.ReportPath)
 	defer r.Kill()
 	checkContinued(t, before, r.Report(t))
 	if got := readSysctls(strconv.Itoa(r.Pid)); !maps.Equal(got, sysctls) {
 		t.Fatalf("sysctls after the restore: %v, want %v", got, sysctls)
+	}
+	if got := macvlan(strconv.Itoa(r.Pid)); got != mvBefore || !strings.Contains(got, "private") {
+		t.Fatalf("macvlan after the restore: %q, before %q", got, mvBefore)
 	}
 	if got := nftRuleset(strconv.Itoa(r.Pid)); got != rulesBefore {
 		t.Fatalf("nftables after the restore:\n%s\nbefore:\n%s", got, rulesBefore)

@@ -74,7 +74,7 @@ process runs; the process is then re-parented to init.`,
 				// so wait4 sees it, and do not let ^C kill ferry first.
 				signal.Ignore(syscall.SIGINT, syscall.SIGQUIT)
 			}
-			veths, extMnt, err := parseExternals(externals, mountMaps)
+			veths, extMnt, macvlans, err := parseExternals(externals, mountMaps)
 			if err != nil {
 				return err
 			}
@@ -122,7 +122,7 @@ process runs; the process is then re-parented to init.`,
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log, Caller: callerOf(cmd.Context()), OrphanPtsMaster: orphanMasters(cmd.Context()),
 				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
-				TCPClose: tcpClose, WeakSysctls: weakSysctls, Veths: veths, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, CgroupYard: cgYard, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
+				TCPClose: tcpClose, WeakSysctls: weakSysctls, Veths: veths, Macvlans: macvlans, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, CgroupYard: cgYard, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
 			})
 			if err != nil {
 				log.Error("restoring failed", "err", err)
@@ -191,7 +191,7 @@ process runs; the process is then re-parented to init.`,
 	fs.BoolP("file-locks", "l", false, compat)
 	fs.String("ext-unix-sk", "", compat)
 	fs.Lookup("ext-unix-sk").NoOptDefVal = "all"
-	fs.StringArrayVar(&externals, "external", nil, "a resource outside the images, as criu names it: veth[IN]:OUT[@BRIDGE] makes the outer end of the tree's veth IN as OUT here, in BRIDGE if given; mnt[KEY]:PATH binds PATH where the images have the external mount KEY; unix[INODE] is accepted (the images name the peer to connect to again); repeatable")
+	fs.StringArrayVar(&externals, "external", nil, "a resource outside the images, as criu names it: veth[IN]:OUT[@BRIDGE] makes the outer end of the tree's veth IN as OUT here, in BRIDGE if given; macvlan[IN]:PARENT makes the tree's macvlan IN on link PARENT here; mnt[KEY]:PATH binds PATH where the images have the external mount KEY; unix[INODE] is accepted (the images name the peer to connect to again); repeatable")
 	fs.String("network-lock", "nftables", "accepted for criu compatibility: the lock the images name is removed once the restore is done")
 	return cmd
 }
@@ -209,12 +209,12 @@ func printRestoreStats(cmd *cobra.Command, s *pb.RestoreStats) {
 // parseExternals reads criu's --external veth[IN]:OUT[@BRIDGE] and
 // mnt[KEY]:PATH arguments and --ext-mount-map KEY:PATH (and lets
 // unix[INODE] by).
-func parseExternals(externals, mountMaps []string) (map[string]restorecore.VethPeer, map[string]string, error) {
-	veths, mnts := map[string]restorecore.VethPeer{}, map[string]string{}
+func parseExternals(externals, mountMaps []string) (veths map[string]restorecore.VethPeer, mnts, macvlans map[string]string, err error) {
+	veths, mnts, macvlans = map[string]restorecore.VethPeer{}, map[string]string{}, map[string]string{}
 	for _, m := range mountMaps {
 		key, path, ok := strings.Cut(m, ":")
 		if !ok || key == "" || path == "" {
-			return nil, nil, fmt.Errorf("--ext-mount-map %q: want KEY:PATH", m)
+			return nil, nil, nil, fmt.Errorf("--ext-mount-map %q: want KEY:PATH", m)
 		}
 		mnts[key] = path
 	}
@@ -225,18 +225,26 @@ func parseExternals(externals, mountMaps []string) (map[string]restorecore.VethP
 		if rest, ok := strings.CutPrefix(x, "mnt["); ok {
 			key, path, ok := strings.Cut(rest, "]:")
 			if !ok || key == "" || path == "" {
-				return nil, nil, fmt.Errorf("--external %q: want mnt[KEY]:PATH", x)
+				return nil, nil, nil, fmt.Errorf("--external %q: want mnt[KEY]:PATH", x)
 			}
 			mnts[key] = path
+			continue
+		}
+		if rest, ok := strings.CutPrefix(x, "macvlan["); ok {
+			in, parent, ok := strings.Cut(rest, "]:")
+			if !ok || in == "" || parent == "" {
+				return nil, nil, nil, fmt.Errorf("--external %q: want macvlan[IN]:PARENT", x)
+			}
+			macvlans[in] = parent
 			continue
 		}
 		rest, ok := strings.CutPrefix(x, "veth[")
 		in, out, ok2 := strings.Cut(rest, "]:")
 		if !ok || !ok2 || in == "" || out == "" {
-			return nil, nil, fmt.Errorf("--external %q: want veth[IN]:OUT[@BRIDGE], mnt[KEY]:PATH or unix[INODE]", x)
+			return nil, nil, nil, fmt.Errorf("--external %q: want veth[IN]:OUT[@BRIDGE], macvlan[IN]:PARENT, mnt[KEY]:PATH or unix[INODE]", x)
 		}
 		out, bridge, _ := strings.Cut(out, "@")
 		veths[in] = restorecore.VethPeer{Out: out, Bridge: bridge}
 	}
-	return veths, mnts, nil
+	return veths, mnts, macvlans, nil
 }

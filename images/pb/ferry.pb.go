@@ -1176,13 +1176,16 @@ func (x *Sysctl) GetValue() string {
 
 // NetLink is a network interface of the tree's namespace.
 type NetLink struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Kind          string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"` // "loopback" or "veth" (its peer outside: --external veth[NAME]:OUT[@BRIDGE])
-	Mtu           uint32                 `protobuf:"varint,3,opt,name=mtu,proto3" json:"mtu,omitempty"`
-	HwAddr        []byte                 `protobuf:"bytes,4,opt,name=hw_addr,json=hwAddr,proto3" json:"hw_addr,omitempty"`
-	Up            bool                   `protobuf:"varint,5,opt,name=up,proto3" json:"up,omitempty"`
-	Addrs         []string               `protobuf:"bytes,6,rep,name=addrs,proto3" json:"addrs,omitempty"` // CIDR, as "10.0.0.2/24"
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Kind   string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"` // "loopback" or "veth" (its peer outside: --external veth[NAME]:OUT[@BRIDGE])
+	Mtu    uint32                 `protobuf:"varint,3,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	HwAddr []byte                 `protobuf:"bytes,4,opt,name=hw_addr,json=hwAddr,proto3" json:"hw_addr,omitempty"`
+	Up     bool                   `protobuf:"varint,5,opt,name=up,proto3" json:"up,omitempty"`
+	Addrs  []string               `protobuf:"bytes,6,rep,name=addrs,proto3" json:"addrs,omitempty"` // CIDR, as "10.0.0.2/24"
+	// A macvlan's mode (netlink's MACVLAN_MODE_*); its parent is outside
+	// (--external macvlan[NAME]:PARENT names it at the restore).
+	MacvlanMode   uint32 `protobuf:"varint,7,opt,name=macvlan_mode,json=macvlanMode,proto3" json:"macvlan_mode,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1257,6 +1260,13 @@ func (x *NetLink) GetAddrs() []string {
 		return x.Addrs
 	}
 	return nil
+}
+
+func (x *NetLink) GetMacvlanMode() uint32 {
+	if x != nil {
+		return x.MacvlanMode
+	}
+	return 0
 }
 
 // NetRoute is a route of the namespace's main table that the kernel did
@@ -5838,14 +5848,15 @@ const file_images_ferry_proto_rawDesc = "" +
 	"nftRuleset\"2\n" +
 	"\x06Sysctl\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"\x82\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\xa5\x01\n" +
 	"\aNetLink\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x10\n" +
 	"\x03mtu\x18\x03 \x01(\rR\x03mtu\x12\x17\n" +
 	"\ahw_addr\x18\x04 \x01(\fR\x06hwAddr\x12\x0e\n" +
 	"\x02up\x18\x05 \x01(\bR\x02up\x12\x14\n" +
-	"\x05addrs\x18\x06 \x03(\tR\x05addrs\"\xb6\x01\n" +
+	"\x05addrs\x18\x06 \x03(\tR\x05addrs\x12!\n" +
+	"\fmacvlan_mode\x18\a \x01(\rR\vmacvlanMode\"\xb6\x01\n" +
 	"\bNetRoute\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x10\n" +
 	"\x03dst\x18\x02 \x01(\tR\x03dst\x12\x0e\n" +
