@@ -551,11 +551,6 @@ func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
 	imgs[0].inv.CgroupNs = t.ownNs["cgroup"] != ""
 	imgs[0].inv.ExternalNs = t.extNs
 	imgs[0].inv.UserNs = t.userNs
-	for _, f := range t.files.entries {
-		if (f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted) && images.OnOwnMount(imgs[0].inv.MntNs, f.Path) {
-			return nil, fmt.Errorf("%s (deleted) is on a mount of the tree's own mount namespace, which ferry does not restore yet for FIFOs, directories and symlinks: %w", f.Path, ErrUnsupported)
-		}
-	}
 	return imgs, t.checkSessions(imgs)
 }
 

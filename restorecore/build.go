@@ -811,10 +811,11 @@ func (b *builder) chdir() error {
 		}
 		path = fmt.Sprintf("/proc/%d", dead)
 	} else if cwd.DirDeleted {
-		p, made, err := standIn(cwd)
+		fs := b.fsFor(cwd.Path)
+		p, made, err := standIn(fs, cwd)
 		defer func() {
 			for _, d := range made { // innermost first
-				os.Remove(d)
+				fs.dropper(d)()
 			}
 		}()
 		if err != nil {

@@ -42,10 +42,10 @@ func (b *builder) restoreFiles() error {
 	pipeEndTaken := map[[2]uint64]bool{}
 	fifos := map[uint64]int{} // FIFO inode -> parked read-write helper fd
 	hungUp := map[int32]int{} // hung-up pty index -> the parked master made for it
-	var ghosts []string
+	var ghosts []func()       // removing the stand-ins once open, in order
 	defer func() {
-		for _, g := range ghosts {
-			os.Remove(g)
+		for _, drop := range ghosts {
+			drop()
 		}
 	}()
 	park := func(fd uint64) (int, error) {
@@ -425,13 +425,14 @@ func (b *builder) restoreFiles() error {
 			if f.SymlinkDeleted {
 				// A removed symbolic link: made again under its old name
 				// (else beside it), opened, and removed again.
-				if path, err = remakeSymlink(f); err != nil {
+				fs := b.fsFor(f.Path)
+				if path, err = remakeSymlink(fs, f); err != nil {
 					return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
 				}
-				ghosts = append(ghosts, path)
+				ghosts = append(ghosts, fs.dropper(path))
 			}
 			if f.LinkRemap {
-				ghosts = append(ghosts, path) // the dump's name for it goes once it is open
+				ghosts = append(ghosts, hostFS{}.dropper(path)) // the dump's name for it goes once it is open
 			}
 			if f.Type == "dir" && f.DirDeleted {
 				if cwd, ok := b.r.is.files[b.p.core.CwdId]; ok && cwd.DirDeleted && cwd.Dev == f.Dev && cwd.Ino == f.Ino && b.cwdEntered() {
@@ -441,8 +442,11 @@ func (b *builder) restoreFiles() error {
 				} else {
 					// A removed directory: a stand-in, opened, then removed.
 					var made []string
-					path, made, err = standIn(f)
-					ghosts = append(ghosts, made...) // innermost first
+					fs := b.fsFor(f.Path)
+					path, made, err = standIn(fs, f)
+					for _, d := range made { // innermost first
+						ghosts = append(ghosts, fs.dropper(d))
+					}
 					if err != nil {
 						return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
 					}
@@ -1047,14 +1051,15 @@ func (b *builder) newEventFile(f *pb.FileEntry, park func(uint64) (int, error)) 
 // waits for a peer), sets its capacity and refills what it held; its fds
 // are then opened through this helper. A FIFO whose path was unlinked is
 // made again under a temporary name, removed once it is open.
-func (b *builder) openFifo(f *pb.FileEntry, park func(uint64) (int, error), ghosts *[]string) (int, error) {
+func (b *builder) openFifo(f *pb.FileEntry, park func(uint64) (int, error), ghosts *[]func()) (int, error) {
 	path := f.Path
 	if f.FifoDeleted {
 		path = fmt.Sprintf("%s.ferry-%d", f.Path, b.pid)
-		if err := unix.Mkfifo(path, f.Mode&0o7777); err != nil {
+		fs := b.fsFor(f.Path)
+		if err := fs.mkfifo(path, f.Mode&0o7777); err != nil {
 			return 0, fmt.Errorf("mkfifo: %w", err)
 		}
-		*ghosts = append(*ghosts, path)
+		*ghosts = append(*ghosts, fs.dropper(path))
 	}
 	raw, err := b.openIn(path, &pb.FileEntry{Type: "fifo", Flags: unix.O_RDWR | unix.O_NONBLOCK})
 	if err != nil {
@@ -1214,30 +1219,33 @@ func (b *builder) newFanotify(f *pb.FileEntry, park func(uint64) (int, error)) (
 //
 // Parents that were removed too are made again as well, and removed with
 // it: the caller removes what cleanup returns.
-func standIn(f *pb.FileEntry) (path string, cleanup []string, err error) {
-	mode := os.FileMode(f.Mode & 0o777)
+func standIn(fs standInFS, f *pb.FileEntry) (path string, cleanup []string, err error) {
 	// Removed parents first, outermost first.
 	var missing []string
 	for d := filepath.Dir(f.Path); d != "/" && d != "."; d = filepath.Dir(d) {
-		if _, err := os.Lstat(d); err == nil {
+		if fs.exists(d) {
 			break
 		}
 		missing = append(missing, d)
 	}
 	for i := len(missing) - 1; i >= 0; i-- {
-		if err := os.Mkdir(missing[i], 0o700); err != nil {
+		if err := fs.mkdir(missing[i], 0o700); err != nil {
 			return "", cleanup, fmt.Errorf("removed directory %s: its removed parent %s: %w", f.Path, missing[i], err)
 		}
 		cleanup = append([]string{missing[i]}, cleanup...)
 	}
-	if err := os.Mkdir(f.Path, mode); err == nil {
-		return f.Path, append([]string{f.Path}, cleanup...), nil
+	for i := -1; i < 100; i++ {
+		p := f.Path
+		if i >= 0 {
+			p = fmt.Sprintf("%s.ferry-%d", f.Path, i)
+		}
+		if err := fs.mkdir(p, f.Mode&0o777); err == nil {
+			return p, append([]string{p}, cleanup...), nil
+		} else if !errors.Is(err, os.ErrExist) {
+			return "", cleanup, fmt.Errorf("removed directory %s: %w", f.Path, err)
+		}
 	}
-	dir, err := os.MkdirTemp(filepath.Dir(f.Path), filepath.Base(f.Path)+".ferry-*")
-	if err != nil {
-		return "", cleanup, fmt.Errorf("removed directory %s: %w", f.Path, err)
-	}
-	return dir, append([]string{dir}, cleanup...), os.Chmod(dir, mode)
+	return "", cleanup, fmt.Errorf("removed directory %s: no free name beside it", f.Path)
 }
 
 // addMovedEpollTarget registers, on epoll fd epfd, a file the dumped
@@ -1278,19 +1286,108 @@ func (b *builder) epollAdd(epfd int32, fd uint64, t *pb.EpollTarget) error {
 
 // remakeSymlink makes removed symbolic link f again (pointing where it
 // did) and returns its path: its old one if free, else beside it.
-func remakeSymlink(f *pb.FileEntry) (string, error) {
-	if err := os.Symlink(f.SymlinkTarget, f.Path); err == nil {
-		return f.Path, nil
-	}
-	for i := 0; i < 100; i++ {
-		p := fmt.Sprintf("%s.ferry-%d", f.Path, i)
-		if err := os.Symlink(f.SymlinkTarget, p); err == nil {
+func remakeSymlink(fs standInFS, f *pb.FileEntry) (string, error) {
+	for i := -1; i < 100; i++ {
+		p := f.Path
+		if i >= 0 {
+			p = fmt.Sprintf("%s.ferry-%d", f.Path, i)
+		}
+		if err := fs.symlink(f.SymlinkTarget, p); err == nil {
 			return p, nil
 		} else if !errors.Is(err, os.ErrExist) {
 			return "", fmt.Errorf("removed symbolic link %s: %w", f.Path, err)
 		}
 	}
 	return "", fmt.Errorf("removed symbolic link %s: no free name beside it", f.Path)
+}
+
+// standInFS makes and removes the stand-ins of removed directories,
+// symlinks and FIFOs: in ferry's mount namespace (hostFS), or, for one on
+// a mount of the tree's own, from inside the process, in its own
+// (taskFS).
+type standInFS interface {
+	exists(p string) bool
+	mkdir(p string, mode uint32) error
+	symlink(target, p string) error
+	mkfifo(p string, mode uint32) error
+	dropper(p string) func() // removes p (a file, or an empty directory)
+}
+
+// fsFor is the standInFS for path.
+func (b *builder) fsFor(path string) standInFS {
+	if images.OnOwnMount(b.r.is.inv.MntNs, path) {
+		return taskFS{b}
+	}
+	return hostFS{}
+}
+
+type hostFS struct{}
+
+func (hostFS) exists(p string) bool {
+	_, err := os.Lstat(p)
+	return err == nil
+}
+func (hostFS) mkdir(p string, mode uint32) error {
+	if err := os.Mkdir(p, os.FileMode(mode)); err != nil {
+		return err
+	}
+	return os.Chmod(p, os.FileMode(mode)) // past the umask
+}
+func (hostFS) symlink(target, p string) error     { return os.Symlink(target, p) }
+func (hostFS) mkfifo(p string, mode uint32) error { return unix.Mkfifo(p, mode) }
+func (hostFS) dropper(p string) func()            { return func() { os.Remove(p) } }
+
+type taskFS struct{ b *builder }
+
+// path puts p in the process's scratch memory (at off).
+func (t taskFS) path(off uint64, p string) (uint64, error) { return t.b.putString(off, p) }
+
+func (t taskFS) exists(p string) bool {
+	a, err := t.path(0, p)
+	if err != nil {
+		return false
+	}
+	_, err = t.b.sys(unix.SYS_FACCESSAT2, atFdcwd, a, unix.F_OK, unix.AT_SYMLINK_NOFOLLOW)
+	return err == nil
+}
+func (t taskFS) mkdir(p string, mode uint32) error {
+	a, err := t.path(0, p)
+	if err == nil {
+		_, err = t.b.sys(unix.SYS_MKDIRAT, atFdcwd, a, uint64(mode))
+	}
+	if err == nil {
+		_, err = t.b.sys(unix.SYS_FCHMODAT, atFdcwd, a, uint64(mode)) // past the umask
+	}
+	return err
+}
+func (t taskFS) symlink(target, p string) error {
+	ta, err := t.path(0, target)
+	if err != nil {
+		return err
+	}
+	a, err := t.path(uint64(len(target))+1, p)
+	if err == nil {
+		_, err = t.b.sys(unix.SYS_SYMLINKAT, ta, atFdcwd, a)
+	}
+	return err
+}
+func (t taskFS) mkfifo(p string, mode uint32) error {
+	a, err := t.path(0, p)
+	if err == nil {
+		_, err = t.b.sys(unix.SYS_MKNODAT, atFdcwd, a, uint64(unix.S_IFIFO|mode), 0)
+	}
+	return err
+}
+func (t taskFS) dropper(p string) func() {
+	return func() {
+		a, err := t.path(0, p)
+		if err != nil {
+			return
+		}
+		if _, err := t.b.sys(unix.SYS_UNLINKAT, atFdcwd, a, 0); errors.Is(err, unix.EISDIR) {
+			t.b.sys(unix.SYS_UNLINKAT, atFdcwd, a, unix.AT_REMOVEDIR)
+		}
+	}
 }
 
 // makeGhostInRoot makes the stand-in of deleted file f, which was on a

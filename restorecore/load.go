@@ -328,13 +328,8 @@ func (is *imageSet) validate(localXstate []byte) error {
 	}
 	for _, f := range is.files {
 		if images.OnOwnMount(inv.MntNs, f.Path) {
-			// On a mount of the tree's own, made by the restore. What
-			// ferry would make there itself (a deleted file's stand-in,
-			// a removed FIFO, directory or symlink) would land in
-			// ferry's mount namespace instead.
-			if f.FifoDeleted || f.DirDeleted || f.SymlinkDeleted {
-				return refuse("%s (deleted) is on a mount of the tree's own mount namespace: not supported yet (deleted files are)", f.Path)
-			}
+			// On a mount of the tree's own, made by the restore (and the
+			// stand-ins of what was deleted there made in it too).
 			continue
 		}
 		if rest, ok := strings.CutPrefix(f.Path, "/proc/"); ok {

@@ -3,8 +3,9 @@
 PID 1 of new PID and mount namespaces (unshare --pid --fork --mount
 --mount-proc: its own /proc). It mounts a tmpfs at DIR/t (size=4m,
 mode=0750) holding a file with the token, a directory with a file and a
-symlink, keeps the file open, and a file it deleted (open), and its
-working directory in the tmpfs, and
+symlink, keeps the file open, a file it deleted, a FIFO (with data
+queued) and a directory it removed (open), and its working directory in
+the tmpfs, and
 binds DIR/src (which the test made, with a file) at DIR/b read-only, and
 mounts an overlay at DIR/ov with DIR/src below and its upper layer in the
 tmpfs, where it adds a file and removes DIR/src's.
@@ -12,7 +13,8 @@ tmpfs, where it adds a file and removes DIR/src's.
 The check (SIGUSR2, see selfcheck): /proc is its namespace's (it is PID
 1 there); the tmpfs is mounted with its options and holds its files; the
 open file reads the token, and so does the deleted one, still deleted
-(no name, its old path shown); the working directory is the tmpfs; the bind
+(no name, its old path shown); the removed FIFO holds its data and the
+removed directory is one, both with their modes and no name; the working directory is the tmpfs; the bind
 mount shows DIR/src's file and is read-only; the overlay shows the file
 it added, not the one it removed.
 """
@@ -50,6 +52,14 @@ gone = open(os.path.join(t, "gone.txt"), "w+")
 gone.write("gone " + token)
 gone.flush()
 os.unlink(os.path.join(t, "gone.txt"))
+# And a FIFO and a directory of the tmpfs, open and removed.
+os.mkfifo(os.path.join(t, "fifo"), 0o640)
+fifo = os.open(os.path.join(t, "fifo"), os.O_RDWR | os.O_NONBLOCK)
+os.write(fifo, b"queued " + token.encode())
+os.unlink(os.path.join(t, "fifo"))
+os.mkdir(os.path.join(t, "gone.d"), 0o711)
+gone_dir = os.open(os.path.join(t, "gone.d"), os.O_RDONLY | os.O_DIRECTORY)
+os.rmdir(os.path.join(t, "gone.d"))
 os.chdir(t)
 mount(os.path.join(top, "src"), b, None, MS_BIND, None)
 mount("none", b, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
@@ -85,6 +95,18 @@ def verify():
         return "the deleted file is %s" % os.readlink("/proc/self/fd/%d" % gone.fileno())
     if os.path.exists(os.path.join(t, "gone.txt")):
         return "the deleted file's stand-in stayed"
+    import stat
+    st = os.fstat(fifo)
+    if not stat.S_ISFIFO(st.st_mode) or st.st_mode & 0o777 != 0o640 or st.st_nlink != 0:
+        return "the removed FIFO is %o, %d links" % (st.st_mode, st.st_nlink)
+    if os.read(fifo, 100) != b"queued " + token.encode():
+        return "the removed FIFO lost its data"
+    os.write(fifo, b"queued " + token.encode())
+    st = os.fstat(gone_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o777 != 0o711 or st.st_nlink != 0:
+        return "the removed directory is %o, %d links" % (st.st_mode, st.st_nlink)
+    if os.path.exists(os.path.join(t, "fifo")) or any(n.startswith(("fifo", "gone.d")) for n in os.listdir(t)):
+        return "stand-ins stayed: %s" % os.listdir(t)
     if ov not in mounts or " overlay " not in mounts[ov]:
         return "overlay at %s: %s" % (ov, mounts.get(ov))
     if open(os.path.join(ov, "new.txt")).read() != "over " + token or os.path.exists(os.path.join(ov, "file")):
