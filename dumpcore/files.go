@@ -385,6 +385,22 @@ func (ft *fileTable) describeFd(pid, pidfd, fd int, info proc.FdInfo, shellJob b
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", target, err)
 			}
+		} else if unix.Major(st.Rdev) == 10 && unix.Minor(st.Rdev) == 200 && info.Extra["iff"] != "" {
+			// /dev/net/tun attached to a tun or tap device: which, and
+			// how (TUNGETIFF).
+			dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+			if err != nil {
+				return nil, os.NewSyscallError("pidfd_getfd", err)
+			}
+			ifr, err := unix.NewIfreq(info.Extra["iff"])
+			if err == nil {
+				err = unix.IoctlIfreq(dup, tungetiff, ifr)
+			}
+			unix.Close(dup)
+			if err != nil {
+				return nil, fmt.Errorf("%s (%s): TUNGETIFF: %w", target, info.Extra["iff"], err)
+			}
+			e.Type, e.TunIface, e.TunFlags = "tun", info.Extra["iff"], uint32(ifr.Uint16())
 		} else if unix.Major(st.Rdev) == 5 && unix.Minor(st.Rdev) == 0 && !shellJob {
 			// /dev/tty: the controlling terminal, whichever it is; opened
 			// again once the restored session has its terminal.
@@ -540,6 +556,9 @@ func isFerryTracker(pid, fd int, info proc.FdInfo) bool {
 	const initialized = 1 << 31 // kernel-internal UFFD_FEATURE_INITIALIZED
 	return err == nil && features&^initialized == trackFeatures
 }
+
+// tungetiff is TUNGETIFF: _IOR('T', 210, unsigned int).
+const tungetiff = 0x800454d2
 
 // isTTY reports whether a char device is a terminal (pts, tty, console).
 func isTTY(rdev uint64) bool {

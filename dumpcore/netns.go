@@ -57,6 +57,10 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 			nl.Kind = "veth"
 		case l.Type() == "macvlan":
 			nl.Kind, nl.MacvlanMode = "macvlan", uint32(l.(*netlink.Macvlan).Mode)
+		case l.Type() == "tuntap":
+			tt := l.(*netlink.Tuntap)
+			nl.Kind, nl.TunFlags, nl.TunPersist = "tun", uint32(tt.Mode)|uint32(tt.Flags), !tt.NonPersist
+			nl.TunOwner, nl.TunGroup = int64(int32(tt.Owner)), int64(int32(tt.Group))
 		default:
 			return nil, fmt.Errorf("link %s (%s) in the network namespace of %d, which ferry does not save yet: %w", a.Name, l.Type(), t.root, ErrUnsupported)
 		}

@@ -334,6 +334,31 @@ func (b *builder) restoreFiles() error {
 			if fd, err = b.newInetSocket(f, park); err != nil {
 				return 0, fmt.Errorf("fd %d (%s): %w", e.Fd, f.Path, err)
 			}
+		case "tun":
+			// /dev/net/tun attached again to its device (made by the
+			// network namespace's restore; else made here).
+			raw, err := b.openIn("/dev/net/tun", f)
+			if err != nil {
+				return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
+			}
+			ifr := make([]byte, 40) // struct ifreq: the name, then the flags
+			copy(ifr, f.TunIface)
+			binary.LittleEndian.PutUint16(ifr[16:], uint16(f.TunFlags))
+			a, err := b.put(scratchOptVal, ifr)
+			if err != nil {
+				return 0, err
+			}
+			if _, err := b.sys(unix.SYS_IOCTL, raw, tunsetiff, a); err != nil {
+				b.sys(unix.SYS_CLOSE, raw)
+				return 0, fmt.Errorf("fd %d: attach to %s (TUNSETIFF): %w", e.Fd, f.TunIface, err)
+			}
+			if fd, err = park(raw); err != nil {
+				return 0, err
+			}
+			if b.r.tunFds == nil {
+				b.r.tunFds = map[string][2]int{}
+			}
+			b.r.tunFds[f.TunIface] = [2]int{b.pid, int(e.Fd)} // where it ends up
 		case "fifo":
 			helper, ok := fifos[f.Ino]
 			if !ok {

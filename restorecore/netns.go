@@ -92,6 +92,13 @@ func (r *restorer) makeNetNs(pid int) error {
 			if err := netlink.LinkAdd(mv); err != nil {
 				return fmt.Errorf("macvlan %s on %s: %w", l.Name, r.opts.Macvlans[l.Name], err)
 			}
+		} else if l.Kind == "tun" {
+			if err := makeTun(pid, l); err != nil {
+				return fmt.Errorf("%s %s: %w", l.Kind, l.Name, err)
+			}
+			if !l.TunPersist {
+				r.tunTransient = append(r.tunTransient, l.Name)
+			}
 		} else if l.Kind != "loopback" {
 			return fmt.Errorf("%w: link %s of kind %q", ErrValidation, l.Name, l.Kind)
 		}
@@ -223,4 +230,72 @@ func loadNftables(pid int, ruleset string) error {
 		}
 		return nil
 	})
+}
+
+// tun ioctls (include/uapi/linux/if_tun.h).
+const (
+	tunsetiff     = 0x400454ca
+	tunsetpersist = 0x400454cb
+	tunsetowner   = 0x400454cc
+	tunsetgroup   = 0x400454ce
+)
+
+// makeTun makes tun or tap device l in pid's network namespace,
+// persistent for now (the processes attach to it as they take their
+// /dev/net/tun descriptors; endTransientTuns ends that), with its owner
+// and group.
+func makeTun(pid int, l *pb.NetLink) error {
+	return proc.InNamespace(pid, "net", func() error {
+		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return os.NewSyscallError("open /dev/net/tun", err)
+		}
+		defer unix.Close(fd)
+		ifr, err := unix.NewIfreq(l.Name)
+		if err != nil {
+			return err
+		}
+		ifr.SetUint16(uint16(l.TunFlags))
+		if err := unix.IoctlIfreq(fd, tunsetiff, ifr); err != nil {
+			return os.NewSyscallError("TUNSETIFF", err)
+		}
+		for _, o := range []struct {
+			req uint
+			v   int64
+		}{{tunsetowner, l.TunOwner}, {tunsetgroup, l.TunGroup}, {tunsetpersist, 1}} {
+			if o.v >= 0 {
+				if err := unix.IoctlSetInt(fd, o.req, int(o.v)); err != nil {
+					return fmt.Errorf("ioctl %#x: %w", o.req, err)
+				}
+			}
+		}
+		return nil
+	})
+}
+
+// endTransientTuns makes the tun devices that were not persistent so
+// again, through a descriptor a process of the tree holds on each (they
+// go with their last descriptor, as before).
+func (r *restorer) endTransientTuns() error {
+	for _, name := range r.tunTransient {
+		at, ok := r.tunFds[name]
+		if !ok {
+			continue // held by no process of the tree: it goes now
+		}
+		pidfd, err := unix.PidfdOpen(at[0], 0)
+		if err != nil {
+			return os.NewSyscallError("pidfd_open", err)
+		}
+		fd, err := unix.PidfdGetfd(pidfd, at[1], 0)
+		unix.Close(pidfd)
+		if err != nil {
+			return os.NewSyscallError("pidfd_getfd", err)
+		}
+		err = unix.IoctlSetInt(fd, tunsetpersist, 0)
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("tun %s: TUNSETPERSIST 0: %w", name, err)
+		}
+	}
+	return nil
 }

@@ -245,6 +245,10 @@ type restorer struct {
 	// was outside the dump (makeOrphanPtys).
 	orphans     []*os.File
 	orphansMade bool
+	// tunTransient are the tun devices made persistent for the restore
+	// that were not (makeTun); tunFds a process and fd holding each.
+	tunTransient []string
+	tunFds       map[string][2]int
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {
@@ -413,6 +417,9 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		}
 	}
 	if err := r.sealMemfds(); err != nil {
+		return nil, err
+	}
+	if err := r.endTransientTuns(); err != nil {
 		return nil, err
 	}
 	r.dropFerryPidfds(builders)

@@ -591,3 +591,32 @@ func TestExternalPidNs(t *testing.T) {
 	checkContinued(t, before, r.Report(t))
 	checkSelf(t, r)
 }
+
+func TestDumpRestoreTun(t *testing.T) {
+	// A process holding a tun device of its own network namespace (not
+	// persistent: it goes with the descriptor), its address set: the
+	// restore makes the device again with its address, attaches the
+	// descriptor to it, leaves it as transient as it was, and the process
+	// pings through it (tunself.py).
+	w := startInPidNs(t, []string{"--net"}, "tunself.py")
+	init := strconv.Itoa(w.Pid)
+	for _, c := range [][]string{{"addr", "add", "10.77.0.1/24", "dev", "tun7"}, {"link", "set", "tun7", "up"}} {
+		if out, err := exec.Command("nsenter", append([]string{"-t", init, "-n", "ip"}, c...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", c, err, out)
+		}
+	}
+	before := w.Report(t)
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", init, "-D", img, "-v4", "-o", "dump.log")
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	r := restoreInPidNs(t, img, w.ReportPath)
+	defer r.Kill()
+	checkContinued(t, before, r.Report(t))
+	out, err := exec.Command("nsenter", "-t", strconv.Itoa(r.Pid), "-n", "ip", "-d", "addr", "show", "tun7").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "10.77.0.1/24") || strings.Contains(string(out), "persist on") {
+		t.Fatalf("tun7 after the restore (%v):\n%s", err, out)
+	}
+	checkSelf(t, r)
+}

@@ -1178,14 +1178,20 @@ func (x *Sysctl) GetValue() string {
 type NetLink struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Kind   string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"` // "loopback" or "veth" (its peer outside: --external veth[NAME]:OUT[@BRIDGE])
+	Kind   string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"` // "loopback", "veth" (its peer outside: --external veth[NAME]:OUT[@BRIDGE]), "macvlan", "tun"
 	Mtu    uint32                 `protobuf:"varint,3,opt,name=mtu,proto3" json:"mtu,omitempty"`
 	HwAddr []byte                 `protobuf:"bytes,4,opt,name=hw_addr,json=hwAddr,proto3" json:"hw_addr,omitempty"`
 	Up     bool                   `protobuf:"varint,5,opt,name=up,proto3" json:"up,omitempty"`
 	Addrs  []string               `protobuf:"bytes,6,rep,name=addrs,proto3" json:"addrs,omitempty"` // CIDR, as "10.0.0.2/24"
 	// A macvlan's mode (netlink's MACVLAN_MODE_*); its parent is outside
 	// (--external macvlan[NAME]:PARENT names it at the restore).
-	MacvlanMode   uint32 `protobuf:"varint,7,opt,name=macvlan_mode,json=macvlanMode,proto3" json:"macvlan_mode,omitempty"`
+	MacvlanMode uint32 `protobuf:"varint,7,opt,name=macvlan_mode,json=macvlanMode,proto3" json:"macvlan_mode,omitempty"`
+	// A tun or tap device: its TUNSETIFF flags (IFF_TUN or IFF_TAP, ...),
+	// whether it outlives its descriptors, its owner and group (-1: none).
+	TunFlags      uint32 `protobuf:"varint,8,opt,name=tun_flags,json=tunFlags,proto3" json:"tun_flags,omitempty"`
+	TunPersist    bool   `protobuf:"varint,9,opt,name=tun_persist,json=tunPersist,proto3" json:"tun_persist,omitempty"`
+	TunOwner      int64  `protobuf:"varint,10,opt,name=tun_owner,json=tunOwner,proto3" json:"tun_owner,omitempty"`
+	TunGroup      int64  `protobuf:"varint,11,opt,name=tun_group,json=tunGroup,proto3" json:"tun_group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1265,6 +1271,34 @@ func (x *NetLink) GetAddrs() []string {
 func (x *NetLink) GetMacvlanMode() uint32 {
 	if x != nil {
 		return x.MacvlanMode
+	}
+	return 0
+}
+
+func (x *NetLink) GetTunFlags() uint32 {
+	if x != nil {
+		return x.TunFlags
+	}
+	return 0
+}
+
+func (x *NetLink) GetTunPersist() bool {
+	if x != nil {
+		return x.TunPersist
+	}
+	return false
+}
+
+func (x *NetLink) GetTunOwner() int64 {
+	if x != nil {
+		return x.TunOwner
+	}
+	return 0
+}
+
+func (x *NetLink) GetTunGroup() int64 {
+	if x != nil {
+		return x.TunGroup
 	}
 	return 0
 }
@@ -3531,7 +3565,11 @@ type FileEntry struct {
 	Fanotify *Fanotify `protobuf:"bytes,37,opt,name=fanotify,proto3" json:"fanotify,omitempty"`
 	// "userfaultfd": the features its UFFDIO_API handshake got; the
 	// process's VMAs registered with it carry uffd_modes.
-	UffdFeatures  uint64 `protobuf:"varint,38,opt,name=uffd_features,json=uffdFeatures,proto3" json:"uffd_features,omitempty"`
+	UffdFeatures uint64 `protobuf:"varint,38,opt,name=uffd_features,json=uffdFeatures,proto3" json:"uffd_features,omitempty"`
+	// "tun": /dev/net/tun attached to the interface tun_iface of the
+	// process's network namespace, with the TUNSETIFF flags tun_flags.
+	TunIface      string `protobuf:"bytes,39,opt,name=tun_iface,json=tunIface,proto3" json:"tun_iface,omitempty"`
+	TunFlags      uint32 `protobuf:"varint,40,opt,name=tun_flags,json=tunFlags,proto3" json:"tun_flags,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3828,6 +3866,20 @@ func (x *FileEntry) GetFanotify() *Fanotify {
 func (x *FileEntry) GetUffdFeatures() uint64 {
 	if x != nil {
 		return x.UffdFeatures
+	}
+	return 0
+}
+
+func (x *FileEntry) GetTunIface() string {
+	if x != nil {
+		return x.TunIface
+	}
+	return ""
+}
+
+func (x *FileEntry) GetTunFlags() uint32 {
+	if x != nil {
+		return x.TunFlags
 	}
 	return 0
 }
@@ -5848,7 +5900,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"nftRuleset\"2\n" +
 	"\x06Sysctl\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"\xa5\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\x9d\x02\n" +
 	"\aNetLink\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x10\n" +
@@ -5856,7 +5908,13 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\ahw_addr\x18\x04 \x01(\fR\x06hwAddr\x12\x0e\n" +
 	"\x02up\x18\x05 \x01(\bR\x02up\x12\x14\n" +
 	"\x05addrs\x18\x06 \x03(\tR\x05addrs\x12!\n" +
-	"\fmacvlan_mode\x18\a \x01(\rR\vmacvlanMode\"\xb6\x01\n" +
+	"\fmacvlan_mode\x18\a \x01(\rR\vmacvlanMode\x12\x1b\n" +
+	"\ttun_flags\x18\b \x01(\rR\btunFlags\x12\x1f\n" +
+	"\vtun_persist\x18\t \x01(\bR\n" +
+	"tunPersist\x12\x1b\n" +
+	"\ttun_owner\x18\n" +
+	" \x01(\x03R\btunOwner\x12\x1b\n" +
+	"\ttun_group\x18\v \x01(\x03R\btunGroup\"\xb6\x01\n" +
 	"\bNetRoute\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x10\n" +
 	"\x03dst\x18\x02 \x01(\tR\x03dst\x12\x0e\n" +
@@ -6086,7 +6144,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\aenv_end\x18\f \x01(\x04R\x06envEnd\x12\x12\n" +
 	"\x04auxv\x18\r \x03(\x04R\x04auxv\x12\x1e\n" +
 	"\vexe_file_id\x18\x0e \x01(\rR\texeFileId\x12%\n" +
-	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xa7\t\n" +
+	"\x04vmas\x18\x0f \x03(\v2\x11.ferry.images.VmaR\x04vmas\"\xe1\t\n" +
 	"\tFileEntry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -6129,7 +6187,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\towner_pid\x18# \x01(\x05R\bownerPid\x12\x1b\n" +
 	"\towner_sig\x18$ \x01(\x05R\bownerSig\x122\n" +
 	"\bfanotify\x18% \x01(\v2\x16.ferry.images.FanotifyR\bfanotify\x12#\n" +
-	"\ruffd_features\x18& \x01(\x04R\fuffdFeatures\"r\n" +
+	"\ruffd_features\x18& \x01(\x04R\fuffdFeatures\x12\x1b\n" +
+	"\ttun_iface\x18' \x01(\tR\btunIface\x12\x1b\n" +
+	"\ttun_flags\x18( \x01(\rR\btunFlags\"r\n" +
 	"\fInotifyWatch\x12\x0e\n" +
 	"\x02wd\x18\x01 \x01(\x05R\x02wd\x12\x12\n" +
 	"\x04mask\x18\x02 \x01(\rR\x04mask\x12\x12\n" +
