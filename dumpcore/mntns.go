@@ -95,12 +95,13 @@ func (t *tree) mntNamespace() (*pb.MntNs, error) {
 			m.FsType == "devpts" || m.FsType == "cgroup" || m.FsType == "cgroup2"):
 			// Mounted whole: mounted anew.
 			om.Fstype, om.Source = m.FsType, m.Source
-		case fresh && m.FsType == "overlay" && out.Root == "" && bindSource(mine, m) == "":
+		case fresh && m.FsType == "overlay" && bindSource(mine, m) == "":
 			// An overlay the tree made: made again from its layers (its
 			// options name them as the tree sees them, which the restore
 			// does too: its upper layer on a tmpfs of the tree's is
-			// filled first, the tmpfs coming before it).
-			om.Fstype, om.Source = m.FsType, m.Source
+			// filled first, the tmpfs coming before it). Under a root of
+			// its own they are paths in it (Inner).
+			om.Fstype, om.Source, om.Inner = m.FsType, m.Source, out.Root != ""
 		default:
 			om.Fstype, om.Data = "bind", ""
 			if src := bindSource(theirs[:i], m); src != "" && out.Root != "" {

@@ -63,7 +63,11 @@ func (r *restorer) makeMntNs(root *compel.Task) error {
 			if m.Contents != "" {
 				flags &^= unix.MS_RDONLY // filled first
 			}
-			err = mountIn(root, m.Source, point, m.Fstype, flags, r.mountData(m.Data))
+			data := r.mountData(m.Data)
+			if m.Fstype == "overlay" && m.Inner {
+				data = overlayUnder(top, data) // made before the pivot
+			}
+			err = mountIn(root, m.Source, point, m.Fstype, flags, data)
 		}
 		if err != nil {
 			return fmt.Errorf("mount %s (%s): %w", m.Point, m.Fstype, err)
@@ -284,4 +288,25 @@ func modeBits(m int64) os.FileMode {
 		out |= os.ModeSticky
 	}
 	return out
+}
+
+// overlayUnder returns overlay options whose layers (lowerdir, upperdir,
+// workdir) name paths of a root of the tree's own as seen from where it
+// is here, top, before the restore pivots into it.
+func overlayUnder(top, data string) string {
+	opts := strings.Split(data, ",")
+	for i, o := range opts {
+		k, v, ok := strings.Cut(o, "=")
+		if !ok || k != "lowerdir" && k != "upperdir" && k != "workdir" {
+			continue
+		}
+		dirs := strings.Split(v, ":")
+		for j, d := range dirs {
+			if strings.HasPrefix(d, "/") {
+				dirs[j] = filepath.Join(top, d)
+			}
+		}
+		opts[i] = k + "=" + strings.Join(dirs, ":")
+	}
+	return strings.Join(opts, ",")
 }

@@ -9,7 +9,8 @@ path, then pivots into ROOT, as a container's runtime does.
 
 The check (SIGUSR2, see selfcheck): / is ROOT's (its entries as made),
 /proc is its namespace's, /tmp holds the token, /usr is read-only, and
-the working directory is /tmp.
+the working directory is /tmp; the overlay it mounted at /tmp/ov (after the
+pivot: /etc below, its upper layer in /tmp) shows /etc and its own file.
 """
 import ctypes
 import os
@@ -78,6 +79,12 @@ os.chdir(root)
 check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
 check(libc.umount2(b".", MNT_DETACH), "umount old root")
 os.chdir("/tmp")
+# An overlay made inside the new root: /etc below, its upper layer in /tmp.
+for d in ("up", "wk", "ov"):
+    os.mkdir("/tmp/" + d)
+mount("overlay", "/tmp/ov", "overlay", 0, "lowerdir=/etc,upperdir=/tmp/up,workdir=/tmp/wk")
+with open("/tmp/ov/ferry-" + token, "w") as f:
+    f.write(token)
 
 
 def verify():
@@ -91,6 +98,8 @@ def verify():
         return "cwd is %s" % os.getcwd()
     if os.statvfs("/usr").f_flag & 1 == 0:
         return "/usr is writable"
+    if open("/tmp/ov/ferry-" + token).read() != token or not os.path.exists("/tmp/ov/passwd"):
+        return "the overlay shows %s" % os.listdir("/tmp/ov")[:5]
     return "ok"
 
 
