@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -128,10 +129,14 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 		}
 	}
 	err = proc.InNamespace(t.root, "net", func() error {
-		if b, err := os.ReadFile("/proc/thread-self/net/ip_tables_names"); err == nil && len(strings.TrimSpace(string(b))) > 0 {
-			return fmt.Errorf("iptables (x_tables: %s) in use in the namespace, which ferry does not save yet (nftables tables it does): %w",
-				strings.Fields(string(b)), ErrUnsupported)
+		// iptables first: the tables iptables-nft manages are saved
+		// with it (nft would print them, but iptables could not read
+		// them back).
+		managed, err := t.saveIptables(out)
+		if err != nil {
+			return err
 		}
+		own = slices.DeleteFunc(own, func(tb *nftables.Table) bool { return managed[nftFamily(tb.Family)+" "+tb.Name] })
 		if len(own) == 0 {
 			return nil
 		}
@@ -179,4 +184,50 @@ func nftFamily(f nftables.TableFamily) string {
 		return name
 	}
 	return fmt.Sprint(int(f))
+}
+
+// saveIptables saves, from a thread in the tree's network namespace, its
+// iptables rules: the tables of iptables-nft (whose names it returns, as
+// "ip filter") and those of the legacy x_tables, with each family's
+// -save tool. A family in use whose tool is missing is refused by name.
+func (t *tree) saveIptables(out *pb.NetNs) (map[string]bool, error) {
+	managed := map[string]bool{}
+	for _, f := range []struct{ family, names string }{{"ip", "ip_tables_names"}, {"ip6", "ip6_tables_names"}} {
+		tool := map[string]string{"ip": "iptables", "ip6": "ip6tables"}[f.family]
+		for _, flavor := range []string{"nft", "legacy"} {
+			if flavor == "legacy" {
+				// Only when x_tables is in use in the namespace.
+				b, err := os.ReadFile("/proc/thread-self/net/" + f.names)
+				if err != nil || len(strings.TrimSpace(string(b))) == 0 {
+					continue
+				}
+			}
+			name := tool + "-" + flavor
+			path, err := exec.LookPath(name + "-save")
+			if err != nil {
+				if flavor == "legacy" {
+					return nil, fmt.Errorf("%s (x_tables) in use in the namespace: saving it needs %s-save (Debian's iptables): %w", tool, name, ErrUnsupported)
+				}
+				continue // no iptables-nft here: its tables, if any, are nft's
+			}
+			b, err := exec.Command(path).Output()
+			if err != nil {
+				return nil, fmt.Errorf("%s-save: %w", name, err)
+			}
+			var tables []string
+			for _, line := range strings.Split(string(b), "\n") {
+				if table, ok := strings.CutPrefix(line, "*"); ok {
+					tables = append(tables, table)
+					managed[f.family+" "+table] = flavor == "nft"
+				}
+			}
+			if len(tables) > 0 {
+				if out.Iptables == nil {
+					out.Iptables = map[string]string{}
+				}
+				out.Iptables[name] = string(b)
+			}
+		}
+	}
+	return managed, nil
 }

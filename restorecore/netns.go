@@ -3,6 +3,7 @@ package restorecore
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -167,6 +168,11 @@ func (r *restorer) makeNetNs(pid int) error {
 			return err
 		}
 	}
+	for _, tool := range slices.Sorted(maps.Keys(n.Iptables)) {
+		if err := restoreIptables(pid, tool, n.Iptables[tool]); err != nil {
+			return err
+		}
+	}
 	r.log.Info("network namespace made", "links", len(n.Links), "routes", len(n.Routes), "sysctls set", set)
 	return nil
 }
@@ -298,4 +304,24 @@ func (r *restorer) endTransientTuns() error {
 		}
 	}
 	return nil
+}
+
+// restoreIptables loads saved iptables rules into the tree's new network
+// namespace with tool's -restore (iptables-nft-restore, ...).
+func restoreIptables(pid int, tool, rules string) error {
+	if !slices.Contains([]string{"iptables-nft", "ip6tables-nft", "iptables-legacy", "ip6tables-legacy"}, tool) {
+		return fmt.Errorf("%w: iptables rules saved by %q, which ferry does not run", ErrValidation, tool)
+	}
+	path, err := exec.LookPath(tool + "-restore")
+	if err != nil {
+		return fmt.Errorf("the images hold %s rules: loading them needs %s-restore (Debian's iptables): %w", tool, tool, err)
+	}
+	return proc.InNamespace(pid, "net", func() error {
+		cmd := exec.Command(path)
+		cmd.Stdin = strings.NewReader(rules)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("%s-restore: %w: %s", tool, err, strings.TrimSpace(string(out)))
+		}
+		return nil
+	})
 }

@@ -11,6 +11,7 @@ command -v make >/dev/null || need+=(make)
 command -v runc >/dev/null || need+=(runc)
 command -v busybox >/dev/null || need+=(busybox-static)
 command -v nft >/dev/null || need+=(nftables)
+command -v iptables-nft-save >/dev/null || need+=(iptables)
 if ((${#need[@]})); then
 	if [[ $(id -u) -ne 0 ]]; then
 		echo "deps: need root to install: ${need[*]}" >&2

@@ -309,12 +309,30 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 		sh(append([]string{"nsenter", "-t", init, "-n", "nft"}, c...)...)
 	}
 	nftRuleset := func(pid string) string {
-		out, err := exec.Command("nsenter", "-t", pid, "-n", "nft", "list", "ruleset").CombinedOutput()
+		// The table of its own (iptables-restore makes every chain of
+		// its table, which iptables -A did not: compared through it).
+		out, err := exec.Command("nsenter", "-t", pid, "-n", "nft", "list", "table", "inet", "filt").CombinedOutput()
 		if err != nil {
-			t.Fatalf("nft list ruleset: %v\n%s", err, out)
+			t.Fatalf("nft list table: %v\n%s", err, out)
 		}
 		return string(out)
 	}
+	// And an iptables rule (iptables-nft: a table nft must not save).
+	sh("nsenter", "-t", init, "-n", "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8081", "-j", "DROP")
+	iptables := func(pid string) string {
+		out, err := exec.Command("nsenter", "-t", pid, "-n", "iptables-save").CombinedOutput()
+		if err != nil {
+			t.Fatalf("iptables-save: %v\n%s", err, out)
+		}
+		var keep []string
+		for _, l := range strings.Split(string(out), "\n") {
+			if !strings.HasPrefix(l, "#") {
+				keep = append(keep, l)
+			}
+		}
+		return strings.Join(keep, "\n")
+	}
+	iptBefore := iptables(init)
 	rulesBefore := nftRuleset(init)
 	fromHost := func() string {
 		t.Helper()
@@ -358,6 +376,9 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	}
 	if got := macvlan(strconv.Itoa(r.Pid)); got != mvBefore || !strings.Contains(got, "private") {
 		t.Fatalf("macvlan after the restore: %q, before %q", got, mvBefore)
+	}
+	if got := iptables(strconv.Itoa(r.Pid)); got != iptBefore || !strings.Contains(got, "--dport 8081 -j DROP") {
+		t.Fatalf("iptables after the restore:\n%s\nbefore:\n%s", got, iptBefore)
 	}
 	if got := nftRuleset(strconv.Itoa(r.Pid)); got != rulesBefore {
 		t.Fatalf("nftables after the restore:\n%s\nbefore:\n%s", got, rulesBefore)

@@ -1057,7 +1057,12 @@ type NetNs struct {
 	Sysctls []*Sysctl `protobuf:"bytes,3,rep,name=sysctls,proto3" json:"sysctls,omitempty"`
 	// Its nftables tables (but ferry's network lock), as `nft list table`
 	// prints them and `nft -f` reads them.
-	NftRuleset    string `protobuf:"bytes,4,opt,name=nft_ruleset,json=nftRuleset,proto3" json:"nft_ruleset,omitempty"`
+	NftRuleset string `protobuf:"bytes,4,opt,name=nft_ruleset,json=nftRuleset,proto3" json:"nft_ruleset,omitempty"`
+	// Its iptables rules, by the tool that saved them ("iptables-nft",
+	// "ip6tables-legacy", ...): that tool's -save output, which its -restore
+	// reads. The nftables tables iptables-nft manages are here, not in
+	// nft_ruleset.
+	Iptables      map[string]string `protobuf:"bytes,5,rep,name=iptables,proto3" json:"iptables,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1118,6 +1123,13 @@ func (x *NetNs) GetNftRuleset() string {
 		return x.NftRuleset
 	}
 	return ""
+}
+
+func (x *NetNs) GetIptables() map[string]string {
+	if x != nil {
+		return x.Iptables
+	}
+	return nil
 }
 
 // Sysctl is one sysctl of a namespace: its path under /proc/sys ("net/
@@ -5891,13 +5903,17 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
 	"IpcMessage\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x03R\x04type\x12\x12\n" +
-	"\x04data\x18\x02 \x01(\fR\x04data\"\xb5\x01\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"\xb1\x02\n" +
 	"\x05NetNs\x12+\n" +
 	"\x05links\x18\x01 \x03(\v2\x15.ferry.images.NetLinkR\x05links\x12.\n" +
 	"\x06routes\x18\x02 \x03(\v2\x16.ferry.images.NetRouteR\x06routes\x12.\n" +
 	"\asysctls\x18\x03 \x03(\v2\x14.ferry.images.SysctlR\asysctls\x12\x1f\n" +
 	"\vnft_ruleset\x18\x04 \x01(\tR\n" +
-	"nftRuleset\"2\n" +
+	"nftRuleset\x12=\n" +
+	"\biptables\x18\x05 \x03(\v2!.ferry.images.NetNs.IptablesEntryR\biptables\x1a;\n" +
+	"\rIptablesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"2\n" +
 	"\x06Sysctl\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value\"\x9d\x02\n" +
@@ -6373,7 +6389,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 57)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 58)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*UserNs)(nil),       // 1: ferry.images.UserNs
@@ -6432,6 +6448,7 @@ var file_images_ferry_proto_goTypes = []any{
 	(*DumpStats)(nil),    // 54: ferry.images.DumpStats
 	(*RestoreStats)(nil), // 55: ferry.images.RestoreStats
 	(*Stats)(nil),        // 56: ferry.images.Stats
+	nil,                  // 57: ferry.images.NetNs.IptablesEntry
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	17, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -6452,41 +6469,42 @@ var file_images_ferry_proto_depIdxs = []int32{
 	13, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
 	14, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
 	12, // 17: ferry.images.NetNs.sysctls:type_name -> ferry.images.Sysctl
-	26, // 18: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	22, // 19: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	25, // 20: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	27, // 21: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	19, // 22: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	20, // 23: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	21, // 24: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	22, // 25: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	23, // 26: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	24, // 27: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	28, // 28: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	30, // 29: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	32, // 30: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	31, // 31: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	45, // 32: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	42, // 33: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	40, // 34: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	39, // 35: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	38, // 36: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	35, // 37: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	36, // 38: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	37, // 39: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	41, // 40: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	44, // 41: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	43, // 42: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	46, // 43: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	47, // 44: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	53, // 45: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	54, // 46: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	55, // 47: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	48, // [48:48] is the sub-list for method output_type
-	48, // [48:48] is the sub-list for method input_type
-	48, // [48:48] is the sub-list for extension type_name
-	48, // [48:48] is the sub-list for extension extendee
-	0,  // [0:48] is the sub-list for field type_name
+	57, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
+	26, // 19: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	22, // 20: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	25, // 21: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	27, // 22: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	19, // 23: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	20, // 24: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	21, // 25: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	22, // 26: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	23, // 27: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	24, // 28: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	28, // 29: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	30, // 30: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	32, // 31: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	31, // 32: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	45, // 33: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	42, // 34: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	40, // 35: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	39, // 36: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	38, // 37: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	35, // 38: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	36, // 39: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	37, // 40: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	41, // 41: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	44, // 42: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	43, // 43: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	46, // 44: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	47, // 45: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	53, // 46: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	54, // 47: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	55, // 48: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	49, // [49:49] is the sub-list for method output_type
+	49, // [49:49] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -6500,7 +6518,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   57,
+			NumMessages:   58,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
