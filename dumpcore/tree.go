@@ -767,20 +767,34 @@ func (t *tree) kill() {
 	for _, d := range t.procs {
 		unix.Kill(d.opts.Pid, unix.SIGKILL)
 	}
-	// A leader's exit is reported only after every other thread's, so
-	// wait for the others first; and children before parents: the init of
-	// a PID namespace exits only once the other processes in it have
-	// been reaped (here, as their tracer).
-	for j := len(t.procs) - 1; j >= 0; j-- {
-		d := t.procs[j]
-		for i := len(d.threads) - 1; i >= 0; i-- {
-			for {
-				st, err := ptrace.Wait(d.threads[i].tid)
-				if err != nil || st.Exited() {
-					break
-				}
-			}
+	// Reaped (as their tracer) in whatever order they become ready: a
+	// leader's exit is reported only after every other thread's, and the
+	// last thread of a PID namespace's init to exit waits until every
+	// other task of the namespace is reaped, its own other threads too, so
+	// no fixed order can wait on each in turn (a multi-threaded init
+	// would wait on a thread that waits on ferry).
+	var pending []int
+	for _, d := range t.procs {
+		for _, th := range d.threads {
+			pending = append(pending, th.tid)
 		}
+	}
+	for delay := 50 * time.Microsecond; len(pending) > 0; delay = min(2*delay, 10*time.Millisecond) {
+		progress := false
+		pending = slices.DeleteFunc(pending, func(tid int) bool {
+			st, ok, err := ptrace.WaitNohang(tid)
+			if err != nil || ok && st.Exited() {
+				progress = true
+				return true
+			}
+			progress = progress || ok
+			return false
+		})
+		if progress {
+			delay = 50 * time.Microsecond
+			continue
+		}
+		time.Sleep(delay)
 	}
 }
 

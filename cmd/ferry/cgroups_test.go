@@ -13,7 +13,6 @@ import (
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/cgroups"
-	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
 )
 
@@ -185,11 +184,7 @@ func TestDumpRestoreCgroupNamespace(t *testing.T) {
 	})
 	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "cgns.py")
 	u := testutil.Start(t, "", "sh", "-c", join+`exec unshare --cgroup --pid --fork --kill-child python3 `+script+` "$@" 2>/dev/null`, "sh")
-	kids := proc.Children(u.Pid)
-	if len(kids) != 1 {
-		t.Fatalf("unshare %d has children %v", u.Pid, kids)
-	}
-	w := testutil.Attach(t, kids[0], u.ReportPath)
+	w := onlyChild(t, u)
 	before := w.Report(t)
 	img := t.TempDir()
 	mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img)

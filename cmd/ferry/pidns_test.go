@@ -32,6 +32,13 @@ func startInPidNs(t *testing.T, unshare []string, script string, args ...string)
 	// killed, and the log is a file the tree holds, which must not change
 	// between dump and restore.
 	u := testutil.Start(t, "", "sh", append(cmd, args...)...)
+	return onlyChild(t, u)
+}
+
+// onlyChild attaches to u's one child (the init unshare forked), which
+// reports where u does.
+func onlyChild(t *testing.T, u *testutil.Workload) *testutil.Workload {
+	t.Helper()
 	kids := proc.Children(u.Pid)
 	if len(kids) != 1 {
 		t.Fatalf("unshare %d has children %v", u.Pid, kids)
@@ -640,4 +647,39 @@ func TestDumpRestoreTun(t *testing.T) {
 		t.Fatalf("tun7 after the restore (%v):\n%s", err, out)
 	}
 	checkSelf(t, r)
+}
+
+func TestDumpRestoreThreadedPidNsInit(t *testing.T) {
+	// The init of a PID namespace with threads (a container whose PID 1
+	// is a Go or Java program): the dump kills it and returns (the last of
+	// its threads to exit waits for the others to be reaped, so ferry
+	// reaps them in whatever order they become ready), and the restore
+	// makes it again with its threads.
+	needRoot(t)
+	bin := testutil.BuildC(t, "memcheck")
+	// unshare's stderr goes nowhere: it complains when its child is
+	// killed, into the log the process holds.
+	u := testutil.Start(t, "-r", "sh", "-c", `exec unshare --pid --fork --kill-child setsid "$@" 2>/dev/null`, "sh", bin, "-m", "16", "-t", "2")
+	w := onlyChild(t, u)
+	before := w.Report(t)
+	img := t.TempDir()
+	done := make(chan struct{})
+	go func() {
+		mustFerry(t, "dump", "-t", strconv.Itoa(w.Pid), "-D", img, "-v4", "-o", "dump.log")
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the dump of a threaded PID namespace init did not return")
+	}
+	if err := testutil.WaitGone(w.Pid, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	r := restoreInPidNs(t, img, w.ReportPath)
+	defer r.Kill()
+	if n := len(tids(t, r.Pid)); n != 3 {
+		t.Fatalf("restored init has %d threads, want 3", n)
+	}
+	checkContinued(t, before, r.Report(t))
 }
