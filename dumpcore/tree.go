@@ -767,35 +767,13 @@ func (t *tree) kill() {
 	for _, d := range t.procs {
 		unix.Kill(d.opts.Pid, unix.SIGKILL)
 	}
-	// Reaped (as their tracer) in whatever order they become ready: a
-	// leader's exit is reported only after every other thread's, and the
-	// last thread of a PID namespace's init to exit waits until every
-	// other task of the namespace is reaped, its own other threads too, so
-	// no fixed order can wait on each in turn (a multi-threaded init
-	// would wait on a thread that waits on ferry).
-	var pending []int
+	var tids []int
 	for _, d := range t.procs {
 		for _, th := range d.threads {
-			pending = append(pending, th.tid)
+			tids = append(tids, th.tid)
 		}
 	}
-	for delay := 50 * time.Microsecond; len(pending) > 0; delay = min(2*delay, 10*time.Millisecond) {
-		progress := false
-		pending = slices.DeleteFunc(pending, func(tid int) bool {
-			st, ok, err := ptrace.WaitNohang(tid)
-			if err != nil || ok && st.Exited() {
-				progress = true
-				return true
-			}
-			progress = progress || ok
-			return false
-		})
-		if progress {
-			delay = 50 * time.Microsecond
-			continue
-		}
-		time.Sleep(delay)
-	}
+	ptrace.ReapAll(tids) // in whatever order they become ready
 }
 
 // resume lets the tree go on (or stay stopped): connections leave repair

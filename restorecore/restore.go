@@ -257,28 +257,14 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 			defer r.removeSysv(err != nil)
 		}
 		if err != nil {
-			// Threads first: a traced leader's exit is reported only once
-			// every other thread of its group has been reaped.
-			var order []int
+			var all []int
 			for i := len(r.created) - 1; i >= 0; i-- {
 				pid := r.created[i]
 				tids, _ := proc.Tids(pid)
-				for _, tid := range tids {
-					if tid != pid {
-						order = append(order, tid)
-					}
-				}
-				order = append(order, pid)
+				all = append(all, tids...)
 				unix.Kill(pid, unix.SIGKILL)
 			}
-			for _, tid := range order {
-				for {
-					st, err := ptrace.Wait(tid)
-					if err != nil || st.Exited() {
-						break
-					}
-				}
-			}
+			ptrace.ReapAll(all)
 		}
 		for i := len(r.cleanup) - 1; i >= 0; i-- {
 			r.cleanup[i]()

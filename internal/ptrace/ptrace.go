@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -196,4 +198,31 @@ func (t *Thread) Do(f func() error) error {
 func (t *Thread) Close() {
 	close(t.work)
 	<-t.done
+}
+
+// ReapAll waits, as their tracer, until every thread of tids has exited
+// (killed by the caller), reaping them in whatever order they become
+// ready: a leader's exit is reported only after its other threads', and
+// the last thread of a PID namespace's init to exit waits until every
+// other task of the namespace is reaped, so waiting on each in a fixed
+// order can wait forever.
+func ReapAll(tids []int) {
+	pending := slices.Clone(tids)
+	for delay := 50 * time.Microsecond; len(pending) > 0; delay = min(2*delay, 10*time.Millisecond) {
+		progress := false
+		pending = slices.DeleteFunc(pending, func(tid int) bool {
+			st, ok, err := WaitNohang(tid)
+			if err != nil || ok && st.Exited() {
+				progress = true
+				return true
+			}
+			progress = progress || ok
+			return false
+		})
+		if progress {
+			delay = 50 * time.Microsecond
+			continue
+		}
+		time.Sleep(delay)
+	}
 }
