@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 
 	"github.com/spf13/cobra"
 )
@@ -15,7 +16,7 @@ func newServiceCmd() *cobra.Command {
 	var (
 		addr, pidfile string
 		statusFd      int
-		mode          uint32
+		mode          string
 	)
 	cmd := &cobra.Command{
 		Use:   "service [--address PATH]",
@@ -26,27 +27,36 @@ in turn, as "ferry swrk" serves one (see its help).
 
 The socket is mode 0600 (root's clients only) unless --socket-mode says
 otherwise. A client that is not root may dump and restore only its own
-processes, with its own rights: every process of the tree must run as
-the client's uid and gid (and be dumpable); images to restore must be of
-such processes, without capabilities, namespaces, SysV segments or
-deleted files for ferry to make, and the restored processes are made as
-the client (with CAP_CHECKPOINT_RESTORE until they run). Its images
-directory must be given as images_dir_fd: ferry makes the images in a
-directory of its own and copies them into the client's, as the client's
-files (and copies a restore's images from it, regular files the client
-owns). Options that would have ferry act as root on the client's say-so
+processes, with its own rights. It is pinned when it connects
+(SO_PEERPIDFD, SO_PEERGROUPS) and must be in ferry's namespaces, without
+seccomp or an LSM confinement. Every process it dumps must run as its uid
+and gid, dumpable, without capabilities, in ferry's namespaces, and hold
+no deleted file or FIFO. Images it restores must be of such processes and
+need nothing that ferry would make, remove, write or send as root
+(namespaces, SysV segments, deleted files, link remaps, parent images,
+FIFOs, userfaultfds, queued unix messages); the restored processes are
+made as the client, in its cgroups, limits, loginuid and OOM adjustment,
+with CAP_CHECKPOINT_RESTORE and CAP_SETPCAP only until they run. Its images
+and work directories must be given as descriptors of directories it owns:
+ferry makes the images in a directory of its own and copies them in, each
+file made anew and given to the client, and copies a restore's images out
+first. Options that would have ferry act as root on the client's say-so
 (root, ext_mnt, external, join_ns, inherit_fd, page server, lazy pages,
-cgroup roots, TCP repair, network lock, parent images) fail the request
-by name; cgroups are left as they are.`,
+cgroup roots and modes, TCP repair, network lock, freeze_cgroup,
+link_remap, parent images) fail the request by name.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			perm, err := strconv.ParseUint(mode, 8, 32)
+			if err != nil || perm > 0o777 {
+				return fmt.Errorf("--socket-mode %q: want octal permissions, as 0600 or 0666", mode)
+			}
 			os.Remove(addr) // a stale socket of an earlier service
 			l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: addr, Net: "unixpacket"})
 			if err != nil {
 				return fmt.Errorf("service: %w", err)
 			}
 			defer l.Close()
-			if err := os.Chmod(addr, os.FileMode(mode)&os.ModePerm); err != nil {
+			if err := os.Chmod(addr, os.FileMode(perm)); err != nil {
 				return err
 			}
 			if err := writePidfile(pidfile, os.Getpid()); err != nil {
@@ -83,6 +93,6 @@ by name; cgroups are left as they are.`,
 	fs.StringVar(&addr, "address", "/var/run/criu_service.socket", "the socket's path")
 	fs.StringVar(&pidfile, "pidfile", "", "write the service's PID to FILE")
 	fs.IntVar(&statusFd, "status-fd", -1, "write \\0 to FD once the socket accepts clients")
-	fs.Uint32Var(&mode, "socket-mode", 0o600, "the socket's permissions, octal (0666: users that are not root may use the service for their own processes)")
+	fs.StringVar(&mode, "socket-mode", "0600", "the socket's permissions, octal (0666: users that are not root may use the service for their own processes)")
 	return cmd
 }
