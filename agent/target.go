@@ -300,6 +300,7 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 			// error is the cause, the restore's only what followed.
 			select {
 			case <-post.done:
+				post.cancel()
 			default:
 				post.cancel()
 				<-post.done

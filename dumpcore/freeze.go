@@ -166,9 +166,8 @@ func (t *tree) freezeCgroup(deadline time.Time) error {
 		for _, tid := range seized {
 			ptrace.Detach(tid, 0)
 		}
-		if !was {
-			fz.Set(false, time.Now().Add(time.Second))
-		}
+		// As it was: a paused container stays paused.
+		fz.Set(was, time.Now().Add(time.Second))
 		return err
 	}
 	queue := []int{t.root}

@@ -61,7 +61,15 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 		case l.Type() == "tuntap":
 			tt := l.(*netlink.Tuntap)
 			nl.Kind, nl.TunFlags, nl.TunPersist = "tun", uint32(tt.Mode)|uint32(tt.Flags), !tt.NonPersist
+			// 0 is also what netlink leaves when the device has none:
+			// read as none (root may attach whatever the owner).
 			nl.TunOwner, nl.TunGroup = int64(int32(tt.Owner)), int64(int32(tt.Group))
+			if tt.Owner == 0 {
+				nl.TunOwner = -1
+			}
+			if tt.Group == 0 {
+				nl.TunGroup = -1
+			}
 		default:
 			return nil, fmt.Errorf("link %s (%s) in the network namespace of %d, which ferry does not save yet: %w", a.Name, l.Type(), t.root, ErrUnsupported)
 		}

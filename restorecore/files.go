@@ -341,11 +341,20 @@ func (b *builder) restoreFiles() error {
 			if err != nil {
 				return 0, fmt.Errorf("fd %d: %w", e.Fd, err)
 			}
+			// The device's own flags where the images have it: TUNGETIFF's
+			// answer mixes in IFF_NOFILTER, the bit of IFF_NO_PI.
+			flags := f.TunFlags
+			for _, l := range b.r.is.inv.GetNetNs().GetLinks() {
+				if l.Kind == "tun" && l.Name == f.TunIface {
+					flags = l.TunFlags
+				}
+			}
 			ifr := make([]byte, 40) // struct ifreq: the name, then the flags
 			copy(ifr, f.TunIface)
-			binary.LittleEndian.PutUint16(ifr[16:], uint16(f.TunFlags))
+			binary.LittleEndian.PutUint16(ifr[16:], uint16(flags))
 			a, err := b.put(scratchOptVal, ifr)
 			if err != nil {
+				b.sys(unix.SYS_CLOSE, raw)
 				return 0, err
 			}
 			if _, err := b.sys(unix.SYS_IOCTL, raw, tunsetiff, a); err != nil {

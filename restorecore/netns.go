@@ -99,6 +99,7 @@ func (r *restorer) makeNetNs(pid int) error {
 			}
 			if !l.TunPersist {
 				r.tunTransient = append(r.tunTransient, l.Name)
+				r.tunNs = pid
 			}
 		} else if l.Kind != "loopback" {
 			return fmt.Errorf("%w: link %s of kind %q", ErrValidation, l.Name, l.Kind)
@@ -286,7 +287,17 @@ func (r *restorer) endTransientTuns() error {
 	for _, name := range r.tunTransient {
 		at, ok := r.tunFds[name]
 		if !ok {
-			continue // held by no process of the tree: it goes now
+			// Held by no process of the tree: it goes now.
+			var flags uint32
+			for _, l := range r.is.inv.GetNetNs().GetLinks() {
+				if l.Name == name {
+					flags = l.TunFlags
+				}
+			}
+			if err := dropTun(r.tunNs, name, flags); err != nil {
+				return err
+			}
+			continue
 		}
 		pidfd, err := unix.PidfdOpen(at[0], 0)
 		if err != nil {
@@ -323,5 +334,26 @@ func restoreIptables(pid int, tool, rules string) error {
 			return fmt.Errorf("%s-restore: %w: %s", tool, err, strings.TrimSpace(string(out)))
 		}
 		return nil
+	})
+}
+
+// dropTun removes persistent tun device name of pid's network namespace
+// (attached, made transient, let go).
+func dropTun(pid int, name string, flags uint32) error {
+	return proc.InNamespace(pid, "net", func() error {
+		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return os.NewSyscallError("open /dev/net/tun", err)
+		}
+		defer unix.Close(fd)
+		ifr, err := unix.NewIfreq(name)
+		if err != nil {
+			return err
+		}
+		ifr.SetUint16(uint16(flags))
+		if err := unix.IoctlIfreq(fd, tunsetiff, ifr); err != nil {
+			return fmt.Errorf("tun %s: TUNSETIFF: %w", name, err)
+		}
+		return unix.IoctlSetInt(fd, tunsetpersist, 0)
 	})
 }

@@ -249,6 +249,7 @@ type restorer struct {
 	// that were not (makeTun); tunFds a process and fd holding each.
 	tunTransient []string
 	tunFds       map[string][2]int
+	tunNs        int // the root, in whose network namespace they are
 }
 
 func (r *restorer) run(ctx context.Context) (res *Result, err error) {

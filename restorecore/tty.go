@@ -186,6 +186,7 @@ func (r *restorer) makeOrphanPtys(root *compel.Task, ptmx string) error {
 	}
 	defer unix.Close(pidfd)
 	addr := stackScratch(root)
+	ptn := addr + uint64(len(ptmx)+8)&^7 // TIOCGPTN's answer, past the path
 	if err := compel.WriteMem(root.Tid, []compel.Segment{{Addr: addr, Local: append([]byte(ptmx), 0)}}); err != nil {
 		return err
 	}
@@ -202,11 +203,11 @@ func (r *restorer) makeOrphanPtys(root *compel.Task, ptmx string) error {
 				return fmt.Errorf("the tree's %s: %w", ptmx, err)
 			}
 			opened = append(opened, fd)
-			if _, err := root.Syscall(unix.SYS_IOCTL, fd, unix.TIOCGPTN, addr+64); err != nil {
+			if _, err := root.Syscall(unix.SYS_IOCTL, fd, unix.TIOCGPTN, ptn); err != nil {
 				return fmt.Errorf("TIOCGPTN: %w", err)
 			}
 			v := make([]byte, 4)
-			if err := compel.ReadMem(root.Tid, []compel.Segment{{Addr: addr + 64, Local: v}}); err != nil {
+			if err := compel.ReadMem(root.Tid, []compel.Segment{{Addr: ptn, Local: v}}); err != nil {
 				return err
 			}
 			got := int32(binary.LittleEndian.Uint32(v))
