@@ -1373,8 +1373,17 @@ func (hostFS) dropper(p string) func()            { return func() { os.Remove(p)
 
 type taskFS struct{ b *builder }
 
-// path puts p in the process's scratch memory (at off).
-func (t taskFS) path(off uint64, p string) (uint64, error) { return t.b.putString(off, p) }
+// path puts p in the process's scratch memory (at off). A process born
+// in the tree's user namespace first takes its root's filesystem IDs
+// there (its kernel IDs are ferry's, which the namespace's filesystems
+// cannot name); restoreCreds sets its own later.
+func (t taskFS) path(off uint64, p string) (uint64, error) {
+	if t.b.r.holder != nil {
+		t.b.sys(unix.SYS_SETFSGID, 0)
+		t.b.sys(unix.SYS_SETFSUID, 0)
+	}
+	return t.b.putString(off, p)
+}
 
 func (t taskFS) exists(p string) bool {
 	a, err := t.path(0, p)
@@ -1444,11 +1453,17 @@ func (r *restorer) makeGhostInRoot(f *pb.FileEntry) (*os.File, string, error) {
 		return unix.Openat2(int(root.Fd()), name, how)
 	}
 	inner := f.Path
-	fd, err := inRoot(inner, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL)
-	for i := 0; err != nil && i < 100; i++ {
-		inner = filepath.Join(filepath.Dir(f.Path), fmt.Sprintf(".ferry-ghost-%d-%d", f.Id, rand.Uint32()))
+	var fd int
+	// Made with IDs the tree's user namespace maps, if it has one (its
+	// filesystems cannot own a file by an ID they cannot name).
+	err = r.inUserNsFs(func() error {
 		fd, err = inRoot(inner, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL)
-	}
+		for i := 0; err != nil && i < 100; i++ {
+			inner = filepath.Join(filepath.Dir(f.Path), fmt.Sprintf(".ferry-ghost-%d-%d", f.Id, rand.Uint32()))
+			fd, err = inRoot(inner, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL)
+		}
+		return err
+	})
 	if err != nil {
 		return nil, "", fmt.Errorf("deleted file %s: a stand-in in the tree's mount namespace: %w", f.Path, err)
 	}

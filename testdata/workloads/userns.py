@@ -74,6 +74,16 @@ token = os.urandom(8).hex()
 if os.getpid() != 1 or os.getuid() != 0:
     sys.exit("userns.py must be the init of its PID namespace and root in its user namespace")
 os.setsid()
+# A tmpfs of its own (the user namespace's), holding a file it deleted and
+# keeps open.
+tm = os.path.join(os.path.dirname(report), "tm")
+os.makedirs(tm, exist_ok=True)
+if libc.mount(b"tmpfs", tm.encode(), b"tmpfs", 0, b"size=1m") != 0:
+    sys.exit("mount a tmpfs: errno %d" % ctypes.get_errno())
+gone = open(os.path.join(tm, "gone"), "w+")
+gone.write("gone " + token)
+gone.flush()
+os.unlink(os.path.join(tm, "gone"))
 maps = (open("/proc/self/uid_map").read(), open("/proc/self/gid_map").read())
 
 
@@ -114,6 +124,9 @@ full = cap_eff()
 
 
 def verify():
+    gone.seek(0)
+    if gone.read() != "gone " + token or os.fstat(gone.fileno()).st_nlink != 0:
+        return "the deleted file of its tmpfs reads otherwise"
     if (open("/proc/self/uid_map").read(), open("/proc/self/gid_map").read()) != maps:
         return "maps %s, want %s" % (open("/proc/self/uid_map").read(), maps)
     if os.getuid() != 0 or cap_eff() != full:
