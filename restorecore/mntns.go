@@ -294,11 +294,9 @@ func modeBits(m int64) os.FileMode {
 // workdir) name paths of a root of the tree's own as seen from where it
 // is here, top, before the restore pivots into it.
 func overlayUnder(top, data string) string {
-	opts := strings.Split(data, ",")
-	for i, o := range opts {
-		k, v, ok := strings.Cut(o, "=")
-		if !ok || k != "lowerdir" && k != "upperdir" && k != "workdir" {
-			continue
+	return mapOptions(data, func(k, v string) string {
+		if k != "lowerdir" && k != "upperdir" && k != "workdir" {
+			return v
 		}
 		dirs := strings.Split(v, ":")
 		for j, d := range dirs {
@@ -306,7 +304,6 @@ func overlayUnder(top, data string) string {
 				dirs[j] = filepath.Join(top, d)
 			}
 		}
-		opts[i] = k + "=" + strings.Join(dirs, ":")
-	}
-	return strings.Join(opts, ",")
+		return strings.Join(dirs, ":")
+	})
 }

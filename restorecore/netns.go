@@ -253,19 +253,11 @@ const (
 // and group.
 func makeTun(pid int, l *pb.NetLink) error {
 	return proc.InNamespace(pid, "net", func() error {
-		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return os.NewSyscallError("open /dev/net/tun", err)
-		}
-		defer unix.Close(fd)
-		ifr, err := unix.NewIfreq(l.Name)
+		fd, err := attachTun(l.Name, l.TunFlags)
 		if err != nil {
 			return err
 		}
-		ifr.SetUint16(uint16(l.TunFlags))
-		if err := unix.IoctlIfreq(fd, tunsetiff, ifr); err != nil {
-			return os.NewSyscallError("TUNSETIFF", err)
-		}
+		defer unix.Close(fd)
 		for _, o := range []struct {
 			req uint
 			v   int64
@@ -341,19 +333,30 @@ func restoreIptables(pid int, tool, rules string) error {
 // (attached, made transient, let go).
 func dropTun(pid int, name string, flags uint32) error {
 	return proc.InNamespace(pid, "net", func() error {
-		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return os.NewSyscallError("open /dev/net/tun", err)
-		}
-		defer unix.Close(fd)
-		ifr, err := unix.NewIfreq(name)
+		fd, err := attachTun(name, flags)
 		if err != nil {
 			return err
 		}
-		ifr.SetUint16(uint16(flags))
-		if err := unix.IoctlIfreq(fd, tunsetiff, ifr); err != nil {
-			return fmt.Errorf("tun %s: TUNSETIFF: %w", name, err)
-		}
+		defer unix.Close(fd)
 		return unix.IoctlSetInt(fd, tunsetpersist, 0)
 	})
+}
+
+// attachTun opens /dev/net/tun attached to tun device name of the calling
+// thread's network namespace (made if missing), with TUNSETIFF flags.
+func attachTun(name string, flags uint32) (int, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("open /dev/net/tun", err)
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err == nil {
+		ifr.SetUint16(uint16(flags))
+		err = unix.IoctlIfreq(fd, tunsetiff, ifr)
+	}
+	if err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("tun %s: TUNSETIFF: %w", name, err)
+	}
+	return fd, nil
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -254,15 +253,12 @@ func inUserNs(un *pb.UserNs, c *pb.Creds) (ids [8]uint32, ok [2]bool, err error)
 	for half, maps := range [][]*pb.IdMap{un.UidMap, un.GidMap} {
 		mapped, zero := 0, 0
 		for i := half * 4; i < half*4+4; i++ {
-			id := from[i]
-			for _, m := range maps {
-				if id >= m.Outer && id-m.Outer < m.Count {
-					ids[i] = m.Inner + id - m.Outer
-					mapped++
-					break
-				}
+			id, ok := innerID(maps, from[i])
+			if ok {
+				ids[i] = id
+				mapped++
 			}
-			if id == 0 {
+			if from[i] == 0 {
 				zero++
 			}
 		}
@@ -283,13 +279,24 @@ func inUserNs(un *pb.UserNs, c *pb.Creds) (ids [8]uint32, ok [2]bool, err error)
 func groupsInUserNs(un *pb.UserNs, groups []uint32) ([]uint32, error) {
 	out := make([]uint32, 0, len(groups))
 	for _, g := range groups {
-		i := slices.IndexFunc(un.GidMap, func(m *pb.IdMap) bool { return g >= m.Outer && g-m.Outer < m.Count })
-		if i < 0 {
+		id, ok := innerID(un.GidMap, g)
+		if !ok {
 			return nil, fmt.Errorf("group %d is not mapped in the tree's user namespace", g)
 		}
-		out = append(out, un.GidMap[i].Inner+g-un.GidMap[i].Outer)
+		out = append(out, id)
 	}
 	return out, nil
+}
+
+// innerID is outer ID id as maps number it inside the namespace; ok is
+// false if they do not map it.
+func innerID(maps []*pb.IdMap, id uint32) (inner uint32, ok bool) {
+	for _, m := range maps {
+		if id >= m.Outer && id-m.Outer < m.Count {
+			return m.Inner + id - m.Outer, true
+		}
+	}
+	return 0, false
 }
 
 // mountData returns a mount's options as the tree's root gives them:
@@ -301,25 +308,24 @@ func (r *restorer) mountData(data string) string {
 	if r.holder == nil || data == "" {
 		return data
 	}
+	return mapOptions(data, func(k, v string) string {
+		maps := map[string][]*pb.IdMap{"uid": un.UidMap, "gid": un.GidMap}[k]
+		if id, err := strconv.ParseUint(v, 10, 32); err == nil && maps != nil {
+			if inner, ok := innerID(maps, uint32(id)); ok {
+				return strconv.FormatUint(uint64(inner), 10)
+			}
+		}
+		return v
+	})
+}
+
+// mapOptions returns mount options data with the value of each key=value
+// option replaced by f(key, value).
+func mapOptions(data string, f func(k, v string) string) string {
 	opts := strings.Split(data, ",")
 	for i, o := range opts {
-		k, v, ok := strings.Cut(o, "=")
-		if !ok || k != "uid" && k != "gid" {
-			continue
-		}
-		id, err := strconv.ParseUint(v, 10, 32)
-		if err != nil {
-			continue
-		}
-		maps := un.UidMap
-		if k == "gid" {
-			maps = un.GidMap
-		}
-		for _, m := range maps {
-			if uint32(id) >= m.Outer && uint32(id)-m.Outer < m.Count {
-				opts[i] = fmt.Sprintf("%s=%d", k, m.Inner+uint32(id)-m.Outer)
-				break
-			}
+		if k, v, ok := strings.Cut(o, "="); ok {
+			opts[i] = k + "=" + f(k, v)
 		}
 	}
 	return strings.Join(opts, ",")
