@@ -3,7 +3,6 @@ package dumpcore
 import (
 	"fmt"
 	"os"
-	"strconv"
 	"strings"
 	"syscall"
 
@@ -59,14 +58,9 @@ func (t *tree) checkCaller(before bool) error {
 			return fmt.Errorf("process %d: %w", pid, ErrNoProcess)
 		}
 		for _, tid := range tids {
-			name := proc.Path(pid, "task/"+strconv.Itoa(tid)+"/status")
-			b, err := os.ReadFile(name)
+			s, err := proc.ReadThreadStatus(pid, tid)
 			if err != nil {
-				return fmt.Errorf("thread %d: %w", tid, ErrNoProcess)
-			}
-			s, err := proc.ParseStatus(name, b)
-			if err != nil {
-				return err
+				return fmt.Errorf("thread %d: %w (%v)", tid, ErrNoProcess, err)
 			}
 			for i := range 4 {
 				if s.Uid[i] != c.Uid || s.Gid[i] != c.Gid {

@@ -2,8 +2,6 @@ package dumpcore
 
 import (
 	"fmt"
-	"os"
-	"strconv"
 
 	"github.com/ferrycr/ferry/internal/proc"
 )
@@ -40,17 +38,9 @@ func (t *tree) pidNamespace() error {
 	// (NSpid, NSpgid, NSsid: the last is the innermost; they name a dead
 	// leader too), from its status.
 	status := func(pid, tid int) (proc.Status, error) {
-		name := proc.Path(pid, "status")
-		if tid != pid {
-			name = proc.Path(pid, "task/"+strconv.Itoa(tid)+"/status")
-		}
-		b, err := os.ReadFile(name)
-		if err != nil {
-			return proc.Status{}, err
-		}
-		st, err := proc.ParseStatus(name, b)
+		st, err := proc.ReadThreadStatus(pid, tid)
 		if err == nil && (len(st.NSpid) < 2 || len(st.NSpgid) != len(st.NSpid) || len(st.NSsid) != len(st.NSpid)) {
-			err = fmt.Errorf("%s shows no PID namespace of its own", name)
+			err = fmt.Errorf("the status of thread %d of %d shows no PID namespace of its own", tid, pid)
 		}
 		return st, err
 	}

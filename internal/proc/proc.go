@@ -276,6 +276,20 @@ func ReadStatus(pid int) (Status, error) {
 	return ParseStatus(name, b)
 }
 
+// ReadThreadStatus reads the status of thread tid of process pid (the
+// process's own for its main thread).
+func ReadThreadStatus(pid, tid int) (Status, error) {
+	name := Path(pid, "status")
+	if tid != pid {
+		name = Path(pid, "task/"+strconv.Itoa(tid)+"/status")
+	}
+	b, err := os.ReadFile(name)
+	if err != nil {
+		return Status{}, err
+	}
+	return ParseStatus(name, b)
+}
+
 // ParseStatus parses status contents.
 func ParseStatus(file string, b []byte) (Status, error) {
 	var s Status
