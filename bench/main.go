@@ -132,8 +132,9 @@ func main() {
 			if err != nil {
 				fail(fmt.Errorf("lazy at %d MiB: %w", mib, err))
 			}
-			fmt.Printf("lazy     %5d MiB: running after %.1f ms (source %.1f + target %.1f), all pages after %.1f ms\n",
-				mib, r.ToRunningMs, r.DumpLazyMs, r.TargetMs, r.ToAllPagesMs)
+			fmt.Printf("lazy     %5d MiB: running after %.1f ms (source %.1f + daemon %.1f + restore %.1f), all pages after %.1f ms"+
+				" = %.2fx tcp copy (%.0f ms), %.2fx the slower of it and a fresh-memory fill (%.0f ms)\n",
+				mib, r.ToRunningMs, r.DumpLazyMs, r.DaemonMs, r.RestoreMs, r.ToAllPagesMs, r.VsTCP, r.TCPCopyMs, r.VsFloor, r.FillMs)
 			lz = append(lz, r)
 		}
 		all["lazy_restore"] = lz

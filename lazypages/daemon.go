@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"slices"
 	"sort"
 	"sync"
@@ -520,8 +521,8 @@ const (
 	// that many in flight at once, so that the page server reads and
 	// sends the next chunks while this side copies one in (one at a time,
 	// each side waiting for the other, 1 GiB took 5.3 s here; 2.4 s so).
-	// A fault's request waits behind them: 2 MiB.
-	aheadChunk = 256 << 10
+	// A fault's request waits behind them: 4 MiB, a few milliseconds.
+	aheadChunk = 512 << 10
 	aheadDepth = 8
 )
 
@@ -540,9 +541,72 @@ func (s *server) deliver(c *client, sp pendSpan, va, n uint64) error {
 	return s.place(c, va, src)
 }
 
-// place copies src into c's memory at va, whose pages are pending.
+// place copies src into c's memory at va, whose pages are pending. Large
+// copies are split between threads: filling fresh memory is what bounds
+// post-copy (the kernel allocates each page; on a VM the host maps it on
+// first touch, and that cost grows with the CPUs that share it).
 func (s *server) place(c *client, va uint64, src []byte) error {
-	done, err := c.u.Copy(va, src, false)
+	parts := min(copyThreads, len(src)/minCopyPart)
+	if parts <= 1 {
+		done, err := copyIn(c.u, va, src)
+		return s.placed(c, va, len(src), done, err)
+	}
+	part := (len(src)/parts + pageSize - 1) &^ (pageSize - 1)
+	type result struct {
+		done int
+		err  error
+	}
+	res := make([]result, parts)
+	var wg sync.WaitGroup
+	for i := 1; i < parts; i++ {
+		off := i * part
+		end := min(off+part, len(src))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res[i].done, res[i].err = copyIn(c.u, va+uint64(off), src[off:end])
+		}()
+	}
+	res[0].done, res[0].err = copyIn(c.u, va, src[:part])
+	wg.Wait()
+	var first error
+	for i, r := range res {
+		off := i * part
+		end := min(off+part, len(src))
+		if err := s.placed(c, va+uint64(off), end-off, r.done, r.err); err != nil && (first == nil || errors.Is(first, errAgain)) {
+			first = err
+		}
+	}
+	return first
+}
+
+// minCopyPart is the smallest part of a chunk a thread copies alone.
+const minCopyPart = 128 << 10
+
+// copyThreads copy one chunk together (on this 2-CPU VM, 4 GiB came in
+// about 15% sooner with two than with one; more CPUs than the page
+// stream leaves idle would not help).
+var copyThreads = min(runtime.NumCPU(), 4)
+
+// copyIn copies src to va. A page that is there already (a racing fault
+// or event) is skipped: the rest is copied page by page. It only makes
+// system calls, so parts of one chunk may be copied at once.
+func copyIn(u *uffd.FD, va uint64, src []byte) (int, error) {
+	done, err := u.Copy(va, src, false)
+	if !errors.Is(err, uffd.ErrExist) {
+		return done, err
+	}
+	for off := uint64(done) &^ (pageSize - 1); off < uint64(len(src)); off += pageSize {
+		if _, err := u.Copy(va+off, src[off:off+pageSize], false); err != nil && !errors.Is(err, uffd.ErrExist) {
+			return int(off), err
+		}
+	}
+	return len(src), nil
+}
+
+// placed accounts for a copy of n bytes to va that copied done of them,
+// and failed with err.
+func (s *server) placed(c *client, va uint64, n, done int, err error) error {
 	switch {
 	case errors.Is(err, unix.EAGAIN):
 		// The address space is changing (fork, mremap in progress) until
@@ -551,22 +615,14 @@ func (s *server) place(c *client, va uint64, src []byte) error {
 		s.stats.PagesCopied += uint64(done) / pageSize
 		return errAgain
 	case err == nil:
-	case errors.Is(err, uffd.ErrExist):
-		// Some page is there already (a racing fault or event): copy the
-		// rest page by page.
-		for off := uint64(done) &^ (pageSize - 1); off < uint64(len(src)); off += pageSize {
-			if _, err := c.u.Copy(va+off, src[off:off+pageSize], false); err != nil && !errors.Is(err, uffd.ErrExist) {
-				return err
-			}
-		}
 	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ESRCH):
 		// The range or the whole address space is gone (unmapped, or the
 		// process exited): an event follows, or the client is dropped.
 	default:
 		return err
 	}
-	c.pend.remove(va, va+uint64(len(src)))
-	s.stats.PagesCopied += uint64(len(src)) / pageSize
+	c.pend.remove(va, va+uint64(n))
+	s.stats.PagesCopied += uint64(n) / pageSize
 	return nil
 }
 

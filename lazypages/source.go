@@ -139,7 +139,23 @@ func (r *RemoteSource) read() {
 		}
 	}
 	for {
-		typ, p, err := r.s.ReadFrame(buf)
+		typ, n, err := r.s.ReadHead()
+		var direct *Flight // the request a reply was read for
+		if err == nil {
+			direct, err = r.direct(typ, n)
+			if direct != nil && err == nil {
+				direct.finish(nil)
+				continue
+			}
+		}
+		var p []byte
+		if err == nil && direct == nil {
+			if cap(buf) < n {
+				buf = make([]byte, n)
+			}
+			p = buf[:n]
+			err = r.s.ReadBody(p)
+		}
 		if err != nil {
 			select {
 			case <-r.closed:
@@ -147,10 +163,12 @@ func (r *RemoteSource) read() {
 			default:
 				err = fmt.Errorf("page server: %w", err)
 			}
+			if direct != nil {
+				direct.finish(err)
+			}
 			fail(err)
 			return
 		}
-		buf = p
 		if typ == frameRanges || typ == frameListErr {
 			if err := r.gotList(typ, p); err != nil {
 				fail(err)
@@ -170,16 +188,39 @@ func (r *RemoteSource) read() {
 			return
 		case typ == frameErr:
 			f.finish(fmt.Errorf("page server: %s", p))
-		case typ != framePages || len(p) != 8+len(f.buf) || binary.LittleEndian.Uint64(p) != f.vaddr:
+		default:
 			err := fmt.Errorf("page server: unexpected reply to %#x+%d", f.vaddr, len(f.buf))
 			f.finish(err)
 			fail(err)
 			return
-		default:
-			copy(f.buf, p[8:])
-			f.finish(nil)
 		}
 	}
+}
+
+// direct reads a reply of pages that has the size the oldest request
+// asked for straight into that request's buffer, and returns the request
+// (nil, having read nothing, for any other frame).
+func (r *RemoteSource) direct(typ uint8, n int) (*Flight, error) {
+	if typ != framePages {
+		return nil, nil
+	}
+	r.mu.Lock()
+	var f *Flight
+	if len(r.queue) > 0 && n == 8+len(r.queue[0].buf) {
+		f, r.queue = r.queue[0], r.queue[1:]
+	}
+	r.mu.Unlock()
+	if f == nil {
+		return nil, nil
+	}
+	var va [8]byte
+	if err := r.s.ReadBody(va[:]); err != nil {
+		return f, err
+	}
+	if got := binary.LittleEndian.Uint64(va[:]); got != f.vaddr {
+		return f, fmt.Errorf("a reply for %#x to a request for %#x", got, f.vaddr)
+	}
+	return f, r.s.ReadBody(f.buf)
 }
 
 func (r *RemoteSource) gotList(typ uint8, p []byte) error {

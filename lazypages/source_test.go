@@ -184,3 +184,32 @@ func TestRequestsInFlight(t *testing.T) {
 	}
 	<-done
 }
+
+// TestReplyForAnotherAddress: a page reply read straight into a request's
+// buffer must be for the address it asked for; one that is not fails the
+// request and the stream, naming both addresses.
+func TestReplyForAnotherAddress(t *testing.T) {
+	c, s := streams(t)
+	r := NewRemoteSource(c)
+	buf := make([]byte, pageSize)
+	go func() {
+		// net.Pipe is synchronous: the server side runs beside the
+		// requests. The reader stops at the address, so the rest of the
+		// reply stays unwritten until Abort.
+		if typ, _, err := s.ReadFrame(nil); err != nil || typ != frameReq {
+			return
+		}
+		reply := binary.LittleEndian.AppendUint64(nil, 0x20000)
+		s.WriteFrame(framePages, append(reply, make([]byte, pageSize)...))
+		s.Flush()
+	}()
+	f := r.Request(7, 0x10000, buf, nil)
+	<-f.Done()
+	if err := f.Err(); err == nil || !strings.Contains(err.Error(), "0x20000") || !strings.Contains(err.Error(), "0x10000") {
+		t.Fatalf("got %v, want a reply for another address", err)
+	}
+	if g := r.Request(7, 0, buf, nil); func() error { <-g.Done(); return g.Err() }() == nil {
+		t.Fatal("the stream went on after a wrong reply")
+	}
+	r.Abort()
+}

@@ -297,12 +297,27 @@ func (s *Stream) WriteFrame(typ uint8, payload []byte) error {
 	var h [5]byte
 	h[0] = typ
 	binary.LittleEndian.PutUint32(h[1:], uint32(len(payload)))
+	if tc, ok := s.conn.(*net.TCPConn); ok && s.enc == nil && len(payload) >= directWrite {
+		// Pages go to the socket from the caller's buffer, in one writev
+		// with the header, not copied through the write buffer (whatever
+		// that holds goes first).
+		if err := s.bw.Flush(); err != nil {
+			return err
+		}
+		bufs := net.Buffers{h[:], payload}
+		_, err := bufs.WriteTo(tc)
+		return err
+	}
 	if _, err := s.w.Write(h[:]); err != nil {
 		return err
 	}
 	_, err := s.w.Write(payload)
 	return err
 }
+
+// directWrite: frames from this size on bypass the write buffer on plain
+// TCP.
+const directWrite = 64 << 10
 
 // Flush pushes buffered frames to the peer.
 func (s *Stream) Flush() error {
@@ -316,22 +331,41 @@ func (s *Stream) Flush() error {
 
 // ReadFrame receives one frame; buf is reused when large enough.
 func (s *Stream) ReadFrame(buf []byte) (uint8, []byte, error) {
-	var h [5]byte
-	if _, err := io.ReadFull(s.r, h[:]); err != nil {
+	typ, n, err := s.ReadHead()
+	if err != nil {
 		return 0, nil, err
 	}
-	n := binary.LittleEndian.Uint32(h[1:])
-	if n > MaxFrame {
-		return 0, nil, fmt.Errorf("frame of %d bytes exceeds %d (corrupt stream)", n, MaxFrame)
-	}
-	if cap(buf) < int(n) {
+	if cap(buf) < n {
 		buf = make([]byte, n)
 	}
 	buf = buf[:n]
-	if _, err := io.ReadFull(s.r, buf); err != nil {
-		return 0, nil, fmt.Errorf("frame cut short: %w", err)
+	if err := s.ReadBody(buf); err != nil {
+		return 0, nil, err
 	}
-	return h[0], buf, nil
+	return typ, buf, nil
+}
+
+// ReadHead receives a frame's type and payload length; the payload follows
+// in ReadBody calls that take exactly n bytes together (a reader that knows
+// where the payload goes reads it there, without a copy in between).
+func (s *Stream) ReadHead() (typ uint8, n int, err error) {
+	var h [5]byte
+	if _, err := io.ReadFull(s.r, h[:]); err != nil {
+		return 0, 0, err
+	}
+	size := binary.LittleEndian.Uint32(h[1:])
+	if size > MaxFrame {
+		return 0, 0, fmt.Errorf("frame of %d bytes exceeds %d (corrupt stream)", size, MaxFrame)
+	}
+	return h[0], int(size), nil
+}
+
+// ReadBody fills p with the next bytes of the current frame's payload.
+func (s *Stream) ReadBody(p []byte) error {
+	if _, err := io.ReadFull(s.r, p); err != nil {
+		return fmt.Errorf("frame cut short: %w", err)
+	}
+	return nil
 }
 
 // Close closes the stream and its connection.

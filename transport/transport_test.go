@@ -1,6 +1,7 @@
 package transport
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"strings"
@@ -181,5 +182,69 @@ func TestQUIC(t *testing.T) {
 	s.Close()
 	if err := <-served; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestLargeFramesInOrder: frames from directWrite on go to a plain TCP
+// socket from the caller's buffer, after what small frames left buffered;
+// the reader gets them in order, whole, read at once or head and body
+// apart.
+func TestLargeFramesInOrder(t *testing.T) {
+	l, err := Listen("127.0.0.1:0", TLS{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	sizes := []int{3, directWrite, 5, 1 << 20, directWrite - 1, 2 << 20}
+	frame := func(i int) []byte {
+		p := make([]byte, sizes[i])
+		for j := range p {
+			p[j] = byte(i + j/4096)
+		}
+		return p
+	}
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		s, err := Server(c)
+		if err != nil {
+			c.Close()
+			return
+		}
+		defer s.Close()
+		for i := range sizes {
+			s.WriteFrame(uint8(i), frame(i)) // small ones stay buffered
+		}
+		s.Flush()
+		s.ReadFrame(nil) // until the client is done
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, l.Addr().String(), TLS{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := Client(c, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := range sizes {
+		var typ uint8
+		var p []byte
+		if i%2 == 0 {
+			typ, p, err = s.ReadFrame(nil)
+		} else {
+			var n int
+			if typ, n, err = s.ReadHead(); err == nil {
+				p = make([]byte, n)
+				err = errors.Join(s.ReadBody(p[:n/2]), s.ReadBody(p[n/2:]))
+			}
+		}
+		if err != nil || typ != uint8(i) || !bytes.Equal(p, frame(i)) {
+			t.Fatalf("frame %d: type %d, %d bytes, %v", i, typ, len(p), err)
+		}
 	}
 }
