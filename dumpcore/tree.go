@@ -412,11 +412,9 @@ func closeAll(trs []*Tracker) func() {
 var errFlagsMoved = errors.New("a memory mapping changed as the process was frozen (its flags in the images are not certain); dump again")
 
 // serveLazy serves the frozen tree's memory (dump --lazy-pages) until the
-// lazy-pages daemon has it all. The VMA flags in the images were read
-// before the freeze: smaps of the frozen tree is read meanwhile, and no
-// page leaves before it agrees.
+// lazy-pages daemon has it all. The VMA flags in the images are those of
+// the frozen tree (see Dump).
 func (t *tree) serveLazy(imgs []*imageSet) error {
-	verify := t.checkFlags()
 	// Asked for by the images' PIDs (vpid).
 	inTree := map[int]int{}
 	vmas := map[int][]*pb.Vma{}
@@ -427,9 +425,6 @@ func (t *tree) serveLazy(imgs []*imageSet) error {
 		}
 	}
 	read := func(pid int, vaddr uint64, buf []byte) error {
-		if err := verify(); err != nil {
-			return err
-		}
 		here, ok := inTree[pid]
 		if !ok {
 			return fmt.Errorf("process %d is not in this dump", pid)
@@ -445,11 +440,6 @@ func (t *tree) serveLazy(imgs []*imageSet) error {
 	}
 	if err := t.opts.LazyServe(read, list); err != nil {
 		return fmt.Errorf("serving pages to the lazy-pages daemon: %w (the process is resumed)", err)
-	}
-	if err := verify(); err != nil {
-		// The daemon had every page without asking (from earlier
-		// rounds): the target runs, and the source must not resume.
-		t.log.Warn("the restored process may differ in memory flags (madvise, mlock) from the source", "err", err)
 	}
 	return nil
 }

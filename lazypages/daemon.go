@@ -134,9 +134,15 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 			return fmt.Errorf("lazy-pages: accept: %w", err)
 		}
 		defer conn.Close()
-		pid, osPid, fd, fill, err := recvHandover(conn, opts, log)
-		if err != nil || fill {
+		pid, osPid, fd, kind, err := recvHandover(conn, opts, log)
+		if err != nil || kind == msgFill {
 			return err
+		}
+		if kind == msgResumed {
+			s.resumed = true
+			log.Debug("the restore resumed the tree: prefetching")
+			conn.Write([]byte{0})
+			return nil
 		}
 		u := uffd.AdoptNoHandshake(fd, Features)
 		<-indexed
@@ -165,6 +171,9 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		}
 		s.clients = append(s.clients, c)
 		s.handovers--
+		if !s.resumed {
+			s.holdUntil = time.Now().Add(resumeWait)
+		}
 		if _, err := conn.Write([]byte{0}); err != nil {
 			return err
 		}
@@ -428,6 +437,27 @@ type server struct {
 	// wmu guards the wake pipe's writes against its closing.
 	wmu    sync.Mutex
 	closed bool
+	// Prefetch waits while the restore still works on the processes
+	// handed over (it would take the CPUs the restore needs: the
+	// process would run later): until the restore says the tree runs
+	// (resumed), or until holdUntil if it does not say so. Faults are
+	// served meanwhile.
+	resumed   bool
+	holdUntil time.Time
+}
+
+// resumeWait: how long prefetch waits for the restore's word that the
+// tree runs, after a handover.
+const resumeWait = 2 * time.Second
+
+// holding tells whether prefetch waits for the restore, and how long at
+// most.
+func (s *server) holding() (bool, time.Duration) {
+	if s.resumed || s.holdUntil.IsZero() {
+		return false, 0
+	}
+	left := time.Until(s.holdUntil)
+	return left > 0, left
 }
 
 // flight is a prefetch request in flight: n bytes for c at va, which the
@@ -881,7 +911,9 @@ func (s *server) loop(ctx context.Context) error {
 			pfd[i] = unix.PollFd{Fd: int32(c.u.Fd()), Events: unix.POLLIN}
 		}
 		pfd = append(pfd, unix.PollFd{Fd: int32(s.wake[0]), Events: unix.POLLIN})
-		if s.handovers > 0 {
+		hold, _ := s.holding()
+		listen := s.handovers > 0 || hold
+		if listen {
 			pfd = append(pfd, unix.PollFd{Fd: int32(s.lfd), Events: unix.POLLIN})
 		}
 		if !s.canPrefetch() {
@@ -900,7 +932,7 @@ func (s *server) loop(ctx context.Context) error {
 				got++
 			}
 		}
-		if s.handovers > 0 && pfd[n+1].Revents&unix.POLLIN != 0 {
+		if listen && pfd[n+1].Revents&unix.POLLIN != 0 {
 			if err := s.accept(); err != nil {
 				return err
 			}
@@ -954,6 +986,10 @@ func (s *server) loop(ctx context.Context) error {
 		}
 		if s.rate > 0 && float64(s.prefetched) > float64(s.rate)*time.Since(start).Seconds() {
 			wait = 5 // ahead of --prefetch-rate
+			continue
+		}
+		if hold, left := s.holding(); hold {
+			wait = int(min(100*time.Millisecond, left)/time.Millisecond) + 1
 			continue
 		}
 		idle, err := s.prefetch()
@@ -1073,38 +1109,69 @@ func Handover(socket string, pid, osPid, fd int) error {
 	return nil
 }
 
-// recvHandover reads a restore's message: a fill request (answered here)
-// or the handover of a userfaultfd.
-func recvHandover(c *net.UnixConn, opts Options, log *slog.Logger) (pid, osPid, fd int, fill bool, err error) {
+// A restore's messages to the daemon.
+const (
+	msgHandover = iota // a process's userfaultfd
+	msgFill            // pages to write in eagerly
+	msgResumed         // the tree runs
+)
+
+// recvHandover reads a restore's message: a fill request (answered here),
+// the word that the tree runs, or the handover of a userfaultfd.
+func recvHandover(c *net.UnixConn, opts Options, log *slog.Logger) (pid, osPid, fd, kind int, err error) {
 	buf := make([]byte, 64<<10)
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 	if err != nil {
-		return 0, 0, -1, false, fmt.Errorf("lazy-pages: read handover: %w", err)
+		return 0, 0, -1, 0, fmt.Errorf("lazy-pages: read handover: %w", err)
+	}
+	if string(buf[:n]) == resumedMagic {
+		return 0, 0, -1, msgResumed, nil
 	}
 	if n >= len(fillMagic)+8 && string(buf[:len(fillMagic)]) == fillMagic {
 		err := serveFill(c, buf[:n], opts)
 		if err != nil {
 			log.Error("lazy-pages: fill request failed", "err", err)
 			c.Write([]byte(err.Error()))
-			return 0, 0, -1, true, nil
+			return 0, 0, -1, msgFill, nil
 		}
 		c.Write([]byte{0})
-		return 0, 0, -1, true, nil
+		return 0, 0, -1, msgFill, nil
 	}
 	if n != len(magic)+8 || string(buf[:len(magic)]) != magic {
-		return 0, 0, -1, false, fmt.Errorf("lazy-pages: bad handover message")
+		return 0, 0, -1, 0, fmt.Errorf("lazy-pages: bad handover message")
 	}
 	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 	if err != nil || len(msgs) != 1 {
-		return 0, 0, -1, false, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
+		return 0, 0, -1, 0, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
 	}
 	fds, err := unix.ParseUnixRights(&msgs[0])
 	if err != nil || len(fds) != 1 {
-		return 0, 0, -1, false, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
+		return 0, 0, -1, 0, fmt.Errorf("lazy-pages: no userfaultfd in the handover")
 	}
 	le := binary.LittleEndian
-	return int(le.Uint32(buf[len(magic):])), int(le.Uint32(buf[len(magic)+4:])), fds[0], false, nil
+	return int(le.Uint32(buf[len(magic):])), int(le.Uint32(buf[len(magic)+4:])), fds[0], msgHandover, nil
+}
+
+const resumedMagic = "FERRYLZR"
+
+// Resumed tells the daemon at socket that the restore has let the tree
+// run: prefetch goes on at full speed from now on.
+func Resumed(socket string) error {
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(resumedMagic)); err != nil {
+		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var ack [1]byte
+	if _, err := c.Read(ack[:]); err != nil {
+		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
+	}
+	return nil
 }
 
 const fillMagic = "FERRYLZF"

@@ -17,6 +17,7 @@ import (
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/netlock"
 )
 
@@ -421,6 +422,13 @@ func (r *restorer) run(ctx context.Context) (res *Result, err error) {
 		}
 	}
 	r.cgroupsKept = true
+	if r.opts.LazySocket != "" {
+		// The daemon held its prefetch back while the tree was being
+		// made; it would wait a little longer without this, no more.
+		if err := lazypages.Resumed(r.opts.LazySocket); err != nil {
+			r.log.Debug("could not tell the lazy-pages daemon that the tree runs", "err", err)
+		}
+	}
 	for _, b := range builders {
 		res.Pids = append(res.Pids, b.pid)
 		res.Tids = append(res.Tids, b.tids()...)
