@@ -19,6 +19,7 @@ import (
 
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/pageserver"
 	"github.com/ferrycr/ferry/pki"
 	"github.com/ferrycr/ferry/transport"
@@ -207,7 +208,7 @@ func benchLazy(ferry, wl, dir string, mib int) (lazyResult, error) {
 		return r, err
 	}
 	var src int // the workload, PID 1 of its namespace, as seen here
-	for _, pid := range children(cmd.Process.Pid) {
+	for _, pid := range proc.Children(cmd.Process.Pid) {
 		src = pid
 	}
 	if src == 0 {
@@ -351,18 +352,6 @@ func freePort() (string, error) {
 	}
 	defer l.Close()
 	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port), nil
-}
-
-// children lists pid's children.
-func children(pid int) []int {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
-	var out []int
-	for _, f := range strings.Fields(string(b)) {
-		if n, err := strconv.Atoi(f); err == nil {
-			out = append(out, n)
-		}
-	}
-	return out
 }
 
 // benchStream sends size bytes through a page-server session on loopback

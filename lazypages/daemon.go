@@ -581,29 +581,26 @@ func (s *server) place(c *client, va uint64, src []byte) error {
 		done, err := copyIn(c.u, va, src)
 		return s.placed(c, va, len(src), done, err)
 	}
-	part := (len(src)/parts + pageSize - 1) &^ (pageSize - 1)
-	type result struct {
-		done int
-		err  error
+	size := (len(src)/parts + pageSize - 1) &^ (pageSize - 1)
+	type part struct {
+		off, end, done int
+		err            error
 	}
-	res := make([]result, parts)
+	res := make([]part, parts)
+	for i := range res {
+		res[i].off, res[i].end = i*size, min(i*size+size, len(src))
+	}
+	copyPart := func(p *part) { p.done, p.err = copyIn(c.u, va+uint64(p.off), src[p.off:p.end]) }
 	var wg sync.WaitGroup
 	for i := 1; i < parts; i++ {
-		off := i * part
-		end := min(off+part, len(src))
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			res[i].done, res[i].err = copyIn(c.u, va+uint64(off), src[off:end])
-		}()
+		go func() { defer wg.Done(); copyPart(&res[i]) }()
 	}
-	res[0].done, res[0].err = copyIn(c.u, va, src[:part])
+	copyPart(&res[0])
 	wg.Wait()
 	var first error
-	for i, r := range res {
-		off := i * part
-		end := min(off+part, len(src))
-		if err := s.placed(c, va+uint64(off), end-off, r.done, r.err); err != nil && (first == nil || errors.Is(first, errAgain)) {
+	for _, p := range res {
+		if err := s.placed(c, va+uint64(p.off), p.end-p.off, p.done, p.err); err != nil && (first == nil || errors.Is(first, errAgain)) {
 			first = err
 		}
 	}
@@ -1085,21 +1082,36 @@ func ListPresent(pid int, vmas []*pb.Vma) ([][2]uint64, error) {
 // osPid here) to the daemon listening at socket and waits for it to take
 // over.
 func Handover(socket string, pid, osPid, fd int) error {
+	msg := make([]byte, len(magic)+8)
+	copy(msg, magic)
+	binary.LittleEndian.PutUint32(msg[len(magic):], uint32(pid))
+	binary.LittleEndian.PutUint32(msg[len(magic)+4:], uint32(osPid))
+	if err := ask(socket, msg, unix.UnixRights(fd), 30*time.Second); err != nil {
+		return fmt.Errorf("hand over to the lazy-pages daemon: %w", err)
+	}
+	return nil
+}
+
+// ask sends the daemon at socket one message (with its descriptors in
+// oob, if any) and waits up to wait for the answer: a zero byte, or the
+// daemon's reason for refusing.
+func ask(socket string, msg, oob []byte, wait time.Duration) error {
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
 	if err != nil {
 		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
 	}
 	defer c.Close()
-	msg := make([]byte, len(magic)+8)
-	copy(msg, magic)
-	binary.LittleEndian.PutUint32(msg[len(magic):], uint32(pid))
-	binary.LittleEndian.PutUint32(msg[len(magic)+4:], uint32(osPid))
-	if _, _, err := c.WriteMsgUnix(msg, unix.UnixRights(fd), nil); err != nil {
-		return fmt.Errorf("hand over to the lazy-pages daemon: %w", err)
+	// One write: the daemon takes the message in one read.
+	n, _, err := c.WriteMsgUnix(msg, oob, nil)
+	if err == nil && n < len(msg) {
+		err = io.ErrShortWrite
 	}
-	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if err != nil {
+		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
+	}
+	c.SetReadDeadline(time.Now().Add(wait))
 	ack := make([]byte, 512)
-	n, err := c.Read(ack)
+	n, err = c.Read(ack)
 	if err != nil {
 		return fmt.Errorf("lazy-pages daemon: %w", err)
 	}
@@ -1158,20 +1170,7 @@ const resumedMagic = "FERRYLZR"
 // Resumed tells the daemon at socket that the restore has let the tree
 // run: prefetch goes on at full speed from now on.
 func Resumed(socket string) error {
-	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
-	if err != nil {
-		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
-	}
-	defer c.Close()
-	if _, err := c.Write([]byte(resumedMagic)); err != nil {
-		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
-	}
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	var ack [1]byte
-	if _, err := c.Read(ack[:]); err != nil {
-		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
-	}
-	return nil
+	return ask(socket, []byte(resumedMagic), nil, 5*time.Second)
 }
 
 const fillMagic = "FERRYLZF"
@@ -1209,11 +1208,6 @@ func Fill(socket string, pid, osPid int, ranges [][2]uint64) error {
 	if len(ranges) == 0 {
 		return nil
 	}
-	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
-	if err != nil {
-		return fmt.Errorf("lazy-pages daemon at %s: %w", socket, err)
-	}
-	defer c.Close()
 	msg := make([]byte, len(fillMagic)+8, len(fillMagic)+8+16*len(ranges))
 	copy(msg, fillMagic)
 	binary.LittleEndian.PutUint32(msg[len(fillMagic):], uint32(pid))
@@ -1225,17 +1219,5 @@ func Fill(socket string, pid, osPid int, ranges [][2]uint64) error {
 	if len(msg) > 64<<10 {
 		return fmt.Errorf("fill request of %d ranges is too large", len(ranges))
 	}
-	if _, err := c.Write(msg); err != nil {
-		return err
-	}
-	c.SetReadDeadline(time.Now().Add(5 * time.Minute))
-	ack := make([]byte, 512)
-	n, err := c.Read(ack)
-	if err != nil {
-		return fmt.Errorf("lazy-pages daemon: %w", err)
-	}
-	if n != 1 || ack[0] != 0 {
-		return fmt.Errorf("lazy-pages daemon: %s", ack[:n])
-	}
-	return nil
+	return ask(socket, msg, nil, 5*time.Minute)
 }
