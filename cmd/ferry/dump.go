@@ -126,9 +126,8 @@ the fd and the object. stats-dump is always written to the work directory.`,
 					extNs[kind] = dumpcore.ExternalNs{Ino: ino, Key: key}
 					continue
 				}
-				if rest, ok := strings.CutPrefix(x, "mnt["); ok {
-					point, key, ok := strings.Cut(rest, "]:")
-					if !ok || point == "" || key == "" {
+				if point, key, ok := cutExternal(x, "mnt"); ok {
+					if point == "" || key == "" {
 						return fmt.Errorf("--external %q: want mnt[MOUNTPOINT]:KEY", x)
 					}
 					extMnt[point] = key

@@ -80,10 +80,9 @@ process runs; the process is then re-parented to init.`,
 			}
 			inheritFds := map[string]int{}
 			for _, x := range inherit {
-				rest, ok := strings.CutPrefix(x, "fd[")
-				n, key, ok2 := strings.Cut(rest, "]:")
+				n, key, ok := cutExternal(x, "fd")
 				fd, err := strconv.Atoi(n)
-				if !ok || !ok2 || err != nil || key == "" {
+				if !ok || err != nil || key == "" {
 					return fmt.Errorf("--inherit-fd %q: want fd[N]:KEY", x)
 				}
 				if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
@@ -222,29 +221,41 @@ func parseExternals(externals, mountMaps []string) (veths map[string]restorecore
 		if strings.HasPrefix(x, "unix[") {
 			continue
 		}
-		if rest, ok := strings.CutPrefix(x, "mnt["); ok {
-			key, path, ok := strings.Cut(rest, "]:")
-			if !ok || key == "" || path == "" {
+		if key, path, ok := cutExternal(x, "mnt"); ok {
+			if key == "" || path == "" {
 				return nil, nil, nil, fmt.Errorf("--external %q: want mnt[KEY]:PATH", x)
 			}
 			mnts[key] = path
 			continue
 		}
-		if rest, ok := strings.CutPrefix(x, "macvlan["); ok {
-			in, parent, ok := strings.Cut(rest, "]:")
-			if !ok || in == "" || parent == "" {
+		if in, parent, ok := cutExternal(x, "macvlan"); ok {
+			if in == "" || parent == "" {
 				return nil, nil, nil, fmt.Errorf("--external %q: want macvlan[IN]:PARENT", x)
 			}
 			macvlans[in] = parent
 			continue
 		}
-		rest, ok := strings.CutPrefix(x, "veth[")
-		in, out, ok2 := strings.Cut(rest, "]:")
-		if !ok || !ok2 || in == "" || out == "" {
+		in, out, ok := cutExternal(x, "veth")
+		if !ok || in == "" || out == "" {
 			return nil, nil, nil, fmt.Errorf("--external %q: want veth[IN]:OUT[@BRIDGE], macvlan[IN]:PARENT, mnt[KEY]:PATH or unix[INODE]", x)
 		}
 		out, bridge, _ := strings.Cut(out, "@")
 		veths[in] = restorecore.VethPeer{Out: out, Bridge: bridge}
 	}
 	return veths, mnts, macvlans, nil
+}
+
+// cutExternal splits criu's KIND[KEY]:VALUE (--external, --inherit-fd).
+// ok tells whether x is of KIND; KEY and VALUE are empty if x has no "]:"
+// after KIND[.
+func cutExternal(x, kind string) (key, value string, ok bool) {
+	rest, ok := strings.CutPrefix(x, kind+"[")
+	if !ok {
+		return "", "", false
+	}
+	key, value, cut := strings.Cut(rest, "]:")
+	if !cut {
+		return "", "", true
+	}
+	return key, value, true
 }
