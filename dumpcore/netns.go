@@ -137,6 +137,13 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 		}
 	}
 	err = proc.InNamespace(t.root, "net", func() error {
+		sysctls, err := proc.ReadSysctls("net")
+		if err != nil {
+			return fmt.Errorf("sysctls: %w", err)
+		}
+		for _, sc := range sysctls {
+			out.Sysctls = append(out.Sysctls, &pb.Sysctl{Name: sc.Name, Value: sc.Value})
+		}
 		// iptables first: the tables iptables-nft manages are saved
 		// with it (nft would print them, but iptables could not read
 		// them back).
@@ -166,16 +173,6 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 	})
 	if err != nil {
 		return nil, fmt.Errorf("network namespace of %d: %w", t.root, err)
-	}
-	err = proc.InNamespace(t.root, "net", func() error {
-		sysctls, err := proc.ReadSysctls("net")
-		for _, sc := range sysctls {
-			out.Sysctls = append(out.Sysctls, &pb.Sysctl{Name: sc.Name, Value: sc.Value})
-		}
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("sysctls of the network namespace of %d: %w", t.root, err)
 	}
 	return out, nil
 }
