@@ -1268,18 +1268,28 @@ func standIn(fs standInFS, f *pb.FileEntry) (path string, cleanup []string, err 
 		}
 		cleanup = append([]string{missing[i]}, cleanup...)
 	}
+	p, err := makeBeside(f.Path, "removed directory", func(p string) error { return fs.mkdir(p, f.Mode&0o777) })
+	if err != nil {
+		return "", cleanup, err
+	}
+	return p, append([]string{p}, cleanup...), nil
+}
+
+// makeBeside makes a stand-in (what, in errors) with mk at path or,
+// where something is there already, at the first free path.ferry-N.
+func makeBeside(path, what string, mk func(p string) error) (string, error) {
 	for i := -1; i < 100; i++ {
-		p := f.Path
+		p := path
 		if i >= 0 {
-			p = fmt.Sprintf("%s.ferry-%d", f.Path, i)
+			p = fmt.Sprintf("%s.ferry-%d", path, i)
 		}
-		if err := fs.mkdir(p, f.Mode&0o777); err == nil {
-			return p, append([]string{p}, cleanup...), nil
+		if err := mk(p); err == nil {
+			return p, nil
 		} else if !errors.Is(err, os.ErrExist) {
-			return "", cleanup, fmt.Errorf("removed directory %s: %w", f.Path, err)
+			return "", fmt.Errorf("%s %s: %w", what, path, err)
 		}
 	}
-	return "", cleanup, fmt.Errorf("removed directory %s: no free name beside it", f.Path)
+	return "", fmt.Errorf("%s %s: no free name beside it", what, path)
 }
 
 // addMovedEpollTarget registers, on epoll fd epfd, a file the dumped
@@ -1321,18 +1331,7 @@ func (b *builder) epollAdd(epfd int32, fd uint64, t *pb.EpollTarget) error {
 // remakeSymlink makes removed symbolic link f again (pointing where it
 // did) and returns its path: its old one if free, else beside it.
 func remakeSymlink(fs standInFS, f *pb.FileEntry) (string, error) {
-	for i := -1; i < 100; i++ {
-		p := f.Path
-		if i >= 0 {
-			p = fmt.Sprintf("%s.ferry-%d", f.Path, i)
-		}
-		if err := fs.symlink(f.SymlinkTarget, p); err == nil {
-			return p, nil
-		} else if !errors.Is(err, os.ErrExist) {
-			return "", fmt.Errorf("removed symbolic link %s: %w", f.Path, err)
-		}
-	}
-	return "", fmt.Errorf("removed symbolic link %s: no free name beside it", f.Path)
+	return makeBeside(f.Path, "removed symbolic link", func(p string) error { return fs.symlink(f.SymlinkTarget, p) })
 }
 
 // standInFS makes and removes the stand-ins of removed directories,
