@@ -418,10 +418,13 @@ func (t *tree) preDump(ctx context.Context, start, frozenAt time.Time) (*Result,
 	return &Result{Stats: t.stats}, nil
 }
 
-// exited tells whether process pid is gone or a zombie.
+// exited tells whether process pid is gone, a zombie, or on its way to
+// be one: exit releases the memory (reading it fails with ESRCH) before
+// the process turns zombie, with PF_EXITING set from the start.
 func exited(pid int) bool {
+	const pfExiting = 0x4 // include/linux/sched.h
 	st, err := proc.ReadStat(pid)
-	return err != nil || st.State == 'Z' || st.State == 'X'
+	return err != nil || st.State == 'Z' || st.State == 'X' || st.Flags&pfExiting != 0
 }
 
 // preDumpMemory copies the memory of one process of a pre-dump.
