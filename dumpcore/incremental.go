@@ -129,16 +129,25 @@ func (p *parentImages) forProcess(imagesDir string, pid int) *parentImages {
 	if !filepath.IsAbs(path) {
 		path = filepath.Join(imagesDir, p.dir)
 	}
-	_, entries, err := images.ReadPagemap(path, int32(pid))
+	pages, err := images.PagemapPages(path, int32(pid))
 	if err != nil {
 		return nil
 	}
-	q := &parentImages{dir: p.dir, inv: p.inv, pages: &regionSet{spans: make([]span, len(entries))}}
-	for i, e := range entries {
-		q.pages.spans[i] = span{e.Vaddr, e.End()}
+	return &parentImages{dir: p.dir, inv: p.inv, pages: pageSet(pages)}
+}
+
+// pageSet makes the regionSet of pages (in address order, disjoint, as
+// a pagemap holds them), joining adjacent ranges.
+func pageSet(pages [][2]uint64) *regionSet {
+	s := &regionSet{spans: make([]span, 0, len(pages))}
+	for _, r := range pages {
+		if n := len(s.spans); n > 0 && s.spans[n-1].end == r[0] {
+			s.spans[n-1].end = r[1]
+			continue
+		}
+		s.spans = append(s.spans, span{r[0], r[1]})
 	}
-	q.pages.normalize()
-	return q
+	return s
 }
 
 // loadParent reads the parent image set of an incremental dump of pid
@@ -155,15 +164,11 @@ func loadParent(imagesDir, prev string, pid int) (*parentImages, error) {
 	if int(p.inv.RootPid) != pid {
 		return nil, fmt.Errorf("--prev-images-dir %s holds process %d, not %d", prev, p.inv.RootPid, pid)
 	}
-	_, entries, err := images.ReadPagemap(path, int32(pid))
+	pages, err := images.PagemapPages(path, int32(pid))
 	if err != nil {
 		return nil, fmt.Errorf("--prev-images-dir: %w", err)
 	}
-	p.pages = &regionSet{spans: make([]span, len(entries))}
-	for i, e := range entries {
-		p.pages.spans[i] = span{e.Vaddr, e.End()}
-	}
-	p.pages.normalize()
+	p.pages = pageSet(pages)
 	return p, nil
 }
 

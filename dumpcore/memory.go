@@ -786,38 +786,37 @@ func (pd *pageDumper) emit(b batch) error {
 	return err
 }
 
-// withParentRuns merges the parent's pages inside gaps into entries (both
-// in address order) as in_parent runs, and counts them.
+// withParentRuns merges into entries (both in address order) one parent
+// run for each gap where the parent has pages, and counts those pages. A
+// run goes from the parent's first page in its gap to its last, with
+// holes where the parent lacks pages: a fragmented parent's hundreds of
+// thousands of runs take one entry per gap, which the source writes and
+// the target reads while the process is stopped.
 func withParentRuns(entries []images.PageEntry, gaps []span, parent *regionSet, stats *pb.DumpStats) []images.PageEntry {
 	if len(gaps) == 0 {
 		return entries
 	}
-	var runs []span
-	for _, g := range gaps {
-		runs = append(runs, parent.within(g.start, g.end)...)
-	}
-	out := make([]images.PageEntry, 0, len(entries)+len(runs))
-	add := func(e images.PageEntry) {
-		if l := len(out); l > 0 {
-			last := &out[l-1]
-			if last.InParent && e.InParent && last.End() == e.Vaddr && uint64(last.NrPages)+uint64(e.NrPages) < 1<<31 {
-				last.NrPages += e.NrPages
-				return
-			}
-		}
-		out = append(out, e)
-	}
+	out := make([]images.PageEntry, 0, len(entries)+len(gaps))
 	i := 0
-	for _, r := range runs {
-		for i < len(entries) && entries[i].Vaddr < r.start {
-			add(entries[i])
+	for _, g := range gaps {
+		in := parent.within(g.start, g.end)
+		if len(in) == 0 {
+			continue
+		}
+		for i < len(entries) && entries[i].Vaddr < g.start {
+			out = append(out, entries[i])
 			i++
 		}
-		for va, n := r.start, (r.end-r.start)/pageSize; n > 0; {
-			c := min(n, 1<<30) // entries count pages in 32 bits
-			add(images.PageEntry{Vaddr: va, NrPages: uint32(c), InParent: true})
-			stats.PagesSkippedParent += c
-			va, n = va+c*pageSize, n-c
+		for _, sp := range in {
+			stats.PagesSkippedParent += (sp.end - sp.start) / pageSize
+		}
+		// in's spans are apart (a regionSet joins touching ones): more
+		// than one leaves holes.
+		start, end, holes := in[0].start, in[len(in)-1].end, len(in) > 1
+		for va := start; va < end; {
+			c := min((end-va)/pageSize, 1<<30) // entries count pages in 32 bits
+			out = append(out, images.PageEntry{Vaddr: va, NrPages: uint32(c), InParent: true, Holes: holes})
+			va += c * pageSize
 		}
 	}
 	return append(out, entries[i:]...)

@@ -18,7 +18,8 @@ func TestWithParentRuns(t *testing.T) {
 	gaps := []span{{0, 2 * p}, {3 * p, 15 * p}, {16 * p, 20 * p}}
 	stats := &pb.DumpStats{}
 	got := withParentRuns(entries, gaps, parent, stats)
-	want := "0+2P 2+1 3+1P 6+4P 12+3P 15+1 16+4P 21+1"
+	// One run per gap: 3-15 holds the parent's 3, 6-9 and 12-14.
+	want := "0+2P 2+1 3+12PH 15+1 16+4P 21+1"
 	s := ""
 	for i, e := range got {
 		if i > 0 {
@@ -27,6 +28,9 @@ func TestWithParentRuns(t *testing.T) {
 		s += fmt.Sprintf("%d+%d", e.Vaddr/p, e.NrPages)
 		if e.InParent {
 			s += "P"
+		}
+		if e.Holes {
+			s += "H"
 		}
 	}
 	if s != want {

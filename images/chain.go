@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 
@@ -191,7 +192,7 @@ func (c *PageChain) resolve(dir string, pid int32, depth int, head *pb.PagemapHe
 		if keep != nil && !keep(e) {
 			continue
 		}
-		runs, err := cut(parent, e.Vaddr, e.Vaddr+n)
+		runs, err := cut(parent, e.Vaddr, e.Vaddr+n, e.Holes)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
 		}
@@ -204,40 +205,102 @@ func (c *PageChain) resolve(dir string, pid int32, depth int, head *pb.PagemapHe
 	return out, nil
 }
 
-// cut returns the parts of runs covering [start, end), which must be
-// covered completely.
-func cut(runs []PageRun, start, end uint64) ([]PageRun, error) {
+// cut returns the parts of runs inside [start, end), which they must
+// cover completely unless holes.
+func cut(runs []PageRun, start, end uint64, holes bool) ([]PageRun, error) {
 	i := sort.Search(len(runs), func(i int) bool { return runs[i].Vaddr+uint64(len(runs[i].Data)) > start })
 	var out []PageRun
 	at := start
 	for ; i < len(runs) && at < end; i++ {
 		r := runs[i]
-		if r.Vaddr > at {
+		if r.Vaddr >= end {
 			break
+		}
+		if r.Vaddr > at {
+			if !holes {
+				break
+			}
+			at = r.Vaddr
 		}
 		s := at - r.Vaddr
 		e := min(uint64(len(r.Data)), end-r.Vaddr)
 		out = append(out, PageRun{Vaddr: at, Data: r.Data[s:e]})
 		at = r.Vaddr + e
 	}
-	if at < end {
+	if at < end && !holes {
 		return nil, fmt.Errorf("page %#x is marked in the parent image, which does not have it: %w", at, ErrCorrupt)
 	}
 	return out, nil
 }
 
-// PagemapRanges returns every page range the pagemap of pid in dir
-// describes (stored there or in a parent), without reading page data: the
-// pages the process had at the dump.
-func PagemapRanges(dir string, pid int32) ([][2]uint64, error) {
+// PagemapPages returns the pages the pagemap of pid in dir describes
+// (stored there or in a parent), in address order, without reading page
+// data: the pages the process had at the dump. Parent runs with holes
+// are narrowed to the pages the parent chain has.
+func PagemapPages(dir string, pid int32) ([][2]uint64, error) {
+	return pagemapPages(dir, pid, 0)
+}
+
+func pagemapPages(dir string, pid int32, depth int) ([][2]uint64, error) {
+	if depth > maxChain {
+		return nil, fmt.Errorf("%s: parent image chain longer than %d", dir, maxChain)
+	}
 	_, entries, err := ReadPagemap(dir, pid)
 	if err != nil {
 		return nil, err
 	}
-	return Ranges(entries), nil
+	return narrowed(dir, pid, entries, func(pdir string) ([][2]uint64, error) {
+		return pagemapPages(pdir, pid, depth+1)
+	})
 }
 
-// Ranges returns the page ranges of entries.
+// Pages returns the pages that entries, pid's pagemap in dir, describe:
+// Ranges, with the parent runs with holes narrowed to the pages the
+// parent chain has (resolved through c: a cache's runs serve).
+func (c *PageChain) Pages(dir string, pid int32, entries []PageEntry) ([][2]uint64, error) {
+	return narrowed(dir, pid, entries, func(pdir string) ([][2]uint64, error) {
+		runs, err := c.resolve(pdir, pid, 1, nil, nil, nil)
+		return RunRanges(runs), err
+	})
+}
+
+// narrowed returns the ranges of entries, pid's pagemap in dir, the
+// parent runs with holes narrowed to the pages of the parent image set
+// (which parentPages returns, given its directory).
+func narrowed(dir string, pid int32, entries []PageEntry, parentPages func(pdir string) ([][2]uint64, error)) ([][2]uint64, error) {
+	if !HasHoles(entries) {
+		return Ranges(entries), nil
+	}
+	pdir, err := ParentDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	if pdir == "" {
+		return nil, fmt.Errorf("%s has pages in a parent image but names no parent directory: %w", filepath.Join(dir, PagemapName(pid)), ErrCorrupt)
+	}
+	parent, err := parentPages(pdir)
+	if err != nil {
+		return nil, fmt.Errorf("parent images of %s: %w", dir, err)
+	}
+	return Narrow(entries, parent), nil
+}
+
+// RunRanges returns the page ranges of runs.
+func RunRanges(runs []PageRun) [][2]uint64 {
+	out := make([][2]uint64, len(runs))
+	for i, r := range runs {
+		out[i] = [2]uint64{r.Vaddr, r.Vaddr + uint64(len(r.Data))}
+	}
+	return out
+}
+
+// HasHoles tells whether any of entries is a parent run with holes.
+func HasHoles(entries []PageEntry) bool {
+	return slices.ContainsFunc(entries, func(e PageEntry) bool { return e.Holes })
+}
+
+// Ranges returns the page ranges of entries, in their order; a parent run
+// with holes gives its whole range (Narrow gives only its pages).
 func Ranges(entries []PageEntry) [][2]uint64 {
 	out := make([][2]uint64, len(entries))
 	for i, e := range entries {
@@ -246,27 +309,41 @@ func Ranges(entries []PageEntry) [][2]uint64 {
 	return out
 }
 
-// PagemapSplit returns, for pagemap entries of dir, the ranges stored by
-// this image set itself (own) and those it takes from its parents
-// (inherited), and the parent directory (resolved against dir).
-func PagemapSplit(dir string, entries []PageEntry) (own, inherited [][2]uint64, parent string, err error) {
-	for _, e := range entries {
-		rg := [2]uint64{e.Vaddr, e.End()}
-		if e.InParent {
-			inherited = append(inherited, rg)
-		} else {
-			own = append(own, rg)
+// Narrow returns the page ranges of entries (in address order), a parent
+// run with holes narrowed to the parts of it that parent (the parent's
+// pages: sorted, disjoint ranges) covers. Adjacent ranges are joined.
+func Narrow(entries []PageEntry, parent [][2]uint64) [][2]uint64 {
+	// Where each run with holes starts and ends in parent, to size the
+	// result once: it can be hundreds of thousands of ranges.
+	bounds := make([][2]int, len(entries))
+	n := len(entries)
+	for k, e := range entries {
+		if e.Holes {
+			i := sort.Search(len(parent), func(i int) bool { return parent[i][1] > e.Vaddr })
+			j := i + sort.Search(len(parent)-i, func(j int) bool { return parent[i+j][0] >= e.End() })
+			bounds[k] = [2]int{i, j}
+			n += j - i
 		}
 	}
-	if len(inherited) > 0 {
-		inv := &pb.Inventory{}
-		if err := ReadOne(dir, InventoryName, KindInventory, inv); err != nil {
-			return nil, nil, "", err
+	out := make([][2]uint64, 0, n)
+	for k, e := range entries {
+		if !e.Holes {
+			out = joinRange(out, e.Vaddr, e.End())
+			continue
 		}
-		parent = inv.ParentDir
-		if parent != "" && !filepath.IsAbs(parent) {
-			parent = filepath.Join(dir, parent)
+		for _, p := range parent[bounds[k][0]:bounds[k][1]] {
+			out = joinRange(out, max(p[0], e.Vaddr), min(p[1], e.End()))
 		}
 	}
-	return own, inherited, parent, nil
+	return out
+}
+
+// joinRange appends [a, b) to ranges, joining it to the last one if they
+// touch.
+func joinRange(ranges [][2]uint64, a, b uint64) [][2]uint64 {
+	if n := len(ranges); n > 0 && ranges[n-1][1] == a {
+		ranges[n-1][1] = b
+		return ranges
+	}
+	return append(ranges, [2]uint64{a, b})
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/ferrycr/ferry/images/pb"
@@ -88,5 +89,65 @@ func TestChainCache(t *testing.T) {
 	cc.Close()
 	if err := cc.Resolve(r1, 1); err == nil {
 		t.Fatal("a closed cache resolved")
+	}
+}
+
+// TestChainHoles: a parent run with holes stands for the pages the parent
+// chain has in its range, through two levels, and no others.
+func TestChainHoles(t *testing.T) {
+	dir := t.TempDir()
+	r1, r2, r3 := filepath.Join(dir, "1"), filepath.Join(dir, "2"), filepath.Join(dir, "3")
+	// Round 1: pages 0x10-0x13 and 0x16. Round 2: page 0x12 again, the
+	// rest from round 1 as two runs, one with a hole (0x14-0x15).
+	writeRound(t, r1, "", []PageEntry{{Vaddr: 0x10000, NrPages: 4}, {Vaddr: 0x16000, NrPages: 1}}, 0xaa)
+	writeRound(t, r2, "../1", []PageEntry{
+		{Vaddr: 0x10000, NrPages: 2, InParent: true},
+		{Vaddr: 0x12000, NrPages: 1},
+		{Vaddr: 0x13000, NrPages: 4, InParent: true, Holes: true},
+	}, 0xbb)
+	// Round 3: page 0x20 new, everything else from round 2 in one run.
+	writeRound(t, r3, "../2", []PageEntry{
+		{Vaddr: 0x10000, NrPages: 7, InParent: true, Holes: true},
+		{Vaddr: 0x20000, NrPages: 1},
+	}, 0xcc)
+	var c PageChain
+	defer c.Close()
+	runs, err := c.Resolve(r3, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []struct {
+		va    uint64
+		pages int
+		fill  byte
+	}{{0x10000, 2, 0xaa}, {0x12000, 1, 0xbb}, {0x13000, 1, 0xaa}, {0x16000, 1, 0xaa}, {0x20000, 1, 0xcc}}
+	if len(runs) != len(want) {
+		t.Fatalf("%d runs, want %d: %v", len(runs), len(want), RunRanges(runs))
+	}
+	for i, w := range want {
+		r := runs[i]
+		if r.Vaddr != w.va || len(r.Data) != w.pages*pageSize || r.Data[0] != w.fill {
+			t.Errorf("run %d: %#x+%d (%#x), want %#x+%d (%#x)", i, r.Vaddr, len(r.Data)/pageSize, r.Data[0], w.va, w.pages, w.fill)
+		}
+	}
+	pages, err := PagemapPages(r3, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(pages, [][2]uint64{{0x10000, 0x14000}, {0x16000, 0x17000}, {0x20000, 0x21000}}) {
+		t.Fatalf("pages %x", pages)
+	}
+	_, entries, err := ReadPagemap(r3, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := c.Pages(r3, 1, entries)
+	if err != nil || !slices.Equal(got, pages) {
+		t.Fatalf("Pages: %x, %v", got, err)
+	}
+	// Without its parent, a run with holes cannot be told.
+	os.RemoveAll(r2)
+	if _, err := PagemapPages(r3, 1); err == nil {
+		t.Fatal("resolved without the parent")
 	}
 }

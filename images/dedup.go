@@ -64,7 +64,9 @@ func Dedup(dir string) (int64, error) {
 	return freed, nil
 }
 
-func parentDir(dir string) (string, error) {
+// ParentDir returns the parent image set of the one in dir (its
+// --prev-images-dir, resolved against dir), "" if it has none.
+func ParentDir(dir string) (string, error) {
 	inv := &pb.Inventory{}
 	if err := ReadOne(dir, InventoryName, KindInventory, inv); err != nil {
 		return "", err
@@ -79,7 +81,7 @@ func dedupAncestors(dir, pagemap string, stored []dataRun, depth int) (int64, er
 	if depth > 64 {
 		return 0, fmt.Errorf("%s: parent chain longer than 64", dir)
 	}
-	pdir, err := parentDir(dir)
+	pdir, err := ParentDir(dir)
 	if err != nil || pdir == "" {
 		return 0, err
 	}

@@ -15,10 +15,11 @@ import (
 )
 
 // Format version written by this ferry. A reader accepts every minor
-// version of its major version: minor versions only append fields.
+// version of its major version: minor versions only append fields and
+// flags (a reader refuses flags it does not know).
 const (
 	FormatMajor = 2 // 2: pagemap entries in PagemapBatch records
-	FormatMinor = 0
+	FormatMinor = 1 // 1: parent runs with holes (PageEntry.Holes)
 )
 
 // Magic starts every image file.

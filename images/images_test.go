@@ -367,13 +367,13 @@ func TestHeaderErrors(t *testing.T) {
 
 	edit(func(b []byte) { binary.LittleEndian.PutUint16(b[12:], FormatMajor+1) })
 	_, err := Open(dir, name, KindCore)
-	check("future major", err, ErrVersion, 12, fmt.Sprintf("format version %d.0 is newer than this ferry supports (%d.x); upgrade ferry", FormatMajor+1, FormatMajor))
+	check("future major", err, ErrVersion, 12, fmt.Sprintf("format version %d.%d is newer than this ferry supports (%d.x); upgrade ferry", FormatMajor+1, FormatMinor, FormatMajor))
 	_, err = Decode(path)
 	check("future major, show", err, ErrVersion, 12, "upgrade ferry")
 
 	edit(func(b []byte) { binary.LittleEndian.PutUint16(b[12:], 0) })
 	_, err = Open(dir, name, KindCore)
-	check("older major", err, ErrVersion, 12, "format version 0.0 is older")
+	check("older major", err, ErrVersion, 12, fmt.Sprintf("format version 0.%d is older", FormatMinor))
 
 	edit(func(b []byte) { binary.LittleEndian.PutUint16(b[14:], 7) })
 	if _, err := readRecords(dir, name, KindCore); err != nil {
@@ -574,7 +574,7 @@ func TestShow(t *testing.T) {
 	want := `{
     "magic": "FERRYIMG",
     "kind": "pstree",
-    "version": "2.0",
+    "version": "2.1",
     "entries": [
         {
             "pid": 5,
@@ -633,7 +633,7 @@ func TestShowDir(t *testing.T) {
 		if s.kind == KindPagemap {
 			entries = 3 // the head, and the batch shown as its two entries
 		}
-		if f.Magic != Magic || f.Kind != s.kind.String() || f.Version != "2.0" || len(f.Entries) != entries || f.Size != nil {
+		if f.Magic != Magic || f.Kind != s.kind.String() || f.Version != "2.1" || len(f.Entries) != entries || f.Size != nil {
 			t.Errorf("%s: %+v", s.name, f)
 		}
 	}

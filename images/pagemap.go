@@ -15,7 +15,12 @@ import (
 // pagemapBatch is how many entries one PagemapBatch record holds at most.
 const pagemapBatch = 1 << 16
 
-const flagInParent = 1
+// Pagemap entry flags (PagemapBatch.flags).
+const (
+	flagInParent = 1
+	flagHoles    = 2 // with flagInParent: PageEntry.Holes
+	knownFlags   = flagInParent | flagHoles
+)
 
 // PageEntry is one pagemap entry: NrPages pages from Vaddr, whose data is
 // in this image set's pages file or, InParent, in a parent image set.
@@ -23,6 +28,12 @@ type PageEntry struct {
 	Vaddr    uint64
 	NrPages  uint32
 	InParent bool
+	// Holes (with InParent): the run stands for the parent's pages in
+	// its range, which need not be all of them; pages the parent lacks
+	// are not in the image. An incremental round records what it did not
+	// copy so, one run per stretch between written pages, however
+	// fragmented the parent's memory is there.
+	Holes bool
 }
 
 // End is the address after the entry's last page.
@@ -36,10 +47,7 @@ func WritePagemap(w *Writer, head *pb.PagemapHead, entries []PageEntry) error {
 		n := min(len(entries), pagemapBatch)
 		b := &pb.PagemapBatch{Vaddr: make([]uint64, n), NrPages: make([]uint32, n), Flags: make([]uint32, n)}
 		for i, e := range entries[:n] {
-			b.Vaddr[i], b.NrPages[i] = e.Vaddr, e.NrPages
-			if e.InParent {
-				b.Flags[i] = flagInParent
-			}
+			b.Vaddr[i], b.NrPages[i], b.Flags[i] = e.Vaddr, e.NrPages, e.flags()
 		}
 		err = w.Write(b)
 		entries = entries[n:]
@@ -48,6 +56,17 @@ func WritePagemap(w *Writer, head *pb.PagemapHead, entries []PageEntry) error {
 		err = cerr
 	}
 	return err
+}
+
+func (e PageEntry) flags() uint32 {
+	var f uint32
+	if e.InParent {
+		f |= flagInParent
+		if e.Holes {
+			f |= flagHoles
+		}
+	}
+	return f
 }
 
 // ReadPagemap reads pagemap-PID.img in dir and checks its entries: page
@@ -95,7 +114,11 @@ func readPagemap(r *Reader, hint int) (*pb.PagemapHead, []PageEntry, error) {
 			return nil, nil, formatErr(r.Path(), at, ErrCorrupt, "pagemap batch of %d/%d/%d entries", n, len(b.nrPages), len(b.flags))
 		}
 		for i := range n {
-			e := PageEntry{Vaddr: b.vaddr[i], NrPages: b.nrPages[i], InParent: b.flags[i]&flagInParent != 0}
+			f := b.flags[i]
+			if f&^knownFlags != 0 || f == flagHoles {
+				return nil, nil, formatErr(r.Path(), at, ErrCorrupt, "pagemap entry %#x+%d has flags %#x (entry %d of the batch)", b.vaddr[i], b.nrPages[i], f, i)
+			}
+			e := PageEntry{Vaddr: b.vaddr[i], NrPages: b.nrPages[i], InParent: f&flagInParent != 0, Holes: f&flagHoles != 0}
 			if e.Vaddr%pageSize != 0 || e.NrPages == 0 || e.Vaddr < prevEnd || e.End() < e.Vaddr {
 				return nil, nil, formatErr(r.Path(), at, ErrCorrupt, "bad pagemap entry %#x+%d (entry %d of the batch)", e.Vaddr, e.NrPages, i)
 			}

@@ -46,6 +46,8 @@ func TestPagemapRefusesBadEntries(t *testing.T) {
 		"overlap":    {Vaddr: []uint64{0x1000, 0x2000}, NrPages: []uint32{2, 1}, Flags: []uint32{0, 0}},
 		"wraps":      {Vaddr: []uint64{^uint64(0) &^ 0xfff}, NrPages: []uint32{2}, Flags: []uint32{0}},
 		"descending": {Vaddr: []uint64{0x5000, 0x1000}, NrPages: []uint32{1, 1}, Flags: []uint32{0, 0}},
+		"holes, own": {Vaddr: []uint64{0x1000}, NrPages: []uint32{1}, Flags: []uint32{flagHoles}},
+		"new flag":   {Vaddr: []uint64{0x1000}, NrPages: []uint32{1}, Flags: []uint32{4 | flagInParent}},
 	} {
 		dir := t.TempDir()
 		if err := WriteAll(dir, PagemapName(1), KindPagemap, &pb.PagemapHead{PagesId: 1}, b); err != nil {

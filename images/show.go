@@ -130,7 +130,7 @@ func decodeRecords(path string, rd io.Reader) (*Decoded, error) {
 			msgs = msgs[:0]
 			for k := range b.Vaddr {
 				if k < len(b.NrPages) && k < len(b.Flags) {
-					msgs = append(msgs, &pb.PagemapEntry{Vaddr: b.Vaddr[k], NrPages: b.NrPages[k], InParent: b.Flags[k]&flagInParent != 0})
+					msgs = append(msgs, &pb.PagemapEntry{Vaddr: b.Vaddr[k], NrPages: b.NrPages[k], InParent: b.Flags[k]&flagInParent != 0, Holes: b.Flags[k]&flagHoles != 0})
 				}
 			}
 		}

@@ -1005,19 +1005,37 @@ func (s *server) loop(ctx context.Context) error {
 // stores itself come from the page server, pages it inherits come from
 // the parent images on this host when they are here.
 func mixed(opts Options, pid int, entries []images.PageEntry, stats *Stats, chain *images.PageChain) (Source, [][2]uint64, error) {
-	own, inherited, parent, err := images.PagemapSplit(opts.ImagesDir, entries)
+	var own [][2]uint64
+	for _, e := range entries {
+		if !e.InParent {
+			own = append(own, [2]uint64{e.Vaddr, e.End()})
+		}
+	}
+	ranges := images.Ranges(entries)
+	if len(own) == len(entries) {
+		return opts.Remote, ranges, nil
+	}
+	parent, err := images.ParentDir(opts.ImagesDir)
 	if err != nil {
 		return nil, nil, err
 	}
-	ranges := append(append([][2]uint64(nil), own...), inherited...)
-	sort.Slice(ranges, func(i, j int) bool { return ranges[i][0] < ranges[j][0] })
-	if len(inherited) == 0 || parent == "" {
-		return opts.Remote, ranges, nil
+	var runs []images.PageRun
+	if parent == "" {
+		err = errors.New("they name no parent directory")
+	} else {
+		runs, err = chain.Resolve(parent, int32(pid))
 	}
-	runs, err := chain.Resolve(parent, int32(pid))
 	if err != nil {
+		if images.HasHoles(entries) {
+			// Which pages the parent runs hold is only known from the
+			// parent images.
+			return nil, nil, fmt.Errorf("the images of process %d take pages from parent images that cannot be read here: %v", pid, err)
+		}
 		// The earlier rounds' pages are not on this host: fetch everything.
 		return opts.Remote, ranges, nil
+	}
+	if images.HasHoles(entries) {
+		ranges = images.Narrow(entries, images.RunRanges(runs))
 	}
 	ms := &mixedSource{local: localSource{runs}, remote: opts.Remote, isOwn: inRanges(own), stats: stats}
 	return ms, ranges, nil

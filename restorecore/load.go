@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -153,7 +154,12 @@ func load(dir string, lazy bool, chains *images.ChainCache) (_ *imageSet, err er
 			// No page data here (none, or the empty file of a dump that
 			// served its pages): a lazy restore gets it from the daemon's
 			// page server.
-			p.ranges = images.Ranges(p.pagemap)
+			// The daemon fills the pages outside the lazy memory before
+			// the tree runs (fillPages): only those ranges are wanted.
+			eager := slices.DeleteFunc(slices.Clone(p.pagemap), func(e images.PageEntry) bool { return !keep(e) })
+			if p.ranges, err = is.chain.Pages(dir, pid, eager); err != nil {
+				return nil, err
+			}
 			p.remotePages = true
 		} else if err != nil {
 			return nil, err

@@ -5236,10 +5236,13 @@ func (x *PagemapHead) GetUnlisted() bool {
 // PagemapEntry is one run of pages. On disk (format 2) entries travel in
 // PagemapBatch records; "ferry show" prints them one by one.
 type PagemapEntry struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Vaddr         uint64                 `protobuf:"varint,1,opt,name=vaddr,proto3" json:"vaddr,omitempty"`
-	NrPages       uint32                 `protobuf:"varint,2,opt,name=nr_pages,json=nrPages,proto3" json:"nr_pages,omitempty"`
-	InParent      bool                   `protobuf:"varint,3,opt,name=in_parent,json=inParent,proto3" json:"in_parent,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Vaddr    uint64                 `protobuf:"varint,1,opt,name=vaddr,proto3" json:"vaddr,omitempty"`
+	NrPages  uint32                 `protobuf:"varint,2,opt,name=nr_pages,json=nrPages,proto3" json:"nr_pages,omitempty"`
+	InParent bool                   `protobuf:"varint,3,opt,name=in_parent,json=inParent,proto3" json:"in_parent,omitempty"`
+	// holes (with in_parent): the run stands for the parent's pages in its
+	// range, which need not be all of them (format 2.1).
+	Holes         bool `protobuf:"varint,5,opt,name=holes,proto3" json:"holes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5295,6 +5298,13 @@ func (x *PagemapEntry) GetInParent() bool {
 	return false
 }
 
+func (x *PagemapEntry) GetHoles() bool {
+	if x != nil {
+		return x.Holes
+	}
+	return false
+}
+
 // PagemapBatch holds up to 65536 entries as parallel packed arrays: a
 // fragmented 4 GiB process has hundreds of thousands of entries, which as
 // one record each cost ~0.5 us apiece to read, and a lazy restore reads
@@ -5303,7 +5313,9 @@ type PagemapBatch struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Vaddr   []uint64               `protobuf:"varint,1,rep,packed,name=vaddr,proto3" json:"vaddr,omitempty"`
 	NrPages []uint32               `protobuf:"varint,2,rep,packed,name=nr_pages,json=nrPages,proto3" json:"nr_pages,omitempty"`
-	// Bit 0: the pages are in a parent image set.
+	// Bit 0: the pages are in a parent image set. Bit 1 (with bit 0, format
+	// 2.1): the run has holes, pages the parent lacks (PagemapEntry.holes).
+	// Other bits are refused.
 	Flags         []uint32 `protobuf:"varint,3,rep,packed,name=flags,proto3" json:"flags,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -6326,11 +6338,12 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\vPagemapHead\x12\x19\n" +
 	"\bpages_id\x18\x01 \x01(\rR\apagesId\x12 \n" +
 	"\vcompression\x18\x02 \x01(\tR\vcompression\x12\x1a\n" +
-	"\bunlisted\x18\x03 \x01(\bR\bunlisted\"b\n" +
+	"\bunlisted\x18\x03 \x01(\bR\bunlisted\"x\n" +
 	"\fPagemapEntry\x12\x14\n" +
 	"\x05vaddr\x18\x01 \x01(\x04R\x05vaddr\x12\x19\n" +
 	"\bnr_pages\x18\x02 \x01(\rR\anrPages\x12\x1b\n" +
-	"\tin_parent\x18\x03 \x01(\bR\binParentJ\x04\b\x04\x10\x05\"U\n" +
+	"\tin_parent\x18\x03 \x01(\bR\binParent\x12\x14\n" +
+	"\x05holes\x18\x05 \x01(\bR\x05holesJ\x04\b\x04\x10\x05\"U\n" +
 	"\fPagemapBatch\x12\x14\n" +
 	"\x05vaddr\x18\x01 \x03(\x04R\x05vaddr\x12\x19\n" +
 	"\bnr_pages\x18\x02 \x03(\rR\anrPages\x12\x14\n" +
