@@ -494,7 +494,7 @@ func TestRestoreFutureVersion(t *testing.T) {
 	b, _ := os.ReadFile(inv)
 	b[12] = 9 // major version
 	os.WriteFile(inv, b, 0o600)
-	expectRefused(t, img, w.Pid, inv, "format version 9.0")
+	expectRefused(t, img, w.Pid, inv, fmt.Sprintf("format version 9.%d", images.FormatMinor))
 }
 
 func TestRestoreChangedFile(t *testing.T) {
