@@ -250,7 +250,8 @@ func pagemapPages(dir string, pid int32, depth int) ([][2]uint64, error) {
 		return nil, err
 	}
 	return narrowed(dir, pid, entries, func(pdir string) ([][2]uint64, error) {
-		return pagemapPages(pdir, pid, depth+1)
+		parent, err := pagemapPages(pdir, pid, depth+1)
+		return Narrow(entries, parent, RangeBounds), err
 	})
 }
 
@@ -260,14 +261,14 @@ func pagemapPages(dir string, pid int32, depth int) ([][2]uint64, error) {
 func (c *PageChain) Pages(dir string, pid int32, entries []PageEntry) ([][2]uint64, error) {
 	return narrowed(dir, pid, entries, func(pdir string) ([][2]uint64, error) {
 		runs, err := c.resolve(pdir, pid, 1, nil, nil, nil)
-		return RunRanges(runs), err
+		return Narrow(entries, runs, RunBounds), err
 	})
 }
 
 // narrowed returns the ranges of entries, pid's pagemap in dir, the
 // parent runs with holes narrowed to the pages of the parent image set
-// (which parentPages returns, given its directory).
-func narrowed(dir string, pid int32, entries []PageEntry, parentPages func(pdir string) ([][2]uint64, error)) ([][2]uint64, error) {
+// (by narrow, given its directory).
+func narrowed(dir string, pid int32, entries []PageEntry, narrow func(pdir string) ([][2]uint64, error)) ([][2]uint64, error) {
 	if !HasHoles(entries) {
 		return Ranges(entries), nil
 	}
@@ -278,20 +279,11 @@ func narrowed(dir string, pid int32, entries []PageEntry, parentPages func(pdir 
 	if pdir == "" {
 		return nil, fmt.Errorf("%s has pages in a parent image but names no parent directory: %w", filepath.Join(dir, PagemapName(pid)), ErrCorrupt)
 	}
-	parent, err := parentPages(pdir)
+	out, err := narrow(pdir)
 	if err != nil {
 		return nil, fmt.Errorf("parent images of %s: %w", dir, err)
 	}
-	return Narrow(entries, parent), nil
-}
-
-// RunRanges returns the page ranges of runs.
-func RunRanges(runs []PageRun) [][2]uint64 {
-	out := make([][2]uint64, len(runs))
-	for i, r := range runs {
-		out[i] = [2]uint64{r.Vaddr, r.Vaddr + uint64(len(r.Data))}
-	}
-	return out
+	return out, nil
 }
 
 // HasHoles tells whether any of entries is a parent run with holes.
@@ -310,18 +302,19 @@ func Ranges(entries []PageEntry) [][2]uint64 {
 }
 
 // Narrow returns the page ranges of entries (in address order), a parent
-// run with holes narrowed to the parts of it that parent (the parent's
-// pages: sorted, disjoint ranges) covers. Adjacent ranges are joined.
-func Narrow(entries []PageEntry, parent [][2]uint64) [][2]uint64 {
+// run with holes narrowed to the parts of it that the parent's pages
+// cover: parent, sorted and disjoint, whose bounds gives each one's start
+// and end. Adjacent ranges are joined.
+func Narrow[P any](entries []PageEntry, parent []P, bounds func(P) (uint64, uint64)) [][2]uint64 {
 	// Where each run with holes starts and ends in parent, to size the
 	// result once: it can be hundreds of thousands of ranges.
-	bounds := make([][2]int, len(entries))
+	at := make([][2]int, len(entries))
 	n := len(entries)
 	for k, e := range entries {
 		if e.Holes {
-			i := sort.Search(len(parent), func(i int) bool { return parent[i][1] > e.Vaddr })
-			j := i + sort.Search(len(parent)-i, func(j int) bool { return parent[i+j][0] >= e.End() })
-			bounds[k] = [2]int{i, j}
+			i := sort.Search(len(parent), func(i int) bool { _, end := bounds(parent[i]); return end > e.Vaddr })
+			j := i + sort.Search(len(parent)-i, func(j int) bool { start, _ := bounds(parent[i+j]); return start >= e.End() })
+			at[k] = [2]int{i, j}
 			n += j - i
 		}
 	}
@@ -331,12 +324,18 @@ func Narrow(entries []PageEntry, parent [][2]uint64) [][2]uint64 {
 			out = joinRange(out, e.Vaddr, e.End())
 			continue
 		}
-		for _, p := range parent[bounds[k][0]:bounds[k][1]] {
-			out = joinRange(out, max(p[0], e.Vaddr), min(p[1], e.End()))
+		for _, p := range parent[at[k][0]:at[k][1]] {
+			start, end := bounds(p)
+			out = joinRange(out, max(start, e.Vaddr), min(end, e.End()))
 		}
 	}
 	return out
 }
+
+// RangeBounds and RunBounds are Narrow's bounds for page ranges and for
+// runs of page data.
+func RangeBounds(r [2]uint64) (uint64, uint64) { return r[0], r[1] }
+func RunBounds(r PageRun) (uint64, uint64)     { return r.Vaddr, r.Vaddr + uint64(len(r.Data)) }
 
 // joinRange appends [a, b) to ranges, joining it to the last one if they
 // touch.

@@ -122,7 +122,7 @@ func TestChainHoles(t *testing.T) {
 		fill  byte
 	}{{0x10000, 2, 0xaa}, {0x12000, 1, 0xbb}, {0x13000, 1, 0xaa}, {0x16000, 1, 0xaa}, {0x20000, 1, 0xcc}}
 	if len(runs) != len(want) {
-		t.Fatalf("%d runs, want %d: %v", len(runs), len(want), RunRanges(runs))
+		t.Fatalf("%d runs, want %d: %x", len(runs), len(want), Narrow([]PageEntry{{Vaddr: 0, NrPages: 1 << 30, InParent: true, Holes: true}}, runs, RunBounds))
 	}
 	for i, w := range want {
 		r := runs[i]

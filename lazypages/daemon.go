@@ -1035,7 +1035,7 @@ func mixed(opts Options, pid int, entries []images.PageEntry, stats *Stats, chai
 		return opts.Remote, ranges, nil
 	}
 	if images.HasHoles(entries) {
-		ranges = images.Narrow(entries, images.RunRanges(runs))
+		ranges = images.Narrow(entries, runs, images.RunBounds)
 	}
 	ms := &mixedSource{local: localSource{runs}, remote: opts.Remote, isOwn: inRanges(own), stats: stats}
 	return ms, ranges, nil
