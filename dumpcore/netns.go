@@ -48,9 +48,25 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 	out := &pb.NetNs{}
 	names := map[int]string{}
 	for _, l := range links {
+		names[l.Attrs().Index] = l.Attrs().Name
+	}
+	// inNs names the link of the namespace at index (what a port's
+	// bridge or a VXLAN's device is), refusing one outside it.
+	inNs := func(l netlink.Link, what string, index int) (string, error) {
+		if index == 0 {
+			return "", nil
+		}
+		if name, ok := names[index]; ok {
+			return name, nil
+		}
+		return "", fmt.Errorf("link %s of the network namespace of %d: its %s (link %d) is outside the namespace: %w", l.Attrs().Name, t.root, what, index, ErrUnsupported)
+	}
+	for _, l := range links {
 		a := l.Attrs()
-		names[a.Index] = a.Name
 		nl := &pb.NetLink{Name: a.Name, Mtu: uint32(a.MTU), HwAddr: a.HardwareAddr, Up: a.Flags&net.FlagUp != 0}
+		if nl.Master, err = inNs(l, "bridge", a.MasterIndex); err != nil {
+			return nil, err
+		}
 		switch {
 		case a.Flags&net.FlagLoopback != 0:
 			nl.Kind = "loopback"
@@ -69,6 +85,14 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 			}
 			if tt.Group == 0 {
 				nl.TunGroup = -1
+			}
+		case l.Type() == "bridge":
+			nl.Kind, nl.Bridge = "bridge", saveBridge(l.(*netlink.Bridge))
+		case l.Type() == "vxlan":
+			vx := l.(*netlink.Vxlan)
+			nl.Kind, nl.Vxlan = "vxlan", saveVxlan(vx)
+			if nl.Vxlan.Dev, err = inNs(l, "device", vx.VtepDevIndex); err != nil {
+				return nil, err
 			}
 		default:
 			return nil, fmt.Errorf("link %s (%s) in the network namespace of %d, which ferry does not save yet: %w", a.Name, l.Type(), t.root, ErrUnsupported)
@@ -235,4 +259,44 @@ func (t *tree) saveIptables(out *pb.NetNs) (map[string]bool, error) {
 		}
 	}
 	return managed, nil
+}
+
+// saveBridge returns a bridge's settings (netlink reports them all).
+func saveBridge(b *netlink.Bridge) *pb.NetBridge {
+	nb := &pb.NetBridge{}
+	if b.MulticastSnooping != nil {
+		nb.MulticastSnooping = *b.MulticastSnooping
+	}
+	if b.AgeingTime != nil {
+		nb.AgeingTime = *b.AgeingTime
+	}
+	if b.HelloTime != nil {
+		nb.HelloTime = *b.HelloTime
+	}
+	if b.VlanFiltering != nil {
+		nb.VlanFiltering = *b.VlanFiltering
+	}
+	if b.VlanDefaultPVID != nil {
+		nb.VlanDefaultPvid = uint32(*b.VlanDefaultPVID)
+	}
+	if b.GroupFwdMask != nil {
+		nb.GroupFwdMask = uint32(*b.GroupFwdMask)
+	}
+	return nb
+}
+
+// saveVxlan returns a VXLAN link's settings but its device (a name the
+// caller finds).
+func saveVxlan(v *netlink.Vxlan) *pb.NetVxlan {
+	nv := &pb.NetVxlan{Id: uint32(v.VxlanId), Port: uint32(v.Port), PortLow: uint32(v.PortLow), PortHigh: uint32(v.PortHigh),
+		Ttl: uint32(v.TTL), Tos: uint32(v.TOS), Learning: v.Learning, Proxy: v.Proxy, Rsc: v.RSC, L2Miss: v.L2miss, L3Miss: v.L3miss,
+		UdpCsum: v.UDPCSum, Udp6ZeroCsumTx: v.UDP6ZeroCSumTx, Udp6ZeroCsumRx: v.UDP6ZeroCSumRx, NoAge: v.NoAge,
+		Age: uint32(v.Age), Limit: uint32(v.Limit), Gbp: v.GBP, FlowBased: v.FlowBased}
+	if len(v.Group) > 0 && !v.Group.IsUnspecified() {
+		nv.Group = v.Group.String()
+	}
+	if len(v.SrcAddr) > 0 && !v.SrcAddr.IsUnspecified() {
+		nv.Local = v.SrcAddr.String()
+	}
+	return nv
 }

@@ -1,6 +1,7 @@
 package restorecore
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"maps"
@@ -42,8 +43,9 @@ func (r *restorer) checkNetNs() error {
 }
 
 // makeNetNs sets up the new network namespace of the root (pid here) as
-// the images describe the tree's: loopback and veth links with their
-// MTU, addresses and state, then the routes. A veth is made from ferry's
+// the images describe the tree's: its links (loopback, veth, macvlan,
+// tun, bridge, vxlan) with their ports, MTU, addresses and state, then
+// the routes. A veth is made from ferry's
 // namespace, its inner end moved in, its outer end named and enslaved as
 // Options.Veths says. Everything goes with the namespace if the restore
 // fails.
@@ -59,51 +61,38 @@ func (r *restorer) makeNetNs(pid int) error {
 		return err
 	}
 	defer h.Close()
-	for _, l := range n.Links {
-		if l.Kind == "veth" {
-			peer := r.opts.Veths[l.Name] // checkNetNs
-			v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: peer.Out}, PeerName: l.Name, PeerNamespace: netlink.NsFd(int(ns))}
-			if err := netlink.LinkAdd(v); err != nil {
-				return fmt.Errorf("veth %s (%s here): %w", l.Name, peer.Out, err)
-			}
-			out, err := netlink.LinkByName(peer.Out)
-			if err != nil {
-				return err
-			}
-			if peer.Bridge != "" {
-				br, err := netlink.LinkByName(peer.Bridge)
-				if err != nil {
-					return fmt.Errorf("bridge %s for veth %s: %w", peer.Bridge, peer.Out, err)
-				}
-				if err := netlink.LinkSetMaster(out, br); err != nil {
-					return fmt.Errorf("veth %s into bridge %s: %w", peer.Out, peer.Bridge, err)
-				}
-			}
-			if err := netlink.LinkSetUp(out); err != nil {
-				return err
-			}
-		} else if l.Kind == "macvlan" {
-			// Made on its parent here, straight into the namespace.
-			parent, err := netlink.LinkByName(r.opts.Macvlans[l.Name])
-			if err != nil {
-				return fmt.Errorf("macvlan %s: parent %s: %w", l.Name, r.opts.Macvlans[l.Name], err)
-			}
-			mv := &netlink.Macvlan{LinkAttrs: netlink.LinkAttrs{Name: l.Name, ParentIndex: parent.Attrs().Index, Namespace: netlink.NsFd(int(ns))},
-				Mode: netlink.MacvlanMode(l.MacvlanMode)}
-			if err := netlink.LinkAdd(mv); err != nil {
-				return fmt.Errorf("macvlan %s on %s: %w", l.Name, r.opts.Macvlans[l.Name], err)
-			}
-		} else if l.Kind == "tun" {
-			if err := makeTun(pid, l); err != nil {
-				return fmt.Errorf("%s %s: %w", l.Kind, l.Name, err)
-			}
-			if !l.TunPersist {
-				r.tunTransient = append(r.tunTransient, l.Name)
-				r.tunNs = pid
-			}
-		} else if l.Kind != "loopback" {
-			return fmt.Errorf("%w: link %s of kind %q", ErrValidation, l.Name, l.Kind)
+	// Every link first (a VXLAN after the link it sends through), then
+	// the bridges' ports, then each link's settings, addresses and state.
+	links := slices.Clone(n.Links)
+	late := func(l *pb.NetLink) int {
+		if l.Kind == "vxlan" {
+			return 1
 		}
+		return 0
+	}
+	slices.SortStableFunc(links, func(a, b *pb.NetLink) int { return cmp.Compare(late(a), late(b)) })
+	for _, l := range links {
+		if err := r.makeLink(h, ns, pid, l); err != nil {
+			return err
+		}
+	}
+	for _, l := range n.Links {
+		if l.Master == "" {
+			continue
+		}
+		link, err := h.LinkByName(l.Name)
+		if err != nil {
+			return fmt.Errorf("link %s: %w", l.Name, err)
+		}
+		br, err := h.LinkByName(l.Master)
+		if err != nil {
+			return fmt.Errorf("link %s: bridge %s: %w", l.Name, l.Master, err)
+		}
+		if err := h.LinkSetMaster(link, br); err != nil {
+			return fmt.Errorf("link %s into bridge %s: %w", l.Name, l.Master, err)
+		}
+	}
+	for _, l := range n.Links {
 		link, err := h.LinkByName(l.Name)
 		if err != nil {
 			return fmt.Errorf("link %s: %w", l.Name, err)
@@ -175,6 +164,100 @@ func (r *restorer) makeNetNs(pid int) error {
 		}
 	}
 	r.log.Info("network namespace made", "links", len(n.Links), "routes", len(n.Routes), "sysctls set", set)
+	return nil
+}
+
+// makeLink makes link l of the tree's network namespace ns (of process
+// pid; h is a netlink handle in it), bare: its settings, addresses and
+// state come after.
+func (r *restorer) makeLink(h *netlink.Handle, ns netns.NsHandle, pid int, l *pb.NetLink) error {
+	switch l.Kind {
+	case "loopback":
+	case "veth":
+		peer := r.opts.Veths[l.Name] // checkNetNs
+		v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: peer.Out}, PeerName: l.Name, PeerNamespace: netlink.NsFd(int(ns))}
+		if err := netlink.LinkAdd(v); err != nil {
+			return fmt.Errorf("veth %s (%s here): %w", l.Name, peer.Out, err)
+		}
+		out, err := netlink.LinkByName(peer.Out)
+		if err != nil {
+			return err
+		}
+		if peer.Bridge != "" {
+			br, err := netlink.LinkByName(peer.Bridge)
+			if err != nil {
+				return fmt.Errorf("bridge %s for veth %s: %w", peer.Bridge, peer.Out, err)
+			}
+			if err := netlink.LinkSetMaster(out, br); err != nil {
+				return fmt.Errorf("veth %s into bridge %s: %w", peer.Out, peer.Bridge, err)
+			}
+		}
+		return netlink.LinkSetUp(out)
+	case "macvlan":
+		// Made on its parent here, straight into the namespace.
+		parent, err := netlink.LinkByName(r.opts.Macvlans[l.Name])
+		if err != nil {
+			return fmt.Errorf("macvlan %s: parent %s: %w", l.Name, r.opts.Macvlans[l.Name], err)
+		}
+		mv := &netlink.Macvlan{LinkAttrs: netlink.LinkAttrs{Name: l.Name, ParentIndex: parent.Attrs().Index, Namespace: netlink.NsFd(int(ns))},
+			Mode: netlink.MacvlanMode(l.MacvlanMode)}
+		if err := netlink.LinkAdd(mv); err != nil {
+			return fmt.Errorf("macvlan %s on %s: %w", l.Name, r.opts.Macvlans[l.Name], err)
+		}
+	case "tun":
+		if err := makeTun(pid, l); err != nil {
+			return fmt.Errorf("%s %s: %w", l.Kind, l.Name, err)
+		}
+		if !l.TunPersist {
+			r.tunTransient = append(r.tunTransient, l.Name)
+			r.tunNs = pid
+		}
+	case "bridge":
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: l.Name}}
+		// The timers always; the rest only where not the default: a
+		// kernel without VLAN filtering or multicast snooping refuses
+		// the attribute even to turn the feature off.
+		if b := l.Bridge; b != nil {
+			br.AgeingTime, br.HelloTime = &b.AgeingTime, &b.HelloTime
+			if !b.MulticastSnooping {
+				br.MulticastSnooping = &b.MulticastSnooping
+			}
+			if b.VlanFiltering {
+				br.VlanFiltering = &b.VlanFiltering
+				if pvid := uint16(b.VlanDefaultPvid); pvid != 0 {
+					br.VlanDefaultPVID = &pvid
+				}
+			}
+			if mask := uint16(b.GroupFwdMask); mask != 0 {
+				br.GroupFwdMask = &mask
+			}
+		}
+		if err := h.LinkAdd(br); err != nil {
+			return fmt.Errorf("bridge %s: %w", l.Name, err)
+		}
+	case "vxlan":
+		v := l.Vxlan
+		if v == nil {
+			return fmt.Errorf("%w: vxlan %s without its settings", ErrValidation, l.Name)
+		}
+		vx := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: l.Name}, VxlanId: int(v.Id), Group: net.ParseIP(v.Group), SrcAddr: net.ParseIP(v.Local),
+			Port: int(v.Port), PortLow: int(v.PortLow), PortHigh: int(v.PortHigh), TTL: int(v.Ttl), TOS: int(v.Tos),
+			Learning: v.Learning, Proxy: v.Proxy, RSC: v.Rsc, L2miss: v.L2Miss, L3miss: v.L3Miss, UDPCSum: v.UdpCsum,
+			UDP6ZeroCSumTx: v.Udp6ZeroCsumTx, UDP6ZeroCSumRx: v.Udp6ZeroCsumRx, NoAge: v.NoAge, Age: int(v.Age), Limit: int(v.Limit),
+			GBP: v.Gbp, FlowBased: v.FlowBased}
+		if v.Dev != "" {
+			dev, err := h.LinkByName(v.Dev)
+			if err != nil {
+				return fmt.Errorf("vxlan %s: device %s: %w", l.Name, v.Dev, err)
+			}
+			vx.VtepDevIndex = dev.Attrs().Index
+		}
+		if err := h.LinkAdd(vx); err != nil {
+			return fmt.Errorf("vxlan %s: %w", l.Name, err)
+		}
+	default:
+		return fmt.Errorf("%w: link %s of kind %q", ErrValidation, l.Name, l.Kind)
+	}
 	return nil
 }
 

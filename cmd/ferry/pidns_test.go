@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"maps"
 	"os"
@@ -239,8 +240,8 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	// "host" namespace the test
 	// makes (its end in a bridge there): dumped, and restored with
 	// --external veth[eth0]:vh@br0, it has its link, address, MTU and
-	// route, sysctls and nftables table again, and the host reaches it
-	// through the bridge.
+	// route, a bridge of its own with a VXLAN port, sysctls and nftables
+	// table again, and the host reaches it through the bridge.
 	needRoot(t)
 	sh := func(args ...string) {
 		t.Helper()
@@ -288,6 +289,60 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 		return strings.Join(keep, " ")
 	}
 	mvBefore := macvlan(init)
+	// A bridge of the namespace's own with settings that are not the
+	// defaults, and a VXLAN over eth0 as its port (this kernel has no
+	// dummy or VLAN links, nor VLAN filtering in bridges).
+	for _, c := range [][]string{
+		{"link", "add", "br1", "type", "bridge", "ageing_time", "12345", "mcast_snooping", "0"},
+		{"link", "add", "vx1", "type", "vxlan", "id", "42", "dev", "eth0", "remote", "10.99.0.1", "local", "10.99.0.2", "dstport", "4789", "ttl", "7", "nolearning"},
+		{"link", "set", "vx1", "master", "br1"}, {"addr", "add", "10.97.0.2/24", "dev", "br1"},
+		{"link", "set", "br1", "up"}, {"link", "set", "vx1", "up"}} {
+		sh(append([]string{"nsenter", "-t", init, "-n", "ip"}, c...)...)
+	}
+	bridged := func(pid string) string {
+		out, err := exec.Command("nsenter", "-t", pid, "-n", "ip", "-d", "-j", "addr", "show").CombinedOutput()
+		if err != nil {
+			t.Fatalf("ip -d -j addr show: %v\n%s", err, out)
+		}
+		var links []struct {
+			Name     string `json:"ifname"`
+			Master   string `json:"master"`
+			Address  string `json:"address"`
+			Flags    []string
+			AddrInfo []struct {
+				Local  string `json:"local"`
+				Prefix int    `json:"prefixlen"`
+			} `json:"addr_info"`
+			Info struct {
+				Kind string         `json:"info_kind"`
+				Data map[string]any `json:"info_data"`
+			} `json:"linkinfo"`
+		}
+		if err := json.Unmarshal(out, &links); err != nil {
+			t.Fatalf("ip -j: %v\n%s", err, out)
+		}
+		var keep []string
+		for _, l := range links {
+			if l.Name != "br1" && l.Name != "vx1" {
+				continue
+			}
+			if l.Name == "br1" {
+				// Its timers and STP state run on: the settings saved.
+				d := map[string]any{}
+				for _, k := range []string{"ageing_time", "hello_time", "mcast_snooping", "vlan_filtering", "vlan_default_pvid", "group_fwd_mask"} {
+					d[k] = l.Info.Data[k]
+				}
+				l.Info.Data = d
+			}
+			b, _ := json.Marshal(l)
+			keep = append(keep, string(b))
+		}
+		return strings.Join(keep, "\n")
+	}
+	brBefore := bridged(init)
+	if !strings.Contains(brBefore, `"master":"br1"`) || !strings.Contains(brBefore, `"mcast_snooping":0`) || !strings.Contains(brBefore, "10.97.0.2") {
+		t.Fatalf("bridge and VXLAN before the dump:\n%s", brBefore)
+	}
 	// Sysctls of the namespace, its own and one of a link's.
 	sysctls := map[string]string{"net/ipv4/ip_forward": "1", "net/core/somaxconn": "777",
 		"net/ipv4/ip_local_port_range": "20000\t30000", "net/ipv4/conf/eth0/rp_filter": "2", "net/ipv6/conf/eth0/disable_ipv6": "1"}
@@ -383,6 +438,9 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	}
 	if got := macvlan(strconv.Itoa(r.Pid)); got != mvBefore || !strings.Contains(got, "private") {
 		t.Fatalf("macvlan after the restore: %q, before %q", got, mvBefore)
+	}
+	if got := bridged(strconv.Itoa(r.Pid)); got != brBefore {
+		t.Fatalf("bridge and VXLAN after the restore:\n%s\nbefore:\n%s", got, brBefore)
 	}
 	if got := iptables(strconv.Itoa(r.Pid)); got != iptBefore || !strings.Contains(got, "--dport 8081 -j DROP") {
 		t.Fatalf("iptables after the restore:\n%s\nbefore:\n%s", got, iptBefore)

@@ -1190,7 +1190,7 @@ func (x *Sysctl) GetValue() string {
 type NetLink struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Kind   string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"` // "loopback", "veth" (its peer outside: --external veth[NAME]:OUT[@BRIDGE]), "macvlan", "tun"
+	Kind   string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"` // "loopback", "veth" (its peer outside: --external veth[NAME]:OUT[@BRIDGE]), "macvlan", "tun", "bridge", "vxlan"
 	Mtu    uint32                 `protobuf:"varint,3,opt,name=mtu,proto3" json:"mtu,omitempty"`
 	HwAddr []byte                 `protobuf:"bytes,4,opt,name=hw_addr,json=hwAddr,proto3" json:"hw_addr,omitempty"`
 	Up     bool                   `protobuf:"varint,5,opt,name=up,proto3" json:"up,omitempty"`
@@ -1200,10 +1200,14 @@ type NetLink struct {
 	MacvlanMode uint32 `protobuf:"varint,7,opt,name=macvlan_mode,json=macvlanMode,proto3" json:"macvlan_mode,omitempty"`
 	// A tun or tap device: its TUNSETIFF flags (IFF_TUN or IFF_TAP, ...),
 	// whether it outlives its descriptors, its owner and group (-1: none).
-	TunFlags      uint32 `protobuf:"varint,8,opt,name=tun_flags,json=tunFlags,proto3" json:"tun_flags,omitempty"`
-	TunPersist    bool   `protobuf:"varint,9,opt,name=tun_persist,json=tunPersist,proto3" json:"tun_persist,omitempty"`
-	TunOwner      int64  `protobuf:"varint,10,opt,name=tun_owner,json=tunOwner,proto3" json:"tun_owner,omitempty"`
-	TunGroup      int64  `protobuf:"varint,11,opt,name=tun_group,json=tunGroup,proto3" json:"tun_group,omitempty"`
+	TunFlags   uint32 `protobuf:"varint,8,opt,name=tun_flags,json=tunFlags,proto3" json:"tun_flags,omitempty"`
+	TunPersist bool   `protobuf:"varint,9,opt,name=tun_persist,json=tunPersist,proto3" json:"tun_persist,omitempty"`
+	TunOwner   int64  `protobuf:"varint,10,opt,name=tun_owner,json=tunOwner,proto3" json:"tun_owner,omitempty"`
+	TunGroup   int64  `protobuf:"varint,11,opt,name=tun_group,json=tunGroup,proto3" json:"tun_group,omitempty"`
+	// The bridge of the namespace the link is a port of ("" for none).
+	Master        string     `protobuf:"bytes,12,opt,name=master,proto3" json:"master,omitempty"`
+	Bridge        *NetBridge `protobuf:"bytes,13,opt,name=bridge,proto3" json:"bridge,omitempty"` // kind "bridge"
+	Vxlan         *NetVxlan  `protobuf:"bytes,14,opt,name=vxlan,proto3" json:"vxlan,omitempty"`   // kind "vxlan"
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1315,6 +1319,325 @@ func (x *NetLink) GetTunGroup() int64 {
 	return 0
 }
 
+func (x *NetLink) GetMaster() string {
+	if x != nil {
+		return x.Master
+	}
+	return ""
+}
+
+func (x *NetLink) GetBridge() *NetBridge {
+	if x != nil {
+		return x.Bridge
+	}
+	return nil
+}
+
+func (x *NetLink) GetVxlan() *NetVxlan {
+	if x != nil {
+		return x.Vxlan
+	}
+	return nil
+}
+
+// NetBridge is a bridge's settings, as netlink gives them.
+type NetBridge struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	MulticastSnooping bool                   `protobuf:"varint,1,opt,name=multicast_snooping,json=multicastSnooping,proto3" json:"multicast_snooping,omitempty"`
+	AgeingTime        uint32                 `protobuf:"varint,2,opt,name=ageing_time,json=ageingTime,proto3" json:"ageing_time,omitempty"` // centiseconds
+	HelloTime         uint32                 `protobuf:"varint,3,opt,name=hello_time,json=helloTime,proto3" json:"hello_time,omitempty"`    // centiseconds
+	VlanFiltering     bool                   `protobuf:"varint,4,opt,name=vlan_filtering,json=vlanFiltering,proto3" json:"vlan_filtering,omitempty"`
+	VlanDefaultPvid   uint32                 `protobuf:"varint,5,opt,name=vlan_default_pvid,json=vlanDefaultPvid,proto3" json:"vlan_default_pvid,omitempty"`
+	GroupFwdMask      uint32                 `protobuf:"varint,6,opt,name=group_fwd_mask,json=groupFwdMask,proto3" json:"group_fwd_mask,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *NetBridge) Reset() {
+	*x = NetBridge{}
+	mi := &file_images_ferry_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetBridge) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetBridge) ProtoMessage() {}
+
+func (x *NetBridge) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetBridge.ProtoReflect.Descriptor instead.
+func (*NetBridge) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *NetBridge) GetMulticastSnooping() bool {
+	if x != nil {
+		return x.MulticastSnooping
+	}
+	return false
+}
+
+func (x *NetBridge) GetAgeingTime() uint32 {
+	if x != nil {
+		return x.AgeingTime
+	}
+	return 0
+}
+
+func (x *NetBridge) GetHelloTime() uint32 {
+	if x != nil {
+		return x.HelloTime
+	}
+	return 0
+}
+
+func (x *NetBridge) GetVlanFiltering() bool {
+	if x != nil {
+		return x.VlanFiltering
+	}
+	return false
+}
+
+func (x *NetBridge) GetVlanDefaultPvid() uint32 {
+	if x != nil {
+		return x.VlanDefaultPvid
+	}
+	return 0
+}
+
+func (x *NetBridge) GetGroupFwdMask() uint32 {
+	if x != nil {
+		return x.GroupFwdMask
+	}
+	return 0
+}
+
+// NetVxlan is a VXLAN link's settings, as netlink gives them.
+type NetVxlan struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Id             uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Dev            string                 `protobuf:"bytes,2,opt,name=dev,proto3" json:"dev,omitempty"`     // the link of the namespace it sends through; "" for any
+	Group          string                 `protobuf:"bytes,3,opt,name=group,proto3" json:"group,omitempty"` // multicast group or remote address; "" for none
+	Local          string                 `protobuf:"bytes,4,opt,name=local,proto3" json:"local,omitempty"` // source address; "" for any
+	Port           uint32                 `protobuf:"varint,5,opt,name=port,proto3" json:"port,omitempty"`
+	PortLow        uint32                 `protobuf:"varint,6,opt,name=port_low,json=portLow,proto3" json:"port_low,omitempty"`
+	PortHigh       uint32                 `protobuf:"varint,7,opt,name=port_high,json=portHigh,proto3" json:"port_high,omitempty"`
+	Ttl            uint32                 `protobuf:"varint,8,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Tos            uint32                 `protobuf:"varint,9,opt,name=tos,proto3" json:"tos,omitempty"`
+	Learning       bool                   `protobuf:"varint,10,opt,name=learning,proto3" json:"learning,omitempty"`
+	Proxy          bool                   `protobuf:"varint,11,opt,name=proxy,proto3" json:"proxy,omitempty"`
+	Rsc            bool                   `protobuf:"varint,12,opt,name=rsc,proto3" json:"rsc,omitempty"`
+	L2Miss         bool                   `protobuf:"varint,13,opt,name=l2miss,proto3" json:"l2miss,omitempty"`
+	L3Miss         bool                   `protobuf:"varint,14,opt,name=l3miss,proto3" json:"l3miss,omitempty"`
+	UdpCsum        bool                   `protobuf:"varint,15,opt,name=udp_csum,json=udpCsum,proto3" json:"udp_csum,omitempty"`
+	Udp6ZeroCsumTx bool                   `protobuf:"varint,16,opt,name=udp6_zero_csum_tx,json=udp6ZeroCsumTx,proto3" json:"udp6_zero_csum_tx,omitempty"`
+	Udp6ZeroCsumRx bool                   `protobuf:"varint,17,opt,name=udp6_zero_csum_rx,json=udp6ZeroCsumRx,proto3" json:"udp6_zero_csum_rx,omitempty"`
+	NoAge          bool                   `protobuf:"varint,18,opt,name=no_age,json=noAge,proto3" json:"no_age,omitempty"`
+	Age            uint32                 `protobuf:"varint,19,opt,name=age,proto3" json:"age,omitempty"`
+	Limit          uint32                 `protobuf:"varint,20,opt,name=limit,proto3" json:"limit,omitempty"`
+	Gbp            bool                   `protobuf:"varint,21,opt,name=gbp,proto3" json:"gbp,omitempty"`
+	FlowBased      bool                   `protobuf:"varint,22,opt,name=flow_based,json=flowBased,proto3" json:"flow_based,omitempty"` // external: the destination comes with each packet
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *NetVxlan) Reset() {
+	*x = NetVxlan{}
+	mi := &file_images_ferry_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetVxlan) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetVxlan) ProtoMessage() {}
+
+func (x *NetVxlan) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetVxlan.ProtoReflect.Descriptor instead.
+func (*NetVxlan) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *NetVxlan) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *NetVxlan) GetDev() string {
+	if x != nil {
+		return x.Dev
+	}
+	return ""
+}
+
+func (x *NetVxlan) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *NetVxlan) GetLocal() string {
+	if x != nil {
+		return x.Local
+	}
+	return ""
+}
+
+func (x *NetVxlan) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *NetVxlan) GetPortLow() uint32 {
+	if x != nil {
+		return x.PortLow
+	}
+	return 0
+}
+
+func (x *NetVxlan) GetPortHigh() uint32 {
+	if x != nil {
+		return x.PortHigh
+	}
+	return 0
+}
+
+func (x *NetVxlan) GetTtl() uint32 {
+	if x != nil {
+		return x.Ttl
+	}
+	return 0
+}
+
+func (x *NetVxlan) GetTos() uint32 {
+	if x != nil {
+		return x.Tos
+	}
+	return 0
+}
+
+func (x *NetVxlan) GetLearning() bool {
+	if x != nil {
+		return x.Learning
+	}
+	return false
+}
+
+func (x *NetVxlan) GetProxy() bool {
+	if x != nil {
+		return x.Proxy
+	}
+	return false
+}
+
+func (x *NetVxlan) GetRsc() bool {
+	if x != nil {
+		return x.Rsc
+	}
+	return false
+}
+
+func (x *NetVxlan) GetL2Miss() bool {
+	if x != nil {
+		return x.L2Miss
+	}
+	return false
+}
+
+func (x *NetVxlan) GetL3Miss() bool {
+	if x != nil {
+		return x.L3Miss
+	}
+	return false
+}
+
+func (x *NetVxlan) GetUdpCsum() bool {
+	if x != nil {
+		return x.UdpCsum
+	}
+	return false
+}
+
+func (x *NetVxlan) GetUdp6ZeroCsumTx() bool {
+	if x != nil {
+		return x.Udp6ZeroCsumTx
+	}
+	return false
+}
+
+func (x *NetVxlan) GetUdp6ZeroCsumRx() bool {
+	if x != nil {
+		return x.Udp6ZeroCsumRx
+	}
+	return false
+}
+
+func (x *NetVxlan) GetNoAge() bool {
+	if x != nil {
+		return x.NoAge
+	}
+	return false
+}
+
+func (x *NetVxlan) GetAge() uint32 {
+	if x != nil {
+		return x.Age
+	}
+	return 0
+}
+
+func (x *NetVxlan) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+func (x *NetVxlan) GetGbp() bool {
+	if x != nil {
+		return x.Gbp
+	}
+	return false
+}
+
+func (x *NetVxlan) GetFlowBased() bool {
+	if x != nil {
+		return x.FlowBased
+	}
+	return false
+}
+
 // NetRoute is a route of the namespace's main table that the kernel did
 // not make itself from an address.
 type NetRoute struct {
@@ -1333,7 +1656,7 @@ type NetRoute struct {
 
 func (x *NetRoute) Reset() {
 	*x = NetRoute{}
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1345,7 +1668,7 @@ func (x *NetRoute) String() string {
 func (*NetRoute) ProtoMessage() {}
 
 func (x *NetRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1358,7 +1681,7 @@ func (x *NetRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetRoute.ProtoReflect.Descriptor instead.
 func (*NetRoute) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{14}
+	return file_images_ferry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *NetRoute) GetFamily() int32 {
@@ -1427,7 +1750,7 @@ type UtsNs struct {
 
 func (x *UtsNs) Reset() {
 	*x = UtsNs{}
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1439,7 +1762,7 @@ func (x *UtsNs) String() string {
 func (*UtsNs) ProtoMessage() {}
 
 func (x *UtsNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1452,7 +1775,7 @@ func (x *UtsNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtsNs.ProtoReflect.Descriptor instead.
 func (*UtsNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{15}
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *UtsNs) GetHostname() string {
@@ -1480,7 +1803,7 @@ type TrackerRef struct {
 
 func (x *TrackerRef) Reset() {
 	*x = TrackerRef{}
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1492,7 +1815,7 @@ func (x *TrackerRef) String() string {
 func (*TrackerRef) ProtoMessage() {}
 
 func (x *TrackerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1505,7 +1828,7 @@ func (x *TrackerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerRef.ProtoReflect.Descriptor instead.
 func (*TrackerRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{16}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *TrackerRef) GetPid() int32 {
@@ -1539,7 +1862,7 @@ type SpecialVma struct {
 
 func (x *SpecialVma) Reset() {
 	*x = SpecialVma{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1551,7 +1874,7 @@ func (x *SpecialVma) String() string {
 func (*SpecialVma) ProtoMessage() {}
 
 func (x *SpecialVma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1564,7 +1887,7 @@ func (x *SpecialVma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpecialVma.ProtoReflect.Descriptor instead.
 func (*SpecialVma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SpecialVma) GetName() string {
@@ -1595,7 +1918,7 @@ type PstreeEntry struct {
 
 func (x *PstreeEntry) Reset() {
 	*x = PstreeEntry{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1607,7 +1930,7 @@ func (x *PstreeEntry) String() string {
 func (*PstreeEntry) ProtoMessage() {}
 
 func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1620,7 +1943,7 @@ func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PstreeEntry.ProtoReflect.Descriptor instead.
 func (*PstreeEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PstreeEntry) GetPid() int32 {
@@ -1682,7 +2005,7 @@ type Creds struct {
 
 func (x *Creds) Reset() {
 	*x = Creds{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1694,7 +2017,7 @@ func (x *Creds) String() string {
 func (*Creds) ProtoMessage() {}
 
 func (x *Creds) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1707,7 +2030,7 @@ func (x *Creds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Creds.ProtoReflect.Descriptor instead.
 func (*Creds) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Creds) GetUid() uint32 {
@@ -1833,7 +2156,7 @@ type Rlimit struct {
 
 func (x *Rlimit) Reset() {
 	*x = Rlimit{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1845,7 +2168,7 @@ func (x *Rlimit) String() string {
 func (*Rlimit) ProtoMessage() {}
 
 func (x *Rlimit) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1858,7 +2181,7 @@ func (x *Rlimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rlimit.ProtoReflect.Descriptor instead.
 func (*Rlimit) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Rlimit) GetResource() uint32 {
@@ -1895,7 +2218,7 @@ type SigAction struct {
 
 func (x *SigAction) Reset() {
 	*x = SigAction{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1907,7 +2230,7 @@ func (x *SigAction) String() string {
 func (*SigAction) ProtoMessage() {}
 
 func (x *SigAction) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1920,7 +2243,7 @@ func (x *SigAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAction.ProtoReflect.Descriptor instead.
 func (*SigAction) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SigAction) GetSig() uint32 {
@@ -1971,7 +2294,7 @@ type SigInfo struct {
 
 func (x *SigInfo) Reset() {
 	*x = SigInfo{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1983,7 +2306,7 @@ func (x *SigInfo) String() string {
 func (*SigInfo) ProtoMessage() {}
 
 func (x *SigInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1996,7 +2319,7 @@ func (x *SigInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigInfo.ProtoReflect.Descriptor instead.
 func (*SigInfo) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SigInfo) GetSigno() uint32 {
@@ -2032,7 +2355,7 @@ type Itimer struct {
 
 func (x *Itimer) Reset() {
 	*x = Itimer{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2044,7 +2367,7 @@ func (x *Itimer) String() string {
 func (*Itimer) ProtoMessage() {}
 
 func (x *Itimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2057,7 +2380,7 @@ func (x *Itimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Itimer.ProtoReflect.Descriptor instead.
 func (*Itimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Itimer) GetWhich() uint32 {
@@ -2099,7 +2422,7 @@ type PosixTimer struct {
 
 func (x *PosixTimer) Reset() {
 	*x = PosixTimer{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2111,7 +2434,7 @@ func (x *PosixTimer) String() string {
 func (*PosixTimer) ProtoMessage() {}
 
 func (x *PosixTimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2124,7 +2447,7 @@ func (x *PosixTimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PosixTimer.ProtoReflect.Descriptor instead.
 func (*PosixTimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PosixTimer) GetId() int32 {
@@ -2201,7 +2524,7 @@ type SigAltStack struct {
 
 func (x *SigAltStack) Reset() {
 	*x = SigAltStack{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2213,7 +2536,7 @@ func (x *SigAltStack) String() string {
 func (*SigAltStack) ProtoMessage() {}
 
 func (x *SigAltStack) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2226,7 +2549,7 @@ func (x *SigAltStack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAltStack.ProtoReflect.Descriptor instead.
 func (*SigAltStack) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SigAltStack) GetSp() uint64 {
@@ -2286,7 +2609,7 @@ type GpRegs struct {
 
 func (x *GpRegs) Reset() {
 	*x = GpRegs{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2298,7 +2621,7 @@ func (x *GpRegs) String() string {
 func (*GpRegs) ProtoMessage() {}
 
 func (x *GpRegs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2311,7 +2634,7 @@ func (x *GpRegs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GpRegs.ProtoReflect.Descriptor instead.
 func (*GpRegs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GpRegs) GetR15() uint64 {
@@ -2515,7 +2838,7 @@ type Rseq struct {
 
 func (x *Rseq) Reset() {
 	*x = Rseq{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2527,7 +2850,7 @@ func (x *Rseq) String() string {
 func (*Rseq) ProtoMessage() {}
 
 func (x *Rseq) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2540,7 +2863,7 @@ func (x *Rseq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rseq.ProtoReflect.Descriptor instead.
 func (*Rseq) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Rseq) GetPtr() uint64 {
@@ -2596,7 +2919,7 @@ type ThreadCore struct {
 
 func (x *ThreadCore) Reset() {
 	*x = ThreadCore{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2608,7 +2931,7 @@ func (x *ThreadCore) String() string {
 func (*ThreadCore) ProtoMessage() {}
 
 func (x *ThreadCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2621,7 +2944,7 @@ func (x *ThreadCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThreadCore.ProtoReflect.Descriptor instead.
 func (*ThreadCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ThreadCore) GetTid() int32 {
@@ -2774,7 +3097,7 @@ type TaskCore struct {
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2786,7 +3109,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2799,7 +3122,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -3022,7 +3345,7 @@ type CgroupRef struct {
 
 func (x *CgroupRef) Reset() {
 	*x = CgroupRef{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3034,7 +3357,7 @@ func (x *CgroupRef) String() string {
 func (*CgroupRef) ProtoMessage() {}
 
 func (x *CgroupRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3047,7 +3370,7 @@ func (x *CgroupRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
 func (*CgroupRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CgroupRef) GetControllers() string {
@@ -3105,7 +3428,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3117,7 +3440,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3130,7 +3453,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -3282,7 +3605,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3294,7 +3617,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3307,7 +3630,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -3375,7 +3698,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3387,7 +3710,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3400,7 +3723,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -3588,7 +3911,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3600,7 +3923,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3613,7 +3936,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -3913,7 +4236,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3925,7 +4248,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3938,7 +4261,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -3989,7 +4312,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4001,7 +4324,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4014,7 +4337,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -4051,7 +4374,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4063,7 +4386,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4076,7 +4399,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -4128,7 +4451,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4140,7 +4463,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4153,7 +4476,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -4218,7 +4541,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4230,7 +4553,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4243,7 +4566,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -4354,7 +4677,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4366,7 +4689,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4379,7 +4702,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -4490,7 +4813,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4502,7 +4825,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4515,7 +4838,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -4566,7 +4889,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4578,7 +4901,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4591,7 +4914,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -4710,7 +5033,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4722,7 +5045,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4735,7 +5058,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -4847,7 +5170,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4859,7 +5182,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4872,7 +5195,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -4912,7 +5235,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4924,7 +5247,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4937,7 +5260,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -4988,7 +5311,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5000,7 +5323,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5013,7 +5336,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *FileLock) GetKind() string {
@@ -5057,7 +5380,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5069,7 +5392,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5082,7 +5405,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{47}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -5123,7 +5446,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5135,7 +5458,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5148,7 +5471,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{48}
+	return file_images_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -5184,7 +5507,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5196,7 +5519,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5209,7 +5532,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{49}
+	return file_images_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -5249,7 +5572,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5261,7 +5584,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5274,7 +5597,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{50}
+	return file_images_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -5323,7 +5646,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5335,7 +5658,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5348,7 +5671,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{51}
+	return file_images_ferry_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -5398,7 +5721,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5410,7 +5733,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5423,7 +5746,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{52}
+	return file_images_ferry_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -5520,7 +5843,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5532,7 +5855,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5545,7 +5868,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{53}
+	return file_images_ferry_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -5580,7 +5903,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5592,7 +5915,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5605,7 +5928,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{54}
+	return file_images_ferry_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -5692,7 +6015,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5704,7 +6027,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5717,7 +6040,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{55}
+	return file_images_ferry_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -5772,7 +6095,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5784,7 +6107,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5797,7 +6120,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{56}
+	return file_images_ferry_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -5928,7 +6251,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"2\n" +
 	"\x06Sysctl\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"\x9d\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\x94\x03\n" +
 	"\aNetLink\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x10\n" +
@@ -5942,7 +6265,44 @@ const file_images_ferry_proto_rawDesc = "" +
 	"tunPersist\x12\x1b\n" +
 	"\ttun_owner\x18\n" +
 	" \x01(\x03R\btunOwner\x12\x1b\n" +
-	"\ttun_group\x18\v \x01(\x03R\btunGroup\"\xb6\x01\n" +
+	"\ttun_group\x18\v \x01(\x03R\btunGroup\x12\x16\n" +
+	"\x06master\x18\f \x01(\tR\x06master\x12/\n" +
+	"\x06bridge\x18\r \x01(\v2\x17.ferry.images.NetBridgeR\x06bridge\x12,\n" +
+	"\x05vxlan\x18\x0e \x01(\v2\x16.ferry.images.NetVxlanR\x05vxlan\"\xf3\x01\n" +
+	"\tNetBridge\x12-\n" +
+	"\x12multicast_snooping\x18\x01 \x01(\bR\x11multicastSnooping\x12\x1f\n" +
+	"\vageing_time\x18\x02 \x01(\rR\n" +
+	"ageingTime\x12\x1d\n" +
+	"\n" +
+	"hello_time\x18\x03 \x01(\rR\thelloTime\x12%\n" +
+	"\x0evlan_filtering\x18\x04 \x01(\bR\rvlanFiltering\x12*\n" +
+	"\x11vlan_default_pvid\x18\x05 \x01(\rR\x0fvlanDefaultPvid\x12$\n" +
+	"\x0egroup_fwd_mask\x18\x06 \x01(\rR\fgroupFwdMask\"\x9d\x04\n" +
+	"\bNetVxlan\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\x12\x10\n" +
+	"\x03dev\x18\x02 \x01(\tR\x03dev\x12\x14\n" +
+	"\x05group\x18\x03 \x01(\tR\x05group\x12\x14\n" +
+	"\x05local\x18\x04 \x01(\tR\x05local\x12\x12\n" +
+	"\x04port\x18\x05 \x01(\rR\x04port\x12\x19\n" +
+	"\bport_low\x18\x06 \x01(\rR\aportLow\x12\x1b\n" +
+	"\tport_high\x18\a \x01(\rR\bportHigh\x12\x10\n" +
+	"\x03ttl\x18\b \x01(\rR\x03ttl\x12\x10\n" +
+	"\x03tos\x18\t \x01(\rR\x03tos\x12\x1a\n" +
+	"\blearning\x18\n" +
+	" \x01(\bR\blearning\x12\x14\n" +
+	"\x05proxy\x18\v \x01(\bR\x05proxy\x12\x10\n" +
+	"\x03rsc\x18\f \x01(\bR\x03rsc\x12\x16\n" +
+	"\x06l2miss\x18\r \x01(\bR\x06l2miss\x12\x16\n" +
+	"\x06l3miss\x18\x0e \x01(\bR\x06l3miss\x12\x19\n" +
+	"\budp_csum\x18\x0f \x01(\bR\audpCsum\x12)\n" +
+	"\x11udp6_zero_csum_tx\x18\x10 \x01(\bR\x0eudp6ZeroCsumTx\x12)\n" +
+	"\x11udp6_zero_csum_rx\x18\x11 \x01(\bR\x0eudp6ZeroCsumRx\x12\x15\n" +
+	"\x06no_age\x18\x12 \x01(\bR\x05noAge\x12\x10\n" +
+	"\x03age\x18\x13 \x01(\rR\x03age\x12\x14\n" +
+	"\x05limit\x18\x14 \x01(\rR\x05limit\x12\x10\n" +
+	"\x03gbp\x18\x15 \x01(\bR\x03gbp\x12\x1d\n" +
+	"\n" +
+	"flow_based\x18\x16 \x01(\bR\tflowBased\"\xb6\x01\n" +
 	"\bNetRoute\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x10\n" +
 	"\x03dst\x18\x02 \x01(\tR\x03dst\x12\x0e\n" +
@@ -6402,7 +6762,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 58)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),    // 0: ferry.images.Inventory
 	(*UserNs)(nil),       // 1: ferry.images.UserNs
@@ -6418,60 +6778,62 @@ var file_images_ferry_proto_goTypes = []any{
 	(*NetNs)(nil),        // 11: ferry.images.NetNs
 	(*Sysctl)(nil),       // 12: ferry.images.Sysctl
 	(*NetLink)(nil),      // 13: ferry.images.NetLink
-	(*NetRoute)(nil),     // 14: ferry.images.NetRoute
-	(*UtsNs)(nil),        // 15: ferry.images.UtsNs
-	(*TrackerRef)(nil),   // 16: ferry.images.TrackerRef
-	(*SpecialVma)(nil),   // 17: ferry.images.SpecialVma
-	(*PstreeEntry)(nil),  // 18: ferry.images.PstreeEntry
-	(*Creds)(nil),        // 19: ferry.images.Creds
-	(*Rlimit)(nil),       // 20: ferry.images.Rlimit
-	(*SigAction)(nil),    // 21: ferry.images.SigAction
-	(*SigInfo)(nil),      // 22: ferry.images.SigInfo
-	(*Itimer)(nil),       // 23: ferry.images.Itimer
-	(*PosixTimer)(nil),   // 24: ferry.images.PosixTimer
-	(*SigAltStack)(nil),  // 25: ferry.images.SigAltStack
-	(*GpRegs)(nil),       // 26: ferry.images.GpRegs
-	(*Rseq)(nil),         // 27: ferry.images.Rseq
-	(*ThreadCore)(nil),   // 28: ferry.images.ThreadCore
-	(*TaskCore)(nil),     // 29: ferry.images.TaskCore
-	(*CgroupRef)(nil),    // 30: ferry.images.CgroupRef
-	(*Vma)(nil),          // 31: ferry.images.Vma
-	(*SysvShm)(nil),      // 32: ferry.images.SysvShm
-	(*MmCore)(nil),       // 33: ferry.images.MmCore
-	(*FileEntry)(nil),    // 34: ferry.images.FileEntry
-	(*InotifyWatch)(nil), // 35: ferry.images.InotifyWatch
-	(*Fanotify)(nil),     // 36: ferry.images.Fanotify
-	(*FanotifyMark)(nil), // 37: ferry.images.FanotifyMark
-	(*Timerfd)(nil),      // 38: ferry.images.Timerfd
-	(*Tty)(nil),          // 39: ferry.images.Tty
-	(*UnixSocket)(nil),   // 40: ferry.images.UnixSocket
-	(*InFlight)(nil),     // 41: ferry.images.InFlight
-	(*InetSocket)(nil),   // 42: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 43: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 44: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 45: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 46: ferry.images.FileLock
-	(*FdEntry)(nil),      // 47: ferry.images.FdEntry
-	(*FdTable)(nil),      // 48: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 49: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 50: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 51: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 52: ferry.images.GhostFile
-	(*GhostExtent)(nil),  // 53: ferry.images.GhostExtent
-	(*DumpStats)(nil),    // 54: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 55: ferry.images.RestoreStats
-	(*Stats)(nil),        // 56: ferry.images.Stats
-	nil,                  // 57: ferry.images.NetNs.IptablesEntry
+	(*NetBridge)(nil),    // 14: ferry.images.NetBridge
+	(*NetVxlan)(nil),     // 15: ferry.images.NetVxlan
+	(*NetRoute)(nil),     // 16: ferry.images.NetRoute
+	(*UtsNs)(nil),        // 17: ferry.images.UtsNs
+	(*TrackerRef)(nil),   // 18: ferry.images.TrackerRef
+	(*SpecialVma)(nil),   // 19: ferry.images.SpecialVma
+	(*PstreeEntry)(nil),  // 20: ferry.images.PstreeEntry
+	(*Creds)(nil),        // 21: ferry.images.Creds
+	(*Rlimit)(nil),       // 22: ferry.images.Rlimit
+	(*SigAction)(nil),    // 23: ferry.images.SigAction
+	(*SigInfo)(nil),      // 24: ferry.images.SigInfo
+	(*Itimer)(nil),       // 25: ferry.images.Itimer
+	(*PosixTimer)(nil),   // 26: ferry.images.PosixTimer
+	(*SigAltStack)(nil),  // 27: ferry.images.SigAltStack
+	(*GpRegs)(nil),       // 28: ferry.images.GpRegs
+	(*Rseq)(nil),         // 29: ferry.images.Rseq
+	(*ThreadCore)(nil),   // 30: ferry.images.ThreadCore
+	(*TaskCore)(nil),     // 31: ferry.images.TaskCore
+	(*CgroupRef)(nil),    // 32: ferry.images.CgroupRef
+	(*Vma)(nil),          // 33: ferry.images.Vma
+	(*SysvShm)(nil),      // 34: ferry.images.SysvShm
+	(*MmCore)(nil),       // 35: ferry.images.MmCore
+	(*FileEntry)(nil),    // 36: ferry.images.FileEntry
+	(*InotifyWatch)(nil), // 37: ferry.images.InotifyWatch
+	(*Fanotify)(nil),     // 38: ferry.images.Fanotify
+	(*FanotifyMark)(nil), // 39: ferry.images.FanotifyMark
+	(*Timerfd)(nil),      // 40: ferry.images.Timerfd
+	(*Tty)(nil),          // 41: ferry.images.Tty
+	(*UnixSocket)(nil),   // 42: ferry.images.UnixSocket
+	(*InFlight)(nil),     // 43: ferry.images.InFlight
+	(*InetSocket)(nil),   // 44: ferry.images.InetSocket
+	(*TcpStream)(nil),    // 45: ferry.images.TcpStream
+	(*SockOpt)(nil),      // 46: ferry.images.SockOpt
+	(*EpollTarget)(nil),  // 47: ferry.images.EpollTarget
+	(*FileLock)(nil),     // 48: ferry.images.FileLock
+	(*FdEntry)(nil),      // 49: ferry.images.FdEntry
+	(*FdTable)(nil),      // 50: ferry.images.FdTable
+	(*PagemapHead)(nil),  // 51: ferry.images.PagemapHead
+	(*PagemapEntry)(nil), // 52: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil), // 53: ferry.images.PagemapBatch
+	(*GhostFile)(nil),    // 54: ferry.images.GhostFile
+	(*GhostExtent)(nil),  // 55: ferry.images.GhostExtent
+	(*DumpStats)(nil),    // 56: ferry.images.DumpStats
+	(*RestoreStats)(nil), // 57: ferry.images.RestoreStats
+	(*Stats)(nil),        // 58: ferry.images.Stats
+	nil,                  // 59: ferry.images.NetNs.IptablesEntry
 }
 var file_images_ferry_proto_depIdxs = []int32{
-	17, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
-	16, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
-	15, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
+	19, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
+	18, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
+	17, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
 	11, // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
 	7,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
 	5,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
 	4,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
-	30, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
+	32, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
 	3,  // 8: ferry.images.Inventory.external_ns:type_name -> ferry.images.ExternalNs
 	1,  // 9: ferry.images.Inventory.user_ns:type_name -> ferry.images.UserNs
 	2,  // 10: ferry.images.UserNs.uid_map:type_name -> ferry.images.IdMap
@@ -6480,44 +6842,46 @@ var file_images_ferry_proto_depIdxs = []int32{
 	8,  // 13: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
 	10, // 14: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
 	13, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
-	14, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
+	16, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
 	12, // 17: ferry.images.NetNs.sysctls:type_name -> ferry.images.Sysctl
-	57, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
-	26, // 19: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	22, // 20: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	25, // 21: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	27, // 22: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	19, // 23: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	20, // 24: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	21, // 25: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	22, // 26: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	23, // 27: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	24, // 28: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	28, // 29: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	30, // 30: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	32, // 31: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	31, // 32: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	45, // 33: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	42, // 34: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	40, // 35: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	39, // 36: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	38, // 37: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	35, // 38: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	36, // 39: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	37, // 40: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	41, // 41: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	44, // 42: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	43, // 43: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	46, // 44: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	47, // 45: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	53, // 46: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	54, // 47: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	55, // 48: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	49, // [49:49] is the sub-list for method output_type
-	49, // [49:49] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	59, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
+	14, // 19: ferry.images.NetLink.bridge:type_name -> ferry.images.NetBridge
+	15, // 20: ferry.images.NetLink.vxlan:type_name -> ferry.images.NetVxlan
+	28, // 21: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	24, // 22: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	27, // 23: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	29, // 24: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	21, // 25: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	22, // 26: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	23, // 27: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	24, // 28: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	25, // 29: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	26, // 30: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	30, // 31: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	32, // 32: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	34, // 33: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	33, // 34: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	47, // 35: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	44, // 36: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	42, // 37: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	41, // 38: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	40, // 39: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	37, // 40: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	38, // 41: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	39, // 42: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	43, // 43: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	46, // 44: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	45, // 45: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	48, // 46: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	49, // 47: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	55, // 48: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	56, // 49: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	57, // 50: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	51, // [51:51] is the sub-list for method output_type
+	51, // [51:51] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -6531,7 +6895,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   58,
+			NumMessages:   60,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
