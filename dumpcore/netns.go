@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
@@ -133,7 +134,8 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 				r.Dst, r.Table, r.Type, len(r.MultiPath), t.root, ErrUnsupported)
 		}
 		nr := &pb.NetRoute{Family: int32(r.Family), Dev: names[r.LinkIndex], Scope: int32(r.Scope),
-			Protocol: int32(r.Protocol), Priority: int32(r.Priority)}
+			Protocol: int32(r.Protocol), Priority: int32(r.Priority), Onlink: r.Flags&unix.RTNH_F_ONLINK != 0,
+			Tos: int32(r.Tos), Metrics: saveRouteMetrics(r)}
 		if r.Dst != nil {
 			nr.Dst = r.Dst.String()
 		}
@@ -299,4 +301,17 @@ func saveVxlan(v *netlink.Vxlan) *pb.NetVxlan {
 		nv.Local = v.SrcAddr.String()
 	}
 	return nv
+}
+
+// saveRouteMetrics returns a route's metrics, nil if it has none.
+func saveRouteMetrics(r netlink.Route) *pb.NetRouteMetrics {
+	m := &pb.NetRouteMetrics{Mtu: uint32(r.MTU), MtuLock: r.MTULock, Window: uint32(r.Window), Rtt: uint32(r.Rtt),
+		Rttvar: uint32(r.RttVar), Ssthresh: uint32(r.Ssthresh), Cwnd: uint32(r.Cwnd), Advmss: uint32(r.AdvMSS),
+		Reordering: uint32(r.Reordering), Hoplimit: uint32(r.Hoplimit), Initcwnd: uint32(r.InitCwnd),
+		Features: uint32(r.Features), RtoMin: uint32(r.RtoMin), RtoMinLock: r.RtoMinLock, Initrwnd: uint32(r.InitRwnd),
+		Quickack: uint32(r.QuickACK), Congctl: r.Congctl, FastopenNoCookie: uint32(r.FastOpenNoCookie)}
+	if proto.Equal(m, &pb.NetRouteMetrics{}) {
+		return nil
+	}
+	return m
 }

@@ -107,6 +107,18 @@ func (r *restorer) makeNetNs(pid int) error {
 				return fmt.Errorf("link %s: address %v: %w", l.Name, net.HardwareAddr(l.HwAddr), err)
 			}
 		}
+	}
+	// The sysctls before any link is up or has addresses: a link whose
+	// IPv6 was off does not solicit routers or join groups in between.
+	set, err := r.setNetSysctls(pid)
+	if err != nil {
+		return err
+	}
+	for _, l := range n.Links {
+		link, err := h.LinkByName(l.Name)
+		if err != nil {
+			return fmt.Errorf("link %s: %w", l.Name, err)
+		}
 		for _, s := range l.Addrs {
 			a, err := netlink.ParseAddr(s)
 			if err != nil {
@@ -140,7 +152,16 @@ func (r *restorer) makeNetNs(pid int) error {
 				return fmt.Errorf("route %q: %w", rt.Dst, err)
 			}
 		}
-		nr.Gw, nr.Src = net.ParseIP(rt.Gw), net.ParseIP(rt.Src)
+		nr.Gw, nr.Src, nr.Tos = net.ParseIP(rt.Gw), net.ParseIP(rt.Src), int(rt.Tos)
+		if rt.Onlink {
+			nr.Flags = unix.RTNH_F_ONLINK
+		}
+		if m := rt.Metrics; m != nil {
+			nr.MTU, nr.MTULock, nr.Window, nr.Rtt, nr.RttVar = int(m.Mtu), m.MtuLock, int(m.Window), int(m.Rtt), int(m.Rttvar)
+			nr.Ssthresh, nr.Cwnd, nr.AdvMSS, nr.Reordering, nr.Hoplimit = int(m.Ssthresh), int(m.Cwnd), int(m.Advmss), int(m.Reordering), int(m.Hoplimit)
+			nr.InitCwnd, nr.Features, nr.RtoMin, nr.RtoMinLock, nr.InitRwnd = int(m.Initcwnd), int(m.Features), int(m.RtoMin), m.RtoMinLock, int(m.Initrwnd)
+			nr.QuickACK, nr.Congctl, nr.FastOpenNoCookie = int(m.Quickack), m.Congctl, int(m.FastopenNoCookie)
+		}
 		if err := h.RouteAdd(nr); err != nil && !errors.Is(err, unix.EEXIST) {
 			dst := rt.Dst
 			if dst == "" {
@@ -148,10 +169,6 @@ func (r *restorer) makeNetNs(pid int) error {
 			}
 			return fmt.Errorf("route %s via %q dev %s: %w", dst, rt.Gw, rt.Dev, err)
 		}
-	}
-	set, err := r.setNetSysctls(pid)
-	if err != nil {
-		return err
 	}
 	if n.NftRuleset != "" {
 		if err := loadNftables(pid, n.NftRuleset); err != nil {
@@ -262,9 +279,9 @@ func (r *restorer) makeLink(h *netlink.Handle, ns netns.NsHandle, pid int, l *pb
 }
 
 // setNetSysctls gives the new namespace's sysctls the images' values
-// where they differ, once its links exist: the namespace-wide ones
-// first, then the defaults and "all" of each family (which would change
-// every link's), then each link's own. A sysctl this kernel lacks or
+// where they differ, once its links exist (before they are up): the
+// namespace-wide ones first, then the defaults and "all" of each family
+// (which would change every link's), then each link's own. A sysctl this kernel lacks or
 // refuses fails the restore, naming it, unless --weak-sysctls (then it is
 // logged and left).
 func (r *restorer) setNetSysctls(pid int) (int, error) {

@@ -266,7 +266,11 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	sh("ip", "-n", hostNs, "link", "set", "mv0", "netns", init)
 	for _, c := range [][]string{{"link", "set", "lo", "up"}, {"addr", "add", "10.99.0.2/24", "dev", "eth0"},
 		{"link", "set", "eth0", "mtu", "1400", "up"}, {"route", "add", "default", "via", "10.99.0.1"},
-		{"addr", "add", "10.98.0.2/24", "dev", "mv0"}, {"link", "set", "mv0", "up"}} {
+		{"addr", "add", "10.98.0.2/24", "dev", "mv0"}, {"link", "set", "mv0", "up"},
+		// A gateway off every subnet (onlink, as some CNIs route pods)
+		// and a route with metrics.
+		{"route", "add", "10.96.0.0/16", "via", "10.95.0.1", "dev", "eth0", "onlink"},
+		{"route", "add", "10.94.0.0/16", "via", "10.99.0.1", "mtu", "lock", "1300", "advmss", "1200", "initcwnd", "10", "quickack", "1"}} {
 		sh(append([]string{"nsenter", "-t", init, "-n", "ip"}, c...)...)
 	}
 	macvlan := func(pid string) string {
@@ -339,13 +343,24 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 		}
 		return strings.Join(keep, "\n")
 	}
-	brBefore := bridged(init)
-	if !strings.Contains(brBefore, `"master":"br1"`) || !strings.Contains(brBefore, `"mcast_snooping":0`) || !strings.Contains(brBefore, "10.97.0.2") {
-		t.Fatalf("bridge and VXLAN before the dump:\n%s", brBefore)
+	routes := func(pid string) string {
+		out, err := exec.Command("nsenter", "-t", pid, "-n", "ip", "route", "show").CombinedOutput()
+		if err != nil {
+			t.Fatalf("ip route show: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	routesBefore := routes(init)
+	if !strings.Contains(routesBefore, "onlink") || !strings.Contains(routesBefore, "initcwnd 10") {
+		t.Fatalf("routes before the dump:\n%s", routesBefore)
 	}
 	// Sysctls of the namespace, its own and one of a link's.
 	sysctls := map[string]string{"net/ipv4/ip_forward": "1", "net/core/somaxconn": "777",
-		"net/ipv4/ip_local_port_range": "20000\t30000", "net/ipv4/conf/eth0/rp_filter": "2", "net/ipv6/conf/eth0/disable_ipv6": "1"}
+		"net/ipv4/ip_local_port_range": "20000\t30000", "net/ipv4/conf/eth0/rp_filter": "2", "net/ipv6/conf/eth0/disable_ipv6": "1",
+		// IPv6 off on the bridge and its port: with the sysctls set before
+		// the links are up, the restored namespace sends nothing (its
+		// OUTPUT counters, compared below, stay as they were).
+		"net/ipv6/conf/br1/disable_ipv6": "1", "net/ipv6/conf/vx1/disable_ipv6": "1"}
 	readSysctls := func(pid string) map[string]string {
 		got := map[string]string{}
 		for name := range sysctls {
@@ -362,6 +377,10 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	}
 	if got := readSysctls(init); !maps.Equal(got, sysctls) {
 		t.Fatalf("sysctls before the dump: %v, want %v", got, sysctls)
+	}
+	brBefore := bridged(init)
+	if !strings.Contains(brBefore, `"master":"br1"`) || !strings.Contains(brBefore, `"mcast_snooping":0`) || !strings.Contains(brBefore, "10.97.0.2") {
+		t.Fatalf("bridge and VXLAN before the dump:\n%s", brBefore)
 	}
 	// An nftables table with a set, a chain and a rule.
 	for _, c := range [][]string{{"add", "table", "inet", "filt"},
@@ -438,6 +457,9 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	}
 	if got := macvlan(strconv.Itoa(r.Pid)); got != mvBefore || !strings.Contains(got, "private") {
 		t.Fatalf("macvlan after the restore: %q, before %q", got, mvBefore)
+	}
+	if got := routes(strconv.Itoa(r.Pid)); got != routesBefore {
+		t.Fatalf("routes after the restore:\n%s\nbefore:\n%s", got, routesBefore)
 	}
 	if got := bridged(strconv.Itoa(r.Pid)); got != brBefore {
 		t.Fatalf("bridge and VXLAN after the restore:\n%s\nbefore:\n%s", got, brBefore)

@@ -1650,6 +1650,9 @@ type NetRoute struct {
 	Scope         int32                  `protobuf:"varint,6,opt,name=scope,proto3" json:"scope,omitempty"`
 	Protocol      int32                  `protobuf:"varint,7,opt,name=protocol,proto3" json:"protocol,omitempty"`
 	Priority      int32                  `protobuf:"varint,8,opt,name=priority,proto3" json:"priority,omitempty"`
+	Onlink        bool                   `protobuf:"varint,9,opt,name=onlink,proto3" json:"onlink,omitempty"` // the gateway is taken as on the link (RTNH_F_ONLINK)
+	Tos           int32                  `protobuf:"varint,10,opt,name=tos,proto3" json:"tos,omitempty"`
+	Metrics       *NetRouteMetrics       `protobuf:"bytes,11,opt,name=metrics,proto3" json:"metrics,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1740,6 +1743,209 @@ func (x *NetRoute) GetPriority() int32 {
 	return 0
 }
 
+func (x *NetRoute) GetOnlink() bool {
+	if x != nil {
+		return x.Onlink
+	}
+	return false
+}
+
+func (x *NetRoute) GetTos() int32 {
+	if x != nil {
+		return x.Tos
+	}
+	return 0
+}
+
+func (x *NetRoute) GetMetrics() *NetRouteMetrics {
+	if x != nil {
+		return x.Metrics
+	}
+	return nil
+}
+
+// NetRouteMetrics are a route's metrics (ip route's mtu, advmss,
+// initcwnd, ...); zero for one not set.
+type NetRouteMetrics struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Mtu              uint32                 `protobuf:"varint,1,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	MtuLock          bool                   `protobuf:"varint,2,opt,name=mtu_lock,json=mtuLock,proto3" json:"mtu_lock,omitempty"`
+	Window           uint32                 `protobuf:"varint,3,opt,name=window,proto3" json:"window,omitempty"`
+	Rtt              uint32                 `protobuf:"varint,4,opt,name=rtt,proto3" json:"rtt,omitempty"`
+	Rttvar           uint32                 `protobuf:"varint,5,opt,name=rttvar,proto3" json:"rttvar,omitempty"`
+	Ssthresh         uint32                 `protobuf:"varint,6,opt,name=ssthresh,proto3" json:"ssthresh,omitempty"`
+	Cwnd             uint32                 `protobuf:"varint,7,opt,name=cwnd,proto3" json:"cwnd,omitempty"`
+	Advmss           uint32                 `protobuf:"varint,8,opt,name=advmss,proto3" json:"advmss,omitempty"`
+	Reordering       uint32                 `protobuf:"varint,9,opt,name=reordering,proto3" json:"reordering,omitempty"`
+	Hoplimit         uint32                 `protobuf:"varint,10,opt,name=hoplimit,proto3" json:"hoplimit,omitempty"`
+	Initcwnd         uint32                 `protobuf:"varint,11,opt,name=initcwnd,proto3" json:"initcwnd,omitempty"`
+	Features         uint32                 `protobuf:"varint,12,opt,name=features,proto3" json:"features,omitempty"`
+	RtoMin           uint32                 `protobuf:"varint,13,opt,name=rto_min,json=rtoMin,proto3" json:"rto_min,omitempty"`
+	RtoMinLock       bool                   `protobuf:"varint,14,opt,name=rto_min_lock,json=rtoMinLock,proto3" json:"rto_min_lock,omitempty"`
+	Initrwnd         uint32                 `protobuf:"varint,15,opt,name=initrwnd,proto3" json:"initrwnd,omitempty"`
+	Quickack         uint32                 `protobuf:"varint,16,opt,name=quickack,proto3" json:"quickack,omitempty"`
+	Congctl          string                 `protobuf:"bytes,17,opt,name=congctl,proto3" json:"congctl,omitempty"`
+	FastopenNoCookie uint32                 `protobuf:"varint,18,opt,name=fastopen_no_cookie,json=fastopenNoCookie,proto3" json:"fastopen_no_cookie,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *NetRouteMetrics) Reset() {
+	*x = NetRouteMetrics{}
+	mi := &file_images_ferry_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetRouteMetrics) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetRouteMetrics) ProtoMessage() {}
+
+func (x *NetRouteMetrics) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetRouteMetrics.ProtoReflect.Descriptor instead.
+func (*NetRouteMetrics) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *NetRouteMetrics) GetMtu() uint32 {
+	if x != nil {
+		return x.Mtu
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetMtuLock() bool {
+	if x != nil {
+		return x.MtuLock
+	}
+	return false
+}
+
+func (x *NetRouteMetrics) GetWindow() uint32 {
+	if x != nil {
+		return x.Window
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetRtt() uint32 {
+	if x != nil {
+		return x.Rtt
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetRttvar() uint32 {
+	if x != nil {
+		return x.Rttvar
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetSsthresh() uint32 {
+	if x != nil {
+		return x.Ssthresh
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetCwnd() uint32 {
+	if x != nil {
+		return x.Cwnd
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetAdvmss() uint32 {
+	if x != nil {
+		return x.Advmss
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetReordering() uint32 {
+	if x != nil {
+		return x.Reordering
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetHoplimit() uint32 {
+	if x != nil {
+		return x.Hoplimit
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetInitcwnd() uint32 {
+	if x != nil {
+		return x.Initcwnd
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetFeatures() uint32 {
+	if x != nil {
+		return x.Features
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetRtoMin() uint32 {
+	if x != nil {
+		return x.RtoMin
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetRtoMinLock() bool {
+	if x != nil {
+		return x.RtoMinLock
+	}
+	return false
+}
+
+func (x *NetRouteMetrics) GetInitrwnd() uint32 {
+	if x != nil {
+		return x.Initrwnd
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetQuickack() uint32 {
+	if x != nil {
+		return x.Quickack
+	}
+	return 0
+}
+
+func (x *NetRouteMetrics) GetCongctl() string {
+	if x != nil {
+		return x.Congctl
+	}
+	return ""
+}
+
+func (x *NetRouteMetrics) GetFastopenNoCookie() uint32 {
+	if x != nil {
+		return x.FastopenNoCookie
+	}
+	return 0
+}
+
 type UtsNs struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Hostname      string                 `protobuf:"bytes,1,opt,name=hostname,proto3" json:"hostname,omitempty"`
@@ -1750,7 +1956,7 @@ type UtsNs struct {
 
 func (x *UtsNs) Reset() {
 	*x = UtsNs{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1762,7 +1968,7 @@ func (x *UtsNs) String() string {
 func (*UtsNs) ProtoMessage() {}
 
 func (x *UtsNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1775,7 +1981,7 @@ func (x *UtsNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtsNs.ProtoReflect.Descriptor instead.
 func (*UtsNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UtsNs) GetHostname() string {
@@ -1803,7 +2009,7 @@ type TrackerRef struct {
 
 func (x *TrackerRef) Reset() {
 	*x = TrackerRef{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1815,7 +2021,7 @@ func (x *TrackerRef) String() string {
 func (*TrackerRef) ProtoMessage() {}
 
 func (x *TrackerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1828,7 +2034,7 @@ func (x *TrackerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerRef.ProtoReflect.Descriptor instead.
 func (*TrackerRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *TrackerRef) GetPid() int32 {
@@ -1862,7 +2068,7 @@ type SpecialVma struct {
 
 func (x *SpecialVma) Reset() {
 	*x = SpecialVma{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1874,7 +2080,7 @@ func (x *SpecialVma) String() string {
 func (*SpecialVma) ProtoMessage() {}
 
 func (x *SpecialVma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1887,7 +2093,7 @@ func (x *SpecialVma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpecialVma.ProtoReflect.Descriptor instead.
 func (*SpecialVma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SpecialVma) GetName() string {
@@ -1918,7 +2124,7 @@ type PstreeEntry struct {
 
 func (x *PstreeEntry) Reset() {
 	*x = PstreeEntry{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1930,7 +2136,7 @@ func (x *PstreeEntry) String() string {
 func (*PstreeEntry) ProtoMessage() {}
 
 func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1943,7 +2149,7 @@ func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PstreeEntry.ProtoReflect.Descriptor instead.
 func (*PstreeEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *PstreeEntry) GetPid() int32 {
@@ -2005,7 +2211,7 @@ type Creds struct {
 
 func (x *Creds) Reset() {
 	*x = Creds{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2017,7 +2223,7 @@ func (x *Creds) String() string {
 func (*Creds) ProtoMessage() {}
 
 func (x *Creds) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2030,7 +2236,7 @@ func (x *Creds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Creds.ProtoReflect.Descriptor instead.
 func (*Creds) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Creds) GetUid() uint32 {
@@ -2156,7 +2362,7 @@ type Rlimit struct {
 
 func (x *Rlimit) Reset() {
 	*x = Rlimit{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2168,7 +2374,7 @@ func (x *Rlimit) String() string {
 func (*Rlimit) ProtoMessage() {}
 
 func (x *Rlimit) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2181,7 +2387,7 @@ func (x *Rlimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rlimit.ProtoReflect.Descriptor instead.
 func (*Rlimit) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Rlimit) GetResource() uint32 {
@@ -2218,7 +2424,7 @@ type SigAction struct {
 
 func (x *SigAction) Reset() {
 	*x = SigAction{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2230,7 +2436,7 @@ func (x *SigAction) String() string {
 func (*SigAction) ProtoMessage() {}
 
 func (x *SigAction) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2243,7 +2449,7 @@ func (x *SigAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAction.ProtoReflect.Descriptor instead.
 func (*SigAction) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SigAction) GetSig() uint32 {
@@ -2294,7 +2500,7 @@ type SigInfo struct {
 
 func (x *SigInfo) Reset() {
 	*x = SigInfo{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2306,7 +2512,7 @@ func (x *SigInfo) String() string {
 func (*SigInfo) ProtoMessage() {}
 
 func (x *SigInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2319,7 +2525,7 @@ func (x *SigInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigInfo.ProtoReflect.Descriptor instead.
 func (*SigInfo) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SigInfo) GetSigno() uint32 {
@@ -2355,7 +2561,7 @@ type Itimer struct {
 
 func (x *Itimer) Reset() {
 	*x = Itimer{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2367,7 +2573,7 @@ func (x *Itimer) String() string {
 func (*Itimer) ProtoMessage() {}
 
 func (x *Itimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2380,7 +2586,7 @@ func (x *Itimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Itimer.ProtoReflect.Descriptor instead.
 func (*Itimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Itimer) GetWhich() uint32 {
@@ -2422,7 +2628,7 @@ type PosixTimer struct {
 
 func (x *PosixTimer) Reset() {
 	*x = PosixTimer{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2434,7 +2640,7 @@ func (x *PosixTimer) String() string {
 func (*PosixTimer) ProtoMessage() {}
 
 func (x *PosixTimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2447,7 +2653,7 @@ func (x *PosixTimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PosixTimer.ProtoReflect.Descriptor instead.
 func (*PosixTimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PosixTimer) GetId() int32 {
@@ -2524,7 +2730,7 @@ type SigAltStack struct {
 
 func (x *SigAltStack) Reset() {
 	*x = SigAltStack{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2536,7 +2742,7 @@ func (x *SigAltStack) String() string {
 func (*SigAltStack) ProtoMessage() {}
 
 func (x *SigAltStack) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2549,7 +2755,7 @@ func (x *SigAltStack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAltStack.ProtoReflect.Descriptor instead.
 func (*SigAltStack) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SigAltStack) GetSp() uint64 {
@@ -2609,7 +2815,7 @@ type GpRegs struct {
 
 func (x *GpRegs) Reset() {
 	*x = GpRegs{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2621,7 +2827,7 @@ func (x *GpRegs) String() string {
 func (*GpRegs) ProtoMessage() {}
 
 func (x *GpRegs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2634,7 +2840,7 @@ func (x *GpRegs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GpRegs.ProtoReflect.Descriptor instead.
 func (*GpRegs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GpRegs) GetR15() uint64 {
@@ -2838,7 +3044,7 @@ type Rseq struct {
 
 func (x *Rseq) Reset() {
 	*x = Rseq{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2850,7 +3056,7 @@ func (x *Rseq) String() string {
 func (*Rseq) ProtoMessage() {}
 
 func (x *Rseq) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2863,7 +3069,7 @@ func (x *Rseq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rseq.ProtoReflect.Descriptor instead.
 func (*Rseq) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Rseq) GetPtr() uint64 {
@@ -2919,7 +3125,7 @@ type ThreadCore struct {
 
 func (x *ThreadCore) Reset() {
 	*x = ThreadCore{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2931,7 +3137,7 @@ func (x *ThreadCore) String() string {
 func (*ThreadCore) ProtoMessage() {}
 
 func (x *ThreadCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2944,7 +3150,7 @@ func (x *ThreadCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThreadCore.ProtoReflect.Descriptor instead.
 func (*ThreadCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ThreadCore) GetTid() int32 {
@@ -3097,7 +3303,7 @@ type TaskCore struct {
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3109,7 +3315,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3122,7 +3328,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -3345,7 +3551,7 @@ type CgroupRef struct {
 
 func (x *CgroupRef) Reset() {
 	*x = CgroupRef{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3357,7 +3563,7 @@ func (x *CgroupRef) String() string {
 func (*CgroupRef) ProtoMessage() {}
 
 func (x *CgroupRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3370,7 +3576,7 @@ func (x *CgroupRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
 func (*CgroupRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CgroupRef) GetControllers() string {
@@ -3428,7 +3634,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3440,7 +3646,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3453,7 +3659,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -3605,7 +3811,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3617,7 +3823,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3630,7 +3836,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -3698,7 +3904,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3710,7 +3916,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3723,7 +3929,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -3911,7 +4117,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3923,7 +4129,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3936,7 +4142,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -4236,7 +4442,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4248,7 +4454,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4261,7 +4467,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -4312,7 +4518,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4324,7 +4530,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4337,7 +4543,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -4374,7 +4580,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4386,7 +4592,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4399,7 +4605,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -4451,7 +4657,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4463,7 +4669,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4476,7 +4682,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -4541,7 +4747,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4553,7 +4759,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4566,7 +4772,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -4677,7 +4883,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4689,7 +4895,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4702,7 +4908,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -4813,7 +5019,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4825,7 +5031,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4838,7 +5044,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -4889,7 +5095,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4901,7 +5107,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4914,7 +5120,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -5033,7 +5239,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5045,7 +5251,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5058,7 +5264,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -5170,7 +5376,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5182,7 +5388,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5195,7 +5401,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -5235,7 +5441,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5247,7 +5453,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5260,7 +5466,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{47}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -5311,7 +5517,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5323,7 +5529,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5336,7 +5542,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{48}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *FileLock) GetKind() string {
@@ -5380,7 +5586,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5392,7 +5598,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5405,7 +5611,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{49}
+	return file_images_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -5446,7 +5652,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5458,7 +5664,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5471,7 +5677,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{50}
+	return file_images_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -5507,7 +5713,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5519,7 +5725,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5532,7 +5738,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{51}
+	return file_images_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -5572,7 +5778,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5584,7 +5790,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5597,7 +5803,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{52}
+	return file_images_ferry_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -5646,7 +5852,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5658,7 +5864,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5671,7 +5877,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{53}
+	return file_images_ferry_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -5721,7 +5927,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5733,7 +5939,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5746,7 +5952,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{54}
+	return file_images_ferry_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -5843,7 +6049,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5855,7 +6061,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5868,7 +6074,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{55}
+	return file_images_ferry_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -5903,7 +6109,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5915,7 +6121,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5928,7 +6134,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{56}
+	return file_images_ferry_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -6015,7 +6221,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6027,7 +6233,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6040,7 +6246,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{57}
+	return file_images_ferry_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -6095,7 +6301,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6107,7 +6313,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6120,7 +6326,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{58}
+	return file_images_ferry_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -6302,7 +6508,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x05limit\x18\x14 \x01(\rR\x05limit\x12\x10\n" +
 	"\x03gbp\x18\x15 \x01(\bR\x03gbp\x12\x1d\n" +
 	"\n" +
-	"flow_based\x18\x16 \x01(\bR\tflowBased\"\xb6\x01\n" +
+	"flow_based\x18\x16 \x01(\bR\tflowBased\"\x99\x02\n" +
 	"\bNetRoute\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x10\n" +
 	"\x03dst\x18\x02 \x01(\tR\x03dst\x12\x0e\n" +
@@ -6311,7 +6517,34 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x03src\x18\x05 \x01(\tR\x03src\x12\x14\n" +
 	"\x05scope\x18\x06 \x01(\x05R\x05scope\x12\x1a\n" +
 	"\bprotocol\x18\a \x01(\x05R\bprotocol\x12\x1a\n" +
-	"\bpriority\x18\b \x01(\x05R\bpriority\"C\n" +
+	"\bpriority\x18\b \x01(\x05R\bpriority\x12\x16\n" +
+	"\x06onlink\x18\t \x01(\bR\x06onlink\x12\x10\n" +
+	"\x03tos\x18\n" +
+	" \x01(\x05R\x03tos\x127\n" +
+	"\ametrics\x18\v \x01(\v2\x1d.ferry.images.NetRouteMetricsR\ametrics\"\xf7\x03\n" +
+	"\x0fNetRouteMetrics\x12\x10\n" +
+	"\x03mtu\x18\x01 \x01(\rR\x03mtu\x12\x19\n" +
+	"\bmtu_lock\x18\x02 \x01(\bR\amtuLock\x12\x16\n" +
+	"\x06window\x18\x03 \x01(\rR\x06window\x12\x10\n" +
+	"\x03rtt\x18\x04 \x01(\rR\x03rtt\x12\x16\n" +
+	"\x06rttvar\x18\x05 \x01(\rR\x06rttvar\x12\x1a\n" +
+	"\bssthresh\x18\x06 \x01(\rR\bssthresh\x12\x12\n" +
+	"\x04cwnd\x18\a \x01(\rR\x04cwnd\x12\x16\n" +
+	"\x06advmss\x18\b \x01(\rR\x06advmss\x12\x1e\n" +
+	"\n" +
+	"reordering\x18\t \x01(\rR\n" +
+	"reordering\x12\x1a\n" +
+	"\bhoplimit\x18\n" +
+	" \x01(\rR\bhoplimit\x12\x1a\n" +
+	"\binitcwnd\x18\v \x01(\rR\binitcwnd\x12\x1a\n" +
+	"\bfeatures\x18\f \x01(\rR\bfeatures\x12\x17\n" +
+	"\arto_min\x18\r \x01(\rR\x06rtoMin\x12 \n" +
+	"\frto_min_lock\x18\x0e \x01(\bR\n" +
+	"rtoMinLock\x12\x1a\n" +
+	"\binitrwnd\x18\x0f \x01(\rR\binitrwnd\x12\x1a\n" +
+	"\bquickack\x18\x10 \x01(\rR\bquickack\x12\x18\n" +
+	"\acongctl\x18\x11 \x01(\tR\acongctl\x12,\n" +
+	"\x12fastopen_no_cookie\x18\x12 \x01(\rR\x10fastopenNoCookie\"C\n" +
 	"\x05UtsNs\x12\x1a\n" +
 	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\x1e\n" +
 	"\n" +
@@ -6762,78 +6995,79 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 61)
 var file_images_ferry_proto_goTypes = []any{
-	(*Inventory)(nil),    // 0: ferry.images.Inventory
-	(*UserNs)(nil),       // 1: ferry.images.UserNs
-	(*IdMap)(nil),        // 2: ferry.images.IdMap
-	(*ExternalNs)(nil),   // 3: ferry.images.ExternalNs
-	(*TimeNs)(nil),       // 4: ferry.images.TimeNs
-	(*MntNs)(nil),        // 5: ferry.images.MntNs
-	(*OwnMount)(nil),     // 6: ferry.images.OwnMount
-	(*CgroupDir)(nil),    // 7: ferry.images.CgroupDir
-	(*CgroupProp)(nil),   // 8: ferry.images.CgroupProp
-	(*IpcObject)(nil),    // 9: ferry.images.IpcObject
-	(*IpcMessage)(nil),   // 10: ferry.images.IpcMessage
-	(*NetNs)(nil),        // 11: ferry.images.NetNs
-	(*Sysctl)(nil),       // 12: ferry.images.Sysctl
-	(*NetLink)(nil),      // 13: ferry.images.NetLink
-	(*NetBridge)(nil),    // 14: ferry.images.NetBridge
-	(*NetVxlan)(nil),     // 15: ferry.images.NetVxlan
-	(*NetRoute)(nil),     // 16: ferry.images.NetRoute
-	(*UtsNs)(nil),        // 17: ferry.images.UtsNs
-	(*TrackerRef)(nil),   // 18: ferry.images.TrackerRef
-	(*SpecialVma)(nil),   // 19: ferry.images.SpecialVma
-	(*PstreeEntry)(nil),  // 20: ferry.images.PstreeEntry
-	(*Creds)(nil),        // 21: ferry.images.Creds
-	(*Rlimit)(nil),       // 22: ferry.images.Rlimit
-	(*SigAction)(nil),    // 23: ferry.images.SigAction
-	(*SigInfo)(nil),      // 24: ferry.images.SigInfo
-	(*Itimer)(nil),       // 25: ferry.images.Itimer
-	(*PosixTimer)(nil),   // 26: ferry.images.PosixTimer
-	(*SigAltStack)(nil),  // 27: ferry.images.SigAltStack
-	(*GpRegs)(nil),       // 28: ferry.images.GpRegs
-	(*Rseq)(nil),         // 29: ferry.images.Rseq
-	(*ThreadCore)(nil),   // 30: ferry.images.ThreadCore
-	(*TaskCore)(nil),     // 31: ferry.images.TaskCore
-	(*CgroupRef)(nil),    // 32: ferry.images.CgroupRef
-	(*Vma)(nil),          // 33: ferry.images.Vma
-	(*SysvShm)(nil),      // 34: ferry.images.SysvShm
-	(*MmCore)(nil),       // 35: ferry.images.MmCore
-	(*FileEntry)(nil),    // 36: ferry.images.FileEntry
-	(*InotifyWatch)(nil), // 37: ferry.images.InotifyWatch
-	(*Fanotify)(nil),     // 38: ferry.images.Fanotify
-	(*FanotifyMark)(nil), // 39: ferry.images.FanotifyMark
-	(*Timerfd)(nil),      // 40: ferry.images.Timerfd
-	(*Tty)(nil),          // 41: ferry.images.Tty
-	(*UnixSocket)(nil),   // 42: ferry.images.UnixSocket
-	(*InFlight)(nil),     // 43: ferry.images.InFlight
-	(*InetSocket)(nil),   // 44: ferry.images.InetSocket
-	(*TcpStream)(nil),    // 45: ferry.images.TcpStream
-	(*SockOpt)(nil),      // 46: ferry.images.SockOpt
-	(*EpollTarget)(nil),  // 47: ferry.images.EpollTarget
-	(*FileLock)(nil),     // 48: ferry.images.FileLock
-	(*FdEntry)(nil),      // 49: ferry.images.FdEntry
-	(*FdTable)(nil),      // 50: ferry.images.FdTable
-	(*PagemapHead)(nil),  // 51: ferry.images.PagemapHead
-	(*PagemapEntry)(nil), // 52: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil), // 53: ferry.images.PagemapBatch
-	(*GhostFile)(nil),    // 54: ferry.images.GhostFile
-	(*GhostExtent)(nil),  // 55: ferry.images.GhostExtent
-	(*DumpStats)(nil),    // 56: ferry.images.DumpStats
-	(*RestoreStats)(nil), // 57: ferry.images.RestoreStats
-	(*Stats)(nil),        // 58: ferry.images.Stats
-	nil,                  // 59: ferry.images.NetNs.IptablesEntry
+	(*Inventory)(nil),       // 0: ferry.images.Inventory
+	(*UserNs)(nil),          // 1: ferry.images.UserNs
+	(*IdMap)(nil),           // 2: ferry.images.IdMap
+	(*ExternalNs)(nil),      // 3: ferry.images.ExternalNs
+	(*TimeNs)(nil),          // 4: ferry.images.TimeNs
+	(*MntNs)(nil),           // 5: ferry.images.MntNs
+	(*OwnMount)(nil),        // 6: ferry.images.OwnMount
+	(*CgroupDir)(nil),       // 7: ferry.images.CgroupDir
+	(*CgroupProp)(nil),      // 8: ferry.images.CgroupProp
+	(*IpcObject)(nil),       // 9: ferry.images.IpcObject
+	(*IpcMessage)(nil),      // 10: ferry.images.IpcMessage
+	(*NetNs)(nil),           // 11: ferry.images.NetNs
+	(*Sysctl)(nil),          // 12: ferry.images.Sysctl
+	(*NetLink)(nil),         // 13: ferry.images.NetLink
+	(*NetBridge)(nil),       // 14: ferry.images.NetBridge
+	(*NetVxlan)(nil),        // 15: ferry.images.NetVxlan
+	(*NetRoute)(nil),        // 16: ferry.images.NetRoute
+	(*NetRouteMetrics)(nil), // 17: ferry.images.NetRouteMetrics
+	(*UtsNs)(nil),           // 18: ferry.images.UtsNs
+	(*TrackerRef)(nil),      // 19: ferry.images.TrackerRef
+	(*SpecialVma)(nil),      // 20: ferry.images.SpecialVma
+	(*PstreeEntry)(nil),     // 21: ferry.images.PstreeEntry
+	(*Creds)(nil),           // 22: ferry.images.Creds
+	(*Rlimit)(nil),          // 23: ferry.images.Rlimit
+	(*SigAction)(nil),       // 24: ferry.images.SigAction
+	(*SigInfo)(nil),         // 25: ferry.images.SigInfo
+	(*Itimer)(nil),          // 26: ferry.images.Itimer
+	(*PosixTimer)(nil),      // 27: ferry.images.PosixTimer
+	(*SigAltStack)(nil),     // 28: ferry.images.SigAltStack
+	(*GpRegs)(nil),          // 29: ferry.images.GpRegs
+	(*Rseq)(nil),            // 30: ferry.images.Rseq
+	(*ThreadCore)(nil),      // 31: ferry.images.ThreadCore
+	(*TaskCore)(nil),        // 32: ferry.images.TaskCore
+	(*CgroupRef)(nil),       // 33: ferry.images.CgroupRef
+	(*Vma)(nil),             // 34: ferry.images.Vma
+	(*SysvShm)(nil),         // 35: ferry.images.SysvShm
+	(*MmCore)(nil),          // 36: ferry.images.MmCore
+	(*FileEntry)(nil),       // 37: ferry.images.FileEntry
+	(*InotifyWatch)(nil),    // 38: ferry.images.InotifyWatch
+	(*Fanotify)(nil),        // 39: ferry.images.Fanotify
+	(*FanotifyMark)(nil),    // 40: ferry.images.FanotifyMark
+	(*Timerfd)(nil),         // 41: ferry.images.Timerfd
+	(*Tty)(nil),             // 42: ferry.images.Tty
+	(*UnixSocket)(nil),      // 43: ferry.images.UnixSocket
+	(*InFlight)(nil),        // 44: ferry.images.InFlight
+	(*InetSocket)(nil),      // 45: ferry.images.InetSocket
+	(*TcpStream)(nil),       // 46: ferry.images.TcpStream
+	(*SockOpt)(nil),         // 47: ferry.images.SockOpt
+	(*EpollTarget)(nil),     // 48: ferry.images.EpollTarget
+	(*FileLock)(nil),        // 49: ferry.images.FileLock
+	(*FdEntry)(nil),         // 50: ferry.images.FdEntry
+	(*FdTable)(nil),         // 51: ferry.images.FdTable
+	(*PagemapHead)(nil),     // 52: ferry.images.PagemapHead
+	(*PagemapEntry)(nil),    // 53: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil),    // 54: ferry.images.PagemapBatch
+	(*GhostFile)(nil),       // 55: ferry.images.GhostFile
+	(*GhostExtent)(nil),     // 56: ferry.images.GhostExtent
+	(*DumpStats)(nil),       // 57: ferry.images.DumpStats
+	(*RestoreStats)(nil),    // 58: ferry.images.RestoreStats
+	(*Stats)(nil),           // 59: ferry.images.Stats
+	nil,                     // 60: ferry.images.NetNs.IptablesEntry
 }
 var file_images_ferry_proto_depIdxs = []int32{
-	19, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
-	18, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
-	17, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
+	20, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
+	19, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
+	18, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
 	11, // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
 	7,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
 	5,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
 	4,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
-	32, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
+	33, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
 	3,  // 8: ferry.images.Inventory.external_ns:type_name -> ferry.images.ExternalNs
 	1,  // 9: ferry.images.Inventory.user_ns:type_name -> ferry.images.UserNs
 	2,  // 10: ferry.images.UserNs.uid_map:type_name -> ferry.images.IdMap
@@ -6844,44 +7078,45 @@ var file_images_ferry_proto_depIdxs = []int32{
 	13, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
 	16, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
 	12, // 17: ferry.images.NetNs.sysctls:type_name -> ferry.images.Sysctl
-	59, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
+	60, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
 	14, // 19: ferry.images.NetLink.bridge:type_name -> ferry.images.NetBridge
 	15, // 20: ferry.images.NetLink.vxlan:type_name -> ferry.images.NetVxlan
-	28, // 21: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	24, // 22: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	27, // 23: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	29, // 24: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	21, // 25: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	22, // 26: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	23, // 27: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	24, // 28: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	25, // 29: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	26, // 30: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	30, // 31: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	32, // 32: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	34, // 33: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	33, // 34: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	47, // 35: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	44, // 36: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	42, // 37: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	41, // 38: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	40, // 39: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	37, // 40: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	38, // 41: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	39, // 42: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	43, // 43: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	46, // 44: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	45, // 45: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	48, // 46: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	49, // 47: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	55, // 48: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	56, // 49: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	57, // 50: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	51, // [51:51] is the sub-list for method output_type
-	51, // [51:51] is the sub-list for method input_type
-	51, // [51:51] is the sub-list for extension type_name
-	51, // [51:51] is the sub-list for extension extendee
-	0,  // [0:51] is the sub-list for field type_name
+	17, // 21: ferry.images.NetRoute.metrics:type_name -> ferry.images.NetRouteMetrics
+	29, // 22: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	25, // 23: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	28, // 24: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	30, // 25: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	22, // 26: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	23, // 27: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	24, // 28: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	25, // 29: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	26, // 30: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	27, // 31: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	31, // 32: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	33, // 33: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	35, // 34: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	34, // 35: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	48, // 36: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	45, // 37: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	43, // 38: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	42, // 39: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	41, // 40: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	38, // 41: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	39, // 42: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	40, // 43: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	44, // 44: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	47, // 45: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	46, // 46: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	49, // 47: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	50, // 48: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	56, // 49: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	57, // 50: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	58, // 51: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	52, // [52:52] is the sub-list for method output_type
+	52, // [52:52] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -6895,7 +7130,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   60,
+			NumMessages:   61,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
