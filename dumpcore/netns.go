@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/netrule"
 	"github.com/ferrycr/ferry/internal/proc"
 )
 
@@ -110,15 +111,12 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 		}
 		out.Links = append(out.Links, nl)
 	}
-	// Policy rules: only the kernel's three (local, main, default).
 	rules, err := h.RuleList(netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, fmt.Errorf("routing rules: %w", err)
 	}
 	for _, r := range rules {
-		if r.Priority != 0 && r.Priority != 32766 && r.Priority != 32767 {
-			return nil, fmt.Errorf("routing rule %d in the network namespace of %d, which ferry does not save yet: %w", r.Priority, t.root, ErrUnsupported)
-		}
+		out.Rules = append(out.Rules, netrule.Save(r))
 	}
 	routes, err := h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
 	if err != nil {
@@ -129,13 +127,19 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 			(r.Dst != nil && r.Dst.IP.IsLinkLocalUnicast()) || r.Type == unix.RTN_MULTICAST {
 			continue // derived from an address, or the kernel's own
 		}
-		if r.Table != unix.RT_TABLE_MAIN || r.Type != unix.RTN_UNICAST || len(r.MultiPath) > 0 {
+		if !savedRouteType[r.Type] || len(r.MultiPath) > 0 {
 			return nil, fmt.Errorf("route to %v (table %d, type %d, %d paths) in the network namespace of %d, which ferry does not save yet: %w",
 				r.Dst, r.Table, r.Type, len(r.MultiPath), t.root, ErrUnsupported)
 		}
 		nr := &pb.NetRoute{Family: int32(r.Family), Dev: names[r.LinkIndex], Scope: int32(r.Scope),
 			Protocol: int32(r.Protocol), Priority: int32(r.Priority), Onlink: r.Flags&unix.RTNH_F_ONLINK != 0,
-			Tos: int32(r.Tos), Metrics: saveRouteMetrics(r)}
+			Tos: int32(r.Tos), Metrics: saveRouteMetrics(r), Table: uint32(r.Table), Type: int32(r.Type)}
+		if r.Table == unix.RT_TABLE_MAIN {
+			nr.Table = 0
+		}
+		if r.Type == unix.RTN_UNICAST {
+			nr.Type = 0
+		}
 		if r.Dst != nil {
 			nr.Dst = r.Dst.String()
 		}
@@ -315,3 +319,8 @@ func saveRouteMetrics(r netlink.Route) *pb.NetRouteMetrics {
 	}
 	return m
 }
+
+// savedRouteType holds the kinds of routes saved: to a link or gateway,
+// and those that drop or send back (policy routing's).
+var savedRouteType = map[int]bool{unix.RTN_UNICAST: true, unix.RTN_BLACKHOLE: true, unix.RTN_UNREACHABLE: true,
+	unix.RTN_PROHIBIT: true, unix.RTN_THROW: true}

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/netrule"
 	"github.com/ferrycr/ferry/internal/proc"
 )
 
@@ -139,7 +140,13 @@ func (r *restorer) makeNetNs(pid int) error {
 	}
 	for _, rt := range n.Routes {
 		nr := &netlink.Route{Family: int(rt.Family), Scope: netlink.Scope(rt.Scope), Protocol: netlink.RouteProtocol(rt.Protocol),
-			Priority: int(rt.Priority), Table: unix.RT_TABLE_MAIN}
+			Priority: int(rt.Priority), Table: int(rt.Table), Type: int(rt.Type)}
+		if nr.Table == 0 {
+			nr.Table = unix.RT_TABLE_MAIN
+		}
+		if nr.Type == 0 {
+			nr.Type = unix.RTN_UNICAST
+		}
 		if rt.Dev != "" {
 			link, err := h.LinkByName(rt.Dev)
 			if err != nil {
@@ -167,7 +174,12 @@ func (r *restorer) makeNetNs(pid int) error {
 			if dst == "" {
 				dst = "default"
 			}
-			return fmt.Errorf("route %s via %q dev %s: %w", dst, rt.Gw, rt.Dev, err)
+			return fmt.Errorf("route %s via %q dev %s (table %d): %w", dst, rt.Gw, rt.Dev, nr.Table, err)
+		}
+	}
+	if len(n.Rules) > 0 {
+		if err := setRules(h, n.Rules); err != nil {
+			return err
 		}
 	}
 	if n.NftRuleset != "" {
@@ -274,6 +286,43 @@ func (r *restorer) makeLink(h *netlink.Handle, ns netns.NsHandle, pid int, l *pb
 		}
 	default:
 		return fmt.Errorf("%w: link %s of kind %q", ErrValidation, l.Name, l.Kind)
+	}
+	return nil
+}
+
+// setRules makes the new namespace's policy routing rules the images':
+// the kernel's defaults, which it has already, go if the images lack
+// them; the others are added.
+func setRules(h *netlink.Handle, want []*pb.NetRule) error {
+	have, err := h.RuleList(netlink.FAMILY_ALL)
+	if err != nil {
+		return fmt.Errorf("routing rules: %w", err)
+	}
+	wanted := map[string]bool{}
+	for _, r := range want {
+		wanted[netrule.Key(r)] = true
+	}
+	present := map[string]bool{}
+	for _, r := range have {
+		k := netrule.Key(netrule.Save(r))
+		present[k] = true
+		if !wanted[k] {
+			if err := h.RuleDel(&r); err != nil {
+				return fmt.Errorf("routing rule %d (table %d): remove: %w", r.Priority, r.Table, err)
+			}
+		}
+	}
+	for _, nr := range want {
+		if present[netrule.Key(nr)] {
+			continue
+		}
+		r, err := netrule.Make(nr)
+		if err != nil {
+			return err
+		}
+		if err := h.RuleAdd(r); err != nil {
+			return fmt.Errorf("routing rule %d (table %d): %w", nr.Priority, nr.Table, err)
+		}
 	}
 	return nil
 }

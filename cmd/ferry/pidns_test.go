@@ -270,7 +270,15 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 		// A gateway off every subnet (onlink, as some CNIs route pods)
 		// and a route with metrics.
 		{"route", "add", "10.96.0.0/16", "via", "10.95.0.1", "dev", "eth0", "onlink"},
-		{"route", "add", "10.94.0.0/16", "via", "10.99.0.1", "mtu", "lock", "1300", "advmss", "1200", "initcwnd", "10", "quickack", "1"}} {
+		{"route", "add", "10.94.0.0/16", "via", "10.99.0.1", "mtu", "lock", "1300", "advmss", "1200", "initcwnd", "10", "quickack", "1"},
+		// Policy routing: rules to tables of their own, routes there and
+		// ones that drop, and a default rule removed.
+		{"rule", "add", "fwmark", "0x10/0xff", "table", "100", "priority", "100"},
+		{"rule", "add", "from", "10.99.0.0/24", "to", "10.50.0.0/16", "ipproto", "tcp", "dport", "80-90", "lookup", "101", "priority", "200"},
+		{"rule", "del", "priority", "32767"},
+		{"route", "add", "default", "via", "10.99.0.1", "table", "100"},
+		{"route", "add", "unreachable", "10.92.0.0/16", "table", "101"},
+		{"route", "add", "blackhole", "10.93.0.0/16"}} {
 		sh(append([]string{"nsenter", "-t", init, "-n", "ip"}, c...)...)
 	}
 	macvlan := func(pid string) string {
@@ -344,14 +352,19 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 		return strings.Join(keep, "\n")
 	}
 	routes := func(pid string) string {
-		out, err := exec.Command("nsenter", "-t", pid, "-n", "ip", "route", "show").CombinedOutput()
-		if err != nil {
-			t.Fatalf("ip route show: %v\n%s", err, out)
+		var all []string
+		for _, c := range [][]string{{"-4", "route", "show", "table", "all"}, {"rule", "show"}, {"-6", "rule", "show"}} {
+			out, err := exec.Command("nsenter", append([]string{"-t", pid, "-n", "ip"}, c...)...).CombinedOutput()
+			if err != nil {
+				t.Fatalf("ip %s: %v\n%s", strings.Join(c, " "), err, out)
+			}
+			all = append(all, string(out))
 		}
-		return string(out)
+		return strings.Join(all, "")
 	}
 	routesBefore := routes(init)
-	if !strings.Contains(routesBefore, "onlink") || !strings.Contains(routesBefore, "initcwnd 10") {
+	if !strings.Contains(routesBefore, "onlink") || !strings.Contains(routesBefore, "initcwnd 10") ||
+		!strings.Contains(routesBefore, "lookup 101") || strings.Contains(routesBefore, "32767:") {
 		t.Fatalf("routes before the dump:\n%s", routesBefore)
 	}
 	// Sysctls of the namespace, its own and one of a link's.

@@ -1062,7 +1062,10 @@ type NetNs struct {
 	// "ip6tables-legacy", ...): that tool's -save output, which its -restore
 	// reads. The nftables tables iptables-nft manages are here, not in
 	// nft_ruleset.
-	Iptables      map[string]string `protobuf:"bytes,5,rep,name=iptables,proto3" json:"iptables,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Iptables map[string]string `protobuf:"bytes,5,rep,name=iptables,proto3" json:"iptables,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Its policy routing rules, the kernel's defaults among them (none
+	// saved: an image from before rules were saved; the defaults stand).
+	Rules         []*NetRule `protobuf:"bytes,6,rep,name=rules,proto3" json:"rules,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1132,6 +1135,268 @@ func (x *NetNs) GetIptables() map[string]string {
 	return nil
 }
 
+func (x *NetNs) GetRules() []*NetRule {
+	if x != nil {
+		return x.Rules
+	}
+	return nil
+}
+
+// NetRule is a policy routing rule (ip rule); -1 marks an unset
+// priority, goto, flow, suppress_prefixlen or suppress_ifgroup, as
+// netlink reads them.
+type NetRule struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Family            int32                  `protobuf:"varint,1,opt,name=family,proto3" json:"family,omitempty"`
+	Priority          int32                  `protobuf:"varint,2,opt,name=priority,proto3" json:"priority,omitempty"`
+	Table             uint32                 `protobuf:"varint,3,opt,name=table,proto3" json:"table,omitempty"`
+	Action            uint32                 `protobuf:"varint,4,opt,name=action,proto3" json:"action,omitempty"` // FR_ACT_*: to table, goto, nop, blackhole, ...
+	Mark              uint32                 `protobuf:"varint,5,opt,name=mark,proto3" json:"mark,omitempty"`
+	HasMask           bool                   `protobuf:"varint,6,opt,name=has_mask,json=hasMask,proto3" json:"has_mask,omitempty"`
+	Mask              uint32                 `protobuf:"varint,7,opt,name=mask,proto3" json:"mask,omitempty"`
+	Tos               uint32                 `protobuf:"varint,8,opt,name=tos,proto3" json:"tos,omitempty"`
+	TunId             uint64                 `protobuf:"varint,9,opt,name=tun_id,json=tunId,proto3" json:"tun_id,omitempty"`
+	Goto              int32                  `protobuf:"varint,10,opt,name=goto,proto3" json:"goto,omitempty"`
+	Src               string                 `protobuf:"bytes,11,opt,name=src,proto3" json:"src,omitempty"` // CIDR; "" for any
+	Dst               string                 `protobuf:"bytes,12,opt,name=dst,proto3" json:"dst,omitempty"`
+	Flow              int32                  `protobuf:"varint,13,opt,name=flow,proto3" json:"flow,omitempty"`
+	Iif               string                 `protobuf:"bytes,14,opt,name=iif,proto3" json:"iif,omitempty"`
+	Oif               string                 `protobuf:"bytes,15,opt,name=oif,proto3" json:"oif,omitempty"`
+	SuppressIfgroup   int32                  `protobuf:"varint,16,opt,name=suppress_ifgroup,json=suppressIfgroup,proto3" json:"suppress_ifgroup,omitempty"`
+	SuppressPrefixlen int32                  `protobuf:"varint,17,opt,name=suppress_prefixlen,json=suppressPrefixlen,proto3" json:"suppress_prefixlen,omitempty"`
+	Invert            bool                   `protobuf:"varint,18,opt,name=invert,proto3" json:"invert,omitempty"`
+	IpProto           uint32                 `protobuf:"varint,19,opt,name=ip_proto,json=ipProto,proto3" json:"ip_proto,omitempty"`
+	SportStart        uint32                 `protobuf:"varint,20,opt,name=sport_start,json=sportStart,proto3" json:"sport_start,omitempty"` // 0: any port
+	SportEnd          uint32                 `protobuf:"varint,21,opt,name=sport_end,json=sportEnd,proto3" json:"sport_end,omitempty"`
+	DportStart        uint32                 `protobuf:"varint,22,opt,name=dport_start,json=dportStart,proto3" json:"dport_start,omitempty"`
+	DportEnd          uint32                 `protobuf:"varint,23,opt,name=dport_end,json=dportEnd,proto3" json:"dport_end,omitempty"`
+	HasUidRange       bool                   `protobuf:"varint,24,opt,name=has_uid_range,json=hasUidRange,proto3" json:"has_uid_range,omitempty"`
+	UidStart          uint32                 `protobuf:"varint,25,opt,name=uid_start,json=uidStart,proto3" json:"uid_start,omitempty"`
+	UidEnd            uint32                 `protobuf:"varint,26,opt,name=uid_end,json=uidEnd,proto3" json:"uid_end,omitempty"`
+	Protocol          uint32                 `protobuf:"varint,27,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *NetRule) Reset() {
+	*x = NetRule{}
+	mi := &file_images_ferry_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetRule) ProtoMessage() {}
+
+func (x *NetRule) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetRule.ProtoReflect.Descriptor instead.
+func (*NetRule) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *NetRule) GetFamily() int32 {
+	if x != nil {
+		return x.Family
+	}
+	return 0
+}
+
+func (x *NetRule) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *NetRule) GetTable() uint32 {
+	if x != nil {
+		return x.Table
+	}
+	return 0
+}
+
+func (x *NetRule) GetAction() uint32 {
+	if x != nil {
+		return x.Action
+	}
+	return 0
+}
+
+func (x *NetRule) GetMark() uint32 {
+	if x != nil {
+		return x.Mark
+	}
+	return 0
+}
+
+func (x *NetRule) GetHasMask() bool {
+	if x != nil {
+		return x.HasMask
+	}
+	return false
+}
+
+func (x *NetRule) GetMask() uint32 {
+	if x != nil {
+		return x.Mask
+	}
+	return 0
+}
+
+func (x *NetRule) GetTos() uint32 {
+	if x != nil {
+		return x.Tos
+	}
+	return 0
+}
+
+func (x *NetRule) GetTunId() uint64 {
+	if x != nil {
+		return x.TunId
+	}
+	return 0
+}
+
+func (x *NetRule) GetGoto() int32 {
+	if x != nil {
+		return x.Goto
+	}
+	return 0
+}
+
+func (x *NetRule) GetSrc() string {
+	if x != nil {
+		return x.Src
+	}
+	return ""
+}
+
+func (x *NetRule) GetDst() string {
+	if x != nil {
+		return x.Dst
+	}
+	return ""
+}
+
+func (x *NetRule) GetFlow() int32 {
+	if x != nil {
+		return x.Flow
+	}
+	return 0
+}
+
+func (x *NetRule) GetIif() string {
+	if x != nil {
+		return x.Iif
+	}
+	return ""
+}
+
+func (x *NetRule) GetOif() string {
+	if x != nil {
+		return x.Oif
+	}
+	return ""
+}
+
+func (x *NetRule) GetSuppressIfgroup() int32 {
+	if x != nil {
+		return x.SuppressIfgroup
+	}
+	return 0
+}
+
+func (x *NetRule) GetSuppressPrefixlen() int32 {
+	if x != nil {
+		return x.SuppressPrefixlen
+	}
+	return 0
+}
+
+func (x *NetRule) GetInvert() bool {
+	if x != nil {
+		return x.Invert
+	}
+	return false
+}
+
+func (x *NetRule) GetIpProto() uint32 {
+	if x != nil {
+		return x.IpProto
+	}
+	return 0
+}
+
+func (x *NetRule) GetSportStart() uint32 {
+	if x != nil {
+		return x.SportStart
+	}
+	return 0
+}
+
+func (x *NetRule) GetSportEnd() uint32 {
+	if x != nil {
+		return x.SportEnd
+	}
+	return 0
+}
+
+func (x *NetRule) GetDportStart() uint32 {
+	if x != nil {
+		return x.DportStart
+	}
+	return 0
+}
+
+func (x *NetRule) GetDportEnd() uint32 {
+	if x != nil {
+		return x.DportEnd
+	}
+	return 0
+}
+
+func (x *NetRule) GetHasUidRange() bool {
+	if x != nil {
+		return x.HasUidRange
+	}
+	return false
+}
+
+func (x *NetRule) GetUidStart() uint32 {
+	if x != nil {
+		return x.UidStart
+	}
+	return 0
+}
+
+func (x *NetRule) GetUidEnd() uint32 {
+	if x != nil {
+		return x.UidEnd
+	}
+	return 0
+}
+
+func (x *NetRule) GetProtocol() uint32 {
+	if x != nil {
+		return x.Protocol
+	}
+	return 0
+}
+
 // Sysctl is one sysctl of a namespace: its path under /proc/sys ("net/
 // ipv4/ip_forward") and its value as read, without the final newline.
 type Sysctl struct {
@@ -1144,7 +1409,7 @@ type Sysctl struct {
 
 func (x *Sysctl) Reset() {
 	*x = Sysctl{}
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1421,7 @@ func (x *Sysctl) String() string {
 func (*Sysctl) ProtoMessage() {}
 
 func (x *Sysctl) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[12]
+	mi := &file_images_ferry_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1434,7 @@ func (x *Sysctl) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Sysctl.ProtoReflect.Descriptor instead.
 func (*Sysctl) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{12}
+	return file_images_ferry_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Sysctl) GetName() string {
@@ -1214,7 +1479,7 @@ type NetLink struct {
 
 func (x *NetLink) Reset() {
 	*x = NetLink{}
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1226,7 +1491,7 @@ func (x *NetLink) String() string {
 func (*NetLink) ProtoMessage() {}
 
 func (x *NetLink) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[13]
+	mi := &file_images_ferry_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1239,7 +1504,7 @@ func (x *NetLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetLink.ProtoReflect.Descriptor instead.
 func (*NetLink) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{13}
+	return file_images_ferry_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *NetLink) GetName() string {
@@ -1355,7 +1620,7 @@ type NetBridge struct {
 
 func (x *NetBridge) Reset() {
 	*x = NetBridge{}
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1367,7 +1632,7 @@ func (x *NetBridge) String() string {
 func (*NetBridge) ProtoMessage() {}
 
 func (x *NetBridge) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[14]
+	mi := &file_images_ferry_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1380,7 +1645,7 @@ func (x *NetBridge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetBridge.ProtoReflect.Descriptor instead.
 func (*NetBridge) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{14}
+	return file_images_ferry_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *NetBridge) GetMulticastSnooping() bool {
@@ -1456,7 +1721,7 @@ type NetVxlan struct {
 
 func (x *NetVxlan) Reset() {
 	*x = NetVxlan{}
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1733,7 @@ func (x *NetVxlan) String() string {
 func (*NetVxlan) ProtoMessage() {}
 
 func (x *NetVxlan) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[15]
+	mi := &file_images_ferry_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1746,7 @@ func (x *NetVxlan) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetVxlan.ProtoReflect.Descriptor instead.
 func (*NetVxlan) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{15}
+	return file_images_ferry_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *NetVxlan) GetId() uint32 {
@@ -1638,8 +1903,8 @@ func (x *NetVxlan) GetFlowBased() bool {
 	return false
 }
 
-// NetRoute is a route of the namespace's main table that the kernel did
-// not make itself from an address.
+// NetRoute is a route of the namespace (in any table but local) that the
+// kernel did not make itself from an address.
 type NetRoute struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Family        int32                  `protobuf:"varint,1,opt,name=family,proto3" json:"family,omitempty"`
@@ -1653,13 +1918,15 @@ type NetRoute struct {
 	Onlink        bool                   `protobuf:"varint,9,opt,name=onlink,proto3" json:"onlink,omitempty"` // the gateway is taken as on the link (RTNH_F_ONLINK)
 	Tos           int32                  `protobuf:"varint,10,opt,name=tos,proto3" json:"tos,omitempty"`
 	Metrics       *NetRouteMetrics       `protobuf:"bytes,11,opt,name=metrics,proto3" json:"metrics,omitempty"`
+	Table         uint32                 `protobuf:"varint,12,opt,name=table,proto3" json:"table,omitempty"` // 0: main
+	Type          int32                  `protobuf:"varint,13,opt,name=type,proto3" json:"type,omitempty"`   // RTN_*: 0 is unicast; blackhole, unreachable, prohibit, throw
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NetRoute) Reset() {
 	*x = NetRoute{}
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1938,7 @@ func (x *NetRoute) String() string {
 func (*NetRoute) ProtoMessage() {}
 
 func (x *NetRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[16]
+	mi := &file_images_ferry_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1951,7 @@ func (x *NetRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetRoute.ProtoReflect.Descriptor instead.
 func (*NetRoute) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{16}
+	return file_images_ferry_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *NetRoute) GetFamily() int32 {
@@ -1764,6 +2031,20 @@ func (x *NetRoute) GetMetrics() *NetRouteMetrics {
 	return nil
 }
 
+func (x *NetRoute) GetTable() uint32 {
+	if x != nil {
+		return x.Table
+	}
+	return 0
+}
+
+func (x *NetRoute) GetType() int32 {
+	if x != nil {
+		return x.Type
+	}
+	return 0
+}
+
 // NetRouteMetrics are a route's metrics (ip route's mtu, advmss,
 // initcwnd, ...); zero for one not set.
 type NetRouteMetrics struct {
@@ -1792,7 +2073,7 @@ type NetRouteMetrics struct {
 
 func (x *NetRouteMetrics) Reset() {
 	*x = NetRouteMetrics{}
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1804,7 +2085,7 @@ func (x *NetRouteMetrics) String() string {
 func (*NetRouteMetrics) ProtoMessage() {}
 
 func (x *NetRouteMetrics) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[17]
+	mi := &file_images_ferry_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1817,7 +2098,7 @@ func (x *NetRouteMetrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetRouteMetrics.ProtoReflect.Descriptor instead.
 func (*NetRouteMetrics) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{17}
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *NetRouteMetrics) GetMtu() uint32 {
@@ -1956,7 +2237,7 @@ type UtsNs struct {
 
 func (x *UtsNs) Reset() {
 	*x = UtsNs{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1968,7 +2249,7 @@ func (x *UtsNs) String() string {
 func (*UtsNs) ProtoMessage() {}
 
 func (x *UtsNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1981,7 +2262,7 @@ func (x *UtsNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtsNs.ProtoReflect.Descriptor instead.
 func (*UtsNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UtsNs) GetHostname() string {
@@ -2009,7 +2290,7 @@ type TrackerRef struct {
 
 func (x *TrackerRef) Reset() {
 	*x = TrackerRef{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2021,7 +2302,7 @@ func (x *TrackerRef) String() string {
 func (*TrackerRef) ProtoMessage() {}
 
 func (x *TrackerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2034,7 +2315,7 @@ func (x *TrackerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerRef.ProtoReflect.Descriptor instead.
 func (*TrackerRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *TrackerRef) GetPid() int32 {
@@ -2068,7 +2349,7 @@ type SpecialVma struct {
 
 func (x *SpecialVma) Reset() {
 	*x = SpecialVma{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2080,7 +2361,7 @@ func (x *SpecialVma) String() string {
 func (*SpecialVma) ProtoMessage() {}
 
 func (x *SpecialVma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2093,7 +2374,7 @@ func (x *SpecialVma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpecialVma.ProtoReflect.Descriptor instead.
 func (*SpecialVma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SpecialVma) GetName() string {
@@ -2124,7 +2405,7 @@ type PstreeEntry struct {
 
 func (x *PstreeEntry) Reset() {
 	*x = PstreeEntry{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2136,7 +2417,7 @@ func (x *PstreeEntry) String() string {
 func (*PstreeEntry) ProtoMessage() {}
 
 func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2149,7 +2430,7 @@ func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PstreeEntry.ProtoReflect.Descriptor instead.
 func (*PstreeEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PstreeEntry) GetPid() int32 {
@@ -2211,7 +2492,7 @@ type Creds struct {
 
 func (x *Creds) Reset() {
 	*x = Creds{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2223,7 +2504,7 @@ func (x *Creds) String() string {
 func (*Creds) ProtoMessage() {}
 
 func (x *Creds) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2236,7 +2517,7 @@ func (x *Creds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Creds.ProtoReflect.Descriptor instead.
 func (*Creds) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Creds) GetUid() uint32 {
@@ -2362,7 +2643,7 @@ type Rlimit struct {
 
 func (x *Rlimit) Reset() {
 	*x = Rlimit{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2374,7 +2655,7 @@ func (x *Rlimit) String() string {
 func (*Rlimit) ProtoMessage() {}
 
 func (x *Rlimit) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2387,7 +2668,7 @@ func (x *Rlimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rlimit.ProtoReflect.Descriptor instead.
 func (*Rlimit) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Rlimit) GetResource() uint32 {
@@ -2424,7 +2705,7 @@ type SigAction struct {
 
 func (x *SigAction) Reset() {
 	*x = SigAction{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2436,7 +2717,7 @@ func (x *SigAction) String() string {
 func (*SigAction) ProtoMessage() {}
 
 func (x *SigAction) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2449,7 +2730,7 @@ func (x *SigAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAction.ProtoReflect.Descriptor instead.
 func (*SigAction) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SigAction) GetSig() uint32 {
@@ -2500,7 +2781,7 @@ type SigInfo struct {
 
 func (x *SigInfo) Reset() {
 	*x = SigInfo{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2512,7 +2793,7 @@ func (x *SigInfo) String() string {
 func (*SigInfo) ProtoMessage() {}
 
 func (x *SigInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2525,7 +2806,7 @@ func (x *SigInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigInfo.ProtoReflect.Descriptor instead.
 func (*SigInfo) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SigInfo) GetSigno() uint32 {
@@ -2561,7 +2842,7 @@ type Itimer struct {
 
 func (x *Itimer) Reset() {
 	*x = Itimer{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2573,7 +2854,7 @@ func (x *Itimer) String() string {
 func (*Itimer) ProtoMessage() {}
 
 func (x *Itimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2586,7 +2867,7 @@ func (x *Itimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Itimer.ProtoReflect.Descriptor instead.
 func (*Itimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Itimer) GetWhich() uint32 {
@@ -2628,7 +2909,7 @@ type PosixTimer struct {
 
 func (x *PosixTimer) Reset() {
 	*x = PosixTimer{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2640,7 +2921,7 @@ func (x *PosixTimer) String() string {
 func (*PosixTimer) ProtoMessage() {}
 
 func (x *PosixTimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2653,7 +2934,7 @@ func (x *PosixTimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PosixTimer.ProtoReflect.Descriptor instead.
 func (*PosixTimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PosixTimer) GetId() int32 {
@@ -2730,7 +3011,7 @@ type SigAltStack struct {
 
 func (x *SigAltStack) Reset() {
 	*x = SigAltStack{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2742,7 +3023,7 @@ func (x *SigAltStack) String() string {
 func (*SigAltStack) ProtoMessage() {}
 
 func (x *SigAltStack) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2755,7 +3036,7 @@ func (x *SigAltStack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAltStack.ProtoReflect.Descriptor instead.
 func (*SigAltStack) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SigAltStack) GetSp() uint64 {
@@ -2815,7 +3096,7 @@ type GpRegs struct {
 
 func (x *GpRegs) Reset() {
 	*x = GpRegs{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2827,7 +3108,7 @@ func (x *GpRegs) String() string {
 func (*GpRegs) ProtoMessage() {}
 
 func (x *GpRegs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2840,7 +3121,7 @@ func (x *GpRegs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GpRegs.ProtoReflect.Descriptor instead.
 func (*GpRegs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GpRegs) GetR15() uint64 {
@@ -3044,7 +3325,7 @@ type Rseq struct {
 
 func (x *Rseq) Reset() {
 	*x = Rseq{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3056,7 +3337,7 @@ func (x *Rseq) String() string {
 func (*Rseq) ProtoMessage() {}
 
 func (x *Rseq) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3069,7 +3350,7 @@ func (x *Rseq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rseq.ProtoReflect.Descriptor instead.
 func (*Rseq) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Rseq) GetPtr() uint64 {
@@ -3125,7 +3406,7 @@ type ThreadCore struct {
 
 func (x *ThreadCore) Reset() {
 	*x = ThreadCore{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3137,7 +3418,7 @@ func (x *ThreadCore) String() string {
 func (*ThreadCore) ProtoMessage() {}
 
 func (x *ThreadCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3150,7 +3431,7 @@ func (x *ThreadCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThreadCore.ProtoReflect.Descriptor instead.
 func (*ThreadCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ThreadCore) GetTid() int32 {
@@ -3303,7 +3584,7 @@ type TaskCore struct {
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3315,7 +3596,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3328,7 +3609,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -3551,7 +3832,7 @@ type CgroupRef struct {
 
 func (x *CgroupRef) Reset() {
 	*x = CgroupRef{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3563,7 +3844,7 @@ func (x *CgroupRef) String() string {
 func (*CgroupRef) ProtoMessage() {}
 
 func (x *CgroupRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3576,7 +3857,7 @@ func (x *CgroupRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
 func (*CgroupRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CgroupRef) GetControllers() string {
@@ -3634,7 +3915,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3646,7 +3927,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3659,7 +3940,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -3811,7 +4092,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3823,7 +4104,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3836,7 +4117,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -3904,7 +4185,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3916,7 +4197,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3929,7 +4210,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -4117,7 +4398,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4129,7 +4410,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4142,7 +4423,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -4442,7 +4723,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4454,7 +4735,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4467,7 +4748,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -4518,7 +4799,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4530,7 +4811,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4543,7 +4824,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -4580,7 +4861,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4592,7 +4873,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4605,7 +4886,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -4657,7 +4938,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4669,7 +4950,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4682,7 +4963,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -4747,7 +5028,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4759,7 +5040,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4772,7 +5053,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -4883,7 +5164,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4895,7 +5176,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4908,7 +5189,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -5019,7 +5300,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5031,7 +5312,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5044,7 +5325,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -5095,7 +5376,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5107,7 +5388,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5120,7 +5401,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -5239,7 +5520,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5251,7 +5532,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5264,7 +5545,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -5376,7 +5657,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5388,7 +5669,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5401,7 +5682,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{47}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -5441,7 +5722,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5453,7 +5734,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5466,7 +5747,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{48}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -5517,7 +5798,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5529,7 +5810,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5542,7 +5823,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{49}
+	return file_images_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *FileLock) GetKind() string {
@@ -5586,7 +5867,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5598,7 +5879,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5611,7 +5892,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{50}
+	return file_images_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -5652,7 +5933,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5664,7 +5945,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5677,7 +5958,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{51}
+	return file_images_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -5713,7 +5994,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5725,7 +6006,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5738,7 +6019,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{52}
+	return file_images_ferry_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -5778,7 +6059,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5790,7 +6071,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5803,7 +6084,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{53}
+	return file_images_ferry_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -5852,7 +6133,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5864,7 +6145,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5877,7 +6158,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{54}
+	return file_images_ferry_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -5927,7 +6208,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5939,7 +6220,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5952,7 +6233,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{55}
+	return file_images_ferry_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -6049,7 +6330,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6061,7 +6342,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6074,7 +6355,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{56}
+	return file_images_ferry_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -6109,7 +6390,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6121,7 +6402,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6134,7 +6415,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{57}
+	return file_images_ferry_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -6221,7 +6502,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6233,7 +6514,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6246,7 +6527,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{58}
+	return file_images_ferry_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -6301,7 +6582,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[59]
+	mi := &file_images_ferry_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6313,7 +6594,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[59]
+	mi := &file_images_ferry_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6326,7 +6607,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{59}
+	return file_images_ferry_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -6444,17 +6725,49 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
 	"IpcMessage\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\x03R\x04type\x12\x12\n" +
-	"\x04data\x18\x02 \x01(\fR\x04data\"\xb1\x02\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"\xde\x02\n" +
 	"\x05NetNs\x12+\n" +
 	"\x05links\x18\x01 \x03(\v2\x15.ferry.images.NetLinkR\x05links\x12.\n" +
 	"\x06routes\x18\x02 \x03(\v2\x16.ferry.images.NetRouteR\x06routes\x12.\n" +
 	"\asysctls\x18\x03 \x03(\v2\x14.ferry.images.SysctlR\asysctls\x12\x1f\n" +
 	"\vnft_ruleset\x18\x04 \x01(\tR\n" +
 	"nftRuleset\x12=\n" +
-	"\biptables\x18\x05 \x03(\v2!.ferry.images.NetNs.IptablesEntryR\biptables\x1a;\n" +
+	"\biptables\x18\x05 \x03(\v2!.ferry.images.NetNs.IptablesEntryR\biptables\x12+\n" +
+	"\x05rules\x18\x06 \x03(\v2\x15.ferry.images.NetRuleR\x05rules\x1a;\n" +
 	"\rIptablesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"2\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc6\x05\n" +
+	"\aNetRule\x12\x16\n" +
+	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x1a\n" +
+	"\bpriority\x18\x02 \x01(\x05R\bpriority\x12\x14\n" +
+	"\x05table\x18\x03 \x01(\rR\x05table\x12\x16\n" +
+	"\x06action\x18\x04 \x01(\rR\x06action\x12\x12\n" +
+	"\x04mark\x18\x05 \x01(\rR\x04mark\x12\x19\n" +
+	"\bhas_mask\x18\x06 \x01(\bR\ahasMask\x12\x12\n" +
+	"\x04mask\x18\a \x01(\rR\x04mask\x12\x10\n" +
+	"\x03tos\x18\b \x01(\rR\x03tos\x12\x15\n" +
+	"\x06tun_id\x18\t \x01(\x04R\x05tunId\x12\x12\n" +
+	"\x04goto\x18\n" +
+	" \x01(\x05R\x04goto\x12\x10\n" +
+	"\x03src\x18\v \x01(\tR\x03src\x12\x10\n" +
+	"\x03dst\x18\f \x01(\tR\x03dst\x12\x12\n" +
+	"\x04flow\x18\r \x01(\x05R\x04flow\x12\x10\n" +
+	"\x03iif\x18\x0e \x01(\tR\x03iif\x12\x10\n" +
+	"\x03oif\x18\x0f \x01(\tR\x03oif\x12)\n" +
+	"\x10suppress_ifgroup\x18\x10 \x01(\x05R\x0fsuppressIfgroup\x12-\n" +
+	"\x12suppress_prefixlen\x18\x11 \x01(\x05R\x11suppressPrefixlen\x12\x16\n" +
+	"\x06invert\x18\x12 \x01(\bR\x06invert\x12\x19\n" +
+	"\bip_proto\x18\x13 \x01(\rR\aipProto\x12\x1f\n" +
+	"\vsport_start\x18\x14 \x01(\rR\n" +
+	"sportStart\x12\x1b\n" +
+	"\tsport_end\x18\x15 \x01(\rR\bsportEnd\x12\x1f\n" +
+	"\vdport_start\x18\x16 \x01(\rR\n" +
+	"dportStart\x12\x1b\n" +
+	"\tdport_end\x18\x17 \x01(\rR\bdportEnd\x12\"\n" +
+	"\rhas_uid_range\x18\x18 \x01(\bR\vhasUidRange\x12\x1b\n" +
+	"\tuid_start\x18\x19 \x01(\rR\buidStart\x12\x17\n" +
+	"\auid_end\x18\x1a \x01(\rR\x06uidEnd\x12\x1a\n" +
+	"\bprotocol\x18\x1b \x01(\rR\bprotocol\"2\n" +
 	"\x06Sysctl\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value\"\x94\x03\n" +
@@ -6508,7 +6821,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x05limit\x18\x14 \x01(\rR\x05limit\x12\x10\n" +
 	"\x03gbp\x18\x15 \x01(\bR\x03gbp\x12\x1d\n" +
 	"\n" +
-	"flow_based\x18\x16 \x01(\bR\tflowBased\"\x99\x02\n" +
+	"flow_based\x18\x16 \x01(\bR\tflowBased\"\xc3\x02\n" +
 	"\bNetRoute\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x10\n" +
 	"\x03dst\x18\x02 \x01(\tR\x03dst\x12\x0e\n" +
@@ -6521,7 +6834,9 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x06onlink\x18\t \x01(\bR\x06onlink\x12\x10\n" +
 	"\x03tos\x18\n" +
 	" \x01(\x05R\x03tos\x127\n" +
-	"\ametrics\x18\v \x01(\v2\x1d.ferry.images.NetRouteMetricsR\ametrics\"\xf7\x03\n" +
+	"\ametrics\x18\v \x01(\v2\x1d.ferry.images.NetRouteMetricsR\ametrics\x12\x14\n" +
+	"\x05table\x18\f \x01(\rR\x05table\x12\x12\n" +
+	"\x04type\x18\r \x01(\x05R\x04type\"\xf7\x03\n" +
 	"\x0fNetRouteMetrics\x12\x10\n" +
 	"\x03mtu\x18\x01 \x01(\rR\x03mtu\x12\x19\n" +
 	"\bmtu_lock\x18\x02 \x01(\bR\amtuLock\x12\x16\n" +
@@ -6995,7 +7310,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 61)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 62)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),       // 0: ferry.images.Inventory
 	(*UserNs)(nil),          // 1: ferry.images.UserNs
@@ -7009,65 +7324,66 @@ var file_images_ferry_proto_goTypes = []any{
 	(*IpcObject)(nil),       // 9: ferry.images.IpcObject
 	(*IpcMessage)(nil),      // 10: ferry.images.IpcMessage
 	(*NetNs)(nil),           // 11: ferry.images.NetNs
-	(*Sysctl)(nil),          // 12: ferry.images.Sysctl
-	(*NetLink)(nil),         // 13: ferry.images.NetLink
-	(*NetBridge)(nil),       // 14: ferry.images.NetBridge
-	(*NetVxlan)(nil),        // 15: ferry.images.NetVxlan
-	(*NetRoute)(nil),        // 16: ferry.images.NetRoute
-	(*NetRouteMetrics)(nil), // 17: ferry.images.NetRouteMetrics
-	(*UtsNs)(nil),           // 18: ferry.images.UtsNs
-	(*TrackerRef)(nil),      // 19: ferry.images.TrackerRef
-	(*SpecialVma)(nil),      // 20: ferry.images.SpecialVma
-	(*PstreeEntry)(nil),     // 21: ferry.images.PstreeEntry
-	(*Creds)(nil),           // 22: ferry.images.Creds
-	(*Rlimit)(nil),          // 23: ferry.images.Rlimit
-	(*SigAction)(nil),       // 24: ferry.images.SigAction
-	(*SigInfo)(nil),         // 25: ferry.images.SigInfo
-	(*Itimer)(nil),          // 26: ferry.images.Itimer
-	(*PosixTimer)(nil),      // 27: ferry.images.PosixTimer
-	(*SigAltStack)(nil),     // 28: ferry.images.SigAltStack
-	(*GpRegs)(nil),          // 29: ferry.images.GpRegs
-	(*Rseq)(nil),            // 30: ferry.images.Rseq
-	(*ThreadCore)(nil),      // 31: ferry.images.ThreadCore
-	(*TaskCore)(nil),        // 32: ferry.images.TaskCore
-	(*CgroupRef)(nil),       // 33: ferry.images.CgroupRef
-	(*Vma)(nil),             // 34: ferry.images.Vma
-	(*SysvShm)(nil),         // 35: ferry.images.SysvShm
-	(*MmCore)(nil),          // 36: ferry.images.MmCore
-	(*FileEntry)(nil),       // 37: ferry.images.FileEntry
-	(*InotifyWatch)(nil),    // 38: ferry.images.InotifyWatch
-	(*Fanotify)(nil),        // 39: ferry.images.Fanotify
-	(*FanotifyMark)(nil),    // 40: ferry.images.FanotifyMark
-	(*Timerfd)(nil),         // 41: ferry.images.Timerfd
-	(*Tty)(nil),             // 42: ferry.images.Tty
-	(*UnixSocket)(nil),      // 43: ferry.images.UnixSocket
-	(*InFlight)(nil),        // 44: ferry.images.InFlight
-	(*InetSocket)(nil),      // 45: ferry.images.InetSocket
-	(*TcpStream)(nil),       // 46: ferry.images.TcpStream
-	(*SockOpt)(nil),         // 47: ferry.images.SockOpt
-	(*EpollTarget)(nil),     // 48: ferry.images.EpollTarget
-	(*FileLock)(nil),        // 49: ferry.images.FileLock
-	(*FdEntry)(nil),         // 50: ferry.images.FdEntry
-	(*FdTable)(nil),         // 51: ferry.images.FdTable
-	(*PagemapHead)(nil),     // 52: ferry.images.PagemapHead
-	(*PagemapEntry)(nil),    // 53: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil),    // 54: ferry.images.PagemapBatch
-	(*GhostFile)(nil),       // 55: ferry.images.GhostFile
-	(*GhostExtent)(nil),     // 56: ferry.images.GhostExtent
-	(*DumpStats)(nil),       // 57: ferry.images.DumpStats
-	(*RestoreStats)(nil),    // 58: ferry.images.RestoreStats
-	(*Stats)(nil),           // 59: ferry.images.Stats
-	nil,                     // 60: ferry.images.NetNs.IptablesEntry
+	(*NetRule)(nil),         // 12: ferry.images.NetRule
+	(*Sysctl)(nil),          // 13: ferry.images.Sysctl
+	(*NetLink)(nil),         // 14: ferry.images.NetLink
+	(*NetBridge)(nil),       // 15: ferry.images.NetBridge
+	(*NetVxlan)(nil),        // 16: ferry.images.NetVxlan
+	(*NetRoute)(nil),        // 17: ferry.images.NetRoute
+	(*NetRouteMetrics)(nil), // 18: ferry.images.NetRouteMetrics
+	(*UtsNs)(nil),           // 19: ferry.images.UtsNs
+	(*TrackerRef)(nil),      // 20: ferry.images.TrackerRef
+	(*SpecialVma)(nil),      // 21: ferry.images.SpecialVma
+	(*PstreeEntry)(nil),     // 22: ferry.images.PstreeEntry
+	(*Creds)(nil),           // 23: ferry.images.Creds
+	(*Rlimit)(nil),          // 24: ferry.images.Rlimit
+	(*SigAction)(nil),       // 25: ferry.images.SigAction
+	(*SigInfo)(nil),         // 26: ferry.images.SigInfo
+	(*Itimer)(nil),          // 27: ferry.images.Itimer
+	(*PosixTimer)(nil),      // 28: ferry.images.PosixTimer
+	(*SigAltStack)(nil),     // 29: ferry.images.SigAltStack
+	(*GpRegs)(nil),          // 30: ferry.images.GpRegs
+	(*Rseq)(nil),            // 31: ferry.images.Rseq
+	(*ThreadCore)(nil),      // 32: ferry.images.ThreadCore
+	(*TaskCore)(nil),        // 33: ferry.images.TaskCore
+	(*CgroupRef)(nil),       // 34: ferry.images.CgroupRef
+	(*Vma)(nil),             // 35: ferry.images.Vma
+	(*SysvShm)(nil),         // 36: ferry.images.SysvShm
+	(*MmCore)(nil),          // 37: ferry.images.MmCore
+	(*FileEntry)(nil),       // 38: ferry.images.FileEntry
+	(*InotifyWatch)(nil),    // 39: ferry.images.InotifyWatch
+	(*Fanotify)(nil),        // 40: ferry.images.Fanotify
+	(*FanotifyMark)(nil),    // 41: ferry.images.FanotifyMark
+	(*Timerfd)(nil),         // 42: ferry.images.Timerfd
+	(*Tty)(nil),             // 43: ferry.images.Tty
+	(*UnixSocket)(nil),      // 44: ferry.images.UnixSocket
+	(*InFlight)(nil),        // 45: ferry.images.InFlight
+	(*InetSocket)(nil),      // 46: ferry.images.InetSocket
+	(*TcpStream)(nil),       // 47: ferry.images.TcpStream
+	(*SockOpt)(nil),         // 48: ferry.images.SockOpt
+	(*EpollTarget)(nil),     // 49: ferry.images.EpollTarget
+	(*FileLock)(nil),        // 50: ferry.images.FileLock
+	(*FdEntry)(nil),         // 51: ferry.images.FdEntry
+	(*FdTable)(nil),         // 52: ferry.images.FdTable
+	(*PagemapHead)(nil),     // 53: ferry.images.PagemapHead
+	(*PagemapEntry)(nil),    // 54: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil),    // 55: ferry.images.PagemapBatch
+	(*GhostFile)(nil),       // 56: ferry.images.GhostFile
+	(*GhostExtent)(nil),     // 57: ferry.images.GhostExtent
+	(*DumpStats)(nil),       // 58: ferry.images.DumpStats
+	(*RestoreStats)(nil),    // 59: ferry.images.RestoreStats
+	(*Stats)(nil),           // 60: ferry.images.Stats
+	nil,                     // 61: ferry.images.NetNs.IptablesEntry
 }
 var file_images_ferry_proto_depIdxs = []int32{
-	20, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
-	19, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
-	18, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
+	21, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
+	20, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
+	19, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
 	11, // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
 	7,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
 	5,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
 	4,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
-	33, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
+	34, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
 	3,  // 8: ferry.images.Inventory.external_ns:type_name -> ferry.images.ExternalNs
 	1,  // 9: ferry.images.Inventory.user_ns:type_name -> ferry.images.UserNs
 	2,  // 10: ferry.images.UserNs.uid_map:type_name -> ferry.images.IdMap
@@ -7075,48 +7391,49 @@ var file_images_ferry_proto_depIdxs = []int32{
 	6,  // 12: ferry.images.MntNs.mounts:type_name -> ferry.images.OwnMount
 	8,  // 13: ferry.images.CgroupDir.props:type_name -> ferry.images.CgroupProp
 	10, // 14: ferry.images.IpcObject.messages:type_name -> ferry.images.IpcMessage
-	13, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
-	16, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
-	12, // 17: ferry.images.NetNs.sysctls:type_name -> ferry.images.Sysctl
-	60, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
-	14, // 19: ferry.images.NetLink.bridge:type_name -> ferry.images.NetBridge
-	15, // 20: ferry.images.NetLink.vxlan:type_name -> ferry.images.NetVxlan
-	17, // 21: ferry.images.NetRoute.metrics:type_name -> ferry.images.NetRouteMetrics
-	29, // 22: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	25, // 23: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	28, // 24: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	30, // 25: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	22, // 26: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	23, // 27: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	24, // 28: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	25, // 29: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	26, // 30: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	27, // 31: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	31, // 32: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	33, // 33: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	35, // 34: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	34, // 35: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	48, // 36: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	45, // 37: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	43, // 38: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	42, // 39: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	41, // 40: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	38, // 41: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	39, // 42: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	40, // 43: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	44, // 44: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	47, // 45: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	46, // 46: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	49, // 47: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	50, // 48: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	56, // 49: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	57, // 50: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	58, // 51: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	52, // [52:52] is the sub-list for method output_type
-	52, // [52:52] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	14, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
+	17, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
+	13, // 17: ferry.images.NetNs.sysctls:type_name -> ferry.images.Sysctl
+	61, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
+	12, // 19: ferry.images.NetNs.rules:type_name -> ferry.images.NetRule
+	15, // 20: ferry.images.NetLink.bridge:type_name -> ferry.images.NetBridge
+	16, // 21: ferry.images.NetLink.vxlan:type_name -> ferry.images.NetVxlan
+	18, // 22: ferry.images.NetRoute.metrics:type_name -> ferry.images.NetRouteMetrics
+	30, // 23: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	26, // 24: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	29, // 25: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	31, // 26: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	23, // 27: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	24, // 28: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	25, // 29: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	26, // 30: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	27, // 31: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	28, // 32: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	32, // 33: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	34, // 34: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	36, // 35: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	35, // 36: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	49, // 37: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	46, // 38: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	44, // 39: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	43, // 40: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	42, // 41: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	39, // 42: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	40, // 43: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	41, // 44: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	45, // 45: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	48, // 46: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	47, // 47: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	50, // 48: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	51, // 49: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	57, // 50: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	58, // 51: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	59, // 52: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	53, // [53:53] is the sub-list for method output_type
+	53, // [53:53] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -7130,7 +7447,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   61,
+			NumMessages:   62,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
