@@ -369,16 +369,10 @@ func (a *Agent) servePages(m *migration, dir string, check func() error, unliste
 	go func() {
 		defer close(s.done)
 		defer l.Close()
-		st, err := pageserver.Accept(ctx, l, log)
-		if err != nil {
+		if err := lazypages.ServeSession(ctx, l, log, read, list); err != nil {
 			if ctx.Err() == nil {
 				log.Error("migration: serving pages", "err", err)
 			}
-			return
-		}
-		go func() { <-ctx.Done(); st.Close() }()
-		if err := lazypages.ServePages(st, read, list); err != nil && ctx.Err() == nil {
-			log.Error("migration: serving pages", "err", err)
 			return
 		}
 		log.Info("migration: the target has every page")

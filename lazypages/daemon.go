@@ -63,6 +63,9 @@ type Stats struct {
 	// images (sent by earlier rounds, not sent again).
 	RemotePages, LocalPages uint64
 	Duration                time.Duration
+	// FaultWaitMax is the longest a fault took to serve: its pages read
+	// (from a page server, after what it was sending then) and copied in.
+	FaultWaitMax time.Duration
 }
 
 // Serve waits for a restore to hand over its processes (each with lazy
@@ -196,7 +199,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 	}
 	log.Info("lazy pages done", "processes", want, "faults", s.stats.Faults, "copied", s.stats.PagesCopied,
 		"zero", s.stats.PagesZero, "dropped", s.stats.PagesDropped, "remote", s.stats.RemotePages,
-		"local", s.stats.LocalPages, "took", s.stats.Duration)
+		"local", s.stats.LocalPages, "longest fault", s.stats.FaultWaitMax, "took", s.stats.Duration)
 	return &s.stats, err
 }
 
@@ -561,11 +564,17 @@ type requester interface {
 	Request(pid int, vaddr uint64, buf []byte, notify func()) *Flight
 }
 
-// deliver copies up to n bytes of pending span sp of c starting at va.
-func (s *server) deliver(c *client, sp pendSpan, va, n uint64) error {
+// deliver copies up to n bytes of pending span sp of c starting at va;
+// for a fault (urgent), ahead of the prefetches a remote source has
+// queued.
+func (s *server) deliver(c *client, sp pendSpan, va, n uint64, urgent bool) error {
 	n = min(n, sp.end-va)
 	src := s.buf[:n]
-	if err := c.src.Read(c.pid, sp.src+(va-sp.start), src); err != nil {
+	read := c.src.Read
+	if urgent {
+		read = func(pid int, vaddr uint64, buf []byte) error { return readUrgent(c.src, pid, vaddr, buf) }
+	}
+	if err := read(c.pid, sp.src+(va-sp.start), src); err != nil {
 		return fmt.Errorf("pages %#x+%d: %w", va, n, err)
 	}
 	return s.place(c, va, src)
@@ -674,7 +683,7 @@ func (s *server) prefetch() (idle bool, err error) {
 				break
 			}
 			n := min(budget, sp.end-sp.start)
-			if err := s.deliver(c, sp, sp.start, n); err != nil {
+			if err := s.deliver(c, sp, sp.start, n, false); err != nil {
 				if errors.Is(err, errAgain) {
 					return false, nil // read the events first
 				}
@@ -815,7 +824,12 @@ func (s *server) fault(c *client, m uffd.Msg) error {
 	s.stats.Faults++
 	p := m.Address &^ (pageSize - 1)
 	if sp, ok := c.pend.find(p); ok {
-		if err := s.deliver(c, sp, p, faultChunk); errors.Is(err, errAgain) {
+		t0 := time.Now()
+		err := s.deliver(c, sp, p, faultChunk, true)
+		if wait := time.Since(t0); wait > s.stats.FaultWaitMax {
+			s.stats.FaultWaitMax = wait
+		}
+		if errors.Is(err, errAgain) {
 			c.retry = append(c.retry, m)
 			return nil
 		} else if err != nil {

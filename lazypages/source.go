@@ -5,10 +5,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/ferrycr/ferry/images"
+	"github.com/ferrycr/ferry/pageserver"
 	"github.com/ferrycr/ferry/transport"
 )
 
@@ -84,6 +88,11 @@ type RemoteSource struct {
 	queue  []*Flight // page requests sent, oldest first
 	lists  map[int]*pendingList
 	failed error // the reader failed: no request or list is taken any more
+
+	// faults, once connected, is a second stream to the same server for
+	// the pages faults wait for (ReadUrgent): on this one they would
+	// queue behind megabytes of prefetched pages.
+	faults atomic.Pointer[RemoteSource]
 }
 
 // Flight is a page request in flight (RemoteSource.Request).
@@ -256,16 +265,51 @@ func (r *RemoteSource) gotList(typ uint8, p []byte) error {
 // DialRemote connects to the page server in lazy mode at addr over network
 // ("tcp" or "quic"), asking for zstd if wantZstd.
 func DialRemote(ctx context.Context, network, addr string, t transport.TLS, wantZstd bool) (*RemoteSource, error) {
-	conn, err := transport.DialOn(ctx, network, addr, t)
-	if err != nil {
-		return nil, fmt.Errorf("page server %s: %w", addr, err)
+	dial := func() (*transport.Stream, error) {
+		conn, err := transport.DialOn(ctx, network, addr, t)
+		if err != nil {
+			return nil, fmt.Errorf("page server %s: %w", addr, err)
+		}
+		s, err := transport.Client(conn, wantZstd)
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("page server %s: %w", addr, err)
+		}
+		return s, nil
 	}
-	s, err := transport.Client(conn, wantZstd)
+	s, err := dial()
 	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("page server %s: %w", addr, err)
+		return nil, err
 	}
-	return NewRemoteSource(s), nil
+	r := NewRemoteSource(s)
+	if s.Faults {
+		// The stream for faults is set up in the background: until it
+		// is, faults go on the first.
+		go func() {
+			fs, err := dial()
+			if err != nil {
+				return
+			}
+			f := NewRemoteSource(fs)
+			r.faults.Store(f)
+			select {
+			case <-r.closed: // closed meanwhile: Close or Abort missed it
+				f.Abort()
+			default:
+			}
+		}()
+	}
+	return r, nil
+}
+
+// ReadUrgent is Read for the pages a fault waits for: on the server's
+// stream for faults once it is up, ahead of the prefetches queued on this
+// one.
+func (r *RemoteSource) ReadUrgent(pid int, vaddr uint64, buf []byte) error {
+	if f := r.faults.Load(); f != nil {
+		return f.Read(pid, vaddr, buf)
+	}
+	return r.Read(pid, vaddr, buf)
 }
 
 // Dialing is a RemoteSource still connecting (DialAsync): a post-copy
@@ -299,6 +343,29 @@ func (d *Dialing) Read(pid int, vaddr uint64, buf []byte) error {
 		return err
 	}
 	return r.Read(pid, vaddr, buf)
+}
+
+// ReadUrgent is RemoteSource.ReadUrgent once connected.
+func (d *Dialing) ReadUrgent(pid int, vaddr uint64, buf []byte) error {
+	r, err := d.Wait()
+	if err != nil {
+		return err
+	}
+	return r.ReadUrgent(pid, vaddr, buf)
+}
+
+// urgentReader is a Source that can fetch the pages a fault waits for
+// ahead of the requests it has queued (RemoteSource).
+type urgentReader interface {
+	ReadUrgent(pid int, vaddr uint64, buf []byte) error
+}
+
+// readUrgent reads from src, urgently if it can.
+func readUrgent(src Source, pid int, vaddr uint64, buf []byte) error {
+	if u, ok := src.(urgentReader); ok {
+		return u.ReadUrgent(pid, vaddr, buf)
+	}
+	return src.Read(pid, vaddr, buf)
 }
 
 func (d *Dialing) List(pid int) ([][2]uint64, error) {
@@ -425,11 +492,17 @@ func (r *RemoteSource) List(pid int) ([][2]uint64, error) {
 // done (a failed post-copy).
 func (r *RemoteSource) Abort() {
 	r.once.Do(func() { close(r.closed) })
+	if f := r.faults.Load(); f != nil {
+		f.Abort()
+	}
 	r.s.Close()
 }
 
 // Close tells the server the daemon is done.
 func (r *RemoteSource) Close() error {
+	if f := r.faults.Load(); f != nil {
+		f.Close()
+	}
 	r.send(frameBye, nil)
 	r.once.Do(func() { close(r.closed) })
 	return r.s.Close()
@@ -500,6 +573,36 @@ func ServePages(s *transport.Stream, read func(pid int, vaddr uint64, buf []byte
 	}
 }
 
+// ServeSession serves a lazy-pages daemon on l: the stream it opens first
+// and, beside it, the one it may open for its faults
+// (transport.FlagFaults), until it says goodbye on the first or ctx ends.
+// read must take calls from both at once.
+func ServeSession(ctx context.Context, l net.Listener, log *slog.Logger, read func(pid int, vaddr uint64, buf []byte) error, list func(pid int) ([][2]uint64, error)) error {
+	s, err := pageserver.Accept(ctx, l, log)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	defer context.AfterFunc(ctx, func() { s.Close() })()
+	fctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		f, err := pageserver.Accept(fctx, l, log)
+		if err != nil {
+			return // the session ended first, or no second stream came
+		}
+		defer f.Close()
+		defer context.AfterFunc(fctx, func() { f.Close() })()
+		ServePages(f, read, nil)
+	}()
+	err = ServePages(s, read, list)
+	cancel()
+	wg.Wait()
+	return err
+}
+
 // sendList answers a frameList for pid, in frames of at most MaxFrame.
 func sendList(write func(uint8, []byte) error, pid uint32, list func(int) ([][2]uint64, error)) {
 	head := binary.LittleEndian.AppendUint32(nil, pid)
@@ -536,18 +639,22 @@ func sendList(write func(uint8, []byte) error, pid uint32, list func(int) ([][2]
 func ImageReader(dir string) (read func(pid int, vaddr uint64, buf []byte) error, closer func()) {
 	chains := map[int]localSource{}
 	var all []*images.PageChain
+	var mu sync.Mutex // the daemon's two streams read at once
 	read = func(pid int, vaddr uint64, buf []byte) error {
+		mu.Lock()
 		src, ok := chains[pid]
 		if !ok {
 			c := &images.PageChain{}
 			runs, err := c.Resolve(dir, int32(pid))
 			if err != nil {
+				mu.Unlock()
 				return err
 			}
 			all = append(all, c)
 			src = localSource{runs}
 			chains[pid] = src
 		}
+		mu.Unlock()
 		return src.Read(pid, vaddr, buf)
 	}
 	return read, func() {
@@ -604,6 +711,15 @@ func (m *mixedSource) List(pid int) ([][2]uint64, error) {
 }
 
 func (m *mixedSource) Read(pid int, vaddr uint64, buf []byte) error {
+	return m.read(pid, vaddr, buf, m.remote.Read)
+}
+
+// ReadUrgent is Read for a fault: its remote part is fetched urgently.
+func (m *mixedSource) ReadUrgent(pid int, vaddr uint64, buf []byte) error {
+	return m.read(pid, vaddr, buf, func(pid int, vaddr uint64, buf []byte) error { return readUrgent(m.remote, pid, vaddr, buf) })
+}
+
+func (m *mixedSource) read(pid int, vaddr uint64, buf []byte, remote func(pid int, vaddr uint64, buf []byte) error) error {
 	// Split buf into runs of the same origin.
 	for start := 0; start < len(buf); {
 		own := m.isOwn(vaddr + uint64(start))
@@ -613,7 +729,7 @@ func (m *mixedSource) Read(pid int, vaddr uint64, buf []byte) error {
 		}
 		var err error
 		if own {
-			err = m.remote.Read(pid, vaddr+uint64(start), buf[start:end])
+			err = remote(pid, vaddr+uint64(start), buf[start:end])
 			m.stats.RemotePages += uint64(end-start) / pageSize
 		} else {
 			err = m.local.Read(pid, vaddr+uint64(start), buf[start:end])

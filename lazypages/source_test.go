@@ -2,11 +2,14 @@ package lazypages
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"net"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/transport"
@@ -212,4 +215,174 @@ func TestReplyForAnotherAddress(t *testing.T) {
 		t.Fatal("the stream went on after a wrong reply")
 	}
 	r.Abort()
+}
+
+// TestFaultsStream: a fault's pages (ReadUrgent) come on the daemon's
+// second stream, answered while the first is held up serving prefetches.
+func TestFaultsStream(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	gate := make(chan struct{})
+	read := func(pid int, va uint64, buf []byte) error {
+		if va != 99<<20 {
+			<-gate // prefetches wait
+		}
+		binary.LittleEndian.PutUint64(buf, va)
+		return nil
+	}
+	served := make(chan error, 1)
+	go func() { served <- ServeSession(context.Background(), l, nil, read, nil) }()
+	r, err := DialRemote(context.Background(), "tcp", l.Addr().String(), transport.TLS{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); r.faults.Load() == nil; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no stream for faults")
+		}
+	}
+	var fs []*Flight
+	for i := range 8 {
+		fs = append(fs, r.Request(7, uint64(i)<<20, make([]byte, pageSize), nil))
+	}
+	buf := make([]byte, pageSize)
+	urgent := make(chan error, 1)
+	go func() { urgent <- r.ReadUrgent(7, 99<<20, buf) }()
+	select {
+	case err := <-urgent:
+		if err != nil || binary.LittleEndian.Uint64(buf) != 99<<20 {
+			t.Fatalf("fault's pages: %v, %#x", err, binary.LittleEndian.Uint64(buf))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the fault's pages wait behind the prefetches")
+	}
+	close(gate)
+	for _, f := range fs {
+		if <-f.Done(); f.Err() != nil {
+			t.Fatal(f.Err())
+		}
+	}
+	r.Close()
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// slowLink forwards TCP connections to target through a link of rate
+// bytes per second that they share (16 KiB at a time, in turn), as
+// between two hosts: what a stream sends waits in buffers on the way.
+func slowLink(t *testing.T, target string, rate int) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	var mu sync.Mutex
+	next := time.Now()
+	wire := func(n int) { // waits for the link to carry n bytes
+		mu.Lock()
+		if now := time.Now(); next.Before(now) {
+			next = now
+		}
+		next = next.Add(time.Duration(n) * time.Second / time.Duration(rate))
+		mu.Unlock()
+		time.Sleep(time.Until(next))
+	}
+	pipe := func(dst, src net.Conn) {
+		defer dst.Close()
+		buf := make([]byte, 16<<10)
+		for {
+			n, err := src.Read(buf)
+			if n > 0 {
+				wire(n)
+				if _, err := dst.Write(buf[:n]); err != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go pipe(u, c)
+			go pipe(c, u)
+		}
+	}()
+	return l.Addr().String()
+}
+
+// TestFaultsPassPrefetches: over a link slower than the hosts (50 MB/s),
+// with 4 MiB of prefetches in flight, a fault's 64 KiB arrive while those
+// are still on their way (on the stream for faults); on the first stream
+// they would come after them all.
+func TestFaultsPassPrefetches(t *testing.T) {
+	for _, separate := range []bool{true, false} {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		read := func(pid int, va uint64, buf []byte) error { return nil }
+		served := make(chan error, 1)
+		go func() { served <- ServeSession(context.Background(), l, nil, read, nil) }()
+		r, err := DialRemote(context.Background(), "tcp", slowLink(t, l.Addr().String(), 50<<20), transport.TLS{}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(10 * time.Second); r.faults.Load() == nil; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("no stream for faults")
+			}
+		}
+		if !separate {
+			// As before the stream for faults: the fault's request
+			// queues behind the prefetches.
+			f := r.faults.Swap(nil)
+			defer f.Close()
+		}
+		var fs []*Flight
+		for range aheadDepth {
+			fs = append(fs, r.Request(1, 0, make([]byte, aheadChunk), nil))
+		}
+		t0 := time.Now()
+		if err := r.ReadUrgent(1, 0, make([]byte, faultChunk)); err != nil {
+			t.Fatal(err)
+		}
+		fault := time.Since(t0)
+		pending := 0
+		for _, f := range fs {
+			select {
+			case <-f.Done():
+			default:
+				pending++
+			}
+			<-f.Done()
+		}
+		t.Logf("separate stream %v: the fault's pages in %v, %d of %d prefetches still on their way", separate, fault.Round(time.Millisecond), pending, len(fs))
+		if separate && pending == 0 {
+			t.Error("the fault's pages waited for every prefetch")
+		}
+		if !separate && pending != 0 {
+			t.Error("on one stream, the fault's pages came before prefetches sent ahead of them")
+		}
+		r.Close()
+		if err := <-served; err != nil {
+			t.Fatal(err)
+		}
+		l.Close()
+	}
 }

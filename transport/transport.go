@@ -205,6 +205,11 @@ const (
 	// Version of the stream protocol; bumped only by appending.
 	Version  = 1
 	FlagZstd = 1 << 0
+	// FlagFaults: the server of a lazy page stream takes a second
+	// stream from the same daemon for the pages faults wait for, so
+	// that they do not queue behind the prefetched megabytes in the
+	// first one's socket buffers. (Other servers never see one.)
+	FlagFaults = 1 << 1
 	// MaxFrame bounds one frame's payload.
 	MaxFrame = 16 << 20
 )
@@ -217,8 +222,9 @@ type Stream struct {
 	enc  *zstd.Encoder
 	r    io.Reader
 	dec  *zstd.Decoder
-	// Zstd reports that the stream is compressed.
-	Zstd bool
+	// Zstd reports that the stream is compressed; Faults that both sides
+	// set FlagFaults.
+	Zstd, Faults bool
 }
 
 func hello(flags uint16) []byte {
@@ -246,9 +252,9 @@ func readHello(c net.Conn) (uint16, error) {
 // Client performs the client side of the hello; compression is used when
 // asked for and offered by the server.
 func Client(c net.Conn, wantZstd bool) (*Stream, error) {
-	var flags uint16
+	flags := uint16(FlagFaults)
 	if wantZstd {
-		flags = FlagZstd
+		flags |= FlagZstd
 	}
 	if _, err := c.Write(hello(flags)); err != nil {
 		return nil, fmt.Errorf("send hello: %w", err)
@@ -257,7 +263,7 @@ func Client(c net.Conn, wantZstd bool) (*Stream, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newStream(c, flags&peer&FlagZstd != 0)
+	return newStream(c, flags&peer)
 }
 
 // Server performs the server side of the hello, offering compression.
@@ -266,16 +272,19 @@ func Server(c net.Conn) (*Stream, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := c.Write(hello(FlagZstd)); err != nil {
+	offer := uint16(FlagZstd | FlagFaults)
+	if _, err := c.Write(hello(offer)); err != nil {
 		return nil, fmt.Errorf("send hello: %w", err)
 	}
-	return newStream(c, peer&FlagZstd != 0)
+	return newStream(c, offer&peer)
 }
 
-func newStream(c net.Conn, z bool) (*Stream, error) {
-	s := &Stream{conn: c, Zstd: z, bw: bufio.NewWriterSize(c, 1<<20), r: bufio.NewReaderSize(c, 1<<20)}
+// newStream makes the stream of c with the flags both sides set.
+func newStream(c net.Conn, both uint16) (*Stream, error) {
+	s := &Stream{conn: c, Zstd: both&FlagZstd != 0, Faults: both&FlagFaults != 0,
+		bw: bufio.NewWriterSize(c, 1<<20), r: bufio.NewReaderSize(c, 1<<20)}
 	s.w = s.bw
-	if z {
+	if s.Zstd {
 		enc, err := zstd.NewWriter(s.bw, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
 		if err != nil {
 			return nil, err
@@ -368,14 +377,12 @@ func (s *Stream) ReadBody(p []byte) error {
 	return nil
 }
 
-// Close closes the stream and its connection.
+// Close closes the stream's connection. It may be called while another
+// goroutine reads or writes the stream (that call fails): the zstd coders
+// are left to the collector, not closed, since closing a decoder under a
+// read under way crashes it (they run synchronously here: nothing of
+// theirs lingers).
 func (s *Stream) Close() error {
-	if s.enc != nil {
-		s.enc.Close()
-	}
-	if s.dec != nil {
-		s.dec.Close()
-	}
 	return s.conn.Close()
 }
 

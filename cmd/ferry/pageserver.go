@@ -137,12 +137,7 @@ func (p *psFlags) lazyServe(cmd *cobra.Command, statusFd int) (func(func(int, ui
 				return err
 			}
 		}
-		s, err := pageserver.Accept(cmd.Context(), l, nil)
-		if err != nil {
-			return err
-		}
-		defer s.Close()
-		return lazypages.ServePages(s, read, list)
+		return lazypages.ServeSession(cmd.Context(), l, nil, read, list)
 	}, nil
 }
 
@@ -243,14 +238,9 @@ into the background after that (--pidfile records its PID).`,
 			if lazy {
 				// Serve the pages of a local dump to a remote lazy-pages
 				// daemon, in whatever order it asks.
-				s, err := pageserver.Accept(cmd.Context(), l, log)
-				if err != nil {
-					return err
-				}
-				defer s.Close()
 				read, closeImages := lazypages.ImageReader(c.imagesDir)
 				defer closeImages()
-				return lazypages.ServePages(s, read, nil)
+				return lazypages.ServeSession(cmd.Context(), l, log, read, nil)
 			}
 			_, err = pageserver.Serve(cmd.Context(), pageserver.Options{Dir: c.imagesDir, Listener: l, Logger: log})
 			return err
