@@ -554,7 +554,8 @@ const (
 	// that many in flight at once, so that the page server reads and
 	// sends the next chunks while this side copies one in (one at a time,
 	// each side waiting for the other, 1 GiB took 5.3 s here; 2.4 s so).
-	// A fault's request waits behind them: 4 MiB, a few milliseconds.
+	// Faults do not wait behind them: they go on a stream of their own
+	// (RemoteSource.ReadUrgent).
 	aheadChunk = 512 << 10
 	aheadDepth = 8
 )
@@ -565,8 +566,8 @@ type requester interface {
 }
 
 // deliver copies up to n bytes of pending span sp of c starting at va;
-// for a fault (urgent), ahead of the prefetches a remote source has
-// queued.
+// for a fault (urgent), read on the page server's stream for faults, not
+// behind the prefetches in flight.
 func (s *server) deliver(c *client, sp pendSpan, va, n uint64, urgent bool) error {
 	n = min(n, sp.end-va)
 	src := s.buf[:n]

@@ -45,11 +45,11 @@ func (r *restorer) checkNetNs() error {
 
 // makeNetNs sets up the new network namespace of the root (pid here) as
 // the images describe the tree's: its links (loopback, veth, macvlan,
-// tun, bridge, vxlan) with their ports, MTU, addresses and state, then
-// the routes. A veth is made from ferry's
-// namespace, its inner end moved in, its outer end named and enslaved as
-// Options.Veths says. Everything goes with the namespace if the restore
-// fails.
+// tun, bridge, vxlan) with their ports, MTU and hardware address, its
+// sysctls, the links' addresses and state, the routes and rules, and its
+// nftables and iptables rules. A veth is made from ferry's namespace, its
+// inner end moved in, its outer end named and enslaved as Options.Veths
+// says. Everything goes with the namespace if the restore fails.
 func (r *restorer) makeNetNs(pid int) error {
 	n := r.is.inv.NetNs
 	ns, err := netns.GetFromPid(pid)
@@ -63,7 +63,7 @@ func (r *restorer) makeNetNs(pid int) error {
 	}
 	defer h.Close()
 	// Every link first (a VXLAN after the link it sends through), then
-	// the bridges' ports, then each link's settings, addresses and state.
+	// the bridges' ports, then each link's settings.
 	links := slices.Clone(n.Links)
 	late := func(l *pb.NetLink) int {
 		if l.Kind == "vxlan" {
