@@ -127,9 +127,9 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 			(r.Dst != nil && r.Dst.IP.IsLinkLocalUnicast()) || r.Type == unix.RTN_MULTICAST {
 			continue // derived from an address, or the kernel's own
 		}
-		if !savedRouteType[r.Type] || len(r.MultiPath) > 0 {
-			return nil, fmt.Errorf("route to %v (table %d, type %d, %d paths) in the network namespace of %d, which ferry does not save yet: %w",
-				r.Dst, r.Table, r.Type, len(r.MultiPath), t.root, ErrUnsupported)
+		if !savedRouteType[r.Type] {
+			return nil, fmt.Errorf("route to %v (table %d, type %d) in the network namespace of %d, which ferry does not save yet: %w",
+				r.Dst, r.Table, r.Type, t.root, ErrUnsupported)
 		}
 		nr := &pb.NetRoute{Family: int32(r.Family), Dev: names[r.LinkIndex], Scope: int32(r.Scope),
 			Protocol: int32(r.Protocol), Priority: int32(r.Priority), Onlink: r.Flags&unix.RTNH_F_ONLINK != 0,
@@ -148,6 +148,16 @@ func (t *tree) netNamespace() (*pb.NetNs, error) {
 		}
 		if r.Src != nil {
 			nr.Src = r.Src.String()
+		}
+		for _, h := range r.MultiPath {
+			if h.NewDst != nil || h.Encap != nil || h.Via != nil {
+				return nil, fmt.Errorf("route to %v: a next hop with MPLS or a gateway of another family, which ferry does not save yet: %w", r.Dst, ErrUnsupported)
+			}
+			nh := &pb.NetNexthop{Dev: names[h.LinkIndex], Hops: uint32(h.Hops), Onlink: h.Flags&unix.RTNH_F_ONLINK != 0}
+			if h.Gw != nil {
+				nh.Gw = h.Gw.String()
+			}
+			nr.Nexthops = append(nr.Nexthops, nh)
 		}
 		out.Routes = append(out.Routes, nr)
 	}

@@ -160,6 +160,20 @@ func (r *restorer) makeNetNs(pid int) error {
 			}
 		}
 		nr.Gw, nr.Src, nr.Tos = net.ParseIP(rt.Gw), net.ParseIP(rt.Src), int(rt.Tos)
+		for _, hop := range rt.Nexthops {
+			nh := &netlink.NexthopInfo{Gw: net.ParseIP(hop.Gw), Hops: int(hop.Hops)}
+			if hop.Onlink {
+				nh.Flags = unix.RTNH_F_ONLINK
+			}
+			if hop.Dev != "" {
+				link, err := h.LinkByName(hop.Dev)
+				if err != nil {
+					return fmt.Errorf("route %s: next hop's link %s: %w", rt.Dst, hop.Dev, err)
+				}
+				nh.LinkIndex = link.Attrs().Index
+			}
+			nr.MultiPath = append(nr.MultiPath, nh)
+		}
 		if rt.Onlink {
 			nr.Flags = unix.RTNH_F_ONLINK
 		}

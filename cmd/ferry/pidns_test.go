@@ -278,7 +278,10 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 		{"rule", "del", "priority", "32767"},
 		{"route", "add", "default", "via", "10.99.0.1", "table", "100"},
 		{"route", "add", "unreachable", "10.92.0.0/16", "table", "101"},
-		{"route", "add", "blackhole", "10.93.0.0/16"}} {
+		{"route", "add", "blackhole", "10.93.0.0/16"},
+		// And a multipath route.
+		{"route", "add", "10.91.0.0/16", "nexthop", "via", "10.99.0.1", "dev", "eth0", "weight", "1",
+			"nexthop", "via", "10.99.0.3", "dev", "eth0", "weight", "3"}} {
 		sh(append([]string{"nsenter", "-t", init, "-n", "ip"}, c...)...)
 	}
 	macvlan := func(pid string) string {
@@ -364,7 +367,8 @@ func TestDumpRestoreNetNamespace(t *testing.T) {
 	}
 	routesBefore := routes(init)
 	if !strings.Contains(routesBefore, "onlink") || !strings.Contains(routesBefore, "initcwnd 10") ||
-		!strings.Contains(routesBefore, "lookup 101") || strings.Contains(routesBefore, "32767:") {
+		!strings.Contains(routesBefore, "lookup 101") || strings.Contains(routesBefore, "32767:") ||
+		!strings.Contains(routesBefore, "weight 3") {
 		t.Fatalf("routes before the dump:\n%s", routesBefore)
 	}
 	// Sysctls of the namespace, its own and one of a link's.

@@ -1906,20 +1906,22 @@ func (x *NetVxlan) GetFlowBased() bool {
 // NetRoute is a route of the namespace (in any table but local) that the
 // kernel did not make itself from an address.
 type NetRoute struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Family        int32                  `protobuf:"varint,1,opt,name=family,proto3" json:"family,omitempty"`
-	Dst           string                 `protobuf:"bytes,2,opt,name=dst,proto3" json:"dst,omitempty"` // CIDR; empty for the default route
-	Gw            string                 `protobuf:"bytes,3,opt,name=gw,proto3" json:"gw,omitempty"`
-	Dev           string                 `protobuf:"bytes,4,opt,name=dev,proto3" json:"dev,omitempty"`
-	Src           string                 `protobuf:"bytes,5,opt,name=src,proto3" json:"src,omitempty"`
-	Scope         int32                  `protobuf:"varint,6,opt,name=scope,proto3" json:"scope,omitempty"`
-	Protocol      int32                  `protobuf:"varint,7,opt,name=protocol,proto3" json:"protocol,omitempty"`
-	Priority      int32                  `protobuf:"varint,8,opt,name=priority,proto3" json:"priority,omitempty"`
-	Onlink        bool                   `protobuf:"varint,9,opt,name=onlink,proto3" json:"onlink,omitempty"` // the gateway is taken as on the link (RTNH_F_ONLINK)
-	Tos           int32                  `protobuf:"varint,10,opt,name=tos,proto3" json:"tos,omitempty"`
-	Metrics       *NetRouteMetrics       `protobuf:"bytes,11,opt,name=metrics,proto3" json:"metrics,omitempty"`
-	Table         uint32                 `protobuf:"varint,12,opt,name=table,proto3" json:"table,omitempty"` // 0: main
-	Type          int32                  `protobuf:"varint,13,opt,name=type,proto3" json:"type,omitempty"`   // RTN_*: 0 is unicast; blackhole, unreachable, prohibit, throw
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Family   int32                  `protobuf:"varint,1,opt,name=family,proto3" json:"family,omitempty"`
+	Dst      string                 `protobuf:"bytes,2,opt,name=dst,proto3" json:"dst,omitempty"` // CIDR; empty for the default route
+	Gw       string                 `protobuf:"bytes,3,opt,name=gw,proto3" json:"gw,omitempty"`
+	Dev      string                 `protobuf:"bytes,4,opt,name=dev,proto3" json:"dev,omitempty"`
+	Src      string                 `protobuf:"bytes,5,opt,name=src,proto3" json:"src,omitempty"`
+	Scope    int32                  `protobuf:"varint,6,opt,name=scope,proto3" json:"scope,omitempty"`
+	Protocol int32                  `protobuf:"varint,7,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	Priority int32                  `protobuf:"varint,8,opt,name=priority,proto3" json:"priority,omitempty"`
+	Onlink   bool                   `protobuf:"varint,9,opt,name=onlink,proto3" json:"onlink,omitempty"` // the gateway is taken as on the link (RTNH_F_ONLINK)
+	Tos      int32                  `protobuf:"varint,10,opt,name=tos,proto3" json:"tos,omitempty"`
+	Metrics  *NetRouteMetrics       `protobuf:"bytes,11,opt,name=metrics,proto3" json:"metrics,omitempty"`
+	Table    uint32                 `protobuf:"varint,12,opt,name=table,proto3" json:"table,omitempty"` // 0: main
+	Type     int32                  `protobuf:"varint,13,opt,name=type,proto3" json:"type,omitempty"`   // RTN_*: 0 is unicast; blackhole, unreachable, prohibit, throw
+	// A multipath route's next hops (dev and gw above are then empty).
+	Nexthops      []*NetNexthop `protobuf:"bytes,14,rep,name=nexthops,proto3" json:"nexthops,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2045,6 +2047,82 @@ func (x *NetRoute) GetType() int32 {
 	return 0
 }
 
+func (x *NetRoute) GetNexthops() []*NetNexthop {
+	if x != nil {
+		return x.Nexthops
+	}
+	return nil
+}
+
+// NetNexthop is one next hop of a multipath route.
+type NetNexthop struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Dev           string                 `protobuf:"bytes,1,opt,name=dev,proto3" json:"dev,omitempty"`
+	Gw            string                 `protobuf:"bytes,2,opt,name=gw,proto3" json:"gw,omitempty"`
+	Hops          uint32                 `protobuf:"varint,3,opt,name=hops,proto3" json:"hops,omitempty"` // weight - 1
+	Onlink        bool                   `protobuf:"varint,4,opt,name=onlink,proto3" json:"onlink,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetNexthop) Reset() {
+	*x = NetNexthop{}
+	mi := &file_images_ferry_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetNexthop) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetNexthop) ProtoMessage() {}
+
+func (x *NetNexthop) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetNexthop.ProtoReflect.Descriptor instead.
+func (*NetNexthop) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *NetNexthop) GetDev() string {
+	if x != nil {
+		return x.Dev
+	}
+	return ""
+}
+
+func (x *NetNexthop) GetGw() string {
+	if x != nil {
+		return x.Gw
+	}
+	return ""
+}
+
+func (x *NetNexthop) GetHops() uint32 {
+	if x != nil {
+		return x.Hops
+	}
+	return 0
+}
+
+func (x *NetNexthop) GetOnlink() bool {
+	if x != nil {
+		return x.Onlink
+	}
+	return false
+}
+
 // NetRouteMetrics are a route's metrics (ip route's mtu, advmss,
 // initcwnd, ...); zero for one not set.
 type NetRouteMetrics struct {
@@ -2073,7 +2151,7 @@ type NetRouteMetrics struct {
 
 func (x *NetRouteMetrics) Reset() {
 	*x = NetRouteMetrics{}
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2085,7 +2163,7 @@ func (x *NetRouteMetrics) String() string {
 func (*NetRouteMetrics) ProtoMessage() {}
 
 func (x *NetRouteMetrics) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[18]
+	mi := &file_images_ferry_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2098,7 +2176,7 @@ func (x *NetRouteMetrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetRouteMetrics.ProtoReflect.Descriptor instead.
 func (*NetRouteMetrics) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{18}
+	return file_images_ferry_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *NetRouteMetrics) GetMtu() uint32 {
@@ -2237,7 +2315,7 @@ type UtsNs struct {
 
 func (x *UtsNs) Reset() {
 	*x = UtsNs{}
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2249,7 +2327,7 @@ func (x *UtsNs) String() string {
 func (*UtsNs) ProtoMessage() {}
 
 func (x *UtsNs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[19]
+	mi := &file_images_ferry_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2262,7 +2340,7 @@ func (x *UtsNs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtsNs.ProtoReflect.Descriptor instead.
 func (*UtsNs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{19}
+	return file_images_ferry_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UtsNs) GetHostname() string {
@@ -2290,7 +2368,7 @@ type TrackerRef struct {
 
 func (x *TrackerRef) Reset() {
 	*x = TrackerRef{}
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2302,7 +2380,7 @@ func (x *TrackerRef) String() string {
 func (*TrackerRef) ProtoMessage() {}
 
 func (x *TrackerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[20]
+	mi := &file_images_ferry_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2315,7 +2393,7 @@ func (x *TrackerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrackerRef.ProtoReflect.Descriptor instead.
 func (*TrackerRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{20}
+	return file_images_ferry_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *TrackerRef) GetPid() int32 {
@@ -2349,7 +2427,7 @@ type SpecialVma struct {
 
 func (x *SpecialVma) Reset() {
 	*x = SpecialVma{}
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2361,7 +2439,7 @@ func (x *SpecialVma) String() string {
 func (*SpecialVma) ProtoMessage() {}
 
 func (x *SpecialVma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[21]
+	mi := &file_images_ferry_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2374,7 +2452,7 @@ func (x *SpecialVma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpecialVma.ProtoReflect.Descriptor instead.
 func (*SpecialVma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{21}
+	return file_images_ferry_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SpecialVma) GetName() string {
@@ -2405,7 +2483,7 @@ type PstreeEntry struct {
 
 func (x *PstreeEntry) Reset() {
 	*x = PstreeEntry{}
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2417,7 +2495,7 @@ func (x *PstreeEntry) String() string {
 func (*PstreeEntry) ProtoMessage() {}
 
 func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[22]
+	mi := &file_images_ferry_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2430,7 +2508,7 @@ func (x *PstreeEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PstreeEntry.ProtoReflect.Descriptor instead.
 func (*PstreeEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{22}
+	return file_images_ferry_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PstreeEntry) GetPid() int32 {
@@ -2492,7 +2570,7 @@ type Creds struct {
 
 func (x *Creds) Reset() {
 	*x = Creds{}
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2504,7 +2582,7 @@ func (x *Creds) String() string {
 func (*Creds) ProtoMessage() {}
 
 func (x *Creds) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[23]
+	mi := &file_images_ferry_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2517,7 +2595,7 @@ func (x *Creds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Creds.ProtoReflect.Descriptor instead.
 func (*Creds) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{23}
+	return file_images_ferry_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Creds) GetUid() uint32 {
@@ -2643,7 +2721,7 @@ type Rlimit struct {
 
 func (x *Rlimit) Reset() {
 	*x = Rlimit{}
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2655,7 +2733,7 @@ func (x *Rlimit) String() string {
 func (*Rlimit) ProtoMessage() {}
 
 func (x *Rlimit) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[24]
+	mi := &file_images_ferry_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2668,7 +2746,7 @@ func (x *Rlimit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rlimit.ProtoReflect.Descriptor instead.
 func (*Rlimit) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{24}
+	return file_images_ferry_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Rlimit) GetResource() uint32 {
@@ -2705,7 +2783,7 @@ type SigAction struct {
 
 func (x *SigAction) Reset() {
 	*x = SigAction{}
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2717,7 +2795,7 @@ func (x *SigAction) String() string {
 func (*SigAction) ProtoMessage() {}
 
 func (x *SigAction) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[25]
+	mi := &file_images_ferry_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2730,7 +2808,7 @@ func (x *SigAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAction.ProtoReflect.Descriptor instead.
 func (*SigAction) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{25}
+	return file_images_ferry_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SigAction) GetSig() uint32 {
@@ -2781,7 +2859,7 @@ type SigInfo struct {
 
 func (x *SigInfo) Reset() {
 	*x = SigInfo{}
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2793,7 +2871,7 @@ func (x *SigInfo) String() string {
 func (*SigInfo) ProtoMessage() {}
 
 func (x *SigInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[26]
+	mi := &file_images_ferry_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2806,7 +2884,7 @@ func (x *SigInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigInfo.ProtoReflect.Descriptor instead.
 func (*SigInfo) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{26}
+	return file_images_ferry_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SigInfo) GetSigno() uint32 {
@@ -2842,7 +2920,7 @@ type Itimer struct {
 
 func (x *Itimer) Reset() {
 	*x = Itimer{}
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2854,7 +2932,7 @@ func (x *Itimer) String() string {
 func (*Itimer) ProtoMessage() {}
 
 func (x *Itimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[27]
+	mi := &file_images_ferry_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2867,7 +2945,7 @@ func (x *Itimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Itimer.ProtoReflect.Descriptor instead.
 func (*Itimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{27}
+	return file_images_ferry_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Itimer) GetWhich() uint32 {
@@ -2909,7 +2987,7 @@ type PosixTimer struct {
 
 func (x *PosixTimer) Reset() {
 	*x = PosixTimer{}
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2921,7 +2999,7 @@ func (x *PosixTimer) String() string {
 func (*PosixTimer) ProtoMessage() {}
 
 func (x *PosixTimer) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[28]
+	mi := &file_images_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2934,7 +3012,7 @@ func (x *PosixTimer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PosixTimer.ProtoReflect.Descriptor instead.
 func (*PosixTimer) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{28}
+	return file_images_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PosixTimer) GetId() int32 {
@@ -3011,7 +3089,7 @@ type SigAltStack struct {
 
 func (x *SigAltStack) Reset() {
 	*x = SigAltStack{}
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3023,7 +3101,7 @@ func (x *SigAltStack) String() string {
 func (*SigAltStack) ProtoMessage() {}
 
 func (x *SigAltStack) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[29]
+	mi := &file_images_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3036,7 +3114,7 @@ func (x *SigAltStack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigAltStack.ProtoReflect.Descriptor instead.
 func (*SigAltStack) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{29}
+	return file_images_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SigAltStack) GetSp() uint64 {
@@ -3096,7 +3174,7 @@ type GpRegs struct {
 
 func (x *GpRegs) Reset() {
 	*x = GpRegs{}
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3108,7 +3186,7 @@ func (x *GpRegs) String() string {
 func (*GpRegs) ProtoMessage() {}
 
 func (x *GpRegs) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[30]
+	mi := &file_images_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3121,7 +3199,7 @@ func (x *GpRegs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GpRegs.ProtoReflect.Descriptor instead.
 func (*GpRegs) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{30}
+	return file_images_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GpRegs) GetR15() uint64 {
@@ -3325,7 +3403,7 @@ type Rseq struct {
 
 func (x *Rseq) Reset() {
 	*x = Rseq{}
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3337,7 +3415,7 @@ func (x *Rseq) String() string {
 func (*Rseq) ProtoMessage() {}
 
 func (x *Rseq) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[31]
+	mi := &file_images_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3350,7 +3428,7 @@ func (x *Rseq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rseq.ProtoReflect.Descriptor instead.
 func (*Rseq) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{31}
+	return file_images_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Rseq) GetPtr() uint64 {
@@ -3406,7 +3484,7 @@ type ThreadCore struct {
 
 func (x *ThreadCore) Reset() {
 	*x = ThreadCore{}
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3418,7 +3496,7 @@ func (x *ThreadCore) String() string {
 func (*ThreadCore) ProtoMessage() {}
 
 func (x *ThreadCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[32]
+	mi := &file_images_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3431,7 +3509,7 @@ func (x *ThreadCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThreadCore.ProtoReflect.Descriptor instead.
 func (*ThreadCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{32}
+	return file_images_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ThreadCore) GetTid() int32 {
@@ -3584,7 +3662,7 @@ type TaskCore struct {
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3596,7 +3674,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[33]
+	mi := &file_images_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3609,7 +3687,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{33}
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -3832,7 +3910,7 @@ type CgroupRef struct {
 
 func (x *CgroupRef) Reset() {
 	*x = CgroupRef{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3844,7 +3922,7 @@ func (x *CgroupRef) String() string {
 func (*CgroupRef) ProtoMessage() {}
 
 func (x *CgroupRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3857,7 +3935,7 @@ func (x *CgroupRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
 func (*CgroupRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CgroupRef) GetControllers() string {
@@ -3915,7 +3993,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3927,7 +4005,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3940,7 +4018,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -4092,7 +4170,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4104,7 +4182,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4117,7 +4195,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -4185,7 +4263,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4197,7 +4275,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4210,7 +4288,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -4398,7 +4476,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4410,7 +4488,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4423,7 +4501,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -4723,7 +4801,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4735,7 +4813,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4748,7 +4826,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -4799,7 +4877,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4811,7 +4889,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4824,7 +4902,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -4861,7 +4939,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4873,7 +4951,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4886,7 +4964,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -4938,7 +5016,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4950,7 +5028,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4963,7 +5041,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -5028,7 +5106,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5040,7 +5118,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5053,7 +5131,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -5164,7 +5242,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5176,7 +5254,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5189,7 +5267,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -5300,7 +5378,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5312,7 +5390,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5325,7 +5403,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -5376,7 +5454,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5388,7 +5466,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5401,7 +5479,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -5520,7 +5598,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5532,7 +5610,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5545,7 +5623,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{47}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -5657,7 +5735,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5669,7 +5747,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5682,7 +5760,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{48}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -5722,7 +5800,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5734,7 +5812,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5747,7 +5825,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{49}
+	return file_images_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -5798,7 +5876,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5810,7 +5888,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5823,7 +5901,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{50}
+	return file_images_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *FileLock) GetKind() string {
@@ -5867,7 +5945,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5879,7 +5957,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5892,7 +5970,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{51}
+	return file_images_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -5933,7 +6011,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5945,7 +6023,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5958,7 +6036,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{52}
+	return file_images_ferry_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -5994,7 +6072,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6006,7 +6084,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6019,7 +6097,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{53}
+	return file_images_ferry_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -6059,7 +6137,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6071,7 +6149,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6084,7 +6162,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{54}
+	return file_images_ferry_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -6133,7 +6211,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6145,7 +6223,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6158,7 +6236,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{55}
+	return file_images_ferry_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -6208,7 +6286,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6220,7 +6298,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6233,7 +6311,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{56}
+	return file_images_ferry_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -6330,7 +6408,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6342,7 +6420,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6355,7 +6433,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{57}
+	return file_images_ferry_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -6390,7 +6468,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6402,7 +6480,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6415,7 +6493,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{58}
+	return file_images_ferry_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -6502,7 +6580,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[59]
+	mi := &file_images_ferry_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6514,7 +6592,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[59]
+	mi := &file_images_ferry_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6527,7 +6605,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{59}
+	return file_images_ferry_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -6582,7 +6660,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[60]
+	mi := &file_images_ferry_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6594,7 +6672,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[60]
+	mi := &file_images_ferry_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6607,7 +6685,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{60}
+	return file_images_ferry_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -6821,7 +6899,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x05limit\x18\x14 \x01(\rR\x05limit\x12\x10\n" +
 	"\x03gbp\x18\x15 \x01(\bR\x03gbp\x12\x1d\n" +
 	"\n" +
-	"flow_based\x18\x16 \x01(\bR\tflowBased\"\xc3\x02\n" +
+	"flow_based\x18\x16 \x01(\bR\tflowBased\"\xf9\x02\n" +
 	"\bNetRoute\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\x05R\x06family\x12\x10\n" +
 	"\x03dst\x18\x02 \x01(\tR\x03dst\x12\x0e\n" +
@@ -6836,7 +6914,14 @@ const file_images_ferry_proto_rawDesc = "" +
 	" \x01(\x05R\x03tos\x127\n" +
 	"\ametrics\x18\v \x01(\v2\x1d.ferry.images.NetRouteMetricsR\ametrics\x12\x14\n" +
 	"\x05table\x18\f \x01(\rR\x05table\x12\x12\n" +
-	"\x04type\x18\r \x01(\x05R\x04type\"\xf7\x03\n" +
+	"\x04type\x18\r \x01(\x05R\x04type\x124\n" +
+	"\bnexthops\x18\x0e \x03(\v2\x18.ferry.images.NetNexthopR\bnexthops\"Z\n" +
+	"\n" +
+	"NetNexthop\x12\x10\n" +
+	"\x03dev\x18\x01 \x01(\tR\x03dev\x12\x0e\n" +
+	"\x02gw\x18\x02 \x01(\tR\x02gw\x12\x12\n" +
+	"\x04hops\x18\x03 \x01(\rR\x04hops\x12\x16\n" +
+	"\x06onlink\x18\x04 \x01(\bR\x06onlink\"\xf7\x03\n" +
 	"\x0fNetRouteMetrics\x12\x10\n" +
 	"\x03mtu\x18\x01 \x01(\rR\x03mtu\x12\x19\n" +
 	"\bmtu_lock\x18\x02 \x01(\bR\amtuLock\x12\x16\n" +
@@ -7310,7 +7395,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 62)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),       // 0: ferry.images.Inventory
 	(*UserNs)(nil),          // 1: ferry.images.UserNs
@@ -7330,60 +7415,61 @@ var file_images_ferry_proto_goTypes = []any{
 	(*NetBridge)(nil),       // 15: ferry.images.NetBridge
 	(*NetVxlan)(nil),        // 16: ferry.images.NetVxlan
 	(*NetRoute)(nil),        // 17: ferry.images.NetRoute
-	(*NetRouteMetrics)(nil), // 18: ferry.images.NetRouteMetrics
-	(*UtsNs)(nil),           // 19: ferry.images.UtsNs
-	(*TrackerRef)(nil),      // 20: ferry.images.TrackerRef
-	(*SpecialVma)(nil),      // 21: ferry.images.SpecialVma
-	(*PstreeEntry)(nil),     // 22: ferry.images.PstreeEntry
-	(*Creds)(nil),           // 23: ferry.images.Creds
-	(*Rlimit)(nil),          // 24: ferry.images.Rlimit
-	(*SigAction)(nil),       // 25: ferry.images.SigAction
-	(*SigInfo)(nil),         // 26: ferry.images.SigInfo
-	(*Itimer)(nil),          // 27: ferry.images.Itimer
-	(*PosixTimer)(nil),      // 28: ferry.images.PosixTimer
-	(*SigAltStack)(nil),     // 29: ferry.images.SigAltStack
-	(*GpRegs)(nil),          // 30: ferry.images.GpRegs
-	(*Rseq)(nil),            // 31: ferry.images.Rseq
-	(*ThreadCore)(nil),      // 32: ferry.images.ThreadCore
-	(*TaskCore)(nil),        // 33: ferry.images.TaskCore
-	(*CgroupRef)(nil),       // 34: ferry.images.CgroupRef
-	(*Vma)(nil),             // 35: ferry.images.Vma
-	(*SysvShm)(nil),         // 36: ferry.images.SysvShm
-	(*MmCore)(nil),          // 37: ferry.images.MmCore
-	(*FileEntry)(nil),       // 38: ferry.images.FileEntry
-	(*InotifyWatch)(nil),    // 39: ferry.images.InotifyWatch
-	(*Fanotify)(nil),        // 40: ferry.images.Fanotify
-	(*FanotifyMark)(nil),    // 41: ferry.images.FanotifyMark
-	(*Timerfd)(nil),         // 42: ferry.images.Timerfd
-	(*Tty)(nil),             // 43: ferry.images.Tty
-	(*UnixSocket)(nil),      // 44: ferry.images.UnixSocket
-	(*InFlight)(nil),        // 45: ferry.images.InFlight
-	(*InetSocket)(nil),      // 46: ferry.images.InetSocket
-	(*TcpStream)(nil),       // 47: ferry.images.TcpStream
-	(*SockOpt)(nil),         // 48: ferry.images.SockOpt
-	(*EpollTarget)(nil),     // 49: ferry.images.EpollTarget
-	(*FileLock)(nil),        // 50: ferry.images.FileLock
-	(*FdEntry)(nil),         // 51: ferry.images.FdEntry
-	(*FdTable)(nil),         // 52: ferry.images.FdTable
-	(*PagemapHead)(nil),     // 53: ferry.images.PagemapHead
-	(*PagemapEntry)(nil),    // 54: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil),    // 55: ferry.images.PagemapBatch
-	(*GhostFile)(nil),       // 56: ferry.images.GhostFile
-	(*GhostExtent)(nil),     // 57: ferry.images.GhostExtent
-	(*DumpStats)(nil),       // 58: ferry.images.DumpStats
-	(*RestoreStats)(nil),    // 59: ferry.images.RestoreStats
-	(*Stats)(nil),           // 60: ferry.images.Stats
-	nil,                     // 61: ferry.images.NetNs.IptablesEntry
+	(*NetNexthop)(nil),      // 18: ferry.images.NetNexthop
+	(*NetRouteMetrics)(nil), // 19: ferry.images.NetRouteMetrics
+	(*UtsNs)(nil),           // 20: ferry.images.UtsNs
+	(*TrackerRef)(nil),      // 21: ferry.images.TrackerRef
+	(*SpecialVma)(nil),      // 22: ferry.images.SpecialVma
+	(*PstreeEntry)(nil),     // 23: ferry.images.PstreeEntry
+	(*Creds)(nil),           // 24: ferry.images.Creds
+	(*Rlimit)(nil),          // 25: ferry.images.Rlimit
+	(*SigAction)(nil),       // 26: ferry.images.SigAction
+	(*SigInfo)(nil),         // 27: ferry.images.SigInfo
+	(*Itimer)(nil),          // 28: ferry.images.Itimer
+	(*PosixTimer)(nil),      // 29: ferry.images.PosixTimer
+	(*SigAltStack)(nil),     // 30: ferry.images.SigAltStack
+	(*GpRegs)(nil),          // 31: ferry.images.GpRegs
+	(*Rseq)(nil),            // 32: ferry.images.Rseq
+	(*ThreadCore)(nil),      // 33: ferry.images.ThreadCore
+	(*TaskCore)(nil),        // 34: ferry.images.TaskCore
+	(*CgroupRef)(nil),       // 35: ferry.images.CgroupRef
+	(*Vma)(nil),             // 36: ferry.images.Vma
+	(*SysvShm)(nil),         // 37: ferry.images.SysvShm
+	(*MmCore)(nil),          // 38: ferry.images.MmCore
+	(*FileEntry)(nil),       // 39: ferry.images.FileEntry
+	(*InotifyWatch)(nil),    // 40: ferry.images.InotifyWatch
+	(*Fanotify)(nil),        // 41: ferry.images.Fanotify
+	(*FanotifyMark)(nil),    // 42: ferry.images.FanotifyMark
+	(*Timerfd)(nil),         // 43: ferry.images.Timerfd
+	(*Tty)(nil),             // 44: ferry.images.Tty
+	(*UnixSocket)(nil),      // 45: ferry.images.UnixSocket
+	(*InFlight)(nil),        // 46: ferry.images.InFlight
+	(*InetSocket)(nil),      // 47: ferry.images.InetSocket
+	(*TcpStream)(nil),       // 48: ferry.images.TcpStream
+	(*SockOpt)(nil),         // 49: ferry.images.SockOpt
+	(*EpollTarget)(nil),     // 50: ferry.images.EpollTarget
+	(*FileLock)(nil),        // 51: ferry.images.FileLock
+	(*FdEntry)(nil),         // 52: ferry.images.FdEntry
+	(*FdTable)(nil),         // 53: ferry.images.FdTable
+	(*PagemapHead)(nil),     // 54: ferry.images.PagemapHead
+	(*PagemapEntry)(nil),    // 55: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil),    // 56: ferry.images.PagemapBatch
+	(*GhostFile)(nil),       // 57: ferry.images.GhostFile
+	(*GhostExtent)(nil),     // 58: ferry.images.GhostExtent
+	(*DumpStats)(nil),       // 59: ferry.images.DumpStats
+	(*RestoreStats)(nil),    // 60: ferry.images.RestoreStats
+	(*Stats)(nil),           // 61: ferry.images.Stats
+	nil,                     // 62: ferry.images.NetNs.IptablesEntry
 }
 var file_images_ferry_proto_depIdxs = []int32{
-	21, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
-	20, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
-	19, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
+	22, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
+	21, // 1: ferry.images.Inventory.trackers:type_name -> ferry.images.TrackerRef
+	20, // 2: ferry.images.Inventory.uts_ns:type_name -> ferry.images.UtsNs
 	11, // 3: ferry.images.Inventory.net_ns:type_name -> ferry.images.NetNs
 	7,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
 	5,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
 	4,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
-	34, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
+	35, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
 	3,  // 8: ferry.images.Inventory.external_ns:type_name -> ferry.images.ExternalNs
 	1,  // 9: ferry.images.Inventory.user_ns:type_name -> ferry.images.UserNs
 	2,  // 10: ferry.images.UserNs.uid_map:type_name -> ferry.images.IdMap
@@ -7394,46 +7480,47 @@ var file_images_ferry_proto_depIdxs = []int32{
 	14, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
 	17, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
 	13, // 17: ferry.images.NetNs.sysctls:type_name -> ferry.images.Sysctl
-	61, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
+	62, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
 	12, // 19: ferry.images.NetNs.rules:type_name -> ferry.images.NetRule
 	15, // 20: ferry.images.NetLink.bridge:type_name -> ferry.images.NetBridge
 	16, // 21: ferry.images.NetLink.vxlan:type_name -> ferry.images.NetVxlan
-	18, // 22: ferry.images.NetRoute.metrics:type_name -> ferry.images.NetRouteMetrics
-	30, // 23: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
-	26, // 24: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
-	29, // 25: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
-	31, // 26: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	23, // 27: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	24, // 28: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	25, // 29: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	26, // 30: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	27, // 31: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	28, // 32: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	32, // 33: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	34, // 34: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	36, // 35: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	35, // 36: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	49, // 37: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	46, // 38: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	44, // 39: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	43, // 40: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	42, // 41: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	39, // 42: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	40, // 43: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	41, // 44: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	45, // 45: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	48, // 46: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	47, // 47: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	50, // 48: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	51, // 49: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	57, // 50: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	58, // 51: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	59, // 52: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	53, // [53:53] is the sub-list for method output_type
-	53, // [53:53] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	19, // 22: ferry.images.NetRoute.metrics:type_name -> ferry.images.NetRouteMetrics
+	18, // 23: ferry.images.NetRoute.nexthops:type_name -> ferry.images.NetNexthop
+	31, // 24: ferry.images.ThreadCore.regs:type_name -> ferry.images.GpRegs
+	27, // 25: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
+	30, // 26: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
+	32, // 27: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
+	24, // 28: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	25, // 29: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	26, // 30: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	27, // 31: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	28, // 32: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	29, // 33: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	33, // 34: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	35, // 35: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	37, // 36: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	36, // 37: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	50, // 38: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	47, // 39: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	45, // 40: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	44, // 41: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	43, // 42: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	40, // 43: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	41, // 44: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	42, // 45: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	46, // 46: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	49, // 47: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	48, // 48: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	51, // 49: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	52, // 50: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	58, // 51: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	59, // 52: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	60, // 53: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	54, // [54:54] is the sub-list for method output_type
+	54, // [54:54] is the sub-list for method input_type
+	54, // [54:54] is the sub-list for extension type_name
+	54, // [54:54] is the sub-list for extension extendee
+	0,  // [0:54] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -7447,7 +7534,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   62,
+			NumMessages:   63,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
