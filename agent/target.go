@@ -252,6 +252,7 @@ func (a *Agent) resolveRound(cc *images.ChainCache, id, dir string) {
 // Restore restores a migration's final round. The tree runs, but the
 // migration is not committed: until Commit, a rollback kills it.
 func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agentv1.RestoreReply, error) {
+	asked := time.Now()
 	m, err := a.preparing(req.Id, "nothing to restore")
 	if err != nil {
 		return nil, err
@@ -291,6 +292,7 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 		}
 		ropts.LazyPages, ropts.LazySocket = true, post.socket
 	}
+	a.log.Debug("migration: restore starts", "id", req.Id, "since the request", time.Since(asked))
 	res, err := restorecore.Restore(ctx, ropts)
 	a.log.Debug("migration: restore returned", "id", req.Id, "took", time.Since(start), "err", err)
 	if err != nil {
