@@ -89,13 +89,47 @@ func serveRPC(ctx context.Context, f *os.File, service bool) error {
 		if err != nil {
 			return err
 		}
-		if err := c.send(c.handle(ctx, req)); err != nil {
+		rctx, stop := c.whileConnected(ctx)
+		resp := c.handle(rctx, req)
+		stop()
+		if err := c.send(resp); err != nil {
 			return err
 		}
 		if !req.GetKeepOpen() {
 			return nil
 		}
 	}
+}
+
+// whileConnected returns ctx, canceled if the client hangs up before
+// stop is called: a request it can no longer hear about ends (a lazy
+// dump waiting for a daemon that will never come resumes the tree
+// rather than hold it frozen). It only polls for the hang-up, never
+// reads: the request's notifications use the socket meanwhile.
+func (c *rpcConn) whileConnected(ctx context.Context) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		fds := []unix.PollFd{{Fd: int32(c.f.Fd()), Events: unix.POLLRDHUP}}
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			n, err := unix.Poll(fds, 100)
+			if err != nil || n == 0 {
+				continue // EINTR, or nothing yet
+			}
+			if fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0 {
+				cancel()
+			}
+			if fds[0].Revents != 0 {
+				return // hung up, or not a socket to watch (POLLNVAL)
+			}
+		}
+	}()
+	return ctx, func() { close(done); cancel() }
 }
 
 func (c *rpcConn) recv() (*rpc.CriuReq, error) {

@@ -5,7 +5,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +15,7 @@ import (
 
 	criu "github.com/checkpoint-restore/go-criu/v7"
 	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/ferrycr/ferry/internal/proc"
@@ -169,4 +172,78 @@ func waitService(t *testing.T, sock string) {
 	}) {
 		t.Fatal("no service socket")
 	}
+}
+
+// TestSwrkClientGone: a lazy dump through swrk (runc checkpoint
+// --lazy-pages) whose client goes away once the dump serves its pages,
+// before any lazy-pages daemon comes: swrk does not keep the process
+// frozen for a daemon that will never come; it resumes it and exits.
+func TestSwrkClientGone(t *testing.T) {
+	needRoot(t)
+	w := startSelfCheck(t, "memfd.py")
+	before := w.Report(t)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "client"), os.NewFile(uintptr(fds[1]), "swrk")
+	defer ours.Close()
+	dir := t.TempDir()
+	img, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	cmd := exec.Command(testutil.BuildCmd(t, "ferry"), "swrk", "3")
+	cmd.ExtraFiles = []*os.File{theirs} // fd 3
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	theirs.Close()
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	defer func() {
+		cmd.Process.Kill()
+		<-exited
+	}()
+	send := func(req *rpc.CriuReq) {
+		t.Helper()
+		b, err := proto.Marshal(req)
+		if err == nil {
+			_, err = ours.Write(b)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	port, _ := strconv.Atoi(freePort(t))
+	send(&rpc.CriuReq{Type: rpc.CriuReqType_DUMP.Enum(), Opts: &rpc.CriuOpts{ImagesDirFd: proto.Int32(int32(img.Fd())),
+		Pid: proto.Int32(int32(w.Pid)), ShellJob: proto.Bool(true), LogLevel: proto.Int32(4), LogFile: proto.String("dump.log"),
+		LazyPages: proto.Bool(true), NotifyScripts: proto.Bool(true),
+		Ps: &rpc.CriuPageServerInfo{Address: proto.String("127.0.0.1"), Port: proto.Int32(int32(port))}}})
+	buf := make([]byte, 1<<16)
+	for ready := false; !ready; {
+		n, err := ours.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp := &rpc.CriuResp{}
+		if err := proto.Unmarshal(buf[:n], resp); err != nil {
+			t.Fatal(err)
+		}
+		if resp.GetType() != rpc.CriuReqType_NOTIFY {
+			log, _ := os.ReadFile(filepath.Join(dir, "dump.log"))
+			t.Fatalf("before the pages were served: %v\n%s", resp, log)
+		}
+		ready = resp.GetNotify().GetScript() == "status-ready"
+		send(&rpc.CriuReq{Type: rpc.CriuReqType_NOTIFY.Enum(), NotifySuccess: proto.Bool(true)})
+	}
+	ours.Close() // the client is gone
+	select {
+	case <-exited:
+	case <-time.After(20 * time.Second):
+		t.Fatal("swrk waits on with the process frozen")
+	}
+	checkContinued(t, before, w.Report(t))
+	checkSelf(t, w)
 }
