@@ -156,16 +156,9 @@ func (c *PageChain) resolve(dir string, pid int32, depth int, head *pb.PagemapHe
 	}
 	var parent []PageRun
 	if needParent {
-		inv := &pb.Inventory{}
-		if err := ReadOne(dir, InventoryName, KindInventory, inv); err != nil {
+		pdir, err := parentOf(dir, pid)
+		if err != nil {
 			return nil, err
-		}
-		if inv.ParentDir == "" {
-			return nil, fmt.Errorf("%s has pages in a parent image but names no parent directory: %w", filepath.Join(dir, name), ErrCorrupt)
-		}
-		pdir := inv.ParentDir
-		if !filepath.IsAbs(pdir) {
-			pdir = filepath.Join(dir, pdir)
 		}
 		if parent, err = c.resolve(pdir, pid, depth+1, nil, nil, nil); err != nil {
 			return nil, fmt.Errorf("parent images of %s: %w", dir, err)
@@ -272,18 +265,25 @@ func narrowed(dir string, pid int32, entries []PageEntry, narrow func(pdir strin
 	if !HasHoles(entries) {
 		return Ranges(entries), nil
 	}
-	pdir, err := ParentDir(dir)
+	pdir, err := parentOf(dir, pid)
 	if err != nil {
 		return nil, err
-	}
-	if pdir == "" {
-		return nil, fmt.Errorf("%s has pages in a parent image but names no parent directory: %w", filepath.Join(dir, PagemapName(pid)), ErrCorrupt)
 	}
 	out, err := narrow(pdir)
 	if err != nil {
 		return nil, fmt.Errorf("parent images of %s: %w", dir, err)
 	}
 	return out, nil
+}
+
+// parentOf returns the parent image set that pid's pagemap in dir takes
+// pages from: one it must name.
+func parentOf(dir string, pid int32) (string, error) {
+	pdir, err := ParentDir(dir)
+	if err == nil && pdir == "" {
+		err = fmt.Errorf("%s has pages in a parent image but names no parent directory: %w", filepath.Join(dir, PagemapName(pid)), ErrCorrupt)
+	}
+	return pdir, err
 }
 
 // HasHoles tells whether any of entries is a parent run with holes.
