@@ -265,18 +265,7 @@ func (r *RemoteSource) gotList(typ uint8, p []byte) error {
 // DialRemote connects to the page server in lazy mode at addr over network
 // ("tcp" or "quic"), asking for zstd if wantZstd.
 func DialRemote(ctx context.Context, network, addr string, t transport.TLS, wantZstd bool) (*RemoteSource, error) {
-	dial := func() (*transport.Stream, error) {
-		conn, err := transport.DialOn(ctx, network, addr, t)
-		if err != nil {
-			return nil, fmt.Errorf("page server %s: %w", addr, err)
-		}
-		s, err := transport.Client(conn, wantZstd)
-		if err != nil {
-			conn.Close()
-			return nil, fmt.Errorf("page server %s: %w", addr, err)
-		}
-		return s, nil
-	}
+	dial := func() (*transport.Stream, error) { return pageserver.Dial(ctx, network, addr, t, wantZstd) }
 	s, err := dial()
 	if err != nil {
 		return nil, err

@@ -184,6 +184,17 @@ type Client struct {
 // Connect opens a session with the page server at addr over network
 // ("tcp" or "quic").
 func Connect(ctx context.Context, network, addr string, t transport.TLS, zstd bool) (*Client, error) {
+	s, err := Dial(ctx, network, addr, t, zstd)
+	if err != nil {
+		return nil, err
+	}
+	return &Client{s: s}, nil
+}
+
+// Dial opens a stream to the page server at addr over network ("tcp" or
+// "quic"), compressed if zstd and the server agrees: the client side of
+// Accept.
+func Dial(ctx context.Context, network, addr string, t transport.TLS, zstd bool) (*transport.Stream, error) {
 	conn, err := transport.DialOn(ctx, network, addr, t)
 	if err != nil {
 		return nil, fmt.Errorf("page server %s: %w", addr, err)
@@ -193,7 +204,7 @@ func Connect(ctx context.Context, network, addr string, t transport.TLS, zstd bo
 		conn.Close()
 		return nil, fmt.Errorf("page server %s: %w", addr, err)
 	}
-	return &Client{s: s}, nil
+	return s, nil
 }
 
 // ConnectConn opens a session over conn, already connected to a page
