@@ -17,6 +17,7 @@ import (
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/internal/vmflags"
 )
 
 // Options control a dump; the field comments name the criu option.
@@ -211,6 +212,9 @@ func Dump(ctx context.Context, opts Options) (*Result, error) {
 	if opts.Pid <= 0 {
 		return nil, fmt.Errorf("invalid pid %d", opts.Pid)
 	}
+	// The VMA flags' iterator loads (~4 ms, once per ferry process) while
+	// the tree is found and frozen.
+	go vmflags.Prepare()
 	if _, err := os.Stat(proc.Path(opts.Pid, "stat")); err != nil {
 		return nil, fmt.Errorf("process %d: %w", opts.Pid, ErrNoProcess)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/internal/vmflags"
 	"github.com/ferrycr/ferry/uffd"
 )
 
@@ -359,7 +360,7 @@ func (d *dumper) setupTracking() error {
 		d.armAfterResume = true
 		return nil
 	}
-	vmas, err := proc.ReadSmaps(pid)
+	vmas, err := vmflags.Read(pid)
 	if err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/compel"
 	"github.com/ferrycr/ferry/internal/proc"
+	"github.com/ferrycr/ferry/internal/vmflags"
 	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/uffd"
 )
@@ -187,7 +188,7 @@ func keyOf(v *proc.Vma) vmaKey {
 func (d *dumper) readVmas() ([]proc.Vma, error) {
 	pid := d.opts.Pid
 	if d.early == nil {
-		return proc.ReadSmaps(pid)
+		return vmflags.Read(pid)
 	}
 	vmas, err := proc.ReadMaps(pid)
 	if err != nil {
@@ -199,7 +200,7 @@ func (d *dumper) readVmas() ([]proc.Vma, error) {
 		flags, ok := d.early[k]
 		if !ok {
 			d.log.Debug("a VMA changed before the freeze: reading smaps", "vma", fmt.Sprintf("%#x-%#x", k.start, k.end))
-			return proc.ReadSmaps(pid)
+			return vmflags.Read(pid)
 		}
 		vmas[i].VmFlags = flags
 		used = append(used, k)
@@ -219,7 +220,7 @@ func (d *dumper) flagsMoved() (bool, error) {
 	if len(d.usedEarly) == 0 {
 		return false, nil
 	}
-	after, err := proc.ReadSmaps(d.opts.Pid)
+	after, err := vmflags.Read(d.opts.Pid)
 	if err != nil {
 		return false, err
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
+	"github.com/ferrycr/ferry/internal/vmflags"
 	"github.com/ferrycr/ferry/uffd"
 )
 
@@ -76,7 +77,7 @@ func StartTracking(pid int, log *slog.Logger) (*Tracker, error) {
 		t.u.Close()
 		return nil, err
 	}
-	vmas, err := proc.ReadSmaps(pid)
+	vmas, err := vmflags.Read(pid)
 	if err != nil {
 		t.Close()
 		return nil, err

@@ -22,6 +22,7 @@ import (
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
 	"github.com/ferrycr/ferry/internal/treeplan"
+	"github.com/ferrycr/ferry/internal/vmflags"
 	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/netlock"
 )
@@ -107,7 +108,7 @@ func (t *tree) readEarlyFlags() error {
 		pids = append(pids, proc.Children(pids[i])...)
 	}
 	for _, pid := range pids {
-		vmas, err := proc.ReadSmaps(pid)
+		vmas, err := vmflags.Read(pid)
 		if err != nil {
 			if pid == t.root {
 				return err
@@ -474,6 +475,7 @@ func (t *tree) checkFlags() func() error {
 
 // collect reads every process of the tree, then what spans processes.
 func (t *tree) collect(ctx context.Context) ([]*imageSet, error) {
+	t.log.Debug("VMA flags", "from", vmflags.Source())
 	imgs := make([]*imageSet, 0, len(t.procs))
 	for _, d := range t.procs {
 		img, err := d.collect(ctx)
