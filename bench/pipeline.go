@@ -59,8 +59,14 @@ type backgroundResult struct {
 // page; on this VM the host maps guest memory in on first touch, and that
 // is the slower of the two). Both run after the restored process ended, on
 // memory it freed moments before, so they are if anything fast.
+//
+// Flow "daemon" is criu's sequence of three commands (dump --lazy-pages,
+// lazy-pages, restore --lazy-pages); flow "restore" has the restore serve
+// the pages itself (restore --lazy-pages --page-server): one process start
+// fewer on the target.
 type lazyResult struct {
 	SizeMiB      int     `json:"size_mib"`
+	Flow         string  `json:"flow"`
 	DumpLazyMs   float64 `json:"dump_lazy_pages_until_serving_ms"`
 	DaemonMs     float64 `json:"lazy_pages_daemon_until_ready_ms"`
 	RestoreMs    float64 `json:"restore_until_running_ms"`
@@ -194,8 +200,8 @@ func waitStatus(cmd *exec.Cmd) error {
 	return nil
 }
 
-func benchLazy(ferry, wl, dir string, mib int) (lazyResult, error) {
-	r := lazyResult{SizeMiB: mib, TargetMsGoal: 60, GoalVsTCP: 1.3}
+func benchLazy(ferry, wl, dir string, mib int, flow string) (lazyResult, error) {
+	r := lazyResult{SizeMiB: mib, Flow: flow, TargetMsGoal: 60, GoalVsTCP: 1.3}
 	report := filepath.Join(dir, "report")
 	os.Remove(report)
 	cmd := exec.Command("unshare", "--pid", "--fork", "--kill-child", "setsid", wl, "-m", strconv.Itoa(mib), "-t", "2", "-r", report)
@@ -230,19 +236,32 @@ func benchLazy(ferry, wl, dir string, mib int) (lazyResult, error) {
 	}
 	defer func() { dl.Process.Kill(); dl.Wait() }()
 	r.DumpLazyMs = ms(time.Since(t0))
-	// Target: the daemon, then the restore.
+	// Target: the daemon, then the restore; or the restore alone, ready
+	// (status-fd) once the process runs.
 	t1 := time.Now()
-	daemon := exec.Command(ferry, "lazy-pages", "-D", img, "--page-server", "--address", "127.0.0.1", "--port", port, "--status-fd", "3")
-	if err := waitStatus(daemon); err != nil {
-		return r, err
-	}
-	r.DaemonMs = ms(time.Since(t1))
-	t2 := time.Now()
 	pidfile := filepath.Join(dir, "lazy.pid")
-	if b, err := exec.Command(ferry, "restore", "-D", img, "-d", "--lazy-pages", "--pidfile", pidfile).CombinedOutput(); err != nil {
-		daemon.Process.Kill()
-		daemon.Wait()
-		return r, fmt.Errorf("lazy restore: %v\n%s", err, b)
+	os.Remove(pidfile)
+	var daemon *exec.Cmd
+	if flow == "daemon" {
+		daemon = exec.Command(ferry, "lazy-pages", "-D", img, "--page-server", "--address", "127.0.0.1", "--port", port, "--status-fd", "3")
+		if err := waitStatus(daemon); err != nil {
+			return r, err
+		}
+		r.DaemonMs = ms(time.Since(t1))
+	}
+	t2 := time.Now()
+	if daemon != nil {
+		if b, err := exec.Command(ferry, "restore", "-D", img, "-d", "--lazy-pages", "--pidfile", pidfile).CombinedOutput(); err != nil {
+			daemon.Process.Kill()
+			daemon.Wait()
+			return r, fmt.Errorf("lazy restore: %v\n%s", err, b)
+		}
+	} else {
+		daemon = exec.Command(ferry, "restore", "-D", img, "-d", "--lazy-pages", "--pidfile", pidfile,
+			"--page-server", "--address", "127.0.0.1", "--port", port, "--status-fd", "3")
+		if err := waitStatus(daemon); err != nil {
+			return r, fmt.Errorf("lazy restore: %v", err)
+		}
 	}
 	r.RestoreMs = ms(time.Since(t2))
 	r.TargetMs = ms(time.Since(t1))

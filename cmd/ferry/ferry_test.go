@@ -1304,8 +1304,17 @@ func TestPageServerDyingMidDumpKeepsTask(t *testing.T) {
 	checkContinued(t, before, w.Report(t))
 }
 
+// TestLazyRestoreFromPageServer: every page of a post-copy restore comes
+// from a page server, through a lazy-pages daemon or through the restore
+// itself (restore --page-server).
 func TestLazyRestoreFromPageServer(t *testing.T) {
 	needRoot(t)
+	for _, way := range []string{"daemon", "restore"} {
+		t.Run(way, func(t *testing.T) { testLazyRestoreFromPageServer(t, way) })
+	}
+}
+
+func testLazyRestoreFromPageServer(t *testing.T, way string) {
 	bin := testutil.BuildC(t, "memcheck")
 	w := testutil.Start(t, "-r", bin, "-m", "32", "-t", "2", "-p")
 	before := w.Report(t)
@@ -1315,11 +1324,17 @@ func TestLazyRestoreFromPageServer(t *testing.T) {
 	copyButPages(t, img, tgt)
 	port := freePort(t)
 	psDone := startDaemon(t, "page-server", "--lazy-pages", "-D", img, "--address", "127.0.0.1", "--port", port)
-	lzDone := startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port, "--compress")
-	mustFerry(t, "restore", "-D", tgt, "-d", "--lazy-pages")
+	var lzDone chan int
+	if way == "daemon" {
+		lzDone = startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port, "--compress")
+		mustFerry(t, "restore", "-D", tgt, "-d", "--lazy-pages")
+	} else {
+		// Ready once the process runs; it exits once every page is in.
+		lzDone = startDaemon(t, "restore", "-D", tgt, "-d", "--lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port, "--compress")
+	}
 	r := testutil.Attach(t, w.Pid, w.ReportPath)
 	checkContinued(t, before, r.Report(t))
-	for name, ch := range map[string]chan int{"lazy-pages": lzDone, "page-server": psDone} {
+	for name, ch := range map[string]chan int{way: lzDone, "page-server": psDone} {
 		select {
 		case code := <-ch:
 			if code != 0 {
@@ -1362,6 +1377,12 @@ func copyButPages(t *testing.T, dir, tgt string) {
 // memory was not delivered: the daemon fails and ends it.
 func TestLazyRestoreSourceFailure(t *testing.T) {
 	needRoot(t)
+	for _, way := range []string{"daemon", "restore"} {
+		t.Run(way, func(t *testing.T) { testLazyRestoreSourceFailure(t, way) })
+	}
+}
+
+func testLazyRestoreSourceFailure(t *testing.T, way string) {
 	bin := testutil.BuildC(t, "memcheck")
 	w := testutil.Start(t, "-r", bin, "-m", "64")
 	img, tgt := t.TempDir(), t.TempDir()
@@ -1391,9 +1412,15 @@ func TestLazyRestoreSourceFailure(t *testing.T) {
 		}, nil)
 	}()
 	_, port, _ := net.SplitHostPort(l.Addr().String())
-	done := startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port,
-		"--prefetch-rate", "1M")
-	mustFerry(t, "restore", "-D", tgt, "-d", "--lazy-pages")
+	var done chan int
+	if way == "daemon" {
+		done = startDaemon(t, "lazy-pages", "-D", tgt, "--page-server", "--address", "127.0.0.1", "--port", port,
+			"--prefetch-rate", "1M")
+		mustFerry(t, "restore", "-D", tgt, "-d", "--lazy-pages")
+	} else {
+		done = startDaemon(t, "restore", "-D", tgt, "-d", "--lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
+			"--prefetch-rate", "1M")
+	}
 	r := testutil.Attach(t, w.Pid, w.ReportPath)
 	// Stopped, it cannot notice zeros and exit by itself: it must be
 	// ended by the daemon.
@@ -1402,10 +1429,10 @@ func TestLazyRestoreSourceFailure(t *testing.T) {
 	select {
 	case code := <-done:
 		if code != 1 {
-			t.Fatalf("lazy-pages exited %d after its source failed, want 1", code)
+			t.Fatalf("%s exited %d after its source failed, want 1", way, code)
 		}
 	case <-time.After(30 * time.Second):
-		t.Fatal("lazy-pages did not fail when its source did")
+		t.Fatalf("%s did not fail when its source did", way)
 	}
 	if err := testutil.WaitGone(r.Pid, 10*time.Second); err != nil {
 		t.Fatalf("the restored process outlived its failed post-copy: %v", err)

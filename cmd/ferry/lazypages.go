@@ -1,7 +1,10 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 
@@ -66,12 +69,8 @@ they would otherwise read zeros where their memory never arrived.`,
 			if statusFd >= 0 {
 				opts.Ready = func() { writeStatus(statusFd) }
 			}
-			if rate != "" {
-				v, err := parseSize(rate)
-				if err != nil || v <= 0 {
-					return fmt.Errorf("--prefetch-rate %q: want bytes per second, e.g. 100M", rate)
-				}
-				opts.PrefetchRate = v
+			if opts.PrefetchRate, err = parseRate(rate); err != nil {
+				return err
 			}
 			remote, err := ps.remoteSource(cmd)
 			if err != nil {
@@ -96,9 +95,93 @@ they would otherwise read zeros where their memory never arrived.`,
 	return cmd
 }
 
+// parseRate parses --prefetch-rate (0 if not given).
+func parseRate(rate string) (int64, error) {
+	if rate == "" {
+		return 0, nil
+	}
+	v, err := parseSize(rate)
+	if err != nil || v <= 0 {
+		return 0, fmt.Errorf("--prefetch-rate %q: want bytes per second, e.g. 100M", rate)
+	}
+	return v, nil
+}
+
 // writeStatus writes criu's readiness byte to fd and closes it.
 func writeStatus(fd int) {
 	f := os.NewFile(uintptr(fd), fmt.Sprintf("status-fd %d", fd))
 	f.Write([]byte{0})
 	f.Close()
+}
+
+// lazyDaemon is the lazy-pages daemon that "restore --lazy-pages
+// --page-server" runs in itself, on a socket of its own.
+type lazyDaemon struct {
+	socket string
+	cancel context.CancelFunc
+	done   chan struct{} // closed when Serve returned: stats, err
+	stats  *lazypages.Stats
+	err    error
+	log    *slog.Logger
+}
+
+// startLazyDaemon connects to the page server in the background and
+// starts serving on a fresh socket; it returns once the socket listens.
+func startLazyDaemon(ctx context.Context, ps *psFlags, imagesDir string, rate int64, log *slog.Logger) (*lazyDaemon, error) {
+	if ps.socketFd >= 0 {
+		return nil, errors.New("--ps-socket: a restore connects to its page server itself (--page-server --address --port)")
+	}
+	addr, err := ps.addr()
+	if err != nil {
+		return nil, err
+	}
+	// The socket's path must fit sun_path: not under the images directory.
+	dir, err := os.MkdirTemp("", "ferry-lazy-")
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	remote := lazypages.DialAsync(ctx, ps.network, addr, ps.tls, ps.compress)
+	d := &lazyDaemon{socket: filepath.Join(dir, lazypages.SocketName), cancel: cancel, done: make(chan struct{}), log: log}
+	ready := make(chan struct{})
+	go func() {
+		defer close(d.done)
+		defer os.RemoveAll(dir)
+		d.stats, d.err = lazypages.Serve(ctx, lazypages.Options{ImagesDir: imagesDir, Socket: d.socket, Remote: remote,
+			PrefetchRate: rate, Ready: func() { close(ready) }, Logger: log})
+		if d.err == nil {
+			d.err = remote.Close()
+		} else {
+			cancel() // an abort waits for the dial
+			remote.Abort()
+		}
+	}()
+	select {
+	case <-ready:
+		return d, nil
+	case <-d.done:
+		return nil, d.err
+	}
+}
+
+// wait waits until every page arrived (nil: no daemon).
+func (d *lazyDaemon) wait() error {
+	if d == nil {
+		return nil
+	}
+	<-d.done
+	if d.err != nil {
+		return fmt.Errorf("post-copy failed, the restored processes were killed: %w", d.err)
+	}
+	d.log.Info("lazy-pages finished", "faults", d.stats.Faults, "pages", d.stats.PagesCopied, "took", d.stats.Duration)
+	return nil
+}
+
+// stop ends the daemon (a restore that failed before handing it its
+// processes) and waits for it.
+func (d *lazyDaemon) stop() {
+	if d != nil {
+		d.cancel()
+		<-d.done
+	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -39,6 +40,9 @@ func newRestoreCmd() *cobra.Command {
 		mountMaps    []string
 		inherit      []string
 		joinNs       []string
+		ps           psFlags
+		statusFd     int
+		rate         string
 	)
 	cmd := &cobra.Command{
 		Use:   "restore -D DIR [options]",
@@ -56,12 +60,29 @@ one-line error and exit status 1, leaving nothing behind.
 
 Without -d, ferry waits for the restored process and exits with its exit
 status (128+N if a signal N killed it). With -d it exits as soon as the
-process runs; the process is then re-parented to init.`,
+process runs; the process is then re-parented to init.
+
+--lazy-pages resumes the processes before their private anonymous memory
+is back: a lazy-pages daemon fills it as they touch it. That daemon is
+"ferry lazy-pages" on the same images, or, with --page-server --address A
+--port P (the source's "ferry dump --lazy-pages", or "ferry page-server
+--lazy-pages"), the restore itself: it connects while it makes the
+processes, serves them until every page arrived, and only then exits (with
+-d; without, once the process has also exited). If the pages cannot all
+arrive (the page server is lost), the restored processes are killed and the
+exit status is 1: they would run on memory that never came.
+
+--status-fd FD writes one zero byte to FD when the restored processes run
+(as --pidfile is written), for a restore that goes on serving pages.`,
 		Example: `  # restore and wait for the process to finish
   ferry restore -D ckpt
 
   # restore in the background and record its PID
-  ferry restore -D ckpt -d --pidfile restored.pid`,
+  ferry restore -D ckpt -d --pidfile restored.pid
+
+  # post-copy: resume at once, memory pulled from the source as needed
+  ferry restore -D ckpt -d --lazy-pages --page-server --address src --port 27000 \
+      --status-fd 3 3>running`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			log, err := c.logger()
@@ -117,10 +138,26 @@ process runs; the process is then re-parented to init.`,
 			if err := acts.run("pre-restore", 0); err != nil {
 				return fmt.Errorf("restoring failed: %w", err)
 			}
+			lazySocket := filepath.Join(c.workDirOrImages(), lazypages.SocketName)
+			var daemon *lazyDaemon
+			if ps.use || ps.socketFd >= 0 {
+				if !lazy {
+					return errors.New("--page-server: the restore takes pages from a page server only with --lazy-pages")
+				}
+				r, err := parseRate(rate)
+				if err != nil {
+					return err
+				}
+				if daemon, err = startLazyDaemon(cmd.Context(), &ps, c.imagesDir, r, log); err != nil {
+					return fmt.Errorf("restoring failed: %w", err)
+				}
+				defer daemon.stop()
+				lazySocket = daemon.socket
+			}
 			res, err := restorecore.Restore(cmd.Context(), restorecore.Options{
 				Action:    acts.restoreHook(),
 				ImagesDir: c.imagesDir, LeaveStopped: leaveStopped, ShellJob: shellJob, Logger: log, Caller: callerOf(cmd.Context()), OrphanPtsMaster: orphanMasters(cmd.Context()),
-				LazyPages: lazy, LazySocket: filepath.Join(c.workDirOrImages(), lazypages.SocketName),
+				LazyPages: lazy, LazySocket: lazySocket,
 				TCPClose: tcpClose, WeakSysctls: weakSysctls, Veths: veths, Macvlans: macvlans, Sibling: sibling, ManageCgroups: cgMode, CgroupRoot: cgRoot, CgroupYard: cgYard, Root: rootDir, ExternalMounts: extMnt, InheritFds: inheritFds, JoinNs: join,
 			})
 			if err != nil {
@@ -133,12 +170,15 @@ process runs; the process is then re-parented to init.`,
 			if err := writePidfile(pidfile, res.Root); err != nil {
 				return err
 			}
+			if statusFd >= 0 {
+				writeStatus(statusFd)
+			}
 			if displayStats {
 				printRestoreStats(cmd, res.Stats)
 			}
 			log.Info("restore finished successfully", "pid", res.Root)
 			if detached || sibling {
-				return nil
+				return daemon.wait()
 			}
 			var ws unix.WaitStatus
 			for {
@@ -150,6 +190,9 @@ process runs; the process is then re-parented to init.`,
 					return fmt.Errorf("wait for restored process %d: %w", res.Root, os.NewSyscallError("wait4", err))
 				}
 				break
+			}
+			if err := daemon.wait(); err != nil {
+				return err
 			}
 			switch {
 			case ws.Exited():
@@ -178,7 +221,12 @@ process runs; the process is then re-parented to init.`,
 	fs.StringVarP(&rootDir, "root", "r", "", "where the root of the tree's own mount namespace is here (default: where the dump saw it)")
 	fs.StringArrayVar(&cgRoots, "cgroup-root", nil, "[CONTROLLER:]/PATH: make the images' cgroups under PATH (for CONTROLLER's hierarchy, or all); repeatable")
 	fs.BoolVar(&sibling, "restore-sibling", false, "make the root a child of ferry's parent, not of ferry (implies -d)")
-	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages (post-copy)")
+	fs.BoolVar(&lazy, "lazy-pages", false, "resume at once; private anonymous memory comes from ferry lazy-pages, or with --page-server from the page server through this restore (post-copy)")
+	ps.addFlags(fs, true)
+	fs.Lookup("page-server").Usage = "with --lazy-pages: take the pages from the page server at --address:--port (serving them from this process until every page arrived) instead of from ferry lazy-pages"
+	fs.Lookup("compress").Usage = "with --page-server: ask the page server for zstd-compressed pages"
+	fs.IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD once the restored processes run")
+	fs.StringVar(&rate, "prefetch-rate", "", "with --page-server: limit the background copy to this many bytes per second (K, M, G suffixes), as ferry lazy-pages does")
 	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")
 	const compat = "accepted for criu compatibility: the restore does what the images say"
 	fs.BoolVar(&tcpClose, "tcp-close", false, "restore the established connections in the images as closed sockets")
