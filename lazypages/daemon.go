@@ -143,6 +143,7 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 		}
 		if kind == msgResumed {
 			s.resumed = true
+			s.runningOnce.Do(func() { close(s.running) })
 			log.Debug("the restore resumed the tree: prefetching")
 			conn.Write([]byte{0})
 			return nil
@@ -447,6 +448,9 @@ type server struct {
 	// served meanwhile.
 	resumed   bool
 	holdUntil time.Time
+	// running is closed when the restore says the tree runs.
+	running     chan struct{}
+	runningOnce sync.Once
 }
 
 // resumeWait: how long prefetch waits for the restore's word that the
@@ -480,7 +484,7 @@ type listResult struct {
 
 func newServer(log *slog.Logger, rate int64) (*server, error) {
 	s := &server{log: log, buf: make([]byte, prefetchChunk), rate: rate,
-		lists: make(chan listResult, 64), listed: map[int][][2]uint64{}}
+		lists: make(chan listResult, 64), listed: map[int][][2]uint64{}, running: make(chan struct{})}
 	if err := unix.Pipe2(s.wake[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		return nil, os.NewSyscallError("pipe2", err)
 	}
@@ -505,6 +509,12 @@ func (s *server) startList(p *prepared) {
 		return
 	}
 	go func() {
+		// Asked once the tree runs: listing walks the source's page
+		// tables (~25 ms at 4 GiB), CPU the restore would wait for.
+		select {
+		case <-s.running:
+		case <-time.After(resumeWait):
+		}
 		t0 := time.Now()
 		ranges, err := p.src.(Lister).List(p.pid)
 		s.log.Debug("unlisted memory listed", "pid", p.pid, "ranges", len(ranges), "took", time.Since(t0), "err", err)

@@ -12,7 +12,7 @@ import (
 // restore says the tree runs (Resumed), or until resumeWait has passed
 // without a word.
 func TestResumedReleasesPrefetch(t *testing.T) {
-	s := &server{}
+	s := &server{running: make(chan struct{})}
 	if hold, _ := s.holding(); hold {
 		t.Fatal("holding before any handover")
 	}

@@ -42,25 +42,45 @@ func Prepare() error {
 }
 
 func prepare() error {
-	b, release, err := readBTF()
+	boot := bootID()
+	if c, err := readCache(CacheFile, boot); err == nil {
+		if it, err := loadIterator(c.kernelInfo()); err == nil {
+			state.it, state.names, state.gate = it, c.names(), c.Gate
+			return nil
+		}
+	}
+	ki, it, n, gate, err := learnAll()
 	if err != nil {
 		return err
+	}
+	state.it, state.names, state.gate = it, n, gate
+	if boot != "" {
+		writeCache(CacheFile, newCache(boot, ki, n, gate)) // best effort
+	}
+	return nil
+}
+
+// learnAll finds what the iterator needs in the kernel's BTF, loads it
+// and learns the flags' names.
+func learnAll() (kernelInfo, *iterator, names, []string, error) {
+	b, release, err := readBTF()
+	if err != nil {
+		return kernelInfo{}, nil, names{}, nil, err
 	}
 	ki, err := kernelInfoFrom(b)
 	release()
 	if err != nil {
-		return fmt.Errorf("%s: %w", BTFPath, err)
+		return ki, nil, names{}, nil, fmt.Errorf("%s: %w", BTFPath, err)
 	}
 	it, err := loadIterator(ki)
 	if err != nil {
-		return fmt.Errorf("task_vma iterator: %w", err)
+		return ki, nil, names{}, nil, fmt.Errorf("task_vma iterator: %w", err)
 	}
 	n, gate, err := calibrate(it)
 	if err != nil {
-		return fmt.Errorf("learning the flags' names: %w", err)
+		return ki, nil, names{}, nil, fmt.Errorf("learning the flags' names: %w", err)
 	}
-	state.it, state.names, state.gate = it, n, gate
-	return nil
+	return ki, it, n, gate, nil
 }
 
 // readBTF maps the kernel's BTF (5 MB; reading it costs ~8 ms, mapping

@@ -209,3 +209,33 @@ func BenchmarkRead(b *testing.B) {
 		})
 	}
 }
+
+// What Prepare learns comes back the same from the cache, for this boot
+// only; a damaged cache is refused.
+func TestCache(t *testing.T) {
+	needIterator(t)
+	ki, _, n, gate, err := learnAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := t.TempDir() + "/sub/vmflags.json"
+	if err := writeCache(path, newCache("boot-a", ki, n, gate)); err != nil {
+		t.Fatal(err)
+	}
+	c, err := readCache(path, "boot-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.kernelInfo() != ki || c.names() != n || !slices.Equal(c.Gate, gate) {
+		t.Fatalf("cache round trip: %+v %+v", c.kernelInfo(), ki)
+	}
+	if _, err := readCache(path, "boot-b"); err == nil {
+		t.Fatal("another boot's cache accepted")
+	}
+	for _, bad := range []string{`{"boot_id":"boot-a"}`, `{"boot_id":"boot-a","IterFunc":1,"Start":0,"End":8,"FlagsOff":32,"names":{"70":"rd"}}`, `{`} {
+		os.WriteFile(path, []byte(bad), 0o600)
+		if _, err := readCache(path, "boot-a"); err == nil {
+			t.Errorf("cache %s accepted", bad)
+		}
+	}
+}
