@@ -198,10 +198,15 @@ func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*ag
 	if preDumpRound(dir) {
 		// A pre-copy round: its pages are resolved now, while the source
 		// runs, for the final round's restore and daemon (its parent).
+		// The reply waits for it, so that the next round, maybe the final
+		// freeze, starts after it: resolved in the background, it took the
+		// CPUs the final restore needed (40-140 ms at 4 GiB; the hybrid
+		// downtime at 4 GiB went from 69 ms to 112-127 ms once the final
+		// dump stopped spending that long in smaps first).
 		if m.chains == nil {
 			m.chains = &images.ChainCache{}
 		}
-		go a.resolveRound(m.chains, req.Id, dir)
+		a.resolveRound(m.chains, req.Id, dir)
 	}
 	if _, ok := req.Files["inventory.img"]; ok {
 		// The final round: the connections it held on the source are held
