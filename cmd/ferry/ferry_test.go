@@ -1143,11 +1143,17 @@ func TestLazyRestore(t *testing.T) {
 
 // waitLazyPages fails t unless the lazy-pages daemon started by
 // startDaemon (done) exits 0, having delivered every page, within timeout.
-func waitLazyPages(t *testing.T, done chan int, timeout time.Duration) {
+// waitLazyPages waits for the lazy-pages daemon; on a failure it shows the
+// logs named.
+func waitLazyPages(t *testing.T, done chan int, timeout time.Duration, logs ...string) {
 	t.Helper()
 	select {
 	case code := <-done:
 		if code != 0 {
+			for _, l := range logs {
+				b, _ := os.ReadFile(l)
+				t.Logf("%s:\n%s", l, b)
+			}
 			t.Fatalf("lazy-pages exited %d", code)
 		}
 	case <-time.After(timeout):

@@ -200,7 +200,7 @@ func TestRuncLazyRestore(t *testing.T) {
 	_, n1 := runcState(t, out)
 	lz := startDaemon(t, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port, "-D", img, "-v4", "-o", "lazy.log")
 	runc(t, bundle, "--criu", ferryBin, "restore", "--lazy-pages", "-d", "--image-path", img, "--work-path", img, id+"-r")
-	waitLazyPages(t, lz, 30*time.Second)
+	waitLazyPages(t, lz, 30*time.Second, filepath.Join(img, "lazy.log"), filepath.Join(img, "dump.log"), filepath.Join(img, "restore.log"))
 	select {
 	case err := <-ckDone:
 		if err != nil {
