@@ -225,6 +225,7 @@ exit status is 1: they would run on memory that never came.
 	ps.addFlags(fs, true)
 	fs.Lookup("page-server").Usage = "with --lazy-pages: take the pages from the page server at --address:--port (serving them from this process until every page arrived) instead of from ferry lazy-pages"
 	fs.Lookup("compress").Usage = "with --page-server: ask the page server for zstd-compressed pages"
+	fs.MarkHidden("ps-socket") // refused: the restore dials its page server itself
 	fs.IntVar(&statusFd, "status-fd", -1, "write a zero byte to FD once the restored processes run")
 	fs.StringVar(&rate, "prefetch-rate", "", "with --page-server: limit the background copy to this many bytes per second (K, M, G suffixes), as ferry lazy-pages does")
 	fs.Bool("tcp-established", false, "accepted for criu compatibility: connections in the images are always restored")
