@@ -176,23 +176,34 @@ func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*ag
 		return nil, err
 	}
 	defer m.op.Unlock()
-	dir := filepath.Join(a.imagesDir(req.Id), strconv.Itoa(int(req.Round)))
-	if req.Round < 1 {
-		return nil, status.Errorf(codes.InvalidArgument, "round %d: rounds count from 1", req.Round)
+	if err := a.storeFiles(m, req.Id, req.Round, req.Files); err != nil {
+		return nil, err
+	}
+	return &agentv1.PutFilesReply{}, nil
+}
+
+// storeFiles stores a round's image files (those its page stream did not
+// bring).
+//
+// Preconditions: m.op held.
+func (a *Agent) storeFiles(m *migration, id string, round int32, files map[string][]byte) error {
+	dir := filepath.Join(a.imagesDir(id), strconv.Itoa(int(round)))
+	if round < 1 {
+		return status.Errorf(codes.InvalidArgument, "round %d: rounds count from 1", round)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
+		return status.Error(codes.Internal, err.Error())
 	}
-	for name, b := range req.Files {
+	for name, b := range files {
 		if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
-			return nil, status.Errorf(codes.InvalidArgument, "image file name %q", name)
+			return status.Errorf(codes.InvalidArgument, "image file name %q", name)
 		}
 		p := filepath.Join(dir, name)
 		if _, err := os.Stat(p); err == nil {
 			continue // the page stream brought it
 		}
 		if err := os.WriteFile(p, b, 0o600); err != nil {
-			return nil, status.Error(codes.Internal, err.Error())
+			return status.Error(codes.Internal, err.Error())
 		}
 	}
 	if preDumpRound(dir) {
@@ -206,15 +217,15 @@ func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*ag
 		if m.chains == nil {
 			m.chains = &images.ChainCache{}
 		}
-		a.resolveRound(m.chains, req.Id, dir)
+		a.resolveRound(m.chains, id, dir)
 	}
-	if _, ok := req.Files["inventory.img"]; ok {
+	if _, ok := files["inventory.img"]; ok {
 		// The final round: the connections it held on the source are held
 		// here too, before their address can move here (the restore
 		// rebuilds them and removes the lock).
 		lock, err := restorecore.LockConnections(dir)
 		if err != nil {
-			return nil, status.Errorf(codes.Internal, "round %d: holding the connections: %v", req.Round, err)
+			return status.Errorf(codes.Internal, "round %d: holding the connections: %v", round, err)
 		}
 		if lock != "" {
 			a.mu.Lock()
@@ -222,12 +233,12 @@ func (a *Agent) PutFiles(ctx context.Context, req *agentv1.PutFilesRequest) (*ag
 			err := a.save(m)
 			a.mu.Unlock()
 			if err != nil {
-				return nil, status.Errorf(codes.Internal, "recording migration %s: %v", req.Id, err)
+				return status.Errorf(codes.Internal, "recording migration %s: %v", id, err)
 			}
-			a.log.Info("migration: connections held until the restore", "id", req.Id, "table", lock)
+			a.log.Info("migration: connections held until the restore", "id", id, "table", lock)
 		}
 	}
-	return &agentv1.PutFilesReply{}, nil
+	return nil
 }
 
 // preDumpRound tells whether the images in dir are a pre-dump's.
@@ -272,6 +283,13 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 	}
 	if a.cfg.Fault == "restore" {
 		return nil, status.Errorf(codes.Internal, "migration %s: restore failed (fault injected with --fault restore)", req.Id)
+	}
+	// The final round's images may come with the request (one call
+	// fewer between the freeze and the restore).
+	if len(req.Files) > 0 {
+		if err := a.storeFiles(m, req.Id, req.Round, req.Files); err != nil {
+			return nil, err
+		}
 	}
 	// Every stream has arrived (the source waits for each to be stored).
 	a.mu.Lock()

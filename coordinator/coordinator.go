@@ -271,6 +271,11 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32, rss u
 	o := r.opts
 	lazy := o.Mode != "precopy"
 	expect := rss // what the next round should send
+	// The final round's images go with the restore request, one call
+	// fewer while the source is frozen; but not where a post-dump hook may
+	// move the service address meanwhile: the target holds the moved
+	// connections (from the images) before that.
+	withRestore := o.Hook == nil && !o.TCPEstablished
 	round := func(k int, final bool) (*agentv1.RoundReply, error) {
 		stop := r.watchRound(ctx, k, expect)
 		rep, err := r.src.Round(ctx, &agentv1.RoundRequest{Id: o.ID, Pid: int32(o.Pid), Round: int32(k), Final: final,
@@ -285,6 +290,9 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32, rss u
 		}
 		r.res.Rounds = k
 		r.res.Bytes += rep.Bytes
+		if final && withRestore {
+			return rep, nil // its images go with the restore request
+		}
 		if _, err := r.dst.PutFiles(ctx, &agentv1.PutFilesRequest{Id: o.ID, Round: int32(k), Files: rep.Files}); err != nil {
 			return nil, fmt.Errorf("round %d: images to %s: %s", k, o.To, reason(err))
 		}
@@ -371,7 +379,11 @@ func (r *run) rounds(ctx context.Context, pageAddr string, leaseMs uint32, rss u
 			return fmt.Errorf("action script, post-dump: %w", err)
 		}
 	}
-	rr, err := r.dst.Restore(ctx, &agentv1.RestoreRequest{Id: o.ID, Round: int32(final), LazyAddress: rep.LazyAddress})
+	req := &agentv1.RestoreRequest{Id: o.ID, Round: int32(final), LazyAddress: rep.LazyAddress}
+	if withRestore {
+		req.Files = rep.Files
+	}
+	rr, err := r.dst.Restore(ctx, req)
 	if err != nil {
 		return fmt.Errorf("restore on %s: %s", o.To, reason(err))
 	}

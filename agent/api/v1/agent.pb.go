@@ -890,10 +890,14 @@ func (*PutFilesReply) Descriptor() ([]byte, []int) {
 }
 
 type RestoreRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Round         int32                  `protobuf:"varint,2,opt,name=round,proto3" json:"round,omitempty"`
-	LazyAddress   string                 `protobuf:"bytes,3,opt,name=lazy_address,json=lazyAddress,proto3" json:"lazy_address,omitempty"` // post-copy: the source's page service
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Round       int32                  `protobuf:"varint,2,opt,name=round,proto3" json:"round,omitempty"`
+	LazyAddress string                 `protobuf:"bytes,3,opt,name=lazy_address,json=lazyAddress,proto3" json:"lazy_address,omitempty"` // post-copy: the source's page service
+	// The final round's image files, when the coordinator did not put them
+	// with PutFiles (it saves a call while the source is frozen). An agent
+	// older than this field ignores them and fails the restore: no images.
+	Files         map[string][]byte `protobuf:"bytes,4,rep,name=files,proto3" json:"files,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -947,6 +951,13 @@ func (x *RestoreRequest) GetLazyAddress() string {
 		return x.LazyAddress
 	}
 	return ""
+}
+
+func (x *RestoreRequest) GetFiles() map[string][]byte {
+	if x != nil {
+		return x.Files
+	}
+	return nil
 }
 
 type PagesReply struct {
@@ -1685,11 +1696,16 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"FilesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\"\x0f\n" +
-	"\rPutFilesReply\"Y\n" +
+	"\rPutFilesReply\"\xd4\x01\n" +
 	"\x0eRestoreRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05round\x18\x02 \x01(\x05R\x05round\x12!\n" +
-	"\flazy_address\x18\x03 \x01(\tR\vlazyAddress\"[\n" +
+	"\flazy_address\x18\x03 \x01(\tR\vlazyAddress\x12?\n" +
+	"\x05files\x18\x04 \x03(\v2).ferry.agent.v1.RestoreRequest.FilesEntryR\x05files\x1a8\n" +
+	"\n" +
+	"FilesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\"[\n" +
 	"\n" +
 	"PagesReply\x12\x14\n" +
 	"\x05pages\x18\x01 \x01(\x04R\x05pages\x12\x16\n" +
@@ -1777,7 +1793,7 @@ func file_agent_api_v1_agent_proto_rawDescGZIP() []byte {
 	return file_agent_api_v1_agent_proto_rawDescData
 }
 
-var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*InfoRequest)(nil),     // 0: ferry.agent.v1.InfoRequest
 	(*NodeInfo)(nil),        // 1: ferry.agent.v1.NodeInfo
@@ -1803,45 +1819,47 @@ var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*MigrationResult)(nil), // 21: ferry.agent.v1.MigrationResult
 	nil,                     // 22: ferry.agent.v1.RoundReply.FilesEntry
 	nil,                     // 23: ferry.agent.v1.PutFilesRequest.FilesEntry
+	nil,                     // 24: ferry.agent.v1.RestoreRequest.FilesEntry
 }
 var file_agent_api_v1_agent_proto_depIdxs = []int32{
 	1,  // 0: ferry.agent.v1.NodesReply.nodes:type_name -> ferry.agent.v1.NodeInfo
 	1,  // 1: ferry.agent.v1.InspectReply.node:type_name -> ferry.agent.v1.NodeInfo
 	22, // 2: ferry.agent.v1.RoundReply.files:type_name -> ferry.agent.v1.RoundReply.FilesEntry
 	23, // 3: ferry.agent.v1.PutFilesRequest.files:type_name -> ferry.agent.v1.PutFilesRequest.FilesEntry
-	0,  // 4: ferry.agent.v1.Agent.Info:input_type -> ferry.agent.v1.InfoRequest
-	4,  // 5: ferry.agent.v1.Agent.Inspect:input_type -> ferry.agent.v1.InspectRequest
-	6,  // 6: ferry.agent.v1.Agent.Prepare:input_type -> ferry.agent.v1.PrepareRequest
-	8,  // 7: ferry.agent.v1.Agent.Round:input_type -> ferry.agent.v1.RoundRequest
-	10, // 8: ferry.agent.v1.Agent.PutFiles:input_type -> ferry.agent.v1.PutFilesRequest
-	12, // 9: ferry.agent.v1.Agent.Restore:input_type -> ferry.agent.v1.RestoreRequest
-	15, // 10: ferry.agent.v1.Agent.WaitPages:input_type -> ferry.agent.v1.MigrationRef
-	15, // 11: ferry.agent.v1.Agent.Commit:input_type -> ferry.agent.v1.MigrationRef
-	16, // 12: ferry.agent.v1.Agent.Finish:input_type -> ferry.agent.v1.FinishRequest
-	17, // 13: ferry.agent.v1.Agent.Renew:input_type -> ferry.agent.v1.RenewRequest
-	15, // 14: ferry.agent.v1.Agent.Status:input_type -> ferry.agent.v1.MigrationRef
-	2,  // 15: ferry.agent.v1.Agent.Nodes:input_type -> ferry.agent.v1.NodesRequest
-	19, // 16: ferry.agent.v1.Agent.Migrate:input_type -> ferry.agent.v1.MigrateRequest
-	20, // 17: ferry.agent.v1.Agent.Result:input_type -> ferry.agent.v1.ResultRequest
-	1,  // 18: ferry.agent.v1.Agent.Info:output_type -> ferry.agent.v1.NodeInfo
-	5,  // 19: ferry.agent.v1.Agent.Inspect:output_type -> ferry.agent.v1.InspectReply
-	7,  // 20: ferry.agent.v1.Agent.Prepare:output_type -> ferry.agent.v1.PrepareReply
-	9,  // 21: ferry.agent.v1.Agent.Round:output_type -> ferry.agent.v1.RoundReply
-	11, // 22: ferry.agent.v1.Agent.PutFiles:output_type -> ferry.agent.v1.PutFilesReply
-	14, // 23: ferry.agent.v1.Agent.Restore:output_type -> ferry.agent.v1.RestoreReply
-	13, // 24: ferry.agent.v1.Agent.WaitPages:output_type -> ferry.agent.v1.PagesReply
-	18, // 25: ferry.agent.v1.Agent.Commit:output_type -> ferry.agent.v1.MigrationStatus
-	18, // 26: ferry.agent.v1.Agent.Finish:output_type -> ferry.agent.v1.MigrationStatus
-	18, // 27: ferry.agent.v1.Agent.Renew:output_type -> ferry.agent.v1.MigrationStatus
-	18, // 28: ferry.agent.v1.Agent.Status:output_type -> ferry.agent.v1.MigrationStatus
-	3,  // 29: ferry.agent.v1.Agent.Nodes:output_type -> ferry.agent.v1.NodesReply
-	15, // 30: ferry.agent.v1.Agent.Migrate:output_type -> ferry.agent.v1.MigrationRef
-	21, // 31: ferry.agent.v1.Agent.Result:output_type -> ferry.agent.v1.MigrationResult
-	18, // [18:32] is the sub-list for method output_type
-	4,  // [4:18] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	24, // 4: ferry.agent.v1.RestoreRequest.files:type_name -> ferry.agent.v1.RestoreRequest.FilesEntry
+	0,  // 5: ferry.agent.v1.Agent.Info:input_type -> ferry.agent.v1.InfoRequest
+	4,  // 6: ferry.agent.v1.Agent.Inspect:input_type -> ferry.agent.v1.InspectRequest
+	6,  // 7: ferry.agent.v1.Agent.Prepare:input_type -> ferry.agent.v1.PrepareRequest
+	8,  // 8: ferry.agent.v1.Agent.Round:input_type -> ferry.agent.v1.RoundRequest
+	10, // 9: ferry.agent.v1.Agent.PutFiles:input_type -> ferry.agent.v1.PutFilesRequest
+	12, // 10: ferry.agent.v1.Agent.Restore:input_type -> ferry.agent.v1.RestoreRequest
+	15, // 11: ferry.agent.v1.Agent.WaitPages:input_type -> ferry.agent.v1.MigrationRef
+	15, // 12: ferry.agent.v1.Agent.Commit:input_type -> ferry.agent.v1.MigrationRef
+	16, // 13: ferry.agent.v1.Agent.Finish:input_type -> ferry.agent.v1.FinishRequest
+	17, // 14: ferry.agent.v1.Agent.Renew:input_type -> ferry.agent.v1.RenewRequest
+	15, // 15: ferry.agent.v1.Agent.Status:input_type -> ferry.agent.v1.MigrationRef
+	2,  // 16: ferry.agent.v1.Agent.Nodes:input_type -> ferry.agent.v1.NodesRequest
+	19, // 17: ferry.agent.v1.Agent.Migrate:input_type -> ferry.agent.v1.MigrateRequest
+	20, // 18: ferry.agent.v1.Agent.Result:input_type -> ferry.agent.v1.ResultRequest
+	1,  // 19: ferry.agent.v1.Agent.Info:output_type -> ferry.agent.v1.NodeInfo
+	5,  // 20: ferry.agent.v1.Agent.Inspect:output_type -> ferry.agent.v1.InspectReply
+	7,  // 21: ferry.agent.v1.Agent.Prepare:output_type -> ferry.agent.v1.PrepareReply
+	9,  // 22: ferry.agent.v1.Agent.Round:output_type -> ferry.agent.v1.RoundReply
+	11, // 23: ferry.agent.v1.Agent.PutFiles:output_type -> ferry.agent.v1.PutFilesReply
+	14, // 24: ferry.agent.v1.Agent.Restore:output_type -> ferry.agent.v1.RestoreReply
+	13, // 25: ferry.agent.v1.Agent.WaitPages:output_type -> ferry.agent.v1.PagesReply
+	18, // 26: ferry.agent.v1.Agent.Commit:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 27: ferry.agent.v1.Agent.Finish:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 28: ferry.agent.v1.Agent.Renew:output_type -> ferry.agent.v1.MigrationStatus
+	18, // 29: ferry.agent.v1.Agent.Status:output_type -> ferry.agent.v1.MigrationStatus
+	3,  // 30: ferry.agent.v1.Agent.Nodes:output_type -> ferry.agent.v1.NodesReply
+	15, // 31: ferry.agent.v1.Agent.Migrate:output_type -> ferry.agent.v1.MigrationRef
+	21, // 32: ferry.agent.v1.Agent.Result:output_type -> ferry.agent.v1.MigrationResult
+	19, // [19:33] is the sub-list for method output_type
+	5,  // [5:19] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_agent_api_v1_agent_proto_init() }
@@ -1855,7 +1873,7 @@ func file_agent_api_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_api_v1_agent_proto_rawDesc), len(file_agent_api_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
