@@ -37,6 +37,9 @@ func BenchmarkMigrate(b *testing.B) {
 	c := newCluster(b)
 	if keep := os.Getenv("FERRY_BENCH_LOGS"); keep != "" {
 		// The agents' logs (-v4: timings of every phase) outlive the run.
+		if err := os.MkdirAll(keep, 0o755); err != nil {
+			b.Fatal(err)
+		}
 		b.Cleanup(func() {
 			for _, h := range []*host{c.a, c.b} {
 				if data, err := os.ReadFile(h.log); err == nil {
