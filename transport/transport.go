@@ -159,6 +159,7 @@ func clientTLS(ctx context.Context, c net.Conn, t TLS) (net.Conn, error) {
 		return nil, err
 	}
 	cfg.RootCAs = pool
+	cfg.ClientSessionCache = sessionCache(t)
 	addr := c.RemoteAddr().String()
 	cfg.ServerName, _, _ = net.SplitHostPort(addr)
 	tc := tls.Client(c, cfg)
@@ -167,6 +168,32 @@ func clientTLS(ctx context.Context, c net.Conn, t TLS) (net.Conn, error) {
 		return nil, fmt.Errorf("TLS handshake with %s: %w", addr, err)
 	}
 	return tc, nil
+}
+
+// sessions keeps TLS sessions per client identity (the settings t), so
+// that a second stream to the same page server (a lazy-pages daemon's
+// stream for faults, opened right after its first) resumes the first's
+// session instead of a full mutual handshake (~2 ms of CPU on each side,
+// taken from a restore running beside it). A session is offered only
+// under the identity that made it: a process with two identities never
+// resumes one's session as the other.
+var sessions struct {
+	sync.Mutex
+	m map[TLS]tls.ClientSessionCache
+}
+
+func sessionCache(t TLS) tls.ClientSessionCache {
+	sessions.Lock()
+	defer sessions.Unlock()
+	if sessions.m == nil {
+		sessions.m = map[TLS]tls.ClientSessionCache{}
+	}
+	c := sessions.m[t]
+	if c == nil {
+		c = tls.NewLRUClientSessionCache(16)
+		sessions.m[t] = c
+	}
+	return c
 }
 
 // ErrConnUsed: the one connection of a ListenConn listener was taken

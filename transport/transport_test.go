@@ -3,6 +3,7 @@ package transport
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"strings"
 	"testing"
@@ -246,5 +247,60 @@ func TestLargeFramesInOrder(t *testing.T) {
 		if err != nil || typ != uint8(i) || !bytes.Equal(p, frame(i)) {
 			t.Fatalf("frame %d: type %d, %d bytes, %v", i, typ, len(p), err)
 		}
+	}
+}
+
+// A second stream to the same server resumes the first's TLS session
+// (no second mutual handshake); another client identity does not.
+func TestTLSResumption(t *testing.T) {
+	dir := t.TempDir()
+	ca := testutil.NewCA(t, "ferry-ca")
+	sc, sk := ca.Issue(t, dir, "server", 10)
+	caPath := ca.Write(t, dir, "ca.pem")
+	l, err := Listen("127.0.0.1:0", TLS{Enabled: true, CACert: caPath, Cert: sc, Key: sk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if s, err := Server(c); err == nil {
+					s.WriteFrame(8, []byte("ack"))
+					s.Flush()
+					s.ReadFrame(nil)
+				}
+			}()
+		}
+	}()
+	dial := func(name string, serial int64) bool {
+		cc, ck := ca.Issue(t, dir, name, serial)
+		c, err := Dial(context.Background(), l.Addr().String(), TLS{Enabled: true, CACert: caPath, Cert: cc, Key: ck})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		s, err := Client(c, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.ReadFrame(nil); err != nil { // the session ticket comes with it
+			t.Fatal(err)
+		}
+		return c.(*tls.Conn).ConnectionState().DidResume
+	}
+	if dial("client", 11) {
+		t.Fatal("the first stream resumed a session")
+	}
+	if !dial("client", 11) {
+		t.Error("the second stream of the same client did not resume the first's session")
+	}
+	if dial("other", 12) {
+		t.Error("another client identity resumed a session")
 	}
 }
