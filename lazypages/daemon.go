@@ -986,16 +986,20 @@ func (s *server) loop(ctx context.Context) error {
 		}
 		var live []*client
 		for i, c := range s.clients {
-			if c.main {
-				if unix.Kill(c.osPid, 0) != nil {
-					return fmt.Errorf("process %d exited during post-copy", c.pid)
-				}
-				live = append(live, c)
-				continue
+			// A process that exited (a container's "sleep 0.1" caught in
+			// the dump) or whose address space is gone needs no more
+			// pages: the others go on. It is no failure: its exit was
+			// its own, and a failed delivery fails the daemon where it
+			// happens.
+			gone := i < n && pfd[i].Revents&(unix.POLLERR|unix.POLLHUP) != 0
+			if c.main && !gone && unix.Kill(c.osPid, 0) != nil {
+				gone = true
 			}
-			// Children whose address space is gone are done.
-			if i < n && pfd[i].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
-				s.log.Debug("client gone", "client", c.name, "revents", pfd[i].Revents, "pending", c.pend.pages())
+			if gone {
+				pending := c.pend.pages()
+				s.stats.PagesDropped += pending
+				s.log.Info("a process exited during post-copy: its pages are no longer needed",
+					"client", c.name, "pending", pending)
 				c.u.Close()
 				continue
 			}

@@ -28,6 +28,7 @@ import (
 
 	"github.com/ferrycr/ferry/images"
 	"github.com/ferrycr/ferry/images/pb"
+	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/testutil"
 	"github.com/ferrycr/ferry/lazypages"
 	"github.com/ferrycr/ferry/pageserver"
@@ -1141,10 +1142,58 @@ func TestLazyRestore(t *testing.T) {
 	}
 }
 
+// TestLazyRestoreChildExits: a process of the tree that exits during
+// post-copy (a shell's "sleep" caught in the dump) is no failure: its
+// pages are no longer needed, the others are delivered.
+func TestLazyRestoreChildExits(t *testing.T) {
+	needRoot(t)
+	// 1 MB of shell variable: pages enough to outlast the sleep by far.
+	cmd := exec.Command("sh", "-c", `x=$(head -c 1000000 /dev/zero | tr '\0' a); while :; do sleep 0.1; done`)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	t.Cleanup(func() { unix.Kill(-pid, unix.SIGKILL); cmd.Wait() })
+	sleeping := func() bool { // the variable is made, the loop runs
+		for _, c := range proc.Children(pid) {
+			if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", c)); string(b) == "sleep\n" {
+				return true
+			}
+		}
+		return false
+	}
+	for deadline := time.Now().Add(10 * time.Second); !sleeping(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the shell started no sleep")
+		}
+	}
+	img := t.TempDir()
+	mustFerry(t, "dump", "-t", strconv.Itoa(pid), "-D", img)
+	cmd.Wait()
+	// Slow enough that the sleep ends long before the last page (~4 s).
+	done := startDaemon(t, "lazy-pages", "-D", img, "--prefetch-rate", "256K", "-v4", "-o", "lazy.log")
+	pidfile := filepath.Join(img, "restored.pid")
+	mustFerry(t, "restore", "-D", img, "-d", "--lazy-pages", "--pidfile", pidfile)
+	b, _ := os.ReadFile(pidfile)
+	root, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("pidfile: %q", b)
+	}
+	t.Cleanup(func() { unix.Kill(-root, unix.SIGKILL); testutil.WaitGone(root, 10*time.Second) })
+	lazyLog := filepath.Join(img, "lazy.log")
+	waitLazyPages(t, done, 60*time.Second, lazyLog)
+	if log, _ := os.ReadFile(lazyLog); !bytes.Contains(log, []byte("a process exited during post-copy")) {
+		t.Fatalf("no process exited during post-copy (was it too short?):\n%s", log)
+	}
+	if err := unix.Kill(root, 0); err != nil {
+		t.Fatalf("the restored shell is gone: %v", err)
+	}
+}
+
 // waitLazyPages fails t unless the lazy-pages daemon started by
-// startDaemon (done) exits 0, having delivered every page, within timeout.
-// waitLazyPages waits for the lazy-pages daemon; on a failure it shows the
-// logs named.
+// startDaemon (done) exits 0, having delivered every page, within timeout;
+// on a failure it shows the logs named.
 func waitLazyPages(t *testing.T, done chan int, timeout time.Duration, logs ...string) {
 	t.Helper()
 	select {
