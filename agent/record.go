@@ -203,7 +203,7 @@ func (m *migration) stopSession() {
 		m.session.stop()
 	}
 	if m.post != nil {
-		m.post.cancel()
+		m.post.Cancel()
 	}
 	if m.release != nil {
 		go m.release()
@@ -212,7 +212,7 @@ func (m *migration) stopSession() {
 	if cc := m.chains; cc != nil {
 		m.chains = nil
 		if p := m.post; p != nil {
-			go func() { <-p.done; cc.Close() }()
+			go func() { <-p.Done(); cc.Close() }()
 		} else {
 			cc.Close()
 		}

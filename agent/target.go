@@ -313,7 +313,7 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 		if post, err = a.startPostcopy(ctx, req.Id, dir, req.LazyAddress, chains); err != nil {
 			return nil, status.Errorf(codes.Aborted, "migration %s: post-copy: %v", req.Id, err)
 		}
-		ropts.LazyPages, ropts.LazySocket = true, post.socket
+		ropts.LazyPages, ropts.LazySocket = true, post.Socket
 	}
 	a.log.Debug("migration: restore starts", "id", req.Id, "since the request", time.Since(asked))
 	res, err := restorecore.Restore(ctx, ropts)
@@ -323,15 +323,9 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 			// The daemon may have failed first and killed the tree being
 			// made (the source refused a list: its flags check): its
 			// error is the cause, the restore's only what followed.
-			select {
-			case <-post.done:
-				post.cancel()
-			default:
-				post.cancel()
-				<-post.done
-			}
-			if post.err != nil && !errors.Is(post.err, context.Canceled) {
-				err = fmt.Errorf("%w (post-copy: %v)", err, post.err)
+			post.Stop()
+			if post.Err != nil && !errors.Is(post.Err, context.Canceled) {
+				err = fmt.Errorf("%w (post-copy: %v)", err, post.Err)
 			}
 		}
 		return nil, status.Errorf(codes.Aborted, "migration %s: restore: %v", req.Id, err)
@@ -372,11 +366,7 @@ func (a *Agent) Restore(ctx context.Context, req *agentv1.RestoreRequest) (*agen
 // postcopy is a post-copy restore under way on a target: the lazy-pages
 // daemon serving the restored tree, its pages coming from the source.
 type postcopy struct {
-	socket string
-	cancel context.CancelFunc
-	done   chan struct{} // closed when the daemon returned: stats, err
-	stats  *lazypages.Stats
-	err    error
+	*lazypages.Daemon
 	// settled is closed once the migration was committed (every page
 	// arrived) or rolled back (the post-copy failed) accordingly.
 	settled chan struct{}
@@ -391,56 +381,32 @@ func (a *Agent) startPostcopy(ctx context.Context, id, dir, addr string, chains 
 	// It outlives this call, not the daemon.
 	dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 	remote := lazypages.DialAsync(dctx, "tcp", addr, a.tls, true)
-	// The socket's path must fit sun_path: not under the state directory.
-	sockDir, err := os.MkdirTemp("", "ferry-lazy-")
+	d, err := lazypages.Start(context.Background(), lazypages.Options{ImagesDir: dir, Chains: chains, Confirm: true,
+		Logger: a.log.With("migration", id)}, remote, dcancel)
 	if err != nil {
-		dcancel() // an abort waits for the dial
-		remote.Abort()
 		return nil, err
 	}
-	lctx, cancel := context.WithCancel(context.Background())
-	p := &postcopy{socket: filepath.Join(sockDir, lazypages.SocketName), cancel: cancel,
-		done: make(chan struct{}), settled: make(chan struct{})}
-	ready := make(chan struct{})
-	go func() {
-		defer close(p.done)
-		defer dcancel()
-		defer os.RemoveAll(sockDir)
-		p.stats, p.err = lazypages.Serve(lctx, lazypages.Options{ImagesDir: dir, Socket: p.socket, Remote: remote, Chains: chains, Confirm: true,
-			Ready: func() { close(ready) }, Logger: a.log.With("migration", id)})
-		if p.err == nil {
-			p.err = remote.Close()
-		} else {
-			dcancel() // an abort waits for the dial
-			remote.Abort()
-		}
-	}()
-	select {
-	case <-ready:
-		return p, nil
-	case <-p.done:
-		return nil, p.err
-	}
+	return &postcopy{Daemon: d, settled: make(chan struct{})}, nil
 }
 
 // settlePostcopy decides a post-copy migration when its daemon returns:
 // every page arrived, the tree no longer needs the source: committed;
 // otherwise the tree cannot go on: rolled back.
 func (a *Agent) settlePostcopy(m *migration, p *postcopy) {
-	<-p.done
+	<-p.Done()
 	m.op.Lock()
 	defer m.op.Unlock()
 	defer close(p.settled)
 	if a.statusOf(m).State != StateRestored {
 		return // rolled back meanwhile
 	}
-	if p.err != nil {
-		a.log.Error("migration: post-copy failed; rolling back", "id", m.rec.ID, "err", p.err)
+	if p.Err != nil {
+		a.log.Error("migration: post-copy failed; rolling back", "id", m.rec.ID, "err", p.Err)
 		a.rollback(m)
 		return
 	}
-	a.log.Info("migration: every page arrived", "id", m.rec.ID, "pages", p.stats.PagesCopied, "faults", p.stats.Faults, "took", p.stats.Duration)
-	a.metrics.step("post-copy", p.stats.Duration)
+	a.log.Info("migration: every page arrived", "id", m.rec.ID, "pages", p.Stats.PagesCopied, "faults", p.Stats.Faults, "took", p.Stats.Duration)
+	a.metrics.step("post-copy", p.Stats.Duration)
 	if err := a.commit(m); err != nil {
 		a.log.Error("migration: commit after post-copy", "id", m.rec.ID, "err", err)
 	}
@@ -464,17 +430,17 @@ func (a *Agent) WaitPages(ctx context.Context, req *agentv1.MigrationRef) (*agen
 	case <-ctx.Done():
 		return nil, status.FromContextError(ctx.Err()).Err()
 	}
-	if p.err != nil {
-		return nil, status.Errorf(codes.Aborted, "migration %s: post-copy failed, the restored tree is gone: %v", req.Id, p.err)
+	if p.Err != nil {
+		return nil, status.Errorf(codes.Aborted, "migration %s: post-copy failed, the restored tree is gone: %v", req.Id, p.Err)
 	}
 	if st := a.statusOf(m).State; st != StateCommitted {
 		return nil, status.Errorf(codes.Aborted, "migration %s: %s", req.Id, st)
 	}
-	remote := p.stats.RemotePages
-	if remote == 0 && p.stats.LocalPages == 0 {
-		remote = p.stats.PagesCopied // no parent images: every page came from the source
+	remote := p.Stats.RemotePages
+	if remote == 0 && p.Stats.LocalPages == 0 {
+		remote = p.Stats.PagesCopied // no parent images: every page came from the source
 	}
-	return &agentv1.PagesReply{Pages: remote, Faults: p.stats.Faults, DurationUs: uint64(p.stats.Duration.Microseconds())}, nil
+	return &agentv1.PagesReply{Pages: remote, Faults: p.Stats.Faults, DurationUs: uint64(p.Stats.Duration.Microseconds())}, nil
 }
 
 // reap collects the restored root, the agent's child, once it is a
@@ -512,7 +478,7 @@ func (a *Agent) Commit(ctx context.Context, req *agentv1.MigrationRef) (*agentv1
 	a.mu.Unlock()
 	if p != nil {
 		select {
-		case <-p.done:
+		case <-p.Done():
 		default:
 			return nil, status.Errorf(codes.FailedPrecondition, "migration %s: post-copy under way: it commits when every page has arrived (WaitPages)", req.Id)
 		}

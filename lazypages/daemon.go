@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"sort"
@@ -1267,4 +1268,68 @@ func Fill(socket string, pid, osPid int, ranges [][2]uint64) error {
 		return fmt.Errorf("fill request of %d ranges is too large", len(ranges))
 	}
 	return ask(socket, msg, nil, 5*time.Minute)
+}
+
+// Daemon is Serve running inside the restore's own process (the agent's
+// post-copy, "restore --page-server"), on a socket of its own.
+type Daemon struct {
+	// Socket is where the daemon listens, for restorecore's LazySocket.
+	Socket string
+	// Stats and Err are what Serve returned (Err: the remote source's
+	// Close error if Serve's was nil), set once Done is closed.
+	Stats  *Stats
+	Err    error
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// Start runs Serve(ctx, opts) in the background with its pages from
+// remote, on a socket in a fresh temporary directory (a socket's path
+// must fit sun_path; a state or images directory's may not). It sets
+// opts.Socket, Remote and Ready. When Serve returns, remote is closed, or
+// after a failure aborted, and release is called (release cancels
+// remote's dial: an abort waits for the dial). Start returns once the
+// socket listens.
+func Start(ctx context.Context, opts Options, remote *Dialing, release func()) (*Daemon, error) {
+	dir, err := os.MkdirTemp("", "ferry-lazy-")
+	if err != nil {
+		release()
+		remote.Abort()
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	d := &Daemon{Socket: filepath.Join(dir, SocketName), cancel: cancel, done: make(chan struct{})}
+	ready := make(chan struct{})
+	opts.Socket, opts.Remote, opts.Ready = d.Socket, remote, func() { close(ready) }
+	go func() {
+		defer close(d.done)
+		defer os.RemoveAll(dir)
+		defer release()
+		d.Stats, d.Err = Serve(ctx, opts)
+		if d.Err == nil {
+			d.Err = remote.Close()
+		} else {
+			release()
+			remote.Abort()
+		}
+	}()
+	select {
+	case <-ready:
+		return d, nil
+	case <-d.done:
+		return nil, d.Err
+	}
+}
+
+// Done is closed once Serve returned.
+func (d *Daemon) Done() <-chan struct{} { return d.done }
+
+// Cancel cancels Serve (it kills the processes it serves that are not
+// done).
+func (d *Daemon) Cancel() { d.cancel() }
+
+// Stop cancels Serve and waits for it.
+func (d *Daemon) Stop() {
+	d.cancel()
+	<-d.done
 }

@@ -115,14 +115,10 @@ func writeStatus(fd int) {
 }
 
 // lazyDaemon is the lazy-pages daemon that "restore --lazy-pages
-// --page-server" runs in itself, on a socket of its own.
+// --page-server" runs in itself (nil: none).
 type lazyDaemon struct {
-	socket string
-	cancel context.CancelFunc
-	done   chan struct{} // closed when Serve returned: stats, err
-	stats  *lazypages.Stats
-	err    error
-	log    *slog.Logger
+	*lazypages.Daemon
+	log *slog.Logger
 }
 
 // startLazyDaemon connects to the page server in the background and
@@ -135,45 +131,25 @@ func startLazyDaemon(ctx context.Context, ps *psFlags, imagesDir string, rate in
 	if err != nil {
 		return nil, err
 	}
-	// The socket's path must fit sun_path: not under the images directory.
-	dir, err := os.MkdirTemp("", "ferry-lazy-")
+	dctx, dcancel := context.WithCancel(ctx)
+	remote := lazypages.DialAsync(dctx, ps.network, addr, ps.tls, ps.compress)
+	d, err := lazypages.Start(ctx, lazypages.Options{ImagesDir: imagesDir, PrefetchRate: rate, Logger: log}, remote, dcancel)
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	remote := lazypages.DialAsync(ctx, ps.network, addr, ps.tls, ps.compress)
-	d := &lazyDaemon{socket: filepath.Join(dir, lazypages.SocketName), cancel: cancel, done: make(chan struct{}), log: log}
-	ready := make(chan struct{})
-	go func() {
-		defer close(d.done)
-		defer os.RemoveAll(dir)
-		d.stats, d.err = lazypages.Serve(ctx, lazypages.Options{ImagesDir: imagesDir, Socket: d.socket, Remote: remote,
-			PrefetchRate: rate, Ready: func() { close(ready) }, Logger: log})
-		if d.err == nil {
-			d.err = remote.Close()
-		} else {
-			cancel() // an abort waits for the dial
-			remote.Abort()
-		}
-	}()
-	select {
-	case <-ready:
-		return d, nil
-	case <-d.done:
-		return nil, d.err
-	}
+	return &lazyDaemon{Daemon: d, log: log}, nil
 }
 
-// wait waits until every page arrived (nil: no daemon).
+// wait waits until every page arrived.
 func (d *lazyDaemon) wait() error {
 	if d == nil {
 		return nil
 	}
-	<-d.done
-	if d.err != nil {
-		return fmt.Errorf("post-copy failed, the restored processes were killed: %w", d.err)
+	<-d.Done()
+	if d.Err != nil {
+		return fmt.Errorf("post-copy failed, the restored processes were killed: %w", d.Err)
 	}
-	d.log.Info("lazy-pages finished", "faults", d.stats.Faults, "pages", d.stats.PagesCopied, "took", d.stats.Duration)
+	d.log.Info("lazy-pages finished", "faults", d.Stats.Faults, "pages", d.Stats.PagesCopied, "took", d.Stats.Duration)
 	return nil
 }
 
@@ -181,7 +157,6 @@ func (d *lazyDaemon) wait() error {
 // processes) and waits for it.
 func (d *lazyDaemon) stop() {
 	if d != nil {
-		d.cancel()
-		<-d.done
+		d.Stop()
 	}
 }

@@ -152,7 +152,7 @@ exit status is 1: they would run on memory that never came.
 					return fmt.Errorf("restoring failed: %w", err)
 				}
 				defer daemon.stop()
-				lazySocket = daemon.socket
+				lazySocket = daemon.Socket
 			}
 			res, err := restorecore.Restore(cmd.Context(), restorecore.Options{
 				Action:    acts.restoreHook(),
