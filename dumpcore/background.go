@@ -15,7 +15,6 @@ import (
 	"github.com/ferrycr/ferry/images/pb"
 	"github.com/ferrycr/ferry/internal/proc"
 	"github.com/ferrycr/ferry/internal/ptrace"
-	"github.com/ferrycr/ferry/internal/vmflags"
 )
 
 // A background snapshot copies memory while the process runs, in rounds
@@ -42,7 +41,6 @@ const (
 // PrevImagesDir makes the first round incremental on that image set.
 func Background(ctx context.Context, opts Options) (*Result, error) {
 	start := time.Now()
-	go vmflags.Prepare()
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}

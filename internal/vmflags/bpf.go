@@ -2,7 +2,6 @@ package vmflags
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -139,5 +138,3 @@ func (it *iterator) read(pid int) ([]record, error) {
 	}
 	return out, nil
 }
-
-var errNoTask = errors.New("no such task")

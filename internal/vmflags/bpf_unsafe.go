@@ -75,9 +75,6 @@ func linkCreate(prog, pid int) (int, error) {
 		iterInfo: uint64(uintptr(unsafe.Pointer(&info))), iterInfoLen: uint32(unsafe.Sizeof(info))}
 	fd, err := bpf(bpfLinkCreate, unsafe.Pointer(&a), unsafe.Sizeof(a))
 	runtime.KeepAlive(&info)
-	if err == unix.ESRCH {
-		return -1, errNoTask
-	}
 	if err != nil {
 		return -1, os.NewSyscallError("bpf(BPF_LINK_CREATE)", err)
 	}
