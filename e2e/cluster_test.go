@@ -256,6 +256,13 @@ func (c *cluster) stopAgent(h *host) {
 	var killed []int
 	for _, p := range descendants(h.agent.Process.Pid)[1:] {
 		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); bytes.HasPrefix(b, []byte(c.ferry+"\x00agent")) {
+			if os.Getenv("FERRY_CPUPROFILE") != "" {
+				// Profiling agents: let them end and write the profile.
+				unix.Kill(p, unix.SIGTERM)
+				if testutil.WaitGone(p, 5*time.Second) == nil {
+					continue
+				}
+			}
 			unix.Kill(p, unix.SIGKILL)
 			killed = append(killed, p)
 		}

@@ -501,6 +501,11 @@ func (r *RemoteSource) Close() error {
 // (page-server --lazy-pages, dump --lazy-pages): pages from read, and the
 // pages of unlisted memory from list, which runs aside while pages are
 // served (nil: nothing is unlisted).
+//
+// Replies go out in the order of the requests, from a goroutine of their
+// own: the next request's pages are read while the last one's are
+// compressed, encrypted and sent (one after the other, a 1 GiB post-copy
+// took a third longer).
 func ServePages(s *transport.Stream, read func(pid int, vaddr uint64, buf []byte) error, list func(pid int) ([][2]uint64, error)) error {
 	var wmu sync.Mutex
 	write := func(typ uint8, p []byte) error {
@@ -513,19 +518,52 @@ func ServePages(s *transport.Stream, read func(pid int, vaddr uint64, buf []byte
 	}
 	var listing sync.WaitGroup
 	defer listing.Wait()
-	var in, out []byte
+	type reply struct {
+		typ uint8
+		p   []byte
+	}
+	const depth = 4 // replies read ahead of the one being sent
+	out := make(chan reply, depth)
+	free := make(chan []byte, depth)
+	for range depth {
+		free <- nil
+	}
+	sent := make(chan error, 1)
+	go func() {
+		var err error
+		for r := range out {
+			if err == nil {
+				wmu.Lock()
+				err = s.WriteFrame(r.typ, r.p)
+				if err == nil && len(out) == 0 {
+					err = s.Flush() // nothing more ready: the daemon waits
+				}
+				wmu.Unlock()
+			}
+			free <- r.p
+		}
+		sent <- err
+	}()
+	finish := func(err error) error {
+		close(out)
+		if werr := <-sent; err == nil && werr != nil {
+			err = fmt.Errorf("lazy page stream: %w", werr)
+		}
+		return err
+	}
+	var in []byte
 	for {
 		typ, p, err := s.ReadFrame(in)
 		if err != nil {
-			return fmt.Errorf("lazy page stream: %w", err)
+			return finish(fmt.Errorf("lazy page stream: %w", err))
 		}
 		in = p
 		switch typ {
 		case frameBye:
-			return nil
+			return finish(nil)
 		case frameList:
 			if len(p) != 4 {
-				return fmt.Errorf("lazy page stream: bad list request")
+				return finish(fmt.Errorf("lazy page stream: bad list request"))
 			}
 			pid := binary.LittleEndian.Uint32(p)
 			listing.Add(1)
@@ -535,29 +573,27 @@ func ServePages(s *transport.Stream, read func(pid int, vaddr uint64, buf []byte
 			}()
 		case frameReq:
 			if len(p) != 16 {
-				return fmt.Errorf("lazy page stream: bad request")
+				return finish(fmt.Errorf("lazy page stream: bad request"))
 			}
 			pid := int(binary.LittleEndian.Uint32(p))
 			vaddr := binary.LittleEndian.Uint64(p[4:])
 			n := int(binary.LittleEndian.Uint32(p[12:]))
 			if n <= 0 || n > transport.MaxFrame-8 || n%pageSize != 0 {
-				return fmt.Errorf("lazy page stream: bad request length %d", n)
+				return finish(fmt.Errorf("lazy page stream: bad request length %d", n))
 			}
-			if cap(out) < 8+n {
-				out = make([]byte, 8+n)
+			buf := <-free
+			if cap(buf) < 8+n {
+				buf = make([]byte, 8+n)
 			}
-			out = out[:8+n]
-			binary.LittleEndian.PutUint64(out, vaddr)
-			if err := read(pid, vaddr, out[8:]); err != nil {
-				err = write(frameErr, []byte(err.Error()))
+			buf = buf[:8+n]
+			binary.LittleEndian.PutUint64(buf, vaddr)
+			if err := read(pid, vaddr, buf[8:]); err != nil {
+				out <- reply{frameErr, append(buf[:0], err.Error()...)}
 			} else {
-				err = write(framePages, out)
-			}
-			if err != nil {
-				return err
+				out <- reply{framePages, buf}
 			}
 		default:
-			return fmt.Errorf("lazy page stream: unknown frame %d", typ)
+			return finish(fmt.Errorf("lazy page stream: unknown frame %d", typ))
 		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 
 	"github.com/ferrycr/ferry/transport"
 )
@@ -115,55 +116,65 @@ func session(conn net.Conn, dir string, log *slog.Logger) (*Stats, error) {
 		return nil, &handshakeError{err}
 	}
 	st.Zstd = s.Zstd
-	var f *os.File
-	var buf []byte
+	files := newFileWriter(dir)
 	fail := func(err error) (*Stats, error) {
-		if f != nil {
-			f.Close()
-		}
+		files.stop()
 		s.WriteFrame(frameAck, []byte(err.Error()))
 		s.Flush()
 		return st, err
 	}
+	open := false // a file is open
+	var buf []byte
 	for {
-		typ, p, err := s.ReadFrame(buf)
+		if err := files.failed(); err != nil {
+			return fail(err)
+		}
+		typ, n, err := s.ReadHead()
 		if err != nil {
 			return fail(fmt.Errorf("page-server: %w", err))
 		}
-		buf = p
+		if typ == frameData {
+			if !open {
+				return fail(errors.New("page-server: DATA outside a file"))
+			}
+			if err := s.ReadBody(files.space(n)); err != nil {
+				return fail(fmt.Errorf("page-server: %w", err))
+			}
+			st.Bytes += int64(n)
+			continue
+		}
+		if cap(buf) < n {
+			buf = make([]byte, n)
+		}
+		p := buf[:n]
+		if err := s.ReadBody(p); err != nil {
+			return fail(fmt.Errorf("page-server: %w", err))
+		}
 		switch typ {
 		case frameOpen:
 			name := string(p)
 			if name == "" || filepath.Base(name) != name || strings.HasPrefix(name, ".") {
 				return fail(fmt.Errorf("page-server: refusing file name %q", name))
 			}
-			if f != nil {
+			if open {
 				return fail(errors.New("page-server: OPEN before CLOSE"))
 			}
-			if f, err = os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600); err != nil {
-				return fail(err)
-			}
-		case frameData:
-			if f == nil {
-				return fail(errors.New("page-server: DATA outside a file"))
-			}
-			if _, err := f.Write(p); err != nil {
-				return fail(err)
-			}
-			st.Bytes += int64(len(p))
+			open = true
+			files.open(name)
 		case frameClose:
-			if f == nil {
+			if !open {
 				return fail(errors.New("page-server: CLOSE outside a file"))
 			}
-			err := f.Close()
-			f = nil
+			open = false
+			files.close()
+		case frameEnd:
+			if open {
+				return fail(errors.New("page-server: END with a file open"))
+			}
+			nfiles, err := files.finish()
+			st.Files = nfiles
 			if err != nil {
 				return fail(err)
-			}
-			st.Files++
-		case frameEnd:
-			if f != nil {
-				return fail(errors.New("page-server: END with a file open"))
 			}
 			if err := s.WriteFrame(frameAck, nil); err != nil {
 				return st, err
@@ -173,6 +184,135 @@ func session(conn net.Conn, dir string, log *slog.Logger) (*Stats, error) {
 			return fail(fmt.Errorf("page-server: unknown frame type %d", typ))
 		}
 	}
+}
+
+// fileWriter stores a session's files from a goroutine of its own, so
+// that the next pages are received (and decrypted) while the last are
+// written. The data of a file gathers in chunks of up to chunkSize bytes
+// (a fragmented process's runs of pages come a few pages per frame), each
+// written with one call.
+type fileWriter struct {
+	dir  string
+	ops  chan fileOp
+	free chan []byte
+	cur  []byte // data gathered for the next write
+	done chan struct{}
+	err  error // the first failure: read after done (or failed)
+	errs atomic.Pointer[error]
+	n    int // files stored
+
+	stopped bool
+}
+
+type fileOp struct {
+	open  string // a file to create
+	data  []byte
+	close bool
+}
+
+const (
+	chunkSize = 1 << 20
+	chunks    = 4 // in the writer's queue or being filled
+)
+
+func newFileWriter(dir string) *fileWriter {
+	w := &fileWriter{dir: dir, ops: make(chan fileOp, chunks), free: make(chan []byte, chunks), done: make(chan struct{})}
+	for range chunks {
+		w.free <- nil
+	}
+	go w.run()
+	return w
+}
+
+func (w *fileWriter) run() {
+	defer close(w.done)
+	var f *os.File
+	for op := range w.ops {
+		if w.err == nil {
+			w.err = w.do(&f, op)
+			if w.err != nil {
+				w.errs.Store(&w.err)
+			}
+		}
+		if op.data != nil && cap(op.data) == chunkSize {
+			w.free <- op.data[:0]
+		}
+	}
+	if f != nil {
+		f.Close()
+	}
+}
+
+func (w *fileWriter) do(f **os.File, op fileOp) error {
+	switch {
+	case op.open != "":
+		var err error
+		*f, err = os.OpenFile(filepath.Join(w.dir, op.open), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+		return err
+	case op.close:
+		err := (*f).Close()
+		*f = nil
+		w.n++
+		return err
+	default:
+		_, err := (*f).Write(op.data)
+		return err
+	}
+}
+
+// failed returns the writer's first failure so far, if any.
+func (w *fileWriter) failed() error {
+	if e := w.errs.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+func (w *fileWriter) open(name string) { w.ops <- fileOp{open: name} }
+
+func (w *fileWriter) close() {
+	w.send()
+	w.ops <- fileOp{close: true}
+}
+
+// space returns n bytes at the end of the data gathered, to be filled
+// before the next call.
+func (w *fileWriter) space(n int) []byte {
+	if w.cur != nil && len(w.cur)+n > cap(w.cur) {
+		w.send()
+	}
+	if w.cur == nil {
+		if n > chunkSize {
+			w.cur = make([]byte, 0, n) // larger than a chunk: a buffer of its own
+		} else if w.cur = <-w.free; w.cur == nil {
+			w.cur = make([]byte, 0, chunkSize)
+		}
+	}
+	w.cur = w.cur[:len(w.cur)+n]
+	return w.cur[len(w.cur)-n:]
+}
+
+// send queues the data gathered.
+func (w *fileWriter) send() {
+	if len(w.cur) > 0 {
+		w.ops <- fileOp{data: w.cur}
+		w.cur = nil
+	}
+}
+
+// finish waits for every file to be stored.
+func (w *fileWriter) finish() (int, error) {
+	w.stop()
+	return w.n, w.err
+}
+
+// stop ends the writer, after what was queued (files stay as they are).
+func (w *fileWriter) stop() {
+	if !w.stopped {
+		w.stopped = true
+		close(w.ops)
+	}
+	<-w.done
 }
 
 // Client sends image files to a page server.

@@ -237,6 +237,10 @@ const (
 	// that they do not queue behind the prefetched megabytes in the
 	// first one's socket buffers. (Other servers never see one.)
 	FlagFaults = 1 << 1
+	// FlagZstdFrames: with FlagZstd, compression block by block (see
+	// blocks.go) instead of one zstd stream around everything, which is
+	// what peers that do not set it get.
+	FlagZstdFrames = 1 << 2
 	// MaxFrame bounds one frame's payload.
 	MaxFrame = 16 << 20
 )
@@ -249,6 +253,7 @@ type Stream struct {
 	enc  *zstd.Encoder
 	r    io.Reader
 	dec  *zstd.Decoder
+	blk  *blockWriter // block compression (FlagZstdFrames)
 	// Zstd reports that the stream is compressed; Faults that both sides
 	// set FlagFaults.
 	Zstd, Faults bool
@@ -281,7 +286,7 @@ func readHello(c net.Conn) (uint16, error) {
 func Client(c net.Conn, wantZstd bool) (*Stream, error) {
 	flags := uint16(FlagFaults)
 	if wantZstd {
-		flags |= FlagZstd
+		flags |= FlagZstd | FlagZstdFrames
 	}
 	if _, err := c.Write(hello(flags)); err != nil {
 		return nil, fmt.Errorf("send hello: %w", err)
@@ -299,7 +304,7 @@ func Server(c net.Conn) (*Stream, error) {
 	if err != nil {
 		return nil, err
 	}
-	offer := uint16(FlagZstd | FlagFaults)
+	offer := uint16(FlagZstd | FlagZstdFrames | FlagFaults)
 	if _, err := c.Write(hello(offer)); err != nil {
 		return nil, fmt.Errorf("send hello: %w", err)
 	}
@@ -311,6 +316,16 @@ func newStream(c net.Conn, both uint16) (*Stream, error) {
 	s := &Stream{conn: c, Zstd: both&FlagZstd != 0, Faults: both&FlagFaults != 0,
 		bw: bufio.NewWriterSize(c, 1<<20), r: bufio.NewReaderSize(c, 1<<20)}
 	s.w = s.bw
+	if s.Zstd && both&FlagZstdFrames != 0 {
+		var err error
+		if s.blk, err = newBlockWriter(s.bw, c); err != nil {
+			return nil, err
+		}
+		if s.r, err = newBlockReader(s.r); err != nil {
+			return nil, err
+		}
+		return s, nil
+	}
 	if s.Zstd {
 		enc, err := zstd.NewWriter(s.bw, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
 		if err != nil {
@@ -333,6 +348,9 @@ func (s *Stream) WriteFrame(typ uint8, payload []byte) error {
 	var h [5]byte
 	h[0] = typ
 	binary.LittleEndian.PutUint32(h[1:], uint32(len(payload)))
+	if s.blk != nil {
+		return s.blk.writeFrame(h[:], payload)
+	}
 	if tc, ok := s.conn.(*net.TCPConn); ok && s.enc == nil && len(payload) >= directWrite {
 		// Pages go to the socket from the caller's buffer, in one writev
 		// with the header, not copied through the write buffer (whatever
@@ -357,6 +375,9 @@ const directWrite = 64 << 10
 
 // Flush pushes buffered frames to the peer.
 func (s *Stream) Flush() error {
+	if s.blk != nil {
+		return s.blk.flush()
+	}
 	if s.enc != nil {
 		if err := s.enc.Flush(); err != nil {
 			return err

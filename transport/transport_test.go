@@ -3,9 +3,12 @@ package transport
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"errors"
+	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -302,5 +305,133 @@ func TestTLSResumption(t *testing.T) {
 	}
 	if dial("other", 12) {
 		t.Error("another client identity resumed a session")
+	}
+}
+
+// countingConn counts the bytes written through it.
+type countingConn struct {
+	net.Conn
+	n atomic.Int64
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// pipeStreams returns the two ends of an in-memory stream that agreed on
+// flags, and the byte count of the first end's writes.
+func pipeStreams(t *testing.T, flags uint16) (*Stream, *Stream, *countingConn) {
+	t.Helper()
+	a, b := net.Pipe()
+	t.Cleanup(func() { a.Close(); b.Close() })
+	ca := &countingConn{Conn: a}
+	sa, err := newStream(ca, flags)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, err := newStream(b, flags)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sa, sb, ca
+}
+
+// Block compression: pages that compress go compressed, random ones as
+// they are (a sample tells), small frames gathered in blocks; a reader may
+// take a payload in parts. Streams agreeing only on FlagZstd (an older
+// peer) still compress the stream whole.
+func TestBlockCompression(t *testing.T) {
+	text := bytes.Repeat([]byte("ferry moves processes between hosts; "), 512<<10/37+1)[:512<<10]
+	random := make([]byte, 512<<10)
+	rand.Read(random)
+	mixed := append(append([]byte{}, random[:256<<10]...), text[:256<<10]...)
+	frames := [][]byte{text, random, []byte("ack"), text[:3000], mixed, text, nil}
+	for i := range 200 { // runs of a few pages, as a fragmented dump writes them
+		f := make([]byte, 4096*(1+i%6))
+		rand.Read(f)
+		frames = append(frames, f)
+	}
+	frames = append(frames, text[:directBlock-1], text[:directBlock])
+	var all int
+	for _, f := range frames {
+		all += len(f)
+	}
+	for _, flags := range []uint16{FlagZstd | FlagZstdFrames, FlagZstd} {
+		w, r, counted := pipeStreams(t, flags)
+		sent := make(chan error, 1)
+		go func() {
+			for i, f := range frames {
+				if err := w.WriteFrame(uint8(i), f); err != nil {
+					sent <- err
+					return
+				}
+			}
+			sent <- w.Flush()
+		}()
+		for i, f := range frames {
+			var got []byte
+			typ, n, err := r.ReadHead()
+			if err == nil {
+				got = make([]byte, n)
+				err = errors.Join(r.ReadBody(got[:n/3]), r.ReadBody(got[n/3:]))
+			}
+			if err != nil || typ != uint8(i) || !bytes.Equal(got, f) {
+				t.Fatalf("flags %#x, frame %d: type %d, %d bytes (want %d), %v", flags, i, typ, len(got), len(f), err)
+			}
+		}
+		if err := <-sent; err != nil {
+			t.Fatal(err)
+		}
+		// The random bytes go as they are; the text shrinks (but for
+		// what shares a block with random runs).
+		randomBytes := int64(len(random) + len(random)/2)
+		for _, f := range frames[7:207] {
+			randomBytes += int64(len(f))
+		}
+		if n := counted.n.Load(); n > randomBytes+160<<10 || (flags&FlagZstdFrames != 0 && n < randomBytes) {
+			t.Errorf("flags %#x: %d bytes on the wire for %d of frames, %d of them random", flags, n, all, randomBytes)
+		}
+	}
+	bw, err := newBlockWriter(nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if z := bw.squeeze(random); z != nil {
+		t.Errorf("random pages compressed to %d bytes", len(z))
+	}
+	if z := bw.squeeze(text); z == nil || len(z) > len(text)/10 {
+		t.Errorf("text compressed to %d bytes", len(z))
+	}
+}
+
+// A block that does not decode to what its header says is an error naming
+// it, not a panic or a short read.
+func TestCorruptBlock(t *testing.T) {
+	bw, err := newBlockWriter(nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := bytes.Repeat([]byte("abcd"), 4096)
+	z := append([]byte{}, bw.squeeze(text)...)
+	for _, c := range []struct {
+		name, want string
+		block      []byte
+	}{
+		{"garbage", "compressed block", append([]byte{blockZstd, 4, 0, 0, 0, 0, 16, 0, 0}, "junk"...)},
+		{"wrong length", "not the 1 its header says", append([]byte{blockZstd, byte(len(z)), byte(len(z) >> 8), 0, 0, 1, 0, 0, 0}, z...)},
+		{"too large", "exceeds", []byte{blockZstd, 4, 0, 0, 0, 0, 0, 0, 2}},
+		{"unknown kind", "unknown block kind 7", []byte{7, 0, 0, 0, 0}},
+		{"cut short", "unexpected EOF", append([]byte{blockZstd, 200, 0, 0, 0, 0, 16, 0, 0}, "junk"...)},
+	} {
+		r, err := newBlockReader(bytes.NewReader(c.block))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := &Stream{r: r}
+		if _, _, err := s.ReadHead(); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", c.name, err, c.want)
+		}
 	}
 }
