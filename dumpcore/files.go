@@ -797,11 +797,10 @@ func (ft *fileTable) addLocks(fe *pb.FdEntry, info proc.FdInfo) error {
 		case "OFDLCK":
 			k = "ofd"
 		case "LEASE":
-			// "N: LEASE ACTIVE|BREAKING|BREAKER READ|WRITE|UNLCK ...": a
-			// lease of the description; one being broken would need the
-			// breaker restored with it.
-			if f[2] != "ACTIVE" {
-				return fmt.Errorf("lease on %s being broken (%s): %w", dev, strings.ToLower(f[2]), ErrUnsupported)
+			// "N: LEASE ACTIVE|BREAKING READ|WRITE|UNLCK ...": a lease of
+			// the description (see leaseLock).
+			if f[2] != "ACTIVE" && f[2] != "BREAKING" {
+				return fmt.Errorf("lease on %s in state %s: %w", dev, strings.ToLower(f[2]), ErrUnsupported)
 			}
 			k = "lease"
 		default:
@@ -823,6 +822,9 @@ func (ft *fileTable) addLocks(fe *pb.FdEntry, info proc.FdInfo) error {
 		}
 		ft.lockSeen[key] = true
 		l := &pb.FileLock{Kind: k, Write: mode == "WRITE"}
+		if kind == "LEASE" && f[2] == "BREAKING" {
+			leaseBreaking(l, mode, info.Flags)
+		}
 		var err error
 		if l.Start, err = strconv.ParseInt(start, 10, 64); err != nil {
 			return fmt.Errorf("lock %q: %w", line, err)
@@ -837,6 +839,21 @@ func (ft *fileTable) addLocks(fe *pb.FdEntry, info proc.FdInfo) error {
 		fe.Locks = append(fe.Locks, l)
 	}
 	return nil
+}
+
+// leaseBreaking fills in l for a lease being broken, of a description
+// opened with flags. The kernel shows what the lease is being broken to
+// (mode), not what it was: a lease downgrading to READ was a write lease;
+// one going away was a read lease if the description is read-only (a
+// read lease needs that; a write lease on such a description, going away
+// the same way, is told apart by nothing the process can see), else a
+// write lease.
+func leaseBreaking(l *pb.FileLock, mode string, flags uint32) {
+	if mode == "READ" {
+		l.BreakTo, l.Write = "read", true
+		return
+	}
+	l.BreakTo, l.Write = "unlock", flags&unix.O_ACCMODE != unix.O_RDONLY
 }
 
 // parseTimerfd reads a timerfd's fdinfo: "clockid: 1", "ticks: 0",

@@ -637,7 +637,7 @@ func (b *builder) restoreFiles() error {
 	// process holds on it, so the parked copies must be gone first.
 	for _, e := range fds {
 		for _, l := range e.Locks {
-			if err := b.takeLock(int(e.Fd), l); err != nil {
+			if err := b.takeLock(int(e.Fd), l, b.r.is.files[e.FileId]); err != nil {
 				return fmt.Errorf("fd %d: %s lock: %w", e.Fd, l.Kind, err)
 			}
 		}
@@ -982,16 +982,30 @@ func (b *builder) makeGhost(f *pb.FileEntry) (string, error) {
 	return path, nil
 }
 
-// takeLock takes a dumped file lock again, inside the process (POSIX locks
-// belong to the process that takes them).
-func (b *builder) takeLock(fd int, l *pb.FileLock) error {
+// takeLock takes a dumped file lock of the description f again, inside
+// the process (POSIX locks belong to the process that takes them).
+func (b *builder) takeLock(fd int, l *pb.FileLock, f *pb.FileEntry) error {
 	if l.Kind == "lease" {
 		typ := uint64(unix.F_RDLCK)
 		if l.Write {
 			typ = unix.F_WRLCK
 		}
-		_, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETLEASE, typ)
-		return err
+		if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETLEASE, typ); err != nil {
+			return err
+		}
+		// F_SETLEASE made this process the description's owner. No
+		// owner while the lease is broken again: the process heard of
+		// that break before the dump and is not told twice. Then the
+		// owner as dumped.
+		if _, err := b.sys(unix.SYS_FCNTL, uint64(fd), unix.F_SETOWN, 0); err != nil {
+			return fmt.Errorf("F_SETOWN: %w", err)
+		}
+		if l.BreakTo != "" {
+			if err := b.breakLease(fd, l.BreakTo); err != nil {
+				return err
+			}
+		}
+		return b.setOwner(fd, f)
 	}
 	if l.Kind == "flock" {
 		op := uint64(unix.LOCK_SH | unix.LOCK_NB)
@@ -1020,6 +1034,28 @@ func (b *builder) takeLock(fd int, l *pb.FileLock) error {
 	}
 	_, err = b.sys(unix.SYS_FCNTL, uint64(fd), cmd, a)
 	return err
+}
+
+// breakLease starts breaking the lease of the description at fd in the
+// process, as it was at the dump: an open of the same file that conflicts
+// with it (for writing, or for reading to downgrade a write lease), made
+// not to wait (O_NONBLOCK), starts the break and fails with EWOULDBLOCK.
+// The kernel's lease-break-time counts again from here.
+func (b *builder) breakLease(fd int, to string) error {
+	mode := unix.O_WRONLY
+	if to == "read" {
+		mode = unix.O_RDONLY
+	}
+	h, err := unix.Open(fmt.Sprintf("/proc/%d/fd/%d", b.pid, fd), mode|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	switch {
+	case err == nil:
+		unix.Close(h)
+		return fmt.Errorf("breaking its lease (to %s): opening the file again did not break it", to)
+	case errors.Is(err, unix.EWOULDBLOCK):
+		return nil
+	default:
+		return fmt.Errorf("breaking its lease (to %s): %w", to, err)
+	}
 }
 
 // newEventFile makes a signalfd (same mask) or a timerfd (same clock, armed

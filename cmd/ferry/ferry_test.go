@@ -1959,6 +1959,48 @@ func TestDumpRestoreFileLocks(t *testing.T) {
 	}
 }
 
+func TestDumpRestoreLeasesBeingBroken(t *testing.T) {
+	// Two leases being broken (leasebreak.py): a read lease going away
+	// and a write lease downgrading. After the restore each is still
+	// being broken, not gone and not plain: an open that conflicts still
+	// waits (EWOULDBLOCK), the workload was not sent its lease-break
+	// signal again, and once it completes the breaks the file opens.
+	needRoot(t)
+	dir := t.TempDir()
+	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "leasebreak.py")
+	w := testutil.Start(t, "", "python3", script, dir)
+	time.Sleep(300 * time.Millisecond)
+	before := w.Report(t)
+	if f := before.Fields; f["sigio"] != "2" || f["lease_a"] != "2" || f["lease_b"] != "0" {
+		t.Fatalf("before the dump: %v", f)
+	}
+	r := dumpRestore(t, w, "--file-locks")
+	defer r.Kill()
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	if f := after.Fields; f["sigio"] != "2" || f["lease_a"] != "2" || f["lease_b"] != "0" {
+		t.Fatalf("after the restore: sigio %s (want 2: no second break signal), F_GETLEASE %s and %s (want 2 and 0)", f["sigio"], f["lease_a"], f["lease_b"])
+	}
+	waits := func(name string, mode int) bool {
+		fd, err := unix.Open(filepath.Join(dir, name), mode|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		if err == nil {
+			unix.Close(fd)
+		}
+		return errors.Is(err, unix.EWOULDBLOCK)
+	}
+	if !waits("a", unix.O_WRONLY) || !waits("b", unix.O_RDONLY) {
+		t.Fatalf("after the restore an open of a for writing waits: %v, of b for reading: %v; want both (the leases are still being broken)",
+			waits("a", unix.O_WRONLY), waits("b", unix.O_RDONLY))
+	}
+	if f := r.Report(t).Fields; f["sigio"] != "2" {
+		t.Fatalf("the opens sent %s lease-break signals, want 2 (the breaks were under way)", f["sigio"])
+	}
+	r.Signal(unix.SIGUSR2)
+	if !waitFor(10*time.Second, func() bool { return !waits("a", unix.O_WRONLY) && !waits("b", unix.O_RDONLY) }) {
+		t.Fatal("the files still wait for their leases after the workload completed the breaks")
+	}
+}
+
 func children(pid int) []int {
 	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
 	var out []int

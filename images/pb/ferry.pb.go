@@ -5865,11 +5865,14 @@ func (x *EpollTarget) GetSourceFd() int32 {
 
 // FileLock is a lock the process held (dump --file-locks).
 type FileLock struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`    // "posix", "flock", "ofd", "lease" (an active lease of the description)
-	Write         bool                   `protobuf:"varint,2,opt,name=write,proto3" json:"write,omitempty"` // exclusive (otherwise shared)
-	Start         int64                  `protobuf:"varint,3,opt,name=start,proto3" json:"start,omitempty"`
-	Len           int64                  `protobuf:"varint,4,opt,name=len,proto3" json:"len,omitempty"` // 0: to the end of the file
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Kind  string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`    // "posix", "flock", "ofd", "lease" (a lease of the description)
+	Write bool                   `protobuf:"varint,2,opt,name=write,proto3" json:"write,omitempty"` // exclusive (otherwise shared)
+	Start int64                  `protobuf:"varint,3,opt,name=start,proto3" json:"start,omitempty"`
+	Len   int64                  `protobuf:"varint,4,opt,name=len,proto3" json:"len,omitempty"` // 0: to the end of the file
+	// A lease being broken: what it is broken to, "read" (a write lease
+	// downgrading) or "unlock"; "" for a lease not being broken.
+	BreakTo       string `protobuf:"bytes,5,opt,name=break_to,json=breakTo,proto3" json:"break_to,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5930,6 +5933,13 @@ func (x *FileLock) GetLen() int64 {
 		return x.Len
 	}
 	return 0
+}
+
+func (x *FileLock) GetBreakTo() string {
+	if x != nil {
+		return x.BreakTo
+	}
+	return ""
 }
 
 type FdEntry struct {
@@ -7314,12 +7324,13 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x06events\x18\x02 \x01(\rR\x06events\x12\x12\n" +
 	"\x04data\x18\x03 \x01(\x04R\x04data\x12\x14\n" +
 	"\x05moved\x18\x04 \x01(\bR\x05moved\x12\x1b\n" +
-	"\tsource_fd\x18\x05 \x01(\x05R\bsourceFd\"\\\n" +
+	"\tsource_fd\x18\x05 \x01(\x05R\bsourceFd\"w\n" +
 	"\bFileLock\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x14\n" +
 	"\x05write\x18\x02 \x01(\bR\x05write\x12\x14\n" +
 	"\x05start\x18\x03 \x01(\x03R\x05start\x12\x10\n" +
-	"\x03len\x18\x04 \x01(\x03R\x03len\"z\n" +
+	"\x03len\x18\x04 \x01(\x03R\x03len\x12\x19\n" +
+	"\bbreak_to\x18\x05 \x01(\tR\abreakTo\"z\n" +
 	"\aFdEntry\x12\x0e\n" +
 	"\x02fd\x18\x01 \x01(\x05R\x02fd\x12\x17\n" +
 	"\afile_id\x18\x02 \x01(\rR\x06fileId\x12\x18\n" +
