@@ -1,11 +1,13 @@
 package dumpcore
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -74,8 +76,10 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 			CapBnd: status.CapBnd, CapAmb: status.CapAmb, NoNewPrivs: status.NoNewPrivs,
 		},
 	}
-	if status.Seccomp != 0 {
-		return nil, fmt.Errorf("process %d uses seccomp (mode %d): %w", pid, status.Seccomp, ErrUnsupported)
+	for _, t := range d.threads {
+		if status.Seccomp != 0 && !ptrace.SeccompSuspended(t.tid) {
+			return nil, fmt.Errorf("process %d uses seccomp (mode %d) and ferry cannot suspend its filters while it works in it (PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN, and ferry under no filter of its own): %w", pid, status.Seccomp, ErrUnsupported)
+		}
 	}
 	if b, err := os.ReadFile(proc.Path(pid, "personality")); err == nil {
 		p, _ := strconv.ParseUint(strings.TrimSpace(string(b)), 16, 32)
@@ -139,6 +143,9 @@ func (d *dumper) collect(ctx context.Context) (*imageSet, error) {
 		tc, err := d.collectThread(t.tid)
 		if err != nil {
 			return nil, err
+		}
+		if err := collectSeccomp(core, tc, t.tid); err != nil {
+			return nil, fmt.Errorf("thread %d: %w", t.tid, err)
 		}
 		core.Threads = append(core.Threads, tc)
 	}
@@ -499,4 +506,66 @@ func (d *dumper) writePagemapTo(pw *images.Writer, img *imageSet) error {
 		head.Compression = images.Zstd
 	}
 	return images.WritePagemap(pw, head, img.pagemap)
+}
+
+// collectSeccomp records the seccomp mode of thread tid in tc and its
+// filters, each program once in core.
+func collectSeccomp(core *pb.TaskCore, tc *pb.ThreadCore, tid int) error {
+	st, err := proc.ReadStatus(tid)
+	if err != nil {
+		return err
+	}
+	tc.SeccompMode = int32(st.Seccomp)
+	switch st.Seccomp {
+	case 0, 1:
+		return nil
+	case 2:
+	default:
+		return fmt.Errorf("seccomp mode %d: %w", st.Seccomp, ErrUnsupported)
+	}
+	filters, err := ptrace.SeccompFilters(tid)
+	if err != nil {
+		return fmt.Errorf("seccomp filters: %w", err)
+	}
+	for _, f := range filters {
+		if notifies(f.Prog) {
+			// Its listener (a descriptor somewhere, often outside the
+			// tree) is not restored with it.
+			return fmt.Errorf("a seccomp filter that hands system calls to a listener (SECCOMP_RET_USER_NOTIF): %w", ErrUnsupported)
+		}
+		i := slices.IndexFunc(core.SeccompFilters, func(g *pb.SeccompFilter) bool {
+			return g.Flags == f.Flags && bytes.Equal(g.Prog, f.Prog)
+		})
+		if i < 0 {
+			i = len(core.SeccompFilters)
+			core.SeccompFilters = append(core.SeccompFilters, &pb.SeccompFilter{Prog: f.Prog, Flags: f.Flags})
+		}
+		tc.SeccompChain = append(tc.SeccompChain, uint32(i))
+	}
+	return nil
+}
+
+// notifies tells whether a seccomp program can return
+// SECCOMP_RET_USER_NOTIF: a BPF_RET with that constant, or one returning
+// the accumulator (which it might hold).
+func notifies(prog []byte) bool {
+	const (
+		bpfRet       = 0x06
+		bpfClassMask = 0x07
+		bpfRvalMask  = 0x18
+		bpfK         = 0x00
+		retUserNotif = 0x7fc00000
+		actionMask   = 0xffff0000
+	)
+	for i := 0; i+8 <= len(prog); i += 8 {
+		code := binary.LittleEndian.Uint16(prog[i:])
+		k := binary.LittleEndian.Uint32(prog[i+4:])
+		if code&bpfClassMask != bpfRet {
+			continue
+		}
+		if code&bpfRvalMask != bpfK || k&actionMask == retUserNotif {
+			return true
+		}
+	}
+	return false
 }

@@ -34,6 +34,9 @@ var trampCode = []byte{0x0f, 0x05, 0xcc} // syscall; int3
 type builder struct {
 	r *restorer
 	p *procImage
+	// sharedSeccomp: the seccomp filters every thread begins with,
+	// installed before the threads were made (restoreSeccomp).
+	sharedSeccomp []uint32
 	// pid is the process's PID here (in ferry's PID namespace); its
 	// images' (b.p.pstree.Pid) is the one it sees itself.
 	pid int
@@ -111,6 +114,10 @@ func (b *builder) build(ctx context.Context) error {
 		// Files taken from ferry, then into the tree's user namespace
 		// while the process has one thread.
 		{"user namespace", b.enterUserNs},
+		// Seccomp filters the threads share, before they are made: they
+		// inherit them, as they did. (Filters do not apply while ferry
+		// traces the process: ptrace.OSuspendSeccomp.)
+		{"seccomp", b.restoreSeccomp},
 		// Threads before timers: a timer may signal one of them.
 		{"threads", b.restoreThreads},
 		{"timers", b.restoreTimers},

@@ -309,6 +309,11 @@ func (is *imageSet) validate(localXstate []byte) error {
 			}
 		}
 	}
+	for _, p := range is.procs {
+		if err := validSeccomp(p); err != nil {
+			return refuse("process %d: %v", p.pstree.Pid, err)
+		}
+	}
 	// A process enters a user namespace (enterUserNs) alone: with one
 	// thread, sharing no fs_struct; its threads are made after, with
 	// their TIDs, which needs the PID namespace to belong to the user
@@ -506,3 +511,32 @@ func xstateFeatures(xs []byte) (uint64, uint32) {
 // localXstate reads an xstate buffer of a traced task to learn this CPU's
 // layout. Preconditions: tid is stopped and traced by this thread.
 func localXstate(tid int) ([]byte, error) { return ptrace.GetXstate(tid) }
+
+// validSeccomp checks the seccomp state of p's threads against its
+// filters.
+func validSeccomp(p *procImage) error {
+	if p.zombie || p.core == nil {
+		return nil
+	}
+	for i, f := range p.core.SeccompFilters {
+		if n := len(f.Prog); n == 0 || n%8 != 0 || n/8 > 4096 {
+			return fmt.Errorf("seccomp filter %d: %d bytes, not a program of 1 to 4096 instructions", i, n)
+		}
+	}
+	for _, t := range p.core.Threads {
+		switch {
+		case t.SeccompMode < 0 || t.SeccompMode > 2:
+			return fmt.Errorf("thread %d: seccomp mode %d", t.Tid, t.SeccompMode)
+		case t.SeccompMode == 2 && len(t.SeccompChain) == 0:
+			return fmt.Errorf("thread %d: seccomp filter mode without filters", t.Tid)
+		case t.SeccompMode != 2 && len(t.SeccompChain) > 0:
+			return fmt.Errorf("thread %d: seccomp filters in mode %d", t.Tid, t.SeccompMode)
+		}
+		for _, i := range t.SeccompChain {
+			if int(i) >= len(p.core.SeccompFilters) {
+				return fmt.Errorf("thread %d: seccomp filter %d of %d", t.Tid, i, len(p.core.SeccompFilters))
+			}
+		}
+	}
+	return nil
+}

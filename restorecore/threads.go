@@ -43,6 +43,76 @@ func (b *builder) restoreThreads() error {
 		if err := b.threadState(b.threads[i], tc); err != nil {
 			return fmt.Errorf("thread %d: %w", tc.Tid, err)
 		}
+		// The filters of its own, after the shared ones.
+		if err := b.installSeccomp(b.threads[i], tc.SeccompChain[len(b.sharedSeccomp):]); err != nil {
+			return fmt.Errorf("thread %d: %w", tc.Tid, err)
+		}
+		if tc.SeccompMode == 1 {
+			if _, err := b.threads[i].Syscall(unix.SYS_PRCTL, unix.PR_SET_SECCOMP, 1); err != nil {
+				return fmt.Errorf("thread %d: strict seccomp: %w", tc.Tid, err)
+			}
+		}
+	}
+	return nil
+}
+
+// restoreSeccomp installs in the main thread, before the others are made,
+// the seccomp filters that begin every thread's chain: made after, the
+// threads inherit them, and share them as they did (seccomp's TSYNC
+// needs that). The rest of each chain, and strict mode, come once the
+// threads are there (restoreThreads).
+func (b *builder) restoreSeccomp() error {
+	threads := b.p.core.Threads
+	used := false
+	for _, tc := range threads {
+		used = used || tc.SeccompMode != 0
+	}
+	if !used {
+		return nil
+	}
+	if !ptrace.SeccompSuspended(b.r.seed.Process.Pid) {
+		return fmt.Errorf("the process uses seccomp and ferry cannot suspend its filters while it restores it (PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN, and ferry under no filter of its own)")
+	}
+	// A process without CAP_SYS_ADMIN installs filters only with
+	// no_new_privs set, as the dumped one had it (restoreCreds sets it
+	// again, it is set once and for all).
+	if c := b.p.core.Creds; c != nil && c.NoNewPrivs {
+		if _, err := b.sys(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("no_new_privs: %w", err)
+		}
+	}
+	shared := threads[0].SeccompChain
+	for _, tc := range threads[1:] {
+		n := 0
+		for n < len(shared) && n < len(tc.SeccompChain) && shared[n] == tc.SeccompChain[n] {
+			n++
+		}
+		shared = shared[:n]
+	}
+	b.sharedSeccomp = shared
+	return b.installSeccomp(b.main, shared)
+}
+
+// installSeccomp installs the filters of chain (indexes into the
+// process's filters, oldest first) in thread t.
+func (b *builder) installSeccomp(t *compel.Task, chain []uint32) error {
+	filters := b.p.core.SeccompFilters
+	for _, i := range chain {
+		f := filters[i] // in range: validate
+		prog, err := b.put(64, f.Prog)
+		if err != nil {
+			return err
+		}
+		fprog := make([]byte, 16) // struct sock_fprog: u16 len, then the pointer
+		binary.LittleEndian.PutUint16(fprog, uint16(len(f.Prog)/8))
+		binary.LittleEndian.PutUint64(fprog[8:], prog)
+		a, err := b.put(0, fprog)
+		if err != nil {
+			return err
+		}
+		if _, err := t.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, f.Flags, a); err != nil {
+			return fmt.Errorf("seccomp filter %d (%d instructions): %w", i, len(f.Prog)/8, err)
+		}
 	}
 	return nil
 }

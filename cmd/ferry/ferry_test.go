@@ -2061,6 +2061,53 @@ func TestDumpRestoreSignalfdTimerfd(t *testing.T) {
 	checkContinued(t, before, r.Report(t))
 }
 
+func TestDumpRestoreSeccomp(t *testing.T) {
+	// Seccomp filters per thread (seccheck.c): one the threads inherited,
+	// one of a thread's own, one the main thread added after (with
+	// SECCOMP_FILTER_FLAG_LOG). After restore each thread's system calls
+	// are filtered as before, and a second dump finds the same filters,
+	// flags and chains: the kernel state was made again, not imitated.
+	needRoot(t)
+	bin := testutil.BuildC(t, "seccheck")
+	w := testutil.Start(t, "-r", bin)
+	time.Sleep(200 * time.Millisecond)
+	before := w.Report(t)
+	if before.Status != "ok" {
+		t.Fatalf("before: %v", before)
+	}
+	r := dumpRestore(t, w)
+	defer r.Kill()
+	after := r.Report(t)
+	checkContinued(t, before, after)
+	for _, k := range []string{"main", "u", "t", "filters"} {
+		if after.Fields[k] != before.Fields[k] {
+			t.Errorf("%s: %s after restore, %s before", k, after.Fields[k], before.Fields[k])
+		}
+	}
+	img := t.TempDir()
+	if code, out := ferry(t, "dump", "-t", strconv.Itoa(r.Pid), "-D", img, "-R"); code != 0 {
+		t.Fatalf("second dump: exit %d\n%s", code, out)
+	}
+	core := &pb.TaskCore{}
+	if err := images.ReadOne(img, images.CoreName(r.Pid), images.KindCore, core); err != nil {
+		t.Fatal(err)
+	}
+	var chains []string
+	for _, th := range core.Threads {
+		var c []string
+		for _, i := range th.SeccompChain {
+			f := core.SeccompFilters[i]
+			c = append(c, fmt.Sprintf("%d:%d", len(f.Prog)/8, f.Flags))
+		}
+		chains = append(chains, fmt.Sprintf("mode %d [%s]", th.SeccompMode, strings.Join(c, " ")))
+	}
+	// main: A, C (LOG); then u: A; t: A, B.
+	want := "mode 2 [4:0 4:2]; mode 2 [4:0]; mode 2 [4:0 4:0]"
+	if got := strings.Join(chains, "; "); got != want || len(core.SeccompFilters) != 3 {
+		t.Fatalf("filters after restore: %s (%d distinct), want %s (3)", got, len(core.SeccompFilters), want)
+	}
+}
+
 func TestDumpRestoreFifos(t *testing.T) {
 	// A named pipe with a read end (nonblocking) and a write end and bytes
 	// queued, and an unlinked one with only its write end open: after

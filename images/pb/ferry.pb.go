@@ -3478,8 +3478,13 @@ type ThreadCore struct {
 	Comm           string `protobuf:"bytes,12,opt,name=comm,proto3" json:"comm,omitempty"`
 	PdeathSigSet   bool   `protobuf:"varint,13,opt,name=pdeath_sig_set,json=pdeathSigSet,proto3" json:"pdeath_sig_set,omitempty"`
 	PdeathSig      int32  `protobuf:"varint,14,opt,name=pdeath_sig,json=pdeathSig,proto3" json:"pdeath_sig,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// seccomp(2) mode: 0 none, 1 strict, 2 filters (seccomp_chain).
+	SeccompMode int32 `protobuf:"varint,15,opt,name=seccomp_mode,json=seccompMode,proto3" json:"seccomp_mode,omitempty"`
+	// The thread's filters, oldest first: indexes into the process's
+	// TaskCore.seccomp_filters.
+	SeccompChain  []uint32 `protobuf:"varint,16,rep,packed,name=seccomp_chain,json=seccompChain,proto3" json:"seccomp_chain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ThreadCore) Reset() {
@@ -3610,6 +3615,73 @@ func (x *ThreadCore) GetPdeathSig() int32 {
 	return 0
 }
 
+func (x *ThreadCore) GetSeccompMode() int32 {
+	if x != nil {
+		return x.SeccompMode
+	}
+	return 0
+}
+
+func (x *ThreadCore) GetSeccompChain() []uint32 {
+	if x != nil {
+		return x.SeccompChain
+	}
+	return nil
+}
+
+// SeccompFilter is a seccomp filter of the process's threads.
+type SeccompFilter struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Prog          []byte                 `protobuf:"bytes,1,opt,name=prog,proto3" json:"prog,omitempty"`    // the classic BPF program: struct sock_filter, 8 bytes each
+	Flags         uint64                 `protobuf:"varint,2,opt,name=flags,proto3" json:"flags,omitempty"` // SECCOMP_FILTER_FLAG_* as the kernel reports them (LOG)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SeccompFilter) Reset() {
+	*x = SeccompFilter{}
+	mi := &file_images_ferry_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SeccompFilter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SeccompFilter) ProtoMessage() {}
+
+func (x *SeccompFilter) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SeccompFilter.ProtoReflect.Descriptor instead.
+func (*SeccompFilter) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *SeccompFilter) GetProg() []byte {
+	if x != nil {
+		return x.Prog
+	}
+	return nil
+}
+
+func (x *SeccompFilter) GetFlags() uint64 {
+	if x != nil {
+		return x.Flags
+	}
+	return 0
+}
+
 type TaskCore struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pid           int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
@@ -3655,14 +3727,17 @@ type TaskCore struct {
 	FilesSharedWith int32 `protobuf:"varint,28,opt,name=files_shared_with,json=filesSharedWith,proto3" json:"files_shared_with,omitempty"`
 	FsSharedWith    int32 `protobuf:"varint,29,opt,name=fs_shared_with,json=fsSharedWith,proto3" json:"fs_shared_with,omitempty"`
 	// The process's cgroup in each hierarchy (/proc/PID/cgroup).
-	Cgroups       []*CgroupRef `protobuf:"bytes,30,rep,name=cgroups,proto3" json:"cgroups,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Cgroups []*CgroupRef `protobuf:"bytes,30,rep,name=cgroups,proto3" json:"cgroups,omitempty"`
+	// The seccomp filters of the threads (ThreadCore.seccomp_chain), each
+	// program once.
+	SeccompFilters []*SeccompFilter `protobuf:"bytes,31,rep,name=seccomp_filters,json=seccompFilters,proto3" json:"seccomp_filters,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3674,7 +3749,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3687,7 +3762,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -3900,6 +3975,13 @@ func (x *TaskCore) GetCgroups() []*CgroupRef {
 	return nil
 }
 
+func (x *TaskCore) GetSeccompFilters() []*SeccompFilter {
+	if x != nil {
+		return x.SeccompFilters
+	}
+	return nil
+}
+
 type CgroupRef struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Controllers   string                 `protobuf:"bytes,1,opt,name=controllers,proto3" json:"controllers,omitempty"` // "cpu,cpuacct", "name=systemd"; "" for v2
@@ -3910,7 +3992,7 @@ type CgroupRef struct {
 
 func (x *CgroupRef) Reset() {
 	*x = CgroupRef{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3922,7 +4004,7 @@ func (x *CgroupRef) String() string {
 func (*CgroupRef) ProtoMessage() {}
 
 func (x *CgroupRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3935,7 +4017,7 @@ func (x *CgroupRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
 func (*CgroupRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CgroupRef) GetControllers() string {
@@ -3993,7 +4075,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4005,7 +4087,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4018,7 +4100,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -4170,7 +4252,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4182,7 +4264,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4195,7 +4277,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -4263,7 +4345,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4275,7 +4357,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4288,7 +4370,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -4476,7 +4558,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4488,7 +4570,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4501,7 +4583,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -4801,7 +4883,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4813,7 +4895,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4826,7 +4908,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -4877,7 +4959,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4889,7 +4971,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4902,7 +4984,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -4939,7 +5021,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4951,7 +5033,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4964,7 +5046,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -5016,7 +5098,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5028,7 +5110,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5041,7 +5123,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -5106,7 +5188,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5118,7 +5200,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5131,7 +5213,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -5242,7 +5324,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5254,7 +5336,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5267,7 +5349,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -5378,7 +5460,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5390,7 +5472,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5403,7 +5485,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -5454,7 +5536,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5466,7 +5548,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5479,7 +5561,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{47}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -5598,7 +5680,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5610,7 +5692,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5623,7 +5705,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{48}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -5735,7 +5817,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5747,7 +5829,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5760,7 +5842,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{49}
+	return file_images_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -5800,7 +5882,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5812,7 +5894,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5825,7 +5907,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{50}
+	return file_images_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -5879,7 +5961,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5891,7 +5973,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5904,7 +5986,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{51}
+	return file_images_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *FileLock) GetKind() string {
@@ -5955,7 +6037,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5967,7 +6049,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5980,7 +6062,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{52}
+	return file_images_ferry_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -6021,7 +6103,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6033,7 +6115,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6046,7 +6128,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{53}
+	return file_images_ferry_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -6082,7 +6164,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6094,7 +6176,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6107,7 +6189,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{54}
+	return file_images_ferry_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -6147,7 +6229,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6159,7 +6241,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6172,7 +6254,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{55}
+	return file_images_ferry_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -6221,7 +6303,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6233,7 +6315,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6246,7 +6328,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{56}
+	return file_images_ferry_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -6296,7 +6378,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6308,7 +6390,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6321,7 +6403,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{57}
+	return file_images_ferry_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -6418,7 +6500,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6430,7 +6512,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6443,7 +6525,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{58}
+	return file_images_ferry_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -6478,7 +6560,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[59]
+	mi := &file_images_ferry_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6490,7 +6572,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[59]
+	mi := &file_images_ferry_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6503,7 +6585,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{59}
+	return file_images_ferry_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -6590,7 +6672,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[60]
+	mi := &file_images_ferry_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6602,7 +6684,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[60]
+	mi := &file_images_ferry_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6615,7 +6697,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{60}
+	return file_images_ferry_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -6670,7 +6752,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[61]
+	mi := &file_images_ferry_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6682,7 +6764,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[61]
+	mi := &file_images_ferry_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6695,7 +6777,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{61}
+	return file_images_ferry_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -7066,7 +7148,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x03ptr\x18\x01 \x01(\x04R\x03ptr\x12\x10\n" +
 	"\x03len\x18\x02 \x01(\rR\x03len\x12\x1c\n" +
 	"\tsignature\x18\x03 \x01(\rR\tsignature\x12\x14\n" +
-	"\x05flags\x18\x04 \x01(\rR\x05flags\"\x83\x04\n" +
+	"\x05flags\x18\x04 \x01(\rR\x05flags\"\xcb\x04\n" +
 	"\n" +
 	"ThreadCore\x12\x10\n" +
 	"\x03tid\x18\x01 \x01(\x05R\x03tid\x12(\n" +
@@ -7085,7 +7167,12 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x04comm\x18\f \x01(\tR\x04comm\x12$\n" +
 	"\x0epdeath_sig_set\x18\r \x01(\bR\fpdeathSigSet\x12\x1d\n" +
 	"\n" +
-	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\"\xcb\b\n" +
+	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\x12!\n" +
+	"\fseccomp_mode\x18\x0f \x01(\x05R\vseccompMode\x12#\n" +
+	"\rseccomp_chain\x18\x10 \x03(\rR\fseccompChain\"9\n" +
+	"\rSeccompFilter\x12\x12\n" +
+	"\x04prog\x18\x01 \x01(\fR\x04prog\x12\x14\n" +
+	"\x05flags\x18\x02 \x01(\x04R\x05flags\"\x91\t\n" +
 	"\bTaskCore\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12 \n" +
@@ -7123,7 +7210,8 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\actty_fg\x18\x1b \x01(\x05R\x06cttyFg\x12*\n" +
 	"\x11files_shared_with\x18\x1c \x01(\x05R\x0ffilesSharedWith\x12$\n" +
 	"\x0efs_shared_with\x18\x1d \x01(\x05R\ffsSharedWith\x121\n" +
-	"\acgroups\x18\x1e \x03(\v2\x17.ferry.images.CgroupRefR\acgroups\"A\n" +
+	"\acgroups\x18\x1e \x03(\v2\x17.ferry.images.CgroupRefR\acgroups\x12D\n" +
+	"\x0fseccomp_filters\x18\x1f \x03(\v2\x1b.ferry.images.SeccompFilterR\x0eseccompFilters\"A\n" +
 	"\tCgroupRef\x12 \n" +
 	"\vcontrollers\x18\x01 \x01(\tR\vcontrollers\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\"\xdd\x03\n" +
@@ -7406,7 +7494,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),       // 0: ferry.images.Inventory
 	(*UserNs)(nil),          // 1: ferry.images.UserNs
@@ -7442,35 +7530,36 @@ var file_images_ferry_proto_goTypes = []any{
 	(*GpRegs)(nil),          // 31: ferry.images.GpRegs
 	(*Rseq)(nil),            // 32: ferry.images.Rseq
 	(*ThreadCore)(nil),      // 33: ferry.images.ThreadCore
-	(*TaskCore)(nil),        // 34: ferry.images.TaskCore
-	(*CgroupRef)(nil),       // 35: ferry.images.CgroupRef
-	(*Vma)(nil),             // 36: ferry.images.Vma
-	(*SysvShm)(nil),         // 37: ferry.images.SysvShm
-	(*MmCore)(nil),          // 38: ferry.images.MmCore
-	(*FileEntry)(nil),       // 39: ferry.images.FileEntry
-	(*InotifyWatch)(nil),    // 40: ferry.images.InotifyWatch
-	(*Fanotify)(nil),        // 41: ferry.images.Fanotify
-	(*FanotifyMark)(nil),    // 42: ferry.images.FanotifyMark
-	(*Timerfd)(nil),         // 43: ferry.images.Timerfd
-	(*Tty)(nil),             // 44: ferry.images.Tty
-	(*UnixSocket)(nil),      // 45: ferry.images.UnixSocket
-	(*InFlight)(nil),        // 46: ferry.images.InFlight
-	(*InetSocket)(nil),      // 47: ferry.images.InetSocket
-	(*TcpStream)(nil),       // 48: ferry.images.TcpStream
-	(*SockOpt)(nil),         // 49: ferry.images.SockOpt
-	(*EpollTarget)(nil),     // 50: ferry.images.EpollTarget
-	(*FileLock)(nil),        // 51: ferry.images.FileLock
-	(*FdEntry)(nil),         // 52: ferry.images.FdEntry
-	(*FdTable)(nil),         // 53: ferry.images.FdTable
-	(*PagemapHead)(nil),     // 54: ferry.images.PagemapHead
-	(*PagemapEntry)(nil),    // 55: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil),    // 56: ferry.images.PagemapBatch
-	(*GhostFile)(nil),       // 57: ferry.images.GhostFile
-	(*GhostExtent)(nil),     // 58: ferry.images.GhostExtent
-	(*DumpStats)(nil),       // 59: ferry.images.DumpStats
-	(*RestoreStats)(nil),    // 60: ferry.images.RestoreStats
-	(*Stats)(nil),           // 61: ferry.images.Stats
-	nil,                     // 62: ferry.images.NetNs.IptablesEntry
+	(*SeccompFilter)(nil),   // 34: ferry.images.SeccompFilter
+	(*TaskCore)(nil),        // 35: ferry.images.TaskCore
+	(*CgroupRef)(nil),       // 36: ferry.images.CgroupRef
+	(*Vma)(nil),             // 37: ferry.images.Vma
+	(*SysvShm)(nil),         // 38: ferry.images.SysvShm
+	(*MmCore)(nil),          // 39: ferry.images.MmCore
+	(*FileEntry)(nil),       // 40: ferry.images.FileEntry
+	(*InotifyWatch)(nil),    // 41: ferry.images.InotifyWatch
+	(*Fanotify)(nil),        // 42: ferry.images.Fanotify
+	(*FanotifyMark)(nil),    // 43: ferry.images.FanotifyMark
+	(*Timerfd)(nil),         // 44: ferry.images.Timerfd
+	(*Tty)(nil),             // 45: ferry.images.Tty
+	(*UnixSocket)(nil),      // 46: ferry.images.UnixSocket
+	(*InFlight)(nil),        // 47: ferry.images.InFlight
+	(*InetSocket)(nil),      // 48: ferry.images.InetSocket
+	(*TcpStream)(nil),       // 49: ferry.images.TcpStream
+	(*SockOpt)(nil),         // 50: ferry.images.SockOpt
+	(*EpollTarget)(nil),     // 51: ferry.images.EpollTarget
+	(*FileLock)(nil),        // 52: ferry.images.FileLock
+	(*FdEntry)(nil),         // 53: ferry.images.FdEntry
+	(*FdTable)(nil),         // 54: ferry.images.FdTable
+	(*PagemapHead)(nil),     // 55: ferry.images.PagemapHead
+	(*PagemapEntry)(nil),    // 56: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil),    // 57: ferry.images.PagemapBatch
+	(*GhostFile)(nil),       // 58: ferry.images.GhostFile
+	(*GhostExtent)(nil),     // 59: ferry.images.GhostExtent
+	(*DumpStats)(nil),       // 60: ferry.images.DumpStats
+	(*RestoreStats)(nil),    // 61: ferry.images.RestoreStats
+	(*Stats)(nil),           // 62: ferry.images.Stats
+	nil,                     // 63: ferry.images.NetNs.IptablesEntry
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	22, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -7480,7 +7569,7 @@ var file_images_ferry_proto_depIdxs = []int32{
 	7,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
 	5,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
 	4,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
-	35, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
+	36, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
 	3,  // 8: ferry.images.Inventory.external_ns:type_name -> ferry.images.ExternalNs
 	1,  // 9: ferry.images.Inventory.user_ns:type_name -> ferry.images.UserNs
 	2,  // 10: ferry.images.UserNs.uid_map:type_name -> ferry.images.IdMap
@@ -7491,7 +7580,7 @@ var file_images_ferry_proto_depIdxs = []int32{
 	14, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
 	17, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
 	13, // 17: ferry.images.NetNs.sysctls:type_name -> ferry.images.Sysctl
-	62, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
+	63, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
 	12, // 19: ferry.images.NetNs.rules:type_name -> ferry.images.NetRule
 	15, // 20: ferry.images.NetLink.bridge:type_name -> ferry.images.NetBridge
 	16, // 21: ferry.images.NetLink.vxlan:type_name -> ferry.images.NetVxlan
@@ -7508,30 +7597,31 @@ var file_images_ferry_proto_depIdxs = []int32{
 	28, // 32: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
 	29, // 33: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
 	33, // 34: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	35, // 35: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	37, // 36: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	36, // 37: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	50, // 38: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	47, // 39: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	45, // 40: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	44, // 41: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	43, // 42: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	40, // 43: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	41, // 44: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	42, // 45: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	46, // 46: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	49, // 47: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	48, // 48: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	51, // 49: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	52, // 50: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	58, // 51: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	59, // 52: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	60, // 53: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	54, // [54:54] is the sub-list for method output_type
-	54, // [54:54] is the sub-list for method input_type
-	54, // [54:54] is the sub-list for extension type_name
-	54, // [54:54] is the sub-list for extension extendee
-	0,  // [0:54] is the sub-list for field type_name
+	36, // 35: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	34, // 36: ferry.images.TaskCore.seccomp_filters:type_name -> ferry.images.SeccompFilter
+	38, // 37: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	37, // 38: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	51, // 39: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	48, // 40: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	46, // 41: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	45, // 42: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	44, // 43: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	41, // 44: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	42, // 45: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	43, // 46: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	47, // 47: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	50, // 48: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	49, // 49: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	52, // 50: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	53, // 51: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	59, // 52: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	60, // 53: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	61, // 54: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	55, // [55:55] is the sub-list for method output_type
+	55, // [55:55] is the sub-list for method input_type
+	55, // [55:55] is the sub-list for extension type_name
+	55, // [55:55] is the sub-list for extension extendee
+	0,  // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -7545,7 +7635,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   63,
+			NumMessages:   64,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

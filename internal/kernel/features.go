@@ -30,6 +30,8 @@ func features() []Feature {
 			Description: "PTRACE_PEEKSIGINFO: pending signals, read without dequeuing"},
 		{Name: "ptrace-rseq-config", MinKernel: "5.13", probe: probeRseq,
 			Description: "PTRACE_GET_RSEQ_CONFIGURATION: a thread's rseq registration"},
+		{Name: "seccomp-suspend", MinKernel: "4.3", probe: probeSeccompSuspend,
+			Description: "PTRACE_O_SUSPEND_SECCOMP and PTRACE_SECCOMP_GET_FILTER: processes with seccomp filters (containers) dumped and restored"},
 		{Name: "process-vm-rw", MinKernel: "3.2", Required: true, probe: probeProcessVM,
 			Description: "process_vm_readv/writev: bulk copy of a target's memory"},
 		{Name: "pidfd-getfd", MinKernel: "5.6", Required: true, probe: probePidfdGetfd,
@@ -84,6 +86,19 @@ func probePtraceSeize(*Probes) (string, error) {
 			return "seized and interrupted a probe child", nil
 		}
 		return "seized and interrupted sleep(1)", nil
+	})
+}
+
+func probeSeccompSuspend(*Probes) (string, error) {
+	return withChild(false, func(c *child) (string, error) {
+		if err := ptrace.Seize(c.pid, ptrace.OSuspendSeccomp); err != nil {
+			return "", err
+		}
+		c.traced = true
+		if !ptrace.SeccompSuspended(c.pid) {
+			return "", absent(errors.New("the kernel refused PTRACE_O_SUSPEND_SECCOMP (it needs CAP_SYS_ADMIN, and ferry under no seccomp filter of its own)"))
+		}
+		return "seized a probe child with its filters suspended", nil
 	})
 }
 

@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -16,12 +17,19 @@ type Regs = unix.PtraceRegs
 
 // Options used by ferry for every tracee.
 const (
-	// OptsDump are the options for seized dump targets.
-	OptsDump = unix.PTRACE_O_TRACESYSGOOD
+	// OptsDump are the options for seized dump targets. Their seccomp
+	// filters are suspended while ferry traces them: the system calls it
+	// makes in them are its own, not theirs to filter (a filter could
+	// refuse them, or kill the process for them).
+	OptsDump = unix.PTRACE_O_TRACESYSGOOD | OSuspendSeccomp
 	// OptsRestore additionally follows every clone so that threads and
-	// children created by remote clone3 are traced from their first instant.
+	// children created by remote clone3 are traced from their first
+	// instant (with the options of their creator: the suspension of the
+	// filters the restore gives them too).
 	OptsRestore = unix.PTRACE_O_TRACESYSGOOD | unix.PTRACE_O_TRACECLONE |
-		unix.PTRACE_O_TRACEFORK | unix.PTRACE_O_TRACEVFORK | unix.PTRACE_O_EXITKILL
+		unix.PTRACE_O_TRACEFORK | unix.PTRACE_O_TRACEVFORK | unix.PTRACE_O_EXITKILL | OSuspendSeccomp
+	// OSuspendSeccomp is PTRACE_O_SUSPEND_SECCOMP (CAP_SYS_ADMIN).
+	OSuspendSeccomp = 1 << 21
 )
 
 // Event numbers (include/uapi/linux/ptrace.h).
@@ -49,9 +57,29 @@ func wrap(name string, err error) error {
 	return os.NewSyscallError(name, err)
 }
 
-// Seize attaches to tid without stopping it.
+// Seize attaches to tid without stopping it. Where the kernel refuses to
+// suspend seccomp filters (ferry without CAP_SYS_ADMIN, or under a filter
+// itself), it attaches without (SeccompSuspended tells).
 func Seize(tid int, opts int) error {
-	return wrap("ptrace(SEIZE)", retry(func() error { return rawPtrace(unix.PTRACE_SEIZE, tid, 0, uintptr(opts)) }))
+	err := retry(func() error { return rawPtrace(unix.PTRACE_SEIZE, tid, 0, uintptr(opts)) })
+	if opts&OSuspendSeccomp != 0 && (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EINVAL)) {
+		if err = retry(func() error { return rawPtrace(unix.PTRACE_SEIZE, tid, 0, uintptr(opts&^OSuspendSeccomp)) }); err == nil {
+			unsuspended.Store(tid, true)
+		}
+	} else if err == nil {
+		unsuspended.Delete(tid)
+	}
+	return wrap("ptrace(SEIZE)", err)
+}
+
+// unsuspended holds the tracees seized without OSuspendSeccomp.
+var unsuspended sync.Map
+
+// SeccompSuspended tells whether tid was seized with its seccomp filters
+// suspended (see Seize).
+func SeccompSuspended(tid int) bool {
+	_, no := unsuspended.Load(tid)
+	return !no
 }
 
 // Interrupt asks a seized tracee to stop (PTRACE_EVENT_STOP).

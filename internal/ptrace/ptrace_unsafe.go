@@ -1,6 +1,9 @@
 package ptrace
 
 import (
+	"errors"
+	"fmt"
+	"slices"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -133,4 +136,70 @@ func GetRobustList(tid int) (head uint64, size uint64, err error) {
 		return nil
 	})
 	return head, size, wrap("get_robust_list", err)
+}
+
+const (
+	reqSeccompGetFilter   = 0x420c // PTRACE_SECCOMP_GET_FILTER
+	reqSeccompGetMetadata = 0x420d // PTRACE_SECCOMP_GET_METADATA
+	// SeccompFilterLog is SECCOMP_FILTER_FLAG_LOG, the one flag of a
+	// filter the kernel reports.
+	SeccompFilterLog = 2
+)
+
+// SeccompFilter is one seccomp filter of a thread: its classic BPF program
+// (struct sock_filter, 8 bytes an instruction) and the flags the kernel
+// reports for it.
+type SeccompFilter struct {
+	Prog  []byte
+	Flags uint64
+}
+
+// SeccompFilters returns the seccomp filters of the stopped tracee tid,
+// oldest first (the kernel numbers them from the newest). Reading them
+// takes CAP_SYS_ADMIN.
+func SeccompFilters(tid int) ([]SeccompFilter, error) {
+	var out []SeccompFilter
+	for i := 0; ; i++ {
+		var n uintptr
+		err := retry(func() error {
+			r, _, e := unix.Syscall6(unix.SYS_PTRACE, reqSeccompGetFilter, uintptr(tid), uintptr(i), 0, 0, 0)
+			if e != 0 {
+				return e
+			}
+			n = r
+			return nil
+		})
+		if errors.Is(err, unix.ENOENT) {
+			break // past the oldest
+		}
+		if err != nil {
+			return nil, wrap("ptrace(SECCOMP_GET_FILTER)", err)
+		}
+		prog := make([]byte, 8*n)
+		if n > 0 {
+			err = retry(func() error {
+				r, _, e := unix.Syscall6(unix.SYS_PTRACE, reqSeccompGetFilter, uintptr(tid), uintptr(i), uintptr(unsafe.Pointer(&prog[0])), 0, 0)
+				if e != 0 {
+					return e
+				}
+				if r != n {
+					return fmt.Errorf("filter %d changed size (%d, then %d instructions)", i, n, r)
+				}
+				return nil
+			})
+			if err != nil {
+				return nil, wrap("ptrace(SECCOMP_GET_FILTER)", err)
+			}
+		}
+		meta := struct{ FilterOff, Flags uint64 }{FilterOff: uint64(i)}
+		err = retry(func() error {
+			return rawPtrace(reqSeccompGetMetadata, tid, unsafe.Sizeof(meta), uintptr(unsafe.Pointer(&meta)))
+		})
+		if err != nil {
+			return nil, wrap("ptrace(SECCOMP_GET_METADATA)", err)
+		}
+		out = append(out, SeccompFilter{Prog: prog, Flags: meta.Flags})
+	}
+	slices.Reverse(out)
+	return out, nil
 }
