@@ -376,7 +376,28 @@ func (d *dumper) collectThread(tid int) (*pb.ThreadCore, error) {
 	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/comm", d.opts.Pid, tid)); err == nil {
 		tc.Comm = strings.TrimSuffix(string(b), "\n")
 	}
+	a, err := unix.SchedGetAttr(tid, 0)
+	if err != nil {
+		return nil, fmt.Errorf("thread %d: sched_getattr: %w", tid, err)
+	}
+	// A real-time thread keeps a nice value for when it leaves its
+	// policy; sched_getattr does not say it, stat does.
+	st, err := proc.ReadStat(tid)
+	if err != nil {
+		return nil, fmt.Errorf("thread %d: %w", tid, err)
+	}
+	a.Nice = int32(st.Nice)
+	if a.Policy != unix.SCHED_NORMAL || a.Flags != 0 || a.Nice != 0 || uclamped(a) {
+		tc.Sched = &pb.SchedAttr{Policy: a.Policy, Flags: a.Flags, Nice: a.Nice, Priority: a.Priority,
+			Runtime: a.Runtime, Deadline: a.Deadline, Period: a.Period, UtilMin: a.Util_min, UtilMax: a.Util_max}
+	}
 	return tc, nil
+}
+
+// uclamped tells whether a thread's utilization is clamped (a kernel
+// without clamps reports 0 and 0; none set is 0 and 1024).
+func uclamped(a *unix.SchedAttr) bool {
+	return a.Util_max != 0 && (a.Util_min != 0 || a.Util_max != 1024)
 }
 
 func siginfo(raw []byte) *pb.SigInfo {

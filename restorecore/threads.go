@@ -52,9 +52,69 @@ func (b *builder) restoreThreads() error {
 				return fmt.Errorf("thread %d: strict seccomp: %w", tc.Tid, err)
 			}
 		}
+		if err := b.setSched(b.threads[i], tc.Sched); err != nil {
+			return fmt.Errorf("thread %d: %w", tc.Tid, err)
+		}
 	}
 	return nil
 }
+
+// setSched gives thread t its scheduling policy and parameters: set by
+// ferry, which may (a real-time policy, a negative nice, whatever the
+// process's credentials or user namespace would allow it by then); for a
+// caller that is not root, by the thread itself, with the caller's
+// rights.
+func (b *builder) setSched(t *compel.Task, s *pb.SchedAttr) error {
+	if s == nil {
+		return nil
+	}
+	a := unix.SchedAttr{Policy: s.Policy, Flags: s.Flags, Nice: s.Nice, Priority: s.Priority,
+		Runtime: s.Runtime, Deadline: s.Deadline, Period: s.Period, Util_min: s.UtilMin, Util_max: s.UtilMax}
+	if s.UtilMax != 0 && (s.UtilMin != 0 || s.UtilMax != 1024) {
+		a.Flags |= schedFlagUtilClamp
+	}
+	// A real-time or deadline policy leaves the nice value as it finds it
+	// (the thread has it again when it leaves the policy): set first.
+	niceFirst := a.Nice != 0 && a.Policy != unix.SCHED_NORMAL && a.Policy != unix.SCHED_BATCH && a.Policy != unix.SCHED_IDLE
+	var err error
+	if b.r.opts.Caller == nil {
+		if niceFirst {
+			err = unix.Setpriority(unix.PRIO_PROCESS, t.Tid, int(a.Nice))
+		}
+		if err == nil {
+			err = unix.SchedSetAttr(t.Tid, &a, 0)
+		}
+	} else {
+		if niceFirst {
+			if _, err := t.Syscall(unix.SYS_SETPRIORITY, unix.PRIO_PROCESS, 0, uint64(int64(a.Nice))); err != nil {
+				return fmt.Errorf("nice %d: %w", a.Nice, err)
+			}
+		}
+		buf := make([]byte, unix.SizeofSchedAttr)
+		le := binary.LittleEndian
+		le.PutUint32(buf[0:], unix.SizeofSchedAttr)
+		le.PutUint32(buf[4:], a.Policy)
+		le.PutUint64(buf[8:], a.Flags)
+		le.PutUint32(buf[16:], uint32(a.Nice))
+		le.PutUint32(buf[20:], a.Priority)
+		le.PutUint64(buf[24:], a.Runtime)
+		le.PutUint64(buf[32:], a.Deadline)
+		le.PutUint64(buf[40:], a.Period)
+		le.PutUint32(buf[48:], a.Util_min)
+		le.PutUint32(buf[52:], a.Util_max)
+		var addr uint64
+		if addr, err = b.put(0, buf); err == nil {
+			_, err = t.Syscall(unix.SYS_SCHED_SETATTR, 0, addr, 0)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("scheduling policy %d, nice %d, priority %d: %w", s.Policy, s.Nice, s.Priority, err)
+	}
+	return nil
+}
+
+// schedFlagUtilClamp is SCHED_FLAG_UTIL_CLAMP_MIN | SCHED_FLAG_UTIL_CLAMP_MAX.
+const schedFlagUtilClamp = 0x20 | 0x40
 
 // restoreSeccomp installs in the main thread, before the others are made,
 // the seccomp filters that begin every thread's chain: made after, the

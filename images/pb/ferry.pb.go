@@ -3482,7 +3482,9 @@ type ThreadCore struct {
 	SeccompMode int32 `protobuf:"varint,15,opt,name=seccomp_mode,json=seccompMode,proto3" json:"seccomp_mode,omitempty"`
 	// The thread's filters, oldest first: indexes into the process's
 	// TaskCore.seccomp_filters.
-	SeccompChain  []uint32 `protobuf:"varint,16,rep,packed,name=seccomp_chain,json=seccompChain,proto3" json:"seccomp_chain,omitempty"`
+	SeccompChain []uint32 `protobuf:"varint,16,rep,packed,name=seccomp_chain,json=seccompChain,proto3" json:"seccomp_chain,omitempty"`
+	// Scheduling (sched_getattr); unset: the default (SCHED_OTHER, nice 0).
+	Sched         *SchedAttr `protobuf:"bytes,17,opt,name=sched,proto3" json:"sched,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3629,6 +3631,123 @@ func (x *ThreadCore) GetSeccompChain() []uint32 {
 	return nil
 }
 
+func (x *ThreadCore) GetSched() *SchedAttr {
+	if x != nil {
+		return x.Sched
+	}
+	return nil
+}
+
+// SchedAttr is a thread's scheduling policy and parameters, as
+// sched_getattr(2) gives them.
+type SchedAttr struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Policy        uint32                 `protobuf:"varint,1,opt,name=policy,proto3" json:"policy,omitempty"` // SCHED_OTHER, SCHED_FIFO, SCHED_RR, SCHED_BATCH, SCHED_IDLE, SCHED_DEADLINE
+	Flags         uint64                 `protobuf:"varint,2,opt,name=flags,proto3" json:"flags,omitempty"`   // SCHED_FLAG_RESET_ON_FORK, ...
+	Nice          int32                  `protobuf:"varint,3,opt,name=nice,proto3" json:"nice,omitempty"`
+	Priority      uint32                 `protobuf:"varint,4,opt,name=priority,proto3" json:"priority,omitempty"` // real-time priority
+	Runtime       uint64                 `protobuf:"varint,5,opt,name=runtime,proto3" json:"runtime,omitempty"`   // SCHED_DEADLINE, in nanoseconds
+	Deadline      uint64                 `protobuf:"varint,6,opt,name=deadline,proto3" json:"deadline,omitempty"`
+	Period        uint64                 `protobuf:"varint,7,opt,name=period,proto3" json:"period,omitempty"`
+	UtilMin       uint32                 `protobuf:"varint,8,opt,name=util_min,json=utilMin,proto3" json:"util_min,omitempty"` // utilization clamps (0 and 1024: none)
+	UtilMax       uint32                 `protobuf:"varint,9,opt,name=util_max,json=utilMax,proto3" json:"util_max,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SchedAttr) Reset() {
+	*x = SchedAttr{}
+	mi := &file_images_ferry_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SchedAttr) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SchedAttr) ProtoMessage() {}
+
+func (x *SchedAttr) ProtoReflect() protoreflect.Message {
+	mi := &file_images_ferry_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SchedAttr.ProtoReflect.Descriptor instead.
+func (*SchedAttr) Descriptor() ([]byte, []int) {
+	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *SchedAttr) GetPolicy() uint32 {
+	if x != nil {
+		return x.Policy
+	}
+	return 0
+}
+
+func (x *SchedAttr) GetFlags() uint64 {
+	if x != nil {
+		return x.Flags
+	}
+	return 0
+}
+
+func (x *SchedAttr) GetNice() int32 {
+	if x != nil {
+		return x.Nice
+	}
+	return 0
+}
+
+func (x *SchedAttr) GetPriority() uint32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *SchedAttr) GetRuntime() uint64 {
+	if x != nil {
+		return x.Runtime
+	}
+	return 0
+}
+
+func (x *SchedAttr) GetDeadline() uint64 {
+	if x != nil {
+		return x.Deadline
+	}
+	return 0
+}
+
+func (x *SchedAttr) GetPeriod() uint64 {
+	if x != nil {
+		return x.Period
+	}
+	return 0
+}
+
+func (x *SchedAttr) GetUtilMin() uint32 {
+	if x != nil {
+		return x.UtilMin
+	}
+	return 0
+}
+
+func (x *SchedAttr) GetUtilMax() uint32 {
+	if x != nil {
+		return x.UtilMax
+	}
+	return 0
+}
+
 // SeccompFilter is a seccomp filter of the process's threads.
 type SeccompFilter struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -3640,7 +3759,7 @@ type SeccompFilter struct {
 
 func (x *SeccompFilter) Reset() {
 	*x = SeccompFilter{}
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3652,7 +3771,7 @@ func (x *SeccompFilter) String() string {
 func (*SeccompFilter) ProtoMessage() {}
 
 func (x *SeccompFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[34]
+	mi := &file_images_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3665,7 +3784,7 @@ func (x *SeccompFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SeccompFilter.ProtoReflect.Descriptor instead.
 func (*SeccompFilter) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{34}
+	return file_images_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SeccompFilter) GetProg() []byte {
@@ -3737,7 +3856,7 @@ type TaskCore struct {
 
 func (x *TaskCore) Reset() {
 	*x = TaskCore{}
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3749,7 +3868,7 @@ func (x *TaskCore) String() string {
 func (*TaskCore) ProtoMessage() {}
 
 func (x *TaskCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[35]
+	mi := &file_images_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3762,7 +3881,7 @@ func (x *TaskCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskCore.ProtoReflect.Descriptor instead.
 func (*TaskCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{35}
+	return file_images_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TaskCore) GetPid() int32 {
@@ -3992,7 +4111,7 @@ type CgroupRef struct {
 
 func (x *CgroupRef) Reset() {
 	*x = CgroupRef{}
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4004,7 +4123,7 @@ func (x *CgroupRef) String() string {
 func (*CgroupRef) ProtoMessage() {}
 
 func (x *CgroupRef) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[36]
+	mi := &file_images_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4017,7 +4136,7 @@ func (x *CgroupRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CgroupRef.ProtoReflect.Descriptor instead.
 func (*CgroupRef) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{36}
+	return file_images_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CgroupRef) GetControllers() string {
@@ -4075,7 +4194,7 @@ type Vma struct {
 
 func (x *Vma) Reset() {
 	*x = Vma{}
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4087,7 +4206,7 @@ func (x *Vma) String() string {
 func (*Vma) ProtoMessage() {}
 
 func (x *Vma) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[37]
+	mi := &file_images_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4100,7 +4219,7 @@ func (x *Vma) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vma.ProtoReflect.Descriptor instead.
 func (*Vma) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{37}
+	return file_images_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Vma) GetStart() uint64 {
@@ -4252,7 +4371,7 @@ type SysvShm struct {
 
 func (x *SysvShm) Reset() {
 	*x = SysvShm{}
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4264,7 +4383,7 @@ func (x *SysvShm) String() string {
 func (*SysvShm) ProtoMessage() {}
 
 func (x *SysvShm) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[38]
+	mi := &file_images_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4277,7 +4396,7 @@ func (x *SysvShm) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SysvShm.ProtoReflect.Descriptor instead.
 func (*SysvShm) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{38}
+	return file_images_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *SysvShm) GetKey() int32 {
@@ -4345,7 +4464,7 @@ type MmCore struct {
 
 func (x *MmCore) Reset() {
 	*x = MmCore{}
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4357,7 +4476,7 @@ func (x *MmCore) String() string {
 func (*MmCore) ProtoMessage() {}
 
 func (x *MmCore) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[39]
+	mi := &file_images_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4370,7 +4489,7 @@ func (x *MmCore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MmCore.ProtoReflect.Descriptor instead.
 func (*MmCore) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{39}
+	return file_images_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *MmCore) GetPid() int32 {
@@ -4558,7 +4677,7 @@ type FileEntry struct {
 
 func (x *FileEntry) Reset() {
 	*x = FileEntry{}
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4570,7 +4689,7 @@ func (x *FileEntry) String() string {
 func (*FileEntry) ProtoMessage() {}
 
 func (x *FileEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[40]
+	mi := &file_images_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4583,7 +4702,7 @@ func (x *FileEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileEntry.ProtoReflect.Descriptor instead.
 func (*FileEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{40}
+	return file_images_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *FileEntry) GetId() uint32 {
@@ -4883,7 +5002,7 @@ type InotifyWatch struct {
 
 func (x *InotifyWatch) Reset() {
 	*x = InotifyWatch{}
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4895,7 +5014,7 @@ func (x *InotifyWatch) String() string {
 func (*InotifyWatch) ProtoMessage() {}
 
 func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[41]
+	mi := &file_images_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4908,7 +5027,7 @@ func (x *InotifyWatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InotifyWatch.ProtoReflect.Descriptor instead.
 func (*InotifyWatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{41}
+	return file_images_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *InotifyWatch) GetWd() int32 {
@@ -4959,7 +5078,7 @@ type Fanotify struct {
 
 func (x *Fanotify) Reset() {
 	*x = Fanotify{}
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4971,7 +5090,7 @@ func (x *Fanotify) String() string {
 func (*Fanotify) ProtoMessage() {}
 
 func (x *Fanotify) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[42]
+	mi := &file_images_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4984,7 +5103,7 @@ func (x *Fanotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fanotify.ProtoReflect.Descriptor instead.
 func (*Fanotify) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{42}
+	return file_images_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Fanotify) GetFlags() uint32 {
@@ -5021,7 +5140,7 @@ type FanotifyMark struct {
 
 func (x *FanotifyMark) Reset() {
 	*x = FanotifyMark{}
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5033,7 +5152,7 @@ func (x *FanotifyMark) String() string {
 func (*FanotifyMark) ProtoMessage() {}
 
 func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[43]
+	mi := &file_images_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5046,7 +5165,7 @@ func (x *FanotifyMark) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FanotifyMark.ProtoReflect.Descriptor instead.
 func (*FanotifyMark) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{43}
+	return file_images_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *FanotifyMark) GetPath() string {
@@ -5098,7 +5217,7 @@ type Timerfd struct {
 
 func (x *Timerfd) Reset() {
 	*x = Timerfd{}
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5110,7 +5229,7 @@ func (x *Timerfd) String() string {
 func (*Timerfd) ProtoMessage() {}
 
 func (x *Timerfd) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[44]
+	mi := &file_images_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5123,7 +5242,7 @@ func (x *Timerfd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timerfd.ProtoReflect.Descriptor instead.
 func (*Timerfd) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{44}
+	return file_images_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Timerfd) GetClockid() int32 {
@@ -5188,7 +5307,7 @@ type Tty struct {
 
 func (x *Tty) Reset() {
 	*x = Tty{}
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5200,7 +5319,7 @@ func (x *Tty) String() string {
 func (*Tty) ProtoMessage() {}
 
 func (x *Tty) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[45]
+	mi := &file_images_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5213,7 +5332,7 @@ func (x *Tty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tty.ProtoReflect.Descriptor instead.
 func (*Tty) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{45}
+	return file_images_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *Tty) GetIndex() int32 {
@@ -5324,7 +5443,7 @@ type UnixSocket struct {
 
 func (x *UnixSocket) Reset() {
 	*x = UnixSocket{}
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5336,7 +5455,7 @@ func (x *UnixSocket) String() string {
 func (*UnixSocket) ProtoMessage() {}
 
 func (x *UnixSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[46]
+	mi := &file_images_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5349,7 +5468,7 @@ func (x *UnixSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnixSocket.ProtoReflect.Descriptor instead.
 func (*UnixSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{46}
+	return file_images_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *UnixSocket) GetType() int32 {
@@ -5460,7 +5579,7 @@ type InFlight struct {
 
 func (x *InFlight) Reset() {
 	*x = InFlight{}
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5472,7 +5591,7 @@ func (x *InFlight) String() string {
 func (*InFlight) ProtoMessage() {}
 
 func (x *InFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[47]
+	mi := &file_images_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5485,7 +5604,7 @@ func (x *InFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InFlight.ProtoReflect.Descriptor instead.
 func (*InFlight) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{47}
+	return file_images_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *InFlight) GetMsg() int32 {
@@ -5536,7 +5655,7 @@ type InetSocket struct {
 
 func (x *InetSocket) Reset() {
 	*x = InetSocket{}
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5548,7 +5667,7 @@ func (x *InetSocket) String() string {
 func (*InetSocket) ProtoMessage() {}
 
 func (x *InetSocket) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[48]
+	mi := &file_images_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5561,7 +5680,7 @@ func (x *InetSocket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InetSocket.ProtoReflect.Descriptor instead.
 func (*InetSocket) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{48}
+	return file_images_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *InetSocket) GetFamily() int32 {
@@ -5680,7 +5799,7 @@ type TcpStream struct {
 
 func (x *TcpStream) Reset() {
 	*x = TcpStream{}
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5692,7 +5811,7 @@ func (x *TcpStream) String() string {
 func (*TcpStream) ProtoMessage() {}
 
 func (x *TcpStream) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[49]
+	mi := &file_images_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5705,7 +5824,7 @@ func (x *TcpStream) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TcpStream.ProtoReflect.Descriptor instead.
 func (*TcpStream) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{49}
+	return file_images_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *TcpStream) GetSendSeq() uint32 {
@@ -5817,7 +5936,7 @@ type SockOpt struct {
 
 func (x *SockOpt) Reset() {
 	*x = SockOpt{}
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5829,7 +5948,7 @@ func (x *SockOpt) String() string {
 func (*SockOpt) ProtoMessage() {}
 
 func (x *SockOpt) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[50]
+	mi := &file_images_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5842,7 +5961,7 @@ func (x *SockOpt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SockOpt.ProtoReflect.Descriptor instead.
 func (*SockOpt) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{50}
+	return file_images_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *SockOpt) GetLevel() int32 {
@@ -5882,7 +6001,7 @@ type EpollTarget struct {
 
 func (x *EpollTarget) Reset() {
 	*x = EpollTarget{}
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5894,7 +6013,7 @@ func (x *EpollTarget) String() string {
 func (*EpollTarget) ProtoMessage() {}
 
 func (x *EpollTarget) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[51]
+	mi := &file_images_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5907,7 +6026,7 @@ func (x *EpollTarget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EpollTarget.ProtoReflect.Descriptor instead.
 func (*EpollTarget) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{51}
+	return file_images_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *EpollTarget) GetTfd() int32 {
@@ -5961,7 +6080,7 @@ type FileLock struct {
 
 func (x *FileLock) Reset() {
 	*x = FileLock{}
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5973,7 +6092,7 @@ func (x *FileLock) String() string {
 func (*FileLock) ProtoMessage() {}
 
 func (x *FileLock) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[52]
+	mi := &file_images_ferry_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5986,7 +6105,7 @@ func (x *FileLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileLock.ProtoReflect.Descriptor instead.
 func (*FileLock) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{52}
+	return file_images_ferry_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *FileLock) GetKind() string {
@@ -6037,7 +6156,7 @@ type FdEntry struct {
 
 func (x *FdEntry) Reset() {
 	*x = FdEntry{}
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6049,7 +6168,7 @@ func (x *FdEntry) String() string {
 func (*FdEntry) ProtoMessage() {}
 
 func (x *FdEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[53]
+	mi := &file_images_ferry_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6062,7 +6181,7 @@ func (x *FdEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdEntry.ProtoReflect.Descriptor instead.
 func (*FdEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{53}
+	return file_images_ferry_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *FdEntry) GetFd() int32 {
@@ -6103,7 +6222,7 @@ type FdTable struct {
 
 func (x *FdTable) Reset() {
 	*x = FdTable{}
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6115,7 +6234,7 @@ func (x *FdTable) String() string {
 func (*FdTable) ProtoMessage() {}
 
 func (x *FdTable) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[54]
+	mi := &file_images_ferry_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6128,7 +6247,7 @@ func (x *FdTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FdTable.ProtoReflect.Descriptor instead.
 func (*FdTable) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{54}
+	return file_images_ferry_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *FdTable) GetPid() int32 {
@@ -6164,7 +6283,7 @@ type PagemapHead struct {
 
 func (x *PagemapHead) Reset() {
 	*x = PagemapHead{}
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6176,7 +6295,7 @@ func (x *PagemapHead) String() string {
 func (*PagemapHead) ProtoMessage() {}
 
 func (x *PagemapHead) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[55]
+	mi := &file_images_ferry_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6189,7 +6308,7 @@ func (x *PagemapHead) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapHead.ProtoReflect.Descriptor instead.
 func (*PagemapHead) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{55}
+	return file_images_ferry_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *PagemapHead) GetPagesId() uint32 {
@@ -6229,7 +6348,7 @@ type PagemapEntry struct {
 
 func (x *PagemapEntry) Reset() {
 	*x = PagemapEntry{}
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6241,7 +6360,7 @@ func (x *PagemapEntry) String() string {
 func (*PagemapEntry) ProtoMessage() {}
 
 func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[56]
+	mi := &file_images_ferry_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6254,7 +6373,7 @@ func (x *PagemapEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapEntry.ProtoReflect.Descriptor instead.
 func (*PagemapEntry) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{56}
+	return file_images_ferry_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *PagemapEntry) GetVaddr() uint64 {
@@ -6303,7 +6422,7 @@ type PagemapBatch struct {
 
 func (x *PagemapBatch) Reset() {
 	*x = PagemapBatch{}
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6315,7 +6434,7 @@ func (x *PagemapBatch) String() string {
 func (*PagemapBatch) ProtoMessage() {}
 
 func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[57]
+	mi := &file_images_ferry_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6328,7 +6447,7 @@ func (x *PagemapBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PagemapBatch.ProtoReflect.Descriptor instead.
 func (*PagemapBatch) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{57}
+	return file_images_ferry_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *PagemapBatch) GetVaddr() []uint64 {
@@ -6378,7 +6497,7 @@ type GhostFile struct {
 
 func (x *GhostFile) Reset() {
 	*x = GhostFile{}
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6390,7 +6509,7 @@ func (x *GhostFile) String() string {
 func (*GhostFile) ProtoMessage() {}
 
 func (x *GhostFile) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[58]
+	mi := &file_images_ferry_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6403,7 +6522,7 @@ func (x *GhostFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostFile.ProtoReflect.Descriptor instead.
 func (*GhostFile) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{58}
+	return file_images_ferry_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *GhostFile) GetId() uint32 {
@@ -6500,7 +6619,7 @@ type GhostExtent struct {
 
 func (x *GhostExtent) Reset() {
 	*x = GhostExtent{}
-	mi := &file_images_ferry_proto_msgTypes[59]
+	mi := &file_images_ferry_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6512,7 +6631,7 @@ func (x *GhostExtent) String() string {
 func (*GhostExtent) ProtoMessage() {}
 
 func (x *GhostExtent) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[59]
+	mi := &file_images_ferry_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6525,7 +6644,7 @@ func (x *GhostExtent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GhostExtent.ProtoReflect.Descriptor instead.
 func (*GhostExtent) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{59}
+	return file_images_ferry_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *GhostExtent) GetOffset() int64 {
@@ -6560,7 +6679,7 @@ type DumpStats struct {
 
 func (x *DumpStats) Reset() {
 	*x = DumpStats{}
-	mi := &file_images_ferry_proto_msgTypes[60]
+	mi := &file_images_ferry_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6572,7 +6691,7 @@ func (x *DumpStats) String() string {
 func (*DumpStats) ProtoMessage() {}
 
 func (x *DumpStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[60]
+	mi := &file_images_ferry_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6585,7 +6704,7 @@ func (x *DumpStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DumpStats.ProtoReflect.Descriptor instead.
 func (*DumpStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{60}
+	return file_images_ferry_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *DumpStats) GetFreezingTimeUs() uint64 {
@@ -6672,7 +6791,7 @@ type RestoreStats struct {
 
 func (x *RestoreStats) Reset() {
 	*x = RestoreStats{}
-	mi := &file_images_ferry_proto_msgTypes[61]
+	mi := &file_images_ferry_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6684,7 +6803,7 @@ func (x *RestoreStats) String() string {
 func (*RestoreStats) ProtoMessage() {}
 
 func (x *RestoreStats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[61]
+	mi := &file_images_ferry_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6697,7 +6816,7 @@ func (x *RestoreStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreStats.ProtoReflect.Descriptor instead.
 func (*RestoreStats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{61}
+	return file_images_ferry_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *RestoreStats) GetPagesRestored() uint64 {
@@ -6752,7 +6871,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_images_ferry_proto_msgTypes[62]
+	mi := &file_images_ferry_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6764,7 +6883,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_images_ferry_proto_msgTypes[62]
+	mi := &file_images_ferry_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6777,7 +6896,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_images_ferry_proto_rawDescGZIP(), []int{62}
+	return file_images_ferry_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *Stats) GetDump() *DumpStats {
@@ -7148,7 +7267,7 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\x03ptr\x18\x01 \x01(\x04R\x03ptr\x12\x10\n" +
 	"\x03len\x18\x02 \x01(\rR\x03len\x12\x1c\n" +
 	"\tsignature\x18\x03 \x01(\rR\tsignature\x12\x14\n" +
-	"\x05flags\x18\x04 \x01(\rR\x05flags\"\xcb\x04\n" +
+	"\x05flags\x18\x04 \x01(\rR\x05flags\"\xfa\x04\n" +
 	"\n" +
 	"ThreadCore\x12\x10\n" +
 	"\x03tid\x18\x01 \x01(\x05R\x03tid\x12(\n" +
@@ -7169,7 +7288,18 @@ const file_images_ferry_proto_rawDesc = "" +
 	"\n" +
 	"pdeath_sig\x18\x0e \x01(\x05R\tpdeathSig\x12!\n" +
 	"\fseccomp_mode\x18\x0f \x01(\x05R\vseccompMode\x12#\n" +
-	"\rseccomp_chain\x18\x10 \x03(\rR\fseccompChain\"9\n" +
+	"\rseccomp_chain\x18\x10 \x03(\rR\fseccompChain\x12-\n" +
+	"\x05sched\x18\x11 \x01(\v2\x17.ferry.images.SchedAttrR\x05sched\"\xed\x01\n" +
+	"\tSchedAttr\x12\x16\n" +
+	"\x06policy\x18\x01 \x01(\rR\x06policy\x12\x14\n" +
+	"\x05flags\x18\x02 \x01(\x04R\x05flags\x12\x12\n" +
+	"\x04nice\x18\x03 \x01(\x05R\x04nice\x12\x1a\n" +
+	"\bpriority\x18\x04 \x01(\rR\bpriority\x12\x18\n" +
+	"\aruntime\x18\x05 \x01(\x04R\aruntime\x12\x1a\n" +
+	"\bdeadline\x18\x06 \x01(\x04R\bdeadline\x12\x16\n" +
+	"\x06period\x18\a \x01(\x04R\x06period\x12\x19\n" +
+	"\butil_min\x18\b \x01(\rR\autilMin\x12\x19\n" +
+	"\butil_max\x18\t \x01(\rR\autilMax\"9\n" +
 	"\rSeccompFilter\x12\x12\n" +
 	"\x04prog\x18\x01 \x01(\fR\x04prog\x12\x14\n" +
 	"\x05flags\x18\x02 \x01(\x04R\x05flags\"\x91\t\n" +
@@ -7494,7 +7624,7 @@ func file_images_ferry_proto_rawDescGZIP() []byte {
 	return file_images_ferry_proto_rawDescData
 }
 
-var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
+var file_images_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
 var file_images_ferry_proto_goTypes = []any{
 	(*Inventory)(nil),       // 0: ferry.images.Inventory
 	(*UserNs)(nil),          // 1: ferry.images.UserNs
@@ -7530,36 +7660,37 @@ var file_images_ferry_proto_goTypes = []any{
 	(*GpRegs)(nil),          // 31: ferry.images.GpRegs
 	(*Rseq)(nil),            // 32: ferry.images.Rseq
 	(*ThreadCore)(nil),      // 33: ferry.images.ThreadCore
-	(*SeccompFilter)(nil),   // 34: ferry.images.SeccompFilter
-	(*TaskCore)(nil),        // 35: ferry.images.TaskCore
-	(*CgroupRef)(nil),       // 36: ferry.images.CgroupRef
-	(*Vma)(nil),             // 37: ferry.images.Vma
-	(*SysvShm)(nil),         // 38: ferry.images.SysvShm
-	(*MmCore)(nil),          // 39: ferry.images.MmCore
-	(*FileEntry)(nil),       // 40: ferry.images.FileEntry
-	(*InotifyWatch)(nil),    // 41: ferry.images.InotifyWatch
-	(*Fanotify)(nil),        // 42: ferry.images.Fanotify
-	(*FanotifyMark)(nil),    // 43: ferry.images.FanotifyMark
-	(*Timerfd)(nil),         // 44: ferry.images.Timerfd
-	(*Tty)(nil),             // 45: ferry.images.Tty
-	(*UnixSocket)(nil),      // 46: ferry.images.UnixSocket
-	(*InFlight)(nil),        // 47: ferry.images.InFlight
-	(*InetSocket)(nil),      // 48: ferry.images.InetSocket
-	(*TcpStream)(nil),       // 49: ferry.images.TcpStream
-	(*SockOpt)(nil),         // 50: ferry.images.SockOpt
-	(*EpollTarget)(nil),     // 51: ferry.images.EpollTarget
-	(*FileLock)(nil),        // 52: ferry.images.FileLock
-	(*FdEntry)(nil),         // 53: ferry.images.FdEntry
-	(*FdTable)(nil),         // 54: ferry.images.FdTable
-	(*PagemapHead)(nil),     // 55: ferry.images.PagemapHead
-	(*PagemapEntry)(nil),    // 56: ferry.images.PagemapEntry
-	(*PagemapBatch)(nil),    // 57: ferry.images.PagemapBatch
-	(*GhostFile)(nil),       // 58: ferry.images.GhostFile
-	(*GhostExtent)(nil),     // 59: ferry.images.GhostExtent
-	(*DumpStats)(nil),       // 60: ferry.images.DumpStats
-	(*RestoreStats)(nil),    // 61: ferry.images.RestoreStats
-	(*Stats)(nil),           // 62: ferry.images.Stats
-	nil,                     // 63: ferry.images.NetNs.IptablesEntry
+	(*SchedAttr)(nil),       // 34: ferry.images.SchedAttr
+	(*SeccompFilter)(nil),   // 35: ferry.images.SeccompFilter
+	(*TaskCore)(nil),        // 36: ferry.images.TaskCore
+	(*CgroupRef)(nil),       // 37: ferry.images.CgroupRef
+	(*Vma)(nil),             // 38: ferry.images.Vma
+	(*SysvShm)(nil),         // 39: ferry.images.SysvShm
+	(*MmCore)(nil),          // 40: ferry.images.MmCore
+	(*FileEntry)(nil),       // 41: ferry.images.FileEntry
+	(*InotifyWatch)(nil),    // 42: ferry.images.InotifyWatch
+	(*Fanotify)(nil),        // 43: ferry.images.Fanotify
+	(*FanotifyMark)(nil),    // 44: ferry.images.FanotifyMark
+	(*Timerfd)(nil),         // 45: ferry.images.Timerfd
+	(*Tty)(nil),             // 46: ferry.images.Tty
+	(*UnixSocket)(nil),      // 47: ferry.images.UnixSocket
+	(*InFlight)(nil),        // 48: ferry.images.InFlight
+	(*InetSocket)(nil),      // 49: ferry.images.InetSocket
+	(*TcpStream)(nil),       // 50: ferry.images.TcpStream
+	(*SockOpt)(nil),         // 51: ferry.images.SockOpt
+	(*EpollTarget)(nil),     // 52: ferry.images.EpollTarget
+	(*FileLock)(nil),        // 53: ferry.images.FileLock
+	(*FdEntry)(nil),         // 54: ferry.images.FdEntry
+	(*FdTable)(nil),         // 55: ferry.images.FdTable
+	(*PagemapHead)(nil),     // 56: ferry.images.PagemapHead
+	(*PagemapEntry)(nil),    // 57: ferry.images.PagemapEntry
+	(*PagemapBatch)(nil),    // 58: ferry.images.PagemapBatch
+	(*GhostFile)(nil),       // 59: ferry.images.GhostFile
+	(*GhostExtent)(nil),     // 60: ferry.images.GhostExtent
+	(*DumpStats)(nil),       // 61: ferry.images.DumpStats
+	(*RestoreStats)(nil),    // 62: ferry.images.RestoreStats
+	(*Stats)(nil),           // 63: ferry.images.Stats
+	nil,                     // 64: ferry.images.NetNs.IptablesEntry
 }
 var file_images_ferry_proto_depIdxs = []int32{
 	22, // 0: ferry.images.Inventory.vdso_layout:type_name -> ferry.images.SpecialVma
@@ -7569,7 +7700,7 @@ var file_images_ferry_proto_depIdxs = []int32{
 	7,  // 4: ferry.images.Inventory.cgroup_dirs:type_name -> ferry.images.CgroupDir
 	5,  // 5: ferry.images.Inventory.mnt_ns:type_name -> ferry.images.MntNs
 	4,  // 6: ferry.images.Inventory.time_ns:type_name -> ferry.images.TimeNs
-	36, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
+	37, // 7: ferry.images.Inventory.cgroup_ns_roots:type_name -> ferry.images.CgroupRef
 	3,  // 8: ferry.images.Inventory.external_ns:type_name -> ferry.images.ExternalNs
 	1,  // 9: ferry.images.Inventory.user_ns:type_name -> ferry.images.UserNs
 	2,  // 10: ferry.images.UserNs.uid_map:type_name -> ferry.images.IdMap
@@ -7580,7 +7711,7 @@ var file_images_ferry_proto_depIdxs = []int32{
 	14, // 15: ferry.images.NetNs.links:type_name -> ferry.images.NetLink
 	17, // 16: ferry.images.NetNs.routes:type_name -> ferry.images.NetRoute
 	13, // 17: ferry.images.NetNs.sysctls:type_name -> ferry.images.Sysctl
-	63, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
+	64, // 18: ferry.images.NetNs.iptables:type_name -> ferry.images.NetNs.IptablesEntry
 	12, // 19: ferry.images.NetNs.rules:type_name -> ferry.images.NetRule
 	15, // 20: ferry.images.NetLink.bridge:type_name -> ferry.images.NetBridge
 	16, // 21: ferry.images.NetLink.vxlan:type_name -> ferry.images.NetVxlan
@@ -7590,38 +7721,39 @@ var file_images_ferry_proto_depIdxs = []int32{
 	27, // 25: ferry.images.ThreadCore.pending:type_name -> ferry.images.SigInfo
 	30, // 26: ferry.images.ThreadCore.sigaltstack:type_name -> ferry.images.SigAltStack
 	32, // 27: ferry.images.ThreadCore.rseq:type_name -> ferry.images.Rseq
-	24, // 28: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
-	25, // 29: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
-	26, // 30: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
-	27, // 31: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
-	28, // 32: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
-	29, // 33: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
-	33, // 34: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
-	36, // 35: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
-	34, // 36: ferry.images.TaskCore.seccomp_filters:type_name -> ferry.images.SeccompFilter
-	38, // 37: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
-	37, // 38: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
-	51, // 39: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
-	48, // 40: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
-	46, // 41: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
-	45, // 42: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
-	44, // 43: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
-	41, // 44: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
-	42, // 45: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
-	43, // 46: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
-	47, // 47: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
-	50, // 48: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
-	49, // 49: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
-	52, // 50: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
-	53, // 51: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
-	59, // 52: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
-	60, // 53: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
-	61, // 54: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
-	55, // [55:55] is the sub-list for method output_type
-	55, // [55:55] is the sub-list for method input_type
-	55, // [55:55] is the sub-list for extension type_name
-	55, // [55:55] is the sub-list for extension extendee
-	0,  // [0:55] is the sub-list for field type_name
+	34, // 28: ferry.images.ThreadCore.sched:type_name -> ferry.images.SchedAttr
+	24, // 29: ferry.images.TaskCore.creds:type_name -> ferry.images.Creds
+	25, // 30: ferry.images.TaskCore.rlimits:type_name -> ferry.images.Rlimit
+	26, // 31: ferry.images.TaskCore.sigactions:type_name -> ferry.images.SigAction
+	27, // 32: ferry.images.TaskCore.shared_pending:type_name -> ferry.images.SigInfo
+	28, // 33: ferry.images.TaskCore.itimers:type_name -> ferry.images.Itimer
+	29, // 34: ferry.images.TaskCore.posix_timers:type_name -> ferry.images.PosixTimer
+	33, // 35: ferry.images.TaskCore.threads:type_name -> ferry.images.ThreadCore
+	37, // 36: ferry.images.TaskCore.cgroups:type_name -> ferry.images.CgroupRef
+	35, // 37: ferry.images.TaskCore.seccomp_filters:type_name -> ferry.images.SeccompFilter
+	39, // 38: ferry.images.Vma.sysv_seg:type_name -> ferry.images.SysvShm
+	38, // 39: ferry.images.MmCore.vmas:type_name -> ferry.images.Vma
+	52, // 40: ferry.images.FileEntry.epoll:type_name -> ferry.images.EpollTarget
+	49, // 41: ferry.images.FileEntry.inet:type_name -> ferry.images.InetSocket
+	47, // 42: ferry.images.FileEntry.unix:type_name -> ferry.images.UnixSocket
+	46, // 43: ferry.images.FileEntry.tty:type_name -> ferry.images.Tty
+	45, // 44: ferry.images.FileEntry.timerfd:type_name -> ferry.images.Timerfd
+	42, // 45: ferry.images.FileEntry.inotify:type_name -> ferry.images.InotifyWatch
+	43, // 46: ferry.images.FileEntry.fanotify:type_name -> ferry.images.Fanotify
+	44, // 47: ferry.images.Fanotify.marks:type_name -> ferry.images.FanotifyMark
+	48, // 48: ferry.images.UnixSocket.in_flight:type_name -> ferry.images.InFlight
+	51, // 49: ferry.images.InetSocket.opts:type_name -> ferry.images.SockOpt
+	50, // 50: ferry.images.InetSocket.tcp:type_name -> ferry.images.TcpStream
+	53, // 51: ferry.images.FdEntry.locks:type_name -> ferry.images.FileLock
+	54, // 52: ferry.images.FdTable.fds:type_name -> ferry.images.FdEntry
+	60, // 53: ferry.images.GhostFile.extents:type_name -> ferry.images.GhostExtent
+	61, // 54: ferry.images.Stats.dump:type_name -> ferry.images.DumpStats
+	62, // 55: ferry.images.Stats.restore:type_name -> ferry.images.RestoreStats
+	56, // [56:56] is the sub-list for method output_type
+	56, // [56:56] is the sub-list for method input_type
+	56, // [56:56] is the sub-list for extension type_name
+	56, // [56:56] is the sub-list for extension extendee
+	0,  // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_images_ferry_proto_init() }
@@ -7635,7 +7767,7 @@ func file_images_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_images_ferry_proto_rawDesc), len(file_images_ferry_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   64,
+			NumMessages:   65,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -170,6 +170,7 @@ type Stat struct {
 	Comm                 string
 	State                byte
 	Flags                uint64
+	Nice                 int    // also of a real-time task (sched_getattr says 0 for one)
 	StartTime            uint64 // clock ticks after boot: with the PID, names the process
 	ExitSignal           int
 	StartCode, EndCode   uint64
@@ -232,6 +233,7 @@ func ParseStat(file string, b []byte) (Stat, error) {
 	s.TtyNr = num(7)
 	s.Tpgid = snum(8)
 	s.Flags = num(9)
+	s.Nice = snum(19)
 	s.StartTime = num(22)
 	s.StartCode = num(26)
 	s.EndCode = num(27)
