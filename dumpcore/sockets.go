@@ -39,6 +39,13 @@ var (
 		{unix.SOL_SOCKET, unix.SO_RCVTIMEO, 16},
 		{unix.SOL_SOCKET, unix.SO_SNDTIMEO, 16},
 		{unix.SOL_SOCKET, unix.SO_BINDTODEVICE, unix.IFNAMSIZ},
+		{unix.SOL_SOCKET, unix.SO_DONTROUTE, 4},
+		{unix.SOL_SOCKET, unix.SO_NO_CHECK, 4},
+		// Buffer sizes the program set (see lockedBuffers), then which
+		// of them stay as set.
+		{unix.SOL_SOCKET, unix.SO_SNDBUF, 4},
+		{unix.SOL_SOCKET, unix.SO_RCVBUF, 4},
+		{unix.SOL_SOCKET, unix.SO_BUF_LOCK, 4},
 	}
 	ipOpts = []sockOpt{
 		{unix.IPPROTO_IP, unix.IP_TOS, 4},
@@ -66,6 +73,7 @@ var (
 		{unix.IPPROTO_TCP, unix.TCP_LINGER2, 4},
 		{unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, 4},
 		{unix.IPPROTO_TCP, unix.TCP_CONGESTION, 16},
+		{unix.IPPROTO_TCP, unix.TCP_CORK, 4},
 	}
 )
 
@@ -204,6 +212,7 @@ func (ft *fileTable) describeSocket(pid int, ino uint64, dup int) (*pb.InetSocke
 	if s.Opts, err = changedOpts(dup, family, typ, proto, opts); err != nil {
 		return nil, err
 	}
+	s.Opts = lockedBuffers(dup, s.Opts)
 	if s.Filter, err = socketFilter(dup); err != nil {
 		return nil, err
 	}
@@ -362,6 +371,20 @@ func changedOpts(fd, family, typ, proto int, opts []sockOpt) ([]*pb.SockOpt, err
 		out = append(out, &pb.SockOpt{Level: int32(o.level), Name: int32(o.name), Value: v})
 	}
 	return out, nil
+}
+
+// lockedBuffers drops from opts the buffer sizes the program did not set:
+// the kernel grows an unlocked buffer of a TCP connection by itself, and
+// setting it again would fix it at that size. One the program set is
+// locked (SO_BUF_LOCK: SOCK_SNDBUF_LOCK 1, SOCK_RCVBUF_LOCK 2).
+func lockedBuffers(fd int, opts []*pb.SockOpt) []*pb.SockOpt {
+	lock, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK)
+	if err != nil {
+		lock = 0
+	}
+	return slices.DeleteFunc(opts, func(o *pb.SockOpt) bool {
+		return o.Level == unix.SOL_SOCKET && (o.Name == unix.SO_SNDBUF && lock&1 == 0 || o.Name == unix.SO_RCVBUF && lock&2 == 0)
+	})
 }
 
 func rawOpt(fd int, o sockOpt) ([]byte, error) {

@@ -169,6 +169,17 @@ func (b *builder) attachFilter(fd int, prog []byte, locked bool) error {
 }
 
 func (b *builder) setsockopt(fd, level, name int, v []byte) error {
+	if level == unix.SOL_SOCKET && (name == unix.SO_SNDBUF || name == unix.SO_RCVBUF) && len(v) == 4 {
+		// getsockopt gave twice what was asked (the kernel's overhead
+		// allowance); asking that much again would double it. Forced
+		// past the sysctl limit the program's own request may have been
+		// under (root: not for a caller).
+		half := binary.LittleEndian.Uint32(v) / 2
+		v = binary.LittleEndian.AppendUint32(nil, half)
+		if b.r.opts.Caller == nil {
+			name = map[int]int{unix.SO_SNDBUF: unix.SO_SNDBUFFORCE, unix.SO_RCVBUF: unix.SO_RCVBUFFORCE}[name]
+		}
+	}
 	a, err := b.put(scratchOptVal, v)
 	if err != nil {
 		return err

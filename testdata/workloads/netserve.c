@@ -5,11 +5,13 @@
  * It draws a random token kept only in memory and opens (ports chosen by
  * the kernel):
  *   - a TCP listener (IPv4) with SO_REUSEADDR, SO_KEEPALIVE, SO_LINGER
- *     {1, 7}, TCP_NODELAY, TCP_KEEPIDLE 77 and a backlog of 17, nonblocking;
+ *     {1, 7}, SO_DONTROUTE, TCP_NODELAY, TCP_KEEPIDLE 77, TCP_CORK and a
+ *     backlog of 17, nonblocking;
  *   - a TCP listener on :: (IPv6, v4-mapped addresses allowed) with
- *     SO_REUSEPORT and a backlog of 5;
- *   - a UDP socket bound to 127.0.0.1 with SO_PRIORITY 5, SO_RCVTIMEO and
- *     a two-instruction classic BPF filter that accepts everything.
+ *     SO_REUSEPORT, a receive buffer it set (so locked) and a backlog of 5;
+ *   - a UDP socket bound to 127.0.0.1 with SO_PRIORITY 5, SO_RCVTIMEO,
+ *     SO_NO_CHECK and a two-instruction classic BPF filter that accepts
+ *     everything.
  * Each accepted connection gets "TOKEN COUNTER\n" and is closed; each UDP
  * datagram is answered with the same line. On SIGUSR1 it checks every
  * option and address against what it set and writes a report (key=value
@@ -37,6 +39,13 @@
 static volatile sig_atomic_t want_report;
 static uint64_t token;
 static long served;
+#ifndef SO_BUF_LOCK
+#define SO_BUF_LOCK 72
+#endif
+#ifndef SOCK_RCVBUF_LOCK
+#define SOCK_RCVBUF_LOCK 2
+#endif
+
 static char fail[256];
 
 static void on_usr1(int sig) { (void)sig; want_report = 1; }
@@ -67,7 +76,7 @@ static int port_of(int s)
 	return ntohs(((struct sockaddr_in6 *)&a)->sin6_port);
 }
 
-static int tcp4, tcp6, udp;
+static int tcp4, tcp6, udp, rcvbuf;
 
 static void check(void)
 {
@@ -84,6 +93,11 @@ static void check(void)
 	must(opt(tcp6, SOL_SOCKET, SO_REUSEPORT) == 1, "tcp6 SO_REUSEPORT");
 	must(opt(tcp6, IPPROTO_IPV6, IPV6_V6ONLY) == 0, "tcp6 IPV6_V6ONLY");
 	must(opt(tcp6, SOL_SOCKET, SO_REUSEADDR) == 0, "tcp6 SO_REUSEADDR (restore must put it back)");
+	must(opt(tcp4, IPPROTO_TCP, TCP_CORK) == 1, "tcp4 TCP_CORK");
+	must(opt(tcp4, SOL_SOCKET, SO_DONTROUTE) == 1, "tcp4 SO_DONTROUTE");
+	must(opt(tcp6, SOL_SOCKET, SO_RCVBUF) == rcvbuf, "tcp6 SO_RCVBUF");
+	must(opt(tcp6, SOL_SOCKET, SO_BUF_LOCK) == SOCK_RCVBUF_LOCK, "tcp6 SO_BUF_LOCK");
+	must(opt(udp, SOL_SOCKET, SO_NO_CHECK) == 1, "udp SO_NO_CHECK");
 	must(opt(udp, SOL_SOCKET, SO_PRIORITY) == 5, "udp SO_PRIORITY");
 	struct timeval tv;
 	l = sizeof tv;
@@ -137,6 +151,8 @@ int main(int argc, char **argv)
 	setsockopt(tcp4, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	v = 77;
 	setsockopt(tcp4, IPPROTO_TCP, TCP_KEEPIDLE, &v, sizeof v);
+	setsockopt(tcp4, IPPROTO_TCP, TCP_CORK, &one, sizeof one);
+	setsockopt(tcp4, SOL_SOCKET, SO_DONTROUTE, &one, sizeof one);
 	struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
 	if (bind(tcp4, (struct sockaddr *)&a4, sizeof a4) < 0 || listen(tcp4, 17) < 0) {
 		perror("tcp4");
@@ -145,6 +161,9 @@ int main(int argc, char **argv)
 	tcp6 = socket(AF_INET6, SOCK_STREAM, 0);
 	setsockopt(tcp6, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
 	setsockopt(tcp6, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+	v = 100000; /* the kernel keeps twice that, and locks the size */
+	setsockopt(tcp6, SOL_SOCKET, SO_RCVBUF, &v, sizeof v);
+	rcvbuf = opt(tcp6, SOL_SOCKET, SO_RCVBUF);
 	struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = in6addr_any};
 	if (bind(tcp6, (struct sockaddr *)&a6, sizeof a6) < 0 || listen(tcp6, 5) < 0) {
 		perror("tcp6");
@@ -153,6 +172,7 @@ int main(int argc, char **argv)
 	udp = socket(AF_INET, SOCK_DGRAM, 0);
 	v = 5;
 	setsockopt(udp, SOL_SOCKET, SO_PRIORITY, &v, sizeof v);
+	setsockopt(udp, SOL_SOCKET, SO_NO_CHECK, &one, sizeof one);
 	struct timeval tv = {3, 0}; /* whole seconds: the kernel keeps jiffies */
 	setsockopt(udp, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 	struct sock_filter prog[] = {{BPF_LD | BPF_W | BPF_LEN, 0, 0, 0}, {BPF_RET | BPF_K, 0, 0, 0xffff}};
