@@ -23,14 +23,13 @@ import (
 //	blockZstd u32 n, u32 decoded length, n bytes of one zstd frame
 //
 // Small frames gather in a block of up to blockSize bytes, sent when full
-// or flushed; a payload of directBlock bytes or more is a block of its own
+// or flushed; a payload of directWrite bytes or more is a block of its own
 // (on plain TCP, written from the caller's buffer when it goes raw).
 const (
 	blockRaw  = 0
 	blockZstd = 1
 
-	blockSize   = 512 << 10
-	directBlock = 64 << 10
+	blockSize = 512 << 10
 	// minSqueeze: smaller blocks (requests, acknowledgements) go raw.
 	minSqueeze = 2 << 10
 	// A block of sampleFrom bytes or more is compressed only if samples
@@ -62,7 +61,7 @@ func newBlockWriter(bw *bufio.Writer, conn net.Conn) (*blockWriter, error) {
 
 // writeFrame writes a frame's header and payload.
 func (w *blockWriter) writeFrame(head, payload []byte) error {
-	if len(payload) >= directBlock {
+	if len(payload) >= directWrite {
 		w.buf = append(w.buf, head...)
 		if err := w.emit(); err != nil {
 			return err
@@ -103,27 +102,11 @@ func (w *blockWriter) block(p []byte, direct bool) error {
 		h[0] = blockZstd
 		binary.LittleEndian.PutUint32(h[1:], uint32(len(z)))
 		binary.LittleEndian.PutUint32(h[5:], uint32(len(p)))
-		if _, err := w.bw.Write(h[:]); err != nil {
-			return err
-		}
-		_, err := w.bw.Write(z)
-		return err
+		return writeOut(w.bw, w.bw, w.conn, h[:], z, false)
 	}
 	h[0] = blockRaw
 	binary.LittleEndian.PutUint32(h[1:], uint32(len(p)))
-	if tc, ok := w.conn.(*net.TCPConn); ok && direct {
-		if err := w.bw.Flush(); err != nil {
-			return err
-		}
-		bufs := net.Buffers{h[:5], p}
-		_, err := bufs.WriteTo(tc)
-		return err
-	}
-	if _, err := w.bw.Write(h[:5]); err != nil {
-		return err
-	}
-	_, err := w.bw.Write(p)
-	return err
+	return writeOut(w.bw, w.bw, w.conn, h[:5], p, direct)
 }
 
 // squeeze returns p compressed (in w.zbuf), or nil when p is to go raw.

@@ -351,27 +351,31 @@ func (s *Stream) WriteFrame(typ uint8, payload []byte) error {
 	if s.blk != nil {
 		return s.blk.writeFrame(h[:], payload)
 	}
-	if tc, ok := s.conn.(*net.TCPConn); ok && s.enc == nil && len(payload) >= directWrite {
-		// Pages go to the socket from the caller's buffer, in one writev
-		// with the header, not copied through the write buffer (whatever
-		// that holds goes first).
-		if err := s.bw.Flush(); err != nil {
+	return writeOut(s.w, s.bw, s.conn, h[:], payload, s.enc == nil && len(payload) >= directWrite)
+}
+
+// directWrite: payloads from this size on bypass the write buffer on
+// plain TCP.
+const directWrite = 64 << 10
+
+// writeOut writes head, then p. With direct, on plain TCP, they go to the
+// socket from the caller's buffers in one writev, not copied through the
+// write buffer bw (whatever that holds goes first); otherwise through w.
+func writeOut(w io.Writer, bw *bufio.Writer, conn net.Conn, head, p []byte, direct bool) error {
+	if tc, ok := conn.(*net.TCPConn); ok && direct {
+		if err := bw.Flush(); err != nil {
 			return err
 		}
-		bufs := net.Buffers{h[:], payload}
+		bufs := net.Buffers{head, p}
 		_, err := bufs.WriteTo(tc)
 		return err
 	}
-	if _, err := s.w.Write(h[:]); err != nil {
+	if _, err := w.Write(head); err != nil {
 		return err
 	}
-	_, err := s.w.Write(payload)
+	_, err := w.Write(p)
 	return err
 }
-
-// directWrite: frames from this size on bypass the write buffer on plain
-// TCP.
-const directWrite = 64 << 10
 
 // Flush pushes buffered frames to the peer.
 func (s *Stream) Flush() error {

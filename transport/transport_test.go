@@ -353,7 +353,7 @@ func TestBlockCompression(t *testing.T) {
 		rand.Read(f)
 		frames = append(frames, f)
 	}
-	frames = append(frames, text[:directBlock-1], text[:directBlock])
+	frames = append(frames, text[:directWrite-1], text[:directWrite])
 	var all int
 	for _, f := range frames {
 		all += len(f)
