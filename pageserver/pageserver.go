@@ -197,9 +197,8 @@ type fileWriter struct {
 	free chan []byte
 	cur  []byte // data gathered for the next write
 	done chan struct{}
-	err  error // the first failure: read after done (or failed)
-	errs atomic.Pointer[error]
-	n    int // files stored
+	err  atomic.Pointer[error] // the first failure (failed)
+	n    int                   // files stored; read after done
 
 	stopped bool
 }
@@ -228,10 +227,9 @@ func (w *fileWriter) run() {
 	defer close(w.done)
 	var f *os.File
 	for op := range w.ops {
-		if w.err == nil {
-			w.err = w.do(&f, op)
-			if w.err != nil {
-				w.errs.Store(&w.err)
+		if w.failed() == nil {
+			if err := w.do(&f, op); err != nil {
+				w.err.Store(&err)
 			}
 		}
 		if op.data != nil && cap(op.data) == chunkSize {
@@ -262,7 +260,7 @@ func (w *fileWriter) do(f **os.File, op fileOp) error {
 
 // failed returns the writer's first failure so far, if any.
 func (w *fileWriter) failed() error {
-	if e := w.errs.Load(); e != nil {
+	if e := w.err.Load(); e != nil {
 		return *e
 	}
 	return nil
@@ -303,7 +301,7 @@ func (w *fileWriter) send() {
 // finish waits for every file to be stored.
 func (w *fileWriter) finish() (int, error) {
 	w.stop()
-	return w.n, w.err
+	return w.n, w.failed()
 }
 
 // stop ends the writer, after what was queued (files stay as they are).
