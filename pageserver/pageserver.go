@@ -276,6 +276,11 @@ func (w *fileWriter) close() {
 // space returns n bytes at the end of the data gathered, to be filled
 // before the next call.
 func (w *fileWriter) space(n int) []byte {
+	if n == 0 {
+		// Taken, an empty buffer would stay w.cur (send sends none) and
+		// the next larger frame would not fit it.
+		return nil
+	}
 	if w.cur != nil && len(w.cur)+n > cap(w.cur) {
 		w.send()
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -104,5 +105,30 @@ func TestSessionWriteFailure(t *testing.T) {
 	}
 	if err := <-done; err == nil || !strings.Contains(err.Error(), "pages-1.img") {
 		t.Errorf("server: %v, want the file named", err)
+	}
+}
+
+// An empty data frame (nothing the client here sends, but the protocol
+// allows it) before one larger than the server's chunks is stored as
+// nothing, not a crash.
+func TestSessionEmptyData(t *testing.T) {
+	dir := t.TempDir()
+	c, done := serve(t, dir, false)
+	w, err := c.Create("pages-1.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.s.WriteFrame(frameData, nil); err != nil {
+		t.Fatal(err)
+	}
+	big := bytes.Repeat([]byte("p"), 3<<20)
+	if _, err := w.Write(big); err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(w.Close(), c.Finish(), <-done); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(dir, "pages-1.img")); err != nil || !bytes.Equal(got, big) {
+		t.Fatalf("%d bytes stored, want %d (%v)", len(got), len(big), err)
 	}
 }
