@@ -143,8 +143,10 @@ func Serve(ctx context.Context, opts Options) (*Stats, error) {
 			return err
 		}
 		if kind == msgResumed {
-			s.resumed = true
-			s.runningOnce.Do(func() { close(s.running) })
+			if !s.resumed {
+				s.resumed = true
+				close(s.running)
+			}
 			log.Debug("the restore resumed the tree: prefetching")
 			conn.Write([]byte{0})
 			return nil
@@ -449,9 +451,8 @@ type server struct {
 	// served meanwhile.
 	resumed   bool
 	holdUntil time.Time
-	// running is closed when the restore says the tree runs.
-	running     chan struct{}
-	runningOnce sync.Once
+	// running is closed when resumed is set, for the list goroutines.
+	running chan struct{}
 }
 
 // resumeWait: how long prefetch waits for the restore's word that the
@@ -1304,12 +1305,12 @@ func Start(ctx context.Context, opts Options, remote *Dialing, release func()) (
 	go func() {
 		defer close(d.done)
 		defer os.RemoveAll(dir)
-		defer release()
 		d.Stats, d.Err = Serve(ctx, opts)
 		if d.Err == nil {
 			d.Err = remote.Close()
-		} else {
 			release()
+		} else {
+			release() // first: the abort waits for the dial
 			remote.Abort()
 		}
 	}()
