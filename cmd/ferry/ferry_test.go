@@ -1964,11 +1964,10 @@ func TestDumpRestoreLeasesBeingBroken(t *testing.T) {
 	// and a write lease downgrading. After the restore each is still
 	// being broken, not gone and not plain: an open that conflicts still
 	// waits (EWOULDBLOCK), the workload was not sent its lease-break
-	// signal again, and once it completes the breaks the file opens.
-	needRoot(t)
+	// signal again, and once it completes the breaks (releasing the
+	// leases) the files open.
 	dir := t.TempDir()
-	script := filepath.Join(testutil.RepoRoot(t), "testdata", "workloads", "leasebreak.py")
-	w := testutil.Start(t, "", "python3", script, dir)
+	w := startSelfCheck(t, "leasebreak.py", dir)
 	time.Sleep(300 * time.Millisecond)
 	before := w.Report(t)
 	if f := before.Fields; f["sigio"] != "2" || f["lease_a"] != "2" || f["lease_b"] != "0" {
@@ -1995,7 +1994,7 @@ func TestDumpRestoreLeasesBeingBroken(t *testing.T) {
 	if f := r.Report(t).Fields; f["sigio"] != "2" {
 		t.Fatalf("the opens sent %s lease-break signals, want 2 (the breaks were under way)", f["sigio"])
 	}
-	r.Signal(unix.SIGUSR2)
+	checkSelf(t, r) // completes the breaks
 	if !waitFor(10*time.Second, func() bool { return !waits("a", unix.O_WRONLY) && !waits("b", unix.O_RDONLY) }) {
 		t.Fatal("the files still wait for their leases after the workload completed the breaks")
 	}
