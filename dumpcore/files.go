@@ -798,7 +798,7 @@ func (ft *fileTable) addLocks(fe *pb.FdEntry, info proc.FdInfo) error {
 			k = "ofd"
 		case "LEASE":
 			// "N: LEASE ACTIVE|BREAKING READ|WRITE|UNLCK ...": a lease of
-			// the description (see leaseLock).
+			// the description (one being broken: see leaseBreaking).
 			if f[2] != "ACTIVE" && f[2] != "BREAKING" {
 				return fmt.Errorf("lease on %s in state %s: %w", dev, strings.ToLower(f[2]), ErrUnsupported)
 			}

@@ -199,7 +199,7 @@ func (d *dumper) readVmas() ([]proc.Vma, error) {
 		k := keyOf(&vmas[i])
 		flags, ok := d.early[k]
 		if !ok {
-			d.log.Debug("a VMA changed before the freeze: reading smaps", "vma", fmt.Sprintf("%#x-%#x", k.start, k.end))
+			d.log.Debug("a VMA changed before the freeze: reading the flags again", "vma", fmt.Sprintf("%#x-%#x", k.start, k.end))
 			return vmflags.Read(pid)
 		}
 		vmas[i].VmFlags = flags
